@@ -1,0 +1,189 @@
+"""Types shared by the five Lathe resources: metadata, references, conditions and status.
+
+The API models are the single source of truth. The CRD YAML in crds/ and in the Helm chart is
+generated from them (lathe.crdgen), and every field's description becomes `kubectl explain` text.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "lathe.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class ApiModel(BaseModel):
+    """Base of every spec and status type: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The subset of Kubernetes object metadata that Lathe reads."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(
+        description="Name of the resource, unique per kind in its namespace.",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+    )
+    namespace: str = Field(default="default", description="Namespace of the resource.")
+    uid: str | None = Field(default=None, description="Unique id assigned by the API server.")
+    generation: int = Field(default=1, description="Spec generation assigned by the API server.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+
+class LocalObjectReference(ApiModel):
+    """A reference to another Lathe resource in the same namespace."""
+
+    name: str = Field(description="Name of the referenced resource in the same namespace.")
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources for each pod (or local process group) of a stage."""
+
+    cpu: str = Field(default="2", description="CPU request and limit per node, in cores.")
+    memory: str = Field(default="8Gi", description="Memory request and limit per node.")
+    gpus: int = Field(
+        default=0, ge=0, le=16, description="GPUs per node, requested as `nvidia.com/gpu`."
+    )
+    shm_size: str = Field(
+        default="1Gi", description="Size of the memory-backed /dev/shm volume per node."
+    )
+
+
+class StorageSpec(ApiModel):
+    """Where a stage writes its artifacts."""
+
+    uri: str | None = Field(
+        default=None,
+        description=(
+            "Output location: `file:///path`, `pvc://<claim>/<path>` or `s3://bucket/prefix`. "
+            "When unset, the backend's artifact store decides (the workspace for `lathe run`)."
+        ),
+    )
+
+
+class ConditionStatus(str, enum.Enum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """An observation of one aspect of the resource, per the Kubernetes API conventions."""
+
+    type: str = Field(description="Condition type in CamelCase, such as `Succeeded`.")
+    status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
+    reason: str = Field(default="", description="CamelCase reason for the last transition.")
+    message: str = Field(default="", description="Human-readable detail of the transition.")
+    last_transition_time: str | None = Field(
+        default=None, description="RFC 3339 time of the last status change."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The `metadata.generation` this condition was computed from."
+    )
+
+
+class ArtifactStatus(ApiModel):
+    """The output of a finished stage."""
+
+    uri: str = Field(description="Location of the stage output directory.")
+    digest: str = Field(description="`sha256:` digest over the output files, from the manifest.")
+
+
+class Progress(ApiModel):
+    """Live progress of a running training stage."""
+
+    step: int | None = Field(default=None, description="Optimizer steps completed.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps requested.")
+    tokens_seen: int | None = Field(default=None, description="Training tokens processed.")
+    loss: float | None = Field(default=None, description="Most recent training loss.")
+    tokens_per_second: float | None = Field(
+        default=None, description="Training throughput over all processes."
+    )
+    eta_seconds: float | None = Field(default=None, description="Estimated seconds remaining.")
+    updated_at: str | None = Field(default=None, description="RFC 3339 time of this report.")
+
+
+class AttemptStatus(ApiModel):
+    """One failed attempt of a stage workload."""
+
+    attempt: int = Field(description="Attempt number, starting at 0.")
+    exit_code: int | None = Field(default=None, description="Exit code of the failed process.")
+    reason: str = Field(default="", description="Why the attempt failed, such as `OOMKilled`.")
+    message: str = Field(default="", description="Detail from the termination message.")
+
+
+class StageStatus(ApiModel):
+    """Status common to every Lathe resource. The operator and `lathe run` write it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    observed_generation: int | None = Field(
+        default=None, description="The `metadata.generation` the status was last computed from."
+    )
+    phase: str | None = Field(
+        default=None,
+        description="Summary for printer columns, derived from the conditions: "
+        "Pending, Waiting, Running, Succeeded, Failed, Suspended or Ready.",
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    artifact: ArtifactStatus | None = Field(default=None, description="Output of the stage.")
+    progress: Progress | None = Field(default=None, description="Live training progress.")
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="Final metrics of the stage, such as perplexity or F1."
+    )
+    failed_attempts: list[AttemptStatus] = Field(
+        default_factory=list, description="Exit codes and reasons of failed attempts."
+    )
+    restart_count: int = Field(default=0, description="Attempts retried so far.")
+
+
+class PrinterColumn(BaseModel):
+    """An `additionalPrinterColumns` entry of the generated CRD."""
+
+    name: str
+    json_path: str
+    type: str = "string"
+    description: str = ""
+    priority: int = 0
+
+
+class Resource(BaseModel):
+    """Base of the five top-level resources. Subclasses set the class variables and `spec`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    kind_name: ClassVar[str]
+    plural: ClassVar[str]
+    short_names: ClassVar[tuple[str, ...]]
+    summary_condition: ClassVar[str] = "Succeeded"
+    printer_columns: ClassVar[tuple[PrinterColumn, ...]] = ()
+    # Cross-field rules checked by the API server (CEL) and mirrored by validate() locally.
+    cel_rules: ClassVar[tuple[tuple[str, str, str], ...]] = ()
+
+    api_version: str = Field(default=API_VERSION, alias="apiVersion")
+    kind: str
+    metadata: ObjectMeta
+    status: StageStatus | None = None
+
+    def references(self) -> dict[str, tuple[str, str]]:
+        """Return the inputs this resource waits for, as {role: (kind, name)}."""
+        return {}
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.metadata.namespace}/{self.metadata.name}"

@@ -1,0 +1,147 @@
+"""The Corpus resource: collect, clean, deduplicate, redact and split domain text."""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from lathe.api.common import (
+    ApiModel,
+    PrinterColumn,
+    Resource,
+    ResourceRequirements,
+    StageStatus,
+    StorageSpec,
+)
+
+
+class SourceFormat(str, enum.Enum):
+    PUBTATOR = "pubtator"
+    PUBMEDQA = "pubmedqa"
+    NCBI_DISEASE = "ncbiDisease"
+    JSONL = "jsonl"
+    TEXT = "text"
+
+
+class Source(ApiModel):
+    """One input file in its published format."""
+
+    name: str = Field(description="Short name of the source, used in statistics and lineage.")
+    format: SourceFormat = Field(
+        description="Published format: `pubtator` (BioCreative PubTator), `pubmedqa` (the "
+        "PubMedQA JSON), `ncbiDisease` (NCBI disease corpus), `jsonl` (one JSON object per line "
+        "with a `text` field) or `text` (one document per blank-line-separated block)."
+    )
+    path: str = Field(
+        description="File path or URI. A relative path is resolved against the data directory "
+        "(`lathe run --data-dir`, or the data volume in the cluster)."
+    )
+
+
+class NormalizationSpec(ApiModel):
+    """Text normalization. Domain codes and numbers are never rewritten."""
+
+    unicode_form: Literal["NFC", "NFKC", "none"] = Field(
+        default="NFC", description="Unicode normalization form applied to every document."
+    )
+    collapse_whitespace: bool = Field(
+        default=True, description="Collapse runs of spaces and tabs inside a line to one space."
+    )
+
+
+class NearDuplicateSpec(ApiModel):
+    """MinHash near-duplicate removal. One document is kept per cluster."""
+
+    enabled: bool = Field(default=True, description="Remove near duplicates.")
+    threshold: float = Field(
+        default=0.8, gt=0.0, le=1.0, description="Estimated Jaccard similarity above which two "
+        "documents are near duplicates."
+    )
+    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations.")
+    shingle_size: int = Field(default=5, ge=1, le=32, description="Word n-gram size of shingles.")
+
+
+class DedupSpec(ApiModel):
+    """Duplicate removal."""
+
+    exact: bool = Field(default=True, description="Remove documents whose normalized text repeats.")
+    near: NearDuplicateSpec = Field(
+        default_factory=NearDuplicateSpec, description="Near-duplicate removal."
+    )
+
+
+class PiiKind(str, enum.Enum):
+    EMAIL = "email"
+    PHONE = "phone"
+    SSN = "ssn"
+    MRN = "mrn"
+
+
+class PiiSpec(ApiModel):
+    """Redaction of structured personal identifiers."""
+
+    redact: list[PiiKind] = Field(
+        default_factory=lambda: [PiiKind.EMAIL, PiiKind.PHONE, PiiKind.SSN, PiiKind.MRN],
+        description="Identifier kinds to replace with a placeholder such as `<EMAIL>`.",
+    )
+
+
+class DecontaminationSpec(ApiModel):
+    """Removal of documents that overlap evaluation sets."""
+
+    eval_sets: list[Source] = Field(
+        default_factory=list,
+        description="Evaluation sets whose documents must not appear in the training corpus.",
+    )
+    ngram_size: int = Field(
+        default=13, ge=4, le=50, description="Word n-gram length that counts as an overlap."
+    )
+
+
+class SplitSpec(ApiModel):
+    """Train/validation split."""
+
+    validation_fraction: float = Field(
+        default=0.05, gt=0.0, lt=0.5, description="Share of documents in the validation split."
+    )
+    seed: int = Field(default=0, description="Seed of the split, so reruns give the same split.")
+
+
+class CorpusSpec(ApiModel):
+    """Desired state of a Corpus."""
+
+    sources: list[Source] = Field(min_length=1, description="Input files.")
+    normalization: NormalizationSpec = Field(
+        default_factory=NormalizationSpec, description="Text normalization."
+    )
+    dedup: DedupSpec = Field(default_factory=DedupSpec, description="Duplicate removal.")
+    pii: PiiSpec = Field(default_factory=PiiSpec, description="PII redaction.")
+    decontamination: DecontaminationSpec = Field(
+        default_factory=DecontaminationSpec, description="Evaluation-set decontamination."
+    )
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation split.")
+    min_words: int = Field(default=5, ge=0, description="Drop documents with fewer words.")
+    shards: int = Field(default=1, ge=1, le=1024, description="Output shards per split.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="Compute resources per shard worker."
+    )
+
+
+class Corpus(Resource):
+    """A cleaned, deduplicated, PII-redacted and split domain corpus."""
+
+    kind_name: ClassVar[str] = "Corpus"
+    plural: ClassVar[str] = "corpora"
+    short_names: ClassVar[tuple[str, ...]] = ("corp",)
+    printer_columns: ClassVar[tuple[PrinterColumn, ...]] = (
+        PrinterColumn(name="Phase", json_path=".status.phase"),
+        PrinterColumn(name="Documents", json_path=".status.metrics.documentsOut", type="integer"),
+        PrinterColumn(name="Age", json_path=".metadata.creationTimestamp", type="date"),
+    )
+
+    kind: Literal["Corpus"] = "Corpus"
+    spec: CorpusSpec
+    status: StageStatus | None = None

@@ -1,0 +1,125 @@
+"""The ModelDeployment resource: export a model to ONNX and serve it from Triton."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from lathe.api.common import (
+    ApiModel,
+    LocalObjectReference,
+    PrinterColumn,
+    Resource,
+    ResourceRequirements,
+    StageStatus,
+    StorageSpec,
+)
+
+
+class ModelSourceSpec(ApiModel):
+    """The trained model to deploy."""
+
+    fine_tune_ref: LocalObjectReference = Field(description="The FineTune whose model is served.")
+
+
+class QuantizationSpec(ApiModel):
+    """Optional INT8 dynamic quantization with ONNX Runtime."""
+
+    enabled: bool = Field(default=False, description="Quantize weights to INT8.")
+    max_f1_drop: float = Field(
+        default=0.02, ge=0.0, le=1.0,
+        description="Largest entity-F1 drop against FP32 allowed before the quantized model is "
+        "rejected.",
+    )
+
+
+class ExportSpec(ApiModel):
+    """ONNX export and its check against PyTorch."""
+
+    opset: int = Field(default=17, ge=13, le=23, description="ONNX opset version.")
+    check_sequence_lengths: list[int] = Field(
+        default_factory=lambda: [3, 20, 200],
+        min_length=2,
+        description="Sequence lengths at which ONNX Runtime is compared against PyTorch.",
+    )
+    tolerance: float = Field(
+        default=1e-3, gt=0.0, description="Maximum absolute logit difference allowed."
+    )
+    quantization: QuantizationSpec = Field(
+        default_factory=QuantizationSpec, description="INT8 quantization."
+    )
+
+
+class ServingSpec(ApiModel):
+    """The Triton server."""
+
+    image: str = Field(
+        default="nvcr.io/nvidia/tritonserver:24.10-py3", description="Triton server image."
+    )
+    replicas: int = Field(default=1, ge=0, le=100, description="Triton replicas.")
+    max_batch_size: int = Field(default=8, ge=0, le=1024, description="Triton max batch size.")
+    http_port: int = Field(default=8000, description="HTTP port.")
+    grpc_port: int = Field(default=8001, description="gRPC port.")
+    metrics_port: int = Field(default=8002, description="Metrics port.")
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="Compute resources per replica."
+    )
+
+
+class AutoscalingSpec(ApiModel):
+    """Optional HorizontalPodAutoscaler."""
+
+    enabled: bool = Field(default=False, description="Create an HPA for the Triton Deployment.")
+    min_replicas: int = Field(default=1, ge=1, description="Minimum replicas.")
+    max_replicas: int = Field(default=4, ge=1, description="Maximum replicas.")
+    target_cpu_utilization: int = Field(
+        default=70, ge=1, le=100, description="Average CPU utilization target, in percent."
+    )
+
+
+class ModelDeploymentSpec(ApiModel):
+    """Desired state of a ModelDeployment."""
+
+    model: ModelSourceSpec = Field(description="The model to deploy.")
+    model_name: str = Field(
+        default="ner", pattern=r"^[a-zA-Z0-9_-]+$", description="Triton model name."
+    )
+    export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="Triton server.")
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec, description="Autoscaling."
+    )
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="Compute resources of the export Job."
+    )
+
+
+class ModelDeployment(Resource):
+    """An exported model served from Triton."""
+
+    kind_name: ClassVar[str] = "ModelDeployment"
+    plural: ClassVar[str] = "modeldeployments"
+    short_names: ClassVar[tuple[str, ...]] = ("mdep",)
+    summary_condition: ClassVar[str] = "Ready"
+    printer_columns: ClassVar[tuple[PrinterColumn, ...]] = (
+        PrinterColumn(name="Phase", json_path=".status.phase"),
+        PrinterColumn(name="Model", json_path=".spec.modelName"),
+        PrinterColumn(name="Endpoint", json_path=".status.endpoint", priority=1),
+        PrinterColumn(name="Age", json_path=".metadata.creationTimestamp", type="date"),
+    )
+    cel_rules: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        (
+            "spec.autoscaling",
+            "self.minReplicas <= self.maxReplicas",
+            "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
+        ),
+    )
+
+    kind: Literal["ModelDeployment"] = "ModelDeployment"
+    spec: ModelDeploymentSpec
+    status: StageStatus | None = None
+
+    def references(self) -> dict[str, tuple[str, str]]:
+        return {"model": ("FineTune", self.spec.model.fine_tune_ref.name)}

@@ -1,0 +1,108 @@
+"""The FineTune resource: adapt a pretrained model to a task, with LoRA or in full."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from lathe.api.common import (
+    ApiModel,
+    LocalObjectReference,
+    PrinterColumn,
+    Resource,
+    ResourceRequirements,
+    StageStatus,
+    StorageSpec,
+)
+from lathe.api.training import DistributedSpec, TrainingSpec
+
+
+class BaseModelSpec(ApiModel):
+    """The model to start from."""
+
+    pretrain_job_ref: LocalObjectReference | None = Field(
+        default=None, description="A PretrainJob in the same namespace whose final model is used."
+    )
+    uri: str | None = Field(
+        default=None, description="A Hugging Face-format model directory, instead of a reference."
+    )
+
+
+class TaskDataSpec(ApiModel):
+    """Labelled task data."""
+
+    format: Literal["conll"] = Field(
+        default="conll", description="`conll`: `token<TAB>tag` lines (IOB), blank line between "
+        "sentences."
+    )
+    train: str = Field(description="Training split path, relative to the data directory.")
+    validation: str | None = Field(default=None, description="Validation split path.")
+    test: str = Field(description="Test split path, used for the final report.")
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings (peft)."""
+
+    r: int = Field(default=8, ge=1, le=256, description="Adapter rank.")
+    alpha: int = Field(default=16, ge=1, description="Scaling numerator (`lora_alpha`).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Adapter dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get adapters.",
+    )
+
+
+class FineTuneSpec(ApiModel):
+    """Desired state of a FineTune."""
+
+    base_model: BaseModelSpec = Field(description="The model to start from.")
+    task: Literal["tokenClassification"] = Field(
+        default="tokenClassification", description="Task head to train."
+    )
+    data: TaskDataSpec = Field(description="Labelled task data.")
+    method: Literal["lora", "full"] = Field(default="lora", description="Adaptation method.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
+    compare_from_scratch: bool = Field(
+        default=True, description="Also train the same architecture from random initialization, "
+        "so the report shows what pretraining bought."
+    )
+    max_length: int = Field(default=128, ge=8, description="Maximum tokens per sentence.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Processes and nodes."
+    )
+    suspend: bool = Field(default=False, description="Pause training.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="Compute resources per node."
+    )
+
+
+class FineTune(Resource):
+    """A task model and its evaluation report."""
+
+    kind_name: ClassVar[str] = "FineTune"
+    plural: ClassVar[str] = "finetunes"
+    short_names: ClassVar[tuple[str, ...]] = ("ft",)
+    printer_columns: ClassVar[tuple[PrinterColumn, ...]] = (
+        PrinterColumn(name="Phase", json_path=".status.phase"),
+        PrinterColumn(name="Method", json_path=".spec.method"),
+        PrinterColumn(name="F1", json_path=".status.metrics.f1", type="number"),
+        PrinterColumn(name="Age", json_path=".metadata.creationTimestamp", type="date"),
+    )
+    cel_rules: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        (
+            "spec.baseModel",
+            "has(self.pretrainJobRef) != has(self.uri)",
+            "set exactly one of spec.baseModel.pretrainJobRef and spec.baseModel.uri",
+        ),
+    )
+
+    kind: Literal["FineTune"] = "FineTune"
+    spec: FineTuneSpec
+    status: StageStatus | None = None
+
+    def references(self) -> dict[str, tuple[str, str]]:
+        ref = self.spec.base_model.pretrain_job_ref
+        return {"baseModel": ("PretrainJob", ref.name)} if ref else {}

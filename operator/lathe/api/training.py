@@ -1,0 +1,48 @@
+"""Training settings shared by PretrainJob and FineTune."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from lathe.api.common import ApiModel
+
+
+class TrainingSpec(ApiModel):
+    """Optimization settings of a training stage."""
+
+    max_steps: int = Field(default=200, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(default=8, ge=1, description="Sequences per process per step.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, description="Micro-batches accumulated into one optimizer step."
+    )
+    learning_rate: float = Field(default=1e-3, gt=0.0, description="Peak learning rate.")
+    warmup_steps: int = Field(default=10, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(default=0.01, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
+    seed: int = Field(default=0, description="Random seed.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Training precision. Use fp32 on CPU."
+    )
+    checkpoint_interval: int = Field(
+        default=50, ge=1, description="Save a checkpoint every this many steps."
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
+    eval_interval: int = Field(default=50, ge=1, description="Evaluate every this many steps.")
+
+
+class DistributedSpec(ApiModel):
+    """How many processes train together."""
+
+    nodes: int = Field(default=1, ge=1, le=1024, description="Nodes (pods) in the job.")
+    procs_per_node: int = Field(
+        default=1, ge=1, le=16,
+        description="Processes per node, one per GPU (`torchrun --nproc-per-node`).",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        default="auto", description="torch.distributed backend; `auto` picks nccl on GPUs."
+    )
+    max_restarts: int = Field(
+        default=3, ge=0, le=100, description="Retries of a failed attempt before giving up."
+    )

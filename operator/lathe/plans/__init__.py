@@ -1,0 +1,58 @@
+"""One plan per kind: turn a resource and its resolved inputs into what to run."""
+
+from __future__ import annotations
+
+from lathe.api import Corpus, FineTune, ModelDeployment, PretrainJob, Resource, Tokenizer
+from lathe.plans.base import ServingPlan, WorkloadPlan, stage_config, stage_key
+from lathe_trainer.stage import ResolvedInput
+
+
+def build(
+    resource: Resource,
+    inputs: dict[str, ResolvedInput],
+    output_uri: str,
+    data_dir: str,
+    image: str = "",
+) -> WorkloadPlan:
+    """Return the bounded workload for a resource (for ModelDeployment: its export Job)."""
+    config = stage_config(resource, inputs, output_uri, data_dir, image)
+    common = dict(kind=resource.kind, name=resource.metadata.name, config=config)
+    match resource:
+        case Corpus():
+            return WorkloadPlan(stage="corpus", resources=resource.spec.resources, **common)
+        case Tokenizer():
+            return WorkloadPlan(stage="tokenizer", resources=resource.spec.resources, **common)
+        case PretrainJob() | FineTune():
+            distributed = resource.spec.distributed
+            return WorkloadPlan(
+                stage="pretrain" if isinstance(resource, PretrainJob) else "finetune",
+                nodes=distributed.nodes,
+                procs_per_node=distributed.procs_per_node,
+                distributed=True,
+                resources=resource.spec.resources,
+                max_restarts=distributed.max_restarts,
+                suspend=resource.spec.suspend,
+                **common,
+            )
+        case ModelDeployment():
+            return WorkloadPlan(stage="export", resources=resource.spec.resources, **common)
+    raise TypeError(f"No plan for kind {resource.kind!r}.")
+
+
+def serving(resource: ModelDeployment, export_output_uri: str) -> ServingPlan:
+    """Return the Triton server for a ModelDeployment whose export finished."""
+    spec = resource.spec.serving
+    return ServingPlan(
+        name=resource.metadata.name,
+        model_name=resource.spec.model_name,
+        repository_uri=export_output_uri.rstrip("/") + "/model_repository",
+        image=spec.image,
+        replicas=spec.replicas,
+        http_port=spec.http_port,
+        grpc_port=spec.grpc_port,
+        metrics_port=spec.metrics_port,
+        resources=spec.resources,
+    )
+
+
+__all__ = ["ServingPlan", "WorkloadPlan", "build", "serving", "stage_config", "stage_key"]

@@ -1,0 +1,101 @@
+"""What to run for a stage, independent of where it runs.
+
+A plan is built from a resource and its resolved inputs. The local backend runs it as local
+processes; the Kubernetes backend renders the same plan into Jobs, Services and Deployments. So a
+plan holds no local paths other than the URIs it was given and no Kubernetes objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from lathe import __version__
+from lathe.api.common import Resource, ResourceRequirements
+from lathe_trainer.stage import ResolvedInput, StageConfig
+
+# Where the stage config is mounted inside a pod (a ConfigMap volume) and where the local
+# backend substitutes its own path.
+CONFIG_PATH_PLACEHOLDER = "{config}"
+
+
+@dataclass(frozen=True)
+class WorkloadPlan:
+    """One bounded workload: a stage module run on one or more nodes."""
+
+    kind: str
+    name: str
+    stage: str
+    config: StageConfig
+    nodes: int = 1
+    procs_per_node: int = 1
+    distributed: bool = False
+    resources: ResourceRequirements = field(default_factory=ResourceRequirements)
+    env: dict[str, str] = field(default_factory=dict)
+    max_restarts: int = 0
+    suspend: bool = False
+
+    def module_args(self, resume: bool = False) -> list[str]:
+        """Arguments after `python -m` (or `torchrun -m`)."""
+        args = ["lathe_trainer", self.stage, "--config", CONFIG_PATH_PLACEHOLDER]
+        return args + (["--resume"] if resume else [])
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """A long-running Triton server for a model repository produced by an export workload."""
+
+    name: str
+    model_name: str
+    repository_uri: str
+    image: str
+    replicas: int
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    resources: ResourceRequirements
+
+
+def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
+    """Digest of what determines a stage's output: kind, spec, input digests and code version.
+
+    Two runs with the same key produce the same artifact, so a finished stage with a matching
+    key is reused instead of being run again.
+    """
+    payload = {
+        "kind": resource.kind,
+        "spec": resource.spec.model_dump(mode="json", by_alias=True),
+        "inputs": {role: item.digest for role, item in sorted(inputs.items())},
+        "codeVersion": __version__,
+    }
+    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(encoded).hexdigest()
+
+
+def stage_config(
+    resource: Resource,
+    inputs: dict[str, ResolvedInput],
+    output_uri: str,
+    data_dir: str,
+    image: str = "",
+) -> StageConfig:
+    return StageConfig(
+        kind=resource.kind,
+        name=resource.metadata.name,
+        namespace=resource.metadata.namespace,
+        uid=resource.metadata.uid or "",
+        generation=resource.metadata.generation,
+        stage_key=stage_key(resource, inputs),
+        spec=resource.spec.model_dump(mode="json", by_alias=True),
+        inputs=inputs,
+        output_uri=output_uri,
+        data_dir=data_dir,
+        code_version=__version__,
+        image=image,
+    )
+
+
+def spec_dict(resource: Resource) -> dict[str, Any]:
+    return resource.spec.model_dump(mode="json", by_alias=True)

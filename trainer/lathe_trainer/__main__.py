@@ -1,0 +1,45 @@
+"""Entry point of every stage workload: `python -m lathe_trainer STAGE --config FILE`.
+
+Under `torchrun` the same entry point runs once per process (`torchrun -m lathe_trainer ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from lathe_trainer.stage import EXIT_PERMANENT, StageError, load_config
+
+# Stage name -> module with a `run(config, resume: bool) -> dict` function returning metrics.
+STAGES = {
+    "corpus": "lathe_trainer.corpus.stage",
+    "tokenizer": "lathe_trainer.tokenizer.stage",
+    "pretrain": "lathe_trainer.pretrain.stage",
+    "finetune": "lathe_trainer.finetune.stage",
+    "export": "lathe_trainer.export.stage",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lathe_trainer")
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--config", required=True, help="Path of the stage config JSON.")
+    parser.add_argument(
+        "--resume", action="store_true", help="Continue from the latest checkpoint, if any."
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = load_config(args.config)
+    module = importlib.import_module(STAGES[args.stage])
+    try:
+        module.run(config, resume=args.resume)
+    except StageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_PERMANENT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
