@@ -1,0 +1,176 @@
+"""The `lathe` command line: run resource files on this machine, validate them, show lineage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from lathe import loader
+from lathe.api import ModelDeployment
+from lathe.errors import LatheError
+from lathe.local.runner import LocalRunner, ProgressEvent, StageResult
+
+DEFAULT_SAMPLE = (
+    "Hereditary nonpolyposis colorectal cancer is caused by mutations in MLH1, and patients "
+    "with ataxia telangiectasia carry a higher risk of breast cancer."
+)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("LATHE_DATA_DIR", "../shared/data"))
+
+
+class StageBars:
+    """One progress bar per stage, fed by the runner's progress events."""
+
+    def __init__(self, progress: Progress, resources):
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {
+            resource.key: progress.add_task(
+                f"{resource.kind} {resource.metadata.name}", total=None, status="pending"
+            )
+            for resource in resources
+        }
+
+    def __call__(self, event: ProgressEvent) -> None:
+        task = self.tasks[event.key]
+        if event.state in ("reused", "succeeded"):
+            total = self.progress.tasks[task].total or 1
+            self.progress.update(task, total=total, completed=total, status=event.message)
+        elif event.state == "failed":
+            self.progress.update(task, status="[red]failed")
+        elif event.state == "started":
+            self.progress.update(task, status="running")
+        elif event.state == "progress":
+            self.progress.update(
+                task,
+                total=event.total,
+                completed=event.completed or 0,
+                status=_progress_text(event.record),
+            )
+
+
+def _progress_text(record: dict) -> str:
+    parts = [record.get("message", "")]
+    if record.get("loss") is not None:
+        parts.append(f"loss {record['loss']:.3f}")
+    if record.get("tokensPerSecond"):
+        parts.append(f"{record['tokensPerSecond']:.0f} tok/s")
+    return "  ".join(part for part in parts if part)
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    resources = loader.load_paths(args.file)
+    progress = Progress(
+        TextColumn("{task.description:<32}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
+    )
+    runner = LocalRunner(Path(args.workspace), Path(args.data_dir))
+    ordered = runner.check(resources)
+    with progress:
+        runner.on_progress = StageBars(progress, ordered)
+        results = runner.run(ordered)
+    _print_summary(console, results)
+
+    deployments = [r for r in results.values() if isinstance(r.resource, ModelDeployment)]
+    for result in deployments:
+        from lathe.local import serving
+
+        serving.serve_and_query(result, args.sample, console, keep_serving=args.serve)
+    return 0
+
+
+def _print_summary(console: Console, results: dict[str, StageResult]) -> None:
+    for result in results.values():
+        how = "reused" if result.reused else f"ran in {result.seconds:.1f} s"
+        console.print(
+            f"{result.resource.kind} {result.resource.metadata.name}: {how}, "
+            f"artifact {result.manifest['digest'][:19]} at {result.output_dir}"
+        )
+
+
+def _validate(args: argparse.Namespace, console: Console) -> int:
+    resources = loader.load_paths(args.file)
+    LocalRunner(Path(args.workspace), Path(args.data_dir)).check(resources)
+    console.print(f"{len(resources)} resources are valid.")
+    return 0
+
+
+def _lineage(args: argparse.Namespace, console: Console) -> int:
+    """Print the chain of manifests from an output directory back to the corpus sources."""
+    from lathe.lineage import lineage_lines
+
+    for line in lineage_lines(Path(args.output)):
+        console.print(line)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="lathe", description=__doc__)
+    root.add_argument("-v", "--verbose", action="store_true", help="Log debug detail.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def with_files(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "-f", "--file", type=Path, action="append", required=True,
+            help="Resource file, or folder of resource files; repeatable.",
+        )
+        command.add_argument(
+            "--workspace", default="lathe-workspace", help="Directory for stage outputs."
+        )
+        command.add_argument(
+            "--data-dir", default=str(default_data_dir()),
+            help="Directory that relative data paths resolve against "
+            "(default: $LATHE_DATA_DIR or ../shared/data).",
+        )
+
+    run = commands.add_parser("run", help="Run every stage locally, in dependency order.")
+    with_files(run)
+    run.add_argument("--sample", default=DEFAULT_SAMPLE, help="Sentence sent to Triton at the end.")
+    run.add_argument(
+        "--serve", action="store_true", help="Keep Triton running after the sample answer, until "
+        "interrupted."
+    )
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="Check resource files without running them.")
+    with_files(validate)
+    validate.set_defaults(handler=_validate)
+
+    lineage = commands.add_parser("lineage", help="Print the lineage of a stage output.")
+    lineage.add_argument("output", help="Output directory of a stage (holding manifest.json).")
+    lineage.set_defaults(handler=_lineage)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    console = Console(stderr=False)
+    try:
+        return args.handler(args, console)
+    except LatheError as error:
+        console.print(f"error: {error}", style="red", highlight=False, markup=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("Interrupted; finished stages are kept and are reused on the next run.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

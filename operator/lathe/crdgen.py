@@ -1,0 +1,216 @@
+"""Generate the CustomResourceDefinitions in crds/ from the pydantic API models.
+
+The API models are the single source of truth: `python -m lathe.crdgen` rewrites crds/ (and the
+Helm chart's copy when the chart exists), and a unit test fails when the committed YAML differs
+from what this module writes.
+
+Pydantic emits JSON Schema 2020-12; Kubernetes wants a structural OpenAPI v3.0 schema. The
+conversion inlines every `$ref`, turns `anyOf [X, null]` into X with `nullable: true`, maps
+exclusive bounds to the v3.0 boolean form, and leaves out defaults: the API server would store a
+default in the object, and a value that is in the cluster but not in Git shows as drift in Argo CD.
+Pydantic applies the same defaults when the operator reads the object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lathe.api import GROUP, KINDS, VERSION, Resource
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO / "crds"
+CHART_CRD_DIR = REPO / "charts" / "lathe" / "crds"
+
+# Keywords of JSON Schema that a structural OpenAPI v3.0 schema accepts as they are.
+_KEPT = {
+    "type", "description", "enum", "format", "pattern", "minimum", "maximum", "minLength",
+    "maxLength", "minItems", "maxItems", "required", "nullable",
+}
+
+
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+        # A description on the referencing field wins over the referenced class docstring.
+        if "description" in node:
+            target["description"] = node["description"]
+        return target
+    return node
+
+
+def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Convert one pydantic JSON Schema node into a structural OpenAPI v3.0 node."""
+    node = _resolve(node, defs)
+    if "anyOf" in node:
+        options = [option for option in node["anyOf"] if option.get("type") != "null"]
+        nullable = len(options) < len(node["anyOf"])
+        if len(options) != 1:
+            raise ValueError(f"Cannot express a union of {len(options)} types structurally.")
+        merged = {**to_structural(options[0], defs)}
+        if "description" in node:
+            merged["description"] = node["description"]
+        if nullable:
+            merged["nullable"] = True
+        return merged
+    if "const" in node:
+        node = {**node, "enum": [node["const"]]}
+        node.setdefault("type", "string")
+
+    out = {key: value for key, value in node.items() if key in _KEPT}
+    if "exclusiveMinimum" in node:
+        out["minimum"] = node["exclusiveMinimum"]
+        out["exclusiveMinimum"] = True
+    if "exclusiveMaximum" in node:
+        out["maximum"] = node["exclusiveMaximum"]
+        out["exclusiveMaximum"] = True
+
+    kind = node.get("type")
+    if kind == "object" or "properties" in node:
+        out["type"] = "object"
+        properties = node.get("properties")
+        if properties:
+            out["properties"] = {
+                name: to_structural(child, defs) for name, child in properties.items()
+            }
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict) and extra:
+            out["additionalProperties"] = to_structural(extra, defs)
+        elif extra is True or (not properties and extra is None) or extra == {}:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif kind == "array":
+        out["items"] = to_structural(node.get("items", {}), defs)
+    elif kind is None:
+        # Any JSON value (a field typed Any): keep it without a schema.
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+def _attach_cel_rules(schema: dict[str, Any], rules: tuple[tuple[str, str, str], ...]) -> None:
+    for path, rule, message in rules:
+        node = schema
+        for part in path.split("."):
+            node = node["properties"][part]
+        node.setdefault("x-kubernetes-validations", []).append(
+            {"rule": rule, "message": message}
+        )
+
+
+def openapi_schema(model: type[Resource]) -> dict[str, Any]:
+    spec_type = model.model_fields["spec"].annotation
+    status_type = model.model_fields["status"].annotation.__args__[0]
+    spec_json = spec_type.model_json_schema(by_alias=True, mode="validation")
+    status_json = status_type.model_json_schema(by_alias=True, mode="validation")
+    spec = to_structural(spec_json, spec_json.get("$defs", {}))
+    status = to_structural(status_json, status_json.get("$defs", {}))
+    # NB: status keeps unknown fields so that a newer operator's status does not get pruned
+    # while an older CRD is still installed.
+    status["x-kubernetes-preserve-unknown-fields"] = True
+    schema = {
+        "type": "object",
+        "description": (model.__doc__ or "").strip(),
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "API version of the object."},
+            "kind": {"type": "string", "description": "Kind of the object."},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    _attach_cel_rules(schema, model.cel_rules)
+    return schema
+
+
+def crd(model: type[Resource]) -> dict[str, Any]:
+    columns = [
+        {
+            key: value
+            for key, value in {
+                "name": column.name,
+                "type": column.type,
+                "jsonPath": column.json_path,
+                "description": column.description or None,
+                "priority": column.priority or None,
+            }.items()
+            if value is not None
+        }
+        for column in model.printer_columns
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{model.plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": model.kind_name,
+                "listKind": f"{model.kind_name}List",
+                "plural": model.plural,
+                "singular": model.kind_name.lower(),
+                "shortNames": list(model.short_names),
+                "categories": ["lathe"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": openapi_schema(model)},
+                }
+            ],
+        },
+    }
+
+
+def render_all() -> dict[str, str]:
+    """Return {file name: YAML text} for every CRD."""
+    header = "# Generated by `python -m lathe.crdgen` from operator/lathe/api. Do not edit.\n"
+    return {
+        f"{GROUP}_{model.plural}.yaml": header + yaml.safe_dump(crd(model), sort_keys=False)
+        for model in KINDS.values()
+    }
+
+
+def write(directories: list[Path]) -> list[Path]:
+    written = []
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in render_all().items():
+            path = directory / name
+            path.write_text(text)
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="Fail if crds/ is out of date.")
+    args = parser.parse_args(argv)
+    directories = [CRD_DIR] + ([CHART_CRD_DIR] if CHART_CRD_DIR.parent.is_dir() else [])
+    if args.check:
+        stale = [
+            str(directory / name)
+            for directory in directories
+            for name, text in render_all().items()
+            if not (directory / name).is_file() or (directory / name).read_text() != text
+        ]
+        if stale:
+            print("Out of date; run `python -m lathe.crdgen`: " + ", ".join(stale))
+            return 1
+        return 0
+    for path in write(directories):
+        print(f"Wrote {path.relative_to(REPO)}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Order resources by their references, so every stage runs after its inputs."""
+
+from __future__ import annotations
+
+from graphlib import CycleError, TopologicalSorter
+
+from lathe.api import Resource
+from lathe.errors import InvalidResourceError
+
+# The spec field that holds each reference role, for error messages.
+REFERENCE_FIELDS = {
+    "corpus": "spec.corpusRef.name",
+    "tokenizer": "spec.tokenizerRef.name",
+    "baseModel": "spec.baseModel.pretrainJobRef.name",
+    "model": "spec.model.fineTuneRef.name",
+}
+
+
+def upstream_key(resource: Resource, kind: str, name: str) -> str:
+    return f"{kind}/{resource.metadata.namespace}/{name}"
+
+
+def order(resources: list[Resource]) -> list[Resource]:
+    """Return the resources in dependency order.
+
+    Raises InvalidResourceError for a reference to a resource that is not among them, naming the
+    field, and for a cycle.
+    """
+    by_key = {resource.key: resource for resource in resources}
+    sorter: TopologicalSorter[str] = TopologicalSorter()
+    for resource in resources:
+        dependencies = []
+        for role, (kind, name) in resource.references().items():
+            key = upstream_key(resource, kind, name)
+            if key not in by_key:
+                raise InvalidResourceError(
+                    resource.key,
+                    REFERENCE_FIELDS.get(role, role),
+                    f"references {kind} {name!r}, which is not defined in the files given; "
+                    f"add a {kind} named {name!r} or fix the name.",
+                )
+            dependencies.append(key)
+        sorter.add(resource.key, *dependencies)
+    try:
+        return [by_key[key] for key in sorter.static_order()]
+    except CycleError as error:
+        cycle = " -> ".join(error.args[1])
+        raise InvalidResourceError(cycle, "references", "form a cycle; break it.") from None

@@ -1,0 +1,103 @@
+"""Read resource files (YAML, one or more documents each) into API models.
+
+Validation errors from pydantic are turned into InvalidResourceError messages that name the file,
+the resource, the field (in its camelCase wire form) and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from lathe.api import API_VERSION, KINDS, Resource
+from lathe.errors import InvalidResourceError
+
+RESOURCE_SUFFIXES = (".yaml", ".yml")
+
+
+def field_path(location: tuple[Any, ...]) -> str:
+    """Render a pydantic error location as `spec.sources[0].path`."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    location = tuple(part for part in error["loc"] if part not in KINDS)
+    # Tagged unions and Literal kinds prefix the location with the model name; drop it.
+    field = field_path(location)
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        return field, f"unknown field {field.rsplit('.', 1)[-1]!r}; remove it or fix its spelling."
+    if error["type"] == "missing":
+        return field, "required field is missing; add it."
+    message = error["msg"].rstrip(".")
+    return field, f"invalid value {value!r}: {message}; correct the value."
+
+
+def parse_resource(document: dict[str, Any], origin: str) -> Resource:
+    if not isinstance(document, dict):
+        raise InvalidResourceError(origin, "(document)", "expected a mapping with apiVersion, "
+                                   "kind, metadata and spec.")
+    kind = document.get("kind")
+    name = (document.get("metadata") or {}).get("name", "<unnamed>")
+    label = f"{kind or '<no kind>'} {name!r} in {origin}"
+    if document.get("apiVersion") != API_VERSION:
+        raise InvalidResourceError(
+            label, "apiVersion",
+            f"invalid value {document.get('apiVersion')!r}; set it to {API_VERSION!r}.",
+        )
+    if kind not in KINDS:
+        raise InvalidResourceError(
+            label, "kind", f"unknown kind {kind!r}; use one of {', '.join(KINDS)}."
+        )
+    try:
+        return KINDS[kind].model_validate(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field, message = _describe(first)
+        more = len(error.errors()) - 1
+        if more:
+            message += f" ({more} more error{'s' if more > 1 else ''} in this resource)"
+        raise InvalidResourceError(label, field, message) from None
+
+
+def load_file(path: Path) -> list[Resource]:
+    try:
+        documents = list(yaml.safe_load_all(path.read_text()))
+    except yaml.YAMLError as error:
+        raise InvalidResourceError(str(path), "(file)", f"invalid YAML: {error}") from None
+    return [parse_resource(document, str(path)) for document in documents if document]
+
+
+def load_paths(paths: list[Path]) -> list[Resource]:
+    """Load every resource file named, or found directly inside a named folder."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in RESOURCE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InvalidResourceError(str(path), "-f", "file or folder does not exist; "
+                                       "pass an existing path.")
+    resources = [resource for file in files for resource in load_file(file)]
+    if not resources:
+        names = ", ".join(str(path) for path in paths)
+        raise InvalidResourceError(names, "-f", "no resources found; pass .yaml files or a "
+                                   "folder that contains them.")
+    seen: dict[str, Resource] = {}
+    for resource in resources:
+        if resource.key in seen:
+            raise InvalidResourceError(
+                resource.key, "metadata.name", "defined twice; give each resource its own name."
+            )
+        seen[resource.key] = resource
+    return resources

@@ -1,0 +1,45 @@
+"""Checks that need the data directory: every file a spec names must exist before anything runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from lathe.api import Corpus, FineTune, Resource
+from lathe.errors import InvalidResourceError
+
+
+def _named_paths(resource: Resource) -> Iterator[tuple[str, str]]:
+    """Yield (field, path) for every data file the resource names."""
+    match resource:
+        case Corpus():
+            for index, source in enumerate(resource.spec.sources):
+                yield f"spec.sources[{index}].path", source.path
+            for index, source in enumerate(resource.spec.decontamination.eval_sets):
+                yield f"spec.decontamination.evalSets[{index}].path", source.path
+        case FineTune():
+            data = resource.spec.data
+            yield "spec.data.train", data.train
+            yield "spec.data.test", data.test
+            if data.validation:
+                yield "spec.data.validation", data.validation
+
+
+def resolve(path: str, data_dir: Path) -> Path:
+    if path.startswith("file://"):
+        return Path(path[len("file://"):])
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else data_dir / candidate
+
+
+def check_files(resource: Resource, data_dir: Path) -> None:
+    for field, path in _named_paths(resource):
+        if "://" in path and not path.startswith("file://"):
+            continue
+        if not resolve(path, data_dir).is_file():
+            raise InvalidResourceError(
+                resource.key,
+                field,
+                f"file {path!r} does not exist under the data directory {str(data_dir)!r}; fix "
+                "the path or pass the right folder with --data-dir.",
+            )

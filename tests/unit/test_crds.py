@@ -1,0 +1,63 @@
+"""The CRDs in crds/ are generated from the API models and stay in step with them."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lathe import crdgen
+from lathe.api import KINDS
+
+REQUIRED_SHORT_NAMES = {
+    "Corpus": "corp", "Tokenizer": "tok", "PretrainJob": "ptj", "FineTune": "ft",
+    "ModelDeployment": "mdep",
+}
+
+
+def test_committed_crds_match_generator():
+    """Fails when someone changed an API model without running `make crds`."""
+    for name, text in crdgen.render_all().items():
+        committed = (crdgen.CRD_DIR / name).read_text()
+        assert committed == text, f"crds/{name} is stale; run `make crds`."
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_crd_has_names_status_and_columns(kind):
+    crd = crdgen.crd(KINDS[kind])
+    version = crd["spec"]["versions"][0]
+    assert crd["spec"]["names"]["shortNames"] == [REQUIRED_SHORT_NAMES[kind]]
+    assert version["subresources"] == {"status": {}}
+    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Phase", "Age"}
+
+
+def _walk(node, path="$"):
+    yield path, node
+    for key, child in (node.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_schema_is_structural(kind):
+    """Every node has a type (or preserves unknown fields), and no JSON Schema-only keyword."""
+    schema = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert not {"$ref", "anyOf", "allOf", "oneOf", "default", "title"} & node.keys(), path
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_spec_fields_have_descriptions(kind):
+    schema = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema["properties"]["spec"], "spec"):
+        if path.endswith("[]") and node.get("type") != "object":
+            continue  # a list of scalars is described by its field
+        assert node.get("description"), f"{kind} {path} has no description"
+
+
+def test_yaml_round_trips():
+    for text in crdgen.render_all().values():
+        assert yaml.safe_load(text)["kind"] == "CustomResourceDefinition"

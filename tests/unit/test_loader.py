@@ -1,0 +1,96 @@
+"""Resource files are read into API models, and bad input gets a message with the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lathe import loader
+from lathe.errors import InvalidResourceError
+from lathe.graph import order
+from lathe.local.runner import LocalRunner
+
+CORPUS = """
+apiVersion: lathe.dev/v1alpha1
+kind: Corpus
+metadata: {name: pubmed}
+spec:
+  sources:
+  - {name: ncbi, format: ncbiDisease, path: pubmed/ncbi-disease/corpus/NCBItrainset_corpus.txt}
+"""
+
+TOKENIZER = """
+apiVersion: lathe.dev/v1alpha1
+kind: Tokenizer
+metadata: {name: tok}
+spec:
+  corpusRef: {name: pubmed}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "resource.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_loads_folder_in_dependency_order(tmp_path):
+    write(tmp_path, TOKENIZER, "a.yaml")
+    write(tmp_path, CORPUS, "b.yaml")
+    resources = order(loader.load_paths([tmp_path]))
+    assert [r.kind for r in resources] == ["Corpus", "Tokenizer"]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "fix"),
+    [
+        (CORPUS.replace("spec:", "spec:\n  shardz: 3"), "spec.shardz", "remove it"),
+        (CORPUS.replace("format: ncbiDisease", "format: pdf"), "spec.sources[0].format",
+         "correct the value"),
+        (CORPUS.replace("lathe.dev/v1alpha1", "lathe.dev/v1"), "apiVersion", "set it to"),
+        (CORPUS.replace("kind: Corpus", "kind: Corpse"), "kind", "use one of"),
+        (TOKENIZER.replace("corpusRef: {name: pubmed}", "vocabSize: 1000"), "spec.corpusRef",
+         "add it"),
+        (CORPUS.replace("name: pubmed", "name: PubMed"), "metadata.name", "correct the value"),
+    ],
+)
+def test_invalid_resource_names_field_and_fix(tmp_path, text, field, fix):
+    path = write(tmp_path, text)
+    with pytest.raises(InvalidResourceError, match=fix) as raised:
+        loader.load_paths([path])
+    assert raised.value.field == field
+    assert str(path) in str(raised.value)
+
+
+def test_missing_reference_names_field(tmp_path):
+    write(tmp_path, TOKENIZER.replace("name: pubmed", "name: nothere"))
+    write(tmp_path, CORPUS, "corpus.yaml")
+    with pytest.raises(InvalidResourceError, match="not defined") as raised:
+        order(loader.load_paths([tmp_path]))
+    assert raised.value.field == "spec.corpusRef.name"
+    assert "Tokenizer/default/tok" in str(raised.value)
+
+
+def test_missing_data_file_names_field(tmp_path, data_dir):
+    write(tmp_path, CORPUS.replace("NCBItrainset", "NCBIplanset"))
+    runner = LocalRunner(tmp_path / "ws", data_dir)
+    with pytest.raises(InvalidResourceError, match="does not exist") as raised:
+        runner.check(loader.load_paths([tmp_path]))
+    assert raised.value.field == "spec.sources[0].path"
+
+
+def test_missing_path_is_rejected(tmp_path):
+    with pytest.raises(InvalidResourceError, match="does not exist"):
+        loader.load_paths([tmp_path / "nothing.yaml"])
+
+
+def test_duplicate_names_are_rejected(tmp_path):
+    write(tmp_path, CORPUS + "---\n" + CORPUS)
+    with pytest.raises(InvalidResourceError, match="defined twice"):
+        loader.load_paths([tmp_path])
+
+
+def test_empty_folder_is_rejected(tmp_path):
+    with pytest.raises(InvalidResourceError, match="no resources found"):
+        loader.load_paths([tmp_path])
