@@ -1,0 +1,94 @@
+"""Prometheus metrics of the operator, served on its /metrics endpoint.
+
+Names follow the Prometheus conventions: a `lathe_` prefix, base units, `_total` for counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+
+RECONCILES = Counter(
+    "lathe_reconciles_total",
+    "Reconciles of Lathe resources, by kind and result (success, waiting, error).",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+RECONCILE_DURATION = Histogram(
+    "lathe_reconcile_duration_seconds",
+    "Time spent in one reconcile, by kind.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+RESOURCES = Gauge(
+    "lathe_resources",
+    "Lathe resources by kind and phase (derived from the summary condition).",
+    ["kind", "phase"],
+    registry=REGISTRY,
+)
+TRAINING_STEP = Gauge(
+    "lathe_training_step", "Optimizer steps completed.", ["namespace", "kind", "name"],
+    registry=REGISTRY,
+)
+TRAINING_LOSS = Gauge(
+    "lathe_training_loss", "Most recent training loss.", ["namespace", "kind", "name"],
+    registry=REGISTRY,
+)
+TRAINING_TOKENS_PER_SECOND = Gauge(
+    "lathe_training_tokens_per_second", "Training throughput over all processes.",
+    ["namespace", "kind", "name"], registry=REGISTRY,
+)
+TRAINING_ETA = Gauge(
+    "lathe_training_eta_seconds", "Estimated seconds until training finishes.",
+    ["namespace", "kind", "name"], registry=REGISTRY,
+)
+TRAINING_GAUGES = (TRAINING_STEP, TRAINING_LOSS, TRAINING_TOKENS_PER_SECOND, TRAINING_ETA)
+
+
+def set_progress(namespace: str, kind: str, name: str, progress: dict) -> None:
+    values = {
+        TRAINING_STEP: progress.get("step"),
+        TRAINING_LOSS: progress.get("loss"),
+        TRAINING_TOKENS_PER_SECOND: progress.get("tokensPerSecond"),
+        TRAINING_ETA: progress.get("etaSeconds"),
+    }
+    for gauge, value in values.items():
+        if value is not None:
+            gauge.labels(namespace, kind, name).set(value)
+
+
+def forget(namespace: str, kind: str, name: str) -> None:
+    """Drop a deleted resource's series, so dashboards do not show it as stalled."""
+    for gauge in TRAINING_GAUGES:
+        try:
+            gauge.remove(namespace, kind, name)
+        except KeyError:
+            pass
+
+
+class PhaseCounts:
+    """Tracks each resource's phase so `lathe_resources` counts current phases only."""
+
+    def __init__(self) -> None:
+        self.phases: dict[tuple[str, str, str], str] = {}
+
+    def set(self, kind: str, namespace: str, name: str, phase: str | None) -> None:
+        key = (kind, namespace, name)
+        if phase is None:
+            self.phases.pop(key, None)
+        else:
+            self.phases[key] = phase
+        self.publish(kind)
+
+    def publish(self, kind: str) -> None:
+        counts: dict[str, int] = {}
+        for (item_kind, _, _), phase in self.phases.items():
+            if item_kind == kind:
+                counts[phase] = counts.get(phase, 0) + 1
+        for phase in ("Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed", "Ready"):
+            RESOURCES.labels(kind, phase).set(counts.get(phase, 0))
+
+
+PHASES = PhaseCounts()

@@ -1,0 +1,472 @@
+"""Reconcile one Lathe resource: wait for inputs, run its workload, and compute its status.
+
+The logic is level-triggered: every call looks at the resource, its inputs and the objects it
+owns, creates what is missing, and returns the status the resource should have. The kopf handlers
+(lathe.k8s.handlers) call it on every event of the resource or of a Job it owns, and patch the
+status only when it changed. Nothing here writes `spec` or annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from lathe import plans, status
+from lathe.api import GROUP, KINDS, VERSION, ModelDeployment, Resource
+from lathe.api.common import ObjectMeta
+from lathe.k8s import builders
+from lathe.k8s.settings import OperatorSettings
+from lathe.status import ConditionType as C
+from lathe.status import Reason
+from lathe_trainer.stage import EXIT_PERMANENT, ResolvedInput
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "lathe-operator"
+
+
+@dataclass
+class Clients:
+    batch: client.BatchV1Api = field(default_factory=client.BatchV1Api)
+    core: client.CoreV1Api = field(default_factory=client.CoreV1Api)
+    apps: client.AppsV1Api = field(default_factory=client.AppsV1Api)
+    autoscaling: client.AutoscalingV2Api = field(default_factory=client.AutoscalingV2Api)
+    custom: client.CustomObjectsApi = field(default_factory=client.CustomObjectsApi)
+    extensions: client.ApiextensionsV1Api = field(default_factory=client.ApiextensionsV1Api)
+
+
+def parse(body: dict[str, Any]) -> Resource:
+    """Build the API model from a custom resource body, ignoring server-set metadata."""
+    meta = body["metadata"]
+    document = {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": ObjectMeta(
+            name=meta["name"],
+            namespace=meta.get("namespace", "default"),
+            uid=meta.get("uid"),
+            generation=meta.get("generation", 1),
+        ),
+        "spec": body.get("spec") or {},
+    }
+    return KINDS[body["kind"]].model_validate(document)
+
+
+class Reconciler:
+    """Reconcile Lathe resources against the API server."""
+
+    def __init__(self, settings: OperatorSettings, clients: Clients | None = None):
+        self.settings = settings
+        self.api = clients or Clients()
+        self.store = builders.ArtifactStore(settings.artifact_root)
+        self._pod_monitor_crd: bool | None = None
+
+    # -- entry point -----------------------------------------------------------------------
+
+    def reconcile(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Return the desired status of the resource, creating owned objects as needed."""
+        current = dict(body.get("status") or {})
+        generation = body["metadata"].get("generation", 1)
+        try:
+            resource = parse(body)
+        except Exception as error:  # noqa: BLE001 - a spec the CRD accepted but pydantic rejects
+            return self._failed(current, generation, Reason.INVALID_SPEC, str(error), body["kind"])
+
+        conditions = list(current.get("conditions") or [])
+        new = {**current, "observedGeneration": generation}
+        inputs, waiting = self._resolve_inputs(resource)
+        if waiting:
+            new["conditions"] = status.set_condition(
+                conditions, C.INPUTS_READY, False, waiting[0], waiting[1], generation
+            )
+            return self._with_phase(new, resource)
+        conditions = status.set_condition(
+            conditions, C.INPUTS_READY, True, Reason.INPUTS_AVAILABLE,
+            "All referenced inputs have succeeded.", generation,
+        )
+        new["conditions"] = conditions
+        if isinstance(resource, ModelDeployment):
+            return self._with_phase(self._reconcile_deployment(resource, body, inputs, new), resource)
+        return self._with_phase(self._reconcile_bounded(resource, body, inputs, new), resource)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def _resolve_inputs(
+        self, resource: Resource
+    ) -> tuple[dict[str, ResolvedInput], tuple[str, str] | None]:
+        resolved: dict[str, ResolvedInput] = {}
+        for role, (kind, name) in resource.references().items():
+            model = KINDS[kind]
+            try:
+                upstream = self.api.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, resource.metadata.namespace, model.plural, name
+                )
+            except ApiException as error:
+                if error.status == 404:
+                    return {}, (Reason.INPUT_NOT_FOUND, f"Waiting for {kind} {name!r}, which "
+                                f"does not exist yet ({role}).")
+                raise
+            upstream_status = upstream.get("status") or {}
+            artifact = upstream_status.get("artifact")
+            done = status.condition_true(
+                upstream_status.get("conditions") or [], model.summary_condition
+            )
+            current = upstream_status.get("observedGeneration") == upstream["metadata"].get(
+                "generation"
+            )
+            if not (done and artifact and current):
+                return {}, (Reason.INPUT_NOT_READY, f"Waiting for {kind} {name!r} to reach "
+                            f"{model.summary_condition} ({role}).")
+            resolved[role] = ResolvedInput(
+                kind=kind, name=name, uri=artifact["uri"], digest=artifact["digest"]
+            )
+        return resolved, None
+
+    # -- bounded stages (Corpus, Tokenizer, PretrainJob, FineTune, the export of a deployment) --
+
+    def _plan(self, resource: Resource, inputs: dict[str, ResolvedInput]) -> plans.WorkloadPlan:
+        meta = resource.metadata
+        output = resource.spec.storage.uri or self.store.output_uri(
+            meta.namespace, resource.kind, meta.name
+        )
+        return plans.build(
+            resource, inputs, output, self.settings.data_root, self.settings.trainer_image
+        )
+
+    def _reconcile_bounded(
+        self, resource: Resource, body: dict, inputs: dict[str, ResolvedInput], new: dict
+    ) -> dict:
+        generation = resource.metadata.generation
+        conditions = new["conditions"]
+        summary = resource.summary_condition
+        same_generation = _status_generation(body) == generation
+        if same_generation and status.condition_true(conditions, summary):
+            return new
+        if same_generation and status.condition_true(conditions, C.FAILED):
+            return new
+
+        plan = self._plan(resource, inputs)
+        attempt = int(new.get("attempt", 0)) if new.get("attemptGeneration") == generation else 0
+        new["attemptGeneration"] = generation
+        new["attempt"] = attempt
+        if not same_generation:
+            # A changed spec starts over: stop the previous generation's Job and forget its
+            # outcome.
+            previous = new.get("jobName")
+            if previous:
+                self._delete_job(resource.metadata.namespace, previous)
+            new.pop("artifact", None)
+            new["failedAttempts"] = []
+            new["restartCount"] = 0
+            conditions = [c for c in conditions if c["type"] in (C.INPUTS_READY,)]
+        job_name = builders.object_name(resource.metadata.name, f"g{generation}", attempt)
+        job = self._read_job(resource.metadata.namespace, job_name)
+        suspended = bool(getattr(resource.spec, "suspend", False))
+
+        if job is None:
+            if suspended:
+                new["conditions"] = status.set_condition(
+                    conditions, C.SUSPENDED, True, Reason.SUSPENDED,
+                    "The spec sets suspend; no workload runs.", generation,
+                )
+                return new
+            self._create_workload(resource, body, plan, attempt)
+            new["conditions"] = status.set_condition(
+                conditions, C.RUNNING, True, Reason.JOB_CREATED,
+                f"Created Job {job_name} (attempt {attempt}).", generation,
+            )
+            new["jobName"] = job_name
+            return new
+
+        if not _owned_by(job.metadata, body):
+            # NB: a Job left from an earlier object of the same name (deleted and re-created)
+            # is being garbage-collected; wait for it instead of adopting it.
+            new["conditions"] = status.set_condition(
+                conditions, C.RUNNING, False, Reason.JOB_CREATED,
+                f"Waiting for the old Job {job_name} of a deleted object to be removed.",
+                generation,
+            )
+            return new
+
+        new["jobName"] = job_name
+        if bool(job.spec.suspend) != suspended:
+            self.api.batch.patch_namespaced_job(
+                job_name, resource.metadata.namespace, {"spec": {"suspend": suspended}}
+            )
+        if suspended:
+            conditions = status.set_condition(
+                conditions, C.SUSPENDED, True, Reason.SUSPENDED,
+                "The spec sets suspend; the Job's pods are stopped and training resumes from "
+                "the latest checkpoint when it is cleared.", generation,
+            )
+            new["conditions"] = status.set_condition(
+                conditions, C.RUNNING, False, Reason.SUSPENDED, "Suspended.", generation
+            )
+            return new
+        if status.condition_true(conditions, C.SUSPENDED):
+            conditions = status.set_condition(
+                conditions, C.SUSPENDED, False, Reason.RESUMED,
+                "Resumed from the latest checkpoint.", generation,
+            )
+
+        outcome = _job_outcome(job)
+        if outcome == "Complete":
+            return self._succeeded(resource, plan, job, new, conditions)
+        if outcome == "Failed":
+            return self._attempt_failed(resource, body, plan, job, new, conditions, attempt)
+        active = job.status.active or 0
+        new["conditions"] = status.set_condition(
+            conditions, C.RUNNING, True, Reason.JOB_RUNNING,
+            f"Job {job_name} has {active} active pod{'s' if active != 1 else ''}.", generation,
+        )
+        return new
+
+    def _succeeded(self, resource, plan, job, new, conditions) -> dict:
+        generation = resource.metadata.generation
+        summary = resource.summary_condition
+        result = self._termination_result(resource.metadata.namespace, job.metadata.name)
+        digest = result.get("digest") or f"job-uid:{job.metadata.uid}"
+        new["artifact"] = {"uri": plan.config.output_uri, "digest": digest}
+        if result.get("metrics"):
+            new["metrics"] = result["metrics"]
+        conditions = status.set_condition(
+            conditions, C.RUNNING, False, Reason.JOB_SUCCEEDED, "The Job completed.", generation
+        )
+        if isinstance(resource, ModelDeployment):
+            new["conditions"] = status.set_condition(
+                conditions, "Exported", True, Reason.JOB_SUCCEEDED,
+                "The export Job completed.", generation,
+            )
+            return new
+        new["conditions"] = status.set_condition(
+            conditions, summary, True, Reason.JOB_SUCCEEDED,
+            f"Job {job.metadata.name} completed.", generation,
+        )
+        return new
+
+    def _attempt_failed(self, resource, body, plan, job, new, conditions, attempt) -> dict:
+        generation = resource.metadata.generation
+        exit_code, reason, message = self._failed_pod(resource.metadata.namespace, job)
+        attempts = list(new.get("failedAttempts") or [])
+        if not any(a.get("attempt") == attempt for a in attempts):
+            attempts.append({
+                "attempt": attempt, "exitCode": exit_code, "reason": reason, "message": message,
+            })
+        new["failedAttempts"] = attempts
+        permanent = exit_code == EXIT_PERMANENT
+        if permanent or attempt >= plan.max_restarts:
+            why = "a permanent error" if permanent else f"{attempt + 1} attempts"
+            conditions = status.set_condition(
+                conditions, C.RUNNING, False, Reason.JOB_FAILED, "The Job failed.", generation
+            )
+            new["conditions"] = status.set_condition(
+                conditions, C.FAILED, True,
+                Reason.JOB_FAILED if permanent else Reason.BACKOFF_LIMIT_EXCEEDED,
+                f"Gave up after {why}: exit code {exit_code} ({reason}). {message}".strip(),
+                generation,
+            )
+            return new
+        # Tear down what is left of the failed attempt, then start the next one, which resumes
+        # from the latest checkpoint with a new rendezvous id.
+        self._delete_job(resource.metadata.namespace, job.metadata.name)
+        new["attempt"] = attempt + 1
+        new["restartCount"] = attempt + 1
+        self._create_workload(resource, body, plan, attempt + 1)
+        new["jobName"] = builders.object_name(resource.metadata.name, f"g{generation}", attempt + 1)
+        new["conditions"] = status.set_condition(
+            conditions, C.RUNNING, True, Reason.JOB_CREATED,
+            f"Attempt {attempt} failed with exit code {exit_code} ({reason}); started attempt "
+            f"{attempt + 1}, resuming from the latest checkpoint.", generation,
+        )
+        return new
+
+    # -- ModelDeployment -------------------------------------------------------------------
+
+    def _reconcile_deployment(
+        self, resource: ModelDeployment, body: dict, inputs: dict[str, ResolvedInput], new: dict
+    ) -> dict:
+        new = self._reconcile_bounded(resource, body, inputs, new)
+        generation = resource.metadata.generation
+        if not status.condition_true(new["conditions"], "Exported"):
+            return new
+        serving = plans.serving(resource, new["artifact"]["uri"])
+        owner = _owner(body)
+        namespace = resource.metadata.namespace
+        self._apply(namespace, builders.triton_deployment(
+            serving, owner, self.store, sync_image=self.settings.sync_image
+        ))
+        self._apply(namespace, builders.triton_service(serving, owner))
+        if resource.spec.autoscaling.enabled:
+            self._apply(namespace, builders.horizontal_pod_autoscaler(
+                serving, owner, resource.spec.autoscaling
+            ))
+        if self._has_pod_monitor_crd():
+            self._apply(namespace, builders.pod_monitor(serving, owner))
+        name = builders.object_name(resource.metadata.name, "triton")
+        deployment = self.api.apps.read_namespaced_deployment(name, namespace)
+        ready = (deployment.status.ready_replicas or 0) >= max(1, serving.replicas)
+        new["endpoint"] = (
+            f"http://{builders.object_name(resource.metadata.name, 'triton')}.{namespace}.svc:"
+            f"{serving.http_port}"
+        )
+        new["conditions"] = status.set_condition(
+            new["conditions"], C.READY, ready,
+            Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY,
+            f"{deployment.status.ready_replicas or 0} of {serving.replicas} Triton replicas are "
+            "ready.", generation,
+        )
+        return new
+
+    # -- Kubernetes objects ----------------------------------------------------------------
+
+    def _create_workload(self, resource: Resource, body: dict, plan, attempt: int) -> None:
+        owner = _owner(body)
+        namespace = resource.metadata.namespace
+        self._create(namespace, builders.config_map(plan, owner, self.store, attempt))
+        if plan.distributed:
+            self._create(namespace, builders.headless_service(plan, owner, attempt))
+        self._create(namespace, builders.training_job(
+            plan, owner, self.store, attempt=attempt, image=self.settings.trainer_image,
+            resume=plan.distributed, queue_name=self.settings.queue_name,
+        ))
+
+    def _create(self, namespace: str, obj: dict) -> None:
+        kind = obj["kind"]
+        create = {
+            "ConfigMap": self.api.core.create_namespaced_config_map,
+            "Service": self.api.core.create_namespaced_service,
+            "Job": self.api.batch.create_namespaced_job,
+        }[kind]
+        try:
+            create(namespace, obj)
+        except ApiException as error:
+            if error.status != 409:  # already exists: created by a concurrent reconcile
+                raise
+
+    def _apply(self, namespace: str, obj: dict) -> None:
+        """Create or update an object with server-side apply, as the operator's field manager."""
+        group_version = obj["apiVersion"]
+        group, _, version = group_version.rpartition("/")
+        plural = {
+            "Deployment": "deployments", "Service": "services",
+            "HorizontalPodAutoscaler": "horizontalpodautoscalers", "PodMonitor": "podmonitors",
+        }[obj["kind"]]
+        base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
+        path = f"{base}/namespaces/{namespace}/{plural}/{obj['metadata']['name']}"
+        self.api.core.api_client.call_api(
+            path, "PATCH",
+            query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            header_params={"Content-Type": "application/apply-patch+yaml",
+                           "Accept": "application/json"},
+            body=obj, auth_settings=["BearerToken"], _preload_content=False,
+        )
+
+    def _read_job(self, namespace: str, name: str):
+        try:
+            return self.api.batch.read_namespaced_job(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def _delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.api.batch.delete_namespaced_job(
+                name, namespace, propagation_policy="Background", grace_period_seconds=0
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def _job_pods(self, namespace: str, job_name: str) -> list:
+        pods = self.api.core.list_namespaced_pod(
+            namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}"
+        )
+        return pods.items
+
+    def _failed_pod(self, namespace: str, job) -> tuple[int | None, str, str]:
+        """Return the exit code, reason and message of the first failed container of a Job."""
+        for pod in self._job_pods(namespace, job.metadata.name):
+            for container in pod.status.container_statuses or []:
+                terminated = container.state.terminated if container.state else None
+                if terminated and terminated.exit_code:
+                    index = (pod.metadata.annotations or {}).get(
+                        "batch.kubernetes.io/job-completion-index", "?"
+                    )
+                    message = (terminated.message or "").strip()[-500:]
+                    return terminated.exit_code, terminated.reason or "Error", (
+                        f"Node {index} ({pod.metadata.name}): {message}".strip()
+                    )
+        condition = next((c for c in job.status.conditions or [] if c.type == "Failed"), None)
+        return None, condition.reason if condition else "Failed", condition.message if condition else ""
+
+    def _termination_result(self, namespace: str, job_name: str) -> dict:
+        """Read the final metrics and digest that rank 0 wrote to its termination message."""
+        for pod in self._job_pods(namespace, job_name):
+            index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index")
+            if index not in (None, "0"):
+                continue
+            for container in pod.status.container_statuses or []:
+                terminated = container.state.terminated if container.state else None
+                if terminated and terminated.message:
+                    try:
+                        return json.loads(terminated.message)
+                    except json.JSONDecodeError:
+                        log.warning("Pod %s wrote a termination message that is not JSON; "
+                                    "its metrics are not copied to status.", pod.metadata.name)
+        return {}
+
+    def _has_pod_monitor_crd(self) -> bool:
+        if self._pod_monitor_crd is None:
+            try:
+                self.api.extensions.read_custom_resource_definition(
+                    "podmonitors.monitoring.coreos.com"
+                )
+                self._pod_monitor_crd = True
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+                self._pod_monitor_crd = False
+        return self._pod_monitor_crd
+
+    # -- status helpers --------------------------------------------------------------------
+
+    def _with_phase(self, new: dict, resource: Resource) -> dict:
+        new["phase"] = status.derive_phase(new.get("conditions") or [], resource.summary_condition)
+        return new
+
+    def _failed(self, current, generation, reason, message, kind) -> dict:
+        conditions = status.set_condition(
+            list(current.get("conditions") or []), C.FAILED, True, reason, message, generation
+        )
+        return {**current, "observedGeneration": generation, "conditions": conditions,
+                "phase": status.derive_phase(conditions)}
+
+
+def _status_generation(body: dict) -> int | None:
+    return (body.get("status") or {}).get("observedGeneration")
+
+
+def _owner(body: dict) -> dict:
+    return {
+        "apiVersion": body["apiVersion"], "kind": body["kind"],
+        "metadata": {"name": body["metadata"]["name"], "uid": body["metadata"]["uid"]},
+    }
+
+
+def _owned_by(metadata, body: dict) -> bool:
+    uid = body["metadata"].get("uid")
+    return any(ref.uid == uid for ref in metadata.owner_references or [])
+
+
+def _job_outcome(job) -> str | None:
+    for condition in job.status.conditions or []:
+        if condition.status == "True" and condition.type in ("Complete", "Failed"):
+            return condition.type
+    return None
+

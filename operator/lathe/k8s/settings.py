@@ -1,0 +1,35 @@
+"""Operator settings, read once from the environment at startup (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from lathe import __version__
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    artifact_root: str
+    data_root: str
+    trainer_image: str
+    sync_image: str
+    metrics_port: int
+    metrics_host: str
+    progress_interval_seconds: float
+    queue_name: str | None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> OperatorSettings:
+        env = dict(os.environ if env is None else env)
+        artifact_root = env.get("LATHE_ARTIFACT_ROOT", "pvc://lathe-artifacts/lathe")
+        return cls(
+            artifact_root=artifact_root,
+            data_root=env.get("LATHE_DATA_ROOT", artifact_root.rstrip("/") + "/data"),
+            trainer_image=env.get("LATHE_TRAINER_IMAGE", f"ghcr.io/lathe-dev/trainer:{__version__}"),
+            sync_image=env.get("LATHE_SYNC_IMAGE", f"ghcr.io/lathe-dev/trainer:{__version__}"),
+            metrics_port=int(env.get("LATHE_METRICS_PORT", "8080")),
+            metrics_host=env.get("LATHE_METRICS_HOST", "0.0.0.0"),
+            progress_interval_seconds=float(env.get("LATHE_PROGRESS_INTERVAL", "15")),
+            queue_name=env.get("LATHE_QUEUE_NAME") or None,
+        )
