@@ -30,7 +30,7 @@ CHART_CRD_DIR = REPO / "charts" / "lathe" / "crds"
 # Keywords of JSON Schema that a structural OpenAPI v3.0 schema accepts as they are.
 _KEPT = {
     "type", "description", "enum", "format", "pattern", "minimum", "maximum", "minLength",
-    "maxLength", "minItems", "maxItems", "required", "nullable",
+    "maxLength", "minItems", "maxItems", "required", "nullable", "x-kubernetes-validations",
 }
 
 
@@ -91,16 +91,6 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _attach_cel_rules(schema: dict[str, Any], rules: tuple[tuple[str, str, str], ...]) -> None:
-    for path, rule, message in rules:
-        node = schema
-        for part in path.split("."):
-            node = node["properties"][part]
-        node.setdefault("x-kubernetes-validations", []).append(
-            {"rule": rule, "message": message}
-        )
-
-
 def openapi_schema(model: type[Resource]) -> dict[str, Any]:
     spec_type = model.model_fields["spec"].annotation
     status_type = model.model_fields["status"].annotation.__args__[0]
@@ -123,7 +113,6 @@ def openapi_schema(model: type[Resource]) -> dict[str, Any]:
             "status": status,
         },
     }
-    _attach_cel_rules(schema, model.cel_rules)
     return schema
 
 

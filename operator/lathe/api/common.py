@@ -7,14 +7,39 @@ generated from them (lathe.crdgen), and every field's description becomes `kubec
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "lathe.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """A cross-field rule, checked by the API server (CEL) and, identically, by pydantic.
+
+    `rule` is the CEL expression over `self` (the object in its camelCase wire form) that goes
+    into the CRD's `x-kubernetes-validations`; `check` is the same rule in Python over the model,
+    so `lathe run` rejects what the API server would reject. The message names the field and
+    the fix.
+    """
+
+    rule: str
+    message: str
+    check: Callable[[Any], bool]
+
+
+def _add_cel_rules(schema: dict[str, Any], model: type) -> None:
+    rules = model.__dict__.get("cel_rules", ())
+    if rules:
+        schema["x-kubernetes-validations"] = [
+            {"rule": rule.rule, "message": rule.message} for rule in rules
+        ]
 
 
 class ApiModel(BaseModel):
@@ -25,7 +50,18 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         use_enum_values=True,
+        json_schema_extra=_add_cel_rules,
     )
+
+    # Cross-field rules of this type; the CRD generator copies them into the schema.
+    cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_cel_rules(self) -> ApiModel:
+        for rule in type(self).cel_rules:
+            if not rule.check(self):
+                raise ValueError(rule.message)
+        return self
 
 
 class ObjectMeta(BaseModel):
@@ -172,8 +208,6 @@ class Resource(BaseModel):
     short_names: ClassVar[tuple[str, ...]]
     summary_condition: ClassVar[str] = "Succeeded"
     printer_columns: ClassVar[tuple[PrinterColumn, ...]] = ()
-    # Cross-field rules checked by the API server (CEL) and mirrored by validate() locally.
-    cel_rules: ClassVar[tuple[tuple[str, str, str], ...]] = ()
 
     api_version: str = Field(default=API_VERSION, alias="apiVersion")
     kind: str
