@@ -47,7 +47,10 @@ class NormalizationSpec(ApiModel):
         default="NFC", description="Unicode normalization form applied to every document."
     )
     collapse_whitespace: bool = Field(
-        default=True, description="Collapse runs of spaces and tabs inside a line to one space."
+        default=True,
+        description="Collapse each run of spaces, tabs and other horizontal whitespace (such as "
+        "U+00A0) to one space, strip the ends of lines and keep at most one blank line between "
+        "paragraphs. Line breaks, letters, digits and punctuation are kept.",
     )
 
 
@@ -56,11 +59,16 @@ class NearDuplicateSpec(ApiModel):
 
     enabled: bool = Field(default=True, description="Remove near duplicates.")
     threshold: float = Field(
-        default=0.8, gt=0.0, le=1.0, description="Estimated Jaccard similarity above which two "
-        "documents are near duplicates."
+        default=0.8, gt=0.0, le=1.0, description="Jaccard similarity of two documents' "
+        "word-shingle sets at or above which they are near duplicates. MinHash LSH finds the "
+        "candidate pairs and the exact Jaccard similarity of their shingle sets confirms them."
     )
     num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations.")
-    shingle_size: int = Field(default=5, ge=1, le=32, description="Word n-gram size of shingles.")
+    shingle_size: int = Field(
+        default=5, ge=1, le=32, description="Words per shingle. Each differing word changes this "
+        "many shingles, so a larger size separates templated documents with different findings "
+        "more clearly."
+    )
 
 
 class DedupSpec(ApiModel):
@@ -96,7 +104,8 @@ class DecontaminationSpec(ApiModel):
         description="Evaluation sets whose documents must not appear in the training corpus.",
     )
     ngram_size: int = Field(
-        default=13, ge=4, le=50, description="Word n-gram length that counts as an overlap."
+        default=13, ge=4, le=50, description="Words per n-gram. A document that shares one "
+        "n-gram with an evaluation document is dropped."
     )
 
 
@@ -122,7 +131,9 @@ class CorpusSpec(ApiModel):
         default_factory=DecontaminationSpec, description="Evaluation-set decontamination."
     )
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation split.")
-    min_words: int = Field(default=5, ge=0, description="Drop documents with fewer words.")
+    min_words: int = Field(
+        default=5, ge=0, description="Drop documents with fewer whitespace-separated words."
+    )
     shards: int = Field(default=1, ge=1, le=1024, description="Output shards per split.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(

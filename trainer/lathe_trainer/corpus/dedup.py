@@ -1,0 +1,118 @@
+"""Exact and near-duplicate removal, after normalization and the minimum-length filter.
+
+Both passes keep the first document of each group in input order (sources in spec order,
+records in file order) and drop the others, so a rerun on the same inputs keeps the same
+documents. Near duplicates are found with MinHash LSH over word n-gram shingles; each candidate
+pair is then confirmed with the exact Jaccard similarity of the two shingle sets, so the
+threshold means the same thing for every pair and MinHash estimation noise never merges two
+documents.
+
+Why word shingles: a templated note shares its headings and boilerplate with every other note
+of its template, but each differing word of its findings changes `shingleSize` shingles. Two
+templated notes with B shared boilerplate shingles and F differing words each therefore have a
+Jaccard similarity of about B / (B + 2 (F + shingleSize - 1)), which stays under the default 0.8
+until the boilerplate is about 8 times longer than the findings (with shingle size 5). Numbers
+and codes are tokens like any word, so notes that differ only in ICD-10 codes or lab values
+differ in those shingles too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from datasketch import MinHash, MinHashLSH
+
+from lathe_trainer.corpus.records import Document
+from lathe_trainer.corpus.shingles import word_ngrams, word_tokens
+
+# LSH looks for candidates below the requested threshold: banding has a soft cut-off, and a
+# lower one misses fewer true pairs. The exact Jaccard check removes the extra candidates.
+_LSH_MARGIN = 0.1
+# Fixed MinHash seed: the candidates, and so the kept documents, must not vary between runs.
+_MINHASH_SEED = 1
+
+
+def _crc32(data: bytes) -> int:
+    """Hash a shingle to 32 bits for MinHash.
+
+    CRC-32 replaces datasketch's default SHA-1 because it is about ten times faster (0.07 s
+    against 0.64 s for the 282,000 words of BC5CDR, one core); MinHash applies its own random
+    affine permutations on top, and the exact Jaccard check makes the final decision.
+    """
+    return zlib.crc32(data)
+
+
+@dataclass
+class Deduplicated:
+    """Documents kept, and each removed document with the kept one it duplicates."""
+
+    kept: list[Document] = field(default_factory=list)
+    removed: list[tuple[Document, Document]] = field(default_factory=list)
+
+
+def remove_exact_duplicates(documents: Sequence[Document]) -> Deduplicated:
+    """Keep the first document of each group with identical (normalized) text."""
+    result = Deduplicated()
+    first_by_digest: dict[bytes, Document] = {}
+    for document in documents:
+        digest = hashlib.sha256(document.text.encode("utf-8")).digest()
+        first = first_by_digest.setdefault(digest, document)
+        if first is document:
+            result.kept.append(document)
+        else:
+            result.removed.append((document, first))
+    return result
+
+
+def jaccard(left: set[str], right: set[str]) -> float:
+    if not left and not right:
+        return 1.0
+    return len(left & right) / len(left | right)
+
+
+def remove_near_duplicates(
+    documents: Sequence[Document],
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle_size: int = 5,
+) -> Deduplicated:
+    """Keep the first document of each near-duplicate group (Jaccard >= threshold)."""
+    shingle_sets = [word_ngrams(word_tokens(document.text), shingle_size) for document in documents]
+    minhashes = MinHash.bulk(
+        ([shingle.encode("utf-8") for shingle in shingles] for shingles in shingle_sets),
+        num_perm=num_perm,
+        seed=_MINHASH_SEED,
+        hashfunc=_crc32,
+    )
+    lsh = MinHashLSH(threshold=max(0.05, threshold - _LSH_MARGIN), num_perm=num_perm)
+    result = Deduplicated()
+    for index, document in enumerate(documents):
+        shingles = shingle_sets[index]
+        # NB: a document without tokens has no shingles to compare; it is kept as it is.
+        match = _first_match(lsh, minhashes[index], shingles, shingle_sets, threshold)
+        if match is None:
+            if shingles:
+                lsh.insert(index, minhashes[index])
+            result.kept.append(document)
+        else:
+            result.removed.append((document, documents[match]))
+    return result
+
+
+def _first_match(
+    lsh: MinHashLSH,
+    minhash: MinHash,
+    shingles: set[str],
+    shingle_sets: Sequence[set[str]],
+    threshold: float,
+) -> int | None:
+    """Return the earliest kept document whose shingles are similar enough, if any."""
+    if not shingles:
+        return None
+    for candidate in sorted(lsh.query(minhash)):
+        if jaccard(shingles, shingle_sets[candidate]) >= threshold:
+            return candidate
+    return None

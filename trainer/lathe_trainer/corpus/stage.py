@@ -1,0 +1,283 @@
+"""Entry point of the Corpus workload: `python -m lathe_trainer corpus --config FILE`.
+
+Runs the steps in order: read and normalize every source, drop short documents, exact and
+near duplicates and documents that overlap the evaluation sets, redact PII, split and write the
+shards, then stats.json, data_card.md and the manifest. The stage is deterministic and takes
+seconds, so `resume` reruns it from the start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lathe.api.corpus import CorpusSpec, Source
+from lathe_trainer.corpus import datacard, dedup, pii, split
+from lathe_trainer.corpus.decontaminate import EvalIndex, remove_contaminated
+from lathe_trainer.corpus.normalize import normalize_text, word_count
+from lathe_trainer.corpus.readers import SourceFormatError, read_source
+from lathe_trainer.corpus.records import Document
+from lathe_trainer.corpus.stats import (
+    DECONTAMINATION,
+    EXACT_DUPLICATES,
+    MIN_WORDS,
+    NEAR_DUPLICATES,
+    CorpusStats,
+    SourceStats,
+)
+from lathe_trainer.datasets import SPLITS
+from lathe_trainer.stage import (
+    MANIFEST,
+    ProgressReporter,
+    StageConfig,
+    StageError,
+    local_path,
+    resolve_data_path,
+    sha256_file,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+STATS = "stats.json"
+DATA_CARD = "data_card.md"
+STEPS = ("read", MIN_WORDS, EXACT_DUPLICATES, NEAR_DUPLICATES, DECONTAMINATION, "pii", "write")
+
+
+def run(config: StageConfig, resume: bool = False) -> dict[str, Any]:
+    """Build the corpus described by `config.spec` and return its metrics."""
+    spec = _parse_spec(config)
+    output_dir = local_path(config.output_uri)
+    _clear_outputs(output_dir)
+    progress = ProgressReporter(config, total=len(STEPS), unit="steps")
+    stats = CorpusStats()
+
+    _check_unique_names(config, spec.sources, "spec.sources")
+    documents = _read_all(config, spec, spec.sources, "spec.sources", stats.sources)
+    progress.update(1, f"Read {len(documents)} documents from {len(spec.sources)} sources.")
+
+    documents = _filter_min_words(documents, spec.min_words, stats)
+    progress.update(2, f"{len(documents)} documents have at least {spec.min_words} words.")
+    documents = _filter_exact(documents, spec.dedup.exact, stats)
+    progress.update(3, f"{len(documents)} documents remain after exact deduplication.")
+    documents = _filter_near(documents, spec, stats)
+    progress.update(4, f"{len(documents)} documents remain after near-duplicate removal.")
+    documents = _filter_contaminated(config, spec, documents, stats)
+    progress.update(5, f"{len(documents)} documents remain after decontamination.")
+    _redact(documents, spec, stats)
+    progress.update(6, f"Redacted {sum(stats.pii_redactions.values())} PII spans.")
+
+    _write_splits(output_dir, documents, spec, stats)
+    stats.check()
+    stats_json = stats.to_json()
+    _write_reports(config.name, spec, output_dir, stats_json)
+    progress.update(7, f"Wrote {stats.documents_out} documents in {spec.shards} shards per split.")
+    if stats.documents_out == 0:
+        raise StageError(
+            config,
+            "spec.sources",
+            f"no documents remain after filtering {stats.documents_in} records; see "
+            f"{output_dir / STATS} for what each filter removed, then add sources or relax "
+            "minWords and the dedup threshold.",
+        )
+    metrics = _metrics(stats)
+    write_manifest(config, metrics)
+    log.info("Corpus %s finished with %d documents.", config.name, stats.documents_out)
+    return metrics
+
+
+def _parse_spec(config: StageConfig) -> CorpusSpec:
+    try:
+        return CorpusSpec.model_validate(config.spec)
+    except ValidationError as error:
+        raise StageError(config, "spec", f"invalid Corpus spec: {error}") from error
+
+
+def _clear_outputs(output_dir: Path) -> None:
+    """Remove what an earlier attempt left, so no stale shard or manifest survives the rerun."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST, STATS, DATA_CARD):
+        (output_dir / name).unlink(missing_ok=True)
+    for split_name in SPLITS:
+        shutil.rmtree(output_dir / split_name, ignore_errors=True)
+
+
+def _resolve(config: StageConfig, source: Source, field: str) -> Path:
+    path = resolve_data_path(config, source.path)
+    if not path.is_file():
+        problem = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise StageError(
+            config,
+            field,
+            f"file '{path}' {problem}; fix the path (a relative path resolves against the data "
+            f"directory '{config.data_dir}') or remove the entry.",
+        )
+    return path
+
+
+def _read_all(
+    config: StageConfig,
+    spec: CorpusSpec,
+    sources: Sequence[Source],
+    field: str,
+    into: list[SourceStats],
+) -> list[Document]:
+    """Read, normalize and name the documents of every source; record their stats in `into`."""
+    paths = [_resolve(config, source, f"{field}[{i}].path") for i, source in enumerate(sources)]
+    documents: list[Document] = []
+    seen_ids: Counter[str] = Counter()
+    for i, (source, path) in enumerate(zip(sources, paths, strict=True)):
+        try:
+            read = read_source(path, source.format, source.name)
+        except SourceFormatError as error:
+            raise StageError(
+                config, f"{field}[{i}].format", f"{error}; fix the file or the format."
+            ) from error
+        for document in read.documents:
+            document.text = normalize_text(
+                document.text,
+                spec.normalization.unicode_form,
+                spec.normalization.collapse_whitespace,
+            )
+            document.id = _unique_id(f"{source.name}:{document.record_id}", seen_ids)
+        documents.extend(read.documents)
+        into.append(
+            SourceStats(
+                source.name, source.format, source.path, sha256_file(path),
+                path.stat().st_size, read,
+            )
+        )
+        if read.malformed_count:
+            log.warning(
+                "Source %s has %d malformed records (first: %s); they are counted in %s.",
+                source.name, read.malformed_count, read.malformed_examples[0].to_json(), STATS,
+            )
+    return documents
+
+
+def _unique_id(candidate: str, seen: Counter[str]) -> str:
+    """Return candidate, or candidate~N for its Nth repeat, so output ids are unique."""
+    seen[candidate] += 1
+    return candidate if seen[candidate] == 1 else f"{candidate}~{seen[candidate]}"
+
+
+def _check_unique_names(config: StageConfig, sources: Sequence[Source], field: str) -> None:
+    names: set[str] = set()
+    for i, source in enumerate(sources):
+        if source.name in names:
+            raise StageError(
+                config,
+                f"{field}[{i}].name",
+                f"source name {source.name!r} is used twice; give every source its own name, "
+                "because statistics and document ids are keyed by it.",
+            )
+        names.add(source.name)
+
+
+def _filter_min_words(
+    documents: list[Document], min_words: int, stats: CorpusStats
+) -> list[Document]:
+    kept = []
+    for document in documents:
+        words = word_count(document.text)
+        if words >= min_words:
+            kept.append(document)
+        else:
+            stats.filters[MIN_WORDS].add(document.source, {"id": document.id, "words": words})
+    return kept
+
+
+def _filter_exact(documents: list[Document], enabled: bool, stats: CorpusStats) -> list[Document]:
+    if not enabled:
+        return documents
+    result = dedup.remove_exact_duplicates(documents)
+    for removed, kept in result.removed:
+        stats.filters[EXACT_DUPLICATES].add(
+            removed.source, {"id": removed.id, "duplicateOf": kept.id}
+        )
+    return result.kept
+
+
+def _filter_near(documents: list[Document], spec: CorpusSpec, stats: CorpusStats) -> list[Document]:
+    near = spec.dedup.near
+    if not near.enabled:
+        return documents
+    result = dedup.remove_near_duplicates(
+        documents, near.threshold, near.num_perm, near.shingle_size
+    )
+    for removed, kept in result.removed:
+        stats.filters[NEAR_DUPLICATES].add(
+            removed.source, {"id": removed.id, "duplicateOf": kept.id}
+        )
+    return result.kept
+
+
+def _filter_contaminated(
+    config: StageConfig, spec: CorpusSpec, documents: list[Document], stats: CorpusStats
+) -> list[Document]:
+    eval_sets = spec.decontamination.eval_sets
+    if not eval_sets:
+        return documents
+    field = "spec.decontamination.evalSets"
+    _check_unique_names(config, eval_sets, field)
+    eval_documents = _read_all(config, spec, eval_sets, field, stats.eval_sets)
+    index = EvalIndex(eval_documents, spec.decontamination.ngram_size)
+    result = remove_contaminated(documents, index)
+    for removed, owner in result.removed:
+        stats.filters[DECONTAMINATION].add(
+            removed.source, {"id": removed.id, "overlaps": owner}
+        )
+    return result.kept
+
+
+def _redact(documents: list[Document], spec: CorpusSpec, stats: CorpusStats) -> None:
+    kinds = [str(kind) for kind in spec.pii.redact]
+    if not kinds:
+        return
+    for document in documents:
+        document.text, counts = pii.redact(document.text, kinds)
+        if counts:
+            stats.pii_redactions.update(counts)
+            stats.pii_documents += 1
+
+
+def _write_splits(
+    output_dir: Path, documents: list[Document], spec: CorpusSpec, stats: CorpusStats
+) -> None:
+    assignments = split.assign(
+        documents, spec.split.validation_fraction, spec.split.seed, spec.shards
+    )
+    stats.documents_per_shard = split.write_shards(output_dir, documents, assignments, spec.shards)
+    stats.words_per_split = {name: 0 for name in SPLITS}
+    for document, assignment in zip(documents, assignments, strict=True):
+        stats.words_per_split[assignment.split] += word_count(document.text)
+        stats.documents_out_by_source[document.source] += 1
+
+
+def _write_reports(
+    name: str, spec: CorpusSpec, output_dir: Path, stats_json: dict[str, Any]
+) -> None:
+    (output_dir / STATS).write_text(json.dumps(stats_json, indent=2) + "\n", encoding="utf-8")
+    card = datacard.render(name, spec.model_dump(mode="json", by_alias=True), stats_json)
+    (output_dir / DATA_CARD).write_text(card, encoding="utf-8")
+
+
+def _metrics(stats: CorpusStats) -> dict[str, Any]:
+    return {
+        "documentsIn": stats.documents_in,
+        "malformed": stats.malformed,
+        "removed": {name: item.removed for name, item in stats.filters.items()},
+        "documentsOut": stats.documents_out,
+        "trainDocuments": stats.split_documents(split.TRAIN),
+        "validationDocuments": stats.split_documents(split.VALIDATION),
+        "trainWords": stats.words_per_split[split.TRAIN],
+        "piiRedactions": dict(sorted(stats.pii_redactions.items())),
+        "sourceDigests": stats.source_digests(),
+    }
