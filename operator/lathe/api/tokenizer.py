@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+import re
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from lathe.api.common import (
     ApiModel,
@@ -17,16 +18,55 @@ from lathe.api.common import (
     StorageSpec,
 )
 
+# The special tokens that every downstream stage relies on: end of document (also bos/eos),
+# padding and unknown. A spec may add more, but it cannot drop these.
+REQUIRED_SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", "<unk>")
+
 
 class TokenizerModel(str, enum.Enum):
     BYTE_LEVEL_BPE = "byteLevelBPE"
 
 
 class ProtectedPattern(ApiModel):
-    """A regular expression whose matches are always kept as one token."""
+    """A regular expression whose matches are always kept apart from their neighbours."""
 
     name: str = Field(description="Name of the pattern, used in the evaluation report.")
-    regex: str = Field(description="Python regular expression, such as an ICD-10 code pattern.")
+    regex: str = Field(
+        description="Python regular expression, such as an ICD-10 code pattern. Every match is "
+        "one pre-token, split from the whitespace before it, so it tokenizes the same in every "
+        "context. The expression must also compile in Oniguruma, the engine of the tokenizer: "
+        "avoid Python-only syntax such as `(?P<name>...)`."
+    )
+    vocabulary_file: str | None = Field(
+        default=None,
+        description="CSV file whose first column lists known terms of this pattern, such as "
+        "ICD-10 codes. Each listed term that matches the pattern gets its own token, on top of "
+        "vocabSize. A relative path resolves against the data directory.",
+    )
+    dotted_form_after: int | None = Field(
+        default=None,
+        ge=1,
+        description="Also add each vocabulary term longer than this many characters with a `.` "
+        "inserted after that many characters, for codes written both ways (ICD-10-CM: 3, so "
+        "`E119` also adds `E11.9`).",
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(
+                f"invalid regular expression {value!r}: {error}; fix the expression so that "
+                "Python's re module compiles it"
+            ) from None
+        if re.fullmatch(value, ""):
+            raise ValueError(
+                f"regular expression {value!r} matches the empty string; require at least one "
+                "character, for example by replacing `*` with `+`"
+            )
+        return value
 
 
 class TokenizerSpec(ApiModel):
@@ -36,20 +76,82 @@ class TokenizerSpec(ApiModel):
     model: TokenizerModel = Field(
         default=TokenizerModel.BYTE_LEVEL_BPE, description="Tokenization model."
     )
-    vocab_size: int = Field(default=8000, ge=256, le=262144, description="Vocabulary size.")
-    min_frequency: int = Field(default=2, ge=1, description="Minimum pair frequency to merge.")
-    lowercase: bool = Field(default=False, description="Lowercase text before tokenizing.")
+    vocab_size: int = Field(
+        default=8000,
+        ge=512,
+        le=262144,
+        description="Vocabulary size: special tokens, the 256 byte tokens, learned merges and "
+        "the protected terms seen in the training split. Terms from a pattern's vocabularyFile "
+        "come on top.",
+    )
+    min_frequency: int = Field(
+        default=2,
+        ge=1,
+        description="Minimum count in the training split for a pair to be merged and for a "
+        "protected term to get its own token.",
+    )
+    max_protected_terms: int = Field(
+        default=1000,
+        ge=0,
+        description="Maximum number of protected terms seen in the training split that get "
+        "their own token, most frequent first. They count toward vocabSize, so at most half "
+        "of vocabSize.",
+    )
+    lowercase: bool = Field(
+        default=False,
+        description="Lowercase text before tokenizing. Special tokens are matched before "
+        "lowercasing and stay intact. Protected patterns then match case-insensitively.",
+    )
     special_tokens: list[str] = Field(
-        default_factory=lambda: ["<|endoftext|>", "<pad>", "<unk>"],
-        description="Special tokens, each encoded as a single id. The first marks document ends.",
+        default_factory=lambda: list(REQUIRED_SPECIAL_TOKENS),
+        description="Special tokens, each encoded as a single id. Must include `<|endoftext|>` "
+        "(end of document, also bos and eos), `<pad>` and `<unk>`.",
     )
     protected_patterns: list[ProtectedPattern] = Field(
-        default_factory=list, description="Patterns whose matches are never split."
+        default_factory=list, description="Patterns whose matches are never split from context."
     )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources."
     )
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _required_special_tokens(cls, value: list[str]) -> list[str]:
+        missing = [token for token in REQUIRED_SPECIAL_TOKENS if token not in value]
+        if missing:
+            raise ValueError(
+                f"special tokens {value!r} lack {missing!r}; add them, because later stages use "
+                "them for end of document, padding and unknown input"
+            )
+        if len(set(value)) != len(value) or any(not token.strip() for token in value):
+            raise ValueError(
+                f"special tokens {value!r} contain a duplicate or blank entry; list each token "
+                "once"
+            )
+        return value
+
+    @field_validator("protected_patterns")
+    @classmethod
+    def _unique_pattern_names(cls, value: list[ProtectedPattern]) -> list[ProtectedPattern]:
+        names = [pattern.name for pattern in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(
+                f"protected pattern names {duplicates!r} are used more than once; give each "
+                "pattern its own name"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _protected_terms_fit(self) -> TokenizerSpec:
+        if self.max_protected_terms > self.vocab_size // 2:
+            raise ValueError(
+                f"maxProtectedTerms {self.max_protected_terms} is more than half of vocabSize "
+                f"{self.vocab_size}; lower it to {self.vocab_size // 2} or less, or raise "
+                "vocabSize"
+            )
+        return self
 
 
 class Tokenizer(Resource):
