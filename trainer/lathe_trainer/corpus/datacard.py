@@ -35,7 +35,8 @@ def render(name: str, spec: dict[str, Any], stats: dict[str, Any]) -> str:
             f"{source['documentsIn']} | {source['malformed']} | {source['documentsOut']} | "
             f"`{source['sha256'].removeprefix('sha256:')[:16]}` |"
         )
-    lines += ["", "## Filters, in order", "", "| step | removed | what it removes |", "|---|---:|---|"]
+    lines += ["", "## Filters, in order", ""]
+    lines += ["| step | removed | what it removes |", "|---|---:|---|"]
     lines.append(f"| malformed records | {stats['malformed']} | records that do not parse |")
     for step in stats["filters"]:
         lines.append(f"| {step['name']} | {step['removed']} | {_FILTER_TEXT[step['name']]} |")

@@ -1,9 +1,9 @@
 """Text normalization, the step after reading.
 
 Only Unicode form, line endings and whitespace change. Letters, digits and punctuation stay as
-they are, so domain codes (`E11.9`), doses (`5 mg/kg`) and every other number reach the later
-steps and the shards unchanged: mapping digits to a placeholder would make two notes that differ
-only in their codes or lab values look identical to deduplication.
+they are, so domain codes (`E11.9`), doses (`5 mg/kg`) and every other number reach the shards
+unchanged. Mapping digits to a placeholder would also make two notes that differ only in their
+codes or lab values look identical to deduplication.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# Whitespace other than `\n` (which is the only line break left when it applies): space, tab
-# and the Unicode space separators, such as U+00A0 (no-break space) and U+3000.
+# Whitespace other than `\n`, the only line break left after _LINE_BREAK: space, tab and the
+# Unicode space separators, such as U+00A0 (no-break space) and U+3000.
 _HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _LINE_BREAK = re.compile(r"\r\n|[\r\v\f\x1c-\x1e\x85\u2028\u2029]")

@@ -122,7 +122,7 @@ def read_pubmedqa(path: Path, source: str) -> SourceRead:
         raise SourceFormatError(f"file '{path}' is not UTF-8 JSON ({error})") from error
     if not isinstance(data, dict):
         raise SourceFormatError(
-            f"file '{path}' holds a JSON {type(data).__name__}, but PubMedQA is an object keyed "
+            f"file '{path}' contains a JSON {type(data).__name__}, but PubMedQA is an object keyed "
             "by PMID"
         )
     result = SourceRead()

@@ -1,7 +1,7 @@
 """Train/validation assignment and shard writing, the last step of the Corpus stage.
 
-A document's split and shard follow from a hash of the seed and its id alone, so they do not
-depend on the order of sources or on which other documents survived the filters: adding a
+A document's split and shard follow from a hash of the seed and its id alone. They do not
+depend on the order of sources or on which other documents survived the filters, so adding a
 source moves no existing document from train to validation.
 """
 

@@ -26,7 +26,7 @@ MAX_REMOVED_EXAMPLES = 5
 
 @dataclass
 class SourceStats:
-    """What was read from one source or evaluation-set file."""
+    """Counts, malformed examples and digest of one source or evaluation-set file."""
 
     name: str
     format: str

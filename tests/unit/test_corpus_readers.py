@@ -1,0 +1,147 @@
+"""Source readers: real files parse whole, and broken records are counted with locations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lathe_trainer.corpus.readers import SourceFormatError, read_source
+from lathe_trainer.corpus.records import MAX_EXAMPLES
+
+PUBMED = "pubmed"
+
+
+@pytest.mark.parametrize(
+    ("path", "source_format", "documents"),
+    [
+        ("bc5cdr/CDR_TrainingSet.PubTator.txt", "pubtator", 500),
+        ("bc5cdr/CDR_TestSet.PubTator.txt", "pubtator", 500),
+        ("ncbi-disease/corpus/NCBItestset_corpus.txt", "ncbiDisease", 100),
+        ("ncbi-disease/corpus/NCBItrainset_corpus.txt", "ncbiDisease", 593),
+        ("pubmedqa/ori_pqal.json", "pubmedqa", 1000),
+    ],
+)
+def test_real_source_reads_without_malformed(data_dir, path, source_format, documents):
+    read = read_source(data_dir / PUBMED / path, source_format, "real")
+    assert len(read.documents) == documents
+    assert read.malformed_count == 0
+
+
+def test_pubtator_document_is_title_and_abstract(data_dir):
+    path = data_dir / PUBMED / "bc5cdr" / "CDR_TrainingSet.PubTator.txt"
+    first = read_source(path, "pubtator", "bc5cdr").documents[0]
+    assert first.record_id == "227508"
+    assert first.text.startswith("Naloxone reverses the antihypertensive effect of clonidine.\n")
+    assert "5 to 20 micrograms/kg" in first.text
+    assert "\t" not in first.text
+
+
+def _pubtator_blocks(data_dir) -> list[list[str]]:
+    text = (data_dir / PUBMED / "bc5cdr" / "CDR_TrainingSet.PubTator.txt").read_text()
+    return [block.split("\n") for block in text.strip().split("\n\n")]
+
+
+def test_pubtator_malformed_records_are_counted(data_dir, tmp_path):
+    blocks = _pubtator_blocks(data_dir)[:20]
+    missing_abstract = blocks[3][0].split("|")[0]
+    del blocks[3][1]
+    bad_annotation = blocks[7][0].split("|")[0]
+    blocks[7].insert(3, "this line is not an annotation")
+    del blocks[11][0]  # abstract without its title
+    path = tmp_path / "broken.PubTator.txt"
+    path.write_text("\n\n".join("\n".join(block) for block in blocks) + "\n")
+
+    read = read_source(path, "pubtator", "broken")
+
+    assert len(read.documents) == 17
+    assert read.malformed_count == 3
+    assert read.records == 20
+    examples = [example.record_id for example in read.malformed_examples]
+    assert examples == [missing_abstract, bad_annotation, None]
+    assert all(example.line for example in read.malformed_examples)
+    assert "no `" in read.malformed_examples[0].reason
+
+
+def test_pubtator_missing_blank_line_still_splits(data_dir, tmp_path):
+    blocks = _pubtator_blocks(data_dir)[:3]
+    path = tmp_path / "joined.PubTator.txt"
+    path.write_text("\n".join("\n".join(block) for block in blocks) + "\n")
+    read = read_source(path, "pubtator", "joined")
+    assert len(read.documents) == 3
+    assert read.malformed_count == 0
+
+
+def test_pubtator_invalid_utf8_is_malformed(data_dir, tmp_path):
+    blocks = _pubtator_blocks(data_dir)[:2]
+    data = "\n\n".join("\n".join(block) for block in blocks).encode()
+    path = tmp_path / "latin1.PubTator.txt"
+    path.write_bytes(data.replace(b"reverses", b"r\xe9verses", 1))
+    read = read_source(path, "pubtator", "latin1")
+    assert len(read.documents) == 1
+    assert read.malformed_examples[0].reason == "the line is not valid UTF-8"
+
+
+def test_pubmedqa_entry_without_contexts_is_malformed(data_dir, tmp_path):
+    data = json.loads((data_dir / PUBMED / "pubmedqa" / "ori_pqal.json").read_text())
+    pmids = list(data)[:10]
+    sample = {pmid: data[pmid] for pmid in pmids}
+    del sample[pmids[2]]["CONTEXTS"]
+    sample[pmids[5]]["CONTEXTS"] = "not a list"
+    sample[pmids[6]] = ["not", "an", "object"]
+    path = tmp_path / "pqal.json"
+    path.write_text(json.dumps(sample))
+
+    read = read_source(path, "pubmedqa", "pubmedqa")
+
+    assert len(read.documents) == 7
+    assert read.malformed_count == 3
+    assert [example.record_id for example in read.malformed_examples] == [
+        pmids[2], pmids[5], pmids[6],
+    ]
+    assert read.documents[0].text == "\n".join(data[pmids[0]]["CONTEXTS"])
+
+
+def test_pubmedqa_file_that_is_not_json_raises(tmp_path):
+    path = tmp_path / "pqal.json"
+    path.write_text("{not json")
+    with pytest.raises(SourceFormatError, match=r"pqal.json' is not UTF-8 JSON"):
+        read_source(path, "pubmedqa", "pubmedqa")
+
+
+def test_jsonl_bad_lines_are_counted(tmp_path):
+    lines = [
+        json.dumps({"id": "a", "text": "first document"}),
+        "{truncated",
+        "",
+        json.dumps({"id": 7, "body": "no text field"}),
+        json.dumps(["a", "list"]),
+        json.dumps({"text": "second document"}),
+    ]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    read = read_source(path, "jsonl", "docs")
+
+    assert [d.record_id for d in read.documents] == ["a", "line-6"]
+    assert read.malformed_count == 3
+    assert [(e.line, e.record_id) for e in read.malformed_examples] == [
+        (2, None), (4, "7"), (5, None),
+    ]
+
+
+def test_malformed_examples_are_capped(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("not json\n" * 12)
+    read = read_source(path, "jsonl", "bad")
+    assert read.malformed_count == 12
+    assert len(read.malformed_examples) == MAX_EXAMPLES
+
+
+def test_text_blocks_are_documents(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("first note\nsecond line\n\n\nsecond note\n")
+    read = read_source(path, "text", "notes")
+    assert [(d.record_id, d.text) for d in read.documents] == [
+        ("line-1", "first note\nsecond line"), ("line-5", "second note"),
+    ]
