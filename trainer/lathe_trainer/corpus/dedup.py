@@ -9,8 +9,8 @@ merge two documents below the threshold.
 Why word shingles: a templated note shares its headings and boilerplate with every other note
 of its template, but each differing word of its findings changes `shingleSize` shingles. Two
 templated notes with B shared boilerplate shingles and F differing words each therefore have a
-Jaccard similarity of about B / (B + 2 (F + shingleSize - 1)), which stays under the default 0.8
-until the boilerplate is about 8 times longer than the findings (with shingle size 5). Numbers
+Jaccard similarity of about B / (B + 2 (F + shingleSize - 1)). With shingle size 5, that stays
+under the default 0.8 until the boilerplate is about 8 times longer than the findings. Numbers
 and codes are tokens like any word, so notes that differ only in ICD-10 codes or lab values
 differ in those shingles too.
 """
@@ -78,7 +78,12 @@ def remove_near_duplicates(
     num_perm: int = 128,
     shingle_size: int = 5,
 ) -> Deduplicated:
-    """Keep the first document of each near-duplicate group (Jaccard >= threshold)."""
+    """Keep the first document of each near-duplicate group (Jaccard >= threshold).
+
+    NOTE: the shingle sets of all documents stay in memory for the exact check. That is about
+    130 bytes per shingle (tracemalloc on the BC5CDR training abstracts), so 100,000 abstracts
+    of 200 words need about 2.6 GB.
+    """
     shingle_sets = [word_ngrams(word_tokens(document.text), shingle_size) for document in documents]
     minhashes = MinHash.bulk(
         ([shingle.encode("utf-8") for shingle in shingles] for shingles in shingle_sets),

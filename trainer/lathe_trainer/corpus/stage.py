@@ -4,6 +4,9 @@ Runs the steps in order: read and normalize every source, drop short documents, 
 near duplicates and documents that overlap the evaluation sets, redact PII, split and write the
 shards, then stats.json, data_card.md and the manifest. The stage is deterministic and takes
 seconds, so `resume` reruns it from the start.
+
+NOTE: one process handles every shard, because deduplication compares each document with all
+earlier ones. A Corpus therefore runs as a single pod, not one pod per shard.
 """
 
 from __future__ import annotations
