@@ -6,7 +6,7 @@ import enum
 import re
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from lathe.api.common import (
     ApiModel,
@@ -94,8 +94,8 @@ class TokenizerSpec(ApiModel):
         default=1000,
         ge=0,
         description="Maximum number of protected terms seen in the training split that get "
-        "their own token, most frequent first. They count toward vocabSize, so at most half "
-        "of vocabSize.",
+        "their own token, most frequent first. They count toward vocabSize; no more than half "
+        "of vocabSize is used for them, whatever this value.",
     )
     lowercase: bool = Field(
         default=False,
@@ -142,17 +142,6 @@ class TokenizerSpec(ApiModel):
                 "pattern its own name"
             )
         return value
-
-    @model_validator(mode="after")
-    def _protected_terms_fit(self) -> TokenizerSpec:
-        if self.max_protected_terms > self.vocab_size // 2:
-            raise ValueError(
-                f"maxProtectedTerms {self.max_protected_terms} is more than half of vocabSize "
-                f"{self.vocab_size}; lower it to {self.vocab_size // 2} or less, or raise "
-                "vocabSize"
-            )
-        return self
-
 
 class Tokenizer(Resource):
     """A trained tokenizer and its evaluation report."""

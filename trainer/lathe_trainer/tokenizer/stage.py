@@ -77,7 +77,11 @@ def parse_spec(config: StageConfig) -> TokenizerSpec:
     except ValidationError as error:
         first = error.errors()[0]
         field = field_path(("spec", *first["loc"]))
-        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "value_error":
+            # The spec's own validators write the whole sentence, value and fix included.
+            message = first["msg"].removeprefix("Value error, ")
+        else:
+            message = f"invalid value {first.get('input')!r}: {first['msg']}; correct the value."
         raise StageError(config, field, message) from None
 
 
@@ -111,7 +115,9 @@ def protected_terms(
     if not matcher:
         return [], vocabularies
     counts = training.count_protected_terms(train_texts(), matcher, spec.lowercase)
-    seen = training.frequent_terms(counts, spec.min_frequency, spec.max_protected_terms)
+    # Half of the vocabulary stays for the byte tokens and learned merges.
+    limit = min(spec.max_protected_terms, spec.vocab_size // 2)
+    seen = training.frequent_terms(counts, spec.min_frequency, limit)
     log.info(
         "Found %d distinct protected terms in the train split; %d occur at least %d times and "
         "get their own token.", len(counts), len(seen), spec.min_frequency,

@@ -25,9 +25,6 @@ END_OF_TEXT = "<|endoftext|>"
 PAD = "<pad>"
 UNK = "<unk>"
 
-# The 256 single-byte tokens every byte-level vocabulary starts with.
-BYTE_ALPHABET_SIZE = 256
-
 
 def without_special_literals(
     texts: Iterable[str], special_tokens: list[str], found: Counter

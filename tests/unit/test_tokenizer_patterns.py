@@ -1,0 +1,166 @@
+"""Protected patterns: the example's regexes, the pre-tokenizer they build, vocabulary files."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from lathe.api.tokenizer import ProtectedPattern, TokenizerSpec
+from lathe_trainer.stage import StageConfig, StageError
+from lathe_trainer.tokenizer import patterns
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "pubmed" / "02-tokenizer.yaml"
+
+
+def example_patterns() -> list[ProtectedPattern]:
+    spec = yaml.safe_load(EXAMPLE.read_text())["spec"]
+    return [ProtectedPattern.model_validate(item) for item in spec["protectedPatterns"]]
+
+
+def stage_config(tmp_path: Path, data_dir: Path) -> StageConfig:
+    return StageConfig(kind="Tokenizer", name="t", stage_key="k", spec={},
+                       output_uri=str(tmp_path), data_dir=str(data_dir))
+
+
+@pytest.fixture(scope="module")
+def matcher() -> patterns.ProtectedMatcher:
+    return patterns.ProtectedMatcher(example_patterns(), lowercase=False)
+
+
+@pytest.fixture(scope="module")
+def icd10_sample(data_dir) -> list[str]:
+    """500 real ICD-10-CM codes, a fixed random sample of the file, plus the short ones."""
+    with (data_dir / "icd10" / "categories.csv").open(encoding="utf-8", newline="") as handle:
+        codes = [row[0] for row in csv.reader(handle)]
+    return random.Random(0).sample(codes, 500) + ["A00", "I10", "E119", "S52521A"]
+
+
+def test_icd10_pattern_matches_real_codes(matcher, icd10_sample):
+    """Each code, undotted and dotted, is one whole match of the icd10 pattern."""
+    for code in icd10_sample:
+        forms = [code] + ([f"{code[:3]}.{code[3:]}"] if len(code) > 3 else [])
+        for form in forms:
+            text = f"Coded as {form}."
+            found = list(matcher.finditer(text))
+            assert [(m.pattern, m.text) for m in found] == [("icd10", form)]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("given 5 mg/kg daily", [("dose", "5 mg/kg")]),
+        ("0.5 mg/kg/day for E11.9", [("dose", "0.5 mg/kg/day"), ("icd10", "E11.9")]),
+        ("(100 mg/m2)", [("dose", "100 mg/m2")]),
+        ("20 mEq and 10 µg", [("dose", "20 mEq"), ("dose", "10 µg")]),
+        ("Z79.4, I10; E119", [("icd10", "Z79.4"), ("icd10", "I10"), ("icd10", "E119")]),
+        ("XE11.9 and Z79", [("icd10", "Z79")]),  # no word boundary before the first code
+        ("E11.9X9Z9", [("icd10", "E11")]),  # too long after the dot: only the category matches
+        ("U07.1 and 5 mgs", []),  # U is reserved in ICD-10-CM; `mgs` is not a unit
+    ],
+)
+def test_example_patterns_find(matcher, text, expected):
+    assert [(m.pattern, m.text) for m in matcher.finditer(text)] == expected
+
+
+CONTEXTS = ["{}", "x {}", "x  {}", "({})", "{}.", "a\n{}\n", "\t{},"]
+
+
+@pytest.mark.parametrize("term", ["E11.9", "E119", "I10", "Z79.4", "5 mg/kg"])
+def test_pre_tokenizer_isolates_term(matcher, term):
+    """The term is one pre-token, without the whitespace before it, in every context."""
+    pre_tokenizer = matcher.pre_tokenizer()
+    byte_form = patterns.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    (expected, _), = byte_form.pre_tokenize_str(term)
+    for context in CONTEXTS:
+        text = context.format(term)
+        start = text.index(term)
+        pieces = pre_tokenizer.pre_tokenize_str(text)
+        assert (expected, (start, start + len(term))) in pieces, (text, pieces)
+
+
+def test_pre_tokenizer_keeps_every_character(matcher):
+    text = "  Dx:\tE11.9 (5 mg/kg)\n\n  caf\u00e9 \ufb05 \uff11\u00a0end  "
+    pieces = matcher.pre_tokenizer().pre_tokenize_str(text)
+    covered = [offsets for _, offsets in pieces]
+    assert covered[0][0] == 0
+    assert covered[-1][1] == len(text)
+    assert all(left[1] == right[0] for left, right in zip(covered, covered[1:]))
+
+
+def test_lowercase_matches_ignoring_case():
+    """A lowercasing tokenizer pre-tokenizes lowercased text, so its patterns ignore case."""
+    matcher = patterns.ProtectedMatcher(example_patterns(), lowercase=True)
+    pieces = [piece for piece, _ in matcher.pre_tokenizer().pre_tokenize_str("dx e11.9 5 mg/kg")]
+    assert pieces == ["dx", "Ġ", "e11.9", "Ġ", "5Ġmg/kg"]
+
+
+@pytest.mark.parametrize(
+    ("term", "after", "expected"),
+    [("E119", 3, "E11.9"), ("S52521A", 3, "S52.521A"), ("I10", 3, None), ("E11.9", 3, None),
+     ("E119", None, None)],
+)
+def test_dotted_form(term, after, expected):
+    assert patterns.dotted_form(term, after) == expected
+
+
+def test_vocabulary_file_counts_rejected_rows(tmp_path, data_dir):
+    path = tmp_path / "codes.csv"
+    path.write_text('E119,"Type 2 diabetes"\nI10,"Hypertension"\n\nnot-a-code,"x"\n')
+    icd10 = example_patterns()[0].model_copy(
+        update={"vocabulary_file": str(path), "dotted_form_after": 3}
+    )
+    vocabulary = patterns.load_vocabulary(stage_config(tmp_path, data_dir), 0, icd10, False)
+    assert vocabulary.terms == ["E119", "E11.9", "I10"]
+    assert vocabulary.rows == 4
+    assert vocabulary.rejected == 3  # the blank row, and `not-a-code` in both forms
+    assert vocabulary.rejected_examples == ["not-a-code", "not.-a-code"]
+
+
+@pytest.mark.parametrize(
+    ("regex", "message"),
+    [
+        ("[A-Z", r"invalid regular expression '\[A-Z': .*; fix the expression"),
+        ("(?P<code>E11)", "Oniguruma"),
+    ],
+)
+def test_compile_rejects_bad_regex(tmp_path, data_dir, regex, message):
+    pattern = ProtectedPattern.model_construct(name="p", regex=regex)
+    with pytest.raises(StageError, match=rf"spec\.protectedPatterns\[0\]\.regex: .*{message}"):
+        patterns.compile_patterns(stage_config(tmp_path, data_dir), [pattern], False)
+
+
+SPEC = {"corpusRef": {"name": "c"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"protectedPatterns": [{"name": "p", "regex": "E11("}]}, "invalid regular expression"),
+        ({"protectedPatterns": [{"name": "p", "regex": "[0-9]*"}]}, "matches the empty string"),
+        ({"protectedPatterns": [{"name": "p", "regex": "a"}, {"name": "p", "regex": "b"}]},
+         "used more than once"),
+        ({"specialTokens": ["<|endoftext|>", "<pad>"]}, r"lack \['<unk>'\]"),
+        ({"specialTokens": ["<|endoftext|>", "<pad>", "<unk>", "<pad>"]}, "duplicate"),
+    ],
+)
+def test_spec_rejects(change, message):
+    with pytest.raises(ValidationError, match=message):
+        TokenizerSpec.model_validate({**SPEC, **change})
+
+
+def test_loader_rejects_invalid_regex():
+    """`lathe run` rejects the resource file before any stage starts."""
+    from lathe.errors import InvalidResourceError
+    from lathe.loader import parse_resource
+
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["spec"]["protectedPatterns"][1]["regex"] = r"[0-9]+ ?(mg"
+    with pytest.raises(InvalidResourceError, match=r"spec\.protectedPatterns\[1\]\.regex: .*"
+                       r"invalid regular expression '\[0-9\]\+ \?\(mg'"):
+        parse_resource(document, "02-tokenizer.yaml")
