@@ -8,6 +8,7 @@ from pydantic import Field
 
 from lathe.api.common import (
     ApiModel,
+    CelRule,
     LocalObjectReference,
     PrinterColumn,
     Resource,
@@ -30,16 +31,42 @@ class ModelArchitectureSpec(ApiModel):
     intermediate_size: int = Field(default=512, ge=16, description="MLP inner size.")
     max_position_embeddings: int = Field(default=512, ge=16, description="Maximum positions.")
 
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.hiddenSize % self.numHeads == 0",
+            message="spec.model.hiddenSize must be a multiple of spec.model.numHeads; pick a "
+            "numHeads that divides hiddenSize",
+            check=lambda model: model.hidden_size % model.num_heads == 0,
+        ),
+    )
+
 
 class PretrainJobSpec(ApiModel):
     """Desired state of a PretrainJob."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.sequenceLength <= self.model.maxPositionEmbeddings",
+            message="spec.sequenceLength must not exceed spec.model.maxPositionEmbeddings; lower "
+            "sequenceLength or raise maxPositionEmbeddings",
+            check=lambda spec: spec.sequence_length <= spec.model.max_position_embeddings,
+        ),
+    )
 
     corpus_ref: LocalObjectReference = Field(description="The Corpus to train on.")
     tokenizer_ref: LocalObjectReference = Field(description="The Tokenizer to encode with.")
     model: ModelArchitectureSpec = Field(
         default_factory=ModelArchitectureSpec, description="Model architecture."
     )
-    sequence_length: int = Field(default=128, ge=8, description="Tokens per training sequence.")
+    sequence_length: int = Field(
+        default=128, ge=8,
+        description="Tokens per training sequence; at most model.maxPositionEmbeddings.",
+    )
+    eval_sequences: int = Field(
+        default=256, ge=1,
+        description="Validation sequences (from the start of the validation split) scored "
+        "for validation perplexity.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Processes and nodes."

@@ -1,0 +1,88 @@
+"""Parsing and checks of the PretrainJob's inputs: spec, Tokenizer output and Corpus output.
+
+Every check raises StageError naming the field, the bad value and the fix, before any process
+starts training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+from transformers import PreTrainedTokenizerFast
+
+from lathe.api.pretrain import PretrainJobSpec
+from lathe_trainer import datasets
+from lathe_trainer.pretrain.data import END_OF_TEXT
+from lathe_trainer.stage import StageConfig, StageError, local_path
+
+# The tokenizer files that `PreTrainedTokenizerFast.save_pretrained` writes (transformers 5);
+# the ones present are copied next to the final model so that it loads on its own.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def parse_spec(config: StageConfig) -> PretrainJobSpec:
+    """Parse config.spec, including the cross-field rules that the API server checks too."""
+    try:
+        spec = PretrainJobSpec.model_validate(config.spec)
+    except ValidationError as error:
+        raise StageError(config, "spec", f"invalid PretrainJob spec: {error}") from error
+    if spec.training.precision == "fp16":
+        raise StageError(
+            config, "spec.training.precision",
+            "fp16 is not supported by PretrainJob because it needs loss scaling; use bf16 "
+            "(GPUs and recent CPUs) or fp32.",
+        )
+    return spec
+
+
+def input_uri(config: StageConfig, role: str, field: str) -> str:
+    if role not in config.inputs:
+        raise StageError(
+            config, field,
+            f"the stage config has no resolved `{role}` input (inputs: "
+            f"{sorted(config.inputs)}); the plan must resolve {field} before the stage runs.",
+        )
+    return config.inputs[role].uri
+
+
+def load_tokenizer(config: StageConfig) -> tuple[PreTrainedTokenizerFast, Path]:
+    """Load the Tokenizer output directory and check that it has the end-of-text token."""
+    uri = input_uri(config, "tokenizer", "spec.tokenizerRef")
+    directory = local_path(uri)
+    name = config.inputs["tokenizer"].name
+    if not (directory / "tokenizer.json").is_file():
+        raise StageError(
+            config, "spec.tokenizerRef",
+            f"the output of Tokenizer {name!r} at {directory} has no tokenizer.json; run the "
+            "Tokenizer to completion or point tokenizerRef at a finished one.",
+        )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
+    if END_OF_TEXT not in tokenizer.get_vocab():
+        raise StageError(
+            config, "spec.tokenizerRef",
+            f"Tokenizer {name!r} has no {END_OF_TEXT!r} token, which separates documents in "
+            f"packed sequences; add {END_OF_TEXT!r} to the Tokenizer's specialTokens.",
+        )
+    return tokenizer, directory
+
+
+def corpus_uri(config: StageConfig) -> str:
+    uri = input_uri(config, "corpus", "spec.corpusRef")
+    if not datasets.shard_paths(uri, "train"):
+        raise StageError(
+            config, "spec.corpusRef",
+            f"the output of Corpus {config.inputs['corpus'].name!r} at {local_path(uri)} has "
+            "no train/shard-*.jsonl files; run the Corpus to completion first.",
+        )
+    return uri
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]

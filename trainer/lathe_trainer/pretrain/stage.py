@@ -1,0 +1,363 @@
+"""PretrainJob stage workload: `torchrun ... -m lathe_trainer pretrain --config FILE`.
+
+Runs once per process. Every rank tokenizes and packs the Corpus output the same way, builds
+the same model from the seeded RNG, and trains its share of each batch under DDP (world size >
+1) or alone (a plain `python -m`). Rank 0 alone reports progress and writes checkpoints, the
+final Hugging Face model, metrics.json and, last, the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from lathe.api.pretrain import PretrainJobSpec
+from lathe_trainer.pretrain import inputs
+from lathe_trainer.pretrain.data import (
+    MalformedCorpusError,
+    PackedSplit,
+    SequenceSampler,
+    pack_split,
+    validation_batches,
+)
+from lathe_trainer.pretrain.loop import (
+    NonFiniteLossError,
+    TrainState,
+    evaluate,
+    optimizer_groups,
+    train_step,
+)
+from lathe_trainer.pretrain.model import build_model, model_config, parameter_count
+from lathe_trainer.stage import ProgressReporter, StageConfig, StageError, local_path
+from lathe_trainer.stage import write_manifest
+from lathe_trainer.training import checkpoint, distributed
+from lathe_trainer.training.distributed import DistributedContext
+from lathe_trainer.training.metrics import METRICS, ThroughputMeter, perplexity, write_json
+from lathe_trainer.training.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+# beta2 = 0.95, a common choice for language-model pretraining, adapts to loss spikes faster
+# than the 0.999 default.
+ADAM_BETAS = (0.9, 0.95)
+LOG_EVERY_STEPS = 10
+
+
+def run(config: StageConfig, resume: bool) -> dict[str, Any]:
+    spec = inputs.parse_spec(config)
+    context = distributed.setup(spec.distributed.backend)
+    try:
+        return _run(config, spec, context, resume)
+    finally:
+        distributed.teardown(context)
+
+
+def _run(
+    config: StageConfig, spec: PretrainJobSpec, context: DistributedContext, resume: bool
+) -> dict[str, Any]:
+    output = local_path(config.output_uri)
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer, tokenizer_dir = inputs.load_tokenizer(config)
+    train, validation = _load_splits(config, spec, tokenizer, context)
+
+    training = spec.training
+    # The same seed on every rank gives every rank the same initial weights.
+    torch.manual_seed(training.seed)
+    random.seed(training.seed + context.rank)
+    architecture = model_config(spec.model, tokenizer)
+    model = build_model(architecture).to(context.device)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, training.weight_decay), lr=training.learning_rate,
+        betas=ADAM_BETAS,
+    )
+    scheduler = build_scheduler(optimizer, training.warmup_steps, training.max_steps)
+
+    checkpoints = output / checkpoint.CHECKPOINTS
+    compatibility = _compatibility(spec, architecture)
+    state = TrainState()
+    if resume:
+        state = _restore(config, spec, context, checkpoints, compatibility, model, optimizer,
+                         scheduler)
+    elif context.is_main and checkpoint.list_checkpoints(checkpoints):
+        log.info("Removing the checkpoints of an earlier run from %s: --resume was not given, "
+                 "so training starts from step 0.", checkpoints)
+        checkpoint.remove_all(checkpoints)
+    distributed.barrier(context)
+
+    trainer = _Trainer(config, spec, context, model, optimizer, scheduler, train, validation,
+                       checkpoints, compatibility, state)
+    resumed_from = state.step
+    validation_loss = trainer.train()
+    metrics = _metrics(spec, train, validation, state, resumed_from, validation_loss, model)
+    if context.is_main:
+        _write_model(output, model, tokenizer_dir)
+        write_json(output / METRICS, metrics)
+    distributed.barrier(context)
+    if context.is_main:
+        write_manifest(config, metrics)
+    log.info("Rank %d finished after step %d with final loss %s.", context.rank, state.step,
+             metrics["finalLoss"])
+    return metrics
+
+
+def _load_splits(
+    config: StageConfig,
+    spec: PretrainJobSpec,
+    tokenizer: PreTrainedTokenizerFast,
+    context: DistributedContext,
+) -> tuple[PackedSplit, PackedSplit | None]:
+    corpus = inputs.corpus_uri(config)
+    name = config.inputs["corpus"].name
+    try:
+        train = pack_split(tokenizer, corpus, "train", spec.sequence_length)
+        validation = pack_split(tokenizer, corpus, "validation", spec.sequence_length)
+    except MalformedCorpusError as error:
+        raise StageError(
+            config, "spec.corpusRef",
+            f"the output of Corpus {name!r} is malformed: {error}. Run the Corpus again.",
+        ) from error
+    global_batch = spec.training.micro_batch_size * context.world_size
+    if len(train) < global_batch:
+        raise StageError(
+            config, "spec.corpusRef",
+            f"the train split of Corpus {name!r} packs into {len(train)} sequences of "
+            f"{spec.sequence_length} tokens ({train.tokens} tokens in {train.documents} "
+            f"documents), fewer than one micro-batch of {spec.training.micro_batch_size} on each "
+            f"of {context.world_size} processes; add data or lower spec.sequenceLength or "
+            "spec.training.microBatchSize.",
+        )
+    if not len(validation):
+        log.warning("The validation split of Corpus %r fills no sequence of %d tokens, so no "
+                    "validation perplexity is reported.", name, spec.sequence_length)
+        validation = None
+    if context.is_main:
+        log.info("Packed %d train documents (%d tokens) into %d sequences of %d tokens.",
+                 train.documents, train.tokens, len(train), spec.sequence_length)
+    return train, validation
+
+
+def _compatibility(spec: PretrainJobSpec, architecture: PretrainedConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the spec to be resumed."""
+    return {
+        "model": spec.model.model_dump(mode="json", by_alias=True),
+        "sequenceLength": spec.sequence_length,
+        "vocabSize": architecture.vocab_size,
+    }
+
+
+def _restore(
+    config: StageConfig,
+    spec: PretrainJobSpec,
+    context: DistributedContext,
+    checkpoints: Path,
+    compatibility: dict[str, Any],
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> TrainState:
+    latest = checkpoint.latest_checkpoint(checkpoints)
+    if latest is None:
+        log.info("No checkpoint found under %s, so training starts from step 0.", checkpoints)
+        return TrainState()
+    saved = checkpoint.load(latest)
+    _check_compatible(config, saved, compatibility)
+    if saved.step > spec.training.max_steps:
+        raise StageError(
+            config, "spec.training.maxSteps",
+            f"{spec.training.max_steps} is below the step of the latest checkpoint "
+            f"({saved.step}, {latest}); raise maxSteps to at least {saved.step} or run "
+            "without --resume to start over.",
+        )
+    model.load_state_dict(saved.model)
+    optimizer.load_state_dict(saved.optimizer)
+    scheduler.load_state_dict(saved.scheduler)
+    if len(saved.rng) == context.world_size:
+        checkpoint.restore_rng_state(saved.rng[context.rank])
+    else:
+        log.warning("The checkpoint contains RNG states of %d processes but this run has %d, "
+                    "so the RNG streams restart from the seed.", len(saved.rng),
+                    context.world_size)
+    if context.is_main:
+        log.info("Resuming from %s at step %d of %d.", latest, saved.step,
+                 spec.training.max_steps)
+    return TrainState.from_dict(saved.state["train"])
+
+
+def _check_compatible(
+    config: StageConfig, saved: checkpoint.Checkpoint, compatibility: dict[str, Any]
+) -> None:
+    stored = saved.state.get("compatibility", {})
+    for key, value in compatibility.items():
+        if stored.get(key) != value:
+            raise StageError(
+                config, f"spec.{key}" if key != "vocabSize" else "spec.tokenizerRef",
+                f"the checkpoint {saved.path} was trained with {key}={stored.get(key)!r}, the "
+                f"spec now gives {value!r}; restore the earlier value or run without --resume "
+                "to start over.",
+            )
+
+
+class _Trainer:
+    """The step loop with its periodic evaluation, checkpointing and progress reports."""
+
+    def __init__(self, config, spec, context, model, optimizer, scheduler, train, validation,
+                 checkpoints, compatibility, state):
+        self.config = config
+        self.spec = spec
+        self.training = spec.training
+        self.context = context
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_split = train
+        self.checkpoints = checkpoints
+        self.compatibility = compatibility
+        self.state = state
+        self.saved_step = state.step if state.step else None
+        self.validation_batches = []
+        if validation is not None:
+            self.validation_batches = validation_batches(
+                validation, self.training.micro_batch_size, context.rank, context.world_size,
+                spec.eval_sequences,
+            )
+        self.reporter = ProgressReporter(config, total=self.training.max_steps)
+        self.meter = ThroughputMeter()
+
+    def train(self) -> float | None:
+        """Run the remaining steps and return the final validation loss."""
+        model = self.model
+        if self.context.is_distributed:
+            device_ids = [self.context.device] if self.context.device.type == "cuda" else None
+            model = DistributedDataParallel(self.model, device_ids=device_ids)
+        model.train()
+        sampler = SequenceSampler(
+            len(self.train_split), self.training.micro_batch_size, self.context.rank,
+            self.context.world_size, self.training.seed, self.state.position,
+        )
+        self._report(message=f"Starting at step {self.state.step}.")
+        while self.state.step < self.training.max_steps:
+            self._step(model, sampler)
+            step = self.state.step
+            if step < self.training.max_steps and step % self.training.eval_interval == 0:
+                self._evaluate()
+            if step < self.training.max_steps and step % self.training.checkpoint_interval == 0:
+                self._save()
+        if self.saved_step != self.state.step:
+            self._save()
+        return self._evaluate()
+
+    def _step(self, model: torch.nn.Module, sampler: SequenceSampler) -> None:
+        state = self.state
+        self.meter.start_step()
+        try:
+            result = train_step(
+                self.context, model, self.optimizer, self.scheduler, sampler,
+                self.train_split.sequences, self.training.gradient_accumulation_steps,
+                self.training.max_grad_norm, self.training.precision, state.step + 1,
+            )
+        except NonFiniteLossError as error:
+            latest = f"step {self.saved_step}" if self.saved_step else "none yet"
+            raise StageError(
+                self.config, "spec.training.learningRate",
+                f"training stopped: {error}, so the step was not applied and no weights were "
+                f"saved from it (latest checkpoint: {latest}). Lower "
+                f"learningRate (now {self.training.learning_rate}) or raise warmupSteps (now "
+                f"{self.training.warmup_steps}), then run again.",
+            ) from error
+        self.meter.end_step(result.tokens)
+        state.step += 1
+        state.tokens_seen += result.tokens
+        state.last_loss = result.loss
+        if state.first_loss is None:
+            state.first_loss = result.loss
+        state.position = sampler.position
+        self._report(learningRate=result.learning_rate, gradNorm=result.grad_norm)
+        if self.context.is_main and (state.step % LOG_EVERY_STEPS == 0 or state.step == 1):
+            log.info("Step %d/%d: loss %.4f, %.0f tokens/s, learning rate %.2e.", state.step,
+                     self.training.max_steps, result.loss, self.meter.tokens_per_second or 0.0,
+                     result.learning_rate)
+
+    def _evaluate(self) -> float | None:
+        loss = evaluate(self.context, self.model, self.validation_batches,
+                        self.training.precision)
+        if loss is not None:
+            self._report(validationLoss=loss, validationPerplexity=perplexity(loss))
+            if self.context.is_main:
+                log.info("Step %d: validation loss %.4f, perplexity %.2f.", self.state.step,
+                         loss, perplexity(loss))
+        return loss
+
+    def _save(self) -> None:
+        state = {"train": self.state.to_dict(), "compatibility": self.compatibility}
+        checkpoint.save(self.context, self.checkpoints, self.state.step, state, self.model,
+                        self.optimizer, self.scheduler, self.training.keep_checkpoints)
+        self.saved_step = self.state.step
+
+    def _report(self, message: str = "", **extra: Any) -> None:
+        if not self.context.is_main:
+            return
+        remaining = self.training.max_steps - self.state.step
+        self.reporter.update(
+            self.state.step,
+            message=message,
+            loss=self.state.last_loss,
+            tokensPerSecond=self.meter.tokens_per_second,
+            etaSeconds=self.meter.eta_seconds(remaining),
+            tokensSeen=self.state.tokens_seen,
+            epoch=self.state.position.epoch,
+            **extra,
+        )
+
+
+def _metrics(
+    spec: PretrainJobSpec,
+    train: PackedSplit,
+    validation: PackedSplit | None,
+    state: TrainState,
+    resumed_from: int,
+    validation_loss: float | None,
+    model: PreTrainedModel,
+) -> dict[str, Any]:
+    return {
+        "steps": state.step,
+        "newSteps": state.step - resumed_from,
+        "resumedFromStep": resumed_from or None,
+        "firstLoss": state.first_loss,
+        "finalLoss": state.last_loss,
+        "validationLoss": validation_loss,
+        "validationPerplexity": None if validation_loss is None else perplexity(validation_loss),
+        "tokensSeen": state.tokens_seen,
+        "parameterCount": parameter_count(model),
+        "epochs": state.position.epoch + state.position.cursor / len(train),
+        "trainSequences": len(train),
+        "trainDocuments": train.documents,
+        "validationSequences": 0 if validation is None else len(validation),
+        "skippedDocuments": {"train": train.skipped,
+                             "validation": {} if validation is None else validation.skipped},
+        "sequenceLength": spec.sequence_length,
+    }
+
+
+def _write_model(output: Path, model: PreTrainedModel, tokenizer_dir: Path) -> None:
+    """Write model/ in Hugging Face format with the tokenizer files, replacing it whole."""
+    final = output / MODEL_DIR
+    tmp = output / (MODEL_DIR + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    # transformers 5 saves the weights as model.safetensors by default.
+    model.save_pretrained(tmp)
+    for path in inputs.tokenizer_files(tokenizer_dir):
+        shutil.copy2(path, tmp / path.name)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    log.info("Wrote the final model and tokenizer to %s.", final)
