@@ -103,8 +103,8 @@ def _metadata(plan: WorkloadPlan, owner: dict, attempt: int, object_labels: dict
 def headless_service(plan: WorkloadPlan, owner: dict, attempt: int) -> dict:
     """Return the headless Service that gives the attempt's pods stable DNS names.
 
-    publishNotReadyAddresses publishes a pod's record as soon as it has an address: the training
-    pods have no readiness probe, and node 0 must be reachable before the rendezvous completes.
+    publishNotReadyAddresses publishes a pod's record as soon as the pod has an address, before
+    it is Ready, so node 0's name resolves as early as possible.
     """
     selector = pod_labels(plan, attempt)
     return {
