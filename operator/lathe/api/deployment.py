@@ -29,19 +29,33 @@ class QuantizationSpec(ApiModel):
     enabled: bool = Field(default=False, description="Quantize weights to INT8.")
     max_f1_drop: float = Field(
         default=0.02, ge=0.0, le=1.0,
-        description="Largest entity-F1 drop against FP32 allowed before the quantized model is "
-        "rejected.",
+        description="Largest drop allowed in entity F1 of the INT8 model, scored against the "
+        "FP32 model's predictions on the held-out sentences (1 - F1). Above it, the FP32 model "
+        "is served and the report says why.",
     )
 
 
 class ExportSpec(ApiModel):
     """ONNX export and its check against PyTorch."""
 
-    opset: int = Field(default=17, ge=13, le=23, description="ONNX opset version.")
+    opset: int = Field(
+        default=18, ge=18, le=23,
+        description="ONNX opset version. The torch.onnx dynamo exporter emits opset 18 or later.",
+    )
     check_sequence_lengths: list[int] = Field(
         default_factory=lambda: [3, 20, 200],
         min_length=2,
-        description="Sequence lengths at which ONNX Runtime is compared against PyTorch.",
+        description="Sequence lengths at which ONNX Runtime is compared against PyTorch, at "
+        "batch sizes 1 and 8. The model is exported with an example of length 20.",
+    )
+    held_out_data: str = Field(
+        min_length=1,
+        description="Held-out labelled sentences (CoNLL `token<TAB>tag` lines, blank line "
+        "between sentences), relative to the data directory. They feed the ONNX check and the "
+        "quantization check; use the FineTune's test split.",
+    )
+    held_out_sentences: int = Field(
+        default=64, ge=8, le=10000, description="Held-out sentences read from heldOutData."
     )
     tolerance: float = Field(
         default=1e-3, gt=0.0, description="Maximum absolute logit difference allowed."
@@ -58,7 +72,17 @@ class ServingSpec(ApiModel):
         default="nvcr.io/nvidia/tritonserver:24.10-py3", description="Triton server image."
     )
     replicas: int = Field(default=1, ge=0, le=100, description="Triton replicas.")
-    max_batch_size: int = Field(default=8, ge=0, le=1024, description="Triton max batch size.")
+    max_batch_size: int = Field(
+        default=8, ge=0, le=1024,
+        description="Triton `max_batch_size` of every model in the repository; 0 turns "
+        "batching off.",
+    )
+    model_backend: Literal["python", "onnxruntime"] = Field(
+        default="python",
+        description="How Triton runs the ONNX model: `python` (a Python-backend model calling "
+        "ONNX Runtime, which any Triton with the Python backend can serve, including the local "
+        "server) or `onnxruntime` (Triton's ONNX Runtime backend, for images that ship it).",
+    )
     http_port: int = Field(default=8000, description="HTTP port.")
     grpc_port: int = Field(default=8001, description="gRPC port.")
     metrics_port: int = Field(default=8002, description="Metrics port.")
@@ -85,7 +109,7 @@ class ModelDeploymentSpec(ApiModel):
     model_name: str = Field(
         default="ner", pattern=r"^[a-zA-Z0-9_-]+$", description="Triton model name."
     )
-    export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export.")
+    export: ExportSpec = Field(description="ONNX export and its checks.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="Triton server.")
     autoscaling: AutoscalingSpec = Field(
         default_factory=AutoscalingSpec, description="Autoscaling."

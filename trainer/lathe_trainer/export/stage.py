@@ -1,0 +1,264 @@
+"""The export stage of a ModelDeployment: FineTune model -> ONNX (+ INT8) -> Triton repository.
+
+Runs as `python -m lathe_trainer export --config FILE` in the export Job (or `lathe run`), after
+the FineTune it references has finished. Steps:
+
+1. Read the FineTune output (`model/`: token classifier, tokenizer files, id2label) and the
+   held-out sentences (`spec.export.heldOutData`).
+2. Export `model.onnx` with dynamic batch and sequence axes, then compare ONNX Runtime with
+   PyTorch at each `spec.export.checkSequenceLengths` and batch sizes 1 and 8. A difference
+   above `spec.export.tolerance` fails the stage.
+3. If `spec.export.quantization.enabled`: write `model.int8.onnx` and score it against the FP32
+   model. It is served only when its F1 drop is within `maxF1Drop`; otherwise it is deleted and
+   the report says why.
+4. Write `model_repository/` (see lathe_trainer.export.repository), `report.json`, and the
+   manifest with the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydantic
+
+from lathe.api.deployment import ModelDeploymentSpec
+from lathe_trainer.export import heldout, onnx_export, quantize, repository
+from lathe_trainer.serving import decoding, reference
+from lathe_trainer.stage import (
+    ProgressReporter,
+    StageConfig,
+    StageError,
+    local_path,
+    resolve_data_path,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+REPOSITORY_DIR = "model_repository"
+REPORT_FILE = "report.json"
+# torch.onnx.export without external data writes one protobuf, which is capped at 2 GiB.
+MAX_PARAMETER_BYTES = 2 * 1024**3 - 64 * 1024**2
+STEPS = ("read", "export", "check", "quantize", "repository")
+
+
+def parse_spec(config: StageConfig) -> ModelDeploymentSpec:
+    try:
+        return ModelDeploymentSpec.model_validate(config.spec)
+    except pydantic.ValidationError as error:
+        raise StageError(config, "spec", f"the spec is invalid: {error}") from None
+
+
+def model_directory(config: StageConfig) -> Path:
+    """Return the FineTune's `model/` directory, checking that it looks like one."""
+    item = config.inputs.get("model")
+    if item is None:
+        raise StageError(
+            config, "spec.model.fineTuneRef", "no finished FineTune was resolved as the input "
+            "`model`; reference a FineTune that has succeeded."
+        )
+    directory = local_path(item.uri) / "model"
+    for name in ("config.json", "tokenizer.json"):
+        if not (directory / name).is_file():
+            raise StageError(
+                config, "spec.model.fineTuneRef", f"{item.kind} {item.name!r} has no {name} in "
+                f"{directory}; its output is not a FineTune model. Rerun the FineTune."
+            )
+    return directory
+
+
+def read_settings(config: StageConfig, model_dir: Path) -> reference.ModelSettings:
+    try:
+        return reference.read_model_settings(model_dir)
+    except reference.ModelFormatError as error:
+        raise StageError(config, "spec.model.fineTuneRef", str(error)) from None
+
+
+def read_sentences(config: StageConfig, spec: ModelDeploymentSpec) -> list:
+    path = resolve_data_path(config, spec.export.held_out_data)
+    try:
+        sentences = heldout.read_held_out(path, spec.export.held_out_sentences)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise StageError(
+            config, "spec.export.heldOutData", f"{spec.export.held_out_data!r} cannot be used: "
+            f"{error}. Point it at a CoNLL file (`token<TAB>tag` lines) under the data directory."
+        ) from None
+    return sentences
+
+
+def check_lengths(config: StageConfig, lengths: list[int], max_length: int) -> None:
+    for length in lengths:
+        if not 1 <= length <= max_length:
+            raise StageError(
+                config, "spec.export.checkSequenceLengths", f"the length {length} is outside "
+                f"1..{max_length}, the model's maximum sequence length; use lengths in that range."
+            )
+
+
+def load_model(config: StageConfig, model_dir: Path):
+    # Eager attention exports to plain ONNX ops; the fused SDPA kernel is no faster on ONNX
+    # Runtime and only adds a second code path to check.
+    model = reference.load_model(model_dir, attn_implementation="eager")
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if parameter_bytes > MAX_PARAMETER_BYTES:
+        # TODO(export): export with external data so that models over 2 GiB can be served.
+        raise StageError(
+            config, "spec.model.fineTuneRef", f"the model has {parameter_bytes / 1024**3:.2f} "
+            "GiB of parameters; the export supports models up to 2 GiB."
+        )
+    return model
+
+
+def token_stream(encoded: dict[str, np.ndarray]) -> np.ndarray:
+    """Concatenate the real tokens of an encoded batch into one id sequence."""
+    return encoded["input_ids"][encoded["attention_mask"].astype(bool)]
+
+
+def export_and_check(
+    config: StageConfig, spec: ModelDeploymentSpec, model, output: Path, stream: np.ndarray,
+    pad_id: int, progress: ProgressReporter,
+) -> dict[str, Any]:
+    fp32_path = output / FP32_FILE
+    onnx_export.export_onnx(model, fp32_path, spec.export.opset, model.config.vocab_size)
+    opset = onnx_export.exported_opset(fp32_path)
+    if opset != spec.export.opset:
+        raise StageError(
+            config, "spec.export.opset", f"the exporter wrote opset {opset} instead of "
+            f"{spec.export.opset}; set spec.export.opset to {opset}."
+        )
+    progress.update(2, "Exported the model to ONNX.")
+    checks = onnx_export.compare_with_pytorch(
+        model, fp32_path, stream, spec.export.check_sequence_lengths, pad_id
+    )
+    worst = max(checks, key=lambda item: item["maxAbsDiff"])
+    # NB: `not <=` so that a NaN difference fails too.
+    if not worst["maxAbsDiff"] <= spec.export.tolerance:
+        raise StageError(
+            config, "spec.export.tolerance", f"ONNX Runtime differs from PyTorch by "
+            f"{worst['maxAbsDiff']:.3g} at sequence length {worst['sequenceLength']} and batch "
+            f"size {worst['batchSize']}, above the tolerance {spec.export.tolerance}. The "
+            "exported graph is wrong at that shape; check the exporter's warnings in the log "
+            "before raising the tolerance."
+        )
+    progress.update(3, "ONNX Runtime matches PyTorch.", maxAbsDiff=worst["maxAbsDiff"])
+    return {"opset": opset, "checks": checks}
+
+
+def max_diff_by_length(checks: list[dict]) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for item in checks:
+        key = str(item["sequenceLength"])
+        result[key] = max(result.get(key, 0.0), item["maxAbsDiff"])
+    return result
+
+
+def run_quantization(
+    spec: ModelDeploymentSpec, output: Path, sentences: list, encode, id2label: list[str]
+) -> dict[str, Any]:
+    settings = spec.export.quantization
+    if not settings.enabled:
+        return {"enabled": False, "deployed": False,
+                "reason": "Quantization is disabled in spec.export.quantization."}
+    int8_path = output / INT8_FILE
+    quantize.quantize(output / FP32_FILE, int8_path)
+    record = quantize.compare_quantized(
+        output / FP32_FILE, int8_path, sentences, encode, id2label, settings.max_f1_drop
+    )
+    record["enabled"] = True
+    record["sizeBytes"] = int8_path.stat().st_size
+    if not record["deployed"]:
+        # Only the served model stays in the output, so no one deploys the rejected file.
+        int8_path.unlink()
+    return record
+
+
+def clear_outputs(output: Path) -> None:
+    """Remove what an earlier attempt left, so that every output comes from this attempt."""
+    for name in (FP32_FILE, INT8_FILE, REPORT_FILE):
+        (output / name).unlink(missing_ok=True)
+    shutil.rmtree(output / REPOSITORY_DIR, ignore_errors=True)
+
+
+def run(config: StageConfig, resume: bool) -> dict:
+    """Export, check, optionally quantize and write the Triton repository; return metrics.
+
+    `resume` changes nothing: the stage takes minutes at most, so a retry starts over.
+    """
+    spec = parse_spec(config)
+    output = local_path(config.output_uri)
+    output.mkdir(parents=True, exist_ok=True)
+    clear_outputs(output)
+    progress = ProgressReporter(config, total=len(STEPS), unit="steps")
+
+    model_dir = model_directory(config)
+    settings = read_settings(config, model_dir)
+    check_lengths(config, spec.export.check_sequence_lengths, settings.max_length)
+    sentences = read_sentences(config, spec)
+    tokenizer = decoding.load_tokenizer(str(model_dir / "tokenizer.json"))
+
+    def encode(texts: list[str]) -> dict[str, np.ndarray]:
+        return decoding.encode_texts(tokenizer, texts, settings.special, settings.max_length)
+
+    model = load_model(config, model_dir)
+    progress.update(1, f"Read the model and {len(sentences)} held-out sentences.")
+
+    stream = token_stream(encode([sentence.text for sentence in sentences]))
+    exported = export_and_check(config, spec, model, output, stream, settings.special.pad,
+                                progress)
+    quantization = run_quantization(spec, output, sentences, encode, settings.id2label)
+    served = INT8_FILE if quantization["deployed"] else FP32_FILE
+    progress.update(4, quantization["reason"])
+
+    repository_settings = repository.RepositorySettings(
+        model_name=spec.model_name,
+        id2label=settings.id2label,
+        max_length=settings.max_length,
+        bos_id=settings.special.bos,
+        unk_id=settings.special.unk,
+        pad_id=settings.special.pad,
+        max_batch_size=spec.serving.max_batch_size,
+        model_backend=spec.serving.model_backend,
+    )
+    repository.write_repository(
+        output / REPOSITORY_DIR, repository_settings, output / served, model_dir / "tokenizer.json"
+    )
+    progress.update(5, f"Wrote the Triton repository for {spec.model_name!r} serving {served}.")
+
+    report = {
+        "modelName": spec.model_name,
+        "exporter": "torch.onnx dynamo",
+        "opset": exported["opset"],
+        "exampleSequenceLength": onnx_export.EXAMPLE_SEQUENCE_LENGTH,
+        "tolerance": spec.export.tolerance,
+        "checks": exported["checks"],
+        "quantization": quantization,
+        "servedModel": served,
+        "modelBackend": spec.serving.model_backend,
+        "maxBatchSize": spec.serving.max_batch_size,
+        "maxSequenceLength": settings.max_length,
+        "labels": settings.id2label,
+        "heldOutSentences": len(sentences),
+    }
+    (output / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    metrics = {
+        "maxAbsDiffByLength": max_diff_by_length(exported["checks"]),
+        "maxAbsDiff": max(item["maxAbsDiff"] for item in exported["checks"]),
+        "quantization": "deployed" if quantization["deployed"] else (
+            "rejected" if quantization["enabled"] else "disabled"),
+        "quantizationReason": quantization["reason"],
+        "servedModel": served,
+        "onnxSizeBytes": (output / FP32_FILE).stat().st_size,
+        "modelName": spec.model_name,
+    }
+    if quantization["enabled"]:
+        metrics["int8SizeBytes"] = quantization["sizeBytes"]
+        metrics["int8F1Drop"] = quantization["f1Drop"]
+    write_manifest(config, metrics)
+    return metrics

@@ -1,0 +1,297 @@
+"""Run a real `tritonserver` from the `nvidia-pytriton` wheel on loopback, for `lathe run` and tests.
+
+`start_triton(repository, workdir)` returns a started, ready server; use it as a context manager
+so the server stops. The wheel's `tritonserver` runs Python-backend models only under these
+conditions (Triton 2.51 from nvidia-pytriton 0.7.0), and this module sets each one up:
+
+1. The backend stub of the running Python version sits next to `libtriton_python.so`. We copy
+   the wheel's `backends/` into `workdir` and add the stub there; site-packages stays untouched.
+2. `LD_LIBRARY_PATH` starts with the lib directory of the running Python build, then the wheel's
+   `nvidia_pytriton.libs/`. Another libpython of the same minor version (such as Debian's) mixed
+   with this build's standard library breaks `multiprocessing` in the stub.
+3. `PATH` starts with the `bin/` of the running environment, because the stub finds its
+   `site-packages` through the first `python3` on `PATH`.
+4. numpy is below 2; with numpy 2 the stub returns empty tensors and garbled strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+LOOPBACK = "127.0.0.1"
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver could not be set up, exited early or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """The files of the `nvidia-pytriton` wheel that running `tritonserver` needs."""
+
+    binary: Path
+    backends: Path
+    stubs: Path
+    libraries: Path
+
+
+def find_installation() -> TritonInstallation:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonStartError(
+            "The nvidia-pytriton package is not installed; install the `serving` extra "
+            "(pip install 'lathe[serving]')."
+        )
+    package = Path(list(spec.submodule_search_locations)[0])
+    server = package / "tritonserver"
+    installation = TritonInstallation(
+        binary=server / "bin" / "tritonserver",
+        backends=server / "backends",
+        stubs=server / "python_backend_stubs",
+        libraries=package.parent / "nvidia_pytriton.libs",
+    )
+    for path in (installation.binary, installation.backends / "python", installation.libraries):
+        if not path.exists():
+            raise TritonStartError(f"{path} is missing from the nvidia-pytriton installation.")
+    return installation
+
+
+def check_numpy() -> None:
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise TritonStartError(
+            f"numpy {numpy.__version__} is installed, but the Triton Python backend stub of "
+            "nvidia-pytriton needs numpy<2; install numpy<2 in this environment."
+        )
+
+
+def prepare_backends(installation: TritonInstallation, workdir: Path) -> Path:
+    """Copy the wheel's backends into workdir and put this Python's stub next to the backend."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = installation.stubs / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonStartError(
+            f"nvidia-pytriton has no Python backend stub for Python {version} ({stub}); run "
+            "Lathe with a Python version that the wheel supports."
+        )
+    backends = workdir / "backends"
+    if backends.exists():
+        shutil.rmtree(backends)
+    shutil.copytree(installation.backends, backends, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, backends / "python" / stub.name)
+    return backends
+
+
+def check_backends(repository: Path, backends: Path) -> None:
+    """Fail before starting when a model in the repository needs a backend we do not have."""
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        match = re.search(r'^backend:\s*"([^"]+)"', config.read_text(), re.MULTILINE)
+        if match and not (backends / match.group(1)).is_dir():
+            raise TritonStartError(
+                f"{config} needs the Triton backend {match.group(1)!r}, which the local "
+                f"tritonserver lacks (it has: {sorted(p.name for p in backends.iterdir())}); "
+                "export with the `python` model backend to serve locally."
+            )
+
+
+def server_environment() -> dict[str, str]:
+    installation = find_installation()
+    env = dict(os.environ)
+    libraries = [sysconfig.get_config_var("LIBDIR"), str(installation.libraries)]
+    if env.get("LD_LIBRARY_PATH"):
+        libraries.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
+    # NB: the directory of sys.executable, not of its resolved symlink, is the venv's bin/.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def free_ports(count: int) -> list[int]:
+    """Return ports that were free on loopback a moment ago (another process may take them)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((LOOPBACK, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver process and its loopback endpoints."""
+
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+    shm_prefix: str
+    _log_file: object = field(default=None, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        """`host:port` of the HTTP endpoint, as `tritonclient.http` expects it."""
+        return f"{LOOPBACK}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
+    def endpoints(self) -> dict[str, str]:
+        return {"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url}
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.is_file():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def is_ready(self) -> bool:
+        url = f"http://{self.http_url}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonStartError(
+                    f"tritonserver exited with code {self.process.returncode} before it was "
+                    f"ready; its log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                log.info("tritonserver is ready at %s.", self.endpoints())
+                return
+            time.sleep(0.5)
+        raise TritonStartError(
+            f"tritonserver was not ready within {timeout_s:.0f} s; its log {self.log_path} "
+            f"ends with:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove its shared memory regions."""
+        if self.process.poll() is None:
+            log.info("Stopping tritonserver (pid %d).", self.process.pid)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "tritonserver (pid %d) did not stop within %.0f s; killing its process "
+                    "group.", self.process.pid, timeout_s,
+                )
+                kill_group(self.process.pid)
+                self.process.wait(timeout=timeout_s)
+        # Backend stubs run in the server's process group; reap any that outlived it.
+        kill_group(self.process.pid)
+        removed = remove_shm_regions(self.shm_prefix)
+        if removed:
+            log.info("Removed %d shared memory regions left by tritonserver.", removed)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> TritonServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def remove_shm_regions(prefix: str) -> int:
+    removed = 0
+    for path in SHM_DIR.glob(prefix + "*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def launch(repository: Path, workdir: Path, backends: Path, log_path: Path) -> TritonServer:
+    http_port, grpc_port, metrics_port = free_ports(3)
+    # A prefix of our own, under Triton's default one, so that cleanup removes only our regions.
+    shm_prefix = f"{SHM_PREFIX}lathe_{uuid.uuid4().hex[:12]}_"
+    command = [
+        str(find_installation().binary),
+        f"--model-repository={repository}",
+        f"--backend-directory={backends}",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+        "--disable-auto-complete-config",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        f"--http-address={LOOPBACK}", f"--http-port={http_port}",
+        f"--grpc-address={LOOPBACK}", f"--grpc-port={grpc_port}",
+        f"--metrics-address={LOOPBACK}", f"--metrics-port={metrics_port}",
+        "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+    ]
+    log_file = log_path.open("ab")
+    log.info("Starting tritonserver on %s (HTTP port %d); logging to %s.",
+             LOOPBACK, http_port, log_path)
+    process = subprocess.Popen(
+        command, cwd=workdir, env=server_environment(), stdin=subprocess.DEVNULL,
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    return TritonServer(process, http_port, grpc_port, metrics_port, log_path, shm_prefix,
+                        log_file)
+
+
+def start_triton(
+    repository: Path, workdir: Path, ready_timeout_s: float = 180.0, attempts: int = 3
+) -> TritonServer:
+    """Start tritonserver on `repository` and wait until `/v2/health/ready` answers 200.
+
+    `workdir` receives the backend copy and `tritonserver.log`. A start that fails because a
+    chosen port was taken in the meantime is retried with new ports, up to `attempts` times.
+    """
+    repository, workdir = Path(repository).resolve(), Path(workdir).resolve()
+    if not repository.is_dir():
+        raise TritonStartError(f"The model repository {repository} does not exist.")
+    check_numpy()
+    workdir.mkdir(parents=True, exist_ok=True)
+    backends = prepare_backends(find_installation(), workdir)
+    check_backends(repository, backends)
+    log_path = workdir / "tritonserver.log"
+    for attempt in range(1, attempts + 1):
+        server = launch(repository, workdir, backends, log_path)
+        try:
+            server.wait_ready(ready_timeout_s)
+            return server
+        except TritonStartError:
+            server.stop()
+            port_taken = "address already in use" in server.log_tail(200).lower()
+            if not port_taken or attempt == attempts:
+                raise
+            log.warning("A tritonserver port was taken; retrying with new ports (attempt %d "
+                        "of %d).", attempt + 1, attempts)
+    raise AssertionError("unreachable")

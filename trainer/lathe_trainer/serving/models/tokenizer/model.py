@@ -1,0 +1,52 @@
+"""Triton Python-backend step 1 of the NER ensemble: UTF-8 text in, token tensors out.
+
+The repository writer copies this file to `<model>_tokenizer/1/model.py`, with `tokenizer.json`
+and the shared `ner_decoding.py` beside it. Parameters: `max_length` (tokens kept per text),
+`bos_id` (-1 for none), `unk_id` and `pad_id` (the id written into padding positions).
+"""
+
+import json
+import os
+import sys
+
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ner_decoding  # noqa: E402  (a file beside this one, found through the line above)
+
+OUTPUTS = ("input_ids", "attention_mask", "OFFSETS", "WORD_IDS")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        bos = int(parameters["bos_id"])
+        self.special = ner_decoding.SpecialIds(
+            bos=None if bos < 0 else bos,
+            unk=int(parameters["unk_id"]),
+            pad=int(parameters["pad_id"]),
+        )
+        self.max_length = int(parameters["max_length"])
+        self.tokenizer = ner_decoding.load_tokenizer(os.path.join(version_dir, "tokenizer.json"))
+
+    def execute(self, requests):
+        return [self.tokenize(request) for request in requests]
+
+    def tokenize(self, request):
+        raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+        try:
+            texts = [item.decode("utf-8") for item in raw]
+        except UnicodeDecodeError as error:
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"TEXT must be UTF-8 encoded: {error}.")
+            )
+        encoded = ner_decoding.encode_texts(self.tokenizer, texts, self.special, self.max_length)
+        encoded = {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "OFFSETS": encoded["offsets"],
+            "WORD_IDS": encoded["word_ids"],
+        }
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, encoded[name]) for name in OUTPUTS])

@@ -1,0 +1,116 @@
+"""The in-process NER model: the answer that Triton's answer is compared with.
+
+`predict_entities` runs a FineTune output (`model/`, an `AutoModelForTokenClassification` with
+its tokenizer files) in PyTorch, with the same tokenization and IOB decoding
+(`lathe_trainer.serving.decoding`) as the Triton ensemble. Tests and `lathe run` use it to check
+that a served model returns what the trained model returns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lathe_trainer.serving import decoding
+
+# Sequence-length limit for configs that name none (RoPE models have no hard limit).
+DEFAULT_MAX_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What serving needs from a model directory: labels, special token ids, length limit."""
+
+    id2label: list[str]
+    special: decoding.SpecialIds
+    max_length: int
+
+
+class ModelFormatError(ValueError):
+    """A model directory that is not a FineTune token-classification output."""
+
+
+def read_model_settings(model_dir: Path) -> ModelSettings:
+    """Read labels, padding id and maximum length from `model_dir/config.json`."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ModelFormatError(
+            f"{config_file} is missing; the model directory must be a FineTune output in "
+            "Hugging Face format."
+        )
+    config = json.loads(config_file.read_text())
+    raw = config.get("id2label") or {}
+    try:
+        id2label = [raw[str(index)] for index in range(len(raw))]
+    except KeyError as missing:
+        raise ModelFormatError(
+            f"{config_file}: id2label has no label for id {missing}; the ids must be 0..N-1."
+        ) from None
+    if len(id2label) < 2 or "O" not in id2label:
+        raise ModelFormatError(
+            f"{config_file}: id2label {raw!r} is not an IOB label set with `O`; export a "
+            "token-classification FineTune."
+        )
+    max_length = (
+        config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_LENGTH
+    )
+    return ModelSettings(id2label, read_special_ids(model_dir), int(max_length))
+
+
+def read_special_ids(model_dir: Path) -> decoding.SpecialIds:
+    """Read bos, unk and pad ids from the saved tokenizer, as the FineTune stage uses them."""
+    from transformers import AutoTokenizer
+
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ModelFormatError(
+            f"{model_dir / 'tokenizer.json'} is missing; the FineTune output must include its "
+            "tokenizer files."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.unk_token_id is None:
+        raise ModelFormatError(
+            f"The tokenizer in {model_dir} has no unk token; Lathe tokenizers define `<unk>`."
+        )
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return decoding.SpecialIds(bos=tokenizer.bos_token_id, unk=tokenizer.unk_token_id, pad=pad)
+
+
+def load_model(model_dir: Path, attn_implementation: str | None = None) -> Any:
+    """Load the token classifier in eval mode on the CPU."""
+    from transformers import AutoModelForTokenClassification
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForTokenClassification.from_pretrained(model_dir, **kwargs)
+    return model.eval()
+
+
+def predict_entities(
+    model_dir: Path, texts: list[str], batch_size: int = 8
+) -> list[list[dict[str, Any]]]:
+    """Return the entities of each text as `{"start", "end", "text", "label"}` dicts."""
+    import torch
+
+    model_dir = Path(model_dir)
+    settings = read_model_settings(model_dir)
+    tokenizer = decoding.load_tokenizer(str(model_dir / "tokenizer.json"))
+    model = load_model(model_dir)
+    results: list[list[dict[str, Any]]] = []
+    for first in range(0, len(texts), batch_size):
+        chunk = texts[first:first + batch_size]
+        encoded = decoding.encode_texts(
+            tokenizer, chunk, settings.special, settings.max_length
+        )
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.from_numpy(encoded["input_ids"]),
+                attention_mask=torch.from_numpy(encoded["attention_mask"]),
+            ).logits
+        results += decoding.entities_from_logits(
+            chunk, logits.float().numpy(), encoded["offsets"], encoded["word_ids"],
+            settings.id2label,
+        )
+    return results
