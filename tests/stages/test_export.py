@@ -198,6 +198,7 @@ def broken_spec(resource: dict, field: str, value) -> dict:
          r"spec.export.heldOutData: .*missing.tsv.* does not exist"),
         ("heldOutData", "pubmed/ncbi-disease/corpus/NCBItestset_corpus.txt",
          r"spec.export.heldOutData: .*expected `token<TAB>tag`"),
+        ("heldOutData", None, r"spec.export.heldOutData: no held-out sentences are set"),
         ("checkSequenceLengths", [3, 4096],
          r"spec.export.checkSequenceLengths: the length 4096 is outside 1..512"),
     ],

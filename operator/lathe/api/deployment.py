@@ -48,11 +48,11 @@ class ExportSpec(ApiModel):
         description="Sequence lengths at which ONNX Runtime is compared against PyTorch, at "
         "batch sizes 1 and 8. The model is exported with an example of length 20.",
     )
-    held_out_data: str = Field(
-        min_length=1,
+    held_out_data: str | None = Field(
+        default=None,
         description="Held-out labelled sentences (CoNLL `token<TAB>tag` lines, blank line "
         "between sentences), relative to the data directory. They feed the ONNX check and the "
-        "quantization check; use the FineTune's test split.",
+        "quantization check; use the FineTune's test split. The export Job fails while unset.",
     )
     held_out_sentences: int = Field(
         default=64, ge=8, le=10000, description="Held-out sentences read from heldOutData."
@@ -109,7 +109,9 @@ class ModelDeploymentSpec(ApiModel):
     model_name: str = Field(
         default="ner", pattern=r"^[a-zA-Z0-9_-]+$", description="Triton model name."
     )
-    export: ExportSpec = Field(description="ONNX export and its checks.")
+    export: ExportSpec = Field(
+        default_factory=ExportSpec, description="ONNX export and its checks."
+    )
     serving: ServingSpec = Field(default_factory=ServingSpec, description="Triton server.")
     autoscaling: AutoscalingSpec = Field(
         default_factory=AutoscalingSpec, description="Autoscaling."

@@ -82,6 +82,12 @@ def read_settings(config: StageConfig, model_dir: Path) -> reference.ModelSettin
 
 
 def read_sentences(config: StageConfig, spec: ModelDeploymentSpec) -> list:
+    if spec.export.held_out_data is None:
+        raise StageError(
+            config, "spec.export.heldOutData", "no held-out sentences are set, and the export "
+            "checks need them; set it to the FineTune's test split (a CoNLL file under the "
+            "data directory)."
+        )
     path = resolve_data_path(config, spec.export.held_out_data)
     try:
         sentences = heldout.read_held_out(path, spec.export.held_out_sentences)
