@@ -124,7 +124,24 @@ def write_manifest(config: StageConfig, metrics: dict[str, Any]) -> dict[str, An
     tmp = output_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, output_dir / MANIFEST)
+    write_termination_message(manifest)
     return manifest
+
+
+def write_termination_message(manifest: dict[str, Any]) -> None:
+    """Hand the digest and final metrics to the operator through the pod's termination message.
+
+    Kubernetes keeps at most 4096 bytes of it, so metrics are dropped before the digest is.
+    Outside a pod (no LATHE_TERMINATION_LOG) this does nothing.
+    """
+    path = os.environ.get("LATHE_TERMINATION_LOG")
+    if not path:
+        return
+    message = {"digest": manifest["digest"], "metrics": manifest["metrics"]}
+    text = json.dumps(message, separators=(",", ":"))
+    if len(text.encode()) > 4096:
+        text = json.dumps({"digest": manifest["digest"]})
+    Path(path).write_text(text)
 
 
 def read_manifest(output_uri: str) -> dict[str, Any] | None:

@@ -359,6 +359,7 @@ _WORKLOAD_BUILDERS = {
     "pod_monitor": "lathe.k8s.builders_serving",
     "triton_deployment": "lathe.k8s.builders_serving",
     "triton_service": "lathe.k8s.builders_serving",
+    "triton_name": "lathe.k8s.builders_serving",
 }
 
 

@@ -280,6 +280,8 @@ def _env(plan: WorkloadPlan, owner: dict, attempt: int) -> list[dict]:
     values = {
         "PYTHONUNBUFFERED": "1",
         "LATHE_ATTEMPT": str(attempt),
+        # The stage writes its digest and final metrics here for the operator (see stage.py).
+        "LATHE_TERMINATION_LOG": "/dev/termination-log",
         # The pods run as uid 1000, which may have no home directory in the image, so library
         # caches go to the /tmp emptyDir.
         "HOME": "/tmp",

@@ -164,7 +164,7 @@ class Reconciler:
             new["failedAttempts"] = []
             new["restartCount"] = 0
             conditions = [c for c in conditions if c["type"] in (C.INPUTS_READY,)]
-        job_name = builders.object_name(resource.metadata.name, f"g{generation}", attempt)
+        job_name = builders.job_name(plan, attempt)
         job = self._read_job(resource.metadata.namespace, job_name)
         suspended = bool(getattr(resource.spec, "suspend", False))
 
@@ -277,7 +277,7 @@ class Reconciler:
         new["attempt"] = attempt + 1
         new["restartCount"] = attempt + 1
         self._create_workload(resource, body, plan, attempt + 1)
-        new["jobName"] = builders.object_name(resource.metadata.name, f"g{generation}", attempt + 1)
+        new["jobName"] = builders.job_name(plan, attempt + 1)
         new["conditions"] = status.set_condition(
             conditions, C.RUNNING, True, Reason.JOB_CREATED,
             f"Attempt {attempt} failed with exit code {exit_code} ({reason}); started attempt "
@@ -298,7 +298,8 @@ class Reconciler:
         owner = _owner(body)
         namespace = resource.metadata.namespace
         self._apply(namespace, builders.triton_deployment(
-            serving, owner, self.store, sync_image=self.settings.sync_image
+            serving, owner, self.store, sync_image=self.settings.sync_image,
+            autoscaled=resource.spec.autoscaling.enabled,
         ))
         self._apply(namespace, builders.triton_service(serving, owner))
         if resource.spec.autoscaling.enabled:
@@ -307,11 +308,11 @@ class Reconciler:
             ))
         if self._has_pod_monitor_crd():
             self._apply(namespace, builders.pod_monitor(serving, owner))
-        name = builders.object_name(resource.metadata.name, "triton")
+        name = builders.triton_name(serving)
         deployment = self.api.apps.read_namespaced_deployment(name, namespace)
         ready = (deployment.status.ready_replicas or 0) >= max(1, serving.replicas)
         new["endpoint"] = (
-            f"http://{builders.object_name(resource.metadata.name, 'triton')}.{namespace}.svc:"
+            f"http://{name}.{namespace}.svc:"
             f"{serving.http_port}"
         )
         new["conditions"] = status.set_condition(
@@ -455,7 +456,11 @@ def _status_generation(body: dict) -> int | None:
 def _owner(body: dict) -> dict:
     return {
         "apiVersion": body["apiVersion"], "kind": body["kind"],
-        "metadata": {"name": body["metadata"]["name"], "uid": body["metadata"]["uid"]},
+        "metadata": {
+            "name": body["metadata"]["name"],
+            "namespace": body["metadata"].get("namespace", "default"),
+            "uid": body["metadata"]["uid"],
+        },
     }
 
 
