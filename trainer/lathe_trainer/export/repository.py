@@ -15,7 +15,8 @@ named after `spec.modelName` and its three steps:
 
 `config.pbtxt` files are rendered from plain dicts by `render_pbtxt`. NB: when
 `max_batch_size > 0`, Triton adds the batch dimension itself, so `dims` must leave it out;
-when it is 0, `dims` is the full shape and starts with the batch dimension (-1).
+when it is 0, `dims` is the full shape and starts with the batch dimension (-1). Either way a
+request sends TEXT as [batch, 1] and gets ENTITIES back as [batch, 1].
 """
 
 from __future__ import annotations

@@ -19,12 +19,9 @@ import ner_decoding  # noqa: E402  (a file beside this one, found through the li
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         with open(os.path.join(version_dir, "labels.json"), encoding="utf-8") as handle:
             self.id2label = json.load(handle)
-        # With batching on, ENTITIES is [batch, 1]; without it, the full shape is [batch].
-        self.batched = config.get("max_batch_size", 0) > 0
 
     def execute(self, requests):
         return [self.decode(request) for request in requests]
@@ -38,7 +35,6 @@ class TritonPythonModel:
             texts, tensor("logits"), tensor("OFFSETS"), tensor("WORD_IDS"), self.id2label
         )
         encoded = [json.dumps(items, ensure_ascii=False).encode("utf-8") for items in entities]
-        output = np.array(encoded, dtype=np.object_)
-        if self.batched:
-            output = output.reshape(-1, 1)
+        # ENTITIES is [batch, 1] whether or not Triton batching is on (dims [1] or [-1, 1]).
+        output = np.array(encoded, dtype=np.object_).reshape(-1, 1)
         return pb_utils.InferenceResponse([pb_utils.Tensor("ENTITIES", output)])
