@@ -37,7 +37,9 @@ def read_abstracts(corpus_file: Path, limit: int) -> list[str]:
     return texts
 
 
-def build_tokenizer(data_dir: Path, output: Path, vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    data_dir: Path, output: Path, vocab_size: int = 1000
+) -> PreTrainedTokenizerFast:
     corpus = data_dir / "pubmed" / "ncbi-disease" / "corpus" / "NCBItrainset_corpus.txt"
     bpe = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=True)
     bpe.train_from_iterator(

@@ -1,4 +1,4 @@
-"""Run a real `tritonserver` from the `nvidia-pytriton` wheel on loopback, for `lathe run` and tests.
+"""Run a real `tritonserver` from the `nvidia-pytriton` wheel on loopback, for `lathe run`.
 
 `start_triton(repository, workdir)` returns a started, ready server; use it as a context manager
 so the server stops. The wheel's `tritonserver` runs Python-backend models only under these
@@ -282,7 +282,8 @@ def start_triton(
     backends = prepare_backends(find_installation(), workdir)
     check_backends(repository, backends)
     log_path = workdir / "tritonserver.log"
-    for attempt in range(1, attempts + 1):
+    attempt = 1
+    while True:
         server = launch(repository, workdir, backends, log_path)
         try:
             server.wait_ready(ready_timeout_s)
@@ -290,8 +291,8 @@ def start_triton(
         except TritonStartError:
             server.stop()
             port_taken = "address already in use" in server.log_tail(200).lower()
-            if not port_taken or attempt == attempts:
+            if not port_taken or attempt >= attempts:
                 raise
-            log.warning("A tritonserver port was taken; retrying with new ports (attempt %d "
-                        "of %d).", attempt + 1, attempts)
-    raise AssertionError("unreachable")
+        attempt += 1
+        log.warning("A tritonserver port was taken; retrying with new ports (attempt %d of %d).",
+                    attempt, attempts)

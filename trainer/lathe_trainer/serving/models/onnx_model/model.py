@@ -37,9 +37,9 @@ class TritonPythonModel:
             try:
                 (logits,) = self.session.run(["logits"], feeds)
             except Exception as error:  # noqa: BLE001  (ONNX Runtime raises its own types)
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"ONNX Runtime failed: {error}")
-                ))
+                message = f"ONNX Runtime failed on input shape {feeds['input_ids'].shape}: {error}"
+                pb_utils.Logger.log_error(message)
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
                 continue
             tensor = pb_utils.Tensor("logits", logits.astype(np.float32))
             responses.append(pb_utils.InferenceResponse([tensor]))

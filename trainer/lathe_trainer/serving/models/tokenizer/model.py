@@ -39,9 +39,9 @@ class TritonPythonModel:
         try:
             texts = [item.decode("utf-8") for item in raw]
         except UnicodeDecodeError as error:
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(f"TEXT must be UTF-8 encoded: {error}.")
-            )
+            message = f"TEXT must be UTF-8 encoded: {error}."
+            pb_utils.Logger.log_warn(f"Rejected a request: {message}")
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
         encoded = ner_decoding.encode_texts(self.tokenizer, texts, self.special, self.max_length)
         encoded = {
             "input_ids": encoded["input_ids"],
@@ -49,4 +49,5 @@ class TritonPythonModel:
             "OFFSETS": encoded["offsets"],
             "WORD_IDS": encoded["word_ids"],
         }
-        return pb_utils.InferenceResponse([pb_utils.Tensor(name, encoded[name]) for name in OUTPUTS])
+        tensors = [pb_utils.Tensor(name, encoded[name]) for name in OUTPUTS]
+        return pb_utils.InferenceResponse(tensors)
