@@ -48,8 +48,10 @@ class LoraSpec(ApiModel):
     alpha: int = Field(default=16, ge=1, description="Scaling numerator (`lora_alpha`).")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Adapter dropout.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names that get adapters.",
+        default_factory=list,
+        description="Module names that get adapters. Empty: the attention projections and the "
+        "token embeddings of the architecture (`q_proj`, `k_proj`, `v_proj`, `o_proj`, "
+        "`embed_tokens` for Llama; `c_attn`, `c_proj`, `wte` for GPT-2).",
     )
 
 
@@ -67,7 +69,19 @@ class FineTuneSpec(ApiModel):
         default=True, description="Also train the same architecture from random initialization, "
         "so the report shows what pretraining bought."
     )
-    max_length: int = Field(default=128, ge=8, description="Maximum tokens per sentence.")
+    max_length: int = Field(
+        default=128, ge=8, description="Maximum tokens per sentence, counting the leading "
+        "`bos` token. Longer sentences are truncated, counted in the report, and their cut-off "
+        "words are predicted as `O`."
+    )
+    max_train_sentences: int | None = Field(
+        default=None, ge=1, description="Use only the first this many training sentences "
+        "(for quick runs and tests). Unset: all."
+    )
+    max_eval_sentences: int | None = Field(
+        default=None, ge=1, description="Use only the first this many sentences of the "
+        "validation and test splits (for quick runs and tests). Unset: all."
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Processes and nodes."

@@ -1,0 +1,311 @@
+"""FineTune stage on the real NCBI-disease data, with a tiny base model built in the test.
+
+The base model is a 64-wide, 2-layer Llama with a byte-level BPE tokenizer trained on real
+abstracts, pretrained for a few dozen causal-LM steps so its embeddings carry some signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import (
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from lathe_trainer.finetune import stage
+from lathe_trainer.finetune.data import encode_sentences
+from lathe_trainer.finetune.metrics import predict_local
+from lathe_trainer.stage import ResolvedInput, StageError
+
+pytestmark = pytest.mark.slow
+
+CONLL = "pubmed/ncbi-disease/conll"
+ABSTRACTS = 300
+PRETRAIN_STEPS = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two intra-op threads on a 2-core machine shared with other work made a step about ten
+    # times slower than one thread (spin-waiting), so stage tests run single-threaded.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def read_abstracts(data_dir: Path, count: int) -> list[str]:
+    texts = []
+    path = data_dir / "pubmed/ncbi-disease/corpus/NCBItrainset_corpus.txt"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("|", 2)
+        if len(parts) == 3 and parts[1] == "a":
+            texts.append(parts[2])
+    return texts[:count]
+
+
+def build_tokenizer(texts: list[str], directory: Path) -> PreTrainedTokenizerFast:
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(
+        texts, vocab_size=2000, special_tokens=["<|endoftext|>", "<pad>", "<unk>"],
+        show_progress=False,
+    )
+    trainer.save(str(directory / "tokenizer.json"))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"), bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>",
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def pretrain(model: LlamaForCausalLM, tokenizer, texts: list[str], steps: int) -> None:
+    ids: list[int] = []
+    for text in texts:
+        ids += [tokenizer.bos_token_id] + tokenizer(" " + text)["input_ids"]
+    rows = len(ids) // 64
+    data = torch.tensor(ids[:rows * 64]).view(rows, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = data[torch.randint(0, rows, (16,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def base_output(tmp_path_factory, data_dir) -> Path:
+    """A PretrainJob-like output directory with the tiny base model in `model/`."""
+    output = tmp_path_factory.mktemp("base")
+    directory = output / "model"
+    directory.mkdir()
+    texts = read_abstracts(data_dir, ABSTRACTS)
+    tokenizer = build_tokenizer(texts, directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    pretrain(model, tokenizer, texts, PRETRAIN_STEPS)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return output
+
+
+def base_input(base_output: Path) -> dict[str, ResolvedInput]:
+    return {
+        "baseModel": ResolvedInput(
+            kind="PretrainJob", name="tiny-lm", uri=f"file://{base_output}", digest="sha256:0"
+        )
+    }
+
+
+def resource(**overrides) -> dict:
+    spec = {
+        "baseModel": {"pretrainJobRef": {"name": "tiny-lm"}},
+        "data": {
+            "train": f"{CONLL}/train.tsv",
+            "validation": f"{CONLL}/devel.tsv",
+            "test": f"{CONLL}/test.tsv",
+        },
+        "maxTrainSentences": 1000,
+        "maxEvalSentences": 150,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "training": {
+            "maxSteps": 120, "microBatchSize": 16, "learningRate": 0.01, "warmupSteps": 5,
+            "checkpointInterval": 60, "evalInterval": 1000,
+        },
+    }
+    spec.update(overrides)
+    return {"kind": "FineTune", "metadata": {"name": "ner"}, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, base_output, data_dir):
+    """One LoRA run with the from-scratch comparison: (config, metrics, output directory)."""
+    from lathe.api import KINDS
+    from lathe.plans import stage_config
+
+    output = tmp_path_factory.mktemp("finetune")
+    model = KINDS["FineTune"].model_validate(resource())
+    config = stage_config(model, base_input(base_output), f"file://{output}", str(data_dir))
+    metrics = stage.run(config, resume=False)
+    return config, metrics, output
+
+
+def test_lora_beats_learned_nothing(finished):
+    """An all-O tagger scores F1 0; the LoRA model must find real entities."""
+    _, metrics, _ = finished
+    assert metrics["f1"] > 0.05
+    assert metrics["precision"] > 0.05
+    assert metrics["recall"] > 0.05
+
+
+def test_report_has_both_figures(finished):
+    _, metrics, output = finished
+    report = json.loads((output / "report.json").read_text())
+    for key in ("precision", "recall", "f1"):
+        assert report["test"][key] == metrics[key]
+        assert report["fromScratch"][key] == metrics["fromScratch"][key]
+    assert report["sentences"] == {"train": 1000, "validation": 150, "test": 150}
+    assert report["f1GainFromPretraining"] == pytest.approx(
+        metrics["f1"] - metrics["fromScratch"]["f1"]
+    )
+
+
+def test_outputs_and_manifest_written(finished):
+    _, metrics, output = finished
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["metrics"]["f1"] == metrics["f1"]
+    assert "model/model.safetensors" in manifest["outputs"]
+    assert "model/tokenizer.json" in manifest["outputs"]
+    assert (output / "adapter" / "adapter_config.json").is_file()
+    assert (output / "checkpoints" / "lora" / "step-00000120").is_dir()
+    assert (output / "checkpoints" / "scratch" / "step-00000120").is_dir()
+
+
+def test_adapter_trains_the_head(finished):
+    """The new head must be saved with the adapter, or it stayed at its random init."""
+    _, _, output = finished
+    adapter_config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert "score" in adapter_config["modules_to_save"]
+    from safetensors.torch import load_file
+
+    weights = load_file(output / "adapter" / "adapter_model.safetensors")
+    assert any(".score." in name for name in weights)
+    assert any("embed_tokens.lora_embedding_A" in name for name in weights)
+
+
+def test_merged_model_reproduces_predictions(finished, data_dir):
+    """model/ reloads as a plain token classifier and tags the test words as in the stage."""
+    _, _, output = finished
+    model = AutoModelForTokenClassification.from_pretrained(output / "model")
+    tokenizer = AutoTokenizer.from_pretrained(output / "model")
+    assert model.config.id2label == {0: "O", 1: "B-Disease", 2: "I-Disease"}
+    assert model.config.label2id == {"O": 0, "B-Disease": 1, "I-Disease": 2}
+    records = [
+        json.loads(line)
+        for line in (output / "test_predictions.jsonl").read_text().splitlines()
+    ]
+    sentences = [(record["words"], record["gold"]) for record in records]
+    encoded = encode_sentences(tokenizer, sentences, model.config.label2id, 128)
+    predicted = predict_local(model, encoded, 32, tokenizer.pad_token_id, model.config.id2label)
+    assert predicted == [record["predicted"] for record in records]
+    assert any("B-Disease" in tags for tags in predicted)
+
+
+def test_resume_skips_finished_phases(finished):
+    config, metrics, _ = finished
+    again = stage.run(config, resume=True)
+    assert again == metrics
+
+
+def test_resume_continues_from_checkpoint(make_config, base_output):
+    """A run killed after its step-60 checkpoint continues from step 60, not from 0."""
+    config = make_config(
+        resource(compareFromScratch=False, maxTrainSentences=200, maxEvalSentences=40),
+        base_input(base_output),
+    )
+    first = stage.run(config, resume=False)
+    output = Path(config.output_uri.removeprefix("file://"))
+    # Simulate a crash between the step-60 checkpoint and the end of the phase.
+    for path in ("checkpoints/lora/result.json", "manifest.json"):
+        (output / path).unlink()
+    shutil.rmtree(output / "checkpoints/lora/step-00000120")
+    resumed = stage.run(config, resume=True)
+    report = json.loads((output / "report.json").read_text())
+    assert report["test"]["resumedFromStep"] == 60
+    assert resumed["steps"] == 120
+    assert (output / "manifest.json").is_file()
+    # Without dropout the resumed run sees the same batches and optimizer state as the first.
+    assert resumed["f1"] == pytest.approx(first["f1"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("field", "data"),
+    [
+        ("spec.data.train", {"train": "missing/train.tsv", "test": f"{CONLL}/test.tsv"}),
+        ("spec.data.validation", {"train": f"{CONLL}/train.tsv", "validation": "nope.tsv",
+                                  "test": f"{CONLL}/test.tsv"}),
+        ("spec.data.test", {"train": f"{CONLL}/train.tsv", "test": "missing/test.tsv"}),
+    ],
+)
+def test_missing_data_file_rejected(make_config, base_output, field, data):
+    config = make_config(resource(data=data), base_input(base_output))
+    with pytest.raises(StageError, match=rf"{field}: .*does not exist"):
+        stage.run(config, resume=False)
+
+
+def test_malformed_tag_rejected(make_config, base_output, tmp_path, data_dir):
+    bad = tmp_path / "bad.tsv"
+    lines = (data_dir / CONLL / "train.tsv").read_text().splitlines()[:40]
+    lines[5] = lines[5].split("\t")[0] + "\tDisease"
+    bad.write_text("\n".join(lines) + "\n")
+    data = {"train": str(bad), "test": f"{CONLL}/test.tsv"}
+    config = make_config(resource(data=data), base_input(base_output))
+    with pytest.raises(StageError, match=r"spec.data.train: .*tag 'Disease'.*IOB"):
+        stage.run(config, resume=False)
+
+
+def test_missing_base_model_rejected(make_config, tmp_path):
+    config = make_config(resource(), base_input(tmp_path / "never-finished"))
+    with pytest.raises(
+        StageError, match=r"spec.baseModel.pretrainJobRef: the input baseModel .*tiny-lm.* has "
+        r"no Hugging Face model"
+    ):
+        stage.run(config, resume=False)
+
+
+def test_missing_base_uri_rejected(make_config, tmp_path):
+    config = make_config(resource(baseModel={"uri": str(tmp_path / "nowhere")}))
+    with pytest.raises(StageError, match=r"spec.baseModel.uri: .*nowhere.*config.json"):
+        stage.run(config, resume=False)
+
+
+def test_unknown_lora_target_rejected(make_config, base_output):
+    spec = resource(lora={"targetModules": ["c_attn"]})
+    config = make_config(spec, base_input(base_output))
+    with pytest.raises(StageError, match=r"spec.lora.targetModules: \['c_attn'\].*q_proj"):
+        stage.run(config, resume=False)
+
+
+def test_two_processes_under_torchrun(make_config, base_output, tmp_path):
+    """procsPerNode 2: two gloo processes train together and rank 0 writes the outputs."""
+    spec = resource(
+        compareFromScratch=False, maxTrainSentences=200, maxEvalSentences=40,
+        distributed={"procsPerNode": 2, "backend": "gloo"},
+        training={"maxSteps": 10, "microBatchSize": 8, "learningRate": 0.01,
+                  "checkpointInterval": 5},
+    )
+    config = make_config(spec, base_input(base_output))
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.model_dump_json())
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "lathe_trainer", "finetune", "--config", str(config_path),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = Path(config.output_uri.removeprefix("file://"))
+    report = json.loads((output / "report.json").read_text())
+    assert report["processes"] == 2
+    assert report["test"]["steps"] == 10
+    assert (output / "model" / "model.safetensors").is_file()
+    assert (output / "checkpoints" / "lora" / "step-00000010").is_dir()

@@ -1,0 +1,102 @@
+"""Checkpoints of a FineTune run, so a retried attempt continues where the last one stopped.
+
+Layout under the output directory: `checkpoints/<phase>/step-NNNNNNNN/state.pt` holds the
+trainable parameters, the optimizer and scheduler state, the torch random state and the step. A phase is `lora` or
+`full` (the fine-tuning of the base model) or `scratch` (the same architecture from random
+initialization). `checkpoints/<phase>/result.json` marks a finished phase and holds its
+evaluation, so a resumed run skips the phases that finished.
+
+Only rank 0 writes. Every process reads the same files on resume, because all processes hold
+identical weights after each step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "state.pt"
+RESULT_FILE = "result.json"
+
+
+def step_dirs(phase_dir: Path) -> list[tuple[int, Path]]:
+    """Return the complete checkpoints of a phase as (step, path), oldest first."""
+    found = []
+    if phase_dir.is_dir():
+        for path in phase_dir.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and (path / STATE_FILE).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save(phase_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint atomically (temporary directory, then rename) and prune old ones."""
+    target = phase_dir / f"step-{step:08d}"
+    tmp = phase_dir / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    for _, old in step_dirs(phase_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("Saved checkpoint %s.", target)
+    return target
+
+
+def load_latest(phase_dir: Path) -> dict[str, Any] | None:
+    """Return the state of the newest complete checkpoint of a phase, or None if there is none."""
+    found = step_dirs(phase_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    log.info("Resuming from checkpoint %s at step %d.", path, step)
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Return copies of the parameters that training changes, by name."""
+    return {
+        name: parameter.detach().clone()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+def restore_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Load trainable parameters saved by `trainable_state`; every one must be present."""
+    current = dict(model.named_parameters())
+    expected = {name for name, parameter in current.items() if parameter.requires_grad}
+    if set(saved) != expected:
+        missing = sorted(expected - set(saved))[:5]
+        extra = sorted(set(saved) - expected)[:5]
+        raise ValueError(
+            "The checkpoint does not match the model: missing parameters "
+            f"{missing}, unexpected parameters {extra}. Run without --resume to start over."
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            current[name].copy_(value)
+
+
+def read_result(phase_dir: Path) -> dict[str, Any] | None:
+    path = phase_dir / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_result(phase_dir: Path, result: dict[str, Any]) -> None:
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    tmp = phase_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+    os.replace(tmp, phase_dir / RESULT_FILE)

@@ -1,0 +1,315 @@
+"""The FineTune stage: adapt a pretrained decoder to token classification (NER) and report
+what the domain pretraining bought.
+
+Inputs: the base model (a PretrainJob's `model/`, or `spec.baseModel.uri`) with its tokenizer,
+and CoNLL task data. Steps, each skipped on `--resume` when a previous attempt finished it:
+
+1. Fine-tune the base model with LoRA adapters (or in full, `spec.method`), evaluate it on the
+   test split, and write `model/` (adapters merged into the weights, tokenizer files,
+   `id2label`), `adapter/` (LoRA only) and `test_predictions.jsonl`.
+2. With `spec.compareFromScratch`, train the same architecture from random initialization, in
+   full, with the same data and settings, and evaluate it the same way.
+3. Write `report.json` with both evaluations and the manifest.
+
+Runs as one process or under `torchrun` (see `finetune.distributed`); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from lathe.api.finetune import FineTuneSpec
+from lathe_trainer.finetune import checkpoint, distributed
+from lathe_trainer.finetune.data import (
+    TaskDataError,
+    encode_sentences,
+    label_list,
+    read_sentences,
+)
+from lathe_trainer.finetune.metrics import predict
+from lathe_trainer.finetune.model import (
+    BaseModelError,
+    apply_lora,
+    from_scratch,
+    label_maps,
+    load_pretrained,
+    load_tokenizer,
+    lora_targets,
+    merge_lora,
+)
+from lathe_trainer.finetune.train import LoopSettings, Split, evaluate, run_phase
+from lathe_trainer.stage import (
+    ProgressReporter,
+    StageConfig,
+    StageError,
+    local_path,
+    resolve_data_path,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+SCRATCH = "scratch"
+SCORE_KEYS = ("precision", "recall", "f1")
+
+
+def run(config: StageConfig, resume: bool) -> dict:
+    spec = FineTuneSpec.model_validate(config.spec)
+    distributed.setup(spec.distributed.backend)
+    try:
+        return run_stage(config, spec, resume)
+    finally:
+        distributed.teardown()
+
+
+def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
+    output = local_path(config.output_uri)
+    model_dir = base_model_dir(config, spec)
+    splits = read_splits(config, spec)
+    labels = label_list(*splits.values())
+    tokenizer = load_base(config, spec, lambda: load_tokenizer(model_dir))
+    warn_on_world_size(spec)
+    prepare_output(output, resume)
+
+    settings = LoopSettings.from_spec(spec.training, tokenizer.pad_token_id, label_maps(labels)[0])
+    encoded = {name: encode_split(tokenizer, sentences, labels, spec)
+               for name, sentences in splits.items()}
+    phases = 2 if spec.compare_from_scratch else 1
+    reporter = ProgressReporter(config, total=phases * spec.training.max_steps) \
+        if distributed.is_main() else None
+
+    tuned = finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings,
+                           output, resume, reporter)
+    scratch = None
+    if spec.compare_from_scratch:
+        scratch = scratch_phase(config, spec, model_dir, labels, encoded, settings, output,
+                                resume, reporter)
+    report = build_report(spec, model_dir, labels, splits, encoded, tuned, scratch)
+    metrics = summary_metrics(spec, report)
+    if distributed.is_main():
+        (output / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        reporter.update(phases * spec.training.max_steps, "finished", f1=metrics["f1"])
+        write_manifest(config, metrics)
+        log.info("FineTune finished with test F1 %.4f.", metrics["f1"])
+    return metrics
+
+
+def base_model_dir(config: StageConfig, spec: FineTuneSpec) -> Path:
+    """Return the Hugging Face model directory to start from, checking that it exists."""
+    if "baseModel" in config.inputs:
+        item = config.inputs["baseModel"]
+        directory = local_path(item.uri) / "model"
+        field = "spec.baseModel.pretrainJobRef"
+        source = f"the input baseModel ({item.kind} {item.name!r} at {item.uri})"
+    elif spec.base_model.uri:
+        directory = resolve_data_path(config, spec.base_model.uri)
+        field = "spec.baseModel.uri"
+        source = f"spec.baseModel.uri {spec.base_model.uri!r}"
+    else:
+        raise StageError(
+            config, "spec.baseModel", "no base model was resolved; set spec.baseModel.uri or "
+            "reference a finished PretrainJob in spec.baseModel.pretrainJobRef."
+        )
+    if not (directory / "config.json").is_file():
+        raise StageError(
+            config, field, f"{source} has no Hugging Face model at {directory} (config.json is "
+            "missing); finish the PretrainJob first or point at a model directory."
+        )
+    return directory
+
+
+def read_splits(config: StageConfig, spec: FineTuneSpec) -> dict[str, list]:
+    """Read the train, validation (if set) and test splits, capped by the spec's limits."""
+    fields = {"train": spec.data.train, "validation": spec.data.validation,
+              "test": spec.data.test}
+    splits = {}
+    for name, relative in fields.items():
+        if relative is None:
+            continue
+        limit = spec.max_train_sentences if name == "train" else spec.max_eval_sentences
+        path = resolve_data_path(config, relative)
+        try:
+            splits[name] = read_sentences(path, limit)
+        except TaskDataError as error:
+            raise StageError(
+                config, f"spec.data.{name}", f"{relative!r} cannot be used: {error}. Fix the "
+                "file or the path (relative paths resolve against the data directory "
+                f"{config.data_dir})."
+            ) from error
+    return splits
+
+
+def load_base(config: StageConfig, spec: FineTuneSpec, loader):
+    """Call a loader of the base model, turning BaseModelError into a StageError."""
+    try:
+        return loader()
+    except BaseModelError as error:
+        field = "spec.baseModel.pretrainJobRef" if "baseModel" in config.inputs \
+            else "spec.baseModel.uri"
+        raise StageError(config, field, f"{error}.") from error
+
+
+def warn_on_world_size(spec: FineTuneSpec) -> None:
+    expected = spec.distributed.nodes * spec.distributed.procs_per_node
+    if distributed.world_size() != expected:
+        # The global batch scales with the number of processes, so the run differs from the spec.
+        log.warning(
+            "The spec asks for %d processes but %d are running; the global batch is %d "
+            "sentences per step.", expected, distributed.world_size(),
+            distributed.world_size() * spec.training.micro_batch_size
+            * spec.training.gradient_accumulation_steps,
+        )
+
+
+def prepare_output(output: Path, resume: bool) -> None:
+    """Create the output directory; without --resume, drop the checkpoints of earlier runs."""
+    if distributed.is_main():
+        output.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            shutil.rmtree(output / "checkpoints", ignore_errors=True)
+    distributed.barrier()
+
+
+def encode_split(tokenizer, sentences, labels, spec: FineTuneSpec) -> Split:
+    label2id = label_maps(labels)[1]
+    encoded = encode_sentences(tokenizer, sentences, label2id, spec.max_length)
+    return Split(encoded, [words for words, _ in sentences], [tags for _, tags in sentences])
+
+
+def progress_callback(reporter, offset: int):
+    def report(step: int, message: str, **metrics) -> None:
+        if reporter is not None:
+            reporter.update(offset + step, message, **metrics)
+    return report
+
+
+def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings, output,
+                   resume, reporter) -> dict:
+    """Fine-tune the base model, evaluate it and write model/ (and adapter/ for LoRA)."""
+    phase_dir = output / "checkpoints" / spec.method
+    finished = checkpoint.read_result(phase_dir) if resume else None
+    if finished is not None and (output / "model" / "config.json").is_file():
+        log.info("The %s phase finished in an earlier attempt; reusing its result.", spec.method)
+        return finished
+
+    torch.manual_seed(spec.training.seed)
+    model = load_base(config, spec, lambda: load_pretrained(model_dir, labels))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.method == "lora":
+        model = wrap_lora(config, spec, model)
+    stats = run_phase(spec.method, model, encoded["train"], encoded.get("validation"), settings,
+                      phase_dir, resume, progress_callback(reporter, 0))
+    scores, predicted = evaluate(model, encoded["test"], settings)
+    result = {**scores, **stats}
+    result.update(save_model(model, spec, tokenizer, encoded["test"], predicted, settings, output))
+    if distributed.is_main():
+        write_predictions(output / "test_predictions.jsonl", encoded["test"], predicted)
+        checkpoint.write_result(phase_dir, result)
+    distributed.barrier()
+    return result
+
+
+def wrap_lora(config, spec, model):
+    lora = spec.lora
+    targets = load_base(config, spec, lambda: lora_targets(model, lora.target_modules))
+    try:
+        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets)
+    except ValueError as error:
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+        raise StageError(
+            config, "spec.lora.targetModules", f"{targets} cannot be adapted ({error}). Linear "
+            f"layers of this model: {names}."
+        ) from error
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA trains %d of %d parameters (adapters and the task head).", trainable, total)
+    return model
+
+
+def save_model(model, spec, tokenizer, test: Split, predicted, settings, output) -> dict:
+    """Write adapter/ (LoRA) and model/ (merged); check that merging kept the predictions.
+
+    Returns figures for the report: how many test words the merged model tags differently.
+    """
+    if spec.method == "lora":
+        if distributed.is_main():
+            # The vocabulary is unchanged, so the adapter needs no copy of the base embeddings.
+            model.save_pretrained(output / "adapter", save_embedding_layers=False)
+        model = merge_lora(model)
+    merged_predicted = predict(model, test.encoded, settings.micro_batch_size * 4,
+                               settings.pad_token_id, settings.id2label)
+    changed = sum(a != b for before, after in zip(predicted, merged_predicted)
+                  for a, b in zip(before, after))
+    if changed:
+        log.warning("The merged model tags %d test words differently from the adapter model.",
+                    changed)
+    if distributed.is_main():
+        model.save_pretrained(output / "model")
+        tokenizer.save_pretrained(output / "model")
+    return {"mergedWordsChanged": changed}
+
+
+def write_predictions(path: Path, test: Split, predicted: list[list[str]]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for words, gold, tags in zip(test.words, test.gold, predicted):
+            record = {"words": words, "gold": gold, "predicted": tags}
+            handle.write(json.dumps(record) + "\n")
+
+
+def scratch_phase(config, spec, model_dir, labels, encoded, settings, output, resume,
+                  reporter) -> dict:
+    """Train the same architecture from random initialization, in full, and evaluate it."""
+    phase_dir = output / "checkpoints" / SCRATCH
+    finished = checkpoint.read_result(phase_dir) if resume else None
+    if finished is not None:
+        log.info("The from-scratch phase finished in an earlier attempt; reusing its result.")
+        return finished
+    torch.manual_seed(spec.training.seed)
+    model = from_scratch(model_dir, labels)
+    stats = run_phase(SCRATCH, model, encoded["train"], encoded.get("validation"), settings,
+                      phase_dir, resume, progress_callback(reporter, spec.training.max_steps))
+    scores, _ = evaluate(model, encoded["test"], settings)
+    result = {**scores, **stats}
+    if distributed.is_main():
+        checkpoint.write_result(phase_dir, result)
+    distributed.barrier()
+    return result
+
+
+def build_report(spec, model_dir, labels, splits, encoded, tuned, scratch) -> dict:
+    report = {
+        "task": spec.task,
+        "method": spec.method,
+        "baseModel": str(model_dir),
+        "labels": labels,
+        "processes": distributed.world_size(),
+        "sentences": {name: len(sentences) for name, sentences in splits.items()},
+        "truncatedSentences": {
+            name: sum(item.truncated for item in split.encoded) for name, split in encoded.items()
+        },
+        "maxLength": spec.max_length,
+        "test": tuned,
+        # An all-`O` tagger finds no entity, so its entity-level F1 is 0.
+        "allOutsideBaselineF1": 0.0,
+    }
+    if scratch is not None:
+        report["fromScratch"] = scratch
+        report["f1GainFromPretraining"] = tuned["f1"] - scratch["f1"]
+    return report
+
+
+def summary_metrics(spec, report: dict) -> dict:
+    tuned = report["test"]
+    metrics = {key: tuned[key] for key in SCORE_KEYS}
+    metrics.update(method=spec.method, steps=tuned["steps"], trainSentences=report["sentences"]
+                   ["train"], testSentences=report["sentences"]["test"])
+    if "fromScratch" in report:
+        metrics["fromScratch"] = {key: report["fromScratch"][key] for key in SCORE_KEYS}
+        metrics["f1GainFromPretraining"] = report["f1GainFromPretraining"]
+    return metrics
