@@ -1,0 +1,63 @@
+"""Serve a finished ModelDeployment from a local tritonserver and send it a sample request.
+
+The local backend's half of a ModelDeployment's serving plan: the export stage wrote a Triton
+model repository, and this module starts the `tritonserver` binary from the `nvidia-pytriton`
+wheel on 127.0.0.1 with it, as the Kubernetes backend starts Triton in a Deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from lathe import plans
+from lathe.local.runner import StageResult
+from lathe_trainer.serving import client, local_server, reference
+from lathe_trainer.stage import local_path
+
+log = logging.getLogger(__name__)
+
+
+def repository_path(result: StageResult) -> Path:
+    plan = plans.serving(result.resource, f"file://{result.output_dir}")
+    return local_path(plan.repository_uri)
+
+
+def fine_tuned_model_dir(result: StageResult) -> Path:
+    """The FineTune model the export started from, for the in-process reference answer."""
+    return local_path(result.manifest["inputs"]["model"]["uri"]) / "model"
+
+
+def in_process_answer(result: StageResult, text: str) -> list[dict[str, Any]]:
+    return reference.predict_entities(fine_tuned_model_dir(result), [text])[0]
+
+
+def serve_and_query(
+    result: StageResult, text: str, console: Console, keep_serving: bool = False
+) -> list[dict[str, Any]]:
+    """Start Triton on the deployment's repository, print its endpoint and answer to `text`."""
+    model_name = result.resource.spec.model_name
+    workdir = result.output_dir.parent / "triton"
+    with local_server.start_triton(repository_path(result), workdir) as server:
+        entities = client.infer_entities(server.http_url, model_name, [text])[0]
+        console.print(f"Triton is serving model {model_name!r} at http://{server.http_url} "
+                      f"(gRPC {server.grpc_url}, metrics {server.metrics_url}).")
+        console.print(f"Sample: {text}")
+        if entities:
+            for entity in entities:
+                console.print(f"  {entity['label']:<10} {entity['text']!r} "
+                              f"[{entity['start']}:{entity['end']}]")
+        else:
+            console.print("  (no entities found)")
+        if keep_serving:
+            console.print("Serving until interrupted (Ctrl-C).")
+            try:
+                while server.process.poll() is None:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                console.print("Stopping Triton.")
+    return entities
