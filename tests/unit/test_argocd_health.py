@@ -1,7 +1,7 @@
 """The Argo CD health checks (charts/lathe/argocd/*.lua) run in a real Lua interpreter.
 
-Argo CD runs each script with gopher-lua, a Lua 5.1 implementation, with the resource as the
-global `obj`; lupa's Lua 5.1 runtime does the same here. The status objects are built with the
+Argo CD runs each script with gopher-lua, a Lua 5.1 implementation, and passes the resource as
+the global `obj`. The tests do the same with lupa's Lua 5.1 runtime. The status objects are built with the
 operator's own `lathe.status` helpers and the texts the reconciler writes, so a change to the
 status shapes shows up here. tests/fixtures/status/ keeps a few whole objects as JSON that a
 cluster run can replace with objects read from a real API server.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from lupa import lua51
 
 from lathe import status
@@ -349,6 +350,48 @@ def test_returns_only_status_and_message(kind):
     health = run_health(kind, resource(kind, status_=running_status(kind)))
     assert set(health) == {"status", "message"}
     assert all(isinstance(value, str) for value in health.values())
+
+
+# -- the argocd-cm patch and the Applications in examples/gitops/ -------------------------------
+
+GITOPS = REPO / "examples" / "gitops"
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_argocd_cm_patch_matches_script(kind):
+    data = yaml.safe_load((GITOPS / "argocd-cm-health.yaml").read_text())["data"]
+    assert data[f"resource.customizations.health.lathe.dev_{kind}"] == script_path(kind).read_text()
+
+
+def test_argocd_cm_patch_has_only_lathe_keys():
+    data = yaml.safe_load((GITOPS / "argocd-cm-health.yaml").read_text())["data"]
+    assert set(data) == {f"resource.customizations.health.lathe.dev_{kind}" for kind in KINDS}
+
+
+def application(name: str) -> dict:
+    return yaml.safe_load((GITOPS / name).read_text())
+
+
+def test_operator_application_syncs_first():
+    app = application("lathe-operator.yaml")
+    assert app["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "-1"
+    assert "ServerSideApply=true" in app["spec"]["syncPolicy"]["syncOptions"]
+    assert app["spec"]["source"]["path"] == "charts/lathe"
+
+
+def test_pubmed_application_after_operator():
+    app = application("pubmed.yaml")
+    assert int(app["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) > -1
+    assert app["spec"]["source"]["path"] == "examples/pubmed"
+    assert "ignoreDifferences" not in app["spec"]
+
+
+def test_pubmed_resources_have_no_sync_waves():
+    """The operator orders the stages itself; waves would hold a sync open for hours."""
+    for path in sorted((REPO / "examples" / "pubmed").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            annotations = (document or {}).get("metadata", {}).get("annotations") or {}
+            assert "argocd.argoproj.io/sync-wave" not in annotations, path.name
 
 
 # -- fixtures kept as JSON for the cluster suite ---------------------------------------------------

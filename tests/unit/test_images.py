@@ -1,8 +1,8 @@
 """The container image definitions (images/) are linted and checked without a Docker engine.
 
-hadolint checks each Dockerfile; the rest reads the Dockerfiles as text (pinned bases, stages,
-user, labels) and checks that the pinned requirement files are enough to import the code each
-image runs, by importing it in a subprocess that rejects every package the image lacks.
+hadolint checks each Dockerfile. The other tests read the Dockerfiles as text (pinned bases,
+stages, user, labels). They also import the code each image runs in a subprocess that rejects
+every package missing from the image's pinned requirement file.
 """
 
 from __future__ import annotations
