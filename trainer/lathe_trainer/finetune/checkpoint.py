@@ -1,10 +1,10 @@
 """Checkpoints of a FineTune run, so a retried attempt continues where the last one stopped.
 
-Layout under the output directory: `checkpoints/<phase>/step-NNNNNNNN/state.pt` holds the
-trainable parameters, the optimizer and scheduler state, the torch random state and the step. A phase is `lora` or
-`full` (the fine-tuning of the base model) or `scratch` (the same architecture from random
-initialization). `checkpoints/<phase>/result.json` marks a finished phase and holds its
-evaluation, so a resumed run skips the phases that finished.
+Layout under the output directory: `checkpoints/<phase>/step-NNNNNNNN/state.pt` contains the
+trainable parameters, the optimizer and scheduler state, the torch random state and the step.
+A phase is `lora` or `full` (the fine-tuning of the base model) or `scratch` (the same
+architecture from random initialization). `checkpoints/<phase>/result.json` marks a finished phase and contains its
+evaluation. A resumed run skips the phases that finished.
 
 Only rank 0 writes. Every process reads the same files on resume, because all processes hold
 identical weights after each step.

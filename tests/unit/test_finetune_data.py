@@ -1,0 +1,179 @@
+"""Tokenization convention and batching of the FineTune stage, with a real byte-level BPE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from lathe_trainer.finetune.data import (
+    IGNORE_INDEX,
+    TaskDataError,
+    encode_sentence,
+    encode_text,
+    encode_words,
+    first_token_mask,
+    label_list,
+    read_sentences,
+    split_words,
+    step_indices,
+)
+
+TEXTS = [
+    "Adenomatous polyposis coli (APC) is a tumour suppressor.",
+    "Ataxia-telangiectasia is a recessive disorder with 5 mg/kg doses.",
+    "Myotonic dystrophy and Huntington disease are inherited.",
+] * 20
+
+
+def fast_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<pad>", unk_token="<unk>",
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """The same vocabulary with add_prefix_space off and on."""
+    directory = tmp_path_factory.mktemp("tok")
+    trainer = ByteLevelBPETokenizer(add_prefix_space=False)
+    trainer.train_from_iterator(
+        TEXTS, vocab_size=400, special_tokens=["<|endoftext|>", "<pad>", "<unk>"],
+        show_progress=False,
+    )
+    trainer.save(str(directory / "off.json"))
+    with_prefix = Tokenizer.from_file(str(directory / "off.json"))
+    with_prefix.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    with_prefix.save(str(directory / "on.json"))
+    return fast_tokenizer(directory / "off.json"), fast_tokenizer(directory / "on.json")
+
+
+def test_encode_words_starts_with_bos(tokenizers):
+    tokenizer, _ = tokenizers
+    ids, word_index = encode_words(tokenizer, ["Adenomatous", "polyposis"])
+    assert ids[0] == tokenizer.bos_token_id
+    assert word_index[0] == -1
+    assert sorted(set(word_index[1:])) == [0, 1]
+
+
+def test_encode_words_prefixes_every_word_with_space(tokenizers):
+    tokenizer, _ = tokenizers
+    ids, word_index = encode_words(tokenizer, ["polyposis", "polyposis"])
+    first = [i for i, w in zip(ids, word_index) if w == 0]
+    second = [i for i, w in zip(ids, word_index) if w == 1]
+    assert first == second
+    assert first == tokenizer(" polyposis", add_special_tokens=False)["input_ids"]
+
+
+def test_encode_words_ignores_add_prefix_space(tokenizers):
+    """The ids do not depend on the tokenizer's add_prefix_space setting."""
+    without, with_prefix = tokenizers
+    assert without("is")["input_ids"] != with_prefix("is")["input_ids"]
+    words = ["Ataxia", "-", "telangiectasia", "is", "recessive", "."]
+    assert encode_words(without, words)[0] == encode_words(with_prefix, words)[0]
+
+
+def test_encode_words_empty_sentence(tokenizers):
+    tokenizer, _ = tokenizers
+    assert encode_words(tokenizer, []) == ([tokenizer.bos_token_id], [-1])
+
+
+def test_encode_text_matches_encode_words(tokenizers):
+    """Raw text split by WORD_PATTERN encodes like the CoNLL words of the same sentence."""
+    tokenizer, _ = tokenizers
+    text = "Ataxia-telangiectasia (A-T) is a recessive disorder."
+    words = ["Ataxia", "-", "telangiectasia", "(", "A", "-", "T", ")", "is", "a", "recessive",
+             "disorder", "."]
+    ids, word_index, spans = encode_text(tokenizer, text)
+    assert (ids, word_index) == encode_words(tokenizer, words)
+    assert [text[start:end] for start, end in spans] == words
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("5 mg/kg", ["5", "mg", "/", "kg"]),
+        ("  leading  spaces ", ["leading", "spaces"]),
+        # `µ` is a letter in Unicode, so `µg` is one word.
+        ("café µg Ωmega", ["café", "µg", "Ωmega"]),
+        ("", []),
+    ],
+)
+def test_split_words_table(text, words):
+    assert [word for word, _, _ in split_words(text)] == words
+
+
+@pytest.mark.parametrize(
+    ("word_index", "mask"),
+    [
+        ([-1, 0, 0, 1, 2, 2, 2], [False, True, False, True, True, False, False]),
+        ([0, 1, 1], [True, True, False]),
+        ([-1], [False]),
+    ],
+)
+def test_first_token_mask_table(word_index, mask):
+    assert first_token_mask(word_index) == mask
+
+
+def test_encode_sentence_labels_first_subtoken(tokenizers):
+    tokenizer, _ = tokenizers
+    label2id = {"O": 0, "B-Disease": 1, "I-Disease": 2}
+    sentence = (["Adenomatous", "polyposis", "coli"], ["B-Disease", "I-Disease", "I-Disease"])
+    encoded = encode_sentence(tokenizer, sentence, label2id, max_length=64)
+    labelled = [label for label in encoded.labels if label != IGNORE_INDEX]
+    assert labelled == [1, 2, 2]
+    assert encoded.labels[0] == IGNORE_INDEX
+    assert not encoded.truncated
+
+
+def test_encode_sentence_truncates(tokenizers):
+    tokenizer, _ = tokenizers
+    label2id = {"O": 0}
+    sentence = (["disorder"] * 20, ["O"] * 20)
+    encoded = encode_sentence(tokenizer, sentence, label2id, max_length=8)
+    assert encoded.truncated
+    assert len(encoded.input_ids) == 8
+    assert encoded.num_words == 20
+
+
+def test_label_list_orders_types():
+    splits = [([["a", "b"], ["B-Disease", "I-Disease"]]), ([["c"], ["B-Chemical"]])]
+    assert label_list(splits) == ["O", "B-Chemical", "I-Chemical", "B-Disease", "I-Disease"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("cancer\tDisease\n", r"tag 'Disease'.*IOB"),
+        ("cancer\tB-\n", r"tag 'B-'"),
+        ("cancer B-Disease\n", r"expected `token<TAB>tag`"),
+        ("\n\n", r"contains no sentences"),
+    ],
+)
+def test_read_sentences_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(TaskDataError, match=message):
+        read_sentences(path, None)
+
+
+def test_read_sentences_missing_file(tmp_path):
+    with pytest.raises(TaskDataError, match="does not exist"):
+        read_sentences(tmp_path / "none.tsv", None)
+
+
+def test_read_sentences_limit(data_dir):
+    path = data_dir / "pubmed/ncbi-disease/conll/devel.tsv"
+    assert len(read_sentences(path, 7)) == 7
+
+
+def test_step_indices_deterministic_and_cover_epoch():
+    steps = [step_indices(10, step, 4, seed=3) for step in range(5)]
+    assert steps == [step_indices(10, step, 4, seed=3) for step in range(5)]
+    flat = [index for batch in steps for index in batch]
+    assert sorted(flat[:10]) == list(range(10))
+    assert sorted(flat[10:20]) == list(range(10))
+    assert flat[:10] != flat[10:20]

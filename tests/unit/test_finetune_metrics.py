@@ -1,0 +1,37 @@
+"""Word-level tags and entity-level scores of the FineTune stage."""
+
+from __future__ import annotations
+
+import pytest
+
+from lathe_trainer.finetune.metrics import entity_scores, word_tags
+
+ID2LABEL = {0: "O", 1: "B-Disease", 2: "I-Disease"}
+
+
+@pytest.mark.parametrize(
+    ("predictions", "word_index", "num_words", "tags"),
+    [
+        ([0, 1, 0, 2], [-1, 0, 0, 1], 2, ["B-Disease", "I-Disease"]),
+        ([0, 1], [-1, 0], 3, ["B-Disease", "O", "O"]),
+        ([0], [-1], 0, []),
+    ],
+)
+def test_word_tags_table(predictions, word_index, num_words, tags):
+    assert word_tags(predictions, word_index, num_words, ID2LABEL) == tags
+
+
+def test_all_outside_scores_zero():
+    gold = [["B-Disease", "I-Disease", "O"], ["O", "B-Disease"]]
+    scores = entity_scores(gold, [["O"] * 3, ["O"] * 2])
+    assert scores["f1"] == 0.0
+    assert scores["goldEntities"] == 2
+
+
+def test_entity_boundaries_must_match():
+    gold = [["B-Disease", "I-Disease", "O", "B-Disease"]]
+    predicted = [["B-Disease", "O", "O", "B-Disease"]]
+    scores = entity_scores(gold, predicted)
+    assert scores["precision"] == pytest.approx(0.5)
+    assert scores["recall"] == pytest.approx(0.5)
+    assert scores["perType"]["Disease"]["support"] == 2

@@ -1,0 +1,71 @@
+"""Loss normalization of the FineTune loop: the split of a batch must not change the gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForTokenClassification
+
+from lathe_trainer.finetune.data import EncodedSentence
+from lathe_trainer.finetune.train import LoopSettings, build_optimizer, lr_factor, train_step
+
+
+def tiny_model() -> LlamaForTokenClassification:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=32, num_labels=3, classifier_dropout=0.0,
+        pad_token_id=1,
+    )
+    return LlamaForTokenClassification(config)
+
+
+def settings(micro_batch_size: int, accumulation_steps: int) -> LoopSettings:
+    return LoopSettings(
+        max_steps=10, micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps,
+        learning_rate=0.0, warmup_steps=0, weight_decay=0.0, max_grad_norm=1e9, seed=0,
+        checkpoint_interval=10, keep_checkpoints=1, eval_interval=10, pad_token_id=1,
+        id2label={0: "O", 1: "B-X", 2: "I-X"},
+    )
+
+
+# Sentences of uneven length and uneven numbers of labelled tokens.
+SENTENCES = [
+    EncodedSentence([0, 5, 6, 7, 8, 9, 10], [-100, 0, 1, 2, -100, 0, 0], [-1, 0, 1, 2, 2, 3, 4],
+                    5, False),
+    EncodedSentence([0, 11, 12], [-100, 1, -100], [-1, 0, 0], 1, False),
+]
+
+
+def gradients(micro_batch_size: int, accumulation_steps: int) -> tuple[float, dict]:
+    model = tiny_model()
+    loop = settings(micro_batch_size, accumulation_steps)
+    optimizer, scheduler = build_optimizer(model, loop)
+    captured = {}
+
+    def capture(_):
+        captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    # NB: train_step zeroes the gradients after the step, so read them in the optimizer hook.
+    optimizer.register_step_pre_hook(lambda *_: capture(None))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    batches = [SENTENCES[i:i + micro_batch_size] for i in range(0, 2, micro_batch_size)]
+    loss, _ = train_step(model, optimizer, scheduler, parameters, batches, loop)
+    return loss, captured
+
+
+def test_accumulation_matches_one_batch():
+    """Micro-batch 2 x accumulation 1 equals micro-batch 1 x accumulation 2."""
+    loss_one, grads_one = gradients(2, 1)
+    loss_two, grads_two = gradients(1, 2)
+    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+    for name, grad in grads_one.items():
+        assert torch.allclose(grad, grads_two[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    ("step", "factor"),
+    [(0, 0.25), (3, 1.0), (4, 1.0), (10, 0.1)],
+)
+def test_lr_factor_table(step, factor):
+    assert lr_factor(step, warmup=4, total=10) == pytest.approx(factor)
