@@ -36,8 +36,14 @@ from lathe_trainer.pretrain.loop import (
     train_step,
 )
 from lathe_trainer.pretrain.model import build_model, model_config, parameter_count
-from lathe_trainer.stage import ProgressReporter, StageConfig, StageError, local_path
-from lathe_trainer.stage import write_manifest
+from lathe_trainer.stage import (
+    MANIFEST,
+    ProgressReporter,
+    StageConfig,
+    StageError,
+    local_path,
+    write_manifest,
+)
 from lathe_trainer.training import checkpoint, distributed
 from lathe_trainer.training.distributed import DistributedContext
 from lathe_trainer.training.metrics import METRICS, ThroughputMeter, perplexity, write_json
@@ -66,6 +72,10 @@ def _run(
 ) -> dict[str, Any]:
     output = local_path(config.output_uri)
     output.mkdir(parents=True, exist_ok=True)
+    if context.is_main:
+        # The manifest marks a finished output. One left by an earlier run must not vouch for
+        # the model and metrics that this run is about to replace.
+        (output / MANIFEST).unlink(missing_ok=True)
     tokenizer, tokenizer_dir = inputs.load_tokenizer(config)
     train, validation = _load_splits(config, spec, tokenizer, context)
 

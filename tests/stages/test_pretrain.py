@@ -1,0 +1,376 @@
+"""The PretrainJob stage on real PubMed abstracts, under torchrun and as a plain process.
+
+The Corpus and Tokenizer inputs are written here in their output formats (BC5CDR abstracts as
+JSONL shards, a byte-level BPE trained on them), so these tests do not depend on those stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from lathe.api import KINDS
+from lathe_trainer.pretrain import stage
+from lathe_trainer.pretrain.data import DataPosition, SequenceSampler, pack_split
+from lathe_trainer.stage import EXIT_PERMANENT, ResolvedInput, StageError
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "pubmed" / "03-pretrain.yaml"
+SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<unk>"]
+# The timeout only stops a hung collective from blocking the suite.
+RUN_TIMEOUT_SECONDS = 600
+
+pytestmark = pytest.mark.slow
+
+
+def read_pubtator(path: Path) -> list[dict]:
+    """Return the documents (title and abstract) of a PubTator file."""
+    documents: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("|", 2)
+        if len(parts) == 3 and parts[1] in ("t", "a"):
+            documents.setdefault(parts[0], []).append(parts[2])
+    return [{"id": pmid, "source": path.name, "text": " ".join(text)}
+            for pmid, text in documents.items()]
+
+
+def write_corpus(root: Path, train: list[dict], validation: list[dict]) -> ResolvedInput:
+    for split, documents in (("train", train), ("validation", validation)):
+        (root / split).mkdir(parents=True)
+        lines = "".join(json.dumps(document) + "\n" for document in documents)
+        (root / split / "shard-00000.jsonl").write_text(lines, encoding="utf-8")
+    return ResolvedInput(kind="Corpus", name="pubmed", uri=f"file://{root}", digest="sha256:c")
+
+
+def write_tokenizer(root: Path, texts: list[str]) -> ResolvedInput:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=1000, min_frequency=2,
+                            special_tokens=SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<pad>", unk_token="<unk>",
+    )
+    tokenizer.save_pretrained(str(root))
+    return ResolvedInput(kind="Tokenizer", name="pubmed", uri=f"file://{root}", digest="sha256:t")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run in-process training on one thread, as torchrun does for each of its processes.
+
+    Two threads oversubscribe a 2-core machine: on one shared with other jobs, the resume
+    reproduction test took 32 s with two threads and 5 s with one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, data_dir) -> dict[str, dict[str, ResolvedInput]]:
+    """Two input sets: 300 abstracts, and 4 abstracts that one epoch of a few steps exhausts."""
+    root = tmp_path_factory.mktemp("inputs")
+    bc5cdr = data_dir / "pubmed" / "bc5cdr"
+    train = read_pubtator(bc5cdr / "CDR_TrainingSet.PubTator.txt")[:300]
+    validation = read_pubtator(bc5cdr / "CDR_DevelopmentSet.PubTator.txt")[:20]
+    tokenizer = write_tokenizer(root / "tokenizer", [d["text"] for d in train])
+    return {
+        "full": {"corpus": write_corpus(root / "full", train, validation),
+                 "tokenizer": tokenizer},
+        "tiny": {"corpus": write_corpus(root / "tiny", train[:4], validation),
+                 "tokenizer": tokenizer},
+    }
+
+
+def pretrain_resource(procs: int = 2, model: dict | None = None, **training) -> dict:
+    return {
+        "apiVersion": "lathe.dev/v1alpha1",
+        "kind": "PretrainJob",
+        "metadata": {"name": "lm"},
+        "spec": {
+            "corpusRef": {"name": "pubmed"},
+            "tokenizerRef": {"name": "pubmed"},
+            "model": {"architecture": "llama", "hiddenSize": 64, "numLayers": 2, "numHeads": 4,
+                      "intermediateSize": 128, "maxPositionEmbeddings": 128, **(model or {})},
+            "sequenceLength": 64,
+            "evalSequences": 32,
+            "training": {"microBatchSize": 4, "learningRate": 3e-3, "warmupSteps": 2,
+                         "checkpointInterval": 4, "evalInterval": 4, **training},
+            "distributed": {"nodes": 1, "procsPerNode": procs},
+        },
+    }
+
+
+def launch(config_path: Path, procs: int, resume: bool = False) -> subprocess.CompletedProcess:
+    """Run the stage under torchrun, as the plans do."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(procs)]
+    command += ["-m", "lathe_trainer", "pretrain", "--config", str(config_path)]
+    command += ["--resume"] if resume else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env,
+                          timeout=RUN_TIMEOUT_SECONDS)
+
+
+def run_stage(make_config, tmp_path, resource, inputs, output, resume=False):
+    """Run the stage for `resource` and return metrics.json.
+
+    Two processes run under torchrun. One process runs inside the test process, which skips
+    the start-up of a new interpreter and is the same code path as `python -m` without torchrun.
+    """
+    config = make_config(resource, inputs, output=output)
+    procs = resource["spec"]["distributed"]["procsPerNode"]
+    if procs == 1:
+        stage.run(config, resume=resume)
+    else:
+        path = tmp_path / "config.json"
+        path.write_text(config.model_dump_json())
+        result = launch(path, procs, resume)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((output / "metrics.json").read_text())
+
+
+def progress(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "progress.jsonl").read_text().splitlines()]
+
+
+def step_losses(output: Path) -> dict[int, float]:
+    """{step: loss} from the step records of progress.jsonl, the latest record winning."""
+    return {r["completed"]: r["loss"] for r in progress(output) if "gradNorm" in r}
+
+
+def test_two_process_run_trains(make_config, tmp_path, inputs):
+    """torchrun with 2 gloo processes lowers the loss and writes a loadable HF model."""
+    output = tmp_path / "out"
+    metrics = run_stage(make_config, tmp_path, pretrain_resource(maxSteps=16, keepCheckpoints=2),
+                        inputs["full"], output)
+
+    assert metrics["steps"] == 16
+    assert metrics["finalLoss"] < metrics["firstLoss"] - 0.3
+    assert metrics["validationPerplexity"] < 1000  # a uniform guess over 1,000 ids scores 1000
+    # 16 steps x 4 sequences x 2 processes x 64 tokens.
+    assert metrics["tokensSeen"] == 16 * 4 * 2 * 64
+    model = AutoModelForCausalLM.from_pretrained(output / "model")
+    assert sum(p.numel() for p in model.parameters()) == metrics["parameterCount"]
+    assert (output / "model" / "model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(output / "model")
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = tokenizer("Naloxone reverses the effect of clonidine.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [
+        "step-00000012", "step-00000016"]
+    assert json.loads((output / "manifest.json").read_text())["metrics"] == metrics
+    records = progress(output)
+    assert [r["completed"] for r in records if "gradNorm" in r] == list(range(1, 17))
+    assert all(r["tokensPerSecond"] > 0 for r in records if "gradNorm" in r)
+    assert records[-1]["validationPerplexity"] == pytest.approx(metrics["validationPerplexity"])
+
+
+def test_resume_continues_from_checkpoint(make_config, tmp_path, inputs):
+    """A run resumed with a larger maxSteps continues at the checkpoint's step."""
+    output = tmp_path / "out"
+    run_stage(make_config, tmp_path, pretrain_resource(maxSteps=8), inputs["full"], output)
+    metrics = run_stage(make_config, tmp_path, pretrain_resource(maxSteps=12), inputs["full"],
+                        output, resume=True)
+
+    assert metrics["resumedFromStep"] == 8
+    assert metrics["newSteps"] == 4
+    assert metrics["steps"] == 12
+    assert metrics["tokensSeen"] == 12 * 4 * 2 * 64
+    records = progress(output)
+    resumed = records.index(next(r for r in records if r["message"] == "Starting at step 8."))
+    assert [r["completed"] for r in records[resumed:] if "gradNorm" in r] == [9, 10, 11, 12]
+    assert metrics["firstLoss"] == step_losses(output)[1]
+
+
+def test_resume_reproduces_uninterrupted_run(make_config, tmp_path, inputs):
+    """Resuming from step 4 repeats steps 5-8 exactly: weights, optimizer, RNG, data position."""
+    output = tmp_path / "out"
+    resource = pretrain_resource(procs=1, maxSteps=8, keepCheckpoints=3)
+    run_stage(make_config, tmp_path, resource, inputs["full"], output)
+    uninterrupted = step_losses(output)
+    shutil.rmtree(output / "checkpoints" / "step-00000008")
+
+    metrics = run_stage(make_config, tmp_path, resource, inputs["full"], output, resume=True)
+
+    assert metrics["resumedFromStep"] == 4
+    resumed = step_losses(output)
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6)
+
+
+def test_resume_after_exhausted_data_starts_next_epoch(make_config, tmp_path, inputs):
+    """A resume whose data position is at the end of the data trains into the next epoch."""
+    tiny = inputs["tiny"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny["tokenizer"].uri[len("file://"):])
+    sequences = len(pack_split(tokenizer, tiny["corpus"].uri, "train", 64))
+    steps_per_epoch = sequences // 4
+    output = tmp_path / "out"
+    first = run_stage(make_config, tmp_path,
+                      pretrain_resource(procs=1, maxSteps=steps_per_epoch), tiny, output)
+    assert first["epochs"] > 1 - 4 / sequences, "the first run must use up the epoch"
+
+    metrics = run_stage(make_config, tmp_path,
+                        pretrain_resource(procs=1, maxSteps=steps_per_epoch + 3), tiny, output,
+                        resume=True)
+
+    assert metrics["newSteps"] == 3
+    assert metrics["steps"] == steps_per_epoch + 3
+    assert progress(output)[-1]["epoch"] == 1
+
+
+def test_resume_at_max_steps_trains_nothing_more(make_config, tmp_path, inputs):
+    """A resume at maxSteps writes the model from the checkpoint and reports 0 new steps."""
+    output = tmp_path / "out"
+    resource = pretrain_resource(procs=1, maxSteps=4)
+    first = run_stage(make_config, tmp_path, resource, inputs["full"], output)
+    shutil.rmtree(output / "model")
+
+    metrics = run_stage(make_config, tmp_path, resource, inputs["full"], output, resume=True)
+
+    assert metrics["newSteps"] == 0
+    assert metrics["finalLoss"] == first["finalLoss"]
+    assert (output / "model" / "model.safetensors").is_file()
+
+
+def run_in_process(make_config, tmp_path, resource, inputs, resume=False) -> dict:
+    return stage.run(make_config(resource, inputs, output=tmp_path / "out"), resume=resume)
+
+
+@pytest.mark.parametrize(
+    ("training", "field", "message"),
+    [
+        ({"precision": "fp16"}, "spec.training.precision", "use bf16"),
+        ({"microBatchSize": 64}, "spec.corpusRef", "fewer than one micro-batch of 64"),
+    ],
+)
+def test_bad_spec_rejected(make_config, tmp_path, inputs, training, field, message):
+    resource = pretrain_resource(procs=1, maxSteps=2, **training)
+    with pytest.raises(StageError, match=message) as caught:
+        run_in_process(make_config, tmp_path, resource, inputs["tiny"])
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"maxPositionEmbeddings": 32}, "sequenceLength must not exceed"),
+        ({"numHeads": 3}, "hiddenSize must be a multiple of spec.model.numHeads"),
+    ],
+)
+def test_inconsistent_model_spec_rejected(model, message):
+    with pytest.raises(ValidationError, match=message):
+        KINDS["PretrainJob"].model_validate(pretrain_resource(model=model))
+
+
+def test_spec_rule_checked_by_stage_too(make_config, tmp_path, inputs):
+    """A config that skipped API validation still fails with a StageError, not a traceback."""
+    config = make_config(pretrain_resource(procs=1), inputs["tiny"], output=tmp_path / "out")
+    config.spec["sequenceLength"] = 1024
+    with pytest.raises(StageError, match="sequenceLength must not exceed"):
+        stage.run(config, resume=False)
+
+
+def test_missing_tokenizer_output_rejected(make_config, tmp_path, inputs):
+    empty = tmp_path / "empty-tokenizer"
+    empty.mkdir()
+    broken = {**inputs["full"], "tokenizer": ResolvedInput(
+        kind="Tokenizer", name="pubmed", uri=f"file://{empty}", digest="sha256:e")}
+    with pytest.raises(StageError, match="has no tokenizer.json"):
+        run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=2), broken)
+
+
+def test_resume_with_changed_model_rejected(make_config, tmp_path, inputs):
+    run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=2), inputs["tiny"])
+    changed = pretrain_resource(procs=1, model={"hiddenSize": 32}, maxSteps=4)
+    with pytest.raises(StageError, match="run without --resume to start over"):
+        run_in_process(make_config, tmp_path, changed, inputs["tiny"], resume=True)
+
+
+def test_non_finite_loss_fails_without_saving(make_config, tmp_path, inputs):
+    """A learning rate of 1e30 blows up the weights, and the stage fails before saving them."""
+    resource = pretrain_resource(procs=1, maxSteps=4, learningRate=1e30, warmupSteps=0)
+    with pytest.raises(StageError, match=r"training stopped: the .* of step 2 is (nan|inf)"):
+        run_in_process(make_config, tmp_path, resource, inputs["tiny"])
+    output = tmp_path / "out"
+    assert not (output / "model").exists()
+    assert not (output / "checkpoints").exists()
+    assert not (output / "manifest.json").exists()
+
+
+def test_non_finite_loss_stops_all_ranks(make_config, tmp_path, inputs):
+    """Under torchrun both ranks stop at the same step instead of one waiting on the other."""
+    resource = pretrain_resource(maxSteps=4, learningRate=1e30, warmupSteps=0)
+    path = tmp_path / "config.json"
+    path.write_text(make_config(resource, inputs["full"], output=tmp_path / "out")
+                    .model_dump_json())
+    result = launch(path, procs=2)
+    assert result.returncode != 0
+    assert result.stderr.count("training stopped: the") == 2
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_plain_process_exits_permanent_on_bad_spec(make_config, tmp_path, inputs):
+    """`python -m lathe_trainer pretrain` without torchrun reports a bad spec with exit 42."""
+    resource = pretrain_resource(procs=1, maxSteps=2, precision="fp16")
+    path = tmp_path / "config.json"
+    path.write_text(make_config(resource, inputs["tiny"], output=tmp_path / "out")
+                    .model_dump_json())
+    command = [sys.executable, "-m", "lathe_trainer", "pretrain", "--config", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS)
+    assert result.returncode == EXIT_PERMANENT
+    assert "spec.training.precision: fp16 is not supported" in result.stderr
+
+
+def test_malformed_documents_counted(make_config, tmp_path, inputs):
+    corpus = Path(inputs["tiny"]["corpus"].uri.removeprefix("file://"))
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    with (copy / "train" / "shard-00000.jsonl").open("a") as handle:
+        handle.write(json.dumps({"id": "no-text", "source": "x"}) + "\n")
+        handle.write(json.dumps({"id": "blank", "source": "x", "text": "  "}) + "\n")
+    patched = {**inputs["tiny"], "corpus": ResolvedInput(
+        kind="Corpus", name="pubmed", uri=f"file://{copy}", digest="sha256:m")}
+    metrics = run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=1),
+                             patched)
+    assert metrics["skippedDocuments"]["train"] == {"missingText": 1, "emptyText": 1}
+    assert metrics["trainDocuments"] == 4
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sampler_shards_disjoint_and_complete(world_size):
+    """One epoch deals every sequence to exactly one rank, independent of the world size."""
+    samplers = [SequenceSampler(24, 2, rank, world_size, seed=7) for rank in range(world_size)]
+    dealt = []
+    for _ in range(24 // (2 * world_size)):
+        for sampler in samplers:
+            dealt += sampler.next_indices().tolist()
+    assert sorted(dealt) == list(range(24))
+
+
+def test_sampler_continues_into_next_epoch():
+    sampler = SequenceSampler(10, 4, 0, 1, seed=0, position=DataPosition(epoch=0, cursor=8))
+    indices = sampler.next_indices()
+    assert sampler.position == DataPosition(epoch=1, cursor=4)
+    assert len(indices) == 4
+
+
+def test_example_parses_as_pretrain_job():
+    resource = KINDS["PretrainJob"].model_validate(yaml.safe_load(EXAMPLE.read_text()))
+    assert resource.metadata.name == "pubmed-lm"
+    assert resource.spec.distributed.procs_per_node == 2
+    assert resource.spec.sequence_length <= resource.spec.model.max_position_embeddings
