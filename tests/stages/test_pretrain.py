@@ -152,7 +152,10 @@ def step_losses(output: Path) -> dict[int, float]:
 
 
 def test_two_process_run_trains(make_config, tmp_path, inputs):
-    """torchrun with 2 gloo processes lowers the loss and writes a loadable HF model."""
+    """torchrun with 2 gloo processes lowers the loss and writes a loadable HF model.
+
+    The step losses also match one process with a micro-batch twice as large.
+    """
     output = tmp_path / "out"
     metrics = run_stage(make_config, tmp_path, pretrain_resource(maxSteps=16, keepCheckpoints=2),
                         inputs["full"], output)
@@ -178,6 +181,15 @@ def test_two_process_run_trains(make_config, tmp_path, inputs):
     assert [r["completed"] for r in records if "gradNorm" in r] == list(range(1, 17))
     assert all(r["tokensPerSecond"] > 0 for r in records if "gradNorm" in r)
     assert records[-1]["validationPerplexity"] == pytest.approx(metrics["validationPerplexity"])
+
+    # One process with twice the micro-batch trains on the same sequences in each step, so it
+    # takes the same steps as the two DDP processes.
+    single = tmp_path / "single"
+    run_stage(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=16, microBatchSize=8),
+              inputs["full"], single)
+    two_processes, one_process = step_losses(output), step_losses(single)
+    for step in range(1, 17):
+        assert one_process[step] == pytest.approx(two_processes[step], rel=1e-4)
 
 
 def test_resume_continues_from_checkpoint(make_config, tmp_path, inputs):
