@@ -1,0 +1,198 @@
+{{/*
+Names, labels and the RBAC rules shared by the operator's templates.
+*/}}
+
+{{/* Chart name, or nameOverride. */}}
+{{- define "lathe.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Prefix of object names: fullnameOverride, else <release>-<name> (63 characters at most). */}}
+{{- define "lathe.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lathe.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lathe.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "lathe.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "lathe.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lathe
+{{- end }}
+
+{{- define "lathe.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lathe.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false: name an existing ServiceAccount in the release namespace." .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator image: repository@digest, else repository:tag (tag defaults to appVersion). */}}
+{{- define "lathe.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The claim named in a pvc:// artifact root, or "" for any other scheme. */}}
+{{- define "lathe.artifactClaim" -}}
+{{- $root := .Values.operator.artifactRoot }}
+{{- if hasPrefix "pvc://" $root }}
+{{- index (splitList "/" (trimPrefix "pvc://" $root)) 0 }}
+{{- end }}
+{{- end }}
+
+{{/* The claim the operator mounts (artifacts.mount), or fails with what to set. */}}
+{{- define "lathe.mountClaim" -}}
+{{- $claim := default (include "lathe.artifactClaim" .) .Values.artifacts.mount.claimName }}
+{{- if not $claim }}
+{{- fail (printf "artifacts.mount.enabled is true, but artifacts.mount.claimName is empty and operator.artifactRoot %q names no claim: set artifacts.mount.claimName, or use a pvc://<claim>/<path> artifact root." .Values.operator.artifactRoot) }}
+{{- end }}
+{{- $claim }}
+{{- end }}
+
+{{/*
+Cross-field checks that values.schema.json cannot state with a clear message. Every template
+that depends on the mode includes this, so a bad combination fails the install.
+*/}}
+{{- define "lathe.validate" -}}
+{{- if and (eq .Values.mode "namespaced") (not .Values.watchNamespaces) }}
+{{- fail "mode is \"namespaced\" but watchNamespaces is empty: list the namespaces the operator watches, for example --set 'watchNamespaces={team-a,team-b}', or set mode=clusterWide." }}
+{{- end }}
+{{- if and (eq .Values.mode "clusterWide") .Values.watchNamespaces }}
+{{- fail (printf "watchNamespaces is %v but mode is \"clusterWide\", which watches every namespace: set mode=namespaced to watch only those namespaces, or empty watchNamespaces." .Values.watchNamespaces) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The five lathe.dev kinds as Kind=plural pairs. tests/chart/test_chart.py checks this list against
+the API models in operator/lathe/api.
+*/}}
+{{- define "lathe.kinds" -}}
+Corpus=corpora Tokenizer=tokenizers PretrainJob=pretrainjobs FineTune=finetunes ModelDeployment=modeldeployments
+{{- end }}
+
+{{/* The plural names of the five kinds, space-separated. */}}
+{{- define "lathe.plurals" -}}
+{{- $plurals := list }}
+{{- range splitList " " (include "lathe.kinds" .) }}
+{{- $plurals = append $plurals (index (splitList "=" .) 1) }}
+{{- end }}
+{{- join " " $plurals }}
+{{- end }}
+
+{{/*
+The Argo CD health checks shipped in the chart's argocd/ folder, as a dict of Kind to Lua text.
+A check is argocd/lathe.dev_<Kind>.lua (the argocd-cm key suffix), argocd/<Kind>.lua, or
+argocd/lathe.dev/<Kind>/health.lua as in Argo CD's own repository; the kind is matched
+case-insensitively, or by its plural. The dict is empty when there are none.
+*/}}
+{{- define "lathe.argocdHealthChecks" -}}
+{{- $checks := dict }}
+{{- range $path, $_ := .Files.Glob "argocd/**.lua" }}
+{{- $file := base $path }}
+{{- $name := lower (trimPrefix "lathe.dev_" (trimSuffix ".lua" $file)) }}
+{{- if eq $file "health.lua" }}
+{{- $name = lower (base (dir $path)) }}
+{{- end }}
+{{- range splitList " " (include "lathe.kinds" $) }}
+{{- $pair := splitList "=" . }}
+{{- if or (eq $name (lower (index $pair 0))) (eq $name (index $pair 1)) }}
+{{- $_ := set $checks (index $pair 0) ($.Files.Get $path) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toJson $checks }}
+{{- end }}
+
+{{/*
+RBAC rules for the namespaced objects the operator reads and writes: in a ClusterRole in
+clusterWide mode, in a Role per watched namespace in namespaced mode. The rules grant exactly the
+calls of operator/lathe/k8s and of kopf; tests/chart/test_chart.py keeps a table of those calls
+and fails when a rule grants more or less.
+*/}}
+{{- define "lathe.namespacedRules" -}}
+{{- $plurals := splitList " " (include "lathe.plurals" .) }}
+# kopf lists and watches the five kinds and patches them (finalizers of the progress timers);
+# the operator reads a resource's inputs and a Job's owner.
+- apiGroups: ["lathe.dev"]
+  resources:
+{{- range $plurals }}
+    - {{ . }}
+{{- end }}
+  verbs: ["get", "list", "watch", "patch"]
+# Status is written through the status subresource, by kopf and by the Job event handler.
+- apiGroups: ["lathe.dev"]
+  resources:
+{{- range $plurals }}
+    - {{ printf "%s/status" . }}
+{{- end }}
+  verbs: ["patch"]
+# Owned objects carry blockOwnerDeletion: true, which the OwnerReferencesPermissionEnforcement
+# admission plugin allows only to those who may update the owner's finalizers.
+- apiGroups: ["lathe.dev"]
+  resources:
+{{- range $plurals }}
+    - {{ printf "%s/finalizers" . }}
+{{- end }}
+  verbs: ["update"]
+# Training and export Jobs: created, read, suspended or resumed, deleted after a failed attempt,
+# and watched by kopf.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+# The pods of a Job are listed to read exit codes and rank 0's termination message.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+# The stage config of each attempt.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create"]
+# Headless Services of distributed training are created; Triton Services are server-side
+# applied, which needs create and patch.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create", "patch"]
+# Triton Deployments are server-side applied and read for their ready replicas.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["create", "get", "patch"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["create", "patch"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors"]
+  verbs: ["create", "patch"]
+# kopf posts Kubernetes events about the resources it handles (core v1 events, create only).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/*
+Cluster-scoped rules, needed in both modes: kopf lists and watches CRDs to discover resources,
+and the operator reads the PodMonitor CRD to decide whether to create PodMonitors.
+*/}}
+{{- define "lathe.clusterRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
