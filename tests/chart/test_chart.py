@@ -340,8 +340,9 @@ def test_every_value_is_documented():
 # -- tests with helm -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [[], MODES["namespaced"], MODES["service-monitor"]],
-                         ids=["default", "namespaced", "service-monitor"])
+@pytest.mark.parametrize("values", [[], MODES["namespaced"], MODES["service-monitor"],
+                                    ["--set", "argocd.healthChecks.enabled=true"]],
+                         ids=["default", "namespaced", "service-monitor", "argocd"])
 def test_lint_strict(helm, values):
     result = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", RELEASE_NAMESPACE,
                       *values)
