@@ -6,10 +6,12 @@ differs from what this module writes. The chart's copies are templates wrapped i
 `{{- if .Values.crds.install }}`, so a team that manages the CRDs itself can turn them off.
 
 Pydantic emits JSON Schema 2020-12; Kubernetes wants a structural OpenAPI v3.0 schema. The
-conversion inlines every `$ref`, turns `anyOf [X, null]` into X with `nullable: true`, maps
-exclusive bounds to the v3.0 boolean form, and leaves out defaults: the API server would store a
-default in the object, and a value that is in the cluster but not in Git shows as drift in Argo CD.
-Pydantic applies the same defaults when the operator reads the object.
+conversion inlines every `$ref`, turns `anyOf [X, null]` into X with `nullable: true`, and maps
+exclusive bounds to the v3.0 boolean form. Defaults are kept, so the API server fills them in
+before it evaluates the CEL rules and `kubectl get -o yaml` shows the values in force. A nested
+object whose fields all have defaults gets `default: {}`, so that its own defaults apply when the
+user leaves the whole object out. Defaulted fields do not count as drift for `kubectl diff` or
+Argo CD, which compare only the fields the manifest sets.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ CHART_CRD_DIR = CHART_DIR / "templates" / "crds"
 _KEPT = {
     "type", "description", "enum", "format", "pattern", "minimum", "maximum", "minLength",
     "maxLength", "minItems", "maxItems", "required", "nullable", "x-kubernetes-validations",
+    "default",
 }
 
 
@@ -77,8 +80,10 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         out["type"] = "object"
         properties = node.get("properties")
         if properties:
+            required = set(node.get("required", ()))
             out["properties"] = {
-                name: to_structural(child, defs) for name, child in properties.items()
+                name: _with_object_default(to_structural(child, defs), name in required)
+                for name, child in properties.items()
             }
         extra = node.get("additionalProperties")
         if isinstance(extra, dict) and extra:
@@ -91,6 +96,21 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         # Any JSON value (a field typed Any): keep it without a schema.
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
+
+
+def _with_object_default(node: dict[str, Any], required: bool) -> dict[str, Any]:
+    """Give an optional object field without a default the default {} (see module docstring)."""
+    if node.get("default", 0) is None:
+        del node["default"]  # `default: null` is not valid in a structural schema
+    defaultable = (
+        node.get("type") == "object"
+        and "properties" in node
+        and not node.get("required")
+        and not node.get("nullable")
+    )
+    if defaultable and not required and "default" not in node:
+        node["default"] = {}
+    return node
 
 
 def openapi_schema(model: type[Resource]) -> dict[str, Any]:

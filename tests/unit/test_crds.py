@@ -46,7 +46,8 @@ def test_schema_is_structural(kind):
     schema = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
-        assert not {"$ref", "anyOf", "allOf", "oneOf", "default", "title"} & node.keys(), path
+        assert not {"$ref", "anyOf", "allOf", "oneOf", "title"} & node.keys(), path
+        assert node.get("default", {}) is not None, path
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from lathe.api.common import (
     ApiModel,
+    CelRule,
     LocalObjectReference,
     PrinterColumn,
     Resource,
@@ -68,6 +69,18 @@ class ExportSpec(ApiModel):
 class ServingSpec(ApiModel):
     """The Triton server."""
 
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.httpPort != self.grpcPort && self.httpPort != self.metricsPort && "
+            "self.grpcPort != self.metricsPort",
+            message="spec.serving.httpPort, grpcPort and metricsPort must differ; give each "
+            "port its own number",
+            check=lambda serving: len(
+                {serving.http_port, serving.grpc_port, serving.metrics_port}
+            ) == 3,
+        ),
+    )
+
     image: str = Field(
         default="nvcr.io/nvidia/tritonserver:24.10-py3", description="Triton server image."
     )
@@ -83,9 +96,9 @@ class ServingSpec(ApiModel):
         "ONNX Runtime, which any Triton with the Python backend can serve, including the local "
         "server) or `onnxruntime` (Triton's ONNX Runtime backend, for images that ship it).",
     )
-    http_port: int = Field(default=8000, description="HTTP port.")
-    grpc_port: int = Field(default=8001, description="gRPC port.")
-    metrics_port: int = Field(default=8002, description="Metrics port.")
+    http_port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    grpc_port: int = Field(default=8001, ge=1, le=65535, description="gRPC port.")
+    metrics_port: int = Field(default=8002, ge=1, le=65535, description="Metrics port.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources per replica."
     )
@@ -93,6 +106,15 @@ class ServingSpec(ApiModel):
 
 class AutoscalingSpec(ApiModel):
     """Optional HorizontalPodAutoscaler."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.minReplicas <= self.maxReplicas",
+            message="spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas; "
+            "lower minReplicas or raise maxReplicas",
+            check=lambda autoscaling: autoscaling.min_replicas <= autoscaling.max_replicas,
+        ),
+    )
 
     enabled: bool = Field(default=False, description="Create an HPA for the Triton Deployment.")
     min_replicas: int = Field(default=1, ge=1, description="Minimum replicas.")
@@ -135,14 +157,6 @@ class ModelDeployment(Resource):
         PrinterColumn(name="Endpoint", json_path=".status.endpoint", priority=1),
         PrinterColumn(name="Age", json_path=".metadata.creationTimestamp", type="date"),
     )
-    cel_rules: ClassVar[tuple[tuple[str, str, str], ...]] = (
-        (
-            "spec.autoscaling",
-            "self.minReplicas <= self.maxReplicas",
-            "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
-        ),
-    )
-
     kind: Literal["ModelDeployment"] = "ModelDeployment"
     spec: ModelDeploymentSpec
     status: StageStatus | None = None

@@ -16,7 +16,7 @@ from lathe.api.common import (
     StageStatus,
     StorageSpec,
 )
-from lathe.api.training import DistributedSpec, TrainingSpec
+from lathe.api.training import GPU_RULES, DistributedSpec, TrainingSpec
 
 
 class ModelArchitectureSpec(ApiModel):
@@ -51,6 +51,7 @@ class PretrainJobSpec(ApiModel):
             "sequenceLength or raise maxPositionEmbeddings",
             check=lambda spec: spec.sequence_length <= spec.model.max_position_embeddings,
         ),
+        *GPU_RULES,
     )
 
     corpus_ref: LocalObjectReference = Field(description="The Corpus to train on.")

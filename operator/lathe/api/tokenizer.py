@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from lathe.api.common import (
     ApiModel,
+    CelRule,
     LocalObjectReference,
     PrinterColumn,
     Resource,
@@ -30,7 +31,9 @@ class TokenizerModel(str, enum.Enum):
 class ProtectedPattern(ApiModel):
     """A regular expression whose matches are always kept apart from their neighbours."""
 
-    name: str = Field(description="Name of the pattern, used in the evaluation report.")
+    name: str = Field(
+        max_length=63, description="Name of the pattern, used in the evaluation report."
+    )
     regex: str = Field(
         description="Python regular expression, such as an ICD-10 code pattern. Every match is "
         "one pre-token, split from the whitespace before it, so it tokenizes the same in every "
@@ -72,6 +75,23 @@ class ProtectedPattern(ApiModel):
 class TokenizerSpec(ApiModel):
     """Desired state of a Tokenizer."""
 
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.specialTokens) || "
+            "['<|endoftext|>', '<pad>', '<unk>'].all(t, t in self.specialTokens)",
+            message="spec.specialTokens must include <|endoftext|>, <pad> and <unk>; add the "
+            "missing ones",
+            check=lambda spec: set(REQUIRED_SPECIAL_TOKENS) <= set(spec.special_tokens),
+        ),
+        CelRule(
+            rule="!has(self.protectedPatterns) || self.protectedPatterns.all(p, "
+            "self.protectedPatterns.exists_one(q, q.name == p.name))",
+            message="spec.protectedPatterns names must be unique; rename the duplicates",
+            check=lambda spec: len({p.name for p in spec.protected_patterns})
+            == len(spec.protected_patterns),
+        ),
+    )
+
     corpus_ref: LocalObjectReference = Field(description="The Corpus to train on.")
     model: TokenizerModel = Field(
         default=TokenizerModel.BYTE_LEVEL_BPE, description="Tokenization model."
@@ -102,13 +122,15 @@ class TokenizerSpec(ApiModel):
         description="Lowercase text before tokenizing. Special tokens are matched before "
         "lowercasing and stay intact. Protected patterns then match case-insensitively.",
     )
-    special_tokens: list[str] = Field(
+    special_tokens: list[Annotated[str, Field(max_length=64)]] = Field(
         default_factory=lambda: list(REQUIRED_SPECIAL_TOKENS),
+        max_length=256,
         description="Special tokens, each encoded as a single id. Must include `<|endoftext|>` "
         "(end of document, also bos and eos), `<pad>` and `<unk>`.",
     )
     protected_patterns: list[ProtectedPattern] = Field(
-        default_factory=list, description="Patterns whose matches are never split from context."
+        default_factory=list,
+        max_length=64, description="Patterns whose matches are never split from context."
     )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from lathe.api.common import ApiModel
+from lathe.api.common import ApiModel, CelRule
 
 
 class TrainingSpec(ApiModel):
     """Optimization settings of a training stage."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.warmupSteps < self.maxSteps",
+            message="training.warmupSteps must be less than training.maxSteps; lower "
+            "warmupSteps or raise maxSteps",
+            check=lambda training: training.warmup_steps < training.max_steps,
+        ),
+    )
 
     max_steps: int = Field(default=200, ge=1, description="Optimizer steps to run.")
     micro_batch_size: int = Field(default=8, ge=1, description="Sequences per process per step.")
@@ -46,3 +55,20 @@ class DistributedSpec(ApiModel):
     max_restarts: int = Field(
         default=3, ge=0, le=100, description="Retries of a failed attempt before giving up."
     )
+
+
+# Rules over a training stage's spec as a whole, shared by PretrainJob and FineTune.
+GPU_RULES: tuple[CelRule, ...] = (
+    CelRule(
+        rule="self.resources.gpus == 0 || self.distributed.procsPerNode == self.resources.gpus",
+        message="spec.distributed.procsPerNode must equal spec.resources.gpus on GPU nodes (one "
+        "process per GPU); set them to the same number",
+        check=lambda spec: spec.resources.gpus in (0, spec.distributed.procs_per_node),
+    ),
+    CelRule(
+        rule="self.distributed.backend != 'nccl' || self.resources.gpus > 0",
+        message="spec.distributed.backend nccl needs GPUs; set spec.resources.gpus, or use "
+        "backend gloo or auto",
+        check=lambda spec: spec.distributed.backend != "nccl" or spec.resources.gpus > 0,
+    ),
+)
