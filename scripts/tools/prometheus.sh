@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make sure `prometheus` and `promtool` are installed and print the directory that holds them.
+# Make sure `prometheus` and `promtool` are installed and print the directory that contains them.
 #
 # The observability tests run the real promtool (rule checks and rule unit tests) and a real
 # Prometheus server. When either binary is missing from PATH, this installs Debian's
@@ -31,8 +31,8 @@ fi
 # Processes named prometheus before the install belong to someone else and are left alone.
 before=$(pgrep -x prometheus || true)
 
-# NB: policy-rc.d exiting 101 tells invoke-rc.d, which the package's postinst calls, not to
-# start the service. Container images usually have one already; otherwise a temporary one is
+# NB: a policy-rc.d that exits 101 makes invoke-rc.d, which the package's postinst calls, skip
+# the service start. Container images usually have one already; otherwise a temporary one is
 # added and removed again on exit.
 policy=/usr/sbin/policy-rc.d
 if [ ! -e "$policy" ]; then

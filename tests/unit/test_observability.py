@@ -2,7 +2,7 @@
 
 The rules go through the real `promtool` (`check rules`, then the alert unit tests in
 tests/fixtures/promtool/). When promtool is missing, scripts/tools/prometheus.sh installs it; when
-that fails too, the promtool tests are skipped and say why. The dashboard is checked for the
+that fails too, the promtool tests are skipped with the reason. The dashboard is checked for the
 structure Grafana needs, and every metric that a query or rule reads must be one the operator
 registers or one listed here for Triton and the training pods.
 """
@@ -158,6 +158,9 @@ def promtool() -> str:
     return path
 
 
+ALERT_RULES = [rule for rule in load_rules() if "alert" in rule]
+
+
 def test_rules_pass_promtool_check(promtool: str) -> None:
     result = subprocess.run(
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False
@@ -186,7 +189,7 @@ def test_rules_define_expected_alerts() -> None:
     assert alerts == EXPECTED_ALERTS
 
 
-@pytest.mark.parametrize("rule", [r for r in load_rules() if "alert" in r], ids=lambda r: r["alert"])
+@pytest.mark.parametrize("rule", ALERT_RULES, ids=lambda rule: rule["alert"])
 def test_alert_has_severity_and_annotations(rule: dict[str, Any]) -> None:
     assert rule.get("for"), f"{rule['alert']} has no `for` duration."
     assert rule.get("labels", {}).get("severity") in SEVERITIES
@@ -196,7 +199,7 @@ def test_alert_has_severity_and_annotations(rule: dict[str, Any]) -> None:
     assert f"section {rule['alert']}" in annotations["runbook"]
 
 
-@pytest.mark.parametrize("rule", [r for r in load_rules() if "alert" in r], ids=lambda r: r["alert"])
+@pytest.mark.parametrize("rule", ALERT_RULES, ids=lambda rule: rule["alert"])
 def test_alert_runbook_section_exists(rule: dict[str, Any]) -> None:
     docs = (REPO / "docs" / "monitoring.md").read_text()
     assert re.search(rf"^#+ {rule['alert']}$", docs, re.MULTILINE)
