@@ -290,7 +290,7 @@ def test_two_processes_under_torchrun(make_config, base_output, tmp_path):
     spec = resource(
         compareFromScratch=False, maxTrainSentences=200, maxEvalSentences=40,
         distributed={"procsPerNode": 2, "backend": "gloo"},
-        training={"maxSteps": 10, "microBatchSize": 8, "learningRate": 0.01,
+        training={"maxSteps": 10, "microBatchSize": 8, "learningRate": 0.01, "warmupSteps": 2,
                   "checkpointInterval": 5},
     )
     config = make_config(spec, base_input(base_output))
