@@ -100,6 +100,20 @@ class ResourceRequirements(ApiModel):
     )
 
 
+class PodMetadata(ApiModel):
+    """Labels and annotations added to every pod of a stage's workload."""
+
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pod labels. Lathe's own labels win on a clash.",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pod annotations, for example for a service mesh or the cluster "
+        "autoscaler.",
+    )
+
+
 class StorageSpec(ApiModel):
     """Where a stage writes its artifacts."""
 

@@ -9,6 +9,7 @@ from pydantic import Field
 from lathe.api.common import (
     ApiModel,
     LocalObjectReference,
+    PodMetadata,
     PrinterColumn,
     Resource,
     ResourceRequirements,
@@ -85,6 +86,9 @@ class FineTuneSpec(ApiModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Processes and nodes."
+    )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata, description="Labels and annotations for the training pods."
     )
     suspend: bool = Field(default=False, description="Pause training.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")

@@ -10,6 +10,7 @@ from lathe.api.common import (
     ApiModel,
     CelRule,
     LocalObjectReference,
+    PodMetadata,
     PrinterColumn,
     Resource,
     ResourceRequirements,
@@ -71,6 +72,9 @@ class PretrainJobSpec(ApiModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Processes and nodes."
+    )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata, description="Labels and annotations for the training pods."
     )
     suspend: bool = Field(default=False, description="Pause the job; resuming continues from "
                           "the latest checkpoint.")

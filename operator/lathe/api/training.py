@@ -60,12 +60,6 @@ class DistributedSpec(ApiModel):
 # Rules over a training stage's spec as a whole, shared by PretrainJob and FineTune.
 GPU_RULES: tuple[CelRule, ...] = (
     CelRule(
-        rule="self.resources.gpus == 0 || self.distributed.procsPerNode == self.resources.gpus",
-        message="spec.distributed.procsPerNode must equal spec.resources.gpus on GPU nodes (one "
-        "process per GPU); set them to the same number",
-        check=lambda spec: spec.resources.gpus in (0, spec.distributed.procs_per_node),
-    ),
-    CelRule(
         rule="self.distributed.backend != 'nccl' || self.resources.gpus > 0",
         message="spec.distributed.backend nccl needs GPUs; set spec.resources.gpus, or use "
         "backend gloo or auto",

@@ -200,7 +200,10 @@ def training_job(
             "podFailurePolicy": pod_failure_policy(),
             "suspend": bool(suspend or plan.suspend or queue_name),
             "template": {
-                "metadata": {"labels": template_labels},
+                "metadata": {
+                    "labels": {**plan.pod_labels, **template_labels},
+                    **({"annotations": dict(plan.pod_annotations)} if plan.pod_annotations else {}),
+                },
                 "spec": _pod_spec(plan, owner, store, attempt, image, resume),
             },
         },

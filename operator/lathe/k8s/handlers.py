@@ -154,7 +154,7 @@ def refresh_progress(body, patch, **_: Any) -> None:
     if values != current.get("progress"):
         patch.status["progress"] = values
     meta = body["metadata"]
-    metrics.set_progress(meta["namespace"], body["kind"], meta["name"], record)
+    metrics.set_progress(meta["namespace"], body["kind"], meta["name"], values)
 
 
 def _mounts(settings: OperatorSettings) -> dict[str, str]:

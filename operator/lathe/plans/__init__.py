@@ -32,6 +32,8 @@ def build(
                 resources=resource.spec.resources,
                 max_restarts=distributed.max_restarts,
                 suspend=resource.spec.suspend,
+                pod_labels=resource.spec.pod_metadata.labels,
+                pod_annotations=resource.spec.pod_metadata.annotations,
                 **common,
             )
         case ModelDeployment():

@@ -36,6 +36,8 @@ class WorkloadPlan:
     env: dict[str, str] = field(default_factory=dict)
     max_restarts: int = 0
     suspend: bool = False
+    pod_labels: dict[str, str] = field(default_factory=dict)
+    pod_annotations: dict[str, str] = field(default_factory=dict)
 
     def module_args(self, resume: bool = False) -> list[str]:
         """Arguments after `python -m` (or `torchrun -m`)."""
