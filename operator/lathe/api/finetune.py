@@ -8,6 +8,7 @@ from pydantic import Field
 
 from lathe.api.common import (
     ApiModel,
+    CelRule,
     LocalObjectReference,
     PodMetadata,
     PrinterColumn,
@@ -16,11 +17,19 @@ from lathe.api.common import (
     StageStatus,
     StorageSpec,
 )
-from lathe.api.training import DistributedSpec, TrainingSpec
+from lathe.api.training import GPU_RULES, DistributedSpec, TrainingSpec
 
 
 class BaseModelSpec(ApiModel):
     """The model to start from."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="has(self.pretrainJobRef) != has(self.uri)",
+            message="set exactly one of spec.baseModel.pretrainJobRef and spec.baseModel.uri",
+            check=lambda base: (base.pretrain_job_ref is None) != (base.uri is None),
+        ),
+    )
 
     pretrain_job_ref: LocalObjectReference | None = Field(
         default=None, description="A PretrainJob in the same namespace whose final model is used."
@@ -58,6 +67,15 @@ class LoraSpec(ApiModel):
 
 class FineTuneSpec(ApiModel):
     """Desired state of a FineTune."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.data.train != self.data.test",
+            message="spec.data.test must differ from spec.data.train; evaluate on held-out data",
+            check=lambda spec: spec.data.train != spec.data.test,
+        ),
+        *GPU_RULES,
+    )
 
     base_model: BaseModelSpec = Field(description="The model to start from.")
     task: Literal["tokenClassification"] = Field(
@@ -109,14 +127,6 @@ class FineTune(Resource):
         PrinterColumn(name="F1", json_path=".status.metrics.f1", type="number"),
         PrinterColumn(name="Age", json_path=".metadata.creationTimestamp", type="date"),
     )
-    cel_rules: ClassVar[tuple[tuple[str, str, str], ...]] = (
-        (
-            "spec.baseModel",
-            "has(self.pretrainJobRef) != has(self.uri)",
-            "set exactly one of spec.baseModel.pretrainJobRef and spec.baseModel.uri",
-        ),
-    )
-
     kind: Literal["FineTune"] = "FineTune"
     spec: FineTuneSpec
     status: StageStatus | None = None

@@ -1,0 +1,395 @@
+"""The operator against a real API server, Job controller, garbage collector and kwok nodes."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lathe.api import KINDS
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "pubmed"
+ORDER = ["Corpus", "Tokenizer", "PretrainJob", "FineTune", "ModelDeployment"]
+# kwok completes a Job's pod after this delay (the general pod-complete Stage reads it), so a
+# test can act while training pods run.
+HOLD = {"pod-complete.stage.kwok.x-k8s.io/delay": "3600s"}
+
+
+def plural(kind: str) -> str:
+    return f"{KINDS[kind].plural}.lathe.dev"
+
+
+def get(cluster, kind: str, name: str, namespace: str) -> dict:
+    return cluster.get_json(plural(kind), name, "-n", namespace)
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == type_), None)
+
+
+def is_true(cluster, kind, name, namespace, type_) -> bool:
+    found = condition(get(cluster, kind, name, namespace), type_)
+    return bool(found and found["status"] == "True")
+
+
+def jobs_of(cluster, name: str, namespace: str) -> list[dict]:
+    items = cluster.get_json("jobs", "-n", namespace, "-l", f"lathe.dev/name={name}")["items"]
+    return sorted(items, key=lambda job: job["metadata"]["creationTimestamp"])
+
+
+def pretrain_job(name: str, nodes: int = 2, gpus: int = 8, hold: bool = True) -> dict:
+    spec = {
+        "corpusRef": {"name": "missing-on-purpose"},
+        "tokenizerRef": {"name": "missing-on-purpose"},
+        "distributed": {"nodes": nodes, "procsPerNode": gpus or 1},
+        "resources": {"gpus": gpus, "cpu": "4", "memory": "16Gi"},
+        "training": {"maxSteps": 100},
+    }
+    if hold:
+        spec["podMetadata"] = {"annotations": HOLD}
+    return {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob",
+        "metadata": {"name": name}, "spec": spec,
+    }
+
+
+@pytest.fixture
+def ready_inputs(cluster, namespace):
+    """A Corpus and a Tokenizer that have succeeded, for PretrainJobs to start from."""
+    documents = [doc for path in ("01-corpus.yaml", "02-tokenizer.yaml")
+                 for doc in yaml.safe_load_all((EXAMPLES / path).read_text()) if doc]
+    for document in documents:
+        document["metadata"]["name"] = "missing-on-purpose"
+        if document["kind"] == "Tokenizer":
+            document["spec"]["corpusRef"]["name"] = "missing-on-purpose"
+        cluster.apply(document, namespace)
+    cluster.wait_for(
+        lambda: is_true(cluster, "Tokenizer", "missing-on-purpose", namespace, "Succeeded"),
+        "the input Corpus and Tokenizer to succeed", timeout=120,
+    )
+
+
+def test_example_runs_in_dependency_order(cluster, namespace, lathe_operator):
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    names = {}
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            names[document["kind"]] = document["metadata"]["name"]
+
+    def summary(kind: str) -> str:
+        return KINDS[kind].summary_condition
+
+    cluster.wait_for(
+        lambda: is_true(cluster, "ModelDeployment", names["ModelDeployment"], namespace, "Ready"),
+        "the ModelDeployment to become Ready", timeout=300,
+    )
+    finished = []
+    for kind in ORDER:
+        obj = get(cluster, kind, names[kind], namespace)
+        done = condition(obj, summary(kind))
+        assert done and done["status"] == "True", (kind, obj.get("status"))
+        assert done["observedGeneration"] == obj["metadata"]["generation"]
+        assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+        assert obj["status"]["phase"] in ("Succeeded", "Ready")
+        assert obj["status"]["artifact"]["uri"].startswith("file://")
+        finished.append(obj)
+
+    # Each stage's Job was created only after the Job of the stage it reads from completed.
+    for upstream, downstream in zip(ORDER, ORDER[1:]):
+        upstream_job = jobs_of(cluster, names[upstream], namespace)
+        downstream_job = jobs_of(cluster, names[downstream], namespace)
+        upstream_done = [j for j in upstream_job if j["metadata"]["labels"]["lathe.dev/kind"]
+                         == upstream][-1]["status"]["completionTime"]
+        downstream_start = [j for j in downstream_job if j["metadata"]["labels"]["lathe.dev/kind"]
+                            == downstream][0]["metadata"]["creationTimestamp"]
+        assert upstream_done <= downstream_start, (upstream, downstream)
+
+
+def test_pretrain_job_shape(cluster, namespace, lathe_operator, ready_inputs):
+    cluster.apply(pretrain_job("shape"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "shape", namespace)) == 1,
+                     "the PretrainJob's Job", timeout=60)
+    job = jobs_of(cluster, "shape", namespace)[0]
+    owner = get(cluster, "PretrainJob", "shape", namespace)
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 2
+    assert spec["backoffLimit"] == 0
+    assert [r["action"] for r in spec["podFailurePolicy"]["rules"]] == [
+        "Ignore", "FailJob", "FailJob"
+    ]
+    reference = job["metadata"]["ownerReferences"][0]
+    assert reference["uid"] == owner["metadata"]["uid"]
+    assert reference["controller"] is True
+
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["NNODES"] == "2"
+    assert env["NPROC"] == "8"
+    assert env["RDZV_ENDPOINT"].startswith(f"{job['metadata']['name']}-0.")
+    assert env["RDZV_ID"].endswith("-0")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert pod["subdomain"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in volumes.values())
+    assert any("configMap" in v for v in volumes.values())
+
+    service = cluster.get_json("service", pod["subdomain"], "-n", namespace)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+    config_name = next(v["configMap"]["name"] for v in volumes.values() if "configMap" in v)
+    config_map = cluster.get_json("configmap", config_name, "-n", namespace)
+    config = json.loads(config_map["data"]["config.json"])
+    assert config["kind"] == "PretrainJob"
+    assert config["inputs"]["corpus"]["name"] == "missing-on-purpose"
+
+    cluster.wait_for(
+        lambda: get(cluster, "PretrainJob", "shape", namespace)["status"]["phase"] == "Running",
+        "the PretrainJob to be Running",
+    )
+
+
+def test_waits_for_missing_input(cluster, namespace, lathe_operator):
+    cluster.apply(pretrain_job("orphan"), namespace)
+
+    def waiting() -> bool:
+        found = condition(get(cluster, "PretrainJob", "orphan", namespace), "InputsReady")
+        return bool(found and found["status"] == "False")
+
+    cluster.wait_for(waiting, "InputsReady=False on the PretrainJob")
+    found = condition(get(cluster, "PretrainJob", "orphan", namespace), "InputsReady")
+    assert found["reason"] == "InputNotFound"
+    assert "Corpus 'missing-on-purpose'" in found["message"]
+    assert jobs_of(cluster, "orphan", namespace) == []
+
+
+def test_progress_reaches_status_and_metrics(cluster, namespace, lathe_operator, ready_inputs):
+    cluster.apply(pretrain_job("progress"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "progress", namespace)) == 1, "the Job")
+    # Rank 0 appends progress records to its output directory in the artifact store.
+    output = lathe_operator.artifact_root / namespace / "pretrainjob" / "progress"
+    output.mkdir(parents=True, exist_ok=True)
+    record = {"time": time.time(), "completed": 42, "total": 100, "loss": 3.25,
+              "tokensPerSecond": 1234.0, "etaSeconds": 60.0}
+    (output / "progress.jsonl").write_text(json.dumps(record) + "\n")
+
+    def reported() -> bool:
+        status = get(cluster, "PretrainJob", "progress", namespace).get("status") or {}
+        return (status.get("progress") or {}).get("step") == 42
+
+    cluster.wait_for(reported, "status.progress.step 42", timeout=60)
+    progress = get(cluster, "PretrainJob", "progress", namespace)["status"]["progress"]
+    assert progress["loss"] == 3.25
+    assert progress["etaSeconds"] == 60.0
+    text = urllib.request.urlopen(lathe_operator.metrics_url).read().decode()
+    assert f'lathe_training_step{{kind="PretrainJob",name="progress",namespace="{namespace}"}} 42.0' in text
+    assert 'lathe_reconciles_total{kind="PretrainJob",result="success"}' in text
+
+
+def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
+    """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
+    cluster.apply(pretrain_job("c6"), namespace)
+
+    def two_running() -> bool:
+        pods = cluster.get_json("pods", "-n", namespace, "-l", "lathe.dev/name=c6")["items"]
+        return sum(p["status"].get("phase") == "Running" for p in pods) == 2
+
+    cluster.wait_for(two_running, "two running pods", timeout=90)
+    first_job = jobs_of(cluster, "c6", namespace)[0]["metadata"]["name"]
+    pods = cluster.get_json("pods", "-n", namespace, "-l", f"job-name={first_job}")["items"]
+    node1 = next(p for p in pods if p["metadata"]["annotations"][
+        "batch.kubernetes.io/job-completion-index"] == "1")
+    # Act as the kubelet of node 1: its container exited with code 1.
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    container = node1["spec"]["containers"][0]["name"]
+    patch = {"status": {"phase": "Failed", "containerStatuses": [{
+        "name": container, "image": node1["spec"]["containers"][0]["image"], "ready": False,
+        "restartCount": 0, "imageID": "", "containerID": "kwok://failed",
+        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "NCCL timeout",
+                                 "startedAt": now, "finishedAt": now}},
+    }]}}
+    cluster.kubectl("patch", "pod", node1["metadata"]["name"], "-n", namespace,
+                    "--subresource=status", "--type=merge", "-p", json.dumps(patch))
+
+    def restarted() -> bool:
+        status = get(cluster, "PretrainJob", "c6", namespace).get("status") or {}
+        return status.get("restartCount") == 1
+
+    cluster.wait_for(restarted, "the operator to start attempt 1", timeout=60)
+    status = get(cluster, "PretrainJob", "c6", namespace)["status"]
+    failed = status["failedAttempts"][0]
+    assert failed["attempt"] == 0
+    assert failed["exitCode"] == 1
+    assert "NCCL timeout" in failed["message"]
+
+    # The failed attempt's pods are gone within seconds, so no pod keeps its GPUs.
+    cluster.wait_for(
+        lambda: not cluster.get_json("pods", "-n", namespace, "-l",
+                                     f"job-name={first_job}")["items"],
+        "the failed attempt's pods to be deleted", timeout=30,
+    )
+    jobs = jobs_of(cluster, "c6", namespace)
+    assert [job["metadata"]["labels"]["lathe.dev/attempt"] for job in jobs] == ["1"]
+    container = jobs[0]["spec"]["template"]["spec"]["containers"][0]
+    assert "--resume" in " ".join(container.get("args", []) + container.get("command", []))
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["RDZV_ID"].endswith("-1")
+
+
+def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):
+    cluster.apply(pretrain_job("pause"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "pause", namespace)) == 1, "the Job")
+    cluster.kubectl("patch", plural("PretrainJob"), "pause", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"suspend": true}}')
+    cluster.wait_for(
+        lambda: is_true(cluster, "PretrainJob", "pause", namespace, "Suspended"),
+        "Suspended=True",
+    )
+    assert jobs_of(cluster, "pause", namespace)[0]["spec"]["suspend"] is True
+    assert get(cluster, "PretrainJob", "pause", namespace)["status"]["phase"] == "Suspended"
+    cluster.wait_for(
+        lambda: not cluster.get_json("pods", "-n", namespace, "-l", "lathe.dev/name=pause")[
+            "items"],
+        "the suspended Job's pods to be deleted", timeout=60,
+    )
+
+    cluster.kubectl("patch", plural("PretrainJob"), "pause", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"suspend": false}}')
+
+    def resumed() -> bool:
+        found = condition(get(cluster, "PretrainJob", "pause", namespace), "Suspended")
+        return bool(found and found["status"] == "False" and found["reason"] == "Resumed")
+
+    cluster.wait_for(resumed, "Suspended=False with reason Resumed")
+    assert jobs_of(cluster, "pause", namespace)[0]["spec"]["suspend"] is False
+
+
+def test_spec_change_moves_observed_generation(cluster, namespace, lathe_operator, ready_inputs):
+    cluster.apply(pretrain_job("regen"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "regen", namespace)) == 1, "the Job")
+    cluster.kubectl("patch", plural("PretrainJob"), "regen", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"training": {"maxSteps": 200}}}')
+
+    def observed() -> bool:
+        obj = get(cluster, "PretrainJob", "regen", namespace)
+        return obj["metadata"]["generation"] == 2 and obj["status"]["observedGeneration"] == 2
+
+    cluster.wait_for(observed, "observedGeneration 2")
+    cluster.wait_for(
+        lambda: [j["metadata"]["name"] for j in jobs_of(cluster, "regen", namespace)
+                 if not j["metadata"].get("deletionTimestamp")] and all(
+            "-g2-" in j["metadata"]["name"] for j in jobs_of(cluster, "regen", namespace)),
+        "only the generation-2 Job to remain", timeout=60,
+    )
+    running = condition(get(cluster, "PretrainJob", "regen", namespace), "Running")
+    assert running["observedGeneration"] == 2
+
+
+def test_delete_mid_run_removes_owned_objects(cluster, namespace, lathe_operator, ready_inputs):
+    cluster.apply(pretrain_job("gone"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "gone", namespace)) == 1, "the Job")
+    cluster.kubectl("delete", plural("PretrainJob"), "gone", "-n", namespace, "--wait=true",
+                    timeout=90)
+
+    def cleaned() -> bool:
+        selector = ["-n", namespace, "-l", "lathe.dev/name=gone"]
+        return all(not cluster.get_json(kind, *selector)["items"]
+                   for kind in ("jobs", "services", "configmaps", "pods"))
+
+    cluster.wait_for(cleaned, "the Job, Service, ConfigMap and pods to be deleted", timeout=90)
+
+
+def test_create_delete_loop_never_sticks(cluster, namespace, lathe_operator):
+    """C2: a resource with a progress timer is created and deleted fifty times."""
+    manifest = json.dumps(pretrain_job("churn", nodes=1, gpus=0))
+    for _ in range(50):
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+        cluster.kubectl("delete", plural("PretrainJob"), "churn", "-n", namespace,
+                        "--wait=false")
+
+    def gone() -> bool:
+        result = cluster.kubectl("get", plural("PretrainJob"), "churn", "-n", namespace,
+                                 check=False)
+        return result.returncode != 0 and "NotFound" in result.stderr
+
+    cluster.wait_for(gone, "the last deletion to complete", timeout=120)
+
+
+def test_large_spec_is_not_copied_to_annotations(cluster, namespace, lathe_operator):
+    """C3: a Corpus listing 5,000 files (over 256 KiB of YAML) is reconciled once."""
+    sources = [{"name": f"part-{i:05d}", "format": "jsonl",
+                "path": f"pubmed/shards/2026/part-{i:05d}-of-05000.{'x' * 20}.jsonl"}
+               for i in range(5000)]
+    corpus = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus",
+              "metadata": {"name": "huge"}, "spec": {"sources": sources}}
+    text = yaml.safe_dump(corpus)
+    assert len(text.encode()) > 256 * 1024
+    cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=text)
+
+    def settled() -> bool:
+        status = get(cluster, "Corpus", "huge", namespace).get("status") or {}
+        return status.get("phase") in ("Running", "Succeeded", "Failed")
+
+    cluster.wait_for(settled, "the large Corpus to be reconciled", timeout=90)
+    obj = get(cluster, "Corpus", "huge", namespace)
+    annotations = obj["metadata"].get("annotations") or {}
+    assert sum(len(k) + len(v) for k, v in annotations.items()) < 4096
+    # No patch loop: the object stops changing once reconciled.
+    version = obj["metadata"]["resourceVersion"]
+    time.sleep(5)
+    assert get(cluster, "Corpus", "huge", namespace)["metadata"]["resourceVersion"] == version
+
+
+def test_reapplied_export_is_handled_as_new(cluster, namespace, lathe_operator, ready_inputs,
+                                             tmp_path):
+    """C4: an object exported with `kubectl get -o yaml`, deleted and re-created is new."""
+    cluster.apply(pretrain_job("again"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "again", namespace)) == 1, "the Job")
+    exported = cluster.kubectl("get", plural("PretrainJob"), "again", "-n", namespace,
+                               "-o", "yaml").stdout
+    old_uid = yaml.safe_load(exported)["metadata"]["uid"]
+    cluster.kubectl("delete", plural("PretrainJob"), "again", "-n", namespace, timeout=90)
+    path = tmp_path / "again.yaml"
+    path.write_text(exported)
+    # kubectl refuses to create an object that still carries a resourceVersion, as users find;
+    # `kubectl create --save-config` with the file minus that field is what they then run.
+    document = yaml.safe_load(exported)
+    document["metadata"].pop("resourceVersion", None)
+    path.write_text(yaml.safe_dump(document))
+    cluster.kubectl("create", "-n", namespace, "-f", str(path))
+    new_uid = get(cluster, "PretrainJob", "again", namespace)["metadata"]["uid"]
+    assert new_uid != old_uid
+
+    def owned_by_new() -> bool:
+        jobs = [job for job in jobs_of(cluster, "again", namespace)
+                if not job["metadata"].get("deletionTimestamp")]
+        return bool(jobs) and all(
+            job["metadata"]["ownerReferences"][0]["uid"] == new_uid for job in jobs)
+
+    cluster.wait_for(owned_by_new, "a Job owned by the re-created object", timeout=90)
+
+
+def test_reapplying_examples_shows_no_drift(cluster, namespace, lathe_operator):
+    """C4: applying the committed example files twice shows no difference."""
+    cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(EXAMPLES))
+    cluster.wait_for(
+        lambda: (get(cluster, "Tokenizer", "pubmed", namespace).get("status") or {}).get("phase")
+        is not None,
+        "the operator to reconcile the examples",
+    )
+    cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(EXAMPLES))
+    diff = cluster.kubectl("diff", "--server-side", "-n", namespace, "-f", str(EXAMPLES),
+                           check=False)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+
+
+def test_operator_exits_cleanly(lathe_operator):
+    assert lathe_operator.runner.exception is None
+

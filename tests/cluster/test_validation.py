@@ -1,0 +1,107 @@
+"""The real API server rejects invalid specs with messages that name the field and the fix."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+BASES = {
+    "Corpus": {"sources": [{"name": "ncbi", "format": "ncbiDisease", "path": "a.txt"}]},
+    "Tokenizer": {"corpusRef": {"name": "pubmed"}},
+    "PretrainJob": {"corpusRef": {"name": "pubmed"}, "tokenizerRef": {"name": "pubmed"}},
+    "FineTune": {
+        "baseModel": {"pretrainJobRef": {"name": "lm"}},
+        "data": {"train": "train.tsv", "test": "test.tsv"},
+    },
+    "ModelDeployment": {"model": {"fineTuneRef": {"name": "ner"}}},
+}
+
+# (kind, change to the valid spec, text the rejection must contain)
+INVALID = [
+    ("Corpus", {"sources": []}, "spec.sources"),
+    ("Corpus", {"sources": [{"name": "x", "format": "pdf", "path": "a"}]},
+     "spec.sources[0].format"),
+    ("Corpus", {"sources": [{"name": "x", "format": "text"}]}, "spec.sources[0].path"),
+    ("Corpus", {"split": {"validationFraction": 0.7}}, "spec.split.validationFraction"),
+    ("Corpus", {"dedup": {"near": {"threshold": 1.5}}}, "spec.dedup.near.threshold"),
+    ("Corpus", {"shards": 0}, "spec.shards"),
+    ("Corpus", {"pii": {"redact": ["passport"]}}, "spec.pii.redact[0]"),
+    ("Tokenizer", {"corpusRef": None}, "spec.corpusRef"),
+    ("Tokenizer", {"vocabSize": 100}, "spec.vocabSize"),
+    ("Tokenizer", {"specialTokens": ["<pad>"]},
+     "spec.specialTokens must include <|endoftext|>, <pad> and <unk>"),
+    ("Tokenizer", {"protectedPatterns": [{"name": "a", "regex": "x"}, {"name": "a", "regex": "y"}]},
+     "spec.protectedPatterns names must be unique"),
+    ("PretrainJob", {"model": {"hiddenSize": 130, "numHeads": 4}},
+     "spec.model.hiddenSize must be a multiple of spec.model.numHeads"),
+    ("PretrainJob", {"sequenceLength": 1024, "model": {"maxPositionEmbeddings": 512}},
+     "spec.sequenceLength must not exceed spec.model.maxPositionEmbeddings"),
+    ("PretrainJob", {"training": {"maxSteps": 10, "warmupSteps": 20}},
+     "training.warmupSteps must be less than training.maxSteps"),
+    ("PretrainJob", {"distributed": {"backend": "nccl"}},
+     "spec.distributed.backend nccl needs GPUs"),
+    ("PretrainJob", {"distributed": {"nodes": 0}}, "spec.distributed.nodes"),
+    ("PretrainJob", {"training": {"precision": "fp8"}}, "spec.training.precision"),
+    ("PretrainJob", {"resources": {"gpus": 17}}, "spec.resources.gpus"),
+    ("PretrainJob", {"model": {"architecture": "mamba"}}, "spec.model.architecture"),
+    ("FineTune", {"baseModel": {"pretrainJobRef": {"name": "lm"}, "uri": "file:///m"}},
+     "set exactly one of spec.baseModel.pretrainJobRef and spec.baseModel.uri"),
+    ("FineTune", {"baseModel": {}},
+     "set exactly one of spec.baseModel.pretrainJobRef and spec.baseModel.uri"),
+    ("FineTune", {"method": "prefix"}, "spec.method"),
+    ("FineTune", {"data": {"train": "same.tsv", "test": "same.tsv"}},
+     "spec.data.test must differ from spec.data.train"),
+    ("FineTune", {"lora": {"r": 0}}, "spec.lora.r"),
+    ("FineTune", {"training": {"learningRate": 0}}, "spec.training.learningRate"),
+    ("ModelDeployment", {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+     "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas"),
+    ("ModelDeployment", {"serving": {"httpPort": 8001}},
+     "spec.serving.httpPort, grpcPort and metricsPort must differ"),
+    ("ModelDeployment", {"modelName": "bad name!"}, "spec.modelName"),
+    ("ModelDeployment", {"export": {"checkSequenceLengths": [20]}},
+     "spec.export.checkSequenceLengths"),
+    ("ModelDeployment", {"serving": {"replicas": -1}}, "spec.serving.replicas"),
+]
+
+
+def build(kind: str, change: dict) -> dict:
+    spec = copy.deepcopy(BASES[kind])
+    for key, value in change.items():
+        if value is None:
+            spec.pop(key, None)
+        elif isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return {"apiVersion": "lathe.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": "invalid"}, "spec": spec}
+
+
+def test_table_has_at_least_twenty_cases():
+    assert len(INVALID) >= 20
+
+
+@pytest.mark.parametrize("kind", sorted(BASES))
+def test_valid_base_is_accepted(cluster, namespace, kind):
+    completed = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                input=json.dumps(build(kind, {})), check=False)
+    assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize(("kind", "change", "expected"), INVALID,
+                         ids=[f"{k}-{e[:40]}" for k, _, e in INVALID])
+def test_invalid_spec_is_rejected(cluster, namespace, kind, change, expected):
+    completed = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                input=json.dumps(build(kind, change)), check=False)
+    assert completed.returncode != 0, f"accepted: {change}"
+    assert expected in completed.stderr, completed.stderr
+
+
+def test_unknown_field_is_rejected(cluster, namespace):
+    manifest = build("PretrainJob", {"trainng": {"maxSteps": 3}})
+    completed = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                input=json.dumps(manifest), check=False)
+    assert completed.returncode != 0
+    assert 'unknown field "spec.trainng"' in completed.stderr
