@@ -1,0 +1,120 @@
+"""Fixtures of the cluster suite: one local control plane (bed.py) per test session.
+
+The session fixture `bare_cluster` builds the bed's binaries on first use
+(scripts/cluster-bed/build.sh, about 40 minutes once on 2 shared cores, then instant), starts the
+bed and stops it at the end of the session. `cluster` is the same bed with Lathe's CRDs from
+crds/ installed, when that directory has any. Every test in this directory is marked `cluster`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bed import BUILD_SCRIPT, POLL_INTERVAL_SECONDS, REPO, BedError, ClusterBed, build
+
+CRD_DIR = REPO / "crds"
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Cluster:
+    """A running bed as tests see it: its kubeconfig and kubectl."""
+
+    bed: ClusterBed
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.bed.kubeconfig
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against the bed; with check, a non-zero exit raises BedError."""
+        return self.bed.kubectl(*args, input=input, check=check, timeout=timeout)
+
+    def get_json(self, *args: str) -> dict:
+        """Run `kubectl get ARGS -o json` and return the decoded object or list."""
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, manifest: dict, namespace: str | None = None) -> None:
+        namespace_args = ["--namespace", namespace] if namespace else []
+        self.kubectl("apply", *namespace_args, "-f", "-", input=json.dumps(manifest))
+
+    def wait_for(
+        self, condition: Callable[[], bool], description: str, timeout: float = 60.0
+    ) -> None:
+        """Poll condition until it holds; fail the test after timeout seconds or if the bed dies."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.bed.check_running()
+            if time.monotonic() > deadline:
+                pytest.fail(f"Timed out after {timeout:.0f} s waiting for {description}.")
+            time.sleep(POLL_INTERVAL_SECONDS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.cluster)
+
+
+def install_crds(cluster: Cluster) -> None:
+    """Apply the CRDs in crds/, if it has any, and wait until the apiserver serves them."""
+    files = sorted([*CRD_DIR.glob("*.yaml"), *CRD_DIR.glob("*.yml")])
+    if not files:
+        return
+    file_args = [arg for path in files for arg in ("-f", str(path))]
+    # Server-side apply: a large CRD would overflow client-side apply's annotation (256 KiB).
+    cluster.kubectl("apply", "--server-side", *file_args)
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *file_args,
+                    timeout=90)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def bare_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The running bed without Lathe's CRDs, for tests of the bed itself."""
+    try:
+        bin_dir = build()
+    except (BedError, OSError) as error:
+        pytest.skip(
+            f"The cluster bed could not be built: {error}\n"
+            f"Build it with `make cluster-bed` ({BUILD_SCRIPT}); it needs Go 1.26 and the Go "
+            f"module proxy."
+        )
+    bed = ClusterBed(bin_dir, tmp_path_factory.mktemp("cluster-bed"))
+    bed.start()
+    try:
+        yield Cluster(bed)
+    finally:
+        bed.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(bare_cluster: Cluster) -> Cluster:
+    """The running bed with Lathe's CRDs from crds/ installed (when that directory has any)."""
+    install_crds(bare_cluster)
+    return bare_cluster
+
+
+@pytest.fixture
+def namespace(bare_cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace whose default ServiceAccount exists, deleted after the test."""
+    cluster = bare_cluster
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    # Pods are rejected until kube-controller-manager creates the namespace's `default` account.
+    cluster.wait_for(
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name,
+                                check=False).returncode == 0,
+        f"the default ServiceAccount in namespace {name}",
+    )  # fmt: skip
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
