@@ -35,8 +35,11 @@ binaries_built() {
     done
 }
 
+# The stages file must be the current one: pod completion honours the delay annotation, which
+# the cluster suite uses to keep training pods running while it acts on them.
 all_built() {
-    binaries_built && [ -f "$bin_dir/$stages_file" ]
+    binaries_built && grep -q 'pod-complete.stage.kwok.x-k8s.io/delay' "$bin_dir/$stages_file" \
+        2>/dev/null
 }
 
 if all_built; then
@@ -102,7 +105,7 @@ build_binaries() {
 }
 
 # Concatenate the Stage objects that kwokctl uses by default (kwok itself has none): nodes become
-# Ready and send heartbeats, pods become Running, pods owned by a Job then succeed at once, and
+# Ready and send heartbeats, pods become Running, pods owned by a Job then succeed after a delay, and
 # pods marked for deletion are deleted. They are taken from the kwok module at KWOK_VERSION, so
 # they match the binary.
 write_kwok_stages() {
@@ -115,8 +118,10 @@ write_kwok_stages() {
     fi
     part="$bin_dir/$stages_file.partial"
     : >"$part"
+    # pod/general/pod-complete waits for the pod's `pod-complete.stage.kwok.x-k8s.io/delay`
+    # annotation (1 to 6 s when it is absent), so a test can hold a Job's pods running.
     for stage in node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready \
-        pod/fast/pod-complete pod/fast/pod-delete; do
+        pod/general/pod-complete pod/fast/pod-delete; do
         echo "---" >>"$part"
         cat "$kwok_dir/kustomize/stage/$stage.yaml" >>"$part"
     done

@@ -118,3 +118,17 @@ def namespace(bare_cluster: Cluster) -> Iterator[str]:
     )  # fmt: skip
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def lathe_operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
+    """The Lathe operator under kopf.testing.KopfRunner, watching every namespace of the bed.
+
+    Yields an object with `runner`, `metrics_url` and `artifact_root` (the file:// artifact
+    store it plans outputs into).
+    """
+    from operator_runner import run_operator
+
+    artifact_root = tmp_path_factory.mktemp("artifacts")
+    with run_operator(cluster.kubeconfig, artifact_root) as running:
+        yield running

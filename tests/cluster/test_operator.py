@@ -135,7 +135,7 @@ def test_pretrain_job_shape(cluster, namespace, lathe_operator, ready_inputs):
     assert env["NPROC"] == "8"
     assert env["RDZV_ENDPOINT"].startswith(f"{job['metadata']['name']}-0.")
     assert env["RDZV_ID"].endswith("-0")
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pod["subdomain"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in volumes.values())

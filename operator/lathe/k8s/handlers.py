@@ -9,6 +9,7 @@ never copied anywhere.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -18,11 +19,14 @@ from kubernetes.client.exceptions import ApiException
 
 from lathe.api import GROUP, KINDS, VERSION
 from lathe.k8s import metrics, progress
-from lathe.k8s.reconcile import Reconciler
+from lathe import status
+from lathe.k8s.reconcile import Reconciler, parse
 from lathe.k8s.settings import OperatorSettings
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "lathe-operator"}
 TRAINING_KINDS = ("PretrainJob", "FineTune")
+# Seconds between resyncs of resources that wait for inputs; wake-ups normally come sooner.
+RESYNC_SECONDS = 30.0
 STATE: dict[str, Any] = {}
 
 
@@ -42,7 +46,8 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+        # NB: the client reads $KUBECONFIG when it is imported; read it again here.
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     operator_settings = OperatorSettings.from_env()
     STATE["settings"] = operator_settings
     STATE["reconciler"] = Reconciler(operator_settings)
@@ -55,6 +60,16 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
         )
         logger.info("Serving Prometheus metrics on %s:%d.", operator_settings.metrics_host,
                     operator_settings.metrics_port)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Log in from the pod's service account, else from $KUBECONFIG as it is now.
+
+    kopf's default login goes through the kubernetes client, which reads $KUBECONFIG once at
+    import; reading it at login lets the test suite point the operator at its own cluster.
+    """
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
@@ -105,6 +120,56 @@ def on_resource_event(body, patch, logger, type, **_: Any) -> None:
     if changes:
         _announce(current, desired, logger)
         patch.status.update(changes)
+    # NB: dependents read this resource's status from the API server, so they are woken only
+    # once a finished status is stored, which is the event after the one that set it.
+    if status.condition_true(current.get("conditions") or [], KINDS[body["kind"]].summary_condition):
+        _wake_dependents(body, logger)
+
+
+def _wake_dependents(body: dict, logger: logging.Logger) -> None:
+    """Reconcile the resources that wait for this one, so they start without a resync."""
+    api = kubernetes.client.CustomObjectsApi()
+    namespace = body["metadata"]["namespace"]
+    name = body["metadata"]["name"]
+    for model in KINDS.values():
+        for item in _list(api, namespace, model.plural):
+            references = reconciler_references(item)
+            if (body["kind"], name) not in references:
+                continue
+            waiting = not status.condition_true(
+                (item.get("status") or {}).get("conditions") or [], "InputsReady"
+            )
+            if waiting:
+                _reconcile_stored(api, item, logger)
+
+
+def _list(api, namespace: str, plural: str) -> list[dict]:
+    return api.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+
+
+def reconciler_references(body: dict) -> set[tuple[str, str]]:
+    try:
+        return set(parse(body).references().values())
+    except Exception:  # noqa: BLE001 - an invalid object references nothing
+        return set()
+
+
+def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> None:
+    """Reconcile an object read from the API server and patch its status there."""
+    meta = parent["metadata"]
+    if meta.get("deletionTimestamp"):
+        return
+    desired = _reconcile(parent, logger)
+    if desired is None:
+        return
+    current = parent.get("status") or {}
+    changes = _changes(current, desired)
+    if changes:
+        _announce(current, desired, logger)
+        api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], KINDS[parent["kind"]].plural, meta["name"],
+            {"status": changes},
+        )
 
 
 def on_job_event(body, logger, type, **_: Any) -> None:
@@ -122,19 +187,14 @@ def on_job_event(body, logger, type, **_: Any) -> None:
             if error.status == 404:
                 return
             raise
-        if parent["metadata"]["uid"] != owner["uid"] or parent["metadata"].get("deletionTimestamp"):
-            return
-        desired = _reconcile(parent, logger)
-        if desired is None:
-            return
-        current = parent.get("status") or {}
-        changes = _changes(current, desired)
-        if changes:
-            _announce(current, desired, logger)
-            api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, KINDS[owner["kind"]].plural, owner["name"],
-                {"status": changes},
-            )
+        if parent["metadata"]["uid"] == owner["uid"]:
+            _reconcile_stored(api, parent, logger)
+
+
+def resync(body, patch, logger, **_: Any) -> None:
+    """Reconcile a resource that waits for inputs, in case a wake-up was missed."""
+    if (body.get("status") or {}).get("phase") in ("Waiting", "Pending", None):
+        on_resource_event(body=body, patch=patch, logger=logger, type="RESYNC")
 
 
 def refresh_progress(body, patch, **_: Any) -> None:
@@ -159,8 +219,6 @@ def refresh_progress(body, patch, **_: Any) -> None:
 
 def _mounts(settings: OperatorSettings) -> dict[str, str]:
     """Claims the operator pod mounts, as {claim: mount path}, from LATHE_MOUNTS."""
-    import os
-
     pairs = [item.split("=", 1) for item in os.environ.get("LATHE_MOUNTS", "").split(",") if item]
     return {claim: path for claim, path in pairs}
 
@@ -178,6 +236,7 @@ def register() -> None:
     for model in KINDS.values():
         kopf.on.event(GROUP, VERSION, model.plural)(on_resource_event)
         kopf.on.delete(GROUP, VERSION, model.plural, optional=True)(forget_resource)
+        kopf.timer(GROUP, VERSION, model.plural, id="resync", interval=RESYNC_SECONDS)(resync)
         if model.kind_name in TRAINING_KINDS:
             kopf.timer(
                 GROUP, VERSION, model.plural,
