@@ -3,21 +3,33 @@ SHELL := /bin/bash
 PYTHON := .venv/bin/python
 export LATHE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: env demo test test-unit crds check-crds bench clean
+.PHONY: env tools demo test test-unit test-chart crds check-crds bench \
+	cluster-bed cluster-up cluster-down e2e-kind clean
 
 # The Python environment is built once in a cache directory keyed by requirements.lock and
 # linked as .venv (see scripts/python-env.sh).
 env:
 	@ln -sfn "$$(scripts/python-env.sh)" .venv
 
+# Test tools built or installed once into ~/.cache/lathe: the Kubernetes test bed (about 40 min
+# of compiling the first time on 2 cores), helm (about 15 min), and Debian's prometheus/promtool.
+tools: cluster-bed
+	scripts/tools/helm.sh >/dev/null
+	scripts/tools/prometheus.sh >/dev/null
+
 demo: env
 	.venv/bin/lathe run -f examples/pubmed/
 
-test: env check-crds
-	$(PYTHON) -m pytest -p no:cacheprovider tests
+# The whole suite: unit, stage, serving, chart and cluster tests. The kind suite needs Docker
+# and runs with `make e2e-kind`.
+test: env tools check-crds
+	$(PYTHON) -m pytest -p no:cacheprovider -m "not kind" tests
 
 test-unit: env
 	$(PYTHON) -m pytest -p no:cacheprovider tests/unit
+
+test-chart: env tools
+	$(PYTHON) -m pytest -p no:cacheprovider tests/chart
 
 crds: env
 	$(PYTHON) -m lathe.crdgen
@@ -27,6 +39,20 @@ check-crds: env
 
 bench: env
 	$(PYTHON) benchmarks/pipeline.py
+
+# The local Kubernetes test bed for tests/cluster (see scripts/cluster-bed/build.sh).
+cluster-bed:
+	scripts/cluster-bed/build.sh >/dev/null
+
+# Runs until Ctrl-C or `make cluster-down`; prints `export KUBECONFIG=...`.
+cluster-up: env cluster-bed
+	$(PYTHON) tests/cluster/bed.py up
+
+cluster-down: env
+	$(PYTHON) tests/cluster/bed.py down
+
+e2e-kind: env
+	$(PYTHON) -m pytest -p no:cacheprovider -m kind tests/e2e/kind -v
 
 clean:
 	rm -rf lathe-workspace .venv

@@ -115,15 +115,15 @@ def test_report_and_manifest(trained):
     manifest = json.loads((output / "manifest.json").read_text())
     validation = report["validation"]
     assert manifest["metrics"] == metrics
-    assert metrics["validation_documents"] == VALIDATION_DOCUMENTS
-    assert metrics["train_documents"] == TRAIN_DOCUMENTS
-    assert 1.0 < metrics["fertility_tokens_per_word"] < 3.0
-    assert 2.0 < metrics["bytes_per_token"] < 8.0
+    assert metrics["validationDocuments"] == VALIDATION_DOCUMENTS
+    assert metrics["trainDocuments"] == TRAIN_DOCUMENTS
+    assert 1.0 < metrics["fertility"] < 3.0
+    assert 2.0 < metrics["bytesPerToken"] < 8.0
     assert validation["protected_patterns"]["dose"]["matches"] > 10
     # Every match is kept apart from its context; doses seen twice in training, and every
     # ICD-10-CM code, are also one token. Open-ended doses seen less often are not.
-    assert metrics["protected_kept_apart_share"] == 1.0
-    assert metrics["protected_kept_whole_share"] >= 0.2
+    assert metrics["protectedKeptApartShare"] == 1.0
+    assert metrics["protectedKeptWholeShare"] >= 0.2
     assert report["special_token_fragments"] == []
     assert report["vocab_size"] == tokenizer.get_vocab_size()
     assert report["vocabulary_files"]["icd10"]["rejected"] == 0

@@ -195,14 +195,15 @@ def run(config: StageConfig, resume: bool) -> dict:
 
 
 def summary_metrics(report: dict) -> dict:
+    """The headline figures for status and the manifest, in the camelCase of the API."""
     validation = report["validation"]
     return {
-        "vocab_size": report["vocab_size"],
-        "fertility_tokens_per_word": validation["fertility_tokens_per_word"],
-        "bytes_per_token": validation["bytes_per_token"],
-        "protected_kept_whole_share": validation["protected_kept_whole_share"],
-        "protected_kept_apart_share": validation["protected_kept_apart_share"],
-        "protected_matches": validation["protected_matches"],
-        "validation_documents": validation["documents"],
-        "train_documents": report["train"]["documents"],
+        "vocabSize": report["vocab_size"],
+        "fertility": validation["fertility_tokens_per_word"],
+        "bytesPerToken": validation["bytes_per_token"],
+        "protectedKeptWholeShare": validation["protected_kept_whole_share"],
+        "protectedKeptApartShare": validation["protected_kept_apart_share"],
+        "protectedMatches": validation["protected_matches"],
+        "validationDocuments": validation["documents"],
+        "trainDocuments": report["train"]["documents"],
     }
