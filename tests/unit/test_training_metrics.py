@@ -1,13 +1,25 @@
-"""Throughput, ETA and perplexity of training stages."""
+"""Throughput, ETA, perplexity, MFU, peak memory and the Prometheus gauges of training."""
 
 from __future__ import annotations
 
 import json
 import math
+import socket
+import urllib.request
 
 import pytest
+import torch
 
-from lathe_trainer.training.metrics import ThroughputMeter, perplexity, write_json
+from lathe_trainer.training.metrics import (
+    PrometheusExporter,
+    ThroughputMeter,
+    device_peak_flops,
+    model_flops_utilization,
+    peak_flops,
+    peak_memory_bytes,
+    perplexity,
+    write_json,
+)
 
 
 def test_meter_rates_over_window(monkeypatch):
@@ -45,3 +57,54 @@ def test_write_json_leaves_no_temporary(tmp_path):
     write_json(tmp_path / "metrics.json", {"steps": 3})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"steps": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize(
+    ("device_name", "precision", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12),
+        ("NVIDIA H200", "bf16", 989.4e12),
+        ("NVIDIA H100 PCIe", "bf16", 756e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+        ("NVIDIA L4", "fp16", 121e12),
+        ("NVIDIA L40S", "bf16", 362e12),
+        ("Tesla V100-SXM2-16GB", "bf16", None),
+        ("Some Future GPU", "bf16", None),
+    ],
+)
+def test_peak_flops_lookup(device_name, precision, expected):
+    assert peak_flops(device_name, precision) == expected
+
+
+def test_no_mfu_on_cpu():
+    assert device_peak_flops(torch.device("cpu"), "fp32") is None
+
+
+def test_mfu_ratio():
+    # 1000 tokens/s * 1e9 FLOPs per token on 2 devices of 1e12 FLOP/s: 0.5.
+    assert model_flops_utilization(1000.0, 1e9, 1e12, 2) == pytest.approx(0.5)
+    assert model_flops_utilization(None, 1e9, 1e12, 2) is None
+
+
+def test_peak_memory_on_cpu_is_rss():
+    assert peak_memory_bytes(torch.device("cpu")) > 10 * 2**20
+
+
+def test_prometheus_exporter_serves_gauges():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    labels = {"namespace": "ns", "kind": "PretrainJob", "name": "lm"}
+    exporter = PrometheusExporter(port, labels, address="127.0.0.1")
+    try:
+        exporter.update(loss=2.5, tokens_per_second=1234.0, mfu=None, step=7, peak_memory=42)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        exporter.close()
+    series = '{kind="PretrainJob",name="lm",namespace="ns"}'
+    assert f"lathe_training_loss{series} 2.5" in text
+    assert f"lathe_training_step{series} 7.0" in text
+    assert f"lathe_training_tokens_per_second{series} 1234.0" in text
+    assert f"lathe_training_peak_memory_bytes{series} 42.0" in text
+    assert f"lathe_training_mfu_ratio{series} 0.0" in text

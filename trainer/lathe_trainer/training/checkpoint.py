@@ -2,26 +2,31 @@
 
 Layout: `checkpoints/step-NNNNNNNN/` holding `model.pt`, `optimizer.pt`, `scheduler.pt`,
 `rng.pt` (one entry per rank) and `state.json` (step, data position, counters, and whatever the
-stage stores to check that a resume is compatible). Rank 0 writes the directory under a
-temporary name and renames it into place, so a reader finds either a complete checkpoint or
-none: a process killed while saving leaves only a `.tmp-*` directory, removed on the next save.
+stage stores to check that a resume is compatible). The root is a local path or any fsspec URL
+(see lathe_trainer.training.storage). Rank 0 writes the directory under a temporary name and
+moves it into place, so a reader finds either a complete checkpoint or none. On a local disk
+the move is one atomic rename and state.json is written first. On object stores a move copies
+file by file, so there state.json is written after the move: list_checkpoints treats a
+directory without state.json as incomplete. A process killed while saving leaves only a
+`.tmp-*` directory (or a directory without state.json), which the next save removes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 
-from lathe_trainer.training import distributed
+from lathe_trainer.training import distributed, parallel, storage
 from lathe_trainer.training.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 class Checkpoint:
     """A checkpoint read back from disk, with tensors on the CPU."""
 
-    path: Path
+    path: Path | str
     step: int
     state: dict[str, Any]
     model: dict[str, torch.Tensor]
@@ -48,19 +53,28 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Return the complete checkpoints under root as (step, path), oldest first."""
-    if not root.is_dir():
-        return []
+def list_checkpoints(root: Path | str) -> list[tuple[int, Path | str]]:
+    """Return the complete checkpoints under root as (step, path or URL), oldest first."""
+    filesystem, base = storage.resolve(root)
     found = []
-    for path in root.iterdir():
-        match = STEP_DIR.match(path.name)
-        if match and (path / STATE).is_file():
-            found.append((int(match.group(1)), path))
+    for step, path in _step_dirs(filesystem, base):
+        if filesystem.isfile(f"{path}/{STATE}"):
+            found.append((step, storage.display(filesystem, path)))
     return sorted(found)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def _step_dirs(filesystem: fsspec.AbstractFileSystem, base: str) -> list[tuple[int, str]]:
+    if not filesystem.isdir(base):
+        return []
+    found = []
+    for path in filesystem.ls(base, detail=False):
+        match = STEP_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            found.append((int(match.group(1)), path.rstrip("/")))
+    return found
+
+
+def latest_checkpoint(root: Path | str) -> Path | str | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
 
@@ -88,55 +102,77 @@ def _as_python_state(value: Any) -> tuple:
 
 def save(
     context: DistributedContext,
-    root: Path,
+    root: Path | str,
     step: int,
     state: dict[str, Any],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
-) -> Path:
+) -> Path | str:
     """Save a checkpoint for `step` and prune all but the newest `keep`. Collective call.
 
-    Every rank must call it, because the RNG states of all ranks are gathered to rank 0, which
-    alone writes. `model` is the unwrapped module (not the DDP wrapper).
+    Every rank must call it, because the RNG states of all ranks are gathered to rank 0, and
+    FSDP gathers the sharded state dicts there too; rank 0 alone writes. `model` is the
+    unwrapped module (not the DDP wrapper), or the FSDP-sharded one.
+    Raises NonFiniteWeightsError on every rank, before writing, if any weight is NaN or inf.
     """
+    (bad_ranks,) = distributed.all_reduce_sum(context, [0.0 if parallel.all_finite(model) else 1.0])
+    if bad_ranks:
+        raise NonFiniteWeightsError(step)
     rng_states = distributed.all_gather_objects(context, capture_rng_state())
-    final = root / step_dir_name(step)
+    model_state, optimizer_state = parallel.full_state_dicts(model, optimizer)
+    filesystem, base = storage.resolve(root)
+    final = f"{base}/{step_dir_name(step)}"
     if context.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_temporary_dirs(root)
-        tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-        tmp.mkdir()
-        torch.save(model.state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng.pt")
-        # state.json is written last: list_checkpoints treats a directory without it as
-        # incomplete.
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
-        _fsync_tree(tmp)
-        if final.exists():
+        filesystem.makedirs(base, exist_ok=True)
+        _remove_incomplete_dirs(filesystem, base)
+        tmp = f"{base}/.tmp-{step_dir_name(step)}-{os.getpid()}"
+        filesystem.makedirs(tmp, exist_ok=True)
+        _write_tensors(filesystem, f"{tmp}/model.pt", model_state)
+        _write_tensors(filesystem, f"{tmp}/optimizer.pt", optimizer_state)
+        _write_tensors(filesystem, f"{tmp}/scheduler.pt", scheduler.state_dict())
+        _write_tensors(filesystem, f"{tmp}/rng.pt", rng_states)
+        state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True).encode()
+        if filesystem.exists(final):
             # A checkpoint for the same step from an earlier attempt: replace it.
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+            filesystem.rm(final, recursive=True)
+        if storage.is_local(filesystem):
+            Path(tmp, STATE).write_bytes(state_json)
+            _fsync_tree(Path(tmp))
+            os.rename(tmp, final)
+            _fsync_dir(Path(base))
+        else:
+            filesystem.mv(tmp, final, recursive=True)
+            filesystem.pipe_file(f"{final}/{STATE}", state_json)
         prune(root, keep)
-        log.info("Saved the checkpoint for step %d to %s.", step, final)
+        log.info("Saved the checkpoint for step %d to %s.", step,
+                 storage.display(filesystem, final))
     distributed.barrier(context)
-    return final
+    return storage.display(filesystem, final)
 
 
-def load(path: Path) -> Checkpoint:
+class NonFiniteWeightsError(RuntimeError):
+    """A checkpoint was about to store NaN or infinite weights."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the weights at step {step} contain NaN or inf values, so no "
+                         "checkpoint was written")
+        self.step = step
+
+
+def load(path: Path | str) -> Checkpoint:
     """Read a checkpoint. Tensors land on the CPU; the caller moves what it needs."""
-    state = json.loads((path / STATE).read_text())
+    filesystem, base = storage.resolve(path)
+    state = json.loads(filesystem.cat_file(f"{base}/{STATE}"))
 
     def read(name: str) -> Any:
+        data = io.BytesIO(filesystem.cat_file(f"{base}/{name}"))
         # NB: weights_only=True keeps torch.load from running arbitrary pickled code.
-        return torch.load(path / name, map_location="cpu", weights_only=True)
+        return torch.load(data, map_location="cpu", weights_only=True)
 
     return Checkpoint(
-        path=path,
+        path=storage.display(filesystem, base),
         step=int(state["step"]),
         state=state,
         model=read("model.pt"),
@@ -146,23 +182,35 @@ def load(path: Path) -> Checkpoint:
     )
 
 
-def prune(root: Path, keep: int) -> None:
+def prune(root: Path | str, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints."""
+    filesystem, _ = storage.resolve(root)
     found = list_checkpoints(root)
     for step, path in found[: max(0, len(found) - keep)]:
-        shutil.rmtree(path)
+        filesystem.rm(storage.resolve(path)[1], recursive=True)
         log.info("Removed the checkpoint for step %d, keeping the newest %d.", step, keep)
 
 
-def remove_all(root: Path) -> None:
+def remove_all(root: Path | str) -> None:
     """Remove every checkpoint under root, for a run that starts over without --resume."""
-    if root.is_dir():
-        shutil.rmtree(root)
+    filesystem, base = storage.resolve(root)
+    if filesystem.isdir(base):
+        filesystem.rm(base, recursive=True)
 
 
-def _remove_temporary_dirs(root: Path) -> None:
-    for path in root.glob(".tmp-step-*"):
-        shutil.rmtree(path, ignore_errors=True)
+def _write_tensors(filesystem: fsspec.AbstractFileSystem, path: str, value: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    filesystem.pipe_file(path, buffer.getvalue())
+
+
+def _remove_incomplete_dirs(filesystem: fsspec.AbstractFileSystem, base: str) -> None:
+    """Remove `.tmp-*` directories and step directories without state.json."""
+    for path in filesystem.ls(base, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        incomplete = STEP_DIR.match(name) and not filesystem.isfile(f"{path}/{STATE}")
+        if name.startswith(".tmp-step-") or incomplete:
+            filesystem.rm(path, recursive=True)
 
 
 def _fsync_tree(directory: Path) -> None:

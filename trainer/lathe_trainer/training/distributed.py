@@ -95,3 +95,12 @@ def all_gather_objects(context: DistributedContext, value: object) -> list[objec
     gathered: list[object] = [None] * context.world_size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def all_reduce_max(context: DistributedContext, values: list[float]) -> list[float]:
+    """Return the maximum of a few scalars over all ranks."""
+    if not context.is_distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()

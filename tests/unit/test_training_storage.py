@@ -1,0 +1,103 @@
+"""Checkpoints on fsspec stores: memory:// stands in for a remote store such as s3://."""
+
+from __future__ import annotations
+
+import uuid
+
+import fsspec
+import pytest
+import torch
+
+from lathe_trainer.training import checkpoint, storage
+from lathe_trainer.training.distributed import DistributedContext
+from lathe_trainer.training.schedule import build_scheduler
+
+SINGLE = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                            backend=None)
+
+
+@pytest.fixture
+def root():
+    url = f"memory:///ckpt-{uuid.uuid4().hex}/checkpoints"
+    yield url
+    filesystem, path = storage.resolve(url)
+    if filesystem.exists(path):
+        filesystem.rm(path, recursive=True)
+
+
+def save(root, step, keep=2, model=None):
+    torch.manual_seed(step)
+    model = model or torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = build_scheduler(optimizer, warmup_steps=1, total_steps=10)
+    return checkpoint.save(SINGLE, root, step, {"note": step}, model, optimizer, scheduler,
+                           keep)
+
+
+def test_memory_round_trip(root):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    path = save(root, 3, model=model)
+    loaded = checkpoint.load(path)
+    assert path == f"{root}/step-00000003"
+    assert loaded.state["note"] == 3
+    assert torch.equal(loaded.model["weight"], model.weight)
+
+
+def test_memory_keeps_newest(root):
+    for step in (1, 2, 3, 4):
+        save(root, step, keep=2)
+    assert [step for step, _ in checkpoint.list_checkpoints(root)] == [3, 4]
+    filesystem, path = storage.resolve(root)
+    assert sorted(p.rsplit("/", 1)[-1] for p in filesystem.ls(path, detail=False)) == [
+        "step-00000003", "step-00000004"]
+
+
+@pytest.mark.parametrize("leftover", [".tmp-step-00000009-1", "step-00000009"])
+def test_memory_incomplete_ignored_then_removed(root, leftover):
+    """A save killed midway leaves a temporary or state-less directory; neither counts."""
+    save(root, 5)
+    filesystem, path = storage.resolve(root)
+    filesystem.pipe_file(f"{path}/{leftover}/model.pt", b"truncated")
+    assert checkpoint.latest_checkpoint(root) == f"{root}/step-00000005"
+    save(root, 6)
+    assert not filesystem.exists(f"{path}/{leftover}")
+
+
+def test_nan_weights_never_saved(root):
+    model = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(checkpoint.NonFiniteWeightsError, match="step 7 contain NaN or inf"):
+        save(root, 7, model=model)
+    assert checkpoint.list_checkpoints(root) == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("pvc://artifacts/runs/a", "/mnt/claims/artifacts/runs/a"),
+        ("file:///tmp/x", "file:///tmp/x"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+    ],
+)
+def test_pvc_uri_maps_to_mount(monkeypatch, uri, expected):
+    monkeypatch.setenv("LATHE_ARTIFACTS_MOUNT", "/mnt/claims")
+    assert storage.to_fsspec_url(uri) == expected
+
+
+def test_pvc_without_claim_rejected():
+    with pytest.raises(ValueError, match="names no claim"):
+        storage.to_fsspec_url("pvc:///path")
+
+
+def test_unknown_protocol_rejected():
+    with pytest.raises(ValueError, match="no filesystem for 'nosuch://b/x'"):
+        storage.resolve("nosuch://b/x")
+
+
+def test_local_paths_stay_paths(tmp_path):
+    filesystem, path = storage.resolve(tmp_path)
+    assert storage.is_local(filesystem)
+    assert storage.display(filesystem, path) == tmp_path
+    assert isinstance(fsspec.filesystem("memory"), fsspec.AbstractFileSystem)

@@ -1,0 +1,137 @@
+"""Data-parallel wrapping (DDP or FSDP2) and the full state dicts that checkpoints store.
+
+The same code runs as one process, as several local processes and across nodes: with a world
+of one the model stays unwrapped. FSDP uses FSDP2 (`torch.distributed.fsdp.fully_shard`),
+sharding each transformer layer and then the root module; it runs on gloo (CPU) as well as
+nccl in torch 2.13. Checkpoints always hold full (gathered) state dicts: a plain
+`model.state_dict()` for DDP and one process, and the parameter-name keyed full state dicts of
+`torch.distributed.checkpoint.state_dict` for FSDP. The two optimizer formats differ, so a run
+resumes only under the strategy that wrote its checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from lathe_trainer.training.distributed import DistributedContext
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def wrap(model: torch.nn.Module, context: DistributedContext, strategy: str) -> torch.nn.Module:
+    """Return the module that the training step calls.
+
+    FSDP shards `model` in place, so call this before building the optimizer. DDP returns a
+    wrapper around `model` that the optimizer may be built before or after.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    if not context.is_distributed:
+        return model
+    if strategy == "fsdp":
+        for layer in transformer_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    device_ids = [context.device] if context.device.type == "cuda" else None
+    # gradient_as_bucket_view saves a copy of every gradient into the all-reduce buckets.
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Return the repeated blocks to shard one by one (Llama `layers`, GPT-2 `h`, T5 `block`)."""
+    layers: list[torch.nn.Module] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in (
+            "layers", "h", "layer", "block",
+        ):
+            layers.extend(module)
+    return layers
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce of a micro-batch that is not the last of its step."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: FSDPModule):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip gradients to `max_norm` and return the total norm over all shards (a 0-d tensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def full_state_dicts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the gathered model and optimizer state dicts, on the CPU of rank 0.
+
+    Collective under FSDP: every rank must call it. Ranks other than 0 get empty dicts then.
+    """
+    if is_sharded(model):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, optimizer, options=options)
+    return model.state_dict(), optimizer.state_dict()
+
+
+def full_model_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """Return the gathered model state dict (collective under FSDP, empty off rank 0)."""
+    if is_sharded(model):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+    return model.state_dict()
+
+
+def load_full_state_dicts(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Load state dicts written by `full_state_dicts`; every rank passes the full dicts."""
+    if is_sharded(model):
+        set_state_dict(model, optimizer, model_state_dict=model_state,
+                       optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(optimizer_state)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """Return whether every parameter on this rank is finite (each rank checks its shards)."""
+    for parameter in model.parameters():
+        local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+        if not bool(torch.isfinite(local).all()):
+            return False
+    return True

@@ -1,0 +1,51 @@
+"""Artifact store URLs for checkpoints and the final model, through fsspec.
+
+`file://` and plain paths are local. `pvc://<claim>/<path>` is a PersistentVolumeClaim that the
+operator mounts at `<LATHE_ARTIFACTS_MOUNT>/<claim>` (default /artifacts, the mount point in
+lathe.k8s.builders), so it is local inside the pod too. Any other scheme (s3://, gs://, and
+memory:// in tests) goes to the fsspec filesystem of that protocol, which must be installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+DEFAULT_ARTIFACTS_MOUNT = "/artifacts"
+
+
+def to_fsspec_url(uri: str | os.PathLike[str]) -> str:
+    """Rewrite a pvc:// URI to the mounted local path; return other URIs unchanged."""
+    uri = os.fspath(uri)
+    if uri.startswith("pvc://"):
+        claim, _, path = uri[len("pvc://"):].partition("/")
+        if not claim:
+            raise ValueError(f"URI {uri!r} names no claim; use pvc://<claim>/<path>.")
+        mount = os.environ.get("LATHE_ARTIFACTS_MOUNT", DEFAULT_ARTIFACTS_MOUNT)
+        return str(Path(mount) / claim / path)
+    return uri
+
+
+def resolve(uri: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the filesystem behind `uri` and the path inside it."""
+    url = to_fsspec_url(uri)
+    try:
+        filesystem, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:
+        raise ValueError(
+            f"no filesystem for {url!r} ({error}); install the fsspec implementation of its "
+            "protocol (s3fs for s3://) or use a file:// or pvc:// URI."
+        ) from error
+    return filesystem, path.rstrip("/") or path
+
+
+def is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(filesystem, LocalFileSystem)
+
+
+def display(filesystem: fsspec.AbstractFileSystem, path: str) -> str | Path:
+    """Return a local Path for local files, else the full URL, for logs and return values."""
+    return Path(path) if is_local(filesystem) else filesystem.unstrip_protocol(path)
