@@ -13,7 +13,9 @@ from transformers import PreTrainedTokenizerFast
 
 from lathe.api.pretrain import PretrainJobSpec
 from lathe_trainer import datasets
+from lathe_trainer.pretrain import objectives
 from lathe_trainer.pretrain.data import END_OF_TEXT
+from lathe_trainer.pretrain.model import PAD
 from lathe_trainer.stage import StageConfig, StageError, local_path
 
 # The tokenizer files that `PreTrainedTokenizerFast.save_pretrained` writes (transformers 5);
@@ -86,3 +88,46 @@ def corpus_uri(config: StageConfig) -> str:
 
 def tokenizer_files(directory: Path) -> list[Path]:
     return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+
+
+def build_objective(
+    config: StageConfig, spec: PretrainJobSpec, tokenizer: PreTrainedTokenizerFast,
+    model_vocab_size: int,
+) -> objectives.Objective:
+    """Return the objective of spec.model, checking the tokens it needs."""
+    name = spec.model.training_objective()
+    if name == "maskedLM":
+        mask_id = tokenizer.get_vocab().get(tokenizer.mask_token or objectives.MASK)
+        if mask_id is None:
+            raise StageError(
+                config, "spec.tokenizerRef",
+                f"Tokenizer {config.inputs['tokenizer'].name!r} has no mask token "
+                f"{objectives.MASK!r}, which architecture bert needs for masked language "
+                f"modelling; add {objectives.MASK!r} to the Tokenizer's specialTokens and run "
+                "the Tokenizer again.",
+            )
+        return objectives.MaskedLM(mask_id, len(tokenizer), tokenizer.all_special_ids)
+    if name == "spanCorruption":
+        _check_span_counts(config, spec)
+        vocab = tokenizer.get_vocab()
+        if PAD not in vocab:
+            raise StageError(
+                config, "spec.tokenizerRef",
+                f"Tokenizer {config.inputs['tokenizer'].name!r} has no {PAD!r} token, which "
+                f"architecture t5 uses to start decoding; add {PAD!r} to the Tokenizer's "
+                "specialTokens and run the Tokenizer again.",
+            )
+        return objectives.SpanCorruption(model_vocab_size, vocab[END_OF_TEXT], vocab[PAD])
+    return objectives.CausalLM()
+
+
+def _check_span_counts(config: StageConfig, spec: PretrainJobSpec) -> None:
+    for field, length in spec.sequence_lengths().items():
+        _, spans = objectives.span_counts(length)
+        if spans > objectives.T5_SENTINELS:
+            raise StageError(
+                config, field,
+                f"{length} tokens hold {spans} noise spans under span corruption, more than "
+                f"the {objectives.T5_SENTINELS} sentinel tokens of architecture t5; lower "
+                f"{field}.",
+            )
