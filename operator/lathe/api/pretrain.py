@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lathe.api.common import (
     ApiModel,
@@ -20,26 +21,187 @@ from lathe.api.common import (
 from lathe.api.training import GPU_RULES, DistributedSpec, TrainingSpec
 
 
+Architecture = Literal["llama", "gpt2", "bert", "t5"]
+Objective = Literal["causalLM", "maskedLM", "spanCorruption"]
+
+# The pretraining objective of each architecture: next-token prediction for the decoders,
+# BERT's masked language modelling, and T5's span corruption for the encoder-decoder.
+OBJECTIVES: dict[str, str] = {
+    "llama": "causalLM",
+    "gpt2": "causalLM",
+    "bert": "maskedLM",
+    "t5": "spanCorruption",
+}
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    """The sizes of a model: a preset with the explicitly given fields applied over it."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+
+
+# Published dimensions behind spec.model.preset. The feed-forward size is 4 x hidden for the
+# GPT presets and Llama 2's own 11008 for 7b. Sources: the GPT-2 `config.json` files (124M:
+# n_embd 768, n_layer 12, n_head 12; 355M: 1024, 24, 16) which match GPT-3 Small and Medium in
+# Brown et al. 2020, Table 2.1; GPT-3 XL (1.3B) in that table with d_model 2048, 24 layers and
+# heads of 128 dimensions, so 16 heads (the table's "24 heads" does not divide 2048, and
+# GPT-Neo 1.3B also uses 16); Llama 2 7B's `config.json` (Touvron et al. 2023). Context length
+# is GPT-3's 2048 for the GPT presets and Llama 2's 4096 for 7b. A preset fixes dimensions,
+# not parameter counts: with the Llama MLP (three matrices) a preset has more parameters than
+# with the GPT-2 MLP (two), and the vocabulary always comes from the Tokenizer.
+MODEL_PRESETS: dict[str, ModelDimensions] = {
+    "tiny": ModelDimensions(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
+                            max_position_embeddings=512),
+    "125m": ModelDimensions(hidden_size=768, num_layers=12, num_heads=12,
+                            intermediate_size=3072, max_position_embeddings=2048),
+    "350m": ModelDimensions(hidden_size=1024, num_layers=24, num_heads=16,
+                            intermediate_size=4096, max_position_embeddings=2048),
+    "1.3b": ModelDimensions(hidden_size=2048, num_layers=24, num_heads=16,
+                            intermediate_size=8192, max_position_embeddings=2048),
+    "7b": ModelDimensions(hidden_size=4096, num_layers=32, num_heads=32,
+                          intermediate_size=11008, max_position_embeddings=4096),
+}
+
+
 class ModelArchitectureSpec(ApiModel):
     """The model to build from a `transformers` config."""
 
-    architecture: Literal["llama", "gpt2"] = Field(
-        default="llama", description="Decoder-only architecture family."
+    architecture: Architecture = Field(
+        default="llama",
+        description="Architecture family: llama or gpt2 (decoder-only, causal LM), bert "
+        "(encoder-only, masked LM) or t5 (encoder-decoder, span corruption).",
     )
-    hidden_size: int = Field(default=128, ge=16, description="Hidden size.")
-    num_layers: int = Field(default=2, ge=1, description="Transformer layers.")
-    num_heads: int = Field(default=4, ge=1, description="Attention heads.")
-    intermediate_size: int = Field(default=512, ge=16, description="MLP inner size.")
-    max_position_embeddings: int = Field(default=512, ge=16, description="Maximum positions.")
+    objective: Objective | None = Field(
+        default=None,
+        description="Pretraining objective; it follows from the architecture (causalLM for "
+        "llama and gpt2, maskedLM for bert, spanCorruption for t5) and, if given, must match it.",
+    )
+    preset: Literal["tiny", "125m", "350m", "1.3b", "7b"] = Field(
+        default="tiny",
+        description="Size preset: tiny (128 hidden, 2 layers), 125m, 350m and 1.3b (GPT-2 and "
+        "GPT-3 dimensions) or 7b (Llama 2 dimensions). The size fields below override it.",
+    )
+    hidden_size: int | None = Field(
+        default=None, ge=16, description="Hidden size; overrides the preset's."
+    )
+    num_layers: int | None = Field(
+        default=None, ge=1,
+        description="Transformer layers (for t5, in the encoder and in the decoder each); "
+        "overrides the preset's.",
+    )
+    num_heads: int | None = Field(
+        default=None, ge=1, description="Attention heads; overrides the preset's."
+    )
+    intermediate_size: int | None = Field(
+        default=None, ge=16, description="MLP inner size; overrides the preset's."
+    )
+    max_position_embeddings: int | None = Field(
+        default=None, ge=16,
+        description="Maximum positions; overrides the preset's. t5 uses relative positions "
+        "and checks sequence lengths against this value only.",
+    )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="self.hiddenSize % self.numHeads == 0",
+            rule="!has(self.hiddenSize) || !has(self.numHeads) || "
+            "self.hiddenSize % self.numHeads == 0",
             message="spec.model.hiddenSize must be a multiple of spec.model.numHeads; pick a "
             "numHeads that divides hiddenSize",
-            check=lambda model: model.hidden_size % model.num_heads == 0,
+            check=lambda model: (
+                model.hidden_size is None or model.num_heads is None
+                or model.hidden_size % model.num_heads == 0
+            ),
+        ),
+        CelRule(
+            rule="!has(self.objective) || self.objective == "
+            "{'llama': 'causalLM', 'gpt2': 'causalLM', 'bert': 'maskedLM', "
+            "'t5': 'spanCorruption'}[has(self.architecture) ? self.architecture : 'llama']",
+            message="spec.model.objective must match spec.model.architecture: causalLM for "
+            "llama and gpt2, maskedLM for bert, spanCorruption for t5; remove objective to "
+            "take the architecture's",
+            check=lambda model: (
+                model.objective is None or model.objective == OBJECTIVES[model.architecture]
+            ),
         ),
     )
+
+    @model_validator(mode="after")
+    def _check_resolved_heads(self) -> ModelArchitectureSpec:
+        # NB: the CEL rule above sees explicit fields only; this one sees the preset too.
+        dimensions = self.dimensions()
+        if dimensions.hidden_size % dimensions.num_heads:
+            raise ValueError(
+                f"spec.model: hidden size {dimensions.hidden_size} (preset {self.preset!r} "
+                f"with overrides) is not a multiple of {dimensions.num_heads} heads; set "
+                "hiddenSize and numHeads so that numHeads divides hiddenSize"
+            )
+        return self
+
+    def dimensions(self) -> ModelDimensions:
+        """Return the preset's dimensions with every explicitly given size field applied."""
+        overrides = {
+            name: getattr(self, name)
+            for name in ModelDimensions.__dataclass_fields__
+            if getattr(self, name) is not None
+        }
+        return replace(MODEL_PRESETS[self.preset], **overrides)
+
+    def training_objective(self) -> str:
+        return self.objective or OBJECTIVES[self.architecture]
+
+
+class CurriculumStageSpec(ApiModel):
+    """One stage of a training curriculum: a sequence length and a document quality floor."""
+
+    until_step: int | None = Field(
+        default=None, ge=1,
+        description="Last optimizer step of this stage; the next stage starts after it. "
+        "Required on every stage but the last, which runs to training.maxSteps.",
+    )
+    sequence_length: int | None = Field(
+        default=None, ge=8,
+        description="Tokens per training sequence in this stage; defaults to "
+        "spec.sequenceLength. Short sequences first is the usual order.",
+    )
+    min_quality: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Train only on documents whose Corpus `quality` score (0 to 1) is at "
+        "least this; unset trains on every document. A high floor first (clean text) and a "
+        "lower one later (noisier text) is the usual order.",
+    )
+
+
+class CurriculumSpec(ApiModel):
+    """Training stages run in order, each from its own packing of the train split."""
+
+    stages: list[CurriculumStageSpec] = Field(
+        min_length=1, max_length=16, description="The stages, in training order."
+    )
+
+    @model_validator(mode="after")
+    def _check_boundaries(self) -> CurriculumSpec:
+        previous = 0
+        for index, curriculum_stage in enumerate(self.stages):
+            until = curriculum_stage.until_step
+            last = index == len(self.stages) - 1
+            if until is None and not last:
+                raise ValueError(
+                    f"spec.curriculum.stages[{index}].untilStep is missing; every stage but "
+                    "the last needs the step it ends at"
+                )
+            if until is not None and until <= previous:
+                raise ValueError(
+                    f"spec.curriculum.stages[{index}].untilStep {until} is not after the "
+                    f"previous stage's end at step {previous}; list stages with increasing "
+                    "untilStep"
+                )
+            previous = until or previous
+        return self
 
 
 class PretrainJobSpec(ApiModel):
@@ -47,10 +209,15 @@ class PretrainJobSpec(ApiModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="self.sequenceLength <= self.model.maxPositionEmbeddings",
+            rule="!has(self.sequenceLength) || !has(self.model) || "
+            "!has(self.model.maxPositionEmbeddings) || "
+            "self.sequenceLength <= self.model.maxPositionEmbeddings",
             message="spec.sequenceLength must not exceed spec.model.maxPositionEmbeddings; lower "
             "sequenceLength or raise maxPositionEmbeddings",
-            check=lambda spec: spec.sequence_length <= spec.model.max_position_embeddings,
+            check=lambda spec: (
+                spec.model.max_position_embeddings is None
+                or spec.sequence_length <= spec.model.max_position_embeddings
+            ),
         ),
         *GPU_RULES,
     )
@@ -69,6 +236,12 @@ class PretrainJobSpec(ApiModel):
         description="Validation sequences (from the start of the validation split) scored "
         "for validation perplexity.",
     )
+    curriculum: CurriculumSpec | None = Field(
+        default=None,
+        description="Training stages by sequence length and document quality; unset trains "
+        "on every document at sequenceLength throughout. Validation always uses "
+        "sequenceLength and every document.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Processes and nodes."
@@ -82,6 +255,42 @@ class PretrainJobSpec(ApiModel):
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources per node."
     )
+
+    @model_validator(mode="after")
+    def _check_sequence_lengths(self) -> PretrainJobSpec:
+        # NB: the CEL rule sees an explicit maxPositionEmbeddings only; this check sees the
+        # preset's too, and the sequence lengths of the curriculum stages.
+        limit = self.model.dimensions().max_position_embeddings
+        for field, length in self.sequence_lengths().items():
+            if length > limit:
+                raise ValueError(
+                    f"{field} {length} exceeds the model's maximum positions {limit} (preset "
+                    f"{self.model.preset!r} with overrides); lower {field} or raise "
+                    "spec.model.maxPositionEmbeddings"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _check_curriculum_steps(self) -> PretrainJobSpec:
+        if self.curriculum is None:
+            return self
+        for index, curriculum_stage in enumerate(self.curriculum.stages[:-1]):
+            if curriculum_stage.until_step >= self.training.max_steps:
+                raise ValueError(
+                    f"spec.curriculum.stages[{index}].untilStep {curriculum_stage.until_step} "
+                    f"is not below training.maxSteps {self.training.max_steps}, so the later "
+                    "stages would never run; lower untilStep or raise maxSteps"
+                )
+        return self
+
+    def sequence_lengths(self) -> dict[str, int]:
+        """Return every sequence length the job trains or validates at, by field path."""
+        lengths = {"spec.sequenceLength": self.sequence_length}
+        for index, curriculum_stage in enumerate(self.curriculum.stages if self.curriculum else []):
+            if curriculum_stage.sequence_length is not None:
+                field = f"spec.curriculum.stages[{index}].sequenceLength"
+                lengths[field] = curriculum_stage.sequence_length
+        return lengths
 
 
 class PretrainJob(Resource):

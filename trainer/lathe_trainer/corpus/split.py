@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lathe_trainer.corpus.quality import quality_score
 from lathe_trainer.corpus.records import Document
 from lathe_trainer.datasets import SPLITS
 
@@ -77,6 +78,7 @@ def write_shards(
             "source": document.source,
             "recordId": document.record_id,
             "text": document.text,
+            "quality": quality_score(document.text),
         }
         lines[(assignment.split, assignment.shard)].append(json.dumps(record, ensure_ascii=False))
     for (split, shard), records in lines.items():

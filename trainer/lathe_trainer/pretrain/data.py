@@ -5,6 +5,9 @@ stream is cut into sequences of exactly `sequenceLength` tokens (the tail that d
 sequence is dropped). Sequences may therefore span a document boundary, as in GPT-2's packing,
 and the end-of-text token marks where one document stops.
 
+A split is tokenized once (`tokenize_split`) and packed (`pack`) once per curriculum stage, each
+stage with its own sequence length and minimum document quality (see pretrain.curriculum).
+
 Each epoch visits the sequences in an order drawn from (seed, epoch). One micro-batch step of
 all ranks consumes the next `microBatchSize * world_size` sequences of that order, rank r taking
 the r-th block. The data position is therefore (epoch, cursor) counted in sequences, which is
@@ -22,6 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from lathe_trainer import datasets
+from lathe_trainer.corpus.quality import quality_score
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,14 @@ class MalformedCorpusError(ValueError):
     """A corpus shard contains a line that is not valid JSON."""
 
 
-def iter_checked_texts(corpus_uri: str, split: str, skipped: dict[str, int]) -> Iterator[str]:
-    """Yield the non-empty texts of a split and count documents without a usable text."""
+def iter_checked_documents(
+    corpus_uri: str, split: str, skipped: dict[str, int]
+) -> Iterator[tuple[str, float | None]]:
+    """Yield (text, quality) of the documents of a split with a non-empty text.
+
+    Documents without a usable text are counted in `skipped`. The quality is the Corpus
+    record's `quality` field, or None in the output of a Corpus that predates the field.
+    """
     documents = datasets.iter_documents(corpus_uri, split)
     while True:
         try:
@@ -66,7 +76,64 @@ def iter_checked_texts(corpus_uri: str, split: str, skipped: dict[str, int]) -> 
         elif not text.strip():
             skipped["emptyText"] = skipped.get("emptyText", 0) + 1
         else:
-            yield text
+            quality = document.get("quality")
+            yield text, float(quality) if isinstance(quality, (int, float)) else None
+
+
+def iter_checked_texts(corpus_uri: str, split: str, skipped: dict[str, int]) -> Iterator[str]:
+    """Yield the non-empty texts of a split and count documents without a usable text."""
+    for text, _ in iter_checked_documents(corpus_uri, split, skipped):
+        yield text
+
+
+@dataclass
+class TokenizedSplit:
+    """The token ids of every document of a split, each ending in `<|endoftext|>`."""
+
+    documents: list[list[int]]
+    # Quality score per document, computed from the text where the Corpus record has none.
+    qualities: list[float]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.documents)
+
+
+def tokenize_split(
+    tokenizer: PreTrainedTokenizerFast, corpus_uri: str, split: str
+) -> TokenizedSplit:
+    """Tokenize every document of a split once, so each curriculum stage can pack its own."""
+    # NOTE: the whole split is tokenized in memory on every rank. That takes about a second for
+    # the example corpora; corpora of billions of tokens need pre-tokenized shards instead.
+    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    tokenized = TokenizedSplit([], [])
+    batch: list[tuple[str, float | None]] = []
+    for document in iter_checked_documents(corpus_uri, split, tokenized.skipped):
+        batch.append(document)
+        if len(batch) == ENCODE_BATCH:
+            _encode_into(tokenizer, batch, eos_id, tokenized)
+            batch = []
+    _encode_into(tokenizer, batch, eos_id, tokenized)
+    if tokenized.skipped:
+        log.warning("Skipped documents of the %s split without usable text: %s.", split,
+                    tokenized.skipped)
+    return tokenized
+
+
+def pack(
+    tokenized: TokenizedSplit, sequence_length: int, min_quality: float | None = None
+) -> PackedSplit:
+    """Cut the documents with quality >= min_quality into sequences of sequence_length."""
+    stream: list[int] = []
+    documents = 0
+    for ids, quality in zip(tokenized.documents, tokenized.qualities):
+        if min_quality is None or quality >= min_quality:
+            stream.extend(ids)
+            documents += 1
+    usable = len(stream) // sequence_length * sequence_length
+    sequences = torch.tensor(stream[:usable], dtype=torch.long).view(-1, sequence_length)
+    return PackedSplit(sequences, documents, len(stream), dict(tokenized.skipped))
 
 
 def pack_split(
@@ -76,36 +143,22 @@ def pack_split(
     sequence_length: int,
 ) -> PackedSplit:
     """Tokenize one split and cut it into sequences of sequence_length tokens."""
-    # NOTE: the whole split is tokenized in memory on every rank. That takes about a second for
-    # the example corpora; corpora of billions of tokens need pre-tokenized shards instead.
-    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-    skipped: dict[str, int] = {}
-    stream: list[int] = []
-    documents = 0
-    batch: list[str] = []
-    for text in iter_checked_texts(corpus_uri, split, skipped):
-        batch.append(text)
-        if len(batch) == ENCODE_BATCH:
-            documents += _encode_into(tokenizer, batch, eos_id, stream)
-            batch = []
-    documents += _encode_into(tokenizer, batch, eos_id, stream)
-    usable = len(stream) // sequence_length * sequence_length
-    sequences = torch.tensor(stream[:usable], dtype=torch.long).view(-1, sequence_length)
-    if skipped:
-        log.warning("Skipped documents of the %s split without usable text: %s.", split, skipped)
-    return PackedSplit(sequences, documents, len(stream), skipped)
+    return pack(tokenize_split(tokenizer, corpus_uri, split), sequence_length)
 
 
 def _encode_into(
-    tokenizer: PreTrainedTokenizerFast, texts: list[str], eos_id: int, stream: list[int]
-) -> int:
-    if not texts:
-        return 0
+    tokenizer: PreTrainedTokenizerFast,
+    documents: list[tuple[str, float | None]],
+    eos_id: int,
+    tokenized: TokenizedSplit,
+) -> None:
+    if not documents:
+        return
+    texts = [text for text, _ in documents]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for ids in encoded:
-        stream.extend(ids)
-        stream.append(eos_id)
-    return len(texts)
+    for ids, (text, quality) in zip(encoded, documents):
+        tokenized.documents.append([*ids, eos_id])
+        tokenized.qualities.append(quality_score(text) if quality is None else quality)
 
 
 @dataclass

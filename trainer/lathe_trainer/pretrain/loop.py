@@ -16,6 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lathe_trainer.pretrain.data import DataPosition, SequenceSampler
+from lathe_trainer.pretrain.objectives import Batch, CausalLM, Objective
 from lathe_trainer.training import distributed
 from lathe_trainer.training.distributed import DistributedContext
 from lathe_trainer.training.loss import count_tokens, gradient_scale, token_loss_sum
@@ -86,6 +87,7 @@ def train_step(
     max_grad_norm: float,
     precision: str,
     step: int,
+    objective: Objective | None = None,
 ) -> StepResult:
     """Run one optimizer step and return its loss, averaged over every token of all ranks.
 
@@ -93,8 +95,12 @@ def train_step(
     gradient norm is not finite. The check uses values reduced over all ranks, so all ranks
     raise together.
     """
-    batches = [sequences[sampler.next_indices()].to(context.device) for _ in range(accumulation)]
-    local_tokens = sum(count_tokens(batch, shift=True) for batch in batches)
+    # The objective (pretrain.objectives) turns sequences into inputs and labels: causal LM
+    # unless the stage passes masked LM or span corruption.
+    objective = objective or CausalLM()
+    batches = [objective.prepare(sequences[sampler.next_indices()]).to(context.device)
+               for _ in range(accumulation)]
+    local_tokens = sum(count_tokens(batch.labels, shift=batch.shift) for batch in batches)
     (global_tokens,) = distributed.all_reduce_sum(context, [local_tokens])
     scale = gradient_scale(global_tokens, context.world_size)
 
@@ -106,8 +112,8 @@ def train_step(
             sync = model.no_sync()
         with sync:
             with autocast(context.device, precision):
-                logits = model(input_ids=batch).logits
-            loss_sum = token_loss_sum(logits, batch, shift=True)
+                logits = model(**batch.inputs).logits
+            loss_sum = token_loss_sum(logits, batch.labels, shift=batch.shift)
             (loss_sum * scale).backward()
         local_loss_sum += loss_sum.item()
 
@@ -133,7 +139,7 @@ def train_step(
 def evaluate(
     context: DistributedContext,
     model: torch.nn.Module,
-    batches: list[torch.Tensor],
+    batches: list[Batch],
     precision: str,
 ) -> float | None:
     """Return the mean token loss over every rank's validation batches (None without any).
@@ -147,9 +153,9 @@ def evaluate(
     for batch in batches:
         batch = batch.to(context.device)
         with autocast(context.device, precision):
-            logits = model(input_ids=batch).logits
-        loss_sum += token_loss_sum(logits, batch, shift=True).item()
-        tokens += count_tokens(batch, shift=True)
+            logits = model(**batch.inputs).logits
+        loss_sum += token_loss_sum(logits, batch.labels, shift=batch.shift).item()
+        tokens += count_tokens(batch.labels, shift=batch.shift)
     model.train(was_training)
     total_loss, total_tokens = distributed.all_reduce_sum(context, [loss_sum, tokens])
     return total_loss / total_tokens if total_tokens else None

@@ -1,22 +1,29 @@
 """Build the PretrainJob's model from a `transformers` config, with fresh weights.
 
-Nothing is downloaded: the config comes from `spec.model` and the tokenizer's vocabulary, and
-`AutoModelForCausalLM.from_config` initializes the weights from the seeded torch RNG.
+Nothing is downloaded: the config comes from `spec.model` (a size preset with explicit fields
+over it) and the tokenizer's vocabulary, and `from_config` initializes the weights from the
+seeded torch RNG. llama and gpt2 build causal LMs, bert a masked LM and t5 an
+encoder-decoder (the `Auto*` class follows the config's model type).
 """
 
 from __future__ import annotations
 
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    BertConfig,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    T5Config,
 )
 
-from lathe.api.pretrain import ModelArchitectureSpec
+from lathe.api.pretrain import ModelArchitectureSpec, ModelDimensions
 from lathe_trainer.pretrain.data import END_OF_TEXT
+from lathe_trainer.pretrain.objectives import T5_SENTINELS
 
 PAD = "<pad>"
 
@@ -33,24 +40,32 @@ def model_config(
         "eos_token_id": vocab[END_OF_TEXT],
         "pad_token_id": vocab.get(PAD),
     }
-    if spec.architecture == "llama":
-        return LlamaConfig(
-            hidden_size=spec.hidden_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_heads,
-            intermediate_size=spec.intermediate_size,
-            max_position_embeddings=spec.max_position_embeddings,
-            **special,
-        )
-    # NB: dropout is off for GPT-2 as it is in Llama's defaults: a single pass over a small
-    # corpus underfits rather than overfits, and it keeps the two architectures comparable.
+    dimensions = spec.dimensions()
+    builders = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "t5": _t5}
+    return builders[spec.architecture](dimensions, special)
+
+
+def _llama(dimensions: ModelDimensions, special: dict) -> PretrainedConfig:
+    return LlamaConfig(
+        hidden_size=dimensions.hidden_size,
+        num_hidden_layers=dimensions.num_layers,
+        num_attention_heads=dimensions.num_heads,
+        num_key_value_heads=dimensions.num_heads,
+        intermediate_size=dimensions.intermediate_size,
+        max_position_embeddings=dimensions.max_position_embeddings,
+        **special,
+    )
+
+
+# NB: dropout is off for GPT-2, BERT and T5 as it is in Llama's defaults: a single pass over a
+# small corpus underfits rather than overfits, and it keeps the architectures comparable.
+def _gpt2(dimensions: ModelDimensions, special: dict) -> PretrainedConfig:
     return GPT2Config(
-        n_embd=spec.hidden_size,
-        n_layer=spec.num_layers,
-        n_head=spec.num_heads,
-        n_inner=spec.intermediate_size,
-        n_positions=spec.max_position_embeddings,
+        n_embd=dimensions.hidden_size,
+        n_layer=dimensions.num_layers,
+        n_head=dimensions.num_heads,
+        n_inner=dimensions.intermediate_size,
+        n_positions=dimensions.max_position_embeddings,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -58,10 +73,54 @@ def model_config(
     )
 
 
+def _bert(dimensions: ModelDimensions, special: dict) -> PretrainedConfig:
+    return BertConfig(
+        hidden_size=dimensions.hidden_size,
+        num_hidden_layers=dimensions.num_layers,
+        num_attention_heads=dimensions.num_heads,
+        intermediate_size=dimensions.intermediate_size,
+        max_position_embeddings=dimensions.max_position_embeddings,
+        # Packed sequences carry no sentence pairs, so one token type is enough.
+        type_vocab_size=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **special,
+    )
+
+
+def _t5(dimensions: ModelDimensions, special: dict) -> PretrainedConfig:
+    # The sentinels of span corruption take the last T5_SENTINELS ids (pretrain.objectives).
+    # NOTE: the saved tokenizer does not name these ids, so decoding one yields no text.
+    special = {**special, "vocab_size": special["vocab_size"] + T5_SENTINELS}
+    return T5Config(
+        d_model=dimensions.hidden_size,
+        d_kv=dimensions.hidden_size // dimensions.num_heads,
+        d_ff=dimensions.intermediate_size,
+        num_layers=dimensions.num_layers,
+        num_decoder_layers=dimensions.num_layers,
+        num_heads=dimensions.num_heads,
+        dropout_rate=0.0,
+        # T5 starts decoding from the padding token.
+        decoder_start_token_id=special["pad_token_id"],
+        **special,
+    )
+
+
 def build_model(config: PretrainedConfig) -> PreTrainedModel:
+    if config.model_type == "bert":
+        return AutoModelForMaskedLM.from_config(config)
+    if config.model_type == "t5":
+        return AutoModelForSeq2SeqLM.from_config(config)
     return AutoModelForCausalLM.from_config(config)
 
 
 def parameter_count(model: PreTrainedModel) -> int:
     # model.parameters() yields a tied embedding once, so it is counted once.
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def transformer_layers(config: PretrainedConfig) -> int:
+    """Return the attention layers a token passes through: encoder plus decoder for t5."""
+    if config.model_type == "t5":
+        return config.num_layers + config.num_decoder_layers
+    return config.num_hidden_layers

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,16 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from lathe.api.pretrain import PretrainJobSpec
-from lathe_trainer.pretrain import inputs
+from lathe_trainer.pretrain import curriculum, inputs
+from lathe_trainer.pretrain.curriculum import CurriculumStage
 from lathe_trainer.pretrain.data import (
+    DataPosition,
     MalformedCorpusError,
     PackedSplit,
     SequenceSampler,
-    pack_split,
+    TokenizedSplit,
+    pack,
+    tokenize_split,
     validation_batches,
 )
 from lathe_trainer.pretrain.loop import (
@@ -35,7 +40,13 @@ from lathe_trainer.pretrain.loop import (
     optimizer_groups,
     train_step,
 )
-from lathe_trainer.pretrain.model import build_model, model_config, parameter_count
+from lathe_trainer.pretrain.model import (
+    build_model,
+    model_config,
+    parameter_count,
+    transformer_layers,
+)
+from lathe_trainer.pretrain.objectives import Objective
 from lathe_trainer.stage import (
     MANIFEST,
     ProgressReporter,
@@ -44,7 +55,7 @@ from lathe_trainer.stage import (
     local_path,
     write_manifest,
 )
-from lathe_trainer.training import checkpoint, distributed
+from lathe_trainer.training import checkpoint, distributed, flops
 from lathe_trainer.training.distributed import DistributedContext
 from lathe_trainer.training.metrics import METRICS, ThroughputMeter, perplexity, write_json
 from lathe_trainer.training.schedule import build_scheduler
@@ -77,13 +88,14 @@ def _run(
         # the model and metrics that this run is about to replace.
         (output / MANIFEST).unlink(missing_ok=True)
     tokenizer, tokenizer_dir = inputs.load_tokenizer(config)
-    train, validation = _load_splits(config, spec, tokenizer, context)
+    architecture = model_config(spec.model, tokenizer)
+    objective = inputs.build_objective(config, spec, tokenizer, architecture.vocab_size)
+    stages, validation, corpus_tokens = _load_splits(config, spec, tokenizer, context)
 
     training = spec.training
     # The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(training.seed)
     random.seed(training.seed + context.rank)
-    architecture = model_config(spec.model, tokenizer)
     model = build_model(architecture).to(context.device)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, training.weight_decay), lr=training.learning_rate,
@@ -103,11 +115,17 @@ def _run(
         checkpoint.remove_all(checkpoints)
     distributed.barrier(context)
 
-    trainer = _Trainer(config, spec, context, model, optimizer, scheduler, train, validation,
-                       checkpoints, compatibility, state)
+    trainer = _Trainer(config, spec, context, model, optimizer, scheduler, stages, validation,
+                       checkpoints, compatibility, state, objective)
     resumed_from = state.step
     validation_loss = trainer.train()
-    metrics = _metrics(spec, train, validation, state, resumed_from, validation_loss, model)
+    metrics = _metrics(spec, trainer.stage, validation, state, resumed_from, validation_loss,
+                       model)
+    metrics.update(_compute_metrics(spec, architecture, model, corpus_tokens))
+    metrics["objective"] = spec.model.training_objective()
+    if spec.curriculum is not None:
+        metrics["curriculumStage"] = trainer.stage.index
+        metrics["curriculumStages"] = [stage.describe() for stage in stages]
     if context.is_main:
         _write_model(output, model, tokenizer_dir)
         write_json(output / METRICS, metrics)
@@ -124,43 +142,94 @@ def _load_splits(
     spec: PretrainJobSpec,
     tokenizer: PreTrainedTokenizerFast,
     context: DistributedContext,
-) -> tuple[PackedSplit, PackedSplit | None]:
+) -> tuple[list[CurriculumStage], PackedSplit | None, int]:
+    """Pack the train split per curriculum stage and the validation split at sequenceLength.
+
+    Returns the stages, the validation split and the train split's token count.
+    """
     corpus = inputs.corpus_uri(config)
     name = config.inputs["corpus"].name
     try:
-        train = pack_split(tokenizer, corpus, "train", spec.sequence_length)
-        validation = pack_split(tokenizer, corpus, "validation", spec.sequence_length)
+        tokenized = tokenize_split(tokenizer, corpus, "train")
+        validation = pack(tokenize_split(tokenizer, corpus, "validation"), spec.sequence_length)
     except MalformedCorpusError as error:
         raise StageError(
             config, "spec.corpusRef",
             f"the output of Corpus {name!r} is malformed: {error}. Run the Corpus again.",
         ) from error
-    global_batch = spec.training.micro_batch_size * context.world_size
-    if len(train) < global_batch:
-        raise StageError(
-            config, "spec.corpusRef",
-            f"the train split of Corpus {name!r} packs into {len(train)} sequences of "
-            f"{spec.sequence_length} tokens ({train.tokens} tokens in {train.documents} "
-            f"documents), fewer than one micro-batch of {spec.training.micro_batch_size} on each "
-            f"of {context.world_size} processes; add data or lower spec.sequenceLength or "
-            "spec.training.microBatchSize.",
-        )
+    stages = curriculum.build_stages(spec, tokenized)
+    for stage in stages:
+        _check_stage_fills_batch(config, spec, context, stage, tokenized)
     if not len(validation):
         log.warning("The validation split of Corpus %r fills no sequence of %d tokens, so no "
-                    "validation perplexity is reported.", name, spec.sequence_length)
+                    "validation loss is reported.", name, spec.sequence_length)
         validation = None
     if context.is_main:
-        log.info("Packed %d train documents (%d tokens) into %d sequences of %d tokens.",
-                 train.documents, train.tokens, len(train), spec.sequence_length)
-    return train, validation
+        for stage in stages:
+            log.info("Curriculum stage %d (to step %d): packed %d train documents (%d tokens) "
+                     "into %d sequences of %d tokens.", stage.index, stage.until_step,
+                     stage.train.documents, stage.train.tokens, len(stage.train),
+                     stage.sequence_length)
+    return stages, validation, tokenized.tokens
+
+
+def _check_stage_fills_batch(
+    config: StageConfig,
+    spec: PretrainJobSpec,
+    context: DistributedContext,
+    stage: CurriculumStage,
+    tokenized: TokenizedSplit,
+) -> None:
+    global_batch = spec.training.micro_batch_size * context.world_size
+    train = stage.train
+    if len(train) >= global_batch:
+        return
+    name = config.inputs["corpus"].name
+    field, fix = "spec.corpusRef", "add data or lower spec.sequenceLength"
+    if spec.curriculum is not None:
+        field = f"spec.curriculum.stages[{stage.index}]"
+        fix = "add data, lower the stage's sequenceLength or minQuality"
+    raise StageError(
+        config, field,
+        f"the train split of Corpus {name!r} packs into {len(train)} sequences of "
+        f"{stage.sequence_length} tokens ({train.tokens} tokens in {train.documents} of "
+        f"{len(tokenized.documents)} documents, minimum quality {stage.min_quality}), fewer "
+        f"than one micro-batch of {spec.training.micro_batch_size} on each of "
+        f"{context.world_size} processes; {fix} or spec.training.microBatchSize.",
+    )
 
 
 def _compatibility(spec: PretrainJobSpec, architecture: PretrainedConfig) -> dict[str, Any]:
     """The settings a checkpoint must share with the spec to be resumed."""
-    return {
-        "model": spec.model.model_dump(mode="json", by_alias=True),
+    model = {
+        "architecture": spec.model.architecture,
+        "objective": spec.model.training_objective(),
+        **asdict(spec.model.dimensions()),
+    }
+    compatibility = {
+        "model": model,
         "sequenceLength": spec.sequence_length,
         "vocabSize": architecture.vocab_size,
+    }
+    if spec.curriculum is not None:
+        compatibility["curriculum"] = spec.curriculum.model_dump(mode="json", by_alias=True)
+    return compatibility
+
+
+def _compute_metrics(
+    spec: PretrainJobSpec, architecture: PretrainedConfig, model: PreTrainedModel,
+    corpus_tokens: int,
+) -> dict[str, int]:
+    """Return the model's size and compute figures next to the corpus size."""
+    parameters = model.num_parameters()
+    return {
+        "parameterCount": parameters,
+        "flopsPerToken": flops.flops_per_token(
+            parameters, transformer_layers(architecture), spec.model.dimensions().hidden_size,
+            spec.sequence_length,
+        ),
+        "computeOptimalTokens": flops.compute_optimal_tokens(parameters),
+        "corpusTokens": corpus_tokens,
     }
 
 
@@ -219,8 +288,8 @@ def _check_compatible(
 class _Trainer:
     """The step loop with its periodic evaluation, checkpointing and progress reports."""
 
-    def __init__(self, config, spec, context, model, optimizer, scheduler, train, validation,
-                 checkpoints, compatibility, state):
+    def __init__(self, config, spec, context, model, optimizer, scheduler, stages, validation,
+                 checkpoints, compatibility, state, objective: Objective):
         self.config = config
         self.spec = spec
         self.training = spec.training
@@ -228,17 +297,25 @@ class _Trainer:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.train_split = train
+        self.stages = stages
+        self.stage = curriculum.stage_for_step(stages, state.step)
+        self.objective = objective
         self.checkpoints = checkpoints
         self.compatibility = compatibility
         self.state = state
         self.saved_step = state.step if state.step else None
         self.validation_batches = []
         if validation is not None:
-            self.validation_batches = validation_batches(
-                validation, self.training.micro_batch_size, context.rank, context.world_size,
-                spec.eval_sequences,
-            )
+            # A fixed generator gives every evaluation the same masks and spans, so the
+            # validation losses of a run compare, and evaluating leaves the training RNG alone.
+            generator = torch.Generator().manual_seed(self.training.seed)
+            self.validation_batches = [
+                objective.prepare(batch, generator)
+                for batch in validation_batches(
+                    validation, self.training.micro_batch_size, context.rank,
+                    context.world_size, spec.eval_sequences,
+                )
+            ]
         self.reporter = ProgressReporter(config, total=self.training.max_steps)
         self.meter = ThroughputMeter()
 
@@ -249,14 +326,13 @@ class _Trainer:
             device_ids = [self.context.device] if self.context.device.type == "cuda" else None
             model = DistributedDataParallel(self.model, device_ids=device_ids)
         model.train()
-        sampler = SequenceSampler(
-            len(self.train_split), self.training.micro_batch_size, self.context.rank,
-            self.context.world_size, self.training.seed, self.state.position,
-        )
+        sampler = self._sampler()
         self._report(message=f"Starting at step {self.state.step}.")
         while self.state.step < self.training.max_steps:
             self._step(model, sampler)
             step = self.state.step
+            if step < self.training.max_steps and step == self.stage.until_step:
+                sampler = self._next_stage()
             if step < self.training.max_steps and step % self.training.eval_interval == 0:
                 self._evaluate()
             if step < self.training.max_steps and step % self.training.checkpoint_interval == 0:
@@ -265,14 +341,33 @@ class _Trainer:
             self._save()
         return self._evaluate()
 
+    def _sampler(self) -> SequenceSampler:
+        return SequenceSampler(
+            len(self.stage.train), self.training.micro_batch_size, self.context.rank,
+            self.context.world_size, self.stage.seed(self.training.seed), self.state.position,
+        )
+
+    def _next_stage(self) -> SequenceSampler:
+        """Enter the next curriculum stage at the start of its data, before any checkpoint."""
+        self.stage = curriculum.stage_for_step(self.stages, self.state.step)
+        self.state.position = DataPosition()
+        message = (f"Curriculum stage {self.stage.index} starts after step {self.state.step}: "
+                   f"sequences of {self.stage.sequence_length} tokens from documents of "
+                   f"quality at least {self.stage.min_quality}.")
+        if self.context.is_main:
+            log.info(message)
+        self._report(message=message)
+        return self._sampler()
+
     def _step(self, model: torch.nn.Module, sampler: SequenceSampler) -> None:
         state = self.state
         self.meter.start_step()
         try:
             result = train_step(
                 self.context, model, self.optimizer, self.scheduler, sampler,
-                self.train_split.sequences, self.training.gradient_accumulation_steps,
+                self.stage.train.sequences, self.training.gradient_accumulation_steps,
                 self.training.max_grad_norm, self.training.precision, state.step + 1,
+                objective=self.objective,
             )
         except NonFiniteLossError as error:
             latest = f"step {self.saved_step}" if self.saved_step else "none yet"
@@ -316,6 +411,8 @@ class _Trainer:
         if not self.context.is_main:
             return
         remaining = self.training.max_steps - self.state.step
+        if self.spec.curriculum is not None:
+            extra["curriculumStage"] = self.stage.index
         self.reporter.update(
             self.state.step,
             message=message,
@@ -330,7 +427,7 @@ class _Trainer:
 
 def _metrics(
     spec: PretrainJobSpec,
-    train: PackedSplit,
+    stage: CurriculumStage,
     validation: PackedSplit | None,
     state: TrainState,
     resumed_from: int,
@@ -347,11 +444,12 @@ def _metrics(
         "validationPerplexity": None if validation_loss is None else perplexity(validation_loss),
         "tokensSeen": state.tokens_seen,
         "parameterCount": parameter_count(model),
-        "epochs": state.position.epoch + state.position.cursor / len(train),
-        "trainSequences": len(train),
-        "trainDocuments": train.documents,
+        # With a curriculum, the epochs and train figures are those of the last stage.
+        "epochs": state.position.epoch + state.position.cursor / len(stage.train),
+        "trainSequences": len(stage.train),
+        "trainDocuments": stage.train.documents,
         "validationSequences": 0 if validation is None else len(validation),
-        "skippedDocuments": {"train": train.skipped,
+        "skippedDocuments": {"train": stage.train.skipped,
                              "validation": {} if validation is None else validation.skipped},
         "sequenceLength": spec.sequence_length,
     }
