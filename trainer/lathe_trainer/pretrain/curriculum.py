@@ -24,7 +24,7 @@ STAGE_SEED_STRIDE = 7919
 
 @dataclass
 class CurriculumStage:
-    """One stage with its packed train sequences; it trains steps up to until_step."""
+    """A stage with its packed train sequences, which trains the steps up to until_step."""
 
     index: int
     until_step: int

@@ -100,7 +100,7 @@ def span_counts(sequence_length: int) -> tuple[int, int]:
 
 
 class SpanCorruption:
-    """T5's span corruption; every sequence of a length gets the same input and label sizes."""
+    """T5's span corruption, which gives all sequences of one length the same sizes."""
 
     name = "spanCorruption"
 

@@ -15,15 +15,15 @@ TOKENS_PER_PARAMETER = 20
 def flops_per_token(parameters: int, layers: int, hidden_size: int, sequence_length: int) -> int:
     """Estimate the training FLOPs (forward and backward) spent on one token.
 
-    Kaplan et al. 2020 ("Scaling Laws for Neural Language Models", Table 1) count a forward
-    pass as 2N FLOPs per token for N parameters plus an attention term, and the backward pass
-    as twice the forward, so training costs 6N plus three times the attention term. The
-    attention term here is 12 * layers * hidden_size * sequence_length: the forward pass
-    computes the scores Q·K^T and the weighted sum of V, each 2 * hidden_size *
-    sequence_length FLOPs per token and layer, times three for training. This is the form
-    used for model FLOPs utilization by Chowdhery et al. 2022 (PaLM, Appendix B).
+    Kaplan et al. 2020 ("Scaling Laws for Neural Language Models", section 2.1) estimate a
+    forward pass at C_forward = 2N + 2 * n_layer * n_ctx * d_model FLOPs per token, and
+    training at three times the forward pass, so C is about 6N. The attention term here,
+    12 * layers * hidden_size * sequence_length, is twice Kaplan's term times three: it counts
+    the scores Q·K^T and the weighted sum of V separately, as the model FLOPs utilization
+    formula of Chowdhery et al. 2022 (PaLM, Appendix B) does.
 
-    N is every parameter, embeddings included, as `model.num_parameters()` counts them.
+    N is every parameter, embeddings included, as `model.num_parameters()` counts them, where
+    Kaplan counts non-embedding parameters only.
     """
     return 6 * parameters + 12 * layers * hidden_size * sequence_length
 
