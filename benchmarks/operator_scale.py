@@ -312,7 +312,7 @@ def git_label() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
     commit = git("rev-parse", "--short", "HEAD").strip()
-    dirty = git("status", "--porcelain", "--", "operator/lathe/k8s").strip()
+    dirty = git("status", "--porcelain", "--", "operator", "crds").strip()
     return f"{commit}{' + local changes' if dirty else ''}"
 
 
@@ -383,7 +383,8 @@ Columns:
   end. The machine is shared, so a load above its core count means other work competed with the
   bed and the operator.
 - Time / memory: pass when every Job and condition appeared within {TARGET_SECONDS:.0f} s (the
-  target is set for 1,000 PretrainJobs), and when the peak RSS stayed at or below {TARGET_RSS_MB:.0f} MB.
+  target is set for 1,000 PretrainJobs), and when the peak RSS stayed at or below
+  {TARGET_RSS_MB:.0f} MB.
 
 The bed, the operator and this script share the machine's cores, so the times include the
 API server's, etcd's and kube-controller-manager's work. Machine of the last run:
