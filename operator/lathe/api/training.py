@@ -14,7 +14,8 @@ class TrainingSpec(ApiModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="self.warmupSteps < self.maxSteps",
+            rule="!has(self.warmupSteps) || !has(self.maxSteps) || "
+            "self.warmupSteps < self.maxSteps",
             message="training.warmupSteps must be less than training.maxSteps; lower "
             "warmupSteps or raise maxSteps",
             check=lambda training: training.warmup_steps < training.max_steps,
@@ -32,13 +33,38 @@ class TrainingSpec(ApiModel):
     max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
     seed: int = Field(default=0, description="Random seed.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        default="fp32", description="Training precision. Use fp32 on CPU."
+        default="fp32",
+        description="Training precision: `bf16` autocast, or `fp16` autocast with dynamic loss "
+        "scaling (all three run on CPUs and GPUs).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="PretrainJob: compile the model with torch.compile (Inductor) before "
+        "training, which speeds up steps after a one-off compilation.",
     )
     checkpoint_interval: int = Field(
         default=50, ge=1, description="Save a checkpoint every this many steps."
     )
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
     eval_interval: int = Field(default=50, ge=1, description="Evaluate every this many steps.")
+    non_finite: Literal["fail", "skip", "rollback"] = Field(
+        default="fail",
+        description="PretrainJob: what a step with a NaN or infinite loss or gradient norm "
+        "does. `fail` stops the run, `skip` drops the step without an optimizer update, "
+        "`rollback` reloads the latest checkpoint and continues with the data after the "
+        "offending batch.",
+    )
+    max_non_finite_steps: int = Field(
+        default=10, ge=0,
+        description="PretrainJob: non-finite steps that `skip` or `rollback` tolerate before "
+        "the run fails.",
+    )
+    artifact_uri: str | None = Field(
+        default=None,
+        description="PretrainJob: fsspec URL where checkpoints and a copy of the final model "
+        "are written (file://, pvc://<claim>/<path>, s3://...). Unset: the stage output "
+        "directory.",
+    )
 
 
 class DistributedSpec(ApiModel):
@@ -48,6 +74,12 @@ class DistributedSpec(ApiModel):
     procs_per_node: int = Field(
         default=1, ge=1, le=16,
         description="Processes per node, one per GPU (`torchrun --nproc-per-node`).",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Data parallelism: `ddp` replicates the model on every process, `fsdp` "
+        "(PretrainJob only) shards parameters, gradients and optimizer state with FSDP2 "
+        "`fully_shard`.",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         default="auto", description="torch.distributed backend; `auto` picks nccl on GPUs."
@@ -60,7 +92,9 @@ class DistributedSpec(ApiModel):
 # Rules over a training stage's spec as a whole, shared by PretrainJob and FineTune.
 GPU_RULES: tuple[CelRule, ...] = (
     CelRule(
-        rule="self.distributed.backend != 'nccl' || self.resources.gpus > 0",
+        rule="!has(self.distributed) || !has(self.distributed.backend) || "
+        "self.distributed.backend != 'nccl' || "
+        "(has(self.resources) && has(self.resources.gpus) && self.resources.gpus > 0)",
         message="spec.distributed.backend nccl needs GPUs; set spec.resources.gpus, or use "
         "backend gloo or auto",
         check=lambda spec: spec.distributed.backend != "nccl" or spec.resources.gpus > 0,

@@ -35,12 +35,6 @@ def parse_spec(config: StageConfig) -> PretrainJobSpec:
         spec = PretrainJobSpec.model_validate(config.spec)
     except ValidationError as error:
         raise StageError(config, "spec", f"invalid PretrainJob spec: {error}") from error
-    if spec.training.precision == "fp16":
-        raise StageError(
-            config, "spec.training.precision",
-            "fp16 is not supported by PretrainJob because it needs loss scaling; use bf16 "
-            "(GPUs and recent CPUs) or fp32.",
-        )
     return spec
 
 

@@ -3,23 +3,24 @@
 One optimizer step takes `gradientAccumulationSteps` micro-batches on every rank. The token
 count of that whole accumulated batch, over all ranks, is summed first so that every token
 weighs the same in the loss (see lathe_trainer.training.loss). Gradients are synchronized once
-per step: DDP's all-reduce runs only on the last micro-batch, the others run under no_sync().
+per step: the DDP all-reduce (or FSDP reduce-scatter) runs only on the last micro-batch.
+Precision, loss scaling and the parallel wrappers live in lathe_trainer.training.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from lathe_trainer.pretrain.data import DataPosition, SequenceSampler
 from lathe_trainer.pretrain.objectives import Batch, CausalLM, Objective
-from lathe_trainer.training import distributed
+from lathe_trainer.training import distributed, parallel
 from lathe_trainer.training.distributed import DistributedContext
 from lathe_trainer.training.loss import count_tokens, gradient_scale, token_loss_sum
+from lathe_trainer.training.precision import autocast
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,6 +42,10 @@ class TrainState:
     first_loss: float | None = None
     last_loss: float | None = None
     position: DataPosition = field(default_factory=DataPosition)
+    # Steps dropped or rolled back because of a NaN or inf loss or gradient norm.
+    non_finite_steps: int = 0
+    # torch.amp.GradScaler.state_dict() of an fp16 run, so a resume keeps the loss scale.
+    grad_scaler: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +54,8 @@ class TrainState:
             "firstLoss": self.first_loss,
             "lastLoss": self.last_loss,
             "dataPosition": self.position.to_dict(),
+            "nonFiniteSteps": self.non_finite_steps,
+            "gradScaler": self.grad_scaler,
         }
 
     @classmethod
@@ -59,6 +66,8 @@ class TrainState:
             first_loss=value.get("firstLoss"),
             last_loss=value.get("lastLoss"),
             position=DataPosition.from_dict(value["dataPosition"]),
+            non_finite_steps=int(value.get("nonFiniteSteps", 0)),
+            grad_scaler=value.get("gradScaler"),
         )
 
 
@@ -68,12 +77,20 @@ class StepResult:
     grad_norm: float
     tokens: int
     learning_rate: float
+    # True when fp16 loss scaling found inf/NaN gradients and skipped the optimizer update;
+    # the scaler then lowers its scale. This is loss scaling at work, not a diverged model.
+    scaler_skipped: bool = False
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# NB: a fault-injection hook for tests: a comma-separated list of optimizer steps whose loss
+# is multiplied by NaN, so that the nonFinite policies can be tested on a healthy model.
+FAULT_NAN_STEPS_ENV = "LATHE_FAULT_NAN_STEPS"
+
+
+def fault_nan_steps() -> frozenset[int]:
+    """Return the steps that LATHE_FAULT_NAN_STEPS poisons (empty when unset)."""
+    value = os.environ.get(FAULT_NAN_STEPS_ENV, "")
+    return frozenset(int(item) for item in value.split(",") if item.strip())
 
 
 def train_step(
@@ -88,13 +105,19 @@ def train_step(
     precision: str,
     step: int,
     objective: Objective | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    poison: bool = False,
 ) -> StepResult:
     """Run one optimizer step and return its loss, averaged over every token of all ranks.
 
     Raises NonFiniteLossError before the optimizer updates any weight if the loss or the
     gradient norm is not finite. The check uses values reduced over all ranks, so all ranks
-    raise together.
+    raise together. The sampler has moved past the step's batches either way, so a caller that
+    skips the step continues with the next data. With an enabled fp16 `scaler`, a non-finite
+    gradient norm is an overflow of the loss scale instead: the scaler skips the update.
+    `poison` multiplies the loss by NaN (the fault-injection hook).
     """
+    scaler = scaler or torch.amp.GradScaler(context.device.type, enabled=False)
     # The objective (pretrain.objectives) turns sequences into inputs and labels: causal LM
     # unless the stage passes masked LM or span corruption.
     objective = objective or CausalLM()
@@ -104,35 +127,42 @@ def train_step(
     (global_tokens,) = distributed.all_reduce_sum(context, [local_tokens])
     scale = gradient_scale(global_tokens, context.world_size)
 
-    local_loss_sum = 0.0
+    # The loss is summed as a tensor and read once per step: one host sync instead of one per
+    # micro-batch, which matters on GPUs where .item() waits for the queued kernels.
+    local_loss_sum = torch.zeros((), device=context.device)
     for index, batch in enumerate(batches):
-        last = index == len(batches) - 1
-        sync = contextlib.nullcontext()
-        if isinstance(model, DistributedDataParallel) and not last:
-            sync = model.no_sync()
-        with sync:
+        with parallel.gradient_sync(model, enabled=index == len(batches) - 1):
             with autocast(context.device, precision):
                 logits = model(**batch.inputs).logits
             loss_sum = token_loss_sum(logits, batch.labels, shift=batch.shift)
-            (loss_sum * scale).backward()
-        local_loss_sum += loss_sum.item()
+            if poison:
+                loss_sum = loss_sum * float("nan")
+            scaler.scale(loss_sum * scale).backward()
+        local_loss_sum += loss_sum.detach()
 
-    (loss_sum_all,) = distributed.all_reduce_sum(context, [local_loss_sum])
+    (loss_sum_all,) = distributed.all_reduce_sum(context, [float(local_loss_sum)])
     loss = loss_sum_all / global_tokens
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError("training loss", loss, step)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError("gradient norm", grad_norm, step)
+    # Gradients are unscaled before clipping, so max_grad_norm applies to the true gradients.
+    scaler.unscale_(optimizer)
+    grad_norm = float(parallel.clip_grad_norm(model, max_grad_norm))
     learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    scaler_skipped = False
+    if not math.isfinite(grad_norm):
+        if not scaler.is_enabled():
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError("gradient norm", grad_norm, step)
+        scaler_skipped = True
+    scaler.step(optimizer)
+    scaler.update()
+    if not scaler_skipped:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     # Every rank consumed the same number of full-length sequences, so no reduction is needed.
     input_tokens = accumulation * sampler.global_batch * sequences.size(1)
-    return StepResult(loss, grad_norm, input_tokens, learning_rate)
+    return StepResult(loss, grad_norm, input_tokens, learning_rate, scaler_skipped)
 
 
 @torch.no_grad()
@@ -144,18 +174,30 @@ def evaluate(
 ) -> float | None:
     """Return the mean token loss over every rank's validation batches (None without any).
 
-    `model` is the unwrapped module: evaluation needs no gradient synchronization.
+    `model` is the unwrapped module (evaluation needs no gradient synchronization), or the
+    FSDP-sharded one. A sharded forward pass is a collective, so under FSDP a rank with fewer
+    batches repeats its first batch, without scoring it, until every rank has run as many.
     """
     was_training = model.training
     model.eval()
     loss_sum = 0.0
     tokens = 0
-    for batch in batches:
-        batch = batch.to(context.device)
+    rounds = len(batches)
+    if parallel.is_sharded(model):
+        rounds = int(distributed.all_reduce_max(context, [len(batches)])[0])
+    for index in range(rounds):
+        scored = index < len(batches)
+        if not scored and not batches:
+            raise RuntimeError(
+                f"rank {context.rank} has no validation batch to join the FSDP forward pass; "
+                "raise spec.evalSequences to at least the number of processes."
+            )
+        batch = (batches[index] if scored else batches[0]).to(context.device)
         with autocast(context.device, precision):
             logits = model(**batch.inputs).logits
-        loss_sum += token_loss_sum(logits, batch.labels, shift=batch.shift).item()
-        tokens += count_tokens(batch.labels, shift=batch.shift)
+        if scored:
+            loss_sum += token_loss_sum(logits, batch.labels, shift=batch.shift).item()
+            tokens += count_tokens(batch.labels, shift=batch.shift)
     model.train(was_training)
     total_loss, total_tokens = distributed.all_reduce_sum(context, [loss_sum, tokens])
     return total_loss / total_tokens if total_tokens else None

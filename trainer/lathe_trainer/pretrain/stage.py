@@ -1,9 +1,10 @@
 """PretrainJob stage workload: `torchrun ... -m lathe_trainer pretrain --config FILE`.
 
 Runs once per process. Every rank tokenizes and packs the Corpus output the same way, builds
-the same model from the seeded RNG, and trains its share of each batch under DDP (world size >
-1) or alone (a plain `python -m`). Rank 0 alone reports progress and writes checkpoints, the
-final Hugging Face model, metrics.json and, last, the manifest.
+the same model from the seeded RNG, and trains its share of each batch under DDP or FSDP
+(spec.distributed.strategy, world size > 1) or alone (a plain `python -m`). Rank 0 alone
+reports progress, serves the Prometheus gauges and writes checkpoints, the final Hugging Face
+model, metrics.json and, last, the manifest.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from lathe.api.pretrain import PretrainJobSpec
@@ -35,8 +35,10 @@ from lathe_trainer.pretrain.data import (
 )
 from lathe_trainer.pretrain.loop import (
     NonFiniteLossError,
+    StepResult,
     TrainState,
     evaluate,
+    fault_nan_steps,
     optimizer_groups,
     train_step,
 )
@@ -55,10 +57,18 @@ from lathe_trainer.stage import (
     local_path,
     write_manifest,
 )
-from lathe_trainer.training import checkpoint, distributed, flops
+from lathe_trainer.training import (
+    checkpoint,
+    distributed,
+    flops,
+    parallel,
+    precision,
+    storage,
+)
 from lathe_trainer.training.distributed import DistributedContext
-from lathe_trainer.training.metrics import METRICS, ThroughputMeter, perplexity, write_json
+from lathe_trainer.training.metrics import METRICS, perplexity, write_json
 from lathe_trainer.training.schedule import build_scheduler
+from lathe_trainer.training.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +107,17 @@ def _run(
     torch.manual_seed(training.seed)
     random.seed(training.seed + context.rank)
     model = build_model(architecture).to(context.device)
+    _check_precision(config, spec, context)
+    # FSDP shards the parameters in place, so the optimizer must be built after the wrapping.
+    train_module = parallel.wrap(model, context, spec.distributed.strategy,
+                                 compile=training.compile)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, training.weight_decay), lr=training.learning_rate,
         betas=ADAM_BETAS,
     )
     scheduler = build_scheduler(optimizer, training.warmup_steps, training.max_steps)
 
-    checkpoints = output / checkpoint.CHECKPOINTS
+    checkpoints = _checkpoint_root(config, spec, output)
     compatibility = _compatibility(spec, architecture)
     state = TrainState()
     if resume:
@@ -116,9 +130,13 @@ def _run(
     distributed.barrier(context)
 
     trainer = _Trainer(config, spec, context, model, optimizer, scheduler, stages, validation,
-                       checkpoints, compatibility, state, objective)
+                       checkpoints, compatibility, state, objective, train_module=train_module,
+                       architecture=architecture)
     resumed_from = state.step
-    validation_loss = trainer.train()
+    try:
+        validation_loss = trainer.train()
+    finally:
+        trainer.telemetry.close()
     metrics = _metrics(spec, trainer.stage, validation, state, resumed_from, validation_loss,
                        model)
     metrics.update(_compute_metrics(spec, architecture, model, corpus_tokens))
@@ -126,8 +144,17 @@ def _run(
     if spec.curriculum is not None:
         metrics["curriculumStage"] = trainer.stage.index
         metrics["curriculumStages"] = [stage.describe() for stage in stages]
+    metrics.update(trainer.telemetry.summary())
+    metrics["nonFiniteSteps"] = state.non_finite_steps
+    metrics["precision"] = training.precision
+    metrics["strategy"] = spec.distributed.strategy
+    metrics["compiled"] = training.compile
+    # Gathering the FSDP shards is a collective, so every rank takes part.
+    model_state = parallel.full_model_state_dict(model)
     if context.is_main:
-        _write_model(output, model, tokenizer_dir)
+        _write_model(output, model, tokenizer_dir, model_state)
+        if training.artifact_uri:
+            _publish_model(output / MODEL_DIR, training.artifact_uri)
         write_json(output / METRICS, metrics)
     distributed.barrier(context)
     if context.is_main:
@@ -210,10 +237,38 @@ def _compatibility(spec: PretrainJobSpec, architecture: PretrainedConfig) -> dic
         "model": model,
         "sequenceLength": spec.sequence_length,
         "vocabSize": architecture.vocab_size,
+        "strategy": spec.distributed.strategy,
     }
     if spec.curriculum is not None:
         compatibility["curriculum"] = spec.curriculum.model_dump(mode="json", by_alias=True)
     return compatibility
+
+
+# The spec field behind each compatibility key whose name is not spec.<key>, and the value a
+# checkpoint written before the key existed implies.
+_COMPATIBILITY_FIELDS = {"vocabSize": "spec.tokenizerRef",
+                         "strategy": "spec.distributed.strategy"}
+_COMPATIBILITY_DEFAULTS = {"strategy": "ddp"}
+
+
+def _check_precision(config: StageConfig, spec: PretrainJobSpec,
+                     context: DistributedContext) -> None:
+    problem = precision.check_supported(context.device, spec.training.precision)
+    if problem:
+        raise StageError(config, "spec.training.precision",
+                         f"{spec.training.precision!r} cannot run here: {problem}.")
+
+
+def _checkpoint_root(config: StageConfig, spec: PretrainJobSpec, output: Path) -> Path | str:
+    """Return where checkpoints go: under spec.training.artifactUri, else the output dir."""
+    uri = spec.training.artifact_uri
+    if not uri:
+        return output / checkpoint.CHECKPOINTS
+    try:
+        storage.resolve(uri)
+    except ValueError as error:
+        raise StageError(config, "spec.training.artifactUri", str(error)) from error
+    return f"{uri.rstrip('/')}/{checkpoint.CHECKPOINTS}"
 
 
 def _compute_metrics(
@@ -256,8 +311,7 @@ def _restore(
             f"({saved.step}, {latest}); raise maxSteps to at least {saved.step} or run "
             "without --resume to start over.",
         )
-    model.load_state_dict(saved.model)
-    optimizer.load_state_dict(saved.optimizer)
+    parallel.load_full_state_dicts(model, optimizer, saved.model, saved.optimizer)
     scheduler.load_state_dict(saved.scheduler)
     if len(saved.rng) == context.world_size:
         checkpoint.restore_rng_state(saved.rng[context.rank])
@@ -276,10 +330,11 @@ def _check_compatible(
 ) -> None:
     stored = saved.state.get("compatibility", {})
     for key, value in compatibility.items():
-        if stored.get(key) != value:
+        before = stored.get(key, _COMPATIBILITY_DEFAULTS.get(key))
+        if before != value:
             raise StageError(
-                config, f"spec.{key}" if key != "vocabSize" else "spec.tokenizerRef",
-                f"the checkpoint {saved.path} was trained with {key}={stored.get(key)!r}, the "
+                config, _COMPATIBILITY_FIELDS.get(key, f"spec.{key}"),
+                f"the checkpoint {saved.path} was trained with {key}={before!r}, the "
                 f"spec now gives {value!r}; restore the earlier value or run without --resume "
                 "to start over.",
             )
@@ -289,7 +344,8 @@ class _Trainer:
     """The step loop with its periodic evaluation, checkpointing and progress reports."""
 
     def __init__(self, config, spec, context, model, optimizer, scheduler, stages, validation,
-                 checkpoints, compatibility, state, objective: Objective):
+                 checkpoints, compatibility, state, objective: Objective, *,
+                 train_module: torch.nn.Module, architecture: PretrainedConfig):
         self.config = config
         self.spec = spec
         self.training = spec.training
@@ -317,14 +373,24 @@ class _Trainer:
                 )
             ]
         self.reporter = ProgressReporter(config, total=self.training.max_steps)
-        self.meter = ThroughputMeter()
+        self.train_module = train_module
+        self.scaler = precision.grad_scaler(context.device, self.training.precision)
+        if state.grad_scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state.grad_scaler)
+        self.fault_steps = set(fault_nan_steps())
+        flops_per_token = flops.flops_per_token(
+            parameter_count(model), transformer_layers(architecture),
+            spec.model.dimensions().hidden_size, spec.sequence_length,
+        )
+        self.telemetry = Telemetry(
+            context, self.training.precision, flops_per_token,
+            {"namespace": config.namespace, "kind": config.kind, "name": config.name},
+        )
+        self.meter = self.telemetry.meter
 
     def train(self) -> float | None:
         """Run the remaining steps and return the final validation loss."""
-        model = self.model
-        if self.context.is_distributed:
-            device_ids = [self.context.device] if self.context.device.type == "cuda" else None
-            model = DistributedDataParallel(self.model, device_ids=device_ids)
+        model = self.train_module
         model.train()
         sampler = self._sampler()
         self._report(message=f"Starting at step {self.state.step}.")
@@ -367,17 +433,87 @@ class _Trainer:
                 self.context, model, self.optimizer, self.scheduler, sampler,
                 self.stage.train.sequences, self.training.gradient_accumulation_steps,
                 self.training.max_grad_norm, self.training.precision, state.step + 1,
-                objective=self.objective,
+                objective=self.objective, scaler=self.scaler,
+                poison=self._take_fault(state.step + 1),
             )
         except NonFiniteLossError as error:
-            latest = f"step {self.saved_step}" if self.saved_step else "none yet"
+            self._recover(error, sampler)
+            return
+        self._record(result, sampler)
+
+    def _take_fault(self, step: int) -> bool:
+        # Each injected fault fires once, so a skipped or rolled-back step can succeed on retry.
+        if step not in self.fault_steps:
+            return False
+        self.fault_steps.discard(step)
+        return True
+
+    def _recover(self, error: NonFiniteLossError, sampler: SequenceSampler) -> None:
+        """Apply spec.training.nonFinite to a step whose loss or gradient norm is not finite.
+
+        A skipped step does not count towards maxSteps: the same step number is tried again
+        with the next batch, so the step count stays the number of optimizer updates.
+        """
+        state = self.state
+        policy = self.training.non_finite
+        latest = f"step {self.saved_step}" if self.saved_step else "none yet"
+        if policy != "fail" and state.non_finite_steps >= self.training.max_non_finite_steps:
+            raise StageError(
+                self.config, "spec.training.maxNonFiniteSteps",
+                f"training stopped: {error}, and {state.non_finite_steps} earlier steps were "
+                f"already non-finite (the limit is {self.training.max_non_finite_steps}). "
+                f"Latest checkpoint: {latest}. Lower learningRate (now "
+                f"{self.training.learning_rate}) or check the data, then run again.",
+            ) from error
+        if policy == "fail":
             raise StageError(
                 self.config, "spec.training.learningRate",
                 f"training stopped: {error}, so the step was not applied and no weights were "
                 f"saved from it (latest checkpoint: {latest}). Lower "
                 f"learningRate (now {self.training.learning_rate}) or raise warmupSteps (now "
-                f"{self.training.warmup_steps}), then run again.",
+                f"{self.training.warmup_steps}), then run again; or set "
+                "spec.training.nonFinite to skip or rollback.",
             ) from error
+        state.non_finite_steps += 1
+        if policy == "rollback":
+            self._rollback(error, sampler)
+        elif self.context.is_main:
+            log.warning("Skipped step %d: %s. The optimizer did not update the weights "
+                        "(%d non-finite steps so far).", state.step + 1, error,
+                        state.non_finite_steps)
+        state.position = sampler.position
+        self.meter.started = None
+        self._report(message=f"Non-finite step {state.step + 1} ({policy}): {error}.")
+
+    def _rollback(self, error: NonFiniteLossError, sampler: SequenceSampler) -> None:
+        """Reload the latest checkpoint's weights and counters, keeping the data position.
+
+        The sampler stays past the offending batch, so the batches between the checkpoint and
+        the failed step are skipped rather than replayed into the same divergence.
+        """
+        latest = checkpoint.latest_checkpoint(self.checkpoints)
+        if latest is None:
+            raise StageError(
+                self.config, "spec.training.nonFinite",
+                f"training stopped: {error}, and there is no checkpoint to roll back to. Lower "
+                "spec.training.checkpointInterval so that one exists, or use nonFinite skip.",
+            ) from error
+        saved = checkpoint.load(latest)
+        parallel.load_full_state_dicts(self.model, self.optimizer, saved.model, saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        restored = TrainState.from_dict(saved.state["train"])
+        if restored.grad_scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(restored.grad_scaler)
+        state = self.state
+        state.step = restored.step
+        state.tokens_seen = restored.tokens_seen
+        state.last_loss = restored.last_loss
+        if self.context.is_main:
+            log.warning("Rolled back to %s (step %d) after %s; training continues with the "
+                        "data after the offending batch.", latest, restored.step, error)
+
+    def _record(self, result: StepResult, sampler: SequenceSampler) -> None:
+        state = self.state
         self.meter.end_step(result.tokens)
         state.step += 1
         state.tokens_seen += result.tokens
@@ -385,6 +521,7 @@ class _Trainer:
         if state.first_loss is None:
             state.first_loss = result.loss
         state.position = sampler.position
+        self.telemetry.step_done(state.step, result.loss)
         self._report(learningRate=result.learning_rate, gradNorm=result.grad_norm)
         if self.context.is_main and (state.step % LOG_EVERY_STEPS == 0 or state.step == 1):
             log.info("Step %d/%d: loss %.4f, %.0f tokens/s, learning rate %.2e.", state.step,
@@ -402,9 +539,18 @@ class _Trainer:
         return loss
 
     def _save(self) -> None:
+        if self.scaler.is_enabled():
+            self.state.grad_scaler = self.scaler.state_dict()
         state = {"train": self.state.to_dict(), "compatibility": self.compatibility}
-        checkpoint.save(self.context, self.checkpoints, self.state.step, state, self.model,
-                        self.optimizer, self.scheduler, self.training.keep_checkpoints)
+        try:
+            checkpoint.save(self.context, self.checkpoints, self.state.step, state, self.model,
+                            self.optimizer, self.scheduler, self.training.keep_checkpoints)
+        except checkpoint.NonFiniteWeightsError as error:
+            raise StageError(
+                self.config, "spec.training.learningRate",
+                f"training stopped: {error}. Lower learningRate (now "
+                f"{self.training.learning_rate}), then run again.",
+            ) from error
         self.saved_step = self.state.step
 
     def _report(self, message: str = "", **extra: Any) -> None:
@@ -421,6 +567,8 @@ class _Trainer:
             etaSeconds=self.meter.eta_seconds(remaining),
             tokensSeen=self.state.tokens_seen,
             epoch=self.state.position.epoch,
+            nonFiniteSteps=self.state.non_finite_steps,
+            mfu=self.telemetry.mfu,
             **extra,
         )
 
@@ -455,17 +603,38 @@ def _metrics(
     }
 
 
-def _write_model(output: Path, model: PreTrainedModel, tokenizer_dir: Path) -> None:
-    """Write model/ in Hugging Face format with the tokenizer files, replacing it whole."""
+def _write_model(
+    output: Path, model: PreTrainedModel, tokenizer_dir: Path, state_dict: dict[str, Any]
+) -> None:
+    """Write model/ in Hugging Face format with the tokenizer files, replacing it whole.
+
+    `state_dict` is the full (gathered) one, so a sharded FSDP model saves whole weights.
+    """
     final = output / MODEL_DIR
     tmp = output / (MODEL_DIR + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     # transformers 5 saves the weights as model.safetensors by default.
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     for path in inputs.tokenizer_files(tokenizer_dir):
         shutil.copy2(path, tmp / path.name)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     log.info("Wrote the final model and tokenizer to %s.", final)
+
+
+def _publish_model(local_model: Path, artifact_uri: str) -> None:
+    """Copy model/ to `<artifactUri>/model` under a temporary name, then move it into place."""
+    filesystem, base = storage.resolve(artifact_uri)
+    final = f"{base}/{MODEL_DIR}"
+    tmp = f"{base}/.tmp-{MODEL_DIR}-{os.getpid()}"
+    if filesystem.exists(tmp):
+        filesystem.rm(tmp, recursive=True)
+    filesystem.makedirs(tmp, exist_ok=True)
+    for path in sorted(local_model.iterdir()):
+        filesystem.put_file(str(path), f"{tmp}/{path.name}")
+    if filesystem.exists(final):
+        filesystem.rm(final, recursive=True)
+    filesystem.mv(tmp, final, recursive=True)
+    log.info("Published the final model to %s.", storage.display(filesystem, final))

@@ -30,14 +30,21 @@ from lathe_trainer.training.distributed import DistributedContext
 STRATEGIES = ("ddp", "fsdp")
 
 
-def wrap(model: torch.nn.Module, context: DistributedContext, strategy: str) -> torch.nn.Module:
+def wrap(
+    model: torch.nn.Module, context: DistributedContext, strategy: str, compile: bool = False
+) -> torch.nn.Module:
     """Return the module that the training step calls.
 
     FSDP shards `model` in place, so call this before building the optimizer. DDP returns a
-    wrapper around `model` that the optimizer may be built before or after.
+    wrapper around `model` that the optimizer may be built before or after. With `compile`,
+    `nn.Module.compile()` compiles `model` in place, which keeps its state-dict keys (a
+    `torch.compile(model)` wrapper would prefix them with `_orig_mod.` and break resume).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    if compile:
+        # NOTE: tested with DDP and a single process on CPU; compile with FSDP is untested.
+        model.compile()
     if not context.is_distributed:
         return model
     if strategy == "fsdp":
@@ -46,7 +53,8 @@ def wrap(model: torch.nn.Module, context: DistributedContext, strategy: str) -> 
         fully_shard(model)
         return model
     device_ids = [context.device] if context.device.type == "cuda" else None
-    # gradient_as_bucket_view saves a copy of every gradient into the all-reduce buckets.
+    # gradient_as_bucket_view makes the gradients views of the all-reduce buckets, which
+    # saves copying every gradient into them.
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 

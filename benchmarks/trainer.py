@@ -1,0 +1,304 @@
+"""Compare the PretrainJob trainer with Hugging Face `transformers.Trainer`, side by side.
+
+Usage: `python benchmarks/trainer.py [--data-dir ../shared/data] [--steps 40] [--repeats 1]`.
+It builds a byte-level BPE tokenizer and a Corpus output from the BC5CDR PubTator abstracts in a
+temporary workspace. Then it trains the same tiny Llama (hidden 256, 4 layers) on the same
+sequences with the same micro-batch, learning-rate schedule and fp32 precision twice. Each run
+is 2 processes under torchrun with the gloo backend (DDP):
+
+1. Lathe: the real stage, `python -m lathe_trainer pretrain --config ...` (eager), and with
+   `--compile` once more with `spec.training.compile: true`.
+2. Hugging Face: `transformers.Trainer` in a worker of this script (`--hf-worker`).
+
+Both rates come from the same measurement: the wall-clock time between the end of step
+`steps - window` and the end of the last step (Lathe's progress.jsonl timestamps, a
+TrainerCallback for Hugging Face), times the input tokens of those steps. The warm-up steps
+before the window and the start-up of the processes are therefore excluded on both sides.
+The result goes between the trainer markers of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+BEGIN = "<!-- trainer:begin -->"
+END = "<!-- trainer:end -->"
+TARGET_RATIO = 1.3
+SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<unk>"]
+
+MODEL = {"architecture": "llama", "hiddenSize": 256, "numLayers": 4, "numHeads": 4,
+         "intermediateSize": 1024, "maxPositionEmbeddings": 256}
+SEQUENCE_LENGTH = 128
+MICRO_BATCH = 8
+LEARNING_RATE = 1e-3
+WARMUP_STEPS = 5
+WEIGHT_DECAY = 0.01
+VOCAB_SIZE = 4000
+PROCESSES = 2
+
+
+def read_pubtator(path: Path) -> list[dict]:
+    """Return the documents (title and abstract) of a PubTator file."""
+    documents: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("|", 2)
+        if len(parts) == 3 and parts[1] in ("t", "a"):
+            documents.setdefault(parts[0], []).append(parts[2])
+    return [{"id": pmid, "source": path.name, "text": " ".join(text)}
+            for pmid, text in documents.items()]
+
+
+def build_workspace(data_dir: Path, root: Path) -> None:
+    """Write a Corpus output (train/validation shards) and a Tokenizer output under root."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bc5cdr = data_dir / "pubmed" / "bc5cdr"
+    train = []
+    for path in sorted(bc5cdr.glob("*.PubTator.txt")):
+        train.extend(read_pubtator(path))
+    validation, train = train[:20], train[20:]
+    for split, documents in (("train", train), ("validation", validation)):
+        (root / "corpus" / split).mkdir(parents=True)
+        lines = "".join(json.dumps(document) + "\n" for document in documents)
+        (root / "corpus" / split / "shard-00000.jsonl").write_text(lines, encoding="utf-8")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([d["text"] for d in train], vocab_size=VOCAB_SIZE, min_frequency=2,
+                            special_tokens=SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<pad>", unk_token="<unk>",
+    )
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+
+
+def lathe_config(root: Path, data_dir: Path, steps: int, compile: bool) -> Path:
+    from lathe.api import KINDS
+    from lathe.plans import stage_config
+    from lathe_trainer.stage import ResolvedInput
+
+    resource = KINDS["PretrainJob"].model_validate({
+        "apiVersion": "lathe.dev/v1alpha1",
+        "kind": "PretrainJob",
+        "metadata": {"name": "bench"},
+        "spec": {
+            "corpusRef": {"name": "pubmed"},
+            "tokenizerRef": {"name": "pubmed"},
+            "model": MODEL,
+            "sequenceLength": SEQUENCE_LENGTH,
+            "evalSequences": 16,
+            "training": {"maxSteps": steps, "microBatchSize": MICRO_BATCH,
+                         "learningRate": LEARNING_RATE, "warmupSteps": WARMUP_STEPS,
+                         "weightDecay": WEIGHT_DECAY, "precision": "fp32",
+                         "compile": compile,
+                         # Evaluation and checkpoints run only after the last step.
+                         "evalInterval": steps, "checkpointInterval": steps},
+            "distributed": {"nodes": 1, "procsPerNode": PROCESSES, "backend": "gloo"},
+        },
+    })
+    inputs = {
+        "corpus": ResolvedInput(kind="Corpus", name="pubmed", uri=f"file://{root}/corpus",
+                                digest="sha256:c"),
+        "tokenizer": ResolvedInput(kind="Tokenizer", name="pubmed",
+                                   uri=f"file://{root}/tokenizer", digest="sha256:t"),
+    }
+    output = root / "lathe-out"
+    output.mkdir(exist_ok=True)
+    config = stage_config(resource, inputs, f"file://{output}", str(data_dir))
+    path = root / "lathe-config.json"
+    path.write_text(config.model_dump_json())
+    return path
+
+
+def torchrun(arguments: list[str]) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(PROCESSES), *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+
+
+def window_rate(end_times: dict[int, float], steps: int, window: int) -> float:
+    """Return input tokens per second over the last `window` steps (all processes)."""
+    seconds = end_times[steps] - end_times[steps - window]
+    return window * MICRO_BATCH * PROCESSES * SEQUENCE_LENGTH / seconds
+
+
+def run_lathe(root: Path, data_dir: Path, steps: int, window: int, compile: bool) -> float:
+    config = lathe_config(root, data_dir, steps, compile)
+    torchrun(["-m", "lathe_trainer", "pretrain", "--config", str(config)])
+    end_times = {}
+    for line in (root / "lathe-out" / "progress.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "gradNorm" in record:
+            end_times[record["completed"]] = record["time"]
+    return window_rate(end_times, steps, window)
+
+
+def run_hugging_face(root: Path, steps: int) -> dict[int, float]:
+    torchrun([str(Path(__file__).resolve()), "--hf-worker", str(root), "--steps", str(steps)])
+    end_times = {int(k): v for k, v in json.loads((root / "hf-steps.json").read_text()).items()}
+    return end_times
+
+
+def hf_worker(root: Path, steps: int) -> None:
+    """Train with transformers.Trainer on the packed Lathe sequences (one torchrun process)."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids: list[int] = []
+    for line in (root / "corpus" / "train" / "shard-00000.jsonl").read_text().splitlines():
+        ids.extend(tokenizer(json.loads(line)["text"])["input_ids"] + [eos])
+    count = len(ids) // SEQUENCE_LENGTH
+    sequences = torch.tensor(ids[: count * SEQUENCE_LENGTH]).view(count, SEQUENCE_LENGTH)
+    dataset = [{"input_ids": row, "labels": row} for row in sequences]
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=MODEL["hiddenSize"],
+        num_hidden_layers=MODEL["numLayers"], num_attention_heads=MODEL["numHeads"],
+        intermediate_size=MODEL["intermediateSize"],
+        max_position_embeddings=MODEL["maxPositionEmbeddings"],
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    end_times: dict[int, float] = {}
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            end_times[state.global_step] = time.time()
+
+    arguments = TrainingArguments(
+        output_dir=str(root / "hf-out"), max_steps=steps,
+        per_device_train_batch_size=MICRO_BATCH, learning_rate=LEARNING_RATE,
+        warmup_steps=WARMUP_STEPS, weight_decay=WEIGHT_DECAY, adam_beta2=0.95,
+        lr_scheduler_type="cosine", max_grad_norm=1.0, seed=0, use_cpu=True,
+        ddp_backend="gloo", save_strategy="no", eval_strategy="no", report_to=[],
+        logging_steps=10, dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    Trainer(model=model, args=arguments, train_dataset=dataset,
+            callbacks=[StepTimes()]).train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        (root / "hf-steps.json").write_text(json.dumps(end_times))
+
+
+def write_doc(text: str) -> None:
+    """Replace the text between the trainer markers, keeping the rest of the page."""
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    document = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
+    if BEGIN not in document:
+        document = document.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", document))
+
+
+def report(
+    rows: list[tuple[float, float | None, float, tuple[float, ...]]], steps: int, window: int
+) -> str:
+    best_lathe = max(row[0] for row in rows)
+    best_hf = max(row[2] for row in rows)
+    ratio = best_lathe / best_hf
+    verdict = "pass" if ratio >= TARGET_RATIO else "miss"
+    lines = [
+        "## Trainer",
+        "",
+        "`python benchmarks/trainer.py` trains the same tiny Llama on the same packed BC5CDR "
+        "sequences twice, each as 2 CPU processes under torchrun (gloo, DDP, fp32): once with "
+        "Lathe's PretrainJob stage, once with Hugging Face `transformers.Trainer` at its "
+        "defaults. Neither uses torch.compile; with `--compile` the Lathe stage also runs "
+        "with `spec.training.compile: true`, for reference. The rates "
+        f"are input tokens per second over all processes during the last {window} of {steps} "
+        "steps, from wall-clock step-end times, so start-up and warm-up are excluded.",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{platform.python_implementation()} {platform.python_version()}, shared with other "
+        "jobs",
+        f"- Model: Llama, hidden {MODEL['hiddenSize']}, {MODEL['numLayers']} layers, "
+        f"{MODEL['numHeads']} heads, MLP {MODEL['intermediateSize']}, vocabulary {VOCAB_SIZE}",
+        f"- Batch: {MICRO_BATCH} sequences of {SEQUENCE_LENGTH} tokens per process, "
+        f"{PROCESSES} processes, no accumulation; {steps} steps",
+        "",
+        "| Run | Load average (1 min) before | Lathe tokens/s | Lathe compiled tokens/s | "
+        "HF Trainer tokens/s | Ratio Lathe / HF |",
+        "|---|---|---|---|---|---|",
+    ]
+    for index, (lathe, compiled, hf, load) in enumerate(rows, 1):
+        compiled_text = "not run" if compiled is None else f"{compiled:.0f}"
+        lines.append(f"| {index} | {load[0]:.2f} | {lathe:.0f} | {compiled_text} | {hf:.0f} | "
+                     f"{lathe / hf:.2f} |")
+    lines += [
+        "",
+        f"Best of each: Lathe {best_lathe:.0f} tokens/s, HF Trainer {best_hf:.0f} tokens/s, "
+        f"ratio {ratio:.2f} against a target of {TARGET_RATIO}: **{verdict}**.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
+                        help="Directory that contains pubmed/bc5cdr.")
+    parser.add_argument("--workspace", type=Path, default=None,
+                        help="Reuse this directory's corpus/ and tokenizer/ instead of building "
+                        "them in a temporary directory.")
+    parser.add_argument("--steps", type=int, default=40, help="Optimizer steps per run.")
+    parser.add_argument("--window", type=int, default=20,
+                        help="Last steps that the rates are measured over.")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Runs of each trainer; the best rate of each is compared.")
+    parser.add_argument("--compile", action="store_true",
+                        help="Also run the Lathe stage with spec.training.compile: true.")
+    parser.add_argument("--no-doc", action="store_true", help="Do not update the docs page.")
+    parser.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.hf_worker:
+        hf_worker(args.hf_worker, args.steps)
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lathe-trainer-bench-") as temporary:
+        root = args.workspace or Path(temporary)
+        if not (root / "tokenizer" / "tokenizer.json").is_file():
+            build_workspace(args.data_dir, root)
+        for _ in range(args.repeats):
+            load = os.getloadavg()
+            lathe = run_lathe(root, args.data_dir, args.steps, args.window, compile=False)
+            compiled = None
+            if args.compile:
+                compiled = run_lathe(root, args.data_dir, args.steps, args.window, compile=True)
+            hf = window_rate(run_hugging_face(root, args.steps), args.steps, args.window)
+            print(f"Lathe {lathe:.0f} tokens/s (compiled {compiled}), HF Trainer {hf:.0f} "
+                  f"tokens/s, ratio {lathe / hf:.2f} (load average {load[0]:.2f}).", flush=True)
+            rows.append((lathe, compiled, hf, load))
+
+    text = report(rows, args.steps, args.window)
+    print(text)
+    if not args.no_doc:
+        write_doc(text)
+
+
+if __name__ == "__main__":
+    main()

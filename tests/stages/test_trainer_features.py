@@ -1,0 +1,192 @@
+"""Trainer features of the PretrainJob stage: precision, non-finite steps, fsspec stores, FSDP
+and the Prometheus endpoint, on real PubMed abstracts with a tiny Llama.
+
+The inputs and helpers come from test_pretrain, so both files train on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.request
+
+import fsspec
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lathe_trainer.pretrain import stage
+from lathe_trainer.stage import StageError
+from lathe_trainer.training import checkpoint
+from test_pretrain import (  # noqa: F401 (the fixtures are used by name)
+    inputs,
+    launch,
+    one_thread,
+    pretrain_resource,
+    progress,
+    run_stage,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def run_in_process(make_config, tmp_path, resource, inputs, resume=False):
+    output = tmp_path / "out"
+    config = make_config(resource, inputs, output=output)
+    stage.run(config, resume=resume)
+    return json.loads((output / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(make_config, tmp_path, inputs, precision):
+    resource = pretrain_resource(procs=1, maxSteps=4, precision=precision)
+    metrics = run_in_process(make_config, tmp_path, resource, inputs["full"])
+    assert metrics["precision"] == precision
+    assert metrics["steps"] == 4
+    assert metrics["finalLoss"] < metrics["firstLoss"]
+    assert metrics["mfu"] is None  # no MFU without a GPU peak FLOP/s
+
+
+def test_fp16_resume_keeps_loss_scale(make_config, tmp_path, inputs):
+    resource = pretrain_resource(procs=1, maxSteps=4, precision="fp16")
+    run_in_process(make_config, tmp_path, resource, inputs["tiny"])
+    saved = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "out" / "checkpoints"))
+    assert saved.state["train"]["gradScaler"]["scale"] > 0
+
+
+def test_nan_step_fails_by_default(make_config, tmp_path, inputs, monkeypatch):
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "3")
+    resource = pretrain_resource(procs=1, maxSteps=6)
+    with pytest.raises(StageError, match=r"training loss of step 3 is nan.*nonFinite"):
+        run_in_process(make_config, tmp_path, resource, inputs["full"])
+
+
+def test_nan_step_skipped(make_config, tmp_path, inputs, monkeypatch):
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "3,5")
+    resource = pretrain_resource(procs=1, maxSteps=6, nonFinite="skip")
+    metrics = run_in_process(make_config, tmp_path, resource, inputs["full"])
+    assert metrics["nonFiniteSteps"] == 2
+    assert metrics["steps"] == 6
+    records = progress(tmp_path / "out")
+    assert any("Non-finite step 3 (skip)" in r["message"] for r in records)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_step_rolls_back(make_config, tmp_path, inputs, monkeypatch):
+    """A NaN at step 6 reloads the step-4 checkpoint; steps 5-6 are redone on later data."""
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "6")
+    resource = pretrain_resource(procs=1, maxSteps=8, nonFinite="rollback")
+    metrics = run_in_process(make_config, tmp_path, resource, inputs["full"])
+    assert metrics["nonFiniteSteps"] == 1
+    assert metrics["steps"] == 8
+    completed = [r["completed"] for r in progress(tmp_path / "out") if "gradNorm" in r]
+    assert completed == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+
+
+def test_rollback_without_checkpoint_fails(make_config, tmp_path, inputs, monkeypatch):
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "2")
+    resource = pretrain_resource(procs=1, maxSteps=6, nonFinite="rollback")
+    with pytest.raises(StageError, match="no checkpoint to roll back to"):
+        run_in_process(make_config, tmp_path, resource, inputs["full"])
+
+
+def test_skip_limit_fails(make_config, tmp_path, inputs, monkeypatch):
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "1,2,3")
+    resource = pretrain_resource(procs=1, maxSteps=6, nonFinite="skip", maxNonFiniteSteps=2)
+    with pytest.raises(StageError, match="maxNonFiniteSteps: training stopped"):
+        run_in_process(make_config, tmp_path, resource, inputs["full"])
+
+
+def test_memory_store_checkpoints_and_model(make_config, tmp_path, inputs):
+    """memory:// is the stand-in remote filesystem: checkpoints keep the newest 2, model lands."""
+    uri = "memory://lathe-test/pretrain"
+    resource = pretrain_resource(procs=1, maxSteps=8, checkpointInterval=2, artifactUri=uri)
+    run_in_process(make_config, tmp_path, resource, inputs["tiny"])
+    filesystem = fsspec.filesystem("memory")
+    names = sorted(p.rsplit("/", 1)[-1] for p in filesystem.ls(f"{uri}/checkpoints",
+                                                                detail=False))
+    assert names == ["step-00000006", "step-00000008"]
+    assert filesystem.isfile(f"{uri}/model/model.safetensors")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+    longer = pretrain_resource(procs=1, maxSteps=10, checkpointInterval=2, artifactUri=uri)
+    metrics = run_in_process(make_config, tmp_path, longer, inputs["tiny"], resume=True)
+    assert metrics["resumedFromStep"] == 8
+    filesystem.rm("/lathe-test", recursive=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_metrics_served_by_rank_zero(make_config, tmp_path, inputs, monkeypatch):
+    """Scrape the endpoint while training runs; the final metrics fit the termination message."""
+    port = free_port()
+    monkeypatch.setenv("LATHE_METRICS_PORT", str(port))
+    monkeypatch.setenv("LATHE_METRICS_ADDRESS", "127.0.0.1")
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("LATHE_TERMINATION_LOG", str(termination))
+    scraped: list[str] = []
+    stop = threading.Event()
+
+    def scrape():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+                if "lathe_training_step{" in text:
+                    scraped.append(text)
+            except OSError:
+                pass
+            stop.wait(0.05)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=8),
+                       inputs["full"])
+    finally:
+        stop.set()
+        scraper.join()
+    assert scraped, "the metrics endpoint never answered with training gauges"
+    text = scraped[-1]
+    for name in ("lathe_training_loss", "lathe_training_tokens_per_second",
+                 "lathe_training_step", "lathe_training_peak_memory_bytes"):
+        assert f'{name}{{kind="PretrainJob",name="lm",namespace="default"}}' in text
+    message = json.loads(termination.read_text())
+    assert message["metrics"]["nonFiniteSteps"] == 0
+    assert message["metrics"]["tokensPerSecond"] > 0
+    assert message["metrics"]["peakMemoryBytes"] > 0
+
+
+def test_fsdp_two_processes_train_and_resume(make_config, tmp_path, inputs):
+    """FSDP2 on gloo: two CPU processes train, save full checkpoints, and resume from them."""
+    output = tmp_path / "out"
+    first = pretrain_resource(maxSteps=4)
+    first["spec"]["distributed"]["strategy"] = "fsdp"
+    metrics = run_stage(make_config, tmp_path, first, inputs["full"], output)
+    assert metrics["strategy"] == "fsdp"
+    assert metrics["finalLoss"] < metrics["firstLoss"]
+    saved = checkpoint.load(checkpoint.latest_checkpoint(output / "checkpoints"))
+    assert saved.model["model.embed_tokens.weight"].shape[1] == 64  # gathered, not a shard
+
+    longer = pretrain_resource(maxSteps=6)
+    longer["spec"]["distributed"]["strategy"] = "fsdp"
+    resumed = run_stage(make_config, tmp_path, longer, inputs["full"], output, resume=True)
+    assert resumed["resumedFromStep"] == 4
+    assert resumed["steps"] == 6
+    model = AutoModelForCausalLM.from_pretrained(output / "model")
+    assert model.model.embed_tokens.weight.shape[1] == 64
+
+
+def test_resume_under_other_strategy_rejected(make_config, tmp_path, inputs):
+    run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=3),
+                   inputs["tiny"])
+    changed = pretrain_resource(procs=1, maxSteps=4)
+    changed["spec"]["distributed"]["strategy"] = "fsdp"
+    with pytest.raises(StageError, match="spec.distributed.strategy: .*strategy='ddp'"):
+        run_in_process(make_config, tmp_path, changed, inputs["tiny"], resume=True)
