@@ -48,6 +48,13 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     except kubernetes.config.ConfigException:
         # NB: the client reads $KUBECONFIG when it is imported; read it again here.
         kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    # The kubernetes client (37) keeps at most 5 connections per CPU by default. With more handler
+    # threads than that, it drops connections after use and opens new TLS connections.
+    client_configuration = kubernetes.client.Configuration.get_default_copy()
+    client_configuration.connection_pool_maxsize = max(
+        client_configuration.connection_pool_maxsize or 0, settings.execution.max_workers
+    )
+    kubernetes.client.Configuration.set_default(client_configuration)
     operator_settings = OperatorSettings.from_env()
     STATE["settings"] = operator_settings
     STATE["reconciler"] = Reconciler(operator_settings)
@@ -111,6 +118,7 @@ def _announce(current: dict, desired: dict, logger: logging.Logger) -> None:
 
 def on_resource_event(body, patch, logger, type, **_: Any) -> None:
     if type == "DELETED":
+        forget_resource(body, logger)
         return
     desired = _reconcile(dict(body), logger)
     if desired is None:
@@ -128,7 +136,7 @@ def on_resource_event(body, patch, logger, type, **_: Any) -> None:
 
 def _wake_dependents(body: dict, logger: logging.Logger) -> None:
     """Reconcile the resources that wait for this one, so they start without a resync."""
-    api = kubernetes.client.CustomObjectsApi()
+    api = reconciler().api.custom
     namespace = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
     for model in KINDS.values():
@@ -178,7 +186,7 @@ def on_job_event(body, logger, type, **_: Any) -> None:
         if not owner["apiVersion"].startswith(GROUP + "/") or owner["kind"] not in KINDS:
             continue
         namespace = body["metadata"]["namespace"]
-        api = kubernetes.client.CustomObjectsApi()
+        api = reconciler().api.custom
         try:
             parent = api.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, KINDS[owner["kind"]].plural, owner["name"]
@@ -200,7 +208,7 @@ def resync(body, patch, logger, **_: Any) -> None:
 def refresh_progress(body, patch, **_: Any) -> None:
     """Copy the latest training progress from the artifact store into status and metrics."""
     current = body.get("status") or {}
-    if current.get("phase") != "Running" or not current.get("attemptGeneration"):
+    if current.get("phase") != "Running" or not current.get("runGeneration"):
         return
     settings: OperatorSettings = STATE["settings"]
     uri = reconciler().store.output_uri(
@@ -223,8 +231,12 @@ def _mounts(settings: OperatorSettings) -> dict[str, str]:
     return {claim: path for claim, path in pairs}
 
 
-def forget_resource(body, logger, **_: Any) -> None:
-    """Deletion cleanup: drop the resource's metric series. Owned objects go with the owner."""
+def forget_resource(body, logger) -> None:
+    """Deletion cleanup: drop the resource's metric series. Owned objects go with the owner.
+
+    NB: this runs from the DELETED event rather than an on.delete handler, because a change
+    handler would make kopf keep a copy of the whole spec in the object as its diff base.
+    """
     meta = body["metadata"]
     metrics.forget(meta.get("namespace", ""), body["kind"], meta["name"])
     metrics.PHASES.set(body["kind"], meta.get("namespace", ""), meta["name"], None)
@@ -235,7 +247,6 @@ def forget_resource(body, logger, **_: Any) -> None:
 def register() -> None:
     for model in KINDS.values():
         kopf.on.event(GROUP, VERSION, model.plural)(on_resource_event)
-        kopf.on.delete(GROUP, VERSION, model.plural, optional=True)(forget_resource)
         kopf.timer(GROUP, VERSION, model.plural, id="resync", interval=RESYNC_SECONDS)(resync)
         if model.kind_name in TRAINING_KINDS:
             kopf.timer(

@@ -8,8 +8,10 @@ status only when it changed. Nothing here writes `spec` or annotations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,11 @@ from lathe_trainer.stage import EXIT_PERMANENT, ResolvedInput
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "lathe-operator"
+# Seconds a finished upstream read from the API server is reused, because many resources often
+# share one Corpus or Tokenizer and each reconcile would read it again. A change to a finished
+# upstream reaches reconciles up to this late. An unfinished upstream is never cached, so a
+# waiting resource reads its finished status on the next reconcile.
+UPSTREAM_CACHE_SECONDS = 1.0
 
 
 @dataclass
@@ -65,6 +72,7 @@ class Reconciler:
         self.api = clients or Clients()
         self.store = builders.ArtifactStore(settings.artifact_root)
         self._pod_monitor_crd: bool | None = None
+        self._upstreams: dict[tuple[str, str, str], tuple[float, dict]] = {}
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -103,9 +111,7 @@ class Reconciler:
         for role, (kind, name) in resource.references().items():
             model = KINDS[kind]
             try:
-                upstream = self.api.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, resource.metadata.namespace, model.plural, name
-                )
+                upstream = self._read_upstream(resource.metadata.namespace, model.plural, name)
             except ApiException as error:
                 if error.status == 404:
                     return {}, (Reason.INPUT_NOT_FOUND, f"Waiting for {kind} {name!r}, which "
@@ -122,10 +128,26 @@ class Reconciler:
             if not (done and artifact and current):
                 return {}, (Reason.INPUT_NOT_READY, f"Waiting for {kind} {name!r} to reach "
                             f"{model.summary_condition} ({role}).")
+            self._remember_upstream(resource.metadata.namespace, model.plural, name, upstream)
             resolved[role] = ResolvedInput(
                 kind=kind, name=name, uri=artifact["uri"], digest=artifact["digest"]
             )
         return resolved, None
+
+    def _read_upstream(self, namespace: str, plural: str, name: str) -> dict:
+        cached = self._upstreams.get((namespace, plural, name))
+        if cached and time.monotonic() - cached[0] < UPSTREAM_CACHE_SECONDS:
+            return cached[1]
+        return self.api.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+
+    def _remember_upstream(self, namespace: str, plural: str, name: str, upstream: dict) -> None:
+        """Cache a finished upstream for UPSTREAM_CACHE_SECONDS, dropping expired entries."""
+        now = time.monotonic()
+        expired = [key for key, (read_at, _) in list(self._upstreams.items())
+                   if now - read_at >= UPSTREAM_CACHE_SECONDS]
+        for key in expired:
+            self._upstreams.pop(key, None)
+        self._upstreams.setdefault((namespace, plural, name), (now, upstream))
 
     # -- bounded stages (Corpus, Tokenizer, PretrainJob, FineTune, the export of a deployment) --
 
@@ -144,19 +166,25 @@ class Reconciler:
         generation = resource.metadata.generation
         conditions = new["conditions"]
         summary = resource.summary_condition
-        same_generation = _status_generation(body) == generation
-        if same_generation and status.condition_true(conditions, summary):
+        # A run is identified by its spec without `suspend`, so pausing and resuming (which
+        # bump the generation) continue the same run instead of starting a new one.
+        run_hash = _run_hash(resource)
+        same_run = new.get("runSpecHash") == run_hash and bool(new.get("runGeneration"))
+        if same_run and status.condition_true(conditions, summary):
             return new
-        if same_generation and status.condition_true(conditions, C.FAILED):
+        if same_run and status.condition_true(conditions, C.FAILED):
             return new
 
-        plan = self._plan(resource, inputs)
-        attempt = int(new.get("attempt", 0)) if new.get("attemptGeneration") == generation else 0
-        new["attemptGeneration"] = generation
+        run_generation = int(new["runGeneration"]) if same_run else generation
+        run = resource.model_copy(deep=True)
+        run.metadata.generation = run_generation
+        plan = self._plan(run, inputs)
+        attempt = int(new.get("attempt", 0)) if same_run else 0
+        new["runSpecHash"] = run_hash
+        new["runGeneration"] = run_generation
         new["attempt"] = attempt
-        if not same_generation:
-            # A changed spec starts over: stop the previous generation's Job and forget its
-            # outcome.
+        if not same_run:
+            # A changed spec starts over: stop the previous run's Job and forget its outcome.
             previous = new.get("jobName")
             if previous:
                 self._delete_job(resource.metadata.namespace, previous)
@@ -351,20 +379,23 @@ class Reconciler:
 
     def _apply(self, namespace: str, obj: dict) -> None:
         """Create or update an object with server-side apply, as the operator's field manager."""
-        group_version = obj["apiVersion"]
-        group, _, version = group_version.rpartition("/")
-        plural = {
-            "Deployment": "deployments", "Service": "services",
-            "HorizontalPodAutoscaler": "horizontalpodautoscalers", "PodMonitor": "podmonitors",
-        }[obj["kind"]]
-        base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
-        path = f"{base}/namespaces/{namespace}/{plural}/{obj['metadata']['name']}"
-        self.api.core.api_client.call_api(
-            path, "PATCH",
-            query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-            header_params={"Content-Type": "application/apply-patch+yaml",
-                           "Accept": "application/json"},
-            body=obj, auth_settings=["BearerToken"], _preload_content=False,
+        name = obj["metadata"]["name"]
+        apply = {
+            "Deployment": self.api.apps.patch_namespaced_deployment,
+            "Service": self.api.core.patch_namespaced_service,
+            "HorizontalPodAutoscaler":
+                self.api.autoscaling.patch_namespaced_horizontal_pod_autoscaler,
+        }.get(obj["kind"])
+        options = {
+            "field_manager": FIELD_MANAGER, "force": True,
+            "_content_type": "application/apply-patch+yaml",
+        }
+        if apply is not None:
+            apply(name, namespace, obj, **options)
+            return
+        group, _, version = obj["apiVersion"].rpartition("/")
+        self.api.custom.patch_namespaced_custom_object(
+            group, version, namespace, "podmonitors", name, obj, **options
         )
 
     def _read_job(self, namespace: str, name: str):
@@ -449,8 +480,10 @@ class Reconciler:
                 "phase": status.derive_phase(conditions)}
 
 
-def _status_generation(body: dict) -> int | None:
-    return (body.get("status") or {}).get("observedGeneration")
+def _run_hash(resource: Resource) -> str:
+    spec = resource.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
+    encoded = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
 
 
 def _owner(body: dict) -> dict:
