@@ -71,7 +71,7 @@ def build(kind: str, change: dict) -> dict:
     for key, value in change.items():
         if value is None:
             spec.pop(key, None)
-        elif isinstance(value, dict) and isinstance(spec.get(key), dict):
+        elif value and isinstance(value, dict) and isinstance(spec.get(key), dict):
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = value

@@ -99,7 +99,7 @@ def running_status(kind: str, progress: dict | None = None) -> dict:
         "Job pubmed-g1-0 has 2 active pods.", 1,
     )
     new = {"observedGeneration": 1, "conditions": conditions, "jobName": "pubmed-g1-0",
-           "attempt": 0, "attemptGeneration": 1}
+           "attempt": 0, "runGeneration": 1}
     if progress is not None:
         new["progress"] = progress
     return with_phase(kind, new)

@@ -58,8 +58,10 @@ class ExportSpec(ApiModel):
     held_out_sentences: int = Field(
         default=64, ge=8, le=10000, description="Held-out sentences read from heldOutData."
     )
+    # A wrong graph (the legacy exporter on Llama) was seen 0.1 to 0.4 away from PyTorch; a
+    # correct fp32 export of the example models differed by 4e-5 to 2e-3 at 200 tokens.
     tolerance: float = Field(
-        default=1e-3, gt=0.0, description="Maximum absolute logit difference allowed."
+        default=1e-2, gt=0.0, description="Maximum absolute logit difference allowed."
     )
     quantization: QuantizationSpec = Field(
         default_factory=QuantizationSpec, description="INT8 quantization."
@@ -71,8 +73,9 @@ class ServingSpec(ApiModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="self.httpPort != self.grpcPort && self.httpPort != self.metricsPort && "
-            "self.grpcPort != self.metricsPort",
+            rule="!has(self.httpPort) || !has(self.grpcPort) || !has(self.metricsPort) || "
+            "(self.httpPort != self.grpcPort && self.httpPort != self.metricsPort && "
+            "self.grpcPort != self.metricsPort)",
             message="spec.serving.httpPort, grpcPort and metricsPort must differ; give each "
             "port its own number",
             check=lambda serving: len(
@@ -109,7 +112,8 @@ class AutoscalingSpec(ApiModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="self.minReplicas <= self.maxReplicas",
+            rule="!has(self.minReplicas) || !has(self.maxReplicas) || "
+            "self.minReplicas <= self.maxReplicas",
             message="spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas; "
             "lower minReplicas or raise maxReplicas",
             check=lambda autoscaling: autoscaling.min_replicas <= autoscaling.max_replicas,

@@ -102,18 +102,25 @@ def _changes(current: dict, desired: dict) -> dict:
     return {key: value for key, value in desired.items() if current.get(key) != value}
 
 
-def _announce(current: dict, desired: dict, logger: logging.Logger) -> None:
-    """Post an event and a log line for every condition that changed status or reason."""
+def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) -> None:
+    """Post a Kubernetes Event and a log line for every condition that changed.
+
+    NB: kopf turns log lines of event and timer handlers into no Events, so they are posted
+    here explicitly.
+    """
     before = {c["type"]: c for c in current.get("conditions") or []}
     for condition in desired.get("conditions") or []:
         old = before.get(condition["type"])
         if old and (old["status"], old["reason"]) == (condition["status"], condition["reason"]):
             continue
-        text = f"{condition['type']}={condition['status']} ({condition['reason']}): {condition['message']}"
-        if condition["type"] == "Failed" and condition["status"] == "True":
+        text = f"{condition['type']}={condition['status']}: {condition['message']}"
+        failed = condition["type"] == "Failed" and condition["status"] == "True"
+        if failed:
             logger.error(text)
+            kopf.warn(body, reason=condition["reason"], message=text)
         else:
             logger.info(text)
+            kopf.info(body, reason=condition["reason"], message=text)
 
 
 def on_resource_event(body, patch, logger, type, **_: Any) -> None:
@@ -126,7 +133,7 @@ def on_resource_event(body, patch, logger, type, **_: Any) -> None:
     current = dict(body.get("status") or {})
     changes = _changes(current, desired)
     if changes:
-        _announce(current, desired, logger)
+        _announce(body, current, desired, logger)
         patch.status.update(changes)
     # NB: dependents read this resource's status from the API server, so they are woken only
     # once a finished status is stored, which is the event after the one that set it.
@@ -173,7 +180,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> None:
     current = parent.get("status") or {}
     changes = _changes(current, desired)
     if changes:
-        _announce(current, desired, logger)
+        _announce(parent, current, desired, logger)
         api.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], KINDS[parent["kind"]].plural, meta["name"],
             {"status": changes},
