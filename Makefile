@@ -2,6 +2,9 @@
 SHELL := /bin/bash
 PYTHON := .venv/bin/python
 export LATHE_DATA_DIR ?= $(abspath ../shared/data)
+# The environment is shared by every checkout on the machine, and its editable install points at
+# the checkout that ran `make env` last; this makes the current checkout's code win.
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer
 
 .PHONY: env tools demo test test-unit test-chart crds check-crds bench \
 	cluster-bed cluster-up cluster-down e2e-kind clean

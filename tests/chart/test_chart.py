@@ -79,6 +79,9 @@ CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
 # here fails test_operator_calls_are_in_table: add it, and grant it in the chart's rules.
 CLIENT_METHODS: dict[str, tuple[str, str, str]] = {
     "get_namespaced_custom_object": (GROUP, "*", "get"),
+    "list_namespaced_custom_object": (GROUP, "*", "list"),
+    # Reconciler._apply uses it only for PodMonitors.
+    "patch_namespaced_custom_object": ("monitoring.coreos.com", "podmonitors", "patch"),
     "patch_namespaced_custom_object_status": (GROUP, "*/status", "patch"),
     "create_namespaced_config_map": ("", "configmaps", "create"),
     "create_namespaced_service": ("", "services", "create"),

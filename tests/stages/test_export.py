@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,9 @@ def finetune_output(root: Path, architecture: str = "llama", fragile: bool = Fal
 
 
 def shared_data() -> Path:
-    from conftest import shared_data_dir
-
-    return shared_data_dir()
+    """The real data: $LATHE_DATA_DIR, else ../shared/data beside the repository."""
+    repo = Path(__file__).resolve().parents[2]
+    return Path(os.environ.get("LATHE_DATA_DIR", repo.parent / "shared" / "data")).resolve()
 
 
 def make_quantization_fragile(model_dir: Path) -> None:

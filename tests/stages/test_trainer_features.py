@@ -126,8 +126,8 @@ def free_port() -> int:
 def test_metrics_served_by_rank_zero(make_config, tmp_path, inputs, monkeypatch):
     """Scrape the endpoint while training runs; the final metrics fit the termination message."""
     port = free_port()
-    monkeypatch.setenv("LATHE_METRICS_PORT", str(port))
-    monkeypatch.setenv("LATHE_METRICS_ADDRESS", "127.0.0.1")
+    monkeypatch.setenv("LATHE_TRAINER_METRICS_PORT", str(port))
+    monkeypatch.setenv("LATHE_TRAINER_METRICS_ADDRESS", "127.0.0.1")
     termination = tmp_path / "termination-log"
     monkeypatch.setenv("LATHE_TERMINATION_LOG", str(termination))
     scraped: list[str] = []

@@ -47,4 +47,4 @@ def test_every_shard_is_written(tmp_path):
     assert sum(counts["train"]) + sum(counts["validation"]) == 3
     records = [json.loads(line) for path in tmp_path.rglob("*.jsonl") for line in path.open()]
     assert sorted(r["id"] for r in records) == ["src:0", "src:1", "src:2"]
-    assert set(records[0]) == {"id", "source", "recordId", "text"}
+    assert set(records[0]) == {"id", "source", "recordId", "text", "quality"}

@@ -380,6 +380,10 @@ class Reconciler:
     def _apply(self, namespace: str, obj: dict) -> None:
         """Create or update an object with server-side apply, as the operator's field manager."""
         name = obj["metadata"]["name"]
+        plural = {
+            "Deployment": "deployments", "Service": "services",
+            "HorizontalPodAutoscaler": "horizontalpodautoscalers", "PodMonitor": "podmonitors",
+        }[obj["kind"]]
         apply = {
             "Deployment": self.api.apps.patch_namespaced_deployment,
             "Service": self.api.core.patch_namespaced_service,
@@ -395,7 +399,7 @@ class Reconciler:
             return
         group, _, version = obj["apiVersion"].rpartition("/")
         self.api.custom.patch_namespaced_custom_object(
-            group, version, namespace, "podmonitors", name, obj, **options
+            group, version, namespace, plural, name, obj, **options
         )
 
     def _read_job(self, namespace: str, name: str):

@@ -123,8 +123,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 class PrometheusExporter:
     """Serves the training gauges of rank 0 over HTTP for Prometheus.
 
-    Started only when LATHE_METRICS_PORT is set; the address defaults to all interfaces so the
-    PodMonitor can scrape the pod (LATHE_METRICS_ADDRESS overrides it). A private registry keeps
+    Started only when LATHE_TRAINER_METRICS_PORT is set; the address defaults to all interfaces so the
+    PodMonitor can scrape the pod (LATHE_TRAINER_METRICS_ADDRESS overrides it). A private registry keeps
     repeated runs in one process from colliding.
     """
 
@@ -155,10 +155,10 @@ class PrometheusExporter:
 
     @classmethod
     def from_environment(cls, labels: dict[str, str]) -> PrometheusExporter | None:
-        port = os.environ.get("LATHE_METRICS_PORT")
+        port = os.environ.get("LATHE_TRAINER_METRICS_PORT")
         if not port:
             return None
-        address = os.environ.get("LATHE_METRICS_ADDRESS", "0.0.0.0")
+        address = os.environ.get("LATHE_TRAINER_METRICS_ADDRESS", "0.0.0.0")
         return cls(int(port), labels, address)
 
     def update(self, **values: float | None) -> None:
