@@ -238,7 +238,9 @@ def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, r
         return not any(p["status"].get("phase") in ("Pending", "Running")
                        and not p["metadata"].get("deletionTimestamp") for p in pods)
 
-    cluster.wait_for(attempt_released, "the failed attempt's pods to stop", timeout=60)
+    # NOTE: alone this takes seconds; after the rest of the suite the bed's controller manager
+    # is still deleting earlier tests' namespaces, and it was seen to need over 60 s.
+    cluster.wait_for(attempt_released, "the failed attempt's pods to stop", timeout=180)
 
     def live_attempts() -> list[str]:
         return [job["metadata"]["labels"]["lathe.dev/attempt"]
