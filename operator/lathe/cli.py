@@ -140,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
     with_files(run)
     run.add_argument("--sample", default=DEFAULT_SAMPLE, help="Sentence sent to Triton at the end.")
     run.add_argument(
-        "--serve", action="store_true", help="Keep Triton running after the sample answer, until "
+        "--serve", action="store_true", help="Keep Triton running after the sample response, until "
         "interrupted."
     )
     run.set_defaults(handler=_run)

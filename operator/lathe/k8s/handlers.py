@@ -36,8 +36,8 @@ def reconciler() -> Reconciler:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
-    # NB: status-based storages keep kopf's own bookkeeping out of annotations, which the
-    # user's Git manifests own; with only event and timer handlers there is little of it.
+    # NB: status-based storages keep kopf's own bookkeeping out of annotations, because the
+    # user's Git manifests own those. With only event and timer handlers there is little of it.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diff")
     settings.posting.level = logging.INFO
@@ -188,7 +188,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> None:
 
 
 def on_job_event(body, logger, type, **_: Any) -> None:
-    """A Job owned by a Lathe resource changed: reconcile its owner."""
+    """Reconcile the Lathe resource that owns a changed Job."""
     for owner in body["metadata"].get("ownerReferences") or []:
         if not owner["apiVersion"].startswith(GROUP + "/") or owner["kind"] not in KINDS:
             continue

@@ -28,7 +28,7 @@ def repository_path(result: StageResult) -> Path:
 
 
 def fine_tuned_model_dir(result: StageResult) -> Path:
-    """The FineTune model the export started from, for the in-process reference answer."""
+    """Return the FineTune model directory the export started from, for the reference result."""
     return local_path(result.manifest["inputs"]["model"]["uri"]) / "model"
 
 
@@ -39,7 +39,7 @@ def in_process_answer(result: StageResult, text: str) -> list[dict[str, Any]]:
 def serve_and_query(
     result: StageResult, text: str, console: Console, keep_serving: bool = False
 ) -> list[dict[str, Any]]:
-    """Start Triton on the deployment's repository, print its endpoint and answer to `text`."""
+    """Start Triton on the deployment's repository; print its endpoint and `text`'s entities."""
     model_name = result.resource.spec.model_name
     workdir = result.output_dir.parent / "triton"
     with local_server.start_triton(repository_path(result), workdir) as server:
