@@ -41,6 +41,8 @@ MANAGED_BY = "lathe-operator"
 LABEL_KIND = "lathe.dev/kind"
 LABEL_NAME = "lathe.dev/name"
 LABEL_ATTEMPT = "lathe.dev/attempt"
+# On a stage Job: the generation of the spec whose run the Job belongs to (its name has it too).
+LABEL_RUN_GENERATION = "lathe.dev/run-generation"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 
 # Kubernetes object names used as Service names and pod host names must be DNS-1123 labels.

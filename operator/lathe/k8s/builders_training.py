@@ -182,6 +182,7 @@ def training_job(
     """
     template_labels = pod_labels(plan, attempt)
     job_labels = dict(template_labels)
+    job_labels[builders.LABEL_RUN_GENERATION] = str(plan.config.generation)
     if queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = queue_name
     # NOTE: a Corpus with several shards still runs as one pod that writes every shard. One index

@@ -8,6 +8,7 @@ status only when it changed. Nothing here writes `spec` or annotations.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -197,6 +198,11 @@ class Reconciler:
         suspended = bool(getattr(resource.spec, "suspend", False))
 
         if job is None:
+            if self._superseded(resource, body, run_generation, attempt):
+                # NB: this reconcile started from a status older than the cluster: a concurrent
+                # one already moved on to a later attempt or run, and creating this Job again
+                # would run two attempts at once. The newer status is on its way.
+                return _stale(body)
             if suspended:
                 new["conditions"] = status.set_condition(
                     conditions, C.SUSPENDED, True, Reason.SUSPENDED,
@@ -301,10 +307,12 @@ class Reconciler:
             return new
         # Tear down what is left of the failed attempt, then start the next one, which resumes
         # from the latest checkpoint with a new rendezvous id.
+        # The next attempt's Job exists before the failed one goes, so that a concurrent
+        # reconcile that still sees the old status finds the next attempt and creates nothing.
+        self._create_workload(resource, body, plan, attempt + 1)
         self._delete_job(resource.metadata.namespace, job.metadata.name)
         new["attempt"] = attempt + 1
         new["restartCount"] = attempt + 1
-        self._create_workload(resource, body, plan, attempt + 1)
         new["jobName"] = builders.job_name(plan, attempt + 1)
         new["conditions"] = status.set_condition(
             conditions, C.RUNNING, True, Reason.JOB_CREATED,
@@ -419,6 +427,27 @@ class Reconciler:
             if error.status != 404:
                 raise
 
+    def _superseded(self, resource: Resource, body: dict, run_generation: int, attempt: int
+                    ) -> bool:  # fmt: skip
+        """Return True when the resource owns a Job of a later run or attempt than the one given."""
+        selector = (f"{builders.LABEL_KIND}={resource.kind},"
+                    f"{builders.LABEL_NAME}={resource.metadata.name}")  # fmt: skip
+        jobs = self.api.batch.list_namespaced_job(
+            resource.metadata.namespace, label_selector=selector
+        ).items
+        for job in jobs:
+            if not _owned_by(job.metadata, body):
+                continue
+            job_labels = job.metadata.labels or {}
+            try:
+                seen = (int(job_labels[builders.LABEL_RUN_GENERATION]),
+                        int(job_labels[builders.LABEL_ATTEMPT]))  # fmt: skip
+            except (KeyError, ValueError):
+                continue
+            if seen > (run_generation, attempt):
+                return True
+        return False
+
     def _job_pods(self, namespace: str, job_name: str) -> list:
         pods = self.api.core.list_namespaced_pod(
             namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}"
@@ -499,6 +528,11 @@ def _owner(body: dict) -> dict:
             "uid": body["metadata"]["uid"],
         },
     }
+
+
+def _stale(body: dict) -> dict:
+    """Return the stored status unchanged, so that the caller writes nothing."""
+    return copy.deepcopy(body.get("status") or {})
 
 
 def _owned_by(metadata, body: dict) -> bool:
