@@ -44,6 +44,10 @@ GPUS_PER_NODE = 8
 # kwok manages only the nodes with this annotation, so real nodes are never touched.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 NODE_LABEL_SELECTOR = "type=kwok"
+# The controllers' default client limit (20 requests a second, bursts of 30) slows the Job
+# controller and the garbage collector when a test creates many pods at once. kwokctl lifts the
+# same limits (`--disable-qps-limits`), since a simulated cluster has no kubelets to protect.
+UNTHROTTLED_CLIENT = ("--kube-api-qps=5000", "--kube-api-burst=10000")
 
 # Both ranges are only written into object fields: no traffic goes to these addresses.
 SERVICE_CIDR = "10.96.0.0/16"
@@ -529,6 +533,7 @@ class ClusterBed:
                 # kwok's heartbeat stage renews node status every 20 to 45 s, close to the default
                 # grace period. A longer one keeps a late heartbeat from tainting the nodes.
                 "--node-monitor-grace-period=120s",
+                *UNTHROTTLED_CLIENT,
             ],
         )
         wait_until(lambda: http_ok(healthz, _unverified_tls()), "kube-controller-manager /healthz",
@@ -543,7 +548,7 @@ class ClusterBed:
 
     def _start_scheduler(self) -> None:
         flags, healthz = self._serving_flags("kube-scheduler")
-        component = self._spawn("kube-scheduler", flags)
+        component = self._spawn("kube-scheduler", [*flags, *UNTHROTTLED_CLIENT])
         wait_until(lambda: http_ok(healthz, _unverified_tls()), "kube-scheduler /healthz",
                    component, self.timeout)  # fmt: skip
 
@@ -626,6 +631,9 @@ class ClusterBed:
         body = self.api_get(f"/api/v1/nodes?labelSelector={NODE_LABEL_SELECTOR}")
         if body is None:
             return False
+        # The node lifecycle controller taints a new node `not-ready` until it first sees the node
+        # Ready, and removes the taint a few seconds after Ready turns True; until then nothing
+        # schedules there.
         ready = [
             node
             for node in body.get("items", [])
@@ -633,6 +641,7 @@ class ClusterBed:
                 condition.get("type") == "Ready" and condition.get("status") == "True"
                 for condition in node.get("status", {}).get("conditions", [])
             )
+            and not node.get("spec", {}).get("taints")
         ]
         return len(ready) == self.node_count
 
