@@ -4,7 +4,7 @@ Usage: `python benchmarks/operator_scale.py [--count 1000]`. It starts the local
 (tests/cluster/bed.py) with enough kwok nodes for every pod and installs the CRDs from crds/. It
 runs the operator as its own process (`python -m kopf run --standalone --all-namespaces -m
 lathe.k8s.handlers`) and lets one Corpus and one Tokenizer succeed. Then it applies COUNT
-single-node CPU-only PretrainJobs in one server-side apply. It reports the seconds until every
+single-node CPU-only PretrainJobs with several concurrent server-side applies. It reports the seconds until every
 Job exists and until every PretrainJob has a condition, the operator's peak resident memory
 (sampled every 0.2 s), and the PretrainJob reconcile count and p50/p95 duration from the
 operator's /metrics. It appends a row to the table between the markers in docs/benchmarks.md.
@@ -56,6 +56,9 @@ HOLD = {
 }
 RSS_SAMPLE_SECONDS = 0.2
 POLL_SECONDS = 1.0
+# kubectl sends one request per object and waits for each answer, so one process admits only a few
+# PretrainJobs a second here. Several processes apply in parallel, as Argo CD and Flux do.
+APPLIERS = 8
 JOB_SELECTOR = "app.kubernetes.io/managed-by=lathe-operator,lathe.dev/kind=PretrainJob"
 
 
@@ -63,6 +66,7 @@ JOB_SELECTOR = "app.kubernetes.io/managed-by=lathe-operator,lathe.dev/kind=Pretr
 class Result:
     count: int
     nodes: int
+    appliers: int
     apply_s: float = math.nan
     jobs_s: float = math.nan
     conditions_s: float = math.nan
@@ -145,6 +149,70 @@ def wait(condition, description: str, timeout: float, bed: ClusterBed) -> None:
         time.sleep(0.5)
 
 
+class FirstSeen(threading.Thread):
+    """Watches a collection and notes when each object first satisfies a predicate.
+
+    A watch costs the API server one message per change; polling a list of 1,000 objects every
+    second made it serialize megabytes a second and took CPU from the bed being measured.
+    """
+
+    def __init__(self, bed: ClusterBed, path: str, predicate) -> None:
+        super().__init__(daemon=True)
+        self.bed, self.path, self.predicate = bed, path, predicate
+        self.first_seen: dict[str, float] = {}
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+
+    def _note(self, item: dict) -> None:
+        name = item["metadata"]["name"]
+        if name not in self.first_seen and self.predicate(item):
+            self.first_seen[name] = time.monotonic()
+
+    def run(self) -> None:
+        body = self.bed.api_get(self.path)
+        if body is None:
+            raise RuntimeError(f"Listing {self.path} failed; see the bed's kube-apiserver.log.")
+        for item in body.get("items", []):
+            self._note(item)
+        version = body["metadata"]["resourceVersion"]
+        self.ready.set()
+        separator = "&" if "?" in self.path else "?"
+        while not self.stopping.is_set():
+            url = (f"{self.bed.server}{self.path}{separator}watch=1&timeoutSeconds=60"
+                   f"&allowWatchBookmarks=true&resourceVersion={version}")  # fmt: skip
+            try:
+                with urllib.request.urlopen(url, context=self.bed._admin_tls(), timeout=90) as stream:
+                    for line in stream:
+                        event = json.loads(line)
+                        item = event["object"]
+                        version = item["metadata"]["resourceVersion"]
+                        if event["type"] in ("ADDED", "MODIFIED"):
+                            self._note(item)
+                        if self.stopping.is_set():
+                            return
+            except OSError:
+                time.sleep(0.5)  # the stream broke; resume from the last version seen
+
+
+def api_requests(bed: ClusterBed) -> dict[tuple[str, str, str], float]:
+    """Return kube-apiserver's request counts by client-facing verb, resource and subresource."""
+    with urllib.request.urlopen(f"{bed.server}/metrics", context=bed._admin_tls(),
+                                timeout=30) as response:  # fmt: skip
+        text = response.read().decode()
+    counts: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "apiserver_request":
+            continue
+        for sample in family.samples:
+            if sample.name != "apiserver_request_total":
+                continue
+            labels = sample.labels
+            key = (labels.get("verb", ""), labels.get("resource", ""),
+                   labels.get("subresource", ""))  # fmt: skip
+            counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
 def list_items(bed: ClusterBed, path: str) -> list[dict]:
     body = bed.api_get(path)
     return [] if body is None else body.get("items", [])
@@ -212,8 +280,27 @@ def difference(after: dict, before: dict) -> tuple[int, list[tuple[float, float]
     return int(after["count"][0] - before["count"][0]), buckets
 
 
+def apply_concurrently(bed: ClusterBed, manifests: list[Path], timeout: float) -> None:
+    """Run one `kubectl apply --server-side` per manifest, all at once, and wait for all."""
+    processes = [
+        subprocess.Popen(
+            [bed.kubectl_path, f"--kubeconfig={bed.kubeconfig}", "apply", "--server-side",
+             "-f", str(manifest)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for manifest in manifests
+    ]
+    failures = []
+    for manifest, process in zip(manifests, processes):
+        _, stderr = process.communicate(timeout=timeout)
+        if process.returncode:
+            failures.append(f"{manifest.name}: {stderr.strip()[-500:]}")
+    if failures:
+        raise RuntimeError("kubectl apply failed for " + "; ".join(failures))
+
+
 def measure(bed: ClusterBed, result: Result, metrics_url: str, pid: int,
-            manifest: Path, timeout: float) -> None:  # fmt: skip
+            manifests: list[Path], timeout: float) -> None:  # fmt: skip
     """Apply the PretrainJobs, time them and fill in result."""
     operator = psutil.Process(pid)
     result.idle_rss_mb = operator.memory_info().rss / 1e6
@@ -221,30 +308,37 @@ def measure(bed: ClusterBed, result: Result, metrics_url: str, pid: int,
     metrics_before = scrape(metrics_url)
     sampler = RssSampler(pid)
     sampler.start()
+    jobs = FirstSeen(
+        bed, f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs?labelSelector={JOB_SELECTOR}",
+        lambda item: True,
+    )
+    conditions = FirstSeen(
+        bed, f"/apis/lathe.dev/v1alpha1/namespaces/{NAMESPACE}/pretrainjobs",
+        lambda item: bool((item.get("status") or {}).get("conditions")),
+    )
+    for watcher in (jobs, conditions):
+        watcher.start()
+        watcher.ready.wait(60)
+    requests_before = api_requests(bed)
     result.load_before = os.getloadavg()
     started = time.monotonic()
-    bed.kubectl("apply", "--server-side", "-f", str(manifest), timeout=timeout)
+    apply_concurrently(bed, manifests, timeout)
     result.apply_s = time.monotonic() - started
-    jobs_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs?labelSelector={JOB_SELECTOR}"
-    pretrain_path = f"/apis/lathe.dev/v1alpha1/namespaces/{NAMESPACE}/pretrainjobs"
     deadline = started + timeout
     while time.monotonic() < deadline and (
-        math.isnan(result.jobs_s) or math.isnan(result.conditions_s)
+        len(jobs.first_seen) < result.count or len(conditions.first_seen) < result.count
     ):
         if operator.status() == psutil.STATUS_ZOMBIE or not operator.is_running():
             raise RuntimeError("The operator exited during the run; see operator.log.")
-        if math.isnan(result.jobs_s):
-            result.jobs_seen = len(list_items(bed, jobs_path))
-            if result.jobs_seen >= result.count:
-                result.jobs_s = time.monotonic() - started
-        if math.isnan(result.conditions_s):
-            items = list_items(bed, pretrain_path)
-            result.conditions_seen = sum(
-                1 for item in items if ((item.get("status") or {}).get("conditions"))
-            )
-            if result.conditions_seen >= result.count:
-                result.conditions_s = time.monotonic() - started
         time.sleep(POLL_SECONDS)
+    for watcher in (jobs, conditions):
+        watcher.stopping.set()
+    result.jobs_seen = len(jobs.first_seen)
+    result.conditions_seen = len(conditions.first_seen)
+    if result.jobs_seen >= result.count:
+        result.jobs_s = max(jobs.first_seen.values()) - started
+    if result.conditions_seen >= result.count:
+        result.conditions_s = max(conditions.first_seen.values()) - started
     # Let the follow-up events (status patches, Job status changes) settle before the totals.
     time.sleep(5)
     sampler.stopping.set()
@@ -255,15 +349,21 @@ def measure(bed: ClusterBed, result: Result, metrics_url: str, pid: int,
     result.reconciles, buckets = difference(scrape(metrics_url), metrics_before)
     result.p50_ms = quantile(0.5, buckets) * 1000
     result.p95_ms = quantile(0.95, buckets) * 1000
+    requests_after = api_requests(bed)
+    served = {key: requests_after[key] - requests_before.get(key, 0.0) for key in requests_after}
+    busiest = sorted(served.items(), key=lambda pair: -pair[1])[:12]
+    print("kube-apiserver requests during the run (verb resource/subresource: count):")
+    for (verb, resource, subresource), value in busiest:
+        print(f"  {verb} {resource}{'/' + subresource if subresource else ''}: {value:.0f}")
     events = list_items(bed, f"/api/v1/namespaces/{NAMESPACE}/events?limit=100000")
     result.events = sum(1 for event in events
                         if event.get("involvedObject", {}).get("kind") == "PretrainJob")
     print(f"{len(events)} events in namespace {NAMESPACE}, {result.events} about PretrainJobs.")
 
 
-def run(count: int, timeout: float, keep: bool) -> Result:
+def run(count: int, appliers: int, timeout: float, keep: bool) -> Result:
     nodes = math.ceil((count + 20) / PODS_PER_NODE)
-    result = Result(count=count, nodes=nodes)
+    result = Result(count=count, nodes=nodes, appliers=appliers)
     work_dir = Path(tempfile.mkdtemp(prefix="lathe-operator-scale-"))
     bed = ClusterBed(build(), work_dir / "bed", node_count=nodes)
     bed.start()
@@ -280,10 +380,15 @@ def run(count: int, timeout: float, keep: bool) -> Result:
         inputs = {"apiVersion": "v1", "kind": "List", "items": input_documents()}
         bed.kubectl("apply", "-f", "-", input=json.dumps(inputs))
         wait(lambda: tokenizer_succeeded(bed), "the input Tokenizer to succeed", 180, bed)
-        manifest = work_dir / "pretrainjobs.json"
         items = [pretrain_job(index) for index in range(count)]
-        manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
-        measure(bed, result, metrics_url, operator.pid, manifest, timeout)
+        manifests = []
+        for part in range(appliers):
+            manifest = work_dir / f"pretrainjobs-{part}.json"
+            manifest.write_text(json.dumps(
+                {"apiVersion": "v1", "kind": "List", "items": items[part::appliers]}
+            ))
+            manifests.append(manifest)
+        measure(bed, result, metrics_url, operator.pid, manifests, timeout)
     finally:
         if operator is not None:
             operator.terminate()
@@ -333,7 +438,7 @@ def table_row(result: Result, label: str) -> str:
     load += f"; {result.load_after[0]:.2f}"
     cells = [
         datetime.date.today().isoformat(), label, str(result.count), str(result.nodes), load,
-        f"{result.apply_s:.1f}",
+        str(result.appliers), f"{result.apply_s:.1f}",
         seconds(result.jobs_s, result.jobs_seen, result.count, result.apply_s),
         seconds(result.conditions_s, result.conditions_seen, result.count, result.apply_s),
         f"{result.idle_rss_mb:.0f} / {result.peak_rss_mb:.0f}", f"{result.cpu_s:.0f}",
@@ -344,10 +449,10 @@ def table_row(result: Result, label: str) -> str:
 
 
 HEADER = (
-    "| Date | Operator | PretrainJobs | Nodes | Load before; 1 min after | Apply (s) "
+    "| Date | Operator | PretrainJobs | Nodes | Load before; 1 min after | Appliers | Apply (s) "
     "| All Jobs (s) | All conditions (s) | RSS idle / peak (MB) | Operator CPU (s) "
     "| Reconciles | p50 / p95 (ms) | Events | Time / memory |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -358,17 +463,22 @@ def method_text(machine: str) -> str:
 kube-apiserver, kube-controller-manager, kube-scheduler and kwok from `tests/cluster/bed.py`) with
 one kwok node per {PODS_PER_NODE} pods, installs the CRDs, and runs the operator as its own
 process (`python -m kopf run --standalone --all-namespaces -m lathe.k8s.handlers`). Once one
-Corpus and one Tokenizer have succeeded, it applies all PretrainJobs in one
-`kubectl apply --server-side` of a List. Each PretrainJob is single-node and CPU-only (100m CPU,
+Corpus and one Tokenizer have succeeded, it splits the PretrainJobs into as many Lists as the
+Appliers column says and runs one `kubectl apply --server-side` per List, all at once (runs
+before 2026-12-04 evening used one). Each PretrainJob is single-node and CPU-only (100m CPU,
 64Mi memory), and its pod annotations `pod-complete.stage.kwok.x-k8s.io/delay: 3600s` and
 `pod-complete.stage.kwok.x-k8s.io/jitter-delay: 3600s` keep the pod Running.
 
 Columns:
 
-- Apply: seconds the `kubectl apply` itself took. kubectl sends one request per object, so the
-  API server admits the PretrainJobs one by one while the operator already reconciles them.
+- Appliers: concurrent `kubectl apply` processes.
+- Apply: seconds until the last `kubectl apply` ended. kubectl sends one request per object and
+  waits for each answer, so the operator already reconciles the first PretrainJobs meanwhile.
 - The two times after it are counted from the start of the apply, with the seconds after the
-  apply ended in brackets. They are polled once a second, so they are accurate to about a second.
+  apply ended in brackets. Two watches (on the Jobs and on the PretrainJobs) note when each
+  object first appears or first has a condition, so the times are exact to the watch's delay.
+  Runs before 2026-12-04 evening polled both lists once a second, which cost the API server
+  megabytes of JSON a second at 1,000 objects.
 - All Jobs: until every PretrainJob's Job exists (label selector
   `{JOB_SELECTOR}`).
 - All conditions: until every PretrainJob's status has at least one condition.
@@ -419,6 +529,8 @@ def write_doc(result: Result, label: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1000, help="PretrainJobs to apply at once.")
+    parser.add_argument("--appliers", type=int, default=APPLIERS,
+                        help="kubectl apply processes that share the PretrainJobs.")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="Seconds to wait for every Job and condition before giving up.")
     parser.add_argument("--label", default=None,
@@ -430,7 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be at least 1, got {args.count}.")
-    result = run(args.count, args.timeout, args.keep)
+    if not 1 <= args.appliers <= args.count:
+        parser.error(f"--appliers must be between 1 and --count ({args.count}), "
+                     f"got {args.appliers}.")
+    result = run(args.count, args.appliers, args.timeout, args.keep)
     label = args.label or git_label()
     row = table_row(result, label)
     print(HEADER)

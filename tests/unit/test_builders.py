@@ -494,6 +494,20 @@ def test_distributed_job_env_and_subdomain():
     assert container(job)["ports"] == [{"name": "c10d", "containerPort": 29500, "protocol": "TCP"}]
 
 
+def test_single_node_job_rendezvous_on_loopback():
+    """One node hosts its own rendezvous: no Service, no subdomain, no DNS wait."""
+    model = resource("PretrainJob", spec={"distributed": {"nodes": 1, "procsPerNode": 2}})
+    plan = plan_for(model)
+    job = builders.training_job(plan, owner_of(model), STORE, attempt=0, image=IMAGE,
+                                resume=False)  # fmt: skip
+    values = env(job)
+    assert values["RDZV_ENDPOINT"] == "127.0.0.1:29500"
+    assert values["NNODES"] == "1"
+    assert values["NPROC"] == "2"
+    assert "subdomain" not in pod_spec(job)
+    assert not builders.needs_headless_service(plan)
+
+
 @pytest.mark.parametrize("kind", ["Corpus", "Tokenizer", "ModelDeployment"])
 def test_single_process_job_has_no_rendezvous(kind):
     job = build_job(kind)
@@ -869,6 +883,22 @@ def test_launcher_waits_for_dns(tools, tmp_path, index, is_host):
     ]
     assert args[8:10] == ["--no-python", "sh"]
     assert args[-len(MODULE_ARGS) - 1:] == ["lathe-worker", *MODULE_ARGS]
+
+
+def test_launcher_starts_single_node_without_dns(tools, tmp_path):
+    """A loopback rendezvous needs no name lookup, even where getent would fail."""
+    write_tool(tools, "getent", f"touch {tmp_path / 'getent-ran'}\nexit 2\n")
+    write_tool(tools, "torchrun", f'printf "%s\\n" "$@" > {tmp_path / "torchrun-args"}\n')
+    environment = launch_env(
+        tools, tmp_path, NNODES="1", NPROC="2", RDZV_ENDPOINT="127.0.0.1:29500",
+        RDZV_ID=f"{UID}-0", LATHE_DNS_TIMEOUT_SECONDS="0",
+    )
+    result = run_launcher(environment)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "getent-ran").exists()
+    args = (tmp_path / "torchrun-args").read_text().splitlines()
+    assert "--rdzv-endpoint=127.0.0.1:29500" in args
+    assert "--nnodes=1" in args
 
 
 def test_launcher_gives_up_on_dns_at_deadline(tools, tmp_path):

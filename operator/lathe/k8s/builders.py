@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         config_map,
         headless_service,
         job_name,
+        needs_headless_service,
         training_job,
     )
 
@@ -355,6 +356,7 @@ def shm_volume(size: str) -> tuple[dict, dict]:
 _WORKLOAD_BUILDERS = {
     "config_map": "lathe.k8s.builders_training",
     "headless_service": "lathe.k8s.builders_training",
+    "needs_headless_service": "lathe.k8s.builders_training",
     "job_name": "lathe.k8s.builders_training",
     "training_job": "lathe.k8s.builders_training",
     "horizontal_pod_autoscaler": "lathe.k8s.builders_serving",

@@ -8,10 +8,13 @@ never copied anywhere.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import kopf
 import kubernetes
@@ -42,6 +45,7 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diff")
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 16
+    STATE["kopf_settings"] = settings
     settings.watching.server_timeout = 300
     try:
         kubernetes.config.load_incluster_config()
@@ -67,6 +71,12 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
         )
         logger.info("Serving Prometheus metrics on %s:%d.", operator_settings.metrics_host,
                     operator_settings.metrics_port)
+
+
+@kopf.on.startup()
+async def remember_loop(**_: Any) -> None:
+    """Keep kopf's event loop, so that handler threads can schedule reconciles on it."""
+    STATE["loop"] = asyncio.get_running_loop()
 
 
 @kopf.on.login()
@@ -123,22 +133,56 @@ def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) 
             kopf.info(body, reason=condition["reason"], message=text)
 
 
-def on_resource_event(body, patch, logger, type, **_: Any) -> None:
+# Reconciles of one resource run one at a time, whatever triggered them: its own events, its
+# Jobs' events, a wake-up from an input, a resync. A trigger that arrives while one runs asks for
+# one more run instead, as a controller-runtime work queue does. Each run reads the resource
+# from the API server and writes its status before the next starts, so no run works from an
+# older status than the last one wrote; concurrent runs used to post the same Event three times
+# and could start a failed attempt again. Touched only from kopf's event loop thread.
+_RUNNING: set[tuple[str, str, str]] = set()
+_AGAIN: set[tuple[str, str, str]] = set()
+# The resourceVersion of each resource's last status write, by uid: the watch event that brings
+# that write back has nothing new to reconcile.
+_WRITTEN: dict[str, str] = {}
+
+
+async def reconcile_key(namespace: str, plural: str, name: str, logger: logging.Logger) -> None:
+    """Reconcile the stored resource now, or once more after the reconcile that is running."""
+    key = (namespace, plural, name)
+    if key in _RUNNING:
+        _AGAIN.add(key)
+        return
+    _RUNNING.add(key)
+    try:
+        while True:
+            _AGAIN.discard(key)
+            await _in_thread(_reconcile_latest, namespace, plural, name, logger)
+            if key not in _AGAIN:
+                return
+    finally:
+        _RUNNING.discard(key)
+
+
+def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Logger) -> None:
+    api = reconciler().api.custom
+    try:
+        body = api.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+    except ApiException as error:
+        if error.status == 404:
+            return
+        raise
+    _reconcile_stored(api, body, logger)
+
+
+async def on_resource_event(body, logger, type, **_: Any) -> None:
+    meta = body["metadata"]
     if type == "DELETED":
+        _WRITTEN.pop(meta["uid"], None)
         forget_resource(body, logger)
         return
-    desired = _reconcile(dict(body), logger)
-    if desired is None:
+    if _WRITTEN.get(meta["uid"]) == meta.get("resourceVersion"):
         return
-    current = dict(body.get("status") or {})
-    changes = _changes(current, desired)
-    if changes:
-        _announce(body, current, desired, logger)
-        patch.status.update(changes)
-    # NB: dependents read this resource's status from the API server, so they are woken only
-    # once a finished status is stored, which is the event after the one that set it.
-    if status.condition_true(current.get("conditions") or [], KINDS[body["kind"]].summary_condition):
-        _wake_dependents(body, logger)
+    await reconcile_key(meta["namespace"], KINDS[body["kind"]].plural, meta["name"], logger)
 
 
 def _wake_dependents(body: dict, logger: logging.Logger) -> None:
@@ -146,6 +190,7 @@ def _wake_dependents(body: dict, logger: logging.Logger) -> None:
     api = reconciler().api.custom
     namespace = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
+    loop = STATE.get("loop")
     for model in KINDS.values():
         for item in _list(api, namespace, model.plural):
             references = reconciler_references(item)
@@ -154,8 +199,14 @@ def _wake_dependents(body: dict, logger: logging.Logger) -> None:
             waiting = not status.condition_true(
                 (item.get("status") or {}).get("conditions") or [], "InputsReady"
             )
-            if waiting:
+            if not waiting:
+                continue
+            if loop is None:
                 _reconcile_stored(api, item, logger)
+            else:
+                asyncio.run_coroutine_threadsafe(
+                    reconcile_key(namespace, model.plural, item["metadata"]["name"], logger), loop
+                )
 
 
 def _list(api, namespace: str, plural: str) -> list[dict]:
@@ -170,7 +221,7 @@ def reconciler_references(body: dict) -> set[tuple[str, str]]:
 
 
 def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> None:
-    """Reconcile an object read from the API server and patch its status there."""
+    """Reconcile an object read from the API server and write its status there."""
     meta = parent["metadata"]
     if meta.get("deletionTimestamp"):
         return
@@ -179,40 +230,80 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> None:
         return
     current = parent.get("status") or {}
     changes = _changes(current, desired)
+    summary = KINDS[parent["kind"]].summary_condition
     if changes:
         _announce(parent, current, desired, logger)
-        api.patch_namespaced_custom_object_status(
+        stored = api.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], KINDS[parent["kind"]].plural, meta["name"],
             {"status": changes},
         )
+        # NB: a spec changed between the read and this write comes back in the same object;
+        # its event must then be reconciled, not skipped as this write's echo.
+        if stored["metadata"].get("generation") == meta.get("generation"):
+            _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"]
+        else:
+            _WRITTEN.pop(meta["uid"], None)
+    if status.condition_true(desired.get("conditions") or [], summary):
+        _wake_dependents(parent, logger)
 
 
-def on_job_event(body, logger, type, **_: Any) -> None:
-    """Reconcile the Lathe resource that owns a changed Job."""
+async def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run blocking work on kopf's handler threads, as kopf runs a sync handler.
+
+    NB: the context is copied so that kopf.info and kopf.warn find kopf's event queue.
+    """
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
+    return await loop.run_in_executor(STATE["kopf_settings"].execution.executor, call)
+
+
+# The last state of each managed Job that a reconcile saw, by uid. Most Job events change only
+# what the reconciler never reads (ready pods, start time, uncounted pods); at a thousand Jobs,
+# each of those took a handler thread from the reconciles that create Jobs.
+_SEEN_JOBS: dict[str, tuple] = {}
+
+
+def _job_state(body: dict) -> tuple:
+    """Return what the reconciler reads from a Job: suspend, pod counts and conditions."""
+    job_status = body.get("status") or {}
+    return (
+        bool((body.get("spec") or {}).get("suspend")),
+        job_status.get("active") or 0,
+        job_status.get("succeeded") or 0,
+        job_status.get("failed") or 0,
+        tuple(sorted((c.get("type"), c.get("status")) for c in job_status.get("conditions") or [])),
+    )
+
+
+async def on_job_event(body, logger, type, **_: Any) -> None:
+    """Reconcile the Lathe resource that owns a Job, when what the reconciler reads changed."""
+    uid = body["metadata"]["uid"]
+    state = None if type == "DELETED" else _job_state(body)
+    if state is not None and _SEEN_JOBS.get(uid) == state:
+        return
     for owner in body["metadata"].get("ownerReferences") or []:
-        if not owner["apiVersion"].startswith(GROUP + "/") or owner["kind"] not in KINDS:
-            continue
-        namespace = body["metadata"]["namespace"]
-        api = reconciler().api.custom
-        try:
-            parent = api.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, KINDS[owner["kind"]].plural, owner["name"]
+        if owner["apiVersion"].startswith(GROUP + "/") and owner["kind"] in KINDS:
+            await reconcile_key(
+                body["metadata"]["namespace"], KINDS[owner["kind"]].plural, owner["name"], logger
             )
-        except ApiException as error:
-            if error.status == 404:
-                return
-            raise
-        if parent["metadata"]["uid"] == owner["uid"]:
-            _reconcile_stored(api, parent, logger)
+    # Noted only after a reconcile that did not raise, so the next event retries a failed one.
+    if state is None:
+        _SEEN_JOBS.pop(uid, None)
+    else:
+        _SEEN_JOBS[uid] = state
 
 
-def resync(body, patch, logger, **_: Any) -> None:
-    """Reconcile a resource that waits for inputs, in case a wake-up was missed."""
+async def resync(body, patch, logger, **_: Any) -> None:
+    """Reconcile a resource that waits for inputs, in case a wake-up was missed.
+
+    NB: an async handler, so that the many timers with nothing to do take no handler thread.
+    """
     if (body.get("status") or {}).get("phase") in ("Waiting", "Pending", None):
-        on_resource_event(body=body, patch=patch, logger=logger, type="RESYNC")
+        meta = body["metadata"]
+        await reconcile_key(meta["namespace"], KINDS[body["kind"]].plural, meta["name"], logger)
 
 
-def refresh_progress(body, patch, **_: Any) -> None:
+async def refresh_progress(body, patch, **_: Any) -> None:
     """Copy the latest training progress from the artifact store into status and metrics."""
     current = body.get("status") or {}
     if current.get("phase") != "Running" or not current.get("runGeneration"):
@@ -222,7 +313,7 @@ def refresh_progress(body, patch, **_: Any) -> None:
         body["metadata"]["namespace"], body["kind"], body["metadata"]["name"]
     )
     uri = (body.get("spec") or {}).get("storage", {}).get("uri") or uri
-    record = progress.read_latest(uri, mounts=_mounts(settings))
+    record = await _in_thread(progress.read_latest, uri, mounts=_mounts(settings))
     if not record:
         return
     values = progress.to_status(record)

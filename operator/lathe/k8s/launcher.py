@@ -76,6 +76,8 @@ run_child() {
 # Wait until the rendezvous host resolves, up to LATHE_DNS_TIMEOUT_SECONDS.
 wait_for_rendezvous_host() {
     host=${RDZV_ENDPOINT%:*}
+    # A single node hosts its own rendezvous on loopback; there is no name to wait for.
+    [ "$host" = 127.0.0.1 ] && return 0
     timeout=${LATHE_DNS_TIMEOUT_SECONDS:-@DNS_TIMEOUT_SECONDS@}
     interval=${LATHE_DNS_RETRY_SECONDS:-@DNS_RETRY_SECONDS@}
     deadline=$(( $(date +%s) + timeout ))

@@ -194,11 +194,15 @@ class Reconciler:
             new["restartCount"] = 0
             conditions = [c for c in conditions if c["type"] in (C.INPUTS_READY,)]
         job_name = builders.job_name(plan, attempt)
-        job = self._read_job(resource.metadata.namespace, job_name)
+        # A resource whose status records no run has no Job to read yet, and kopf hands its
+        # events to the handler one at a time, so nothing later can exist either: create at once
+        # (a Job created meanwhile by a Job event's reconcile answers 409 and is kept).
+        fresh = not same_run and not new.get("jobName")
+        job = None if fresh else self._read_job(resource.metadata.namespace, job_name)
         suspended = bool(getattr(resource.spec, "suspend", False))
 
         if job is None:
-            if self._superseded(resource, body, run_generation, attempt):
+            if not fresh and self._superseded(resource, body, run_generation, attempt):
                 # NB: this reconcile started from a status older than the cluster: a concurrent
                 # one already moved on to a later attempt or run, and creating this Job again
                 # would run two attempts at once. The newer status is on its way.
@@ -365,7 +369,7 @@ class Reconciler:
         owner = _owner(body)
         namespace = resource.metadata.namespace
         self._create(namespace, builders.config_map(plan, owner, self.store, attempt))
-        if plan.distributed:
+        if builders.needs_headless_service(plan):
             self._create(namespace, builders.headless_service(plan, owner, attempt))
         self._create(namespace, builders.training_job(
             plan, owner, self.store, attempt=attempt, image=self.settings.trainer_image,
