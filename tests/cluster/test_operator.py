@@ -330,7 +330,7 @@ def test_delete_mid_run_removes_owned_objects(cluster, namespace, lathe_operator
 
 
 def test_create_delete_loop_never_sticks(cluster, namespace, lathe_operator):
-    """C2: a resource with a progress timer is created and deleted fifty times."""
+    """C2: a PretrainJob is created and deleted fifty times; no deletion waits on the operator."""
     manifest = json.dumps(pretrain_job("churn", nodes=1, gpus=0))
     for _ in range(50):
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
@@ -364,8 +364,10 @@ def test_large_spec_is_not_copied_to_annotations(cluster, namespace, lathe_opera
     obj = get(cluster, "Corpus", "huge", namespace)
     annotations = obj["metadata"].get("annotations") or {}
     assert sum(len(k) + len(v) for k, v in annotations.items()) < 4096
-    # No patch loop: once reconciled, the object stops changing. (kopf adds its finalizer and
-    # a Job event may land one more status write just after success, so allow a settling time.)
+    # No finalizer: deleting a resource never waits for the operator to be running.
+    assert not obj["metadata"].get("finalizers")
+    # No patch loop: once reconciled, the object stops changing. (A Job event may land one
+    # more status write just after success, so allow a settling time.)
     deadline = time.monotonic() + 60
     while True:
         version = get(cluster, "Corpus", "huge", namespace)["metadata"]["resourceVersion"]

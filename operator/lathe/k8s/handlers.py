@@ -74,9 +74,18 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
 
 
 @kopf.on.startup()
-async def remember_loop(**_: Any) -> None:
-    """Keep kopf's event loop, so that handler threads can schedule reconciles on it."""
+async def start_periodic_pass(**_: Any) -> None:
+    """Keep kopf's event loop, so that handler threads can schedule reconciles on it, and start
+    the periodic pass."""
     STATE["loop"] = asyncio.get_running_loop()
+    STATE["periodic"] = asyncio.create_task(periodic_pass(logging.getLogger("kopf.objects")))
+
+
+@kopf.on.cleanup()
+async def stop_periodic_pass(**_: Any) -> None:
+    task = STATE.pop("periodic", None)
+    if task is not None:
+        task.cancel()
 
 
 @kopf.on.login()
@@ -178,8 +187,10 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
     meta = body["metadata"]
     if type == "DELETED":
         _WRITTEN.pop(meta["uid"], None)
+        _INDEX.pop(_key(body), None)
         forget_resource(body, logger)
         return
+    _remember(body)
     if _WRITTEN.get(meta["uid"]) == meta.get("resourceVersion"):
         return
     await reconcile_key(meta["namespace"], KINDS[body["kind"]].plural, meta["name"], logger)
@@ -237,12 +248,13 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> None:
             GROUP, VERSION, meta["namespace"], KINDS[parent["kind"]].plural, meta["name"],
             {"status": changes},
         )
-        # NB: a spec changed between the read and this write comes back in the same object;
-        # its event must then be reconciled, not skipped as this write's echo.
+        # NB: a spec changed between the read and this write comes back in the same object.
+        # Its event must then be reconciled, so it is not recorded as this write's echo.
         if stored["metadata"].get("generation") == meta.get("generation"):
             _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"]
         else:
             _WRITTEN.pop(meta["uid"], None)
+        _remember(stored)
     if status.condition_true(desired.get("conditions") or [], summary):
         _wake_dependents(parent, logger)
 
@@ -258,8 +270,8 @@ async def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) ->
 
 
 # The last state of each managed Job that a reconcile saw, by uid. Most Job events change only
-# what the reconciler never reads (ready pods, start time, uncounted pods); at a thousand Jobs,
-# each of those took a handler thread from the reconciles that create Jobs.
+# what the reconciler never reads (ready pods, start time, uncounted pods). At a thousand Jobs,
+# each of those events took a handler thread from the reconciles that create Jobs.
 _SEEN_JOBS: dict[str, tuple] = {}
 
 
@@ -293,34 +305,91 @@ async def on_job_event(body, logger, type, **_: Any) -> None:
         _SEEN_JOBS[uid] = state
 
 
-async def resync(body, patch, logger, **_: Any) -> None:
-    """Reconcile a resource that waits for inputs, in case a wake-up was missed.
+# The fields of each known resource that the periodic pass reads, kept from its watch events and
+# the operator's own status writes. One operator-wide pass replaces a kopf timer per
+# resource: kopf adds a finalizer to every object that has a timer, so resources could not be
+# deleted while the operator was down, and a thousand resources kept two thousand timer tasks.
+_INDEX: dict[tuple[str, str, str], dict[str, Any]] = {}
+# Progress files read at once by the periodic pass; each is one artifact-store request.
+PROGRESS_READS = 8
 
-    NB: an async handler, so that the many timers with nothing to do take no handler thread.
-    """
-    if (body.get("status") or {}).get("phase") in ("Waiting", "Pending", None):
-        meta = body["metadata"]
-        await reconcile_key(meta["namespace"], KINDS[body["kind"]].plural, meta["name"], logger)
+
+def _key(body: dict) -> tuple[str, str, str]:
+    meta = body["metadata"]
+    return meta.get("namespace", ""), KINDS[body["kind"]].plural, meta["name"]
 
 
-async def refresh_progress(body, patch, **_: Any) -> None:
-    """Copy the latest training progress from the artifact store into status and metrics."""
+def _remember(body: dict) -> None:
     current = body.get("status") or {}
-    if current.get("phase") != "Running" or not current.get("runGeneration"):
-        return
+    _INDEX[_key(body)] = {
+        "kind": body["kind"],
+        "uid": body["metadata"]["uid"],
+        "generation": body["metadata"].get("generation"),
+        "phase": current.get("phase"),
+        "running": bool(current.get("runGeneration")),
+        "progress": current.get("progress"),
+        "storage": ((body.get("spec") or {}).get("storage") or {}).get("uri"),
+    }
+
+
+class _ResourceLogger(logging.LoggerAdapter):
+    """Log lines of the periodic pass, prefixed with the resource as kopf prefixes its own."""
+
+    def process(self, msg, kwargs):
+        return f"[{self.extra['resource']}] {msg}", kwargs
+
+
+async def periodic_pass(logger: logging.Logger) -> None:
+    """Copy training progress into status every progress interval, and reconcile the resources
+    that wait for inputs every RESYNC_SECONDS, in case a wake-up was missed."""
+    settings: OperatorSettings = STATE.get("settings") or OperatorSettings.from_env()
+    last_resync = time.monotonic()
+    tasks: set[asyncio.Task] = set()
+    reads = asyncio.Semaphore(PROGRESS_READS)
+
+    async def refresh(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
+        async with reads:
+            await _in_thread(refresh_progress, key, entry)
+
+    while True:
+        await asyncio.sleep(settings.progress_interval_seconds)
+        resync_due = time.monotonic() - last_resync >= RESYNC_SECONDS
+        if resync_due:
+            last_resync = time.monotonic()
+        refreshes = []
+        for key, entry in list(_INDEX.items()):
+            if resync_due and entry["phase"] in ("Waiting", "Pending", None):
+                resource_logger = _ResourceLogger(logger, {"resource": f"{key[0]}/{key[2]}"})
+                task = asyncio.create_task(reconcile_key(*key, resource_logger))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if entry["kind"] in TRAINING_KINDS and entry["phase"] == "Running" and entry["running"]:
+                refreshes.append(refresh(key, entry))
+        results = await asyncio.gather(*refreshes, return_exceptions=True)
+        for error in (result for result in results if isinstance(result, Exception)):
+            logger.warning("Reading training progress failed: %s; trying again in %.0f s.",
+                           error, settings.progress_interval_seconds)
+
+
+def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
+    """Copy the latest training progress from the artifact store into status and metrics."""
+    namespace, plural, name = key
     settings: OperatorSettings = STATE["settings"]
-    uri = reconciler().store.output_uri(
-        body["metadata"]["namespace"], body["kind"], body["metadata"]["name"]
-    )
-    uri = (body.get("spec") or {}).get("storage", {}).get("uri") or uri
-    record = await _in_thread(progress.read_latest, uri, mounts=_mounts(settings))
+    uri = entry["storage"] or reconciler().store.output_uri(namespace, entry["kind"], name)
+    record = progress.read_latest(uri, mounts=_mounts(settings))
     if not record:
         return
     values = progress.to_status(record)
-    if values != current.get("progress"):
-        patch.status["progress"] = values
-    meta = body["metadata"]
-    metrics.set_progress(meta["namespace"], body["kind"], meta["name"], values)
+    metrics.set_progress(namespace, entry["kind"], name, values)
+    if values == entry.get("progress"):
+        return
+    stored = reconciler().api.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, plural, name, {"status": {"progress": values}}
+    )
+    # The progress write changes nothing a reconcile reads, so its event is skipped too.
+    if stored["metadata"].get("generation") == entry["generation"]:
+        _WRITTEN[entry["uid"]] = stored["metadata"]["resourceVersion"]
+    _remember(stored)
 
 
 def _mounts(settings: OperatorSettings) -> dict[str, str]:
@@ -345,13 +414,6 @@ def forget_resource(body, logger) -> None:
 def register() -> None:
     for model in KINDS.values():
         kopf.on.event(GROUP, VERSION, model.plural)(on_resource_event)
-        kopf.timer(GROUP, VERSION, model.plural, id="resync", interval=RESYNC_SECONDS)(resync)
-        if model.kind_name in TRAINING_KINDS:
-            kopf.timer(
-                GROUP, VERSION, model.plural,
-                interval=OperatorSettings.from_env().progress_interval_seconds,
-                idle=None,
-            )(refresh_progress)
     kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)(on_job_event)
 
 

@@ -2,7 +2,7 @@
 
 Rank 0 appends progress records to `progress.jsonl` in the stage's output directory, which it
 writes anyway. Reading that file needs no extra privileges for the training pods: no API access,
-no open port. The operator reads the last record on a timer.
+no open port. The operator's periodic pass reads the last record.
 """
 
 from __future__ import annotations
