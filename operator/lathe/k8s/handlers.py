@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import functools
 import logging
 import os
@@ -155,8 +156,12 @@ _AGAIN: set[tuple[str, str, str]] = set()
 _WRITTEN: dict[str, str] = {}
 
 
-async def reconcile_key(namespace: str, plural: str, name: str, logger: logging.Logger) -> None:
-    """Reconcile the stored resource now, or once more after the reconcile that is running."""
+async def reconcile_key(namespace: str, plural: str, name: str, logger: logging.Logger,
+                        latest: dict | None = None) -> None:  # fmt: skip
+    """Reconcile the stored resource now, or once more after the reconcile that is running.
+
+    `latest` is a body known to be the newest version, which saves the first read.
+    """
     key = (namespace, plural, name)
     if key in _RUNNING:
         _AGAIN.add(key)
@@ -165,21 +170,25 @@ async def reconcile_key(namespace: str, plural: str, name: str, logger: logging.
     try:
         while True:
             _AGAIN.discard(key)
-            await _in_thread(_reconcile_latest, namespace, plural, name, logger)
+            await _in_thread(_reconcile_latest, namespace, plural, name, logger, latest)
+            latest = None
             if key not in _AGAIN:
                 return
     finally:
         _RUNNING.discard(key)
 
 
-def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Logger) -> None:
+def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Logger,
+                      latest: dict | None = None) -> None:  # fmt: skip
     api = reconciler().api.custom
-    try:
-        body = api.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-    except ApiException as error:
-        if error.status == 404:
-            return
-        raise
+    body = latest
+    if body is None:
+        try:
+            body = api.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        except ApiException as error:
+            if error.status == 404:
+                return
+            raise
     _reconcile_stored(api, body, logger)
 
 
@@ -191,9 +200,14 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
         forget_resource(body, logger)
         return
     _remember(body)
-    if _WRITTEN.get(meta["uid"]) == meta.get("resourceVersion"):
+    written = _WRITTEN.get(meta["uid"])
+    if written == meta.get("resourceVersion"):
         return
-    await reconcile_key(meta["namespace"], KINDS[body["kind"]].plural, meta["name"], logger)
+    # Until the operator has written this resource's status, the event's body is its newest
+    # version. After a write, an event may be older than the write, so the body is read again.
+    latest = copy.deepcopy(dict(body)) if written is None else None
+    await reconcile_key(meta["namespace"], KINDS[body["kind"]].plural, meta["name"], logger,
+                        latest)  # fmt: skip
 
 
 def _wake_dependents(body: dict, logger: logging.Logger) -> None:
