@@ -20,6 +20,7 @@ from rich.console import Console
 
 from lathe import loader
 from lathe.api import ModelDeployment
+from lathe.cli import DEFAULT_SAMPLE
 from lathe.local import serving
 from lathe.local.runner import LocalRunner
 
@@ -44,7 +45,7 @@ def run(examples: Path, data_dir: Path) -> list[tuple[str, float, str]]:
             if isinstance(result.resource, ModelDeployment):
                 started = time.monotonic()
                 answer = serving.serve_and_query(
-                    result, "Patients with cystic fibrosis were studied.", Console(quiet=True),
+                    result, DEFAULT_SAMPLE, Console(quiet=True),
                     keep_serving=False,
                 )
                 rows.append(("Triton start and first answer", time.monotonic() - started,

@@ -80,6 +80,29 @@ def ready_inputs(cluster, namespace):
     )
 
 
+def test_every_transition_posts_one_event(cluster, namespace, lathe_operator, ready_inputs):
+    """The Tokenizer waited for its Corpus, started and succeeded: one Event per transition."""
+
+    def reasons() -> list[str]:
+        events = cluster.get_json("events", "-n", namespace)["items"]
+        return [event["reason"] for event in events
+                if event["involvedObject"]["kind"] == "Tokenizer"
+                and event["involvedObject"]["name"] == "missing-on-purpose"]  # fmt: skip
+
+    expected = {"InputsAvailable", "JobCreated", "JobSucceeded"}
+    cluster.wait_for(lambda: expected <= set(reasons()), f"Events with reasons {sorted(expected)}")
+    # kopf posts Events from a queue; give a duplicate the time to arrive before counting.
+    time.sleep(3)
+    seen = reasons()
+    for reason in expected:
+        assert seen.count(reason) == 1, seen
+    events = cluster.get_json("events", "-n", namespace)["items"]
+    succeeded = next(event for event in events if event["reason"] == "JobSucceeded"
+                     and event["involvedObject"]["kind"] == "Tokenizer")  # fmt: skip
+    assert succeeded["type"] == "Normal"
+    assert succeeded["message"].startswith("Succeeded=True: Job missing-on-purpose-tokenizer-g1-")
+
+
 def test_example_runs_in_dependency_order(cluster, namespace, lathe_operator):
     cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
     names = {}
