@@ -229,7 +229,8 @@ def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, r
         return sum(p["status"].get("phase") == "Running" for p in pods) == 2
 
     cluster.wait_for(two_running, "two running pods", timeout=90)
-    first_job = jobs_of(cluster, "c6", namespace)[0]["metadata"]["name"]
+    first_job, first_uid = (jobs_of(cluster, "c6", namespace)[0]["metadata"][key]
+                            for key in ("name", "uid"))  # fmt: skip
     before_failure = get(cluster, "PretrainJob", "c6", namespace)
     pods = cluster.get_json("pods", "-n", namespace, "-l", f"job-name={first_job}")["items"]
     node1 = next(p for p in pods if p["metadata"]["annotations"][
@@ -264,6 +265,9 @@ def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, r
         handlers.reconciler().api.custom, before_failure, logging.getLogger(__name__)
     )
     assert get(cluster, "PretrainJob", "c6", namespace)["status"]["restartCount"] == 1
+    attempt_zero = [job for job in jobs_of(cluster, "c6", namespace)
+                    if job["metadata"]["name"] == first_job]  # fmt: skip
+    assert all(job["metadata"]["uid"] == first_uid for job in attempt_zero), attempt_zero
 
     # The failed attempt's pods are gone within seconds, so no pod keeps its GPUs.
     def attempt_released() -> bool:

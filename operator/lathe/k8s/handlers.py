@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import kopf
 import kubernetes
+from kopf._core.engines import posting
 from kubernetes.client.exceptions import ApiException
 
 from lathe.api import GROUP, KINDS, VERSION
@@ -31,6 +32,8 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "lathe-operator"}
 TRAINING_KINDS = ("PretrainJob", "FineTune")
 # Seconds between resyncs of resources that wait for inputs; wake-ups normally come sooner.
 RESYNC_SECONDS = 30.0
+# Seconds before a reconcile that failed (an API error) runs again, if no event comes first.
+RETRY_SECONDS = 10.0
 STATE: dict[str, Any] = {}
 
 
@@ -107,7 +110,7 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
     except ApiException as error:
         metrics.RECONCILES.labels(kind, "error").inc()
         logger.warning("Reconcile failed with HTTP %s: %s; retrying on the next event or in "
-                       "%.0f s.", error.status, error.reason, STATE["settings"].progress_interval_seconds)
+                       "%.0f s.", error.status, error.reason, RETRY_SECONDS)
         return None
     finally:
         metrics.RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
@@ -170,16 +173,40 @@ async def reconcile_key(namespace: str, plural: str, name: str, logger: logging.
     try:
         while True:
             _AGAIN.discard(key)
-            await _in_thread(_reconcile_latest, namespace, plural, name, logger, latest)
+            try:
+                done = await _in_thread(_reconcile_latest, namespace, plural, name, logger,
+                                        latest)  # fmt: skip
+            except Exception:  # noqa: BLE001 - logged here, retried below
+                logger.exception("Reconcile failed; retrying in %.0f s.", RETRY_SECONDS)
+                done = False
             latest = None
+            if not done:
+                _retry_later(key, logger)
+                return
             if key not in _AGAIN:
                 return
     finally:
         _RUNNING.discard(key)
 
 
+def _retry_later(key: tuple[str, str, str], logger: logging.Logger) -> None:
+    """Run the reconcile of key again after RETRY_SECONDS, in the current context."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(RETRY_SECONDS, lambda: _keep(loop.create_task(reconcile_key(*key, logger))))
+
+
+# Tasks started outside a kopf handler, kept until they finish so that they are not collected.
+_TASKS: set[asyncio.Task] = set()
+
+
+def _keep(task: asyncio.Task) -> None:
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
 def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Logger,
-                      latest: dict | None = None) -> None:  # fmt: skip
+                      latest: dict | None = None) -> bool:  # fmt: skip
+    """Read the resource (unless `latest` is given) and reconcile it; return False to retry."""
     api = reconciler().api.custom
     body = latest
     if body is None:
@@ -187,9 +214,13 @@ def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Lo
             body = api.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
         except ApiException as error:
             if error.status == 404:
-                return
-            raise
-    _reconcile_stored(api, body, logger)
+                # Gone, and its DELETED event may have been missed across a watch restart.
+                _INDEX.pop((namespace, plural, name), None)
+                return True
+            logger.warning("Reading the resource failed with HTTP %s: %s; retrying on the next "
+                           "event or in %.0f s.", error.status, error.reason, RETRY_SECONDS)
+            return False
+    return _reconcile_stored(api, body, logger)
 
 
 async def on_resource_event(body, logger, type, **_: Any) -> None:
@@ -200,6 +231,7 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
         forget_resource(body, logger)
         return
     _remember(body)
+    _keep_posting_context()
     written = _WRITTEN.get(meta["uid"])
     if written == meta.get("resourceVersion"):
         return
@@ -245,32 +277,42 @@ def reconciler_references(body: dict) -> set[tuple[str, str]]:
         return set()
 
 
-def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> None:
-    """Reconcile an object read from the API server and write its status there."""
+def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
+    """Reconcile an object read from the API server and write its status there.
+
+    Return False when the reconcile failed with an API error, so the caller retries it.
+    """
     meta = parent["metadata"]
     if meta.get("deletionTimestamp"):
-        return
+        return True
     desired = _reconcile(parent, logger)
     if desired is None:
-        return
+        return False
     current = parent.get("status") or {}
     changes = _changes(current, desired)
     summary = KINDS[parent["kind"]].summary_condition
     if changes:
-        _announce(parent, current, desired, logger)
-        stored = api.patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], KINDS[parent["kind"]].plural, meta["name"],
-            {"status": changes},
-        )
+        try:
+            stored = api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], KINDS[parent["kind"]].plural, meta["name"],
+                {"status": changes},
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return True
+            logger.warning("Writing the status failed with HTTP %s: %s; retrying on the next "
+                           "event or in %.0f s.", error.status, error.reason, RETRY_SECONDS)
+            return False
         # NB: a spec changed between the read and this write comes back in the same object.
-        # Its event must then be reconciled, so it is not recorded as this write's echo.
-        if stored["metadata"].get("generation") == meta.get("generation"):
-            _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"]
-        else:
-            _WRITTEN.pop(meta["uid"], None)
+        # Its event must then be reconciled, so the write is recorded with no echo to skip.
+        same_spec = stored["metadata"].get("generation") == meta.get("generation")
+        _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"] if same_spec else ""
         _remember(stored)
+        # Events go out after the write, so that a failed post never holds back the status.
+        _announce(parent, current, desired, logger)
     if status.condition_true(desired.get("conditions") or [], summary):
         _wake_dependents(parent, logger)
+    return True
 
 
 async def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -312,7 +354,8 @@ async def on_job_event(body, logger, type, **_: Any) -> None:
             await reconcile_key(
                 body["metadata"]["namespace"], KINDS[owner["kind"]].plural, owner["name"], logger
             )
-    # Noted only after a reconcile that did not raise, so the next event retries a failed one.
+    # NB: noted even when that reconcile failed or only asked for one more run: a failed
+    # reconcile is retried by reconcile_key, and the run it asked for reads this Job again.
     if state is None:
         _SEEN_JOBS.pop(uid, None)
     else:
@@ -353,12 +396,29 @@ class _ResourceLogger(logging.LoggerAdapter):
         return f"[{self.extra['resource']}] {msg}", kwargs
 
 
+def _has_posting_context() -> bool:
+    try:
+        posting.event_queue_var.get()
+    except LookupError:
+        return False
+    return True
+
+
+def _keep_posting_context() -> None:
+    """Keep the event queue that kopf gives its handlers, for reconciles the periodic pass starts.
+
+    NB: kopf.info and kopf.warn find kopf's event queue through context variables that kopf sets
+    only in the tasks that run its handlers (kopf 1.45), not in a task of a startup handler.
+    """
+    if "posting" not in STATE:
+        STATE["posting"] = (posting.event_queue_loop_var.get(), posting.event_queue_var.get())
+
+
 async def periodic_pass(logger: logging.Logger) -> None:
     """Copy training progress into status every progress interval, and reconcile the resources
     that wait for inputs every RESYNC_SECONDS, in case a wake-up was missed."""
     settings: OperatorSettings = STATE.get("settings") or OperatorSettings.from_env()
     last_resync = time.monotonic()
-    tasks: set[asyncio.Task] = set()
     reads = asyncio.Semaphore(PROGRESS_READS)
 
     async def refresh(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
@@ -367,6 +427,10 @@ async def periodic_pass(logger: logging.Logger) -> None:
 
     while True:
         await asyncio.sleep(settings.progress_interval_seconds)
+        if "posting" in STATE and not _has_posting_context():
+            event_loop, queue = STATE["posting"]
+            posting.event_queue_loop_var.set(event_loop)
+            posting.event_queue_var.set(queue)
         resync_due = time.monotonic() - last_resync >= RESYNC_SECONDS
         if resync_due:
             last_resync = time.monotonic()
@@ -374,9 +438,7 @@ async def periodic_pass(logger: logging.Logger) -> None:
         for key, entry in list(_INDEX.items()):
             if resync_due and entry["phase"] in ("Waiting", "Pending", None):
                 resource_logger = _ResourceLogger(logger, {"resource": f"{key[0]}/{key[2]}"})
-                task = asyncio.create_task(reconcile_key(*key, resource_logger))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                _keep(asyncio.create_task(reconcile_key(*key, resource_logger)))
             if entry["kind"] in TRAINING_KINDS and entry["phase"] == "Running" and entry["running"]:
                 refreshes.append(refresh(key, entry))
         results = await asyncio.gather(*refreshes, return_exceptions=True)
@@ -397,9 +459,15 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
     metrics.set_progress(namespace, entry["kind"], name, values)
     if values == entry.get("progress"):
         return
-    stored = reconciler().api.custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, plural, name, {"status": {"progress": values}}
-    )
+    try:
+        stored = reconciler().api.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, plural, name, {"status": {"progress": values}}
+        )
+    except ApiException as error:
+        if error.status == 404:
+            _INDEX.pop(key, None)
+            return
+        raise
     # The progress write changes nothing a reconcile reads, so its event is skipped too.
     if stored["metadata"].get("generation") == entry["generation"]:
         _WRITTEN[entry["uid"]] = stored["metadata"]["resourceVersion"]

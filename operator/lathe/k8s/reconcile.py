@@ -201,12 +201,20 @@ class Reconciler:
         job = None if fresh else self._read_job(resource.metadata.namespace, job_name)
         suspended = bool(getattr(resource.spec, "suspend", False))
 
+        if job is None and not fresh:
+            # NB: a status older than the cluster (a concurrent reconcile moved on, or a restart
+            # whose status write was lost) names a Job that is gone. Creating it again would run
+            # two attempts at once.
+            latest = self._latest_job(resource, body)
+            if latest is not None and latest[0] > run_generation:
+                return _stale(body)  # a newer spec's status is on its way
+            if latest is not None and latest[0] == run_generation and latest[1] > attempt:
+                attempt = latest[1]
+                new["attempt"] = attempt
+                new["restartCount"] = attempt
+                job_name = builders.job_name(plan, attempt)
+                job = self._read_job(resource.metadata.namespace, job_name)
         if job is None:
-            if not fresh and self._superseded(resource, body, run_generation, attempt):
-                # NB: this reconcile started from a status older than the cluster: a concurrent
-                # one already moved on to a later attempt or run, and creating this Job again
-                # would run two attempts at once. The newer status is on its way.
-                return _stale(body)
             if suspended:
                 new["conditions"] = status.set_condition(
                     conditions, C.SUSPENDED, True, Reason.SUSPENDED,
@@ -431,14 +439,14 @@ class Reconciler:
             if error.status != 404:
                 raise
 
-    def _superseded(self, resource: Resource, body: dict, run_generation: int, attempt: int
-                    ) -> bool:  # fmt: skip
-        """Return True when the resource owns a Job of a later run or attempt than the one given."""
+    def _latest_job(self, resource: Resource, body: dict) -> tuple[int, int] | None:
+        """Return the (run generation, attempt) of the latest Job the resource owns, if any."""
         selector = (f"{builders.LABEL_KIND}={resource.kind},"
                     f"{builders.LABEL_NAME}={resource.metadata.name}")  # fmt: skip
         jobs = self.api.batch.list_namespaced_job(
             resource.metadata.namespace, label_selector=selector
         ).items
+        latest = None
         for job in jobs:
             if not _owned_by(job.metadata, body):
                 continue
@@ -448,9 +456,8 @@ class Reconciler:
                         int(job_labels[builders.LABEL_ATTEMPT]))  # fmt: skip
             except (KeyError, ValueError):
                 continue
-            if seen > (run_generation, attempt):
-                return True
-        return False
+            latest = seen if latest is None else max(latest, seen)
+        return latest
 
     def _job_pods(self, namespace: str, job_name: str) -> list:
         pods = self.api.core.list_namespaced_pod(
