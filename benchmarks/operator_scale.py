@@ -56,8 +56,8 @@ HOLD = {
 }
 RSS_SAMPLE_SECONDS = 0.2
 POLL_SECONDS = 1.0
-# kubectl sends one request per object and waits for each answer, so one process admits only a few
-# PretrainJobs a second here. Several processes apply in parallel, as Argo CD and Flux do.
+# kubectl sends one request per object and waits for each response, so one process creates only
+# a few PretrainJobs a second here. Several processes apply in parallel.
 APPLIERS = 8
 JOB_SELECTOR = "app.kubernetes.io/managed-by=lathe-operator,lathe.dev/kind=PretrainJob"
 
@@ -150,10 +150,10 @@ def wait(condition, description: str, timeout: float, bed: ClusterBed) -> None:
 
 
 class FirstSeen(threading.Thread):
-    """Watches a collection and notes when each object first satisfies a predicate.
+    """Watcher that records when each object of a collection first matches a predicate.
 
-    A watch costs the API server one message per change; polling a list of 1,000 objects every
-    second made it serialize megabytes a second and took CPU from the bed being measured.
+    A watch costs the API server one message per change. Polling a list of 1,000 objects every
+    second made it serialize megabytes a second, which took CPU from the bed being measured.
     """
 
     def __init__(self, bed: ClusterBed, path: str, predicate) -> None:
@@ -473,7 +473,7 @@ Columns:
 
 - Appliers: concurrent `kubectl apply` processes.
 - Apply: seconds until the last `kubectl apply` ended. kubectl sends one request per object and
-  waits for each answer, so the operator already reconciles the first PretrainJobs meanwhile.
+  waits for each response, so the operator already reconciles the first PretrainJobs meanwhile.
 - The two times after it are counted from the start of the apply, with the seconds after the
   apply ended in brackets. Two watches (on the Jobs and on the PretrainJobs) note when each
   object first appears or first has a condition, so the times are exact to the watch's delay.

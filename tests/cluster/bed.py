@@ -631,9 +631,8 @@ class ClusterBed:
         body = self.api_get(f"/api/v1/nodes?labelSelector={NODE_LABEL_SELECTOR}")
         if body is None:
             return False
-        # The node lifecycle controller taints a new node `not-ready` until it first sees the node
-        # Ready, and removes the taint a few seconds after Ready turns True; until then nothing
-        # schedules there.
+        # The node lifecycle controller taints a new node `not-ready` and removes the taint a few
+        # seconds after Ready turns True. Until then the scheduler places no pod there.
         ready = [
             node
             for node in body.get("items", [])

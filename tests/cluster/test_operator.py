@@ -229,8 +229,8 @@ def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, r
         return sum(p["status"].get("phase") == "Running" for p in pods) == 2
 
     cluster.wait_for(two_running, "two running pods", timeout=90)
-    first_job, first_uid = (jobs_of(cluster, "c6", namespace)[0]["metadata"][key]
-                            for key in ("name", "uid"))  # fmt: skip
+    first = jobs_of(cluster, "c6", namespace)[0]["metadata"]
+    first_job, first_uid = first["name"], first["uid"]
     before_failure = get(cluster, "PretrainJob", "c6", namespace)
     pods = cluster.get_json("pods", "-n", namespace, "-l", f"job-name={first_job}")["items"]
     node1 = next(p for p in pods if p["metadata"]["annotations"][
@@ -258,9 +258,8 @@ def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, r
     assert failed["exitCode"] == 1
     assert "NCCL timeout" in failed["message"]
 
-    # A Job event reconciles from the API server while a resource event still holds the status
-    # from before the restart; such a late reconcile once created attempt 0's Job again, so two
-    # attempts ran at once. Replay one now, through the operator's own handler code.
+    # Replay a late reconcile that reads the status from before the restart, through the
+    # operator's own handler code. It must not create attempt 0's Job again.
     handlers._reconcile_stored(
         handlers.reconciler().api.custom, before_failure, logging.getLogger(__name__)
     )

@@ -72,8 +72,8 @@ def pod_labels(plan: WorkloadPlan, attempt: int) -> dict[str, str]:
 def needs_headless_service(plan: WorkloadPlan) -> bool:
     """Return True when the attempt's pods must find node 0 by name: two or more nodes.
 
-    A single node hosts its own rendezvous on loopback, so it needs no Service, no Endpoints
-    and no EndpointSlice; at a thousand single-node jobs those were a third of the writes.
+    A single node hosts its own rendezvous on loopback, so it needs no Service. The control plane
+    then also writes no Endpoints and no EndpointSlice for it.
     """
     return plan.distributed and plan.nodes > 1
 

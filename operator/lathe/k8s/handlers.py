@@ -147,11 +147,10 @@ def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) 
 
 
 # Reconciles of one resource run one at a time, whatever triggered them: its own events, its
-# Jobs' events, a wake-up from an input, a resync. A trigger that arrives while one runs asks for
-# one more run instead, as a controller-runtime work queue does. Each run reads the resource
-# from the API server and writes its status before the next starts, so no run works from an
-# older status than the last one wrote; concurrent runs used to post the same Event three times
-# and could start a failed attempt again. Touched only from kopf's event loop thread.
+# Jobs' events, a wake-up from an input or a resync. A trigger that arrives during a run requests
+# one more run, as a controller-runtime work queue does. Each run reads the resource and writes
+# its status before the next starts, so no run works from an older status than the last write.
+# Both sets are touched only from kopf's event loop thread.
 _RUNNING: set[tuple[str, str, str]] = set()
 _AGAIN: set[tuple[str, str, str]] = set()
 # The resourceVersion of each resource's last status write, by uid: the watch event that brings
@@ -325,9 +324,8 @@ async def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) ->
     return await loop.run_in_executor(STATE["kopf_settings"].execution.executor, call)
 
 
-# The last state of each managed Job that a reconcile saw, by uid. Most Job events change only
-# what the reconciler never reads (ready pods, start time, uncounted pods). At a thousand Jobs,
-# each of those events took a handler thread from the reconciles that create Jobs.
+# The last state of each managed Job that a reconcile read, by uid. Most Job events change only
+# fields the reconciler ignores (ready pods, start time, uncounted pods), so they are skipped.
 _SEEN_JOBS: dict[str, tuple] = {}
 
 
@@ -354,8 +352,8 @@ async def on_job_event(body, logger, type, **_: Any) -> None:
             await reconcile_key(
                 body["metadata"]["namespace"], KINDS[owner["kind"]].plural, owner["name"], logger
             )
-    # NB: noted even when that reconcile failed or only asked for one more run: a failed
-    # reconcile is retried by reconcile_key, and the run it asked for reads this Job again.
+    # NB: the state is recorded even when that reconcile failed or only requested one more run,
+    # because reconcile_key retries a failed reconcile and the requested run reads this Job again.
     if state is None:
         _SEEN_JOBS.pop(uid, None)
     else:
@@ -363,9 +361,8 @@ async def on_job_event(body, logger, type, **_: Any) -> None:
 
 
 # The fields of each known resource that the periodic pass reads, kept from its watch events and
-# the operator's own status writes. One operator-wide pass replaces a kopf timer per
-# resource: kopf adds a finalizer to every object that has a timer, so resources could not be
-# deleted while the operator was down, and a thousand resources kept two thousand timer tasks.
+# the operator's own status writes. kopf adds a finalizer to every object with a timer handler,
+# so one operator-wide pass replaces a timer per resource: no deletion waits for the operator.
 _INDEX: dict[tuple[str, str, str], dict[str, Any]] = {}
 # Progress files read at once by the periodic pass; each is one artifact-store request.
 PROGRESS_READS = 8

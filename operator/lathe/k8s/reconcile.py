@@ -194,9 +194,8 @@ class Reconciler:
             new["restartCount"] = 0
             conditions = [c for c in conditions if c["type"] in (C.INPUTS_READY,)]
         job_name = builders.job_name(plan, attempt)
-        # A resource whose status records no run has no Job to read yet, and kopf hands its
-        # events to the handler one at a time, so nothing later can exist either: create at once
-        # (a Job created meanwhile by a Job event's reconcile answers 409 and is kept).
+        # A resource whose status records no run has no Job yet, so the Job is created without a
+        # read. If a concurrent reconcile created it first, the create returns 409 and it is kept.
         fresh = not same_run and not new.get("jobName")
         job = None if fresh else self._read_job(resource.metadata.namespace, job_name)
         suspended = bool(getattr(resource.spec, "suspend", False))
@@ -319,8 +318,8 @@ class Reconciler:
             return new
         # Tear down what is left of the failed attempt, then start the next one, which resumes
         # from the latest checkpoint with a new rendezvous id.
-        # The next attempt's Job exists before the failed one goes, so that a concurrent
-        # reconcile that still sees the old status finds the next attempt and creates nothing.
+        # The next attempt's Job is created before the failed one is deleted, so a reconcile
+        # that still reads the old status finds the next attempt and creates nothing.
         self._create_workload(resource, body, plan, attempt + 1)
         self._delete_job(resource.metadata.namespace, job.metadata.name)
         new["attempt"] = attempt + 1

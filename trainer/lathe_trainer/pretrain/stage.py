@@ -111,9 +111,8 @@ def _run(
     # FSDP shards the parameters in place, so the optimizer must be built after the wrapping.
     train_module = parallel.wrap(model, context, spec.distributed.strategy,
                                  compile=training.compile)
-    # The fused kernel updates all parameters in one pass; on the CPU the default loops over
-    # them one tensor at a time (`_single_tensor_adam`), which took 3% of a step in profiles of
-    # benchmarks/trainer.py, against 1.5% fused. Hugging Face Trainer uses it by default too.
+    # The fused kernel updates all parameters in one pass. On the CPU the default loops over one
+    # tensor at a time: 3.4% of a step in a py-spy profile of benchmarks/trainer.py, 1.5% fused.
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, training.weight_decay), lr=training.learning_rate,
         betas=ADAM_BETAS, fused=True,
