@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bed import BUILD_SCRIPT, POLL_INTERVAL_SECONDS, REPO, BedError, ClusterBed, build
 
@@ -132,3 +133,22 @@ def lathe_operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
     artifact_root = tmp_path_factory.mktemp("artifacts")
     with run_operator(cluster.kubeconfig, artifact_root) as running:
         yield running
+
+
+@pytest.fixture
+def ready_inputs(cluster, namespace):
+    """A Corpus and a Tokenizer named `missing-on-purpose` that have succeeded, the inputs that
+    `lathe_objects.pretrain_job` refers to."""
+    from lathe_objects import EXAMPLES, is_true
+
+    documents = [doc for path in ("01-corpus.yaml", "02-tokenizer.yaml")
+                 for doc in yaml.safe_load_all((EXAMPLES / path).read_text()) if doc]
+    for document in documents:
+        document["metadata"]["name"] = "missing-on-purpose"
+        if document["kind"] == "Tokenizer":
+            document["spec"]["corpusRef"]["name"] = "missing-on-purpose"
+        cluster.apply(document, namespace)
+    cluster.wait_for(
+        lambda: is_true(cluster, "Tokenizer", "missing-on-purpose", namespace, "Succeeded"),
+        "the input Corpus and Tokenizer to succeed", timeout=120,
+    )

@@ -1,10 +1,10 @@
 """The Argo CD health checks (charts/lathe/argocd/*.lua) run in a real Lua interpreter.
 
-Argo CD runs each script with gopher-lua, a Lua 5.1 implementation, and passes the resource as
-the global `obj`. The tests do the same with lupa's Lua 5.1 runtime. The status objects are built with the
-operator's own `lathe.status` helpers and the texts the reconciler writes, so a change to the
-status shapes shows up here. tests/fixtures/status/ keeps a few whole objects as JSON that a
-cluster run can replace with objects read from a real API server.
+The scripts run as Argo CD runs them (tests/argocd_lua.py). The status objects here are built
+with the operator's own `lathe.status` helpers and the texts the reconciler writes, so a change
+to the status shapes shows up here; tests/fixtures/status/ keeps a few whole objects as JSON.
+tests/cluster/test_argocd_live.py runs the same scripts on objects the operator wrote to a real
+API server.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 import yaml
-from lupa import lua51
 
 from lathe import status
 from lathe.api import KINDS
 from lathe.status import ConditionType as C
 from lathe.status import Phase, Reason
 
+from argocd_lua import SCRIPTS, run_health, script_path
+
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = REPO / "charts" / "lathe" / "argocd"
 FIXTURES = REPO / "tests" / "fixtures" / "status"
 
 # Argo CD's health status for each phase of the PHASE printer column.
@@ -37,25 +37,6 @@ PHASE_HEALTH = {
     Phase.SUCCEEDED: "Healthy",
     Phase.READY: "Healthy",
 }
-
-# Libraries that Argo CD does not open for health scripts; removed so a script using them fails.
-UNAVAILABLE_GLOBALS = ("io", "os", "debug", "package", "require", "dofile", "loadfile")
-
-
-def script_path(kind: str) -> Path:
-    return SCRIPTS / f"lathe.dev_{kind}.lua"
-
-
-def run_health(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
-    """Run the kind's health script on `obj` and return the table it returns, as a dict."""
-    lua = lua51.LuaRuntime(unpack_returned_tuples=True)
-    for name in UNAVAILABLE_GLOBALS:
-        lua.execute(f"{name} = nil")
-    # A JSON round trip gives what Argo CD decodes from the API server: no Python-only types.
-    lua.globals().obj = lua.table_from(json.loads(json.dumps(obj)), recursive=True)
-    result = lua.execute(script_path(kind).read_text())
-    return dict(result.items())
-
 
 # -- status objects shaped as the reconciler writes them ----------------------------------------
 

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import copy
 import functools
+import json
 import logging
 import os
 import time
@@ -33,7 +34,10 @@ TRAINING_KINDS = ("PretrainJob", "FineTune")
 # Seconds between resyncs of resources that wait for inputs; wake-ups normally come sooner.
 RESYNC_SECONDS = 30.0
 # Seconds before a reconcile that failed (an API error) runs again, if no event comes first.
+# The delay doubles with each failure in a row, up to RETRY_MAX_SECONDS, as a controller-runtime
+# work queue backs off.
 RETRY_SECONDS = 10.0
+RETRY_MAX_SECONDS = 300.0
 STATE: dict[str, Any] = {}
 
 
@@ -109,11 +113,11 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
         desired = reconciler().reconcile(body)
     except ApiException as error:
         metrics.RECONCILES.labels(kind, "error").inc()
-        logger.warning("Reconcile failed with HTTP %s: %s; retrying on the next event or in "
-                       "%.0f s.", error.status, error.reason, RETRY_SECONDS)
+        _report_failure(body, error, logger)
         return None
     finally:
         metrics.RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
+    _FAILURES.pop(body["metadata"]["uid"], None)
     result = "waiting" if desired.get("phase") == "Waiting" else "success"
     metrics.RECONCILES.labels(kind, result).inc()
     meta = body["metadata"]
@@ -121,29 +125,79 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
     return desired
 
 
+# Failed reconciles in a row and the text of the last Warning Event about them, by resource uid.
+# A successful reconcile clears the entry.
+_FAILURES: dict[str, tuple[int, str]] = {}
+
+
+def _api_message(error: ApiException) -> str:
+    """Return the API server's own message from an error response, else the HTTP reason."""
+    try:
+        return json.loads(error.body or "")["message"]
+    except (ValueError, KeyError, TypeError):
+        return str(error.reason or "no message")
+
+
+def _report_failure(body: dict, error: ApiException, logger: logging.Logger) -> None:
+    """Log a failed reconcile and post a Warning Event, once per distinct error in a row.
+
+    NB: without the Event, a request the API server rejects (a ResourceQuota, an admission
+    webhook, missing RBAC) shows only in the operator's log, not in `kubectl describe`.
+    """
+    uid = body["metadata"]["uid"]
+    failures, posted = _FAILURES.get(uid, (0, ""))
+    delay = retry_delay(failures + 1)
+    text = (f"Reconciling failed: the API server answered HTTP {error.status} "
+            f"({_api_message(error)}). Retrying in {delay:.0f} s or on the next change; fix "
+            f"the cause (quota, admission policy or the operator's RBAC) to let it proceed.")
+    logger.warning(text)
+    template = text.replace(f"{delay:.0f} s", "")
+    if template != posted:
+        kopf.warn(body, reason="ReconcileFailed", message=text)
+    _FAILURES[uid] = (failures + 1, template)
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try after `failures` failed reconciles in a row."""
+    return min(RETRY_SECONDS * 2 ** max(failures - 1, 0), RETRY_MAX_SECONDS)
+
+
 def _changes(current: dict, desired: dict) -> dict:
     return {key: value for key, value in desired.items() if current.get(key) != value}
 
 
-def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) -> None:
-    """Post a Kubernetes Event and a log line for every condition that changed.
+# Condition types from the least to the most telling; the last one that changed names the Event.
+EVENT_ORDER = ("InputsReady", "Suspended", "Running", "Exported", "Ready", "Succeeded", "Failed")
 
+
+def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) -> None:
+    """Log every condition that changed and post one Kubernetes Event for them.
+
+    The Event's reason is that of the changed condition that comes last in EVENT_ORDER, and
+    its message lists every change in that order. So a reconcile that creates a Job, or sees
+    one finish, posts one Event.
     NB: kopf turns log lines of event and timer handlers into no Events, so they are posted
     here explicitly.
     """
     before = {c["type"]: c for c in current.get("conditions") or []}
+    changed = []
     for condition in desired.get("conditions") or []:
         old = before.get(condition["type"])
         if old and (old["status"], old["reason"]) == (condition["status"], condition["reason"]):
             continue
+        changed.append(condition)
         text = f"{condition['type']}={condition['status']}: {condition['message']}"
-        failed = condition["type"] == "Failed" and condition["status"] == "True"
-        if failed:
+        if condition["type"] == "Failed" and condition["status"] == "True":
             logger.error(text)
-            kopf.warn(body, reason=condition["reason"], message=text)
         else:
             logger.info(text)
-            kopf.info(body, reason=condition["reason"], message=text)
+    if not changed:
+        return
+    changed.sort(key=lambda c: EVENT_ORDER.index(c["type"]) if c["type"] in EVENT_ORDER else -1)
+    message = " ".join(f"{c['type']}={c['status']}: {c['message']}" for c in changed)
+    failed = any(c["type"] == "Failed" and c["status"] == "True" for c in changed)
+    post = kopf.warn if failed else kopf.info
+    post(body, reason=changed[-1]["reason"], message=message)
 
 
 # Reconciles of one resource run one at a time, whatever triggered them: its own events, its
@@ -189,9 +243,22 @@ async def reconcile_key(namespace: str, plural: str, name: str, logger: logging.
 
 
 def _retry_later(key: tuple[str, str, str], logger: logging.Logger) -> None:
-    """Run the reconcile of key again after RETRY_SECONDS, in the current context."""
+    """Run the reconcile of key again after its backoff delay, in the current context."""
+    if key in _RETRY_PENDING:
+        return  # one retry per resource at a time, however many reconciles failed meanwhile
+    _RETRY_PENDING.add(key)
     loop = asyncio.get_running_loop()
-    loop.call_later(RETRY_SECONDS, lambda: _keep(loop.create_task(reconcile_key(*key, logger))))
+    uid = (_INDEX.get(key) or {}).get("uid")
+    delay = retry_delay(_FAILURES.get(uid, (1, ""))[0]) if uid else RETRY_SECONDS
+
+    def retry() -> None:
+        _RETRY_PENDING.discard(key)
+        _keep(loop.create_task(reconcile_key(*key, logger)))
+
+    loop.call_later(delay, retry)
+
+
+_RETRY_PENDING: set[tuple[str, str, str]] = set()
 
 
 # Tasks started outside a kopf handler, kept until they finish so that they are not collected.
@@ -226,6 +293,7 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
     meta = body["metadata"]
     if type == "DELETED":
         _WRITTEN.pop(meta["uid"], None)
+        _FAILURES.pop(meta["uid"], None)
         _INDEX.pop(_key(body), None)
         forget_resource(body, logger)
         return
@@ -341,11 +409,38 @@ def _job_state(body: dict) -> tuple:
     )
 
 
+def _cached_job(body: dict) -> dict:
+    """Return the fields of a Job that the reconciler reads, for its Job cache."""
+    meta = body["metadata"]
+    job_status = body.get("status") or {}
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "labels",
+                                                "ownerReferences") if key in meta},
+        "spec": {"suspend": (body.get("spec") or {}).get("suspend"), "template": {}},
+        "status": {key: job_status[key] for key in ("active", "succeeded", "failed",
+                                                    "conditions") if key in job_status},
+    }
+
+
+# A Job's state before its first pod: nothing that the reconcile that created it has not seen.
+_NEW_JOB = (0, 0, 0, ())
+
+
 async def on_job_event(body, logger, type, **_: Any) -> None:
     """Reconcile the Lathe resource that owns a Job, when what the reconciler reads changed."""
     uid = body["metadata"]["uid"]
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
     state = None if type == "DELETED" else _job_state(body)
+    if state is None:
+        reconciler().jobs.pop(key, None)
+    else:
+        reconciler().jobs[key] = _cached_job(body)
     if state is not None and _SEEN_JOBS.get(uid) == state:
+        return
+    if state is not None and uid not in _SEEN_JOBS and state[1:] == _NEW_JOB:
+        # NB: after an operator restart, the owner's own event reconciles it anyway.
+        _SEEN_JOBS[uid] = state
         return
     for owner in body["metadata"].get("ownerReferences") or []:
         if owner["apiVersion"].startswith(GROUP + "/") and owner["kind"] in KINDS:

@@ -74,6 +74,11 @@ class Reconciler:
         self.store = builders.ArtifactStore(settings.artifact_root)
         self._pod_monitor_crd: bool | None = None
         self._upstreams: dict[tuple[str, str, str], tuple[float, dict]] = {}
+        # The fields the reconcile reads of each managed Job, by (namespace, name), as the
+        # operator's Job watch last delivered them (see lathe.k8s.handlers.on_job_event). A Job
+        # not in it is read from the API server.
+        self.jobs: dict[tuple[str, str], dict] = {}
+        self._api_client = client.ApiClient()
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -265,6 +270,13 @@ class Reconciler:
         if outcome == "Failed":
             return self._attempt_failed(resource, body, plan, job, new, conditions, attempt)
         active = job.status.active or 0
+        running = next((c for c in conditions if c["type"] == C.RUNNING), None)
+        if active == 0 and running and running["status"] == "True" and (
+            running["reason"] == Reason.JOB_CREATED
+        ):
+            # The new attempt's pods are not running yet, so JobCreated still describes it.
+            new["conditions"] = conditions
+            return new
         new["conditions"] = status.set_condition(
             conditions, C.RUNNING, True, Reason.JOB_RUNNING,
             f"Job {job_name} has {active} active pod{'s' if active != 1 else ''}.", generation,
@@ -422,6 +434,14 @@ class Reconciler:
         )
 
     def _read_job(self, namespace: str, name: str):
+        """Return the Job from the watch cache, else from the API server; None if it is gone.
+
+        NB: a cached Job can be older than the API server's, as in an informer cache. Each
+        change of it arrives as a watch event, which updates the cache and reconciles again.
+        """
+        cached = self.jobs.get((namespace, name))
+        if cached is not None:
+            return self._api_client.deserialize(json.dumps(cached), "V1Job", "application/json")
         try:
             return self.api.batch.read_namespaced_job(name, namespace)
         except ApiException as error:

@@ -1,0 +1,72 @@
+"""Lathe objects and their status as the cluster tests create and read them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lathe.api import KINDS
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "pubmed"
+ORDER = ["Corpus", "Tokenizer", "PretrainJob", "FineTune", "ModelDeployment"]
+# kwok completes a Job's pod after this delay plus jitter (the general pod-complete Stage reads
+# both), so a test can act while training pods run.
+HOLD = {
+    "pod-complete.stage.kwok.x-k8s.io/delay": "3600s",
+    "pod-complete.stage.kwok.x-k8s.io/jitter-delay": "3600s",
+}
+
+
+def plural(kind: str) -> str:
+    return f"{KINDS[kind].plural}.lathe.dev"
+
+
+def get(cluster, kind: str, name: str, namespace: str) -> dict:
+    return cluster.get_json(plural(kind), name, "-n", namespace)
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == type_), None)
+
+
+def is_true(cluster, kind, name, namespace, type_) -> bool:
+    found = condition(get(cluster, kind, name, namespace), type_)
+    return bool(found and found["status"] == "True")
+
+
+def jobs_of(cluster, name: str, namespace: str) -> list[dict]:
+    items = cluster.get_json("jobs", "-n", namespace, "-l", f"lathe.dev/name={name}")["items"]
+    return sorted(items, key=lambda job: job["metadata"]["creationTimestamp"])
+
+
+def pretrain_job(name: str, nodes: int = 2, gpus: int = 1, hold: bool = True) -> dict:
+    spec = {
+        "corpusRef": {"name": "missing-on-purpose"},
+        "tokenizerRef": {"name": "missing-on-purpose"},
+        "distributed": {"nodes": nodes, "procsPerNode": gpus or 1},
+        "resources": {"gpus": gpus, "cpu": "4", "memory": "16Gi"},
+        "training": {"maxSteps": 100},
+    }
+    if hold:
+        spec["podMetadata"] = {"annotations": HOLD}
+    return {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob",
+        "metadata": {"name": name}, "spec": spec,
+    }
+
+
+def events_about(cluster, namespace: str, kind: str, name: str) -> list[dict]:
+    items = cluster.get_json("events", "-n", namespace)["items"]
+    return [event for event in items if event["involvedObject"]["kind"] == kind
+            and event["involvedObject"]["name"] == name]  # fmt: skip
+
+
+def finetune(name: str, base: str) -> dict:
+    document = next(doc for doc in yaml.safe_load_all((EXAMPLES / "04-finetune.yaml").read_text())
+                    if doc)  # fmt: skip
+    document["metadata"] = {"name": name}
+    document["spec"]["baseModel"]["pretrainJobRef"]["name"] = base
+    return document
