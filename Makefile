@@ -15,9 +15,11 @@ env:
 	@ln -sfn "$$(scripts/python-env.sh)" .venv
 
 # Test tools built or installed once into ~/.cache/lathe: the Kubernetes test bed (about 40 min
-# of compiling the first time on 2 cores), helm (about 15 min), and Debian's prometheus/promtool.
+# of compiling the first time on 2 cores), helm (about 15 min), SeaweedFS for the s3:// tests
+# (several minutes) and Debian's prometheus/promtool.
 tools: cluster-bed
 	scripts/tools/helm.sh >/dev/null
+	scripts/tools/seaweedfs.sh >/dev/null
 	scripts/tools/prometheus.sh >/dev/null
 
 demo: env

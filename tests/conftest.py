@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,32 @@ def make_config(tmp_path, data_dir):
         return stage_config(model, inputs or {}, f"file://{output}", str(data_dir))
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A real S3 store (SeaweedFS on loopback) with the bucket `lathe`.
+
+    The AWS_* variables that point clients at it stay set for the whole session, so that stage
+    subprocesses find the store too.
+    """
+    from s3_store import BUILD_SCRIPT, S3Store, build
+
+    try:
+        binary = build()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+        pytest.skip(f"SeaweedFS, the S3 store of the s3:// tests, could not be built: {error}\n"
+                    f"Build it with {BUILD_SCRIPT}; it needs Go 1.26 and the Go module proxy.")
+    store = S3Store(binary, tmp_path_factory.mktemp("s3-store"))
+    store.start()
+    saved = {key: os.environ.get(key) for key in store.env}
+    os.environ.update(store.env)
+    try:
+        yield store
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        store.stop()

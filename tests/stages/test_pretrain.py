@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from lathe.api import KINDS
 from lathe_trainer.pretrain import stage
 from lathe_trainer.pretrain.data import DataPosition, SequenceSampler, pack_split
 from lathe_trainer.stage import EXIT_PERMANENT, ResolvedInput, StageError
+from lathe_trainer.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "pubmed" / "03-pretrain.yaml"
@@ -389,3 +391,28 @@ def test_example_parses_as_pretrain_job():
     assert resource.metadata.name == "pubmed-lm"
     assert resource.spec.distributed.procs_per_node == 2
     assert resource.spec.sequence_length <= resource.spec.model.max_position_embeddings
+
+
+def test_s3_artifacts_resume_exactly(make_config, tmp_path, inputs, s3_store):
+    """With training.artifactUri on a real S3 store, checkpoints and the final model go there,
+    and a resume from an S3 checkpoint repeats the uninterrupted run exactly."""
+    from lathe_trainer.training import storage
+
+    uri = f"s3://lathe/runs-{uuid.uuid4().hex}"
+    output = tmp_path / "out"
+    resource = pretrain_resource(procs=1, maxSteps=8, keepCheckpoints=3, artifactUri=uri)
+    run_stage(make_config, tmp_path, resource, inputs["full"], output)
+    uninterrupted = step_losses(output)
+    filesystem, base = storage.resolve(uri)
+    assert not (output / "checkpoints").exists()
+    assert [step for step, _ in checkpoint.list_checkpoints(f"{uri}/checkpoints")] == [4, 8]
+    published = {path.rsplit("/", 1)[-1] for path in filesystem.find(f"{base}/model")}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= published, published
+
+    storage.remove_tree(filesystem, f"{base}/checkpoints/step-00000008")
+    metrics = run_stage(make_config, tmp_path, resource, inputs["full"], output, resume=True)
+
+    assert metrics["resumedFromStep"] == 4
+    resumed = step_losses(output)
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6)

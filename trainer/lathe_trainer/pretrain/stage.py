@@ -632,11 +632,11 @@ def _publish_model(local_model: Path, artifact_uri: str) -> None:
     final = f"{base}/{MODEL_DIR}"
     tmp = f"{base}/.tmp-{MODEL_DIR}-{os.getpid()}"
     if filesystem.exists(tmp):
-        filesystem.rm(tmp, recursive=True)
+        storage.remove_tree(filesystem, tmp)
     filesystem.makedirs(tmp, exist_ok=True)
     for path in sorted(local_model.iterdir()):
         filesystem.put_file(str(path), f"{tmp}/{path.name}")
     if filesystem.exists(final):
-        filesystem.rm(final, recursive=True)
-    filesystem.mv(tmp, final, recursive=True)
+        storage.remove_tree(filesystem, final)
+    storage.move_tree(filesystem, tmp, final)
     log.info("Published the final model to %s.", storage.display(filesystem, final))

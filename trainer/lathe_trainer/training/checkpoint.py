@@ -136,14 +136,14 @@ def save(
         state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True).encode()
         if filesystem.exists(final):
             # A checkpoint for the same step from an earlier attempt: replace it.
-            filesystem.rm(final, recursive=True)
+            storage.remove_tree(filesystem, final)
         if storage.is_local(filesystem):
             Path(tmp, STATE).write_bytes(state_json)
             _fsync_tree(Path(tmp))
             os.rename(tmp, final)
             _fsync_dir(Path(base))
         else:
-            filesystem.mv(tmp, final, recursive=True)
+            storage.move_tree(filesystem, tmp, final)
             filesystem.pipe_file(f"{final}/{STATE}", state_json)
         prune(root, keep)
         log.info("Saved the checkpoint for step %d to %s.", step,
@@ -187,7 +187,7 @@ def prune(root: Path | str, keep: int) -> None:
     filesystem, _ = storage.resolve(root)
     found = list_checkpoints(root)
     for step, path in found[: max(0, len(found) - keep)]:
-        filesystem.rm(storage.resolve(path)[1], recursive=True)
+        storage.remove_tree(filesystem, storage.resolve(path)[1])
         log.info("Removed the checkpoint for step %d, keeping the newest %d.", step, keep)
 
 
@@ -195,7 +195,7 @@ def remove_all(root: Path | str) -> None:
     """Remove every checkpoint under root, for a run that starts over without --resume."""
     filesystem, base = storage.resolve(root)
     if filesystem.isdir(base):
-        filesystem.rm(base, recursive=True)
+        storage.remove_tree(filesystem, base)
 
 
 def _write_tensors(filesystem: fsspec.AbstractFileSystem, path: str, value: Any) -> None:
@@ -206,11 +206,14 @@ def _write_tensors(filesystem: fsspec.AbstractFileSystem, path: str, value: Any)
 
 def _remove_incomplete_dirs(filesystem: fsspec.AbstractFileSystem, base: str) -> None:
     """Remove `.tmp-*` directories and step directories without state.json."""
+    # NB: object stores have no empty directories, so base does not exist before the first save.
+    if not filesystem.isdir(base):
+        return
     for path in filesystem.ls(base, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
         incomplete = STEP_DIR.match(name) and not filesystem.isfile(f"{path}/{STATE}")
         if name.startswith(".tmp-step-") or incomplete:
-            filesystem.rm(path, recursive=True)
+            storage.remove_tree(filesystem, path)
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -4,6 +4,9 @@
 operator mounts at `<LATHE_ARTIFACTS_MOUNT>/<claim>` (default /artifacts, the mount point in
 lathe.k8s.builders), so it is local inside the pod too. Any other scheme (s3://, gs://, and
 memory:// in tests) goes to the fsspec filesystem of that protocol, which must be installed.
+s3:// goes through obstore's fsspec store (the Rust object_store crate), configured from the
+usual AWS_* variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...): s3fs cannot be
+installed beside kubernetes 37, whose python-dateutil>=3 botocore rejects.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import os
 from pathlib import Path
 
 import fsspec
+import obstore.fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 DEFAULT_ARTIFACTS_MOUNT = "/artifacts"
+
+obstore.fsspec.register("s3")
 
 
 def to_fsspec_url(uri: str | os.PathLike[str]) -> str:
@@ -49,3 +55,27 @@ def is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
 def display(filesystem: fsspec.AbstractFileSystem, path: str) -> str | Path:
     """Return a local Path for local files, else the full URL, for logs and return values."""
     return Path(path) if is_local(filesystem) else filesystem.unstrip_protocol(path)
+
+
+def move_tree(filesystem: fsspec.AbstractFileSystem, source: str, destination: str) -> None:
+    """Move a directory: one atomic rename on a local disk, else a copy of each file and a
+    delete, because object stores have no directories to rename."""
+    if is_local(filesystem):
+        os.rename(source, destination)
+        return
+    for path in filesystem.find(source):
+        relative = path[len(source):].lstrip("/")
+        filesystem.copy(path, f"{destination}/{relative}")
+    remove_tree(filesystem, source)
+
+
+def remove_tree(filesystem: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete a directory and everything under it; a directory already gone is no error.
+
+    NB: some S3-compatible stores (SeaweedFS 4.53) keep listing a prefix for a while after its
+    last object is deleted, and fsspec raises FileNotFoundError when asked to delete it.
+    """
+    try:
+        filesystem.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
