@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -703,13 +704,30 @@ def test_triton_init_container_syncs_s3_with_fsspec():
     store = builders.ArtifactStore("s3://bucket/lathe")
     model = resource("ModelDeployment", name="ner-api")
     plan = plans.serving(model, store.output_uri(NAMESPACE, "ModelDeployment", "ner-api"))
-    deployment = builders.triton_deployment(plan, owner_of(model), store, sync_image=SYNC_IMAGE)
+    deployment = builders.triton_deployment(plan, owner_of(model), store, sync_image=SYNC_IMAGE,
+                                            s3_secret="lathe-s3")  # fmt: skip
     spec = deployment["spec"]["template"]["spec"]
     command = spec["initContainers"][0]["command"]
     assert command[:3] == ["python", "-c", builders_serving.FSSPEC_SYNC]
     repository = "s3://bucket/lathe/ml/modeldeployment/ner-api/model_repository"
     assert command[3:] == [repository, "/models/"]
     assert not [volume for volume in spec["volumes"] if "persistentVolumeClaim" in volume]
+    assert spec["initContainers"][0]["envFrom"] == [{"secretRef": {"name": "lathe-s3"}}]
+    # The Triton server reads /models only, so it gets no credentials.
+    assert "envFrom" not in spec["containers"][0]
+
+
+@pytest.mark.parametrize(("root", "with_secret"), [("s3://bucket/lathe", True),
+                                                   ("pvc://lathe-artifacts/lathe", False)])
+def test_training_job_gets_s3_secret_for_s3_only(root, with_secret):
+    store = builders.ArtifactStore(root)
+    model = resource("PretrainJob")
+    plan = plans.build(model, inputs_for(model), store.output_uri(NAMESPACE, "PretrainJob", "med"),
+                       DATA_DIR)  # fmt: skip
+    job = builders.training_job(plan, owner_of(model), store, attempt=0, image=IMAGE,
+                                resume=False, s3_secret="lathe-s3")  # fmt: skip
+    expected = [{"secretRef": {"name": "lathe-s3"}}] if with_secret else None
+    assert container(job).get("envFrom") == expected
 
 
 def test_fsspec_sync_copies_repository_contents(tmp_path):
@@ -725,6 +743,23 @@ def test_fsspec_sync_copies_repository_contents(tmp_path):
     assert (target / "ner" / "config.pbtxt").read_text() == 'name: "ner"\n'
     assert (target / "ner" / "1" / "model.onnx").read_bytes() == b"\x08\x07"
     assert not (target / "model_repository").exists()
+
+
+def test_fsspec_sync_copies_repository_from_s3(tmp_path, s3_store):
+    """Runs the init container's script against a real S3 store, with the AWS_* variables that
+    LATHE_S3_SECRET would give the container."""
+    from lathe_trainer.training import storage
+
+    repository = f"s3://lathe/sync-{uuid.uuid4().hex}/model_repository"
+    filesystem, base = storage.resolve(repository)
+    filesystem.pipe_file(f"{base}/ner/config.pbtxt", b'name: "ner"\n')
+    filesystem.pipe_file(f"{base}/ner/1/model.onnx", b"\x08\x07")
+    target = tmp_path / "models"
+    target.mkdir()
+    command = [sys.executable, "-c", builders_serving.FSSPEC_SYNC, repository, f"{target}/"]
+    subprocess.run(command, check=True, timeout=60, env={**os.environ, **s3_store.env})
+    assert (target / "ner" / "config.pbtxt").read_text() == 'name: "ner"\n'
+    assert (target / "ner" / "1" / "model.onnx").read_bytes() == b"\x08\x07"
 
 
 @pytest.mark.parametrize(("gpus", "limit"), [(0, None), (1, "1")])

@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 
+from lathe_trainer import remote
 from lathe_trainer.stage import EXIT_PERMANENT, StageError, load_config
 
 # Stage name -> module with a `run(config, resume: bool) -> dict` function returning metrics.
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     module = importlib.import_module(STAGES[args.stage])
     try:
-        module.run(config, resume=args.resume)
+        with remote.staged(config) as local_config:
+            module.run(local_config, resume=args.resume)
     except StageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_PERMANENT

@@ -45,6 +45,11 @@ class StageConfig(BaseModel):
     data_dir: str = Field(description="Where relative source paths in the spec resolve.")
     code_version: str = ""
     image: str = ""
+    staged_from: dict[str, str] = Field(
+        default_factory=dict,
+        description="Local URI -> remote URI of the inputs that lathe_trainer.remote copied to "
+        "the node, so that the manifest records where they came from.",
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> StageConfig:
@@ -56,9 +61,10 @@ def local_path(uri: str) -> Path:
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
     if "://" in uri:
-        # NOTE: remote stores (s3://, pvc://) are mounted or synced by the backend before the
-        # stage starts; inside the workload the stage works on a local directory.
-        raise ValueError(f"URI {uri!r} is not a local path; mount it and pass file:// instead.")
+        # The backend mounts pvc:// claims, and the stage entry point (lathe_trainer.remote)
+        # stages s3:// inputs and outputs through local directories, so stages see local paths.
+        raise ValueError(f"URI {uri!r} is not a local path; run the stage with `python -m "
+                         "lathe_trainer`, which stages s3:// URIs, or pass a file:// URI.")
     return Path(uri)
 
 
@@ -113,7 +119,10 @@ def write_manifest(config: StageConfig, metrics: dict[str, Any]) -> dict[str, An
         "uid": config.uid,
         "generation": config.generation,
         "stageKey": config.stage_key,
-        "inputs": {role: item.model_dump() for role, item in config.inputs.items()},
+        "inputs": {
+            role: {**item.model_dump(), "uri": config.staged_from.get(item.uri, item.uri)}
+            for role, item in config.inputs.items()
+        },
         "outputs": files,
         "digest": combined_digest(files),
         "metrics": metrics,

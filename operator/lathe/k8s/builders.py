@@ -284,6 +284,18 @@ def _rewrite_strings(value: Any, field: str, rewrite) -> Any:
     return value
 
 
+def uses_object_store(config: StageConfig) -> bool:
+    """Return True when the stage reads or writes an s3:// URI (output, inputs or spec)."""
+    uris = [config.output_uri, *(item.uri for item in config.inputs.values())]
+    uris += _strings(config.spec)
+    return any(uri.startswith("s3://") for uri in uris)
+
+
+def secret_env(secret: str | None) -> list[dict]:
+    """Return the container envFrom that loads every key of `secret`, if one is named."""
+    return [{"secretRef": {"name": secret}}] if secret else []
+
+
 def config_claims(config: StageConfig) -> list[str]:
     """Return the PersistentVolumeClaims named by pvc:// URIs anywhere in a stage config."""
     uris = [config.output_uri, config.data_dir, *(item.uri for item in config.inputs.values())]

@@ -19,13 +19,11 @@ CONTAINER_NAME = "triton"
 MODELS_DIR = "/models"
 
 # Copies the contents of a model repository at an fsspec URL (argv[1]) into a directory
-# (argv[2]). Used for every store other than pvc://. The trailing "/" on the source makes
-# fsspec copy the directory's contents rather than the directory itself. s3:// needs the s3fs
-# package in the sync image and the usual AWS_* credentials in its environment.
+# (argv[2]) with the trainer's object-store code, so s3:// works as it does for the stages. The
+# sync image is the trainer image by default; s3:// takes the AWS_* variables of LATHE_S3_SECRET.
 FSSPEC_SYNC = (
-    "import sys, fsspec; "
-    "fs, path = fsspec.core.url_to_fs(sys.argv[1]); "
-    "fs.get(path.rstrip('/') + '/', sys.argv[2], recursive=True)"
+    "import sys, pathlib; from lathe_trainer import remote; "
+    "remote.download(sys.argv[1], pathlib.Path(sys.argv[2]))"
 )
 
 
@@ -56,6 +54,7 @@ def triton_deployment(
     image: str | None = None,
     sync_image: str,
     autoscaled: bool = False,
+    s3_secret: str | None = None,
 ) -> dict:
     """Return the Deployment of Triton servers for a model repository.
 
@@ -76,6 +75,8 @@ def triton_deployment(
                       "limits": {"cpu": "1", "memory": "1Gi"}},
         "securityContext": builders.container_security_context(),
     }
+    if plan.repository_uri.startswith("s3://"):
+        sync["envFrom"] = builders.secret_env(s3_secret)
     pod_spec = {
         "enableServiceLinks": False,
         "securityContext": builders.pod_security_context(),

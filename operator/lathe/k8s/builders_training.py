@@ -186,8 +186,12 @@ def training_job(
     resume: bool,
     queue_name: str | None = None,
     suspend: bool = False,
+    s3_secret: str | None = None,
 ) -> dict:
     """Return the Indexed Job that runs one attempt of a stage.
+
+    A stage that reads or writes s3:// URIs gets every key of the Secret `s3_secret` (from
+    LATHE_S3_SECRET) as environment variables.
 
     The Job is created suspended when `suspend` or the plan's spec.suspend requests it, and when
     a Kueue queue is named, because Kueue admits a Job by unsuspending it.
@@ -217,14 +221,15 @@ def training_job(
                     "labels": {**plan.pod_labels, **template_labels},
                     **({"annotations": dict(plan.pod_annotations)} if plan.pod_annotations else {}),
                 },
-                "spec": _pod_spec(plan, owner, store, attempt, image, resume),
+                "spec": _pod_spec(plan, owner, store, attempt, image, resume, s3_secret),
             },
         },
     }
 
 
 def _pod_spec(
-    plan: WorkloadPlan, owner: dict, store: ArtifactStore, attempt: int, image: str, resume: bool
+    plan: WorkloadPlan, owner: dict, store: ArtifactStore, attempt: int, image: str, resume: bool,
+    s3_secret: str | None,
 ) -> dict:
     name = job_name(plan, attempt)
     volumes, mounts = _volumes(plan, store, name)
@@ -244,6 +249,8 @@ def _pod_spec(
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": builders.container_security_context(),
     }
+    if builders.uses_object_store(plan.config):
+        container["envFrom"] = builders.secret_env(s3_secret)
     spec = {
         # Never: podFailurePolicy requires it, and a failed attempt is replaced as a whole.
         "restartPolicy": "Never",

@@ -12,6 +12,8 @@ from typing import Any
 
 import fsspec
 
+# Imported for its side effect: it registers obstore's fsspec store for s3:// URIs.
+import lathe_trainer.training.storage  # noqa: F401
 from lathe_trainer.stage import PROGRESS
 
 # Bytes read from the end of the file: far more than one record.
@@ -32,8 +34,13 @@ def read_latest(output_uri: str, mounts: dict[str, str] | None = None) -> dict[s
     url = _fsspec_url(output_uri.rstrip("/") + "/" + PROGRESS, mounts or {})
     if url is None:
         return None
+    filesystem, path = fsspec.core.url_to_fs(url)
+    # NB: checked first because obstore's file object (0.12) fails in its destructor when the
+    # open raises FileNotFoundError.
+    if not filesystem.isfile(path):
+        return None
     try:
-        with fsspec.open(url, "rb") as handle:
+        with filesystem.open(path, "rb") as handle:
             size = handle.seek(0, 2)
             handle.seek(max(0, size - TAIL_BYTES))
             lines = handle.read().decode("utf-8", errors="replace").splitlines()

@@ -358,7 +358,7 @@ class Reconciler:
         namespace = resource.metadata.namespace
         self._apply(namespace, builders.triton_deployment(
             serving, owner, self.store, sync_image=self.settings.sync_image,
-            autoscaled=resource.spec.autoscaling.enabled,
+            autoscaled=resource.spec.autoscaling.enabled, s3_secret=self.settings.s3_secret,
         ))
         self._apply(namespace, builders.triton_service(serving, owner))
         if resource.spec.autoscaling.enabled:
@@ -393,6 +393,7 @@ class Reconciler:
         self._create(namespace, builders.training_job(
             plan, owner, self.store, attempt=attempt, image=self.settings.trainer_image,
             resume=plan.distributed, queue_name=self.settings.queue_name,
+            s3_secret=self.settings.s3_secret,
         ))
 
     def _create(self, namespace: str, obj: dict) -> None:

@@ -18,6 +18,9 @@ class OperatorSettings:
     metrics_host: str
     progress_interval_seconds: float
     queue_name: str | None
+    # A Secret in each resource's namespace whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    # AWS_ENDPOINT_URL, ...) become the environment of pods that read or write s3:// URIs.
+    s3_secret: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorSettings:
@@ -32,4 +35,5 @@ class OperatorSettings:
             metrics_host=env.get("LATHE_METRICS_HOST", "0.0.0.0"),
             progress_interval_seconds=float(env.get("LATHE_PROGRESS_INTERVAL", "15")),
             queue_name=env.get("LATHE_QUEUE_NAME") or None,
+            s3_secret=env.get("LATHE_S3_SECRET") or None,
         )

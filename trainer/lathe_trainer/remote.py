@@ -1,0 +1,190 @@
+"""Stage inputs and outputs on object stores (s3://), staged through local directories.
+
+Every stage reads and writes local directories. When the config names a remote URI (any fsspec
+URL other than file:// and plain paths), `staged` gives the stage a config that points at a
+scratch directory on the node instead:
+
+- Each remote input is downloaded once per node, before the stage starts.
+- A remote output is downloaded first as well, so that a retried attempt in a new pod finds
+  the checkpoints and progress of the attempt before it. Global rank 0 then mirrors the local
+  output to the remote one every LATHE_SYNC_SECONDS while the stage runs, and once more when it
+  ends, whether it succeeded or failed.
+
+The mirror uploads the files that completion markers name last (state.json, result.json and
+manifest.json), so a reader of the remote output finds a checkpoint or the manifest only after
+the files they describe. It also deletes remote files that the stage deleted locally, such as
+pruned checkpoints.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lathe_trainer.stage import MANIFEST, StageConfig
+from lathe_trainer.training import storage
+
+log = logging.getLogger(__name__)
+
+# Files whose presence marks a directory, or the whole output, as complete.
+MARKERS = frozenset({"state.json", "result.json", MANIFEST})
+DEFAULT_SYNC_SECONDS = 15.0
+COMPLETE = ".complete"
+
+
+def is_remote(uri: str) -> bool:
+    """Return True for a URI that names an object store rather than a local path."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+@contextmanager
+def staged(config: StageConfig) -> Iterator[StageConfig]:
+    """Yield the config with every remote input and output replaced by a local directory."""
+    remote_inputs = {role: item for role, item in config.inputs.items() if is_remote(item.uri)}
+    remote_output = is_remote(config.output_uri)
+    if not remote_inputs and not remote_output:
+        yield config
+        return
+
+    scratch = _scratch_dir(config)
+    inputs = dict(config.inputs)
+    with _node_lock(scratch):
+        for role, item in remote_inputs.items():
+            local = scratch / "inputs" / role
+            _download_once(item.uri, local)
+            inputs[role] = item.model_copy(update={"uri": f"file://{local}"})
+        output_uri = config.output_uri
+        if remote_output:
+            local_output = scratch / "output"
+            _download_once(config.output_uri, local_output)
+            output_uri = f"file://{local_output}"
+
+    staged_from = {inputs[role].uri: item.uri for role, item in remote_inputs.items()}
+    local_config = config.model_copy(
+        update={"inputs": inputs, "output_uri": output_uri, "staged_from": staged_from}
+    )
+    # Only global rank 0 writes the output, so only it mirrors.
+    if not remote_output or int(os.environ.get("RANK", "0")) != 0:
+        yield local_config
+        return
+
+    mirror = Mirror(scratch / "output", config.output_uri)
+    mirror.start()
+    try:
+        yield local_config
+    finally:
+        mirror.stop()
+
+
+def _scratch_dir(config: StageConfig) -> Path:
+    root = Path(os.environ.get("LATHE_SCRATCH_DIR") or tempfile.gettempdir())
+    key = config.stage_key.rpartition(":")[2][:16]
+    name = f"lathe-{config.kind.lower()}-{config.namespace}-{config.name}-{key}"
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def _node_lock(scratch: Path) -> Iterator[None]:
+    """Hold a file lock, so that one process per node downloads while the others wait."""
+    with (scratch / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download_once(uri: str, local: Path) -> None:
+    """Copy the tree at `uri` into `local`, unless an earlier process on this node did."""
+    if (local / COMPLETE).exists():
+        return
+    download(uri, local)
+    (local / COMPLETE).touch()
+
+
+def download(uri: str, local: Path) -> int:
+    """Copy every file under `uri` into the directory `local`; return the number of files."""
+    local.mkdir(parents=True, exist_ok=True)
+    filesystem, base = storage.resolve(uri)
+    count = 0
+    for path in filesystem.find(base):
+        target = local / path[len(base):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        filesystem.get_file(path, str(target))
+        count += 1
+    log.info("Downloaded %d files from %s to %s.", count, uri, local)
+    return count
+
+
+class Mirror:
+    """Mirror a local directory to a remote one, every interval and once more at the end."""
+
+    def __init__(self, local: Path, uri: str, interval: float | None = None):
+        self.local = local
+        self.uri = uri
+        self.interval = interval or float(os.environ.get("LATHE_SYNC_SECONDS",
+                                                         DEFAULT_SYNC_SECONDS))  # fmt: skip
+        self.filesystem, self.base = storage.resolve(uri)
+        self._uploaded: dict[str, tuple[int, int]] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="output-mirror", daemon=True)
+        self._lock = threading.Lock()
+        self._seed()
+
+    def _seed(self) -> None:
+        """Record the files that the download brought, which the remote already has."""
+        for path in self._local_files():
+            stat = path.stat()
+            self._uploaded[path.relative_to(self.local).as_posix()] = (stat.st_size,
+                                                                       stat.st_mtime_ns)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self.sync()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            try:
+                self.sync()
+            except Exception as error:  # noqa: BLE001 - the next round or the final sync retries
+                log.warning("Mirroring the output to %s failed: %s; trying again in %.0f s.",
+                            self.uri, error, self.interval)
+
+    def _local_files(self) -> list[Path]:
+        return [path for path in sorted(self.local.rglob("*"))
+                if path.is_file() and path.name != COMPLETE]  # fmt: skip
+
+    def sync(self) -> None:
+        """Upload new and changed files, markers last, then delete what is gone locally."""
+        with self._lock:
+            files = self._local_files()
+            changed = []
+            for path in files:
+                stat = path.stat()
+                relative = path.relative_to(self.local).as_posix()
+                if self._uploaded.get(relative) != (stat.st_size, stat.st_mtime_ns):
+                    changed.append((path.name in MARKERS, relative, path, stat))
+            for _, relative, path, stat in sorted(changed):
+                self.filesystem.put_file(str(path), f"{self.base}/{relative}")
+                self._uploaded[relative] = (stat.st_size, stat.st_mtime_ns)
+            present = {path.relative_to(self.local).as_posix() for path in files}
+            gone = set(self._uploaded) - present
+            # Markers go first, so a pruned checkpoint is incomplete before its data is deleted.
+            for relative in sorted(gone, key=lambda item: (Path(item).name not in MARKERS, item)):
+                try:
+                    self.filesystem.rm_file(f"{self.base}/{relative}")
+                except FileNotFoundError:
+                    pass
+                del self._uploaded[relative]
