@@ -233,8 +233,8 @@ def report(
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{platform.python_implementation()} {platform.python_version()}, shared with other "
-        "jobs",
+        f"{platform.python_implementation()} {platform.python_version()} (the load average "
+        "before each run is in the table)",
         f"- Model: Llama, hidden {MODEL['hiddenSize']}, {MODEL['numLayers']} layers, "
         f"{MODEL['numHeads']} heads, MLP {MODEL['intermediateSize']}, vocabulary {VOCAB_SIZE}",
         f"- Batch: {MICRO_BATCH} sequences of {SEQUENCE_LENGTH} tokens per process, "
