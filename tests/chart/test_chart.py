@@ -432,6 +432,14 @@ def test_env_sets_every_operator_setting(helm):
     assert env["LATHE_MOUNTS"] == ""
 
 
+def test_s3_secret_reaches_operator_and_stages(helm):
+    container = operator_container(render(helm, "--set", "operator.s3Secret=lathe-s3"))
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["LATHE_S3_SECRET"] == "lathe-s3"
+    assert container["envFrom"] == [{"secretRef": {"name": "lathe-s3", "optional": True}}]
+    assert "envFrom" not in operator_container(render(helm))
+
+
 def test_env_follows_values(helm):
     container = operator_container(render(
         helm, "--set", "operator.artifactRoot=pvc://shared/runs", "--set",

@@ -127,6 +127,8 @@ def mode_args(mode: str, watched: list[str]) -> list[str]:
         "namespaced": ["--set", "mode=namespaced", "--set", f"watchNamespaces={{{','.join(watched)}}}"],
         "crds-off": ["--set", "crds.install=false"],
         "artifact-mount": ["--set", "artifacts.mount.enabled=true"],
+        "s3": ["--set", "operator.artifactRoot=s3://lathe/runs", "--set",
+               "operator.s3Secret=lathe-s3"],
     }[mode]
 
 
@@ -138,7 +140,7 @@ def delete_cluster_scoped(cluster, objects: list[dict]) -> None:
 
 
 # NB: the ServiceMonitor mode is left out: the bed has no prometheus-operator CRDs.
-@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced", "crds-off", "artifact-mount"])
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced", "crds-off", "artifact-mount", "s3"])
 def test_chart_passes_server_dry_run(cluster, helm, chart_crds, namespaces, mode):
     release_namespace, *watched = namespaces
     release = unique("lathe")
