@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MARKERS = frozenset({"state.json", "result.json", MANIFEST})
 DEFAULT_SYNC_SECONDS = 15.0
 COMPLETE = ".complete"
+# The directory of restart state in every training stage's output (see training.checkpoint).
+CHECKPOINTS = "checkpoints"
 
 
 def is_remote(uri: str) -> bool:
@@ -57,7 +59,8 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
     with _node_lock(scratch):
         for role, item in remote_inputs.items():
             local = scratch / "inputs" / role
-            _download_once(item.uri, local)
+            # An upstream's checkpoints are its own restart state, never an input downstream.
+            _download_once(item.uri, local, skip=(f"{CHECKPOINTS}/",))
             inputs[role] = item.model_copy(update={"uri": f"file://{local}"})
         output_uri = config.output_uri
         if remote_output:
@@ -102,21 +105,25 @@ def _node_lock(scratch: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _download_once(uri: str, local: Path) -> None:
+def _download_once(uri: str, local: Path, skip: tuple[str, ...] = ()) -> None:
     """Copy the tree at `uri` into `local`, unless an earlier process on this node did."""
     if (local / COMPLETE).exists():
         return
-    download(uri, local)
+    download(uri, local, skip)
     (local / COMPLETE).touch()
 
 
-def download(uri: str, local: Path) -> int:
-    """Copy every file under `uri` into the directory `local`; return the number of files."""
+def download(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
+    """Copy every file under `uri` into the directory `local`, except relative paths that start
+    with a prefix in `skip`; return the number of files copied."""
     local.mkdir(parents=True, exist_ok=True)
     filesystem, base = storage.resolve(uri)
     count = 0
     for path in filesystem.find(base):
-        target = local / path[len(base):].lstrip("/")
+        relative = path[len(base):].lstrip("/")
+        if relative.startswith(skip):
+            continue
+        target = local / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         filesystem.get_file(path, str(target))
         count += 1

@@ -1,0 +1,55 @@
+"""Stage inputs and outputs on s3://, staged through local directories, on a real S3 store."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from lathe_trainer import remote
+from lathe_trainer.stage import ResolvedInput, StageConfig
+from lathe_trainer.training import storage
+
+
+def config_for(upstream: str, output: str) -> StageConfig:
+    return StageConfig(
+        kind="ModelDeployment", name="ner", namespace="ml", stage_key="sha256:" + "ab" * 32,
+        spec={}, output_uri=output, data_dir="/data",
+        inputs={"model": ResolvedInput(kind="FineTune", name="ner", uri=upstream,
+                                       digest="sha256:0")},  # fmt: skip
+    )
+
+
+def test_staged_copies_inputs_and_mirrors_output(s3_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("LATHE_SCRATCH_DIR", str(tmp_path / "scratch"))
+    root = f"s3://lathe/remote-{uuid.uuid4().hex}"
+    filesystem, base = storage.resolve(root)
+    filesystem.pipe_file(f"{base}/finetune/model/config.json", b"{}")
+    filesystem.pipe_file(f"{base}/finetune/checkpoints/lora/step-00000001/state.pt", b"x")
+    filesystem.pipe_file(f"{base}/export/stale.txt", b"from an earlier attempt")
+    config = config_for(f"{root}/finetune", f"{root}/export")
+
+    with remote.staged(config) as local:
+        model_input = storage.resolve(local.inputs["model"].uri)[1]
+        output = storage.resolve(local.output_uri)[1]
+        assert local.output_uri.startswith("file://")
+        assert local.staged_from == {local.inputs["model"].uri: f"{root}/finetune"}
+        # The upstream's checkpoints are not part of the input.
+        assert sorted(p.relative_to(model_input).as_posix()
+                      for p in Path(model_input).rglob("*") if p.is_file()) == [
+            ".complete", "model/config.json"]  # fmt: skip
+        # The output of the attempt before is there to resume from.
+        assert (Path(output) / "stale.txt").read_text() == "from an earlier attempt"
+        (Path(output) / "stale.txt").unlink()
+        (Path(output) / "model_repository").mkdir()
+        (Path(output) / "model_repository" / "config.pbtxt").write_text("name: \"ner\"")
+        (Path(output) / "manifest.json").write_text("{}")
+
+    files = sorted(path[len(f"{base}/export"):].lstrip("/")
+                   for path in filesystem.find(f"{base}/export"))  # fmt: skip
+    assert files == ["manifest.json", "model_repository/config.pbtxt"]
+
+
+def test_local_uris_pass_through(tmp_path):
+    config = config_for(f"file://{tmp_path}/up", f"file://{tmp_path}/out")
+    with remote.staged(config) as local:
+        assert local is config
