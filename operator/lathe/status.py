@@ -26,6 +26,7 @@ class Reason:
     INPUT_NOT_READY = "InputNotReady"
     INVALID_SPEC = "InvalidSpec"
     JOB_CREATED = "JobCreated"
+    ATTEMPT_RESTARTED = "AttemptRestarted"
     JOB_RUNNING = "JobRunning"
     JOB_SUCCEEDED = "JobSucceeded"
     JOB_FAILED = "JobFailed"

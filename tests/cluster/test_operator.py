@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -470,3 +471,32 @@ def test_own_status_write_is_not_reconciled_again(cluster, namespace, lathe_oper
     # kopf delivers the write's echo within a watch round trip; give it the time to arrive.
     time.sleep(3)
     assert reconciles(lathe_operator.metrics_url, "FineTune") - before == 1
+
+
+def test_queued_job_waits_for_kueue(cluster, namespace, lathe_operator, ready_inputs,
+                                    monkeypatch):  # fmt: skip
+    """With a Kueue LocalQueue, the Job is created suspended, and only Kueue's admission (here
+    done by hand, as Kueue's controller would) unsuspends it."""
+    running = handlers.reconciler()
+    monkeypatch.setattr(running, "settings",
+                        dataclasses.replace(running.settings, queue_name="team-a"))
+    cluster.apply(pretrain_job("queued", nodes=1), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "queued", namespace)) == 1, "the Job")
+    job = jobs_of(cluster, "queued", namespace)[0]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["suspend"] is True
+    # A change to the resource reconciles it again; the Job must stay suspended.
+    cluster.kubectl("annotate", plural("PretrainJob"), "queued", "-n", namespace, "touched=1")
+    cluster.wait_for(lambda: bool(events_about(cluster, namespace, "PretrainJob", "queued")),
+                     "the first Event")  # fmt: skip
+    time.sleep(3)
+    assert jobs_of(cluster, "queued", namespace)[0]["spec"]["suspend"] is True
+    assert condition(get(cluster, "PretrainJob", "queued", namespace), "Running")["reason"] == (
+        "JobCreated")
+    cluster.kubectl("patch", "job", job["metadata"]["name"], "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"suspend": false}}')
+    cluster.wait_for(
+        lambda: (condition(get(cluster, "PretrainJob", "queued", namespace), "Running")
+                 or {}).get("reason") == "JobRunning",
+        "Running=True with reason JobRunning once the Job is admitted",
+    )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from lathe_trainer import remote
+from lathe_trainer import remote, stage
 from lathe_trainer.stage import ResolvedInput, StageConfig
 from lathe_trainer.training import storage
 
@@ -32,11 +32,12 @@ def test_staged_copies_inputs_and_mirrors_output(s3_store, tmp_path, monkeypatch
         model_input = storage.resolve(local.inputs["model"].uri)[1]
         output = storage.resolve(local.output_uri)[1]
         assert local.output_uri.startswith("file://")
-        assert local.staged_from == {local.inputs["model"].uri: f"{root}/finetune"}
+        assert local.staged_from == {local.inputs["model"].uri: f"{root}/finetune",
+                                     local.output_uri: f"{root}/export"}  # fmt: skip
         # The upstream's checkpoints are not part of the input.
         assert sorted(p.relative_to(model_input).as_posix()
                       for p in Path(model_input).rglob("*") if p.is_file()) == [
-            ".complete", "model/config.json"]  # fmt: skip
+            "model/config.json"]  # fmt: skip
         # The output of the attempt before is there to resume from.
         assert (Path(output) / "stale.txt").read_text() == "from an earlier attempt"
         (Path(output) / "stale.txt").unlink()
@@ -53,3 +54,23 @@ def test_local_uris_pass_through(tmp_path):
     config = config_for(f"file://{tmp_path}/up", f"file://{tmp_path}/out")
     with remote.staged(config) as local:
         assert local is config
+
+
+def test_data_paths_fetched_from_s3(s3_store, tmp_path, monkeypatch):
+    """Relative data paths under an s3:// data directory, files and directories, are
+    downloaded once; a missing one resolves to a path that does not exist."""
+    monkeypatch.setenv("LATHE_SCRATCH_DIR", str(tmp_path / "scratch"))
+    root = f"s3://lathe/data-{uuid.uuid4().hex}"
+    filesystem, base = storage.resolve(root)
+    filesystem.pipe_file(f"{base}/pubmed/train.tsv", b"Aspirin\tO\n")
+    filesystem.pipe_file(f"{base}/models/base/config.json", b"{}")
+    config = config_for(f"file://{tmp_path}/up", f"file://{tmp_path}/out").model_copy(
+        update={"data_dir": root})
+    train = stage.resolve_data_path(config, "pubmed/train.tsv")
+    assert train.read_text() == "Aspirin\tO\n"
+    base_model = stage.resolve_data_path(config, f"{root}/models/base")
+    assert (base_model / "config.json").read_text() == "{}"
+    assert not stage.resolve_data_path(config, "pubmed/missing.tsv").exists()
+    # The second read uses the copy on the node.
+    filesystem.rm_file(f"{base}/pubmed/train.tsv")
+    assert stage.resolve_data_path(config, "pubmed/train.tsv").read_text() == "Aspirin\tO\n"

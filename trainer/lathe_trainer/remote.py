@@ -19,6 +19,7 @@ pruned checkpoints.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import tempfile
@@ -65,10 +66,15 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
         output_uri = config.output_uri
         if remote_output:
             local_output = scratch / "output"
-            _download_once(config.output_uri, local_output)
+            # A PretrainJob writes its checkpoints straight to the remote output, where every
+            # node reads the same ones (lathe_trainer.pretrain.stage._checkpoint_root).
+            skip = (f"{CHECKPOINTS}/",) if config.kind == "PretrainJob" else ()
+            _download_once(config.output_uri, local_output, skip=skip)
             output_uri = f"file://{local_output}"
 
     staged_from = {inputs[role].uri: item.uri for role, item in remote_inputs.items()}
+    if remote_output:
+        staged_from[output_uri] = config.output_uri
     local_config = config.model_copy(
         update={"inputs": inputs, "output_uri": output_uri, "staged_from": staged_from}
     )
@@ -78,11 +84,47 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
         return
 
     mirror = Mirror(scratch / "output", config.output_uri)
+    # A manifest left by an earlier run of this output would mark the new run as finished.
+    mirror.remove(MANIFEST)
     mirror.start()
     try:
         yield local_config
-    finally:
+    except BaseException:
+        # The stage's own error decides the exit code, so a failed last upload only logs.
+        try:
+            mirror.stop()
+        except Exception as error:  # noqa: BLE001 - logged, the stage's error is re-raised
+            log.error("The last upload of the output to %s failed: %s.", config.output_uri,
+                      error)  # fmt: skip
+        raise
+    else:
         mirror.stop()
+
+
+def fetch(uri: str) -> Path:
+    """Return a local copy of a file or directory on an object store, downloaded once per node.
+
+    Data paths (Corpus sources, FineTune data and base models) under an s3:// data directory
+    come through here (lathe_trainer.stage.resolve_data_path). For a URI that does not exist it
+    returns a path that does not exist either, so the stage reports the bad field as it does for
+    a local path.
+    """
+    root = Path(os.environ.get("LATHE_SCRATCH_DIR") or tempfile.gettempdir()) / "lathe-data"
+    folder = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / (uri.rstrip("/").rsplit("/", 1)[-1] or "data")
+    marker = folder / COMPLETE
+    with _node_lock(folder):
+        if not marker.exists():
+            filesystem, path = storage.resolve(uri)
+            if filesystem.isdir(path):
+                download(uri, target)
+            elif filesystem.isfile(path):
+                filesystem.get_file(path, str(target))
+            else:
+                return target
+            marker.touch()
+    return target
 
 
 def _scratch_dir(config: StageConfig) -> Path:
@@ -107,10 +149,12 @@ def _node_lock(scratch: Path) -> Iterator[None]:
 
 def _download_once(uri: str, local: Path, skip: tuple[str, ...] = ()) -> None:
     """Copy the tree at `uri` into `local`, unless an earlier process on this node did."""
-    if (local / COMPLETE).exists():
+    # NB: the marker sits beside the tree, because a file inside an output would be digested.
+    marker = local.parent / f"{local.name}{COMPLETE}"
+    if marker.exists():
         return
     download(uri, local, skip)
-    (local / COMPLETE).touch()
+    marker.touch()
 
 
 def download(uri: str, local: Path, skip: tuple[str, ...] = ()) -> int:
@@ -170,8 +214,20 @@ class Mirror:
                             self.uri, error, self.interval)
 
     def _local_files(self) -> list[Path]:
-        return [path for path in sorted(self.local.rglob("*"))
-                if path.is_file() and path.name != COMPLETE]  # fmt: skip
+        """Return the output's files, without those still being written under temporary names."""
+        return [path for path in sorted(self.local.rglob("*")) if path.is_file()
+                and not any(part.startswith(".tmp") or part.endswith(".tmp")
+                            for part in path.relative_to(self.local).parts)]  # fmt: skip
+
+    def remove(self, relative: str) -> None:
+        """Delete one file of the output, locally and remotely."""
+        with self._lock:
+            (self.local / relative).unlink(missing_ok=True)
+            try:
+                self.filesystem.rm_file(f"{self.base}/{relative}")
+            except FileNotFoundError:
+                pass
+            self._uploaded.pop(relative, None)
 
     def sync(self) -> None:
         """Upload new and changed files, markers last, then delete what is gone locally."""
@@ -183,13 +239,21 @@ class Mirror:
                 relative = path.relative_to(self.local).as_posix()
                 if self._uploaded.get(relative) != (stat.st_size, stat.st_mtime_ns):
                     changed.append((path.name in MARKERS, relative, path, stat))
+            # A marker that is rewritten goes first, so that it never describes new data yet
+            # to come; the new marker is uploaded after that data.
+            for is_marker, relative, _, _ in changed:
+                if is_marker and relative in self._uploaded:
+                    try:
+                        self.filesystem.rm_file(f"{self.base}/{relative}")
+                    except FileNotFoundError:
+                        pass
             for _, relative, path, stat in sorted(changed):
                 self.filesystem.put_file(str(path), f"{self.base}/{relative}")
                 self._uploaded[relative] = (stat.st_size, stat.st_mtime_ns)
             present = {path.relative_to(self.local).as_posix() for path in files}
-            gone = set(self._uploaded) - present
+            deleted = set(self._uploaded) - present
             # Markers go first, so a pruned checkpoint is incomplete before its data is deleted.
-            for relative in sorted(gone, key=lambda item: (Path(item).name not in MARKERS, item)):
+            for relative in sorted(deleted, key=lambda item: (Path(item).name not in MARKERS, item)):
                 try:
                     self.filesystem.rm_file(f"{self.base}/{relative}")
                 except FileNotFoundError:

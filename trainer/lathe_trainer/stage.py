@@ -61,21 +61,41 @@ def local_path(uri: str) -> Path:
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
     if "://" in uri:
-        # The backend mounts pvc:// claims, and the stage entry point (lathe_trainer.remote)
-        # stages s3:// inputs and outputs through local directories, so stages see local paths.
-        raise ValueError(f"URI {uri!r} is not a local path; run the stage with `python -m "
-                         "lathe_trainer`, which stages s3:// URIs, or pass a file:// URI.")
+        # The backend mounts pvc:// claims, and lathe_trainer.remote stages s3:// inputs,
+        # outputs and data paths through local directories, so stages see local paths.
+        raise ValueError(f"URI {uri!r} is not a local path; pass a file:// URI or a plain "
+                         "path here.")
     return Path(uri)
 
 
 def resolve_data_path(config: StageConfig, path: str) -> Path:
-    """Resolve a path from the spec against the data directory."""
+    """Resolve a path from the spec against the data directory.
+
+    A path on an object store, or relative to a data directory there, is downloaded to the
+    node first (lathe_trainer.remote.fetch).
+    """
+    if _on_object_store(path):
+        return _fetch(path)
+    if _on_object_store(config.data_dir) and not path.startswith("file://") and not (
+        Path(path).is_absolute()
+    ):
+        return _fetch(f"{config.data_dir.rstrip('/')}/{path}")
     candidate = Path(path)
     if candidate.is_absolute():
         return candidate
     if path.startswith("file://"):
         return local_path(path)
     return local_path(config.data_dir) / candidate
+
+
+def _on_object_store(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _fetch(uri: str) -> Path:
+    from lathe_trainer import remote  # imports this module
+
+    return remote.fetch(uri)
 
 
 def sha256_file(path: Path) -> str:

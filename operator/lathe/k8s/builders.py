@@ -42,6 +42,8 @@ MANAGED_BY = "lathe-operator"
 LABEL_KIND = "lathe.dev/kind"
 LABEL_NAME = "lathe.dev/name"
 LABEL_ATTEMPT = "lathe.dev/attempt"
+# Kueue's label on a Job that names its LocalQueue; Kueue then admits the Job by unsuspending it.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # On a stage Job: the generation of the spec whose run the Job belongs to (its name has it too).
 LABEL_RUN_GENERATION = "lathe.dev/run-generation"
 LABEL_COMPONENT = "app.kubernetes.io/component"

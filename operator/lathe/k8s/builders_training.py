@@ -24,7 +24,7 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 # The c10d rendezvous port on node 0, always given in the endpoint: torch's c10d backend would
 # default to 29400, and 29500 is the port PyTorch uses for the static rendezvous (MASTER_PORT).
 RENDEZVOUS_PORT = 29500
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_QUEUE_LABEL = builders.KUEUE_QUEUE_LABEL
 
 # The Job controller names the pods' hosts `<job>-<index>`, which must fit in a DNS label, so job
 # names leave room for the largest index: DistributedSpec.nodes allows 1024 nodes (index 1023).

@@ -174,8 +174,8 @@ def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) 
     """Log every condition that changed and post one Kubernetes Event for them.
 
     The Event's reason is that of the changed condition that comes last in EVENT_ORDER, and
-    its message lists every change in that order. So a reconcile that creates a Job, or sees
-    one finish, posts one Event.
+    its message lists every change in that order. So a reconcile that creates a Job, or finds
+    one finished, posts one Event.
     NB: kopf turns log lines of event and timer handlers into no Events, so they are posted
     here explicitly.
     """
@@ -230,12 +230,16 @@ async def reconcile_key(namespace: str, plural: str, name: str, logger: logging.
                 done = await _in_thread(_reconcile_latest, namespace, plural, name, logger,
                                         latest)  # fmt: skip
             except Exception:  # noqa: BLE001 - logged here, retried below
-                logger.exception("Reconcile failed; retrying in %.0f s.", RETRY_SECONDS)
+                logger.exception("Reconcile failed; retrying with backoff or on the next change.")
                 done = False
             latest = None
-            if not done:
+            if done:
+                _cancel_retry(key)
+            elif key not in _AGAIN:
                 _retry_later(key, logger)
                 return
+            # NB: a change that arrived during a failed run is reconciled now, not after the
+            # backoff, as the ReconcileFailed Event promises.
             if key not in _AGAIN:
                 return
     finally:
@@ -246,19 +250,26 @@ def _retry_later(key: tuple[str, str, str], logger: logging.Logger) -> None:
     """Run the reconcile of key again after its backoff delay, in the current context."""
     if key in _RETRY_PENDING:
         return  # one retry per resource at a time, however many reconciles failed meanwhile
-    _RETRY_PENDING.add(key)
     loop = asyncio.get_running_loop()
     uid = (_INDEX.get(key) or {}).get("uid")
     delay = retry_delay(_FAILURES.get(uid, (1, ""))[0]) if uid else RETRY_SECONDS
 
     def retry() -> None:
-        _RETRY_PENDING.discard(key)
+        _RETRY_PENDING.pop(key, None)
         _keep(loop.create_task(reconcile_key(*key, logger)))
 
-    loop.call_later(delay, retry)
+    _RETRY_PENDING[key] = loop.call_later(delay, retry)
 
 
-_RETRY_PENDING: set[tuple[str, str, str]] = set()
+def _cancel_retry(key: tuple[str, str, str]) -> None:
+    """Drop the scheduled retry of a resource whose reconcile has just succeeded."""
+    handle = _RETRY_PENDING.pop(key, None)
+    if handle is not None:
+        handle.cancel()
+
+
+# The scheduled retry of each resource whose last reconcile failed; touched only from the loop.
+_RETRY_PENDING: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
 
 
 # Tasks started outside a kopf handler, kept until they finish so that they are not collected.
@@ -281,10 +292,12 @@ def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Lo
         except ApiException as error:
             if error.status == 404:
                 # Gone, and its DELETED event may have been missed across a watch restart.
-                _INDEX.pop((namespace, plural, name), None)
+                entry = _INDEX.pop((namespace, plural, name), None)
+                if entry:
+                    _FAILURES.pop(entry["uid"], None)
                 return True
-            logger.warning("Reading the resource failed with HTTP %s: %s; retrying on the next "
-                           "event or in %.0f s.", error.status, error.reason, RETRY_SECONDS)
+            logger.warning("Reading the resource failed with HTTP %s: %s; retrying with "
+                           "backoff or on the next change.", error.status, error.reason)
             return False
     return _reconcile_stored(api, body, logger)
 
@@ -367,8 +380,8 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         except ApiException as error:
             if error.status == 404:
                 return True
-            logger.warning("Writing the status failed with HTTP %s: %s; retrying on the next "
-                           "event or in %.0f s.", error.status, error.reason, RETRY_SECONDS)
+            logger.warning("Writing the status failed with HTTP %s: %s; retrying with "
+                           "backoff or on the next change.", error.status, error.reason)
             return False
         # NB: a spec changed between the read and this write comes back in the same object.
         # Its event must then be reconciled, so the write is recorded with no echo to skip.
@@ -435,7 +448,7 @@ async def on_job_event(body, logger, type, **_: Any) -> None:
     if state is None:
         reconciler().jobs.pop(key, None)
     else:
-        reconciler().jobs[key] = _cached_job(body)
+        reconciler().jobs[key] = (time.monotonic(), _cached_job(body))
     if state is not None and _SEEN_JOBS.get(uid) == state:
         return
     if state is not None and uid not in _SEEN_JOBS and state[1:] == _NEW_JOB:

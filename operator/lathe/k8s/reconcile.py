@@ -36,6 +36,10 @@ FIELD_MANAGER = "lathe-operator"
 # upstream reaches reconciles up to this late. An unfinished upstream is never cached, so a
 # waiting resource reads its finished status on the next reconcile.
 UPSTREAM_CACHE_SECONDS = 1.0
+# Seconds a Job from the operator's Job watch is trusted without an event refreshing it. kopf
+# (1.45) reports no DELETED event for a Job deleted while its watch was re-listing, so an older
+# entry is read from the API server again.
+JOB_CACHE_SECONDS = 30.0
 
 
 @dataclass
@@ -74,10 +78,10 @@ class Reconciler:
         self.store = builders.ArtifactStore(settings.artifact_root)
         self._pod_monitor_crd: bool | None = None
         self._upstreams: dict[tuple[str, str, str], tuple[float, dict]] = {}
-        # The fields the reconcile reads of each managed Job, by (namespace, name), as the
-        # operator's Job watch last delivered them (see lathe.k8s.handlers.on_job_event). A Job
-        # not in it is read from the API server.
-        self.jobs: dict[tuple[str, str], dict] = {}
+        # The fields the reconcile reads of each managed Job, by (namespace, name), with the
+        # time.monotonic() of the watch event that delivered them
+        # (see lathe.k8s.handlers.on_job_event). A Job not in it is read from the API server.
+        self.jobs: dict[tuple[str, str], tuple[float, dict]] = {}
         self._api_client = client.ApiClient()
 
     # -- entry point -----------------------------------------------------------------------
@@ -244,7 +248,9 @@ class Reconciler:
             return new
 
         new["jobName"] = job_name
-        if bool(job.spec.suspend) != suspended:
+        queued = builders.KUEUE_QUEUE_LABEL in (job.metadata.labels or {})
+        # Kueue admits a queued Job by unsuspending it, so the operator never does that itself.
+        if suspended != bool(job.spec.suspend) and (suspended or not queued):
             self.api.batch.patch_namespaced_job(
                 job_name, resource.metadata.namespace, {"spec": {"suspend": suspended}}
             )
@@ -272,9 +278,9 @@ class Reconciler:
         active = job.status.active or 0
         running = next((c for c in conditions if c["type"] == C.RUNNING), None)
         if active == 0 and running and running["status"] == "True" and (
-            running["reason"] == Reason.JOB_CREATED
+            running["reason"] in (Reason.JOB_CREATED, Reason.ATTEMPT_RESTARTED)
         ):
-            # The new attempt's pods are not running yet, so JobCreated still describes it.
+            # The new attempt's pods are not running yet, so the condition still describes it.
             new["conditions"] = conditions
             return new
         new["conditions"] = status.set_condition(
@@ -338,7 +344,7 @@ class Reconciler:
         new["restartCount"] = attempt + 1
         new["jobName"] = builders.job_name(plan, attempt + 1)
         new["conditions"] = status.set_condition(
-            conditions, C.RUNNING, True, Reason.JOB_CREATED,
+            conditions, C.RUNNING, True, Reason.ATTEMPT_RESTARTED,
             f"Attempt {attempt} failed with exit code {exit_code} ({reason}); started attempt "
             f"{attempt + 1}, resuming from the latest checkpoint.", generation,
         )
@@ -441,8 +447,10 @@ class Reconciler:
         change of it arrives as a watch event, which updates the cache and reconciles again.
         """
         cached = self.jobs.get((namespace, name))
+        if cached is not None and time.monotonic() - cached[0] < JOB_CACHE_SECONDS:
+            return self._api_client.deserialize(json.dumps(cached[1]), "V1Job", "application/json")
         if cached is not None:
-            return self._api_client.deserialize(json.dumps(cached), "V1Job", "application/json")
+            self.jobs.pop((namespace, name), None)
         try:
             return self.api.batch.read_namespaced_job(name, namespace)
         except ApiException as error:

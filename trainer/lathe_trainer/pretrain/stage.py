@@ -262,8 +262,13 @@ def _check_precision(config: StageConfig, spec: PretrainJobSpec,
 
 
 def _checkpoint_root(config: StageConfig, spec: PretrainJobSpec, output: Path) -> Path | str:
-    """Return where checkpoints go: under spec.training.artifactUri, else the output dir."""
-    uri = spec.training.artifact_uri
+    """Return where checkpoints go: under spec.training.artifactUri, else under the output.
+
+    An output on an object store is written to a local copy (lathe_trainer.remote), but its
+    checkpoints go to the object store itself. So every node of a run resumes or rolls back from
+    the same checkpoint, not from the copy it downloaded at the start.
+    """
+    uri = spec.training.artifact_uri or config.staged_from.get(config.output_uri)
     if not uri:
         return output / checkpoint.CHECKPOINTS
     try:

@@ -136,7 +136,7 @@ def save(
         state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True).encode()
         if filesystem.exists(final):
             # A checkpoint for the same step from an earlier attempt: replace it.
-            storage.remove_tree(filesystem, final)
+            _remove_checkpoint(filesystem, final)
         if storage.is_local(filesystem):
             Path(tmp, STATE).write_bytes(state_json)
             _fsync_tree(Path(tmp))
@@ -187,7 +187,7 @@ def prune(root: Path | str, keep: int) -> None:
     filesystem, _ = storage.resolve(root)
     found = list_checkpoints(root)
     for step, path in found[: max(0, len(found) - keep)]:
-        storage.remove_tree(filesystem, storage.resolve(path)[1])
+        _remove_checkpoint(filesystem, storage.resolve(path)[1])
         log.info("Removed the checkpoint for step %d, keeping the newest %d.", step, keep)
 
 
@@ -202,6 +202,19 @@ def _write_tensors(filesystem: fsspec.AbstractFileSystem, path: str, value: Any)
     buffer = io.BytesIO()
     torch.save(value, buffer)
     filesystem.pipe_file(path, buffer.getvalue())
+
+
+def _remove_checkpoint(filesystem: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete a checkpoint directory, state.json first.
+
+    NB: an object store deletes the files of a directory in no particular order, so without
+    this a save or prune killed midway could leave state.json beside missing tensor files.
+    """
+    try:
+        filesystem.rm_file(f"{path}/{STATE}")
+    except FileNotFoundError:
+        pass
+    storage.remove_tree(filesystem, path)
 
 
 def _remove_incomplete_dirs(filesystem: fsspec.AbstractFileSystem, base: str) -> None:
