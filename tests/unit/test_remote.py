@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -74,3 +78,35 @@ def test_data_paths_fetched_from_s3(s3_store, tmp_path, monkeypatch):
     # The second read uses the copy on the node.
     filesystem.rm_file(f"{base}/pubmed/train.tsv")
     assert stage.resolve_data_path(config, "pubmed/train.tsv").read_text() == "Aspirin\tO\n"
+
+
+STAGE_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+from lathe_trainer import remote
+from lathe_trainer.stage import StageConfig
+config = StageConfig(kind="Corpus", name="c", namespace="ml", stage_key="sha256:" + "cd" * 32,
+                     spec={}, output_uri=sys.argv[1], data_dir="/data")
+with remote.staged(config) as local:
+    output = Path(local.output_uri[len("file://"):])
+    (output / "shard.jsonl").write_text("written before SIGTERM")
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_sigterm_uploads_before_exit(s3_store, tmp_path):
+    """A pod stopped with SIGTERM (suspend, preemption) still uploads what the stage wrote."""
+    output = f"s3://lathe/sigterm-{uuid.uuid4().hex}"
+    env = {**os.environ, **s3_store.env, "LATHE_SCRATCH_DIR": str(tmp_path),
+           "LATHE_SYNC_SECONDS": "3600"}  # only the last upload can send the file
+    process = subprocess.Popen([sys.executable, "-c", STAGE_THEN_WAIT, output], env=env,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    filesystem, base = storage.resolve(output)
+    assert filesystem.cat_file(f"{base}/shard.jsonl") == b"written before SIGTERM"

@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -87,6 +88,7 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
     # A manifest left by an earlier run of this output would mark the new run as finished.
     mirror.remove(MANIFEST)
     mirror.start()
+    previous_handler = _exit_on_sigterm()
     try:
         yield local_config
     except BaseException:
@@ -99,6 +101,26 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
         raise
     else:
         mirror.stop()
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _exit_on_sigterm():
+    """Turn SIGTERM into SystemExit, so that the last upload runs before the process ends.
+
+    The kubelet sends SIGTERM when a pod is deleted (suspend, preemption), and torchrun sends
+    it to the other workers when one fails. Returns the handler it replaced, or None off the
+    main thread, where Python cannot set one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handle(signum, frame):
+        log.warning("Received SIGTERM; uploading the output before exiting.")
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handle)
 
 
 def fetch(uri: str) -> Path:

@@ -127,7 +127,10 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
 
 # Failed reconciles in a row and the text of the last Warning Event about them, by resource uid.
 # A successful reconcile clears the entry.
-_FAILURES: dict[str, tuple[int, str]] = {}
+_FAILURES: dict[str, tuple[int, str, float]] = {}
+# Seconds after which a lasting failure's Warning Event is posted again: kube-apiserver deletes
+# Events after --event-ttl (1 h by default), and `kubectl describe` should still show it.
+REPOST_SECONDS = 1800.0
 
 
 def _api_message(error: ApiException) -> str:
@@ -139,22 +142,25 @@ def _api_message(error: ApiException) -> str:
 
 
 def _report_failure(body: dict, error: ApiException, logger: logging.Logger) -> None:
-    """Log a failed reconcile and post a Warning Event, once per distinct error in a row.
+    """Log a failed reconcile and post a Warning Event, once per distinct error in a row and
+    again every REPOST_SECONDS while it lasts.
 
     NB: without the Event, a request the API server rejects (a ResourceQuota, an admission
     webhook, missing RBAC) shows only in the operator's log, not in `kubectl describe`.
     """
     uid = body["metadata"]["uid"]
-    failures, posted = _FAILURES.get(uid, (0, ""))
+    failures, posted, posted_at = _FAILURES.get(uid, (0, "", 0.0))
     delay = retry_delay(failures + 1)
     text = (f"Reconciling failed: the API server answered HTTP {error.status} "
             f"({_api_message(error)}). Retrying in {delay:.0f} s or on the next change; fix "
             f"the cause (quota, admission policy or the operator's RBAC) to let it proceed.")
     logger.warning(text)
     template = text.replace(f"{delay:.0f} s", "")
-    if template != posted:
+    now = time.monotonic()
+    if template != posted or now - posted_at >= REPOST_SECONDS:
         kopf.warn(body, reason="ReconcileFailed", message=text)
-    _FAILURES[uid] = (failures + 1, template)
+        posted_at = now
+    _FAILURES[uid] = (failures + 1, template, posted_at)
 
 
 def retry_delay(failures: int) -> float:
@@ -252,7 +258,7 @@ def _retry_later(key: tuple[str, str, str], logger: logging.Logger) -> None:
         return  # one retry per resource at a time, however many reconciles failed meanwhile
     loop = asyncio.get_running_loop()
     uid = (_INDEX.get(key) or {}).get("uid")
-    delay = retry_delay(_FAILURES.get(uid, (1, ""))[0]) if uid else RETRY_SECONDS
+    delay = retry_delay(_FAILURES[uid][0]) if uid in _FAILURES else RETRY_SECONDS
 
     def retry() -> None:
         _RETRY_PENDING.pop(key, None)
