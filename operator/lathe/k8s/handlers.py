@@ -117,7 +117,6 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
         return None
     finally:
         metrics.RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
-    _FAILURES.pop(body["metadata"]["uid"], None)
     result = "waiting" if desired.get("phase") == "Waiting" else "success"
     metrics.RECONCILES.labels(kind, result).inc()
     meta = body["metadata"]
@@ -304,8 +303,16 @@ def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Lo
                 return True
             logger.warning("Reading the resource failed with HTTP %s: %s; retrying with "
                            "backoff or on the next change.", error.status, error.reason)
+            _count_failure((_INDEX.get((namespace, plural, name)) or {}).get("uid"))
             return False
     return _reconcile_stored(api, body, logger)
+
+
+def _count_failure(uid: str | None) -> None:
+    """Count a failed read or status write toward the resource's retry backoff."""
+    if uid:
+        failures, posted, posted_at = _FAILURES.get(uid, (0, "", 0.0))
+        _FAILURES[uid] = (failures + 1, posted, posted_at)
 
 
 async def on_resource_event(body, logger, type, **_: Any) -> None:
@@ -388,6 +395,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
                 return True
             logger.warning("Writing the status failed with HTTP %s: %s; retrying with "
                            "backoff or on the next change.", error.status, error.reason)
+            _count_failure(meta["uid"])
             return False
         # NB: a spec changed between the read and this write comes back in the same object.
         # Its event must then be reconciled, so the write is recorded with no echo to skip.
@@ -396,6 +404,8 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         _remember(stored)
         # Events go out after the write, so that a failed post never holds back the status.
         _announce(parent, current, desired, logger)
+    # The reconcile and its status write both succeeded, so the backoff starts over.
+    _FAILURES.pop(meta["uid"], None)
     if status.condition_true(desired.get("conditions") or [], summary):
         _wake_dependents(parent, logger)
     return True
