@@ -56,20 +56,27 @@ def projection_ms(out_features: list[int], calls: int = 200) -> float:
     return statistics.median(times) * 1000
 
 
-def training_steps(flush_denormal: bool) -> float:
-    """Return tokens per second of whole training steps of the benchmark's model."""
+def build_model():
+    """Return the benchmark's model, its fused AdamW and one batch of token ids."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if flush_denormal:
-        torch.set_flush_denormal(True)
     config = LlamaConfig(vocab_size=4000, hidden_size=HIDDEN, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, intermediate_size=1024,
                          max_position_embeddings=256)  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    batch = torch.randint(0, config.vocab_size, (8, 128))
+    return model, optimizer, torch.randint(0, config.vocab_size, (8, 128))
+
+
+def training_steps(flush_denormal: bool) -> float:
+    """Return tokens per second of whole training steps of the benchmark's model."""
+    import torch
+
+    if flush_denormal:
+        torch.set_flush_denormal(True)
+    model, optimizer, batch = build_model()
     times = []
     for step in range(STEPS):
         started = time.perf_counter()
@@ -87,14 +94,9 @@ def ddp_steps(variant: str) -> float:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     dist.init_process_group("gloo")
-    config = LlamaConfig(vocab_size=4000, hidden_size=HIDDEN, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, intermediate_size=1024,
-                         max_position_embeddings=256)  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model, optimizer, batch = build_model()
     options = {"gradient_as_bucket_view": True}
     if variant == "ddp-bucket-5mb":
         options["bucket_cap_mb"] = 5
@@ -103,8 +105,6 @@ def ddp_steps(variant: str) -> float:
     if variant == "ddp-static-graph":
         options["static_graph"] = True
     wrapped = DistributedDataParallel(model, **options)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    batch = torch.randint(0, config.vocab_size, (8, 128))
     times = []
     for step in range(STEPS):
         started = time.perf_counter()

@@ -60,14 +60,10 @@ def s3_store(tmp_path_factory):
                     f"Build it with {BUILD_SCRIPT}; it needs Go 1.26 and the Go module proxy.")
     store = S3Store(binary, tmp_path_factory.mktemp("s3-store"))
     store.start()
-    saved = {key: os.environ.get(key) for key in store.env}
-    os.environ.update(store.env)
     try:
-        yield store
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in store.env.items():
+                patch.setenv(key, value)
+            yield store
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         store.stop()

@@ -425,7 +425,8 @@ def test_rejected_reconcile_is_retried(cluster, namespace, lathe_operator, ready
     cluster.wait_for(lambda: bool(warnings()), "a ReconcileFailed Event")
     warning = warnings()[0]
     assert warning["type"] == "Warning"
-    assert "HTTP 403" in warning["message"] and "exceeded quota" in warning["message"], warning
+    assert "HTTP 403" in warning["message"], warning
+    assert "exceeded quota" in warning["message"], warning
     assert jobs_of(cluster, "refused", namespace) == []
     cluster.kubectl("delete", "resourcequota", "no-jobs", "-n", namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "refused", namespace)) == 1,
@@ -445,8 +446,8 @@ def test_resync_posts_events(cluster, namespace, lathe_operator, ready_inputs, m
                  or {}).get("reason") == "InputNotFound",
         "InputsReady=False (InputNotFound) on the FineTune",
     )  # fmt: skip
-    # The base model now exists but never finishes, so no wake-up reaches the FineTune: only
-    # the resync sees that the reason changed.
+    # The base model now exists but never finishes, so no wake-up reaches the FineTune. Only
+    # the resync finds that the reason changed.
     cluster.apply(pretrain_job("slow", nodes=1), namespace)
     cluster.wait_for(
         lambda: (condition(get(cluster, "FineTune", "late", namespace), "InputsReady")

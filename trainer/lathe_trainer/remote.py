@@ -42,16 +42,13 @@ COMPLETE = ".complete"
 CHECKPOINTS = "checkpoints"
 
 
-def is_remote(uri: str) -> bool:
-    """Return True for a URI that names an object store rather than a local path."""
-    return "://" in uri and not uri.startswith("file://")
-
-
 @contextmanager
 def staged(config: StageConfig) -> Iterator[StageConfig]:
     """Yield the config with every remote input and output replaced by a local directory."""
-    remote_inputs = {role: item for role, item in config.inputs.items() if is_remote(item.uri)}
-    remote_output = is_remote(config.output_uri)
+    remote_inputs = {
+        role: item for role, item in config.inputs.items() if storage.is_remote(item.uri)
+    }
+    remote_output = storage.is_remote(config.output_uri)
     if not remote_inputs and not remote_output:
         yield config
         return

@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from lathe_trainer.training import storage
+
 MANIFEST = "manifest.json"
 PROGRESS = "progress.jsonl"
 
@@ -74,9 +76,9 @@ def resolve_data_path(config: StageConfig, path: str) -> Path:
     A path on an object store, or relative to a data directory there, is downloaded to the
     node first (lathe_trainer.remote.fetch).
     """
-    if _on_object_store(path):
+    if storage.is_remote(path):
         return _fetch(path)
-    if _on_object_store(config.data_dir) and not path.startswith("file://") and not (
+    if storage.is_remote(config.data_dir) and not path.startswith("file://") and not (
         Path(path).is_absolute()
     ):
         return _fetch(f"{config.data_dir.rstrip('/')}/{path}")
@@ -86,10 +88,6 @@ def resolve_data_path(config: StageConfig, path: str) -> Path:
     if path.startswith("file://"):
         return local_path(path)
     return local_path(config.data_dir) / candidate
-
-
-def _on_object_store(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
 
 
 def _fetch(uri: str) -> Path:

@@ -124,7 +124,8 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
     return desired
 
 
-# Failed reconciles in a row and the text of the last Warning Event about them, by resource uid.
+# Failed reconciles in a row, the cause of the last Warning Event about them and when it was
+# posted (time.monotonic()), by resource uid.
 # A successful reconcile clears the entry.
 _FAILURES: dict[str, tuple[int, str, float]] = {}
 # Seconds after which a lasting failure's Warning Event is posted again: kube-apiserver deletes
@@ -149,17 +150,16 @@ def _report_failure(body: dict, error: ApiException, logger: logging.Logger) -> 
     """
     uid = body["metadata"]["uid"]
     failures, posted, posted_at = _FAILURES.get(uid, (0, "", 0.0))
-    delay = retry_delay(failures + 1)
-    text = (f"Reconciling failed: the API server answered HTTP {error.status} "
-            f"({_api_message(error)}). Retrying in {delay:.0f} s or on the next change; fix "
-            f"the cause (quota, admission policy or the operator's RBAC) to let it proceed.")
+    cause = f"HTTP {error.status} ({_api_message(error)})"
+    text = (f"Reconciling failed: the API server answered {cause}. Retrying in "
+            f"{retry_delay(failures + 1):.0f} s or on the next change; fix the cause (quota, "
+            "admission policy or the operator's RBAC) to let it proceed.")
     logger.warning(text)
-    template = text.replace(f"{delay:.0f} s", "")
     now = time.monotonic()
-    if template != posted or now - posted_at >= REPOST_SECONDS:
+    if cause != posted or now - posted_at >= REPOST_SECONDS:
         kopf.warn(body, reason="ReconcileFailed", message=text)
         posted_at = now
-    _FAILURES[uid] = (failures + 1, template, posted_at)
+    _FAILURES[uid] = (failures + 1, cause, posted_at)
 
 
 def retry_delay(failures: int) -> float:

@@ -48,6 +48,11 @@ def resolve(uri: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str
     return filesystem, path.rstrip("/") or path
 
 
+def is_remote(uri: str) -> bool:
+    """Return True for a URI that names an object store rather than a local path."""
+    return "://" in uri and not uri.startswith("file://")
+
+
 def is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
     return isinstance(filesystem, LocalFileSystem)
 
