@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from lathe_trainer import remote
@@ -44,4 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if remote.used_object_store():
+        # NOTE: in the test suite, 2 of about 40 runs of a stage with s3:// staging exited with
+        # SIGABRT after the stage's last log line. The cause is not established; the teardown
+        # of obstore's and fsspec's threads at interpreter exit is the suspect, so the process
+        # ends without that teardown once its output is uploaded and its logs are flushed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -53,6 +53,8 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
         yield config
         return
 
+    global _USED_OBJECT_STORE
+    _USED_OBJECT_STORE = True
     scratch = _scratch_dir(config)
     inputs = dict(config.inputs)
     with _node_lock(scratch):
@@ -146,6 +148,14 @@ def fetch(uri: str) -> Path:
     return target
 
 
+_USED_OBJECT_STORE = False
+
+
+def used_object_store() -> bool:
+    """Return True once `staged` has staged an s3:// input or output in this process."""
+    return _USED_OBJECT_STORE
+
+
 def _scratch_dir(config: StageConfig) -> Path:
     root = Path(os.environ.get("LATHE_SCRATCH_DIR") or tempfile.gettempdir())
     key = config.stage_key.rpartition(":")[2][:16]
@@ -223,6 +233,7 @@ class Mirror:
         self._stopping.set()
         self._thread.join()
         self.sync()
+        log.info("Uploaded the output to %s.", self.uri)
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
