@@ -48,8 +48,8 @@ if __name__ == "__main__":
     code = main()
     if remote.used_object_store():
         # NOTE: in the test suite, 2 of about 40 runs of a stage with s3:// staging exited with
-        # SIGABRT after the stage's last log line. The cause is not established; the teardown
-        # of obstore's and fsspec's threads at interpreter exit is the suspect, so the process
+        # SIGABRT after the stage's last log line. The cause is not established. The suspect is
+        # the teardown of obstore's and fsspec's threads at interpreter exit, so the process
         # ends without that teardown once its output is uploaded and its logs are flushed.
         logging.shutdown()
         sys.stdout.flush()
