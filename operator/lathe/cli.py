@@ -97,7 +97,7 @@ def _print_summary(console: Console, results: dict[str, StageResult]) -> None:
         how = "reused" if result.reused else f"ran in {result.seconds:.1f} s"
         console.print(
             f"{result.resource.kind} {result.resource.metadata.name}: {how}, "
-            f"artifact {result.manifest['digest'][:19]} at {result.output_dir}"
+            f"artifact {result.manifest['digest'][:19]} at {result.output_uri}"
         )
 
 

@@ -55,7 +55,7 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
 
     global _USED_OBJECT_STORE
     _USED_OBJECT_STORE = True
-    scratch = _scratch_dir(config)
+    scratch = scratch_dir(config)
     inputs = dict(config.inputs)
     with _node_lock(scratch):
         for role, item in remote_inputs.items():
@@ -156,8 +156,12 @@ def used_object_store() -> bool:
     return _USED_OBJECT_STORE
 
 
-def _scratch_dir(config: StageConfig) -> Path:
-    root = Path(os.environ.get("LATHE_SCRATCH_DIR") or tempfile.gettempdir())
+def scratch_dir(config: StageConfig, root: Path | None = None) -> Path:
+    """Return the node-local directory that holds a stage's staged inputs and output.
+
+    `root` defaults to LATHE_SCRATCH_DIR, else the system's temporary directory.
+    """
+    root = root or Path(os.environ.get("LATHE_SCRATCH_DIR") or tempfile.gettempdir())
     key = config.stage_key.rpartition(":")[2][:16]
     name = f"lathe-{config.kind.lower()}-{config.namespace}-{config.name}-{key}"
     path = root / name

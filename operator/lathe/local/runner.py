@@ -7,6 +7,12 @@ Each resource gets a directory in the workspace:
         status.json    conditions, artifact and metrics, as the operator would write to status
         stage.log      stdout and stderr of the workload
         output/        the artifact (manifest.json marks it finished)
+        scratch/       local copies of s3:// inputs and outputs, when the stage has any
+
+A resource whose `spec.storage.uri` names an object store (s3://) or a local folder (file://)
+writes its artifact there instead of to output/. The stage copies s3:// inputs and outputs
+through scratch/ and uploads the output as it would in a pod (lathe_trainer.remote), and the
+stages downstream read it from there. A `pvc://` URI names a cluster volume and is rejected here.
 
 A stage whose output manifest carries the same stage key (spec, input digests, code version) is
 reused instead of run again. A stage that failed or was interrupted keeps its checkpoints and is
@@ -29,10 +35,12 @@ from typing import Any
 
 from lathe import plans, preflight, status
 from lathe.api import Resource
-from lathe.errors import StageFailedError
+from lathe.errors import InvalidResourceError, StageFailedError
 from lathe.graph import order, upstream_key
 from lathe.plans.base import CONFIG_PATH_PLACEHOLDER, WorkloadPlan
-from lathe_trainer.stage import EXIT_PERMANENT, MANIFEST, PROGRESS, ResolvedInput
+from lathe_trainer import remote
+from lathe_trainer.stage import EXIT_PERMANENT, MANIFEST, PROGRESS, ResolvedInput, local_path
+from lathe_trainer.training import storage
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +51,10 @@ POLL_SECONDS = 0.5
 @dataclass
 class StageResult:
     resource: Resource
-    output_dir: Path
+    # The artifact: file:///path for a local output, else the object store URL.
+    output_uri: str
+    # The stage's workspace directory: config, status, log and scratch space.
+    directory: Path
     manifest: dict[str, Any]
     reused: bool
     seconds: float
@@ -53,7 +64,7 @@ class StageResult:
         return ResolvedInput(
             kind=self.resource.kind,
             name=self.resource.metadata.name,
-            uri=f"file://{self.output_dir}",
+            uri=self.output_uri,
             digest=self.manifest["digest"],
         )
 
@@ -96,11 +107,35 @@ class LocalRunner:
         meta = resource.metadata
         return self.workspace / meta.namespace / resource.kind.lower() / meta.name
 
+    def output_uri(self, resource: Resource) -> str:
+        """Return where the stage writes its artifact: `spec.storage.uri`, else the workspace."""
+        uri = resource.spec.storage.uri
+        if not uri:
+            return f"file://{self.stage_dir(resource) / 'output'}"
+        if uri.startswith("pvc://"):
+            raise InvalidResourceError(
+                resource.key, "spec.storage.uri",
+                f"{uri!r} names a PersistentVolumeClaim, which exists only in a cluster; for "
+                "`lathe run`, use file:///path, s3://bucket/prefix, or leave the field unset to "
+                "write to the workspace.",
+            )
+        if not storage.is_remote(uri):
+            return f"file://{local_path(uri).resolve()}"
+        try:
+            storage.resolve(uri)
+        except ValueError as error:
+            raise InvalidResourceError(
+                resource.key, "spec.storage.uri",
+                f"{uri!r} cannot be opened: {error}",
+            ) from error
+        return uri.rstrip("/")
+
     def check(self, resources: list[Resource]) -> list[Resource]:
-        """Validate references and files; return the resources in dependency order."""
+        """Validate references, files and output locations; return the dependency order."""
         ordered = order(resources)
         for resource in ordered:
             preflight.check_files(resource, self.data_dir)
+            self.output_uri(resource)
         return ordered
 
     def run(self, resources: list[Resource]) -> dict[str, StageResult]:
@@ -115,48 +150,73 @@ class LocalRunner:
 
     def run_stage(self, resource: Resource, inputs: dict[str, ResolvedInput]) -> StageResult:
         directory = self.stage_dir(resource)
-        output = directory / "output"
-        plan = plans.build(resource, inputs, f"file://{output}", str(self.data_dir))
+        directory.mkdir(parents=True, exist_ok=True)
+        output_uri = self.output_uri(resource)
+        plan = plans.build(resource, inputs, output_uri, str(self.data_dir))
         started = time.monotonic()
 
-        manifest = _read_json(output / MANIFEST)
+        manifest = _read_manifest(output_uri)
         if manifest and manifest.get("stageKey") == plan.config.stage_key:
             log.info("Reusing %s: its output matches the stage key.", resource.key)
             self.on_progress(ProgressEvent(resource.key, "reused", message="reused"))
-            self._write_status(resource, directory, manifest, reused=True)
-            return StageResult(resource, output, manifest, True, time.monotonic() - started)
+            self._write_status(resource, directory, output_uri, manifest, reused=True)
+            return StageResult(resource, output_uri, directory, manifest, True,
+                               time.monotonic() - started)  # fmt: skip
 
-        resume = self._prepare_output(directory, output, plan.config.stage_key)
+        resume = self._prepare_output(resource, directory, output_uri, plan.config.stage_key)
         config_path = directory / "config.json"
         config_path.write_text(plan.config.model_dump_json(indent=2))
-        self._write_status(resource, directory, None)
+        self._write_status(resource, directory, output_uri, None)
         self.on_progress(ProgressEvent(resource.key, "started"))
-        self._run_with_retries(resource, plan, directory, config_path, resume)
+        progress_file = self._progress_file(plan, directory, output_uri)
+        self._run_with_retries(resource, plan, directory, config_path, progress_file, resume)
 
-        manifest = _read_json(output / MANIFEST)
+        manifest = _read_manifest(output_uri)
         if not manifest:
-            raise StageFailedError(resource.key, 0, "the stage exited without a manifest.json.")
-        self._write_status(resource, directory, manifest)
+            raise StageFailedError(resource.key, 0,
+                                   f"the stage exited without a manifest.json in {output_uri}.")
+        self._write_status(resource, directory, output_uri, manifest)
         self.on_progress(ProgressEvent(resource.key, "succeeded", message="done"))
-        return StageResult(resource, output, manifest, False, time.monotonic() - started)
+        return StageResult(resource, output_uri, directory, manifest, False,
+                           time.monotonic() - started)  # fmt: skip
 
-    def _prepare_output(self, directory: Path, output: Path, key: str) -> bool:
+    def _prepare_output(
+        self, resource: Resource, directory: Path, output_uri: str, key: str
+    ) -> bool:
         """Clear an output made for another key; return whether to resume a started run."""
         key_file = directory / "stage-key"
         same_key = key_file.is_file() and key_file.read_text() == key
-        if output.exists() and not same_key:
-            shutil.rmtree(output)
-        (output / PROGRESS).unlink(missing_ok=True)
-        output.mkdir(parents=True, exist_ok=True)
+        filesystem, path = storage.resolve(output_uri)
+        if not same_key:
+            _check_replaceable(resource, filesystem, path, output_uri)
+            # Checkpoints of another spec must not be resumed from.
+            storage.remove_tree(filesystem, path)
+        if storage.is_remote(output_uri):
+            if not same_key:
+                # The staged copies of another key's run are never read again.
+                shutil.rmtree(directory / "scratch", ignore_errors=True)
+        else:
+            (local_path(output_uri) / PROGRESS).unlink(missing_ok=True)
+            local_path(output_uri).mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)
         return same_key
 
+    def _progress_file(self, plan: WorkloadPlan, directory: Path, output_uri: str) -> Path:
+        """Return the local file the stage appends its progress to."""
+        if not storage.is_remote(output_uri):
+            return local_path(output_uri) / PROGRESS
+        # The stage writes to its staged copy of the output (lathe_trainer.remote.staged).
+        return remote.scratch_dir(plan.config, directory / "scratch") / "output" / PROGRESS
+
     def _run_with_retries(
-        self, resource: Resource, plan: WorkloadPlan, directory: Path, config: Path, resume: bool
+        self, resource: Resource, plan: WorkloadPlan, directory: Path, config: Path,
+        progress_file: Path, resume: bool,
     ) -> None:
         attempts = plan.max_restarts + 1
         for attempt in range(attempts):
-            exit_code = self._run_once(resource, plan, directory, config, resume or attempt > 0)
+            exit_code = self._run_once(
+                resource, plan, directory, config, progress_file, resume or attempt > 0
+            )
             if exit_code == 0:
                 return
             tail = _tail(directory / "stage.log")
@@ -180,7 +240,8 @@ class LocalRunner:
         return [self.python, "-m", *args]
 
     def _run_once(
-        self, resource: Resource, plan: WorkloadPlan, directory: Path, config: Path, resume: bool
+        self, resource: Resource, plan: WorkloadPlan, directory: Path, config: Path,
+        progress_file: Path, resume: bool,
     ) -> int:
         processes = plan.nodes * plan.procs_per_node if plan.distributed else 1
         env = {
@@ -189,8 +250,8 @@ class LocalRunner:
             "PYTHONUNBUFFERED": "1",
             # Split the cores between the processes instead of letting each take them all.
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)),
+            "LATHE_SCRATCH_DIR": str(directory / "scratch"),
         }
-        progress_file = directory / "output" / PROGRESS
         with (directory / "stage.log").open("a") as log_file:
             process = subprocess.Popen(
                 self.command(plan, config, resume),
@@ -228,7 +289,8 @@ class LocalRunner:
         return offset
 
     def _write_status(
-        self, resource: Resource, directory: Path, manifest: dict | None, reused: bool = False
+        self, resource: Resource, directory: Path, output_uri: str, manifest: dict | None,
+        reused: bool = False,
     ) -> None:
         generation = resource.metadata.generation
         conditions = status.set_condition(
@@ -252,15 +314,39 @@ class LocalRunner:
             "conditions": conditions,
         }
         if manifest:
-            document["artifact"] = {
-                "uri": f"file://{directory / 'output'}", "digest": manifest["digest"],
-            }
+            document["artifact"] = {"uri": output_uri, "digest": manifest["digest"]}
             document["metrics"] = manifest.get("metrics", {})
         (directory / "status.json").write_text(json.dumps(document, indent=2))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+# Top-level names that only a stage output has. A folder with none of them is not Lathe's.
+_OUTPUT_MARKERS = frozenset({MANIFEST, PROGRESS, "checkpoints"})
+
+
+def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: str) -> None:
+    """Raise when a non-empty output location contains no stage output, because
+    `spec.storage.uri` may name a folder with other files in it."""
+    try:
+        names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in filesystem.ls(path, detail=False)}
+    except FileNotFoundError:
+        return
+    if names and not names & _OUTPUT_MARKERS:
+        raise InvalidResourceError(
+            resource.key, "spec.storage.uri",
+            f"{output_uri!r} already holds files that no Lathe stage wrote "
+            f"({', '.join(sorted(names)[:5])}), and the stage would delete them; point it to a "
+            "new or empty location.",
+        )
+
+
+def _read_manifest(output_uri: str) -> dict[str, Any] | None:
+    """Return the output's manifest, or None while the output has none."""
+    filesystem, path = storage.resolve(output_uri)
+    try:
+        with filesystem.open(f"{path}/{MANIFEST}", "rb") as handle:
+            return json.loads(handle.read())
+    except FileNotFoundError:
+        return None
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -8,6 +8,7 @@ wheel on 127.0.0.1 with it, as the Kubernetes backend starts Triton in a Deploym
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,20 +17,30 @@ from rich.console import Console
 
 from lathe import plans
 from lathe.local.runner import StageResult
+from lathe_trainer import remote
 from lathe_trainer.serving import client, local_server, reference
 from lathe_trainer.stage import local_path
+from lathe_trainer.training import storage
 
 log = logging.getLogger(__name__)
 
 
 def repository_path(result: StageResult) -> Path:
-    plan = plans.serving(result.resource, f"file://{result.output_dir}")
-    return local_path(plan.repository_uri)
+    """Return the local model repository, downloaded first when the export wrote it to S3."""
+    uri = plans.serving(result.resource, result.output_uri).repository_uri
+    if not storage.is_remote(uri):
+        return local_path(uri)
+    # Triton reads the repository from disk; a Deployment's init container copies it the same way.
+    target = result.directory / "triton" / "model_repository"
+    shutil.rmtree(target, ignore_errors=True)
+    remote.download(uri, target)
+    return target
 
 
 def fine_tuned_model_dir(result: StageResult) -> Path:
     """Return the FineTune model directory the export started from, for the reference result."""
-    return local_path(result.manifest["inputs"]["model"]["uri"]) / "model"
+    uri = result.manifest["inputs"]["model"]["uri"].rstrip("/") + "/model"
+    return remote.fetch(uri) if storage.is_remote(uri) else local_path(uri)
 
 
 def in_process_answer(result: StageResult, text: str) -> list[dict[str, Any]]:
@@ -41,7 +52,7 @@ def serve_and_query(
 ) -> list[dict[str, Any]]:
     """Start Triton on the deployment's repository; print its endpoint and `text`'s entities."""
     model_name = result.resource.spec.model_name
-    workdir = result.output_dir.parent / "triton"
+    workdir = result.directory / "triton"
     with local_server.start_triton(repository_path(result), workdir) as server:
         entities = client.infer_entities(server.http_url, model_name, [text])[0]
         console.print(f"Triton is serving model {model_name!r} at http://{server.http_url} "

@@ -228,6 +228,10 @@ def install_python_model(version_dir: Path, step_name: str) -> None:
     shutil.copyfile(DECODING_FILE, version_dir / DECODING_MODULE)
 
 
+# The one file in the ensemble's version directory.
+ENSEMBLE_PLACEHOLDER = "README.txt"
+
+
 def write_repository(
     repository: Path, settings: RepositorySettings, onnx_file: Path, tokenizer_file: Path
 ) -> dict[str, Path]:
@@ -257,6 +261,13 @@ def write_repository(
         json.dumps(settings.id2label, ensure_ascii=False), encoding="utf-8"
     )
 
-    # An ensemble has no files, but Triton requires its version directory.
-    (directories[ensemble_name] / "1").mkdir(parents=True)
+    # An ensemble has no files, but Triton requires its version directory. Object stores keep
+    # no empty directories, so a file keeps it through an upload to s3:// and the copy back.
+    ensemble_version = directories[ensemble_name] / "1"
+    ensemble_version.mkdir(parents=True)
+    (ensemble_version / ENSEMBLE_PLACEHOLDER).write_text(
+        "The steps of this ensemble are in ../config.pbtxt. Triton requires this version "
+        "directory, and this file keeps it in object stores, which have no empty directories.\n",
+        encoding="utf-8",
+    )
     return directories
