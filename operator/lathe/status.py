@@ -17,7 +17,6 @@ class ConditionType:
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     READY = "Ready"
-    GATES_PASSED = "GatesPassed"
 
 
 class Reason:
@@ -28,6 +27,7 @@ class Reason:
     JOB_CREATED = "JobCreated"
     ATTEMPT_RESTARTED = "AttemptRestarted"
     JOB_RUNNING = "JobRunning"
+    PODS_NOT_STARTING = "PodsNotStarting"
     JOB_SUCCEEDED = "JobSucceeded"
     JOB_FAILED = "JobFailed"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
@@ -36,7 +36,6 @@ class Reason:
     RESUMED = "Resumed"
     SERVER_READY = "ServerReady"
     SERVER_NOT_READY = "ServerNotReady"
-    EXPORTING = "Exporting"
 
 
 class Phase:

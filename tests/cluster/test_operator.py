@@ -11,7 +11,7 @@ import urllib.request
 import yaml
 
 from argocd_lua import run_health
-from lathe.k8s import handlers
+from lathe.k8s import handlers, reconcile
 from lathe_objects import (EXAMPLES, ORDER, KINDS, condition, events_about, finetune, get,
                            is_true, jobs_of, plural, pretrain_job)
 
@@ -501,3 +501,46 @@ def test_queued_job_waits_for_kueue(cluster, namespace, lathe_operator, ready_in
                  or {}).get("reason") == "JobRunning",
         "Running=True with reason JobRunning once the Job is admitted",
     )  # fmt: skip
+
+
+def test_pods_that_cannot_start_are_reported(cluster, namespace, lathe_operator, ready_inputs,
+                                             monkeypatch):  # fmt: skip
+    """A Job whose pod the scheduler cannot place (16 GPUs on 8-GPU nodes) stays active without
+    a Job event; status says why, with a Warning Event, and recovers once a node fits."""
+    monkeypatch.setattr(handlers, "RESYNC_SECONDS", 2.0)
+    monkeypatch.setattr(reconcile, "POD_START_GRACE_SECONDS", 2.0)
+    cluster.apply(pretrain_job("too-big", nodes=1, gpus=16), namespace)
+
+    def running() -> dict:
+        return condition(get(cluster, "PretrainJob", "too-big", namespace), "Running") or {}
+
+    cluster.wait_for(lambda: running().get("reason") == "PodsNotStarting",
+                     "Running=False (PodsNotStarting) on the PretrainJob", timeout=90)  # fmt: skip
+    found = running()
+    assert found["status"] == "False"
+    assert "cannot be scheduled" in found["message"], found
+    assert "Insufficient nvidia.com/gpu" in found["message"], found
+    assert get(cluster, "PretrainJob", "too-big", namespace)["status"]["phase"] == "Pending"
+    cluster.wait_for(
+        lambda: any(event["reason"] == "PodsNotStarting" and event["type"] == "Warning"
+                    for event in events_about(cluster, namespace, "PretrainJob", "too-big")),
+        "a PodsNotStarting Warning Event about the PretrainJob",
+    )  # fmt: skip
+
+    # A node with 16 GPUs joins; the pod starts and the status follows without a spec change.
+    node = cluster.bed.node_manifest(99)
+    node["metadata"]["name"] = "kwok-gpu-16x"
+    node["metadata"]["labels"]["kubernetes.io/hostname"] = "kwok-gpu-16x"
+    for field in ("capacity", "allocatable"):
+        node["status"][field]["nvidia.com/gpu"] = "16"
+    cluster.apply(node)
+    try:
+        cluster.wait_for(lambda: running().get("reason") == "JobRunning",
+                         "Running=True (JobRunning) once the pod is placed", timeout=90)  # fmt: skip
+        assert running()["status"] == "True"
+    finally:
+        cluster.kubectl("delete", "pretrainjob", "too-big", "-n", namespace, "--wait=true",
+                        check=False)  # fmt: skip
+        cluster.kubectl("delete", "pods", "-n", namespace, "--all", "--grace-period=0",
+                        "--force", check=False)  # fmt: skip
+        cluster.kubectl("delete", "node", "kwok-gpu-16x", check=False)

@@ -1,13 +1,16 @@
-"""The handlers' retry backoff and the message of a rejected request, without a cluster."""
+"""The handlers' retry backoff, the message of a rejected request, and the reason given for
+pods that cannot start, without a cluster."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from lathe.k8s import handlers
+from lathe.k8s import handlers, reconcile
 
 
 @pytest.mark.parametrize(
@@ -28,3 +31,59 @@ def test_api_message_prefers_the_servers_text():
     text = 'jobs.batch "x" is forbidden: exceeded quota: no-jobs'
     assert handlers._api_message(api_error(403, text)) == text
     assert handlers._api_message(api_error(403, None)) == "Forbidden"
+
+
+def pod(name: str, waiting: tuple[str, str] | None = None, init: bool = False,
+        unschedulable: str | None = None) -> client.V1Pod:
+    """A pod as the API server returns it, with one container waiting for `waiting`."""
+    state = client.V1ContainerState(waiting=client.V1ContainerStateWaiting(
+        reason=waiting[0], message=waiting[1])) if waiting else client.V1ContainerState()
+    container = client.V1ContainerStatus(name="sync" if init else "trainer", image="x",
+                                         image_id="", ready=False, restart_count=0, state=state)
+    conditions = [client.V1PodCondition(type="PodScheduled", status="False",
+                                        reason="Unschedulable", message=unschedulable)
+                  ] if unschedulable else []  # fmt: skip
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        status=client.V1PodStatus(
+            conditions=conditions,
+            init_container_statuses=[container] if init else None,
+            container_statuses=None if init else [container],
+        ),
+    )
+
+
+def test_stuck_pod_names_the_container_reason_and_kubelet_message():
+    pods = [pod("lm-0", ("ContainerCreating", "")),
+            pod("lm-1", ("CreateContainerConfigError", 'secret "lathe-s3" not found'))]
+    assert reconcile._stuck_pod(pods) == (
+        'Container trainer of pod lm-1 cannot start: CreateContainerConfigError: secret '
+        '"lathe-s3" not found.'
+    )
+
+
+def test_stuck_pod_reads_init_containers_and_the_scheduler():
+    assert reconcile._stuck_pod([pod("triton-x", ("ImagePullBackOff", "Back-off pulling image"),
+                                     init=True)]) == (  # fmt: skip
+        "Container sync of pod triton-x cannot start: ImagePullBackOff: Back-off pulling image."
+    )
+    placed = reconcile._stuck_pod([pod("lm-0", unschedulable="0/4 nodes are available: 4 "
+                                       "Insufficient nvidia.com/gpu.")])  # fmt: skip
+    assert placed == "Pod lm-0 cannot be scheduled: 0/4 nodes are available: 4 Insufficient " \
+                     "nvidia.com/gpu."
+
+
+def test_pods_that_are_starting_are_not_stuck():
+    assert reconcile._stuck_pod([pod("lm-0", ("ContainerCreating", "")), pod("lm-1")]) == ""
+
+
+def test_pods_are_late_only_after_the_grace(monkeypatch):
+    monkeypatch.setattr(reconcile, "POD_START_GRACE_SECONDS", 30.0)
+    now = dt.datetime.now(dt.timezone.utc)
+    old = (now - dt.timedelta(seconds=60)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert reconcile.pods_late(2, 1, old)
+    assert reconcile.pods_late(1, None, now - dt.timedelta(seconds=31))
+    assert not reconcile.pods_late(2, 1, now - dt.timedelta(seconds=5))
+    assert not reconcile.pods_late(2, 2, old)
+    assert not reconcile.pods_late(0, 0, old)
+    assert not reconcile.pods_late(1, 0, None)

@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from lathe.api import GROUP, KINDS, VERSION
 from lathe.k8s import metrics, progress
 from lathe import status
-from lathe.k8s.reconcile import Reconciler, parse
+from lathe.k8s.reconcile import Reconciler, parse, pods_late
 from lathe.k8s.settings import OperatorSettings
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "lathe-operator"}
@@ -201,7 +201,8 @@ def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) 
     changed.sort(key=lambda c: EVENT_ORDER.index(c["type"]) if c["type"] in EVENT_ORDER else -1)
     message = " ".join(f"{c['type']}={c['status']}: {c['message']}" for c in changed)
     failed = any(c["type"] == "Failed" and c["status"] == "True" for c in changed)
-    post = kopf.warn if failed else kopf.info
+    stuck = any(c["reason"] == status.Reason.PODS_NOT_STARTING for c in changed)
+    post = kopf.warn if failed or stuck else kopf.info
     post(body, reason=changed[-1]["reason"], message=message)
 
 
@@ -447,8 +448,9 @@ def _cached_job(body: dict) -> dict:
         "metadata": {key: meta[key] for key in ("name", "namespace", "uid", "labels",
                                                 "ownerReferences") if key in meta},
         "spec": {"suspend": (body.get("spec") or {}).get("suspend"), "template": {}},
-        "status": {key: job_status[key] for key in ("active", "succeeded", "failed",
-                                                    "conditions") if key in job_status},
+        "status": {key: job_status[key] for key in ("active", "ready", "succeeded", "failed",
+                                                    "startTime", "conditions")
+                   if key in job_status},
     }
 
 
@@ -507,7 +509,18 @@ def _remember(body: dict) -> None:
         "running": bool(current.get("runGeneration")),
         "progress": current.get("progress"),
         "storage": ((body.get("spec") or {}).get("storage") or {}).get("uri"),
+        "job": current.get("jobName"),
     }
+
+
+def _pods_late(namespace: str, entry: dict[str, Any]) -> bool:
+    """Return True when the cached Job of a running resource has pods that are not ready past
+    the start grace, so that a reconcile looks at the pods for the reason."""
+    cached = reconciler().jobs.get((namespace, entry["job"])) if entry.get("job") else None
+    if cached is None:
+        return False
+    job_status = cached[1]["status"]
+    return pods_late(job_status.get("active"), job_status.get("ready"), job_status.get("startTime"))
 
 
 class _ResourceLogger(logging.LoggerAdapter):
@@ -557,7 +570,11 @@ async def periodic_pass(logger: logging.Logger) -> None:
             last_resync = time.monotonic()
         refreshes = []
         for key, entry in list(_INDEX.items()):
-            if resync_due and entry["phase"] in ("Waiting", "Pending", None):
+            # A fixed PodsNotStarting cause (phase Pending) sends no Job event, so the resync
+            # finds it. Running resources with late pods are reconciled to find the cause.
+            if resync_due and (entry["phase"] in ("Waiting", "Pending", None) or (
+                entry["phase"] == "Running" and _pods_late(key[0], entry)
+            )):
                 resource_logger = _ResourceLogger(logger, {"resource": f"{key[0]}/{key[2]}"})
                 _keep(asyncio.create_task(reconcile_key(*key, resource_logger)))
             if entry["kind"] in TRAINING_KINDS and entry["phase"] == "Running" and entry["running"]:

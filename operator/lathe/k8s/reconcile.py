@@ -9,6 +9,7 @@ status only when it changed. Nothing here writes `spec` or annotations.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -40,6 +41,15 @@ UPSTREAM_CACHE_SECONDS = 1.0
 # (1.45) reports no DELETED event for a Job deleted while its watch was re-listing, so an older
 # entry is read from the API server again.
 JOB_CACHE_SECONDS = 30.0
+# Seconds a Job's pods may take to start before the operator looks at them for the reason they
+# have not. Within it, pods that wait for a node or an image are normal and cost no pod reads.
+POD_START_GRACE_SECONDS = 30.0
+# Waiting reasons of a container that will not start until its spec or the cluster is fixed.
+# The kubelet keeps retrying them, so they leave the Job active rather than failed.
+STUCK_WAITING_REASONS = frozenset({
+    "CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff",
+    "InvalidImageName", "RunContainerError",
+})
 
 
 @dataclass
@@ -276,6 +286,14 @@ class Reconciler:
         if outcome == "Failed":
             return self._attempt_failed(resource, body, plan, job, new, conditions, attempt)
         active = job.status.active or 0
+        stuck = self._pods_not_starting(resource.metadata.namespace, job)
+        if stuck:
+            new["conditions"] = status.set_condition(
+                conditions, C.RUNNING, False, Reason.PODS_NOT_STARTING,
+                f"Job {job_name}: {stuck} The Job waits and its pods start once the cause is "
+                "fixed.", generation,
+            )
+            return new
         running = next((c for c in conditions if c["type"] == C.RUNNING), None)
         if active == 0 and running and running["status"] == "True" and (
             running["reason"] in (Reason.JOB_CREATED, Reason.ATTEMPT_RESTARTED)
@@ -380,11 +398,20 @@ class Reconciler:
             f"http://{name}.{namespace}.svc:"
             f"{serving.http_port}"
         )
+        message = (f"{deployment.status.ready_replicas or 0} of {serving.replicas} Triton "
+                   "replicas are ready.")  # fmt: skip
+        reason = Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY
+        if not ready:
+            selector = ",".join(f"{key}={value}"
+                                for key, value in builders.triton_labels(serving).items())
+            stuck = _stuck_pod(self.api.core.list_namespaced_pod(
+                namespace, label_selector=selector
+            ).items)
+            if stuck:
+                reason = Reason.PODS_NOT_STARTING
+                message = f"{message} {stuck} Triton starts once the cause is fixed."
         new["conditions"] = status.set_condition(
-            new["conditions"], C.READY, ready,
-            Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY,
-            f"{deployment.status.ready_replicas or 0} of {serving.replicas} Triton replicas are "
-            "ready.", generation,
+            new["conditions"], C.READY, ready, reason, message, generation
         )
         return new
 
@@ -493,6 +520,13 @@ class Reconciler:
         )
         return pods.items
 
+    def _pods_not_starting(self, namespace: str, job) -> str:
+        """Return why a Job's pods have not started, once they are late. Return "" while they
+        are not late, or when no pod status gives a reason."""
+        if not pods_late(job.status.active, job.status.ready, job.status.start_time):
+            return ""
+        return _stuck_pod(self._job_pods(namespace, job.metadata.name))
+
     def _failed_pod(self, namespace: str, job) -> tuple[int | None, str, str]:
         """Return the exit code, reason and message of the first failed container of a Job."""
         for pod in self._job_pods(namespace, job.metadata.name):
@@ -577,6 +611,38 @@ def _stale(body: dict) -> dict:
 def _owned_by(metadata, body: dict) -> bool:
     uid = body["metadata"].get("uid")
     return any(ref.uid == uid for ref in metadata.owner_references or [])
+
+
+def pods_late(active: int | None, ready: int | None, started: dt.datetime | str | None) -> bool:
+    """Return True when a Job that started POD_START_GRACE_SECONDS ago or more has active pods
+    that are not ready. `started` is the Job's status.startTime."""
+    if not active or (ready or 0) >= active or not started:
+        return False
+    if isinstance(started, str):
+        started = dt.datetime.fromisoformat(started.replace("Z", "+00:00"))
+    return time.time() - started.timestamp() >= POD_START_GRACE_SECONDS
+
+
+def _stuck_pod(pods: list) -> str:
+    """Describe the first pod that the scheduler cannot place or whose container cannot start:
+    a sentence that names the pod, the reason and the kubelet's or scheduler's message."""
+    for pod in sorted(pods, key=lambda item: item.metadata.name):
+        name = pod.metadata.name
+        for condition in pod.status.conditions or []:
+            if (condition.type, condition.status, condition.reason) == (
+                "PodScheduled", "False", "Unschedulable"
+            ):
+                detail = (condition.message or "").strip().rstrip(".")
+                return f"Pod {name} cannot be scheduled: {detail}."
+        statuses = [*(pod.status.init_container_statuses or []),
+                    *(pod.status.container_statuses or [])]  # fmt: skip
+        for container in statuses:
+            waiting = container.state.waiting if container.state else None
+            if waiting and waiting.reason in STUCK_WAITING_REASONS:
+                detail = (waiting.message or "").strip().rstrip(".")
+                return (f"Container {container.name} of pod {name} cannot start: "
+                        f"{waiting.reason}{': ' + detail if detail else ''}.")  # fmt: skip
+    return ""
 
 
 def _job_outcome(job) -> str | None:
