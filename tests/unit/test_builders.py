@@ -1034,3 +1034,52 @@ def test_launcher_forwards_sigterm_to_stage(tools, tmp_path):
                 os.kill(stage_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+SCHEDULING = {
+    "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "training",
+                     "effect": "NoSchedule"}],
+    "priorityClassName": "training-high",
+}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+@pytest.mark.parametrize("kind", ["Corpus", "Tokenizer", "PretrainJob", "FineTune",
+                                  "ModelDeployment"])  # fmt: skip
+def test_job_pods_follow_scheduling(kind):
+    spec = pod_spec(build_job(kind, spec={"scheduling": SCHEDULING}))
+    assert spec["nodeSelector"] == SCHEDULING["nodeSelector"]
+    assert spec["tolerations"] == SCHEDULING["tolerations"]
+    assert spec["priorityClassName"] == "training-high"
+
+
+def test_gpu_toleration_kept_beside_scheduling():
+    spec = pod_spec(build_job(spec={"scheduling": SCHEDULING, "resources": {"gpus": 8}}))
+    assert spec["tolerations"] == [GPU_TOLERATION, *SCHEDULING["tolerations"]]
+
+
+def test_triton_pods_follow_serving_scheduling():
+    spec = triton(spec={"serving": {"scheduling": SCHEDULING, "resources": {"gpus": 1}}})[
+        "spec"]["template"]["spec"]  # fmt: skip
+    assert spec["nodeSelector"] == SCHEDULING["nodeSelector"]
+    assert spec["tolerations"] == [GPU_TOLERATION, *SCHEDULING["tolerations"]]
+    assert spec["priorityClassName"] == "training-high"
+
+
+def test_default_scheduling_adds_no_pod_fields():
+    spec = pod_spec(build_job())
+    assert "nodeSelector" not in spec
+    assert "tolerations" not in spec
+    assert "priorityClassName" not in spec
+
+
+@pytest.mark.parametrize(("toleration", "message"), [
+    ({"key": "a", "operator": "Exists", "value": "b"}, "remove value, or use operator Equal"),
+    ({"operator": "Equal", "value": "b"}, "a toleration without key must use operator Exists"),
+    ({"key": "a", "tolerationSeconds": 30, "effect": "NoSchedule"},
+     "tolerationSeconds applies only to effect NoExecute"),
+])
+def test_invalid_toleration_rejected(toleration, message):
+    with pytest.raises(ValueError, match=message):
+        resource("PretrainJob", spec={"scheduling": {"tolerations": [toleration]}})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -98,6 +98,78 @@ class ResourceRequirements(ApiModel):
     shm_size: str = Field(
         default="1Gi", description="Size of the memory-backed /dev/shm volume per node."
     )
+
+
+class Toleration(ApiModel):
+    """A toleration of a node taint, as in a Kubernetes pod spec."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            message="a toleration with operator Exists matches every value of its key; remove "
+            "value, or use operator Equal",
+            check=lambda item: item.operator != "Exists" or not item.value,
+        ),
+        CelRule(
+            rule="has(self.key) && self.key != '' || self.operator == 'Exists'",
+            message="a toleration without key must use operator Exists (it then tolerates every "
+            "taint); set key, or set operator to Exists",
+            check=lambda item: bool(item.key) or item.operator == "Exists",
+        ),
+        CelRule(
+            rule="!has(self.tolerationSeconds) || self.effect == 'NoExecute'",
+            message="tolerationSeconds applies only to effect NoExecute; remove it or set "
+            "effect to NoExecute",
+            check=lambda item: item.toleration_seconds is None or item.effect == "NoExecute",
+        ),
+    )
+
+    key: str | None = Field(default=None, description="Taint key to tolerate; empty with "
+                            "operator Exists tolerates every taint.")
+    operator: Literal["Equal", "Exists"] = Field(
+        default="Equal", description="`Equal` matches `value`; `Exists` matches any value."
+    )
+    value: str | None = Field(default=None, description="Taint value, for operator `Equal`.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty tolerates every effect."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0,
+        description="For effect `NoExecute`: seconds the pod stays after the taint appears.",
+    )
+
+
+class Scheduling(ApiModel):
+    """Where the pods of a workload may run, as in a Kubernetes pod spec."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels every pod requires, for example "
+        "`nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Node taints the pods tolerate. Pods that request GPUs also tolerate the "
+        "`nvidia.com/gpu` NoSchedule taint without this.",
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        description="PriorityClass of the pods, which decides scheduling order and preemption.",
+    )
+
+    def pod_spec(self) -> dict[str, Any]:
+        """Return the pod spec fields for these settings, in the API server's field names."""
+        fields: dict[str, Any] = {}
+        if self.node_selector:
+            fields["nodeSelector"] = dict(self.node_selector)
+        if self.tolerations:
+            fields["tolerations"] = [
+                item.model_dump(mode="json", by_alias=True, exclude_none=True)
+                for item in self.tolerations
+            ]
+        if self.priority_class_name:
+            fields["priorityClassName"] = self.priority_class_name
+        return fields
 
 
 class PodMetadata(ApiModel):

@@ -12,6 +12,7 @@ from lathe.api.common import (
     PrinterColumn,
     Resource,
     ResourceRequirements,
+    Scheduling,
     StageStatus,
     StorageSpec,
 )
@@ -138,6 +139,9 @@ class CorpusSpec(ApiModel):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources per shard worker."
+    )
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling, description="Node selector, tolerations and priority of the Corpus pod."
     )
 
 

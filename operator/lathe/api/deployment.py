@@ -13,6 +13,7 @@ from lathe.api.common import (
     PrinterColumn,
     Resource,
     ResourceRequirements,
+    Scheduling,
     StageStatus,
     StorageSpec,
 )
@@ -105,6 +106,9 @@ class ServingSpec(ApiModel):
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources per replica."
     )
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling, description="Node selector, tolerations and priority of the Triton pods."
+    )
 
 
 class AutoscalingSpec(ApiModel):
@@ -145,6 +149,9 @@ class ModelDeploymentSpec(ApiModel):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources of the export Job."
+    )
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling, description="Node selector, tolerations and priority of the export Job's pod."
     )
 
 

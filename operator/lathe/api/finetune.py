@@ -14,6 +14,7 @@ from lathe.api.common import (
     PrinterColumn,
     Resource,
     ResourceRequirements,
+    Scheduling,
     StageStatus,
     StorageSpec,
 )
@@ -112,6 +113,9 @@ class FineTuneSpec(ApiModel):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources per node."
+    )
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling, description="Node selector, tolerations and priority of the training pods."
     )
 
 

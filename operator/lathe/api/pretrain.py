@@ -15,6 +15,7 @@ from lathe.api.common import (
     PrinterColumn,
     Resource,
     ResourceRequirements,
+    Scheduling,
     StageStatus,
     StorageSpec,
 )
@@ -254,6 +255,9 @@ class PretrainJobSpec(ApiModel):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources per node."
+    )
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling, description="Node selector, tolerations and priority of the training pods."
     )
 
     @model_validator(mode="after")

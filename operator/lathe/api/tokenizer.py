@@ -15,6 +15,7 @@ from lathe.api.common import (
     PrinterColumn,
     Resource,
     ResourceRequirements,
+    Scheduling,
     StageStatus,
     StorageSpec,
 )
@@ -135,6 +136,9 @@ class TokenizerSpec(ApiModel):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources."
+    )
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling, description="Node selector, tolerations and priority of the Tokenizer pod."
     )
 
     @field_validator("special_tokens")

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lathe.api.common import ResourceRequirements
+from lathe.api.common import ResourceRequirements, Scheduling
 from lathe.errors import InvalidResourceError
 from lathe_trainer.stage import StageConfig
 
@@ -326,6 +326,16 @@ def resource_requirements(resources: ResourceRequirements) -> dict:
     if resources.gpus > 0:
         limits[GPU_RESOURCE] = str(resources.gpus)
     return {"requests": amounts, "limits": limits}
+
+
+def scheduling_fields(scheduling: Scheduling, gpus: int) -> dict:
+    """Return the pod spec's nodeSelector, tolerations and priorityClassName: the spec's
+    settings, plus the GPU taint's toleration for pods that request GPUs."""
+    fields = scheduling.pod_spec()
+    tolerations = [*gpu_tolerations(gpus), *fields.get("tolerations", [])]
+    if tolerations:
+        fields["tolerations"] = tolerations
+    return fields
 
 
 def gpu_tolerations(gpus: int) -> list[dict]:

@@ -84,9 +84,7 @@ def triton_deployment(
         "containers": [_triton_container(plan, image or plan.image, [models_mount, shm_mount])],
         "volumes": [{"name": "models", "emptyDir": {}}, shm, *builders.claim_volumes(claims)],
     }
-    tolerations = builders.gpu_tolerations(plan.resources.gpus)
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
+    pod_spec.update(builders.scheduling_fields(plan.scheduling, plan.resources.gpus))
     spec = {
         "selector": {"matchLabels": pod_labels},
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},

@@ -267,9 +267,7 @@ def _pod_spec(
         container["ports"] = [
             {"name": "c10d", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}
         ]
-    tolerations = builders.gpu_tolerations(plan.resources.gpus)
-    if tolerations:
-        spec["tolerations"] = tolerations
+    spec.update(builders.scheduling_fields(plan.scheduling, plan.resources.gpus))
     return spec
 
 

@@ -16,7 +16,8 @@ def build(
 ) -> WorkloadPlan:
     """Return the bounded workload for a resource (for ModelDeployment: its export Job)."""
     config = stage_config(resource, inputs, output_uri, data_dir, image)
-    common = dict(kind=resource.kind, name=resource.metadata.name, config=config)
+    common = dict(kind=resource.kind, name=resource.metadata.name, config=config,
+                  scheduling=resource.spec.scheduling)
     match resource:
         case Corpus():
             return WorkloadPlan(stage="corpus", resources=resource.spec.resources, **common)
@@ -54,6 +55,7 @@ def serving(resource: ModelDeployment, export_output_uri: str) -> ServingPlan:
         grpc_port=spec.grpc_port,
         metrics_port=spec.metrics_port,
         resources=spec.resources,
+        scheduling=spec.scheduling,
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lathe import __version__
-from lathe.api.common import Resource, ResourceRequirements
+from lathe.api.common import Resource, ResourceRequirements, Scheduling
 from lathe_trainer.stage import ResolvedInput, StageConfig
 
 # Where the stage config is mounted inside a pod (a ConfigMap volume) and where the local
@@ -38,6 +38,7 @@ class WorkloadPlan:
     suspend: bool = False
     pod_labels: dict[str, str] = field(default_factory=dict)
     pod_annotations: dict[str, str] = field(default_factory=dict)
+    scheduling: Scheduling = field(default_factory=Scheduling)
 
     def module_args(self, resume: bool = False) -> list[str]:
         """Arguments after `python -m` (or `torchrun -m`)."""
@@ -58,6 +59,7 @@ class ServingPlan:
     grpc_port: int
     metrics_port: int
     resources: ResourceRequirements
+    scheduling: Scheduling = field(default_factory=Scheduling)
 
 
 def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
