@@ -6,6 +6,7 @@ Under `torchrun` the same entry point runs once per process (`torchrun -m lathe_
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="Continue from the latest checkpoint, if any."
     )
     args = parser.parse_args(argv)
+    # A crash in native code (SIGSEGV, SIGABRT) then leaves every thread's Python stack in the
+    # log, which is all a failed pod keeps.
+    faulthandler.enable()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = load_config(args.config)
     module = importlib.import_module(STAGES[args.stage])
