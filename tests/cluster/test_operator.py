@@ -503,10 +503,11 @@ def test_queued_job_waits_for_kueue(cluster, namespace, lathe_operator, ready_in
     )  # fmt: skip
 
 
-def test_pods_that_cannot_start_are_reported(cluster, namespace, lathe_operator, ready_inputs,
-                                             monkeypatch):  # fmt: skip
+def test_unschedulable_pods_reported(cluster, namespace, lathe_operator, ready_inputs,
+                                    monkeypatch):  # fmt: skip
     """A Job whose pod the scheduler cannot place (16 GPUs on 8-GPU nodes) stays active without
-    a Job event; status says why, with a Warning Event, and recovers once a node fits."""
+    a Job event. Status gives the scheduler's reason, with a Warning Event, and recovers once a
+    node fits."""
     monkeypatch.setattr(handlers, "RESYNC_SECONDS", 2.0)
     monkeypatch.setattr(reconcile, "POD_START_GRACE_SECONDS", 2.0)
     cluster.apply(pretrain_job("too-big", nodes=1, gpus=16), namespace)

@@ -53,7 +53,7 @@ def pod(name: str, waiting: tuple[str, str] | None = None, init: bool = False,
     )
 
 
-def test_stuck_pod_names_the_container_reason_and_kubelet_message():
+def test_stuck_pod_names_container_reason():
     pods = [pod("lm-0", ("ContainerCreating", "")),
             pod("lm-1", ("CreateContainerConfigError", 'secret "lathe-s3" not found'))]
     assert reconcile._stuck_pod(pods) == (
@@ -62,7 +62,7 @@ def test_stuck_pod_names_the_container_reason_and_kubelet_message():
     )
 
 
-def test_stuck_pod_reads_init_containers_and_the_scheduler():
+def test_stuck_pod_init_and_scheduler():
     assert reconcile._stuck_pod([pod("triton-x", ("ImagePullBackOff", "Back-off pulling image"),
                                      init=True)]) == (  # fmt: skip
         "Container sync of pod triton-x cannot start: ImagePullBackOff: Back-off pulling image."
@@ -73,11 +73,11 @@ def test_stuck_pod_reads_init_containers_and_the_scheduler():
                      "nvidia.com/gpu."
 
 
-def test_pods_that_are_starting_are_not_stuck():
+def test_starting_pods_not_stuck():
     assert reconcile._stuck_pod([pod("lm-0", ("ContainerCreating", "")), pod("lm-1")]) == ""
 
 
-def test_pods_are_late_only_after_the_grace(monkeypatch):
+def test_pods_late_after_grace(monkeypatch):
     monkeypatch.setattr(reconcile, "POD_START_GRACE_SECONDS", 30.0)
     now = dt.datetime.now(dt.timezone.utc)
     old = (now - dt.timedelta(seconds=60)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -140,7 +140,8 @@ class Toleration(ApiModel):
 
 
 class Scheduling(ApiModel):
-    """Where the pods of a workload may run, as in a Kubernetes pod spec."""
+    """Placement of a workload's pods: node selector, tolerations and priority, as in a pod
+    spec."""
 
     node_selector: dict[str, str] = Field(
         default_factory=dict,
