@@ -450,6 +450,7 @@ def test_env_follows_values(helm):
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["LATHE_DATA_ROOT"] == "pvc://shared/runs/data"
     assert env["LATHE_SYNC_IMAGE"] == "registry.local/trainer:1"
+    assert env["LATHE_TRITON_IMAGE"].startswith("ghcr.io/lathe-dev/triton:")
     assert env["LATHE_QUEUE_NAME"] == "gpu"
     assert env["LATHE_PROGRESS_INTERVAL"] == "2.5"
     assert env["LATHE_METRICS_PORT"] == "0"
@@ -648,3 +649,11 @@ def test_rbac_can_be_left_out(helm):
     assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & {
         obj["kind"] for obj in objects
     }
+
+
+def test_triton_image_value(helm):
+    container = operator_container(
+        render(helm, "--set", "operator.tritonImage=registry.local/triton:2")
+    )
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["LATHE_TRITON_IMAGE"] == "registry.local/triton:2"

@@ -15,19 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http
-import yaml
-from tiny_ner_model import build_model
 from tritonclient.utils import InferenceServerException
 
-from lathe.api import KINDS
-from lathe.plans import stage_config
-from lathe_trainer.export import repository, stage
+from lathe_trainer.export import repository
 from lathe_trainer.serving import client, local_server
 from lathe_trainer.serving.reference import predict_entities, read_model_settings
-from lathe_trainer.stage import ResolvedInput
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "examples" / "pubmed" / "05-deployment.yaml"
 MODEL_NAME = "pubmed_ner"
 
 pytestmark = pytest.mark.slow
@@ -40,22 +33,6 @@ UTF8_TEXTS = [
     "",
     "Ωmega: 中文 текст العربية",
 ]
-
-
-@pytest.fixture(scope="module")
-def export_output(tmp_path_factory, data_dir):
-    """Run the export stage on a tiny model and return (output dir, model dir)."""
-    root = tmp_path_factory.mktemp("finetune")
-    model_dir = build_model(data_dir, root / "model")
-    resource = yaml.safe_load(EXAMPLE.read_text())
-    resource["spec"]["export"]["quantization"]["enabled"] = False
-    resource["spec"]["export"]["checkSequenceLengths"] = [3, 20]
-    output = tmp_path_factory.mktemp("export")
-    inputs = {"model": ResolvedInput(kind="FineTune", name="pubmed-ner", uri=f"file://{root}",
-                                     digest="sha256:f")}
-    model = KINDS["ModelDeployment"].model_validate(resource)
-    stage.run(stage_config(model, inputs, f"file://{output}", str(data_dir)), resume=False)
-    return output, model_dir
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ ROOT = "pvc://lathe-artifacts/lathe"
 DATA_DIR = "pvc://lathe-data/pubmed"
 IMAGE = "ghcr.io/lathe-dev/trainer:test"
 SYNC_IMAGE = "ghcr.io/lathe-dev/trainer:sync"
+TRITON_IMAGE = "ghcr.io/lathe-dev/triton:test"
 STORE = builders.ArtifactStore(ROOT)
 
 SPECS = {
@@ -238,7 +239,8 @@ def every_object() -> list[dict]:
         builders.training_job(plan, owner, STORE, attempt=1, image=IMAGE, resume=False),
         builders.config_map(plan, owner, STORE, 1),
         builders.headless_service(plan, owner, 1),
-        builders.triton_deployment(serving, serving_owner, STORE, sync_image=SYNC_IMAGE),
+        builders.triton_deployment(serving, serving_owner, STORE, image=TRITON_IMAGE,
+                                   sync_image=SYNC_IMAGE),
         builders.triton_service(serving, serving_owner),
         builders.horizontal_pod_autoscaler(serving, serving_owner, AutoscalingSpec()),
         builders.pod_monitor(serving, serving_owner),
@@ -650,6 +652,7 @@ def test_job_is_plain_json():
 
 def triton(**options) -> dict:
     plan, owner = serving_plan(options.pop("spec", None))
+    options = {"image": TRITON_IMAGE, **options}
     return builders.triton_deployment(plan, owner, options.pop("store", STORE),
                                       sync_image=SYNC_IMAGE, **options)
 
@@ -657,7 +660,7 @@ def triton(**options) -> dict:
 def test_triton_container_ports_args_probes():
     deployment = triton(spec={"serving": {"httpPort": 9000, "grpcPort": 9001, "metricsPort": 9002}})
     server = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert server["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert server["image"] == TRITON_IMAGE
     assert server["args"] == [
         "tritonserver",
         "--model-repository=/models",
@@ -704,7 +707,8 @@ def test_triton_init_container_syncs_s3_with_fsspec():
     store = builders.ArtifactStore("s3://bucket/lathe")
     model = resource("ModelDeployment", name="ner-api")
     plan = plans.serving(model, store.output_uri(NAMESPACE, "ModelDeployment", "ner-api"))
-    deployment = builders.triton_deployment(plan, owner_of(model), store, sync_image=SYNC_IMAGE,
+    deployment = builders.triton_deployment(plan, owner_of(model), store, image=TRITON_IMAGE,
+                                            sync_image=SYNC_IMAGE,
                                             s3_secret="lathe-s3")  # fmt: skip
     spec = deployment["spec"]["template"]["spec"]
     command = spec["initContainers"][0]["command"]
@@ -775,7 +779,8 @@ def test_triton_gpu_limit_and_shm(gpus, limit):
 
 def test_triton_selectors_exclude_export_pods():
     plan, owner = serving_plan()
-    deployment = builders.triton_deployment(plan, owner, STORE, sync_image=SYNC_IMAGE)
+    deployment = builders.triton_deployment(plan, owner, STORE, image=TRITON_IMAGE,
+                                            sync_image=SYNC_IMAGE)
     selector = deployment["spec"]["selector"]["matchLabels"]
     export_labels = build_job("ModelDeployment")["spec"]["template"]["metadata"]["labels"]
     assert selector == deployment["spec"]["template"]["metadata"]["labels"]
@@ -824,7 +829,8 @@ def test_hpa_rejects_min_above_max():
 def test_pod_monitor_scrapes_metrics_port():
     plan, owner = serving_plan()
     monitor = builders.pod_monitor(plan, owner)
-    deployment = builders.triton_deployment(plan, owner, STORE, sync_image=SYNC_IMAGE)
+    deployment = builders.triton_deployment(plan, owner, STORE, image=TRITON_IMAGE,
+                                            sync_image=SYNC_IMAGE)
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["kind"] == "PodMonitor"
     assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics"}]
@@ -1083,3 +1089,15 @@ def test_default_scheduling_adds_no_pod_fields():
 def test_invalid_toleration_rejected(toleration, message):
     with pytest.raises(ValueError, match=message):
         resource("PretrainJob", spec={"scheduling": {"tolerations": [toleration]}})
+
+
+def test_spec_image_wins_over_default():
+    deployment = triton(spec={"serving": {"image": "registry.local/triton:1"}}, image=None)
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "registry.local/triton:1"
+
+
+def test_missing_triton_image_names_fix():
+    with pytest.raises(ValueError, match="set spec.serving.image or the operator's "
+                                         "LATHE_TRITON_IMAGE"):  # fmt: skip
+        triton(image=None)

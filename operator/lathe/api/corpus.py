@@ -141,7 +141,8 @@ class CorpusSpec(ApiModel):
         default_factory=ResourceRequirements, description="Compute resources per shard worker."
     )
     scheduling: Scheduling = Field(
-        default_factory=Scheduling, description="Node selector, tolerations and priority of the Corpus pod."
+        default_factory=Scheduling,
+        description="Node selector, tolerations and priority of the Corpus pod.",
     )
 
 

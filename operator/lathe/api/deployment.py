@@ -85,8 +85,11 @@ class ServingSpec(ApiModel):
         ),
     )
 
-    image: str = Field(
-        default="nvcr.io/nvidia/tritonserver:24.10-py3", description="Triton server image."
+    image: str | None = Field(
+        default=None,
+        description="Triton server image. Default: the operator's Triton image (chart value "
+        "`operator.tritonImage`), Triton 24.10 with the Python packages the model repository's "
+        "Python models import (images/triton.Dockerfile).",
     )
     replicas: int = Field(default=1, ge=0, le=100, description="Triton replicas.")
     max_batch_size: int = Field(
@@ -107,7 +110,8 @@ class ServingSpec(ApiModel):
         default_factory=ResourceRequirements, description="Compute resources per replica."
     )
     scheduling: Scheduling = Field(
-        default_factory=Scheduling, description="Node selector, tolerations and priority of the Triton pods."
+        default_factory=Scheduling,
+        description="Node selector, tolerations and priority of the Triton pods.",
     )
 
 
@@ -151,7 +155,8 @@ class ModelDeploymentSpec(ApiModel):
         default_factory=ResourceRequirements, description="Compute resources of the export Job."
     )
     scheduling: Scheduling = Field(
-        default_factory=Scheduling, description="Node selector, tolerations and priority of the export Job's pod."
+        default_factory=Scheduling,
+        description="Node selector, tolerations and priority of the export Job's pod.",
     )
 
 

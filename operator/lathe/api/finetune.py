@@ -115,7 +115,8 @@ class FineTuneSpec(ApiModel):
         default_factory=ResourceRequirements, description="Compute resources per node."
     )
     scheduling: Scheduling = Field(
-        default_factory=Scheduling, description="Node selector, tolerations and priority of the training pods."
+        default_factory=Scheduling,
+        description="Node selector, tolerations and priority of the training pods.",
     )
 
 

@@ -257,7 +257,8 @@ class PretrainJobSpec(ApiModel):
         default_factory=ResourceRequirements, description="Compute resources per node."
     )
     scheduling: Scheduling = Field(
-        default_factory=Scheduling, description="Node selector, tolerations and priority of the training pods."
+        default_factory=Scheduling,
+        description="Node selector, tolerations and priority of the training pods.",
     )
 
     @model_validator(mode="after")

@@ -138,7 +138,8 @@ class TokenizerSpec(ApiModel):
         default_factory=ResourceRequirements, description="Compute resources."
     )
     scheduling: Scheduling = Field(
-        default_factory=Scheduling, description="Node selector, tolerations and priority of the Tokenizer pod."
+        default_factory=Scheduling,
+        description="Node selector, tolerations and priority of the Tokenizer pod.",
     )
 
     @field_validator("special_tokens")

@@ -62,6 +62,10 @@ def triton_deployment(
     re-applied Deployment does not reset the scale.
     """
     name = triton_name(plan)
+    image = image or plan.image
+    if not image:
+        raise ValueError(f"ModelDeployment {plan.name!r} has no Triton image; set "
+                         "spec.serving.image or the operator's LATHE_TRITON_IMAGE.")
     pod_labels = triton_labels(plan)
     claims = _repository_claims(plan)
     shm, shm_mount = builders.shm_volume(plan.resources.shm_size)
@@ -81,7 +85,7 @@ def triton_deployment(
         "enableServiceLinks": False,
         "securityContext": builders.pod_security_context(),
         "initContainers": [sync],
-        "containers": [_triton_container(plan, image or plan.image, [models_mount, shm_mount])],
+        "containers": [_triton_container(plan, image, [models_mount, shm_mount])],
         "volumes": [{"name": "models", "emptyDir": {}}, shm, *builders.claim_volumes(claims)],
     }
     pod_spec.update(builders.scheduling_fields(plan.scheduling, plan.resources.gpus))

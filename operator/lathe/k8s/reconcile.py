@@ -381,7 +381,8 @@ class Reconciler:
         owner = _owner(body)
         namespace = resource.metadata.namespace
         self._apply(namespace, builders.triton_deployment(
-            serving, owner, self.store, sync_image=self.settings.sync_image,
+            serving, owner, self.store, image=serving.image or self.settings.triton_image,
+            sync_image=self.settings.sync_image,
             autoscaled=resource.spec.autoscaling.enabled, s3_secret=self.settings.s3_secret,
         ))
         self._apply(namespace, builders.triton_service(serving, owner))

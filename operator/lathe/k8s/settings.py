@@ -14,6 +14,8 @@ class OperatorSettings:
     data_root: str
     trainer_image: str
     sync_image: str
+    # The Triton server of ModelDeployments that set no spec.serving.image.
+    triton_image: str
     metrics_port: int
     metrics_host: str
     progress_interval_seconds: float
@@ -31,6 +33,8 @@ class OperatorSettings:
             data_root=env.get("LATHE_DATA_ROOT", artifact_root.rstrip("/") + "/data"),
             trainer_image=env.get("LATHE_TRAINER_IMAGE", f"ghcr.io/lathe-dev/trainer:{__version__}"),
             sync_image=env.get("LATHE_SYNC_IMAGE", f"ghcr.io/lathe-dev/trainer:{__version__}"),
+            triton_image=env.get("LATHE_TRITON_IMAGE",
+                                 f"ghcr.io/lathe-dev/triton:{__version__}"),
             metrics_port=int(env.get("LATHE_METRICS_PORT", "8080")),
             metrics_host=env.get("LATHE_METRICS_HOST", "0.0.0.0"),
             progress_interval_seconds=float(env.get("LATHE_PROGRESS_INTERVAL", "15")),

@@ -53,7 +53,8 @@ class ServingPlan:
     name: str
     model_name: str
     repository_uri: str
-    image: str
+    # None: the backend's default Triton image.
+    image: str | None
     replicas: int
     http_port: int
     grpc_port: int

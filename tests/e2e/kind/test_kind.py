@@ -1,8 +1,8 @@
 """The PubMed example in a kind cluster: real images, the Helm chart, Jobs and Triton.
 
 The suite creates a cluster from kind-config.yaml (one control plane, two workers, one labelled
-as a GPU node). It builds both images from images/, loads them into the nodes and installs the
-chart. Then it applies examples/pubmed/ with CPU-sized training settings, waits for the
+as a GPU node). It builds the three images from images/, loads them into the nodes and installs
+the chart. Then it applies examples/pubmed/ with CPU-sized training settings, waits for the
 ModelDeployment to be Ready, and sends text to Triton through `kubectl port-forward`.
 
 It needs Docker with a running engine, kind, helm and kubectl, and is skipped where any of them
@@ -45,6 +45,7 @@ CLAIM = "lathe-artifacts"
 NODE_ARTIFACTS = "/lathe-artifacts"
 OPERATOR_IMAGE = ("lathe-operator", "e2e")
 TRAINER_IMAGE = ("lathe-trainer", "e2e")
+TRITON_IMAGE = ("lathe-triton", "e2e")
 # The whole example (five stages, image pulls included) must finish within this many seconds.
 PIPELINE_TIMEOUT = float(os.environ.get("LATHE_KIND_TIMEOUT", "3600"))
 POLL_SECONDS = 10
@@ -63,6 +64,7 @@ HELM_VALUES = {
     "image.tag": OPERATOR_IMAGE[1],
     "image.pullPolicy": "Never",
     "operator.trainerImage": ":".join(TRAINER_IMAGE),
+    "operator.tritonImage": ":".join(TRITON_IMAGE),
     "operator.artifactRoot": f"pvc://{CLAIM}/lathe",
 }
 
@@ -190,7 +192,8 @@ def storage_objects() -> list[dict]:
 
 def build_and_load(env: dict) -> None:
     revision = run("git", "rev-parse", "HEAD").strip()
-    for (name, tag), dockerfile in ((OPERATOR_IMAGE, "operator"), (TRAINER_IMAGE, "trainer")):
+    images = ((OPERATOR_IMAGE, "operator"), (TRAINER_IMAGE, "trainer"), (TRITON_IMAGE, "triton"))
+    for (name, tag), dockerfile in images:
         run("docker", "build", "--file", f"images/{dockerfile}.Dockerfile",
             "--build-arg", f"REVISION={revision}", "--tag", f"{name}:{tag}", ".", timeout=3600)
         run("kind", "load", "docker-image", f"{name}:{tag}", "--name", CLUSTER, env=env,

@@ -76,6 +76,34 @@ def find_installation() -> TritonInstallation:
     return installation
 
 
+@dataclass(frozen=True)
+class ModelPython:
+    """The Python interpreter and packages that the repository's Python models run in."""
+
+    executable: Path
+    version: str
+    library_dir: str
+    # Directories put on PYTHONPATH, as the Triton image puts its packages there.
+    path: tuple[str, ...] = ()
+
+    @classmethod
+    def current(cls) -> ModelPython:
+        """Return the running interpreter and its environment."""
+        # NB: the directory of sys.executable, not of its resolved symlink, is the venv's bin/.
+        return cls(Path(sys.executable), f"{sys.version_info.major}.{sys.version_info.minor}",
+                   sysconfig.get_config_var("LIBDIR"))  # fmt: skip
+
+    @classmethod
+    def of(cls, executable: Path, path: tuple[str, ...] = ()) -> ModelPython:
+        """Return another interpreter, with packages from the directories in `path`."""
+        script = ("import sys, sysconfig; "
+                  "print(f'{sys.version_info.major}.{sys.version_info.minor}'); "
+                  "print(sysconfig.get_config_var('LIBDIR'))")  # fmt: skip
+        output = subprocess.run([str(executable), "-c", script], capture_output=True, text=True,
+                                check=True, timeout=60).stdout.split("\n")  # fmt: skip
+        return cls(Path(executable), output[0], output[1], tuple(path))
+
+
 def check_numpy() -> None:
     import numpy
 
@@ -86,9 +114,12 @@ def check_numpy() -> None:
         )
 
 
-def prepare_backends(installation: TritonInstallation, workdir: Path) -> Path:
-    """Copy the wheel's backends into workdir and put this Python's stub next to the backend."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+def prepare_backends(
+    installation: TritonInstallation, workdir: Path, python: ModelPython | None = None
+) -> Path:
+    """Copy the wheel's backends into workdir and put the models' Python's stub next to the
+    backend."""
+    version = (python or ModelPython.current()).version
     stub = installation.stubs / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise TritonStartError(
@@ -115,15 +146,17 @@ def check_backends(repository: Path, backends: Path) -> None:
             )
 
 
-def server_environment() -> dict[str, str]:
+def server_environment(python: ModelPython | None = None) -> dict[str, str]:
+    python = python or ModelPython.current()
     installation = find_installation()
     env = dict(os.environ)
-    libraries = [sysconfig.get_config_var("LIBDIR"), str(installation.libraries)]
+    libraries = [python.library_dir, str(installation.libraries)]
     if env.get("LD_LIBRARY_PATH"):
         libraries.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
-    # NB: the directory of sys.executable, not of its resolved symlink, is the venv's bin/.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([str(python.executable.parent), env.get("PATH", "")])
+    if python.path:
+        env["PYTHONPATH"] = os.pathsep.join(python.path)
     return env
 
 
@@ -238,7 +271,8 @@ def remove_shm_regions(prefix: str) -> int:
     return removed
 
 
-def launch(repository: Path, workdir: Path, backends: Path, log_path: Path) -> TritonServer:
+def launch(repository: Path, workdir: Path, backends: Path, log_path: Path,
+           python: ModelPython | None = None) -> TritonServer:  # fmt: skip
     http_port, grpc_port, metrics_port = free_ports(3)
     # A prefix of our own, under Triton's default one, so that cleanup removes only our regions.
     shm_prefix = f"{SHM_PREFIX}lathe_{uuid.uuid4().hex[:12]}_"
@@ -259,7 +293,7 @@ def launch(repository: Path, workdir: Path, backends: Path, log_path: Path) -> T
     log.info("Starting tritonserver on %s (HTTP port %d); logging to %s.",
              LOOPBACK, http_port, log_path)
     process = subprocess.Popen(
-        command, cwd=workdir, env=server_environment(), stdin=subprocess.DEVNULL,
+        command, cwd=workdir, env=server_environment(python), stdin=subprocess.DEVNULL,
         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )
     return TritonServer(process, http_port, grpc_port, metrics_port, log_path, shm_prefix,
@@ -267,24 +301,27 @@ def launch(repository: Path, workdir: Path, backends: Path, log_path: Path) -> T
 
 
 def start_triton(
-    repository: Path, workdir: Path, ready_timeout_s: float = 180.0, attempts: int = 3
+    repository: Path, workdir: Path, ready_timeout_s: float = 180.0, attempts: int = 3,
+    python: ModelPython | None = None,
 ) -> TritonServer:
     """Start tritonserver on `repository` and wait until `/v2/health/ready` answers 200.
 
     `workdir` receives the backend copy and `tritonserver.log`. A start that fails because a
     chosen port was taken in the meantime is retried with new ports, up to `attempts` times.
+    The Python models run in `python`, by default the running interpreter and its packages.
     """
     repository, workdir = Path(repository).resolve(), Path(workdir).resolve()
     if not repository.is_dir():
         raise TritonStartError(f"The model repository {repository} does not exist.")
-    check_numpy()
+    if python is None:
+        check_numpy()
     workdir.mkdir(parents=True, exist_ok=True)
-    backends = prepare_backends(find_installation(), workdir)
+    backends = prepare_backends(find_installation(), workdir, python)
     check_backends(repository, backends)
     log_path = workdir / "tritonserver.log"
     attempt = 1
     while True:
-        server = launch(repository, workdir, backends, log_path)
+        server = launch(repository, workdir, backends, log_path, python)
         try:
             server.wait_ready(ready_timeout_s)
             return server
