@@ -33,9 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="Continue from the latest checkpoint, if any."
     )
     args = parser.parse_args(argv)
-    # A crash in native code (SIGSEGV, SIGABRT) then leaves every thread's Python stack in the
-    # log, which is all a failed pod keeps.
-    faulthandler.enable()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = load_config(args.config)
     module = importlib.import_module(STAGES[args.stage])
@@ -49,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A crash in native code (SIGSEGV, SIGABRT) then leaves every thread's Python stack in the
+    # log, which is all a failed pod keeps.
+    faulthandler.enable()
     code = main()
     if remote.used_object_store():
         # NOTE: in the test suite, 2 of about 40 runs of a stage with s3:// staging exited with
