@@ -22,6 +22,8 @@ EXAMPLES = REPO / "examples" / "pubmed"
 # Settings that keep the whole pipeline to a few minutes on two cores. Everything else is the
 # example as users run it.
 CI_OVERRIDES = {
+    # Two workers, as two pods of the Corpus Job would share the work.
+    "Corpus": {"workers": 2},
     "PretrainJob": {"training": {"maxSteps": 30, "checkpointInterval": 15, "evalInterval": 15}},
     # 40 steps at the example's learning rate (0.001) are too few to learn the task, so the
     # short run takes a larger rate.

@@ -23,7 +23,8 @@ SAMPLE = "Mutations in BRCA1 cause hereditary breast cancer."
 # Sizes that make each stage a few seconds: this suite checks where artifacts go, and the
 # pipeline suite checks what the stages learn.
 SMALL = {
-    "Corpus": {"sources": slice(0, 1), "shards": 1},
+    # Two workers exchange their results through the S3 output.
+    "Corpus": {"sources": slice(0, 1), "shards": 1, "workers": 2},
     "Tokenizer": {"vocabSize": 2000},
     "PretrainJob": {"training": {"maxSteps": 6, "warmupSteps": 2, "checkpointInterval": 3,
                                  "evalInterval": 3},
@@ -100,6 +101,14 @@ def test_artifacts_written_to_storage_uri(stored_run):
         assert status["artifact"] == {"uri": uri, "digest": manifest["digest"]}, kind
         # Nothing was written to the workspace's default output folder instead.
         assert not list(workspace.glob(f"*/{kind.lower()}/*/output")), kind
+
+
+def test_corpus_workers_leave_no_parts(stored_run):
+    outputs, _, _, _ = stored_run
+    filesystem, base = storage.resolve(outputs["Corpus"])
+    # NB: objects, not the prefix: SeaweedFS keeps listing an emptied prefix for a while.
+    assert filesystem.find(f"{base}/parts") == []
+    assert read_manifest(outputs["Corpus"])["metrics"]["documentsOut"] > 0
 
 
 def test_downstream_inputs_read_from_storage(stored_run):

@@ -253,3 +253,51 @@ def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["removed"]["minWords"] == 2
     assert read_manifest(f"file://{tmp_path / 'out'}") is None
+
+
+def _run_workers(make_config, resource: dict, output: Path, monkeypatch) -> dict:
+    """Run every worker of `resource` in this process as the Job's pods would: workers 1 to
+    W-1 first, then worker 0, which waits for their parts."""
+    config = make_config(resource, output=output)
+    monkeypatch.setenv("LATHE_RUN_ID", f"run-{output.name}")
+    for worker in [*range(1, resource["spec"]["workers"]), 0]:
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(worker))
+        metrics = stage.run(config, resume=False)
+    return metrics
+
+
+def test_workers_write_the_same_corpus(make_config, data_dir, tmp_path, monkeypatch):
+    """Near and exact duplicates whose copies fall to different workers are removed as by one
+    worker, and the outputs are identical file by file."""
+    abstracts = list(_pubtator_texts(data_dir / BC5CDR_TRAIN).values())[:40]
+    notes = tmp_path / "notes.jsonl"
+    records = [{"id": f"a{i}", "text": text} for i, text in enumerate(abstracts)]
+    # Of three workers, worker 0 owns the originals (positions 0 and 3), and workers 1 and 2
+    # own the exact copy (position 40) and the near copy with one word changed (position 41).
+    records.append({"id": "exact", "text": abstracts[0]})
+    words = abstracts[3].split()
+    records.append({"id": "near", "text": " ".join(words[:-1] + ["changed"])})
+    records.append({"id": "pii", "text": "Call 555-123-4567 about the MRN: 1234567 follow-up now."})
+    notes.write_text("".join(json.dumps(record) + "\n" for record in records))
+    resource = _corpus([{"name": "notes", "format": "jsonl", "path": str(notes)}], shards=2)
+    single = stage.run(make_config(resource, output=tmp_path / "one"), resume=False)
+    resource["spec"]["workers"] = 3
+    shared = _run_workers(make_config, resource, tmp_path / "three", monkeypatch)
+    manifests = [read_manifest(f"file://{tmp_path / name}") for name in ("one", "three")]
+    assert shared["removed"]["exactDuplicates"] == 1
+    assert shared["removed"]["nearDuplicates"] == 1
+    assert shared["piiRedactions"] == {"mrn": 1, "phone": 1}
+    assert shared == single
+    assert manifests[0]["outputs"] == manifests[1]["outputs"]
+    # The exchanged parts are no part of the artifact.
+    assert not (tmp_path / "three" / "parts").exists()
+
+
+def test_worker_index_beyond_workers_names_field(make_config, tmp_path, monkeypatch):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text(json.dumps({"id": "n1", "text": "one two three four five six"}) + "\n")
+    resource = _corpus([{"name": "notes", "format": "jsonl", "path": str(notes)}])
+    resource["spec"]["workers"] = 2
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    with pytest.raises(StageError, match="spec.workers: this is worker 2, but spec.workers is 2"):
+        stage.run(make_config(resource), resume=False)

@@ -438,6 +438,7 @@ def test_headless_service_selects_attempt_pods():
     ("kind", "spec", "nodes", "stage"),
     [
         ("Corpus", {}, 1, "corpus"),
+        ("Corpus", {"workers": 3}, 3, "corpus"),
         ("Tokenizer", {}, 1, "tokenizer"),
         ("PretrainJob", {}, 1, "pretrain"),
         ("PretrainJob", {"distributed": {"nodes": 4}}, 4, "pretrain"),
@@ -1101,3 +1102,34 @@ def test_missing_triton_image_names_fix():
     with pytest.raises(ValueError, match="set spec.serving.image or the operator's "
                                          "LATHE_TRITON_IMAGE"):  # fmt: skip
         triton(image=None)
+
+
+def test_corpus_workers_share_run_id_without_rendezvous():
+    job = build_job("Corpus", {"workers": 3}, attempt=2)
+    variables = env(job)
+    assert variables["LATHE_RUN_ID"] == f"{UID}-2"
+    assert "RDZV_ENDPOINT" not in variables
+    assert "subdomain" not in pod_spec(job)
+    assert container(job)["command"][-4:-2] == ["lathe_trainer", "corpus"]
+
+
+def test_stage_key_ignores_placement_and_workers():
+    base = plans.stage_key(resource("Corpus"), {})
+    placed = resource("Corpus", spec={"scheduling": SCHEDULING, "workers": 4})
+    assert plans.stage_key(placed, {}) == base
+    assert plans.stage_key(resource("Corpus", spec={"shards": 7}), {}) != base
+
+
+@pytest.mark.parametrize(("selector", "message"), [
+    ({"bad key!": "x"}, "is not a Kubernetes label key"),
+    ({"example.com/": "x"}, "is not a Kubernetes label key"),
+    ({"zone": "has space"}, "is not a Kubernetes label value"),
+])
+def test_invalid_node_selector_rejected(selector, message):
+    with pytest.raises(ValueError, match=message):
+        resource("PretrainJob", spec={"scheduling": {"nodeSelector": selector}})
+
+
+def test_invalid_priority_class_rejected():
+    with pytest.raises(ValueError, match="priorityClassName"):
+        resource("PretrainJob", spec={"scheduling": {"priorityClassName": "Not_Valid"}})

@@ -78,8 +78,10 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
     local_config = config.model_copy(
         update={"inputs": inputs, "output_uri": output_uri, "staged_from": staged_from}
     )
-    # Only global rank 0 writes the output, so only it mirrors.
-    if not remote_output or int(os.environ.get("RANK", "0")) != 0:
+    # Only global rank 0 writes the output, so only it mirrors. A Corpus worker has no RANK
+    # (it runs without torchrun), and its completion index stands in for it.
+    rank = os.environ.get("RANK") or os.environ.get("JOB_COMPLETION_INDEX") or "0"
+    if not remote_output or int(rank) != 0:
         yield local_config
         return
 

@@ -136,13 +136,19 @@ class CorpusSpec(ApiModel):
         default=5, ge=0, description="Drop documents with fewer whitespace-separated words."
     )
     shards: int = Field(default=1, ge=1, le=1024, description="Output shards per split.")
+    workers: int = Field(
+        default=1, ge=1, le=256,
+        description="Pods (local processes for `lathe run`) that share the per-document work: "
+        "normalization, fingerprints, decontamination checks and PII redaction. Worker 0 then "
+        "removes duplicates and writes every shard; the output does not depend on this number.",
+    )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
-        default_factory=ResourceRequirements, description="Compute resources per shard worker."
+        default_factory=ResourceRequirements, description="Compute resources per worker."
     )
     scheduling: Scheduling = Field(
         default_factory=Scheduling,
-        description="Node selector, tolerations and priority of the Corpus pod.",
+        description="Node selector, tolerations and priority of the Corpus pods.",
     )
 
 

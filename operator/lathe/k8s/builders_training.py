@@ -201,9 +201,9 @@ def training_job(
     job_labels[builders.LABEL_RUN_GENERATION] = str(plan.config.generation)
     if queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = queue_name
-    # NOTE: a Corpus with several shards still runs as one pod that writes every shard. One index
-    # per shard needs the corpus stage to select its shard by JOB_COMPLETION_INDEX.
-    nodes = plan.nodes if plan.distributed else 1
+    # A Corpus runs one pod per worker (spec.workers); each finds its share by its completion
+    # index. Every other stage that is not distributed has one node.
+    nodes = plan.nodes
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -307,6 +307,9 @@ def _env(plan: WorkloadPlan, owner: dict, attempt: int) -> list[dict]:
         # caches go to the /tmp emptyDir.
         "HOME": "/tmp",
         "OMP_NUM_THREADS": str(_threads_per_process(plan, processes)),
+        # Names one attempt, so that the pods of a Corpus attempt exchange their results only
+        # with each other.
+        "LATHE_RUN_ID": f"{builders.owner_reference(owner)['uid']}-{attempt}",
     }
     if plan.distributed:
         uid = builders.owner_reference(owner)["uid"]

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,9 +134,21 @@ class LocalRunner:
     def check(self, resources: list[Resource]) -> list[Resource]:
         """Validate references, files and output locations; return the dependency order."""
         ordered = order(resources)
+        outputs: dict[str, Resource] = {}
         for resource in ordered:
             preflight.check_files(resource, self.data_dir)
-            self.output_uri(resource)
+            uri = self.output_uri(resource).rstrip("/")
+            for other_uri, other in outputs.items():
+                if uri == other_uri or uri.startswith(other_uri + "/") or other_uri.startswith(
+                    uri + "/"
+                ):
+                    raise InvalidResourceError(
+                        resource.key, "spec.storage.uri",
+                        f"{uri!r} overlaps the output of {other.key} ({other_uri!r}), and each "
+                        "stage clears its output when it runs; give each resource a location "
+                        "of its own.",
+                    )
+            outputs[uri] = resource
         return ordered
 
     def run(self, resources: list[Resource]) -> dict[str, StageResult]:
@@ -187,8 +200,9 @@ class LocalRunner:
         key_file = directory / "stage-key"
         same_key = key_file.is_file() and key_file.read_text() == key
         filesystem, path = storage.resolve(output_uri)
-        if not same_key:
+        if not same_key and resource.spec.storage.uri:
             _check_replaceable(resource, filesystem, path, output_uri)
+        if not same_key:
             # Checkpoints of another spec must not be resumed from.
             storage.remove_tree(filesystem, path)
         if storage.is_remote(output_uri):
@@ -243,7 +257,10 @@ class LocalRunner:
         self, resource: Resource, plan: WorkloadPlan, directory: Path, config: Path,
         progress_file: Path, resume: bool,
     ) -> int:
-        processes = plan.nodes * plan.procs_per_node if plan.distributed else 1
+        """Run one attempt and return its exit code: the first non-zero one of its workers."""
+        # A Corpus with several workers runs them as separate processes, as a Job runs its pods.
+        workers = 1 if plan.distributed else plan.nodes
+        processes = plan.nodes * plan.procs_per_node if plan.distributed else workers
         env = {
             **os.environ,
             **plan.env,
@@ -251,21 +268,33 @@ class LocalRunner:
             # Split the cores between the processes instead of letting each take them all.
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)),
             "LATHE_SCRATCH_DIR": str(directory / "scratch"),
+            "LATHE_RUN_ID": uuid.uuid4().hex,
         }
+        # Records of an earlier attempt of a resumed stage were shown when they were written.
+        offset = progress_file.stat().st_size if progress_file.is_file() else 0
         with (directory / "stage.log").open("a") as log_file:
-            process = subprocess.Popen(
-                self.command(plan, config, resume),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=directory,
-            )
-            offset = 0
-            while process.poll() is None:
+            running = [
+                subprocess.Popen(
+                    self.command(plan, config, resume),
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env={**env, "JOB_COMPLETION_INDEX": str(index)},
+                    cwd=directory,
+                )
+                for index in range(workers)
+            ]
+            failure = 0
+            while any(process.poll() is None for process in running):
                 offset = self._forward_progress(resource, progress_file, offset)
+                failure = failure or next((p.returncode for p in running if p.returncode), 0)
+                if failure:
+                    # A failed worker fails the attempt, as a Job's podFailurePolicy does.
+                    for process in running:
+                        if process.poll() is None:
+                            process.terminate()
                 time.sleep(POLL_SECONDS)
             self._forward_progress(resource, progress_file, offset)
-        return process.returncode
+        return failure or next((p.returncode for p in running if p.returncode), 0)
 
     def _forward_progress(self, resource: Resource, path: Path, offset: int) -> int:
         if not path.is_file():
@@ -319,24 +348,24 @@ class LocalRunner:
         (directory / "status.json").write_text(json.dumps(document, indent=2))
 
 
-# Top-level names that only a stage output has. A folder with none of them is not Lathe's.
-_OUTPUT_MARKERS = frozenset({MANIFEST, PROGRESS, "checkpoints"})
-
-
 def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: str) -> None:
-    """Raise when a non-empty output location contains no stage output, because
-    `spec.storage.uri` may name a folder with other files in it."""
+    """Raise unless the location a `spec.storage.uri` names is empty or contains a finished
+    output of this kind of stage, because the stage deletes what is there."""
     try:
         names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in filesystem.ls(path, detail=False)}
     except FileNotFoundError:
         return
-    if names and not names & _OUTPUT_MARKERS:
-        raise InvalidResourceError(
-            resource.key, "spec.storage.uri",
-            f"{output_uri!r} already holds files that no Lathe stage wrote "
-            f"({', '.join(sorted(names)[:5])}), and the stage would delete them; point it to a "
-            "new or empty location.",
-        )
+    if not names:
+        return
+    manifest = _read_manifest(output_uri) if MANIFEST in names else None
+    if manifest and manifest.get("stageKey") and manifest.get("kind") == resource.kind:
+        return
+    raise InvalidResourceError(
+        resource.key, "spec.storage.uri",
+        f"{output_uri!r} contains files ({', '.join(sorted(names)[:5])}) but no finished "
+        f"{resource.kind} output, and the stage would delete them; point it to a new or empty "
+        "location, or empty it.",
+    )
 
 
 def _read_manifest(output_uri: str) -> dict[str, Any] | None:

@@ -20,7 +20,8 @@ def build(
                   scheduling=resource.spec.scheduling)
     match resource:
         case Corpus():
-            return WorkloadPlan(stage="corpus", resources=resource.spec.resources, **common)
+            return WorkloadPlan(stage="corpus", nodes=resource.spec.workers,
+                                resources=resource.spec.resources, **common)
         case Tokenizer():
             return WorkloadPlan(stage="tokenizer", resources=resource.spec.resources, **common)
         case PretrainJob() | FineTune():

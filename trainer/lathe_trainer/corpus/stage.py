@@ -2,17 +2,20 @@
 
 Runs the steps in order: read and normalize every source, drop short documents, exact and
 near duplicates and documents that overlap the evaluation sets, redact PII, split and write the
-shards, then stats.json, data_card.md and the manifest. The stage is deterministic and takes
-seconds, so `resume` reruns it from the start.
+shards, then stats.json, data_card.md and the manifest. The stage is deterministic, so `resume`
+reruns it from the start.
 
-NOTE: one process handles every shard, because deduplication compares each document with all
-earlier ones. A Corpus therefore runs as a single pod, not one pod per shard.
+With `spec.workers` above 1, the stage runs once per worker (an Indexed Job's pods, or local
+processes), and the workers share the per-document work (lathe_trainer.corpus.workers).
+Worker 0 then compares the documents with each other and writes every output, so the output
+is the same for any number of workers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Sequence
@@ -22,8 +25,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from lathe.api.corpus import CorpusSpec, Source
-from lathe_trainer.corpus import datacard, dedup, pii, split
-from lathe_trainer.corpus.decontaminate import EvalIndex, remove_contaminated
+from lathe_trainer.corpus import datacard, dedup, split, workers
+from lathe_trainer.corpus.decontaminate import EvalIndex
 from lathe_trainer.corpus.normalize import normalize_text, word_count
 from lathe_trainer.corpus.readers import SourceFormatError, read_source
 from lathe_trainer.corpus.records import Document
@@ -55,33 +58,59 @@ STEPS = ("read", MIN_WORDS, EXACT_DUPLICATES, NEAR_DUPLICATES, DECONTAMINATION, 
 
 
 def run(config: StageConfig, resume: bool = False) -> dict[str, Any]:
-    """Build the corpus described by `config.spec` and return its metrics."""
+    """Build the corpus described by `config.spec` and return its metrics.
+
+    A worker other than 0 returns no metrics: it writes its share of the features and ends.
+    """
     spec = _parse_spec(config)
     output_dir = local_path(config.output_uri)
-    _clear_outputs(output_dir)
-    progress = ProgressReporter(config, total=len(STEPS), unit="steps")
+    worker, count = workers.worker_index(), spec.workers
+    if worker >= count:
+        raise StageError(config, "spec.workers",
+                         f"this is worker {worker}, but spec.workers is {count}; run "
+                         f"{count} workers with indexes 0 to {count - 1}.")  # fmt: skip
+    leader = worker == 0
+    if leader:
+        _clear_outputs(output_dir)
+    progress = ProgressReporter(config, total=len(STEPS), unit="steps") if leader else None
     stats = CorpusStats()
 
     _check_unique_names(config, spec.sources, "spec.sources")
-    documents = _read_all(config, spec, spec.sources, "spec.sources", stats.sources)
-    progress.update(1, f"Read {len(documents)} documents from {len(spec.sources)} sources.")
+    documents = _read_all(config, spec, spec.sources, "spec.sources", stats.sources,
+                          normalize=False)  # fmt: skip
+    index = _eval_index(config, spec, stats)
+    positions = workers.own_positions(len(documents), worker, count)
+    workers.normalize(documents, positions, spec)
+    features = workers.compute(documents, positions, spec, index)
+    run_id = os.environ.get("LATHE_RUN_ID", "local")
+    if not leader:
+        workers.write_part(config, run_id, worker, features)
+        return {}
+    if count > 1:
+        features += workers.read_parts(config, run_id, count)
+    features.sort(key=lambda item: item.position)
+    if [item.position for item in features] != list(range(len(documents))):
+        raise RuntimeError(f"The workers returned features for {len(features)} of "
+                           f"{len(documents)} documents.")  # fmt: skip
+    _report(progress, 1, f"Read {len(documents)} documents from {len(spec.sources)} sources.")
 
-    documents = _filter_min_words(documents, spec.min_words, stats)
-    progress.update(2, f"{len(documents)} documents have at least {spec.min_words} words.")
-    documents = _filter_exact(documents, spec.dedup.exact, stats)
-    progress.update(3, f"{len(documents)} documents remain after exact deduplication.")
-    documents = _filter_near(documents, spec, stats)
-    progress.update(4, f"{len(documents)} documents remain after near-duplicate removal.")
-    documents = _filter_contaminated(config, spec, documents, stats)
-    progress.update(5, f"{len(documents)} documents remain after decontamination.")
-    _redact(documents, spec, stats)
-    progress.update(6, f"Redacted {sum(stats.pii_redactions.values())} PII spans.")
+    kept = _filter_min_words(documents, features, spec.min_words, stats)
+    _report(progress, 2, f"{len(kept)} documents have at least {spec.min_words} words.")
+    kept = _filter_exact(documents, kept, spec.dedup.exact, stats)
+    _report(progress, 3, f"{len(kept)} documents remain after exact deduplication.")
+    kept = _filter_near(documents, kept, spec, stats)
+    _report(progress, 4, f"{len(kept)} documents remain after near-duplicate removal.")
+    kept = _filter_contaminated(documents, kept, index, stats)
+    _report(progress, 5, f"{len(kept)} documents remain after decontamination.")
+    kept_documents = _redact(documents, kept, stats)
+    _report(progress, 6, f"Redacted {sum(stats.pii_redactions.values())} PII spans.")
 
-    _write_splits(output_dir, documents, spec, stats)
+    _write_splits(output_dir, kept_documents, spec, stats)
     stats.check()
     stats_json = stats.to_json()
     _write_reports(config.name, spec, output_dir, stats_json)
-    progress.update(7, f"Wrote {stats.documents_out} documents in {spec.shards} shards per split.")
+    _report(progress, 7, f"Wrote {stats.documents_out} documents in {spec.shards} shards per "
+                         "split.")  # fmt: skip
     if stats.documents_out == 0:
         raise StageError(
             config,
@@ -90,10 +119,17 @@ def run(config: StageConfig, resume: bool = False) -> dict[str, Any]:
             f"{output_dir / STATS} for what each filter removed, then add sources or relax "
             "minWords and the dedup threshold.",
         )
+    if count > 1:
+        workers.remove_parts(config)
     metrics = _metrics(stats)
     write_manifest(config, metrics)
     log.info("Corpus %s finished with %d documents.", config.name, stats.documents_out)
     return metrics
+
+
+def _report(progress: ProgressReporter | None, step: int, message: str) -> None:
+    if progress is not None:
+        progress.update(step, message)
 
 
 def _parse_spec(config: StageConfig) -> CorpusSpec:
@@ -131,8 +167,10 @@ def _read_all(
     sources: Sequence[Source],
     field: str,
     into: list[SourceStats],
+    normalize: bool = True,
 ) -> list[Document]:
-    """Read, normalize and name the documents of every source; record their stats in `into`."""
+    """Read and name the documents of every source, normalized unless `normalize` is False;
+    record their stats in `into`."""
     paths = [_resolve(config, source, f"{field}[{i}].path") for i, source in enumerate(sources)]
     documents: list[Document] = []
     seen_ids: Counter[str] = Counter()
@@ -144,11 +182,12 @@ def _read_all(
                 config, f"{field}[{i}].format", f"{error}; fix the file or the format."
             ) from error
         for document in read.documents:
-            document.text = normalize_text(
-                document.text,
-                spec.normalization.unicode_form,
-                spec.normalization.collapse_whitespace,
-            )
+            if normalize:
+                document.text = normalize_text(
+                    document.text,
+                    spec.normalization.unicode_form,
+                    spec.normalization.collapse_whitespace,
+                )
             document.id = _unique_id(f"{source.name}:{document.record_id}", seen_ids)
         documents.extend(read.documents)
         into.append(
@@ -185,70 +224,102 @@ def _check_unique_names(config: StageConfig, sources: Sequence[Source], field: s
 
 
 def _filter_min_words(
-    documents: list[Document], min_words: int, stats: CorpusStats
-) -> list[Document]:
+    documents: list[Document], features: list[workers.Features], min_words: int,
+    stats: CorpusStats,
+) -> list[workers.Features]:
     kept = []
-    for document in documents:
-        words = word_count(document.text)
-        if words >= min_words:
-            kept.append(document)
+    for item in features:
+        if item.words >= min_words:
+            kept.append(item)
         else:
-            stats.filters[MIN_WORDS].add(document.source, {"id": document.id, "words": words})
+            document = documents[item.position]
+            stats.filters[MIN_WORDS].add(document.source, {"id": document.id, "words": item.words})
     return kept
 
 
-def _filter_exact(documents: list[Document], enabled: bool, stats: CorpusStats) -> list[Document]:
+def _filter_exact(
+    documents: list[Document], features: list[workers.Features], enabled: bool,
+    stats: CorpusStats,
+) -> list[workers.Features]:
+    """Keep the first document of each group with identical (normalized) text."""
     if not enabled:
-        return documents
-    result = dedup.remove_exact_duplicates(documents)
-    for removed, kept in result.removed:
-        stats.filters[EXACT_DUPLICATES].add(
-            removed.source, {"id": removed.id, "duplicateOf": kept.id}
-        )
-    return result.kept
+        return features
+    kept = []
+    first_by_digest: dict[str, int] = {}
+    for item in features:
+        first = first_by_digest.setdefault(item.digest, item.position)
+        if first == item.position:
+            kept.append(item)
+        else:
+            removed = documents[item.position]
+            stats.filters[EXACT_DUPLICATES].add(
+                removed.source, {"id": removed.id, "duplicateOf": documents[first].id}
+            )
+    return kept
 
 
-def _filter_near(documents: list[Document], spec: CorpusSpec, stats: CorpusStats) -> list[Document]:
+def _filter_near(
+    documents: list[Document], features: list[workers.Features], spec: CorpusSpec,
+    stats: CorpusStats,
+) -> list[workers.Features]:
     near = spec.dedup.near
     if not near.enabled:
-        return documents
-    result = dedup.remove_near_duplicates(
-        documents, near.threshold, near.num_perm, near.shingle_size
+        return features
+    by_position = {item.position: item for item in features}
+    candidates = [documents[item.position] for item in features]
+    positions = {id(document): item.position for document, item in zip(candidates, features)}
+    result = dedup.remove_near_duplicates_by_fingerprint(
+        candidates, [item.fingerprint for item in features], near.threshold, near.num_perm
     )
     for removed, kept in result.removed:
         stats.filters[NEAR_DUPLICATES].add(
             removed.source, {"id": removed.id, "duplicateOf": kept.id}
         )
-    return result.kept
+    return [by_position[positions[id(document)]] for document in result.kept]
 
 
-def _filter_contaminated(
-    config: StageConfig, spec: CorpusSpec, documents: list[Document], stats: CorpusStats
-) -> list[Document]:
+def _eval_index(config: StageConfig, spec: CorpusSpec, stats: CorpusStats) -> EvalIndex | None:
+    """Read the evaluation sets and index their n-grams; None when the spec names none."""
     eval_sets = spec.decontamination.eval_sets
     if not eval_sets:
-        return documents
+        return None
     field = "spec.decontamination.evalSets"
     _check_unique_names(config, eval_sets, field)
     eval_documents = _read_all(config, spec, eval_sets, field, stats.eval_sets)
-    index = EvalIndex(eval_documents, spec.decontamination.ngram_size)
-    result = remove_contaminated(documents, index)
-    for removed, owner in result.removed:
-        stats.filters[DECONTAMINATION].add(
-            removed.source, {"id": removed.id, "overlaps": owner}
-        )
-    return result.kept
+    return EvalIndex(eval_documents, spec.decontamination.ngram_size)
 
 
-def _redact(documents: list[Document], spec: CorpusSpec, stats: CorpusStats) -> None:
-    kinds = [str(kind) for kind in spec.pii.redact]
-    if not kinds:
-        return
-    for document in documents:
-        document.text, counts = pii.redact(document.text, kinds)
-        if counts:
-            stats.pii_redactions.update(counts)
+def _filter_contaminated(
+    documents: list[Document], features: list[workers.Features], index: EvalIndex | None,
+    stats: CorpusStats,
+) -> list[workers.Features]:
+    if index is None:
+        return features
+    kept = []
+    for item in features:
+        if item.overlap is None:
+            kept.append(item)
+        else:
+            removed = documents[item.position]
+            stats.filters[DECONTAMINATION].add(
+                removed.source, {"id": removed.id, "overlaps": item.overlap}
+            )
+    return kept
+
+
+def _redact(
+    documents: list[Document], features: list[workers.Features], stats: CorpusStats
+) -> list[Document]:
+    """Return the kept documents with their redacted text, and count the redactions."""
+    kept = []
+    for item in features:
+        document = documents[item.position]
+        document.text = item.redacted
+        if item.redactions:
+            stats.pii_redactions.update(item.redactions)
             stats.pii_documents += 1
+        kept.append(document)
+    return kept
 
 
 def _write_splits(
