@@ -68,6 +68,7 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], str] = {
     ("monitoring.coreos.com", "podmonitors", "create"): "Reconciler._apply creates the PodMonitor",
     ("monitoring.coreos.com", "podmonitors", "patch"): "Reconciler._apply (PodMonitor)",
     ("", "events", "create"): "kopf posts events (core v1, POST only)",
+    ("", "events", "list"): "Reconciler._failed_create reads a Job's FailedCreate events",
     ("apiextensions.k8s.io", "customresourcedefinitions", "get"):
         "Reconciler._has_pod_monitor_crd",
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf's resource discovery",
@@ -91,6 +92,7 @@ CLIENT_METHODS: dict[str, tuple[str, str, str]] = {
     "patch_namespaced_job": ("batch", "jobs", "patch"),
     "delete_namespaced_job": ("batch", "jobs", "delete"),
     "list_namespaced_pod": ("", "pods", "list"),
+    "list_namespaced_event": ("", "events", "list"),
     "read_namespaced_deployment": ("apps", "deployments", "get"),
     "read_custom_resource_definition": ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
 }

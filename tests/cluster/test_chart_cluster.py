@@ -38,6 +38,7 @@ ALLOWED = [
     ("create", "deployments.apps", None),
     ("patch", "horizontalpodautoscalers.autoscaling", None),
     ("create", "events", None),
+    ("list", "events", None),
     ("watch", "corpora.lathe.dev", None),
     ("patch", "pretrainjobs.lathe.dev", "status"),
     ("update", "modeldeployments.lathe.dev", "finalizers"),

@@ -545,3 +545,30 @@ def test_unschedulable_pods_reported(cluster, namespace, lathe_operator, ready_i
         cluster.kubectl("delete", "pods", "-n", namespace, "--all", "--grace-period=0",
                         "--force", check=False)  # fmt: skip
         cluster.kubectl("delete", "node", "kwok-gpu-16x", check=False)
+
+
+def test_rejected_pods_reported(cluster, namespace, lathe_operator, ready_inputs, monkeypatch):
+    """A Job whose pods admission rejects (a missing PriorityClass) has no pod to read. Status
+    gives the Job controller's FailedCreate message and recovers once the class exists."""
+    monkeypatch.setattr(handlers, "RESYNC_SECONDS", 2.0)
+    monkeypatch.setattr(reconcile, "POD_START_GRACE_SECONDS", 2.0)
+    priority = f"lathe-test-{namespace}"
+    manifest = pretrain_job("no-class", nodes=1)
+    manifest["spec"]["scheduling"] = {"priorityClassName": priority}
+    cluster.apply(manifest, namespace)
+
+    def running() -> dict:
+        return condition(get(cluster, "PretrainJob", "no-class", namespace), "Running") or {}
+
+    cluster.wait_for(lambda: running().get("reason") == "PodsNotStarting",
+                     "Running=False (PodsNotStarting) on the PretrainJob", timeout=90)  # fmt: skip
+    assert "cannot create its pods" in running()["message"], running()
+    assert f"no PriorityClass with name {priority}" in running()["message"], running()
+    cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                   "metadata": {"name": priority}, "value": 1000})  # fmt: skip
+    try:
+        cluster.wait_for(lambda: running().get("reason") == "JobRunning",
+                         "Running=True (JobRunning) once the pods are created",
+                         timeout=120)  # fmt: skip
+    finally:
+        cluster.kubectl("delete", "priorityclass", priority, check=False)

@@ -34,7 +34,7 @@ def test_api_message_prefers_the_servers_text():
 
 
 def pod(name: str, waiting: tuple[str, str] | None = None, init: bool = False,
-        unschedulable: str | None = None) -> client.V1Pod:
+        unschedulable: str | None = None, age: float = 600.0) -> client.V1Pod:
     """A pod as the API server returns it, with one container waiting for `waiting`."""
     state = client.V1ContainerState(waiting=client.V1ContainerStateWaiting(
         reason=waiting[0], message=waiting[1])) if waiting else client.V1ContainerState()
@@ -43,8 +43,9 @@ def pod(name: str, waiting: tuple[str, str] | None = None, init: bool = False,
     conditions = [client.V1PodCondition(type="PodScheduled", status="False",
                                         reason="Unschedulable", message=unschedulable)
                   ] if unschedulable else []  # fmt: skip
+    created = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age)
     return client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name),
+        metadata=client.V1ObjectMeta(name=name, creation_timestamp=created),
         status=client.V1PodStatus(
             conditions=conditions,
             init_container_statuses=[container] if init else None,
@@ -87,3 +88,15 @@ def test_pods_late_after_grace(monkeypatch):
     assert not reconcile.pods_late(2, 2, old)
     assert not reconcile.pods_late(0, 0, old)
     assert not reconcile.pods_late(1, 0, None)
+
+
+def test_server_crash_loop_reported_after_grace():
+    looping = ("CrashLoopBackOff", "back-off 40s restarting failed container=sync-models")
+    reasons = reconcile.SERVER_STUCK_REASONS
+    assert reconcile._stuck_pod([pod("triton-a", looping, init=True)], reasons,
+                                late_only=True).startswith(
+        "Container sync of pod triton-a cannot start: CrashLoopBackOff")  # fmt: skip
+    # A pod younger than the grace is still starting, and Jobs do not count crash loops.
+    assert reconcile._stuck_pod([pod("triton-b", looping, init=True, age=5)], reasons,
+                                late_only=True) == ""  # fmt: skip
+    assert reconcile._stuck_pod([pod("lm-0", looping)]) == ""

@@ -181,10 +181,11 @@ and fails when a rule grants more or less.
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
   verbs: ["create", "patch"]
-# kopf posts Kubernetes events about the resources it handles (core v1 events, create only).
+# kopf posts Kubernetes events about the resources it handles (core v1 events), and the
+# operator lists a Job's events for the FailedCreate reason of pods that were never created.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end }}
 
 {{/*

@@ -7,11 +7,12 @@ generated from them (lathe.crdgen), and every field's description becomes `kubec
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "lathe.dev"
@@ -100,6 +101,10 @@ class ResourceRequirements(ApiModel):
     )
 
 
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 class Toleration(ApiModel):
     """A toleration of a node taint, as in a Kubernetes pod spec."""
 
@@ -117,7 +122,7 @@ class Toleration(ApiModel):
             check=lambda item: bool(item.key) or item.operator == "Exists",
         ),
         CelRule(
-            rule="!has(self.tolerationSeconds) || self.effect == 'NoExecute'",
+            rule="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
             message="tolerationSeconds applies only to effect NoExecute; remove it or set "
             "effect to NoExecute",
             check=lambda item: item.toleration_seconds is None or item.effect == "NoExecute",
@@ -155,8 +160,32 @@ class Scheduling(ApiModel):
     )
     priority_class_name: str | None = Field(
         default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
         description="PriorityClass of the pods, which decides scheduling order and preemption.",
     )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _check_labels(cls, selector: dict[str, str]) -> dict[str, str]:
+        # NB: checked here rather than in CEL, whose cost estimate for a regex over every key
+        # of an unbounded map exceeds the API server's budget.
+        for key, value in selector.items():
+            prefix, _, name = key.rpartition("/")
+            if (len(name) > 63 or not _LABEL_NAME.fullmatch(name)
+                    or (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)))):
+                raise ValueError(
+                    f"node selector key {key!r} is not a Kubernetes label key; use an optional "
+                    "DNS prefix and '/', then up to 63 letters, digits, '-', '_' or '.', starting "
+                    "and ending with a letter or digit"
+                )
+            if value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
+                raise ValueError(
+                    f"node selector value {value!r} of {key!r} is not a Kubernetes label value; "
+                    "use up to 63 letters, digits, '-', '_' or '.', starting and ending with a "
+                    "letter or digit"
+                )
+        return selector
 
     def pod_spec(self) -> dict[str, Any]:
         """Return the pod spec fields for these settings, in the API server's field names."""

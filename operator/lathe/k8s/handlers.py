@@ -520,7 +520,12 @@ def _pods_late(namespace: str, entry: dict[str, Any]) -> bool:
     if cached is None:
         return False
     job_status = cached[1]["status"]
-    return pods_late(job_status.get("active"), job_status.get("ready"), job_status.get("startTime"))
+    started = job_status.get("startTime")
+    if pods_late(job_status.get("active"), job_status.get("ready"), started):
+        return True
+    # A Job whose pods were never created, such as when admission rejects them.
+    never_created = not any(job_status.get(key) for key in ("active", "succeeded", "failed"))
+    return never_created and not cached[1]["spec"].get("suspend") and pods_late(1, 0, started)
 
 
 class _ResourceLogger(logging.LoggerAdapter):

@@ -44,12 +44,17 @@ JOB_CACHE_SECONDS = 30.0
 # Seconds a Job's pods may take to start before the operator looks at them for the reason they
 # have not. Within it, pods that wait for a node or an image are normal and cost no pod reads.
 POD_START_GRACE_SECONDS = 30.0
+# Seconds a found reason for pods not starting is reused before the pods are read again.
+STUCK_RECHECK_SECONDS = 300.0
 # Waiting reasons of a container that will not start until its spec or the cluster is fixed.
 # The kubelet keeps retrying them, so they leave the Job active rather than failed.
 STUCK_WAITING_REASONS = frozenset({
     "CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff",
     "InvalidImageName", "RunContainerError",
 })
+# A Triton pod restarts its containers, so a crash loop (the model repository copy failing, or
+# Triton exiting on a model it cannot load) also keeps it from becoming ready.
+SERVER_STUCK_REASONS = STUCK_WAITING_REASONS | {"CrashLoopBackOff"}
 
 
 @dataclass
@@ -92,6 +97,8 @@ class Reconciler:
         # time.monotonic() of the watch event that delivered them
         # (see lathe.k8s.handlers.on_job_event). A Job not in it is read from the API server.
         self.jobs: dict[tuple[str, str], tuple[float, dict]] = {}
+        # (namespace, Job name) -> (monotonic time, why its pods have not started).
+        self.stuck: dict[tuple[str, str], tuple[float, str]] = {}
         self._api_client = client.ApiClient()
 
     # -- entry point -----------------------------------------------------------------------
@@ -407,7 +414,7 @@ class Reconciler:
                                 for key, value in builders.triton_labels(serving).items())
             stuck = _stuck_pod(self.api.core.list_namespaced_pod(
                 namespace, label_selector=selector
-            ).items)
+            ).items, SERVER_STUCK_REASONS, late_only=True)
             if stuck:
                 reason = Reason.PODS_NOT_STARTING
                 message = f"{message} {stuck} Triton starts once the cause is fixed."
@@ -523,10 +530,43 @@ class Reconciler:
 
     def _pods_not_starting(self, namespace: str, job) -> str:
         """Return why a Job's pods have not started, once they are late. Return "" while they
-        are not late, or when no pod status gives a reason."""
-        if not pods_late(job.status.active, job.status.ready, job.status.start_time):
+        are not late, or when neither the pods nor the Job's events give a reason.
+
+        A found reason is reused for STUCK_RECHECK_SECONDS, so that many stuck Jobs do not
+        each cost a pod list on every resync.
+        """
+        key = (namespace, job.metadata.name)
+        status_ = job.status
+        waiting = not status_.active and not status_.succeeded and not status_.failed
+        if not (pods_late(status_.active, status_.ready, status_.start_time)
+                or (waiting and not job.spec.suspend
+                    and pods_late(1, 0, status_.start_time))):  # fmt: skip
+            self.stuck.pop(key, None)
             return ""
-        return _stuck_pod(self._job_pods(namespace, job.metadata.name))
+        cached = self.stuck.get(key)
+        if cached and time.monotonic() - cached[0] < STUCK_RECHECK_SECONDS:
+            return cached[1]
+        if waiting:
+            # No pod exists: admission rejected them (a missing PriorityClass, a quota), and
+            # only the Job controller's FailedCreate event records why.
+            reason = self._failed_create(namespace, job.metadata.name)
+        else:
+            reason = _stuck_pod(self._job_pods(namespace, job.metadata.name))
+        self.stuck[key] = (time.monotonic(), reason)
+        return reason
+
+    def _failed_create(self, namespace: str, job_name: str) -> str:
+        """Return the latest FailedCreate event of a Job as a sentence, or ""."""
+        events = self.api.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind=Job,involvedObject.name={job_name}"
+        ).items
+        failed = [event for event in events if event.reason == "FailedCreate"]
+        if not failed:
+            return ""
+        latest = max(failed, key=lambda event: event.last_timestamp or event.event_time
+                     or event.metadata.creation_timestamp)  # fmt: skip
+        detail = (latest.message or "").strip().rstrip(".")
+        return f"The Job controller cannot create its pods: {detail}."
 
     def _failed_pod(self, namespace: str, job) -> tuple[int | None, str, str]:
         """Return the exit code, reason and message of the first failed container of a Job."""
@@ -624,11 +664,19 @@ def pods_late(active: int | None, ready: int | None, started: dt.datetime | str 
     return time.time() - started.timestamp() >= POD_START_GRACE_SECONDS
 
 
-def _stuck_pod(pods: list) -> str:
+def _stuck_pod(pods: list, reasons: frozenset[str] = STUCK_WAITING_REASONS,
+               late_only: bool = False) -> str:  # fmt: skip
     """Describe the first pod that the scheduler cannot place or whose container cannot start:
-    a sentence that names the pod, the reason and the kubelet's or scheduler's message."""
+    a sentence that names the pod, the reason and the kubelet's or scheduler's message.
+
+    With `late_only`, pods created less than POD_START_GRACE_SECONDS ago are left out.
+    """
     for pod in sorted(pods, key=lambda item: item.metadata.name):
         name = pod.metadata.name
+        created = pod.metadata.creation_timestamp
+        if late_only and (created is None
+                          or time.time() - created.timestamp() < POD_START_GRACE_SECONDS):
+            continue
         for condition in pod.status.conditions or []:
             if (condition.type, condition.status, condition.reason) == (
                 "PodScheduled", "False", "Unschedulable"
@@ -639,7 +687,7 @@ def _stuck_pod(pods: list) -> str:
                     *(pod.status.container_statuses or [])]  # fmt: skip
         for container in statuses:
             waiting = container.state.waiting if container.state else None
-            if waiting and waiting.reason in STUCK_WAITING_REASONS:
+            if waiting and waiting.reason in reasons:
                 detail = (waiting.message or "").strip().rstrip(".")
                 return (f"Container {container.name} of pod {name} cannot start: "
                         f"{waiting.reason}{': ' + detail if detail else ''}.")  # fmt: skip

@@ -38,9 +38,23 @@ def repository_path(result: StageResult) -> Path:
 
 
 def fine_tuned_model_dir(result: StageResult) -> Path:
-    """Return the FineTune model directory the export started from, for the reference result."""
-    uri = result.manifest["inputs"]["model"]["uri"].rstrip("/") + "/model"
-    return remote.fetch(uri) if storage.is_remote(uri) else local_path(uri)
+    """Return the FineTune model directory the export started from, for the reference result.
+
+    A model on S3 is downloaded into the workspace, once per FineTune digest, so that the
+    reference of a rerun FineTune with the same URI is never its older model.
+    """
+    model_input = result.manifest["inputs"]["model"]
+    uri = model_input["uri"].rstrip("/") + "/model"
+    if not storage.is_remote(uri):
+        return local_path(uri)
+    target = result.directory / "reference" / model_input["digest"].removeprefix("sha256:")[:16]
+    # The marker sits beside the model, so an interrupted download is never taken as whole.
+    marker = target.with_name(f"{target.name}.complete")
+    if not marker.exists():
+        shutil.rmtree(target, ignore_errors=True)
+        remote.download(uri, target)
+        marker.touch()
+    return target
 
 
 def in_process_answer(result: StageResult, text: str) -> list[dict[str, Any]]:

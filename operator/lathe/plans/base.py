@@ -63,6 +63,10 @@ class ServingPlan:
     scheduling: Scheduling = field(default_factory=Scheduling)
 
 
+# Spec fields that cannot change a stage's output.
+_NOT_IN_STAGE_KEY = {"scheduling", "workers"}
+
+
 def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
     """Digest of what determines a stage's output: kind, spec, input digests and code version.
 
@@ -71,7 +75,12 @@ def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
     """
     payload = {
         "kind": resource.kind,
-        "spec": resource.spec.model_dump(mode="json", by_alias=True),
+        # Where the pods run, and how many Corpus workers share the work, change nothing in the
+        # output, so changing them keeps a finished output and its checkpoints.
+        "spec": resource.spec.model_dump(
+            mode="json", by_alias=True,
+            exclude=_NOT_IN_STAGE_KEY & type(resource.spec).model_fields.keys(),
+        ),
         "inputs": {role: item.digest for role, item in sorted(inputs.items())},
         "codeVersion": __version__,
     }
