@@ -572,3 +572,25 @@ def test_rejected_pods_reported(cluster, namespace, lathe_operator, ready_inputs
                          timeout=120)  # fmt: skip
     finally:
         cluster.kubectl("delete", "priorityclass", priority, check=False)
+
+
+def test_corpus_workers_job_shape(cluster, namespace, lathe_operator):
+    """A Corpus with three workers runs an Indexed Job of three pods without a rendezvous, and
+    each attempt's pods share one run id."""
+    document = next(doc for doc in yaml.safe_load_all((EXAMPLES / "01-corpus.yaml").read_text())
+                    if doc)  # fmt: skip
+    document["metadata"] = {"name": "wide"}
+    document["spec"]["workers"] = 3
+    cluster.apply(document, namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "wide", namespace)) == 1,
+                     "the Corpus's Job", timeout=60)  # fmt: skip
+    job = jobs_of(cluster, "wide", namespace)[0]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == 3
+    assert job["spec"]["parallelism"] == 3
+    pod = job["spec"]["template"]["spec"]
+    env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
+    owner = get(cluster, "Corpus", "wide", namespace)
+    assert env["LATHE_RUN_ID"] == f"{owner['metadata']['uid']}-0"
+    assert "RDZV_ENDPOINT" not in env
+    assert "subdomain" not in pod
