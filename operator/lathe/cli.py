@@ -32,14 +32,18 @@ class StageBars:
     def __init__(self, progress: Progress, resources):
         self.progress = progress
         self.tasks: dict[str, TaskID] = {
+            # Each bar's clock starts when its stage does, not when the run does.
             resource.key: progress.add_task(
-                f"{resource.kind} {resource.metadata.name}", total=None, status="pending"
+                f"{resource.kind} {resource.metadata.name}", total=None, status="pending",
+                start=False,
             )
             for resource in resources
         }
 
     def __call__(self, event: ProgressEvent) -> None:
         task = self.tasks[event.key]
+        if event.state in ("started", "reused") and not self.progress.tasks[task].started:
+            self.progress.start_task(task)
         if event.state in ("reused", "succeeded"):
             total = self.progress.tasks[task].total or 1
             self.progress.update(task, total=total, completed=total, status=event.message)
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, console)
     except LatheError as error:
-        console.print(f"error: {error}", style="red", highlight=False, markup=False)
+        # Errors go to stderr, so that `lathe ... > file` keeps only the results.
+        Console(stderr=True).print(f"error: {error}", style="red", highlight=False, markup=False)
         return 1
     except KeyboardInterrupt:
         console.print("Interrupted; finished stages are kept and are reused on the next run.")

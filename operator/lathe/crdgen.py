@@ -58,8 +58,11 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if len(options) != 1:
             raise ValueError(f"Cannot express a union of {len(options)} types structurally.")
         merged = {**to_structural(options[0], defs)}
-        if "description" in node:
-            merged["description"] = node["description"]
+        # Keywords on the optional field itself, such as a description or a pattern that
+        # json_schema_extra adds, apply to the value.
+        for key, value in node.items():
+            if key in _KEPT and key not in ("type", "nullable"):
+                merged[key] = value
         if nullable:
             merged["nullable"] = True
         return merged

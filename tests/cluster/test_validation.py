@@ -27,6 +27,8 @@ INVALID = [
     ("Corpus", {"split": {"validationFraction": 0.7}}, "spec.split.validationFraction"),
     ("Corpus", {"dedup": {"near": {"threshold": 1.5}}}, "spec.dedup.near.threshold"),
     ("Corpus", {"shards": 0}, "spec.shards"),
+    ("Corpus", {"storage": {"uri": "ftp://host/corpus"}}, "spec.storage.uri"),
+    ("Corpus", {"workers": 0}, "spec.workers"),
     ("Corpus", {"pii": {"redact": ["passport"]}}, "spec.pii.redact[0]"),
     ("Tokenizer", {"corpusRef": None}, "spec.corpusRef"),
     ("Tokenizer", {"vocabSize": 100}, "spec.vocabSize"),

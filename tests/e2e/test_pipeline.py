@@ -125,5 +125,6 @@ def test_cli_rejects_unknown_field_with_exit_code(tmp_path):
         capture_output=True, text=True,
     )
     assert completed.returncode == 1
-    assert "spec" in completed.stdout
-    assert "Corpus 'x'" in completed.stdout
+    assert "spec" in completed.stderr
+    assert "Corpus 'x'" in completed.stderr
+    assert completed.stdout == ""

@@ -144,7 +144,7 @@ def test_run_rejects_pvc_storage(tmp_path):
     resource.write_text(yaml.safe_dump(document))
     completed = lathe("validate", "-f", str(resource))
     assert completed.returncode == 1
-    output = " ".join(completed.stdout.split())
+    output = " ".join(completed.stderr.split())
     assert "Corpus/default/pubmed" in output, output
     assert "spec.storage.uri" in output
     assert "pvc://artifacts/corpus" in output
@@ -165,7 +165,7 @@ def test_run_keeps_foreign_folder(tmp_path, data_dir):
     completed = lathe("run", "-f", str(resource), "--workspace", str(tmp_path / "workspace"),
                       "--data-dir", str(data_dir))  # fmt: skip
     assert completed.returncode == 1
-    output = " ".join(completed.stdout.split())
+    output = " ".join(completed.stderr.split())
     assert "spec.storage.uri" in output, output
     assert "notes.txt" in output, output
     assert "point it to a new or empty location" in output

@@ -1133,3 +1133,10 @@ def test_invalid_node_selector_rejected(selector, message):
 def test_invalid_priority_class_rejected():
     with pytest.raises(ValueError, match="priorityClassName"):
         resource("PretrainJob", spec={"scheduling": {"priorityClassName": "Not_Valid"}})
+
+
+@pytest.mark.parametrize("uri", ["ftp://host/x", "/tmp/plain", "pvc://claim-only", "gs://b/p"])
+def test_storage_uri_scheme_rejected(uri):
+    with pytest.raises(ValueError, match="use file:///absolute/path, pvc://<claim>/<path> or "
+                                         "s3://<bucket>/<prefix>"):  # fmt: skip
+        resource("Corpus", spec={"storage": {"uri": uri}})

@@ -216,16 +216,30 @@ class PodMetadata(ApiModel):
     )
 
 
+_STORAGE_URI = re.compile(r"^(file:///|pvc://[^/]+/|s3://[^/]+)")
+
+
 class StorageSpec(ApiModel):
     """Where a stage writes its artifacts."""
 
     uri: str | None = Field(
         default=None,
+        # NB: the pattern goes only into the CRD; the validator below gives pydantic's error a
+        # message that says what to write.
+        json_schema_extra={"pattern": _STORAGE_URI.pattern},
         description=(
             "Output location: `file:///path`, `pvc://<claim>/<path>` or `s3://bucket/prefix`. "
             "When unset, the backend's artifact store decides (the workspace for `lathe run`)."
         ),
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _check_scheme(cls, uri: str | None) -> str | None:
+        if uri is not None and not _STORAGE_URI.match(uri):
+            raise ValueError("use file:///absolute/path, pvc://<claim>/<path> or "
+                             "s3://<bucket>/<prefix>")
+        return uri
 
 
 class ConditionStatus(str, enum.Enum):
