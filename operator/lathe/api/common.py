@@ -225,7 +225,7 @@ class StorageSpec(ApiModel):
     uri: str | None = Field(
         default=None,
         # NB: the pattern goes only into the CRD; the validator below gives pydantic's error a
-        # message that says what to write.
+        # message that names the accepted forms.
         json_schema_extra={"pattern": _STORAGE_URI.pattern},
         description=(
             "Output location: `file:///path`, `pvc://<claim>/<path>` or `s3://bucket/prefix`. "
