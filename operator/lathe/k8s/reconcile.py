@@ -628,6 +628,9 @@ class Reconciler:
 
 
 def _run_hash(resource: Resource) -> str:
+    # NOTE: the inputs' digests are not part of a run, so a finished resource is not rerun when
+    # an input is rerun with a new digest. Adding them needs Job names that differ between two
+    # runs of one generation.
     spec = resource.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
     encoded = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
