@@ -164,12 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    console = Console(stderr=False)
+    # Long lines such as artifact URIs stay whole when the output is not a terminal, and digests
+    # are not coloured as if they were numbers or addresses.
+    console = Console(stderr=False, soft_wrap=True, highlight=False)
     try:
         return args.handler(args, console)
     except LatheError as error:
         # Errors go to stderr, so that `lathe ... > file` keeps only the results.
-        Console(stderr=True).print(f"error: {error}", style="red", highlight=False, markup=False)
+        Console(stderr=True, soft_wrap=True).print(f"error: {error}", style="red", highlight=False,
+                                                   markup=False)
         return 1
     except KeyboardInterrupt:
         console.print("Interrupted; finished stages are kept and are reused on the next run.")

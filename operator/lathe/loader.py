@@ -38,7 +38,8 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return field, f"unknown field {field.rsplit('.', 1)[-1]!r}; remove it or fix its spelling."
     if error["type"] == "missing":
         return field, "required field is missing; add it."
-    message = error["msg"].rstrip(".")
+    # A validator's own message is the fix; pydantic prefixes it with "Value error, ".
+    message = error["msg"].removeprefix("Value error, ").rstrip(".")
     return field, f"invalid value {value!r}: {message}; correct the value."
 
 

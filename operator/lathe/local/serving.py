@@ -78,7 +78,9 @@ def serve_and_query(
                               f"[{entity['start']}:{entity['end']}]")
         else:
             console.print("  (no entities found)")
-        if keep_serving:
+        if not keep_serving:
+            console.print("Triton stops now; run with --serve to keep it running.")
+        else:
             console.print("Serving until interrupted (Ctrl-C).")
             try:
                 while server.process.poll() is None:
