@@ -77,16 +77,28 @@ def training_steps(flush_denormal: bool) -> float:
     if flush_denormal:
         torch.set_flush_denormal(True)
     model, optimizer, batch = build_model()
+
+    def backward() -> None:
+        model(input_ids=batch, labels=batch).loss.backward()
+
+    return batch.numel() / median_step_seconds(model, optimizer, backward)
+
+
+def median_step_seconds(model, optimizer, backward) -> float:
+    """Return the median seconds of a training step after the warm-up steps. `backward` runs
+    the forward and backward passes of one step."""
+    import torch
+
     times = []
     for step in range(STEPS):
         started = time.perf_counter()
-        model(input_ids=batch, labels=batch).loss.backward()
+        backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= WARMUP_STEPS:
             times.append(time.perf_counter() - started)
-    return batch.numel() / statistics.median(times)
+    return statistics.median(times)
 
 
 def ddp_steps(variant: str) -> float:
@@ -105,30 +117,26 @@ def ddp_steps(variant: str) -> float:
     if variant == "ddp-static-graph":
         options["static_graph"] = True
     wrapped = DistributedDataParallel(model, **options)
-    times = []
-    for step in range(STEPS):
-        started = time.perf_counter()
-        if variant == "ddp-one-all-reduce":
-            with wrapped.no_sync():
-                wrapped(input_ids=batch, labels=batch).loss.backward()
-            gradients = [parameter.grad for parameter in model.parameters()]
-            flat = torch.cat([gradient.reshape(-1) for gradient in gradients])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            offset = 0
-            for gradient in gradients:
-                gradient.copy_(flat[offset:offset + gradient.numel()].view_as(gradient))
-                offset += gradient.numel()
-        else:
+
+    def backward() -> None:
+        if variant != "ddp-one-all-reduce":
             wrapped(input_ids=batch, labels=batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= WARMUP_STEPS:
-            times.append(time.perf_counter() - started)
+            return
+        with wrapped.no_sync():
+            wrapped(input_ids=batch, labels=batch).loss.backward()
+        gradients = [parameter.grad for parameter in model.parameters()]
+        flat = torch.cat([gradient.reshape(-1) for gradient in gradients])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for gradient in gradients:
+            gradient.copy_(flat[offset:offset + gradient.numel()].view_as(gradient))
+            offset += gradient.numel()
+
+    seconds = median_step_seconds(model, optimizer, backward)
     world = dist.get_world_size()
     dist.destroy_process_group()
-    return world * batch.numel() / statistics.median(times)
+    return world * batch.numel() / seconds
 
 
 def worker(variant: str) -> None:

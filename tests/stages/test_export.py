@@ -102,7 +102,7 @@ def test_example_writes_every_output(example_run):
     for model in ("pubmed_ner", "pubmed_ner_tokenizer", "pubmed_ner_model",
                   "pubmed_ner_postprocess"):
         assert f"model_repository/{model}/config.pbtxt" in manifest["outputs"]
-    # The ensemble's version directory holds a file, so it survives object stores.
+    # The ensemble's version directory contains a file, so it survives object stores.
     assert "model_repository/pubmed_ner/1/README.txt" in manifest["outputs"]
 
 

@@ -56,8 +56,8 @@ if __name__ == "__main__":
         # the teardown of obstore's and fsspec's threads at interpreter exit, so the process
         # ends without that teardown once its output is uploaded and its logs are flushed.
         # Through the normal teardown, 65 later runs (40 Tokenizer, 25 two-process PretrainJob)
-        # all exited with 0, so the fault is rare or was elsewhere; faulthandler now prints the
-        # stacks if it comes back.
+        # all exited with 0, so the fault is rare or was elsewhere. If it comes back,
+        # faulthandler prints the stacks.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

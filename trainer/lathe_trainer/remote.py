@@ -61,7 +61,7 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
         for role, item in remote_inputs.items():
             local = scratch / "inputs" / role
             # An upstream's checkpoints are its own restart state, never an input downstream.
-            _download_once(item.uri, local, skip=(f"{CHECKPOINTS}/",))
+            download_once(item.uri, local, skip=(f"{CHECKPOINTS}/",))
             inputs[role] = item.model_copy(update={"uri": f"file://{local}"})
         output_uri = config.output_uri
         if remote_output:
@@ -69,7 +69,7 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
             # A PretrainJob writes its checkpoints straight to the remote output, where every
             # node reads the same ones (lathe_trainer.pretrain.stage._checkpoint_root).
             skip = (f"{CHECKPOINTS}/",) if config.kind == "PretrainJob" else ()
-            _download_once(config.output_uri, local_output, skip=skip)
+            download_once(config.output_uri, local_output, skip=skip)
             output_uri = f"file://{local_output}"
 
     staged_from = {inputs[role].uri: item.uri for role, item in remote_inputs.items()}
@@ -78,8 +78,8 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
     local_config = config.model_copy(
         update={"inputs": inputs, "output_uri": output_uri, "staged_from": staged_from}
     )
-    # Only global rank 0 writes the output, so only it mirrors. A Corpus worker has no RANK
-    # (it runs without torchrun), and its completion index stands in for it.
+    # Only global rank 0 writes the output, so only it mirrors. A Corpus worker runs without
+    # torchrun and so has no RANK; its completion index serves as its rank.
     rank = os.environ.get("RANK") or os.environ.get("JOB_COMPLETION_INDEX") or "0"
     if not remote_output or int(rank) != 0:
         yield local_config
@@ -159,7 +159,7 @@ def used_object_store() -> bool:
 
 
 def scratch_dir(config: StageConfig, root: Path | None = None) -> Path:
-    """Return the node-local directory that holds a stage's staged inputs and output.
+    """Return the node-local directory that contains a stage's staged inputs and output.
 
     `root` defaults to LATHE_SCRATCH_DIR, else the system's temporary directory.
     """
@@ -182,7 +182,7 @@ def _node_lock(scratch: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _download_once(uri: str, local: Path, skip: tuple[str, ...] = ()) -> None:
+def download_once(uri: str, local: Path, skip: tuple[str, ...] = ()) -> None:
     """Copy the tree at `uri` into `local`, unless an earlier process on this node did."""
     # NB: the marker sits beside the tree, because a file inside an output would be digested.
     marker = local.parent / f"{local.name}{COMPLETE}"

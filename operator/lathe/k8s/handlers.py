@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from lathe.api import GROUP, KINDS, VERSION
 from lathe.k8s import metrics, progress
 from lathe import status
-from lathe.k8s.reconcile import Reconciler, parse, pods_late
+from lathe.k8s.reconcile import Reconciler, job_overdue, parse
 from lathe.k8s.settings import OperatorSettings
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "lathe-operator"}
@@ -520,12 +520,9 @@ def _pods_late(namespace: str, entry: dict[str, Any]) -> bool:
     if cached is None:
         return False
     job_status = cached[1]["status"]
-    started = job_status.get("startTime")
-    if pods_late(job_status.get("active"), job_status.get("ready"), started):
-        return True
-    # A Job whose pods were never created, such as when admission rejects them.
-    never_created = not any(job_status.get(key) for key in ("active", "succeeded", "failed"))
-    return never_created and not cached[1]["spec"].get("suspend") and pods_late(1, 0, started)
+    return job_overdue(job_status.get("active"), job_status.get("ready"),
+                       job_status.get("succeeded"), job_status.get("failed"),
+                       bool(cached[1]["spec"].get("suspend")), job_status.get("startTime"))
 
 
 class _ResourceLogger(logging.LoggerAdapter):

@@ -536,17 +536,15 @@ class Reconciler:
         each cost a pod list on every resync.
         """
         key = (namespace, job.metadata.name)
-        status_ = job.status
-        waiting = not status_.active and not status_.succeeded and not status_.failed
-        if not (pods_late(status_.active, status_.ready, status_.start_time)
-                or (waiting and not job.spec.suspend
-                    and pods_late(1, 0, status_.start_time))):  # fmt: skip
+        job_status = job.status
+        if not job_overdue(job_status.active, job_status.ready, job_status.succeeded,
+                           job_status.failed, bool(job.spec.suspend), job_status.start_time):
             self.stuck.pop(key, None)
             return ""
         cached = self.stuck.get(key)
         if cached and time.monotonic() - cached[0] < STUCK_RECHECK_SECONDS:
             return cached[1]
-        if waiting:
+        if not (job_status.active or job_status.succeeded or job_status.failed):
             # No pod exists: admission rejected them (a missing PriorityClass, a quota), and
             # only the Job controller's FailedCreate event records why.
             reason = self._failed_create(namespace, job.metadata.name)
@@ -665,6 +663,17 @@ def pods_late(active: int | None, ready: int | None, started: dt.datetime | str 
     if isinstance(started, str):
         started = dt.datetime.fromisoformat(started.replace("Z", "+00:00"))
     return time.time() - started.timestamp() >= POD_START_GRACE_SECONDS
+
+
+def job_overdue(active: int | None, ready: int | None, succeeded: int | None,
+                failed: int | None, suspended: bool, started: dt.datetime | str | None) -> bool:
+    """Return True when a Job that started POD_START_GRACE_SECONDS ago or more has active pods
+    that are not ready, or, unless suspended, has never had a pod, as when admission rejects
+    them. The arguments are the Job's spec.suspend and status fields."""
+    if pods_late(active, ready, started):
+        return True
+    never_created = not (active or succeeded or failed)
+    return never_created and not suspended and pods_late(1, 0, started)
 
 
 def _stuck_pod(pods: list, reasons: frozenset[str] = STUCK_WAITING_REASONS,

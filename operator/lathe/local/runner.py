@@ -200,16 +200,14 @@ class LocalRunner:
         key_file = directory / "stage-key"
         same_key = key_file.is_file() and key_file.read_text() == key
         filesystem, path = storage.resolve(output_uri)
-        if not same_key and resource.spec.storage.uri:
-            _check_replaceable(resource, filesystem, path, output_uri)
         if not same_key:
-            # Checkpoints of another spec must not be resumed from.
+            if resource.spec.storage.uri:
+                _check_replaceable(resource, filesystem, path, output_uri)
+            # Checkpoints of another spec must not be resumed from, and the staged copies of
+            # another key's run are never read again.
             storage.remove_tree(filesystem, path)
-        if storage.is_remote(output_uri):
-            if not same_key:
-                # The staged copies of another key's run are never read again.
-                shutil.rmtree(directory / "scratch", ignore_errors=True)
-        else:
+            shutil.rmtree(directory / "scratch", ignore_errors=True)
+        if not storage.is_remote(output_uri):
             (local_path(output_uri) / PROGRESS).unlink(missing_ok=True)
             local_path(output_uri).mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)

@@ -8,7 +8,6 @@ wheel on 127.0.0.1 with it, as the Kubernetes backend starts Triton in a Deploym
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def repository_path(result: StageResult) -> Path:
-    """Return the local model repository, downloaded first when the export wrote it to S3."""
+    """Return the local model repository, downloaded once per export digest when the export
+    wrote it to S3, because Triton reads it from disk."""
     uri = plans.serving(result.resource, result.output_uri).repository_uri
     if not storage.is_remote(uri):
         return local_path(uri)
-    # Triton reads the repository from disk; a Deployment's init container copies it the same way.
-    target = result.directory / "triton" / "model_repository"
-    shutil.rmtree(target, ignore_errors=True)
-    remote.download(uri, target)
-    return target
+    return _local_copy(uri, result.directory / "triton", result.manifest["digest"])
 
 
 def fine_tuned_model_dir(result: StageResult) -> Path:
@@ -47,13 +43,13 @@ def fine_tuned_model_dir(result: StageResult) -> Path:
     uri = model_input["uri"].rstrip("/") + "/model"
     if not storage.is_remote(uri):
         return local_path(uri)
-    target = result.directory / "reference" / model_input["digest"].removeprefix("sha256:")[:16]
-    # The marker sits beside the model, so an interrupted download is never taken as whole.
-    marker = target.with_name(f"{target.name}.complete")
-    if not marker.exists():
-        shutil.rmtree(target, ignore_errors=True)
-        remote.download(uri, target)
-        marker.touch()
+    return _local_copy(uri, result.directory / "reference", model_input["digest"])
+
+
+def _local_copy(uri: str, parent: Path, digest: str) -> Path:
+    """Download the tree at `uri` into a folder of `parent` named by `digest`, once."""
+    target = parent / digest.removeprefix("sha256:")[:16]
+    remote.download_once(uri, target)
     return target
 
 

@@ -94,15 +94,15 @@ def run(config: StageConfig, resume: bool = False) -> dict[str, Any]:
                            f"{len(documents)} documents.")  # fmt: skip
     _report(progress, 1, f"Read {len(documents)} documents from {len(spec.sources)} sources.")
 
-    kept = _filter_min_words(documents, features, spec.min_words, stats)
-    _report(progress, 2, f"{len(kept)} documents have at least {spec.min_words} words.")
-    kept = _filter_exact(documents, kept, spec.dedup.exact, stats)
-    _report(progress, 3, f"{len(kept)} documents remain after exact deduplication.")
-    kept = _filter_near(documents, kept, spec, stats)
-    _report(progress, 4, f"{len(kept)} documents remain after near-duplicate removal.")
-    kept = _filter_contaminated(documents, kept, index, stats)
-    _report(progress, 5, f"{len(kept)} documents remain after decontamination.")
-    kept_documents = _redact(documents, kept, stats)
+    remaining = _filter_min_words(documents, features, spec.min_words, stats)
+    _report(progress, 2, f"{len(remaining)} documents have at least {spec.min_words} words.")
+    remaining = _filter_exact(documents, remaining, spec.dedup.exact, stats)
+    _report(progress, 3, f"{len(remaining)} documents remain after exact deduplication.")
+    remaining = _filter_near(documents, remaining, spec, stats)
+    _report(progress, 4, f"{len(remaining)} documents remain after near-duplicate removal.")
+    remaining = _filter_contaminated(documents, remaining, index, stats)
+    _report(progress, 5, f"{len(remaining)} documents remain after decontamination.")
+    kept_documents = _redact(documents, remaining, stats)
     _report(progress, 6, f"Redacted {sum(stats.pii_redactions.values())} PII spans.")
 
     _write_splits(output_dir, kept_documents, spec, stats)
@@ -265,9 +265,7 @@ def _filter_near(
     near = spec.dedup.near
     if not near.enabled:
         return features
-    by_position = {item.position: item for item in features}
     candidates = [documents[item.position] for item in features]
-    positions = {id(document): item.position for document, item in zip(candidates, features)}
     result = dedup.remove_near_duplicates_by_fingerprint(
         candidates, [item.fingerprint for item in features], near.threshold, near.num_perm
     )
@@ -275,7 +273,8 @@ def _filter_near(
         stats.filters[NEAR_DUPLICATES].add(
             removed.source, {"id": removed.id, "duplicateOf": kept.id}
         )
-    return [by_position[positions[id(document)]] for document in result.kept]
+    kept_ids = {document.id for document in result.kept}
+    return [item for item in features if documents[item.position].id in kept_ids]
 
 
 def _eval_index(config: StageConfig, spec: CorpusSpec, stats: CorpusStats) -> EvalIndex | None:
