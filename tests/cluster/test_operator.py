@@ -37,11 +37,11 @@ def test_every_transition_posts_one_event(cluster, namespace, lathe_operator, re
     # The wake-up that found the Corpus finished also created the Job: one Event for both.
     assert len(by_reason["JobCreated"]) == 1, by_reason
     assert by_reason["JobCreated"][0].startswith("InputsReady=True: ")
-    assert "Running=True: Created Job missing-on-purpose-tokenizer-g1-" in (
+    assert "Running=True: Created Job missing-on-purpose-tokenizer-r1-" in (
         by_reason["JobCreated"][0])
     assert len(by_reason["JobSucceeded"]) == 1, by_reason
     assert by_reason["JobSucceeded"][0].startswith("Running=False: The Job completed. ")
-    assert "Succeeded=True: Job missing-on-purpose-tokenizer-g1-" in (
+    assert "Succeeded=True: Job missing-on-purpose-tokenizer-r1-" in (
         by_reason["JobSucceeded"][0])
 
 
@@ -71,6 +71,14 @@ def test_example_runs_in_dependency_order(cluster, namespace, lathe_operator):
         # Argo CD's health check, run as Argo CD runs it, agrees on the live object.
         assert run_health(kind, obj)["status"] == "Healthy", (kind, run_health(kind, obj))
         finished.append(obj)
+
+    # Triton serves the export that the status reports: a new export changes this annotation,
+    # which rolls the pods.
+    deployment_status = get(cluster, "ModelDeployment", names["ModelDeployment"], namespace)
+    triton = cluster.get_json("deployment", f"{names['ModelDeployment']}-triton", "-n", namespace)
+    assert triton["spec"]["template"]["metadata"]["annotations"] == {
+        "lathe.dev/repository-digest": deployment_status["status"]["artifact"]["digest"]
+    }
 
     # Each stage's Job was created only after the Job of the stage it reads from completed.
     for upstream, downstream in zip(ORDER, ORDER[1:]):
@@ -278,11 +286,65 @@ def test_spec_change_moves_observed_generation(cluster, namespace, lathe_operato
     cluster.wait_for(
         lambda: [j["metadata"]["name"] for j in jobs_of(cluster, "regen", namespace)
                  if not j["metadata"].get("deletionTimestamp")] and all(
-            "-g2-" in j["metadata"]["name"] for j in jobs_of(cluster, "regen", namespace)),
-        "only the generation-2 Job to remain", timeout=60,
+            "-r2-" in j["metadata"]["name"] for j in jobs_of(cluster, "regen", namespace)),
+        "only the second run's Job to remain", timeout=60,
     )
     running = condition(get(cluster, "PretrainJob", "regen", namespace), "Running")
     assert running["observedGeneration"] == 2
+
+
+def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operator):
+    """A Corpus that runs again with a new output makes its finished Tokenizer run again. The
+    new run keeps the generation but gets a new Job name, and the status records its input."""
+    documents = [doc for path in ("01-corpus.yaml", "02-tokenizer.yaml")
+                 for doc in yaml.safe_load_all((EXAMPLES / path).read_text()) if doc]
+    for document in documents:
+        document["metadata"]["name"] = "rerun-input"
+        if document["kind"] == "Tokenizer":
+            document["spec"]["corpusRef"]["name"] = "rerun-input"
+        cluster.apply(document, namespace)
+
+    def tokenizer_read(digest: str) -> bool:
+        obj = get(cluster, "Tokenizer", "rerun-input", namespace)
+        return (is_true(cluster, "Tokenizer", "rerun-input", namespace, "Succeeded")
+                and obj["status"].get("inputDigests") == {"corpus": digest})
+
+    def corpus_digest() -> str | None:
+        obj = get(cluster, "Corpus", "rerun-input", namespace)
+        done = is_true(cluster, "Corpus", "rerun-input", namespace, "Succeeded") and (
+            obj["status"].get("observedGeneration") == obj["metadata"]["generation"])
+        return obj["status"]["artifact"]["digest"] if done else None
+
+    cluster.wait_for(lambda: corpus_digest() is not None, "the Corpus to succeed", timeout=120)
+    first = corpus_digest()
+    cluster.wait_for(lambda: tokenizer_read(first), "the Tokenizer to succeed on the Corpus",
+                     timeout=120)
+    tokenizer = get(cluster, "Tokenizer", "rerun-input", namespace)
+    assert tokenizer["status"]["jobName"] == "rerun-input-tokenizer-r1-0"
+
+    cluster.kubectl("patch", plural("Corpus"), "rerun-input", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"dedup": {"near": {"threshold": 0.85}}}}')
+    cluster.wait_for(lambda: corpus_digest() not in (None, first),
+                     "the changed Corpus to succeed with a new digest", timeout=120)
+    second = corpus_digest()
+    cluster.wait_for(lambda: tokenizer_read(second),
+                     "the Tokenizer to run again on the new Corpus output", timeout=120)
+
+    tokenizer = get(cluster, "Tokenizer", "rerun-input", namespace)
+    assert tokenizer["metadata"]["generation"] == 1
+    assert tokenizer["status"]["jobName"] == "rerun-input-tokenizer-r2-0"
+    assert tokenizer["status"]["run"] == 2
+    config_map = cluster.get_json("configmap", "rerun-input-tokenizer-r2-0", "-n", namespace)
+    config = json.loads(config_map["data"]["config.json"])
+    assert config["inputs"]["corpus"]["digest"] == second
+    # The first run's Job is deleted once the new run starts.
+    cluster.wait_for(
+        lambda: [j["metadata"]["name"] for j in jobs_of(cluster, "rerun-input", namespace)
+                 if j["metadata"]["labels"]["lathe.dev/kind"] == "Tokenizer"
+                 and not j["metadata"].get("deletionTimestamp")]
+        == ["rerun-input-tokenizer-r2-0"],
+        "only the second run's Tokenizer Job to remain", timeout=60,
+    )
 
 
 def test_delete_mid_run_removes_owned_objects(cluster, namespace, lathe_operator, ready_inputs):
@@ -591,6 +653,6 @@ def test_corpus_workers_job_shape(cluster, namespace, lathe_operator):
     pod = job["spec"]["template"]["spec"]
     env = {item["name"]: item.get("value") for item in pod["containers"][0]["env"]}
     owner = get(cluster, "Corpus", "wide", namespace)
-    assert env["LATHE_RUN_ID"] == f"{owner['metadata']['uid']}-0"
+    assert env["LATHE_RUN_ID"] == f"{owner['metadata']['uid']}-r1-0"
     assert "RDZV_ENDPOINT" not in env
     assert "subdomain" not in pod

@@ -237,6 +237,29 @@ def test_resume_continues_from_checkpoint(make_config, base_output):
     assert resumed["f1"] == pytest.approx(first["f1"], abs=1e-6)
 
 
+def test_resume_of_another_spec_starts_over(make_config, base_output):
+    """--resume skips only phases and continues only checkpoints of the same spec and inputs:
+    the operator passes --resume to every attempt, and a changed spec must be trained anew."""
+    small = dict(compareFromScratch=False, maxTrainSentences=200, maxEvalSentences=40)
+    config = make_config(resource(**small), base_input(base_output))
+    stage.run(config, resume=False)
+    output = Path(config.output_uri.removeprefix("file://"))
+    assert (output / "checkpoints" / "resume-key").read_text() == config.resume_key
+
+    changed = make_config(
+        resource(**small, training={"maxSteps": 20, "microBatchSize": 8, "learningRate": 0.01,
+                                    "warmupSteps": 2, "checkpointInterval": 10}),
+        base_input(base_output), output=output,
+    )
+    assert changed.resume_key != config.resume_key
+    again = stage.run(changed, resume=True)
+    report = json.loads((output / "report.json").read_text())
+    assert again["steps"] == 20
+    assert not report["test"].get("resumedFromStep")
+    assert not (output / "checkpoints" / "lora" / "step-00000120").exists()
+    assert (output / "checkpoints" / "resume-key").read_text() == changed.resume_key
+
+
 @pytest.mark.parametrize(
     ("field", "data"),
     [

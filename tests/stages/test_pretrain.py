@@ -197,11 +197,12 @@ def test_two_process_run_trains(make_config, tmp_path, inputs):
 
 
 def test_resume_continues_from_checkpoint(make_config, tmp_path, inputs):
-    """A run resumed with a larger maxSteps continues at the checkpoint's step."""
+    """A resumed run continues at the latest checkpoint's step and counts only the new steps."""
     output = tmp_path / "out"
-    run_stage(make_config, tmp_path, pretrain_resource(maxSteps=8), inputs["full"], output)
-    metrics = run_stage(make_config, tmp_path, pretrain_resource(maxSteps=12), inputs["full"],
-                        output, resume=True)
+    resource = pretrain_resource(maxSteps=12, keepCheckpoints=3)
+    run_stage(make_config, tmp_path, resource, inputs["full"], output)
+    shutil.rmtree(output / "checkpoints" / "step-00000012")
+    metrics = run_stage(make_config, tmp_path, resource, inputs["full"], output, resume=True)
 
     assert metrics["resumedFromStep"] == 8
     assert metrics["newSteps"] == 4
@@ -211,6 +212,32 @@ def test_resume_continues_from_checkpoint(make_config, tmp_path, inputs):
     resumed = records.index(next(r for r in records if r["message"] == "Starting at step 8."))
     assert [r["completed"] for r in records[resumed:] if "gradNorm" in r] == [9, 10, 11, 12]
     assert metrics["firstLoss"] == step_losses(output)[1]
+
+
+def test_resume_of_another_spec_starts_over(make_config, tmp_path, inputs):
+    """--resume continues only checkpoints of the same spec and inputs (the resume key). The
+    operator passes --resume to every attempt, so a changed spec or a rerun input, such as a
+    larger maxSteps here, must start from step 0 instead of from the earlier run's end."""
+    output = tmp_path / "out"
+    first = run_stage(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=4),
+                      inputs["full"], output)
+    metrics = run_stage(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=8),
+                        inputs["full"], output, resume=True)
+
+    assert metrics["resumedFromStep"] is None
+    assert metrics["newSteps"] == 8
+    assert metrics["firstLoss"] == pytest.approx(first["firstLoss"], rel=1e-6)
+    state = json.loads((output / "checkpoints" / "step-00000008" / "state.json").read_text())
+    assert state["resumeKey"] == make_config(pretrain_resource(procs=1, maxSteps=8),
+                                             inputs["full"], output=output).resume_key
+    assert [step for step, _ in checkpoint.list_checkpoints(output / "checkpoints")] == [4, 8]
+
+    other_corpus = {**inputs["full"], "corpus": inputs["full"]["corpus"].model_copy(
+        update={"digest": "sha256:another"})}
+    again = run_stage(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=8),
+                      other_corpus, output, resume=True)
+    assert again["resumedFromStep"] is None
+    assert again["newSteps"] == 8
 
 
 def test_resume_reproduces_uninterrupted_run(make_config, tmp_path, inputs):
@@ -236,14 +263,18 @@ def test_resume_after_exhausted_data_starts_next_epoch(make_config, tmp_path, in
     sequences = len(pack_split(tokenizer, tiny["corpus"].uri, "train", 64))
     steps_per_epoch = sequences // 4
     output = tmp_path / "out"
-    first = run_stage(make_config, tmp_path,
-                      pretrain_resource(procs=1, maxSteps=steps_per_epoch), tiny, output)
-    assert first["epochs"] > 1 - 4 / sequences, "the first run must use up the epoch"
+    resource = pretrain_resource(procs=1, maxSteps=steps_per_epoch + 3,
+                                 checkpointInterval=steps_per_epoch, keepCheckpoints=2)
+    run_stage(make_config, tmp_path, resource, tiny, output)
+    # Keep only the checkpoint taken when the epoch's data ran out.
+    shutil.rmtree(output / "checkpoints" / checkpoint.step_dir_name(steps_per_epoch + 3))
+    saved = json.loads((output / "checkpoints" / checkpoint.step_dir_name(steps_per_epoch)
+                        / "state.json").read_text())
+    assert saved["step"] == steps_per_epoch
 
-    metrics = run_stage(make_config, tmp_path,
-                        pretrain_resource(procs=1, maxSteps=steps_per_epoch + 3), tiny, output,
-                        resume=True)
+    metrics = run_stage(make_config, tmp_path, resource, tiny, output, resume=True)
 
+    assert metrics["resumedFromStep"] == steps_per_epoch
     assert metrics["newSteps"] == 3
     assert metrics["steps"] == steps_per_epoch + 3
     assert progress(output)[-1]["epoch"] == 1
@@ -312,10 +343,13 @@ def test_missing_tokenizer_output_rejected(make_config, tmp_path, inputs):
 
 
 def test_resume_with_changed_model_rejected(make_config, tmp_path, inputs):
+    """A config without a resume key, as written by hand, resumes a checkpoint only when its
+    model, sequence length and strategy match. Other checkpoints are rejected with the fix."""
     run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=2), inputs["tiny"])
     changed = pretrain_resource(procs=1, model={"hiddenSize": 32}, maxSteps=4)
+    config = make_config(changed, inputs["tiny"], output=tmp_path / "out")
     with pytest.raises(StageError, match="run without --resume to start over"):
-        run_in_process(make_config, tmp_path, changed, inputs["tiny"], resume=True)
+        stage.run(config.model_copy(update={"resume_key": ""}), resume=True)
 
 
 def test_non_finite_loss_fails_without_saving(make_config, tmp_path, inputs):

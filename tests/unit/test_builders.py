@@ -7,6 +7,7 @@ and once under the real `torchrun`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -167,7 +168,7 @@ def test_job_host_names_fit_dns_label(nodes):
     model = resource("PretrainJob", name="p" * 63, spec={"distributed": {"nodes": nodes}})
     name = builders.job_name(plan_for(model), 12)
     assert len(f"{name}-{nodes - 1}") <= 63
-    assert name.endswith("-pretrain-g3-12")
+    assert name.endswith("-pretrain-r1-12")
 
 
 @pytest.mark.parametrize(
@@ -389,7 +390,7 @@ def test_config_map_holds_pod_config():
     model = resource("PretrainJob")
     plan = plan_for(model)
     built = builders.config_map(plan, owner_of(model), STORE, 2)
-    assert built["metadata"]["name"] == "med-pretrain-g3-2"
+    assert built["metadata"]["name"] == "med-pretrain-r1-2"
     config = StageConfig.model_validate_json(built["data"]["config.json"])
     assert config.output_uri == "file:///artifacts/lathe-artifacts/lathe/ml/pretrainjob/med"
     assert config.inputs["corpus"].uri.startswith("file:///artifacts/lathe-artifacts/")
@@ -449,7 +450,7 @@ def test_headless_service_selects_attempt_pods():
 def test_job_is_indexed_with_one_pod_per_node(kind, spec, nodes, stage):
     job = build_job(kind, spec)
     assert job["apiVersion"] == "batch/v1"
-    assert job["metadata"]["name"] == f"med-{stage}-g3-0"
+    assert job["metadata"]["name"] == f"med-{stage}-r1-0"
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == nodes
     assert job["spec"]["parallelism"] == nodes
@@ -489,12 +490,12 @@ def test_distributed_job_env_and_subdomain():
     values = env(job)
     assert values["NNODES"] == "2"
     assert values["NPROC"] == "3"
-    assert values["RDZV_ENDPOINT"] == "med-pretrain-g3-4-0.med-pretrain-g3-4.ml.svc:29500"
-    assert values["RDZV_ID"] == f"{UID}-4"
+    assert values["RDZV_ENDPOINT"] == "med-pretrain-r1-4-0.med-pretrain-r1-4.ml.svc:29500"
+    assert values["RDZV_ID"] == f"{UID}-r1-4"
     assert values["LATHE_ATTEMPT"] == "4"
     assert values["PYTHONUNBUFFERED"] == "1"
     assert "JOB_COMPLETION_INDEX" not in values  # the Job controller sets it
-    assert pod_spec(job)["subdomain"] == "med-pretrain-g3-4"
+    assert pod_spec(job)["subdomain"] == "med-pretrain-r1-4"
     assert container(job)["ports"] == [{"name": "c10d", "containerPort": 29500, "protocol": "TCP"}]
 
 
@@ -519,12 +520,17 @@ def test_single_process_job_has_no_rendezvous(kind):
     assert "subdomain" not in pod_spec(job)
 
 
-def test_job_name_changes_with_generation():
+def test_job_name_changes_with_run_not_generation():
+    """A new run (a changed spec or input) gets new names; a generation bumped by suspend alone
+    continues the run under the same names."""
     model = resource("PretrainJob")
     first = builders.job_name(plan_for(model), 0)
     model.metadata.generation = 4
-    second = builders.job_name(plan_for(model), 0)
-    assert (first, second) == ("med-pretrain-g3-0", "med-pretrain-g4-0")
+    same_run = builders.job_name(plan_for(model), 0)
+    next_run = builders.job_name(dataclasses.replace(plan_for(model), run=2), 0)
+    assert (first, same_run, next_run) == (
+        "med-pretrain-r1-0", "med-pretrain-r1-0", "med-pretrain-r2-0"
+    )
 
 
 def test_job_names_differ_between_kinds():
@@ -533,12 +539,19 @@ def test_job_names_differ_between_kinds():
     assert corpus != tokenizer
 
 
-def test_rendezvous_id_unique_per_attempt():
+def test_rendezvous_id_unique_per_attempt_and_run():
     spec = {"distributed": {"nodes": 2}}
     ids = {env(build_job(spec=spec, attempt=attempt))["RDZV_ID"] for attempt in range(3)}
     names = {build_job(attempt=a)["metadata"]["name"] for a in range(3)}
     assert len(ids) == 3
     assert len(names) == 3
+    model = resource("PretrainJob", spec=spec)
+    later = dataclasses.replace(plan_for(model), run=2)
+    job = builders.training_job(later, owner_of(model), STORE, attempt=0, image=IMAGE,
+                                resume=True)  # fmt: skip
+    assert env(job)["RDZV_ID"] == f"{UID}-r2-0"
+    assert env(job)["RDZV_ID"] not in ids
+    assert job["metadata"]["labels"]["lathe.dev/run"] == "2"
 
 
 @pytest.mark.parametrize(
@@ -590,7 +603,7 @@ def test_job_volumes_config_shm_and_claims():
     spec = pod_spec(job)
     by_name = volumes(spec)
     by_path = mounts(container(job))
-    assert by_name["config"] == {"name": "config", "configMap": {"name": "med-pretrain-g3-2"}}
+    assert by_name["config"] == {"name": "config", "configMap": {"name": "med-pretrain-r1-2"}}
     assert by_path["/etc/lathe"]["readOnly"] is True
     assert by_name[by_path["/dev/shm"]["name"]]["emptyDir"] == {
         "medium": "Memory",
@@ -1107,7 +1120,7 @@ def test_missing_triton_image_names_fix():
 def test_corpus_workers_share_run_id_without_rendezvous():
     job = build_job("Corpus", {"workers": 3}, attempt=2)
     variables = env(job)
-    assert variables["LATHE_RUN_ID"] == f"{UID}-2"
+    assert variables["LATHE_RUN_ID"] == f"{UID}-r1-2"
     assert "RDZV_ENDPOINT" not in variables
     assert "subdomain" not in pod_spec(job)
     assert container(job)["command"][-4:-2] == ["lathe_trainer", "corpus"]
@@ -1140,3 +1153,22 @@ def test_storage_uri_scheme_rejected(uri):
     with pytest.raises(ValueError, match="use file:///absolute/path, pvc://<claim>/<path> or "
                                          "s3://<bucket>/<prefix>"):  # fmt: skip
         resource("Corpus", spec={"storage": {"uri": uri}})
+
+
+def test_new_export_rolls_triton_pods():
+    """The export digest annotates the pod template, so a new export changes the template and
+    the Deployment replaces its pods, whose init container copies the new repository."""
+    model = resource("ModelDeployment")
+    uri = STORE.output_uri(NAMESPACE, "ModelDeployment", model.metadata.name)
+
+    def template(digest: str) -> dict:
+        plan = plans.serving(model, uri, digest)
+        deployment = builders.triton_deployment(plan, owner_of(model), STORE, image=TRITON_IMAGE,
+                                                sync_image=SYNC_IMAGE)  # fmt: skip
+        return deployment["spec"]["template"]
+
+    first, again, second = template("sha256:aa"), template("sha256:aa"), template("sha256:bb")
+    assert first["metadata"]["annotations"] == {"lathe.dev/repository-digest": "sha256:aa"}
+    assert first == again
+    assert first != second
+    assert "annotations" not in template("")["metadata"]

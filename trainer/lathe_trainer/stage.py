@@ -41,6 +41,11 @@ class StageConfig(BaseModel):
     uid: str = ""
     generation: int = 1
     stage_key: str = Field(description="Digest of the spec, the input digests and code version.")
+    resume_key: str = Field(
+        default="",
+        description="Digest of the spec and the input digests. A stage resumes only from "
+        "checkpoints written under the same key; empty matches any.",
+    )
     spec: dict[str, Any] = Field(description="The resource spec, in its wire (camelCase) form.")
     inputs: dict[str, ResolvedInput] = Field(default_factory=dict)
     output_uri: str

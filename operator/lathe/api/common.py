@@ -308,6 +308,11 @@ class StageStatus(ApiModel):
     )
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
     artifact: ArtifactStatus | None = Field(default=None, description="Output of the stage.")
+    input_digests: dict[str, str] = Field(
+        default_factory=dict,
+        description="Digest of each input the latest run read, by role, such as `corpus`. An "
+        "input that finishes again with another digest starts a new run.",
+    )
     progress: Progress | None = Field(default=None, description="Live training progress.")
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="Final metrics of the stage, such as perplexity or F1."

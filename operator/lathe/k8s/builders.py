@@ -44,8 +44,13 @@ LABEL_NAME = "lathe.dev/name"
 LABEL_ATTEMPT = "lathe.dev/attempt"
 # Kueue's label on a Job that names its LocalQueue; Kueue then admits the Job by unsuspending it.
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# On a stage Job: the generation of the spec whose run the Job belongs to (its name has it too).
+# On a stage Job: the generation of the spec whose run the Job belongs to.
 LABEL_RUN_GENERATION = "lathe.dev/run-generation"
+# On a stage Job: the run of the resource the Job belongs to (WorkloadPlan.run; its name has it).
+LABEL_RUN = "lathe.dev/run"
+# On Triton's pod template: the digest of the export output it serves, so a new export rolls
+# the pods, whose init container then copies the new model repository.
+ANNOTATION_REPOSITORY_DIGEST = "lathe.dev/repository-digest"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 
 # Kubernetes object names used as Service names and pod host names must be DNS-1123 labels.

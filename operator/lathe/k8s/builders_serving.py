@@ -89,9 +89,14 @@ def triton_deployment(
         "volumes": [{"name": "models", "emptyDir": {}}, shm, *builders.claim_volumes(claims)],
     }
     pod_spec.update(builders.scheduling_fields(plan.scheduling, plan.resources.gpus))
+    template_metadata: dict = {"labels": pod_labels}
+    if plan.repository_digest:
+        template_metadata["annotations"] = {
+            builders.ANNOTATION_REPOSITORY_DIGEST: plan.repository_digest
+        }
     spec = {
         "selector": {"matchLabels": pod_labels},
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        "template": {"metadata": template_metadata, "spec": pod_spec},
     }
     if not autoscaled:
         spec = {"replicas": plan.replicas, **spec}

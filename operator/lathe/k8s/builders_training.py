@@ -4,7 +4,7 @@ Every bounded stage (corpus, tokenizer, pretrain, finetune, export) runs as one 
 attempt, following the Kubeflow Trainer and JobSet conventions. A failed attempt is torn down as
 a whole, and the operator creates the next attempt as a new Job with a new name and a new
 rendezvous id, resuming from the latest checkpoint. The three objects of an attempt share one name,
-`<resource>-<stage>-g<generation>-<attempt>` (see `job_name`).
+`<resource>-<stage>-r<run>-<attempt>` (see `job_name`).
 """
 
 from __future__ import annotations
@@ -46,12 +46,17 @@ def job_name(plan: WorkloadPlan, attempt: int) -> str:
     """Return the name of an attempt's Job, ConfigMap and headless Service.
 
     The name carries the stage, so that a Corpus and a Tokenizer of the same name do not collide.
-    It carries the spec generation too, so a changed spec's Job never meets the previous
-    generation's Job while that one is being deleted. Callers that look up the Job must use this
-    function.
+    It carries the run number too (WorkloadPlan.run), so a new run's Job never meets the
+    previous run's Job while that one is being deleted. Callers that look up the Job must use
+    this function.
     """
-    suffix = f"{plan.stage}-g{plan.config.generation}"
+    suffix = f"{plan.stage}-r{plan.run}"
     return builders.object_name(plan.name, suffix, attempt, max_length=JOB_NAME_LENGTH)
+
+
+def attempt_id(plan: WorkloadPlan, owner: dict, attempt: int) -> str:
+    """Return an id unique to one attempt of one run of the resource."""
+    return f"{builders.owner_reference(owner)['uid']}-r{plan.run}-{attempt}"
 
 
 def namespace(plan: WorkloadPlan, owner: dict) -> str:
@@ -199,6 +204,7 @@ def training_job(
     template_labels = pod_labels(plan, attempt)
     job_labels = dict(template_labels)
     job_labels[builders.LABEL_RUN_GENERATION] = str(plan.config.generation)
+    job_labels[builders.LABEL_RUN] = str(plan.run)
     if queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = queue_name
     # A Corpus runs one pod per worker (spec.workers); each finds its share by its completion
@@ -309,16 +315,15 @@ def _env(plan: WorkloadPlan, owner: dict, attempt: int) -> list[dict]:
         "OMP_NUM_THREADS": str(_threads_per_process(plan, processes)),
         # Names one attempt, so that the pods of a Corpus attempt exchange their results only
         # with each other.
-        "LATHE_RUN_ID": f"{builders.owner_reference(owner)['uid']}-{attempt}",
+        "LATHE_RUN_ID": attempt_id(plan, owner, attempt),
     }
     if plan.distributed:
-        uid = builders.owner_reference(owner)["uid"]
         values |= {
             "NNODES": str(plan.nodes),
             "NPROC": str(processes),
             "RDZV_ENDPOINT": rendezvous_endpoint(plan, owner, attempt),
             # A new id per attempt: a restarted node never joins the rendezvous of a dead attempt.
-            "RDZV_ID": f"{uid}-{attempt}",
+            "RDZV_ID": attempt_id(plan, owner, attempt),
         }
     if plan.resources.gpus > 0:
         values["NCCL_DEBUG"] = "WARN"

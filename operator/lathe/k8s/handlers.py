@@ -337,20 +337,26 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
 
 
 def _wake_dependents(body: dict, logger: logging.Logger) -> None:
-    """Reconcile the resources that wait for this one, so they start without a resync."""
+    """Reconcile the resources that read this one and have not run on its current output: those
+    that wait for it, and those whose last run read an earlier output. They then start without a
+    resync."""
     api = reconciler().api.custom
     namespace = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
+    digest = ((body.get("status") or {}).get("artifact") or {}).get("digest")
     loop = STATE.get("loop")
     for model in KINDS.values():
         for item in _list(api, namespace, model.plural):
-            references = reconciler_references(item)
-            if (body["kind"], name) not in references:
+            roles = [role for role, reference in reconciler_roles(item).items()
+                     if reference == (body["kind"], name)]
+            if not roles:
                 continue
-            waiting = not status.condition_true(
-                (item.get("status") or {}).get("conditions") or [], "InputsReady"
-            )
-            if not waiting:
+            item_status = item.get("status") or {}
+            waiting = not status.condition_true(item_status.get("conditions") or [],
+                                                "InputsReady")
+            read = item_status.get("inputDigests") or {}
+            outdated = any(role in read and read[role] != digest for role in roles)
+            if not (waiting or outdated):
                 continue
             if loop is None:
                 _reconcile_stored(api, item, logger)
@@ -364,11 +370,12 @@ def _list(api, namespace: str, plural: str) -> list[dict]:
     return api.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
 
 
-def reconciler_references(body: dict) -> set[tuple[str, str]]:
+def reconciler_roles(body: dict) -> dict[str, tuple[str, str]]:
+    """Return the inputs an object reads, as {role: (kind, name)}."""
     try:
-        return set(parse(body).references().values())
+        return parse(body).references()
     except Exception:  # noqa: BLE001 - an invalid object references nothing
-        return set()
+        return {}
 
 
 def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
@@ -408,7 +415,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
     # The reconcile and its status write both succeeded, so the backoff starts over.
     _FAILURES.pop(meta["uid"], None)
     if status.condition_true(desired.get("conditions") or [], summary):
-        _wake_dependents(parent, logger)
+        _wake_dependents({**parent, "status": desired}, logger)
     return True
 
 

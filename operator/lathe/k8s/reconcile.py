@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes import client
@@ -193,22 +193,31 @@ class Reconciler:
         generation = resource.metadata.generation
         conditions = new["conditions"]
         summary = resource.summary_condition
-        # A run is identified by its spec without `suspend`, so pausing and resuming (which
-        # bump the generation) continue the same run instead of starting a new one.
+        # A run is identified by its spec without `suspend` and by its inputs' digests. Pausing
+        # and resuming bump the generation but continue the same run. A changed spec starts a
+        # new run, and so does an input that finished again with another digest.
         run_hash = _run_hash(resource)
-        same_run = new.get("runSpecHash") == run_hash and bool(new.get("runGeneration"))
+        input_digests = {role: item.digest for role, item in sorted(inputs.items())}
+        same_run = (new.get("runSpecHash") == run_hash and bool(new.get("runGeneration"))
+                    and new.get("inputDigests", input_digests) == input_digests)
         if same_run and status.condition_true(conditions, summary):
             return new
         if same_run and status.condition_true(conditions, C.FAILED):
             return new
 
         run_generation = int(new["runGeneration"]) if same_run else generation
+        run_number = int(new.get("run") or 0) + (0 if same_run else 1)
         run = resource.model_copy(deep=True)
         run.metadata.generation = run_generation
-        plan = self._plan(run, inputs)
+        plan = replace(self._plan(run, inputs), run=max(1, run_number))
         attempt = int(new.get("attempt", 0)) if same_run else 0
+        # NB: operators before run numbers named a Job after the spec generation (`-g<N>-`);
+        # a run they started continues under the name its status records.
+        legacy_job = new.get("jobName") if same_run and not new.get("run") else None
         new["runSpecHash"] = run_hash
         new["runGeneration"] = run_generation
+        new["run"] = plan.run
+        new["inputDigests"] = input_digests
         new["attempt"] = attempt
         if not same_run:
             # A changed spec starts over: stop the previous run's Job and forget its outcome.
@@ -219,7 +228,7 @@ class Reconciler:
             new["failedAttempts"] = []
             new["restartCount"] = 0
             conditions = [c for c in conditions if c["type"] in (C.INPUTS_READY,)]
-        job_name = builders.job_name(plan, attempt)
+        job_name = legacy_job or builders.job_name(plan, attempt)
         # A resource whose status records no run has no Job yet, so the Job is created without a
         # read. If a concurrent reconcile created it first, the create returns 409 and it is kept.
         fresh = not same_run and not new.get("jobName")
@@ -231,9 +240,9 @@ class Reconciler:
             # whose status write was lost) names a Job that is gone. Creating it again would run
             # two attempts at once.
             latest = self._latest_job(resource, body)
-            if latest is not None and latest[0] > run_generation:
-                return _stale(body)  # a newer spec's status is on its way
-            if latest is not None and latest[0] == run_generation and latest[1] > attempt:
+            if latest is not None and latest[0] > plan.run:
+                return _stale(body)  # a newer run's status is on its way
+            if latest is not None and latest[0] == plan.run and latest[1] > attempt:
                 attempt = latest[1]
                 new["attempt"] = attempt
                 new["restartCount"] = attempt
@@ -384,7 +393,7 @@ class Reconciler:
         generation = resource.metadata.generation
         if not status.condition_true(new["conditions"], "Exported"):
             return new
-        serving = plans.serving(resource, new["artifact"]["uri"])
+        serving = plans.serving(resource, new["artifact"]["uri"], new["artifact"]["digest"])
         owner = _owner(body)
         namespace = resource.metadata.namespace
         self._apply(namespace, builders.triton_deployment(
@@ -503,7 +512,7 @@ class Reconciler:
                 raise
 
     def _latest_job(self, resource: Resource, body: dict) -> tuple[int, int] | None:
-        """Return the (run generation, attempt) of the latest Job the resource owns, if any."""
+        """Return the (run, attempt) of the latest Job the resource owns, if any."""
         selector = (f"{builders.LABEL_KIND}={resource.kind},"
                     f"{builders.LABEL_NAME}={resource.metadata.name}")  # fmt: skip
         jobs = self.api.batch.list_namespaced_job(
@@ -515,7 +524,7 @@ class Reconciler:
                 continue
             job_labels = job.metadata.labels or {}
             try:
-                seen = (int(job_labels[builders.LABEL_RUN_GENERATION]),
+                seen = (int(job_labels[builders.LABEL_RUN]),
                         int(job_labels[builders.LABEL_ATTEMPT]))  # fmt: skip
             except (KeyError, ValueError):
                 continue
@@ -626,9 +635,6 @@ class Reconciler:
 
 
 def _run_hash(resource: Resource) -> str:
-    # NOTE: the inputs' digests are not part of a run, so a finished resource is not rerun when
-    # an input is rerun with a new digest. Adding them needs Job names that differ between two
-    # runs of one generation.
     spec = resource.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
     encoded = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]

@@ -43,13 +43,19 @@ def build(
     raise TypeError(f"No plan for kind {resource.kind!r}.")
 
 
-def serving(resource: ModelDeployment, export_output_uri: str) -> ServingPlan:
-    """Return the Triton server for a ModelDeployment whose export finished."""
+def serving(resource: ModelDeployment, export_output_uri: str,
+            export_digest: str = "") -> ServingPlan:
+    """Return the Triton server for a ModelDeployment whose export finished.
+
+    `export_digest` is the export output's digest; a new one rolls the servers onto the new
+    model repository.
+    """
     spec = resource.spec.serving
     return ServingPlan(
         name=resource.metadata.name,
         model_name=resource.spec.model_name,
         repository_uri=export_output_uri.rstrip("/") + "/model_repository",
+        repository_digest=export_digest,
         image=spec.image,
         replicas=spec.replicas,
         http_port=spec.http_port,

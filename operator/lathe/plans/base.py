@@ -39,6 +39,9 @@ class WorkloadPlan:
     pod_labels: dict[str, str] = field(default_factory=dict)
     pod_annotations: dict[str, str] = field(default_factory=dict)
     scheduling: Scheduling = field(default_factory=Scheduling)
+    # Which run of the resource this is, counted by the backend that starts it: a changed spec
+    # or a changed input starts a new run. The Kubernetes backend names its Jobs with it.
+    run: int = 1
 
     def module_args(self, resume: bool = False) -> list[str]:
         """Arguments after `python -m` (or `torchrun -m`)."""
@@ -61,10 +64,30 @@ class ServingPlan:
     metrics_port: int
     resources: ResourceRequirements
     scheduling: Scheduling = field(default_factory=Scheduling)
+    # The digest of the export output the repository comes from; empty when unknown.
+    repository_digest: str = ""
 
 
 # Spec fields that cannot change a stage's output.
-_NOT_IN_STAGE_KEY = {"scheduling", "workers"}
+_NOT_IN_STAGE_KEY = {"scheduling", "workers", "suspend"}
+
+
+def _output_inputs(resource: Resource, inputs: dict[str, ResolvedInput]) -> dict[str, Any]:
+    return {
+        "kind": resource.kind,
+        # Where the pods run, how many Corpus workers share the work, and pausing change nothing
+        # in the output, so changing them keeps a finished output and its checkpoints.
+        "spec": resource.spec.model_dump(
+            mode="json", by_alias=True,
+            exclude=_NOT_IN_STAGE_KEY & type(resource.spec).model_fields.keys(),
+        ),
+        "inputs": {role: item.digest for role, item in sorted(inputs.items())},
+    }
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(encoded).hexdigest()
 
 
 def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
@@ -73,19 +96,17 @@ def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
     Two runs with the same key produce the same artifact, so a finished stage with a matching
     key is reused instead of being run again.
     """
-    payload = {
-        "kind": resource.kind,
-        # Where the pods run, and how many Corpus workers share the work, change nothing in the
-        # output, so changing them keeps a finished output and its checkpoints.
-        "spec": resource.spec.model_dump(
-            mode="json", by_alias=True,
-            exclude=_NOT_IN_STAGE_KEY & type(resource.spec).model_fields.keys(),
-        ),
-        "inputs": {role: item.digest for role, item in sorted(inputs.items())},
-        "codeVersion": __version__,
-    }
-    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(encoded).hexdigest()
+    return _digest({**_output_inputs(resource, inputs), "codeVersion": __version__})
+
+
+def resume_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
+    """Digest of the kind, spec and input digests, without the code version.
+
+    A stage resumes only from checkpoints written under the same resume key. The code version
+    is left out so that an attempt started by a newer operator continues a long run instead of
+    starting it over.
+    """
+    return _digest(_output_inputs(resource, inputs))
 
 
 def stage_config(
@@ -102,6 +123,7 @@ def stage_config(
         uid=resource.metadata.uid or "",
         generation=resource.metadata.generation,
         stage_key=stage_key(resource, inputs),
+        resume_key=resume_key(resource, inputs),
         spec=resource.spec.model_dump(mode="json", by_alias=True),
         inputs=inputs,
         output_uri=output_uri,

@@ -43,6 +43,7 @@ from lathe_trainer.finetune.model import (
     merge_lora,
 )
 from lathe_trainer.finetune.train import LoopSettings, Split, evaluate, run_phase
+from lathe_trainer.training import checkpoint as training_checkpoint
 from lathe_trainer.stage import (
     ProgressReporter,
     StageConfig,
@@ -74,7 +75,7 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     labels = label_list(*splits.values())
     tokenizer = load_base(config, spec, lambda: load_tokenizer(model_dir))
     warn_on_world_size(spec)
-    prepare_output(output, resume)
+    resume = prepare_output(config, output, resume)
 
     settings = LoopSettings.from_spec(spec.training, tokenizer.pad_token_id, label_maps(labels)[0])
     encoded = {name: encode_split(tokenizer, sentences, labels, spec)
@@ -166,13 +167,27 @@ def warn_on_world_size(spec: FineTuneSpec) -> None:
         )
 
 
-def prepare_output(output: Path, resume: bool) -> None:
-    """Create the output directory; without --resume, drop the checkpoints of earlier runs."""
+def prepare_output(config: StageConfig, output: Path, resume: bool) -> bool:
+    """Create the output directory and return whether the run resumes.
+
+    A run resumes only with --resume and from checkpoints written under its resume key.
+    Otherwise the checkpoints of earlier runs are removed, so no finished phase of another spec
+    or other inputs is reused.
+    """
+    checkpoints = output / "checkpoints"
     if distributed.is_main():
+        same_run = training_checkpoint.written_for(checkpoints, config.resume_key)
+        if resume and not same_run:
+            log.info("The checkpoints under %s were written for another spec or other inputs, "
+                     "so the stage starts over.", checkpoints)
+        resume = resume and same_run
         output.mkdir(parents=True, exist_ok=True)
         if not resume:
-            shutil.rmtree(output / "checkpoints", ignore_errors=True)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        training_checkpoint.record_resume_key(checkpoints, config.resume_key)
+    resume = distributed.broadcast_object(resume)
     distributed.barrier()
+    return resume
 
 
 def encode_split(tokenizer, sentences, labels, spec: FineTuneSpec) -> Split:

@@ -122,12 +122,17 @@ def _run(
     checkpoints = _checkpoint_root(config, spec, output)
     compatibility = _compatibility(spec, architecture)
     state = TrainState()
+    if resume and not _same_run(config, context, checkpoints):
+        if context.is_main:
+            log.info("The checkpoints under %s were written for another spec or other inputs, "
+                     "so training starts from step 0.", checkpoints)
+        resume = False
     if resume:
         state = _restore(config, spec, context, checkpoints, compatibility, model, optimizer,
                          scheduler)
     elif context.is_main and checkpoint.list_checkpoints(checkpoints):
-        log.info("Removing the checkpoints of an earlier run from %s: --resume was not given, "
-                 "so training starts from step 0.", checkpoints)
+        log.info("Removing the checkpoints of an earlier run from %s: training starts from "
+                 "step 0.", checkpoints)
         checkpoint.remove_all(checkpoints)
     distributed.barrier(context)
 
@@ -276,6 +281,17 @@ def _checkpoint_root(config: StageConfig, spec: PretrainJobSpec, output: Path) -
     except ValueError as error:
         raise StageError(config, "spec.training.artifactUri", str(error)) from error
     return f"{uri.rstrip('/')}/{checkpoint.CHECKPOINTS}"
+
+
+def _same_run(config: StageConfig, context: DistributedContext,
+              checkpoints: Path | str) -> bool:
+    """Return whether the checkpoints were written under this run's resume key, on every rank.
+
+    The all-reduce makes every rank read the key before rank 0 may remove the checkpoints.
+    """
+    same = checkpoint.written_for(checkpoints, config.resume_key)
+    (others,) = distributed.all_reduce_sum(context, [0.0 if same else 1.0])
+    return others == 0
 
 
 def _compute_metrics(
@@ -548,7 +564,8 @@ class _Trainer:
     def _save(self) -> None:
         if self.scaler.is_enabled():
             self.state.grad_scaler = self.scaler.state_dict()
-        state = {"train": self.state.to_dict(), "compatibility": self.compatibility}
+        state = {"train": self.state.to_dict(), "compatibility": self.compatibility,
+                 checkpoint.STATE_RESUME_KEY: self.config.resume_key}
         try:
             checkpoint.save(self.context, self.checkpoints, self.state.step, state, self.model,
                             self.optimizer, self.scheduler, self.training.keep_checkpoints)

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
+# The resume key (StageConfig.resume_key) of the run that wrote a set of checkpoints, so that a
+# run of another spec or other inputs does not resume from them. A PretrainJob stores it in each
+# checkpoint's state.json, a FineTune in a file beside its phase directories.
+RESUME_KEY = "resume-key"
+STATE_RESUME_KEY = "resumeKey"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -189,6 +194,38 @@ def prune(root: Path | str, keep: int) -> None:
     for step, path in found[: max(0, len(found) - keep)]:
         _remove_checkpoint(filesystem, storage.resolve(path)[1])
         log.info("Removed the checkpoint for step %d, keeping the newest %d.", step, keep)
+
+
+def written_for(root: Path | str, key: str) -> bool:
+    """Return whether a run with resume key `key` may resume from the checkpoints under root.
+
+    The key is read from the latest checkpoint's state.json, else from a `resume-key` file
+    under root. Also True when neither records a key, as before the first checkpoint or for
+    checkpoints written before keys were recorded, and when `key` is empty.
+    """
+    if not key:
+        return True
+    filesystem, base = storage.resolve(root)
+    latest = latest_checkpoint(root)
+    recorded = None
+    if latest is not None:
+        _, path = storage.resolve(latest)
+        recorded = json.loads(filesystem.cat_file(f"{path}/{STATE}")).get(STATE_RESUME_KEY)
+    if recorded is None:
+        try:
+            recorded = filesystem.cat_file(f"{base}/{RESUME_KEY}").decode().strip()
+        except FileNotFoundError:
+            return True
+    return recorded == key
+
+
+def record_resume_key(root: Path | str, key: str) -> None:
+    """Write the `resume-key` file of the run that writes checkpoints under root."""
+    if not key:
+        return
+    filesystem, base = storage.resolve(root)
+    filesystem.makedirs(base, exist_ok=True)
+    filesystem.pipe_file(f"{base}/{RESUME_KEY}", key.encode())
 
 
 def remove_all(root: Path | str) -> None:
