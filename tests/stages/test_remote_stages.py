@@ -128,20 +128,22 @@ def test_pretrain_resumes_in_a_new_pod_from_s3(upstream, tmp_path, data_dir):
     """A retry on another node (a fresh scratch directory) continues from the checkpoint that
     the first attempt mirrored to S3."""
     output = f"s3://lathe/pretrain-{uuid.uuid4().hex}"
-    run(tmp_path, pretrain_resource(max_steps=8), upstream, output, data_dir,
+    run(tmp_path, pretrain_resource(max_steps=12), upstream, output, data_dir,
         tmp_path / "first-pod")
     files = remote_files(output)
     assert MANIFEST in files
-    assert [step for step, _ in checkpoint.list_checkpoints(f"{output}/checkpoints")] == [4, 8]
-    # keepCheckpoints 2 pruned nothing yet; run on to step 12, which prunes step 4 on S3 too.
+    # keepCheckpoints 2 pruned step 4 on S3 when step 12 was saved.
+    assert [step for step, _ in checkpoint.list_checkpoints(f"{output}/checkpoints")] == [8, 12]
+    assert not any(path.startswith("checkpoints/step-00000004/") for path in files)
+    # As if the first pod had stopped between the step-8 and step-12 checkpoints.
+    filesystem, base = storage.resolve(output)
+    storage.remove_tree(filesystem, f"{base}/checkpoints/step-00000012")
     run(tmp_path, pretrain_resource(max_steps=12), upstream, output, data_dir,
         tmp_path / "second-pod", resume=True)
-    filesystem, base = storage.resolve(output)
     metrics = json.loads(filesystem.cat_file(f"{base}/metrics.json"))
     assert metrics["resumedFromStep"] == 8
     assert metrics["steps"] == 12
     assert [step for step, _ in checkpoint.list_checkpoints(f"{output}/checkpoints")] == [8, 12]
-    assert not any(path.startswith("checkpoints/step-00000004/") for path in remote_files(output))
     records = [json.loads(line) for line in
                filesystem.cat_file(f"{base}/{PROGRESS}").decode().splitlines()]  # fmt: skip
     # The progress of both attempts is in the one file on S3.

@@ -7,6 +7,7 @@ The inputs and helpers come from test_pretrain, so both files train on the same 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import urllib.request
@@ -102,17 +103,17 @@ def test_skip_limit_fails(make_config, tmp_path, inputs, monkeypatch):
 def test_memory_store_checkpoints_and_model(make_config, tmp_path, inputs):
     """memory:// is the stand-in remote filesystem: checkpoints keep the newest 2, model lands."""
     uri = "memory://lathe-test/pretrain"
-    resource = pretrain_resource(procs=1, maxSteps=8, checkpointInterval=2, artifactUri=uri)
+    resource = pretrain_resource(procs=1, maxSteps=10, checkpointInterval=2, artifactUri=uri)
     run_in_process(make_config, tmp_path, resource, inputs["tiny"])
     filesystem = fsspec.filesystem("memory")
     names = sorted(p.rsplit("/", 1)[-1] for p in filesystem.ls(f"{uri}/checkpoints",
                                                                 detail=False))
-    assert names == ["step-00000006", "step-00000008"]
+    assert names == ["step-00000008", "step-00000010"]
     assert filesystem.isfile(f"{uri}/model/model.safetensors")
     assert not (tmp_path / "out" / "checkpoints").exists()
 
-    longer = pretrain_resource(procs=1, maxSteps=10, checkpointInterval=2, artifactUri=uri)
-    metrics = run_in_process(make_config, tmp_path, longer, inputs["tiny"], resume=True)
+    filesystem.rm(f"{uri}/checkpoints/step-00000010", recursive=True)
+    metrics = run_in_process(make_config, tmp_path, resource, inputs["tiny"], resume=True)
     assert metrics["resumedFromStep"] == 8
     filesystem.rm("/lathe-test", recursive=True)
 
@@ -166,17 +167,16 @@ def test_metrics_served_by_rank_zero(make_config, tmp_path, inputs, monkeypatch)
 def test_fsdp_two_processes_train_and_resume(make_config, tmp_path, inputs):
     """FSDP2 on gloo: two CPU processes train, save full checkpoints, and resume from them."""
     output = tmp_path / "out"
-    first = pretrain_resource(maxSteps=4)
-    first["spec"]["distributed"]["strategy"] = "fsdp"
-    metrics = run_stage(make_config, tmp_path, first, inputs["full"], output)
+    resource = pretrain_resource(maxSteps=6)
+    resource["spec"]["distributed"]["strategy"] = "fsdp"
+    metrics = run_stage(make_config, tmp_path, resource, inputs["full"], output)
     assert metrics["strategy"] == "fsdp"
     assert metrics["finalLoss"] < metrics["firstLoss"]
     saved = checkpoint.load(checkpoint.latest_checkpoint(output / "checkpoints"))
     assert saved.model["model.embed_tokens.weight"].shape[1] == 64  # gathered, not a shard
 
-    longer = pretrain_resource(maxSteps=6)
-    longer["spec"]["distributed"]["strategy"] = "fsdp"
-    resumed = run_stage(make_config, tmp_path, longer, inputs["full"], output, resume=True)
+    shutil.rmtree(output / "checkpoints" / "step-00000006")
+    resumed = run_stage(make_config, tmp_path, resource, inputs["full"], output, resume=True)
     assert resumed["resumedFromStep"] == 4
     assert resumed["steps"] == 6
     model = AutoModelForCausalLM.from_pretrained(output / "model")
@@ -184,9 +184,12 @@ def test_fsdp_two_processes_train_and_resume(make_config, tmp_path, inputs):
 
 
 def test_resume_under_other_strategy_rejected(make_config, tmp_path, inputs):
+    """Without a resume key, as in a config written by hand, a checkpoint of another strategy
+    is rejected. With a key, the changed spec starts over, which test_pretrain covers."""
     run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=3),
                    inputs["tiny"])
     changed = pretrain_resource(procs=1, maxSteps=4)
     changed["spec"]["distributed"]["strategy"] = "fsdp"
+    config = make_config(changed, inputs["tiny"], output=tmp_path / "out")
     with pytest.raises(StageError, match="spec.distributed.strategy: .*strategy='ddp'"):
-        run_in_process(make_config, tmp_path, changed, inputs["tiny"], resume=True)
+        stage.run(config.model_copy(update={"resume_key": ""}), resume=True)

@@ -100,3 +100,19 @@ def test_server_crash_loop_reported_after_grace():
     assert reconcile._stuck_pod([pod("triton-b", looping, init=True, age=5)], reasons,
                                 late_only=True) == ""  # fmt: skip
     assert reconcile._stuck_pod([pod("lm-0", looping)]) == ""
+
+
+def test_status_patch_deletes_dropped_keys():
+    """The status write is a JSON merge patch, so a key the desired status drops must be sent
+    as null: a role the spec no longer references, or the artifact of a finished run."""
+    current = {"artifact": {"uri": "s3://b/x", "digest": "sha256:a"},
+               "inputDigests": {"baseModel": "sha256:p", "corpus": "sha256:c"},
+               "phase": "Succeeded", "kopf": {"progress": {}}}
+    desired = {"inputDigests": {"corpus": "sha256:c2"}, "phase": "Running",
+               "kopf": {"progress": {}}}
+    assert handlers._changes(current, desired) == {
+        "artifact": None,
+        "inputDigests": {"baseModel": None, "corpus": "sha256:c2"},
+        "phase": "Running",
+    }
+    assert handlers._changes(current, current) == {}

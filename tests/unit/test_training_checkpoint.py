@@ -93,3 +93,35 @@ def test_save_replaces_same_step(tmp_path):
 
 def test_no_checkpoint_in_missing_root(tmp_path):
     assert checkpoint.latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_written_for_reads_latest_state_key(tmp_path):
+    """The latest checkpoint's key decides, and a checkpoint without one is another run's."""
+    assert checkpoint.written_for(tmp_path / "none", "sha256:a")
+    save(tmp_path, 2, state={checkpoint.STATE_RESUME_KEY: "sha256:a"})
+    assert checkpoint.written_for(tmp_path, "sha256:a")
+    assert not checkpoint.written_for(tmp_path, "sha256:b")
+    assert checkpoint.written_for(tmp_path, "")
+    save(tmp_path, 4, state={"note": "written before keys"})
+    assert not checkpoint.written_for(tmp_path, "sha256:a")
+
+
+def test_written_for_reads_key_file(tmp_path):
+    """A FineTune records its key in a file; a non-empty root without one is another run's."""
+    root = tmp_path / "checkpoints"
+    checkpoint.record_resume_key(root, "sha256:a")
+    assert (root / checkpoint.RESUME_KEY).read_text() == "sha256:a"
+    assert checkpoint.written_for(root, "sha256:a")
+    assert not checkpoint.written_for(root, "sha256:b")
+    (root / checkpoint.RESUME_KEY).unlink()
+    assert checkpoint.written_for(root, "sha256:a")
+    (root / "lora").mkdir()
+    assert not checkpoint.written_for(root, "sha256:a")
+
+
+def test_written_for_on_memory_filesystem():
+    root = "memory://written-for/checkpoints"
+    checkpoint.record_resume_key(root, "sha256:a")
+    assert checkpoint.written_for(root, "sha256:a")
+    assert not checkpoint.written_for(root, "sha256:b")
+    assert checkpoint.written_for("memory://written-for/missing", "sha256:b")

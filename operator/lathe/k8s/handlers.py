@@ -168,7 +168,21 @@ def retry_delay(failures: int) -> float:
 
 
 def _changes(current: dict, desired: dict) -> dict:
-    return {key: value for key, value in desired.items() if current.get(key) != value}
+    """Return the JSON merge patch (RFC 7386) that turns `current` into `desired`.
+
+    A key that `desired` drops, such as the artifact of a finished run when a new run starts,
+    or a role that a spec no longer references, becomes null, which deletes it.
+    """
+    patch: dict = {key: None for key in current.keys() - desired.keys()}
+    for key, value in desired.items():
+        before = current.get(key)
+        if before == value:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            patch[key] = _changes(before, value)
+        else:
+            patch[key] = value
+    return patch
 
 
 # Condition types from the least to the most telling; the last one that changed names the Event.

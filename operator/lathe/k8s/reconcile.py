@@ -200,23 +200,29 @@ class Reconciler:
         input_digests = {role: item.digest for role, item in sorted(inputs.items())}
         same_run = (new.get("runSpecHash") == run_hash and bool(new.get("runGeneration"))
                     and new.get("inputDigests", input_digests) == input_digests)
-        if same_run and status.condition_true(conditions, summary):
-            return new
-        if same_run and status.condition_true(conditions, C.FAILED):
+        if same_run and (status.condition_true(conditions, summary)
+                         or status.condition_true(conditions, C.FAILED)):
+            # A run finished by an earlier release recorded no inputs; it read the current ones.
+            new.setdefault("inputDigests", input_digests)
             return new
 
+        # NB: an earlier release named a Job after the spec generation (`-g<N>-`) and kept no
+        # run number. A run it started continues under the Job name its status records, and
+        # counts as run 1, until a new run starts.
+        recorded_run = int(new.get("run") or 0)
+        legacy_job = new.get("jobName") if same_run and not recorded_run else None
+        if not recorded_run and new.get("jobName"):
+            recorded_run = 1
         run_generation = int(new["runGeneration"]) if same_run else generation
-        run_number = int(new.get("run") or 0) + (0 if same_run else 1)
         run = resource.model_copy(deep=True)
         run.metadata.generation = run_generation
-        plan = replace(self._plan(run, inputs), run=max(1, run_number))
+        plan = replace(self._plan(run, inputs),
+                       run=max(1, recorded_run + (0 if same_run else 1)))
         attempt = int(new.get("attempt", 0)) if same_run else 0
-        # NB: operators before run numbers named a Job after the spec generation (`-g<N>-`);
-        # a run they started continues under the name its status records.
-        legacy_job = new.get("jobName") if same_run and not new.get("run") else None
         new["runSpecHash"] = run_hash
         new["runGeneration"] = run_generation
-        new["run"] = plan.run
+        if not legacy_job:
+            new["run"] = plan.run
         new["inputDigests"] = input_digests
         new["attempt"] = attempt
         if not same_run:
@@ -239,14 +245,14 @@ class Reconciler:
             # NB: a status older than the cluster (a concurrent reconcile moved on, or a restart
             # whose status write was lost) names a Job that is gone. Creating it again would run
             # two attempts at once.
-            latest = self._latest_job(resource, body)
+            latest = self._latest_job(resource, body, run_generation, plan.run)
             if latest is not None and latest[0] > plan.run:
                 return _stale(body)  # a newer run's status is on its way
             if latest is not None and latest[0] == plan.run and latest[1] > attempt:
                 attempt = latest[1]
                 new["attempt"] = attempt
                 new["restartCount"] = attempt
-                job_name = builders.job_name(plan, attempt)
+                job_name = latest[2]
                 job = self._read_job(resource.metadata.namespace, job_name)
         if job is None:
             if suspended:
@@ -511,8 +517,13 @@ class Reconciler:
             if error.status != 404:
                 raise
 
-    def _latest_job(self, resource: Resource, body: dict) -> tuple[int, int] | None:
-        """Return the (run, attempt) of the latest Job the resource owns, if any."""
+    def _latest_job(self, resource: Resource, body: dict, run_generation: int,
+                    run: int) -> tuple[int, int, str] | None:
+        """Return the (run, attempt, name) of the latest Job the resource owns, if any.
+
+        A Job of an earlier release, which has no run label, counts as run `run` when its
+        generation is `run_generation`, and is left out otherwise.
+        """
         selector = (f"{builders.LABEL_KIND}={resource.kind},"
                     f"{builders.LABEL_NAME}={resource.metadata.name}")  # fmt: skip
         jobs = self.api.batch.list_namespaced_job(
@@ -524,8 +535,13 @@ class Reconciler:
                 continue
             job_labels = job.metadata.labels or {}
             try:
-                seen = (int(job_labels[builders.LABEL_RUN]),
-                        int(job_labels[builders.LABEL_ATTEMPT]))  # fmt: skip
+                if builders.LABEL_RUN in job_labels:
+                    job_run = int(job_labels[builders.LABEL_RUN])
+                elif int(job_labels[builders.LABEL_RUN_GENERATION]) == run_generation:
+                    job_run = run
+                else:
+                    continue
+                seen = (job_run, int(job_labels[builders.LABEL_ATTEMPT]), job.metadata.name)
             except (KeyError, ValueError):
                 continue
             latest = seen if latest is None else max(latest, seen)

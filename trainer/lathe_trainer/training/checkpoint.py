@@ -200,23 +200,20 @@ def written_for(root: Path | str, key: str) -> bool:
     """Return whether a run with resume key `key` may resume from the checkpoints under root.
 
     The key is read from the latest checkpoint's state.json, else from a `resume-key` file
-    under root. Also True when neither records a key, as before the first checkpoint or for
-    checkpoints written before keys were recorded, and when `key` is empty.
+    under root. Checkpoints that record no key, written before keys were recorded, belong to
+    another run. Also True when root contains nothing to resume, and when `key` is empty.
     """
     if not key:
         return True
     filesystem, base = storage.resolve(root)
     latest = latest_checkpoint(root)
-    recorded = None
     if latest is not None:
         _, path = storage.resolve(latest)
-        recorded = json.loads(filesystem.cat_file(f"{path}/{STATE}")).get(STATE_RESUME_KEY)
-    if recorded is None:
-        try:
-            recorded = filesystem.cat_file(f"{base}/{RESUME_KEY}").decode().strip()
-        except FileNotFoundError:
-            return True
-    return recorded == key
+        return json.loads(filesystem.cat_file(f"{path}/{STATE}")).get(STATE_RESUME_KEY) == key
+    try:
+        return filesystem.cat_file(f"{base}/{RESUME_KEY}").decode().strip() == key
+    except FileNotFoundError:
+        return not (filesystem.isdir(base) and filesystem.ls(base, detail=False))
 
 
 def record_resume_key(root: Path | str, key: str) -> None:
