@@ -214,30 +214,42 @@ def test_resume_continues_from_checkpoint(make_config, tmp_path, inputs):
     assert metrics["firstLoss"] == step_losses(output)[1]
 
 
+def test_resume_after_training_change_continues(make_config, tmp_path, inputs):
+    """A changed spec.training, here a larger maxSteps and a lower learning rate, continues
+    from the checkpoints, as when a run is extended or recovers from a divergence."""
+    output = tmp_path / "out"
+    run_stage(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=8), inputs["full"],
+              output)
+    longer = pretrain_resource(procs=1, maxSteps=12, learningRate=1e-3)
+    metrics = run_stage(make_config, tmp_path, longer, inputs["full"], output, resume=True)
+
+    assert metrics["resumedFromStep"] == 8
+    assert metrics["newSteps"] == 4
+    assert metrics["steps"] == 12
+
+
 def test_resume_of_another_spec_starts_over(make_config, tmp_path, inputs):
-    """--resume continues only checkpoints of the same spec and inputs (the resume key). The
-    operator passes --resume to every attempt, so a changed spec or a rerun input, such as a
-    larger maxSteps here, must start from step 0 instead of from the earlier run's end."""
+    """--resume continues only checkpoints of the same model, data and inputs (the resume key).
+    The operator passes --resume to every attempt, so a changed model or an input that ran
+    again with another digest must start from step 0, not from the earlier run's end."""
     output = tmp_path / "out"
     first = run_stage(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=4),
                       inputs["full"], output)
-    metrics = run_stage(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=8),
-                        inputs["full"], output, resume=True)
+    changed = pretrain_resource(procs=1, maxSteps=4, model={"hiddenSize": 32})
+    metrics = run_stage(make_config, tmp_path, changed, inputs["full"], output, resume=True)
 
     assert metrics["resumedFromStep"] is None
-    assert metrics["newSteps"] == 8
-    assert metrics["firstLoss"] == pytest.approx(first["firstLoss"], rel=1e-6)
-    state = json.loads((output / "checkpoints" / "step-00000008" / "state.json").read_text())
-    assert state["resumeKey"] == make_config(pretrain_resource(procs=1, maxSteps=8),
-                                             inputs["full"], output=output).resume_key
-    assert [step for step, _ in checkpoint.list_checkpoints(output / "checkpoints")] == [4, 8]
+    assert metrics["newSteps"] == 4
+    assert metrics["parameterCount"] < first["parameterCount"]
+    state = json.loads((output / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["resumeKey"] == make_config(changed, inputs["full"], output=output).resume_key
+    assert [step for step, _ in checkpoint.list_checkpoints(output / "checkpoints")] == [4]
 
     other_corpus = {**inputs["full"], "corpus": inputs["full"]["corpus"].model_copy(
         update={"digest": "sha256:another"})}
-    again = run_stage(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=8),
-                      other_corpus, output, resume=True)
+    again = run_stage(make_config, tmp_path, changed, other_corpus, output, resume=True)
     assert again["resumedFromStep"] is None
-    assert again["newSteps"] == 8
+    assert again["newSteps"] == 4
 
 
 def test_resume_reproduces_uninterrupted_run(make_config, tmp_path, inputs):

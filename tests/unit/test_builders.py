@@ -1172,3 +1172,23 @@ def test_new_export_rolls_triton_pods():
     assert first == again
     assert first != second
     assert "annotations" not in template("")["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "same_key"),
+    [
+        ("PretrainJob", {"training": {"maxSteps": 4000, "learningRate": 1e-4}}, True),
+        ("PretrainJob", {"distributed": {"nodes": 4}}, True),
+        ("PretrainJob", {"suspend": True}, True),
+        ("PretrainJob", {"sequenceLength": 256}, False),
+        ("FineTune", {"training": {"maxSteps": 77}}, False),
+        ("FineTune", {"suspend": True}, True),
+    ],
+)
+def test_resume_key_continuable_fields(kind, spec, same_key):
+    """A PretrainJob continues its checkpoints across spec.training and spec.distributed
+    changes. Any other change, and any FineTune change but suspend, starts over."""
+    before = plan_for(resource(kind)).config
+    after = plan_for(resource(kind, spec=spec)).config
+    assert (after.resume_key == before.resume_key) is same_key
+    assert after.stage_key != before.stage_key or spec == {"suspend": True}

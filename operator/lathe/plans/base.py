@@ -99,14 +99,24 @@ def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
     return _digest({**_output_inputs(resource, inputs), "codeVersion": __version__})
 
 
+# Spec fields a PretrainJob may change and still continue from its checkpoints, as training
+# systems allow: a lower learning rate after a divergence, a larger maxSteps to train longer, or
+# more nodes. The trainer still rejects a checkpoint of another distributed.strategy.
+_CONTINUABLE = {"PretrainJob": {"training", "distributed"}}
+
+
 def resume_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
-    """Digest of the kind, spec and input digests, without the code version.
+    """Digest of the kind, spec and input digests, without the code version and the fields a
+    run may change and continue (_CONTINUABLE).
 
     A stage resumes only from checkpoints written under the same resume key. The code version
     is left out so that an attempt started by a newer operator continues a long run instead of
     starting it over.
     """
-    return _digest(_output_inputs(resource, inputs))
+    payload = _output_inputs(resource, inputs)
+    for name in _CONTINUABLE.get(resource.kind, ()):
+        payload["spec"].pop(name, None)
+    return _digest(payload)
 
 
 def stage_config(
