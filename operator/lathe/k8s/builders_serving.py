@@ -90,6 +90,8 @@ def triton_deployment(
     }
     pod_spec.update(builders.scheduling_fields(plan.scheduling, plan.resources.gpus))
     template_metadata: dict = {"labels": pod_labels}
+    # NOTE: a new export writes into the same repository URI, so a Triton pod that starts
+    # while the export runs (a crash, a scale-up) can copy a half-written repository.
     if plan.repository_digest:
         template_metadata["annotations"] = {
             builders.ANNOTATION_REPOSITORY_DIGEST: plan.repository_digest
