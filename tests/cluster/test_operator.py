@@ -347,6 +347,36 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
     )
 
 
+def test_dropped_input_leaves_status(cluster, namespace, lathe_operator, ready_inputs):
+    """A FineTune moved from a PretrainJob to a model URI runs once more and then stays done:
+    the status write deletes the dropped input's digest instead of keeping it beside {}."""
+    cluster.apply(pretrain_job("drop-base", hold=False), namespace)
+    cluster.wait_for(lambda: is_true(cluster, "PretrainJob", "drop-base", namespace, "Succeeded"),
+                     "the base PretrainJob to succeed", timeout=120)
+    base = get(cluster, "PretrainJob", "drop-base", namespace)["status"]["artifact"]["digest"]
+    cluster.apply(finetune("drop-input", "drop-base"), namespace)
+
+    def finished(expected: dict) -> bool:
+        obj = get(cluster, "FineTune", "drop-input", namespace)
+        return (is_true(cluster, "FineTune", "drop-input", namespace, "Succeeded")
+                and obj["status"].get("inputDigests") == expected)
+
+    cluster.wait_for(lambda: finished({"baseModel": base}), "the FineTune to succeed",
+                     timeout=120)
+    patch = {"spec": {"baseModel": {"pretrainJobRef": None, "uri": "file:///data/base-model"}}}
+    cluster.kubectl("patch", plural("FineTune"), "drop-input", "-n", namespace, "--type=merge",
+                    "-p", json.dumps(patch))
+    cluster.wait_for(lambda: finished({}), "the FineTune to succeed on the model URI",
+                     timeout=120)
+    # Let any further reconcile happen: a status that kept the old digest would start run 3.
+    time.sleep(5)
+    obj = get(cluster, "FineTune", "drop-input", namespace)
+    assert obj["status"]["run"] == 2
+    assert obj["status"]["inputDigests"] == {}
+    assert [job["metadata"]["name"] for job in jobs_of(cluster, "drop-input", namespace)
+            if not job["metadata"].get("deletionTimestamp")] == ["drop-input-finetune-r2-0"]
+
+
 def test_delete_mid_run_removes_owned_objects(cluster, namespace, lathe_operator, ready_inputs):
     cluster.apply(pretrain_job("gone"), namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "gone", namespace)) == 1, "the Job")
