@@ -498,8 +498,10 @@ Columns:
 
 The bed, the operator and this script share the machine's cores, so the times include the
 API server's, etcd's and kube-controller-manager's work. Machine of the last run:
-{machine}. The rows marked "another machine" ran on Linux-6.18.44-fc-v1147, and the rows up to
-6a4501c on a machine with the v1252 kernel where the applies alone took about twice as long.
+{machine}.
+Earlier rows: those marked "another machine" ran on Linux-6.18.44-fc-v1147, the other rows
+before 9fcc267 on machines with the v1252 kernel, and the rows up to 6a4501c on one where the
+applies alone took about twice as long.
 """
 
 
