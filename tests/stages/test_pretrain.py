@@ -228,6 +228,17 @@ def test_resume_after_training_change_continues(make_config, tmp_path, inputs):
     assert metrics["steps"] == 12
 
 
+def test_resume_below_checkpoint_step_rejected(make_config, tmp_path, inputs):
+    """A maxSteps below the latest checkpoint's step fails with a fix that needs no flag."""
+    run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=8), inputs["tiny"])
+    shorter = pretrain_resource(procs=1, maxSteps=6)
+    with pytest.raises(StageError) as raised:
+        run_in_process(make_config, tmp_path, shorter, inputs["tiny"], resume=True)
+    assert raised.value.field == "spec.training.maxSteps"
+    assert "raise maxSteps to at least 8" in str(raised.value)
+    assert "delete the checkpoints after step 6 under" in str(raised.value)
+
+
 def test_resume_of_another_spec_starts_over(make_config, tmp_path, inputs):
     """--resume continues only checkpoints of the same model, data and inputs (the resume key).
     The operator passes --resume to every attempt, so a changed model or an input that ran
@@ -360,7 +371,7 @@ def test_resume_with_changed_model_rejected(make_config, tmp_path, inputs):
     run_in_process(make_config, tmp_path, pretrain_resource(procs=1, maxSteps=2), inputs["tiny"])
     changed = pretrain_resource(procs=1, model={"hiddenSize": 32}, maxSteps=4)
     config = make_config(changed, inputs["tiny"], output=tmp_path / "out")
-    with pytest.raises(StageError, match="run without --resume to start over"):
+    with pytest.raises(StageError, match="delete the checkpoints under .* to start over"):
         stage.run(config.model_copy(update={"resume_key": ""}), resume=True)
 
 

@@ -326,13 +326,15 @@ def _restore(
         log.info("No checkpoint found under %s, so training starts from step 0.", checkpoints)
         return TrainState()
     saved = checkpoint.load(latest)
-    _check_compatible(config, saved, compatibility)
+    _check_compatible(config, saved, compatibility, checkpoints)
     if saved.step > spec.training.max_steps:
+        # The operator passes --resume to every attempt, so the fix must not need a flag.
         raise StageError(
             config, "spec.training.maxSteps",
             f"{spec.training.max_steps} is below the step of the latest checkpoint "
-            f"({saved.step}, {latest}); raise maxSteps to at least {saved.step} or run "
-            "without --resume to start over.",
+            f"({saved.step}, {latest}); raise maxSteps to at least {saved.step}, or delete "
+            f"the checkpoints after step {spec.training.max_steps} under {checkpoints} to "
+            "continue from an earlier one.",
         )
     parallel.load_full_state_dicts(model, optimizer, saved.model, saved.optimizer)
     scheduler.load_state_dict(saved.scheduler)
@@ -349,7 +351,8 @@ def _restore(
 
 
 def _check_compatible(
-    config: StageConfig, saved: checkpoint.Checkpoint, compatibility: dict[str, Any]
+    config: StageConfig, saved: checkpoint.Checkpoint, compatibility: dict[str, Any],
+    checkpoints: Path | str,
 ) -> None:
     stored = saved.state.get("compatibility", {})
     for key, value in compatibility.items():
@@ -358,8 +361,8 @@ def _check_compatible(
             raise StageError(
                 config, _COMPATIBILITY_FIELDS.get(key, f"spec.{key}"),
                 f"the checkpoint {saved.path} was trained with {key}={before!r}, the "
-                f"spec now gives {value!r}; restore the earlier value or run without --resume "
-                "to start over.",
+                f"spec now gives {value!r}; restore the earlier value, or delete the "
+                f"checkpoints under {checkpoints} to start over.",
             )
 
 
