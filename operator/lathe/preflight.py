@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from lathe.api import Corpus, FineTune, Resource
+from lathe.api import Corpus, FineTune, ModelDeployment, Resource, Tokenizer
 from lathe.errors import InvalidResourceError
+from lathe_trainer.stage import sha256_file
 
 
 def _named_paths(resource: Resource) -> Iterator[tuple[str, str]]:
@@ -17,12 +18,20 @@ def _named_paths(resource: Resource) -> Iterator[tuple[str, str]]:
                 yield f"spec.sources[{index}].path", source.path
             for index, source in enumerate(resource.spec.decontamination.eval_sets):
                 yield f"spec.decontamination.evalSets[{index}].path", source.path
+        case Tokenizer():
+            for index, pattern in enumerate(resource.spec.protected_patterns):
+                if pattern.vocabulary_file:
+                    yield (f"spec.protectedPatterns[{index}].vocabularyFile",
+                           pattern.vocabulary_file)
         case FineTune():
             data = resource.spec.data
             yield "spec.data.train", data.train
             yield "spec.data.test", data.test
             if data.validation:
                 yield "spec.data.validation", data.validation
+        case ModelDeployment():
+            if resource.spec.export.held_out_data:
+                yield "spec.export.heldOutData", resource.spec.export.held_out_data
 
 
 def resolve(path: str, data_dir: Path) -> Path:
@@ -32,9 +41,23 @@ def resolve(path: str, data_dir: Path) -> Path:
     return candidate if candidate.is_absolute() else data_dir / candidate
 
 
+def _local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def data_digests(resource: Resource, data_dir: Path) -> dict[str, str]:
+    """Return {field: sha256 digest} of the local data files the resource names.
+
+    Files on object stores are left out, because reading them to hash them would cost a
+    download on every run.
+    """
+    return {field: sha256_file(resolve(path, data_dir))
+            for field, path in _named_paths(resource) if _local(path)}
+
+
 def check_files(resource: Resource, data_dir: Path) -> None:
     for field, path in _named_paths(resource):
-        if "://" in path and not path.startswith("file://"):
+        if not _local(path):
             continue
         if not resolve(path, data_dir).is_file():
             raise InvalidResourceError(

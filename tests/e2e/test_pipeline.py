@@ -128,3 +128,34 @@ def test_cli_rejects_unknown_field_with_exit_code(tmp_path):
     assert "spec" in completed.stderr
     assert "Corpus 'x'" in completed.stderr
     assert completed.stdout == ""
+
+
+def test_changed_data_file_reruns_stage(tmp_path, data_dir):
+    """A data file edited in place changes the stage key, so the stage runs again instead of
+    reusing the output of the old file. An unchanged file is still reused."""
+    source = "pubmed/ncbi-disease/corpus/NCBIdevelopset_corpus.txt"
+    copy = tmp_path / "data" / source
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes((data_dir / source).read_bytes())
+    document = {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "small"},
+        "spec": {"sources": [{"name": "ncbi-dev", "format": "ncbiDisease", "path": source}]},
+    }
+    runner = LocalRunner(tmp_path / "workspace", tmp_path / "data")
+
+    def run():
+        resources = runner.check([loader.parse_resource(document, "test")])
+        return runner.run(resources)["Corpus/default/small"]
+
+    first = run()
+    again = run()
+    # Keep the first half of the documents: they are separated by blank lines.
+    documents = copy.read_text().split("\n\n")
+    copy.write_text("\n\n".join(documents[: len(documents) // 2]) + "\n")
+    changed = run()
+
+    assert not first.reused
+    assert again.reused
+    assert not changed.reused
+    assert changed.manifest["digest"] != first.manifest["digest"]
+    assert changed.manifest["metrics"]["documentsIn"] < first.manifest["metrics"]["documentsIn"]

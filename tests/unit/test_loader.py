@@ -94,3 +94,30 @@ def test_duplicate_names_are_rejected(tmp_path):
 def test_empty_folder_is_rejected(tmp_path):
     with pytest.raises(InvalidResourceError, match="no resources found"):
         loader.load_paths([tmp_path])
+
+
+@pytest.mark.parametrize(
+    ("example", "edit", "field"),
+    [
+        ("05-deployment.yaml", lambda spec: spec["export"].update(heldOutData="conll/tset.tsv"),
+         "spec.export.heldOutData"),
+        ("02-tokenizer.yaml",
+         lambda spec: spec["protectedPatterns"][0].update(vocabularyFile="icd10/none.csv"),
+         "spec.protectedPatterns[0].vocabularyFile"),
+    ],
+)
+def test_missing_data_file_named(tmp_path, data_dir, example, edit, field):
+    """`lathe validate` and `lathe run` check every data file a spec names, not only sources."""
+    import yaml
+
+    from lathe import preflight
+
+    document = next(doc for doc in yaml.safe_load_all(
+        (Path(__file__).parents[2] / "examples" / "pubmed" / example).read_text()) if doc)
+    edit(document["spec"])
+    resource = loader.parse_resource(document, example)
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_files(resource, data_dir)
+    assert raised.value.field == field
+    assert "does not exist under the data directory" in str(raised.value)
+    assert "--data-dir" in str(raised.value)

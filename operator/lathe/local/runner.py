@@ -165,7 +165,9 @@ class LocalRunner:
         directory = self.stage_dir(resource)
         directory.mkdir(parents=True, exist_ok=True)
         output_uri = self.output_uri(resource)
-        plan = plans.build(resource, inputs, output_uri, str(self.data_dir))
+        # A data file edited in place, or another --data-dir, must not reuse an old output.
+        plan = plans.build(resource, inputs, output_uri, str(self.data_dir),
+                           data_digests=preflight.data_digests(resource, self.data_dir))
         started = time.monotonic()
 
         manifest = _read_manifest(output_uri)

@@ -13,9 +13,13 @@ def build(
     output_uri: str,
     data_dir: str,
     image: str = "",
+    data_digests: dict[str, str] | None = None,
 ) -> WorkloadPlan:
-    """Return the bounded workload for a resource (for ModelDeployment: its export Job)."""
-    config = stage_config(resource, inputs, output_uri, data_dir, image)
+    """Return the bounded workload for a resource (for ModelDeployment: its export Job).
+
+    `data_digests` (see stage_key) makes a changed data file change the stage key.
+    """
+    config = stage_config(resource, inputs, output_uri, data_dir, image, data_digests)
     common = dict(kind=resource.kind, name=resource.metadata.name, config=config,
                   scheduling=resource.spec.scheduling)
     match resource:

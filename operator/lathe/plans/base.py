@@ -72,8 +72,9 @@ class ServingPlan:
 _NOT_IN_STAGE_KEY = {"scheduling", "workers", "suspend"}
 
 
-def _output_inputs(resource: Resource, inputs: dict[str, ResolvedInput]) -> dict[str, Any]:
-    return {
+def _output_inputs(resource: Resource, inputs: dict[str, ResolvedInput],
+                   data_digests: dict[str, str] | None = None) -> dict[str, Any]:
+    payload = {
         "kind": resource.kind,
         # Where the pods run, how many Corpus workers share the work, and pausing change nothing
         # in the output, so changing them keeps a finished output and its checkpoints.
@@ -83,6 +84,9 @@ def _output_inputs(resource: Resource, inputs: dict[str, ResolvedInput]) -> dict
         ),
         "inputs": {role: item.digest for role, item in sorted(inputs.items())},
     }
+    if data_digests:
+        payload["data"] = dict(sorted(data_digests.items()))
+    return payload
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -90,13 +94,17 @@ def _digest(payload: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(encoded).hexdigest()
 
 
-def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
-    """Digest of what determines a stage's output: kind, spec, input digests and code version.
+def stage_key(resource: Resource, inputs: dict[str, ResolvedInput],
+              data_digests: dict[str, str] | None = None) -> str:
+    """Digest of what determines a stage's output: kind, spec, input digests, code version, and
+    the digests of the data files the spec names when the caller can read them.
 
     Two runs with the same key produce the same artifact, so a finished stage with a matching
-    key is reused instead of being run again.
+    key is reused instead of being run again. `data_digests` maps a spec field to the digest of
+    its file (lathe.preflight.data_digests); the operator cannot read the data volume and
+    passes none.
     """
-    return _digest({**_output_inputs(resource, inputs), "codeVersion": __version__})
+    return _digest({**_output_inputs(resource, inputs, data_digests), "codeVersion": __version__})
 
 
 # Spec fields a PretrainJob may change and still continue from its checkpoints, as training
@@ -105,7 +113,8 @@ def stage_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
 _CONTINUABLE = {"PretrainJob": {"training", "distributed"}}
 
 
-def resume_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
+def resume_key(resource: Resource, inputs: dict[str, ResolvedInput],
+               data_digests: dict[str, str] | None = None) -> str:
     """Digest of the kind, spec and input digests, without the code version and the fields a
     run may change and continue (_CONTINUABLE).
 
@@ -113,7 +122,7 @@ def resume_key(resource: Resource, inputs: dict[str, ResolvedInput]) -> str:
     is left out so that an attempt started by a newer operator continues a long run instead of
     starting it over.
     """
-    payload = _output_inputs(resource, inputs)
+    payload = _output_inputs(resource, inputs, data_digests)
     for name in _CONTINUABLE.get(resource.kind, ()):
         payload["spec"].pop(name, None)
     return _digest(payload)
@@ -125,6 +134,7 @@ def stage_config(
     output_uri: str,
     data_dir: str,
     image: str = "",
+    data_digests: dict[str, str] | None = None,
 ) -> StageConfig:
     return StageConfig(
         kind=resource.kind,
@@ -132,8 +142,8 @@ def stage_config(
         namespace=resource.metadata.namespace,
         uid=resource.metadata.uid or "",
         generation=resource.metadata.generation,
-        stage_key=stage_key(resource, inputs),
-        resume_key=resume_key(resource, inputs),
+        stage_key=stage_key(resource, inputs, data_digests),
+        resume_key=resume_key(resource, inputs, data_digests),
         spec=resource.spec.model_dump(mode="json", by_alias=True),
         inputs=inputs,
         output_uri=output_uri,
