@@ -12,6 +12,7 @@ import yaml
 
 from lathe import loader
 from lathe.api import ModelDeployment
+from lathe.errors import StageFailedError
 from lathe.local import serving
 from lathe.local.runner import LocalRunner
 from rich.console import Console
@@ -159,3 +160,44 @@ def test_changed_data_file_reruns_stage(tmp_path, data_dir):
     assert not changed.reused
     assert changed.manifest["digest"] != first.manifest["digest"]
     assert changed.manifest["metrics"]["documentsIn"] < first.manifest["metrics"]["documentsIn"]
+
+
+def test_failed_stage_reports_this_run(tmp_path, data_dir):
+    """A stage that rejects its spec at run time fails with its own error line, once, from this
+    run's log only, and status.json says Failed."""
+    source = "pubmed/ncbi-disease/corpus/NCBIdevelopset_corpus.txt"
+    corpus = {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "small"},
+        "spec": {"sources": [{"name": "ncbi-dev", "format": "ncbiDisease", "path": source}]},
+    }
+    runner = LocalRunner(tmp_path / "workspace", data_dir)
+
+    def run_tokenizer(regex: str) -> StageFailedError:
+        tokenizer = {
+            "apiVersion": "lathe.dev/v1alpha1", "kind": "Tokenizer", "metadata": {"name": "bad"},
+            "spec": {"corpusRef": {"name": "small"}, "vocabSize": 2000,
+                     "protectedPatterns": [{"name": "named", "regex": regex}]},
+        }
+        resources = runner.check([loader.parse_resource(corpus, "test"),
+                                  loader.parse_resource(tokenizer, "test")])
+        with pytest.raises(StageFailedError) as raised:
+            runner.run(resources)
+        return raised.value
+
+    run_tokenizer("(?P<first>[A-Z][0-9]+)")
+    error = run_tokenizer("(?P<second>[0-9]+ mg)")
+
+    message = str(error)
+    assert error.exit_code == 42
+    assert "spec.protectedPatterns" in message
+    assert "second" in message
+    assert "first" not in message
+    assert "\nerror: " not in message
+    assert ": error: " not in message
+    assert message.count("Tokenizer") == 1
+    status_file = next((tmp_path / "workspace").glob("*/tokenizer/bad/status.json"))
+    written = json.loads(status_file.read_text())
+    assert written["phase"] == "Failed"
+    failed = next(c for c in written["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True"
+    assert failed["reason"] == "JobFailed"

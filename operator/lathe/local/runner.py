@@ -227,16 +227,26 @@ class LocalRunner:
         progress_file: Path, resume: bool,
     ) -> None:
         attempts = plan.max_restarts + 1
+        stage_log = directory / "stage.log"
         for attempt in range(attempts):
+            # stage.log keeps earlier runs, so a failure quotes only what this attempt wrote.
+            start = stage_log.stat().st_size if stage_log.is_file() else 0
             exit_code = self._run_once(
                 resource, plan, directory, config, progress_file, resume or attempt > 0
             )
             if exit_code == 0:
                 return
-            tail = _tail(directory / "stage.log")
+            tail = _tail(stage_log, start=start)
             if exit_code == EXIT_PERMANENT or attempt == attempts - 1:
-                self.on_progress(ProgressEvent(resource.key, "failed", message=tail))
-                raise StageFailedError(resource.key, exit_code, tail)
+                # The stage's StageError names the resource too; keep one name in the message.
+                own = f"{resource.kind} {resource.metadata.namespace}/{resource.metadata.name}: "
+                message = _stage_error(tail).removeprefix(own) if (
+                    exit_code == EXIT_PERMANENT) else ""
+                message = message or f"{tail}\n(the whole log: {stage_log})"
+                self.on_progress(ProgressEvent(resource.key, "failed", message=message))
+                self._write_status(resource, directory, self.output_uri(resource), None,
+                                   failure=(exit_code, message))
+                raise StageFailedError(resource.key, exit_code, message)
             log.warning(
                 "%s failed with exit code %d; retrying from the latest checkpoint (attempt %d "
                 "of %d).", resource.key, exit_code, attempt + 2, attempts,
@@ -319,8 +329,12 @@ class LocalRunner:
 
     def _write_status(
         self, resource: Resource, directory: Path, output_uri: str, manifest: dict | None,
-        reused: bool = False,
+        reused: bool = False, failure: tuple[int, str] | None = None,
     ) -> None:
+        """Write status.json as the operator would write the resource's status.
+
+        `failure` is the exit code and message of a stage that gave up.
+        """
         generation = resource.metadata.generation
         conditions = status.set_condition(
             [], status.ConditionType.INPUTS_READY, True, status.Reason.INPUTS_AVAILABLE,
@@ -331,6 +345,18 @@ class LocalRunner:
             reason = status.Reason.REUSED if reused else status.Reason.JOB_SUCCEEDED
             conditions = status.set_condition(
                 conditions, summary, True, reason, generation=generation
+            )
+        elif failure:
+            exit_code, message = failure
+            reason = (status.Reason.JOB_FAILED if exit_code == EXIT_PERMANENT
+                      else status.Reason.BACKOFF_LIMIT_EXCEEDED)
+            conditions = status.set_condition(
+                conditions, status.ConditionType.RUNNING, False, status.Reason.JOB_FAILED,
+                "The stage failed.", generation,
+            )
+            conditions = status.set_condition(
+                conditions, status.ConditionType.FAILED, True, reason,
+                f"Exit code {exit_code}: {message}", generation,
             )
         else:
             conditions = status.set_condition(
@@ -378,7 +404,17 @@ def _read_manifest(output_uri: str) -> dict[str, Any] | None:
         return None
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def _tail(path: Path, lines: int = 20, start: int = 0) -> str:
+    """Return the last `lines` lines of a log file from byte offset `start` on."""
     if not path.is_file():
         return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    with path.open("rb") as handle:
+        handle.seek(start)
+        text = handle.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _stage_error(log: str) -> str:
+    """Return the StageError that a stage printed as its last `error: ` line, or ""."""
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    return errors[-1].removeprefix("error: ") if errors else ""
