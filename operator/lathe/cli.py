@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     # Long lines such as artifact URIs stay whole when the output is not a terminal, and digests
     # are not coloured as if they were numbers or addresses.
     console = Console(stderr=False, soft_wrap=True, highlight=False)
+    # `kill` and a closed terminal stop lathe as Ctrl-C does, so that the stage processes and
+    # tritonserver it started are stopped too instead of being left running.
+    previous = {signum: signal.signal(signum, _interrupt)
+                for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return args.handler(args, console)
     except LatheError as error:
@@ -177,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("Interrupted; finished stages are kept and are reused on the next run.")
         return 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

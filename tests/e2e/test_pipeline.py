@@ -201,3 +201,39 @@ def test_failed_stage_reports_this_run(tmp_path, data_dir):
     failed = next(c for c in written["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True"
     assert failed["reason"] == "JobFailed"
+
+
+def test_sigterm_stops_stage_processes(tmp_path, data_dir):
+    """`kill` on `lathe run` stops the stage processes it started, as Ctrl-C does."""
+    import signal
+    import time
+
+    import psutil
+
+    lathe = subprocess.Popen(
+        [sys.executable, "-m", "lathe.cli", "run", "-f", str(EXAMPLES),
+         "--workspace", str(tmp_path / "workspace"), "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    parent = psutil.Process(lathe.pid)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not children and lathe.poll() is None and time.monotonic() < deadline:
+            children = parent.children(recursive=True)
+            time.sleep(0.2)
+        assert children, "lathe run started no stage process"
+        lathe.send_signal(signal.SIGTERM)
+        output, _ = lathe.communicate(timeout=60)
+        # lathe waits for its stage processes before it exits, so none outlives it. A stage
+        # left running would take seconds more to finish.
+        _, alive = psutil.wait_procs(children, timeout=2)
+        assert lathe.returncode == 130, output
+        assert "Interrupted" in output
+        assert not alive, [process.cmdline() for process in alive]
+    finally:
+        for process in children:
+            if process.is_running():
+                process.kill()
+        if lathe.poll() is None:
+            lathe.kill()

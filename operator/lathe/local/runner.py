@@ -294,15 +294,20 @@ class LocalRunner:
                 for index in range(workers)
             ]
             failure = 0
-            while any(process.poll() is None for process in running):
-                offset = self._forward_progress(resource, progress_file, offset)
-                failure = failure or next((p.returncode for p in running if p.returncode), 0)
-                if failure:
-                    # A failed worker fails the attempt, as a Job's podFailurePolicy does.
-                    for process in running:
-                        if process.poll() is None:
-                            process.terminate()
-                time.sleep(POLL_SECONDS)
+            try:
+                while any(process.poll() is None for process in running):
+                    offset = self._forward_progress(resource, progress_file, offset)
+                    failure = failure or next((p.returncode for p in running if p.returncode), 0)
+                    if failure:
+                        # A failed worker fails the attempt, as a Job's podFailurePolicy does.
+                        for process in running:
+                            if process.poll() is None:
+                                process.terminate()
+                    time.sleep(POLL_SECONDS)
+            except BaseException:
+                # Interrupted (Ctrl-C, SIGTERM): stop the workers before lathe exits.
+                _stop_processes(running)
+                raise
             self._forward_progress(resource, progress_file, offset)
         return failure or next((p.returncode for p in running if p.returncode), 0)
 
@@ -402,6 +407,23 @@ def _read_manifest(output_uri: str) -> dict[str, Any] | None:
             return json.loads(handle.read())
     except FileNotFoundError:
         return None
+
+
+def _stop_processes(processes: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
+    """Send SIGTERM to the running processes, then SIGKILL to those still running after
+    `timeout_s`. torchrun passes SIGTERM on to its workers."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("Stage process %d did not stop within %.0f s; killing it.",
+                        process.pid, timeout_s)
+            process.kill()
+            process.wait()
 
 
 def _tail(path: Path, lines: int = 20, start: int = 0) -> str:
