@@ -164,7 +164,7 @@ def test_changed_data_file_reruns_stage(tmp_path, data_dir):
 
 def test_failed_stage_reports_this_run(tmp_path, data_dir):
     """A stage that rejects its spec at run time fails with its own error line, once, from this
-    run's log only, and status.json says Failed."""
+    run's log only, and status.json reports Failed."""
     source = "pubmed/ncbi-disease/corpus/NCBIdevelopset_corpus.txt"
     corpus = {
         "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "small"},
