@@ -132,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
             help="Resource file, or folder of resource files; repeatable.",
         )
         command.add_argument(
-            "--workspace", default="lathe-workspace", help="Directory for stage outputs."
+            "--workspace", default="lathe-workspace",
+            help="Directory for stage outputs (default: lathe-workspace in the current directory).",
         )
         command.add_argument(
             "--data-dir", default=str(default_data_dir()),

@@ -18,6 +18,14 @@ from lathe.errors import InvalidResourceError
 RESOURCE_SUFFIXES = (".yaml", ".yml")
 
 
+# Kubernetes ObjectMeta fields (k8s.io/apimachinery, meta/v1), as `kubectl get -o yaml` writes them.
+OBJECT_META_FIELDS = frozenset({
+    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+    "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+    "annotations", "ownerReferences", "finalizers", "managedFields",
+})
+
+
 def field_path(location: tuple[Any, ...]) -> str:
     """Render a pydantic error location as `spec.sources[0].path`."""
     path = ""
@@ -59,14 +67,23 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
         raise InvalidResourceError(
             label, "kind", f"unknown kind {kind!r}; use one of {', '.join(KINDS)}."
         )
+    unknown = sorted(set(document.get("metadata") or {}) - OBJECT_META_FIELDS)
+    if unknown:
+        # The API server would drop an unknown metadata field, so a misspelled `namespace`
+        # would silently land the resource in another namespace.
+        raise InvalidResourceError(
+            label, f"metadata.{unknown[0]}",
+            f"unknown field {unknown[0]!r}; remove it or fix its spelling (metadata takes "
+            "name, namespace, labels and annotations).",
+        )
     try:
         return KINDS[kind].model_validate(document)
     except ValidationError as error:
-        first = error.errors()[0]
-        field, message = _describe(first)
-        more = len(error.errors()) - 1
-        if more:
-            message += f" ({more} more error{'s' if more > 1 else ''} in this resource)"
+        problems = [_describe(item) for item in error.errors()]
+        field, message = problems[0]
+        if len(problems) > 1:
+            # Every problem at once, so a user does not fix them one run at a time.
+            message += " Also: " + " ".join(f"{other}: {text}" for other, text in problems[1:])
         raise InvalidResourceError(label, field, message) from None
 
 

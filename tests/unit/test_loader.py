@@ -121,3 +121,25 @@ def test_missing_data_file_named(tmp_path, data_dir, example, edit, field):
     assert raised.value.field == field
     assert "does not exist under the data directory" in str(raised.value)
     assert "--data-dir" in str(raised.value)
+
+
+def test_misspelled_metadata_field_rejected():
+    document = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus",
+                "metadata": {"name": "x", "namspace": "team-a"}, "spec": {"sources": []}}
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.parse_resource(document, "corpus.yaml")
+    assert raised.value.field == "metadata.namspace"
+    assert "fix its spelling" in raised.value.detail
+
+
+def test_every_spec_error_listed():
+    document = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Tokenizer", "metadata": {"name": "x"},
+                "spec": {"corpusRef": {"name": "c"}, "vocabSzie": 10, "minFrequency": -1,
+                         "specialTokens": 3}}
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.parse_resource(document, "tokenizer.yaml")
+    message = str(raised.value)
+    assert "vocabSzie" in message
+    assert "spec.minFrequency" in message
+    assert "spec.specialTokens" in message
+    assert message.count(" Also: ") == 1
