@@ -34,7 +34,7 @@ def order(resources: list[Resource]) -> list[Resource]:
             key = upstream_key(resource, kind, name)
             if key not in by_key:
                 raise InvalidResourceError(
-                    resource.key,
+                    resource.label,
                     REFERENCE_FIELDS.get(role, role),
                     f"references {kind} {name!r}, which is not defined in the files given; "
                     f"add a {kind} named {name!r} or fix the name.",

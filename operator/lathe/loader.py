@@ -92,7 +92,10 @@ def load_file(path: Path) -> list[Resource]:
         documents = list(yaml.safe_load_all(path.read_text()))
     except yaml.YAMLError as error:
         raise InvalidResourceError(str(path), "(file)", f"invalid YAML: {error}") from None
-    return [parse_resource(document, str(path)) for document in documents if document]
+    resources = [parse_resource(document, str(path)) for document in documents if document]
+    for resource in resources:
+        resource._origin = str(path)
+    return resources
 
 
 def load_paths(paths: list[Path]) -> list[Resource]:
@@ -115,7 +118,9 @@ def load_paths(paths: list[Path]) -> list[Resource]:
     for resource in resources:
         if resource.key in seen:
             raise InvalidResourceError(
-                resource.key, "metadata.name", "defined twice; give each resource its own name."
+                resource.label, "metadata.name",
+                f"defined twice, also as {seen[resource.key].label}; give each resource its own "
+                "name.",
             )
         seen[resource.key] = resource
     return resources

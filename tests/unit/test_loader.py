@@ -70,6 +70,7 @@ def test_missing_reference_names_field(tmp_path):
         order(loader.load_paths([tmp_path]))
     assert raised.value.field == "spec.corpusRef.name"
     assert "Tokenizer/default/tok" in str(raised.value)
+    assert f"(in {tmp_path / 'resource.yaml'})" in str(raised.value)
 
 
 def test_missing_data_file_names_field(tmp_path, data_dir):
@@ -86,9 +87,12 @@ def test_missing_path_is_rejected(tmp_path):
 
 
 def test_duplicate_names_are_rejected(tmp_path):
-    write(tmp_path, CORPUS + "---\n" + CORPUS)
-    with pytest.raises(InvalidResourceError, match="defined twice"):
+    write(tmp_path, CORPUS)
+    write(tmp_path, CORPUS, "again.yaml")
+    with pytest.raises(InvalidResourceError, match="defined twice") as raised:
         loader.load_paths([tmp_path])
+    assert str(tmp_path / "again.yaml") in str(raised.value)
+    assert str(tmp_path / "resource.yaml") in str(raised.value)
 
 
 def test_empty_folder_is_rejected(tmp_path):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "lathe.dev"
@@ -347,6 +347,8 @@ class Resource(BaseModel):
     api_version: str = Field(default=API_VERSION, alias="apiVersion")
     kind: str
     metadata: ObjectMeta
+    # The file the resource was read from, for error messages; empty when it came from the API.
+    _origin: str = PrivateAttr(default="")
     status: StageStatus | None = None
 
     def references(self) -> dict[str, tuple[str, str]]:
@@ -356,3 +358,8 @@ class Resource(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.kind}/{self.metadata.namespace}/{self.metadata.name}"
+
+    @property
+    def label(self) -> str:
+        """The key, followed by the file the resource was read from when known."""
+        return f"{self.key} (in {self._origin})" if self._origin else self.key
