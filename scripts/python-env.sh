@@ -21,7 +21,7 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
     "$venv/bin/pip" install --quiet -r "$repo/requirements.lock" >&2
     touch "$venv/.complete"
 fi
-# setuptools warns on every editable install that the folders operator/ and trainer/ could
-# shadow the packages; they are the packages' own source folders, so the warning is noise.
+# setuptools warns on every editable install that folders in the working directory could
+# shadow the packages. No such folder exists here, so the warning is noise.
 PYTHONWARNINGS=ignore "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$repo" >&2
 echo "$venv"
