@@ -1,4 +1,5 @@
-"""Checks that need the data directory: every file a spec names must exist before anything runs."""
+"""Checks that `lathe validate` and `lathe run` make before anything runs: every file a spec names
+must exist, and every protected pattern must compile in the tokenizer's regex engine."""
 
 from __future__ import annotations
 
@@ -66,3 +67,26 @@ def check_files(resource: Resource, data_dir: Path) -> None:
                 f"file {path!r} does not exist under the data directory {str(data_dir)!r}; fix "
                 "the path or pass the right folder with --data-dir.",
             )
+
+
+def check_patterns(resource: Resource) -> None:
+    """Compile a Tokenizer's protected patterns in Oniguruma, the regex engine of `tokenizers`.
+
+    The API model compiles them with Python's `re` only, because the operator does not install
+    `tokenizers`. Oniguruma rejects some Python-only syntax, which would otherwise fail the
+    Tokenizer stage after its Corpus ran.
+    """
+    if not isinstance(resource, Tokenizer):
+        return
+    from tokenizers import Regex
+
+    for index, pattern in enumerate(resource.spec.protected_patterns):
+        try:
+            Regex(pattern.regex)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise InvalidResourceError(
+                resource.label, f"spec.protectedPatterns[{index}].regex",
+                f"regular expression {pattern.regex!r} is valid in Python but the tokenizer's "
+                f"engine (Oniguruma) rejects it: {error}; rewrite it without Python-only syntax "
+                "such as (?P<name>...).",
+            ) from None

@@ -12,7 +12,7 @@ import yaml
 
 from lathe import loader
 from lathe.api import ModelDeployment
-from lathe.errors import StageFailedError
+from lathe.errors import InvalidResourceError, StageFailedError
 from lathe.local import serving
 from lathe.local.runner import LocalRunner
 from rich.console import Console
@@ -163,44 +163,54 @@ def test_changed_data_file_reruns_stage(tmp_path, data_dir):
 
 
 def test_failed_stage_reports_this_run(tmp_path, data_dir):
-    """A stage that rejects its spec at run time fails with its own error line, once, from this
-    run's log only, and status.json reports Failed."""
-    source = "pubmed/ncbi-disease/corpus/NCBIdevelopset_corpus.txt"
-    corpus = {
-        "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "small"},
-        "spec": {"sources": [{"name": "ncbi-dev", "format": "ncbiDisease", "path": source}]},
-    }
+    """A stage that rejects its input at run time fails with its own error line, once, from
+    this run's log only, and status.json reports Failed."""
     runner = LocalRunner(tmp_path / "workspace", data_dir)
 
-    def run_tokenizer(regex: str) -> StageFailedError:
-        tokenizer = {
-            "apiVersion": "lathe.dev/v1alpha1", "kind": "Tokenizer", "metadata": {"name": "bad"},
-            "spec": {"corpusRef": {"name": "small"}, "vocabSize": 2000,
-                     "protectedPatterns": [{"name": "named", "regex": regex}]},
+    def run_corpus(source: str) -> StageFailedError:
+        # A minWords no abstract reaches removes every document, which the stage rejects.
+        corpus = {
+            "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "small"},
+            "spec": {"sources": [{"name": "ncbi", "format": "ncbiDisease",
+                                  "path": f"pubmed/ncbi-disease/corpus/{source}"}],
+                     "minWords": 100000},
         }
-        resources = runner.check([loader.parse_resource(corpus, "test"),
-                                  loader.parse_resource(tokenizer, "test")])
         with pytest.raises(StageFailedError) as raised:
-            runner.run(resources)
+            runner.run(runner.check([loader.parse_resource(corpus, "test")]))
         return raised.value
 
-    run_tokenizer("(?P<first>[A-Z][0-9]+)")
-    error = run_tokenizer("(?P<second>[0-9]+ mg)")
+    run_corpus("NCBIdevelopset_corpus.txt")  # 100 abstracts
+    error = run_corpus("NCBItrainset_corpus.txt")  # 593 abstracts
 
     message = str(error)
     assert error.exit_code == 42
-    assert "spec.protectedPatterns" in message
-    assert "second" in message
-    assert "first" not in message
+    assert "spec.sources: no documents remain after filtering 593 records" in message
+    assert "filtering 100 records" not in message
     assert "\nerror: " not in message
     assert ": error: " not in message
-    assert message.count("Tokenizer") == 1
-    status_file = next((tmp_path / "workspace").glob("*/tokenizer/bad/status.json"))
+    assert message.count("Corpus") == 1
+    status_file = next((tmp_path / "workspace").glob("*/corpus/small/status.json"))
     written = json.loads(status_file.read_text())
     assert written["phase"] == "Failed"
     failed = next(c for c in written["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True"
     assert failed["reason"] == "JobFailed"
+
+
+def test_python_only_pattern_rejected_before_run(tmp_path, data_dir):
+    """A protected pattern that Oniguruma rejects fails the check before any stage runs."""
+    corpus = next(doc for doc in yaml.safe_load_all((EXAMPLES / "01-corpus.yaml").read_text())
+                  if doc)  # fmt: skip
+    tokenizer = next(doc for doc in yaml.safe_load_all((EXAMPLES / "02-tokenizer.yaml").read_text())
+                     if doc)  # fmt: skip
+    tokenizer["spec"]["protectedPatterns"][0]["regex"] = "(?P<code>[A-Z][0-9]+)"
+    runner = LocalRunner(tmp_path / "workspace", data_dir)
+    with pytest.raises(InvalidResourceError) as raised:
+        runner.check([loader.parse_resource(corpus, "corpus.yaml"),
+                      loader.parse_resource(tokenizer, "tokenizer.yaml")])
+    assert raised.value.field == "spec.protectedPatterns[0].regex"
+    assert "Oniguruma" in raised.value.detail
+    assert not (tmp_path / "workspace").exists()
 
 
 def test_sigterm_stops_stage_processes(tmp_path, data_dir):

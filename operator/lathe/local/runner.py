@@ -137,6 +137,7 @@ class LocalRunner:
         outputs: dict[str, Resource] = {}
         for resource in ordered:
             preflight.check_files(resource, self.data_dir)
+            preflight.check_patterns(resource)
             uri = self.output_uri(resource).rstrip("/")
             for other_uri, other in outputs.items():
                 if uri == other_uri or uri.startswith(other_uri + "/") or other_uri.startswith(
