@@ -226,7 +226,7 @@ class Reconciler:
         new["inputDigests"] = input_digests
         new["attempt"] = attempt
         if not same_run:
-            # A changed spec starts over: stop the previous run's Job and forget its outcome.
+            # A new run starts over: stop the previous run's Job and forget its outcome.
             previous = new.get("jobName")
             if previous:
                 self._delete_job(resource.metadata.namespace, previous)
