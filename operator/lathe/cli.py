@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import threading
 import sys
 from pathlib import Path
 
@@ -171,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False, soft_wrap=True, highlight=False)
     # `kill` and a closed terminal stop lathe as Ctrl-C does, so that the stage processes and
     # tritonserver it started are stopped too instead of being left running.
-    previous = {signum: signal.signal(signum, _interrupt)
-                for signum in (signal.SIGTERM, signal.SIGHUP)}
+    # A signal that is ignored, as SIGHUP under nohup, stays ignored. Only the main thread may
+    # set handlers.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, _interrupt)
+                    for signum in (signal.SIGTERM, signal.SIGHUP)
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         return args.handler(args, console)
     except LatheError as error:

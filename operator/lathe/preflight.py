@@ -52,6 +52,7 @@ def data_digests(resource: Resource, data_dir: Path) -> dict[str, str]:
     Files on object stores are left out, because reading them to hash them would cost a
     download on every run.
     """
+    check_files(resource, data_dir)  # a file removed since the check gets the same error
     return {field: sha256_file(resolve(path, data_dir))
             for field, path in _named_paths(resource) if _local(path)}
 
@@ -62,7 +63,7 @@ def check_files(resource: Resource, data_dir: Path) -> None:
             continue
         if not resolve(path, data_dir).is_file():
             raise InvalidResourceError(
-                resource.key,
+                resource.label,
                 field,
                 f"file {path!r} does not exist under the data directory {str(data_dir)!r}; fix "
                 "the path or pass the right folder with --data-dir.",

@@ -220,10 +220,12 @@ def test_sigterm_stops_stage_processes(tmp_path, data_dir):
 
     import psutil
 
+    # As under nohup: SIGHUP is ignored, and lathe must keep it so.
     lathe = subprocess.Popen(
         [sys.executable, "-m", "lathe.cli", "run", "-f", str(EXAMPLES),
          "--workspace", str(tmp_path / "workspace"), "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
     )
     parent = psutil.Process(lathe.pid)
     children: list[psutil.Process] = []
@@ -233,6 +235,9 @@ def test_sigterm_stops_stage_processes(tmp_path, data_dir):
             children = parent.children(recursive=True)
             time.sleep(0.2)
         assert children, "lathe run started no stage process"
+        lathe.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert lathe.poll() is None, "lathe stopped on a SIGHUP that nohup ignores"
         lathe.send_signal(signal.SIGTERM)
         output, _ = lathe.communicate(timeout=60)
         # lathe waits for its stage processes before it exits, so none outlives it. A stage

@@ -147,3 +147,26 @@ def test_every_spec_error_listed():
     assert "spec.minFrequency" in message
     assert "spec.specialTokens" in message
     assert message.count(" Also: ") == 1
+
+
+@pytest.mark.parametrize("metadata", ["just-a-name", ["x"], {"name": "x", 1: "y", "zz": 2}])
+def test_malformed_metadata_gets_error(metadata):
+    document = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": metadata,
+                "spec": {"sources": []}}
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.parse_resource(document, "corpus.yaml")
+    assert raised.value.field.startswith("metadata")
+
+
+def test_stage_error_keeps_every_line():
+    """A StageError that spans lines, such as one that embeds a pydantic ValidationError, is
+    quoted whole, and only the last one counts."""
+    from lathe.local.runner import _stage_error
+
+    log = ("error: Corpus default/x: spec.sources: an earlier attempt\n"
+           "INFO step 3\n"
+           "error: Corpus default/x: spec: 1 validation error for CorpusSpec\n"
+           "sources.0.path\n  Field required\n")
+    assert _stage_error(log) == ("Corpus default/x: spec: 1 validation error for CorpusSpec\n"
+                                 "sources.0.path\n  Field required")
+    assert _stage_error("Traceback (most recent call last):\n") == ""

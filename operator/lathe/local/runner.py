@@ -238,12 +238,15 @@ class LocalRunner:
             if exit_code == 0:
                 return
             tail = _tail(stage_log, start=start)
-            if exit_code == EXIT_PERMANENT or attempt == attempts - 1:
+            # torchrun exits 1 whatever its workers' codes, so a StageError printed by a worker
+            # also marks the failure as permanent.
+            stage_error = _stage_error(tail)
+            if exit_code == EXIT_PERMANENT or stage_error or attempt == attempts - 1:
                 # The stage's StageError names the resource too; keep one name in the message.
                 own = f"{resource.kind} {resource.metadata.namespace}/{resource.metadata.name}: "
-                message = _stage_error(tail).removeprefix(own) if (
-                    exit_code == EXIT_PERMANENT) else ""
-                message = message or f"{tail}\n(the whole log: {stage_log})"
+                message = (f"{stage_error.removeprefix(own)}\n(the whole log: {stage_log})"
+                           if stage_error else f"{tail}\n(the whole log: {stage_log})")
+                exit_code = EXIT_PERMANENT if stage_error else exit_code
                 self.on_progress(ProgressEvent(resource.key, "failed", message=message))
                 self._write_status(resource, directory, self.output_uri(resource), None,
                                    failure=(exit_code, message))
@@ -284,18 +287,19 @@ class LocalRunner:
         # Records of an earlier attempt of a resumed stage were shown when they were written.
         offset = progress_file.stat().st_size if progress_file.is_file() else 0
         with (directory / "stage.log").open("a") as log_file:
-            running = [
-                subprocess.Popen(
-                    self.command(plan, config, resume),
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    env={**env, "JOB_COMPLETION_INDEX": str(index)},
-                    cwd=directory,
-                )
-                for index in range(workers)
-            ]
+            running: list[subprocess.Popen] = []
             failure = 0
             try:
+                # Started inside the try, so that an interrupt between two starts stops the
+                # workers already running.
+                for index in range(workers):
+                    running.append(subprocess.Popen(
+                        self.command(plan, config, resume),
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        env={**env, "JOB_COMPLETION_INDEX": str(index)},
+                        cwd=directory,
+                    ))
                 while any(process.poll() is None for process in running):
                     offset = self._forward_progress(resource, progress_file, offset)
                     failure = failure or next((p.returncode for p in running if p.returncode), 0)
@@ -438,6 +442,10 @@ def _tail(path: Path, lines: int = 20, start: int = 0) -> str:
 
 
 def _stage_error(log: str) -> str:
-    """Return the StageError that a stage printed as its last `error: ` line, or ""."""
-    errors = [line for line in log.splitlines() if line.startswith("error: ")]
-    return errors[-1].removeprefix("error: ") if errors else ""
+    """Return the StageError that a stage printed, from its last `error: ` line to the end of
+    the log (a message may span lines), or ""."""
+    lines = log.splitlines()
+    starts = [index for index, line in enumerate(lines) if line.startswith("error: ")]
+    if not starts:
+        return ""
+    return "\n".join(lines[starts[-1]:]).removeprefix("error: ")

@@ -325,8 +325,11 @@ def start_triton(
         try:
             server.wait_ready(ready_timeout_s)
             return server
-        except TritonStartError:
+        except BaseException as error:
+            # tritonserver runs in its own session, so nothing else stops it on an interrupt.
             server.stop()
+            if not isinstance(error, TritonStartError):
+                raise
             port_taken = "address already in use" in server.log_tail(200).lower()
             if not port_taken or attempt >= attempts:
                 raise
