@@ -51,6 +51,8 @@ def data_digests(resource: Resource, data_dir: Path) -> dict[str, str]:
 
     Files on object stores are left out, because reading them to hash them would cost a
     download on every run.
+    NOTE: a FineTune's baseModel.uri names a model directory, which is not hashed, so a model
+    rewritten in place under the same path does not rerun the FineTune.
     """
     check_files(resource, data_dir)  # a file removed since the check gets the same error
     return {field: sha256_file(resolve(path, data_dir))

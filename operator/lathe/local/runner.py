@@ -416,7 +416,11 @@ def _read_manifest(output_uri: str) -> dict[str, Any] | None:
 
 def _stop_processes(processes: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
     """Send SIGTERM to the running processes, then SIGKILL to those still running after
-    `timeout_s`. torchrun passes SIGTERM on to its workers."""
+    `timeout_s`. torchrun passes SIGTERM on to its workers.
+
+    NOTE: SIGKILL reaches only the process started here, so the workers of a torchrun that
+    ignored SIGTERM for `timeout_s` are left running.
+    """
     for process in processes:
         if process.poll() is None:
             process.terminate()
