@@ -32,6 +32,7 @@ class Reason:
     JOB_FAILED = "JobFailed"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     REUSED = "ReusedArtifact"
+    INTERRUPTED = "Interrupted"
     SUSPENDED = "SuspendedBySpec"
     RESUMED = "Resumed"
     SERVER_READY = "ServerReady"

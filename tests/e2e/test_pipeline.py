@@ -246,6 +246,14 @@ def test_sigterm_stops_stage_processes(tmp_path, data_dir):
         assert lathe.returncode == 130, output
         assert "Interrupted" in output
         assert not alive, [process.cmdline() for process in alive]
+        # The stage that was running records the interruption instead of Running.
+        written = [json.loads(path.read_text())
+                   for path in (tmp_path / "workspace").glob("*/*/*/status.json")]
+        interrupted = [document for document in written
+                       if any(c["reason"] == "Interrupted" for c in document["conditions"])]
+        assert len(interrupted) == 1, written
+        assert interrupted[0]["phase"] == "Pending"
+        assert not any(document["phase"] == "Running" for document in written)
     finally:
         for process in children:
             if process.is_running():

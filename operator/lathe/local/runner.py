@@ -185,12 +185,18 @@ class LocalRunner:
         self._write_status(resource, directory, output_uri, None)
         self.on_progress(ProgressEvent(resource.key, "started"))
         progress_file = self._progress_file(plan, directory, output_uri)
-        self._run_with_retries(resource, plan, directory, config_path, progress_file, resume)
+        try:
+            self._run_with_retries(resource, plan, directory, config_path, progress_file,
+                                   resume)
+        except KeyboardInterrupt:
+            self._write_status(resource, directory, output_uri, None, interrupted=True)
+            raise
 
         manifest = _read_manifest(output_uri)
         if not manifest:
-            raise StageFailedError(resource.key, 0,
-                                   f"the stage exited without a manifest.json in {output_uri}.")
+            message = f"the stage exited without a manifest.json in {output_uri}."
+            self._write_status(resource, directory, output_uri, None, failure=(0, message))
+            raise StageFailedError(resource.key, 0, message)
         self._write_status(resource, directory, output_uri, manifest)
         self.on_progress(ProgressEvent(resource.key, "succeeded", message="done"))
         return StageResult(resource, output_uri, directory, manifest, False,
@@ -340,10 +346,12 @@ class LocalRunner:
     def _write_status(
         self, resource: Resource, directory: Path, output_uri: str, manifest: dict | None,
         reused: bool = False, failure: tuple[int, str] | None = None,
+        interrupted: bool = False,
     ) -> None:
         """Write status.json as the operator would write the resource's status.
 
-        `failure` is the exit code and message of a stage that gave up.
+        `failure` is the exit code and message of a stage that gave up. Exit code 0 means the
+        stage exited without its manifest, which no retry fixes either.
         """
         generation = resource.metadata.generation
         conditions = status.set_condition(
@@ -358,7 +366,7 @@ class LocalRunner:
             )
         elif failure:
             exit_code, message = failure
-            reason = (status.Reason.JOB_FAILED if exit_code == EXIT_PERMANENT
+            reason = (status.Reason.JOB_FAILED if exit_code in (0, EXIT_PERMANENT)
                       else status.Reason.BACKOFF_LIMIT_EXCEEDED)
             conditions = status.set_condition(
                 conditions, status.ConditionType.RUNNING, False, status.Reason.JOB_FAILED,
@@ -367,6 +375,12 @@ class LocalRunner:
             conditions = status.set_condition(
                 conditions, status.ConditionType.FAILED, True, reason,
                 f"Exit code {exit_code}: {message}", generation,
+            )
+        elif interrupted:
+            conditions = status.set_condition(
+                conditions, status.ConditionType.RUNNING, False, status.Reason.INTERRUPTED,
+                "lathe run was interrupted; run it again to resume the stage from its "
+                "checkpoints.", generation,
             )
         else:
             conditions = status.set_condition(
