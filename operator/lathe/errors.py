@@ -37,3 +37,4 @@ class StageFailedError(LatheError):
         super().__init__(f"{resource}: the stage failed with exit code {exit_code}: {message}")
         self.resource = resource
         self.exit_code = exit_code
+        self.detail = message

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 from bed import BUILD_SCRIPT, POLL_INTERVAL_SECONDS, REPO, BedError, ClusterBed, build
 
@@ -139,14 +138,9 @@ def lathe_operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory):
 def ready_inputs(cluster, namespace):
     """A Corpus and a Tokenizer named `missing-on-purpose` that have succeeded, the inputs that
     `lathe_objects.pretrain_job` refers to."""
-    from lathe_objects import EXAMPLES, is_true
+    from lathe_objects import corpus_and_tokenizer, is_true
 
-    documents = [doc for path in ("01-corpus.yaml", "02-tokenizer.yaml")
-                 for doc in yaml.safe_load_all((EXAMPLES / path).read_text()) if doc]
-    for document in documents:
-        document["metadata"]["name"] = "missing-on-purpose"
-        if document["kind"] == "Tokenizer":
-            document["spec"]["corpusRef"]["name"] = "missing-on-purpose"
+    for document in corpus_and_tokenizer("missing-on-purpose"):
         cluster.apply(document, namespace)
     cluster.wait_for(
         lambda: is_true(cluster, "Tokenizer", "missing-on-purpose", namespace, "Succeeded"),

@@ -70,3 +70,14 @@ def finetune(name: str, base: str) -> dict:
     document["metadata"] = {"name": name}
     document["spec"]["baseModel"]["pretrainJobRef"]["name"] = base
     return document
+
+
+def corpus_and_tokenizer(name: str) -> list[dict]:
+    """The example Corpus and Tokenizer, both named `name`, the Tokenizer reading the Corpus."""
+    documents = [doc for path in ("01-corpus.yaml", "02-tokenizer.yaml")
+                 for doc in yaml.safe_load_all((EXAMPLES / path).read_text()) if doc]
+    for document in documents:
+        document["metadata"]["name"] = name
+        if document["kind"] == "Tokenizer":
+            document["spec"]["corpusRef"]["name"] = name
+    return documents

@@ -12,8 +12,8 @@ import yaml
 
 from argocd_lua import run_health
 from lathe.k8s import handlers, reconcile
-from lathe_objects import (EXAMPLES, ORDER, KINDS, condition, events_about, finetune, get,
-                           is_true, jobs_of, plural, pretrain_job)
+from lathe_objects import (EXAMPLES, ORDER, KINDS, condition, corpus_and_tokenizer, events_about,
+                           finetune, get, is_true, jobs_of, plural, pretrain_job)
 
 def test_every_transition_posts_one_event(cluster, namespace, lathe_operator, ready_inputs):
     """The Tokenizer waited for its Corpus, started and succeeded: one Event per reconcile that
@@ -296,12 +296,7 @@ def test_spec_change_moves_observed_generation(cluster, namespace, lathe_operato
 def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operator):
     """A Corpus that runs again with a new output makes its finished Tokenizer run again. The
     new run keeps the generation but gets a new Job name, and the status records its input."""
-    documents = [doc for path in ("01-corpus.yaml", "02-tokenizer.yaml")
-                 for doc in yaml.safe_load_all((EXAMPLES / path).read_text()) if doc]
-    for document in documents:
-        document["metadata"]["name"] = "rerun-input"
-        if document["kind"] == "Tokenizer":
-            document["spec"]["corpusRef"]["name"] = "rerun-input"
+    for document in corpus_and_tokenizer("rerun-input"):
         cluster.apply(document, namespace)
 
     def tokenizer_read(digest: str) -> bool:

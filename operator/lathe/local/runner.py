@@ -188,15 +188,18 @@ class LocalRunner:
         try:
             self._run_with_retries(resource, plan, directory, config_path, progress_file,
                                    resume)
+            manifest = _read_manifest(output_uri)
+            if not manifest:
+                raise StageFailedError(
+                    resource.key, 0, f"the stage exited without a manifest.json in {output_uri}."
+                )
+        except StageFailedError as error:
+            self._write_status(resource, directory, output_uri, None,
+                               failure=(error.exit_code, error.detail))
+            raise
         except KeyboardInterrupt:
             self._write_status(resource, directory, output_uri, None, interrupted=True)
             raise
-
-        manifest = _read_manifest(output_uri)
-        if not manifest:
-            message = f"the stage exited without a manifest.json in {output_uri}."
-            self._write_status(resource, directory, output_uri, None, failure=(0, message))
-            raise StageFailedError(resource.key, 0, message)
         self._write_status(resource, directory, output_uri, manifest)
         self.on_progress(ProgressEvent(resource.key, "succeeded", message="done"))
         return StageResult(resource, output_uri, directory, manifest, False,
@@ -250,12 +253,11 @@ class LocalRunner:
             if exit_code == EXIT_PERMANENT or stage_error or attempt == attempts - 1:
                 # The stage's StageError names the resource too; keep one name in the message.
                 own = f"{resource.kind} {resource.metadata.namespace}/{resource.metadata.name}: "
-                message = (f"{stage_error.removeprefix(own)}\n(the whole log: {stage_log})"
-                           if stage_error else f"{tail}\n(the whole log: {stage_log})")
-                exit_code = EXIT_PERMANENT if stage_error else exit_code
+                body = stage_error.removeprefix(own) if stage_error else tail
+                message = f"{body}\n(the whole log: {stage_log})"
+                if stage_error:
+                    exit_code = EXIT_PERMANENT
                 self.on_progress(ProgressEvent(resource.key, "failed", message=message))
-                self._write_status(resource, directory, self.output_uri(resource), None,
-                                   failure=(exit_code, message))
                 raise StageFailedError(resource.key, exit_code, message)
             log.warning(
                 "%s failed with exit code %d; retrying from the latest checkpoint (attempt %d "
@@ -316,7 +318,7 @@ class LocalRunner:
                                 process.terminate()
                     time.sleep(POLL_SECONDS)
             except BaseException:
-                # Interrupted (Ctrl-C, SIGTERM): stop the workers before lathe exits.
+                # On an interrupt (Ctrl-C, SIGTERM), stop the workers before lathe exits.
                 _stop_processes(running)
                 raise
             self._forward_progress(resource, progress_file, offset)
