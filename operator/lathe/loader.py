@@ -56,8 +56,10 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
         raise InvalidResourceError(origin, "(document)", "expected a mapping with apiVersion, "
                                    "kind, metadata and spec.")
     kind = document.get("kind")
-    metadata = document.get("metadata") or {}
-    name = metadata.get("name", "<unnamed>") if isinstance(metadata, dict) else "<unnamed>"
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}  # pydantic reports the missing or wrongly typed metadata below
+    name = metadata.get("name", "<unnamed>")
     label = f"{kind or '<no kind>'} {name!r} in {origin}"
     if document.get("apiVersion") != API_VERSION:
         raise InvalidResourceError(
@@ -68,8 +70,7 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
         raise InvalidResourceError(
             label, "kind", f"unknown kind {kind!r}; use one of {', '.join(KINDS)}."
         )
-    unknown = sorted(str(key) for key in metadata if key not in OBJECT_META_FIELDS) if (
-        isinstance(metadata, dict)) else []
+    unknown = sorted(str(key) for key in metadata if key not in OBJECT_META_FIELDS)
     if unknown:
         # The API server would drop an unknown metadata field, so a misspelled `namespace`
         # would silently land the resource in another namespace.
