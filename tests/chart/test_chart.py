@@ -76,6 +76,18 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], str] = {
 }
 CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
 
+# Leader election (lathe/k8s/leader.py) needs the Lease in the release namespace only, so the
+# chart grants it in a Role of its own there, in both modes.
+LEADER_ELECTION_ROLE = f"{RELEASE}-leader-election"
+LEASE = f"{RELEASE}-leader"
+LEADER_ELECTION_PERMISSIONS: dict[tuple[str, str, str], str] = {
+    ("coordination.k8s.io", "leases", "create"):
+        "the client's LeaseLock.create, when no pod has held the Lease yet",
+    ("coordination.k8s.io", "leases", "get"): "LeaseLock.get and LeaderElector.release",
+    ("coordination.k8s.io", "leases", "update"):
+        "LeaseLock.update renews or takes the Lease; LeaderElector.release frees it",
+}
+
 # kubernetes client methods the operator calls, as (apiGroup, resource, verb). A method missing
 # here fails test_operator_calls_are_in_table: add it, and grant it in the chart's rules.
 CLIENT_METHODS: dict[str, tuple[str, str, str]] = {
@@ -95,6 +107,9 @@ CLIENT_METHODS: dict[str, tuple[str, str, str]] = {
     "list_namespaced_event": ("", "events", "list"),
     "read_namespaced_deployment": ("apps", "deployments", "get"),
     "read_custom_resource_definition": ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
+    # The kubernetes client's LeaseLock also calls create_namespaced_lease, outside this package.
+    "read_namespaced_lease": ("coordination.k8s.io", "leases", "get"),
+    "replace_namespaced_lease": ("coordination.k8s.io", "leases", "update"),
 }
 # API groups of the objects Reconciler._apply writes with server-side apply, by plural.
 APPLY_GROUPS = {
@@ -112,17 +127,19 @@ MODES = {
 }
 EXPECTED_KINDS = {
     "default": {"CustomResourceDefinition": 5, "ServiceAccount": 1, "ClusterRole": 1,
-                "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1},
+                "ClusterRoleBinding": 1, "Role": 1, "RoleBinding": 1, "Deployment": 1,
+                "Service": 1},
     "cluster-wide": {"CustomResourceDefinition": 5, "ServiceAccount": 1, "ClusterRole": 1,
-                     "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1},
+                     "ClusterRoleBinding": 1, "Role": 1, "RoleBinding": 1, "Deployment": 1,
+                     "Service": 1},
     "namespaced": {"CustomResourceDefinition": 5, "ServiceAccount": 1, "ClusterRole": 1,
-                   "ClusterRoleBinding": 1, "Role": 2, "RoleBinding": 2, "Deployment": 1,
+                   "ClusterRoleBinding": 1, "Role": 3, "RoleBinding": 3, "Deployment": 1,
                    "Service": 1},
-    "crds-off": {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1,
-                 "Service": 1},
+    "crds-off": {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Role": 1,
+                 "RoleBinding": 1, "Deployment": 1, "Service": 1},
     "service-monitor": {"CustomResourceDefinition": 5, "ServiceAccount": 1, "ClusterRole": 1,
-                        "ClusterRoleBinding": 1, "Deployment": 1, "Service": 1,
-                        "ServiceMonitor": 1},
+                        "ClusterRoleBinding": 1, "Role": 1, "RoleBinding": 1, "Deployment": 1,
+                        "Service": 1, "ServiceMonitor": 1},
 }
 
 
@@ -205,8 +222,14 @@ def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
     }
 
 
+def operator_roles(objects: list[dict], kind: str) -> list[dict]:
+    """The ClusterRoles or Roles for reconciling, without the leader election Role."""
+    return [role for role in of_kind(objects, kind)
+            if role["metadata"]["name"] != LEADER_ELECTION_ROLE]
+
+
 def role_rules(objects: list[dict]) -> list[dict]:
-    return [rule for kind in ("ClusterRole", "Role") for role in of_kind(objects, kind)
+    return [rule for kind in ("ClusterRole", "Role") for role in operator_roles(objects, kind)
             for rule in role.get("rules") or []]
 
 
@@ -257,7 +280,7 @@ def test_operator_calls_are_in_table():
             needed |= {(group, item, verb) for item in resources}
     needed |= applied_permissions()
     needed |= kopf_permissions()
-    missing = sorted(needed - OPERATOR_PERMISSIONS.keys())
+    missing = sorted(needed - OPERATOR_PERMISSIONS.keys() - LEADER_ELECTION_PERMISSIONS.keys())
     assert not missing, f"the operator needs {missing}, which OPERATOR_PERMISSIONS lacks"
 
 
@@ -378,7 +401,8 @@ def test_namespaced_mode_lists_namespaces(helm):
     assert [arg for arg in args if arg.startswith("--namespace")] == [
         f"--namespace={name}" for name in NAMESPACES
     ]
-    assert sorted(role["metadata"]["namespace"] for role in of_kind(objects, "Role")) == NAMESPACES
+    roles = operator_roles(objects, "Role")
+    assert sorted(role["metadata"]["namespace"] for role in roles) == NAMESPACES
     for binding in of_kind(objects, "RoleBinding"):
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                       "name": binding["metadata"]["name"]}
@@ -417,7 +441,8 @@ def operator_env_names() -> set[str]:
     The builders' LATHE_* variables are set in the training pods, not read by the operator.
     """
     names = set()
-    for path in (K8S_PACKAGE / "settings.py", K8S_PACKAGE / "handlers.py"):
+    for path in (K8S_PACKAGE / "settings.py", K8S_PACKAGE / "handlers.py",
+                 K8S_PACKAGE / "leader.py"):
         names |= set(re.findall(r'"(LATHE_[A-Z_]+)"', path.read_text()))
     return names
 
@@ -581,7 +606,14 @@ def test_argocd_health_checks_off_by_default(helm):
 
 REJECTED = [
     (["--set-string", "replicaCount=two"], r"replicaCount"),
-    (["--set", "replicaCount=2"], r"replicaCount"),
+    (["--set", "replicaCount=11"], r"replicaCount"),
+    (["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"],
+     r"replicaCount is 2 but leaderElection.enabled is false"),
+    (["--set", "leaderElection.leaseDuration=10"],
+     r"leaderElection.leaseDuration \(10\) must exceed leaderElection.renewDeadline \(10\)"),
+    (["--set", "leaderElection.retryPeriod=9"],
+     r"leaderElection.renewDeadline \(10\) must exceed 1.2 times leaderElection.retryPeriod"),
+    (["--set", "leaderElection.lease=15"], r"lease"),
     (["--set", "mode=everywhere"], r"mode"),
     (["--set", "replicas=1"], r"replicas"),
     (["--set", "mode=namespaced", "--set", "watchNamespaces={Team_A}"], r"watchNamespaces"),
@@ -642,8 +674,52 @@ def test_namespaced_mode_keeps_cluster_role_to_crds(helm):
     cluster_grants = grants(one(objects, "ClusterRole")["rules"])
     assert {(group, resource) for group, resource, _ in cluster_grants} == CLUSTER_SCOPED
     namespaced = {key for key in OPERATOR_PERMISSIONS if key[:2] not in CLUSTER_SCOPED}
-    for role in of_kind(objects, "Role"):
+    for role in operator_roles(objects, "Role"):
         assert grants(role["rules"]) == namespaced, role["metadata"]["namespace"]
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_leader_election_role_grants_lease_only(helm, mode):
+    objects = render(helm, *MODES[mode])
+    role = next(role for role in of_kind(objects, "Role")
+                if role["metadata"]["name"] == LEADER_ELECTION_ROLE)
+    binding = next(binding for binding in of_kind(objects, "RoleBinding")
+                   if binding["metadata"]["name"] == LEADER_ELECTION_ROLE)
+    assert role["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert grants(role["rules"]) == LEADER_ELECTION_PERMISSIONS.keys()
+    for rule in role["rules"]:
+        if rule["verbs"] != ["create"]:
+            assert rule["resourceNames"] == [LEASE], rule
+    assert binding["roleRef"]["name"] == LEADER_ELECTION_ROLE
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT,
+                                    "namespace": RELEASE_NAMESPACE}]
+
+
+def test_leader_election_settings_reach_operator(helm):
+    objects = render(helm, "--set", "replicaCount=3")
+    deployment = one(objects, "Deployment")
+    container = operator_container(objects)
+    env = {item["name"]: item for item in container["env"]}
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    assert env["LATHE_LEADER_ELECTION"]["value"] == "true"
+    assert env["LATHE_LEADER_ELECTION_ID"]["value"] == LEASE
+    assert env["LATHE_LEADER_ELECTION_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["LATHE_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert [env[name]["value"] for name in (
+        "LATHE_LEASE_DURATION", "LATHE_RENEW_DEADLINE", "LATHE_RETRY_PERIOD")] == ["15", "10", "2"]
+    assert f"--liveness={env['LATHE_LIVENESS_ENDPOINT']['value']}" in container["args"]
+
+
+def test_leader_election_can_be_turned_off(helm):
+    objects = render(helm, "--set", "leaderElection.enabled=false")
+    env = {item["name"]: item.get("value") for item in operator_container(objects)["env"]}
+    assert one(objects, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert env["LATHE_LEADER_ELECTION"] == "false"
+    assert "LATHE_LEADER_ELECTION_ID" not in env
+    assert LEADER_ELECTION_ROLE not in {role["metadata"]["name"]
+                                        for role in of_kind(objects, "Role")}
 
 
 def test_rbac_can_be_left_out(helm):

@@ -213,6 +213,23 @@ def test_account_is_denied_the_rest(cluster, installed_rbac, namespaces):
                  "customresourcedefinitions.apiextensions.k8s.io", None)
 
 
+@pytest.mark.parametrize("installed_rbac", ["cluster-wide", "namespaced"], indirect=True)
+def test_account_may_hold_only_its_lease(cluster, installed_rbac, namespaces):
+    account, watched = installed_rbac
+    release_namespace = namespaces[0]
+    lease = f"leases.coordination.k8s.io/{account.rsplit(':', 1)[1]}-leader"
+    for verb in ("get", "update"):
+        assert can_i(cluster, account, release_namespace, verb, lease, None), verb
+    assert can_i(cluster, account, release_namespace, "create", "leases.coordination.k8s.io",
+                 None)
+    assert not can_i(cluster, account, release_namespace, "update",
+                     "leases.coordination.k8s.io/kube-scheduler", None)
+    assert not can_i(cluster, account, release_namespace, "delete", lease, None)
+    for namespace in [*watched, "kube-system"]:
+        assert not can_i(cluster, account, namespace, "create", "leases.coordination.k8s.io",
+                         None), namespace
+
+
 @pytest.mark.parametrize("installed_rbac", ["namespaced"], indirect=True)
 def test_namespaced_account_stays_in_its_namespaces(cluster, installed_rbac, namespaces):
     account, _ = installed_rbac

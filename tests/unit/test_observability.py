@@ -47,6 +47,7 @@ EXPECTED_ALERTS = {
     "LatheTritonErrors",
     "LatheReconcileErrors",
     "LatheOperatorDown",
+    "LatheOperatorNoLeader",
 }
 SEVERITIES = {"info", "warning", "critical"}
 

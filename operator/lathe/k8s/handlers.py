@@ -24,7 +24,7 @@ from kopf._core.engines import posting
 from kubernetes.client.exceptions import ApiException
 
 from lathe.api import GROUP, KINDS, VERSION
-from lathe.k8s import metrics, progress
+from lathe.k8s import leader, metrics, progress
 from lathe import status
 from lathe.k8s.reconcile import Reconciler, job_overdue, parse
 from lathe.k8s.settings import OperatorSettings
@@ -79,6 +79,23 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
         )
         logger.info("Serving Prometheus metrics on %s:%d.", operator_settings.metrics_host,
                     operator_settings.metrics_port)
+    if operator_settings.leader_election is None:
+        metrics.LEADER.set(1)
+
+
+@kopf.on.startup()
+async def wait_for_leadership(logger: logging.Logger, **_: Any) -> None:
+    """Hold kopf's start (its watches, and the periodic pass below) until this pod leads.
+
+    kopf runs startup handlers one after another in the order they are registered, and starts
+    watching only after the last one returns.
+    """
+    election = STATE["settings"].leader_election
+    if election is None:
+        return
+    elector = leader.LeaderElector(election, logger)
+    STATE["elector"] = elector
+    await elector.wait_until_leading()
 
 
 @kopf.on.startup()
@@ -94,6 +111,13 @@ async def stop_periodic_pass(**_: Any) -> None:
     task = STATE.pop("periodic", None)
     if task is not None:
         task.cancel()
+
+
+@kopf.on.cleanup()
+async def release_leadership(**_: Any) -> None:
+    elector = STATE.pop("elector", None)
+    if elector is not None:
+        await asyncio.to_thread(elector.release)
 
 
 @kopf.on.login()

@@ -28,6 +28,12 @@ RESOURCES = Gauge(
     ["kind", "phase"],
     registry=REGISTRY,
 )
+LEADER = Gauge(
+    "lathe_operator_leader",
+    "1 while this operator pod holds the leader election Lease (or runs without leader "
+    "election), 0 while it waits as a follower.",
+    registry=REGISTRY,
+)
 TRAINING_STEP = Gauge(
     "lathe_training_step", "Optimizer steps completed.", ["namespace", "kind", "name"],
     registry=REGISTRY,

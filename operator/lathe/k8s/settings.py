@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from lathe import __version__
+from lathe.k8s.leader import LeaderElectionSettings
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class OperatorSettings:
     # A Secret in each resource's namespace whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
     # AWS_ENDPOINT_URL, ...) become the environment of pods that read or write s3:// URIs.
     s3_secret: str | None = None
+    # None runs the operator without leader election, as one pod must then.
+    leader_election: LeaderElectionSettings | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorSettings:
@@ -40,4 +43,5 @@ class OperatorSettings:
             progress_interval_seconds=float(env.get("LATHE_PROGRESS_INTERVAL", "15")),
             queue_name=env.get("LATHE_QUEUE_NAME") or None,
             s3_secret=env.get("LATHE_S3_SECRET") or None,
+            leader_election=LeaderElectionSettings.from_env(env),
         )
