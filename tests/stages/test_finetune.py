@@ -332,3 +332,41 @@ def test_two_processes_under_torchrun(make_config, base_output, tmp_path):
     assert report["test"]["steps"] == 10
     assert (output / "model" / "model.safetensors").is_file()
     assert (output / "checkpoints" / "lora" / "step-00000010").is_dir()
+
+
+def run_loop_worker(tmp_path: Path, processes: int, resume_from: int) -> dict:
+    """Run finetune_loop_worker.py with `processes` gloo processes and return its JSON."""
+    worker = Path(__file__).with_name("finetune_loop_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(processes), str(worker),
+               "--phase-dir", str(tmp_path / "phase"), "--resume-from", str(resume_from)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_loop_resume_repeats_losses(tmp_path, processes):
+    """A phase resumed from step 2 repeats steps 3 and 4 of the uninterrupted run exactly, also
+    when each process's dropout draws a different amount of randomness."""
+    runs = run_loop_worker(tmp_path, processes, resume_from=2)
+    uninterrupted, resumed = runs["uninterrupted"], runs["resumed"]
+    assert resumed["result"]["resumedFromStep"] == 2
+    assert sorted(resumed["losses"]) == ["3", "4"]
+    for step in ("3", "4"):
+        assert resumed["losses"][step] == uninterrupted["losses"][step], step
+    assert resumed["result"]["finalLoss"] == uninterrupted["result"]["finalLoss"]
+    assert resumed["result"]["tokensSeen"] == uninterrupted["result"]["tokensSeen"]
+
+
+def test_loop_resumed_at_end_keeps_figures(tmp_path):
+    """An attempt that finds the last step's checkpoint runs no step and still reports the
+    run's final loss and token count."""
+    runs = run_loop_worker(tmp_path, 1, resume_from=4)
+    uninterrupted, resumed = runs["uninterrupted"], runs["resumed"]
+    assert resumed["losses"] == {}
+    assert resumed["result"]["resumedFromStep"] == 4
+    assert resumed["result"]["finalLoss"] == uninterrupted["result"]["finalLoss"]
+    assert resumed["result"]["tokensSeen"] == uninterrupted["result"]["tokensSeen"]
+    assert uninterrupted["result"]["tokensSeen"] > 0

@@ -154,22 +154,45 @@ def train_step(model, optimizer, scheduler, parameters, batches, settings) -> tu
     return distributed.all_reduce_sum(loss_sum).item() / max(labelled, 1.0), int(tokens)
 
 
-def resume_or_sync(model, optimizer, scheduler, phase_dir: Path, resume: bool) -> int:
-    """Load the latest checkpoint if resuming, else give every process rank 0's weights.
+@dataclass
+class Resumed:
+    """The state a phase continues from: the step, the last loss and the tokens trained on."""
 
-    Returns the step to start from.
-    """
+    step: int = 0
+    loss: float = float("nan")
+    tokens: int = 0
+
+
+def resume_or_sync(model, optimizer, scheduler, phase_dir: Path, resume: bool) -> Resumed:
+    """Load the latest checkpoint if resuming, else give every process rank 0's weights."""
     state = checkpoint.load_latest(phase_dir) if resume else None
     if state is None:
         distributed.broadcast_parameters(list(model.parameters()))
-        return 0
+        return Resumed()
     checkpoint.restore_trainable(model, state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    # The classifier head has dropout, so the random stream must continue where it stopped for
-    # the resumed run to match an uninterrupted one.
-    torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    _restore_rng(state["rng"])
+    return Resumed(int(state["step"]), float(state.get("loss", float("nan"))),
+                   int(state.get("tokens", 0)))
+
+
+def _restore_rng(saved: torch.Tensor | list[torch.Tensor]) -> None:
+    """Continue each process's random stream where it stopped.
+
+    The classifier head and LoRA have dropout, and each process pads its micro-batches to
+    another length, so the processes' streams differ after the first step. A checkpoint contains
+    one state per process, and one written before that contains rank 0's state only.
+    """
+    if isinstance(saved, torch.Tensor):
+        torch.set_rng_state(saved)
+    elif len(saved) == distributed.world_size():
+        torch.set_rng_state(saved[distributed.rank()])
+    else:
+        log.warning("The checkpoint contains RNG states of %d processes but this run has %d, "
+                    "so every process continues from rank 0's state.", len(saved),
+                    distributed.world_size())
+        torch.set_rng_state(saved[0])
 
 
 def evaluate(model, split: Split, settings: LoopSettings) -> tuple[dict, list[list[str]]]:
@@ -192,40 +215,48 @@ def run_phase(
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(model, settings)
-    start = resume_or_sync(model, optimizer, scheduler, phase_dir, resume)
-    loss, tokens_total, started = float("nan"), 0, time.monotonic()
+    resumed = resume_or_sync(model, optimizer, scheduler, phase_dir, resume)
+    start, loss, tokens_total = resumed.step, resumed.loss, resumed.tokens
+    tokens_this_attempt, started = 0, time.monotonic()
     for step in range(start, settings.max_steps):
         batches = local_micro_batches(train.encoded, step, settings)
         loss, tokens = train_step(model, optimizer, scheduler, parameters, batches, settings)
         tokens_total += tokens
+        tokens_this_attempt += tokens
         done = step + 1
         elapsed = time.monotonic() - started
         if distributed.is_main():
             report(done, f"{name}: step {done}/{settings.max_steps}", loss=round(loss, 4),
-                   tokensPerSecond=round(tokens_total / max(elapsed, 1e-9), 1))
+                   tokensPerSecond=round(tokens_this_attempt / max(elapsed, 1e-9), 1))
         if done % settings.checkpoint_interval == 0 or done == settings.max_steps:
-            save_checkpoint(model, optimizer, scheduler, phase_dir, done, settings)
+            save_checkpoint(model, optimizer, scheduler, phase_dir, done, settings,
+                            loss=loss, tokens=tokens_total)
         if validation and done % settings.eval_interval == 0 and done < settings.max_steps:
             scores, _ = evaluate(model, validation, settings)
             log.info("%s: validation F1 %.4f after step %d.", name, scores["f1"], done)
     return {
         "steps": settings.max_steps,
         "resumedFromStep": start,
-        "finalLoss": loss,
+        # None when no step ran and the checkpoint predates stored losses: JSON has no NaN.
+        "finalLoss": loss if math.isfinite(loss) else None,
         "trainSeconds": round(time.monotonic() - started, 3),
         "tokensSeen": tokens_total,
     }
 
 
-def save_checkpoint(model, optimizer, scheduler, phase_dir, step, settings) -> None:
+def save_checkpoint(model, optimizer, scheduler, phase_dir, step, settings, *, loss: float,
+                    tokens: int) -> None:
+    """Save the phase's state at `step`. Collective call: rank 0 writes the RNG states of all."""
+    rng_states = distributed.all_gather_object(torch.get_rng_state())
     if distributed.is_main():
         state = {
             "step": step,
             "trainable": checkpoint.trainable_state(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            # Every process seeds alike, so rank 0's state stands for all of them.
-            "rng": torch.get_rng_state(),
+            "rng": rng_states,
+            "loss": loss,
+            "tokens": tokens,
         }
         checkpoint.save(phase_dir, step, state, settings.keep_checkpoints)
     # Other processes wait, so none races ahead and reads a half-written checkpoint on resume.
