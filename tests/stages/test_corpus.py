@@ -242,6 +242,38 @@ def test_source_in_wrong_format_raises(make_config):
         stage.run(make_config(_corpus(sources)), resume=False)
 
 
+def test_eval_set_in_wrong_format_raises(make_config):
+    """An evaluation set read in the wrong format would remove nothing and leave the test
+    documents in training, so it fails the stage instead."""
+    sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN}]
+    eval_sets = [{"name": "ncbi-test", "format": "jsonl", "path": NCBI_TEST}]
+    resource = _corpus(sources, decontamination={"evalSets": eval_sets})
+    with pytest.raises(StageError, match=r"spec\.decontamination\.evalSets\[0\]\.format: all "
+                       r"\d+ records of 'ncbi-test' .* are malformed for format 'jsonl'"):
+        stage.run(make_config(resource), resume=False)
+
+
+def test_source_all_malformed_raises(make_config, data_dir, tmp_path):
+    data = json.loads((data_dir / PUBMEDQA).read_text())
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({pmid: data[pmid] for pmid in list(data)[:1]}))
+    sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN},
+               {"name": "qa", "format": "pubtator", "path": str(one)}]
+    with pytest.raises(StageError, match=r"spec\.sources\[1\]\.format: all 1 records of 'qa'"):
+        stage.run(make_config(_corpus(sources)), resume=False)
+
+
+def test_empty_eval_set_raises(make_config, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN}]
+    eval_sets = [{"name": "empty", "format": "jsonl", "path": str(empty)}]
+    resource = _corpus(sources, decontamination={"evalSets": eval_sets})
+    with pytest.raises(StageError, match=r"evalSets\[0\]\.path: evaluation set 'empty' .* "
+                       r"contains no documents"):
+        stage.run(make_config(resource), resume=False)
+
+
 def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
     notes = tmp_path / "short.txt"
     notes.write_text("too short\n\nalso short\n")

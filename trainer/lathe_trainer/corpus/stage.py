@@ -29,7 +29,7 @@ from lathe_trainer.corpus import datacard, dedup, split, workers
 from lathe_trainer.corpus.decontaminate import EvalIndex
 from lathe_trainer.corpus.normalize import normalize_text, word_count
 from lathe_trainer.corpus.readers import SourceFormatError, read_source
-from lathe_trainer.corpus.records import Document
+from lathe_trainer.corpus.records import Document, SourceRead
 from lathe_trainer.corpus.stats import (
     DECONTAMINATION,
     EXACT_DUPLICATES,
@@ -196,12 +196,39 @@ def _read_all(
                 path.stat().st_size, read,
             )
         )
+        _check_yield(config, source, f"{field}[{i}]", read, path)
         if read.malformed_count:
             log.warning(
                 "Source %s has %d malformed records (first: %s); they are counted in %s.",
                 source.name, read.malformed_count, read.malformed_examples[0].to_json(), STATS,
             )
     return documents
+
+
+def _check_yield(config: StageConfig, source: Source, field: str, read: SourceRead,
+                 path: Path) -> None:
+    """Raise StageError when a source gives no document at all.
+
+    Every record malformed almost always means the wrong `format`. An evaluation set without
+    documents would remove nothing, so its test documents would stay in the training split
+    without any error.
+    """
+    if read.documents:
+        return
+    if read.malformed_count:
+        first = read.malformed_examples[0].to_json()
+        raise StageError(
+            config, f"{field}.format",
+            f"all {read.malformed_count} records of {source.name!r} ('{path}') are malformed "
+            f"for format {source.format!r} (first: {first}); set the format the file is "
+            "written in, or fix the file.",
+        )
+    if field.startswith("spec.decontamination"):
+        raise StageError(
+            config, f"{field}.path",
+            f"evaluation set {source.name!r} ('{path}') contains no documents, so nothing "
+            "would be removed for it; point the path at the evaluation data, or remove the entry.",
+        )
 
 
 def _unique_id(candidate: str, seen: Counter[str]) -> str:
