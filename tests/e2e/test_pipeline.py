@@ -197,6 +197,28 @@ def test_failed_stage_reports_this_run(tmp_path, data_dir):
     assert failed["reason"] == "JobFailed"
 
 
+def test_torchrun_stage_error_is_permanent(tmp_path, data_dir):
+    """A StageError in a two-process stage fails it on the first attempt, with the stage's
+    own message and not torchrun's report of the failed workers."""
+    finetune = next(doc for doc in yaml.safe_load_all((EXAMPLES / "04-finetune.yaml").read_text())
+                    if doc)  # fmt: skip
+    missing = tmp_path / "no-model"
+    finetune["spec"]["baseModel"] = {"uri": f"file://{missing}"}
+    runner = LocalRunner(tmp_path / "workspace", data_dir)
+    with pytest.raises(StageFailedError) as raised:
+        runner.run(runner.check([loader.parse_resource(finetune, "test")]))
+
+    message = str(raised.value)
+    assert raised.value.exit_code == 42
+    assert "spec.baseModel" in message
+    assert str(missing) in message
+    assert "ChildFailedError" not in message
+    assert "Traceback" not in message
+    stage_log = next((tmp_path / "workspace").glob("*/finetune/pubmed-ner/stage.log"))
+    # One attempt: each of the two processes prints the error once.
+    assert stage_log.read_text().count("error: ") == 2
+
+
 def test_python_only_pattern_rejected_before_run(tmp_path, data_dir):
     """A protected pattern that Oniguruma rejects fails the check before any stage runs."""
     corpus = next(doc for doc in yaml.safe_load_all((EXAMPLES / "01-corpus.yaml").read_text())

@@ -170,3 +170,23 @@ def test_stage_error_keeps_every_line():
     assert _stage_error(log) == ("Corpus default/x: spec: 1 validation error for CorpusSpec\n"
                                  "sources.0.path\n  Field required")
     assert _stage_error("Traceback (most recent call last):\n") == ""
+
+
+def test_stage_error_ends_before_torchrun_report():
+    """Under torchrun the StageError of each process comes before torchrun's report of the
+    failed workers, which is not part of the message."""
+    from lathe.local.runner import _stage_error
+
+    message = ("FineTune default/ner: spec.baseModel.uri: config.json is missing in "
+               "'/nonexistent/model'; finish the PretrainJob first.")
+    log = (f"2026-12-05 09:00:01,000 lathe_trainer.finetune.stage Loading the base model.\n"
+           f"error: {message}\n"
+           f"error: {message}\n"
+           "E1205 09:00:02.000000 123 torch/distributed/elastic/multiprocessing/api.py:874] "
+           "failed (exitcode: 42) local_rank: 0\n"
+           "Traceback (most recent call last):\n"
+           '  File "/venv/bin/torchrun", line 8, in <module>\n'
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+           "============================================================\n"
+           "lathe_trainer FAILED\n" + "\n".join(f"  line {i}" for i in range(40)) + "\n")
+    assert _stage_error(log) == message

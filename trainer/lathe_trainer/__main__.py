@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         with remote.staged(config) as local_config:
             module.run(local_config, resume=args.resume)
     except StageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # One write call: the processes of a torchrun group share the log, and separate writes
+        # of two processes' messages would interleave within a line.
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"error: {error}\n".encode())
         return EXIT_PERMANENT
     return 0
 

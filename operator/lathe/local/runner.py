@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -246,10 +247,12 @@ class LocalRunner:
             )
             if exit_code == 0:
                 return
-            tail = _tail(stage_log, start=start)
+            attempt_log = _read_from(stage_log, start)
+            tail = _tail(attempt_log)
             # torchrun exits 1 whatever its workers' codes, so a StageError printed by a worker
-            # also marks the failure as permanent.
-            stage_error = _stage_error(tail)
+            # also marks the failure as permanent. torchrun's own report of the failed workers
+            # follows it, so the whole attempt's log is searched, not only its tail.
+            stage_error = _stage_error(attempt_log)
             if exit_code == EXIT_PERMANENT or stage_error or attempt == attempts - 1:
                 # The stage's StageError names the resource too; keep one name in the message.
                 own = f"{resource.kind} {resource.metadata.namespace}/{resource.metadata.name}: "
@@ -451,21 +454,36 @@ def _stop_processes(processes: list[subprocess.Popen], timeout_s: float = 30.0) 
             process.wait()
 
 
-def _tail(path: Path, lines: int = 20, start: int = 0) -> str:
-    """Return the last `lines` lines of a log file from byte offset `start` on."""
+def _read_from(path: Path, start: int = 0) -> str:
+    """Return a log file's text from byte offset `start` on, or "" if it does not exist."""
     if not path.is_file():
         return ""
     with path.open("rb") as handle:
         handle.seek(start)
-        text = handle.read().decode(errors="replace")
+        return handle.read().decode(errors="replace")
+
+
+def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+# Lines that end a StageError message that spans lines: another process's error, a traceback
+# (torchrun's report of failed workers), a log record (the trainer's format starts with the
+# date; torch's glog-style records with a level letter and the date), or a rule.
+_AFTER_STAGE_ERROR = re.compile(
+    r"^(error: |Traceback |\d{4}-\d\d-\d\d |[EWIF]\d{4} |\[|={8,}|-{8,})"
+)
+
+
 def _stage_error(log: str) -> str:
-    """Return the StageError that a stage printed, from its last `error: ` line to the end of
-    the log (a message may span lines), or ""."""
+    """Return the last StageError that a stage printed, with the lines it spans, or ""."""
     lines = log.splitlines()
     starts = [index for index, line in enumerate(lines) if line.startswith("error: ")]
     if not starts:
         return ""
-    return "\n".join(lines[starts[-1]:]).removeprefix("error: ")
+    message = [lines[starts[-1]].removeprefix("error: ")]
+    for line in lines[starts[-1] + 1:]:
+        if _AFTER_STAGE_ERROR.match(line):
+            break
+        message.append(line)
+    return "\n".join(message).rstrip()
