@@ -115,9 +115,9 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
 
 def _lineage(args: argparse.Namespace, console: Console) -> int:
     """Print the chain of manifests from an output directory back to the corpus sources."""
-    from lathe.lineage import lineage_lines
+    from lathe.lineage import find_output, lineage_lines
 
-    for line in lineage_lines(Path(args.output)):
+    for line in lineage_lines(find_output(args.output)):
         console.print(line)
     return 0
 
@@ -156,7 +156,10 @@ def parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_validate)
 
     lineage = commands.add_parser("lineage", help="Print the lineage of a stage output.")
-    lineage.add_argument("output", help="Output directory of a stage (holding manifest.json).")
+    lineage.add_argument(
+        "output", help="Output directory of a finished stage (with manifest.json), its file:// "
+        "URI as `lathe run` prints it, or the stage directory above it.",
+    )
     lineage.set_defaults(handler=_lineage)
     return root
 

@@ -1,28 +1,101 @@
-"""Follow manifests from a stage output back to the corpus sources."""
+"""Follow manifests from a stage output back to the corpus sources.
+
+Each manifest records the URI and digest of every input it read. An input whose output was
+rewritten since, by a stage that ran again on its own, has another digest now: the lineage then
+shows the digest the stage recorded, which is what it was built from, and marks the change.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from lathe_trainer.stage import local_path, read_manifest
+from lathe.errors import LatheError
+from lathe_trainer.stage import MANIFEST, local_path
 
 
-def walk(output_dir: Path, depth: int = 0) -> Iterator[tuple[int, dict]]:
-    """Yield (depth, manifest) for a stage output and, recursively, every input it used."""
-    manifest = read_manifest(str(output_dir))
-    if manifest is None:
-        raise FileNotFoundError(
-            f"No manifest.json in {output_dir}; pass the output directory of a finished stage."
+class LineageError(LatheError):
+    """An output without a readable manifest."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One stage output in the lineage: what its consumer recorded and what is there now."""
+
+    depth: int
+    kind: str
+    name: str
+    # The digest the consumer recorded, or the output's own digest at the top.
+    digest: str
+    manifest: dict | None
+    # Why the output behind the recorded digest cannot be shown, or "".
+    problem: str = ""
+
+
+def find_output(path: str) -> Path:
+    """Return the output directory that `path` names: the directory itself, a `file://` URI,
+    or the stage directory that contains `output/`."""
+    directory = local_path(path) if path.startswith("file://") else Path(path)
+    if not (directory / MANIFEST).is_file() and (directory / "output" / MANIFEST).is_file():
+        directory = directory / "output"
+    return directory
+
+
+def read(directory: Path) -> dict:
+    """Return the manifest of an output directory; raise LineageError when it is unreadable."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        where = "does not exist" if not directory.exists() else "contains no manifest.json"
+        raise LineageError(
+            f"{directory} {where}; pass the output directory of a finished stage, such as "
+            "lathe-workspace/default/modeldeployment/pubmed-ner/output."
         )
-    yield depth, manifest
-    for item in manifest.get("inputs", {}).values():
-        yield from walk(local_path(item["uri"]), depth + 1)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LineageError(f"{path} is not readable JSON ({error}); rerun the stage that "
+                           "wrote it to rewrite it.") from error
+    if not isinstance(manifest, dict) or not {"kind", "name", "digest"} <= manifest.keys():
+        raise LineageError(f"{path} is not a Lathe manifest (it lacks kind, name or digest); "
+                           "rerun the stage that wrote it to rewrite it.")
+    return manifest
+
+
+def walk(output_dir: Path) -> Iterator[Node]:
+    """Yield the output and, depth first, every input it recorded."""
+    manifest = read(output_dir)
+    yield Node(0, manifest["kind"], manifest["name"], manifest["digest"], manifest)
+    yield from _inputs(manifest, 1)
+
+
+def _inputs(manifest: dict, depth: int) -> Iterator[Node]:
+    for role, item in sorted((manifest.get("inputs") or {}).items()):
+        kind, name = item.get("kind", role), item.get("name", "?")
+        recorded = item.get("digest", "")
+        try:
+            found = read(local_path(item["uri"]))
+        except (LineageError, KeyError, ValueError) as error:
+            yield Node(depth, kind, name, recorded, None, f"not readable: {error}")
+            continue
+        if found["digest"] != recorded:
+            # The output there now came from a later run, so its own inputs say nothing about
+            # what this stage read.
+            yield Node(depth, kind, name, recorded, None,
+                       f"rewritten since: {item['uri']} now contains {found['digest']}")
+            continue
+        yield Node(depth, kind, name, recorded, found)
+        yield from _inputs(found, depth + 1)
 
 
 def lineage_lines(output_dir: Path) -> Iterator[str]:
-    for depth, manifest in walk(output_dir):
-        indent = "  " * depth
-        yield f"{indent}{manifest['kind']} {manifest['name']}  {manifest['digest']}"
-        for name, digest in sorted(manifest.get("metrics", {}).get("sourceDigests", {}).items()):
+    for node in walk(output_dir):
+        indent = "  " * node.depth
+        line = f"{indent}{node.kind} {node.name}  {node.digest}"
+        yield f"{line}  ({node.problem})" if node.problem else line
+        if node.manifest is None:
+            continue
+        sources = node.manifest.get("metrics", {}).get("sourceDigests", {})
+        for name, digest in sorted(sources.items()):
             yield f"{indent}  source {name}  {digest}"

@@ -468,8 +468,8 @@ def _tail(text: str, lines: int = 20) -> str:
 
 
 # Lines that end a StageError message that spans lines: another process's error, a traceback
-# (torchrun's report of failed workers), a log record (the trainer's format starts with the
-# date; torch's glog-style records with a level letter and the date), or a rule.
+# such as torchrun's report of failed workers, a log record, or a rule. The trainer's log
+# records start with the date, and torch's glog-style records with a level letter and the date.
 _AFTER_STAGE_ERROR = re.compile(
     r"^(error: |Traceback |\d{4}-\d\d-\d\d |[EWIF]\d{4} |\[|={8,}|-{8,})"
 )

@@ -1,0 +1,98 @@
+"""`lathe lineage` on manifests written as the stages write them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lathe import cli
+from lathe.lineage import LineageError, find_output, lineage_lines
+
+
+def write_manifest(directory: Path, kind: str, name: str, digest: str, inputs: dict | None = None,
+                   metrics: dict | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {"kind": kind, "name": name, "digest": digest, "inputs": inputs or {},
+                "metrics": metrics or {}}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def reference(kind: str, name: str, directory: Path, digest: str) -> dict:
+    return {"kind": kind, "name": name, "uri": f"file://{directory}", "digest": digest}
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """A Corpus, a Tokenizer that read it, and a PretrainJob that read both."""
+    corpus = write_manifest(tmp_path / "corpus" / "c" / "output", "Corpus", "c", "sha256:c1",
+                            metrics={"sourceDigests": {"ncbi": "sha256:s1"}})
+    tokenizer = write_manifest(tmp_path / "tokenizer" / "t" / "output", "Tokenizer", "t",
+                               "sha256:t1", {"corpus": reference("Corpus", "c", corpus, "sha256:c1")})
+    model = write_manifest(
+        tmp_path / "pretrainjob" / "m" / "output", "PretrainJob", "m", "sha256:m1",
+        {"corpus": reference("Corpus", "c", corpus, "sha256:c1"),
+         "tokenizer": reference("Tokenizer", "t", tokenizer, "sha256:t1")},
+    )
+    return {"corpus": corpus, "tokenizer": tokenizer, "model": model}
+
+
+def test_lineage_reaches_sources(chain):
+    assert list(lineage_lines(chain["model"])) == [
+        "PretrainJob m  sha256:m1",
+        "  Corpus c  sha256:c1",
+        "    source ncbi  sha256:s1",
+        "  Tokenizer t  sha256:t1",
+        "    Corpus c  sha256:c1",
+        "      source ncbi  sha256:s1",
+    ]
+
+
+def test_rewritten_input_shows_recorded_digest(chain):
+    """A Corpus that ran again on its own has another digest now. The PretrainJob was built
+    from the recorded one, so the lineage shows that one and marks the change."""
+    write_manifest(chain["corpus"], "Corpus", "c", "sha256:c2",
+                   metrics={"sourceDigests": {"ncbi": "sha256:s2"}})
+    lines = list(lineage_lines(chain["model"]))
+    assert lines[1].startswith("  Corpus c  sha256:c1  (rewritten since: ")
+    assert "now contains sha256:c2" in lines[1]
+    assert not any("sha256:s2" in line for line in lines)
+    assert not any(line.strip().startswith("Corpus c  sha256:c2") for line in lines)
+
+
+def test_missing_input_reported_inline(chain, tmp_path):
+    (chain["tokenizer"] / "manifest.json").unlink()
+    lines = list(lineage_lines(chain["model"]))
+    assert lines[-1].startswith("  Tokenizer t  sha256:t1  (not readable: ")
+    assert "contains no manifest.json" in lines[-1]
+
+
+def test_stage_directory_and_uri_accepted(chain):
+    stage_directory = chain["model"].parent
+    assert find_output(str(stage_directory)) == chain["model"]
+    assert find_output(f"file://{chain['model']}") == chain["model"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not readable JSON"),
+    ("[1, 2]", "is not a Lathe manifest"),
+    ('{"kind": "Corpus"}', "is not a Lathe manifest"),
+])
+def test_broken_manifest_rejected(tmp_path, content, message):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(LineageError, match=message):
+        list(lineage_lines(tmp_path))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("absent", "does not exist"),
+    ("empty", "contains no manifest.json"),
+])
+def test_cli_reports_missing_output(tmp_path, capsys, name, message):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["lineage", str(tmp_path / name)]) == 1
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
