@@ -308,6 +308,15 @@ def test_unknown_lora_target_rejected(make_config, base_output):
         stage.run(config, resume=False)
 
 
+def test_misspelt_lora_target_rejected(make_config, base_output):
+    """A misspelt name next to valid ones fails, though peft would adapt the valid ones only."""
+    spec = resource(lora={"targetModules": ["qproj", "k_proj"]})
+    config = make_config(spec, base_input(base_output))
+    with pytest.raises(StageError, match=r"spec.lora.targetModules: \['qproj'\] match no module"
+                       r".*'q_proj'"):
+        stage.run(config, resume=False)
+
+
 def test_two_processes_under_torchrun(make_config, base_output, tmp_path):
     """procsPerNode 2: two gloo processes train together and rank 0 writes the outputs."""
     spec = resource(

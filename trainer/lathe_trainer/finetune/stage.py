@@ -229,9 +229,29 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
     return result
 
 
+def _check_targets_match(config, model: torch.nn.Module, targets: list[str]) -> None:
+    """Raise StageError for a target module name that matches no module of the model.
+
+    peft adapts a module whose name equals a target or ends with `.<target>`, and raises only
+    when no target matches at all, so a misspelt name among valid ones would be ignored.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [target for target in targets
+                 if not any(name == target or name.endswith(f".{target}") for name in names)]
+    if unmatched:
+        layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))})
+        raise StageError(
+            config, "spec.lora.targetModules",
+            f"{unmatched} match no module of the base model; use names of its linear or "
+            f"embedding layers: {layers}.",
+        )
+
+
 def wrap_lora(config, spec, model):
     lora = spec.lora
     targets = load_base(config, spec, lambda: lora_targets(model, lora.target_modules))
+    _check_targets_match(config, model, targets)
     try:
         model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets)
     except ValueError as error:
