@@ -60,11 +60,17 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
     if not isinstance(metadata, dict):
         metadata = {}  # pydantic reports the missing or wrongly typed metadata below
     name = metadata.get("name", "<unnamed>")
-    label = f"{kind or '<no kind>'} {name!r} in {origin}"
+    label = f"{kind if isinstance(kind, str) and kind else '<no kind>'} {name!r} in {origin}"
     if document.get("apiVersion") != API_VERSION:
         raise InvalidResourceError(
             label, "apiVersion",
             f"invalid value {document.get('apiVersion')!r}; set it to {API_VERSION!r}.",
+        )
+    # NB: a list or mapping is unhashable, so test the type before the dict lookup.
+    if not isinstance(kind, str):
+        raise InvalidResourceError(
+            label, "kind", f"invalid value {kind!r}: kind must be a string; use one of "
+            f"{', '.join(KINDS)}."
         )
     if kind not in KINDS:
         raise InvalidResourceError(
@@ -90,11 +96,89 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
         raise InvalidResourceError(label, field, message) from None
 
 
-def load_file(path: Path) -> list[Resource]:
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key repeated in one YAML mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key repeated in one mapping.
+
+    PyYAML keeps the last value of a repeated key, so `name: x` then `name: y` would silently
+    drop x. Keys merged in with `<<` may still be overridden, as YAML specifies.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # SafeLoader rejects an unhashable key itself
+            if first is not None:
+                raise _DuplicateKeyError(
+                    None, None, f"duplicate key {key!r}, first at line {first.line + 1}",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_message(error: yaml.YAMLError, path: Path) -> str:
+    """Render a YAML error on one line, with the file, line and column of the problem."""
+    if isinstance(error, yaml.reader.ReaderError):
+        character = error.character if isinstance(error.character, str) else chr(error.character)
+        return (f'invalid YAML in "{path}": character U+{ord(character):04X} at offset '
+                f"{error.position} is not allowed in YAML ({error.reason}); remove it.")
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f"invalid YAML: {error}; correct the syntax."
+    mark = error.problem_mark
+    message = f'invalid YAML in "{mark.name}", line {mark.line + 1}, column {mark.column + 1}: '
+    message += error.problem or "syntax error"
+    if error.context and error.context_mark is not None:
+        start = error.context_mark
+        message += f" ({error.context} at line {start.line + 1}, column {start.column + 1})"
+    if isinstance(error, _DuplicateKeyError):
+        return message + "; remove one of the two."
+    return message + "; correct the syntax there."
+
+
+def _read_documents(path: Path) -> list[Any]:
+    """Parse every YAML document of a UTF-8 file. Errors name the file, line and column."""
     try:
-        documents = list(yaml.safe_load_all(path.read_text()))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidResourceError(
+            str(path), "(file)",
+            f"not valid UTF-8 text: byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}; save the file as UTF-8.",
+        ) from None
+    except OSError as error:
+        raise InvalidResourceError(
+            str(path), "(file)", f"cannot be read: {error.strerror}; check the path and its "
+            "permissions.",
+        ) from None
+    try:
+        yaml_loader = _UniqueKeyLoader(text)
+    except yaml.YAMLError as error:  # a character that YAML does not allow
+        raise InvalidResourceError(str(path), "(file)", _yaml_message(error, path)) from None
+    # The reader names a str stream "<unicode string>" in its error marks.
+    yaml_loader.name = str(path)
+    try:
+        documents = []
+        while yaml_loader.check_data():
+            documents.append(yaml_loader.get_data())
+        return documents
     except yaml.YAMLError as error:
-        raise InvalidResourceError(str(path), "(file)", f"invalid YAML: {error}") from None
+        raise InvalidResourceError(str(path), "(file)", _yaml_message(error, path)) from None
+    finally:
+        yaml_loader.dispose()
+
+
+def load_file(path: Path) -> list[Resource]:
+    documents = _read_documents(path)
     resources = [parse_resource(document, str(path)) for document in documents if document]
     for resource in resources:
         resource._origin = str(path)
