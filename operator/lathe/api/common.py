@@ -65,21 +65,40 @@ class ApiModel(BaseModel):
         return self
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_LABEL_RULE = (
+    "lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 "
+    "characters"
+)
+
+
+def _check_dns_label(value: str) -> str:
+    """Raise ValueError unless `value` is a DNS-1123 label (RFC 1123), as Kubernetes defines it."""
+    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+        raise ValueError(f"must be a DNS-1123 label: {DNS_LABEL_RULE}, such as 'pubmed-ner'")
+    return value
+
+
 class ObjectMeta(BaseModel):
     """The subset of Kubernetes object metadata that Lathe reads."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    name: str = Field(
-        description="Name of the resource, unique per kind in its namespace.",
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-        max_length=63,
-    )
+    # NB: Lathe names Jobs, Services and label values after the resource, so the name is a
+    # DNS-1123 label even though the API server accepts any DNS subdomain for a custom resource.
+    name: str = Field(description="Name of the resource, unique per kind in its namespace.")
+    # NB: `lathe run` writes under <workspace>/<namespace>, so a namespace such as `../x` would
+    # leave the workspace; the API server accepts only DNS-1123 labels too.
     namespace: str = Field(default="default", description="Namespace of the resource.")
     uid: str | None = Field(default=None, description="Unique id assigned by the API server.")
     generation: int = Field(default=1, description="Spec generation assigned by the API server.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _check_names(cls, value: str) -> str:
+        return _check_dns_label(value)
 
 
 class LocalObjectReference(ApiModel):
