@@ -90,6 +90,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     _print_summary(console, results)
 
     deployments = [r for r in results.values() if isinstance(r.resource, ModelDeployment)]
+    if args.serve and not deployments:
+        console.print("--serve has no effect: the files define no ModelDeployment to serve.")
     for result in deployments:
         from lathe.local import serving
 

@@ -17,6 +17,7 @@ class ConditionType:
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     READY = "Ready"
+    EXPORTED = "Exported"
 
 
 class Reason:

@@ -109,6 +109,34 @@ def test_triton_answers_like_in_process_model(pipeline):
     assert answer == expected
 
 
+def test_deployment_status_follows_triton(pipeline):
+    """status.json of a ModelDeployment shows Exported after the stage, Ready with the endpoint
+    while Triton serves, and Ready False once Triton has stopped."""
+    _, _, results = pipeline
+    deployment = next(r for r in results.values() if isinstance(r.resource, ModelDeployment))
+    path = deployment.directory / "status.json"
+    seen: list[dict] = []
+
+    class Recording(Console):
+        def print(self, *args, **kwargs) -> None:
+            seen.append(json.loads(path.read_text()))
+            super().print(*args, **kwargs)
+
+    serving.serve_and_query(deployment, "BRCA1 mutations cause breast cancer.",
+                            Recording(quiet=True), keep_serving=False)
+    during, after = seen[0], json.loads(path.read_text())
+    conditions = {c["type"]: c for c in during["conditions"]}
+    assert conditions["Exported"]["status"] == "True"
+    assert conditions["Ready"]["status"] == "True"
+    assert conditions["Ready"]["reason"] == "ServerReady"
+    assert during["phase"] == "Ready"
+    assert during["endpoint"].startswith("http://127.0.0.1:")
+    conditions = {c["type"]: c for c in after["conditions"]}
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["Ready"]["reason"] == "ServerNotReady"
+    assert "endpoint" not in after
+
+
 def test_second_run_reuses_every_stage(pipeline):
     runner, resources, _ = pipeline
     again = runner.run(resources)

@@ -364,7 +364,18 @@ class LocalRunner:
             generation=generation,
         )
         summary = resource.summary_condition
-        if manifest:
+        if manifest and summary == status.ConditionType.READY:
+            # A ModelDeployment is exported by its stage and served by `lathe run` afterwards,
+            # which records Ready in record_serving.
+            reason = status.Reason.REUSED if reused else status.Reason.JOB_SUCCEEDED
+            conditions = status.set_condition(
+                conditions, status.ConditionType.EXPORTED, True, reason, generation=generation
+            )
+            conditions = status.set_condition(
+                conditions, summary, False, status.Reason.SERVER_NOT_READY, SERVER_NOT_RUNNING,
+                generation,
+            )
+        elif manifest:
             reason = status.Reason.REUSED if reused else status.Reason.JOB_SUCCEEDED
             conditions = status.set_condition(
                 conditions, summary, True, reason, generation=generation
@@ -401,6 +412,35 @@ class LocalRunner:
             document["artifact"] = {"uri": output_uri, "digest": manifest["digest"]}
             document["metrics"] = manifest.get("metrics", {})
         (directory / "status.json").write_text(json.dumps(document, indent=2))
+
+
+SERVER_NOT_RUNNING = ("Triton is not running: lathe run starts it after the export and stops it "
+                      "after the sample request unless --serve is given.")
+
+
+def record_serving(result: StageResult, endpoint: str | None) -> None:
+    """Record in a ModelDeployment's status.json whether Triton serves it, and where.
+
+    `endpoint` is Triton's HTTP URL while it serves, None once it has stopped.
+    """
+    path = result.directory / "status.json"
+    document = json.loads(path.read_text())
+    generation = result.resource.metadata.generation
+    if endpoint:
+        conditions = status.set_condition(
+            document["conditions"], status.ConditionType.READY, True, status.Reason.SERVER_READY,
+            f"Triton serves the model at {endpoint}.", generation,
+        )
+        document["endpoint"] = endpoint
+    else:
+        conditions = status.set_condition(
+            document["conditions"], status.ConditionType.READY, False,
+            status.Reason.SERVER_NOT_READY, SERVER_NOT_RUNNING, generation,
+        )
+        document.pop("endpoint", None)
+    document["conditions"] = conditions
+    document["phase"] = status.derive_phase(conditions, status.ConditionType.READY)
+    path.write_text(json.dumps(document, indent=2))
 
 
 def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from lathe import plans
-from lathe.local.runner import StageResult
+from lathe.local.runner import StageResult, record_serving
 from lathe_trainer import remote
 from lathe_trainer.serving import client, local_server, reference
 from lathe_trainer.stage import local_path
@@ -60,27 +60,39 @@ def in_process_answer(result: StageResult, text: str) -> list[dict[str, Any]]:
 def serve_and_query(
     result: StageResult, text: str, console: Console, keep_serving: bool = False
 ) -> list[dict[str, Any]]:
-    """Start Triton on the deployment's repository; print its endpoint and `text`'s entities."""
-    model_name = result.resource.spec.model_name
+    """Start Triton on the deployment's repository; print its endpoint and `text`'s entities.
+
+    status.json shows Ready while Triton serves, and Ready False again once it stops.
+    """
     workdir = result.directory / "triton"
     with local_server.start_triton(repository_path(result), workdir) as server:
-        entities = client.infer_entities(server.http_url, model_name, [text])[0]
-        console.print(f"Triton is serving model {model_name!r} at http://{server.http_url} "
-                      f"(gRPC {server.grpc_url}, metrics {server.metrics_url}).")
-        console.print(f"Sample: {text}")
-        if entities:
-            for entity in entities:
-                console.print(f"  {entity['label']:<10} {entity['text']!r} "
-                              f"[{entity['start']}:{entity['end']}]")
-        else:
-            console.print("  (no entities found)")
-        if not keep_serving:
-            console.print("Triton stops now; run with --serve to keep it running.")
-        else:
-            console.print("Serving until interrupted (Ctrl-C).")
-            try:
-                while server.process.poll() is None:
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                console.print("Stopping Triton.")
+        record_serving(result, f"http://{server.http_url}")
+        try:
+            return _query(result, server, text, console, keep_serving)
+        finally:
+            record_serving(result, None)
+
+
+def _query(result: StageResult, server: local_server.TritonServer, text: str,
+           console: Console, keep_serving: bool) -> list[dict[str, Any]]:
+    model_name = result.resource.spec.model_name
+    entities = client.infer_entities(server.http_url, model_name, [text])[0]
+    console.print(f"Triton is serving model {model_name!r} at http://{server.http_url} "
+                  f"(gRPC {server.grpc_url}, metrics {server.metrics_url}).")
+    console.print(f"Sample: {text}")
+    if entities:
+        for entity in entities:
+            console.print(f"  {entity['label']:<10} {entity['text']!r} "
+                          f"[{entity['start']}:{entity['end']}]")
+    else:
+        console.print("  (no entities found)")
+    if not keep_serving:
+        console.print("Triton stops now; run with --serve to keep it running.")
+        return entities
+    console.print("Serving until interrupted (Ctrl-C).")
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("Stopping Triton.")
     return entities
