@@ -37,6 +37,45 @@ def field_path(location: tuple[Any, ...]) -> str:
     return path
 
 
+# The type each pydantic type error expects, in the words of YAML and the CRD schema.
+_EXPECTED_TYPES = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _yaml_type(value: Any) -> str:
+    """Name the YAML type of a parsed value: a boolean, an integer, a string and so on."""
+    for python_type, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
+                              (str, "a string"), (list, "a list"), (dict, "a mapping")):
+        if isinstance(value, python_type):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+def _type_message(error_type: str, value: Any) -> str:
+    expected = _EXPECTED_TYPES[error_type]
+    message = f"invalid value {value!r}: expected {expected}, got {_yaml_type(value)}"
+    if isinstance(value, bool):
+        return (f"{message} (YAML reads an unquoted true, false, yes, no, on or off as a "
+                f"boolean); write {expected}.")
+    if isinstance(value, str) and error_type == "bool_type":
+        return f"{message}; write true or false without quotes."
+    if isinstance(value, str) and error_type in ("int_type", "float_type"):
+        try:
+            float(value)
+        except ValueError:
+            return f"{message}; write {expected}."
+        return f"{message}; remove the quotes."
+    return f"{message}; write {expected}."
+
+
 def _describe(error: dict[str, Any]) -> tuple[str, str]:
     location = tuple(part for part in error["loc"] if part not in KINDS)
     # Tagged unions and Literal kinds prefix the location with the model name; drop it.
@@ -46,6 +85,8 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return field, f"unknown field {field.rsplit('.', 1)[-1]!r}; remove it or fix its spelling."
     if error["type"] == "missing":
         return field, "required field is missing; add it."
+    if error["type"] in _EXPECTED_TYPES:
+        return field, _type_message(error["type"], value)
     # A validator's own message is the fix; pydantic prefixes it with "Value error, ".
     message = error["msg"].removeprefix("Value error, ").rstrip(".")
     return field, f"invalid value {value!r}: {message}; correct the value."

@@ -61,3 +61,85 @@ def test_invalid_namespace_rejected(namespace):
 def test_valid_namespace_accepted():
     resource = loader.parse_resource(document("Corpus", namespace="team-a"), "resource.yaml")
     assert resource.metadata.namespace == "team-a"
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "field", "fix"),
+    [
+        ("Corpus", {"dedup": {"near": {"threshold": True}}}, "spec.dedup.near.threshold",
+         "expected a number, got a boolean"),
+        ("Corpus", {"normalization": {"collapseWhitespace": "no"}},
+         "spec.normalization.collapseWhitespace", "write true or false without quotes"),
+        ("Corpus", {"shards": 2.0}, "spec.shards", "expected an integer, got a number"),
+        ("Tokenizer", {"vocabSize": "8000"}, "spec.vocabSize", "remove the quotes"),
+        ("Tokenizer", {"lowercase": 1}, "spec.lowercase", "expected true or false"),
+        ("Tokenizer", {"corpusRef": {"name": 7}}, "spec.corpusRef.name", "expected a string"),
+        ("PretrainJob", {"training": {"maxSteps": "10"}}, "spec.training.maxSteps",
+         "remove the quotes"),
+        ("PretrainJob", {"suspend": "true"}, "spec.suspend", "without quotes"),
+        ("ModelDeployment", {"serving": {"replicas": False}}, "spec.serving.replicas",
+         "YAML reads"),
+    ],
+)
+def test_wrong_type_rejected(kind, spec, field, fix):
+    body = document(kind)
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(body["spec"].get(key), dict):
+            body["spec"][key].update(value)
+        else:
+            body["spec"][key] = value
+    error = rejection(body)
+    assert error.field == field
+    assert fix in error.detail
+
+
+def test_integer_accepted_for_number():
+    """An integer is a valid `number`, as in the CRD."""
+    body = document("Corpus")
+    body["spec"]["dedup"] = {"near": {"threshold": 1}}
+    resource = loader.parse_resource(body, "resource.yaml")
+    assert resource.spec.dedup.near.threshold == 1.0
+
+
+def test_enum_values_accepted():
+    body = document("Corpus")
+    body["spec"]["pii"] = {"redact": ["email", "mrn"]}
+    body["spec"]["normalization"] = {"unicodeForm": "NFKC"}
+    resource = loader.parse_resource(body, "resource.yaml")
+    assert resource.spec.sources[0].format == "ncbiDisease"
+    assert resource.spec.pii.redact == ["email", "mrn"]
+    assert resource.spec.normalization.unicode_form == "NFKC"
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_operator_parses_server_object(kind):
+    """The operator parses the API server's JSON object, status included, in strict mode."""
+    from lathe.k8s.reconcile import parse
+
+    resource = loader.parse_resource(document(kind), "resource.yaml")
+    body = resource.model_dump(mode="json", by_alias=True)
+    body["metadata"] = {"name": "test", "namespace": "team-a", "uid": "u-1", "generation": 3}
+    body["status"] = {"conditions": [{"type": "Succeeded", "status": "True"}],
+                      "progress": {"step": 3, "loss": 2}}
+    parsed = parse(body)
+    assert parsed.spec == resource.spec
+    assert parsed.metadata.generation == 3
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_spec_round_trips_through_json(kind):
+    """The trainer reads each spec back from the stage config's JSON."""
+    from lathe.api import KINDS
+
+    resource = loader.parse_resource(document(kind), "resource.yaml")
+    spec_type = type(resource.spec)
+    dumped = resource.spec.model_dump(mode="json", by_alias=True)
+    assert spec_type.model_validate(dumped) == resource.spec
+    assert spec_type.model_validate_json(resource.spec.model_dump_json()) == resource.spec
+    assert KINDS[kind].model_validate(resource.model_dump(mode="json", by_alias=True))
+
+
+def test_condition_status_from_string():
+    from lathe.api.common import Condition
+
+    assert Condition.model_validate({"type": "Succeeded", "status": "True"}).status == "True"

@@ -44,12 +44,19 @@ def _add_cel_rules(schema: dict[str, Any], model: type) -> None:
 
 
 class ApiModel(BaseModel):
-    """Base of every spec and status type: camelCase on the wire, unknown fields rejected."""
+    """Base of every spec and status type: camelCase on the wire, unknown fields rejected.
+
+    Types are strict, as the CRD's are: a quoted number, a number for a boolean or `yes` for a
+    number is rejected, not converted. An integer is still a valid float, as in a `number`.
+    Enum fields set `strict=False`, because strict mode accepts only enum members from Python
+    objects, not their string values.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
+        strict=True,
         use_enum_values=True,
         json_schema_extra=_add_cel_rules,
     )
@@ -82,7 +89,7 @@ def _check_dns_label(value: str) -> str:
 class ObjectMeta(BaseModel):
     """The subset of Kubernetes object metadata that Lathe reads."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
     # NB: Lathe names Jobs, Services and label values after the resource, so the name is a
     # DNS-1123 label even though the API server accepts any DNS subdomain for a custom resource.
@@ -271,7 +278,7 @@ class Condition(ApiModel):
     """An observation of one aspect of the resource, per the Kubernetes API conventions."""
 
     type: str = Field(description="Condition type in CamelCase, such as `Succeeded`.")
-    status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
+    status: ConditionStatus = Field(strict=False, description="`True`, `False` or `Unknown`.")
     reason: str = Field(default="", description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable detail of the transition.")
     last_transition_time: str | None = Field(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, Strict
 
 from lathe.api.common import (
     ApiModel,
@@ -31,6 +31,7 @@ class Source(ApiModel):
 
     name: str = Field(description="Short name of the source, used in statistics and lineage.")
     format: SourceFormat = Field(
+        strict=False,
         description="Published format: `pubtator` (BioCreative PubTator), `pubmedqa` (the "
         "PubMedQA JSON), `ncbiDisease` (NCBI disease corpus), `jsonl` (one JSON object per line "
         "with a `text` field) or `text` (one document per blank-line-separated block)."
@@ -91,7 +92,7 @@ class PiiKind(str, enum.Enum):
 class PiiSpec(ApiModel):
     """Redaction of structured personal identifiers."""
 
-    redact: list[PiiKind] = Field(
+    redact: list[Annotated[PiiKind, Strict(False)]] = Field(
         default_factory=lambda: [PiiKind.EMAIL, PiiKind.PHONE, PiiKind.SSN, PiiKind.MRN],
         description="Identifier kinds to replace with a placeholder such as `<EMAIL>`.",
     )

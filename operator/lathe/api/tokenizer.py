@@ -95,7 +95,7 @@ class TokenizerSpec(ApiModel):
 
     corpus_ref: LocalObjectReference = Field(description="The Corpus to train on.")
     model: TokenizerModel = Field(
-        default=TokenizerModel.BYTE_LEVEL_BPE, description="Tokenization model."
+        default=TokenizerModel.BYTE_LEVEL_BPE, strict=False, description="Tokenization model."
     )
     vocab_size: int = Field(
         default=8000,
