@@ -706,10 +706,9 @@ def test_triton_init_container_copies_from_claim():
     sync = spec["initContainers"][0]
     assert sync["image"] == SYNC_IMAGE
     assert sync["command"] == [
-        "cp",
-        "-r",
-        "/artifacts/lathe-artifacts/lathe/ml/modeldeployment/ner-api/model_repository/.",
-        "/models/",
+        "python", "-m", "lathe_trainer.serving.sync",
+        "file:///artifacts/lathe-artifacts/lathe/ml/modeldeployment/ner-api", "/models",
+        "--repository", "model_repository",
     ]
     assert mounts(sync)["/artifacts/lathe-artifacts"]["readOnly"] is True
     assert mounts(sync)["/models"]["name"] == "models"
@@ -717,7 +716,18 @@ def test_triton_init_container_copies_from_claim():
     assert sync["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_triton_init_container_syncs_s3_with_fsspec():
+def test_triton_init_container_checks_export_digest():
+    plan, owner = serving_plan()
+    plan = dataclasses.replace(plan, repository_digest="sha256:" + "ab" * 32)
+    deployment = builders.triton_deployment(plan, owner, STORE, image=TRITON_IMAGE,
+                                            sync_image=SYNC_IMAGE)
+    command = deployment["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    assert command[-2:] == ["--digest", "sha256:" + "ab" * 32]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations[builders.ANNOTATION_REPOSITORY_DIGEST] == "sha256:" + "ab" * 32
+
+
+def test_triton_init_container_syncs_s3():
     store = builders.ArtifactStore("s3://bucket/lathe")
     model = resource("ModelDeployment", name="ner-api")
     plan = plans.serving(model, store.output_uri(NAMESPACE, "ModelDeployment", "ner-api"))
@@ -726,9 +736,9 @@ def test_triton_init_container_syncs_s3_with_fsspec():
                                             s3_secret="lathe-s3")  # fmt: skip
     spec = deployment["spec"]["template"]["spec"]
     command = spec["initContainers"][0]["command"]
-    assert command[:3] == ["python", "-c", builders_serving.FSSPEC_SYNC]
-    repository = "s3://bucket/lathe/ml/modeldeployment/ner-api/model_repository"
-    assert command[3:] == [repository, "/models/"]
+    assert command == ["python", "-m", "lathe_trainer.serving.sync",
+                       "s3://bucket/lathe/ml/modeldeployment/ner-api", "/models",
+                       "--repository", "model_repository"]
     assert not [volume for volume in spec["volumes"] if "persistentVolumeClaim" in volume]
     assert spec["initContainers"][0]["envFrom"] == [{"secretRef": {"name": "lathe-s3"}}]
     # The Triton server reads /models only, so it gets no credentials.
@@ -748,34 +758,88 @@ def test_training_job_gets_s3_secret_for_s3_only(root, with_secret):
     assert container(job).get("envFrom") == expected
 
 
-def test_fsspec_sync_copies_repository_contents(tmp_path):
-    """Runs the init container's fsspec script on a local repository."""
-    source = tmp_path / "export" / "model_repository"
-    (source / "ner" / "1").mkdir(parents=True)
-    (source / "ner" / "config.pbtxt").write_text('name: "ner"\n')
-    (source / "ner" / "1" / "model.onnx").write_bytes(b"\x08\x07")
+def write_export(output: Path) -> dict:
+    """Write a model repository and its manifest as the export stage does."""
+    from lathe_trainer.stage import combined_digest, digest_outputs
+
+    repository = output / "model_repository"
+    (repository / "ner" / "1").mkdir(parents=True)
+    (repository / "ner" / "config.pbtxt").write_text('name: "ner"\n')
+    (repository / "ner" / "1" / "model.onnx").write_bytes(b"\x08\x07")
+    (output / "report.json").write_text("{}")
+    files = digest_outputs(output)
+    manifest = {"digest": combined_digest(files), "outputs": files}
+    (output / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def run_sync(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the init container's command with this interpreter."""
+    return subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_sync_copies_checked_repository(tmp_path):
+    manifest = write_export(tmp_path / "export")
     target = tmp_path / "models"
-    target.mkdir()
-    command = [sys.executable, "-c", builders_serving.FSSPEC_SYNC, f"file://{source}", f"{target}/"]
-    subprocess.run(command, check=True, timeout=60)
+    command = builders_serving.sync_command(f"file://{tmp_path}/export/model_repository", STORE,
+                                            manifest["digest"])
+    result = run_sync(command[:3] + [f"file://{tmp_path}/export", str(target)] + command[5:])
+    assert result.returncode == 0, result.stderr
     assert (target / "ner" / "config.pbtxt").read_text() == 'name: "ner"\n'
     assert (target / "ner" / "1" / "model.onnx").read_bytes() == b"\x08\x07"
     assert not (target / "model_repository").exists()
+    assert not (target / "report.json").exists()
 
 
-def test_fsspec_sync_copies_repository_from_s3(tmp_path, s3_store):
-    """Runs the init container's script against a real S3 store, with the AWS_* variables that
-    LATHE_S3_SECRET would give the container."""
+@pytest.mark.parametrize("damage, message", [
+    ("rewrite", "model.onnx of .* has digest sha256:.*, the manifest lists"),
+    ("extra", "files not listed: \\['ner/2/model.onnx'\\]"),
+    ("no-manifest", "has no manifest.json: its export has not finished"),
+    ("other-digest", "but this pod expects sha256:0000"),
+])
+def test_sync_rejects_repository_unlike_manifest(tmp_path, damage, message):
+    """A repository that an export is rewriting, or another export than the pod expects, is
+    not copied; the container exits 1 so that the kubelet retries it."""
+    from lathe_trainer.serving import sync
+
+    output = tmp_path / "export"
+    manifest = write_export(output)
+    expected = manifest["digest"]
+    if damage == "rewrite":
+        (output / "model_repository" / "ner" / "1" / "model.onnx").write_bytes(b"half")
+    elif damage == "extra":
+        (output / "model_repository" / "ner" / "2").mkdir()
+        (output / "model_repository" / "ner" / "2" / "model.onnx").write_bytes(b"new")
+    elif damage == "no-manifest":
+        (output / "manifest.json").unlink()
+    else:
+        expected = "sha256:" + "0" * 64
+    with pytest.raises(sync.SyncError, match=message):
+        sync.sync(f"file://{output}", "model_repository", tmp_path / "models", expected)
+    assert sync.main([f"file://{output}", str(tmp_path / "models2"), "--digest", expected]) == 1
+
+
+def test_sync_copies_repository_from_s3(tmp_path, s3_store):
+    """Runs the init container's command against a real S3 store, with the AWS_* variables
+    that LATHE_S3_SECRET would give the container."""
     from lathe_trainer.training import storage
 
-    repository = f"s3://lathe/sync-{uuid.uuid4().hex}/model_repository"
-    filesystem, base = storage.resolve(repository)
-    filesystem.pipe_file(f"{base}/ner/config.pbtxt", b'name: "ner"\n')
-    filesystem.pipe_file(f"{base}/ner/1/model.onnx", b"\x08\x07")
+    local = tmp_path / "export"
+    manifest = write_export(local)
+    output = f"s3://lathe/sync-{uuid.uuid4().hex}"
+    filesystem, base = storage.resolve(output)
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            filesystem.pipe_file(f"{base}/{path.relative_to(local).as_posix()}",
+                                 path.read_bytes())
     target = tmp_path / "models"
-    target.mkdir()
-    command = [sys.executable, "-c", builders_serving.FSSPEC_SYNC, repository, f"{target}/"]
-    subprocess.run(command, check=True, timeout=60, env={**os.environ, **s3_store.env})
+    command = builders_serving.sync_command(f"{output}/model_repository",
+                                            builders.ArtifactStore("s3://lathe"),
+                                            manifest["digest"])
+    command[4] = str(target)
+    result = run_sync(command, env={**os.environ, **s3_store.env})
+    assert result.returncode == 0, result.stderr
     assert (target / "ner" / "config.pbtxt").read_text() == 'name: "ner"\n'
     assert (target / "ner" / "1" / "model.onnx").read_bytes() == b"\x08\x07"
 

@@ -21,10 +21,6 @@ MODELS_DIR = "/models"
 # Copies the contents of a model repository at an fsspec URL (argv[1]) into a directory
 # (argv[2]) with the trainer's object-store code, so s3:// works as it does for the stages. The
 # sync image is the trainer image by default; s3:// takes the AWS_* variables of LATHE_S3_SECRET.
-FSSPEC_SYNC = (
-    "import sys, pathlib; from lathe_trainer import remote; "
-    "remote.download(sys.argv[1], pathlib.Path(sys.argv[2]))"
-)
 
 
 def triton_name(plan: ServingPlan) -> str:
@@ -36,14 +32,20 @@ def triton_labels(plan: ServingPlan) -> dict[str, str]:
     return builders.labels(KIND, plan.name, component=COMPONENT)
 
 
-def sync_command(repository_uri: str, store: ArtifactStore) -> list[str]:
-    """Return the init container command that copies the model repository to /models."""
-    if repository_uri.startswith(("pvc://", "file://")):
-        # NOTE: a pvc:// repository is read from the claim mount; a file:// one gets no volume,
+def sync_command(repository_uri: str, store: ArtifactStore, digest: str = "") -> list[str]:
+    """Return the init container command that copies the model repository to /models.
+
+    lathe_trainer.serving.sync checks every file against the export's manifest, and the
+    manifest against `digest`, so a pod never serves a half-written repository.
+    """
+    output_uri, repository = repository_uri.rstrip("/").rsplit("/", 1)
+    if output_uri.startswith(("pvc://", "file://")):
+        # NOTE: a pvc:// output is read from the claim mount; a file:// one gets no volume,
         # so its path must exist inside the sync container.
-        path = store.pod_uri(repository_uri)[len("file://"):]
-        return ["cp", "-r", f"{path.rstrip('/')}/.", f"{MODELS_DIR}/"]
-    return ["python", "-c", FSSPEC_SYNC, repository_uri, f"{MODELS_DIR}/"]
+        output_uri = store.pod_uri(output_uri)
+    command = ["python", "-m", "lathe_trainer.serving.sync", output_uri, MODELS_DIR,
+               "--repository", repository]
+    return [*command, "--digest", digest] if digest else command
 
 
 def triton_deployment(
@@ -73,7 +75,7 @@ def triton_deployment(
     sync = {
         "name": "sync-models",
         "image": sync_image,
-        "command": sync_command(plan.repository_uri, store),
+        "command": sync_command(plan.repository_uri, store, plan.repository_digest),
         "volumeMounts": [models_mount, *builders.claim_mounts(claims, read_only=True)],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
                       "limits": {"cpu": "1", "memory": "1Gi"}},
@@ -90,8 +92,8 @@ def triton_deployment(
     }
     pod_spec.update(builders.scheduling_fields(plan.scheduling, plan.resources.gpus))
     template_metadata: dict = {"labels": pod_labels}
-    # NOTE: a new export writes into the same repository URI, so a Triton pod that starts
-    # while the export runs (a crash, a scale-up) can copy a half-written repository.
+    # A new export writes into the same repository URI. The annotation rolls the pods to the new
+    # export, and the sync container rejects a repository that does not match it.
     if plan.repository_digest:
         template_metadata["annotations"] = {
             builders.ANNOTATION_REPOSITORY_DIGEST: plan.repository_digest

@@ -30,6 +30,7 @@ from lathe.api.deployment import ModelDeploymentSpec
 from lathe_trainer.export import heldout, onnx_export, quantize, repository
 from lathe_trainer.serving import decoding, reference
 from lathe_trainer.stage import (
+    MANIFEST,
     ProgressReporter,
     StageConfig,
     StageError,
@@ -186,8 +187,12 @@ def run_quantization(
 
 
 def clear_outputs(output: Path) -> None:
-    """Remove what an earlier attempt left, so that every output comes from this attempt."""
-    for name in (FP32_FILE, INT8_FILE, REPORT_FILE):
+    """Remove what an earlier attempt left, so that every output comes from this attempt.
+
+    The manifest goes first: it must not vouch for a repository this attempt is rewriting,
+    which Triton pods that start meanwhile would copy.
+    """
+    for name in (MANIFEST, FP32_FILE, INT8_FILE, REPORT_FILE):
         (output / name).unlink(missing_ok=True)
     shutil.rmtree(output / REPOSITORY_DIR, ignore_errors=True)
 
