@@ -35,7 +35,7 @@ CHART_CRD_DIR = CHART_DIR / "templates" / "crds"
 _KEPT = {
     "type", "description", "enum", "format", "pattern", "minimum", "maximum", "minLength",
     "maxLength", "minItems", "maxItems", "required", "nullable", "x-kubernetes-validations",
-    "default",
+    "x-kubernetes-int-or-string", "default",
 }
 
 
@@ -95,7 +95,7 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out["x-kubernetes-preserve-unknown-fields"] = True
     elif kind == "array":
         out["items"] = to_structural(node.get("items", {}), defs)
-    elif kind is None:
+    elif kind is None and not node.get("x-kubernetes-int-or-string"):
         # Any JSON value (a field typed Any): keep it without a schema.
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out

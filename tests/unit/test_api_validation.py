@@ -70,7 +70,7 @@ def test_valid_namespace_accepted():
          "expected a number, got a boolean"),
         ("Corpus", {"normalization": {"collapseWhitespace": "no"}},
          "spec.normalization.collapseWhitespace", "write true or false without quotes"),
-        ("Corpus", {"shards": 2.0}, "spec.shards", "expected an integer, got a number"),
+        ("Corpus", {"shards": 2.5}, "spec.shards", "expected an integer, got a number"),
         ("Tokenizer", {"vocabSize": "8000"}, "spec.vocabSize", "remove the quotes"),
         ("Tokenizer", {"lowercase": 1}, "spec.lowercase", "expected true or false"),
         ("Tokenizer", {"corpusRef": {"name": 7}}, "spec.corpusRef.name", "expected a string"),
@@ -113,14 +113,12 @@ def test_enum_values_accepted():
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_operator_parses_server_object(kind):
-    """The operator parses the API server's JSON object, status included, in strict mode."""
+    """The operator parses the API server's JSON object in strict mode."""
     from lathe.k8s.reconcile import parse
 
     resource = loader.parse_resource(document(kind), "resource.yaml")
     body = resource.model_dump(mode="json", by_alias=True)
     body["metadata"] = {"name": "test", "namespace": "team-a", "uid": "u-1", "generation": 3}
-    body["status"] = {"conditions": [{"type": "Succeeded", "status": "True"}],
-                      "progress": {"step": 3, "loss": 2}}
     parsed = parse(body)
     assert parsed.spec == resource.spec
     assert parsed.metadata.generation == 3
@@ -143,3 +141,59 @@ def test_condition_status_from_string():
     from lathe.api.common import Condition
 
     assert Condition.model_validate({"type": "Succeeded", "status": "True"}).status == "True"
+
+
+def resources(**values: Any) -> dict[str, Any]:
+    body = document("PretrainJob")
+    body["spec"]["resources"] = values
+    return body
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"cpu": 2}, {"cpu": "2"}),
+        ({"cpu": "500m"}, {"cpu": "500m"}),
+        ({"cpu": "1.5"}, {"cpu": "1.5"}),
+        ({"cpu": 0}, {"cpu": "0"}),
+        ({"memory": "16Gi", "shmSize": "4G"}, {"memory": "16Gi", "shm_size": "4G"}),
+        ({"memory": 1073741824}, {"memory": "1073741824"}),
+        ({"memory": "1.5Gi", "shmSize": "512Mi"}, {"memory": "1.5Gi", "shm_size": "512Mi"}),
+        ({"memory": "1e9"}, {"memory": "1e9"}),
+    ],
+)
+def test_quantity_accepted(values, expected):
+    resource = loader.parse_resource(resources(**values), "resource.yaml")
+    for name, value in expected.items():
+        assert getattr(resource.spec.resources, name) == value
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "hint"),
+    [
+        ({"cpu": "two"}, "spec.resources.cpu", "'500m'"),
+        ({"cpu": "-2"}, "spec.resources.cpu", "'500m'"),
+        ({"cpu": -2}, "spec.resources.cpu", "negative"),
+        ({"cpu": 1.5}, "spec.resources.cpu", "must be a string"),
+        ({"cpu": "2k"}, "spec.resources.cpu", "'500m'"),
+        ({"cpu": True}, "spec.resources.cpu", "'500m'"),
+        ({"memory": "4GB"}, "spec.resources.memory", "'16Gi'"),
+        ({"memory": "-1Gi"}, "spec.resources.memory", "'16Gi'"),
+        ({"memory": "lots"}, "spec.resources.memory", "'16Gi'"),
+        ({"shmSize": "1 Gi"}, "spec.resources.shmSize", "'16Gi'"),
+    ],
+)
+def test_invalid_quantity_rejected(values, field, hint):
+    error = rejection(resources(**values))
+    assert error.field == field
+    assert hint in error.detail
+    assert repr(next(iter(values.values()))) in error.detail
+
+
+def test_whole_number_accepted_for_integer():
+    """The API server accepts 2.0 for an integer field, and kubectl sends it as 2."""
+    body = document("Corpus")
+    body["spec"]["shards"] = 2.0
+    resource = loader.parse_resource(body, "resource.yaml")
+    assert resource.spec.shards == 2
+    assert isinstance(resource.spec.shards, int)

@@ -42,10 +42,14 @@ def _walk(node, path="$"):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_schema_is_structural(kind):
-    """Every node has a type (or preserves unknown fields), and no JSON Schema-only keyword."""
+    """Every node has a type (or preserves unknown fields, or is int-or-string), and no JSON
+    Schema-only keyword."""
     schema = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        untyped = node.get("x-kubernetes-preserve-unknown-fields") or node.get(
+            "x-kubernetes-int-or-string"
+        )
+        assert "type" in node or untyped, path
         assert not {"$ref", "anyOf", "allOf", "oneOf", "title"} & node.keys(), path
         assert node.get("default", {}) is not None, path
 
@@ -57,6 +61,17 @@ def test_spec_fields_have_descriptions(kind):
         if path.endswith(("[]", "{}")) and node.get("type") != "object":
             continue  # a list or map of scalars is described by its field
         assert node.get("description"), f"{kind} {path} has no description"
+
+
+@pytest.mark.parametrize("field", ["cpu", "memory", "shmSize"])
+def test_quantity_is_int_or_string(field):
+    """A quantity takes `cpu: 2` as well as `cpu: 500m`, as in a pod spec."""
+    schema = crdgen.crd(KINDS["PretrainJob"])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    node = schema["properties"]["spec"]["properties"]["resources"]["properties"][field]
+    assert node["x-kubernetes-int-or-string"] is True
+    assert "type" not in node
+    assert "x-kubernetes-preserve-unknown-fields" not in node
+    assert node["pattern"].startswith("^")
 
 
 def test_yaml_round_trips():

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import enum
 import re
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP = "lathe.dev"
@@ -43,6 +55,14 @@ def _add_cel_rules(schema: dict[str, Any], model: type) -> None:
         ]
 
 
+def _is_integer_field(annotation: Any) -> bool:
+    """Return True for an `int` or `int | None` annotation."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        arguments = [item for item in typing.get_args(annotation) if item is not type(None)]
+        return arguments == [int]
+    return annotation is int
+
+
 class ApiModel(BaseModel):
     """Base of every spec and status type: camelCase on the wire, unknown fields rejected.
 
@@ -63,6 +83,16 @@ class ApiModel(BaseModel):
 
     # Cross-field rules of this type; the CRD generator copies them into the schema.
     cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_number_to_int(cls, value: Any, info: ValidationInfo) -> Any:
+        # The API server accepts 2.0 for an `integer` field (kubectl sends it as 2), which
+        # strict mode would reject.
+        if isinstance(value, float) and value.is_integer() and info.field_name is not None:
+            if _is_integer_field(cls.model_fields[info.field_name].annotation):
+                return int(value)
+        return value
 
     @model_validator(mode="after")
     def _check_cel_rules(self) -> ApiModel:
@@ -114,16 +144,74 @@ class LocalObjectReference(ApiModel):
     name: str = Field(description="Name of the referenced resource in the same namespace.")
 
 
+# A Kubernetes quantity (k8s.io/apimachinery resource.Quantity) without a minus sign, because
+# requests and limits cannot be negative: a decimal number with an optional binary suffix (Ki to
+# Ei), decimal suffix (n, u, m, k, M, G, T, P, E) or exponent.
+_QUANTITY = re.compile(
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+# CPU as cores or millicores, the forms the training pod builder divides among processes.
+_CPU_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?m?$")
+
+
+def _quantity_validator(pattern: re.Pattern[str], examples: str) -> Callable[[Any], str]:
+    """Return a validator that takes a quantity as an integer or a string and returns a string."""
+
+    def check(value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"a quantity must not be negative; write {examples}")
+            return str(value)
+        if isinstance(value, float):
+            raise ValueError(f"a fractional quantity must be a string, because the API server "
+                             f"accepts only an integer or a string here; write '{value}'")
+        if isinstance(value, str) and pattern.match(value):
+            return value
+        raise ValueError(f"not a Kubernetes quantity; write {examples}")
+
+    return check
+
+
+def _quantity_type(pattern: re.Pattern[str], examples: str) -> Any:
+    """Build a str type that also takes an integer, as Kubernetes' int-or-string does."""
+    return Annotated[
+        str,
+        BeforeValidator(_quantity_validator(pattern, examples)),
+        WithJsonSchema(
+            {"x-kubernetes-int-or-string": True, "pattern": pattern.pattern, "minimum": 0}
+        ),
+    ]
+
+
+CpuQuantity = _quantity_type(
+    _CPU_QUANTITY, "cores such as 2 or '1.5', or millicores such as '500m'"
+)
+Quantity = _quantity_type(
+    _QUANTITY, "bytes with an optional suffix, such as '16Gi', '512Mi', '4G' or 1073741824"
+)
+
+
 class ResourceRequirements(ApiModel):
     """Compute resources for each pod (or local process group) of a stage."""
 
-    cpu: str = Field(default="2", description="CPU request and limit per node, in cores.")
-    memory: str = Field(default="8Gi", description="Memory request and limit per node.")
+    cpu: CpuQuantity = Field(
+        default="2",
+        description="CPU request and limit per node, in cores (`2`, `'1.5'`) or millicores "
+        "(`500m`).",
+    )
+    memory: Quantity = Field(
+        default="8Gi",
+        description="Memory request and limit per node, as a Kubernetes quantity such as "
+        "`16Gi` or `4G`.",
+    )
     gpus: int = Field(
         default=0, ge=0, le=16, description="GPUs per node, requested as `nvidia.com/gpu`."
     )
-    shm_size: str = Field(
-        default="1Gi", description="Size of the memory-backed /dev/shm volume per node."
+    shm_size: Quantity = Field(
+        default="1Gi",
+        description="Size of the memory-backed /dev/shm volume per node, as a Kubernetes "
+        "quantity such as `1Gi`.",
     )
 
 
