@@ -59,7 +59,23 @@ def data_digests(resource: Resource, data_dir: Path) -> dict[str, str]:
             for field, path in _named_paths(resource) if _local(path)}
 
 
+def _data_uris(resource: Resource) -> Iterator[tuple[str, str]]:
+    """Yield (field, path) for every data file and data directory the resource names."""
+    yield from _named_paths(resource)
+    if isinstance(resource, FineTune) and resource.spec.base_model.uri:
+        yield "spec.baseModel.uri", resource.spec.base_model.uri
+
+
 def check_files(resource: Resource, data_dir: Path) -> None:
+    """Check that every local data file exists and that no data path needs a cluster."""
+    for field, path in _data_uris(resource):
+        if path.startswith("pvc://"):
+            raise InvalidResourceError(
+                resource.label, field,
+                f"{path!r} names a PersistentVolumeClaim, which exists only in a cluster; for "
+                "`lathe run`, use a path under the data directory (--data-dir), "
+                "file:///absolute/path or s3://<bucket>/<key>.",
+            )
     for field, path in _named_paths(resource):
         if not _local(path):
             continue

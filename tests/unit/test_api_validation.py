@@ -197,3 +197,57 @@ def test_whole_number_accepted_for_integer():
     resource = loader.parse_resource(body, "resource.yaml")
     assert resource.spec.shards == 2
     assert isinstance(resource.spec.shards, int)
+
+
+# (kind, field as in errors, change that sets the field to the path)
+DATA_PATH_FIELDS = [
+    ("Corpus", "spec.sources[0].path", lambda spec, path: spec["sources"][0].update(path=path)),
+    ("Corpus", "spec.decontamination.evalSets[0].path",
+     lambda spec, path: spec.update(decontamination={"evalSets": [
+         {"name": "test", "format": "text", "path": path}]})),
+    ("Tokenizer", "spec.protectedPatterns[0].vocabularyFile",
+     lambda spec, path: spec.update(protectedPatterns=[
+         {"name": "icd10", "regex": "[A-Z][0-9]+", "vocabularyFile": path}])),
+    ("FineTune", "spec.data.train", lambda spec, path: spec["data"].update(train=path)),
+    ("FineTune", "spec.data.validation", lambda spec, path: spec["data"].update(validation=path)),
+    ("FineTune", "spec.data.test", lambda spec, path: spec["data"].update(test=path)),
+    ("FineTune", "spec.baseModel.uri", lambda spec, path: spec.update(baseModel={"uri": path})),
+    ("ModelDeployment", "spec.export.heldOutData",
+     lambda spec, path: spec.update(export={"heldOutData": path})),
+]
+
+
+def with_data_path(kind, change, path: str) -> dict[str, Any]:
+    body = document(kind)
+    change(body["spec"], path)
+    return body
+
+
+@pytest.mark.parametrize(("kind", "field", "change"), DATA_PATH_FIELDS,
+                         ids=[field for _, field, _ in DATA_PATH_FIELDS])
+@pytest.mark.parametrize("path", ["pubmed/a.txt", "/data/a.txt", "file:///data/a.txt",
+                                  "pvc://data-claim/pubmed/a.txt", "s3://bucket/pubmed/a.txt",
+                                  "notes/a:b.txt"])
+def test_data_path_accepted(kind, field, change, path):
+    loader.parse_resource(with_data_path(kind, change, path), "resource.yaml")
+
+
+@pytest.mark.parametrize(("kind", "field", "change"), DATA_PATH_FIELDS,
+                         ids=[field for _, field, _ in DATA_PATH_FIELDS])
+@pytest.mark.parametrize(
+    ("path", "hint"),
+    [
+        ("fille:///data/a.txt", "unsupported URI scheme 'fille'"),
+        ("gs://bucket/a.txt", "unsupported URI scheme 'gs'"),
+        ("file://data/a.txt", "file:///absolute/path"),
+        ("s3://bucket", "s3://<bucket>/<key>"),
+        ("pvc://claim-only", "pvc://<claim>/<path>"),
+        ("data/x://y", "unsupported URI scheme 'data/x'"),
+        ("", "must not be empty"),
+    ],
+)
+def test_invalid_data_path_rejected(kind, field, change, path, hint):
+    error = rejection(with_data_path(kind, change, path))
+    assert error.field == field
+    assert hint in error.detail
+    assert repr(path) in error.detail

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -328,6 +329,44 @@ class PodMetadata(ApiModel):
         description="Extra pod annotations, for example for a service mesh or the cluster "
         "autoscaler.",
     )
+
+
+# A data path: a file:///, pvc://<claim>/ or s3://<bucket>/ URI with a path after it, or a plain
+# path without "://" anywhere, because the stages treat any string that contains "://" as a URI.
+# The plain-path alternative is the regular expression for "no `://`" without lookaheads, which
+# the API server's RE2 engine lacks.
+_DATA_PATH = re.compile(
+    r"^(file:///|pvc://[^/]+/|s3://[^/]+/).|^([^:]|:(:|/:)*/?[^:/])*(:(:|/:)*/?)?$"
+)
+_DATA_PATH_FORMS = (
+    "use a path relative to the data directory, an absolute path, file:///absolute/path, "
+    "pvc://<claim>/<path> or s3://<bucket>/<key>"
+)
+# The form each supported scheme needs, for the error message.
+_DATA_URI_FORMS = {
+    "file": "file:///absolute/path",
+    "pvc": "pvc://<claim>/<path>",
+    "s3": "s3://<bucket>/<key>",
+}
+
+
+def _check_data_path(path: str) -> str:
+    if not path:
+        raise ValueError(f"a data path must not be empty; {_DATA_PATH_FORMS}")
+    if _DATA_PATH.match(path):
+        return path
+    scheme = path.partition("://")[0]
+    if scheme in _DATA_URI_FORMS:
+        raise ValueError(f"a {scheme}:// data path must have the form {_DATA_URI_FORMS[scheme]}")
+    raise ValueError(f"unsupported URI scheme {scheme!r}; {_DATA_PATH_FORMS}")
+
+
+# A path or URI of input data, which the stages resolve with lathe_trainer.stage.resolve_data_path.
+DataPath = Annotated[
+    str,
+    AfterValidator(_check_data_path),
+    WithJsonSchema({"type": "string", "minLength": 1, "pattern": _DATA_PATH.pattern}),
+]
 
 
 _STORAGE_URI = re.compile(r"^(file:///|pvc://[^/]+/|s3://[^/]+)")

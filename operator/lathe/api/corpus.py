@@ -9,6 +9,7 @@ from pydantic import Field, Strict
 
 from lathe.api.common import (
     ApiModel,
+    DataPath,
     PrinterColumn,
     Resource,
     ResourceRequirements,
@@ -36,7 +37,7 @@ class Source(ApiModel):
         "PubMedQA JSON), `ncbiDisease` (NCBI disease corpus), `jsonl` (one JSON object per line "
         "with a `text` field) or `text` (one document per blank-line-separated block)."
     )
-    path: str = Field(
+    path: DataPath = Field(
         description="File path or URI. A relative path is resolved against the data directory "
         "(`lathe run --data-dir`, or the data volume in the cluster)."
     )

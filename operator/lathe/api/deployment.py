@@ -9,6 +9,7 @@ from pydantic import Field
 from lathe.api.common import (
     ApiModel,
     CelRule,
+    DataPath,
     LocalObjectReference,
     PrinterColumn,
     Resource,
@@ -50,7 +51,7 @@ class ExportSpec(ApiModel):
         description="Sequence lengths at which ONNX Runtime is compared against PyTorch, at "
         "batch sizes 1 and 8. The model is exported with an example of length 20.",
     )
-    held_out_data: str | None = Field(
+    held_out_data: DataPath | None = Field(
         default=None,
         description="Held-out labelled sentences (CoNLL `token<TAB>tag` lines, blank line "
         "between sentences), relative to the data directory. They feed the ONNX check and the "

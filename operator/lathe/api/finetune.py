@@ -9,6 +9,7 @@ from pydantic import Field
 from lathe.api.common import (
     ApiModel,
     CelRule,
+    DataPath,
     LocalObjectReference,
     PodMetadata,
     PrinterColumn,
@@ -35,7 +36,7 @@ class BaseModelSpec(ApiModel):
     pretrain_job_ref: LocalObjectReference | None = Field(
         default=None, description="A PretrainJob in the same namespace whose final model is used."
     )
-    uri: str | None = Field(
+    uri: DataPath | None = Field(
         default=None, description="A Hugging Face-format model directory, instead of a reference."
     )
 
@@ -47,9 +48,9 @@ class TaskDataSpec(ApiModel):
         default="conll", description="`conll`: `token<TAB>tag` lines (IOB), blank line between "
         "sentences."
     )
-    train: str = Field(description="Training split path, relative to the data directory.")
-    validation: str | None = Field(default=None, description="Validation split path.")
-    test: str = Field(description="Test split path, used for the final report.")
+    train: DataPath = Field(description="Training split path, relative to the data directory.")
+    validation: DataPath | None = Field(default=None, description="Validation split path.")
+    test: DataPath = Field(description="Test split path, used for the final report.")
 
 
 class LoraSpec(ApiModel):

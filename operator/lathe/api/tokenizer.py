@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from lathe.api.common import (
     ApiModel,
     CelRule,
+    DataPath,
     LocalObjectReference,
     PrinterColumn,
     Resource,
@@ -41,7 +42,7 @@ class ProtectedPattern(ApiModel):
         "context. The expression must also compile in Oniguruma, the engine of the tokenizer: "
         "avoid Python-only syntax such as `(?P<name>...)`."
     )
-    vocabulary_file: str | None = Field(
+    vocabulary_file: DataPath | None = Field(
         default=None,
         description="CSV file whose first column lists known terms of this pattern, such as "
         "ICD-10 codes. Each listed term that matches the pattern gets its own token, on top of "
