@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from lathe.api import API_VERSION, KINDS, Resource
+from lathe.api.common import RULE_ERROR, field_path
 from lathe.errors import InvalidResourceError
 
 RESOURCE_SUFFIXES = (".yaml", ".yml")
@@ -24,17 +25,6 @@ OBJECT_META_FIELDS = frozenset({
     "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
     "annotations", "ownerReferences", "finalizers", "managedFields",
 })
-
-
-def field_path(location: tuple[Any, ...]) -> str:
-    """Render a pydantic error location as `spec.sources[0].path`."""
-    path = ""
-    for part in location:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
 
 
 # The type each pydantic type error expects, in the words of YAML and the CRD schema.
@@ -87,6 +77,12 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return field, "required field is missing; add it."
     if error["type"] in _EXPECTED_TYPES:
         return field, _type_message(error["type"], value)
+    if error["type"] == RULE_ERROR:
+        # A cross-field rule's message names the fields and the fix.
+        message = error["ctx"]["message"]
+        if error["ctx"]["names_field"]:
+            return field, f"invalid value {value!r}: {message}."
+        return field, f"{message}."
     # A validator's own message is the fix; pydantic prefixes it with "Value error, ".
     message = error["msg"].removeprefix("Value error, ").rstrip(".")
     return field, f"invalid value {value!r}: {message}; correct the value."

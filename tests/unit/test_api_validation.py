@@ -251,3 +251,83 @@ def test_invalid_data_path_rejected(kind, field, change, path, hint):
     assert error.field == field
     assert hint in error.detail
     assert repr(path) in error.detail
+
+
+def pretrain(**spec: Any) -> dict[str, Any]:
+    body = document("PretrainJob")
+    body["spec"].update(spec)
+    return body
+
+
+STAGES = [{"untilStep": 50, "sequenceLength": 64}, {"sequenceLength": 128}]
+
+# (resource body, field the error names, bad value it shows)
+CROSS_FIELD = [
+    (pretrain(sequenceLength=1024, model={"maxPositionEmbeddings": 512}),
+     "spec.sequenceLength", 1024),
+    (pretrain(sequenceLength=1024), "spec.sequenceLength", 1024),
+    (pretrain(curriculum={"stages": [{"untilStep": 50}, {"sequenceLength": 4096}]}),
+     "spec.curriculum.stages[1].sequenceLength", 4096),
+    (pretrain(curriculum={"stages": [{"sequenceLength": 64}, {"sequenceLength": 128}]}),
+     "spec.curriculum.stages[0].untilStep", None),
+    (pretrain(curriculum={"stages": [{"untilStep": 50}, {"untilStep": 40}, {}]}),
+     "spec.curriculum.stages[1].untilStep", 40),
+    (pretrain(curriculum={"stages": STAGES}, training={"maxSteps": 50, "warmupSteps": 5}),
+     "spec.curriculum.stages[0].untilStep", 50),
+    (pretrain(model={"numHeads": 3}), "spec.model.numHeads", 3),
+    (pretrain(model={"hiddenSize": 130}), "spec.model.hiddenSize", 130),
+    (pretrain(model={"hiddenSize": 130, "numHeads": 4}), "spec.model.hiddenSize", 130),
+    (pretrain(model={"architecture": "bert", "objective": "causalLM"}), "spec.model.objective",
+     "causalLM"),
+    (pretrain(scheduling={"tolerations": [{"key": "a", "operator": "Exists", "value": "b"}]}),
+     "spec.scheduling.tolerations[0].value", "b"),
+    (pretrain(scheduling={"tolerations": [{"operator": "Equal", "value": "b"}]}),
+     "spec.scheduling.tolerations[0].key", None),
+    (pretrain(scheduling={"tolerations": [{"key": "a", "tolerationSeconds": 30}]}),
+     "spec.scheduling.tolerations[0].tolerationSeconds", 30),
+]
+
+
+def finetune(**spec: Any) -> dict[str, Any]:
+    body = document("FineTune")
+    body["spec"].update(spec)
+    return body
+
+
+def deployment(**spec: Any) -> dict[str, Any]:
+    body = document("ModelDeployment")
+    body["spec"].update(spec)
+    return body
+
+
+CROSS_FIELD += [
+    (finetune(baseModel={"pretrainJobRef": {"name": "lm"}, "uri": "file:///m"}),
+     "spec.baseModel.uri", "file:///m"),
+    (finetune(baseModel={}), "spec.baseModel.uri", None),
+    (finetune(data={"train": "same.tsv", "test": "same.tsv"}), "spec.data.test", "same.tsv"),
+    (deployment(serving={"httpPort": 8001}), "spec.serving.grpcPort", 8001),
+    (deployment(serving={"metricsPort": 8000}), "spec.serving.metricsPort", 8000),
+    (deployment(serving={"grpcPort": 8002}), "spec.serving.metricsPort", 8002),
+    (deployment(autoscaling={"minReplicas": 5, "maxReplicas": 2}),
+     "spec.autoscaling.minReplicas", 5),
+]
+
+
+@pytest.mark.parametrize(("body", "field", "value"), CROSS_FIELD,
+                         ids=[f"{field}={value}" for _, field, value in CROSS_FIELD])
+def test_cross_field_error_names_field(body, field, value):
+    error = rejection(body)
+    assert error.field == field
+    assert error.detail.startswith(f"invalid value {value!r}: ")
+    assert "corpusRef" not in error.detail
+    assert "fineTuneRef" not in error.detail
+    assert len(error.detail) < 400
+
+
+def test_rule_without_field_omits_spec():
+    """A rule over several fields without one to blame names its object, not the whole spec."""
+    error = rejection(pretrain(distributed={"backend": "nccl"}))
+    assert error.field == "spec"
+    assert "nccl needs GPUs" in error.detail
+    assert "corpusRef" not in error.detail
+    assert "invalid value" not in error.detail

@@ -77,3 +77,29 @@ def test_quantity_is_int_or_string(field):
 def test_yaml_round_trips():
     for text in crdgen.render_all().values():
         assert yaml.safe_load(text)["kind"] == "CustomResourceDefinition"
+
+
+def _rules(node, path="$"):
+    for rule in node.get("x-kubernetes-validations", ()):
+        yield path, rule
+    for key, child in (node.get("properties") or {}).items():
+        yield from _rules(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _rules(node["items"], f"{path}[]")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_rule_field_paths_exist(kind):
+    """A CEL rule's fieldPath names a property of the object the rule is on."""
+    schema = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    nodes = dict(_walk(schema))
+    for path, rule in _rules(schema):
+        if "fieldPath" in rule:
+            assert f"{path}{rule['fieldPath']}" in nodes, (path, rule)
+
+
+def test_sequence_length_rule_names_field():
+    schema = crdgen.crd(KINDS["PretrainJob"])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rules = schema["properties"]["spec"]["x-kubernetes-validations"]
+    (rule,) = [rule for rule in rules if "sequenceLength" in rule["rule"]]
+    assert rule["fieldPath"] == ".sequenceLength"

@@ -21,12 +21,14 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 GROUP = "lathe.dev"
 VERSION = "v1alpha1"
@@ -40,20 +42,63 @@ class CelRule:
     `rule` is the CEL expression over `self` (the object in its camelCase wire form) that goes
     into the CRD's `x-kubernetes-validations`; `check` is the same rule in Python over the model,
     so `lathe run` rejects what the API server would reject. The message names the field and
-    the fix.
+    the fix. `field` is the wire path, relative to the object, of the field an error names (its
+    `fieldPath` in the CRD), such as `sequenceLength`. Without it, the error names the object.
     """
 
     rule: str
     message: str
     check: Callable[[Any], bool]
+    field: str | None = None
 
 
 def _add_cel_rules(schema: dict[str, Any], model: type) -> None:
     rules = model.__dict__.get("cel_rules", ())
     if rules:
         schema["x-kubernetes-validations"] = [
-            {"rule": rule.rule, "message": rule.message} for rule in rules
+            {"rule": rule.rule, "message": rule.message}
+            | ({"fieldPath": f".{rule.field}"} if rule.field else {})
+            for rule in rules
         ]
+
+
+# The pydantic error type of a broken cross-field rule, which lathe.loader formats.
+RULE_ERROR = "lathe_rule"
+
+Location = tuple[str | int, ...]
+
+
+def rule_error(model: type[BaseModel], problems: list[tuple[Location, Any, str]]) -> ValidationError:
+    """Build the error for broken cross-field rules, one per (location, value, message).
+
+    A location is a wire path relative to the model, such as ("stages", 0, "untilStep"), and
+    pydantic prefixes the model's own location. An empty location names the model itself, and
+    its value is then left out of the message, because it would print the whole object.
+    """
+    return ValidationError.from_exception_data(
+        model.__name__,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    RULE_ERROR, "{message}", {"message": message, "names_field": bool(location)}
+                ),
+                loc=location,
+                input=value,
+            )
+            for location, value, message in problems
+        ],
+    )
+
+
+def field_path(location: tuple[Any, ...]) -> str:
+    """Render a pydantic error location as `spec.sources[0].path`."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
 
 
 def _is_integer_field(annotation: Any) -> bool:
@@ -97,10 +142,26 @@ class ApiModel(BaseModel):
 
     @model_validator(mode="after")
     def _check_cel_rules(self) -> ApiModel:
+        problems = []
         for rule in type(self).cel_rules:
             if not rule.check(self):
-                raise ValueError(rule.message)
+                location = tuple(rule.field.split(".")) if rule.field else ()
+                problems.append((location, self.value_at(location), rule.message))
+        if problems:
+            raise rule_error(type(self), problems)
         return self
+
+    def value_at(self, location: Location) -> Any:
+        """Return the value at a wire path relative to this object, such as ("stages", 0)."""
+        value: Any = self
+        for part in location:
+            if isinstance(part, int):
+                value = value[part]
+                continue
+            fields = type(value).model_fields
+            name = next(name for name, info in fields.items() if (info.alias or name) == part)
+            value = getattr(value, name)
+        return value
 
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -229,18 +290,21 @@ class Toleration(ApiModel):
             message="a toleration with operator Exists matches every value of its key; remove "
             "value, or use operator Equal",
             check=lambda item: item.operator != "Exists" or not item.value,
+            field="value",
         ),
         CelRule(
             rule="has(self.key) && self.key != '' || self.operator == 'Exists'",
             message="a toleration without key must use operator Exists (it then tolerates every "
             "taint); set key, or set operator to Exists",
             check=lambda item: bool(item.key) or item.operator == "Exists",
+            field="key",
         ),
         CelRule(
             rule="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
             message="tolerationSeconds applies only to effect NoExecute; remove it or set "
             "effect to NoExecute",
             check=lambda item: item.toleration_seconds is None or item.effect == "NoExecute",
+            field="tolerationSeconds",
         ),
     )
 

@@ -70,19 +70,35 @@ class ExportSpec(ApiModel):
     )
 
 
+_PORTS_MESSAGE = (
+    "spec.serving.httpPort, grpcPort and metricsPort must differ; give each port its own number"
+)
+
+
 class ServingSpec(ApiModel):
     """The Triton server."""
 
+    # One rule per pair of ports, so that the error names a port that clashes.
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="!has(self.httpPort) || !has(self.grpcPort) || !has(self.metricsPort) || "
-            "(self.httpPort != self.grpcPort && self.httpPort != self.metricsPort && "
-            "self.grpcPort != self.metricsPort)",
-            message="spec.serving.httpPort, grpcPort and metricsPort must differ; give each "
-            "port its own number",
-            check=lambda serving: len(
-                {serving.http_port, serving.grpc_port, serving.metrics_port}
-            ) == 3,
+            rule="!has(self.httpPort) || !has(self.grpcPort) || self.httpPort != self.grpcPort",
+            message=_PORTS_MESSAGE,
+            check=lambda serving: serving.http_port != serving.grpc_port,
+            field="grpcPort",
+        ),
+        CelRule(
+            rule="!has(self.httpPort) || !has(self.metricsPort) || "
+            "self.httpPort != self.metricsPort",
+            message=_PORTS_MESSAGE,
+            check=lambda serving: serving.http_port != serving.metrics_port,
+            field="metricsPort",
+        ),
+        CelRule(
+            rule="!has(self.grpcPort) || !has(self.metricsPort) || "
+            "self.grpcPort != self.metricsPort",
+            message=_PORTS_MESSAGE,
+            check=lambda serving: serving.grpc_port != serving.metrics_port,
+            field="metricsPort",
         ),
     )
 
@@ -126,6 +142,7 @@ class AutoscalingSpec(ApiModel):
             message="spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas; "
             "lower minReplicas or raise maxReplicas",
             check=lambda autoscaling: autoscaling.min_replicas <= autoscaling.max_replicas,
+            field="minReplicas",
         ),
     )
 

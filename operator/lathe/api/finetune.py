@@ -30,6 +30,7 @@ class BaseModelSpec(ApiModel):
             rule="has(self.pretrainJobRef) != has(self.uri)",
             message="set exactly one of spec.baseModel.pretrainJobRef and spec.baseModel.uri",
             check=lambda base: (base.pretrain_job_ref is None) != (base.uri is None),
+            field="uri",
         ),
     )
 
@@ -75,6 +76,7 @@ class FineTuneSpec(ApiModel):
             rule="self.data.train != self.data.test",
             message="spec.data.test must differ from spec.data.train; evaluate on held-out data",
             check=lambda spec: spec.data.train != spec.data.test,
+            field="data.test",
         ),
         *GPU_RULES,
     )

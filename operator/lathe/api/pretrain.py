@@ -11,6 +11,7 @@ from lathe.api.common import (
     ApiModel,
     CelRule,
     LocalObjectReference,
+    Location,
     PodMetadata,
     PrinterColumn,
     Resource,
@@ -18,6 +19,8 @@ from lathe.api.common import (
     Scheduling,
     StageStatus,
     StorageSpec,
+    field_path,
+    rule_error,
 )
 from lathe.api.training import GPU_RULES, DistributedSpec, TrainingSpec
 
@@ -69,6 +72,10 @@ MODEL_PRESETS: dict[str, ModelDimensions] = {
 }
 
 
+def _spec_path(location: Location) -> str:
+    return field_path(("spec", *location))
+
+
 class ModelArchitectureSpec(ApiModel):
     """The model to build from a `transformers` config."""
 
@@ -117,6 +124,7 @@ class ModelArchitectureSpec(ApiModel):
                 model.hidden_size is None or model.num_heads is None
                 or model.hidden_size % model.num_heads == 0
             ),
+            field="hiddenSize",
         ),
         CelRule(
             rule="!has(self.objective) || self.objective == "
@@ -128,6 +136,7 @@ class ModelArchitectureSpec(ApiModel):
             check=lambda model: (
                 model.objective is None or model.objective == OBJECTIVES[model.architecture]
             ),
+            field="objective",
         ),
     )
 
@@ -136,11 +145,14 @@ class ModelArchitectureSpec(ApiModel):
         # NB: the CEL rule above sees explicit fields only; this one sees the preset too.
         dimensions = self.dimensions()
         if dimensions.hidden_size % dimensions.num_heads:
-            raise ValueError(
-                f"spec.model: hidden size {dimensions.hidden_size} (preset {self.preset!r} "
-                f"with overrides) is not a multiple of {dimensions.num_heads} heads; set "
-                "hiddenSize and numHeads so that numHeads divides hiddenSize"
+            # Blame numHeads when only it overrides the preset, otherwise hiddenSize.
+            field = "numHeads" if self.hidden_size is None else "hiddenSize"
+            message = (
+                f"hidden size {dimensions.hidden_size} (preset {self.preset!r} with overrides) "
+                f"is not a multiple of {dimensions.num_heads} heads; set hiddenSize and "
+                "numHeads so that numHeads divides hiddenSize"
             )
+            raise rule_error(type(self), [((field,), self.value_at((field,)), message)])
         return self
 
     def dimensions(self) -> ModelDimensions:
@@ -190,17 +202,20 @@ class CurriculumSpec(ApiModel):
         for index, curriculum_stage in enumerate(self.stages):
             until = curriculum_stage.until_step
             last = index == len(self.stages) - 1
+            location = ("stages", index, "untilStep")
             if until is None and not last:
-                raise ValueError(
+                message = (
                     f"spec.curriculum.stages[{index}].untilStep is missing; every stage but "
                     "the last needs the step it ends at"
                 )
+                raise rule_error(type(self), [(location, until, message)])
             if until is not None and until <= previous:
-                raise ValueError(
+                message = (
                     f"spec.curriculum.stages[{index}].untilStep {until} is not after the "
                     f"previous stage's end at step {previous}; list stages with increasing "
                     "untilStep"
                 )
+                raise rule_error(type(self), [(location, until, message)])
             previous = until or previous
         return self
 
@@ -219,6 +234,7 @@ class PretrainJobSpec(ApiModel):
                 spec.model.max_position_embeddings is None
                 or spec.sequence_length <= spec.model.max_position_embeddings
             ),
+            field="sequenceLength",
         ),
         *GPU_RULES,
     )
@@ -266,13 +282,16 @@ class PretrainJobSpec(ApiModel):
         # NB: the CEL rule sees an explicit maxPositionEmbeddings only; this check sees the
         # preset's too, and the sequence lengths of the curriculum stages.
         limit = self.model.dimensions().max_position_embeddings
-        for field, length in self.sequence_lengths().items():
-            if length > limit:
-                raise ValueError(
-                    f"{field} {length} exceeds the model's maximum positions {limit} (preset "
-                    f"{self.model.preset!r} with overrides); lower {field} or raise "
-                    "spec.model.maxPositionEmbeddings"
-                )
+        problems = [
+            (location, length,
+             f"{_spec_path(location)} {length} exceeds the model's maximum positions {limit} "
+             f"(preset {self.model.preset!r} with overrides); lower {_spec_path(location)} or "
+             "raise spec.model.maxPositionEmbeddings")
+            for location, length in self._sequence_length_locations()
+            if length > limit
+        ]
+        if problems:
+            raise rule_error(type(self), problems)
         return self
 
     @model_validator(mode="after")
@@ -280,22 +299,31 @@ class PretrainJobSpec(ApiModel):
         if self.curriculum is None:
             return self
         for index, curriculum_stage in enumerate(self.curriculum.stages[:-1]):
-            if curriculum_stage.until_step >= self.training.max_steps:
-                raise ValueError(
-                    f"spec.curriculum.stages[{index}].untilStep {curriculum_stage.until_step} "
-                    f"is not below training.maxSteps {self.training.max_steps}, so the later "
-                    "stages would never run; lower untilStep or raise maxSteps"
+            until = curriculum_stage.until_step
+            if until >= self.training.max_steps:
+                message = (
+                    f"spec.curriculum.stages[{index}].untilStep {until} is not below "
+                    f"training.maxSteps {self.training.max_steps}, so the later stages would "
+                    "never run; lower untilStep or raise maxSteps"
                 )
+                location = ("curriculum", "stages", index, "untilStep")
+                raise rule_error(type(self), [(location, until, message)])
         return self
+
+    def _sequence_length_locations(self) -> list[tuple[Location, int]]:
+        """Return every sequence length the job trains or validates at, by wire location."""
+        lengths: list[tuple[Location, int]] = [(("sequenceLength",), self.sequence_length)]
+        for index, curriculum_stage in enumerate(self.curriculum.stages if self.curriculum else []):
+            if curriculum_stage.sequence_length is not None:
+                location = ("curriculum", "stages", index, "sequenceLength")
+                lengths.append((location, curriculum_stage.sequence_length))
+        return lengths
 
     def sequence_lengths(self) -> dict[str, int]:
         """Return every sequence length the job trains or validates at, by field path."""
-        lengths = {"spec.sequenceLength": self.sequence_length}
-        for index, curriculum_stage in enumerate(self.curriculum.stages if self.curriculum else []):
-            if curriculum_stage.sequence_length is not None:
-                field = f"spec.curriculum.stages[{index}].sequenceLength"
-                lengths[field] = curriculum_stage.sequence_length
-        return lengths
+        return {
+            _spec_path(location): length for location, length in self._sequence_length_locations()
+        }
 
 
 class PretrainJob(Resource):

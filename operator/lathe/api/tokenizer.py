@@ -84,6 +84,7 @@ class TokenizerSpec(ApiModel):
             message="spec.specialTokens must include <|endoftext|>, <pad> and <unk>; add the "
             "missing ones",
             check=lambda spec: set(REQUIRED_SPECIAL_TOKENS) <= set(spec.special_tokens),
+            field="specialTokens",
         ),
         CelRule(
             rule="!has(self.protectedPatterns) || self.protectedPatterns.all(p, "
@@ -91,6 +92,7 @@ class TokenizerSpec(ApiModel):
             message="spec.protectedPatterns names must be unique; rename the duplicates",
             check=lambda spec: len({p.name for p in spec.protected_patterns})
             == len(spec.protected_patterns),
+            field="protectedPatterns",
         ),
     )
 
