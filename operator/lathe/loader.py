@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from lathe.api import API_VERSION, KINDS, Resource
 from lathe.api.common import RULE_ERROR, field_path
 from lathe.errors import InvalidResourceError
+from lathe.graph import REFERENCE_FIELDS, upstream_key
 
 RESOURCE_SUFFIXES = (".yaml", ".yml")
 
@@ -247,4 +248,29 @@ def load_paths(paths: list[Path]) -> list[Resource]:
                 "name.",
             )
         seen[resource.key] = resource
+    _check_reference_namespaces(resources)
     return resources
+
+
+def _check_reference_namespaces(resources: list[Resource]) -> None:
+    """Reject a reference whose target is defined only in another namespace.
+
+    lathe.graph.order reports a reference to a resource that is not defined at all; this check
+    runs first, so that a namespace mismatch is not reported as a missing resource.
+    """
+    keys = {resource.key for resource in resources}
+    for resource in resources:
+        for role, (kind, name) in resource.references().items():
+            if upstream_key(resource, kind, name) in keys:
+                continue
+            elsewhere = [other for other in resources
+                         if other.kind == kind and other.metadata.name == name]
+            if elsewhere:
+                found = ", ".join(other.label for other in elsewhere)
+                raise InvalidResourceError(
+                    resource.label, REFERENCE_FIELDS.get(role, role),
+                    f"references {kind} {name!r} in namespace "
+                    f"{resource.metadata.namespace!r}, but it is defined only as {found}; "
+                    "references resolve only within the resource's own namespace, so set the "
+                    "same metadata.namespace on both.",
+                )
