@@ -32,3 +32,50 @@ def test_reads_last_record_from_s3(s3_store):
     filesystem.pipe_file(f"{base}/progress.jsonl", records(500))
     assert progress.read_latest(output)["completed"] == 500
     assert progress.read_latest(f"{output}-missing") is None
+
+
+RECORD = {
+    "time": 1_700_000_000.0, "completed": 120, "total": 200, "unit": "steps",
+    "message": "Non-finite step 120 (skip): loss is nan.", "loss": 2.5,
+    "tokensPerSecond": 5000.0, "etaSeconds": 16.0, "tokensSeen": 61440, "epoch": 0,
+    "nonFiniteSteps": 3, "curriculumStage": 1, "mfu": 0.41,
+}
+
+
+def test_status_keeps_trainer_fields():
+    """A skip, rollback or curriculum stage change shows in status while the job runs."""
+    status = progress.to_status(RECORD)
+    assert status["step"] == 120
+    assert status["totalSteps"] == 200
+    assert status["nonFiniteSteps"] == 3
+    assert status["curriculumStage"] == 1
+    assert status["mfu"] == 0.41
+    assert status["message"] == "Non-finite step 120 (skip): loss is nan."
+    assert status["updatedAt"] == "2023-11-14T22:13:20Z"
+
+
+def test_status_omits_empty_message():
+    """Under a merge patch, an omitted message keeps the previous one in status."""
+    status = progress.to_status({**RECORD, "message": "", "mfu": None})
+    assert "message" not in status
+    assert "mfu" not in status
+    assert status["nonFiniteSteps"] == 3
+
+
+def test_status_fits_progress_model():
+    from lathe.api.common import Progress
+
+    status = progress.to_status(RECORD)
+    model = Progress.model_validate(status)
+    assert model.model_dump(by_alias=True, exclude_none=True) == status
+
+
+def test_progress_fields_in_crd():
+    from lathe import crdgen
+    from lathe.api import KINDS
+
+    for kind in ("PretrainJob", "FineTune"):
+        schema = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        fields = schema["properties"]["status"]["properties"]["progress"]["properties"]
+        for name in ("nonFiniteSteps", "curriculumStage", "mfu", "message"):
+            assert fields[name]["description"], (kind, name)

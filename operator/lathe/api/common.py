@@ -498,6 +498,27 @@ class Progress(ApiModel):
         default=None, description="Training throughput over all processes."
     )
     eta_seconds: float | None = Field(default=None, description="Estimated seconds remaining.")
+    non_finite_steps: int | None = Field(
+        default=None,
+        description="PretrainJob: steps with a NaN or infinite loss or gradient norm so far, "
+        "which `training.nonFinite` skipped or rolled back.",
+    )
+    curriculum_stage: int | None = Field(
+        default=None,
+        description="PretrainJob: index, from 0, of the `curriculum` stage in training; unset "
+        "without a curriculum.",
+    )
+    mfu: float | None = Field(
+        default=None,
+        description="Model FLOPs utilization, 0 to 1: model FLOPs per second over the peak of "
+        "all GPUs. Unset on CPUs and on GPUs of unknown peak.",
+    )
+    message: str | None = Field(
+        default=None,
+        description="Latest message of the trainer, such as a skipped or rolled-back "
+        "non-finite step or the start of a curriculum stage. It stays until the trainer "
+        "reports another.",
+    )
     updated_at: str | None = Field(default=None, description="RFC 3339 time of this report.")
 
 

@@ -55,7 +55,12 @@ def read_latest(output_uri: str, mounts: dict[str, str] | None = None) -> dict[s
 
 
 def to_status(record: dict[str, Any]) -> dict[str, Any]:
-    """Map a progress record onto the `status.progress` fields."""
+    """Map a progress record onto the `status.progress` fields.
+
+    Fields the record lacks are left out, and so is an empty message. The operator writes the
+    result with a merge patch, so a left-out field keeps its previous value in status: the
+    message of a skipped step or a new curriculum stage stays until the trainer reports another.
+    """
     import time
 
     progress = {
@@ -65,6 +70,10 @@ def to_status(record: dict[str, Any]) -> dict[str, Any]:
         "loss": record.get("loss"),
         "tokensPerSecond": record.get("tokensPerSecond"),
         "etaSeconds": record.get("etaSeconds"),
+        "nonFiniteSteps": record.get("nonFiniteSteps"),
+        "curriculumStage": record.get("curriculumStage"),
+        "mfu": record.get("mfu"),
+        "message": record.get("message") or None,
         "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.get("time", 0))),
     }
     return {key: value for key, value in progress.items() if value is not None}
