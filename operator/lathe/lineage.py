@@ -1,4 +1,4 @@
-"""Follow manifests from a stage output back to the corpus sources.
+"""Follow manifests from a stage output back to the data files every stage read.
 
 Each manifest records the URI and digest of every input it read. An input whose output was
 rewritten since, by a stage that ran again on its own, has another digest now: the lineage then
@@ -96,6 +96,11 @@ def lineage_lines(output_dir: Path) -> Iterator[str]:
         yield f"{line}  ({node.problem})" if node.problem else line
         if node.manifest is None:
             continue
+        if "data" in node.manifest:
+            for path, digest in sorted(node.manifest["data"].items()):
+                yield f"{indent}  data {path}  {digest}"
+            continue
+        # Manifests written before data digests were recorded name a Corpus's sources only.
         sources = node.manifest.get("metrics", {}).get("sourceDigests", {})
         for name, digest in sorted(sources.items()):
             yield f"{indent}  source {name}  {digest}"

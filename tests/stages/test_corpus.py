@@ -92,6 +92,10 @@ def test_example_manifest_records_digests(example_run, data_dir):
     }
     expected["ncbi-disease-test"] = sha256_file(data_dir / NCBI_TEST)
     assert manifest["metrics"]["sourceDigests"] == expected
+    paths = [source["path"] for source in _example()["spec"]["sources"]]
+    eval_paths = [item["path"] for item in _example()["spec"]["decontamination"]["evalSets"]]
+    assert manifest["data"] == {path: sha256_file(data_dir / path)
+                                for path in [*paths, *eval_paths]}
     stats = json.loads((output / "stats.json").read_text())
     assert stats["sourceDigests"] == expected
     assert set(manifest["outputs"]) == {

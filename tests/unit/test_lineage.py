@@ -50,6 +50,19 @@ def test_lineage_reaches_sources(chain):
     ]
 
 
+def test_data_files_listed_per_stage(tmp_path):
+    corpus = write_manifest(tmp_path / "corpus", "Corpus", "c", "sha256:c1")
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest["data"] = {"pubmed/a.txt": "sha256:a1", "pubmed/eval.txt": "sha256:e1"}
+    manifest["metrics"] = {"sourceDigests": {"a": "sha256:a1"}}
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    assert list(lineage_lines(corpus)) == [
+        "Corpus c  sha256:c1",
+        "  data pubmed/a.txt  sha256:a1",
+        "  data pubmed/eval.txt  sha256:e1",
+    ]
+
+
 def test_rewritten_input_shows_recorded_digest(chain):
     """A Corpus that ran again on its own has another digest now. The PretrainJob was built
     from the recorded one, so the lineage shows that one and marks the change."""

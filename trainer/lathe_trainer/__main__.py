@@ -42,10 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as error:
         # One write call: the processes of a torchrun group share the log, and separate writes
         # of two processes' messages would interleave within a line.
-        sys.stderr.flush()
-        os.write(sys.stderr.fileno(), f"error: {error}\n".encode())
+        _write_error(f"error: {error}\n")
         return EXIT_PERMANENT
     return 0
+
+
+def _write_error(text: str) -> None:
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (AttributeError, OSError, ValueError):
+        # A replaced sys.stderr, as under pytest's capture, has no file descriptor.
+        sys.stderr.write(text)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ for the reuse of finished stages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -82,17 +83,24 @@ def resolve_data_path(config: StageConfig, path: str) -> Path:
     node first (lathe_trainer.remote.fetch).
     """
     if storage.is_remote(path):
-        return _fetch(path)
-    if storage.is_remote(config.data_dir) and not path.startswith("file://") and not (
+        resolved = _fetch(path)
+    elif storage.is_remote(config.data_dir) and not path.startswith("file://") and not (
         Path(path).is_absolute()
     ):
-        return _fetch(f"{config.data_dir.rstrip('/')}/{path}")
-    candidate = Path(path)
-    if candidate.is_absolute():
-        return candidate
-    if path.startswith("file://"):
-        return local_path(path)
-    return local_path(config.data_dir) / candidate
+        resolved = _fetch(f"{config.data_dir.rstrip('/')}/{path}")
+    elif Path(path).is_absolute():
+        resolved = Path(path)
+    elif path.startswith("file://"):
+        resolved = local_path(path)
+    else:
+        resolved = local_path(config.data_dir) / path
+    _DATA_READ.setdefault(config.output_uri, {})[path] = resolved
+    return resolved
+
+
+# The data paths each stage output's run resolved, as the spec gives them, with their local
+# files. The manifest records a digest of each file among them, for lineage.
+_DATA_READ: dict[str, dict[str, Path]] = {}
 
 
 def _fetch(uri: str) -> Path:
@@ -101,12 +109,33 @@ def _fetch(uri: str) -> Path:
     return remote.fetch(uri)
 
 
+def data_digests(config: StageConfig) -> dict[str, str]:
+    """Return {path as the spec gives it: digest} of the data files the stage has read."""
+    read = _DATA_READ.get(config.output_uri, {})
+    return {path: data_file_digest(resolved) for path, resolved in sorted(read.items())
+            if resolved.is_file()}
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def data_file_digest(path: Path) -> str:
+    """Return sha256_file(path) of an input data file, hashed once per process.
+
+    A stage hashes a data file for its statistics and again for the manifest. Data files are
+    inputs, which the stage does not write, unlike its outputs.
+    """
+    return _data_file_digest(path.resolve())
+
+
+@functools.lru_cache(maxsize=4096)
+def _data_file_digest(path: Path) -> str:
+    return sha256_file(path)
 
 
 def digest_outputs(output_dir: Path, exclude: tuple[str, ...] = (MANIFEST, PROGRESS)) -> dict:
@@ -148,6 +177,7 @@ def write_manifest(config: StageConfig, metrics: dict[str, Any]) -> dict[str, An
         },
         "outputs": files,
         "digest": combined_digest(files),
+        "data": data_digests(config),
         "metrics": metrics,
         "codeVersion": config.code_version,
         "image": config.image,

@@ -44,9 +44,9 @@ from lathe_trainer.stage import (
     ProgressReporter,
     StageConfig,
     StageError,
+    data_file_digest,
     local_path,
     resolve_data_path,
-    sha256_file,
     write_manifest,
 )
 
@@ -192,7 +192,7 @@ def _read_all(
         documents.extend(read.documents)
         into.append(
             SourceStats(
-                source.name, source.format, source.path, sha256_file(path),
+                source.name, source.format, source.path, data_file_digest(path),
                 path.stat().st_size, read,
             )
         )
