@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -310,6 +311,9 @@ class LocalRunner:
                         stderr=subprocess.STDOUT,
                         env={**env, "JOB_COMPLETION_INDEX": str(index)},
                         cwd=directory,
+                        # A process group of its own, so that _stop_processes can kill
+                        # torchrun's workers with it.
+                        start_new_session=True,
                     ))
                 while any(process.poll() is None for process in running):
                     offset = self._forward_progress(resource, progress_file, offset)
@@ -474,11 +478,11 @@ def _read_manifest(output_uri: str) -> dict[str, Any] | None:
 
 
 def _stop_processes(processes: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
-    """Send SIGTERM to the running processes, then SIGKILL to those still running after
-    `timeout_s`. torchrun passes SIGTERM on to its workers.
+    """Send SIGTERM to the running processes, then SIGKILL to the process group of each that is
+    still running after `timeout_s`. torchrun passes SIGTERM on to its workers.
 
-    NOTE: SIGKILL reaches only the process started here, so the workers of a torchrun that
-    ignored SIGTERM for `timeout_s` are left running.
+    Each process leads its own process group (start_new_session), so the SIGKILL also reaches
+    the workers of a torchrun that ignored SIGTERM.
     """
     for process in processes:
         if process.poll() is None:
@@ -488,10 +492,18 @@ def _stop_processes(processes: list[subprocess.Popen], timeout_s: float = 30.0) 
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("Stage process %d did not stop within %.0f s; killing it.",
-                        process.pid, timeout_s)
-            process.kill()
+            log.warning("Stage process %d did not stop within %.0f s; killing its process "
+                        "group.", process.pid, timeout_s)
+            _kill_group(process)
             process.wait()
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        # No group of that id: the process was started without start_new_session.
+        process.kill()
 
 
 def _read_from(path: Path, start: int = 0) -> str:
