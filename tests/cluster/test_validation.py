@@ -75,6 +75,19 @@ INVALID = [
     ("ModelDeployment", {"export": {"checkSequenceLengths": [20]}},
      "spec.export.checkSequenceLengths"),
     ("ModelDeployment", {"serving": {"replicas": -1}}, "spec.serving.replicas"),
+    ("PretrainJob", {"resources": {"cpu": 1.5}}, "spec.resources.cpu"),
+    ("PretrainJob", {"resources": {"memory": "4GB"}}, "spec.resources.memory"),
+    ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "fille:///x"}]},
+     "spec.sources[0].path"),
+    ("Corpus", {"dedup": {"near": {"threshold": True}}}, "spec.dedup.near.threshold"),
+    ("Tokenizer", {"vocabSize": "8000"}, "spec.vocabSize"),
+]
+
+# Changes that the API server and the API models both accept.
+VALID = [
+    ("PretrainJob", {"resources": {"cpu": 2, "memory": "16Gi"}}),
+    ("PretrainJob", {"resources": {"cpu": "500m", "memory": 17179869184}}),
+    ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "s3://bucket/a.txt"}]}),
 ]
 
 
@@ -109,6 +122,29 @@ def test_invalid_spec_is_rejected(cluster, namespace, kind, change, expected):
                                 input=json.dumps(build(kind, change)), check=False)
     assert completed.returncode != 0, f"accepted: {change}"
     assert expected in completed.stderr, completed.stderr
+
+
+@pytest.mark.parametrize(("kind", "change", "expected"), INVALID,
+                         ids=[f"{k}-{e[:40]}" for k, _, e in INVALID])
+def test_models_reject_what_server_rejects(kind, change, expected):
+    """`lathe validate` checks with the API models, so they must reject the same specs."""
+    from pydantic import ValidationError
+
+    from lathe.api import KINDS
+
+    with pytest.raises(ValidationError):
+        KINDS[kind].model_validate(build(kind, change))
+
+
+@pytest.mark.parametrize(("kind", "change"), VALID, ids=[k for k, _ in VALID])
+def test_valid_change_accepted_by_both(cluster, namespace, kind, change):
+    from lathe.api import KINDS
+
+    manifest = build(kind, change)
+    completed = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                input=json.dumps(manifest), check=False)
+    assert completed.returncode == 0, completed.stderr
+    KINDS[kind].model_validate(manifest)
 
 
 def test_unknown_field_is_rejected(cluster, namespace):
