@@ -66,6 +66,12 @@ def type_name(annotation: Any) -> str:
     return names.get(annotation, "any")
 
 
+def _int_or_string(field: Any) -> bool:
+    """Return whether the field's schema is Kubernetes' int-or-string, as for quantities."""
+    return any((getattr(item, "json_schema", None) or {}).get("x-kubernetes-int-or-string")
+               for item in field.metadata)
+
+
 def bounds_text(field: Any) -> str:
     """Return the field's numeric, length and pattern constraints, such as `>= 1, <= 1024`."""
     parts = []
@@ -111,7 +117,8 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
         path = prefix + to_camel(name)
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
         bounds = bounds_text(field)
-        kind = type_name(field.annotation) + (f" ({bounds})" if bounds else "")
+        kind = ("integer or string" if _int_or_string(field) else type_name(field.annotation))
+        kind += f" ({bounds})" if bounds else ""
         result.append((f"`{path}`", kind, default_text(field), description))
         nested = _model_of(field.annotation)
         if nested is not None:
