@@ -13,19 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from tokenizers import ByteLevelBPETokenizer
-from transformers import PreTrainedTokenizerFast
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
+from tokenizers.models import WordLevel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from lathe.api.pretrain import MODEL_PRESETS, PretrainJobSpec
 from lathe.api.tokenizer import TokenizerSpec
 from lathe_trainer.corpus.quality import quality_score
 from lathe_trainer.pretrain import stage
-from lathe_trainer.pretrain.model import build_model, model_config
-from lathe_trainer.pretrain.objectives import MaskedLM, SpanCorruption, span_counts
+from lathe_trainer.pretrain.model import FlopsEstimate, build_model, model_config
+from lathe_trainer.pretrain.objectives import CausalLM, MaskedLM, SpanCorruption, span_counts
 from lathe_trainer.stage import ResolvedInput, StageError
 from lathe_trainer.tokenizer import training as tokenizer_training
 from lathe_trainer.tokenizer.patterns import ProtectedMatcher
-from lathe_trainer.training.flops import compute_optimal_tokens, flops_per_token
+from lathe_trainer.training.flops import compute_optimal_tokens
+from lathe_trainer.training.loss import token_loss_sum
 from test_pretrain import pretrain_resource, progress, read_pubtator, step_losses, write_corpus
 
 MLM_SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<unk>", "<mask>"]
@@ -105,8 +108,9 @@ def test_architecture_loss_falls(make_config, tmp_path, inputs, architecture, ob
 def test_compute_metrics_reported(make_config, tmp_path, inputs):
     metrics = run(make_config, tiny_resource("gpt2"), inputs["mask"], tmp_path / "out")
     parameters = metrics["parameterCount"]
-    # gpt2: hidden 64, 2 layers, sequence 32 as in tiny_resource.
-    assert metrics["flopsPerToken"] == 6 * parameters + 12 * 2 * 64 * 32
+    # gpt2: hidden 64, 2 layers, 64 positions, sequence 32 as in tiny_resource. The position
+    # embedding is looked up, not multiplied; the token embedding is also the output layer.
+    assert metrics["flopsPerToken"] == 6 * (parameters - 64 * 64) + 12 * 2 * 64 * 32
     assert metrics["computeOptimalTokens"] == 20 * parameters
     assert metrics["corpusTokens"] > 0
 
@@ -163,8 +167,53 @@ def test_gpt2_125m_parameter_count_and_flops():
     # weights and biases, and the final layer norm; the output layer is tied.
     hand = (50257 + 1024) * 768 + 12 * (12 * 768 ** 2 + 13 * 768) + 2 * 768
     assert model.num_parameters() == hand == 124_439_808
-    assert flops_per_token(hand, 12, 768, 1024) == 6 * hand + 12 * 12 * 768 * 1024
+    # The position embedding has no multiplication; the tied token embedding has one.
+    matmul = hand - 1024 * 768
+    assert FlopsEstimate.of(model).per_token(1024) == 6 * matmul + 12 * 12 * 768 * 1024
     assert compute_optimal_tokens(hand) == 2_488_796_160
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose last ids are end-of-text, padding and mask."""
+    vocab = {f"t{i}": i for i in range(vocab_size - 3)}
+    vocab.update({"<|endoftext|>": vocab_size - 3, "<pad>": vocab_size - 2,
+                  "<mask>": vocab_size - 1})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")),
+        eos_token="<|endoftext|>", pad_token="<pad>", mask_token="<mask>")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert", "t5"])
+@pytest.mark.parametrize("sequence_length", [32, 128])
+def test_flops_estimate_matches_flop_counter(architecture, sequence_length):
+    """The FLOPs per token times the packed tokens of a step are within 3% of the matrix
+    multiplications that torch's FlopCounterMode counts in a forward and backward pass.
+
+    The vocabulary is large next to the model, so counting the untied llama input embedding,
+    or charging every t5 token the encoder and decoder, misses by more than 20%.
+    """
+    vocab_size, batch = 1000, 2
+    tokenizer = word_tokenizer(vocab_size)
+    dimensions = {"hiddenSize": 64, "numLayers": 2, "numHeads": 4, "intermediateSize": 256,
+                  "maxPositionEmbeddings": 128}
+    config = model_config(spec(model={"architecture": architecture, **dimensions}).model,
+                          tokenizer)
+    # Eager attention is plain matrix multiplications, which FlopCounterMode counts on CPUs.
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = build_model(config)
+    objective = {
+        "bert": MaskedLM(vocab_size - 1, vocab_size, tokenizer.all_special_ids),
+        "t5": SpanCorruption(config.vocab_size, vocab_size - 3, vocab_size - 2),
+    }.get(architecture, CausalLM())
+    sequences = torch.randint(0, vocab_size - 3, (batch, sequence_length),
+                              generator=torch.Generator().manual_seed(0))
+    prepared = objective.prepare(sequences, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        logits = model(**prepared.inputs).logits
+        token_loss_sum(logits, prepared.labels, shift=prepared.shift).backward()
+    estimate = FlopsEstimate.of(model).per_token(sequence_length) * batch * sequence_length
+    assert estimate / counter.get_total_flops() == pytest.approx(1.0, abs=0.03)
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -246,8 +295,20 @@ def curriculum_resource() -> dict:
     return resource
 
 
-def test_curriculum_stages_reported(make_config, tmp_path, inputs):
+class RecordingTelemetry(stage.Telemetry):
+    """Telemetry that records the FLOPs per token that MFU uses at each step."""
+
+    flops_by_step: dict[int, float] = {}
+
+    def step_done(self, step, loss):
+        self.flops_by_step[step] = self.flops_per_token
+        super().step_done(step, loss)
+
+
+def test_curriculum_stages_reported(make_config, tmp_path, inputs, monkeypatch):
     output = tmp_path / "out"
+    monkeypatch.setattr(stage, "Telemetry", RecordingTelemetry)
+    monkeypatch.setattr(RecordingTelemetry, "flops_by_step", {})
     metrics = run(make_config, curriculum_resource(), inputs["mask"], output)
     first, second = metrics["curriculumStages"]
     assert metrics["curriculumStage"] == 1
@@ -266,6 +327,14 @@ def test_curriculum_stages_reported(make_config, tmp_path, inputs):
     boundary = [record for record in records if "Curriculum stage 1" in record["message"]]
     assert [record["completed"] for record in boundary] == [3]
     assert metrics["tokensSeen"] == 3 * 4 * 16 + 3 * 4 * 32
+    # The attention FLOPs grow with each stage's sequence length.
+    estimate = FlopsEstimate.of(AutoModelForCausalLM.from_pretrained(output / "model"))
+    assert first["flopsPerToken"] == estimate.per_token(16)
+    assert second["flopsPerToken"] == estimate.per_token(32)
+    assert metrics["flopsPerToken"] == estimate.per_token(32)
+    assert RecordingTelemetry.flops_by_step == {
+        1: estimate.per_token(16), 2: estimate.per_token(16), 3: estimate.per_token(16),
+        4: estimate.per_token(32), 5: estimate.per_token(32), 6: estimate.per_token(32)}
 
 
 def test_curriculum_resume_across_boundary(make_config, tmp_path, inputs):

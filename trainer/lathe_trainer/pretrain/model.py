@@ -8,6 +8,9 @@ encoder-decoder (the `Auto*` class follows the config's model type).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -20,10 +23,12 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
 )
+from transformers.models.t5.modeling_t5 import T5LayerCrossAttention
 
 from lathe.api.pretrain import ModelArchitectureSpec, ModelDimensions
 from lathe_trainer.pretrain.data import END_OF_TEXT
-from lathe_trainer.pretrain.objectives import T5_SENTINELS
+from lathe_trainer.pretrain.objectives import T5_SENTINELS, span_corruption_lengths
+from lathe_trainer.training import flops
 
 PAD = "<pad>"
 
@@ -119,8 +124,65 @@ def parameter_count(model: PreTrainedModel) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def transformer_layers(config: PretrainedConfig) -> int:
-    """Return the attention layers a token passes through: encoder plus decoder for t5."""
-    if config.model_type == "t5":
-        return config.num_layers + config.num_decoder_layers
-    return config.num_hidden_layers
+@dataclass(frozen=True)
+class FlopsEstimate:
+    """The figures of a built model that its training FLOPs per token depend on.
+
+    Read them from the unwrapped model, before FSDP shards it. For t5, `matmul_parameters` and
+    `layers` are the decoder's (with the output layer) and the `encoder_*` fields the encoder's.
+    """
+
+    architecture: str
+    matmul_parameters: int
+    layers: int
+    attention_width: int
+    encoder_parameters: int = 0
+    encoder_layers: int = 0
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> FlopsEstimate:
+        config = model.config
+        embeddings = _embedding_tables(model)
+        head = model.get_output_embeddings().weight
+        if config.model_type != "t5":
+            matmul = _matmul_parameters(model, embeddings)
+            if id(head) in embeddings:
+                matmul += head.numel()  # a tied output layer multiplies, so it counts once
+            return cls(config.model_type, matmul, config.num_hidden_layers, config.hidden_size)
+        # The decoder's cross-attention projects the keys and values from the encoder output,
+        # so those weights multiply encoder tokens.
+        cross_key_value = sum(
+            layer.EncDecAttention.k.weight.numel() + layer.EncDecAttention.v.weight.numel()
+            for layer in model.decoder.modules() if isinstance(layer, T5LayerCrossAttention)
+        )
+        return cls(
+            config.model_type,
+            matmul_parameters=(_matmul_parameters(model.decoder, embeddings) - cross_key_value
+                               + head.numel()),
+            layers=config.num_decoder_layers,
+            attention_width=config.num_heads * config.d_kv,
+            encoder_parameters=_matmul_parameters(model.encoder, embeddings) + cross_key_value,
+            encoder_layers=config.num_layers,
+        )
+
+    def per_token(self, sequence_length: int) -> int:
+        """Return the training FLOPs per packed train token at this sequence length."""
+        if self.architecture != "t5":
+            return flops.flops_per_token(self.matmul_parameters, self.layers,
+                                         self.attention_width, sequence_length)
+        encoder_tokens, decoder_tokens = span_corruption_lengths(sequence_length)
+        return flops.encoder_decoder_flops_per_token(
+            self.encoder_parameters, self.matmul_parameters, self.encoder_layers, self.layers,
+            self.attention_width, encoder_tokens, decoder_tokens, sequence_length,
+        )
+
+
+def _embedding_tables(model: torch.nn.Module) -> set[int]:
+    """Return the ids of the embedding weights (tokens, positions, T5's relative positions)."""
+    return {id(module.weight) for module in model.modules()
+            if isinstance(module, torch.nn.Embedding)}
+
+
+def _matmul_parameters(module: torch.nn.Module, embeddings: set[int]) -> int:
+    return sum(parameter.numel() for parameter in module.parameters()
+               if id(parameter) not in embeddings)

@@ -99,6 +99,14 @@ def span_counts(sequence_length: int) -> tuple[int, int]:
     return noise_tokens, spans
 
 
+def span_corruption_lengths(sequence_length: int) -> tuple[int, int]:
+    """Return the (encoder input, decoder input) lengths that one sequence becomes."""
+    noise_tokens, spans = span_counts(sequence_length)
+    # The encoder input is the kept tokens and one sentinel per span, then end-of-text. The
+    # decoder input is every sentinel followed by its noise tokens, then end-of-text.
+    return sequence_length - noise_tokens + spans + 1, noise_tokens + spans + 1
+
+
 class SpanCorruption:
     """T5's span corruption, which gives all sequences of one length the same sizes."""
 

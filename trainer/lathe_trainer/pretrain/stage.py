@@ -43,10 +43,10 @@ from lathe_trainer.pretrain.loop import (
     train_step,
 )
 from lathe_trainer.pretrain.model import (
+    FlopsEstimate,
     build_model,
     model_config,
     parameter_count,
-    transformer_layers,
 )
 from lathe_trainer.pretrain.objectives import Objective
 from lathe_trainer.stage import (
@@ -107,6 +107,7 @@ def _run(
     torch.manual_seed(training.seed)
     random.seed(training.seed + context.rank)
     model = build_model(architecture).to(context.device)
+    flops_estimate = FlopsEstimate.of(model)
     _check_precision(config, spec, context)
     # FSDP shards the parameters in place, so the optimizer must be built after the wrapping.
     train_module = parallel.wrap(model, context, spec.distributed.strategy,
@@ -138,7 +139,7 @@ def _run(
 
     trainer = _Trainer(config, spec, context, model, optimizer, scheduler, stages, validation,
                        checkpoints, compatibility, state, objective, train_module=train_module,
-                       architecture=architecture)
+                       flops_estimate=flops_estimate)
     resumed_from = state.step
     try:
         validation_loss = trainer.train()
@@ -146,11 +147,14 @@ def _run(
         trainer.telemetry.close()
     metrics = _metrics(spec, trainer.stage, validation, state, resumed_from, validation_loss,
                        model)
-    metrics.update(_compute_metrics(spec, architecture, model, corpus_tokens))
+    metrics.update(_compute_metrics(model, flops_estimate, trainer.stage, corpus_tokens))
     metrics["objective"] = spec.model.training_objective()
     if spec.curriculum is not None:
         metrics["curriculumStage"] = trainer.stage.index
-        metrics["curriculumStages"] = [stage.describe() for stage in stages]
+        metrics["curriculumStages"] = [
+            {**stage.describe(), "flopsPerToken": flops_estimate.per_token(stage.sequence_length)}
+            for stage in stages
+        ]
     metrics.update(trainer.telemetry.summary())
     metrics["nonFiniteSteps"] = state.non_finite_steps
     metrics["precision"] = training.precision
@@ -295,17 +299,17 @@ def _same_run(config: StageConfig, context: DistributedContext,
 
 
 def _compute_metrics(
-    spec: PretrainJobSpec, architecture: PretrainedConfig, model: PreTrainedModel,
+    model: PreTrainedModel, flops_estimate: FlopsEstimate, stage: CurriculumStage,
     corpus_tokens: int,
 ) -> dict[str, int]:
-    """Return the model's size and compute figures next to the corpus size."""
+    """Return the model's size and compute figures next to the corpus size.
+
+    With a curriculum, the FLOPs per token are those of the last stage's sequence length.
+    """
     parameters = model.num_parameters()
     return {
         "parameterCount": parameters,
-        "flopsPerToken": flops.flops_per_token(
-            parameters, transformer_layers(architecture), spec.model.dimensions().hidden_size,
-            spec.sequence_length,
-        ),
+        "flopsPerToken": flops_estimate.per_token(stage.sequence_length),
         "computeOptimalTokens": flops.compute_optimal_tokens(parameters),
         "corpusTokens": corpus_tokens,
     }
@@ -371,7 +375,7 @@ class _Trainer:
 
     def __init__(self, config, spec, context, model, optimizer, scheduler, stages, validation,
                  checkpoints, compatibility, state, objective: Objective, *,
-                 train_module: torch.nn.Module, architecture: PretrainedConfig):
+                 train_module: torch.nn.Module, flops_estimate: FlopsEstimate):
         self.config = config
         self.spec = spec
         self.training = spec.training
@@ -404,12 +408,10 @@ class _Trainer:
         if state.grad_scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.grad_scaler)
         self.fault_steps = set(fault_nan_steps())
-        flops_per_token = flops.flops_per_token(
-            parameter_count(model), transformer_layers(architecture),
-            spec.model.dimensions().hidden_size, spec.sequence_length,
-        )
+        self.flops_estimate = flops_estimate
         self.telemetry = Telemetry(
-            context, self.training.precision, flops_per_token,
+            context, self.training.precision,
+            flops_estimate.per_token(self.stage.sequence_length),
             {"namespace": config.namespace, "kind": config.kind, "name": config.name},
         )
         self.meter = self.telemetry.meter
@@ -439,9 +441,16 @@ class _Trainer:
             self.context.world_size, self.stage.seed(self.training.seed), self.state.position,
         )
 
+    def _enter_stage(self, stage: CurriculumStage) -> None:
+        self.stage = stage
+        # The attention FLOPs grow with the sequence length, which each stage may change.
+        # NOTE: until the throughput window (training.metrics.ThroughputMeter) holds only steps
+        # of the new stage, MFU applies these FLOPs to the tokens per second of both stages.
+        self.telemetry.flops_per_token = self.flops_estimate.per_token(stage.sequence_length)
+
     def _next_stage(self) -> SequenceSampler:
         """Enter the next curriculum stage at the start of its data, before any checkpoint."""
-        self.stage = curriculum.stage_for_step(self.stages, self.state.step)
+        self._enter_stage(curriculum.stage_for_step(self.stages, self.state.step))
         self.state.position = DataPosition()
         message = (f"Curriculum stage {self.stage.index} starts after step {self.state.step}: "
                    f"sequences of {self.stage.sequence_length} tokens from documents of "

@@ -1,7 +1,12 @@
 """Compute estimates for a transformer: training FLOPs per token and a compute-optimal budget.
 
 The PretrainJob reports these next to the corpus size, so a user sees whether the corpus is
-large enough for the model before spending the compute.
+large enough for the model before spending the compute, and uses the FLOPs per token for the
+model FLOPs utilization (MFU).
+
+The estimates count model FLOPs, the matrix multiplications of one forward and one backward
+pass. Activations that gradient checkpointing recomputes are not counted again, as in the MFU
+of Chowdhery et al. 2022 (PaLM, Appendix B).
 """
 
 from __future__ import annotations
@@ -12,20 +17,52 @@ from __future__ import annotations
 TOKENS_PER_PARAMETER = 20
 
 
-def flops_per_token(parameters: int, layers: int, hidden_size: int, sequence_length: int) -> int:
-    """Estimate the training FLOPs (forward and backward) spent on one token.
+def flops_per_token(
+    matmul_parameters: int, layers: int, attention_width: int, sequence_length: int
+) -> int:
+    """Estimate the training FLOPs (forward and backward) of one token of a decoder-only or
+    encoder-only transformer.
 
     Kaplan et al. 2020 ("Scaling Laws for Neural Language Models", section 2.1) estimate a
-    forward pass at C_forward = 2N + 2 * n_layer * n_ctx * d_model FLOPs per token, and
-    training at three times the forward pass, so C is about 6N. The attention term here,
-    12 * layers * hidden_size * sequence_length, is twice Kaplan's term times three: it counts
-    the scores Q·K^T and the weighted sum of V separately, as the model FLOPs utilization
-    formula of Chowdhery et al. 2022 (PaLM, Appendix B) does.
+    forward pass at 2N + 2 * n_layer * n_ctx * d_attn FLOPs per token, and training at three
+    times the forward pass. The attention term here, 12 * layers * attention_width *
+    sequence_length, is twice Kaplan's term times three: it counts the scores Q·K^T and the
+    weighted sum of V separately, over the whole sequence, as PaLM's MFU formula does.
 
-    N is every parameter, embeddings included, as `model.num_parameters()` counts them, where
-    Kaplan counts non-embedding parameters only.
+    `matmul_parameters` (N) are the weights that multiply activations: every parameter except
+    the input embedding tables, which are looked up, not multiplied. An output layer tied to
+    the input embedding is a multiplication, so it counts once. torchtitan's
+    `get_num_params(exclude_embedding=True)` subtracts its untied token embedding the same way.
     """
-    return 6 * parameters + 12 * layers * hidden_size * sequence_length
+    return 6 * matmul_parameters + 12 * layers * attention_width * sequence_length
+
+
+def encoder_decoder_flops_per_token(
+    encoder_parameters: int,
+    decoder_parameters: int,
+    encoder_layers: int,
+    decoder_layers: int,
+    attention_width: int,
+    encoder_tokens: int,
+    decoder_tokens: int,
+    sequence_length: int,
+) -> int:
+    """Estimate the training FLOPs of an encoder-decoder model per token of the packed sequence.
+
+    One packed sequence of `sequence_length` tokens becomes `encoder_tokens` encoder inputs and
+    `decoder_tokens` decoder inputs (T5's span corruption shortens both). `encoder_parameters`
+    multiply each encoder token: the encoder's weights and the decoder's cross-attention key and
+    value projections. `decoder_parameters` multiply each decoder token: the rest of the decoder
+    and the output layer. The attention terms follow `flops_per_token`: encoder self-attention
+    over the encoder tokens, decoder self-attention over the decoder tokens, and
+    cross-attention from each decoder token over the encoder tokens.
+    """
+    weights = 6 * (encoder_parameters * encoder_tokens + decoder_parameters * decoder_tokens)
+    attention = 12 * attention_width * (
+        encoder_layers * encoder_tokens ** 2
+        + decoder_layers * decoder_tokens * (decoder_tokens + encoder_tokens)
+    )
+    return round((weights + attention) / sequence_length)
 
 
 def compute_optimal_tokens(parameters: int) -> int:
