@@ -7,7 +7,10 @@ test_pretrain writes in the Corpus and Tokenizer output formats.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,14 @@ from lathe_trainer.tokenizer import training as tokenizer_training
 from lathe_trainer.tokenizer.patterns import ProtectedMatcher
 from lathe_trainer.training.flops import compute_optimal_tokens
 from lathe_trainer.training.loss import token_loss_sum
-from test_pretrain import pretrain_resource, progress, read_pubtator, step_losses, write_corpus
+from test_pretrain import (
+    RUN_TIMEOUT_SECONDS,
+    pretrain_resource,
+    progress,
+    read_pubtator,
+    step_losses,
+    write_corpus,
+)
 
 MLM_SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<unk>", "<mask>"]
 
@@ -281,6 +291,41 @@ def test_span_corruption_round_trips():
         restored += spans_by_sentinel[token] if token >= 1000 else [token]
     assert restored == sequences[0].tolist()
     assert batch.inputs["decoder_input_ids"][0, 0].item() == 1
+
+
+def run_objective_worker(config_path: Path, record_dir: Path, resume: bool = False) -> list:
+    """Run pretrain_objective_worker.py under torchrun with 2 processes; return each rank's
+    corrupted positions per training micro-batch."""
+    worker = Path(__file__).with_name("pretrain_objective_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(worker), str(config_path), str(record_dir)]
+    command += ["--resume"] if resume else []
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment,
+                            timeout=RUN_TIMEOUT_SECONDS)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((record_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("architecture", ["bert", "t5"])
+def test_ranks_corrupt_different_positions(make_config, tmp_path, inputs, architecture):
+    """Each of 2 processes masks (bert) or draws spans (t5) on its own, and a run resumed from
+    the step-2 checkpoint draws steps 3 and 4 as the uninterrupted run did, on every rank."""
+    resource = tiny_resource(architecture, maxSteps=4, checkpointInterval=2, keepCheckpoints=3)
+    resource["spec"]["distributed"]["procsPerNode"] = 2
+    output = tmp_path / "out"
+    config_path = tmp_path / "config.json"
+    config_path.write_text(make_config(resource, inputs["mask"], output=output)
+                           .model_dump_json())
+    uninterrupted = run_objective_worker(config_path, tmp_path / "uninterrupted")
+    assert [len(steps) for steps in uninterrupted] == [4, 4]
+    for step in range(4):
+        assert uninterrupted[0][step] != uninterrupted[1][step], step
+
+    shutil.rmtree(output / "checkpoints" / "step-00000004")
+    resumed = run_objective_worker(config_path, tmp_path / "resumed", resume=True)
+    for rank in (0, 1):
+        assert resumed[rank] == uninterrupted[rank][2:], rank
 
 
 CURRICULUM = {"stages": [

@@ -107,6 +107,11 @@ def _run(
     torch.manual_seed(training.seed)
     random.seed(training.seed + context.rank)
     model = build_model(architecture).to(context.device)
+    # The objectives draw their masks and spans from torch's global generator, which must
+    # differ per rank, or every rank would corrupt the same positions of its sequences. The
+    # offset of one keeps rank 0 from replaying the draws that initialized the weights. A
+    # checkpoint stores each rank's generator state, so a resumed run draws as before.
+    torch.manual_seed(training.seed + 1 + context.rank)
     flops_estimate = FlopsEstimate.of(model)
     _check_precision(config, spec, context)
     # FSDP shards the parameters in place, so the optimizer must be built after the wrapping.
