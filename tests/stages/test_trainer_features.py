@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import urllib.request
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -84,6 +85,69 @@ def test_nan_step_rolls_back(make_config, tmp_path, inputs, monkeypatch):
     assert metrics["steps"] == 8
     completed = [r["completed"] for r in progress(tmp_path / "out") if "gradNorm" in r]
     assert completed == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+
+
+def curriculum_rollback_resource() -> dict:
+    """Stage 0 (32 tokens) to step 6, stage 1 (64 tokens) to step 10, checkpoints every 4."""
+    resource = pretrain_resource(procs=1, maxSteps=10, nonFinite="rollback",
+                                 checkpointInterval=4, evalInterval=100, keepCheckpoints=3)
+    resource["spec"]["curriculum"] = {"stages": [{"untilStep": 6, "sequenceLength": 32},
+                                                 {"sequenceLength": 64}]}
+    return resource
+
+
+def test_rollback_into_earlier_stage(make_config, tmp_path, inputs, monkeypatch):
+    """A NaN at step 8 (stage 1) rolls back to the step-4 checkpoint of stage 0: steps 5-6
+    train on stage 0 again, from the checkpoint's data position, as a resumed run would."""
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "8")
+    output = tmp_path / "out"
+    stage.run(make_config(curriculum_rollback_resource(), inputs["full"], output=output),
+              resume=False)
+    records = progress(output)
+    rollback = next(r for r in records if "(rollback)" in r["message"])
+    assert rollback["message"].startswith("Non-finite step 8 (rollback)")
+    assert "Rolled back to the checkpoint of step 4" in rollback["message"]
+    assert rollback["completed"] == 4
+    assert rollback["curriculumStage"] == 0
+    after = records[records.index(rollback) + 1:]
+    stages = {r["completed"]: r["curriculumStage"] for r in after if "gradNorm" in r}
+    assert stages == {5: 0, 6: 0, 7: 1, 8: 1, 9: 1, 10: 1}
+    saved = checkpoint.load(output / "checkpoints" / "step-00000004")
+    assert saved.state["train"]["dataPosition"] == {"epoch": 0, "cursor": 16}
+
+    monkeypatch.delenv("LATHE_FAULT_NAN_STEPS")
+    resumed = tmp_path / "resumed"
+    boundary = Path("checkpoints") / "step-00000004"
+    shutil.copytree(output / boundary, resumed / boundary)
+    stage.run(make_config(curriculum_rollback_resource(), inputs["full"], output=resumed),
+              resume=True)
+    rolled_back = {r["completed"]: r["loss"] for r in after if "gradNorm" in r}
+    losses = {r["completed"]: r["loss"] for r in progress(resumed) if "gradNorm" in r}
+    for step in range(5, 11):
+        assert losses[step] == pytest.approx(rolled_back[step], rel=1e-5), step
+
+
+def test_skipped_step_not_evaluated_or_saved_again(make_config, tmp_path, inputs, monkeypatch):
+    """A skipped step 1 saves no step-0 checkpoint, and a skipped step 5 neither evaluates nor
+    saves step 4 a second time."""
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "1,5")
+    saved_steps = []
+    save = checkpoint.save
+
+    def recording_save(context, root, step, *args, **kwargs):
+        saved_steps.append(step)
+        return save(context, root, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", recording_save)
+    resource = pretrain_resource(procs=1, maxSteps=6, nonFinite="skip", checkpointInterval=4,
+                                 evalInterval=4, keepCheckpoints=3)
+    metrics = run_in_process(make_config, tmp_path, resource, inputs["full"])
+    assert metrics["nonFiniteSteps"] == 2
+    assert saved_steps == [4, 6]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
+        "step-00000004", "step-00000006"]
+    evaluated = [r["completed"] for r in progress(tmp_path / "out") if "validationLoss" in r]
+    assert evaluated == [4, 6]
 
 
 def test_rollback_without_checkpoint_fails(make_config, tmp_path, inputs, monkeypatch):

@@ -85,10 +85,33 @@ def test_next_save_removes_temporary_dirs(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000060"]
 
 
-def test_save_replaces_same_step(tmp_path):
-    save(tmp_path, 5, state={"attempt": 1})
-    save(tmp_path, 5, state={"attempt": 2})
+def test_save_replaces_same_step_of_other_run(tmp_path):
+    save(tmp_path, 5, state={checkpoint.STATE_RESUME_KEY: "sha256:a", "attempt": 1})
+    save(tmp_path, 5, state={checkpoint.STATE_RESUME_KEY: "sha256:b", "attempt": 2})
     assert checkpoint.load(tmp_path / "step-00000005").state["attempt"] == 2
+
+
+@pytest.mark.parametrize("store", ["local", "memory"])
+def test_interrupted_save_of_same_step_keeps_it(tmp_path, monkeypatch, store):
+    """Saving a step that has a complete checkpoint of the same run, with keepCheckpoints 1,
+    must not remove that only checkpoint, even if moving the new one into place fails."""
+    root = tmp_path if store == "local" else "memory://same-step/checkpoints"
+    key = checkpoint.STATE_RESUME_KEY
+    save(root, 4, keep=1, state={key: "sha256:a", "attempt": 1})
+
+    def interrupted(*args):
+        raise OSError("interrupted while moving the checkpoint into place")
+
+    monkeypatch.setattr(checkpoint.os, "rename", interrupted)
+    monkeypatch.setattr(checkpoint.storage, "move_tree", interrupted)
+    try:
+        save(root, 4, keep=1, state={key: "sha256:a", "attempt": 2})
+    finally:
+        monkeypatch.undo()
+    assert [step for step, _ in checkpoint.list_checkpoints(root)] == [4]
+    assert checkpoint.load(checkpoint.latest_checkpoint(root)).state["attempt"] == 1
+    if store == "memory":
+        checkpoint.remove_all(root)
 
 
 def test_no_checkpoint_in_missing_root(tmp_path):

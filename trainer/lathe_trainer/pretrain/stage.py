@@ -428,17 +428,29 @@ class _Trainer:
         sampler = self._sampler()
         self._report(message=f"Starting at step {self.state.step}.")
         while self.state.step < self.training.max_steps:
-            self._step(model, sampler)
-            step = self.state.step
-            if step < self.training.max_steps and step == self.stage.until_step:
-                sampler = self._next_stage()
-            if step < self.training.max_steps and step % self.training.eval_interval == 0:
-                self._evaluate()
-            if step < self.training.max_steps and step % self.training.checkpoint_interval == 0:
-                self._save()
+            completed = self.state.step
+            sampler = self._step(model, sampler)
+            # A skipped step leaves the count as it was and a rollback lowers it. Neither
+            # finished a new step, so neither evaluates, saves or enters a stage again.
+            if completed < self.state.step < self.training.max_steps:
+                sampler = self._after_step(sampler)
         if self.saved_step != self.state.step:
             self._save()
         return self._evaluate()
+
+    def _after_step(self, sampler: SequenceSampler) -> SequenceSampler:
+        """Enter the next stage, evaluate and save as the new step count calls for.
+
+        Returns the sampler for the next step.
+        """
+        step = self.state.step
+        if step == self.stage.until_step:
+            sampler = self._next_stage()
+        if step % self.training.eval_interval == 0:
+            self._evaluate()
+        if step % self.training.checkpoint_interval == 0:
+            self._save()
+        return sampler
 
     def _sampler(self) -> SequenceSampler:
         return SequenceSampler(
@@ -465,7 +477,11 @@ class _Trainer:
         self._report(message=message)
         return self._sampler()
 
-    def _step(self, model: torch.nn.Module, sampler: SequenceSampler) -> None:
+    def _step(self, model: torch.nn.Module, sampler: SequenceSampler) -> SequenceSampler:
+        """Run one step, or recover from a non-finite one, and return the sampler to go on with.
+
+        The sampler is a new one when a rollback returned to an earlier curriculum stage.
+        """
         state = self.state
         self.meter.start_step()
         try:
@@ -477,9 +493,9 @@ class _Trainer:
                 poison=self._take_fault(state.step + 1),
             )
         except NonFiniteLossError as error:
-            self._recover(error, sampler)
-            return
+            return self._recover(error, sampler)
         self._record(result, sampler)
+        return sampler
 
     def _take_fault(self, step: int) -> bool:
         # Each injected fault fires once, so a skipped or rolled-back step can succeed on retry.
@@ -488,11 +504,12 @@ class _Trainer:
         self.fault_steps.discard(step)
         return True
 
-    def _recover(self, error: NonFiniteLossError, sampler: SequenceSampler) -> None:
+    def _recover(self, error: NonFiniteLossError, sampler: SequenceSampler) -> SequenceSampler:
         """Apply spec.training.nonFinite to a step whose loss or gradient norm is not finite.
 
         A skipped step does not count towards maxSteps: the same step number is tried again
         with the next batch, so the step count stays the number of optimizer updates.
+        Returns the sampler to go on with.
         """
         state = self.state
         policy = self.training.non_finite
@@ -515,21 +532,26 @@ class _Trainer:
                 "spec.training.nonFinite to skip or rollback.",
             ) from error
         state.non_finite_steps += 1
+        message = f"Non-finite step {error.step} ({policy}): {error}."
         if policy == "rollback":
-            self._rollback(error, sampler)
+            sampler = self._rollback(error, sampler)
+            message += f" Rolled back to the checkpoint of step {state.step}."
         elif self.context.is_main:
             log.warning("Skipped step %d: %s. The optimizer did not update the weights "
-                        "(%d non-finite steps so far).", state.step + 1, error,
+                        "(%d non-finite steps so far).", error.step, error,
                         state.non_finite_steps)
         state.position = sampler.position
         self.meter.started = None
-        self._report(message=f"Non-finite step {state.step + 1} ({policy}): {error}.")
+        self._report(message=message)
+        return sampler
 
-    def _rollback(self, error: NonFiniteLossError, sampler: SequenceSampler) -> None:
-        """Reload the latest checkpoint's weights and counters, keeping the data position.
+    def _rollback(self, error: NonFiniteLossError, sampler: SequenceSampler) -> SequenceSampler:
+        """Reload the latest checkpoint's weights and counters, and return the sampler to use.
 
-        The sampler stays past the offending batch, so the batches between the checkpoint and
-        the failed step are skipped rather than replayed into the same divergence.
+        Within one curriculum stage the sampler stays past the offending batch, so the batches
+        between the checkpoint and the failed step are skipped rather than replayed into the
+        same divergence. A checkpoint of an earlier stage brings that stage back with the
+        checkpoint's data position, because the current position belongs to the later stage.
         """
         latest = checkpoint.latest_checkpoint(self.checkpoints)
         if latest is None:
@@ -548,9 +570,19 @@ class _Trainer:
         state.step = restored.step
         state.tokens_seen = restored.tokens_seen
         state.last_loss = restored.last_loss
+        stage = curriculum.stage_for_step(self.stages, restored.step)
+        if stage.index == self.stage.index:
+            if self.context.is_main:
+                log.warning("Rolled back to %s (step %d) after %s; training continues with "
+                            "the data after the offending batch.", latest, restored.step, error)
+            return sampler
+        self._enter_stage(stage)
+        state.position = restored.position
         if self.context.is_main:
-            log.warning("Rolled back to %s (step %d) after %s; training continues with the "
-                        "data after the offending batch.", latest, restored.step, error)
+            log.warning("Rolled back to %s (step %d) after %s; curriculum stage %d continues "
+                        "from the checkpoint's data position.", latest, restored.step, error,
+                        stage.index)
+        return self._sampler()
 
     def _record(self, result: StepResult, sampler: SequenceSampler) -> None:
         state = self.state

@@ -120,6 +120,9 @@ def save(
     Every rank must call it, because the RNG states of all ranks are gathered to rank 0, and
     FSDP gathers the sharded state dicts there too; rank 0 alone writes. `model` is the
     unwrapped module (not the DDP wrapper), or the FSDP-sharded one.
+    A complete checkpoint for `step` with the same resume key (`state[STATE_RESUME_KEY]`) is
+    kept as it is, because removing it before the new one is in place could leave no checkpoint
+    at all if the save were interrupted.
     Raises NonFiniteWeightsError on every rank, before writing, if any weight is NaN or inf.
     """
     (bad_ranks,) = distributed.all_reduce_sum(context, [0.0 if parallel.all_finite(model) else 1.0])
@@ -129,7 +132,10 @@ def save(
     model_state, optimizer_state = parallel.full_state_dicts(model, optimizer)
     filesystem, base = storage.resolve(root)
     final = f"{base}/{step_dir_name(step)}"
-    if context.is_main:
+    if context.is_main and _same_checkpoint_exists(filesystem, final, state):
+        log.info("Kept the existing checkpoint for step %d at %s.", step,
+                 storage.display(filesystem, final))
+    elif context.is_main:
         filesystem.makedirs(base, exist_ok=True)
         _remove_incomplete_dirs(filesystem, base)
         tmp = f"{base}/.tmp-{step_dir_name(step)}-{os.getpid()}"
@@ -140,7 +146,9 @@ def save(
         _write_tensors(filesystem, f"{tmp}/rng.pt", rng_states)
         state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True).encode()
         if filesystem.exists(final):
-            # A checkpoint for the same step from an earlier attempt: replace it.
+            # A checkpoint for the same step of another run: replace it.
+            # NOTE: a save interrupted between this removal and the move loses that checkpoint,
+            # which is not one this run could resume from.
             _remove_checkpoint(filesystem, final)
         if storage.is_local(filesystem):
             Path(tmp, STATE).write_bytes(state_json)
@@ -155,6 +163,17 @@ def save(
                  storage.display(filesystem, final))
     distributed.barrier(context)
     return storage.display(filesystem, final)
+
+
+def _same_checkpoint_exists(
+    filesystem: fsspec.AbstractFileSystem, path: str, state: dict[str, Any]
+) -> bool:
+    """Return whether `path` is a complete checkpoint written under the resume key of `state`."""
+    try:
+        stored = json.loads(filesystem.cat_file(f"{path}/{STATE}"))
+    except FileNotFoundError:
+        return False
+    return stored.get(STATE_RESUME_KEY) == state.get(STATE_RESUME_KEY)
 
 
 class NonFiniteWeightsError(RuntimeError):
