@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lathe_trainer.pretrain import stage
+from lathe_trainer.pretrain.model import build_model
 from lathe_trainer.stage import StageError
 from lathe_trainer.training import checkpoint
 from test_pretrain import (  # noqa: F401 (the fixtures are used by name)
@@ -28,6 +29,7 @@ from test_pretrain import (  # noqa: F401 (the fixtures are used by name)
     pretrain_resource,
     progress,
     run_stage,
+    step_losses,
 )
 
 pytestmark = pytest.mark.slow
@@ -245,6 +247,47 @@ def test_fsdp_two_processes_train_and_resume(make_config, tmp_path, inputs):
     assert resumed["steps"] == 6
     model = AutoModelForCausalLM.from_pretrained(output / "model")
     assert model.model.embed_tokens.weight.shape[1] == 64
+
+
+def test_gradient_checkpointing_keeps_losses(make_config, tmp_path, inputs, monkeypatch):
+    """Recomputing the activations changes neither the losses nor the FLOPs per token."""
+    built = []
+
+    def recording_build_model(architecture):
+        built.append(build_model(architecture))
+        return built[-1]
+
+    monkeypatch.setattr(stage, "build_model", recording_build_model)
+    runs = {}
+    for enabled in (False, True):
+        output = tmp_path / f"checkpointing-{enabled}"
+        resource = pretrain_resource(procs=1, maxSteps=4, gradientCheckpointing=enabled)
+        stage.run(make_config(resource, inputs["full"], output=output), resume=False)
+        runs[enabled] = json.loads((output / "metrics.json").read_text()), step_losses(output)
+    assert not built[0].is_activation_checkpointing
+    assert built[1].is_activation_checkpointing
+    (plain, plain_losses), (checkpointed, checkpointed_losses) = runs[False], runs[True]
+    assert checkpointed["gradientCheckpointing"] is True
+    assert checkpointed["flopsPerToken"] == plain["flopsPerToken"]
+    assert sorted(checkpointed_losses) == [1, 2, 3, 4]
+    for step, loss in plain_losses.items():
+        assert checkpointed_losses[step] == pytest.approx(loss, abs=1e-5), step
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_checkpointing_two_processes(make_config, tmp_path, inputs, strategy):
+    """Under DDP and FSDP2 on gloo, gradient checkpointing trains to the same losses."""
+    losses = {}
+    for enabled in (False, True):
+        output = tmp_path / f"checkpointing-{enabled}"
+        resource = pretrain_resource(maxSteps=4, gradientCheckpointing=enabled)
+        resource["spec"]["distributed"]["strategy"] = strategy
+        metrics = run_stage(make_config, tmp_path, resource, inputs["full"], output)
+        assert metrics["gradientCheckpointing"] is enabled
+        losses[enabled] = step_losses(output)
+    assert sorted(losses[True]) == [1, 2, 3, 4]
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, abs=1e-5), step
 
 
 def test_resume_under_other_strategy_rejected(make_config, tmp_path, inputs):

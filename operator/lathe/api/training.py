@@ -42,6 +42,13 @@ class TrainingSpec(ApiModel):
         description="PretrainJob: compile the model with torch.compile (Inductor) before "
         "training, which speeds up steps after a one-off compilation.",
     )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each transformer layer's activations in the backward pass "
+        "instead of keeping them, which lowers activation memory for about one more forward "
+        "pass of compute per step. A PretrainJob's MFU counts the model FLOPs without the "
+        "recomputation.",
+    )
     checkpoint_interval: int = Field(
         default=50, ge=1, description="Save a checkpoint every this many steps."
     )

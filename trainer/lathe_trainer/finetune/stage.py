@@ -43,6 +43,7 @@ from lathe_trainer.finetune.model import (
     merge_lora,
 )
 from lathe_trainer.finetune.train import LoopSettings, Split, evaluate, run_phase
+from lathe_trainer.training import activations
 from lathe_trainer.training import checkpoint as training_checkpoint
 from lathe_trainer.stage import (
     ProgressReporter,
@@ -215,6 +216,7 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
     torch.manual_seed(spec.training.seed)
     model = load_base(config, spec, lambda: load_pretrained(model_dir, labels))
     model.config.pad_token_id = tokenizer.pad_token_id
+    enable_gradient_checkpointing(model, spec)
     if spec.method == "lora":
         model = wrap_lora(config, spec, model)
     stats = run_phase(spec.method, model, encoded["train"], encoded.get("validation"), settings,
@@ -246,6 +248,12 @@ def _check_targets_match(config, model: torch.nn.Module, targets: list[str]) -> 
             f"{unmatched} match no module of the base model; use names of its linear or "
             f"embedding layers: {layers}.",
         )
+
+
+def enable_gradient_checkpointing(model, spec: FineTuneSpec) -> None:
+    """Apply spec.training.gradientCheckpointing; call it before any LoRA wrapping."""
+    if spec.training.gradient_checkpointing:
+        activations.enable_activation_checkpointing(model)
 
 
 def wrap_lora(config, spec, model):
@@ -307,6 +315,7 @@ def scratch_phase(config, spec, model_dir, labels, encoded, settings, output, re
         return finished
     torch.manual_seed(spec.training.seed)
     model = from_scratch(model_dir, labels)
+    enable_gradient_checkpointing(model, spec)
     stats = run_phase(SCRATCH, model, encoded["train"], encoded.get("validation"), settings,
                       phase_dir, resume, progress_callback(reporter, spec.training.max_steps))
     scores, _ = evaluate(model, encoded["test"], settings)

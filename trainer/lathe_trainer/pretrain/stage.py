@@ -58,6 +58,7 @@ from lathe_trainer.stage import (
     write_manifest,
 )
 from lathe_trainer.training import (
+    activations,
     checkpoint,
     distributed,
     flops,
@@ -114,6 +115,8 @@ def _run(
     torch.manual_seed(training.seed + 1 + context.rank)
     flops_estimate = FlopsEstimate.of(model)
     _check_precision(config, spec, context)
+    if training.gradient_checkpointing:
+        activations.enable_activation_checkpointing(model)
     # FSDP shards the parameters in place, so the optimizer must be built after the wrapping.
     train_module = parallel.wrap(model, context, spec.distributed.strategy,
                                  compile=training.compile)
@@ -165,6 +168,7 @@ def _run(
     metrics["precision"] = training.precision
     metrics["strategy"] = spec.distributed.strategy
     metrics["compiled"] = training.compile
+    metrics["gradientCheckpointing"] = training.gradient_checkpointing
     # Gathering the FSDP shards is a collective, so every rank takes part.
     model_state = parallel.full_model_state_dict(model)
     if context.is_main:
