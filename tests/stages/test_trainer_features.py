@@ -59,6 +59,30 @@ def test_fp16_resume_keeps_loss_scale(make_config, tmp_path, inputs):
     assert saved.state["train"]["gradScaler"]["scale"] > 0
 
 
+def test_fp16_overflow_steps_not_counted(make_config, tmp_path, inputs, monkeypatch):
+    """Steps whose scaled fp16 gradients overflow, here because the loss scale starts at 2^24,
+    skip the update and count towards neither maxSteps nor the learning-rate schedule."""
+
+    def high_scale_scaler(device, precision):
+        return torch.amp.GradScaler(device.type, init_scale=2.0 ** 24)
+
+    monkeypatch.setattr(stage.precision, "grad_scaler", high_scale_scaler)
+    resource = pretrain_resource(procs=1, maxSteps=4, precision="fp16")
+    metrics = run_in_process(make_config, tmp_path, resource, inputs["full"])
+    assert metrics["scalerSkippedSteps"] > 0
+    assert metrics["steps"] == 4
+    assert metrics["tokensSeen"] == 4 * 4 * 64
+    records = progress(tmp_path / "out")
+    steps = [r for r in records if "gradNorm" in r]
+    assert [r["completed"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["gradNorm"] < 100 for r in steps)
+    overflows = [r for r in records if "loss scale overflow" in r["message"]]
+    assert len(overflows) == metrics["scalerSkippedSteps"]
+    saved = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "out" / "checkpoints"))
+    assert saved.scheduler["last_epoch"] == 4
+    assert saved.state["train"]["scalerSkippedSteps"] == metrics["scalerSkippedSteps"]
+
+
 def test_nan_step_fails_by_default(make_config, tmp_path, inputs, monkeypatch):
     monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "3")
     resource = pretrain_resource(procs=1, maxSteps=6)

@@ -46,6 +46,8 @@ class TrainState:
     non_finite_steps: int = 0
     # torch.amp.GradScaler.state_dict() of an fp16 run, so a resume keeps the loss scale.
     grad_scaler: dict | None = None
+    # fp16 steps whose update the loss scaler skipped after the scaled gradients overflowed.
+    scaler_skipped_steps: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +58,7 @@ class TrainState:
             "dataPosition": self.position.to_dict(),
             "nonFiniteSteps": self.non_finite_steps,
             "gradScaler": self.grad_scaler,
+            "scalerSkippedSteps": self.scaler_skipped_steps,
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class TrainState:
             position=DataPosition.from_dict(value["dataPosition"]),
             non_finite_steps=int(value.get("nonFiniteSteps", 0)),
             grad_scaler=value.get("gradScaler"),
+            scaler_skipped_steps=int(value.get("scalerSkippedSteps", 0)),
         )
 
 
@@ -114,7 +118,8 @@ def train_step(
     gradient norm is not finite. The check uses values reduced over all ranks, so all ranks
     raise together. The sampler has moved past the step's batches either way, so a caller that
     skips the step continues with the next data. With an enabled fp16 `scaler`, a non-finite
-    gradient norm is an overflow of the loss scale instead: the scaler skips the update.
+    gradient norm is an overflow of the loss scale instead: the scaler skips the update, the
+    scheduler does not step, and the result has `scaler_skipped` set.
     `poison` multiplies the loss by NaN (the fault-injection hook).
     """
     scaler = scaler or torch.amp.GradScaler(context.device.type, enabled=False)

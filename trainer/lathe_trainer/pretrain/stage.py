@@ -165,6 +165,7 @@ def _run(
         ]
     metrics.update(trainer.telemetry.summary())
     metrics["nonFiniteSteps"] = state.non_finite_steps
+    metrics["scalerSkippedSteps"] = state.scaler_skipped_steps
     metrics["precision"] = training.precision
     metrics["strategy"] = spec.distributed.strategy
     metrics["compiled"] = training.compile
@@ -498,7 +499,10 @@ class _Trainer:
             )
         except NonFiniteLossError as error:
             return self._recover(error, sampler)
-        self._record(result, sampler)
+        if result.scaler_skipped:
+            self._skip_overflow(result, sampler)
+        else:
+            self._record(result, sampler)
         return sampler
 
     def _take_fault(self, step: int) -> bool:
@@ -548,6 +552,25 @@ class _Trainer:
         self.meter.started = None
         self._report(message=message)
         return sampler
+
+    def _skip_overflow(self, result: StepResult, sampler: SequenceSampler) -> None:
+        """Account for an fp16 step whose scaled gradients overflowed.
+
+        The loss scaler skipped the optimizer update and lowered the scale, and the learning-rate
+        schedule did not advance. As with a skipped non-finite step, the same step number is
+        tried again with the next batch, so the step count stays the number of optimizer updates
+        that the schedule follows. Early overflows are normal while the scale settles, so they
+        count towards neither maxSteps nor maxNonFiniteSteps.
+        """
+        state = self.state
+        state.scaler_skipped_steps += 1
+        state.position = sampler.position
+        self.meter.started = None
+        message = (f"fp16 loss scale overflow in step {state.step + 1}: the optimizer skipped "
+                   f"the update and the loss scale fell to {self.scaler.get_scale():g}.")
+        if self.context.is_main:
+            log.info("%s Loss %.4f, gradient norm %s.", message, result.loss, result.grad_norm)
+        self._report(message=message)
 
     def _rollback(self, error: NonFiniteLossError, sampler: SequenceSampler) -> SequenceSampler:
         """Reload the latest checkpoint's weights and counters, and return the sampler to use.
