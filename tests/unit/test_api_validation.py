@@ -324,10 +324,27 @@ def test_cross_field_error_names_field(body, field, value):
     assert len(error.detail) < 400
 
 
-def test_rule_without_field_omits_spec():
-    """A rule over several fields without one to blame names its object, not the whole spec."""
+def test_rule_without_field_names_object():
+    """A rule over several fields without one to blame names its object and shows no value."""
+    from pydantic import ValidationError
+
+    from lathe.api.common import ApiModel, CelRule
+
+    class Window(ApiModel):
+        cel_rules = (CelRule(rule="self.low < self.high", message="low must be below high",
+                             check=lambda window: window.low < window.high),)
+        low: int = 0
+        high: int = 1
+
+    with pytest.raises(ValidationError) as raised:
+        Window.model_validate({"low": 2, "high": 1})
+    error = raised.value.errors()[0]
+    assert error["loc"] == ()
+    assert "low must be below high" in error["msg"]
+
+
+def test_backend_rule_names_backend():
     error = rejection(pretrain(distributed={"backend": "nccl"}))
-    assert error.field == "spec"
+    assert error.field == "spec.distributed.backend"
     assert "nccl needs GPUs" in error.detail
     assert "corpusRef" not in error.detail
-    assert "invalid value" not in error.detail

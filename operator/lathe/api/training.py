@@ -19,6 +19,7 @@ class TrainingSpec(ApiModel):
             message="training.warmupSteps must be less than training.maxSteps; lower "
             "warmupSteps or raise maxSteps",
             check=lambda training: training.warmup_steps < training.max_steps,
+            field="warmupSteps",
         ),
     )
 
@@ -105,5 +106,6 @@ GPU_RULES: tuple[CelRule, ...] = (
         message="spec.distributed.backend nccl needs GPUs; set spec.resources.gpus, or use "
         "backend gloo or auto",
         check=lambda spec: spec.distributed.backend != "nccl" or spec.resources.gpus > 0,
+        field="distributed.backend",
     ),
 )
