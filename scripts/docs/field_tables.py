@@ -25,6 +25,7 @@ from pydantic_core import PydanticUndefined
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
 
 from lathe.api import KINDS  # noqa: E402  (needs the path above)
+from lathe.api.common import _DNS_SUBDOMAIN  # noqa: E402
 
 
 def _without_none(annotation: Any) -> Any:
@@ -72,6 +73,12 @@ def _int_or_string(field: Any) -> bool:
                for item in field.metadata)
 
 
+# Patterns the tables describe in words, because readers know them by name.
+PATTERN_WORDS = {
+    f"^{_DNS_SUBDOMAIN.pattern}$": "a DNS subdomain name",
+}
+
+
 def bounds_text(field: Any) -> str:
     """Return the field's numeric, length and pattern constraints, such as `>= 1, <= 1024`."""
     parts = []
@@ -86,7 +93,7 @@ def bounds_text(field: Any) -> str:
                 parts.append(f"{label} {value}")
         pattern = getattr(constraint, "pattern", None)
         if pattern:
-            parts.append(f"pattern `{pattern}`")
+            parts.append(PATTERN_WORDS.get(pattern, f"pattern `{pattern}`"))
     return ", ".join(parts)
 
 
