@@ -87,11 +87,15 @@ from lathe_trainer import remote
 from lathe_trainer.stage import StageConfig
 config = StageConfig(kind="Corpus", name="c", namespace="ml", stage_key="sha256:" + "cd" * 32,
                      spec={}, output_uri=sys.argv[1], data_dir="/data")
-with remote.staged(config) as local:
-    output = Path(local.output_uri[len("file://"):])
-    (output / "shard.jsonl").write_text("written before SIGTERM")
-    print("ready", flush=True)
-    time.sleep(600)
+try:
+    with remote.staged(config) as local:
+        output = Path(local.output_uri[len("file://"):])
+        (output / "shard.jsonl").write_text("written before SIGTERM")
+        print("ready", flush=True)
+        time.sleep(600)
+except SystemExit as stop:
+    # As python -m lathe_trainer ends a stage.
+    remote.exit_process(stop.code)
 """
 
 

@@ -60,17 +60,9 @@ if __name__ == "__main__":
     # A crash in native code (SIGSEGV, SIGABRT) then leaves every thread's Python stack in the
     # log, which is all a failed pod keeps.
     faulthandler.enable()
-    code = main()
-    if remote.used_object_store():
-        # NOTE: in the test suite, 2 of about 40 runs of a stage with s3:// staging exited with
-        # SIGABRT after the stage's last log line. The cause is not established. The suspect is
-        # the teardown of obstore's and fsspec's threads at interpreter exit, so the process
-        # ends without that teardown once its output is uploaded and its logs are flushed.
-        # Through the normal teardown, 65 later runs (40 Tokenizer, 25 two-process PretrainJob)
-        # all exited with 0, so the fault is rare or was elsewhere. If it comes back,
-        # faulthandler prints the stacks.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    try:
+        code = main()
+    except SystemExit as stop:
+        # SIGTERM ends a stage with SystemExit (remote.staged), which must end the same way.
+        code = stop.code if isinstance(stop.code, int) else 1
+    remote.exit_process(code)

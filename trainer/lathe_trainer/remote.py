@@ -23,11 +23,13 @@ import hashlib
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from lathe_trainer.stage import MANIFEST, StageConfig
 from lathe_trainer.training import storage
@@ -151,6 +153,23 @@ def fetch(uri: str) -> Path:
 
 
 _USED_OBJECT_STORE = False
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`, without the interpreter's teardown once s3:// was used.
+
+    NOTE: in the test suite, some runs that had staged through s3:// exited with SIGABRT
+    after their last log line and their last upload, with a normal interpreter teardown (2 of
+    about 40 stage runs, and a SIGTERM test). The cause is not established. The suspect is the
+    teardown of obstore's and fsspec's threads at exit, so such a process ends with os._exit
+    once its logs are flushed. faulthandler prints the stacks if an abort comes before that.
+    """
+    if not used_object_store():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def used_object_store() -> bool:
