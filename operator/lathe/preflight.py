@@ -79,13 +79,25 @@ def check_files(resource: Resource, data_dir: Path) -> None:
     for field, path in _named_paths(resource):
         if not _local(path):
             continue
-        if not resolve(path, data_dir).is_file():
+        resolved = resolve(path, data_dir)
+        if resolved.is_file():
+            continue
+        if not Path(path).is_absolute() and not path.startswith("file://") and (
+            not data_dir.is_dir()
+        ):
             raise InvalidResourceError(
-                resource.label,
-                field,
-                f"file {path!r} does not exist under the data directory {str(data_dir)!r}; fix "
-                "the path or pass the right folder with --data-dir.",
+                resource.label, field,
+                f"{path!r} is relative to the data directory, and {str(data_dir)!r} does not "
+                "exist; pass the folder that contains the data with --data-dir or "
+                "LATHE_DATA_DIR.",
             )
+        problem = "is a directory, not a file" if resolved.is_dir() else "does not exist"
+        raise InvalidResourceError(
+            resource.label,
+            field,
+            f"file {path!r} {problem} under the data directory {str(data_dir)!r}; fix the "
+            "path or pass the right folder with --data-dir.",
+        )
 
 
 def check_patterns(resource: Resource) -> None:

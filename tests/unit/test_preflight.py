@@ -69,3 +69,16 @@ def test_pvc_data_path_needs_cluster(data, body, section, key, field, path):
 def test_s3_data_path_not_downloaded(data):
     """A file on an object store is left to the stage, which downloads it."""
     preflight.check_files(parse(with_path(CORPUS, "sources", "path", "s3://bucket/a.txt")), data)
+
+
+def test_missing_data_directory_named(tmp_path):
+    with pytest.raises(InvalidResourceError, match=r"'notes.txt' is relative to the data "
+                       r"directory, and '.*absent' does not exist; pass the folder"):
+        preflight.check_files(parse(CORPUS), tmp_path / "absent")
+
+
+def test_directory_as_source_named(data):
+    (data / "folder").mkdir()
+    body = {**CORPUS, "spec": {"sources": [{"name": "n", "format": "text", "path": "folder"}]}}
+    with pytest.raises(InvalidResourceError, match=r"file 'folder' is a directory, not a file"):
+        preflight.check_files(parse(body), data)
