@@ -6,11 +6,13 @@ the resource, the field (in its camelCase wire form) and the fix.
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from lathe.api import API_VERSION, KINDS, Resource
 from lathe.api.common import RULE_ERROR, field_path
@@ -67,13 +69,17 @@ def _type_message(error_type: str, value: Any) -> str:
     return f"{message}; write {expected}."
 
 
-def _describe(error: dict[str, Any]) -> tuple[str, str]:
+def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> tuple[str, str]:
     location = tuple(part for part in error["loc"] if part not in KINDS)
     # Tagged unions and Literal kinds prefix the location with the model name; drop it.
     field = field_path(location)
     value = error.get("input")
     if error["type"] == "extra_forbidden":
-        return field, f"unknown field {field.rsplit('.', 1)[-1]!r}; remove it or fix its spelling."
+        name = str(location[-1]) if location else field
+        known = _field_names(model, location[:-1]) if model else []
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+        hint = f"did you mean {close[0]!r}?" if close else "remove it or fix its spelling."
+        return field, f"unknown field {name!r}; {hint}"
     if error["type"] == "missing":
         return field, "required field is missing; add it."
     if error["type"] in _EXPECTED_TYPES:
@@ -87,6 +93,33 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
     # A validator's own message is the fix; pydantic prefixes it with "Value error, ".
     message = error["msg"].removeprefix("Value error, ").rstrip(".")
     return field, f"invalid value {value!r}: {message}; correct the value."
+
+
+def _field_names(model: type[BaseModel], location: tuple) -> list[str]:
+    """Return the wire names of the fields of the object at `location` inside `model`."""
+    current: Any = model
+    for part in location:
+        if isinstance(part, int):
+            continue
+        fields = {(info.alias or name): info for name, info in current.model_fields.items()}
+        if part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = _model_in(annotation)
+        if current is None:
+            return []
+    return [info.alias or name for name, info in current.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """Return the model class inside an annotation such as `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_resource(document: dict[str, Any], origin: str) -> Resource:
@@ -126,7 +159,7 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
     try:
         return KINDS[kind].model_validate(document)
     except ValidationError as error:
-        problems = [_describe(item) for item in error.errors()]
+        problems = [_describe(item, KINDS[kind]) for item in error.errors()]
         field, message = problems[0]
         if len(problems) > 1:
             # Every problem at once, so a user does not fix them one run at a time.

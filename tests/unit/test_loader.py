@@ -45,7 +45,7 @@ def test_loads_folder_in_dependency_order(tmp_path):
 @pytest.mark.parametrize(
     ("text", "field", "fix"),
     [
-        (CORPUS.replace("spec:", "spec:\n  shardz: 3"), "spec.shardz", "remove it"),
+        (CORPUS.replace("spec:", "spec:\n  shardz: 3"), "spec.shardz", "did you mean 'shards'?"),
         (CORPUS.replace("format: ncbiDisease", "format: pdf"), "spec.sources[0].format",
          "correct the value"),
         (CORPUS.replace("lathe.dev/v1alpha1", "lathe.dev/v1"), "apiVersion", "set it to"),
@@ -190,3 +190,20 @@ def test_stage_error_ends_before_torchrun_report():
            "============================================================\n"
            "lathe_trainer FAILED\n" + "\n".join(f"  line {i}" for i in range(40)) + "\n")
     assert _stage_error(log) == message
+
+
+@pytest.mark.parametrize(("spec", "field", "hint"), [
+    ({"shardz": 2}, "spec.shardz", "did you mean 'shards'?"),
+    ({"dedup": {"near": {"treshold": 0.5}}}, "spec.dedup.near.treshold",
+     "did you mean 'threshold'?"),
+    ({"sources": [{"name": "a", "format": "text", "path": "x", "fromat": "text"}]},
+     "spec.sources[0].fromat", "did you mean 'format'?"),
+    ({"zzz": 1}, "spec.zzz", "remove it or fix its spelling."),
+])
+def test_unknown_field_suggests_name(spec, field, hint):
+    document = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "x"},
+                "spec": {"sources": [{"name": "a", "format": "text", "path": "x"}], **spec}}
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.parse_resource(document, "corpus.yaml")
+    assert raised.value.field == field
+    assert raised.value.detail.endswith(hint)
