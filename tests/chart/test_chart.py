@@ -609,9 +609,10 @@ REJECTED = [
     (["--set", "replicaCount=11"], r"replicaCount"),
     (["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"],
      r"replicaCount is 2 but leaderElection.enabled is false"),
-    (["--set", "leaderElection.leaseDuration=10"],
-     r"leaderElection.leaseDuration \(10\) must exceed leaderElection.renewDeadline \(10\)"),
-    (["--set", "leaderElection.retryPeriod=9"],
+    (["--set", "leaderElection.leaseDuration=11"],
+     r"leaderElection.leaseDuration \(11\) must be at least leaderElection.renewDeadline "
+     r"\(10\) plus leaderElection.retryPeriod \(2\)"),
+    (["--set", "leaderElection.retryPeriod=9", "--set", "leaderElection.leaseDuration=30"],
      r"leaderElection.renewDeadline \(10\) must exceed 1.2 times leaderElection.retryPeriod"),
     (["--set", "leaderElection.lease=15"], r"lease"),
     (["--set", "mode=everywhere"], r"mode"),
@@ -701,7 +702,8 @@ def test_leader_election_settings_reach_operator(helm):
     container = operator_container(objects)
     env = {item["name"]: item for item in container["env"]}
     assert deployment["spec"]["replicas"] == 3
-    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     assert env["LATHE_LEADER_ELECTION"]["value"] == "true"
     assert env["LATHE_LEADER_ELECTION_ID"]["value"] == LEASE
     assert env["LATHE_LEADER_ELECTION_NAMESPACE"]["valueFrom"] == {

@@ -269,3 +269,30 @@ def test_server_side_apply_creates_as_operator(cluster, installed_rbac, namespac
     )
     assert denied.returncode != 0
     assert "forbidden" in denied.stderr
+
+
+def test_upgrade_turns_leader_election_off(cluster, helm, chart_crds, namespaces):
+    """A release installed with leader election (RollingUpdate) upgrades to Recreate: the
+    rollingUpdate block the API server keeps must not block the change."""
+    release_namespace = namespaces[0]
+    release = unique("lathe")
+    environment = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+
+    def helm_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([helm, *args, release, str(CHART), "-n", release_namespace,
+                               "--set", "crds.install=false"],
+                              capture_output=True, text=True, timeout=300, env=environment,
+                              check=False)  # fmt: skip
+
+    try:
+        installed = helm_run("install")
+        assert installed.returncode == 0, installed.stderr
+        upgraded = helm_run("upgrade", "--set", "leaderElection.enabled=false")
+        assert upgraded.returncode == 0, upgraded.stderr
+        deployment = cluster.get_json("deployment", release, "-n", release_namespace)
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+        back = helm_run("upgrade", "--set", "leaderElection.enabled=true")
+        assert back.returncode == 0, back.stderr
+    finally:
+        subprocess.run([helm, "uninstall", release, "-n", release_namespace], env=environment,
+                       capture_output=True, timeout=300, check=False)

@@ -174,3 +174,22 @@ def test_lost_lease_stops_leader(cluster, namespace, start_operator):
     assert first.process.wait(timeout=60) == 1, first.log_text()
     assert "operator-a lost Lease" in first.log_text()
     assert holder(cluster, namespace, start_operator.lease) == "intruder"
+
+
+def test_unanswered_renewal_stops_leader(cluster, namespace, start_operator):
+    """A leader whose Lease requests get no answer exits within its renew deadline: another
+    pod may take the Lease once it expires."""
+    first = start_operator("operator-a")
+    cluster.wait_for(lambda: holder(cluster, namespace, start_operator.lease) == "operator-a",
+                     "operator-a to hold the Lease")
+    wait_for_log(cluster, first, "starts reconciling as the leader")
+    apiserver = cluster.bed.pids()["kube-apiserver"]
+    # A stopped API server accepts connections but answers nothing, as a half-open connection
+    # or an overloaded server would.
+    os.kill(apiserver, signal.SIGSTOP)
+    try:
+        code = first.process.wait(timeout=60)
+    finally:
+        os.kill(apiserver, signal.SIGCONT)
+    assert code == 1, first.log_text()
+    assert "operator-a lost Lease" in first.log_text()

@@ -64,6 +64,7 @@ def test_namespace_read_from_service_account(monkeypatch, tmp_path):
     {"LATHE_LEASE_DURATION": "10", "LATHE_RENEW_DEADLINE": "10"},
     {"LATHE_RENEW_DEADLINE": "2", "LATHE_RETRY_PERIOD": "2"},
     {"LATHE_RETRY_PERIOD": "0"},
+    {"LATHE_LEASE_DURATION": "11", "LATHE_RENEW_DEADLINE": "10", "LATHE_RETRY_PERIOD": "2"},
 ])
 def test_invalid_timing_rejected(timings):
     with pytest.raises(ValueError, match="Invalid leader election timing"):

@@ -84,8 +84,8 @@ that depends on the mode includes this, so a bad combination fails the install.
 {{- fail (printf "replicaCount is %v but leaderElection.enabled is false, so every pod would reconcile every resource: set leaderElection.enabled=true, or replicaCount=1." .Values.replicaCount) }}
 {{- end }}
 {{- if $election.enabled }}
-{{- if not (gt (int $election.leaseDuration) (int $election.renewDeadline)) }}
-{{- fail (printf "leaderElection.leaseDuration (%v) must exceed leaderElection.renewDeadline (%v), so that a leader stops before another pod takes the Lease: raise leaseDuration or lower renewDeadline (defaults 15 and 10)." $election.leaseDuration $election.renewDeadline) }}
+{{- if lt (int $election.leaseDuration) (add (int $election.renewDeadline) (int $election.retryPeriod)) }}
+{{- fail (printf "leaderElection.leaseDuration (%v) must be at least leaderElection.renewDeadline (%v) plus leaderElection.retryPeriod (%v), so that a leader stops before another pod takes the Lease: raise leaseDuration or lower renewDeadline (defaults 15, 10 and 2)." $election.leaseDuration $election.renewDeadline $election.retryPeriod) }}
 {{- end }}
 {{- if not (gt (float64 $election.renewDeadline) (mulf $election.retryPeriod 1.2)) }}
 {{- fail (printf "leaderElection.renewDeadline (%v) must exceed 1.2 times leaderElection.retryPeriod (%v), so that the leader gets more than one try to renew: raise renewDeadline or lower retryPeriod (defaults 10 and 2)." $election.renewDeadline $election.retryPeriod) }}

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -93,7 +94,8 @@ async def wait_for_leadership(logger: logging.Logger, **_: Any) -> None:
     election = STATE["settings"].leader_election
     if election is None:
         return
-    elector = leader.LeaderElector(election, logger)
+    # kopf retries a startup handler that raised; the election thread of the first try goes on.
+    elector = STATE.get("elector") or leader.LeaderElector(election, logger)
     STATE["elector"] = elector
     await elector.wait_until_leading()
 
@@ -114,10 +116,29 @@ async def stop_periodic_pass(**_: Any) -> None:
 
 
 @kopf.on.cleanup()
-async def release_leadership(**_: Any) -> None:
+async def release_leadership(logger: logging.Logger, **_: Any) -> None:
+    """Stop reconciling, wait for the reconciles that run, then hand the Lease over.
+
+    NB: kopf cancels its handler tasks at shutdown, but a reconcile that already runs on a
+    handler thread goes on. Releasing the Lease before it ends would let the next leader
+    reconcile the same resource at the same time.
+    """
+    STATE["stopping"] = True
+    for handle in _RETRY_PENDING.values():
+        handle.cancel()
+    _RETRY_PENDING.clear()
     elector = STATE.pop("elector", None)
-    if elector is not None:
-        await asyncio.to_thread(elector.release)
+    if elector is None:
+        return
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
+    while _ACTIVE_CALLS.value and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    if _ACTIVE_CALLS.value:
+        logger.warning("%d reconciles still run after %.0f s; keeping Lease %s until it "
+                       "expires instead of releasing it.", _ACTIVE_CALLS.value,
+                       STOP_WAIT_SECONDS, elector.lease)
+        return
+    await asyncio.to_thread(elector.release)
 
 
 @kopf.on.login()
@@ -464,7 +485,37 @@ async def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) ->
     """
     loop = asyncio.get_running_loop()
     call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
-    return await loop.run_in_executor(STATE["kopf_settings"].execution.executor, call)
+    return await loop.run_in_executor(STATE["kopf_settings"].execution.executor,
+                                      functools.partial(_counted, call))
+
+
+class _Counter:
+    """A count shared by kopf's handler threads and its event loop."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, amount: int) -> None:
+        with self._lock:
+            self.value += amount
+
+
+# Calls running on handler threads; release_leadership waits until none runs.
+_ACTIVE_CALLS = _Counter()
+# Seconds release_leadership waits for them, within the pod's 30 s termination grace period.
+STOP_WAIT_SECONDS = 20.0
+
+
+def _counted(call: Callable[[], Any]) -> Any:
+    if STATE.get("stopping"):
+        # Queued before the operator began to stop: its awaiting task is cancelled by now.
+        raise asyncio.CancelledError
+    _ACTIVE_CALLS.add(1)
+    try:
+        return call()
+    finally:
+        _ACTIVE_CALLS.add(-1)
 
 
 # The last state of each managed Job that a reconcile read, by uid. Most Job events change only

@@ -4,10 +4,10 @@ only one of them reconciles.
 The election itself is the kubernetes client's `leaderelection` package (the client-go
 algorithm: a follower takes the Lease once its holder has not renewed it for the lease
 duration, and a leader that cannot renew it within the renew deadline stops). This module adds
-what an operator needs around it: kopf waits in a startup handler until this pod leads, a pod
-that waits still serves its liveness probe, a leader that loses the Lease exits at once, and a
-leader that shuts down releases the Lease so that a waiting pod takes over within a retry
-period instead of a lease duration.
+what an operator needs around it. kopf waits in a startup handler until this pod leads, and a
+pod that waits still serves its liveness probe. A leader that loses the Lease, or whose
+renewals get no answer, exits at once. A leader that shuts down releases the Lease, so that a
+waiting pod takes over within a retry period instead of a lease duration.
 """
 
 from __future__ import annotations
@@ -19,18 +19,22 @@ import logging
 import os
 import socket
 import threading
+import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 import kubernetes
+import urllib3
 from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from lathe.k8s import metrics
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+# Seconds between repeats of the same Lease error in the log.
+REPORT_EVERY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -73,16 +77,18 @@ class LeaderElectionSettings:
 
     def check(self) -> None:
         # The same rules as electionconfig.Config, which calls sys.exit() instead of raising.
+        # A leader stops within the renew deadline and one retry period of its last renewal
+        # (see LeaderElector._watch), which must come before a follower may take the Lease.
         valid = (self.retry_period >= 1
                  and self.renew_deadline > 1.2 * self.retry_period
-                 and self.lease_duration > self.renew_deadline)
+                 and self.lease_duration >= self.renew_deadline + self.retry_period)
         if not valid:
             raise ValueError(
                 f"Invalid leader election timing: LATHE_LEASE_DURATION={self.lease_duration}, "
                 f"LATHE_RENEW_DEADLINE={self.renew_deadline}, "
-                f"LATHE_RETRY_PERIOD={self.retry_period}. The lease duration must exceed the "
-                "renew deadline, which must exceed 1.2 times the retry period (at least 1 s); "
-                "the defaults are 15, 10 and 2."
+                f"LATHE_RETRY_PERIOD={self.retry_period}. The lease duration must be at least "
+                "the renew deadline plus the retry period, and the renew deadline must exceed "
+                "1.2 times the retry period (at least 1 s); the defaults are 15, 10 and 2."
             )
 
 
@@ -103,6 +109,36 @@ def _own_namespace() -> str | None:
         return None
 
 
+class _TimedApi:
+    """CoordinationV1Api calls with a request timeout, remembering the last API error.
+
+    NB: the kubernetes client sets no timeout by default, and the client's election checks the
+    renew deadline only between tries, so one request that never returns would keep a leader
+    leading without a Lease.
+    """
+
+    def __init__(self, api: kubernetes.client.CoordinationV1Api, timeout: float) -> None:
+        self.api = api
+        self.timeout = timeout
+        self.last_error: kubernetes.client.ApiException | None = None
+
+    def _call(self, method: str, *args, **kwargs):
+        try:
+            return getattr(self.api, method)(*args, _request_timeout=self.timeout, **kwargs)
+        except kubernetes.client.ApiException as error:
+            self.last_error = error
+            raise
+
+    def read_namespaced_lease(self, *args, **kwargs):
+        return self._call("read_namespaced_lease", *args, **kwargs)
+
+    def create_namespaced_lease(self, *args, **kwargs):
+        return self._call("create_namespaced_lease", *args, **kwargs)
+
+    def replace_namespaced_lease(self, *args, **kwargs):
+        return self._call("replace_namespaced_lease", *args, **kwargs)
+
+
 class _Election(leaderelection.LeaderElection):
     """The client's election with a stop switch, and API failures counted as failed tries.
 
@@ -117,6 +153,9 @@ class _Election(leaderelection.LeaderElection):
         self.stopped = stopped
         self.on_failed_try = on_failed_try
         self.leading_failed: threading.Event | None = None
+        self.lease_duration = config.lease_duration
+        # time.monotonic() of the last successful take or renewal of the Lease.
+        self.last_renewed = 0.0
 
     def acquire(self) -> bool:
         while not self.stopped.is_set():
@@ -133,15 +172,32 @@ class _Election(leaderelection.LeaderElection):
         super().run_onstarted_leading(leading_failed)
 
     def try_acquire_or_renew(self) -> bool:
+        # NB: the client compares another holder's last renewal with this pod's own lease
+        # duration. The Lease's leaseDurationSeconds is how long its holder asked candidates to
+        # wait, so a longer one, from a pod that runs other settings, is honoured.
+        self.election_config.lease_duration = max(self.lease_duration, self._recorded_duration())
         try:
             succeeded = super().try_acquire_or_renew()
         except Exception as error:  # noqa: BLE001 (any failure is a failed try; see above)
             self.on_failed_try(error, None)
             return False
-        if not succeeded:
+        finally:
+            self.election_config.lease_duration = self.lease_duration
+        if succeeded:
+            self.last_renewed = time.monotonic()
+        else:
             holder = self.observed_record.holder_identity if self.observed_record else None
             self.on_failed_try(None, holder)
         return succeeded
+
+    def _recorded_duration(self) -> int:
+        record = self.observed_record
+        if record is None or record.holder_identity == self.election_config.lock.identity:
+            return 0
+        try:
+            return int(record.lease_duration)
+        except (TypeError, ValueError):
+            return 0
 
 
 class LeaderElector:
@@ -156,6 +212,11 @@ class LeaderElector:
         self.stopped = threading.Event()
         self._holder: str | None = None
         self._lock = LeaseLock(settings.lease_name, settings.namespace, settings.identity)
+        # Half the renew deadline leaves room for a second try before it passes.
+        self._api = _TimedApi(self._lock.api_instance, timeout=settings.renew_deadline / 2)
+        self._lock.api_instance = self._api
+        self._reported: tuple[int | None, str] | None = None
+        self._reported_at = 0.0
         config = electionconfig.Config(
             self._lock, settings.lease_duration, settings.renew_deadline,
             settings.retry_period, self._started_leading, self._stopped_leading,
@@ -163,6 +224,8 @@ class LeaderElector:
         self._election = _Election(config, self.stopped, self._failed_try)
         self._thread = threading.Thread(target=self._election.run, name="leader-election",
                                         daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="leader-watchdog",
+                                          daemon=True)
         # The client logs every try at INFO (every retry period); this class logs the changes.
         logging.getLogger("leaderelection").setLevel(logging.WARNING)
 
@@ -200,7 +263,7 @@ class LeaderElector:
             return
         self.leading.clear()
         metrics.LEADER.set(0)
-        api = kubernetes.client.CoordinationV1Api()
+        api = self._api
         try:
             lease = api.read_namespaced_lease(self.settings.lease_name, self.settings.namespace)
             if lease.spec.holder_identity != self.settings.identity:
@@ -210,7 +273,7 @@ class LeaderElector:
             lease.spec.holder_identity = None
             api.replace_namespaced_lease(self.settings.lease_name, self.settings.namespace,
                                          lease)
-        except (kubernetes.client.ApiException, OSError) as error:
+        except (kubernetes.client.ApiException, OSError, urllib3.exceptions.HTTPError) as error:
             self.logger.warning(
                 "Could not release Lease %s on shutdown (%s); another pod takes it over once "
                 "it expires, after %d s.", self.lease, error, self.settings.lease_duration)
@@ -223,29 +286,62 @@ class LeaderElector:
         self.logger.info("Pod %s acquired Lease %s and starts reconciling as the leader.",
                          self.settings.identity, self.lease)
         self.leading.set()
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Exit once the last renewal is older than the renew deadline, whatever the election
+        thread is doing, such as waiting on a request that does not return."""
+        tick = min(1.0, self.settings.retry_period / 2)
+        while not self.stopped.wait(tick):
+            since = time.monotonic() - self._election.last_renewed
+            if self.leading.is_set() and since > self.settings.renew_deadline:
+                self._lost(f"its last renewal was {since:.0f} s ago")
+                return
 
     def _stopped_leading(self) -> None:
         metrics.LEADER.set(0)
         if self.stopped.is_set():
             return
+        self._lost(f"it could not renew it within {self.settings.renew_deadline} s")
+
+    def _lost(self, why: str) -> None:
         # NB: as in controller-runtime, a leader that lost the Lease exits at once: another
         # pod may already reconcile, and two operators acting on one resource race.
         self.logger.error(
-            "Pod %s lost Lease %s: it could not renew it within %d s. Exiting so that the "
-            "new leader alone reconciles; the pod restarts as a follower.",
-            self.settings.identity, self.lease, self.settings.renew_deadline)
+            "Pod %s lost Lease %s: %s. Exiting so that the new leader alone reconciles; the "
+            "pod restarts as a follower.", self.settings.identity, self.lease, why)
         logging.shutdown()
         self.exit_process(1)
 
     def _failed_try(self, error: Exception | None, holder: str | None) -> None:
+        api_error, self._api.last_error = self._api.last_error, None
+        if error is None and api_error is not None and api_error.status not in (404, 409):
+            # The client catches these (403 without RBAC, 429 under load) and logs them only
+            # at INFO, so a pod without access to the Lease would wait silently.
+            error = api_error
         if error is not None:
-            self.logger.warning("Could not read or update Lease %s: %s. Retrying in %d s.",
-                                self.lease, error, self.settings.retry_period)
+            self._report(error)
             return
         if holder != self._holder and not self.leading.is_set():
             self.logger.info("Lease %s is held by %s; pod %s waits as a follower.",
                              self.lease, holder, self.settings.identity)
         self._holder = holder
+
+
+    def _report(self, error: Exception) -> None:
+        """Log a failed request to the Lease once per kind of failure, and every minute while
+        it lasts."""
+        kind = (getattr(error, "status", None), type(error).__name__)
+        now = time.monotonic()
+        if kind == self._reported and now - self._reported_at < REPORT_EVERY_SECONDS:
+            return
+        self._reported, self._reported_at = kind, now
+        status = f"HTTP {kind[0]}: " if kind[0] else ""
+        reason = getattr(error, "reason", None) or error
+        self.logger.warning(
+            "Could not read or update Lease %s (%s%s). Retrying every %d s; a 403 means the "
+            "ServiceAccount may not get, create or update Leases in namespace %s.",
+            self.lease, status, reason, self.settings.retry_period, self.settings.namespace)
 
 
 class _StandbyProbe(http.server.ThreadingHTTPServer):
