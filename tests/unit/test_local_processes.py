@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-from lathe.local.runner import _stop_processes
+import pytest
+from lathe.local.runner import MAX_ERROR_LINES, _scan_log, _stop_processes
 
 # A parent and a child that both ignore SIGTERM, as a torchrun whose worker hangs in a
 # collective would; the parent prints the child's pid.
@@ -56,3 +57,80 @@ def test_stop_kills_process_without_own_group():
     _stop_processes([process], timeout_s=1.0)
     assert process.returncode is not None
     os.kill(child, 9)
+
+
+# A torchrun worker that ignores SIGTERM; torch's agent starts it in a session of its own.
+STUBBORN_WORKER = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(sys.argv[1], "a") as pids:
+    pids.write(f"{os.getpid()}\\n")
+time.sleep(600)
+"""
+
+
+def test_stop_kills_torchrun_workers(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(STUBBORN_WORKER)
+    pids = tmp_path / "pids"
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(worker), str(pids)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while (not pids.is_file() or len(pids.read_text().split()) < 2) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    workers = [int(pid) for pid in pids.read_text().split()]
+    assert len(workers) == 2
+
+    _stop_processes([torchrun], timeout_s=2.0)
+
+    assert torchrun.returncode is not None
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)]
+
+
+def test_second_interrupt_kills_at_once():
+    """Ctrl-C while lathe waits for stopping stages kills them and is raised again."""
+    import signal
+
+    process = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    child = int(process.stdout.readline())
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _stop_processes([process], timeout_s=60.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert process.returncode is not None
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
+
+
+def test_scan_log_keeps_tail_and_error():
+    lines = [f"2026-12-05 10:00:{i % 60:02d},000 step {i}" for i in range(10_000)]
+    lines += ["error: Corpus default/c: spec.sources: bad", "  detail line",
+              "Traceback (most recent call last):", "  File x"]
+    tail, error = _scan_log(iter(lines))
+    assert error == "Corpus default/c: spec.sources: bad\n  detail line"
+    assert tail.splitlines() == lines[-20:]
+
+
+def test_scan_log_bounds_message():
+    lines = ["error: first"] + [f"  item {i}" for i in range(1000)]
+    _, error = _scan_log(lines)
+    assert len(error.splitlines()) == MAX_ERROR_LINES

@@ -31,10 +31,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from lathe import plans, preflight, status
 from lathe.api import Resource
@@ -248,12 +251,10 @@ class LocalRunner:
             )
             if exit_code == 0:
                 return
-            attempt_log = _read_from(stage_log, start)
-            tail = _tail(attempt_log)
             # torchrun exits 1 whatever its workers' codes, so a StageError printed by a worker
             # also marks the failure as permanent. torchrun's own report of the failed workers
             # follows it, so the whole attempt's log is searched, not only its tail.
-            stage_error = _stage_error(attempt_log)
+            tail, stage_error = _scan_log(_log_lines(stage_log, start))
             if exit_code == EXIT_PERMANENT or stage_error or attempt == attempts - 1:
                 # The stage's StageError names the resource too; keep one name in the message.
                 own = f"{resource.kind} {resource.metadata.namespace}/{resource.metadata.name}: "
@@ -311,8 +312,7 @@ class LocalRunner:
                         stderr=subprocess.STDOUT,
                         env={**env, "JOB_COMPLETION_INDEX": str(index)},
                         cwd=directory,
-                        # A process group of its own, so that _stop_processes can kill
-                        # torchrun's workers with it.
+                        # A process group of its own, which _stop_processes kills with it.
                         start_new_session=True,
                     ))
                 while any(process.poll() is None for process in running):
@@ -478,45 +478,63 @@ def _read_manifest(output_uri: str) -> dict[str, Any] | None:
 
 
 def _stop_processes(processes: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
-    """Send SIGTERM to the running processes, then SIGKILL to the process group of each that is
-    still running after `timeout_s`. torchrun passes SIGTERM on to its workers.
+    """Send SIGTERM to the running processes, then SIGKILL to each that is still running after
+    `timeout_s`, with every process it started. torchrun passes SIGTERM on to its workers.
 
-    Each process leads its own process group (start_new_session), so the SIGKILL also reaches
-    the workers of a torchrun that ignored SIGTERM.
+    A second interrupt (Ctrl-C again) while this waits kills them all at once.
     """
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + timeout_s
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("Stage process %d did not stop within %.0f s; killing its process "
-                        "group.", process.pid, timeout_s)
-            _kill_group(process)
+    try:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + timeout_s
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("Stage process %d did not stop within %.0f s; killing it and the "
+                            "processes it started.", process.pid, timeout_s)
+                _kill_tree(process)
+                process.wait()
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.poll() is None:
+                _kill_tree(process)
+        for process in processes:
             process.wait()
+        raise
 
 
-def _kill_group(process: subprocess.Popen) -> None:
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process, its process group and every process it started.
+
+    torch's elastic agent starts each worker in a session of its own, so the workers of a
+    torchrun are in none of its groups; they are found as its descendants, before it dies.
+    """
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         # No group of that id: the process was started without start_new_session.
         process.kill()
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
-def _read_from(path: Path, start: int = 0) -> str:
-    """Return a log file's text from byte offset `start` on, or "" if it does not exist."""
+def _log_lines(path: Path, start: int = 0) -> Iterator[str]:
+    """Yield the lines of a log file from byte offset `start` on, reading one line at a time."""
     if not path.is_file():
-        return ""
+        return
     with path.open("rb") as handle:
         handle.seek(start)
-        return handle.read().decode(errors="replace")
-
-
-def _tail(text: str, lines: int = 20) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+        for line in handle:
+            yield line.decode(errors="replace").rstrip("\r\n")
 
 
 # Lines that end a StageError message that spans lines: another process's error, a traceback
@@ -525,17 +543,27 @@ def _tail(text: str, lines: int = 20) -> str:
 _AFTER_STAGE_ERROR = re.compile(
     r"^(error: |Traceback |\d{4}-\d\d-\d\d |[EWIF]\d{4} |\[|={8,}|-{8,})"
 )
+# Lines of one StageError message at most; a pydantic error that lists many fields stays whole.
+MAX_ERROR_LINES = 200
+
+
+def _scan_log(lines: Iterable[str], tail_lines: int = 20) -> tuple[str, str]:
+    """Return the last `tail_lines` lines and the last StageError a stage printed, with the
+    lines it spans (or ""), keeping only those in memory, since a training log can be large."""
+    tail: deque[str] = deque(maxlen=tail_lines)
+    message: list[str] = []
+    in_message = False
+    for line in lines:
+        tail.append(line)
+        if line.startswith("error: "):
+            message, in_message = [line.removeprefix("error: ")], True
+        elif in_message and (_AFTER_STAGE_ERROR.match(line) or len(message) >= MAX_ERROR_LINES):
+            in_message = False
+        elif in_message:
+            message.append(line)
+    return "\n".join(tail), "\n".join(message).rstrip()
 
 
 def _stage_error(log: str) -> str:
-    """Return the last StageError that a stage printed, with the lines it spans, or ""."""
-    lines = log.splitlines()
-    starts = [index for index, line in enumerate(lines) if line.startswith("error: ")]
-    if not starts:
-        return ""
-    message = [lines[starts[-1]].removeprefix("error: ")]
-    for line in lines[starts[-1] + 1:]:
-        if _AFTER_STAGE_ERROR.match(line):
-            break
-        message.append(line)
-    return "\n".join(message).rstrip()
+    """Return the last StageError in a log's text, with the lines it spans, or ""."""
+    return _scan_log(log.splitlines())[1]
