@@ -110,10 +110,19 @@ def _fetch(uri: str) -> Path:
 
 
 def data_digests(config: StageConfig) -> dict[str, str]:
-    """Return {path as the spec gives it: digest} of the data files the stage has read."""
-    read = _DATA_READ.get(config.output_uri, {})
-    return {path: data_file_digest(resolved) for path, resolved in sorted(read.items())
-            if resolved.is_file()}
+    """Return {path as the spec gives it: digest} of the data files and directories the stage
+    has read.
+
+    A directory, such as a FineTune's baseModel.uri, gets the digest a stage output gets, so a
+    model directory that a PretrainJob wrote has its manifest's digest.
+    """
+    digests = {}
+    for path, resolved in sorted(_DATA_READ.get(config.output_uri, {}).items()):
+        if resolved.is_file():
+            digests[path] = data_file_digest(resolved)
+        elif resolved.is_dir():
+            digests[path] = combined_digest(digest_outputs(resolved))
+    return digests
 
 
 def sha256_file(path: Path) -> str:

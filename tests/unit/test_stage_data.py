@@ -1,0 +1,43 @@
+"""The data files and directories a stage resolves, as its manifest records them."""
+
+from __future__ import annotations
+
+from lathe_trainer import stage
+from lathe_trainer.stage import StageConfig, combined_digest, digest_outputs, sha256_file
+
+
+def config_for(data_dir, output: str) -> StageConfig:
+    return StageConfig(kind="FineTune", name="ner", namespace="ml",
+                       stage_key="sha256:" + "ab" * 32, spec={}, output_uri=output,
+                       data_dir=str(data_dir))
+
+
+def test_files_and_directories_digested(tmp_path):
+    (tmp_path / "conll").mkdir()
+    (tmp_path / "conll" / "train.tsv").write_text("Aspirin\tO\n")
+    model = tmp_path / "models" / "base"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "manifest.json").write_text("{}")
+    config = config_for(tmp_path, f"file://{tmp_path}/out")
+    stage.resolve_data_path(config, "conll/train.tsv")
+    stage.resolve_data_path(config, str(model))
+    stage.resolve_data_path(config, "conll/missing.tsv")
+
+    digests = stage.data_digests(config)
+
+    assert digests == {
+        "conll/train.tsv": sha256_file(tmp_path / "conll" / "train.tsv"),
+        # The digest a stage output gets, without its manifest.
+        str(model): combined_digest({"config.json": sha256_file(model / "config.json")}),
+    }
+    assert digests[str(model)] == combined_digest(digest_outputs(model))
+
+
+def test_digests_kept_per_output(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    first = config_for(tmp_path, f"file://{tmp_path}/first")
+    second = config_for(tmp_path, f"file://{tmp_path}/second")
+    stage.resolve_data_path(first, "a.txt")
+    assert stage.data_digests(first) == {"a.txt": sha256_file(tmp_path / "a.txt")}
+    assert stage.data_digests(second) == {}
