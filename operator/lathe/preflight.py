@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lathe.api import Corpus, FineTune, ModelDeployment, Resource, Tokenizer
 from lathe.errors import InvalidResourceError
-from lathe_trainer.stage import sha256_file
+from lathe_trainer.stage import combined_digest, digest_outputs, sha256_file
 
 
 def _named_paths(resource: Resource) -> Iterator[tuple[str, str]]:
@@ -47,16 +47,24 @@ def _local(path: str) -> bool:
 
 
 def data_digests(resource: Resource, data_dir: Path) -> dict[str, str]:
-    """Return {field: sha256 digest} of the local data files the resource names.
+    """Return {field: sha256 digest} of the local data files and directories the resource
+    names.
 
-    Files on object stores are left out, because reading them to hash them would cost a
-    download on every run.
-    NOTE: a FineTune's baseModel.uri names a model directory, which is not hashed, so a model
-    rewritten in place under the same path does not rerun the FineTune.
+    A directory, a FineTune's baseModel.uri, gets the digest a stage output gets, so a model
+    rewritten in place under the same path reruns the FineTune. Paths on object stores are
+    left out, because reading them to hash them would cost a download on every run.
     """
     check_files(resource, data_dir)  # a file removed since the check gets the same error
-    return {field: sha256_file(resolve(path, data_dir))
-            for field, path in _named_paths(resource) if _local(path)}
+    digests = {}
+    for field, path in _data_uris(resource):
+        resolved = resolve(path, data_dir)
+        if not _local(path):
+            continue
+        if resolved.is_file():
+            digests[field] = sha256_file(resolved)
+        elif resolved.is_dir():
+            digests[field] = combined_digest(digest_outputs(resolved))
+    return digests
 
 
 def _data_uris(resource: Resource) -> Iterator[tuple[str, str]]:

@@ -82,3 +82,25 @@ def test_directory_as_source_named(data):
     body = {**CORPUS, "spec": {"sources": [{"name": "n", "format": "text", "path": "folder"}]}}
     with pytest.raises(InvalidResourceError, match=r"file 'folder' is a directory, not a file"):
         preflight.check_files(parse(body), data)
+
+
+def test_data_digests_cover_files_and_base_model(data):
+    (data / "model").mkdir()
+    (data / "model" / "config.json").write_text("{}")
+    finetune = parse(FINETUNE)
+    first = preflight.data_digests(finetune, data)
+    assert set(first) == {"spec.data.train", "spec.data.test", "spec.baseModel.uri"}
+
+    # A model rewritten in place under the same path changes the stage key.
+    (data / "model" / "config.json").write_text('{"hidden_size": 64}')
+    second = preflight.data_digests(finetune, data)
+    assert second["spec.baseModel.uri"] != first["spec.baseModel.uri"]
+    assert second["spec.data.train"] == first["spec.data.train"]
+
+
+def test_data_digests_skip_object_stores(data):
+    body = {**CORPUS, "spec": {"sources": [
+        {"name": "notes", "format": "text", "path": "notes.txt"},
+        {"name": "remote", "format": "text", "path": "s3://bucket/notes.txt"},
+    ]}}
+    assert set(preflight.data_digests(parse(body), data)) == {"spec.sources[0].path"}
