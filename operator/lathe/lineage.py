@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lathe.errors import LatheError
 from lathe_trainer.stage import MANIFEST, local_path
+from lathe_trainer.training import storage
 
 
 class LineageError(LatheError):
@@ -43,8 +44,35 @@ def find_output(path: str) -> Path:
     return directory
 
 
-def read(directory: Path) -> dict:
-    """Return the manifest of an output directory; raise LineageError when it is unreadable."""
+def read(output: Path | str) -> dict:
+    """Return the manifest of an output, a local directory or an s3:// URI; raise LineageError
+    when it is unreadable."""
+    path, text = _manifest_text(output)
+    try:
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LineageError(f"{path} is not readable JSON ({error}); rerun the stage that "
+                           "wrote it to rewrite it.") from error
+    if not isinstance(manifest, dict) or not {"kind", "name", "digest"} <= manifest.keys():
+        raise LineageError(f"{path} is not a Lathe manifest (it lacks kind, name or digest); "
+                           "rerun the stage that wrote it to rewrite it.")
+    return manifest
+
+
+def _manifest_text(output: Path | str) -> tuple[str, bytes]:
+    if isinstance(output, str) and output.startswith("pvc://"):
+        raise LineageError(f"{output} is on a PersistentVolumeClaim; read it where the claim is "
+                           "mounted and pass that path.")
+    if isinstance(output, str) and storage.is_remote(output):
+        try:
+            filesystem, base = storage.resolve(output)
+            return f"{output}/{MANIFEST}", filesystem.cat_file(f"{base}/{MANIFEST}")
+        except FileNotFoundError:
+            raise LineageError(f"{output} contains no {MANIFEST}; its stage has not "
+                               "finished.") from None
+        except (OSError, ValueError) as error:
+            raise LineageError(f"{output} could not be read ({error}).") from error
+    directory = local_path(output) if isinstance(output, str) else output
     path = directory / MANIFEST
     if not path.is_file():
         where = "does not exist" if not directory.exists() else "contains no manifest.json"
@@ -53,14 +81,9 @@ def read(directory: Path) -> dict:
             "lathe-workspace/default/modeldeployment/pubmed-ner/output."
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LineageError(f"{path} is not readable JSON ({error}); rerun the stage that "
-                           "wrote it to rewrite it.") from error
-    if not isinstance(manifest, dict) or not {"kind", "name", "digest"} <= manifest.keys():
-        raise LineageError(f"{path} is not a Lathe manifest (it lacks kind, name or digest); "
-                           "rerun the stage that wrote it to rewrite it.")
-    return manifest
+        return str(path), path.read_bytes()
+    except OSError as error:
+        raise LineageError(f"{path} could not be read ({error}).") from error
 
 
 def walk(output_dir: Path) -> Iterator[Node]:
@@ -75,8 +98,8 @@ def _inputs(manifest: dict, depth: int) -> Iterator[Node]:
         kind, name = item.get("kind", role), item.get("name", "?")
         recorded = item.get("digest", "")
         try:
-            found = read(local_path(item["uri"]))
-        except (LineageError, KeyError, ValueError) as error:
+            found = read(item["uri"])
+        except (LineageError, KeyError) as error:
             yield Node(depth, kind, name, recorded, None, f"not readable: {error}")
             continue
         if found["digest"] != recorded:

@@ -109,3 +109,28 @@ def test_cli_reports_missing_output(tmp_path, capsys, name, message):
     error = capsys.readouterr().err
     assert message in error
     assert "Traceback" not in error
+
+
+def test_inputs_on_s3_followed(s3_store, tmp_path, monkeypatch):
+    """An input whose output lives on an object store is read there."""
+    import uuid
+
+    from lathe_trainer.training import storage
+
+    for key, value in s3_store.env.items():
+        monkeypatch.setenv(key, value)
+    corpus_uri = f"s3://lathe/lineage-{uuid.uuid4().hex}/corpus"
+    filesystem, base = storage.resolve(corpus_uri)
+    filesystem.pipe_file(f"{base}/manifest.json", json.dumps(
+        {"kind": "Corpus", "name": "c", "digest": "sha256:c1", "data": {"a.txt": "sha256:a1"}}
+    ).encode())
+    model = write_manifest(tmp_path / "model", "PretrainJob", "m", "sha256:m1", {
+        "corpus": {"kind": "Corpus", "name": "c", "uri": corpus_uri, "digest": "sha256:c1"},
+        "tokenizer": {"kind": "Tokenizer", "name": "t", "uri": "pvc://claim/t",
+                      "digest": "sha256:t1"},
+    })
+    lines = list(lineage_lines(model))
+    assert lines[:3] == ["PretrainJob m  sha256:m1", "  Corpus c  sha256:c1",
+                         "    data a.txt  sha256:a1"]
+    assert lines[3].startswith("  Tokenizer t  sha256:t1  (not readable: pvc://claim/t is on a "
+                               "PersistentVolumeClaim")
