@@ -7,6 +7,7 @@ the resource, the field (in its camelCase wire form) and the fix.
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,32 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> tu
     if error["type"] == RULE_ERROR:
         # A cross-field rule's message names the fields and the fix.
         message = error["ctx"]["message"]
-        if error["ctx"]["names_field"]:
+        if error["ctx"]["names_field"] and _scalar(value):
             return field, f"invalid value {value!r}: {message}."
         return field, f"{message}."
     # A validator's own message is the fix; pydantic prefixes it with "Value error, ".
     message = error["msg"].removeprefix("Value error, ").rstrip(".")
+    if not _scalar(value):
+        # A list or an object would print whole; the message names what is wrong in it.
+        return field, f"{message}."
     return field, f"invalid value {value!r}: {message}; correct the value."
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """Return (field, value) of the first inf or NaN in a YAML value (`.inf`, `.nan`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        found = _non_finite(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}")
+        if found:
+            return found
+    return None
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _field_names(model: type[BaseModel], location: tuple) -> list[str]:
@@ -156,6 +177,12 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
             f"unknown field {unknown[0]!r}; remove it or fix its spelling (metadata takes "
             "name, namespace, labels and annotations).",
         )
+    infinite = _non_finite(document.get("spec"), "spec")
+    if infinite:
+        # JSON has no inf or NaN, so the API server and the stage config could not carry it.
+        field, value = infinite
+        raise InvalidResourceError(label, field, f"invalid value {value!r}: write a finite "
+                                   "number.")
     try:
         return KINDS[kind].model_validate(document)
     except ValidationError as error:

@@ -76,6 +76,14 @@ def _data_uris(resource: Resource) -> Iterator[tuple[str, str]]:
 
 def check_files(resource: Resource, data_dir: Path) -> None:
     """Check that every local data file exists and that no data path needs a cluster."""
+    training = getattr(resource.spec, "training", None)
+    if training is not None and (training.artifact_uri or "").startswith("pvc://"):
+        raise InvalidResourceError(
+            resource.label, "spec.training.artifactUri",
+            f"{training.artifact_uri!r} names a PersistentVolumeClaim, which exists only in a "
+            "cluster; for `lathe run`, leave it unset (the workspace) or use "
+            "file:///absolute/path or s3://<bucket>/<prefix>.",
+        )
     for field, path in _data_uris(resource):
         if path.startswith("pvc://"):
             raise InvalidResourceError(
@@ -83,6 +91,16 @@ def check_files(resource: Resource, data_dir: Path) -> None:
                 f"{path!r} names a PersistentVolumeClaim, which exists only in a cluster; for "
                 "`lathe run`, use a path under the data directory (--data-dir), "
                 "file:///absolute/path or s3://<bucket>/<key>.",
+            )
+    if isinstance(resource, FineTune) and _local(resource.spec.base_model.uri or "://"):
+        model = resolve(resource.spec.base_model.uri, data_dir)
+        if not (model / "config.json").is_file():
+            problem = "does not exist" if not model.exists() else "has no config.json"
+            raise InvalidResourceError(
+                resource.label, "spec.baseModel.uri",
+                f"model directory {str(model)!r} {problem}; point it at a Hugging Face model "
+                "directory, such as a PretrainJob's output/model, or use "
+                "spec.baseModel.pretrainJobRef.",
             )
     for field, path in _named_paths(resource):
         if not _local(path):

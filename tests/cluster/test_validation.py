@@ -81,6 +81,12 @@ INVALID = [
      "spec.sources[0].path"),
     ("Corpus", {"dedup": {"near": {"threshold": True}}}, "spec.dedup.near.threshold"),
     ("Tokenizer", {"vocabSize": "8000"}, "spec.vocabSize"),
+    ("Corpus", {"sources": [{"name": "a", "format": "text", "path": "x"},
+                            {"name": "a", "format": "text", "path": "y"}]},
+     "spec.sources names must be unique"),
+    ("PretrainJob", {"training": {"artifactUri": "fille:///x"}}, "spec.training.artifactUri"),
+    ("PretrainJob", {"training": {"seed": 2**32}}, "spec.training.seed"),
+    ("ModelDeployment", {"modelName": "x" * 129}, "spec.modelName"),
 ]
 
 # Changes that the API server and the API models both accept.

@@ -230,7 +230,11 @@ def test_torchrun_stage_error_is_permanent(tmp_path, data_dir):
     own message and not torchrun's report of the failed workers."""
     finetune = next(doc for doc in yaml.safe_load_all((EXAMPLES / "04-finetune.yaml").read_text())
                     if doc)  # fmt: skip
+    # A directory that passes the check before the run (it has a config.json) but holds no
+    # model, so the stage itself rejects it.
     missing = tmp_path / "no-model"
+    missing.mkdir()
+    (missing / "config.json").write_text("{}")
     finetune["spec"]["baseModel"] = {"uri": f"file://{missing}"}
     runner = LocalRunner(tmp_path / "workspace", data_dir)
     with pytest.raises(StageFailedError) as raised:

@@ -207,3 +207,26 @@ def test_unknown_field_suggests_name(spec, field, hint):
         loader.parse_resource(document, "corpus.yaml")
     assert raised.value.field == field
     assert raised.value.detail.endswith(hint)
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"dedup": {"near": {"threshold": float("inf")}}}, "spec.dedup.near.threshold"),
+    ({"split": {"validationFraction": float("nan")}}, "spec.split.validationFraction"),
+])
+def test_non_finite_number_rejected(spec, field):
+    document = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "x"},
+                "spec": {"sources": [{"name": "a", "format": "text", "path": "x"}], **spec}}
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.parse_resource(document, "corpus.yaml")
+    assert raised.value.field == field
+    assert "write a finite number" in raised.value.detail
+
+
+def test_duplicate_source_names_rejected():
+    document = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "x"},
+                "spec": {"sources": [{"name": "a", "format": "text", "path": "x"},
+                                     {"name": "a", "format": "text", "path": "y"}]}}
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.parse_resource(document, "corpus.yaml")
+    assert raised.value.field == "spec.sources"
+    assert raised.value.detail == "spec.sources names must be unique; rename the duplicates."

@@ -27,6 +27,8 @@ FINETUNE = {
 def data(tmp_path: Path) -> Path:
     for name in ("notes.txt", "train.tsv", "test.tsv"):
         (tmp_path / name).write_text("x\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
     return tmp_path
 
 
@@ -85,8 +87,6 @@ def test_directory_as_source_named(data):
 
 
 def test_data_digests_cover_files_and_base_model(data):
-    (data / "model").mkdir()
-    (data / "model" / "config.json").write_text("{}")
     finetune = parse(FINETUNE)
     first = preflight.data_digests(finetune, data)
     assert set(first) == {"spec.data.train", "spec.data.test", "spec.baseModel.uri"}
@@ -104,3 +104,19 @@ def test_data_digests_skip_object_stores(data):
         {"name": "remote", "format": "text", "path": "s3://bucket/notes.txt"},
     ]}}
     assert set(preflight.data_digests(parse(body), data)) == {"spec.sources[0].path"}
+
+
+def test_missing_base_model_rejected_before_run(data):
+    (data / "model" / "config.json").unlink()
+    (data / "model").rmdir()
+    with pytest.raises(InvalidResourceError, match=r"spec.baseModel.uri: model directory "
+                       r"'.*model' does not exist"):
+        preflight.check_files(parse(FINETUNE), data)
+
+
+def test_pvc_artifact_uri_rejected_for_lathe_run(data):
+    body = {**FINETUNE, "spec": {**FINETUNE["spec"],
+                                 "training": {"artifactUri": "pvc://claim/ckpt"}}}
+    with pytest.raises(InvalidResourceError, match=r"spec.training.artifactUri: 'pvc://claim/"
+                       r"ckpt' names a PersistentVolumeClaim"):
+        preflight.check_files(parse(body), data)

@@ -9,6 +9,7 @@ from pydantic import Field, Strict
 
 from lathe.api.common import (
     ApiModel,
+    CelRule,
     DataPath,
     PrinterColumn,
     Resource,
@@ -30,7 +31,8 @@ class SourceFormat(str, enum.Enum):
 class Source(ApiModel):
     """One input file in its published format."""
 
-    name: str = Field(description="Short name of the source, used in statistics and lineage.")
+    name: str = Field(min_length=1, max_length=63,
+                      description="Short name of the source, used in statistics and lineage.")
     format: SourceFormat = Field(
         strict=False,
         description="Published format: `pubtator` (BioCreative PubTator), `pubmedqa` (the "
@@ -102,8 +104,18 @@ class PiiSpec(ApiModel):
 class DecontaminationSpec(ApiModel):
     """Removal of documents that overlap evaluation sets."""
 
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.evalSets) || self.evalSets.all(s, "
+            "self.evalSets.exists_one(t, t.name == s.name))",
+            message="spec.decontamination.evalSets names must be unique; rename the duplicates",
+            check=lambda spec: _unique_names(spec.eval_sets),
+            field="evalSets",
+        ),
+    )
+
     eval_sets: list[Source] = Field(
-        default_factory=list,
+        default_factory=list, max_length=64,
         description="Evaluation sets whose documents must not appear in the training corpus.",
     )
     ngram_size: int = Field(
@@ -118,13 +130,28 @@ class SplitSpec(ApiModel):
     validation_fraction: float = Field(
         default=0.05, gt=0.0, lt=0.5, description="Share of documents in the validation split."
     )
-    seed: int = Field(default=0, description="Seed of the split, so reruns give the same split.")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1,
+                      description="Seed of the split, so reruns give the same split.")
+
+
+def _unique_names(sources: list[Source]) -> bool:
+    return len({source.name for source in sources}) == len(sources)
 
 
 class CorpusSpec(ApiModel):
     """Desired state of a Corpus."""
 
-    sources: list[Source] = Field(min_length=1, description="Input files.")
+    # Statistics and document ids are keyed by source name.
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.sources.all(s, self.sources.exists_one(t, t.name == s.name))",
+            message="spec.sources names must be unique; rename the duplicates",
+            check=lambda spec: _unique_names(spec.sources),
+            field="sources",
+        ),
+    )
+
+    sources: list[Source] = Field(min_length=1, max_length=256, description="Input files.")
     normalization: NormalizationSpec = Field(
         default_factory=NormalizationSpec, description="Text normalization."
     )

@@ -159,7 +159,9 @@ class ModelDeploymentSpec(ApiModel):
 
     model: ModelSourceSpec = Field(description="The model to deploy.")
     model_name: str = Field(
-        default="ner", pattern=r"^[a-zA-Z0-9_-]+$", description="Triton model name."
+        # Triton names the model's directory after it, and file names are limited to 255 bytes.
+        default="ner", pattern=r"^[a-zA-Z0-9_-]+$", max_length=128,
+        description="Triton model name."
     )
     export: ExportSpec = Field(
         default_factory=ExportSpec, description="ONNX export and its checks."

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from lathe.api.common import ApiModel, CelRule
+from lathe.api.common import _STORAGE_URI, ApiModel, CelRule
 
 
 class TrainingSpec(ApiModel):
@@ -32,7 +32,8 @@ class TrainingSpec(ApiModel):
     warmup_steps: int = Field(default=10, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(default=0.01, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
-    seed: int = Field(default=0, description="Random seed.")
+    # NB: numpy and Python's random take seeds below 2**32; torch's take any int64.
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Random seed.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",
         description="Training precision: `bf16` autocast, or `fp16` autocast with dynamic loss "
@@ -69,10 +70,19 @@ class TrainingSpec(ApiModel):
     )
     artifact_uri: str | None = Field(
         default=None,
+        json_schema_extra={"pattern": _STORAGE_URI.pattern},
         description="PretrainJob: fsspec URL where checkpoints and a copy of the final model "
         "are written (file://, pvc://<claim>/<path>, s3://...). Unset: the stage output "
         "directory.",
     )
+
+    @field_validator("artifact_uri")
+    @classmethod
+    def _check_artifact_scheme(cls, uri: str | None) -> str | None:
+        if uri is not None and not _STORAGE_URI.match(uri):
+            raise ValueError("use file:///absolute/path, pvc://<claim>/<path> or "
+                             "s3://<bucket>/<prefix>")
+        return uri
 
 
 class DistributedSpec(ApiModel):
