@@ -56,7 +56,25 @@ def read(output: Path | str) -> dict:
     if not isinstance(manifest, dict) or not {"kind", "name", "digest"} <= manifest.keys():
         raise LineageError(f"{path} is not a Lathe manifest (it lacks kind, name or digest); "
                            "rerun the stage that wrote it to rewrite it.")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise LineageError(f"{path} is not a Lathe manifest ({problem}); rerun the stage that "
+                           "wrote it to rewrite it.")
     return manifest
+
+
+def _shape_problem(manifest: dict) -> str:
+    """Return what is wrong with the parts of a manifest that lineage reads, or ""."""
+    for key in ("inputs", "data", "metrics"):
+        if not isinstance(manifest.get(key, {}), dict):
+            return f"{key} is not an object"
+    for role, item in (manifest.get("inputs") or {}).items():
+        if not isinstance(item, dict) or not isinstance(item.get("uri"), str):
+            return f"input {role!r} has no uri"
+    sources = (manifest.get("metrics") or {}).get("sourceDigests", {})
+    if not isinstance(sources, dict):
+        return "metrics.sourceDigests is not an object"
+    return ""
 
 
 def _manifest_text(output: Path | str) -> tuple[str, bytes]:

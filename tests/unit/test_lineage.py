@@ -88,10 +88,18 @@ def test_stage_directory_and_uri_accepted(chain):
     assert find_output(f"file://{chain['model']}") == chain["model"]
 
 
+MINIMAL = '"kind": "Corpus", "name": "c", "digest": "sha256:c1"'
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not readable JSON"),
     ("[1, 2]", "is not a Lathe manifest"),
     ('{"kind": "Corpus"}', "is not a Lathe manifest"),
+    ("{" + MINIMAL + ', "inputs": [1]}', "inputs is not an object"),
+    ("{" + MINIMAL + ', "data": ["a"]}', "data is not an object"),
+    ("{" + MINIMAL + ', "metrics": []}', "metrics is not an object"),
+    ("{" + MINIMAL + ', "inputs": {"corpus": "s"}}', "input 'corpus' has no uri"),
+    ("{" + MINIMAL + ', "inputs": {"corpus": {"uri": 5}}}', "input 'corpus' has no uri"),
 ])
 def test_broken_manifest_rejected(tmp_path, content, message):
     (tmp_path / "manifest.json").write_text(content)

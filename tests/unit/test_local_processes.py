@@ -134,3 +134,13 @@ def test_scan_log_bounds_message():
     lines = ["error: first"] + [f"  item {i}" for i in range(1000)]
     _, error = _scan_log(lines)
     assert len(error.splitlines()) == MAX_ERROR_LINES
+
+
+def test_workspace_that_is_a_file_rejected(tmp_path):
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import LocalRunner
+
+    workspace = tmp_path / "workspace"
+    workspace.write_text("")
+    with pytest.raises(InvalidResourceError, match=r"--workspace: '.*workspace' is a file"):
+        LocalRunner(workspace, tmp_path).check([])

@@ -138,6 +138,12 @@ class LocalRunner:
 
     def check(self, resources: list[Resource]) -> list[Resource]:
         """Validate references, files and output locations; return the dependency order."""
+        if self.workspace.exists() and not self.workspace.is_dir():
+            raise InvalidResourceError(
+                "lathe run", "--workspace",
+                f"{str(self.workspace)!r} is a file; pass a directory, new or used by lathe "
+                "run before.",
+            )
         ordered = order(resources)
         outputs: dict[str, Resource] = {}
         for resource in ordered:
