@@ -137,6 +137,30 @@ def test_deployment_status_follows_triton(pipeline):
     assert "endpoint" not in after
 
 
+def test_triton_crash_while_serving_reported(pipeline):
+    """With --serve, a tritonserver that exits on its own fails lathe run and its status."""
+    import psutil
+
+    _, _, results = pipeline
+    deployment = next(r for r in results.values() if isinstance(r.resource, ModelDeployment))
+
+    class Crashing(Console):
+        def print(self, *args, **kwargs) -> None:
+            if args and str(args[0]).startswith("Serving until interrupted"):
+                for child in psutil.Process().children(recursive=True):
+                    if "tritonserver" in child.name():
+                        child.kill()
+            super().print(*args, **kwargs)
+
+    with pytest.raises(serving.ServingStoppedError, match="tritonserver exited with code"):
+        serving.serve_and_query(deployment, "BRCA1 mutations cause breast cancer.",
+                                Crashing(quiet=True), keep_serving=True)
+    written = json.loads((deployment.directory / "status.json").read_text())
+    ready = next(c for c in written["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False"
+    assert ready["message"].startswith("Triton stopped while serving")
+
+
 def test_second_run_reuses_every_stage(pipeline):
     runner, resources, _ = pipeline
     again = runner.run(resources)

@@ -428,10 +428,12 @@ SERVER_NOT_RUNNING = ("Triton is not running: lathe run starts it after the expo
                       "after the sample request unless --serve is given.")
 
 
-def record_serving(result: StageResult, endpoint: str | None) -> None:
+def record_serving(result: StageResult, endpoint: str | None,
+                   message: str = SERVER_NOT_RUNNING) -> None:
     """Record in a ModelDeployment's status.json whether Triton serves it, and where.
 
-    `endpoint` is Triton's HTTP URL while it serves, None once it has stopped.
+    `endpoint` is Triton's HTTP URL while it serves, None once it has stopped; `message` then
+    says why it is not running.
     """
     path = result.directory / "status.json"
     document = json.loads(path.read_text())
@@ -445,7 +447,7 @@ def record_serving(result: StageResult, endpoint: str | None) -> None:
     else:
         conditions = status.set_condition(
             document["conditions"], status.ConditionType.READY, False,
-            status.Reason.SERVER_NOT_READY, SERVER_NOT_RUNNING, generation,
+            status.Reason.SERVER_NOT_READY, message, generation,
         )
         document.pop("endpoint", None)
     document["conditions"] = conditions

@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from lathe import plans
+from lathe.errors import InvalidResourceError
 from lathe.local.runner import StageResult, record_serving
 from lathe_trainer import remote
 from lathe_trainer.serving import client, local_server, reference
@@ -22,6 +23,10 @@ from lathe_trainer.stage import local_path
 from lathe_trainer.training import storage
 
 log = logging.getLogger(__name__)
+
+
+class ServingStoppedError(InvalidResourceError):
+    """The local tritonserver exited on its own while `lathe run --serve` kept it serving."""
 
 
 def repository_path(result: StageResult) -> Path:
@@ -69,8 +74,12 @@ def serve_and_query(
         record_serving(result, f"http://{server.http_url}")
         try:
             return _query(result, server, text, console, keep_serving)
+        except ServingStoppedError as error:
+            record_serving(result, None, f"Triton stopped while serving: {error.detail}")
+            raise
         finally:
-            record_serving(result, None)
+            if server.process.poll() is None:
+                record_serving(result, None)
 
 
 def _query(result: StageResult, server: local_server.TritonServer, text: str,
@@ -95,4 +104,9 @@ def _query(result: StageResult, server: local_server.TritonServer, text: str,
             time.sleep(1)
     except KeyboardInterrupt:
         console.print("Stopping Triton.")
-    return entities
+        return entities
+    raise ServingStoppedError(
+        result.resource.key, "--serve",
+        f"tritonserver exited with code {server.process.returncode} while serving; its log "
+        f"is {server.log_path}, and its last lines are:\n{server.log_tail(10)}",
+    )
