@@ -186,12 +186,18 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
     try:
         return KINDS[kind].model_validate(document)
     except ValidationError as error:
-        problems = [_describe(item, KINDS[kind]) for item in error.errors()]
-        field, message = problems[0]
-        if len(problems) > 1:
-            # Every problem at once, so a user does not fix them one run at a time.
-            message += " Also: " + " ".join(f"{other}: {text}" for other, text in problems[1:])
-        raise InvalidResourceError(label, field, message) from None
+        raise InvalidResourceError(label, *describe_errors(error, kind)) from None
+
+
+def describe_errors(error: ValidationError, kind: str) -> tuple[str, str]:
+    """Return the field of the first problem of a resource's ValidationError, and a message
+    that lists every problem, each with its field, value and fix."""
+    problems = [_describe(item, KINDS[kind]) for item in error.errors()]
+    field, message = problems[0]
+    if len(problems) > 1:
+        # Every problem at once, so a user does not fix them one run at a time.
+        message += " Also: " + " ".join(f"{other}: {text}" for other, text in problems[1:])
+    return field, message
 
 
 class _DuplicateKeyError(yaml.constructor.ConstructorError):

@@ -91,6 +91,21 @@ def test_example_runs_in_dependency_order(cluster, namespace, lathe_operator):
         assert upstream_done <= downstream_start, (upstream, downstream)
 
 
+def test_spec_only_models_reject_fails_readably(cluster, namespace, lathe_operator):
+    """A spec the CRD accepts but the API model rejects fails with the field and the fix, not
+    pydantic's own text."""
+    tokenizer = next(doc for doc in corpus_and_tokenizer("bad-regex") if doc["kind"] == "Tokenizer")
+    tokenizer["spec"]["protectedPatterns"] = [{"name": "open", "regex": "("}]
+    cluster.apply(tokenizer, namespace)
+    cluster.wait_for(lambda: is_true(cluster, "Tokenizer", "bad-regex", namespace, "Failed"),
+                     "Failed=True on the Tokenizer")
+    failed = condition(get(cluster, "Tokenizer", "bad-regex", namespace), "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("spec.protectedPatterns[0].regex: ")
+    assert "invalid regular expression" in failed["message"]
+    assert "errors.pydantic.dev" not in failed["message"]
+
+
 def test_pretrain_job_shape(cluster, namespace, lathe_operator, ready_inputs):
     cluster.apply(pretrain_job("shape", gpus=8), namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "shape", namespace)) == 1,

@@ -87,6 +87,15 @@ INVALID = [
     ("PretrainJob", {"training": {"artifactUri": "fille:///x"}}, "spec.training.artifactUri"),
     ("PretrainJob", {"training": {"seed": 2**32}}, "spec.training.seed"),
     ("ModelDeployment", {"modelName": "x" * 129}, "spec.modelName"),
+    ("ModelDeployment", {"export": {"checkSequenceLengths": [0, 20]}},
+     "spec.export.checkSequenceLengths[0]"),
+    ("FineTune", {"distributed": {"strategy": "fsdp"}},
+     "spec.distributed.strategy fsdp is PretrainJob only"),
+    ("FineTune", {"training": {"compile": True}}, "spec.training.compile is PretrainJob only"),
+    ("FineTune", {"training": {"nonFinite": "rollback"}},
+     "spec.training.nonFinite skip and rollback are PretrainJob only"),
+    ("FineTune", {"training": {"artifactUri": "s3://b/x"}},
+     "spec.training.artifactUri is PretrainJob only"),
 ]
 
 # Changes that the API server and the API models both accept.

@@ -348,3 +348,12 @@ def test_backend_rule_names_backend():
     assert error.field == "spec.distributed.backend"
     assert "nccl needs GPUs" in error.detail
     assert "corpusRef" not in error.detail
+
+
+@pytest.mark.parametrize("regex", [r"\b", "a*", "(?=E)", r"(?<=\s)"])
+def test_empty_matching_pattern_rejected(regex):
+    body = document("Tokenizer")
+    body["spec"]["protectedPatterns"] = [{"name": "p", "regex": regex}]
+    error = rejection(body)
+    assert error.field == "spec.protectedPatterns[0].regex"
+    assert "matches the empty string" in error.detail

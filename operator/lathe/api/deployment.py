@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -45,7 +45,7 @@ class ExportSpec(ApiModel):
         default=18, ge=18, le=23,
         description="ONNX opset version. The torch.onnx dynamo exporter emits opset 18 or later.",
     )
-    check_sequence_lengths: list[int] = Field(
+    check_sequence_lengths: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [3, 20, 200],
         min_length=2,
         description="Sequence lengths at which ONNX Runtime is compared against PyTorch, at "

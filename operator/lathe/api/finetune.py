@@ -79,6 +79,36 @@ class FineTuneSpec(ApiModel):
             field="data.test",
         ),
         *GPU_RULES,
+        # The FineTune loop runs data parallel without these PretrainJob features, so a spec
+        # that sets them would train without them and not say so.
+        CelRule(
+            rule="!has(self.distributed) || !has(self.distributed.strategy) || "
+            "self.distributed.strategy == 'ddp'",
+            message="spec.distributed.strategy fsdp is PretrainJob only; a FineTune runs data "
+            "parallel, so remove it or set ddp",
+            check=lambda spec: spec.distributed.strategy == "ddp",
+            field="distributed.strategy",
+        ),
+        CelRule(
+            rule="!has(self.training) || !has(self.training.compile) || !self.training.compile",
+            message="spec.training.compile is PretrainJob only; remove it",
+            check=lambda spec: not spec.training.compile,
+            field="training.compile",
+        ),
+        CelRule(
+            rule="!has(self.training) || !has(self.training.nonFinite) || "
+            "self.training.nonFinite == 'fail'",
+            message="spec.training.nonFinite skip and rollback are PretrainJob only; remove it",
+            check=lambda spec: spec.training.non_finite == "fail",
+            field="training.nonFinite",
+        ),
+        CelRule(
+            rule="!has(self.training) || !has(self.training.artifactUri)",
+            message="spec.training.artifactUri is PretrainJob only; a FineTune writes its "
+            "checkpoints under its output, so remove it",
+            check=lambda spec: spec.training.artifact_uri is None,
+            field="training.artifactUri",
+        ),
     )
 
     base_model: BaseModelSpec = Field(description="The model to start from.")

@@ -30,6 +30,10 @@ class TokenizerModel(str, enum.Enum):
     BYTE_LEVEL_BPE = "byteLevelBPE"
 
 
+# Texts a protected pattern is tried on for empty matches: empty, words, codes, units.
+EMPTY_MATCH_SAMPLES = ("", "a", "Type 2 diabetes (E11.9) at 5 mg/kg, E119.")
+
+
 class ProtectedPattern(ApiModel):
     """A regular expression whose matches are always kept apart from their neighbours."""
 
@@ -66,11 +70,16 @@ class ProtectedPattern(ApiModel):
                 f"invalid regular expression {value!r}: {error}; fix the expression so that "
                 "Python's re module compiles it"
             ) from None
-        if re.fullmatch(value, ""):
-            raise ValueError(
-                f"regular expression {value!r} matches the empty string; require at least one "
-                "character, for example by replacing `*` with `+`"
-            )
+        # An empty match anywhere, as `\b` or `(?=x)` give, would split text at every match.
+        for sample in EMPTY_MATCH_SAMPLES:
+            empty = next((match for match in re.finditer(value, sample)
+                          if match.start() == match.end()), None)
+            if empty is not None:
+                raise ValueError(
+                    f"regular expression {value!r} matches the empty string (at position "
+                    f"{empty.start()} of {sample!r}); require at least one character, for "
+                    "example by replacing `*` with `+` or dropping a bare `\\b`"
+                )
         return value
 
 

@@ -19,12 +19,14 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from lathe import plans, status
 from lathe.api import GROUP, KINDS, VERSION, ModelDeployment, Resource
 from lathe.api.common import ObjectMeta
 from lathe.k8s import builders
 from lathe.k8s.settings import OperatorSettings
+from lathe.loader import describe_errors
 from lathe.status import ConditionType as C
 from lathe.status import Reason
 from lathe_trainer.stage import EXIT_PERMANENT, ResolvedInput
@@ -109,7 +111,12 @@ class Reconciler:
         generation = body["metadata"].get("generation", 1)
         try:
             resource = parse(body)
-        except Exception as error:  # noqa: BLE001 - a spec the CRD accepted but pydantic rejects
+        except ValidationError as error:
+            # A spec the CRD accepted but the API model rejects.
+            field, message = describe_errors(error, body["kind"])
+            return self._failed(current, generation, Reason.INVALID_SPEC, f"{field}: {message}",
+                                body["kind"])
+        except Exception as error:  # noqa: BLE001 - any other parse failure fails the spec too
             return self._failed(current, generation, Reason.INVALID_SPEC, str(error), body["kind"])
 
         conditions = list(current.get("conditions") or [])
