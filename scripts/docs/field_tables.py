@@ -142,9 +142,41 @@ def table(kind: str) -> str:
     return "\n".join(lines)
 
 
+def _rules(model: type[BaseModel], path: str, seen: set) -> list[tuple[str, Any]]:
+    """Return (path, rule) for the CEL rules of model and of every model nested in it."""
+    if model in seen:
+        return []
+    seen = seen | {model}
+    found = [(path, rule) for rule in model.__dict__.get("cel_rules", ())]
+    for name, field in model.model_fields.items():
+        nested = _model_of(field.annotation)
+        if nested is not None:
+            is_list = typing.get_origin(_without_none(field.annotation)) is list
+            found += _rules(nested, f"{path}.{to_camel(name)}" + ("[]" if is_list else ""), seen)
+    return found
+
+
+def cel_table() -> str:
+    """Return the markdown table of every CEL rule in the CRDs, by kind and object."""
+    by_rule: dict[tuple[str, str, str], list[str]] = {}
+    for kind, model in KINDS.items():
+        spec = model.model_fields["spec"].annotation
+        for path, rule in _rules(spec, "spec", set()):
+            by_rule.setdefault((path, rule.rule, rule.message), []).append(kind)
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| kind | on | rule | message |", "| --- | --- | --- | --- |"]
+    for (path, rule, message), kinds in by_rule.items():
+        lines.append(f"| {', '.join(kinds)} | `{path}` | `{cell(rule)}` | {cell(message)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for kind in KINDS:
         print(f"### {kind} spec fields\n\n{table(kind)}\n")
+    print(f"### CEL rules (docs/crds.md)\n\n{cel_table()}\n")
 
 
 if __name__ == "__main__":

@@ -49,3 +49,16 @@ def test_field_table_matches_models(kind):
         f"docs/resources.md has an old {kind} field table; rerun "
         "scripts/docs/field_tables.py and paste it"
     )
+
+
+def test_cel_rule_table_matches_models():
+    """docs/crds.md lists every CEL rule the CRDs carry, as the table script prints them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "field_tables", REPO / "scripts" / "docs" / "field_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.cel_table() in (REPO / "docs" / "crds.md").read_text(), (
+        "docs/crds.md has an old CEL rule table; rerun scripts/docs/field_tables.py and paste it"
+    )
