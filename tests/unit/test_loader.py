@@ -229,4 +229,5 @@ def test_duplicate_source_names_rejected():
     with pytest.raises(InvalidResourceError) as raised:
         loader.parse_resource(document, "corpus.yaml")
     assert raised.value.field == "spec.sources"
-    assert raised.value.detail == "spec.sources names must be unique; rename the duplicates."
+    assert raised.value.detail == ("source names ['a'] are used more than once; give each "
+                                   "source its own name.")

@@ -115,8 +115,9 @@ def test_missing_base_model_rejected_before_run(data):
 
 
 def test_pvc_artifact_uri_rejected_for_lathe_run(data):
-    body = {**FINETUNE, "spec": {**FINETUNE["spec"],
-                                 "training": {"artifactUri": "pvc://claim/ckpt"}}}
+    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "lm"},
+            "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
+                     "training": {"artifactUri": "pvc://claim/ckpt"}}}
     with pytest.raises(InvalidResourceError, match=r"spec.training.artifactUri: 'pvc://claim/"
                        r"ckpt' names a PersistentVolumeClaim"):
         preflight.check_files(parse(body), data)

@@ -213,6 +213,8 @@ _QUANTITY = re.compile(
     r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+# A quantity whose number is zero, whatever its suffix: 0, 0.0, 0m, 0Gi.
+_ZERO = re.compile(r"^\+?0*(\.0*)?([KMGTPE]i|[numkMGTPE])?$")
 # CPU as cores or millicores, the forms the training pod builder divides among processes.
 _CPU_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?m?$")
 
@@ -222,13 +224,17 @@ def _quantity_validator(pattern: re.Pattern[str], examples: str) -> Callable[[An
 
     def check(value: Any) -> str:
         if isinstance(value, int) and not isinstance(value, bool):
-            if value < 0:
-                raise ValueError(f"a quantity must not be negative; write {examples}")
+            if value <= 0:
+                raise ValueError(f"a quantity must be more than zero, because it is the pod's "
+                                 f"request and limit; write {examples}")
             return str(value)
         if isinstance(value, float):
             raise ValueError(f"a fractional quantity must be a string, because the API server "
                              f"accepts only an integer or a string here; write '{value}'")
         if isinstance(value, str) and pattern.match(value):
+            if _ZERO.match(value):
+                raise ValueError(f"a quantity must be more than zero, because it is the pod's "
+                                 f"request and limit; write {examples}")
             return value
         raise ValueError(f"not a Kubernetes quantity; write {examples}")
 
