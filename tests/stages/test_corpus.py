@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 import yaml
 
 from lathe.api import KINDS
@@ -236,8 +237,9 @@ def test_duplicate_source_name_raises(make_config):
         {"name": "same", "format": "pubtator", "path": BC5CDR_TRAIN},
         {"name": "same", "format": "pubmedqa", "path": PUBMEDQA},
     ]
-    with pytest.raises(StageError, match=r"spec\.sources\[1\]\.name: source name 'same' is used"):
-        stage.run(make_config(_corpus(sources)), resume=False)
+    # The API model rejects the spec before any stage could run it.
+    with pytest.raises(ValidationError, match=r"source names \['same'\] are used more than once"):
+        make_config(_corpus(sources))
 
 
 def test_source_in_wrong_format_raises(make_config):
