@@ -320,8 +320,10 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
                 and obj["status"].get("inputDigests") == {"corpus": digest})
 
     def corpus_digest() -> str | None:
+        # One read for every check: a second read could see a newer status than `obj`.
         obj = get(cluster, "Corpus", "rerun-input", namespace)
-        done = is_true(cluster, "Corpus", "rerun-input", namespace, "Succeeded") and (
+        succeeded = (condition(obj, "Succeeded") or {}).get("status") == "True"
+        done = succeeded and (
             obj["status"].get("observedGeneration") == obj["metadata"]["generation"])
         return obj["status"]["artifact"]["digest"] if done else None
 

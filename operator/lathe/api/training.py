@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from lathe.api.common import _STORAGE_URI, ApiModel, CelRule
+from lathe.api.common import ApiModel, CelRule
+
+# Any fsspec URL: file:/// with an absolute path, or a scheme with a host or bucket (pvc://,
+# s3://, gs://). The stage rejects a scheme with no fsspec implementation when it runs.
+_ARTIFACT_URI = re.compile(r"^(file:///|[a-z][a-z0-9+.-]*://[^/]+)")
 
 
 class TrainingSpec(ApiModel):
@@ -70,7 +75,7 @@ class TrainingSpec(ApiModel):
     )
     artifact_uri: str | None = Field(
         default=None,
-        json_schema_extra={"pattern": _STORAGE_URI.pattern},
+        json_schema_extra={"pattern": _ARTIFACT_URI.pattern},
         description="PretrainJob: fsspec URL where checkpoints and a copy of the final model "
         "are written (file://, pvc://<claim>/<path>, s3://...). Unset: the stage output "
         "directory.",
@@ -79,9 +84,9 @@ class TrainingSpec(ApiModel):
     @field_validator("artifact_uri")
     @classmethod
     def _check_artifact_scheme(cls, uri: str | None) -> str | None:
-        if uri is not None and not _STORAGE_URI.match(uri):
-            raise ValueError("use file:///absolute/path, pvc://<claim>/<path> or "
-                             "s3://<bucket>/<prefix>")
+        if uri is not None and not _ARTIFACT_URI.match(uri):
+            raise ValueError("use file:///absolute/path, pvc://<claim>/<path>, "
+                             "s3://<bucket>/<prefix> or another fsspec URL with a host")
         return uri
 
 
