@@ -121,7 +121,7 @@ def _inputs(manifest: dict, depth: int) -> Iterator[Node]:
             yield Node(depth, kind, name, recorded, None, f"not readable: {error}")
             continue
         if found["digest"] != recorded:
-            # The output there now came from a later run, so its own inputs say nothing about
+            # The output there now came from a later run, so its own inputs do not show
             # what this stage read.
             yield Node(depth, kind, name, recorded, None,
                        f"rewritten since: {item['uri']} now contains {found['digest']}")

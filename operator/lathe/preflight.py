@@ -74,24 +74,27 @@ def _data_uris(resource: Resource) -> Iterator[tuple[str, str]]:
         yield "spec.baseModel.uri", resource.spec.base_model.uri
 
 
+def _reject_claim(resource: Resource, field: str, uri: str | None, fix: str) -> None:
+    """Raise for a pvc:// URI, which `lathe run` cannot reach."""
+    if uri and uri.startswith("pvc://"):
+        raise InvalidResourceError(
+            resource.label, field,
+            f"{uri!r} names a PersistentVolumeClaim, which exists only in a cluster; for "
+            f"`lathe run`, {fix}.",
+        )
+
+
 def check_files(resource: Resource, data_dir: Path) -> None:
     """Check that every local data file exists and that no data path needs a cluster."""
     training = getattr(resource.spec, "training", None)
-    if training is not None and (training.artifact_uri or "").startswith("pvc://"):
-        raise InvalidResourceError(
-            resource.label, "spec.training.artifactUri",
-            f"{training.artifact_uri!r} names a PersistentVolumeClaim, which exists only in a "
-            "cluster; for `lathe run`, leave it unset (the workspace) or use "
-            "file:///absolute/path or s3://<bucket>/<prefix>.",
-        )
+    _reject_claim(resource, "spec.training.artifactUri",
+                  training.artifact_uri if training is not None else None,
+                  "leave it unset (the workspace) or use file:///absolute/path or "
+                  "s3://<bucket>/<prefix>")
     for field, path in _data_uris(resource):
-        if path.startswith("pvc://"):
-            raise InvalidResourceError(
-                resource.label, field,
-                f"{path!r} names a PersistentVolumeClaim, which exists only in a cluster; for "
-                "`lathe run`, use a path under the data directory (--data-dir), "
-                "file:///absolute/path or s3://<bucket>/<key>.",
-            )
+        _reject_claim(resource, field, path,
+                      "use a path under the data directory (--data-dir), file:///absolute/path "
+                      "or s3://<bucket>/<key>")
     if isinstance(resource, FineTune) and _local(resource.spec.base_model.uri or "://"):
         model = resolve(resource.spec.base_model.uri, data_dir)
         if not (model / "config.json").is_file():

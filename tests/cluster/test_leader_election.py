@@ -42,16 +42,16 @@ class OperatorProcess:
 
     def liveness(self) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(self.liveness_url, timeout=2) as answer:
-                return answer.status, answer.read().decode()
+            with urllib.request.urlopen(self.liveness_url, timeout=2) as response:
+                return response.status, response.read().decode()
         except OSError as error:
             return 0, str(error)
 
     def metric(self, name: str, **labels: str) -> float | None:
         """Return the value of one series from this process's /metrics, or None if absent."""
         try:
-            with urllib.request.urlopen(self.metrics_url, timeout=2) as answer:
-                text = answer.read().decode()
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
+                text = response.read().decode()
         except OSError:
             return None
         wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
@@ -109,10 +109,10 @@ def start_operator(cluster, namespace, tmp_path) -> Iterator:
 
 
 def holder(cluster, namespace: str, lease: str) -> str | None:
-    answer = cluster.kubectl("get", "lease", lease, "-n", namespace, "-o", "json", check=False)
-    if answer.returncode != 0:
+    result = cluster.kubectl("get", "lease", lease, "-n", namespace, "-o", "json", check=False)
+    if result.returncode != 0:
         return None
-    return json.loads(answer.stdout)["spec"].get("holderIdentity")
+    return json.loads(result.stdout)["spec"].get("holderIdentity")
 
 
 def wait_for_log(cluster, operator: OperatorProcess, text: str, timeout: float = 60.0) -> None:
@@ -177,14 +177,14 @@ def test_lost_lease_stops_leader(cluster, namespace, start_operator):
 
 
 def test_unanswered_renewal_stops_leader(cluster, namespace, start_operator):
-    """A leader whose Lease requests get no answer exits within its renew deadline: another
-    pod may take the Lease once it expires."""
+    """A leader whose Lease requests get no response exits within its renew deadline, because
+    another pod may take the Lease once it expires."""
     first = start_operator("operator-a")
     cluster.wait_for(lambda: holder(cluster, namespace, start_operator.lease) == "operator-a",
                      "operator-a to hold the Lease")
     wait_for_log(cluster, first, "starts reconciling as the leader")
     apiserver = cluster.bed.pids()["kube-apiserver"]
-    # A stopped API server accepts connections but answers nothing, as a half-open connection
+    # A stopped API server accepts connections but sends no response, as a half-open connection
     # or an overloaded server would.
     os.kill(apiserver, signal.SIGSTOP)
     try:

@@ -254,7 +254,7 @@ def test_torchrun_stage_error_is_permanent(tmp_path, data_dir):
     own message and not torchrun's report of the failed workers."""
     finetune = next(doc for doc in yaml.safe_load_all((EXAMPLES / "04-finetune.yaml").read_text())
                     if doc)  # fmt: skip
-    # A directory that passes the check before the run (it has a config.json) but holds no
+    # A directory that passes the check before the run (it has a config.json) but contains no
     # model, so the stage itself rejects it.
     missing = tmp_path / "no-model"
     missing.mkdir()

@@ -803,7 +803,7 @@ def test_sync_copies_checked_repository(tmp_path):
 ])
 def test_sync_rejects_repository_unlike_manifest(tmp_path, damage, message):
     """A repository that an export is rewriting, or another export than the pod expects, is
-    not copied; the container exits 1 so that the kubelet retries it."""
+    not copied. The container exits 1, so the kubelet retries it."""
     from lathe_trainer.serving import sync
 
     output = tmp_path / "export"

@@ -43,7 +43,7 @@ def generated_tables() -> dict[str, str]:
                                   "ModelDeployment"])
 def test_field_table_matches_models(kind):
     """Each kind's table in docs/resources.md is what the table script prints from the API
-    models; after an API change, rerun the script and paste the table."""
+    models. After an API change, rerun the script and paste the table."""
     table = generated_tables()[kind]
     assert table in RESOURCES.read_text(), (
         f"docs/resources.md has an old {kind} field table; rerun "

@@ -459,10 +459,15 @@ class StorageSpec(ApiModel):
     @field_validator("uri")
     @classmethod
     def _check_scheme(cls, uri: str | None) -> str | None:
-        if uri is not None and not _STORAGE_URI.match(uri):
-            raise ValueError("use file:///absolute/path, pvc://<claim>/<path> or "
-                             "s3://<bucket>/<prefix>")
-        return uri
+        return check_uri(uri, _STORAGE_URI, "use file:///absolute/path, pvc://<claim>/<path> "
+                         "or s3://<bucket>/<prefix>")
+
+
+def check_uri(uri: str | None, pattern: re.Pattern[str], fix: str) -> str | None:
+    """Return `uri`, or raise ValueError with `fix` when it does not match `pattern`."""
+    if uri is not None and not pattern.match(uri):
+        raise ValueError(fix)
+    return uri
 
 
 class ConditionStatus(str, enum.Enum):

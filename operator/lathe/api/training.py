@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from lathe.api.common import ApiModel, CelRule
+from lathe.api.common import ApiModel, CelRule, check_uri
 
 # Any fsspec URL: file:/// with an absolute path, or a scheme with a host or bucket (pvc://,
 # s3://, gs://). The stage rejects a scheme with no fsspec implementation when it runs.
@@ -84,10 +84,8 @@ class TrainingSpec(ApiModel):
     @field_validator("artifact_uri")
     @classmethod
     def _check_artifact_scheme(cls, uri: str | None) -> str | None:
-        if uri is not None and not _ARTIFACT_URI.match(uri):
-            raise ValueError("use file:///absolute/path, pvc://<claim>/<path>, "
-                             "s3://<bucket>/<prefix> or another fsspec URL with a host")
-        return uri
+        return check_uri(uri, _ARTIFACT_URI, "use file:///absolute/path, pvc://<claim>/<path>, "
+                         "s3://<bucket>/<prefix> or another fsspec URL with a host")
 
 
 class DistributedSpec(ApiModel):

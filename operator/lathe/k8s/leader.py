@@ -6,7 +6,7 @@ algorithm: a follower takes the Lease once its holder has not renewed it for the
 duration, and a leader that cannot renew it within the renew deadline stops). This module adds
 what an operator needs around it. kopf waits in a startup handler until this pod leads, and a
 pod that waits still serves its liveness probe. A leader that loses the Lease, or whose
-renewals get no answer, exits at once. A leader that shuts down releases the Lease, so that a
+renewals get no response, exits at once. A leader that shuts down releases the Lease, so that a
 waiting pod takes over within a retry period instead of a lease duration.
 """
 

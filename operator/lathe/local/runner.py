@@ -433,7 +433,7 @@ def record_serving(result: StageResult, endpoint: str | None,
     """Record in a ModelDeployment's status.json whether Triton serves it, and where.
 
     `endpoint` is Triton's HTTP URL while it serves, None once it has stopped; `message` then
-    says why it is not running.
+    states why it is not running.
     """
     path = result.directory / "status.json"
     document = json.loads(path.read_text())
