@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -51,6 +52,8 @@ class StageBars:
             self.progress.update(task, total=total, completed=total, status=event.message)
         elif event.state == "failed":
             self.progress.update(task, status="[red]failed")
+        elif event.state in ("suspended", "waiting"):
+            self.progress.update(task, status=event.message)
         elif event.state == "started":
             self.progress.update(task, status="running")
         elif event.state == "progress":
@@ -60,6 +63,51 @@ class StageBars:
                 completed=event.completed or 0,
                 status=_progress_text(event.record),
             )
+
+
+class StageLines:
+    """Progress as plain lines, for output that is not a terminal (CI logs, `> file`).
+
+    A live bar redraws in place, which a log file cannot show: rich prints nothing until the
+    run ends. Each stage's start and end is one line, and a running stage prints its progress
+    at most once every `interval_s` seconds.
+    """
+
+    def __init__(self, console: Console, resources, interval_s: float = 30.0,
+                 clock=time.monotonic):
+        self.console = console
+        self.interval_s = interval_s
+        self.clock = clock
+        self.names = {resource.key: f"{resource.kind} {resource.metadata.name}"
+                      for resource in resources}
+        self.started: dict[str, float] = {}
+        self.last_line: dict[str, float] = {}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        name = self.names[event.key]
+        now = self.clock()
+        if event.state == "started":
+            self.started[event.key] = self.last_line[event.key] = now
+            self.console.print(f"{name}: started.")
+        elif event.state == "reused":
+            self.console.print(f"{name}: reused the finished output of an earlier run.")
+        elif event.state == "succeeded":
+            seconds = now - self.started.get(event.key, now)
+            self.console.print(f"{name}: succeeded in {seconds:.1f} s.")
+        elif event.state == "failed":
+            # The error itself ends the run's output, on stderr.
+            self.console.print(f"{name}: failed.")
+        elif event.state in ("suspended", "waiting"):
+            self.console.print(f"{name}: {event.message}; not run.")
+        elif event.state == "progress" and now - self.last_line.get(event.key, 0.0) >= (
+            self.interval_s
+        ):
+            self.last_line[event.key] = now
+            share = ""
+            if event.total and event.completed is not None:
+                share = f"{100 * event.completed / event.total:.0f}%, "
+            text = _progress_text(event.record) or "running"
+            self.console.print(f"{name}: {share}{text}")
 
 
 def _progress_text(record: dict) -> str:
@@ -84,14 +132,20 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     )
     runner = LocalRunner(Path(args.workspace), Path(args.data_dir))
     ordered = runner.check(resources)
-    with progress:
-        runner.on_progress = StageBars(progress, ordered)
+    if console.is_terminal:
+        with progress:
+            runner.on_progress = StageBars(progress, ordered)
+            results = runner.run(ordered)
+    else:
+        runner.on_progress = StageLines(console, ordered)
         results = runner.run(ordered)
     _print_summary(console, results)
+    for reason in runner.not_run.values():
+        console.print(reason)
 
     deployments = [r for r in results.values() if isinstance(r.resource, ModelDeployment)]
     if args.serve and not deployments:
-        console.print("--serve has no effect: the files define no ModelDeployment to serve.")
+        console.print("--serve has no effect: this run exported no ModelDeployment to serve.")
     for result in deployments:
         from lathe.local import serving
 
@@ -191,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         Console(stderr=True, soft_wrap=True).print(f"error: {error}", style="red", highlight=False,
                                                    markup=False)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         console.print("Interrupted; finished stages are kept and are reused on the next run.")
-        return 130
+        # The shell convention, 128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM, so
+        # that a supervisor can tell how lathe was stopped.
+        return 128 + _interrupt_signal(interrupt)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -201,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupt(signum: int, _frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _interrupt_signal(interrupt: KeyboardInterrupt) -> int:
+    """Return the number of the signal that raised `interrupt`: SIGINT unless `_interrupt` did."""
+    name = interrupt.args[0] if interrupt.args else None
+    if isinstance(name, str) and name in signal.Signals.__members__:
+        return int(signal.Signals[name])
+    return int(signal.SIGINT)
 
 
 if __name__ == "__main__":

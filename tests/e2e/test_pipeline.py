@@ -167,6 +167,42 @@ def test_second_run_reuses_every_stage(pipeline):
     assert all(result.reused for result in again.values())
 
 
+def test_suspended_stage_is_not_run(pipeline):
+    """A PretrainJob with `suspend: true` is not started, and the stages after it wait, as the
+    operator keeps them; a suspended stage whose output is finished is still reused."""
+    runner, resources, _ = pipeline
+
+    def suspended(extra_steps: int) -> list:
+        copies = []
+        for resource in resources:
+            copy = resource.model_copy(deep=True)
+            if copy.kind == "PretrainJob":
+                copy.spec.suspend = True
+                copy.spec.training.max_steps += extra_steps
+            copies.append(copy)
+        return copies
+
+    finished = runner.run(suspended(0))
+    assert all(result.reused for result in finished.values())
+    assert len(finished) == len(resources)
+    assert runner.not_run == {}
+
+    changed = runner.run(suspended(1))
+    assert [result.resource.kind for result in changed.values()] == ["Corpus", "Tokenizer"]
+    not_run = {key.split("/")[0]: reason for key, reason in runner.not_run.items()}
+    assert set(not_run) == {"PretrainJob", "FineTune", "ModelDeployment"}
+    assert "spec.suspend" in not_run["PretrainJob"]
+    assert "PretrainJob pubmed-lm" in not_run["FineTune"]
+    written = {path.parts[-3]: json.loads(path.read_text())
+               for path in runner.workspace.glob("*/*/*/status.json")}
+    assert written["pretrainjob"]["phase"] == "Suspended"
+    assert written["finetune"]["phase"] == "Waiting"
+    waiting = next(c for c in written["modeldeployment"]["conditions"]
+                   if c["type"] == "InputsReady")
+    assert waiting["status"] == "False"
+    assert "FineTune pubmed-ner" in waiting["message"]
+
+
 def test_cli_rejects_unknown_field_with_exit_code(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({
@@ -321,7 +357,7 @@ def test_sigterm_stops_stage_processes(tmp_path, data_dir):
         # lathe waits for its stage processes before it exits, so none outlives it. A stage
         # left running would take seconds more to finish.
         _, alive = psutil.wait_procs(children, timeout=2)
-        assert lathe.returncode == 130, output
+        assert lathe.returncode == 128 + signal.SIGTERM, output
         assert "Interrupted" in output
         assert not alive, [process.cmdline() for process in alive]
         # The stage that was running records the interruption instead of Running.

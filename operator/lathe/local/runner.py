@@ -80,7 +80,7 @@ class ProgressEvent:
     """What the runner tells its display about one stage."""
 
     key: str
-    state: str  # "started", "progress", "reused", "succeeded", "failed"
+    state: str  # "started", "progress", "reused", "succeeded", "failed", "suspended", "waiting"
     completed: float | None = None
     total: float | None = None
     message: str = ""
@@ -108,6 +108,8 @@ class LocalRunner:
         self.data_dir = data_dir.resolve()
         self.on_progress = on_progress
         self.python = python
+        # Stages the last run() did not start, by key, with the reason (see run).
+        self.not_run: dict[str, str] = {}
 
     def stage_dir(self, resource: Resource) -> Path:
         meta = resource.metadata
@@ -164,16 +166,58 @@ class LocalRunner:
         return ordered
 
     def run(self, resources: list[Resource]) -> dict[str, StageResult]:
+        """Run or reuse every stage in dependency order; return the finished ones by key.
+
+        A stage whose spec sets `suspend` is not started (a finished output is still reused),
+        and neither is a stage that needs its output. Both are left out of the result and
+        listed in `self.not_run` with the reason. Their status.json shows them suspended or
+        waiting, as the operator would.
+        """
         results: dict[str, StageResult] = {}
+        self.not_run = {}
         for resource in self.check(resources):
+            upstream = [upstream_key(resource, kind, name)
+                        for kind, name in resource.references().values()]
+            blocking = [key for key in upstream if key in self.not_run]
+            if blocking:
+                self._hold_waiting(resource, blocking[0])
+                continue
             inputs = {
                 role: results[upstream_key(resource, kind, name)].resolved
                 for role, (kind, name) in resource.references().items()
             }
-            results[resource.key] = self.run_stage(resource, inputs)
+            result = self.run_stage(resource, inputs)
+            if result is None:
+                self.not_run[resource.key] = (
+                    f"{resource.kind} {resource.metadata.name} was not run: its spec sets "
+                    "suspend. Set spec.suspend to false and run again; it continues from its "
+                    "checkpoints."
+                )
+            else:
+                results[resource.key] = result
         return results
 
-    def run_stage(self, resource: Resource, inputs: dict[str, ResolvedInput]) -> StageResult:
+    def _hold_waiting(self, resource: Resource, blocking: str) -> None:
+        """Record that `resource` waits for the stage `blocking`, which was not run."""
+        kind, _, name = blocking.split("/")
+        self.not_run[resource.key] = (
+            f"{resource.kind} {resource.metadata.name} was not run: it needs the output of "
+            f"{kind} {name}, which was not run."
+        )
+        generation = resource.metadata.generation
+        conditions = status.set_condition(
+            [], status.ConditionType.INPUTS_READY, False, status.Reason.INPUT_NOT_READY,
+            f"Waiting for {kind} {name}, which was not run.", generation,
+        )
+        directory = self.stage_dir(resource)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._write_conditions(resource, directory, conditions)
+        self.on_progress(ProgressEvent(resource.key, "waiting", message=f"waits for {name}"))
+
+    def run_stage(
+        self, resource: Resource, inputs: dict[str, ResolvedInput]
+    ) -> StageResult | None:
+        """Run one stage, or reuse its finished output; None if the spec suspends it."""
         directory = self.stage_dir(resource)
         directory.mkdir(parents=True, exist_ok=True)
         output_uri = self.output_uri(resource)
@@ -190,6 +234,20 @@ class LocalRunner:
             return StageResult(resource, output_uri, directory, manifest, True,
                                time.monotonic() - started)  # fmt: skip
 
+        if getattr(resource.spec, "suspend", False):
+            log.info("Not running %s: its spec sets suspend.", resource.key)
+            conditions = status.set_condition(
+                [], status.ConditionType.INPUTS_READY, True, status.Reason.INPUTS_AVAILABLE,
+                generation=resource.metadata.generation,
+            )
+            conditions = status.set_condition(
+                conditions, status.ConditionType.SUSPENDED, True, status.Reason.SUSPENDED,
+                "The spec sets suspend; lathe run did not start the stage.",
+                resource.metadata.generation,
+            )
+            self._write_conditions(resource, directory, conditions)
+            self.on_progress(ProgressEvent(resource.key, "suspended", message="suspended"))
+            return None
         resume = self._prepare_output(resource, directory, output_uri, plan.config.stage_key)
         config_path = directory / "config.json"
         config_path.write_text(plan.config.model_dump_json(indent=2))
@@ -421,6 +479,17 @@ class LocalRunner:
         if manifest:
             document["artifact"] = {"uri": output_uri, "digest": manifest["digest"]}
             document["metrics"] = manifest.get("metrics", {})
+        (directory / "status.json").write_text(json.dumps(document, indent=2))
+
+    def _write_conditions(
+        self, resource: Resource, directory: Path, conditions: list[dict[str, Any]]
+    ) -> None:
+        """Write status.json for a stage that this run did not start."""
+        document = {
+            "observedGeneration": resource.metadata.generation,
+            "phase": status.derive_phase(conditions, resource.summary_condition),
+            "conditions": conditions,
+        }
         (directory / "status.json").write_text(json.dumps(document, indent=2))
 
 

@@ -1,0 +1,80 @@
+"""The `lathe` command line's exit codes and its progress output when it is not a terminal."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from lathe import cli
+from lathe.local.runner import ProgressEvent
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signal_exit_code_follows_the_signal(monkeypatch, capsys, signum, code):
+    """`kill` gives 143 and a closed terminal 129, as a shell reports them, not Ctrl-C's 130."""
+
+    def handler(_args, _console):
+        cli._interrupt(signum, None)
+
+    monkeypatch.setattr(cli, "_validate", handler)
+    assert cli.main(["validate", "-f", "unused.yaml"]) == code
+    assert "Interrupted" in capsys.readouterr().out
+
+
+def test_ctrl_c_exit_code_is_130():
+    """A real SIGINT in a child process: Python raises KeyboardInterrupt with no signal name."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from lathe import cli
+        def handler(_args, _console):
+            os.kill(os.getpid(), signal.SIGINT)
+        cli._validate = handler
+        sys.exit(cli.main(["validate", "-f", "unused.yaml"]))
+    """)
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               timeout=60)
+    assert completed.returncode == 130, completed.stderr
+
+
+def _resources():
+    def resource(kind: str, name: str):
+        return SimpleNamespace(key=f"{kind}/default/{name}", kind=kind,
+                               metadata=SimpleNamespace(name=name))
+    return [resource("Corpus", "pubmed"), resource("PretrainJob", "pubmed-lm")]
+
+
+def test_progress_lines_when_output_is_not_a_terminal():
+    """Piped to a file, every stage's start and end is a line, and progress is rate-limited."""
+    output = io.StringIO()
+    console = Console(file=output, force_terminal=False, soft_wrap=True, highlight=False)
+    assert not console.is_terminal
+    now = [100.0]
+    lines = cli.StageLines(console, _resources(), interval_s=30, clock=lambda: now[0])
+    corpus, pretrain = (resource.key for resource in _resources())
+
+    lines(ProgressEvent(corpus, "reused", message="reused"))
+    lines(ProgressEvent(pretrain, "started"))
+    for step in range(1, 11):
+        now[0] += 10
+        lines(ProgressEvent(pretrain, "progress", completed=step, total=10,
+                            record={"message": f"step {step}", "loss": 5.0 - step / 10}))
+    lines(ProgressEvent(pretrain, "succeeded", message="done"))
+
+    printed = output.getvalue().splitlines()
+    assert printed[0] == "Corpus pubmed: reused the finished output of an earlier run."
+    assert printed[1] == "PretrainJob pubmed-lm: started."
+    # 100 s of progress every 10 s, shown at most every 30 s: at 30, 60 and 90 s.
+    progress = printed[2:-1]
+    assert progress == [
+        "PretrainJob pubmed-lm: 30%, step 3  loss 4.700",
+        "PretrainJob pubmed-lm: 60%, step 6  loss 4.400",
+        "PretrainJob pubmed-lm: 90%, step 9  loss 4.100",
+    ]
+    assert printed[-1] == "PretrainJob pubmed-lm: succeeded in 100.0 s."
