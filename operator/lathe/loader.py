@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,52 @@ def _type_message(error_type: str, value: Any) -> str:
     return f"{message}; write {expected}."
 
 
+def _constraint_message(error_type: str, ctx: dict[str, Any], value: Any) -> str | None:
+    """Word a schema constraint that `value` breaks as what the field takes and how to fix it.
+
+    Returns None for an error type that is not a constraint of the schema.
+    """
+    value_prefix = f"invalid value {value!r}: " if _scalar(value) else ""
+    if error_type in ("enum", "literal_error"):
+        choices = ctx.get("expected", "")
+        allowed = re.findall(r"'([^']*)'", choices)
+        close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6) if allowed else []
+        if not close and isinstance(value, str):
+            close = [choice for choice in allowed if choice.lower() == value.lower()]
+        if len(allowed) == 1:
+            return f"{value_prefix}must be {choices}; write {choices}."
+        hint = f"did you mean {close[0]!r}?" if close else "use one of them."
+        return f"{value_prefix}must be one of {choices}; {hint}"
+    bounds = {
+        "greater_than_equal": ("ge", "at least {}", "set {} or more"),
+        "greater_than": ("gt", "greater than {}", "set a value above {}"),
+        "less_than_equal": ("le", "at most {}", "set {} or less"),
+        "less_than": ("lt", "less than {}", "set a value below {}"),
+        "multiple_of": ("multiple_of", "a multiple of {}", "round it to a multiple of {}"),
+    }
+    if error_type in bounds and bounds[error_type][0] in ctx:
+        key, rule, fix = bounds[error_type]
+        limit = ctx[key]
+        return f"{value_prefix}must be {rule.format(limit)}; {fix.format(limit)}."
+    lengths = {
+        "string_too_short": ("min_length", "at least {} character{}", "lengthen it"),
+        "string_too_long": ("max_length", "at most {} character{}", "shorten it"),
+        "too_short": ("min_length", "at least {} item{}", "add items"),
+        "too_long": ("max_length", "at most {} item{}", "remove items"),
+    }
+    if error_type in lengths and lengths[error_type][0] in ctx:
+        key, rule, fix = lengths[error_type]
+        limit = int(ctx[key])
+        if error_type == "string_too_short" and limit == 1:
+            return f"{value_prefix}must not be empty; set a value."
+        if error_type == "too_short" and limit == 1:
+            return f"{value_prefix}must not be empty; add at least one item."
+        return f"{value_prefix}must have {rule.format(limit, '' if limit == 1 else 's')}; {fix}."
+    if error_type == "string_pattern_mismatch" and "pattern" in ctx:
+        return f"{value_prefix}must match the pattern {ctx['pattern']!r}; change it to match."
+    return None
+
+
 def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> tuple[str, str]:
     location = tuple(part for part in error["loc"] if part not in KINDS)
     # Tagged unions and Literal kinds prefix the location with the model name; drop it.
@@ -91,11 +138,16 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> tu
         if error["ctx"]["names_field"] and _scalar(value):
             return field, f"invalid value {value!r}: {message}."
         return field, f"{message}."
+    constraint = _constraint_message(error["type"], error.get("ctx") or {}, value)
+    if constraint:
+        return field, constraint
     # A validator's own message is the fix; pydantic prefixes it with "Value error, ".
     message = error["msg"].removeprefix("Value error, ").rstrip(".")
     if not _scalar(value):
         # A list or an object would print whole; the message names what is wrong in it.
         return field, f"{message}."
+    if "; " in message:
+        return field, f"invalid value {value!r}: {message}."
     return field, f"invalid value {value!r}: {message}; correct the value."
 
 

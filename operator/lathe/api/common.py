@@ -174,7 +174,9 @@ DNS_LABEL_RULE = (
 def _check_dns_label(value: str) -> str:
     """Raise ValueError unless `value` is a DNS-1123 label (RFC 1123), as Kubernetes defines it."""
     if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
-        raise ValueError(f"must be a DNS-1123 label: {DNS_LABEL_RULE}, such as 'pubmed-ner'")
+        suggestion = re.sub(r"[^a-z0-9-]+", "-", value.lower())[:63].strip("-") or "pubmed-ner"
+        raise ValueError(f"must be a DNS-1123 label: {DNS_LABEL_RULE}; rename it, for example "
+                         f"to {suggestion!r}")
     return value
 
 

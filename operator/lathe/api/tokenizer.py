@@ -157,16 +157,24 @@ class TokenizerSpec(ApiModel):
     @field_validator("special_tokens")
     @classmethod
     def _required_special_tokens(cls, value: list[str]) -> list[str]:
+        blank = [index for index, token in enumerate(value) if not token.strip()]
+        if blank:
+            raise ValueError(
+                f"entry {blank[0]} is blank, and a special token needs at least one visible "
+                "character; remove the entry or write the token"
+            )
+        repeated = sorted({token for token in value if value.count(token) > 1})
+        if repeated:
+            raise ValueError(
+                f"{', '.join(map(repr, repeated))} listed more than once; list each token once"
+            )
         missing = [token for token in REQUIRED_SPECIAL_TOKENS if token not in value]
         if missing:
             raise ValueError(
-                f"special tokens {value!r} lack {missing!r}; add them, because later stages use "
-                "them for end of document, padding and unknown input"
-            )
-        if len(set(value)) != len(value) or any(not token.strip() for token in value):
-            raise ValueError(
-                f"special tokens {value!r} contain a duplicate or blank entry; list each token "
-                "once"
+                f"{', '.join(map(repr, missing))} missing; add "
+                f"{'it' if len(missing) == 1 else 'them'}, because later stages use "
+                f"{', '.join(REQUIRED_SPECIAL_TOKENS)} for end of document, padding and unknown "
+                "input"
             )
         return value
 
