@@ -93,6 +93,9 @@ def _manifest_text(output: Path | str) -> tuple[str, bytes]:
     directory = local_path(output) if isinstance(output, str) else output
     path = directory / MANIFEST
     if not path.is_file():
+        unfinished = _unfinished_stage(directory)
+        if unfinished:
+            raise LineageError(f"{directory} contains no {MANIFEST}: {unfinished}")
         where = "does not exist" if not directory.exists() else "contains no manifest.json"
         raise LineageError(
             f"{directory} {where}; pass the output directory of a finished stage, such as "
@@ -102,6 +105,28 @@ def _manifest_text(output: Path | str) -> tuple[str, bytes]:
         return str(path), path.read_bytes()
     except OSError as error:
         raise LineageError(f"{path} could not be read ({error}).") from error
+
+
+def _unfinished_stage(directory: Path) -> str:
+    """Say why the `lathe run` stage of `directory` (its stage or output directory) has no
+    manifest, from the status.json the runner wrote; "" when there is none to read."""
+    stage_dir = directory.parent if directory.name == "output" else directory
+    try:
+        written = json.loads((stage_dir / "status.json").read_text())
+        phase = written["phase"]
+        conditions = {c["type"]: c for c in written.get("conditions", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    log_file = stage_dir / "stage.log"
+    if phase == "Failed":
+        failed = conditions.get("Failed", {})
+        detail = str(failed.get("message", "")).splitlines()
+        reason = f" ({failed.get('reason')}: {detail[0]})" if detail else ""
+        see = f" Its log is {log_file}." if log_file.is_file() else ""
+        return (f"the stage failed{reason}, so it has no lineage yet.{see} Fix the cause and "
+                "run `lathe run` again.")
+    return (f"the stage has not finished (phase {phase}); run `lathe run` until it succeeds, "
+            "then ask again.")
 
 
 def walk(output_dir: Path) -> Iterator[Node]:

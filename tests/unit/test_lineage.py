@@ -119,6 +119,27 @@ def test_cli_reports_missing_output(tmp_path, capsys, name, message):
     assert "Traceback" not in error
 
 
+@pytest.mark.parametrize("phase, conditions, expected", [
+    ("Failed", [{"type": "Failed", "status": "True", "reason": "JobFailed",
+                 "message": "Exit code 42: spec.sources: no documents remain\nmore"}],
+     "the stage failed (JobFailed: Exit code 42: spec.sources: no documents remain), so it has "
+     "no lineage yet. Its log is {stage}/stage.log."),
+    ("Suspended", [], "the stage has not finished (phase Suspended)"),
+])
+@pytest.mark.parametrize("given", ["stage", "output"])
+def test_unfinished_stage_explained(tmp_path, capsys, phase, conditions, expected, given):
+    """Lineage of a stage that failed or has not finished says so, from its status.json."""
+    stage = tmp_path / "default" / "corpus" / "pubmed"
+    (stage / "output").mkdir(parents=True)
+    (stage / "stage.log").write_text("error: ...\n")
+    (stage / "status.json").write_text(json.dumps({"phase": phase, "conditions": conditions}))
+    path = stage if given == "stage" else stage / "output"
+    assert cli.main(["lineage", str(path)]) == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert expected.format(stage=stage) in error
+    assert "pass the output directory of a finished stage" not in error
+
+
 def test_inputs_on_s3_followed(s3_store, tmp_path, monkeypatch):
     """An input whose output lives on an object store is read there."""
     import uuid
