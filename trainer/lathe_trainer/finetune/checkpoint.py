@@ -25,19 +25,26 @@ import torch
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+# A checkpoint moved aside while a new one for the same step takes its place (see save).
+ASIDE_DIR = re.compile(r"^\.old-step-(\d{8})$")
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 
 
 def step_dirs(phase_dir: Path) -> list[tuple[int, Path]]:
     """Return the complete checkpoints of a phase as (step, path), oldest first."""
-    found = []
+    found: dict[int, Path] = {}
+    aside: dict[int, Path] = {}
     if phase_dir.is_dir():
         for path in phase_dir.iterdir():
-            match = STEP_DIR.match(path.name)
+            match = STEP_DIR.match(path.name) or ASIDE_DIR.match(path.name)
             if match and (path / STATE_FILE).is_file():
-                found.append((int(match.group(1)), path))
-    return sorted(found)
+                (found if match.re is STEP_DIR else aside)[int(match.group(1))] = path
+    # A save interrupted between its two renames left the old checkpoint aside and none in
+    # its place; that old one is still complete.
+    for step, path in aside.items():
+        found.setdefault(step, path)
+    return sorted(found.items())
 
 
 def save(phase_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -47,8 +54,14 @@ def save(phase_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(target, ignore_errors=True)
+    # A checkpoint for the same step (a run that started over) is moved aside, not removed,
+    # until the new one is in place: an interrupted save then still leaves a complete one.
+    aside = phase_dir / f".old-step-{step:08d}"
+    if target.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
     os.replace(tmp, target)
+    shutil.rmtree(aside, ignore_errors=True)
     for _, old in step_dirs(phase_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("Saved checkpoint %s.", target)
