@@ -7,6 +7,7 @@ small copies written under tmp_path.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ EXAMPLE = REPO / "examples" / "pubmed" / "01-corpus.yaml"
 NCBI_TEST = "pubmed/ncbi-disease/corpus/NCBItestset_corpus.txt"
 BC5CDR_TRAIN = "pubmed/bc5cdr/CDR_TrainingSet.PubTator.txt"
 PUBMEDQA = "pubmed/pubmedqa/ori_pqal.json"
+NCBI_CONLL_TEST = "pubmed/ncbi-disease/conll/test.tsv"
+BC5CDR_CONLL_TEST = "pubmed/bc5cdr-ner/test.tsv"
 
 
 def _example() -> dict:
@@ -123,6 +126,7 @@ def test_example_data_card_lists_sources(example_run):
     card = (output / "data_card.md").read_text()
     for source in _example()["spec"]["sources"]:
         assert f"| {source['name']} |" in card
+    assert f"`{NCBI_TEST}` (ncbiDisease: 100 documents with " in card
 
 
 def test_example_reports_progress_per_step(example_run):
@@ -242,8 +246,10 @@ def test_duplicate_source_name_raises(make_config):
         make_config(_corpus(sources))
 
 
-def test_source_in_wrong_format_raises(make_config):
-    sources = [{"name": "wrong", "format": "pubmedqa", "path": BC5CDR_TRAIN}]
+def test_source_in_wrong_format_raises(make_config, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("A plain note about E11.9, not JSON.\n")
+    sources = [{"name": "wrong", "format": "pubmedqa", "path": str(notes)}]
     with pytest.raises(StageError, match=r"spec\.sources\[0\]\.format: file .* is not UTF-8 JSON"):
         stage.run(make_config(_corpus(sources)), resume=False)
 
@@ -254,9 +260,63 @@ def test_eval_set_in_wrong_format_raises(make_config):
     sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN}]
     eval_sets = [{"name": "ncbi-test", "format": "jsonl", "path": NCBI_TEST}]
     resource = _corpus(sources, decontamination={"evalSets": eval_sets})
-    with pytest.raises(StageError, match=r"spec\.decontamination\.evalSets\[0\]\.format: all "
-                       r"\d+ records of 'ncbi-test' .* are malformed for format 'jsonl'"):
+    with pytest.raises(StageError, match=r"spec\.decontamination\.evalSets\[0\]\.format: "
+                       r"evaluation set 'ncbi-test' .* has format 'jsonl', but (\d+) of the \1 "
+                       r"blocks in its first 1000 lines start with a PubTator `PMID\|t\|title` "
+                       r"line; use format: pubtator\.$"):
         stage.run(make_config(resource), resume=False)
+
+
+@pytest.mark.parametrize("declared", ["text", "jsonl"])
+def test_conll_eval_set_as_text_raises(make_config, declared):
+    """Read as `text`, a CoNLL sentence has a tag after every token, so it matches nothing."""
+    sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN}]
+    eval_sets = [
+        {"name": "ncbi-test", "format": "ncbiDisease", "path": NCBI_TEST},
+        {"name": "ncbi-conll", "format": declared, "path": NCBI_CONLL_TEST},
+    ]
+    resource = _corpus(sources, decontamination={"evalSets": eval_sets})
+    with pytest.raises(StageError, match=r"spec\.decontamination\.evalSets\[1\]\.format: "
+                       rf"evaluation set 'ncbi-conll' .* has format '{declared}', but (\d+) of "
+                       r"the \1 non-blank lines in its first 1000 lines are CoNLL `token<TAB>tag` "
+                       r"lines; use format: conll\.$"):
+        stage.run(make_config(resource), resume=False)
+
+
+def test_pubtator_eval_set_as_text_raises(make_config):
+    sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN}]
+    eval_sets = [{"name": "ncbi-test", "format": "text", "path": NCBI_TEST}]
+    resource = _corpus(sources, decontamination={"evalSets": eval_sets})
+    with pytest.raises(StageError, match=r"evalSets\[0\]\.format: evaluation set 'ncbi-test' .* "
+                       r"has format 'text', but .*; use format: pubtator\.$"):
+        stage.run(make_config(resource), resume=False)
+
+
+def test_conll_source_as_text_raises(make_config):
+    sources = [
+        {"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN},
+        {"name": "bc5cdr-ner", "format": "text", "path": BC5CDR_CONLL_TEST},
+    ]
+    with pytest.raises(StageError, match=r"spec\.sources\[1\]\.format: source 'bc5cdr-ner' .* "
+                       r"has format 'text', but .*; use format: conll\.$"):
+        stage.run(make_config(_corpus(sources)), resume=False)
+
+
+def test_short_eval_set_raises(make_config, tmp_path):
+    """Documents shorter than ngramSize add no n-gram and remove only identical documents."""
+    questions = tmp_path / "questions.txt"
+    questions.write_text("Is ataxia-telangiectasia recessive?\n\nWhich gene causes it?\n")
+    sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN}]
+    eval_sets = [{"name": "questions", "format": "text", "path": str(questions)}]
+    resource = _corpus(sources, decontamination={"evalSets": eval_sets, "ngramSize": 5})
+    with pytest.raises(StageError, match=r"spec\.decontamination\.evalSets\[0\]: all 2 "
+                       r"documents of evaluation set 'questions' .* are shorter than "
+                       r"spec\.decontamination\.ngramSize \(5\) tokens \(the longest has 4\).*"
+                       r"set a smaller ngramSize, or check that format 'text'"):
+        stage.run(make_config(resource), resume=False)
+    resource["spec"]["decontamination"]["ngramSize"] = 4
+    metrics = stage.run(make_config(resource), resume=False)
+    assert metrics["documentsOut"] > 0
 
 
 def test_source_all_malformed_raises(make_config, data_dir, tmp_path):
@@ -291,6 +351,92 @@ def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["removed"]["minWords"] == 2
     assert read_manifest(f"file://{tmp_path / 'out'}") is None
+
+
+NCBI_DEV = "pubmed/ncbi-disease/corpus/NCBIdevelopset_corpus.txt"
+
+
+def _conll_sentences(path: Path) -> list[list[str]]:
+    """Tokens per sentence of a CoNLL file, parsed here independently of the stage's reader."""
+    blocks = path.read_text(encoding="utf-8").strip().split("\n\n")
+    return [[line.split("\t")[0] for line in block.split("\n")] for block in blocks]
+
+
+@pytest.fixture(scope="module")
+def ncbi_eval_runs(data_dir, tmp_path_factory):
+    """Run one corpus twice, with the NCBI test split as a `conll` and as an `ncbiDisease`
+    evaluation set, and return {format: (stats, removed document ids)}.
+
+    The sources are the NCBI test and development abstracts and the long sentences of the
+    test abstracts, one per document. Those sentences keep the original punctuation
+    (`IL-2 (receptor)`), which the CoNLL file has as separate tokens (`IL - 2 ( receptor )`).
+    """
+    tmp_path = tmp_path_factory.mktemp("ncbi-eval")
+    abstracts = _pubtator_texts(data_dir / NCBI_TEST)
+    sentences = [
+        sentence
+        for text in abstracts.values()
+        for sentence in re.split(r"(?<=\.)\s+", text.replace("\n", " "))
+        if len(sentence.split()) >= 20
+    ]
+    sentence_file = tmp_path / "sentences.jsonl"
+    lines = [json.dumps({"id": f"s{i}", "text": text}) for i, text in enumerate(sentences)]
+    sentence_file.write_text("\n".join(lines) + "\n")
+    sources = [
+        {"name": "test", "format": "ncbiDisease", "path": NCBI_TEST},
+        {"name": "dev", "format": "ncbiDisease", "path": NCBI_DEV},
+        {"name": "sentences", "format": "jsonl", "path": str(sentence_file)},
+    ]
+    eval_sets = {
+        "conll": {"name": "ncbi-test", "format": "conll", "path": NCBI_CONLL_TEST},
+        "ncbiDisease": {"name": "ncbi-test", "format": "ncbiDisease", "path": NCBI_TEST},
+    }
+    runs = {}
+    for eval_format, eval_set in eval_sets.items():
+        # Without deduplication every removal is decontamination's.
+        resource = _corpus(sources, dedup={"exact": False, "near": {"enabled": False}},
+                           decontamination={"evalSets": [eval_set]})  # fmt: skip
+        output = tmp_path / eval_format
+        config = stage_config(KINDS["Corpus"].model_validate(resource), {}, f"file://{output}",
+                              str(data_dir))  # fmt: skip
+        stage.run(config, resume=False)
+        stats = json.loads((output / "stats.json").read_text())
+        kept = {d["id"] for split in ("train", "validation")
+                for d in iter_documents(str(output), split)}  # fmt: skip
+        all_ids = {f"test:{pmid}" for pmid in abstracts}
+        all_ids |= {f"dev:{pmid}" for pmid in _pubtator_texts(data_dir / NCBI_DEV)}
+        all_ids |= {f"sentences:s{i}" for i in range(len(sentences))}
+        runs[eval_format] = (stats, all_ids - kept, len(sentences))
+    return runs
+
+
+def test_conll_eval_set_removes_as_abstracts(ncbi_eval_runs):
+    """The CoNLL sentences of the NCBI test split remove what its abstracts remove."""
+    conll_stats, conll_removed, sentence_count = ncbi_eval_runs["conll"]
+    abstract_stats, abstract_removed, _ = ncbi_eval_runs["ncbiDisease"]
+    by_source = conll_stats["filters"][3]["removedBySource"]
+    assert conll_stats["filters"][3]["name"] == "decontamination"
+    assert by_source["test"] == 100
+    assert by_source["sentences"] == sentence_count
+    assert sentence_count > 400
+    assert conll_removed == abstract_removed
+    assert len(conll_removed) == conll_stats["removed"]["decontamination"]
+    assert abstract_stats["removed"] == conll_stats["removed"]
+
+
+def test_conll_eval_set_counts_add_up(ncbi_eval_runs, data_dir):
+    stats, _, _ = ncbi_eval_runs["conll"]
+    sentences = _conll_sentences(data_dir / NCBI_CONLL_TEST)
+    tokens = [re.findall(r"\w+", " ".join(sentence).casefold()) for sentence in sentences]
+    long_enough = [sentence for sentence in tokens if len(sentence) >= 13]
+    ngrams = {" ".join(t[i:i + 13]) for t in long_enough for i in range(len(t) - 12)}
+    [eval_set] = stats["evalSets"]
+    assert eval_set["format"] == "conll"
+    assert eval_set["documentsIn"] == len(sentences) == 940
+    assert eval_set["malformed"] == 0
+    assert eval_set["documentsIndexed"] == len(long_enough)
+    assert eval_set["documentsTooShort"] == len(sentences) - len(long_enough)
+    assert eval_set["ngrams"] == len(ngrams)
 
 
 def _run_workers(make_config, resource: dict, output: Path, monkeypatch) -> dict:

@@ -20,6 +20,8 @@ PUBMED = "pubmed"
         ("ncbi-disease/corpus/NCBItestset_corpus.txt", "ncbiDisease", 100),
         ("ncbi-disease/corpus/NCBItrainset_corpus.txt", "ncbiDisease", 593),
         ("pubmedqa/ori_pqal.json", "pubmedqa", 1000),
+        ("ncbi-disease/conll/test.tsv", "conll", 940),
+        ("bc5cdr-ner/test.tsv", "conll", 4797),
     ],
 )
 def test_real_source_reads_without_malformed(data_dir, path, source_format, documents):
@@ -145,3 +147,50 @@ def test_text_blocks_are_documents(tmp_path):
     assert [(d.record_id, d.text) for d in read.documents] == [
         ("line-1", "first note\nsecond line"), ("line-5", "second note"),
     ]
+
+
+def _conll_lines(data_dir, sentences: int) -> list[str]:
+    """The lines of the first sentences of the NCBI CoNLL test split, blank lines included."""
+    text = (data_dir / PUBMED / "ncbi-disease" / "conll" / "test.tsv").read_text()
+    blocks = text.strip().split("\n\n")[:sentences]
+    return "\n\n".join(blocks).split("\n")
+
+
+def test_conll_sentence_is_document(data_dir, tmp_path):
+    path = tmp_path / "test.tsv"
+    path.write_text("\n".join(_conll_lines(data_dir, 2)) + "\n")
+    read = read_source(path, "conll", "ncbi")
+    assert [d.record_id for d in read.documents] == ["line-1", "line-20"]
+    assert read.documents[0].text == (
+        "Clustering of missense mutations in the ataxia - telangiectasia gene in a sporadic "
+        "T - cell leukaemia ."
+    )
+    assert read.malformed_count == 0
+
+
+def test_conll_malformed_lines_are_counted(data_dir, tmp_path):
+    lines = _conll_lines(data_dir, 10)
+    starts = [0] + [i + 1 for i, line in enumerate(lines) if not line]
+    latin1 = lines.index("recessive\tB-Disease")
+    assert starts[1] < latin1 < starts[2]
+    lines[starts[2] + 3] = lines[starts[2] + 3].split("\t")[0]  # no tag column
+    lines[starts[5]] = "two words\tO"  # a space inside the token
+    lines[starts[8] + 1] = "\tO"  # no token
+    encoded = [line.encode() for line in lines]
+    encoded[latin1] = "r\u00e9cessive\tB-Disease".encode("latin-1")
+    path = tmp_path / "broken.tsv"
+    path.write_bytes(b"\n".join(encoded) + b"\n")
+
+    read = read_source(path, "conll", "broken")
+
+    assert read.records == 10
+    assert len(read.documents) == 6
+    assert read.malformed_count == 4
+    examples = read.malformed_examples
+    # Line numbers count from 1; each record is named by its sentence's first line.
+    assert [e.line for e in examples] == [latin1 + 1, starts[2] + 4, starts[5] + 1, starts[8] + 2]
+    assert [e.record_id for e in examples] == [f"line-{starts[i] + 1}" for i in (1, 2, 5, 8)]
+    assert examples[0].reason == "the line is not valid UTF-8"
+    assert "without a tag column" in examples[1].reason
+    assert "got 'two words'" in examples[2].reason
+    assert "got ''" in examples[3].reason

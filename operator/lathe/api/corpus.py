@@ -26,6 +26,7 @@ class SourceFormat(str, enum.Enum):
     NCBI_DISEASE = "ncbiDisease"
     JSONL = "jsonl"
     TEXT = "text"
+    CONLL = "conll"
 
 
 class Source(ApiModel):
@@ -37,7 +38,10 @@ class Source(ApiModel):
         strict=False,
         description="Published format: `pubtator` (BioCreative PubTator), `pubmedqa` (the "
         "PubMedQA JSON), `ncbiDisease` (NCBI disease corpus), `jsonl` (one JSON object per line "
-        "with a `text` field) or `text` (one document per blank-line-separated block)."
+        "with a `text` field), `text` (one document per blank-line-separated block) or `conll` "
+        "(one `token<TAB>tag` line per token, blank lines between sentences; each sentence is "
+        "one document, its tokens joined with spaces). The stage fails when the file's first "
+        "lines look like `pubtator`, `conll` or `jsonl` and this field says otherwise."
     )
     path: DataPath = Field(
         description="File path or URI. A relative path is resolved against the data directory "
@@ -119,8 +123,10 @@ class DecontaminationSpec(ApiModel):
         description="Evaluation sets whose documents must not appear in the training corpus.",
     )
     ngram_size: int = Field(
-        default=13, ge=4, le=50, description="Words per n-gram. A document that shares one "
-        "n-gram with an evaluation document is dropped."
+        default=13, ge=4, le=50, description="Tokens per n-gram. A token is a run of letters and "
+        "digits, so `IL-2` is two tokens and punctuation spacing does not matter. A document "
+        "that shares one n-gram with an evaluation document is dropped. An evaluation set whose "
+        "documents are all shorter than this fails the stage."
     )
 
 

@@ -50,7 +50,11 @@ def _processing(spec: dict[str, Any], stats: dict[str, Any]) -> list[str]:
     near = spec["dedup"]["near"]
     decontamination = spec["decontamination"]
     split = spec["split"]
-    eval_sets = ", ".join(f"`{item['path']}`" for item in stats["evalSets"]) or "none"
+    eval_sets = ", ".join(
+        f"`{item['path']}` ({item['format']}: {item['documentsIndexed']} documents with "
+        f"{item['ngrams']} n-grams, {item['documentsTooShort']} shorter than an n-gram)"
+        for item in stats["evalSets"]
+    ) or "none"
     redactions = ", ".join(f"{kind} {count}" for kind, count in stats["piiRedactions"].items())
     return [
         f"- Normalization: Unicode {normalization['unicodeForm']}, whitespace collapsed: "
@@ -58,7 +62,7 @@ def _processing(spec: dict[str, Any], stats: dict[str, Any]) -> list[str]:
         f"- Near duplicates: {'on' if near['enabled'] else 'off'}, Jaccard >= {near['threshold']} "
         f"over {near['shingleSize']}-word shingles, MinHash LSH with {near['numPerm']} "
         "permutations; the first document of each group is kept.",
-        f"- Decontamination: {decontamination['ngramSize']}-word n-gram overlap with {eval_sets}.",
+        f"- Decontamination: {decontamination['ngramSize']}-token n-gram overlap with {eval_sets}.",
         f"- PII redacted ({', '.join(spec['pii']['redact']) or 'none'}): "
         f"{redactions or 'nothing found'}, in {stats['piiDocuments']} documents.",
         f"- Split: validation fraction {split['validationFraction']}, seed {split['seed']}, "

@@ -17,7 +17,7 @@ from lathe_trainer.corpus.records import Document, Malformed, SourceRead
 
 # `PMID|t|title` and `PMID|a|abstract`. The id is numeric in PubMed but any id without `|`
 # or tabs is accepted, as PubTator tools accept it.
-_PUBTATOR_TEXT = re.compile(r"^([^|\t]+)\|([ta])\|(.*)$")
+PUBTATOR_TEXT = re.compile(r"^([^|\t]+)\|([ta])\|(.*)$")
 
 
 class SourceFormatError(ValueError):
@@ -68,7 +68,7 @@ def _split_pubtator_block(
 
 
 def _is_title(line: str) -> bool:
-    match = _PUBTATOR_TEXT.match(line)
+    match = PUBTATOR_TEXT.match(line)
     return bool(match and match.group(2) == "t")
 
 
@@ -79,7 +79,7 @@ def _parse_pubtator_document(
     first_line = lines[0][0]
     if lines[0][1] is None:
         return Malformed(first_line, None, "the line is not valid UTF-8")
-    title = _PUBTATOR_TEXT.match(lines[0][1])
+    title = PUBTATOR_TEXT.match(lines[0][1])
     if not title or title.group(2) != "t":
         return Malformed(
             first_line, None, f"expected `PMID|t|title`, got {_excerpt(lines[0][1])!r}"
@@ -189,6 +189,42 @@ def read_text(path: Path, source: str) -> SourceRead:
     return result
 
 
+def _conll_problem(line: str | None) -> str | None:
+    """Return why a non-blank line is not `token<TAB>tag...`, or None when it is."""
+    if line is None:
+        return "the line is not valid UTF-8"
+    token, tab, tags = line.partition("\t")
+    if not tab or not tags.strip():
+        return f"expected `token<TAB>tag`, got {_excerpt(line)!r} without a tag column"
+    if not token or any(character.isspace() for character in token):
+        return (
+            f"expected one token without spaces in the first column, got {_excerpt(token)!r}"
+        )
+    return None
+
+
+def read_conll(path: Path, source: str) -> SourceRead:
+    """Read CoNLL text: one `token<TAB>tag` line per token, a blank line after each sentence.
+
+    Each sentence becomes one document, its tokens joined with spaces. Further tab-separated
+    columns are ignored. A sentence with a line that has no tag column, a token with spaces or
+    invalid UTF-8 is one malformed record, located at that line.
+    """
+    result = SourceRead()
+    for block in _blocks(path):
+        record_id = f"line-{block[0][0]}"
+        problems = [(number, _conll_problem(line)) for number, line in block]
+        bad = [(number, problem) for number, problem in problems if problem is not None]
+        if bad:
+            number, problem = bad[0]
+            result.add_malformed(Malformed(number, record_id, problem))
+            continue
+        tokens = [line.partition("\t")[0] for _, line in block if line is not None]
+        text = " ".join(tokens)
+        result.documents.append(Document(id="", source=source, record_id=record_id, text=text))
+    return result
+
+
 def _excerpt(line: str, limit: int = 60) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
@@ -201,6 +237,7 @@ READERS: dict[str, Callable[[Path, str], SourceRead]] = {
     "pubmedqa": read_pubmedqa,
     "jsonl": read_jsonl,
     "text": read_text,
+    "conll": read_conll,
 }
 
 

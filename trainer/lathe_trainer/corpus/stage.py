@@ -26,10 +26,11 @@ from pydantic import ValidationError
 
 from lathe.api.corpus import CorpusSpec, Source
 from lathe_trainer.corpus import datacard, dedup, split, workers
-from lathe_trainer.corpus.decontaminate import EvalIndex
+from lathe_trainer.corpus.decontaminate import EvalIndex, EvalSetCounts
 from lathe_trainer.corpus.normalize import normalize_text, word_count
 from lathe_trainer.corpus.readers import SourceFormatError, read_source
 from lathe_trainer.corpus.records import Document, SourceRead
+from lathe_trainer.corpus.sniff import format_mismatch
 from lathe_trainer.corpus.stats import (
     DECONTAMINATION,
     EXACT_DUPLICATES,
@@ -175,6 +176,7 @@ def _read_all(
     documents: list[Document] = []
     seen_ids: Counter[str] = Counter()
     for i, (source, path) in enumerate(zip(sources, paths, strict=True)):
+        _check_format(config, source, f"{field}[{i}]", path)
         try:
             read = read_source(path, source.format, source.name)
         except SourceFormatError as error:
@@ -203,6 +205,23 @@ def _read_all(
                 source.name, read.malformed_count, read.malformed_examples[0].to_json(), STATS,
             )
     return documents
+
+
+def _check_format(config: StageConfig, source: Source, field: str, path: Path) -> None:
+    """Raise StageError when the file's first lines fit another format than the declared one.
+
+    The `text` reader parses any file, so a CoNLL or PubTator file declared as `text` would
+    give wrong documents without a malformed record, and as an evaluation set remove nothing.
+    """
+    guess = format_mismatch(path, source.format)
+    if guess is None:
+        return
+    role = "evaluation set" if field.startswith("spec.decontamination") else "source"
+    raise StageError(
+        config, f"{field}.format",
+        f"{role} {source.name!r} ('{path}') has format {source.format!r}, but "
+        f"{guess.evidence}; use format: {guess.format}.",
+    )
 
 
 def _check_yield(config: StageConfig, source: Source, field: str, read: SourceRead,
@@ -312,7 +331,33 @@ def _eval_index(config: StageConfig, spec: CorpusSpec, stats: CorpusStats) -> Ev
     field = "spec.decontamination.evalSets"
     _check_unique_names(config, eval_sets, field)
     eval_documents = _read_all(config, spec, eval_sets, field, stats.eval_sets)
-    return EvalIndex(eval_documents, spec.decontamination.ngram_size)
+    by_set: dict[str, list[Document]] = {eval_set.name: [] for eval_set in eval_sets}
+    for document in eval_documents:
+        by_set[document.source].append(document)
+    index = EvalIndex(spec.decontamination.ngram_size)
+    for i, (eval_set, set_stats) in enumerate(zip(eval_sets, stats.eval_sets, strict=True)):
+        set_stats.index = index.add(by_set[eval_set.name])
+        _check_ngrams(config, eval_set, f"{field}[{i}]", set_stats.index, index.ngram_size)
+    return index
+
+
+def _check_ngrams(config: StageConfig, eval_set: Source, field: str, counts: EvalSetCounts,
+                  ngram_size: int) -> None:
+    """Raise StageError when every document of an evaluation set is shorter than an n-gram.
+
+    Such a set removes only training documents whose tokens equal one of its documents, which
+    almost never happens, so its test text would stay in training.
+    """
+    if counts.documents_indexed:
+        return
+    raise StageError(
+        config, field,
+        f"all {counts.documents} documents of evaluation set {eval_set.name!r} "
+        f"('{eval_set.path}') are shorter than spec.decontamination.ngramSize ({ngram_size}) "
+        f"tokens (the longest has {counts.max_tokens}), so it contributes no n-grams and "
+        "removes only training documents identical to one of its documents; set a smaller "
+        f"ngramSize, or check that format {eval_set.format!r} is how the file is written.",
+    )
 
 
 def _filter_contaminated(

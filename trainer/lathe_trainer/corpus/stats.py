@@ -1,8 +1,9 @@
 """Per-filter statistics of a Corpus run, written to stats.json and returned as metrics.
 
 The counts are kept so that they add up: documents read minus malformed records minus the
-documents each filter removed equals the documents written. `CorpusStats.check` enforces it
-before anything is reported.
+documents each filter removed equals the documents written, and each evaluation set's
+documents are either indexed by their n-grams or too short for one. `CorpusStats.check`
+enforces both before anything is reported.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from lathe_trainer.corpus.decontaminate import EvalSetCounts
 from lathe_trainer.corpus.records import SourceRead
 
 # Filters in the order the stage runs them; stats.json lists them in this order.
@@ -34,9 +36,11 @@ class SourceStats:
     digest: str
     size_bytes: int
     read: SourceRead
+    # Counts of an evaluation set in the decontamination index, or None for a source.
+    index: EvalSetCounts | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        result = {
             "name": self.name,
             "format": self.format,
             "path": self.path,
@@ -46,6 +50,13 @@ class SourceStats:
             "malformed": self.read.malformed_count,
             "malformedExamples": [record.to_json() for record in self.read.malformed_examples],
         }
+        if self.index is not None:
+            result |= {
+                "documentsIndexed": self.index.documents_indexed,
+                "documentsTooShort": self.index.documents_too_short,
+                "ngrams": self.index.ngrams,
+            }
+        return result
 
 
 @dataclass
@@ -115,6 +126,15 @@ class CorpusStats:
                 f"malformed - {self.removed} removed = {expected}, but {self.documents_out} "
                 "were written. This is a bug in the Corpus stage."
             )
+        for eval_set in self.eval_sets:
+            parsed = eval_set.read.records - eval_set.read.malformed_count
+            if eval_set.index is not None and eval_set.index.documents != parsed:
+                raise RuntimeError(
+                    f"Evaluation set {eval_set.name!r} has {parsed} documents, but "
+                    f"{eval_set.index.documents_indexed} indexed + "
+                    f"{eval_set.index.documents_too_short} too short = "
+                    f"{eval_set.index.documents}. This is a bug in the Corpus stage."
+                )
 
     def source_digests(self) -> dict[str, str]:
         return {item.name: item.digest for item in self.sources + self.eval_sets}

@@ -1,0 +1,120 @@
+"""A guess at a file's format from its first lines, to catch a wrong `format` field.
+
+The `text` reader accepts any file, so a CoNLL or PubTator file declared as `text` parses
+without a malformed record. Its documents are then sentences with a tag after every token, or
+titles mixed with annotation lines, and an evaluation set read that way matches nothing while
+the stage reports success. The stage compares this guess with the declared format before it reads a file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lathe_trainer.corpus.readers import PUBTATOR_TEXT
+
+# Lines, and bytes at most, read from the start of the file, so that the guess costs the same
+# for any file size.
+SAMPLE_LINES = 1000
+SAMPLE_BYTES = 1 << 20
+# Share of the sampled lines (or blocks, for PubTator) that must fit a format.
+MIN_SHARE = 0.9
+# Fewer `token<TAB>tag` lines than this are too little evidence against a declared format.
+MIN_CONLL_LINES = 10
+
+# One token without spaces, then tab-separated columns without spaces (the tag, and others).
+_CONLL_LINE = re.compile(r"^[^\s]+(?:\t[^\s]+)+$")
+
+# Declared formats that a guessed format agrees with. `ncbiDisease` is PubTator text.
+COMPATIBLE = {
+    "conll": {"conll"},
+    "pubtator": {"pubtator", "ncbiDisease"},
+    "jsonl": {"jsonl"},
+}
+
+
+@dataclass(frozen=True)
+class FormatGuess:
+    """A format the file looks like, and the evidence in words for an error message."""
+
+    format: str
+    evidence: str
+
+
+def _sample(path: Path) -> list[str]:
+    with path.open("rb") as handle:
+        data = handle.read(SAMPLE_BYTES)
+    raw_lines = data.split(b"\n")
+    if len(data) == SAMPLE_BYTES and len(raw_lines) > 1:
+        raw_lines.pop()  # cut off inside a line
+    sample = raw_lines[:SAMPLE_LINES]
+    return [raw.decode("utf-8", errors="replace").rstrip("\r") for raw in sample]
+
+
+def _block_first_lines(lines: list[str]) -> list[str]:
+    firsts = []
+    previous_blank = True
+    for line in lines:
+        blank = not line.strip()
+        if previous_blank and not blank:
+            firsts.append(line)
+        previous_blank = blank
+    return firsts
+
+
+def _is_jsonl_record(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("text"), str)
+
+
+def guess_format(path: Path) -> FormatGuess | None:
+    """Return the format that the first lines of path fit, or None when none fits.
+
+    Only `pubtator`, `conll` and `jsonl` are guessed. `text` fits any file, and a PubMedQA
+    object is checked by its own reader.
+    """
+    lines = _sample(path)
+    non_blank = [line for line in lines if line.strip()]
+    if not non_blank:
+        return None
+    firsts = _block_first_lines(lines)
+    titles = sum(1 for line in firsts if _is_pubtator_title(line))
+    if titles >= MIN_SHARE * len(firsts):
+        return FormatGuess(
+            "pubtator",
+            f"{titles} of the {len(firsts)} blocks in its first {len(lines)} lines start with a "
+            "PubTator `PMID|t|title` line",
+        )
+    conll = sum(1 for line in non_blank if _CONLL_LINE.match(line))
+    if conll >= MIN_CONLL_LINES and conll >= MIN_SHARE * len(non_blank):
+        return FormatGuess(
+            "conll",
+            f"{conll} of the {len(non_blank)} non-blank lines in its first {len(lines)} lines are "
+            "CoNLL `token<TAB>tag` lines",
+        )
+    records = sum(1 for line in non_blank if _is_jsonl_record(line))
+    if records >= MIN_SHARE * len(non_blank):
+        return FormatGuess(
+            "jsonl",
+            f"{records} of the {len(non_blank)} non-blank lines in its first {len(lines)} lines "
+            "are JSON objects with a `text` field",
+        )
+    return None
+
+
+def _is_pubtator_title(line: str) -> bool:
+    match = PUBTATOR_TEXT.match(line)
+    return bool(match and match.group(2) == "t")
+
+
+def format_mismatch(path: Path, declared: str) -> FormatGuess | None:
+    """Return the guess for path when it contradicts the declared format, else None."""
+    guess = guess_format(path)
+    if guess is None or declared in COMPATIBLE[guess.format]:
+        return None
+    return guess
