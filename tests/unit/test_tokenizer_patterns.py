@@ -145,8 +145,9 @@ SPEC = {"corpusRef": {"name": "c"}}
         ({"protectedPatterns": [{"name": "p", "regex": "[0-9]*"}]}, "matches the empty string"),
         ({"protectedPatterns": [{"name": "p", "regex": "a"}, {"name": "p", "regex": "b"}]},
          "used more than once"),
-        ({"specialTokens": ["<|endoftext|>", "<pad>"]}, r"lack \['<unk>'\]"),
-        ({"specialTokens": ["<|endoftext|>", "<pad>", "<unk>", "<pad>"]}, "duplicate"),
+        ({"specialTokens": ["<|endoftext|>", "<pad>"]}, "'<unk>' missing; add it"),
+        ({"specialTokens": ["<|endoftext|>", "<pad>", "<unk>", "<pad>"]},
+         "'<pad>' listed more than once"),
     ],
 )
 def test_spec_rejects(change, message):
