@@ -18,7 +18,7 @@ import tritonclient.http
 from tritonclient.utils import InferenceServerException
 
 from lathe_trainer.export import repository
-from lathe_trainer.serving import client, local_server
+from lathe_trainer.serving import client, decoding, local_server
 from lathe_trainer.serving.reference import predict_entities, read_model_settings
 
 MODEL_NAME = "pubmed_ner"
@@ -77,6 +77,32 @@ def test_long_and_short_texts_in_one_batch(server, export_output, data_dir):
     assert len(texts) == 8
     served = client.infer_entities(server.http_url, MODEL_NAME, texts)
     assert served == predict_entities(model_dir, texts)
+
+
+def test_long_text_is_served_in_windows(server, export_output, data_dir):
+    """A text of several windows returns entities from its tail, as the in-process model does."""
+    _, model_dir = export_output
+    abstracts = (data_dir / "pubmed" / "ncbi-disease" / "corpus" / "NCBItestset_corpus.txt")
+    lines = abstracts.read_text(encoding="utf-8").splitlines()
+    text = " ".join([line.split("|", 2)[2] for line in lines if "|a|" in line][:3])
+    settings = read_model_settings(model_dir)
+    tokenizer = decoding.load_tokenizer(str(model_dir / "tokenizer.json"))
+    stride = decoding.default_stride(settings.max_length)
+    rows = decoding.encode_text(tokenizer, text, settings.special, settings.max_length,
+                                stride).rows
+    assert len(rows) >= 3
+    last_window_start = min(
+        start for (start, _), word in zip(rows[-1].spans, rows[-1].word_ids)
+        if word != decoding.NO_WORD
+    )
+
+    texts = [text, "Gout."]
+    served = client.infer_entities(server.http_url, MODEL_NAME, texts)
+    assert served == predict_entities(model_dir, texts)
+    # The random model tags most words, so the last window's words yield entities.
+    assert any(entity["start"] >= last_window_start for entity in served[0])
+    for entity in served[0]:
+        assert entity["text"] == text[entity["start"]:entity["end"]]
 
 
 def test_invalid_utf8_is_rejected(server):

@@ -7,19 +7,19 @@ BPE trained on NCBI-disease abstracts), so these tests do not depend on the Fine
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
 import yaml
 from tiny_ner_model import build_model
 
-from lathe_trainer.export import stage
+from lathe_trainer.export import stage, window_graph
 from lathe_trainer.export.onnx_export import check_inputs
 from lathe_trainer.serving.reference import load_model
 from lathe_trainer.stage import ResolvedInput, StageError, read_manifest
@@ -69,8 +69,26 @@ def model_input(root: Path) -> dict[str, ResolvedInput]:
                                    digest="sha256:f")}
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def weights(path: Path) -> dict[str, bytes]:
+    graph = onnx.load(str(path)).graph
+    return {item.name: onnx.numpy_helper.to_array(item).tobytes() for item in graph.initializer}
+
+
+def assert_serves_with_window_axis(repository_model: Path, exported: Path) -> None:
+    """The repository's model is `exported` with a window axis: same weights, same logits."""
+    assert weights(repository_model) == weights(exported)
+    input_ids = np.arange(2 * 3 * 7).reshape(2, 3, 7) % 900 + 3
+    attention_mask = np.ones_like(input_ids)
+    attention_mask[1, 2, 4:] = 0
+    attention_mask[1, 1, 1:] = 0
+    windowed = onnxruntime.InferenceSession(str(repository_model)).run(
+        None, {"input_ids": input_ids, "attention_mask": attention_mask}
+    )[0]
+    rows = onnxruntime.InferenceSession(str(exported)).run(
+        None, {"input_ids": input_ids.reshape(6, 7), "attention_mask": attention_mask.reshape(6, 7)}
+    )[0]
+    assert windowed.shape == (2, 3, 7, 3)
+    np.testing.assert_allclose(windowed.reshape(6, 7, 3), rows, rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +162,8 @@ def test_example_quantization_decision_is_consistent(example_run):
     assert metrics["servedModel"] == report["servedModel"]
     served = output / report["servedModel"]
     repository_model = output / "model_repository" / "pubmed_ner_model" / "1" / "model.onnx"
-    assert sha256(repository_model) == sha256(served)
+    assert_serves_with_window_axis(repository_model, served)
+    assert report["windowStride"] == 128
     assert 0.0 <= quantization["tokenAgreement"] <= 1.0
     assert "goldF1Fp32" in quantization
 
@@ -163,7 +182,7 @@ def test_broken_quantization_is_not_deployed(tmp_path, make_config):
     assert not (output / "model.int8.onnx").exists()
     assert report["quantization"]["deployed"] is False
     repository_model = output / "model_repository" / "pubmed_ner_model" / "1" / "model.onnx"
-    assert sha256(repository_model) == sha256(output / "model.onnx")
+    assert_serves_with_window_axis(repository_model, output / "model.onnx")
 
 
 def test_tolerant_quantization_serves_int8_gpt2(tmp_path, make_config):
@@ -176,7 +195,17 @@ def test_tolerant_quantization_serves_int8_gpt2(tmp_path, make_config):
     assert metrics["servedModel"] == "model.int8.onnx"
     assert metrics["int8SizeBytes"] < metrics["onnxSizeBytes"]
     repository_model = output / "model_repository" / "pubmed_ner_model" / "1" / "model.onnx"
-    assert sha256(repository_model) == sha256(output / "model.int8.onnx")
+    assert_serves_with_window_axis(repository_model, output / "model.int8.onnx")
+
+
+def test_window_axis_needs_named_inputs():
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
+        [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["b", "s"])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.INT64, ["b", "s"])],
+    )
+    with pytest.raises(ValueError, match="needs inputs \\['input_ids', 'attention_mask'\\]"):
+        window_graph.add_window_axis(onnx.helper.make_model(graph))
 
 
 def test_difference_above_tolerance_fails(tmp_path, make_config, llama_output):

@@ -35,10 +35,11 @@ def test_every_config_parses(max_batch_size, backend):
         assert parsed.max_batch_size == max_batch_size
 
 
-# Expected dims per tensor with batching on: the batch dimension is left out.
+# Expected dims per tensor with batching on: the batch dimension is left out. Token tensors
+# are [windows, sequence] per text.
 BATCHED_DIMS = {
-    "TEXT": [1], "ENTITIES": [1], "input_ids": [-1], "attention_mask": [-1],
-    "OFFSETS": [-1, 2], "WORD_IDS": [-1], "logits": [-1, len(LABELS)],
+    "TEXT": [1], "ENTITIES": [1], "input_ids": [-1, -1], "attention_mask": [-1, -1],
+    "OFFSETS": [-1, -1, 2], "WORD_IDS": [-1, -1], "logits": [-1, -1, len(LABELS)],
 }
 
 
@@ -85,7 +86,19 @@ def test_model_step_backends(backend, filename, parameters):
 def test_tokenizer_parameters_carry_special_ids():
     parsed = parse(repository.tokenizer_config(settings()))
     values = {key: value.string_value for key, value in parsed.parameters.items()}
-    assert values == {"max_length": "512", "bos_id": "0", "unk_id": "2", "pad_id": "1"}
+    assert values == {"max_length": "512", "stride": "128", "bos_id": "0", "unk_id": "2",
+                      "pad_id": "1"}
+
+
+def test_stride_setting_is_checked():
+    custom = repository.RepositorySettings("m", LABELS, 64, bos_id=0, unk_id=2, pad_id=1,
+                                           stride=8)
+    parsed = parse(repository.tokenizer_config(custom))
+    assert parsed.parameters["stride"].string_value == "8"
+    too_long = repository.RepositorySettings("m", LABELS, 64, bos_id=0, unk_id=2, pad_id=1,
+                                             stride=63)
+    with pytest.raises(ValueError, match="stride 63 must be in 0..62"):
+        repository.model_configs(too_long)
 
 
 def test_missing_bos_renders_minus_one():

@@ -40,14 +40,19 @@ def quantize(fp32_path: Path, int8_path: Path) -> None:
     quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
 
 
-def run_onnx(path: Path, encoded_batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def run_onnx(
+    path: Path, encoded_batches: list[dict[str, np.ndarray]], num_labels: int
+) -> list[np.ndarray]:
+    """Return the [batch, windows, sequence, labels] logits of each encoded batch."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
     return [
-        session.run(["logits"], {
-            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]
-        })[0]
+        decoding.run_windows(run, batch["input_ids"], batch["attention_mask"], num_labels)
         for batch in encoded_batches
     ]
 
@@ -90,7 +95,7 @@ def compare_quantized(
     predictions: dict[str, list[list[dict]]] = {"fp32": [], "int8": []}
     token_labels: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     for name, path in (("fp32", fp32_path), ("int8", int8_path)):
-        for chunk, batch, logits in zip(chunks, batches, run_onnx(path, batches)):
+        for chunk, batch, logits in zip(chunks, batches, run_onnx(path, batches, len(id2label))):
             predictions[name] += decoding.entities_from_logits(
                 chunk, logits, batch["offsets"], batch["word_ids"], id2label
             )

@@ -13,6 +13,11 @@ named after `spec.modelName` and its three steps:
     <name>_postprocess Python backend: logits, OFFSETS, WORD_IDS, TEXT -> ENTITIES
     <name>             ensemble:       TEXT (TYPE_STRING) -> ENTITIES (TYPE_STRING, JSON spans)
 
+The tokenizer splits a text longer than `max_length` tokens into windows that overlap by
+`stride` tokens of left context, so the tensors between the steps are [batch, windows,
+sequence] (OFFSETS and logits add a last axis), and `model.onnx` is the exported graph with a
+window axis added (`lathe_trainer.export.window_graph`).
+
 `config.pbtxt` files are rendered from plain dicts by `render_pbtxt`. NB: when
 `max_batch_size > 0`, Triton adds the batch dimension itself, so `dims` must leave it out;
 when it is 0, `dims` is the full shape and starts with the batch dimension (-1). Either way a
@@ -26,6 +31,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lathe_trainer.export import window_graph
+from lathe_trainer.serving import decoding
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "serving" / "models"
 DECODING_FILE = MODELS_DIR.parent / "decoding.py"
@@ -51,6 +59,17 @@ class RepositorySettings:
     max_batch_size: int = 8
     model_backend: str = "python"
     instance_count: int = 1
+    # Tokens of left context that each window after the first repeats; None: the default,
+    # decoding.default_stride(max_length).
+    stride: int | None = None
+
+    @property
+    def window_stride(self) -> int:
+        return decoding.default_stride(self.max_length) if self.stride is None else self.stride
+
+    @property
+    def special_ids(self) -> decoding.SpecialIds:
+        return decoding.SpecialIds(bos=self.bos_id, unk=self.unk_id, pad=self.pad_id)
 
 
 def render_value(value: Any) -> str:
@@ -108,14 +127,15 @@ def tokenizer_config(settings: RepositorySettings) -> dict[str, Any]:
         "max_batch_size": batch,
         "input": [tensor("TEXT", "TYPE_STRING", [1], batch)],
         "output": [
-            tensor("input_ids", "TYPE_INT64", [-1], batch),
-            tensor("attention_mask", "TYPE_INT64", [-1], batch),
-            tensor("OFFSETS", "TYPE_INT64", [-1, 2], batch),
-            tensor("WORD_IDS", "TYPE_INT64", [-1], batch),
+            tensor("input_ids", "TYPE_INT64", [-1, -1], batch),
+            tensor("attention_mask", "TYPE_INT64", [-1, -1], batch),
+            tensor("OFFSETS", "TYPE_INT64", [-1, -1, 2], batch),
+            tensor("WORD_IDS", "TYPE_INT64", [-1, -1], batch),
         ],
         "instance_group": cpu_instances(settings.instance_count),
         "parameters": parameters({
             "max_length": settings.max_length,
+            "stride": settings.window_stride,
             "bos_id": -1 if settings.bos_id is None else settings.bos_id,
             "unk_id": settings.unk_id,
             "pad_id": settings.pad_id,
@@ -130,10 +150,10 @@ def model_config(settings: RepositorySettings) -> dict[str, Any]:
         "backend": settings.model_backend,
         "max_batch_size": batch,
         "input": [
-            tensor("input_ids", "TYPE_INT64", [-1], batch),
-            tensor("attention_mask", "TYPE_INT64", [-1], batch),
+            tensor("input_ids", "TYPE_INT64", [-1, -1], batch),
+            tensor("attention_mask", "TYPE_INT64", [-1, -1], batch),
         ],
-        "output": [tensor("logits", "TYPE_FP32", [-1, len(settings.id2label)], batch)],
+        "output": [tensor("logits", "TYPE_FP32", [-1, -1, len(settings.id2label)], batch)],
         "instance_group": cpu_instances(settings.instance_count),
     }
     if settings.model_backend == "onnxruntime":
@@ -152,9 +172,9 @@ def postprocess_config(settings: RepositorySettings) -> dict[str, Any]:
         "backend": "python",
         "max_batch_size": batch,
         "input": [
-            tensor("logits", "TYPE_FP32", [-1, len(settings.id2label)], batch),
-            tensor("OFFSETS", "TYPE_INT64", [-1, 2], batch),
-            tensor("WORD_IDS", "TYPE_INT64", [-1], batch),
+            tensor("logits", "TYPE_FP32", [-1, -1, len(settings.id2label)], batch),
+            tensor("OFFSETS", "TYPE_INT64", [-1, -1, 2], batch),
+            tensor("WORD_IDS", "TYPE_INT64", [-1, -1], batch),
             tensor("TEXT", "TYPE_STRING", [1], batch),
         ],
         "output": [tensor("ENTITIES", "TYPE_STRING", [1], batch)],
@@ -201,12 +221,16 @@ def ensemble_config(settings: RepositorySettings) -> dict[str, Any]:
 
 
 def model_configs(settings: RepositorySettings) -> dict[str, dict[str, Any]]:
-    """Return {model directory name: config dict} for the four models of the repository."""
+    """Return {model directory name: config dict} for the four models of the repository.
+
+    Raises ValueError for an unknown model backend or a stride that leaves a window no room.
+    """
     if settings.model_backend not in MODEL_BACKENDS:
         raise ValueError(
             f"Model backend {settings.model_backend!r} is not supported; use one of "
             f"{MODEL_BACKENDS}."
         )
+    decoding.check_window(settings.special_ids, settings.max_length, settings.window_stride)
     configs = [
         tokenizer_config(settings),
         model_config(settings),
@@ -235,7 +259,11 @@ ENSEMBLE_PLACEHOLDER = "README.txt"
 def write_repository(
     repository: Path, settings: RepositorySettings, onnx_file: Path, tokenizer_file: Path
 ) -> dict[str, Path]:
-    """Write the four models under `repository` (replacing it) and return their directories."""
+    """Write the four models under `repository` (replacing it) and return their directories.
+
+    `onnx_file` is the exported graph ([batch, sequence] inputs); the repository gets a copy
+    with a window axis.
+    """
     if repository.exists():
         shutil.rmtree(repository)
     configs = model_configs(settings)
@@ -251,7 +279,7 @@ def write_repository(
 
     model_version = directories[model_name] / "1"
     model_version.mkdir(parents=True)
-    shutil.copyfile(onnx_file, model_version / "model.onnx")
+    window_graph.write_windowed(onnx_file, model_version / "model.onnx")
     if settings.model_backend == "python":
         install_python_model(model_version, "onnx_model")
 

@@ -254,6 +254,7 @@ def run(config: StageConfig, resume: bool) -> dict:
         "modelBackend": spec.serving.model_backend,
         "maxBatchSize": spec.serving.max_batch_size,
         "maxSequenceLength": settings.max_length,
+        "windowStride": repository_settings.window_stride,
         "labels": settings.id2label,
         "heldOutSentences": len(sentences),
     }

@@ -9,17 +9,23 @@ each Triton Python model (`ner_decoding.py`) and the serving image needs no Lath
 Text is encoded with the FineTune stage's convention (`lathe_trainer.finetune.data`), so the
 model sees at serving time what it saw in training; a unit test compares the two encoders.
 Character offsets are Python string indices (Unicode code points).
+
+A text longer than the model's maximum sequence length is split into windows of whole words that
+overlap by up to `stride` tokens of left context (`split_windows`), and each word takes its
+label from one window, so no part of a long text goes unlabelled.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-# Word id of special and padding tokens, which belong to no word of the input text.
+# Word id of tokens whose label is not used: special and padding tokens, which belong to no
+# word of the input text, and context tokens, whose words another window labels.
 NO_WORD = -1
 
 # Words as the FineTune stage splits them (lathe_trainer.finetune.data.WORD_PATTERN): runs of
@@ -36,65 +42,208 @@ class SpecialIds:
     pad: int
 
 
-def encode_row(
-    tokenizer: Any, text: str, special: SpecialIds, max_length: int
-) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """Encode one text as the FineTune stage encodes training sentences.
+def default_stride(max_length: int) -> int:
+    """Return the default stride: a quarter of the window, so 128 tokens of a 512-token window.
 
-    Returns (input ids, word index per token or NO_WORD, character span of each token's word).
-    The convention: `bos` first, then each word encoded on its own as `" " + word` without
-    special tokens (an empty encoding becomes `unk`), cut to `max_length` tokens.
+    Every window after the first then spends at most a quarter of its tokens on left context,
+    and a long text costs the model at most about 4/3 of its own tokens.
     """
-    ids: list[int] = []
-    word_index: list[int] = []
-    spans: list[tuple[int, int]] = []
-    if special.bos is not None:
-        ids.append(special.bos)
-        word_index.append(NO_WORD)
-        spans.append((0, 0))
-    words = list(WORD_PATTERN.finditer(text))
-    if words:
-        pieces = tokenizer.encode_batch(
-            [" " + word.group() for word in words], add_special_tokens=False
+    return max_length // 4
+
+
+def check_window(special: SpecialIds, max_length: int, stride: int) -> int:
+    """Return the number of text tokens a window can contain besides bos.
+
+    Raises ValueError unless a window contains at least one new token after its `stride`
+    tokens of context, because otherwise the split would not advance through the text.
+    """
+    budget = max_length - (special.bos is not None)
+    if budget < 1:
+        raise ValueError(
+            f"max_length {max_length} leaves no room for text after the bos token; use at "
+            "least 2."
         )
-        for position, (word, piece) in enumerate(zip(words, pieces)):
-            piece_ids = piece.ids or [special.unk]
-            ids += piece_ids
-            word_index += [position] * len(piece_ids)
-            spans += [word.span()] * len(piece_ids)
-    return ids[:max_length], word_index[:max_length], spans[:max_length]
+    if not 0 <= stride < budget:
+        raise ValueError(
+            f"stride {stride} must be in 0..{budget - 1}, so that each window of {max_length} "
+            "tokens also holds new text."
+        )
+    return budget
+
+
+@dataclass(frozen=True)
+class Window:
+    """Words [context_start, end) of a text, encoded as one model sequence.
+
+    Words [context_start, start) are left context that an earlier window has labelled. Words
+    [start, end) take their labels from this window.
+    """
+
+    context_start: int
+    start: int
+    end: int
+
+
+def split_windows(token_counts: list[int], budget: int, stride: int) -> list[Window]:
+    """Split words of `token_counts` tokens each into windows of at most `budget` tokens.
+
+    Each window after the first repeats the last whole words before it, up to `stride` tokens,
+    as left context. Every word is labelled in exactly one window, the first that contains it.
+    The model is causal, so a word's logits depend only on the tokens before it. That first
+    window gives the word the most left context, because each window starts at a later word
+    than the one before: its context is shorter than the text of the window before it. A word
+    of more than `budget` tokens fills a window alone and is cut to `budget` tokens.
+    """
+    windows: list[Window] = []
+    start = 0
+    while start < len(token_counts):
+        # Context must leave room for the first new word, cut to the budget if need be.
+        room = min(stride, budget - min(token_counts[start], budget))
+        context_start, used = start, 0
+        while context_start > 0 and used + token_counts[context_start - 1] <= room:
+            context_start -= 1
+            used += token_counts[context_start]
+        end = start
+        while end < len(token_counts) and (
+            end == start or used + token_counts[end] <= budget
+        ):
+            used += token_counts[end]
+            end += 1
+        windows.append(Window(context_start, start, end))
+        start = end
+    return windows
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One model sequence: token ids, the index of the word each token labels, word spans.
+
+    `word_ids` is NO_WORD for bos and for context tokens, whose words another window labels,
+    so that concatenating the rows of a text yields each word's kept tokens exactly once.
+    """
+
+    ids: list[int]
+    word_ids: list[int]
+    spans: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """A text as model sequences (at least one, even for an empty text)."""
+
+    rows: list[TokenRow]
+    # Tokens dropped from words longer than a window. The word's label comes from its first
+    # token, which is always kept, so only the left context of the words after it shrinks.
+    cut_tokens: int
+
+
+def encode_words(
+    tokenizer: Any, text: str, special: SpecialIds
+) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """Encode each word of `text` as the FineTune stage does: `" " + word`, no special tokens.
+
+    Returns the character span and the token ids of every word. A word whose encoding is empty
+    becomes `unk`.
+    """
+    words = list(WORD_PATTERN.finditer(text))
+    if not words:
+        return [], []
+    pieces = tokenizer.encode_batch([" " + word.group() for word in words], add_special_tokens=False)
+    return [word.span() for word in words], [piece.ids or [special.unk] for piece in pieces]
+
+
+def encode_text(
+    tokenizer: Any, text: str, special: SpecialIds, max_length: int, stride: int
+) -> EncodedText:
+    """Encode one text as windows of at most `max_length` tokens, counting bos.
+
+    Each window is encoded with the FineTune stage's convention: `bos` first, then its words.
+    `split_windows` decides which words each window contains and labels.
+    """
+    budget = check_window(special, max_length, stride)
+    spans, pieces = encode_words(tokenizer, text, special)
+    prefix = [] if special.bos is None else [special.bos]
+    rows: list[TokenRow] = []
+    cut_tokens = 0
+    for window in split_windows([len(piece) for piece in pieces], budget, stride):
+        ids, word_ids = list(prefix), [NO_WORD] * len(prefix)
+        token_spans = [(0, 0)] * len(prefix)
+        for word in range(window.context_start, window.end):
+            piece = pieces[word]
+            if len(piece) > budget:
+                cut_tokens += len(piece) - budget
+                piece = piece[:budget]
+            ids += piece
+            word_ids += [word if word >= window.start else NO_WORD] * len(piece)
+            token_spans += [spans[word]] * len(piece)
+        rows.append(TokenRow(ids, word_ids, token_spans))
+    if not rows:
+        rows.append(TokenRow(list(prefix), [NO_WORD] * len(prefix), [(0, 0)] * len(prefix)))
+    return EncodedText(rows, cut_tokens)
 
 
 def encode_texts(
-    tokenizer: Any, texts: list[str], special: SpecialIds, max_length: int
+    tokenizer: Any,
+    texts: list[str],
+    special: SpecialIds,
+    max_length: int,
+    stride: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Tokenize texts into right-padded int64 arrays of shape [batch, sequence].
+    """Tokenize texts into right-padded int64 arrays of shape [batch, windows, sequence].
 
-    Returns `input_ids`, `attention_mask`, `offsets` ([batch, sequence, 2], the character span
-    of each token's word) and `word_ids` (NO_WORD for special and padding tokens). Right
-    padding leaves the logits of real tokens unchanged in a causal model.
+    Returns `input_ids`, `attention_mask`, `offsets` ([batch, windows, sequence, 2], the
+    character span of each token's word), `word_ids` (NO_WORD for special, context and padding
+    tokens) and `cut_tokens` ([batch], see EncodedText). A text with fewer windows than the
+    longest one gets windows without tokens. Right padding leaves the logits of real tokens
+    unchanged in a causal model. `stride` defaults to `default_stride(max_length)`.
     """
-    rows = [encode_row(tokenizer, text, special, max_length) for text in texts]
-    # NB: at least one column, so that a batch of empty texts still has a valid shape.
-    length = max([len(ids) for ids, _, _ in rows] + [1])
-    batch = len(texts)
-    input_ids = np.full((batch, length), special.pad, dtype=np.int64)
-    attention_mask = np.zeros((batch, length), dtype=np.int64)
-    offsets = np.zeros((batch, length, 2), dtype=np.int64)
-    word_ids = np.full((batch, length), NO_WORD, dtype=np.int64)
-    for row, (ids, word_index, spans) in enumerate(rows):
-        size = len(ids)
-        input_ids[row, :size] = ids
-        attention_mask[row, :size] = 1
-        word_ids[row, :size] = word_index
-        if size:
-            offsets[row, :size] = spans
+    if stride is None:
+        stride = default_stride(max_length)
+    encoded = [encode_text(tokenizer, text, special, max_length, stride) for text in texts]
+    # NB: at least one window and one column, so that an empty batch still has a valid shape.
+    windows = max([len(item.rows) for item in encoded] + [1])
+    length = max([len(row.ids) for item in encoded for row in item.rows] + [1])
+    shape = (len(texts), windows, length)
+    input_ids = np.full(shape, special.pad, dtype=np.int64)
+    attention_mask = np.zeros(shape, dtype=np.int64)
+    offsets = np.zeros(shape + (2,), dtype=np.int64)
+    word_ids = np.full(shape, NO_WORD, dtype=np.int64)
+    for text_index, item in enumerate(encoded):
+        for window_index, row in enumerate(item.rows):
+            size = len(row.ids)
+            if not size:
+                continue
+            position = (text_index, window_index, slice(0, size))
+            input_ids[position] = row.ids
+            attention_mask[position] = 1
+            word_ids[position] = row.word_ids
+            offsets[position] = row.spans
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "offsets": offsets,
         "word_ids": word_ids,
+        "cut_tokens": np.array([item.cut_tokens for item in encoded], dtype=np.int64),
     }
+
+
+def run_windows(
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    num_labels: int,
+) -> np.ndarray:
+    """Run a model on the windows of a [batch, windows, sequence] batch that contain tokens.
+
+    `run(input_ids, attention_mask)` takes [rows, sequence] arrays and returns [rows, sequence,
+    labels] logits. Returns [batch, windows, sequence, labels] float32 logits, with zeros for
+    windows without tokens, which are only padding and are not run.
+    """
+    logits = np.zeros(input_ids.shape + (num_labels,), dtype=np.float32)
+    filled = attention_mask.any(axis=-1)
+    if filled.any():
+        logits[filled] = run(input_ids[filled], attention_mask[filled])
+    return logits
 
 
 def split_label(label: str) -> tuple[str, str]:
@@ -138,14 +287,19 @@ def decode_entities(
     word_ids: np.ndarray,
     id2label: list[str],
 ) -> list[dict[str, Any]]:
-    """Decode one row of per-token label ids into character spans of `text`.
+    """Decode the per-token label ids of one text into character spans of `text`.
 
+    The arrays may hold the text's windows ([windows, sequence]); they are read in order as
+    one sequence, in which each word's tokens occur once, because context tokens are NO_WORD.
     IOB rules as in conlleval: `B-X` starts an entity, `I-X` continues an open entity of type X
     and otherwise starts one, `O` closes the open entity.
     """
     entities: list[dict[str, Any]] = []
     current: list | None = None  # [start, end, type] of the open entity
-    for start, end, label_id in word_spans(label_ids, offsets, word_ids):
+    words = word_spans(
+        np.reshape(label_ids, -1), np.reshape(offsets, (-1, 2)), np.reshape(word_ids, -1)
+    )
+    for start, end, label_id in words:
         prefix, kind = split_label(id2label[label_id])
         if prefix == "I" and current is not None and current[2] == kind:
             current[1] = end
@@ -167,7 +321,10 @@ def entities_from_logits(
     word_ids: np.ndarray,
     id2label: list[str],
 ) -> list[list[dict[str, Any]]]:
-    """Take the argmax over labels of [batch, sequence, labels] logits and decode every row."""
+    """Take the argmax over labels of [batch, windows, sequence, labels] logits; decode each text.
+
+    `offsets` and `word_ids` are the arrays of `encode_texts` for the same texts.
+    """
     label_ids = np.asarray(logits).argmax(axis=-1)
     return [
         decode_entities(text, label_ids[row], offsets[row], word_ids[row], id2label)
@@ -176,7 +333,7 @@ def entities_from_logits(
 
 
 def load_tokenizer(tokenizer_file: str) -> Any:
-    """Load a `tokenizer.json` with padding and truncation off (encode_row cuts sequences)."""
+    """Load a `tokenizer.json` with padding and truncation off (encode_text splits texts into windows)."""
     from tokenizers import Tokenizer  # imported here so that decoding needs only numpy
 
     tokenizer = Tokenizer.from_file(tokenizer_file)

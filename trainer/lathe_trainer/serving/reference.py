@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lathe_trainer.serving import decoding
 
 # Sequence-length limit for configs that name none (RoPE models have no hard limit).
@@ -89,28 +91,38 @@ def load_model(model_dir: Path, attn_implementation: str | None = None) -> Any:
 
 
 def predict_entities(
-    model_dir: Path, texts: list[str], batch_size: int = 8
+    model_dir: Path, texts: list[str], batch_size: int = 8, stride: int | None = None
 ) -> list[list[dict[str, Any]]]:
-    """Return the entities of each text as `{"start", "end", "text", "label"}` dicts."""
+    """Return the entities of each text as `{"start", "end", "text", "label"}` dicts.
+
+    Texts longer than the model's maximum length are split into windows that overlap by
+    `stride` tokens (default: `decoding.default_stride`), as in the Triton ensemble.
+    """
     import torch
 
     model_dir = Path(model_dir)
     settings = read_model_settings(model_dir)
     tokenizer = decoding.load_tokenizer(str(model_dir / "tokenizer.json"))
     model = load_model(model_dir)
+
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.from_numpy(input_ids),
+                attention_mask=torch.from_numpy(attention_mask),
+            ).logits
+        return logits.float().numpy()
+
     results: list[list[dict[str, Any]]] = []
     for first in range(0, len(texts), batch_size):
         chunk = texts[first:first + batch_size]
         encoded = decoding.encode_texts(
-            tokenizer, chunk, settings.special, settings.max_length
+            tokenizer, chunk, settings.special, settings.max_length, stride
         )
-        with torch.no_grad():
-            logits = model(
-                input_ids=torch.from_numpy(encoded["input_ids"]),
-                attention_mask=torch.from_numpy(encoded["attention_mask"]),
-            ).logits
+        logits = decoding.run_windows(
+            run, encoded["input_ids"], encoded["attention_mask"], len(settings.id2label)
+        )
         results += decoding.entities_from_logits(
-            chunk, logits.float().numpy(), encoded["offsets"], encoded["word_ids"],
-            settings.id2label,
+            chunk, logits, encoded["offsets"], encoded["word_ids"], settings.id2label
         )
     return results

@@ -1,9 +1,11 @@
 """Triton Python-backend step 3 of the NER ensemble: logits in, JSON entity spans out.
 
 Takes the argmax over labels and decodes IOB tags into character spans of the request text with
-the shared `ner_decoding.py` (the same code as the in-process reference). `labels.json` beside
-this file lists the labels by id. ENTITIES holds one UTF-8 JSON list per text of
-`{"start", "end", "text", "label"}` objects; offsets count Unicode code points.
+the shared `ner_decoding.py` (the same code as the in-process reference). The inputs hold each
+text's windows ([batch, windows, sequence]), and each word's label comes from the one window
+where its WORD_IDS entry is set. `labels.json` beside this file lists the labels by id.
+ENTITIES holds one UTF-8 JSON list per text of `{"start", "end", "text", "label"}` objects;
+offsets count Unicode code points.
 """
 
 import json
