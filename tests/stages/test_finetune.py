@@ -178,6 +178,9 @@ def test_outputs_and_manifest_written(finished):
     assert (output / "adapter" / "adapter_config.json").is_file()
     assert (output / "checkpoints" / "lora" / "step-00000120").is_dir()
     assert (output / "checkpoints" / "scratch" / "step-00000120").is_dir()
+    # Serving tags long texts in windows of the length the model was fine-tuned on.
+    tokenizer_config = json.loads((output / "model" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == 128  # the default spec.maxLength
 
 
 def test_adapter_trains_the_head(finished):

@@ -301,3 +301,21 @@ def test_run_windows_skips_padding_windows():
     assert logits.shape == (2, 2, 3, 2)
     assert logits[..., 0].tolist() == [[[5, 6, 0], [7, 0, 0]], [[8, 0, 0], [0, 0, 0]]]
     assert (logits[1, 1] == 0).all()
+
+
+@pytest.mark.parametrize("trained, window", [(160, 160), (None, 512), (4096, 512)])
+def test_window_is_the_finetuned_length(tmp_path, data_dir, trained, window):
+    """Serving windows are as long as the FineTune's sentences (its tokenizer's
+    model_max_length), at most the model's positions, which is 512 here."""
+    from tiny_ner_model import build_model
+
+    from lathe_trainer.serving.reference import read_model_settings
+
+    model_dir = build_model(data_dir, tmp_path / "model")
+    if trained is not None:
+        fast = AutoTokenizer.from_pretrained(model_dir)
+        fast.model_max_length = trained
+        fast.save_pretrained(model_dir)
+    settings = read_model_settings(model_dir)
+    assert settings.max_length == window
+    assert settings.max_positions == 512

@@ -210,7 +210,7 @@ def run(config: StageConfig, resume: bool) -> dict:
 
     model_dir = model_directory(config)
     settings = read_settings(config, model_dir)
-    check_lengths(config, spec.export.check_sequence_lengths, settings.max_length)
+    check_lengths(config, spec.export.check_sequence_lengths, settings.max_positions)
     sentences = read_sentences(config, spec)
     tokenizer = decoding.load_tokenizer(str(model_dir / "tokenizer.json"))
 
@@ -253,7 +253,8 @@ def run(config: StageConfig, resume: bool) -> dict:
         "servedModel": served,
         "modelBackend": spec.serving.model_backend,
         "maxBatchSize": spec.serving.max_batch_size,
-        "maxSequenceLength": settings.max_length,
+        "maxSequenceLength": settings.max_positions,
+        "windowLength": settings.max_length,
         "windowStride": repository_settings.window_stride,
         "labels": settings.id2label,
         "heldOutSentences": len(sentences),

@@ -294,6 +294,9 @@ def save_model(model, spec, tokenizer, test: Split, predicted, settings, output)
                     changed)
     if distributed.is_main():
         model.save_pretrained(output / "model")
+        # Hugging Face's record of the longest input the model was trained for; serving tags
+        # longer texts in windows of this length.
+        tokenizer.model_max_length = spec.max_length
         tokenizer.save_pretrained(output / "model")
     return {"mergedWordsChanged": changed}
 

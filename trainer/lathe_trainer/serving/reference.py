@@ -21,13 +21,23 @@ from lathe_trainer.serving import decoding
 DEFAULT_MAX_LENGTH = 512
 
 
+# Hugging Face writes int(1e30) as tokenizer_config.json's model_max_length when no limit is
+# set, so any value from here up means no limit.
+_NO_LIMIT = 10**12
+
+
 @dataclass(frozen=True)
 class ModelSettings:
-    """What serving needs from a model directory: labels, special token ids, length limit."""
+    """Labels, special token ids and lengths that serving reads from a model directory.
+
+    `max_length` is the window that serving tags a text in: the length the FineTune trained
+    on (its tokenizer's `model_max_length`), at most `max_positions`, the model's own limit.
+    """
 
     id2label: list[str]
     special: decoding.SpecialIds
     max_length: int
+    max_positions: int
 
 
 class ModelFormatError(ValueError):
@@ -55,10 +65,25 @@ def read_model_settings(model_dir: Path) -> ModelSettings:
             f"{config_file}: id2label {raw!r} is not an IOB label set with `O`; export a "
             "token-classification FineTune."
         )
-    max_length = (
+    max_positions = int(
         config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_LENGTH
     )
-    return ModelSettings(id2label, read_special_ids(model_dir), int(max_length))
+    # A causal model tags best in windows no longer than the sentences it was fine-tuned on,
+    # because it never learned positions beyond them.
+    trained = _tokenizer_max_length(model_dir)
+    max_length = min(max_positions, trained) if trained else max_positions
+    return ModelSettings(id2label, read_special_ids(model_dir), max_length, max_positions)
+
+
+def _tokenizer_max_length(model_dir: Path) -> int | None:
+    """Return tokenizer_config.json's model_max_length, or None when it sets no limit."""
+    try:
+        value = json.loads((model_dir / "tokenizer_config.json").read_text())["model_max_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value) if 1 < value < _NO_LIMIT else None
 
 
 def read_special_ids(model_dir: Path) -> decoding.SpecialIds:
