@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from lathe import loader
+from lathe import __version__, loader
 from lathe.api import ModelDeployment
 from lathe.errors import LatheError
 from lathe.local.runner import LocalRunner, ProgressEvent, StageResult
@@ -153,12 +154,38 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# The figures that show whether each stage did its job, from its manifest's metrics.
+HEADLINE_METRICS = {
+    "Corpus": (("documentsOut", "documents"),),
+    "Tokenizer": (("fertility", "tokens per word"),),
+    "PretrainJob": (("validationPerplexity", "validation perplexity"),),
+    "FineTune": (("f1", "entity F1"),),
+    "ModelDeployment": (("maxAbsDiff", "ONNX max abs diff"),),
+}
+
+
+def headline(kind: str, metrics: dict) -> str:
+    """Return the main results of a stage as short text, such as "entity F1 0.4642"."""
+    parts = []
+    for key, label in HEADLINE_METRICS.get(kind, ()):
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        parts.append(f"{label} {value:.4g}")
+    scratch = (metrics.get("fromScratch") or {}).get("f1") if kind == "FineTune" else None
+    if isinstance(scratch, (int, float)):
+        parts.append(f"from scratch {scratch:.4g}")
+    return ", ".join(parts)
+
+
 def _print_summary(console: Console, results: dict[str, StageResult]) -> None:
     for result in results.values():
         how = "reused" if result.reused else f"ran in {result.seconds:.1f} s"
+        figures = headline(result.resource.kind, result.manifest.get("metrics") or {})
         console.print(
-            f"{result.resource.kind} {result.resource.metadata.name}: {how}, "
-            f"artifact {result.manifest['digest'][:19]} at {result.output_uri}"
+            f"{result.resource.kind} {result.resource.metadata.name}: {how}"
+            f"{', ' + figures if figures else ''}, artifact {result.manifest['digest'][:19]} at "
+            f"{result.output_uri}"
         )
 
 
@@ -181,7 +208,13 @@ def _lineage(args: argparse.Namespace, console: Console) -> int:
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="lathe", description=__doc__)
     root.add_argument("-v", "--verbose", action="store_true", help="Log debug detail.")
+    root.add_argument("--version", action="version", version=f"lathe {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
+    # -v is accepted after the command too (`lathe run -f x -v`); SUPPRESS keeps a -v given
+    # before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="Log debug detail.")
 
     def with_files(command: argparse.ArgumentParser) -> None:
         command.add_argument(
@@ -198,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
             "(default: $LATHE_DATA_DIR or ../shared/data).",
         )
 
-    run = commands.add_parser("run", help="Run every stage locally, in dependency order.")
+    run = commands.add_parser("run", parents=[common], help="Run every stage locally, in dependency order.")
     with_files(run)
     run.add_argument("--sample", default=DEFAULT_SAMPLE, help="Sentence sent to Triton at the end.")
     run.add_argument(
@@ -207,11 +240,11 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run)
 
-    validate = commands.add_parser("validate", help="Check resource files without running them.")
+    validate = commands.add_parser("validate", parents=[common], help="Check resource files without running them.")
     with_files(validate)
     validate.set_defaults(handler=_validate)
 
-    lineage = commands.add_parser("lineage", help="Print the lineage of a stage output.")
+    lineage = commands.add_parser("lineage", parents=[common], help="Print the lineage of a stage output.")
     lineage.add_argument(
         "output", help="Output directory of a finished stage (with manifest.json), its file:// "
         "URI as `lathe run` prints it, or the stage directory above it.",
@@ -245,6 +278,16 @@ def main(argv: list[str] | None = None) -> int:
         Console(stderr=True, soft_wrap=True).print(f"error: {error}", style="red", highlight=False,
                                                    markup=False)
         return 1
+    except OSError as error:
+        # A full disk or a permission problem is the environment's, not a bug: one line, the
+        # traceback only with --verbose.
+        logging.getLogger(__name__).debug("The command failed.", exc_info=True)
+        where = f" ({error.filename})" if error.filename else ""
+        Console(stderr=True, soft_wrap=True).print(
+            f"error: {error.strerror or error}{where}; check free space and permissions there, "
+            "then run again.", style="red", highlight=False, markup=False,
+        )
+        return 1
     except KeyboardInterrupt as interrupt:
         console.print("Interrupted; finished stages are kept and are reused on the next run.")
         # The shell convention, 128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM, so
@@ -256,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum: int, _frame) -> None:
+    if signum == signal.SIGHUP:
+        # The terminal is gone, and writing to it fails with EIO. Later output goes nowhere,
+        # so that stopping the stages is not cut short by a failed print.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
+        os.close(devnull)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 

@@ -38,3 +38,7 @@ class StageFailedError(LatheError):
         self.resource = resource
         self.exit_code = exit_code
         self.detail = message
+
+
+class WorkspaceError(LatheError):
+    """The workspace cannot be used: in use by another run, or not writable."""

@@ -21,7 +21,8 @@ from lathe.api.common import RULE_ERROR, field_path
 from lathe.errors import InvalidResourceError
 from lathe.graph import REFERENCE_FIELDS, upstream_key
 
-RESOURCE_SUFFIXES = (".yaml", ".yml")
+# JSON is YAML too, and kubectl apply reads .json manifests as well.
+RESOURCE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 # Kubernetes ObjectMeta fields (k8s.io/apimachinery, meta/v1), as `kubectl get -o yaml` writes them.
@@ -205,7 +206,16 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
         metadata = {}  # pydantic reports the missing or wrongly typed metadata below
     name = metadata.get("name", "<unnamed>")
     label = f"{kind if isinstance(kind, str) and kind else '<no kind>'} {name!r} in {origin}"
-    if document.get("apiVersion") != API_VERSION:
+    api_version = document.get("apiVersion")
+    group = api_version.rpartition("/")[0] if isinstance(api_version, str) else ""
+    if isinstance(api_version, str) and group != API_VERSION.partition("/")[0]:
+        raise InvalidResourceError(
+            label, "apiVersion",
+            f"{api_version!r} is not a Lathe API version, so this is not a Lathe resource; "
+            f"lathe reads only {API_VERSION} resources. Remove the file from the folder, or "
+            "pass the Lathe files one by one with -f.",
+        )
+    if api_version != API_VERSION:
         raise InvalidResourceError(
             label, "apiVersion",
             f"invalid value {document.get('apiVersion')!r}; set it to {API_VERSION!r}.",
@@ -282,16 +292,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _yaml_message(error: yaml.YAMLError, path: Path) -> str:
+def _yaml_message(error: yaml.YAMLError) -> str:
     """Render a YAML error on one line, with the file, line and column of the problem."""
     if isinstance(error, yaml.reader.ReaderError):
         character = error.character if isinstance(error.character, str) else chr(error.character)
-        return (f'invalid YAML in "{path}": character U+{ord(character):04X} at offset '
+        return (f"invalid YAML: character U+{ord(character):04X} at offset "
                 f"{error.position} is not allowed in YAML ({error.reason}); remove it.")
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
         return f"invalid YAML: {error}; correct the syntax."
     mark = error.problem_mark
-    message = f'invalid YAML in "{mark.name}", line {mark.line + 1}, column {mark.column + 1}: '
+    # The error's label names the file already.
+    message = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: "
     message += error.problem or "syntax error"
     if error.context and error.context_mark is not None:
         start = error.context_mark
@@ -319,7 +330,7 @@ def _read_documents(path: Path) -> list[Any]:
     try:
         yaml_loader = _UniqueKeyLoader(text)
     except yaml.YAMLError as error:  # a character that YAML does not allow
-        raise InvalidResourceError(str(path), "(file)", _yaml_message(error, path)) from None
+        raise InvalidResourceError(str(path), "(file)", _yaml_message(error)) from None
     # The reader names a str stream "<unicode string>" in its error marks.
     yaml_loader.name = str(path)
     try:
@@ -328,7 +339,7 @@ def _read_documents(path: Path) -> list[Any]:
             documents.append(yaml_loader.get_data())
         return documents
     except yaml.YAMLError as error:
-        raise InvalidResourceError(str(path), "(file)", _yaml_message(error, path)) from None
+        raise InvalidResourceError(str(path), "(file)", _yaml_message(error)) from None
     finally:
         yaml_loader.dispose()
 
@@ -343,16 +354,19 @@ def load_file(path: Path) -> list[Resource]:
 
 def load_paths(paths: list[Path]) -> list[Resource]:
     """Load every resource file named, or found directly inside a named folder."""
-    files: list[Path] = []
+    files: dict[Path, Path] = {}
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix in RESOURCE_SUFFIXES))
+            found = sorted(p for p in path.iterdir() if p.suffix in RESOURCE_SUFFIXES)
         elif path.is_file():
-            files.append(path)
+            found = [path]
         else:
             raise InvalidResourceError(str(path), "-f", "file or folder does not exist; "
                                        "pass an existing path.")
-    resources = [resource for file in files for resource in load_file(file)]
+        # A file named twice, on its own and in its folder, is read once.
+        for file in found:
+            files.setdefault(file.resolve(), file)
+    resources = [resource for file in files.values() for resource in load_file(file)]
     if not resources:
         names = ", ".join(str(path) for path in paths)
         raise InvalidResourceError(names, "-f", "no resources found; pass .yaml files or a "

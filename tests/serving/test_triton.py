@@ -105,6 +105,32 @@ def test_long_text_is_served_in_windows(server, export_output, data_dir):
         assert entity["text"] == text[entity["start"]:entity["end"]]
 
 
+def test_printed_curl_command_answers(server, export_output):
+    """The curl command that `lathe run --serve` prints returns the entities as JSON."""
+    import json
+    import shlex
+    import subprocess
+    import shutil
+
+    from lathe.local.serving import curl_command
+
+    _, model_dir = export_output
+    text = "Breast cancer and ovarian cancer in BRCA1 carriers."
+    command = shlex.split(curl_command(server.http_url, MODEL_NAME, text))
+    assert command[:2] == ["curl", "-s"]
+    if shutil.which("curl"):
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert completed.returncode == 0, completed.stderr
+        answer = completed.stdout
+    else:
+        request = urllib.request.Request(command[2], data=command[4].encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = response.read().decode()
+    outputs = {item["name"]: item for item in json.loads(answer)["outputs"]}
+    served = json.loads(outputs["ENTITIES"]["data"][0])
+    assert served == predict_entities(model_dir, [text])[0]
+
+
 def test_invalid_utf8_is_rejected(server):
     data = np.array([[b"caf\xe9"]], dtype=np.object_)
     request_input = tritonclient.http.InferInput("TEXT", [1, 1], "BYTES")

@@ -78,3 +78,21 @@ def test_progress_lines_when_output_is_not_a_terminal():
         "PretrainJob pubmed-lm: 90%, step 9  loss 4.100",
     ]
     assert printed[-1] == "PretrainJob pubmed-lm: succeeded in 100.0 s."
+
+
+def test_summary_headline_per_kind():
+    """The summary shows each stage's main figure next to its artifact."""
+    assert cli.headline("Corpus", {"documentsOut": 3190}) == "documents 3190"
+    assert (cli.headline("FineTune", {"f1": 0.46416, "fromScratch": {"f1": 0.50361}})
+            == "entity F1 0.4642, from scratch 0.5036")
+    assert cli.headline("PretrainJob", {"validationPerplexity": None}) == ""
+    assert cli.headline("Unknown", {"f1": 1.0}) == ""
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["validate", "-f", "x.yaml", "-v"], True),
+    (["-v", "validate", "-f", "x.yaml"], True),
+    (["validate", "-f", "x.yaml"], False),
+])
+def test_verbose_before_or_after_command(argv, verbose):
+    assert cli.parser().parse_args(argv).verbose is verbose

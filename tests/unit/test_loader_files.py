@@ -52,7 +52,9 @@ def test_yaml_error_names_file(tmp_path):
     with pytest.raises(InvalidResourceError) as raised:
         loader.load_paths([path])
     assert "<unicode string>" not in str(raised.value)
-    assert f'in "{path}"' in raised.value.detail
+    # The path is named once, as the error's resource, and not again in the detail.
+    assert str(raised.value).startswith(f"{path}: (file): invalid YAML at line 8")
+    assert str(path) not in raised.value.detail
 
 
 @pytest.mark.parametrize(
@@ -68,7 +70,8 @@ def test_duplicate_key_rejected(tmp_path, text, key, line):
     with pytest.raises(InvalidResourceError) as raised:
         loader.load_paths([path])
     assert f"duplicate key {key!r}" in raised.value.detail
-    assert f'in "{path}", line {line}' in raised.value.detail
+    assert f"invalid YAML at line {line}" in raised.value.detail
+    assert str(raised.value).startswith(str(path))
 
 
 def test_merge_key_override_allowed(tmp_path):
@@ -86,4 +89,34 @@ def test_control_character_names_file(tmp_path):
         loader.load_paths([path])
     assert "<unicode string>" not in str(raised.value)
     assert "U+0001" in raised.value.detail
-    assert str(path) in raised.value.detail
+    assert str(raised.value).startswith(str(path))
+
+
+def test_json_manifest_in_folder_loaded(tmp_path):
+    """kubectl applies .json manifests from a folder, and so does lathe."""
+    import json
+
+    import yaml
+
+    write(tmp_path, json.dumps(yaml.safe_load(TOKENIZER)), "tokenizer.json")
+    resources = loader.load_paths([tmp_path])
+    assert [resource.key for resource in resources] == ["Tokenizer/default/tok"]
+
+
+def test_other_api_group_named_not_lathe(tmp_path):
+    """A kustomization.yaml beside the resources is named as a non-Lathe file, not asked to
+    change its apiVersion to Lathe's."""
+    write(tmp_path, TOKENIZER, "tokenizer.yaml")
+    write(tmp_path, "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+          "resources: [tokenizer.yaml]\n", "kustomization.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_paths([tmp_path])
+    assert raised.value.field == "apiVersion"
+    assert "'kustomize.config.k8s.io/v1beta1' is not a Lathe API version" in raised.value.detail
+    assert "Remove the file from the folder" in raised.value.detail
+
+
+def test_file_named_twice_read_once(tmp_path):
+    path = write(tmp_path, TOKENIZER, "tokenizer.yaml")
+    resources = loader.load_paths([tmp_path, path])
+    assert len(resources) == 1

@@ -7,7 +7,9 @@ wheel on 127.0.0.1 with it, as the Kubernetes backend starts Triton in a Deploym
 
 from __future__ import annotations
 
+import json
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,16 @@ def in_process_answer(result: StageResult, text: str) -> list[dict[str, Any]]:
     return reference.predict_entities(fine_tuned_model_dir(result), [text])[0]
 
 
+def curl_command(http_url: str, model_name: str, text: str = "Your sentence here.") -> str:
+    """Return a curl command that sends `text` to the served ensemble.
+
+    The body is Triton's KServe v2 inference request, with one UTF-8 text per row of TEXT.
+    """
+    body = json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES",
+                                   "data": [text]}]})
+    return f"curl -s http://{http_url}/v2/models/{model_name}/infer -d {shlex.quote(body)}"
+
+
 def serve_and_query(
     result: StageResult, text: str, console: Console, keep_serving: bool = False
 ) -> list[dict[str, Any]]:
@@ -98,7 +110,9 @@ def _query(result: StageResult, server: local_server.TritonServer, text: str,
     if not keep_serving:
         console.print("Triton stops now; run with --serve to keep it running.")
         return entities
-    console.print("Serving until interrupted (Ctrl-C).")
+    console.print("Send a request with:")
+    console.print(f"  {curl_command(server.http_url, model_name)}")
+    console.print("Serving until interrupted (Ctrl-C or kill; either exits with status 0).")
     try:
         while server.process.poll() is None:
             time.sleep(1)
