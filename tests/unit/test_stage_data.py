@@ -41,3 +41,25 @@ def test_digests_kept_per_output(tmp_path):
     stage.resolve_data_path(first, "a.txt")
     assert stage.data_digests(first) == {"a.txt": sha256_file(tmp_path / "a.txt")}
     assert stage.data_digests(second) == {}
+
+
+def test_run_records_left_out_of_digest(tmp_path):
+    """Two runs that write the same model share a digest even though their run records (speed,
+    resume step) differ; a changed model changes it."""
+
+    def finish(name: str, weights: str, seconds: float) -> dict:
+        output = tmp_path / name
+        (output / "model").mkdir(parents=True)
+        (output / "model" / "weights.bin").write_text(weights)
+        (output / "report.json").write_text(f'{{"trainSeconds": {seconds}}}')
+        config = config_for(tmp_path, f"file://{output}")
+        return stage.write_manifest(config, {}, run_records=("report.json",))
+
+    first = finish("first", "w1", 10.0)
+    again = finish("again", "w1", 12.5)
+    changed = finish("changed", "w2", 10.0)
+
+    assert first["digest"] == again["digest"]
+    assert first["digest"] != changed["digest"]
+    assert first["outputs"]["report.json"] != again["outputs"]["report.json"]
+    assert first["runRecords"] == ["report.json"]

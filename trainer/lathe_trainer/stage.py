@@ -164,14 +164,21 @@ def combined_digest(files: dict[str, str]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def write_manifest(config: StageConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(
+    config: StageConfig, metrics: dict[str, Any], run_records: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Write manifest.json into the output directory and return it.
 
     The manifest is written last and atomically (rename), so its presence means the stage
     finished: a reader never sees a manifest for a half-written output.
+    `run_records` are output files that describe how the run went (speed, memory, the step it
+    resumed from, local paths). They are listed in `outputs` but left out of the digest, so
+    two runs that write the same artifact have the same digest and the stages after them are
+    reused.
     """
     output_dir = local_path(config.output_uri)
     files = digest_outputs(output_dir)
+    content = {path: digest for path, digest in files.items() if path not in run_records}
     manifest = {
         "apiVersion": "lathe.dev/v1alpha1",
         "kind": config.kind,
@@ -185,7 +192,8 @@ def write_manifest(config: StageConfig, metrics: dict[str, Any]) -> dict[str, An
             for role, item in config.inputs.items()
         },
         "outputs": files,
-        "digest": combined_digest(files),
+        "digest": combined_digest(content),
+        "runRecords": sorted(set(files) - set(content)),
         "data": data_digests(config),
         "metrics": metrics,
         "codeVersion": config.code_version,

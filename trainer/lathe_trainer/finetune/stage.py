@@ -96,7 +96,9 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     if distributed.is_main():
         (output / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         reporter.update(phases * spec.training.max_steps, "finished", f1=metrics["f1"])
-        write_manifest(config, metrics)
+        # report.json records training time, the resume step and the base model's local
+        # path, which differ between runs that train the same weights.
+        write_manifest(config, metrics, run_records=("report.json",))
         log.info("FineTune finished with test F1 %.4f.", metrics["f1"])
     return metrics
 

@@ -179,7 +179,9 @@ def _run(
         write_json(output / METRICS, metrics)
     distributed.barrier(context)
     if context.is_main:
-        write_manifest(config, metrics)
+        # metrics.json records speed, memory and the resume step as well as the model's
+        # figures, and so differs between runs that train the same weights.
+        write_manifest(config, metrics, run_records=(METRICS,))
     log.info("Rank %d finished after step %d with final loss %s.", context.rank, state.step,
              metrics["finalLoss"])
     return metrics
