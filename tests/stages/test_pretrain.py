@@ -22,6 +22,8 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from lathe.api import KINDS
+from lathe.errors import StageFailedError
+from lathe.local.runner import LocalRunner, StageResult
 from lathe_trainer.pretrain import stage
 from lathe_trainer.pretrain.data import DataPosition, SequenceSampler, pack_split
 from lathe_trainer.stage import EXIT_PERMANENT, ResolvedInput, StageError
@@ -473,3 +475,104 @@ def test_s3_artifacts_resume_exactly(make_config, tmp_path, inputs, s3_store):
     resumed = step_losses(output)
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6)
+
+
+# -- lathe run: a changed spec continues or starts over -------------------------------------------
+
+
+def run_locally(runner: LocalRunner, inputs, model: dict | None = None, storage_uri: str = "",
+                **training) -> StageResult:
+    """Run the one-process PretrainJob `lm` with the runner of `lathe run`."""
+    document = pretrain_resource(procs=1, model=model, **training)
+    if storage_uri:
+        document["spec"]["storage"] = {"uri": storage_uri}
+    return runner.run_stage(KINDS["PretrainJob"].model_validate(document), inputs)
+
+
+def trained_steps(result: StageResult) -> list[int]:
+    """Return the steps that the run wrote progress records for, in order."""
+    return [r["completed"] for r in progress(Path(result.output_uri[len("file://"):]))
+            if "gradNorm" in r]
+
+
+def test_local_run_continues_changed_training(tmp_path, data_dir, inputs):
+    """`lathe run` continues a finished PretrainJob whose maxSteps was raised, as the operator
+    does. A stage directory without a recorded resume key, as earlier releases wrote it, and a
+    changed model start over."""
+    runner = LocalRunner(tmp_path / "workspace", data_dir)
+    first = run_locally(runner, inputs["full"], maxSteps=4)
+    (first.directory / "resume-key").unlink()
+
+    unrecorded = run_locally(runner, inputs["full"], maxSteps=8)
+    longer = run_locally(runner, inputs["full"], maxSteps=12)
+    output = Path(longer.output_uri[len("file://"):])
+    continued_checkpoints = [step for step, _ in checkpoint.list_checkpoints(
+        output / "checkpoints")]
+    continued_steps = trained_steps(longer)
+    continued_resume_key = (longer.directory / "resume-key").read_text()
+    changed_model = run_locally(runner, inputs["full"], model={"hiddenSize": 32}, maxSteps=12)
+
+    assert first.manifest["metrics"]["steps"] == 4
+    assert unrecorded.manifest["metrics"]["resumedFromStep"] is None
+    assert unrecorded.manifest["metrics"]["newSteps"] == 8
+
+    assert not longer.reused
+    assert longer.manifest["stageKey"] != unrecorded.manifest["stageKey"]
+    assert longer.manifest["metrics"]["resumedFromStep"] == 8
+    assert longer.manifest["metrics"]["newSteps"] == 4
+    assert longer.manifest["metrics"]["steps"] == 12
+    assert continued_steps == [9, 10, 11, 12]
+    assert continued_checkpoints == [8, 12]
+
+    assert changed_model.manifest["metrics"]["resumedFromStep"] is None
+    assert changed_model.manifest["metrics"]["newSteps"] == 12
+    assert trained_steps(changed_model) == list(range(1, 13))
+    state = json.loads((output / "checkpoints" / "step-00000012" / "state.json").read_text())
+    assert state["resumeKey"] == (changed_model.directory / "resume-key").read_text()
+    assert state["resumeKey"] != continued_resume_key
+
+
+def test_local_run_failed_continuation_not_reused(tmp_path, data_dir, inputs):
+    """A continuation that fails leaves no manifest, so a run of the old spec that follows
+    continues from the checkpoints instead of reusing the old output as finished."""
+    runner = LocalRunner(tmp_path / "workspace", data_dir)
+    finished = run_locally(runner, inputs["full"], maxSteps=4)
+    output = Path(finished.output_uri[len("file://"):])
+
+    # A maxSteps below the latest checkpoint's step fails the stage with a StageError.
+    with pytest.raises(StageFailedError) as raised:
+        run_locally(runner, inputs["full"], maxSteps=2)
+    manifest_after_failure = (output / "manifest.json").exists()
+    model_after_failure = (output / "model").exists()
+    written = json.loads((finished.directory / "status.json").read_text())
+    again = run_locally(runner, inputs["full"], maxSteps=4)
+
+    assert raised.value.exit_code == EXIT_PERMANENT
+    assert "raise maxSteps to at least 4" in str(raised.value)
+    assert not manifest_after_failure
+    assert not model_after_failure
+    assert written["phase"] == "Failed"
+    assert not again.reused
+    assert again.manifest["metrics"]["resumedFromStep"] == 4
+    assert again.manifest["metrics"]["newSteps"] == 0
+    assert again.manifest["stageKey"] == finished.manifest["stageKey"]
+    assert (output / "model" / "model.safetensors").is_file()
+
+
+def test_local_run_continues_on_s3(tmp_path, data_dir, inputs, s3_store):
+    """A PretrainJob whose spec.storage.uri is on S3 continues from the checkpoints there, and
+    its continuation's manifest replaces the old one."""
+    from lathe_trainer.training import storage
+
+    uri = f"s3://lathe/continue-{uuid.uuid4().hex}"
+    runner = LocalRunner(tmp_path / "workspace", data_dir)
+    run_locally(runner, inputs["full"], storage_uri=uri, maxSteps=4)
+    longer = run_locally(runner, inputs["full"], storage_uri=uri, maxSteps=6)
+
+    filesystem, base = storage.resolve(uri)
+    manifest = json.loads(filesystem.cat_file(f"{base}/manifest.json"))
+    assert longer.output_uri == uri
+    assert longer.manifest["metrics"]["resumedFromStep"] == 4
+    assert longer.manifest["metrics"]["newSteps"] == 2
+    assert manifest["stageKey"] == longer.manifest["stageKey"]
+    assert [step for step, _ in checkpoint.list_checkpoints(f"{uri}/checkpoints")] == [4, 6]

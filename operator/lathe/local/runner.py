@@ -16,7 +16,9 @@ stages downstream read it from there. A `pvc://` URI names a cluster volume and 
 
 A stage whose output manifest carries the same stage key (spec, input digests, code version) is
 reused instead of run again. A stage that failed or was interrupted keeps its checkpoints and is
-resumed with `--resume` on the next run.
+resumed with `--resume` on the next run. A PretrainJob also continues from its checkpoints when
+its resume key is unchanged (lathe.plans.base.resume_key): when its spec changed only in
+`training` or `distributed`, or when only the code version changed.
 """
 
 from __future__ import annotations
@@ -43,15 +45,26 @@ from lathe import plans, preflight, status
 from lathe.api import Resource
 from lathe.errors import InvalidResourceError, StageFailedError
 from lathe.graph import order, upstream_key
-from lathe.plans.base import CONFIG_PATH_PLACEHOLDER, WorkloadPlan
+from lathe.plans.base import CONFIG_PATH_PLACEHOLDER, WorkloadPlan, has_continuable_fields
 from lathe_trainer import remote
-from lathe_trainer.stage import EXIT_PERMANENT, MANIFEST, PROGRESS, ResolvedInput, local_path
+from lathe_trainer.stage import (
+    EXIT_PERMANENT,
+    MANIFEST,
+    PROGRESS,
+    ResolvedInput,
+    StageConfig,
+    local_path,
+)
 from lathe_trainer.training import storage
 
 log = logging.getLogger(__name__)
 
 # Seconds between reads of a running stage's progress file.
 POLL_SECONDS = 0.5
+# Files in each stage directory that record the stage key and the resume key
+# (lathe.plans.base.resume_key) of the run that last started writing the output.
+STAGE_KEY_FILE = "stage-key"
+RESUME_KEY_FILE = "resume-key"
 
 
 @dataclass
@@ -248,7 +261,7 @@ class LocalRunner:
             self._write_conditions(resource, directory, conditions)
             self.on_progress(ProgressEvent(resource.key, "suspended", message="suspended"))
             return None
-        resume = self._prepare_output(resource, directory, output_uri, plan.config.stage_key)
+        resume = self._prepare_output(resource, directory, output_uri, plan.config)
         config_path = directory / "config.json"
         config_path.write_text(plan.config.model_dump_json(indent=2))
         self._write_status(resource, directory, output_uri, None)
@@ -275,24 +288,37 @@ class LocalRunner:
                            time.monotonic() - started)  # fmt: skip
 
     def _prepare_output(
-        self, resource: Resource, directory: Path, output_uri: str, key: str
+        self, resource: Resource, directory: Path, output_uri: str, config: StageConfig
     ) -> bool:
-        """Clear an output made for another key; return whether to resume a started run."""
-        key_file = directory / "stage-key"
-        same_key = key_file.is_file() and key_file.read_text() == key
+        """Prepare the output for a run of `config`; return whether the run resumes.
+
+        A run of the same stage key resumes a failed or interrupted one. A PretrainJob whose
+        resume key is the one its output was started under continues from the checkpoints
+        (_continues). Any other output is cleared, and the run starts over.
+        """
+        key_file = directory / STAGE_KEY_FILE
+        resume_key_file = directory / RESUME_KEY_FILE
+        same_key = key_file.is_file() and key_file.read_text() == config.stage_key
+        continues = not same_key and _continues(resource, resume_key_file, config.resume_key)
         filesystem, path = storage.resolve(output_uri)
-        if not same_key:
+        if continues:
+            log.info("Continuing %s from its checkpoints, because its stage key changed but its "
+                     "resume key did not.", resource.key)
+            _remove_all_but_checkpoints(filesystem, path)
+        elif not same_key:
             if resource.spec.storage.uri:
                 _check_replaceable(resource, filesystem, path, output_uri)
-            # Checkpoints of another spec must not be resumed from, and the staged copies of
-            # another key's run are never read again.
+            # Checkpoints of another spec must not be resumed from.
             storage.remove_tree(filesystem, path)
+        if not same_key:
+            # The staged copies of another key's run are never read again.
             shutil.rmtree(directory / "scratch", ignore_errors=True)
         if not storage.is_remote(output_uri):
             (local_path(output_uri) / PROGRESS).unlink(missing_ok=True)
             local_path(output_uri).mkdir(parents=True, exist_ok=True)
-        key_file.write_text(key)
-        return same_key
+        resume_key_file.write_text(config.resume_key)
+        key_file.write_text(config.stage_key)
+        return same_key or continues
 
     def _progress_file(self, plan: WorkloadPlan, directory: Path, output_uri: str) -> Path:
         """Return the local file the stage appends its progress to."""
@@ -522,6 +548,35 @@ def record_serving(result: StageResult, endpoint: str | None,
     document["conditions"] = conditions
     document["phase"] = status.derive_phase(conditions, status.ConditionType.READY)
     path.write_text(json.dumps(document, indent=2))
+
+
+def _continues(resource: Resource, resume_key_file: Path, resume_key: str) -> bool:
+    """Return whether a run of `resource` continues from the checkpoints of the run that wrote
+    its output. It does when the kind has continuable fields and the resume key recorded for the
+    output is `resume_key`.
+
+    A stage directory written before the runner recorded resume keys has no file, so its output
+    is started over. The stage itself also checks the key that its checkpoints record.
+    """
+    if not resume_key or not has_continuable_fields(resource.kind):
+        return False
+    return resume_key_file.is_file() and resume_key_file.read_text() == resume_key
+
+
+def _remove_all_but_checkpoints(filesystem, path: str) -> None:
+    """Delete everything in an output but its checkpoints, manifest.json first.
+
+    Without the manifest, the old output is never taken for a finished run, even when the
+    continuation fails or is interrupted while the rest is deleted.
+    """
+    try:
+        entries = filesystem.ls(path, detail=False)
+    except FileNotFoundError:
+        return
+    names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries}
+    names.discard(remote.CHECKPOINTS)
+    for name in sorted(names, key=lambda name: name != MANIFEST):
+        storage.remove_tree(filesystem, f"{path}/{name}")
 
 
 def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: str) -> None:

@@ -113,6 +113,11 @@ def stage_key(resource: Resource, inputs: dict[str, ResolvedInput],
 _CONTINUABLE = {"PretrainJob": {"training", "distributed"}}
 
 
+def has_continuable_fields(kind: str) -> bool:
+    """Return whether a run of `kind` may change spec fields and still continue (_CONTINUABLE)."""
+    return kind in _CONTINUABLE
+
+
 def resume_key(resource: Resource, inputs: dict[str, ResolvedInput],
                data_digests: dict[str, str] | None = None) -> str:
     """Digest of the kind, spec and input digests, without the code version and the fields a
