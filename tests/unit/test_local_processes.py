@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -137,10 +138,65 @@ def test_scan_log_bounds_message():
 
 
 def test_workspace_that_is_a_file_rejected(tmp_path):
-    from lathe.errors import InvalidResourceError
+    from lathe.errors import WorkspaceError
     from lathe.local.runner import LocalRunner
 
     workspace = tmp_path / "workspace"
     workspace.write_text("")
-    with pytest.raises(InvalidResourceError, match=r"--workspace: '.*workspace' is a file"):
+    with pytest.raises(WorkspaceError, match=r"--workspace '.*workspace' is a file"):
         LocalRunner(workspace, tmp_path).check([])
+
+
+def test_workspace_in_use_rejected(tmp_path):
+    """A second run on a workspace that another process is running in fails at once, naming
+    the other process, and the workspace is free again once that process is gone."""
+    from lathe.errors import WorkspaceError
+    from lathe.local.runner import LocalRunner, workspace_lock
+
+    workspace = tmp_path / "workspace"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from lathe.local.runner import "
+         "workspace_lock\nwith workspace_lock(Path(sys.argv[1])):\n    print('locked', "
+         "flush=True)\n    time.sleep(60)", str(workspace)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkspaceError, match=rf"in use by another lathe run \(pid "
+                           rf"{holder.pid}\); wait for it to finish"):
+            LocalRunner(workspace, tmp_path).run([])
+    finally:
+        holder.kill()
+        holder.wait()
+    with workspace_lock(workspace):
+        pass
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) to "
+                    "mount a read-only directory without root")
+def test_read_only_workspace_rejected(tmp_path):
+    """On a read-only file system, validate and run name the workspace and the fix instead of
+    failing with a traceback."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    script = (
+        "from pathlib import Path; from lathe import cli; import sys; "
+        f"sys.exit(cli.main(['validate', '-f', {str(tmp_path / 'corpus.yaml')!r}, '--workspace', "
+        f"{str(read_only / 'workspace')!r}]))"
+    )
+    # The workspace is checked before the data files, so the source need not exist.
+    (tmp_path / "corpus.yaml").write_text(
+        "apiVersion: lathe.dev/v1alpha1\nkind: Corpus\nmetadata: {name: small}\n"
+        "spec:\n  sources: [{name: a, format: text, path: a.txt}]\n"
+    )
+    mount = (f"mount --bind {read_only} {read_only} && "
+             f"mount -o remount,bind,ro {read_only} && exec {sys.executable} -c \"$0\"")
+    completed = subprocess.run(["unshare", "-rm", "sh", "-c", mount, script],
+                               capture_output=True, text=True, timeout=120)
+    if "Operation not permitted" in completed.stderr and "mount" in completed.stderr:
+        pytest.skip(f"this machine does not allow a private mount: {completed.stderr.strip()}")
+    assert completed.returncode == 1, completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert "cannot be written" in completed.stderr
+    assert "pass a writable directory" in completed.stderr

@@ -23,6 +23,8 @@ its resume key is unchanged (lathe.plans.base.resume_key): when its spec changed
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -43,7 +45,7 @@ import psutil
 
 from lathe import plans, preflight, status
 from lathe.api import Resource
-from lathe.errors import InvalidResourceError, StageFailedError
+from lathe.errors import InvalidResourceError, StageFailedError, WorkspaceError
 from lathe.graph import order, upstream_key
 from lathe.plans.base import CONFIG_PATH_PLACEHOLDER, WorkloadPlan, has_continuable_fields
 from lathe_trainer import remote
@@ -154,10 +156,17 @@ class LocalRunner:
     def check(self, resources: list[Resource]) -> list[Resource]:
         """Validate references, files and output locations; return the dependency order."""
         if self.workspace.exists() and not self.workspace.is_dir():
-            raise InvalidResourceError(
-                "lathe run", "--workspace",
-                f"{str(self.workspace)!r} is a file; pass a directory, new or used by lathe "
-                "run before.",
+            raise WorkspaceError(
+                f"--workspace {str(self.workspace)!r} is a file; pass a directory, new or used "
+                "by lathe run before."
+            )
+        # The nearest directory that exists is where the workspace will be created.
+        existing = next(path for path in (self.workspace, *self.workspace.parents)
+                        if path.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise WorkspaceError(
+                f"--workspace {str(self.workspace)!r} cannot be written ({existing} is "
+                "read-only or not yours); pass a writable directory."
             )
         ordered = order(resources)
         outputs: dict[str, Resource] = {}
@@ -176,6 +185,7 @@ class LocalRunner:
                         "of its own.",
                     )
             outputs[uri] = resource
+        preflight.check_resources(ordered, self.data_dir)
         return ordered
 
     def run(self, resources: list[Resource]) -> dict[str, StageResult]:
@@ -188,27 +198,33 @@ class LocalRunner:
         """
         results: dict[str, StageResult] = {}
         self.not_run = {}
-        for resource in self.check(resources):
-            upstream = [upstream_key(resource, kind, name)
-                        for kind, name in resource.references().values()]
-            blocking = [key for key in upstream if key in self.not_run]
-            if blocking:
-                self._hold_waiting(resource, blocking[0])
-                continue
-            inputs = {
-                role: results[upstream_key(resource, kind, name)].resolved
-                for role, (kind, name) in resource.references().items()
-            }
-            result = self.run_stage(resource, inputs)
-            if result is None:
-                self.not_run[resource.key] = (
-                    f"{resource.kind} {resource.metadata.name} was not run: its spec sets "
-                    "suspend. Set spec.suspend to false and run again; it continues from its "
-                    "checkpoints."
-                )
-            else:
-                results[resource.key] = result
+        ordered = self.check(resources)
+        with workspace_lock(self.workspace):
+            for resource in ordered:
+                self._run_or_hold(resource, results)
         return results
+
+    def _run_or_hold(self, resource: Resource, results: dict[str, StageResult]) -> None:
+        """Run `resource` into `results`, or record in `self.not_run` why it was not run."""
+        upstream = [upstream_key(resource, kind, name)
+                    for kind, name in resource.references().values()]
+        blocking = [key for key in upstream if key in self.not_run]
+        if blocking:
+            self._hold_waiting(resource, blocking[0])
+            return
+        inputs = {
+            role: results[upstream_key(resource, kind, name)].resolved
+            for role, (kind, name) in resource.references().items()
+        }
+        result = self.run_stage(resource, inputs)
+        if result is None:
+            self.not_run[resource.key] = (
+                f"{resource.kind} {resource.metadata.name} was not run: its spec sets "
+                "suspend. Set spec.suspend to false and run again; it continues from its "
+                "checkpoints."
+            )
+        else:
+            results[resource.key] = result
 
     def _hold_waiting(self, resource: Resource, blocking: str) -> None:
         """Record that `resource` waits for the stage `blocking`, which was not run."""
@@ -517,6 +533,45 @@ class LocalRunner:
             "conditions": conditions,
         }
         (directory / "status.json").write_text(json.dumps(document, indent=2))
+
+
+LOCK_FILE = ".lathe-run.lock"
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `workspace` while a run writes to it.
+
+    Two runs on one workspace would clear and rewrite each other's outputs, and each would
+    report the other's artifact as its own. The lock is an flock, so the kernel releases it
+    when the process dies, and a crashed run never leaves a stale lock behind.
+    """
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+        handle = (workspace / LOCK_FILE).open("a+")
+    except OSError as error:
+        raise WorkspaceError(
+            f"--workspace {str(workspace)!r} cannot be written ({error.strerror}); pass a "
+            "writable directory."
+        ) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise WorkspaceError(
+                f"--workspace {str(workspace)!r} is in use by another lathe run (pid "
+                f"{holder}); wait for it to finish, or pass another --workspace."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 SERVER_NOT_RUNNING = ("Triton is not running: lathe run starts it after the export and stops it "
