@@ -1,13 +1,24 @@
-"""Checks that `lathe validate` and `lathe run` make before anything runs: every file a spec names
-must exist, and every protected pattern must compile in the tokenizer's regex engine."""
+"""Checks that `lathe validate` and `lathe run` make before anything runs.
+
+Every file a spec names must exist, and no local data file may be empty or in another format
+than declared. Every protected pattern must compile in the tokenizer's regex engine. Each
+resource must also fit the resources it references (lathe.consistency).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from lathe.api import Corpus, FineTune, ModelDeployment, Resource, Tokenizer
 from lathe.errors import InvalidResourceError
+from lathe_trainer.corpus.sniff import (
+    conll_mismatch_message,
+    format_mismatch,
+    has_content,
+    mismatch_message,
+)
 from lathe_trainer.stage import combined_digest, digest_outputs, sha256_file
 
 
@@ -42,7 +53,8 @@ def resolve(path: str, data_dir: Path) -> Path:
     return candidate if candidate.is_absolute() else data_dir / candidate
 
 
-def _local(path: str) -> bool:
+def is_local(path: str) -> bool:
+    """Return True for a path in the data directory or a file:// URI, not an object store."""
     return "://" not in path or path.startswith("file://")
 
 
@@ -58,7 +70,7 @@ def data_digests(resource: Resource, data_dir: Path) -> dict[str, str]:
     digests = {}
     for field, path in _data_uris(resource):
         resolved = resolve(path, data_dir)
-        if not _local(path):
+        if not is_local(path):
             continue
         if resolved.is_file():
             digests[field] = sha256_file(resolved)
@@ -95,7 +107,7 @@ def check_files(resource: Resource, data_dir: Path) -> None:
         _reject_claim(resource, field, path,
                       "use a path under the data directory (--data-dir), file:///absolute/path "
                       "or s3://<bucket>/<key>")
-    if isinstance(resource, FineTune) and _local(resource.spec.base_model.uri or "://"):
+    if isinstance(resource, FineTune) and is_local(resource.spec.base_model.uri or "://"):
         model = resolve(resource.spec.base_model.uri, data_dir)
         if not (model / "config.json").is_file():
             problem = "does not exist" if not model.exists() else "has no config.json"
@@ -106,7 +118,7 @@ def check_files(resource: Resource, data_dir: Path) -> None:
                 "spec.baseModel.pretrainJobRef.",
             )
     for field, path in _named_paths(resource):
-        if not _local(path):
+        if not is_local(path):
             continue
         resolved = resolve(path, data_dir)
         if resolved.is_file():
@@ -150,3 +162,90 @@ def check_patterns(resource: Resource) -> None:
                 f"engine (Oniguruma) rejects it: {error}; rewrite it without Python-only syntax "
                 "such as (?P<name>...).",
             ) from None
+
+
+@dataclass(frozen=True)
+class _FormattedFile:
+    """A data file that a stage reads in a declared format."""
+
+    path_field: str
+    format_field: str
+    path: str
+    declared: str
+    # The role and name of a Corpus source or evaluation set, such as "source 'notes'"; None
+    # for the CoNLL files of a FineTune or ModelDeployment, which have no format of their own.
+    entry: str | None = None
+
+
+def _formatted_files(resource: Resource) -> Iterator[_FormattedFile]:
+    match resource:
+        case Corpus():
+            entries = [("spec.sources", "source", resource.spec.sources),
+                       ("spec.decontamination.evalSets", "evaluation set",
+                        resource.spec.decontamination.eval_sets)]
+            for field, role, sources in entries:
+                for index, source in enumerate(sources):
+                    yield _FormattedFile(f"{field}[{index}].path", f"{field}[{index}].format",
+                                         source.path, source.format, f"{role} {source.name!r}")
+        case FineTune():
+            data = resource.spec.data
+            for name in ("train", "validation", "test"):
+                path = getattr(data, name)
+                if path:
+                    yield _FormattedFile(f"spec.data.{name}", f"spec.data.{name}", path,
+                                         data.format)
+        case ModelDeployment():
+            path = resource.spec.export.held_out_data
+            yield _FormattedFile("spec.export.heldOutData", "spec.export.heldOutData", path,
+                                 "conll")
+
+
+def check_data_formats(resource: Resource, data_dir: Path) -> None:
+    """Check that no local data file is empty or, by its first lines, in another format.
+
+    The stages make the same checks, after their upstream stages ran. Files that do not exist
+    are left to check_files, and files on object stores to the stage, which downloads them.
+    """
+    for item in _formatted_files(resource):
+        if not is_local(item.path):
+            continue
+        resolved = resolve(item.path, data_dir)
+        if not resolved.is_file():
+            continue
+        if not has_content(resolved):
+            raise InvalidResourceError(resource.label, item.path_field,
+                                       _empty_message(item, resolved))
+        guess = format_mismatch(resolved, item.declared)
+        if guess is None:
+            continue
+        if item.entry is None:
+            message = conll_mismatch_message(item.path, guess)
+        else:
+            message = mismatch_message(item.entry, item.path, item.declared, guess)
+        raise InvalidResourceError(resource.label, item.format_field, message)
+
+
+def _empty_message(item: _FormattedFile, resolved: Path) -> str:
+    path_text = (repr(item.path) if str(resolved) == item.path
+                 else f"{item.path!r}, '{resolved}'")
+    if item.entry is None:
+        return (f"file {path_text} is empty; point it at a CoNLL file (`token<TAB>tag` lines, a "
+                "blank line between sentences).")
+    if item.entry.startswith("evaluation set"):
+        return (f"{item.entry} ({path_text}) is empty, so nothing would be removed for it; point "
+                "the path at the evaluation data, or remove the entry.")
+    return (f"{item.entry} ({path_text}) is empty, so it would add no records to the corpus; "
+            "point the path at the source data, or remove the entry.")
+
+
+def check_resources(resources: list[Resource], data_dir: Path) -> None:
+    """Run the checks that read data files or compare resources with each other.
+
+    Call it after check_files passed for every resource, so that a missing file is reported
+    as missing.
+    """
+    from lathe import consistency  # it imports this module
+
+    for resource in resources:
+        check_data_formats(resource, data_dir)
+    consistency.check_references(resources, data_dir)

@@ -15,7 +15,8 @@ BASES = {
         "baseModel": {"pretrainJobRef": {"name": "lm"}},
         "data": {"train": "train.tsv", "test": "test.tsv"},
     },
-    "ModelDeployment": {"model": {"fineTuneRef": {"name": "ner"}}},
+    "ModelDeployment": {"model": {"fineTuneRef": {"name": "ner"}},
+                        "export": {"heldOutData": "test.tsv"}},
 }
 
 # (kind, change to the valid spec, text the rejection must contain)
@@ -86,6 +87,8 @@ INVALID = [
     ("ModelDeployment", {"modelName": "x" * 129}, "spec.modelName"),
     ("ModelDeployment", {"export": {"checkSequenceLengths": [0, 20]}},
      "spec.export.checkSequenceLengths[0]"),
+    ("ModelDeployment", {"export": None}, "spec.export: Required value"),
+    ("ModelDeployment", {"export": {}}, "spec.export.heldOutData: Required value"),
     ("FineTune", {"distributed": {"strategy": "fsdp"}},
      "spec.distributed.strategy fsdp is PretrainJob only"),
     ("FineTune", {"training": {"compile": True}}, "spec.training.compile is PretrainJob only"),

@@ -340,6 +340,32 @@ def test_empty_eval_set_raises(make_config, tmp_path):
         stage.run(make_config(resource), resume=False)
 
 
+@pytest.mark.parametrize(("source_format", "content"),
+                         [("text", ""), ("jsonl", "\n\n"), ("pubmedqa", "{}")])
+def test_source_without_records_raises(make_config, tmp_path, source_format, content):
+    """A source that adds nothing fails the stage instead of leaving the corpus without it."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text(content)
+    sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN},
+               {"name": "notes", "format": source_format, "path": str(empty)}]
+    with pytest.raises(StageError, match=rf"spec\.sources\[1\]\.path: source 'notes' "
+                       rf"\('{re.escape(str(empty))}'\) contains no records for format "
+                       rf"'{source_format}'.*point the path at the source data"):
+        stage.run(make_config(_corpus(sources)), resume=False)
+
+
+def test_pubtator_source_as_conll_raises(make_config):
+    """The message names the configured format and the one the file looks like."""
+    sources = [{"name": "bc5cdr", "format": "conll", "path": BC5CDR_TRAIN}]
+    with pytest.raises(StageError) as raised:
+        stage.run(make_config(_corpus(sources)), resume=False)
+    message = str(raised.value)
+    assert "spec.sources[0].format: source 'bc5cdr'" in message
+    assert "has format 'conll'" in message
+    assert message.endswith("; use format: pubtator.")
+    assert ".." not in message
+
+
 def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
     notes = tmp_path / "short.txt"
     notes.write_text("too short\n\nalso short\n")

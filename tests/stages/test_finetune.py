@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lathe.api.finetune import FineTuneSpec
 from lathe_trainer.finetune import stage
 from lathe_trainer.finetune.data import encode_sentences
 from lathe_trainer.finetune.metrics import predict_local
@@ -32,6 +33,7 @@ from lathe_trainer.stage import ResolvedInput, StageError
 pytestmark = pytest.mark.slow
 
 CONLL = "pubmed/ncbi-disease/conll"
+PUBTATOR_TEST = "pubmed/bc5cdr/CDR_TestSet.PubTator.txt"
 ABSTRACTS = 300
 PRETRAIN_STEPS = 60
 
@@ -287,6 +289,50 @@ def test_malformed_tag_rejected(make_config, base_output, tmp_path, data_dir):
     config = make_config(resource(data=data), base_input(base_output))
     with pytest.raises(StageError, match=r"spec.data.train: .*tag 'Disease'.*IOB"):
         stage.run(config, resume=False)
+
+
+def test_pubtator_split_rejected(make_config):
+    """A PubTator file given as CoNLL data names both formats, before any model is loaded."""
+    data = {"train": f"{CONLL}/train.tsv", "test": PUBTATOR_TEST}
+    config = make_config(resource(data=data))
+    with pytest.raises(StageError) as raised:
+        stage.read_splits(config, FineTuneSpec.model_validate(config.spec))
+    message = str(raised.value)
+    assert "spec.data.test:" in message
+    assert "is read as format 'conll'" in message
+    assert "looks like format 'pubtator'" in message
+    assert ".." not in message
+
+
+def test_malformed_line_message_ends_once(make_config, tmp_path, data_dir):
+    bad = tmp_path / "bad.tsv"
+    lines = (data_dir / CONLL / "train.tsv").read_text().splitlines()[:40]
+    lines[5] = lines[5].replace("\t", " ")
+    bad.write_text("\n".join(lines) + "\n")
+    config = make_config(resource(data={"train": str(bad), "test": f"{CONLL}/test.tsv"}))
+    with pytest.raises(StageError) as raised:
+        stage.read_splits(config, FineTuneSpec.model_validate(config.spec))
+    message = str(raised.value)
+    assert f"{bad}:6: expected `token<TAB>tag`" in message
+    assert "; fix the file or the path" in message
+    assert ".." not in message
+
+
+def test_bert_without_lora_targets_lists_layers():
+    from transformers import AutoModelForTokenClassification, BertConfig
+
+    from lathe_trainer.finetune.model import BaseModelError, lora_targets
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, vocab_size=300, num_labels=3)
+    model = AutoModelForTokenClassification.from_config(config)
+    with pytest.raises(BaseModelError) as raised:
+        lora_targets(model, [])
+    message = str(raised.value)
+    assert "no default LoRA targets for model type 'bert'" in message
+    assert "'query'" in message
+    assert "'word_embeddings'" in message
+    assert "'classifier'" not in message
 
 
 def test_missing_base_model_rejected(make_config, tmp_path):

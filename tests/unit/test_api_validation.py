@@ -18,7 +18,8 @@ SPECS: dict[str, dict[str, Any]] = {
         "baseModel": {"pretrainJobRef": {"name": "lm"}},
         "data": {"train": "train.tsv", "test": "test.tsv"},
     },
-    "ModelDeployment": {"model": {"fineTuneRef": {"name": "ner"}}},
+    "ModelDeployment": {"model": {"fineTuneRef": {"name": "ner"}},
+                        "export": {"heldOutData": "test.tsv"}},
 }
 
 
@@ -359,3 +360,18 @@ def test_empty_matching_pattern_rejected(regex):
     error = rejection(body)
     assert error.field == "spec.protectedPatterns[0].regex"
     assert "matches the empty string" in error.detail
+
+
+@pytest.mark.parametrize(("export", "field"), [(None, "spec.export"),
+                                               ({}, "spec.export.heldOutData"),
+                                               ({"opset": 18}, "spec.export.heldOutData")])
+def test_held_out_data_required(export, field):
+    """The export's ONNX and quantization checks read heldOutData, so it cannot be left out."""
+    body = document("ModelDeployment")
+    if export is None:
+        del body["spec"]["export"]
+    else:
+        body["spec"]["export"] = export
+    error = rejection(body)
+    assert error.field == field
+    assert "required field is missing" in error.detail

@@ -121,3 +121,119 @@ def test_pvc_artifact_uri_rejected_for_lathe_run(data):
     with pytest.raises(InvalidResourceError, match=r"spec.training.artifactUri: 'pvc://claim/"
                        r"ckpt' names a PersistentVolumeClaim"):
         preflight.check_files(parse(body), data)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pubmed"
+PUBTATOR_TEST = "pubmed/bc5cdr/CDR_TestSet.PubTator.txt"
+CONLL_TEST = "pubmed/bc5cdr-ner/test.tsv"
+NCBI_TEST = "pubmed/ncbi-disease/corpus/NCBItestset_corpus.txt"
+
+
+def example(name: str) -> dict:
+    """Return the first document of an example file, to modify in memory."""
+    import yaml
+
+    return next(doc for doc in yaml.safe_load_all((EXAMPLES / name).read_text()) if doc)
+
+
+def test_examples_pass_content_checks(data_dir):
+    resources = [parse(example(path.name)) for path in sorted(EXAMPLES.glob("*.yaml"))]
+    preflight.check_resources(resources, data_dir)
+
+
+@pytest.mark.parametrize(
+    ("section", "index", "declared", "path", "suggested"),
+    [
+        ("sources", 0, "pubmedqa", None, "pubtator"),
+        ("sources", 0, "conll", None, "pubtator"),
+        ("sources", 6, "text", CONLL_TEST, "conll"),
+        ("evalSets", 0, "text", None, "pubtator"),
+        ("evalSets", 0, "jsonl", None, "pubtator"),
+    ],
+)
+def test_corpus_file_in_other_format_rejected(data_dir, section, index, declared, path,
+                                              suggested):
+    body = example("01-corpus.yaml")
+    entries = (body["spec"]["sources"] if section == "sources"
+               else body["spec"]["decontamination"]["evalSets"])
+    entries[index]["format"] = declared
+    if path:
+        entries[index]["path"] = path
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_data_formats(parse(body), data_dir)
+    prefix = "spec.sources" if section == "sources" else "spec.decontamination.evalSets"
+    assert raised.value.field == f"{prefix}[{index}].format"
+    assert raised.value.resource == "Corpus/default/pubmed"
+    assert repr(entries[index]["name"]) in raised.value.detail
+    assert repr(entries[index]["path"]) in raised.value.detail
+    assert f"has format {declared!r}" in raised.value.detail
+    assert raised.value.detail.endswith(f"; use format: {suggested}.")
+
+
+def test_ncbi_disease_source_accepted_as_pubtator(data_dir):
+    """ncbiDisease files are PubTator text, so either format passes."""
+    body = example("01-corpus.yaml")
+    body["spec"]["sources"][5]["format"] = "pubtator"
+    preflight.check_data_formats(parse(body), data_dir)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "\t\r\n"])
+@pytest.mark.parametrize(("section", "index", "role"),
+                         [("sources", 1, "source"), ("evalSets", 0, "evaluation set")])
+def test_empty_corpus_file_rejected(data_dir, tmp_path, content, section, index, role):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(content)
+    body = example("01-corpus.yaml")
+    entries = (body["spec"]["sources"] if section == "sources"
+               else body["spec"]["decontamination"]["evalSets"])
+    entries[index]["path"] = str(empty)
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_data_formats(parse(body), data_dir)
+    prefix = "spec.sources" if section == "sources" else "spec.decontamination.evalSets"
+    assert raised.value.field == f"{prefix}[{index}].path"
+    assert f"{role} {entries[index]['name']!r}" in raised.value.detail
+    assert str(empty) in raised.value.detail
+    assert "is empty" in raised.value.detail
+    assert "remove the entry" in raised.value.detail
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "edit"),
+    [
+        ("04-finetune.yaml", "spec.data.train", lambda spec, path: spec["data"].update(train=path)),
+        ("04-finetune.yaml", "spec.data.validation",
+         lambda spec, path: spec["data"].update(validation=path)),
+        ("04-finetune.yaml", "spec.data.test", lambda spec, path: spec["data"].update(test=path)),
+        ("05-deployment.yaml", "spec.export.heldOutData",
+         lambda spec, path: spec["export"].update(heldOutData=path)),
+    ],
+)
+def test_conll_file_in_other_format_rejected(data_dir, name, field, edit):
+    body = example(name)
+    edit(body["spec"], PUBTATOR_TEST)
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_data_formats(parse(body), data_dir)
+    assert raised.value.field == field
+    assert repr(PUBTATOR_TEST) in raised.value.detail
+    assert "read as format 'conll'" in raised.value.detail
+    assert "looks like format 'pubtator'" in raised.value.detail
+    assert "point it at a CoNLL file" in raised.value.detail
+
+
+def test_empty_conll_file_rejected(data_dir, tmp_path):
+    empty = tmp_path / "train.tsv"
+    empty.write_text("\n")
+    body = example("04-finetune.yaml")
+    body["spec"]["data"]["train"] = str(empty)
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_data_formats(parse(body), data_dir)
+    assert raised.value.field == "spec.data.train"
+    assert f"file {str(empty)!r} is empty" in raised.value.detail
+
+
+def test_content_checks_skip_missing_and_remote_files(data_dir):
+    """A missing file is check_files' to report, and a remote one the stage's to download."""
+    body = example("01-corpus.yaml")
+    body["spec"]["sources"][0]["path"] = "pubmed/absent.txt"
+    body["spec"]["sources"][1]["path"] = "s3://bucket/notes.txt"
+    preflight.check_data_formats(parse(body), data_dir)

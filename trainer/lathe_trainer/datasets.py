@@ -41,6 +41,7 @@ def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
 
     Returns (tokens, tags) per sentence. A line without exactly one tab raises ValueError with
     the file and line number, because a silently skipped line would shift every later label.
+    The message ends without a period or a fix, because each caller adds its own.
     """
     sentences: list[tuple[list[str], list[str]]] = []
     tokens: list[str] = []
@@ -55,10 +56,7 @@ def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
                 continue
             parts = line.split("\t")
             if len(parts) != 2:
-                raise ValueError(
-                    f"{path}:{number}: expected `token<TAB>tag`, got {line!r}; fix the line or "
-                    "remove it."
-                )
+                raise ValueError(f"{path}:{number}: expected `token<TAB>tag`, got {line!r}")
             tokens.append(parts[0])
             tags.append(parts[1])
     if tokens:

@@ -40,12 +40,15 @@ class Source(ApiModel):
         "PubMedQA JSON), `ncbiDisease` (NCBI disease corpus), `jsonl` (one JSON object per line "
         "with a `text` field), `text` (one document per blank-line-separated block) or `conll` "
         "(one `token<TAB>tag` line per token, blank lines between sentences; each sentence is "
-        "one document, its tokens joined with spaces). The stage fails when the file's first "
-        "lines look like `pubtator`, `conll` or `jsonl` and this field says otherwise."
+        "one document, its tokens joined with spaces). `lathe validate` (for local files) and the "
+        "stage reject a file whose first lines look like `pubtator`, `conll` or `jsonl` when "
+        "this field says otherwise."
     )
     path: DataPath = Field(
         description="File path or URI. A relative path is resolved against the data directory "
-        "(`lathe run --data-dir`, or the data volume in the cluster)."
+        "(`lathe run --data-dir`, or the data volume in the cluster). An empty file, or one "
+        "without records in the declared format, fails the stage (and `lathe validate`, for an "
+        "empty local file)."
     )
 
 

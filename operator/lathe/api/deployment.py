@@ -49,13 +49,15 @@ class ExportSpec(ApiModel):
         default_factory=lambda: [3, 20, 200],
         min_length=2,
         description="Sequence lengths at which ONNX Runtime is compared against PyTorch, at "
-        "batch sizes 1 and 8. The model is exported with an example of length 20.",
+        "batch sizes 1 and 8. The model is exported with an example of length 20. Each must be "
+        "at most the model's maximum positions: `max_position_embeddings` or `n_positions` in "
+        "its config.json (a PretrainJob's model.maxPositionEmbeddings), or 512 when the config "
+        "names neither, as for t5.",
     )
-    held_out_data: DataPath | None = Field(
-        default=None,
+    held_out_data: DataPath = Field(
         description="Held-out labelled sentences (CoNLL `token<TAB>tag` lines, blank line "
         "between sentences), relative to the data directory. They feed the ONNX check and the "
-        "quantization check; use the FineTune's test split. The export Job fails while unset.",
+        "quantization check; use the FineTune's test split.",
     )
     held_out_sentences: int = Field(
         default=64, ge=8, le=10000, description="Held-out sentences read from heldOutData."
@@ -164,7 +166,7 @@ class ModelDeploymentSpec(ApiModel):
         description="Triton model name."
     )
     export: ExportSpec = Field(
-        default_factory=ExportSpec, description="ONNX export and its checks."
+        description="ONNX export and its checks. Required, because export.heldOutData is."
     )
     serving: ServingSpec = Field(default_factory=ServingSpec, description="Triton server.")
     autoscaling: AutoscalingSpec = Field(

@@ -24,6 +24,9 @@ from lathe.api.common import (
 # The special tokens that every downstream stage relies on: end of document (also bos/eos),
 # padding and unknown. A spec may add more, but it cannot drop these.
 REQUIRED_SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", "<unk>")
+# The token that masked language modelling (PretrainJob architecture bert) puts in place of the
+# tokens it predicts.
+MASK_TOKEN = "<mask>"
 
 
 class TokenizerModel(str, enum.Enum):
@@ -139,7 +142,8 @@ class TokenizerSpec(ApiModel):
         default_factory=lambda: list(REQUIRED_SPECIAL_TOKENS),
         max_length=256,
         description="Special tokens, each encoded as a single id. Must include `<|endoftext|>` "
-        "(end of document, also bos and eos), `<pad>` and `<unk>`.",
+        "(end of document, also bos and eos), `<pad>` and `<unk>`. Add `<mask>` for a "
+        "PretrainJob with architecture bert, whose masked language modelling needs it.",
     )
     protected_patterns: list[ProtectedPattern] = Field(
         default_factory=list,

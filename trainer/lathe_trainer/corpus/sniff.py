@@ -118,3 +118,30 @@ def format_mismatch(path: Path, declared: str) -> FormatGuess | None:
     if guess is None or declared in COMPATIBLE[guess.format]:
         return None
     return guess
+
+
+def mismatch_message(entry: str, path: Path | str, declared: str, guess: FormatGuess) -> str:
+    """Word a format mismatch for a Corpus source or evaluation set, `entry` being its role and
+    name, such as "source 'notes'"."""
+    return (
+        f"{entry} ('{path}') has format {declared!r}, but {guess.evidence}; use format: "
+        f"{guess.format}."
+    )
+
+
+def conll_mismatch_message(path: Path | str, guess: FormatGuess) -> str:
+    """Word a mismatch for a file that only CoNLL can be, such as a FineTune split."""
+    return (
+        f"'{path}' is read as format 'conll' (`token<TAB>tag` lines, a blank line between "
+        f"sentences), but {guess.evidence}, so it looks like format {guess.format!r}; point "
+        "it at a CoNLL file instead."
+    )
+
+
+def has_content(path: Path) -> bool:
+    """Return True when the file contains a character other than whitespace."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(SAMPLE_BYTES):
+            if chunk.strip():
+                return True
+    return False

@@ -30,7 +30,7 @@ from lathe_trainer.corpus.decontaminate import EvalIndex, EvalSetCounts
 from lathe_trainer.corpus.normalize import normalize_text, word_count
 from lathe_trainer.corpus.readers import SourceFormatError, read_source
 from lathe_trainer.corpus.records import Document, SourceRead
-from lathe_trainer.corpus.sniff import format_mismatch
+from lathe_trainer.corpus.sniff import format_mismatch, mismatch_message
 from lathe_trainer.corpus.stats import (
     DECONTAMINATION,
     EXACT_DUPLICATES,
@@ -219,8 +219,7 @@ def _check_format(config: StageConfig, source: Source, field: str, path: Path) -
     role = "evaluation set" if field.startswith("spec.decontamination") else "source"
     raise StageError(
         config, f"{field}.format",
-        f"{role} {source.name!r} ('{path}') has format {source.format!r}, but "
-        f"{guess.evidence}; use format: {guess.format}.",
+        mismatch_message(f"{role} {source.name!r}", path, source.format, guess),
     )
 
 
@@ -230,7 +229,8 @@ def _check_yield(config: StageConfig, source: Source, field: str, read: SourceRe
 
     Every record malformed almost always means the wrong `format`. An evaluation set without
     documents would remove nothing, so its test documents would stay in the training split
-    without any error.
+    without any error. A source without records is almost always a wrong or truncated path,
+    and the corpus would otherwise succeed without its text.
     """
     if read.documents:
         return
@@ -248,6 +248,12 @@ def _check_yield(config: StageConfig, source: Source, field: str, read: SourceRe
             f"evaluation set {source.name!r} ('{path}') contains no documents, so nothing "
             "would be removed for it; point the path at the evaluation data, or remove the entry.",
         )
+    raise StageError(
+        config, f"{field}.path",
+        f"source {source.name!r} ('{path}') contains no records for format "
+        f"{source.format!r}, so it would add nothing to the corpus; point the path at the "
+        "source data, or remove the entry.",
+    )
 
 
 def _unique_id(candidate: str, seen: Counter[str]) -> str:

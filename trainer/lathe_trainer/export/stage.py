@@ -27,6 +27,7 @@ import numpy as np
 import pydantic
 
 from lathe.api.deployment import ModelDeploymentSpec
+from lathe_trainer.corpus.sniff import conll_mismatch_message, format_mismatch
 from lathe_trainer.export import heldout, onnx_export, quantize, repository
 from lathe_trainer.serving import decoding, reference
 from lathe_trainer.stage import (
@@ -83,13 +84,10 @@ def read_settings(config: StageConfig, model_dir: Path) -> reference.ModelSettin
 
 
 def read_sentences(config: StageConfig, spec: ModelDeploymentSpec) -> list:
-    if spec.export.held_out_data is None:
-        raise StageError(
-            config, "spec.export.heldOutData", "no held-out sentences are set, and the export "
-            "checks need them; set it to the FineTune's test split (a CoNLL file under the "
-            "data directory)."
-        )
     path = resolve_data_path(config, spec.export.held_out_data)
+    guess = format_mismatch(path, "conll") if path.is_file() else None
+    if guess is not None:
+        raise StageError(config, "spec.export.heldOutData", conll_mismatch_message(path, guess))
     try:
         sentences = heldout.read_held_out(path, spec.export.held_out_sentences)
     except (ValueError, UnicodeDecodeError) as error:

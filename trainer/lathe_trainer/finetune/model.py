@@ -9,24 +9,24 @@ peft as `modules_to_save`.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+)
+from transformers.pytorch_utils import Conv1D
+
+from lathe.api.finetune import DEFAULT_LORA_TARGETS
 
 log = logging.getLogger(__name__)
 
-# Default LoRA targets per architecture (`model_type`): the attention projections and the token
-# embeddings. NB: the embeddings matter for NER on small models. On a 64-wide, 2-layer Llama
-# pretrained for 300 steps, 200 steps (rank 16, learning rate 1e-2) on 2,000 NCBI-disease
-# sentences gave test F1 0.01 with attention-only adapters, 0.0 for a head-only linear probe,
-# and 0.30 with `embed_tokens` added (peft 0.21, 2-core CPU, first 200 test sentences).
-DEFAULT_LORA_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"],
-    "gpt2": ["c_attn", "c_proj", "wte"],
-}
 
 
 class BaseModelError(ValueError):
@@ -95,6 +95,34 @@ def from_scratch(model_dir: Path, labels: list[str]) -> torch.nn.Module:
     return AutoModelForTokenClassification.from_config(config)
 
 
+def adaptable_layers(model: torch.nn.Module) -> list[str]:
+    """Return the distinct last names of the layers that LoRA can adapt, outside the task head.
+
+    These are the linear, GPT-2 `Conv1D` and embedding layers, the module types peft adapts,
+    and the names that spec.lora.targetModules takes.
+    """
+    heads = set(head_names(model))
+    return sorted({
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name.split(".")[0] not in heads
+        and isinstance(module, (torch.nn.Linear, Conv1D, torch.nn.Embedding))
+    })
+
+
+def config_layers(config: PretrainedConfig) -> list[str]:
+    """Return adaptable_layers of the token classifier built from config, without weights.
+
+    The model is built on the meta device, so no memory is allocated for the weights and any
+    size costs about the same.
+    """
+    config = copy.deepcopy(config)
+    config.num_labels = 3  # O, B- and I- of one entity type; the head's size does not matter
+    with torch.device("meta"):
+        model = AutoModelForTokenClassification.from_config(config)
+    return adaptable_layers(model)
+
+
 def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
     """Return the module names to adapt: the request, or the architecture's attention layers."""
     if requested:
@@ -103,7 +131,7 @@ def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
     if model_type not in DEFAULT_LORA_TARGETS:
         raise BaseModelError(
             f"there are no default LoRA targets for model type {model_type!r}; set "
-            "spec.lora.targetModules"
+            f"spec.lora.targetModules to some of its layers: {adaptable_layers(model)}"
         )
     return DEFAULT_LORA_TARGETS[model_type]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lathe.api.finetune import FineTuneSpec
+from lathe_trainer.corpus.sniff import conll_mismatch_message, format_mismatch
 from lathe_trainer.finetune import checkpoint, distributed
 from lathe_trainer.finetune.data import (
     TaskDataError,
@@ -34,6 +35,7 @@ from lathe_trainer.finetune.data import (
 from lathe_trainer.finetune.metrics import predict
 from lathe_trainer.finetune.model import (
     BaseModelError,
+    adaptable_layers,
     apply_lora,
     from_scratch,
     label_maps,
@@ -137,11 +139,14 @@ def read_splits(config: StageConfig, spec: FineTuneSpec) -> dict[str, list]:
             continue
         limit = spec.max_train_sentences if name == "train" else spec.max_eval_sentences
         path = resolve_data_path(config, relative)
+        guess = format_mismatch(path, spec.data.format) if path.is_file() else None
+        if guess is not None:
+            raise StageError(config, f"spec.data.{name}", conll_mismatch_message(path, guess))
         try:
             splits[name] = read_sentences(path, limit)
         except TaskDataError as error:
             raise StageError(
-                config, f"spec.data.{name}", f"{relative!r} cannot be used: {error}. Fix the "
+                config, f"spec.data.{name}", f"{relative!r} cannot be used: {error}; fix the "
                 "file or the path (relative paths resolve against the data directory "
                 f"{config.data_dir})."
             ) from error
@@ -243,12 +248,10 @@ def _check_targets_match(config, model: torch.nn.Module, targets: list[str]) -> 
     unmatched = [target for target in targets
                  if not any(name == target or name.endswith(f".{target}") for name in names)]
     if unmatched:
-        layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))})
         raise StageError(
             config, "spec.lora.targetModules",
             f"{unmatched} match no module of the base model; use names of its linear or "
-            f"embedding layers: {layers}.",
+            f"embedding layers: {adaptable_layers(model)}.",
         )
 
 
@@ -260,7 +263,10 @@ def enable_gradient_checkpointing(model, spec: FineTuneSpec) -> None:
 
 def wrap_lora(config, spec, model):
     lora = spec.lora
-    targets = load_base(config, spec, lambda: lora_targets(model, lora.target_modules))
+    try:
+        targets = lora_targets(model, lora.target_modules)
+    except BaseModelError as error:
+        raise StageError(config, "spec.lora.targetModules", f"{error}.") from error
     _check_targets_match(config, model, targets)
     try:
         model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets)

@@ -45,9 +45,14 @@ def model_config(
         "eos_token_id": vocab[END_OF_TEXT],
         "pad_token_id": vocab.get(PAD),
     }
-    dimensions = spec.dimensions()
+    return architecture_config(spec, special)
+
+
+def architecture_config(spec: ModelArchitectureSpec, special: dict) -> PretrainedConfig:
+    """Return the transformers config for spec.model with the vocabulary size and token ids
+    in `special` (vocab_size, bos_token_id, eos_token_id and pad_token_id)."""
     builders = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "t5": _t5}
-    return builders[spec.architecture](dimensions, special)
+    return builders[spec.architecture](spec.dimensions(), special)
 
 
 def _llama(dimensions: ModelDimensions, special: dict) -> PretrainedConfig:

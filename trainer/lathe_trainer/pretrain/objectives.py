@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lathe.api.tokenizer import MASK_TOKEN
 from lathe_trainer.training.loss import IGNORE_INDEX
 
-MASK = "<mask>"
+MASK = MASK_TOKEN
 MASK_PROBABILITY = 0.15
 # Of the selected tokens: 80% are masked, 10% replaced at random, 10% left unchanged.
 MASK_REPLACE_FRACTION = 0.8

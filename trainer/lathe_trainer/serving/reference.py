@@ -65,14 +65,19 @@ def read_model_settings(model_dir: Path) -> ModelSettings:
             f"{config_file}: id2label {raw!r} is not an IOB label set with `O`; export a "
             "token-classification FineTune."
         )
-    max_positions = int(
-        config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_LENGTH
-    )
+    max_positions = config_max_positions(config)
     # A causal model tags best in windows no longer than the sentences it was fine-tuned on,
     # because it never learned positions beyond them.
     trained = _tokenizer_max_length(model_dir)
     max_length = min(max_positions, trained) if trained else max_positions
     return ModelSettings(id2label, read_special_ids(model_dir), max_length, max_positions)
+
+
+def config_max_positions(config: dict[str, Any]) -> int:
+    """Return the maximum sequence length of a model from its config.json contents."""
+    return int(
+        config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_LENGTH
+    )
 
 
 def _tokenizer_max_length(model_dir: Path) -> int | None:

@@ -1,0 +1,181 @@
+"""Checks between resources that `lathe validate` and `lathe run` make before anything runs.
+
+Each rule compares a resource with one it references, so neither the API models nor the CRD's
+CEL rules, which see one object, can check it. Without these checks the stage that breaks the
+rule fails after its upstream stages ran, which can be hours later:
+
+- a PretrainJob with masked language modelling (bert) needs `<mask>` among its Tokenizer's
+  special tokens;
+- a FineTune with LoRA and no spec.lora.targetModules needs a base architecture that has default
+  targets (lathe.api.finetune.DEFAULT_LORA_TARGETS);
+- a ModelDeployment's spec.export.checkSequenceLengths must fit the model's maximum positions.
+
+A reference to a resource that is not among those given is skipped here, because
+lathe.graph.order reports it first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lathe.api import FineTune, ModelDeployment, PretrainJob, Resource, Tokenizer
+from lathe.api.finetune import DEFAULT_LORA_TARGETS
+from lathe.api.tokenizer import MASK_TOKEN
+from lathe.errors import InvalidResourceError
+from lathe.graph import upstream_key
+from lathe.preflight import is_local, resolve
+from lathe_trainer.serving.reference import config_max_positions
+
+# The config.json key in which each PretrainJob architecture stores spec.model's maximum
+# positions, as lathe_trainer.pretrain.model writes it (tests/unit/test_consistency.py compares
+# them). The T5 config has no such key, so the export limits t5 models to the default of
+# lathe_trainer.serving.reference.
+POSITION_KEYS: dict[str, str | None] = {
+    "llama": "max_position_embeddings",
+    "gpt2": "n_positions",
+    "bert": "max_position_embeddings",
+    "t5": None,
+}
+
+
+@dataclass(frozen=True)
+class ResolvedBaseModel:
+    """A FineTune's base model: its type and maximum positions, as the files given show them."""
+
+    model_type: str | None
+    max_positions: int
+    # The source of the figures, for messages: "PretrainJob 'lm'" or the config.json path.
+    origin: str
+    pretrain_job: PretrainJob | None = None
+    config_file: Path | None = None
+
+    def layers(self) -> list[str] | None:
+        """Return the layer names that spec.lora.targetModules takes, or None when the config
+        cannot be built. Imports torch and transformers, so it costs seconds."""
+        from lathe_trainer.finetune.model import config_layers
+
+        if self.pretrain_job is not None:
+            from lathe_trainer.pretrain.model import architecture_config
+
+            # Any vocabulary size and token ids give the same layer names.
+            special = {"vocab_size": 1024, "bos_token_id": 0, "eos_token_id": 0,
+                       "pad_token_id": 1}
+            config = architecture_config(self.pretrain_job.spec.model, special)
+            return config_layers(config)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.config_file.parent)
+        except (OSError, ValueError, KeyError):
+            return None
+        return config_layers(config)
+
+
+def check_references(resources: list[Resource], data_dir: Path) -> None:
+    """Raise InvalidResourceError for the first resource that does not fit what it references."""
+    by_key = {resource.key: resource for resource in resources}
+    for resource in resources:
+        match resource:
+            case PretrainJob():
+                _check_mask_token(resource, by_key)
+            case FineTune():
+                _check_lora_targets(resource, by_key, data_dir)
+            case ModelDeployment():
+                _check_export_lengths(resource, by_key, data_dir)
+
+
+def _referenced(resource: Resource, by_key: dict[str, Resource], kind: str,
+                name: str) -> Resource | None:
+    return by_key.get(upstream_key(resource, kind, name))
+
+
+def _check_mask_token(job: PretrainJob, by_key: dict[str, Resource]) -> None:
+    if job.spec.model.training_objective() != "maskedLM":
+        return
+    tokenizer = _referenced(job, by_key, "Tokenizer", job.spec.tokenizer_ref.name)
+    if not isinstance(tokenizer, Tokenizer) or MASK_TOKEN in tokenizer.spec.special_tokens:
+        return
+    architecture = job.spec.model.architecture
+    raise InvalidResourceError(
+        tokenizer.label, "spec.specialTokens",
+        f"{tokenizer.spec.special_tokens!r} has no mask token {MASK_TOKEN!r}, which "
+        f"PretrainJob {job.metadata.name!r} needs for masked language modelling (its "
+        f"spec.model.architecture is {architecture}); add {MASK_TOKEN!r} to specialTokens, or "
+        "give the PretrainJob architecture llama, gpt2 or t5.",
+    )
+
+
+def base_model(finetune: FineTune, by_key: dict[str, Resource],
+               data_dir: Path) -> ResolvedBaseModel | None:
+    """Return the FineTune's base model from its PretrainJob or its local config.json, or None
+    when neither is available."""
+    reference = finetune.spec.base_model.pretrain_job_ref
+    if reference is not None:
+        job = _referenced(finetune, by_key, "PretrainJob", reference.name)
+        if not isinstance(job, PretrainJob):
+            return None
+        model = job.spec.model
+        key = POSITION_KEYS[model.architecture]
+        config = {key: model.dimensions().max_position_embeddings} if key else {}
+        return ResolvedBaseModel(model.architecture, config_max_positions(config),
+                         f"PretrainJob {job.metadata.name!r}", pretrain_job=job)
+    uri = finetune.spec.base_model.uri
+    if not uri or not is_local(uri):
+        return None
+    config_file = resolve(uri, data_dir) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # check_files reports a missing config.json, the FineTune a broken one
+    if not isinstance(config, dict):
+        return None
+    model_type = config.get("model_type")
+    return ResolvedBaseModel(model_type if isinstance(model_type, str) else None,
+                     config_max_positions(config), f"'{config_file}'", config_file=config_file)
+
+
+def _check_lora_targets(finetune: FineTune, by_key: dict[str, Resource],
+                        data_dir: Path) -> None:
+    if finetune.spec.method != "lora" or finetune.spec.lora.target_modules:
+        return
+    base = base_model(finetune, by_key, data_dir)
+    if base is None or base.model_type is None or base.model_type in DEFAULT_LORA_TARGETS:
+        return
+    layers = base.layers()
+    fix = (f"set it to some of the model's layers: {layers}" if layers
+           else "set it to names of the model's linear or embedding layers")
+    raise InvalidResourceError(
+        finetune.label, "spec.lora.targetModules",
+        f"is empty, and there are no default LoRA targets for model type {base.model_type!r} "
+        f"(the base model, from {base.origin}); {fix}.",
+    )
+
+
+def _check_export_lengths(deployment: ModelDeployment, by_key: dict[str, Resource],
+                          data_dir: Path) -> None:
+    finetune = _referenced(deployment, by_key, "FineTune",
+                           deployment.spec.model.fine_tune_ref.name)
+    if not isinstance(finetune, FineTune):
+        return
+    base = base_model(finetune, by_key, data_dir)
+    if base is None:
+        return
+    lengths = deployment.spec.export.check_sequence_lengths
+    too_long = [length for length in lengths if length > base.max_positions]
+    if not too_long:
+        return
+    origin = base.origin
+    fix = f"use lengths of at most {base.max_positions}"
+    if base.pretrain_job is not None and POSITION_KEYS[base.model_type]:
+        fix += f", or raise spec.model.maxPositionEmbeddings of {base.origin}"
+    elif base.pretrain_job is not None:
+        origin += (f"; a {base.model_type} config names no maximum positions, so the export "
+                   f"uses {base.max_positions}")
+    raise InvalidResourceError(
+        deployment.label, "spec.export.checkSequenceLengths",
+        f"{lengths} includes {', '.join(map(str, too_long))}, above the maximum positions "
+        f"{base.max_positions} of the model of FineTune {finetune.metadata.name!r} (from "
+        f"{origin}), so the export would fail; {fix}.",
+    )

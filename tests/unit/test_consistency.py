@@ -1,0 +1,267 @@
+"""Checks between resources: the PubMed example files, modified in memory, fail `lathe validate`
+and the start of `lathe run` when a stage would fail on a setting of another resource."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lathe import cli, consistency, loader
+from lathe.api import Resource
+from lathe.errors import InvalidResourceError
+from lathe.local.runner import LocalRunner
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pubmed"
+BODIES = {path.name: next(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+          for path in sorted(EXAMPLES.glob("*.yaml"))}  # fmt: skip
+
+
+def examples() -> dict[str, dict]:
+    """Return a copy of the five example documents by file name, to modify in memory."""
+    return copy.deepcopy(BODIES)
+
+
+def parse_all(bodies: dict[str, dict]) -> list[Resource]:
+    return [loader.parse_resource(body, name) for name, body in bodies.items()]
+
+
+def rejection(bodies: dict[str, dict], data_dir: Path) -> InvalidResourceError:
+    with pytest.raises(InvalidResourceError) as raised:
+        consistency.check_references(parse_all(bodies), data_dir)
+    return raised.value
+
+
+def model(bodies: dict[str, dict]) -> dict:
+    return bodies["03-pretrain.yaml"]["spec"]["model"]
+
+
+def lora(bodies: dict[str, dict]) -> dict:
+    return bodies["04-finetune.yaml"]["spec"]["lora"]
+
+
+def export(bodies: dict[str, dict]) -> dict:
+    return bodies["05-deployment.yaml"]["spec"]["export"]
+
+
+def test_examples_pass(data_dir):
+    consistency.check_references(parse_all(examples()), data_dir)
+
+
+# -- masked language modelling needs <mask> ------------------------------------------------------
+
+
+def test_bert_without_mask_token_rejected(data_dir):
+    bodies = examples()
+    model(bodies)["architecture"] = "bert"
+    error = rejection(bodies, data_dir)
+    assert error.resource == "Tokenizer/default/pubmed"
+    assert error.field == "spec.specialTokens"
+    assert "['<|endoftext|>', '<pad>', '<unk>']" in error.detail
+    assert "mask token '<mask>'" in error.detail
+    assert "PretrainJob 'pubmed-lm'" in error.detail
+    assert "architecture is bert" in error.detail
+    assert "add '<mask>' to specialTokens" in error.detail
+
+
+def test_bert_with_mask_token_accepted(data_dir):
+    bodies = examples()
+    model(bodies)["architecture"] = "bert"
+    bodies["02-tokenizer.yaml"]["spec"]["specialTokens"].append("<mask>")
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "t5"])
+def test_other_architectures_need_no_mask(data_dir, architecture):
+    bodies = examples()
+    model(bodies)["architecture"] = architecture
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+# -- LoRA targets --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("architecture", "layers"),
+    [
+        ("bert", ["dense", "key", "position_embeddings", "query", "token_type_embeddings",
+                  "value", "word_embeddings"]),
+        ("t5", ["embed_tokens", "k", "o", "q", "relative_attention_bias", "shared", "v", "wi",
+                "wo"]),
+    ],
+)
+def test_lora_without_default_targets_lists_layers(data_dir, architecture, layers):
+    bodies = examples()
+    model(bodies)["architecture"] = architecture
+    bodies["02-tokenizer.yaml"]["spec"]["specialTokens"].append("<mask>")
+    del lora(bodies)["targetModules"]
+    error = rejection(bodies, data_dir)
+    assert error.resource == "FineTune/default/pubmed-ner"
+    assert error.field == "spec.lora.targetModules"
+    assert f"no default LoRA targets for model type {architecture!r}" in error.detail
+    assert "PretrainJob 'pubmed-lm'" in error.detail
+    assert f"some of the model's layers: {layers}" in error.detail
+
+
+def test_listed_layers_are_what_trainer_adapts():
+    """The names come from the token classifier that the FineTune stage builds on the base."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from lathe.api.pretrain import ModelArchitectureSpec
+    from lathe_trainer.finetune.model import adaptable_layers, config_layers
+    from lathe_trainer.pretrain.model import architecture_config
+
+    special = {"vocab_size": 300, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+    config = architecture_config(ModelArchitectureSpec(architecture="bert"), special)
+    config.num_labels = 3
+    torch.manual_seed(0)
+    built = AutoModelForTokenClassification.from_config(config)
+    assert config_layers(config) == adaptable_layers(built)
+    assert "classifier" not in adaptable_layers(built)
+
+
+@pytest.mark.parametrize("change", [
+    {"targetModules": ["query", "value"]},
+    {"method": "full"},
+])
+def test_lora_targets_given_or_unused_accepted(data_dir, change):
+    bodies = examples()
+    model(bodies)["architecture"] = "t5"
+    if "method" in change:
+        del lora(bodies)["targetModules"]
+        bodies["04-finetune.yaml"]["spec"]["method"] = change["method"]
+    else:
+        lora(bodies).update(change)
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_default_lora_targets_accepted(data_dir, architecture):
+    bodies = examples()
+    model(bodies)["architecture"] = architecture
+    del lora(bodies)["targetModules"]
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+def bert_directory(path: Path, **sizes) -> Path:
+    """Write a Hugging Face model directory's config.json for a small BERT."""
+    from transformers import BertConfig
+
+    path.mkdir()
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               vocab_size=300, **sizes).save_pretrained(path)
+    return path
+
+
+def with_base_uri(bodies: dict[str, dict], uri: str) -> dict[str, dict]:
+    """Point the FineTune at a model directory and drop the PretrainJob stages."""
+    bodies["04-finetune.yaml"]["spec"]["baseModel"] = {"uri": uri}
+    return {name: body for name, body in bodies.items()
+            if name in ("04-finetune.yaml", "05-deployment.yaml")}
+
+
+def test_lora_on_bert_directory_lists_layers(data_dir, tmp_path):
+    directory = bert_directory(tmp_path / "bert")
+    bodies = examples()
+    del lora(bodies)["targetModules"]
+    error = rejection(with_base_uri(bodies, str(directory)), data_dir)
+    assert error.field == "spec.lora.targetModules"
+    assert "model type 'bert'" in error.detail
+    assert str(directory / "config.json") in error.detail
+    assert "'query'" in error.detail
+
+
+# -- export sequence lengths ---------------------------------------------------------------------
+
+
+def test_export_length_above_max_positions_rejected(data_dir):
+    bodies = examples()
+    export(bodies)["checkSequenceLengths"] = [3, 20, 600]
+    error = rejection(bodies, data_dir)
+    assert error.resource == "ModelDeployment/default/pubmed-ner"
+    assert error.field == "spec.export.checkSequenceLengths"
+    assert "[3, 20, 600] includes 600" in error.detail
+    assert "maximum positions 512" in error.detail
+    assert "FineTune 'pubmed-ner'" in error.detail
+    assert "use lengths of at most 512" in error.detail
+    assert "raise spec.model.maxPositionEmbeddings of PretrainJob 'pubmed-lm'" in error.detail
+
+
+@pytest.mark.parametrize(("architecture", "positions"), [("llama", 1024), ("gpt2", 1024),
+                                                         ("bert", 1024)])
+def test_export_length_within_raised_limit_accepted(data_dir, architecture, positions):
+    bodies = examples()
+    model(bodies).update(architecture=architecture, maxPositionEmbeddings=positions)
+    bodies["02-tokenizer.yaml"]["spec"]["specialTokens"].append("<mask>")
+    export(bodies)["checkSequenceLengths"] = [3, 600]
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+def test_export_length_on_t5_limited_to_default(data_dir):
+    """A t5 config names no maximum positions, so the export checks against 512."""
+    bodies = examples()
+    model(bodies).update(architecture="t5", maxPositionEmbeddings=1024)
+    export(bodies)["checkSequenceLengths"] = [3, 600]
+    error = rejection(bodies, data_dir)
+    assert "maximum positions 512" in error.detail
+    assert "a t5 config names no maximum positions" in error.detail
+    assert "maxPositionEmbeddings" not in error.detail
+
+
+def test_export_length_against_model_directory(data_dir, tmp_path):
+    directory = bert_directory(tmp_path / "bert", max_position_embeddings=128)
+    bodies = with_base_uri(examples(), str(directory))
+    export(bodies)["checkSequenceLengths"] = [3, 20, 200]
+    error = rejection(bodies, data_dir)
+    assert "[3, 20, 200] includes 200" in error.detail
+    assert "maximum positions 128" in error.detail
+    assert str(directory / "config.json") in error.detail
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert", "t5"])
+def test_position_keys_match_trainer_configs(architecture):
+    """POSITION_KEYS names the config key of each architecture's maximum positions."""
+    from lathe.api.pretrain import ModelArchitectureSpec
+    from lathe_trainer.pretrain.model import architecture_config
+    from lathe_trainer.serving.reference import DEFAULT_MAX_LENGTH, config_max_positions
+
+    spec = ModelArchitectureSpec(architecture=architecture, max_position_embeddings=777)
+    special = {"vocab_size": 300, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+    written = json.loads(architecture_config(spec, special).to_json_string())
+    expected = 777 if consistency.POSITION_KEYS[architecture] else DEFAULT_MAX_LENGTH
+    assert config_max_positions(written) == expected
+
+
+# -- lathe run and lathe validate ----------------------------------------------------------------
+
+
+def test_run_check_rejects_before_workspace(data_dir, tmp_path):
+    bodies = examples()
+    export(bodies)["checkSequenceLengths"] = [3, 600]
+    runner = LocalRunner(tmp_path / "workspace", data_dir)
+    with pytest.raises(InvalidResourceError) as raised:
+        runner.check(parse_all(bodies))
+    assert raised.value.field == "spec.export.checkSequenceLengths"
+    assert not (tmp_path / "workspace").exists()
+
+
+def test_validate_command_reports_error(data_dir, tmp_path, capsys):
+    """`lathe validate -f folder/` fails with the error instead of "5 resources are valid"."""
+    bodies = examples()
+    bodies["01-corpus.yaml"]["spec"]["sources"][0]["format"] = "pubmedqa"
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    for name, body in bodies.items():
+        (folder / name).write_text(yaml.safe_dump(body))
+    code = cli.main(["validate", "-f", str(folder), "--workspace", str(tmp_path / "workspace"),
+                     "--data-dir", str(data_dir)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "resources are valid" not in captured.out
+    assert "spec.sources[0].format" in captured.err
+    assert "has format 'pubmedqa'" in captured.err
+    assert "use format: pubtator" in captured.err
