@@ -52,10 +52,12 @@ def lathe(*args: str) -> subprocess.CompletedProcess:
 
 
 def summary_line(stdout: str, kind: str) -> str:
-    """Return the line `KIND NAME: ...` that `lathe run` prints for a stage after its bars."""
+    """Return the summary line `KIND NAME: ... artifact ...` that `lathe run` prints for a
+    stage after its progress lines."""
     for line in stdout.splitlines():
         words = line.split()
-        if len(words) > 1 and words[0] == kind and words[1].endswith(":"):
+        if (len(words) > 1 and words[0] == kind and words[1].endswith(":")
+                and " artifact " in line):
             return line
     return ""
 

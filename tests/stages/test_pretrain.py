@@ -130,6 +130,18 @@ def launch(config_path: Path, procs: int, resume: bool = False) -> subprocess.Co
                           timeout=RUN_TIMEOUT_SECONDS)
 
 
+def failure_excerpt(stderr: str) -> str:
+    """Return the part of a failed torchrun's stderr that shows the cause.
+
+    A worker that crashes in native code prints faulthandler's "Fatal Python error" and every
+    thread's Python stack, then a list of extension modules that would fill a plain tail.
+    """
+    start = stderr.find("Fatal Python error")
+    if start < 0:
+        return stderr[-4000:]
+    return stderr[start:start + 6000] + "\n...\n" + stderr[-1500:]
+
+
 def run_stage(make_config, tmp_path, resource, inputs, output, resume=False):
     """Run the stage for `resource` and return metrics.json.
 
@@ -144,7 +156,7 @@ def run_stage(make_config, tmp_path, resource, inputs, output, resume=False):
         path = tmp_path / "config.json"
         path.write_text(config.model_dump_json())
         result = launch(path, procs, resume)
-        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.returncode == 0, failure_excerpt(result.stderr)
     return json.loads((output / "metrics.json").read_text())
 
 
