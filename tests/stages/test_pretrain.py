@@ -139,7 +139,10 @@ def failure_excerpt(stderr: str) -> str:
     start = stderr.find("Fatal Python error")
     if start < 0:
         return stderr[-4000:]
-    return stderr[start:start + 6000] + "\n...\n" + stderr[-1500:]
+    # What the worker printed just before, such as the C++ exception that ended it, and then
+    # the stacks.
+    start = max(0, start - 2000)
+    return stderr[start:start + 8000] + "\n...\n" + stderr[-1500:]
 
 
 def run_stage(make_config, tmp_path, resource, inputs, output, resume=False):
