@@ -211,6 +211,25 @@ def test_missing_backend_fails_before_start(export_output, tmp_path):
         local_server.start_triton(tmp_path / "repository", tmp_path / "work")
 
 
+def test_requested_ports_used_when_free(export_output, tmp_path):
+    """--serve asks for the spec's ports: Triton takes them when free, other ports when not."""
+    import socket
+
+    output, _ = export_output
+    wanted = tuple(local_server.free_ports(3))
+    with local_server.start_triton(output / "model_repository", tmp_path / "free",
+                                   ports=wanted) as running:
+        assert (running.http_port, running.grpc_port, running.metrics_port) == wanted
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", wanted[0]))
+        busy.listen()
+        with local_server.start_triton(output / "model_repository", tmp_path / "busy",
+                                       ports=wanted) as running:
+            assert running.http_port != wanted[0]
+            assert client.infer_entities(running.http_url, MODEL_NAME, ["Breast cancer."])
+
+
 def test_missing_repository_fails(tmp_path):
     with pytest.raises(local_server.TritonStartError, match="does not exist"):
         local_server.start_triton(tmp_path / "nothing", tmp_path / "work")

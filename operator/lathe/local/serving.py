@@ -82,7 +82,15 @@ def serve_and_query(
     status.json shows Ready while Triton serves, and Ready False again once it stops.
     """
     workdir = result.directory / "triton"
-    with local_server.start_triton(repository_path(result), workdir) as server:
+    serving = result.resource.spec.serving
+    # --serve keeps Triton up for clients, so it listens on the ports of the spec, as the
+    # Service does in a cluster, when they are free. The sample request alone takes any ports.
+    ports = ((serving.http_port, serving.grpc_port, serving.metrics_port) if keep_serving
+             else None)
+    with local_server.start_triton(repository_path(result), workdir, ports=ports) as server:
+        if ports and server.http_port != ports[0]:
+            console.print(f"Port {ports[0]} or another port of spec.serving is in use, so "
+                          f"Triton listens on HTTP port {server.http_port} instead.")
         record_serving(result, f"http://{server.http_url}")
         try:
             return _query(result, server, text, console, keep_serving)

@@ -271,9 +271,26 @@ def remove_shm_regions(prefix: str) -> int:
     return removed
 
 
+def ports_free(ports: tuple[int, ...]) -> bool:
+    """Return whether every port of `ports` can be bound on loopback now."""
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            sock = stack.enter_context(socket.socket())
+            # With SO_REUSEADDR, only a socket that still listens on the port fails the bind,
+            # and not the connections an earlier server left in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                return False
+    return True
+
+
 def launch(repository: Path, workdir: Path, backends: Path, log_path: Path,
-           python: ModelPython | None = None) -> TritonServer:  # fmt: skip
-    http_port, grpc_port, metrics_port = free_ports(3)
+           python: ModelPython | None = None,
+           ports: tuple[int, int, int] | None = None) -> TritonServer:  # fmt: skip
+    """Start tritonserver on `ports` (HTTP, gRPC, metrics), or on free ports when None."""
+    http_port, grpc_port, metrics_port = ports or free_ports(3)
     # A prefix of our own, under Triton's default one, so that cleanup removes only our regions.
     shm_prefix = f"{SHM_PREFIX}lathe_{uuid.uuid4().hex[:12]}_"
     command = [
@@ -302,13 +319,15 @@ def launch(repository: Path, workdir: Path, backends: Path, log_path: Path,
 
 def start_triton(
     repository: Path, workdir: Path, ready_timeout_s: float = 180.0, attempts: int = 3,
-    python: ModelPython | None = None,
+    python: ModelPython | None = None, ports: tuple[int, int, int] | None = None,
 ) -> TritonServer:
     """Start tritonserver on `repository` and wait until `/v2/health/ready` answers 200.
 
     `workdir` receives the backend copy and `tritonserver.log`. A start that fails because a
     chosen port was taken in the meantime is retried with new ports, up to `attempts` times.
     The Python models run in `python`, by default the running interpreter and its packages.
+    `ports` (HTTP, gRPC, metrics) are used when all three are free on loopback; otherwise, and
+    by default, free ports are picked.
     """
     repository, workdir = Path(repository).resolve(), Path(workdir).resolve()
     if not repository.is_dir():
@@ -320,8 +339,13 @@ def start_triton(
     check_backends(repository, backends)
     log_path = workdir / "tritonserver.log"
     attempt = 1
+    requested = ports if ports and ports_free(ports) else None
+    if ports and requested is None:
+        log.warning("A port of %s is in use on %s, so tritonserver gets free ports instead.",
+                    ", ".join(map(str, ports)), LOOPBACK)
     while True:
-        server = launch(repository, workdir, backends, log_path, python)
+        server = launch(repository, workdir, backends, log_path, python,
+                        requested if attempt == 1 else None)
         try:
             server.wait_ready(ready_timeout_s)
             return server
