@@ -90,6 +90,25 @@ def test_example_runs_in_dependency_order(cluster, namespace, lathe_operator):
                             == downstream][0]["metadata"]["creationTimestamp"]
         assert upstream_done <= downstream_start, (upstream, downstream)
 
+    # Scaling Triton updates its Deployment and keeps the export: no new export Job, the same
+    # artifact, still Ready.
+    model = names["ModelDeployment"]
+    export_jobs = [job["metadata"]["name"] for job in jobs_of(cluster, model, namespace)]
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"serving": {"replicas": 2}}}')
+    cluster.wait_for(
+        lambda: cluster.get_json("deployment", f"{model}-triton", "-n", namespace)
+        ["spec"]["replicas"] == 2, "the Triton Deployment to scale to 2 replicas", timeout=60,
+    )
+    cluster.wait_for(
+        lambda: get(cluster, "ModelDeployment", model, namespace)["status"]
+        ["observedGeneration"] == 2, "observedGeneration 2", timeout=60,
+    )
+    scaled = get(cluster, "ModelDeployment", model, namespace)
+    assert [job["metadata"]["name"] for job in jobs_of(cluster, model, namespace)] == export_jobs
+    assert scaled["status"]["artifact"] == deployment_status["status"]["artifact"]
+    assert condition(scaled, "Exported")["status"] == "True"
+
 
 def test_spec_only_models_reject_fails_readably(cluster, namespace, lathe_operator):
     """A spec the CRD accepts but the API model rejects fails with the field and the fix, not

@@ -1250,12 +1250,41 @@ def test_new_export_rolls_triton_pods():
         ("PretrainJob", {"sequenceLength": 256}, False),
         ("FineTune", {"training": {"maxSteps": 77}}, False),
         ("FineTune", {"suspend": True}, True),
+        # More memory for an OOM-killed pod, or other pod labels, keep the checkpoints.
+        ("PretrainJob", {"resources": {"memory": "64Gi"}}, True),
+        ("FineTune", {"resources": {"memory": "64Gi"}}, True),
+        ("PretrainJob", {"podMetadata": {"labels": {"team": "nlp"}}}, True),
     ],
 )
 def test_resume_key_continuable_fields(kind, spec, same_key):
     """A PretrainJob continues its checkpoints across spec.training and spec.distributed
-    changes. Any other change, and any FineTune change but suspend, starts over."""
+    changes, and every stage across pod placement and resources. Any other change, and any
+    FineTune change but those, starts over."""
     before = plan_for(resource(kind)).config
     after = plan_for(resource(kind, spec=spec)).config
     assert (after.resume_key == before.resume_key) is same_key
-    assert after.stage_key != before.stage_key or spec == {"suspend": True}
+    output_unchanged = set(spec) <= {"suspend", "resources", "podMetadata"}
+    assert (after.stage_key == before.stage_key) is output_unchanged
+
+
+@pytest.mark.parametrize(("serving", "same_run"), [
+    ({"replicas": 3}, True),
+    ({"image": "nvcr.io/nvidia/tritonserver:25.01-py3"}, True),
+    ({"httpPort": 9000}, True),
+    ({"resources": {"memory": "8Gi"}}, True),
+    ({"maxBatchSize": 16}, False),
+    ({"modelBackend": "onnxruntime"}, False),
+])
+def test_serving_only_change_keeps_export(serving, same_run):
+    """Scaling Triton, or changing its image or ports, neither starts a new export run nor
+    changes the export's stage key; what the repository records (batching, backend) does."""
+    from lathe.k8s.reconcile import _legacy_run_hash, _run_hash
+
+    before = resource("ModelDeployment")
+    after = resource("ModelDeployment", spec={"serving": serving})
+    assert (_run_hash(after) == _run_hash(before)) is same_run
+    assert (plans.stage_key(after, {}) == plans.stage_key(before, {})) is same_run
+    scaled = resource("ModelDeployment", spec={"autoscaling": {"enabled": True}})
+    assert _run_hash(scaled) == _run_hash(before)
+    # A status written by an earlier release recorded the hash of the whole spec.
+    assert _legacy_run_hash(before) != _run_hash(before)

@@ -200,12 +200,16 @@ class Reconciler:
         generation = resource.metadata.generation
         conditions = new["conditions"]
         summary = resource.summary_condition
-        # A run is identified by its spec without `suspend` and by its inputs' digests. Pausing
+        # A run is identified by its spec (see _run_hash) and by its inputs' digests. Pausing
         # and resuming bump the generation but continue the same run. A changed spec starts a
         # new run, and so does an input that finished again with another digest.
         run_hash = _run_hash(resource)
         input_digests = {role: item.digest for role, item in sorted(inputs.items())}
-        same_run = (new.get("runSpecHash") == run_hash and bool(new.get("runGeneration"))
+        # NB: a run started by an earlier release recorded the hash of the whole spec. It
+        # stays the same run, so that an operator upgrade does not export every model again.
+        recorded_hash = new.get("runSpecHash")
+        same_run = (recorded_hash in (run_hash, _legacy_run_hash(resource))
+                    and bool(new.get("runGeneration"))
                     and new.get("inputDigests", input_digests) == input_digests)
         if same_run and (status.condition_true(conditions, summary)
                          or status.condition_true(conditions, C.FAILED)):
@@ -658,7 +662,18 @@ class Reconciler:
 
 
 def _run_hash(resource: Resource) -> str:
-    spec = resource.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
+    """Return the hash that identifies a run: the spec without `suspend` and, for a
+    ModelDeployment, without the fields that shape only its Triton Deployment."""
+    exclude = plans.base.spec_exclusions(resource, {"suspend"})
+    return _spec_hash(resource.spec.model_dump(mode="json", by_alias=True, exclude=exclude))
+
+
+def _legacy_run_hash(resource: Resource) -> str:
+    """Return the run hash of releases that hashed every ModelDeployment field but `suspend`."""
+    return _spec_hash(resource.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"}))
+
+
+def _spec_hash(spec: dict) -> str:
     encoded = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
 

@@ -68,19 +68,37 @@ class ServingPlan:
     repository_digest: str = ""
 
 
-# Spec fields that cannot change a stage's output.
-_NOT_IN_STAGE_KEY = {"scheduling", "workers", "suspend"}
+# Spec fields that cannot change a stage's output: where and with what the pods run, how many
+# Corpus workers share the work, and pausing. Changing them keeps a finished output and lets a
+# new run continue from the checkpoints, as after raising the memory of an OOM-killed pod.
+_NOT_IN_STAGE_KEY = {"scheduling", "workers", "suspend", "resources", "pod_metadata"}
+
+# ModelDeployment fields that shape only the Triton Deployment, not the export: changing them
+# (scaling, the image, the ports) neither runs the export again nor changes its stage key.
+SERVING_ONLY_FIELDS: dict[str, Any] = {
+    "autoscaling": True,
+    "serving": {"image", "replicas", "http_port", "grpc_port", "metrics_port", "resources",
+                "scheduling"},
+}
+
+
+def spec_exclusions(resource: Resource, fields: set[str]) -> dict[str, Any]:
+    """Return the pydantic `exclude` argument that leaves `fields` (top-level spec field names)
+    and, for a ModelDeployment, SERVING_ONLY_FIELDS out of a dump of the spec."""
+    names = type(resource.spec).model_fields.keys()
+    exclude: dict[str, Any] = {name: True for name in fields & names}
+    if resource.kind == "ModelDeployment":
+        exclude.update({name: value for name, value in SERVING_ONLY_FIELDS.items()
+                        if name in names})
+    return exclude
 
 
 def _output_inputs(resource: Resource, inputs: dict[str, ResolvedInput],
                    data_digests: dict[str, str] | None = None) -> dict[str, Any]:
     payload = {
         "kind": resource.kind,
-        # Where the pods run, how many Corpus workers share the work, and pausing change nothing
-        # in the output, so changing them keeps a finished output and its checkpoints.
         "spec": resource.spec.model_dump(
-            mode="json", by_alias=True,
-            exclude=_NOT_IN_STAGE_KEY & type(resource.spec).model_fields.keys(),
+            mode="json", by_alias=True, exclude=spec_exclusions(resource, _NOT_IN_STAGE_KEY),
         ),
         "inputs": {role: item.digest for role, item in sorted(inputs.items())},
     }
