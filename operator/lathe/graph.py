@@ -37,7 +37,8 @@ def order(resources: list[Resource]) -> list[Resource]:
                     resource.label,
                     REFERENCE_FIELDS.get(role, role),
                     f"references {kind} {name!r}, which is not defined in the files given; "
-                    f"add a {kind} named {name!r} or fix the name.",
+                    f"pass its file too with -f (lathe run reuses it if it already finished "
+                    f"in this workspace), or fix the name.",
                 )
             dependencies.append(key)
         sorter.add(resource.key, *dependencies)
