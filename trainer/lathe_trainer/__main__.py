@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 from lathe_trainer import remote
 from lathe_trainer.stage import EXIT_PERMANENT, StageError, load_config
@@ -25,7 +26,9 @@ STAGES = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exit_on_error: bool = False) -> int:
+    """Run one stage and return its exit code; with `exit_on_error`, end the process at once
+    on a StageError (see the end of this file)."""
     parser = argparse.ArgumentParser(prog="python -m lathe_trainer")
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--config", required=True, help="Path of the stage config JSON.")
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         # One write call: the processes of a torchrun group share the log, and separate writes
         # of two processes' messages would interleave within a line.
         _write_error(f"error: {error}\n")
+        if exit_on_error:
+            remote.exit_process(EXIT_PERMANENT)
         return EXIT_PERMANENT
     return 0
 
@@ -60,9 +65,16 @@ if __name__ == "__main__":
     # A crash in native code (SIGSEGV, SIGABRT) then leaves every thread's Python stack in the
     # log, which is all a failed pod keeps.
     faulthandler.enable()
+    # A failed stage ends inside its except block, before Python frees the exception and with
+    # it the frames that hold the DDP model: freeing DDP's reducer destroys its gloo process
+    # group while this thread holds the GIL, and a gloo thread that still needs the GIL to
+    # finish a work item then deadlocks the process.
     try:
-        code = main()
+        code = main(exit_on_error=True)
     except SystemExit as stop:
         # SIGTERM ends a stage with SystemExit (remote.staged), which must end the same way.
-        code = stop.code if isinstance(stop.code, int) else 1
+        remote.exit_process(stop.code if isinstance(stop.code, int) else 1)
+    except BaseException as error:
+        traceback.print_exc()
+        remote.exit_process(130 if isinstance(error, KeyboardInterrupt) else 1)
     remote.exit_process(code)
