@@ -65,10 +65,10 @@ if __name__ == "__main__":
     # A crash in native code (SIGSEGV, SIGABRT) then leaves every thread's Python stack in the
     # log, which is all a failed pod keeps.
     faulthandler.enable()
-    # A failed stage ends inside its except block, before Python frees the exception and with
-    # it the frames that hold the DDP model: freeing DDP's reducer destroys its gloo process
-    # group while this thread holds the GIL, and a gloo thread that still needs the GIL to
-    # finish a work item then deadlocks the process.
+    # A failed stage ends inside its except block, before Python frees the exception and the
+    # frames that hold the DDP model. Freeing DDP's reducer destroys its gloo process group
+    # while this thread holds the GIL. A gloo thread that still needs the GIL to finish a work
+    # item then deadlocks the process.
     try:
         code = main(exit_on_error=True)
     except SystemExit as stop:
