@@ -108,8 +108,8 @@ def _manifest_text(output: Path | str) -> tuple[str, bytes]:
 
 
 def _unfinished_stage(directory: Path) -> str:
-    """Say why the `lathe run` stage of `directory` (its stage or output directory) has no
-    manifest, from the status.json the runner wrote; "" when there is none to read."""
+    """Return why the `lathe run` stage of `directory` (its stage or output directory) has no
+    manifest, from the status.json the runner wrote. Return "" when there is none to read."""
     stage_dir = directory.parent if directory.name == "output" else directory
     try:
         written = json.loads((stage_dir / "status.json").read_text())

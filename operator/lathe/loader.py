@@ -72,6 +72,22 @@ def _type_message(error_type: str, value: Any) -> str:
     return f"{message}; write {expected}."
 
 
+# Pydantic's bound and length errors: the ctx key of the limit, the rule, the fix.
+_BOUND_RULES = {
+    "greater_than_equal": ("ge", "at least {}", "set {} or more"),
+    "greater_than": ("gt", "greater than {}", "set a value above {}"),
+    "less_than_equal": ("le", "at most {}", "set {} or less"),
+    "less_than": ("lt", "less than {}", "set a value below {}"),
+    "multiple_of": ("multiple_of", "a multiple of {}", "round it to a multiple of {}"),
+}
+_LENGTH_RULES = {
+    "string_too_short": ("min_length", "at least {} character{}", "lengthen it"),
+    "string_too_long": ("max_length", "at most {} character{}", "shorten it"),
+    "too_short": ("min_length", "at least {} item{}", "add items"),
+    "too_long": ("max_length", "at most {} item{}", "remove items"),
+}
+
+
 def _constraint_message(error_type: str, ctx: dict[str, Any], value: Any) -> str | None:
     """Word a schema constraint that `value` breaks as what the field takes and how to fix it.
 
@@ -88,25 +104,12 @@ def _constraint_message(error_type: str, ctx: dict[str, Any], value: Any) -> str
             return f"{value_prefix}must be {choices}; write {choices}."
         hint = f"did you mean {close[0]!r}?" if close else "use one of them."
         return f"{value_prefix}must be one of {choices}; {hint}"
-    bounds = {
-        "greater_than_equal": ("ge", "at least {}", "set {} or more"),
-        "greater_than": ("gt", "greater than {}", "set a value above {}"),
-        "less_than_equal": ("le", "at most {}", "set {} or less"),
-        "less_than": ("lt", "less than {}", "set a value below {}"),
-        "multiple_of": ("multiple_of", "a multiple of {}", "round it to a multiple of {}"),
-    }
-    if error_type in bounds and bounds[error_type][0] in ctx:
-        key, rule, fix = bounds[error_type]
+    if error_type in _BOUND_RULES and _BOUND_RULES[error_type][0] in ctx:
+        key, rule, fix = _BOUND_RULES[error_type]
         limit = ctx[key]
         return f"{value_prefix}must be {rule.format(limit)}; {fix.format(limit)}."
-    lengths = {
-        "string_too_short": ("min_length", "at least {} character{}", "lengthen it"),
-        "string_too_long": ("max_length", "at most {} character{}", "shorten it"),
-        "too_short": ("min_length", "at least {} item{}", "add items"),
-        "too_long": ("max_length", "at most {} item{}", "remove items"),
-    }
-    if error_type in lengths and lengths[error_type][0] in ctx:
-        key, rule, fix = lengths[error_type]
+    if error_type in _LENGTH_RULES and _LENGTH_RULES[error_type][0] in ctx:
+        key, rule, fix = _LENGTH_RULES[error_type]
         limit = int(ctx[key])
         if error_type == "string_too_short" and limit == 1:
             return f"{value_prefix}must not be empty; set a value."

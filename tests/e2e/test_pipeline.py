@@ -168,8 +168,8 @@ def test_second_run_reuses_every_stage(pipeline):
 
 
 def test_suspended_stage_is_not_run(pipeline):
-    """A PretrainJob with `suspend: true` is not started, and the stages after it wait, as the
-    operator keeps them; a suspended stage whose output is finished is still reused."""
+    """A PretrainJob with `suspend: true` is not started, and the stages after it wait, as in
+    a cluster. A suspended stage whose output is finished is still reused."""
     runner, resources, _ = pipeline
 
     def suspended(extra_steps: int) -> list:

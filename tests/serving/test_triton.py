@@ -212,7 +212,7 @@ def test_missing_backend_fails_before_start(export_output, tmp_path):
 
 
 def test_requested_ports_used_when_free(export_output, tmp_path):
-    """--serve asks for the spec's ports: Triton takes them when free, other ports when not."""
+    """--serve requests the spec's ports: Triton takes them when free, other ports when not."""
     import socket
 
     output, _ = export_output

@@ -1277,7 +1277,8 @@ def test_resume_key_continuable_fields(kind, spec, same_key):
 ])
 def test_serving_only_change_keeps_export(serving, same_run):
     """Scaling Triton, or changing its image or ports, neither starts a new export run nor
-    changes the export's stage key; what the repository records (batching, backend) does."""
+    changes the export's stage key. A change to what the repository records (batching, the
+    backend) does both."""
     from lathe.k8s.reconcile import _legacy_run_hash, _run_hash
 
     before = resource("ModelDeployment")

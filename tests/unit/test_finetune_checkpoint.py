@@ -20,7 +20,7 @@ def test_same_step_save_replaces_the_old_checkpoint(tmp_path):
 
 def test_interrupted_same_step_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     """A save stopped after moving the old checkpoint aside, before the new one took its
-    place, leaves the old one readable; the next save cleans up."""
+    place, leaves the old one readable. The next save cleans up."""
     checkpoint.save(tmp_path, 5, {"weights": torch.zeros(2)}, keep=2)
     real_replace = os.replace
     calls = []

@@ -513,24 +513,22 @@ class LocalRunner:
                 conditions, status.ConditionType.RUNNING, True, status.Reason.JOB_RUNNING,
                 generation=generation,
             )
-        document = {
-            "observedGeneration": generation,
-            "phase": status.derive_phase(conditions, summary),
-            "conditions": conditions,
-        }
+        artifact = {}
         if manifest:
-            document["artifact"] = {"uri": output_uri, "digest": manifest["digest"]}
-            document["metrics"] = manifest.get("metrics", {})
-        (directory / "status.json").write_text(json.dumps(document, indent=2))
+            artifact = {"artifact": {"uri": output_uri, "digest": manifest["digest"]},
+                        "metrics": manifest.get("metrics", {})}
+        self._write_conditions(resource, directory, conditions, artifact)
 
     def _write_conditions(
-        self, resource: Resource, directory: Path, conditions: list[dict[str, Any]]
+        self, resource: Resource, directory: Path, conditions: list[dict[str, Any]],
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        """Write status.json for a stage that this run did not start."""
+        """Write status.json with `conditions`, the phase they give and the `extra` fields."""
         document = {
             "observedGeneration": resource.metadata.generation,
             "phase": status.derive_phase(conditions, resource.summary_condition),
             "conditions": conditions,
+            **(extra or {}),
         }
         (directory / "status.json").write_text(json.dumps(document, indent=2))
 
