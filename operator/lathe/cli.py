@@ -133,6 +133,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     )
     runner = LocalRunner(Path(args.workspace), Path(args.data_dir))
     ordered = runner.check(resources)
+    _print_from_workspace(console, runner)
     if console.is_terminal:
         with progress:
             runner.on_progress = StageBars(progress, ordered)
@@ -189,9 +190,21 @@ def _print_summary(console: Console, results: dict[str, StageResult]) -> None:
         )
 
 
+def _print_from_workspace(console: Console, runner: LocalRunner) -> None:
+    """Say which references are resolved from stages that finished in an earlier run."""
+    for found in runner.from_workspace.values():
+        resolved = found.resolved
+        console.print(
+            f"{resolved.kind} {resolved.name}: not in the files given; using its finished "
+            f"output from the workspace, artifact {resolved.digest[:19]} at {resolved.uri}"
+        )
+
+
 def _validate(args: argparse.Namespace, console: Console) -> int:
     resources = loader.load_paths(args.file)
-    LocalRunner(Path(args.workspace), Path(args.data_dir)).check(resources)
+    runner = LocalRunner(Path(args.workspace), Path(args.data_dir))
+    runner.check(resources)
+    _print_from_workspace(console, runner)
     console.print(f"{len(resources)} resources are valid.")
     return 0
 

@@ -17,6 +17,7 @@ lathe.graph.order reports it first.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +74,13 @@ class ResolvedBaseModel:
         return config_layers(config)
 
 
-def check_references(resources: list[Resource], data_dir: Path) -> None:
-    """Raise InvalidResourceError for the first resource that does not fit what it references."""
-    by_key = {resource.key: resource for resource in resources}
+def check_references(resources: list[Resource], data_dir: Path,
+                     upstream: Iterable[Resource] = ()) -> None:
+    """Raise InvalidResourceError for the first resource that does not fit what it references.
+
+    `upstream` holds referenced resources that are not checked themselves.
+    """
+    by_key = {resource.key: resource for resource in [*upstream, *resources]}
     for resource in resources:
         match resource:
             case PretrainJob():

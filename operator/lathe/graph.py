@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from graphlib import CycleError, TopologicalSorter
 
 from lathe.api import Resource
@@ -20,11 +21,14 @@ def upstream_key(resource: Resource, kind: str, name: str) -> str:
     return f"{kind}/{resource.metadata.namespace}/{name}"
 
 
-def order(resources: list[Resource]) -> list[Resource]:
+def order(resources: list[Resource], finished: Collection[str] = (),
+          workspace: str | None = None) -> list[Resource]:
     """Return the resources in dependency order.
 
-    Raises InvalidResourceError for a reference to a resource that is not among them, naming the
-    field, and for a cycle.
+    `finished` holds the keys of resources that are not among `resources` but whose outputs
+    exist (in the workspace named by `workspace`), so that a reference to one is resolved.
+    Raises InvalidResourceError for a reference to any other resource that is not among them,
+    naming the field, and for a cycle.
     """
     by_key = {resource.key: resource for resource in resources}
     sorter: TopologicalSorter[str] = TopologicalSorter()
@@ -32,13 +36,16 @@ def order(resources: list[Resource]) -> list[Resource]:
         dependencies = []
         for role, (kind, name) in resource.references().items():
             key = upstream_key(resource, kind, name)
+            if key in finished:
+                continue
             if key not in by_key:
+                where = (f" and has no finished output in the workspace {workspace}"
+                         if workspace else "")
                 raise InvalidResourceError(
                     resource.label,
                     REFERENCE_FIELDS.get(role, role),
-                    f"references {kind} {name!r}, which is not defined in the files given; "
-                    f"pass its file too with -f (lathe run reuses it if it already finished "
-                    f"in this workspace), or fix the name.",
+                    f"references {kind} {name!r}, which is not defined in the files given"
+                    f"{where}; pass its file too with -f, or fix the name.",
                 )
             dependencies.append(key)
         sorter.add(resource.key, *dependencies)

@@ -7,7 +7,7 @@ resource must also fit the resources it references (lathe.consistency).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,14 +238,16 @@ def _empty_message(item: _FormattedFile, resolved: Path) -> str:
             "point the path at the source data, or remove the entry.")
 
 
-def check_resources(resources: list[Resource], data_dir: Path) -> None:
+def check_resources(resources: list[Resource], data_dir: Path,
+                    upstream: Iterable[Resource] = ()) -> None:
     """Run the checks that read data files or compare resources with each other.
 
-    Call it after check_files passed for every resource, so that a missing file is reported
-    as missing.
+    `upstream` holds resources that are not run but are referenced, as they ran before; they
+    are compared with the resources that reference them, and not checked themselves. Call it
+    after check_files passed for every resource, so that a missing file is reported as missing.
     """
     from lathe import consistency  # it imports this module
 
     for resource in resources:
         check_data_formats(resource, data_dir)
-    consistency.check_references(resources, data_dir)
+    consistency.check_references(resources, data_dir, upstream)

@@ -285,6 +285,90 @@ def test_failed_stage_reports_this_run(tmp_path, data_dir):
     assert failed["reason"] == "JobFailed"
 
 
+def test_failed_spec_change_keeps_output(tmp_path, data_dir):
+    """A changed spec that fails leaves the last finished output in previous-output/, the
+    earlier spec restores it without running, and a changed spec that succeeds replaces it."""
+    runner = LocalRunner(tmp_path / "workspace", data_dir)
+
+    def corpus(min_words: int) -> list:
+        document = {
+            "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "small"},
+            "spec": {"sources": [{"name": "ncbi", "format": "ncbiDisease",
+                                  "path": "pubmed/ncbi-disease/corpus/NCBIdevelopset_corpus.txt"}],
+                     "minWords": min_words},
+        }
+        return runner.check([loader.parse_resource(document, "test")])
+
+    first = runner.run(corpus(5))["Corpus/default/small"]
+    previous = first.directory / "previous-output"
+
+    # No abstract has 100000 words, so the stage fails.
+    with pytest.raises(StageFailedError) as raised:
+        runner.run(corpus(100000))
+    assert f"kept in {previous}" in raised.value.detail
+    assert json.loads((previous / "manifest.json").read_text())["digest"] == (
+        first.manifest["digest"])
+    written = json.loads((first.directory / "status.json").read_text())
+    failed = next(c for c in written["conditions"] if c["type"] == "Failed")
+    assert str(previous) in failed["message"]
+
+    restored = runner.run(corpus(5))["Corpus/default/small"]
+    assert restored.reused
+    assert restored.manifest["digest"] == first.manifest["digest"]
+    assert not previous.exists()
+    shards = sorted(path.name for path in (first.directory / "output").rglob("*") if path.is_file())
+    assert "manifest.json" in shards
+    assert len(shards) > 2
+
+    changed = runner.run(corpus(20))["Corpus/default/small"]
+    assert not changed.reused
+    assert changed.manifest["stageKey"] != first.manifest["stageKey"]
+    assert not previous.exists()
+
+
+def test_reference_resolved_from_workspace(tmp_path, data_dir, capsys):
+    """A resource run without the file of a stage it references uses that stage's finished
+    output in the workspace, as a cluster resolves a reference to an existing resource."""
+    from lathe import cli
+
+    workspace = tmp_path / "workspace"
+    tokenizer_file = EXAMPLES / "02-tokenizer.yaml"
+    runner = LocalRunner(workspace, data_dir)
+    first = runner.run(runner.check(loader.load_paths([EXAMPLES / "01-corpus.yaml",
+                                                       tokenizer_file])))
+    corpus = first["Corpus/default/pubmed"]
+
+    alone = runner.run(runner.check(loader.load_paths([tokenizer_file])))
+    assert list(alone) == ["Tokenizer/default/pubmed"]
+    assert alone["Tokenizer/default/pubmed"].reused
+    found = runner.from_workspace["Corpus/default/pubmed"]
+    assert found.resolved.digest == corpus.manifest["digest"]
+    assert found.resource is not None and found.resource.spec == corpus.resource.spec
+
+    # A changed spec runs, on the corpus from the workspace.
+    changed = tmp_path / "tokenizer.yaml"
+    document = yaml.safe_load(tokenizer_file.read_text())
+    document["spec"]["vocabSize"] = 4000
+    changed.write_text(yaml.safe_dump(document))
+    code = cli.main(["run", "-f", str(changed), "--workspace", str(workspace),
+                     "--data-dir", str(data_dir)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert (f"Corpus pubmed: not in the files given; using its finished output from the "
+            f"workspace, artifact {corpus.manifest['digest'][:19]}") in printed
+    assert "Tokenizer pubmed: ran in" in printed
+    inputs = json.loads((workspace / "default/tokenizer/pubmed/output/manifest.json")
+                        .read_text())["inputs"]
+    assert inputs["corpus"]["digest"] == corpus.manifest["digest"]
+
+    # Without a finished output, the reference is an error that names the workspace.
+    other = LocalRunner(tmp_path / "empty", data_dir)
+    with pytest.raises(InvalidResourceError) as raised:
+        other.check(loader.load_paths([tokenizer_file]))
+    assert "spec.corpusRef.name" in str(raised.value)
+    assert f"no finished output in the workspace {tmp_path / 'empty'}" in str(raised.value)
+
+
 def test_torchrun_stage_error_is_permanent(tmp_path, data_dir):
     """A StageError in a two-process stage fails it on the first attempt, with the stage's
     own message and not torchrun's report of the failed workers."""

@@ -4,9 +4,12 @@ Each resource gets a directory in the workspace:
 
     <workspace>/<namespace>/<kind>/<name>/
         config.json    the StageConfig the plan produced
+        resource.json  the resource as it was run
         status.json    conditions, artifact and metrics, as the operator would write to status
         stage.log      stdout and stderr of the workload
         output/        the artifact (manifest.json marks it finished)
+        previous-output/
+                       the last finished output, while a run of a changed spec replaces it
         scratch/       local copies of s3:// inputs and outputs, when the stage has any
 
 A resource whose `spec.storage.uri` names an object store (s3://) or a local folder (file://)
@@ -15,7 +18,9 @@ through scratch/ and uploads the output as it would in a pod (lathe_trainer.remo
 stages downstream read it from there. A `pvc://` URI names a cluster volume and is rejected here.
 
 A stage whose output manifest carries the same stage key (spec, input digests, code version) is
-reused instead of run again. A stage that failed or was interrupted keeps its checkpoints and is
+reused instead of run again. When the key changed, a finished local output is moved to
+previous-output/ and deleted only once the new run succeeds: a failed run leaves the last good
+output in place, and running the earlier spec again restores it instead of running the stage. A stage that failed or was interrupted keeps its checkpoints and is
 resumed with `--resume` on the next run. A PretrainJob also continues from its checkpoints when
 its resume key is unchanged (lathe.plans.base.resume_key): when its spec changed only in
 `training` or `distributed`, or when only the code version changed.
@@ -43,7 +48,7 @@ from typing import Any
 
 import psutil
 
-from lathe import plans, preflight, status
+from lathe import loader, plans, preflight, status
 from lathe.api import Resource
 from lathe.errors import InvalidResourceError, StageFailedError, WorkspaceError
 from lathe.graph import order, upstream_key
@@ -67,6 +72,10 @@ POLL_SECONDS = 0.5
 # (lathe.plans.base.resume_key) of the run that last started writing the output.
 STAGE_KEY_FILE = "stage-key"
 RESUME_KEY_FILE = "resume-key"
+# The resource as it was last run, for runs that reference it without its file.
+RESOURCE_FILE = "resource.json"
+# The stage directory's copy of the last finished output while a changed spec runs.
+PREVIOUS_OUTPUT = "previous-output"
 
 
 @dataclass
@@ -88,6 +97,20 @@ class StageResult:
             uri=self.output_uri,
             digest=self.manifest["digest"],
         )
+
+
+@dataclass
+class FinishedOutput:
+    """The output of a stage that finished in an earlier run and is not among the resources of
+    this run, resolved from the workspace as a cluster resolves a reference to an existing
+    resource."""
+
+    key: str
+    # The resource as it was run, from resource.json; None for a stage directory written
+    # before the runner recorded it.
+    resource: Resource | None
+    resolved: ResolvedInput
+    directory: Path
 
 
 @dataclass
@@ -125,6 +148,9 @@ class LocalRunner:
         self.python = python
         # Stages the last run() did not start, by key, with the reason (see run).
         self.not_run: dict[str, str] = {}
+        # Referenced stages that are not among the resources but finished in the workspace,
+        # by key, as the last check() found them.
+        self.from_workspace: dict[str, FinishedOutput] = {}
 
     def stage_dir(self, resource: Resource) -> Path:
         meta = resource.metadata
@@ -168,7 +194,8 @@ class LocalRunner:
                 f"--workspace {str(self.workspace)!r} cannot be written ({existing} is "
                 "read-only or not yours); pass a writable directory."
             )
-        ordered = order(resources)
+        self.from_workspace = self._find_finished(resources)
+        ordered = order(resources, self.from_workspace, workspace=str(self.workspace))
         outputs: dict[str, Resource] = {}
         for resource in ordered:
             preflight.check_files(resource, self.data_dir)
@@ -185,8 +212,50 @@ class LocalRunner:
                         "of its own.",
                     )
             outputs[uri] = resource
-        preflight.check_resources(ordered, self.data_dir)
+        upstream = [found.resource for found in self.from_workspace.values() if found.resource]
+        preflight.check_resources(ordered, self.data_dir, upstream)
         return ordered
+
+    def _find_finished(self, resources: list[Resource]) -> dict[str, FinishedOutput]:
+        """Return the referenced stages that are not in `resources` but have a finished output
+        in the workspace, by key."""
+        given = {resource.key for resource in resources}
+        found = {}
+        for resource in resources:
+            for kind, name in resource.references().values():
+                key = upstream_key(resource, kind, name)
+                if key in given or key in found:
+                    continue
+                finished = self.finished_output(kind, resource.metadata.namespace, name)
+                if finished:
+                    found[key] = finished
+        return found
+
+    def finished_output(self, kind: str, namespace: str, name: str) -> FinishedOutput | None:
+        """Return the finished output that status.json in the stage's directory records, or
+        None when there is none or its manifest no longer carries the recorded digest."""
+        directory = self.workspace / namespace / kind.lower() / name
+        try:
+            written = json.loads((directory / "status.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        artifact = written.get("artifact") or {}
+        uri, digest = artifact.get("uri"), artifact.get("digest")
+        if not (uri and digest):
+            return None
+        try:
+            manifest = _read_manifest(uri)
+        except (OSError, ValueError):
+            manifest = None
+        if not manifest or manifest.get("digest") != digest:
+            return None
+        resource = None
+        with contextlib.suppress(FileNotFoundError, ValueError, InvalidResourceError):
+            recorded = directory / RESOURCE_FILE
+            resource = loader.parse_resource(json.loads(recorded.read_text()), str(recorded))
+        key = f"{kind}/{namespace}/{name}"
+        return FinishedOutput(key, resource, ResolvedInput(kind=kind, name=name, uri=uri,
+                                                           digest=digest), directory)
 
     def run(self, resources: list[Resource]) -> dict[str, StageResult]:
         """Run or reuse every stage in dependency order; return the finished ones by key.
@@ -212,10 +281,11 @@ class LocalRunner:
         if blocking:
             self._hold_waiting(resource, blocking[0])
             return
-        inputs = {
-            role: results[upstream_key(resource, kind, name)].resolved
-            for role, (kind, name) in resource.references().items()
-        }
+        inputs = {}
+        for role, (kind, name) in resource.references().items():
+            key = upstream_key(resource, kind, name)
+            inputs[role] = (results[key].resolved if key in results
+                            else self.from_workspace[key].resolved)
         result = self.run_stage(resource, inputs)
         if result is None:
             self.not_run[resource.key] = (
@@ -256,6 +326,8 @@ class LocalRunner:
         started = time.monotonic()
 
         manifest = _read_manifest(output_uri)
+        if not (manifest and manifest.get("stageKey") == plan.config.stage_key):
+            manifest = self._restore_previous(resource, directory, output_uri, plan.config)
         if manifest and manifest.get("stageKey") == plan.config.stage_key:
             log.info("Reusing %s: its output matches the stage key.", resource.key)
             self.on_progress(ProgressEvent(resource.key, "reused", message="reused"))
@@ -280,6 +352,10 @@ class LocalRunner:
         resume = self._prepare_output(resource, directory, output_uri, plan.config)
         config_path = directory / "config.json"
         config_path.write_text(plan.config.model_dump_json(indent=2))
+        # A later run that references this stage without its file resolves it from here.
+        (directory / RESOURCE_FILE).write_text(json.dumps(
+            resource.model_dump(mode="json", by_alias=True, exclude_unset=True,
+                                exclude={"status"}), indent=2))
         self._write_status(resource, directory, output_uri, None)
         self.on_progress(ProgressEvent(resource.key, "started"))
         progress_file = self._progress_file(plan, directory, output_uri)
@@ -292,12 +368,21 @@ class LocalRunner:
                     resource.key, 0, f"the stage exited without a manifest.json in {output_uri}."
                 )
         except StageFailedError as error:
+            previous = directory / PREVIOUS_OUTPUT
+            if (previous / MANIFEST).is_file():
+                error = StageFailedError(
+                    resource.key, error.exit_code,
+                    f"{error.detail} The output of the last successful run is kept in "
+                    f"{previous}; run the earlier spec again to restore it.",
+                )
             self._write_status(resource, directory, output_uri, None,
                                failure=(error.exit_code, error.detail))
-            raise
+            raise error from None
         except KeyboardInterrupt:
             self._write_status(resource, directory, output_uri, None, interrupted=True)
             raise
+        # The new output replaces the last finished one for good.
+        shutil.rmtree(directory / PREVIOUS_OUTPUT, ignore_errors=True)
         self._write_status(resource, directory, output_uri, manifest)
         self.on_progress(ProgressEvent(resource.key, "succeeded", message="done"))
         return StageResult(resource, output_uri, directory, manifest, False,
@@ -324,8 +409,9 @@ class LocalRunner:
         elif not same_key:
             if resource.spec.storage.uri:
                 _check_replaceable(resource, filesystem, path, output_uri)
-            # Checkpoints of another spec must not be resumed from.
-            storage.remove_tree(filesystem, path)
+            if not self._keep_previous(resource, directory, output_uri):
+                # Checkpoints of another spec must not be resumed from.
+                storage.remove_tree(filesystem, path)
         if not same_key:
             # The staged copies of another key's run are never read again.
             shutil.rmtree(directory / "scratch", ignore_errors=True)
@@ -335,6 +421,46 @@ class LocalRunner:
         resume_key_file.write_text(config.resume_key)
         key_file.write_text(config.stage_key)
         return same_key or continues
+
+    def _keep_previous(self, resource: Resource, directory: Path, output_uri: str) -> bool:
+        """Move a finished local output to previous-output/; return whether it was moved.
+
+        An unfinished output, the remains of a failed run, is not moved, so that
+        previous-output/ keeps the last finished one. An object store output is not moved
+        either: copying it would cost as much as the run.
+        """
+        manifest = _read_manifest(output_uri)
+        if storage.is_remote(output_uri) or not (manifest and manifest.get("stageKey")):
+            return False
+        previous = directory / PREVIOUS_OUTPUT
+        shutil.rmtree(previous, ignore_errors=True)
+        log.info("Keeping the finished output of %s in %s until the changed spec's run "
+                 "succeeds.", resource.key, previous)
+        shutil.move(local_path(output_uri), previous)
+        return True
+
+    def _restore_previous(
+        self, resource: Resource, directory: Path, output_uri: str, config: StageConfig
+    ) -> dict[str, Any] | None:
+        """Put previous-output/ back as the output when it was made with `config`'s stage key;
+        return its manifest, or None when there is nothing to restore."""
+        previous = directory / PREVIOUS_OUTPUT
+        try:
+            manifest = json.loads((previous / MANIFEST).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if manifest.get("stageKey") != config.stage_key or storage.is_remote(output_uri):
+            return None
+        log.info("Restoring the earlier output of %s from %s: the spec is the one it was made "
+                 "with.", resource.key, previous)
+        output = local_path(output_uri)
+        # What the output holds is an unfinished run of another spec.
+        shutil.rmtree(output, ignore_errors=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(previous, output)
+        (directory / STAGE_KEY_FILE).write_text(config.stage_key)
+        (directory / RESUME_KEY_FILE).write_text(config.resume_key)
+        return manifest
 
     def _progress_file(self, plan: WorkloadPlan, directory: Path, output_uri: str) -> Path:
         """Return the local file the stage appends its progress to."""
