@@ -207,8 +207,11 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
     metadata = document.get("metadata")
     if not isinstance(metadata, dict):
         metadata = {}  # pydantic reports the missing or wrongly typed metadata below
-    name = metadata.get("name", "<unnamed>")
-    label = f"{kind if isinstance(kind, str) and kind else '<no kind>'} {name!r} in {origin}"
+    name = metadata.get("name") or "<unnamed>"
+    namespace = metadata.get("namespace") or "default"
+    # The form of Resource.label, so that every error names a resource the same way.
+    label = (f"{kind if isinstance(kind, str) and kind else '<no kind>'}/{namespace}/{name} "
+             f"(in {origin})")
     api_version = document.get("apiVersion")
     group = api_version.rpartition("/")[0] if isinstance(api_version, str) else ""
     if isinstance(api_version, str) and group != API_VERSION.partition("/")[0]:

@@ -215,7 +215,7 @@ def test_cli_rejects_unknown_field_with_exit_code(tmp_path):
     )
     assert completed.returncode == 1
     assert "spec" in completed.stderr
-    assert "Corpus 'x'" in completed.stderr
+    assert "Corpus/default/x (in " in completed.stderr
     assert completed.stdout == ""
 
 

@@ -59,9 +59,14 @@ fail() {
 
 # Run a command as a child process, forward SIGTERM and SIGINT to it, and return its status.
 run_child() {
+    # The trap is set before the child starts, so that a signal that arrives in between is
+    # not lost: it is recorded, and passed on once the child's PID is known.
+    child=
+    stopping=
+    trap 'stopping=1; [ -z "$child" ] || kill -TERM "$child" 2>/dev/null' TERM INT
     "$@" &
     child=$!
-    trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+    [ -z "$stopping" ] || kill -TERM "$child" 2>/dev/null
     wait "$child"
     status=$?
     # A trapped signal interrupts `wait` with a status above 128; wait again for the real one.

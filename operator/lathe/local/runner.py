@@ -163,7 +163,7 @@ class LocalRunner:
             return f"file://{self.stage_dir(resource) / 'output'}"
         if uri.startswith("pvc://"):
             raise InvalidResourceError(
-                resource.key, "spec.storage.uri",
+                resource.label, "spec.storage.uri",
                 f"{uri!r} names a PersistentVolumeClaim, which exists only in a cluster; for "
                 "`lathe run`, use file:///path, s3://bucket/prefix, or leave the field unset to "
                 "write to the workspace.",
@@ -174,7 +174,7 @@ class LocalRunner:
             storage.resolve(uri)
         except ValueError as error:
             raise InvalidResourceError(
-                resource.key, "spec.storage.uri",
+                resource.label, "spec.storage.uri",
                 f"{uri!r} cannot be opened: {error}",
             ) from error
         return uri.rstrip("/")
@@ -206,7 +206,7 @@ class LocalRunner:
                     uri + "/"
                 ):
                     raise InvalidResourceError(
-                        resource.key, "spec.storage.uri",
+                        resource.label, "spec.storage.uri",
                         f"{uri!r} overlaps the output of {other.key} ({other_uri!r}), and each "
                         "stage clears its output when it runs; give each resource a location "
                         "of its own.",
@@ -771,7 +771,7 @@ def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: st
     if manifest and manifest.get("stageKey") and manifest.get("kind") == resource.kind:
         return
     raise InvalidResourceError(
-        resource.key, "spec.storage.uri",
+        resource.label, "spec.storage.uri",
         f"{output_uri!r} contains files ({', '.join(sorted(names)[:5])}) but no finished "
         f"{resource.kind} output, and the stage would delete them; point it to a new or empty "
         "location, or empty it.",
