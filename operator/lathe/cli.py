@@ -191,7 +191,7 @@ def _print_summary(console: Console, results: dict[str, StageResult]) -> None:
 
 
 def _print_from_workspace(console: Console, runner: LocalRunner) -> None:
-    """Say which references are resolved from stages that finished in an earlier run."""
+    """Print the references resolved from stages that finished in an earlier run."""
     for found in runner.from_workspace.values():
         resolved = found.resolved
         console.print(
@@ -205,7 +205,8 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
     runner = LocalRunner(Path(args.workspace), Path(args.data_dir))
     runner.check(resources)
     _print_from_workspace(console, runner)
-    console.print(f"{len(resources)} resources are valid.")
+    console.print(f"{len(resources)} resource{'s are' if len(resources) != 1 else ' is'} "
+                  "valid.")
     return 0
 
 
@@ -232,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     def with_files(command: argparse.ArgumentParser) -> None:
         command.add_argument(
             "-f", "--file", type=Path, action="append", required=True,
-            help="Resource file, or folder of resource files; repeatable.",
+            help="Resource file, folder of resource files, or - for standard input; repeatable.",
         )
         command.add_argument(
             "--workspace", default="lathe-workspace",

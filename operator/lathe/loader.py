@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from lathe.graph import REFERENCE_FIELDS, upstream_key
 
 # JSON is YAML too, and kubectl apply reads .json manifests as well.
 RESOURCE_SUFFIXES = (".yaml", ".yml", ".json")
+# The -f value that reads resources from standard input, as kubectl apply -f - does.
+STDIN = Path("-")
 
 
 # Kubernetes ObjectMeta fields (k8s.io/apimachinery, meta/v1), as `kubectl get -o yaml` writes them.
@@ -314,47 +317,59 @@ def _yaml_message(error: yaml.YAMLError) -> str:
         start = error.context_mark
         message += f" ({error.context} at line {start.line + 1}, column {start.column + 1})"
     if isinstance(error, _DuplicateKeyError):
+        if mark.column == 0 and error.problem.startswith(("duplicate key 'apiVersion'",
+                                                          "duplicate key 'kind'")):
+            # Files joined with cat, without a document separator between them.
+            return message + ("; if a second resource starts there, put a line with only --- "
+                              "before it.")
         return message + "; remove one of the two."
     return message + "; correct the syntax there."
 
 
 def _read_documents(path: Path) -> list[Any]:
-    """Parse every YAML document of a UTF-8 file. Errors name the file, line and column."""
+    """Parse every YAML document of a UTF-8 file, or of standard input for `-`. Errors name
+    the file, line and column."""
+    name = _origin_name(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if path == STDIN else path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise InvalidResourceError(
-            str(path), "(file)",
+            name, "(file)",
             f"not valid UTF-8 text: byte 0x{error.object[error.start]:02x} at offset "
             f"{error.start}; save the file as UTF-8.",
         ) from None
     except OSError as error:
         raise InvalidResourceError(
-            str(path), "(file)", f"cannot be read: {error.strerror}; check the path and its "
+            name, "(file)", f"cannot be read: {error.strerror}; check the path and its "
             "permissions.",
         ) from None
     try:
         yaml_loader = _UniqueKeyLoader(text)
     except yaml.YAMLError as error:  # a character that YAML does not allow
-        raise InvalidResourceError(str(path), "(file)", _yaml_message(error)) from None
+        raise InvalidResourceError(name, "(file)", _yaml_message(error)) from None
     # The reader names a str stream "<unicode string>" in its error marks.
-    yaml_loader.name = str(path)
+    yaml_loader.name = name
     try:
         documents = []
         while yaml_loader.check_data():
             documents.append(yaml_loader.get_data())
         return documents
     except yaml.YAMLError as error:
-        raise InvalidResourceError(str(path), "(file)", _yaml_message(error)) from None
+        raise InvalidResourceError(name, "(file)", _yaml_message(error)) from None
     finally:
         yaml_loader.dispose()
 
 
+def _origin_name(path: Path) -> str:
+    return "standard input" if path == STDIN else str(path)
+
+
 def load_file(path: Path) -> list[Resource]:
     documents = _read_documents(path)
-    resources = [parse_resource(document, str(path)) for document in documents if document]
+    origin = _origin_name(path)
+    resources = [parse_resource(document, origin) for document in documents if document]
     for resource in resources:
-        resource._origin = str(path)
+        resource._origin = origin
     return resources
 
 
@@ -362,9 +377,13 @@ def load_paths(paths: list[Path]) -> list[Resource]:
     """Load every resource file named, or found directly inside a named folder."""
     files: dict[Path, Path] = {}
     for path in paths:
+        if path == STDIN:
+            files.setdefault(STDIN, STDIN)
+            continue
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in RESOURCE_SUFFIXES)
-        elif path.is_file():
+        elif path.exists():
+            # A regular file, or a pipe such as /dev/stdin or a shell's <(...).
             found = [path]
         else:
             raise InvalidResourceError(str(path), "-f", "file or folder does not exist; "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -242,3 +245,31 @@ def test_duplicate_source_names_rejected():
     assert raised.value.field == "spec.sources"
     assert raised.value.detail == ("source names ['a'] are used more than once; give each "
                                    "source its own name.")
+
+
+def test_dash_reads_standard_input(monkeypatch):
+    """`-f -` reads resources from standard input, as `kubectl apply -f -` does."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(CORPUS + "---\n" + TOKENIZER))
+    resources = loader.load_paths([Path("-")])
+    assert [resource.kind for resource in resources] == ["Corpus", "Tokenizer"]
+    assert resources[0].label == "Corpus/default/pubmed (in standard input)"
+
+
+def test_pipe_path_is_read(tmp_path):
+    """A path that exists but is not a regular file, such as a shell's <(...), is read."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=(CORPUS,))
+    writer.start()
+    resources = loader.load_paths([pipe])
+    writer.join()
+    assert [resource.kind for resource in resources] == ["Corpus"]
+
+
+def test_joined_files_suggest_separator(tmp_path):
+    """Two resources joined without `---` repeat the top-level keys; the fix is a separator."""
+    joined = write(tmp_path, CORPUS + TOKENIZER)
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_paths([joined])
+    assert "duplicate key 'apiVersion'" in str(raised.value)
+    assert "put a line with only --- before it" in str(raised.value)
