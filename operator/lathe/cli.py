@@ -30,6 +30,29 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("LATHE_DATA_DIR", "../shared/data"))
 
 
+def _is_checkout(directory: Path) -> bool:
+    return (directory / "pyproject.toml").is_file() and (directory / "operator" / "lathe").is_dir()
+
+
+def other_checkout_warning(cwd: Path | None = None) -> str | None:
+    """Return a warning when the current directory is in a checkout of Lathe other than the
+    one this code runs from.
+
+    Every checkout on a machine shares one cached environment (scripts/python-env.sh), whose
+    editable install points at the checkout that ran `make env` last, so `.venv/bin/lathe`
+    can run another checkout's code.
+    """
+    code = Path(__file__).resolve().parents[2]
+    if not _is_checkout(code):
+        return None  # installed from a wheel, not run from a checkout
+    cwd = (cwd or Path.cwd()).resolve()
+    here = next((path for path in (cwd, *cwd.parents) if _is_checkout(path)), None)
+    if here is None or here == code:
+        return None
+    return (f"warning: this lathe runs the code in {code}, not the checkout in the current "
+            f"directory ({here}); run `make env` in {here} to use its code.")
+
+
 class StageBars:
     """One progress bar per stage, fed by the runner's progress events."""
 
@@ -276,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     # Long lines such as artifact URIs stay whole when the output is not a terminal, and digests
     # are not coloured as if they were numbers or addresses.
     console = Console(stderr=False, soft_wrap=True, highlight=False)
+    warning = other_checkout_warning()
+    if warning:
+        Console(stderr=True, soft_wrap=True).print(warning, style="yellow", highlight=False,
+                                                   markup=False)
     # `kill` and a closed terminal stop lathe as Ctrl-C does, so that the stage processes and
     # tritonserver it started are stopped too instead of being left running.
     # A signal that is ignored, as SIGHUP under nohup, stays ignored. Only the main thread may

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -96,3 +97,21 @@ def test_summary_headline_per_kind():
 ])
 def test_verbose_before_or_after_command(argv, verbose):
     assert cli.parser().parse_args(argv).verbose is verbose
+
+
+def test_other_checkout_warned(tmp_path):
+    """A shared environment's `lathe` that runs another checkout's code says so."""
+    other = tmp_path / "other"
+    (other / "operator" / "lathe").mkdir(parents=True)
+    (other / "pyproject.toml").write_text("")
+    (other / "examples").mkdir()
+    warning = cli.other_checkout_warning(other / "examples")
+    assert warning is not None
+    assert f"the current directory ({other})" in warning
+    assert f"run `make env` in {other}" in warning
+
+
+def test_own_checkout_not_warned(tmp_path):
+    repo = Path(cli.__file__).resolve().parents[2]
+    assert cli.other_checkout_warning(repo / "examples") is None
+    assert cli.other_checkout_warning(tmp_path) is None
