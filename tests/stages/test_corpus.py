@@ -302,6 +302,18 @@ def test_conll_source_as_text_raises(make_config):
         stage.run(make_config(_corpus(sources)), resume=False)
 
 
+@pytest.mark.parametrize("declared", ["text", "jsonl"])
+def test_pubmedqa_source_as_other_format_raises(make_config, declared):
+    """Read as `text`, the JSON would become one document of braces and keys. Read as `jsonl`,
+    every line would be malformed."""
+    sources = [{"name": "pubmedqa", "format": declared, "path": PUBMEDQA}]
+    with pytest.raises(StageError, match=r"spec\.sources\[0\]\.format: source 'pubmedqa' .* "
+                       rf"has format '{declared}', but it is a JSON object, and (\d+) of the \1 "
+                       r"entries .* are PubMedQA entries with a `CONTEXTS` list; use format: "
+                       r"pubmedqa\.$"):
+        stage.run(make_config(_corpus(sources)), resume=False)
+
+
 def test_short_eval_set_raises(make_config, tmp_path):
     """Documents shorter than ngramSize add no n-gram and remove only identical documents."""
     questions = tmp_path / "questions.txt"
@@ -319,12 +331,13 @@ def test_short_eval_set_raises(make_config, tmp_path):
     assert metrics["documentsOut"] > 0
 
 
-def test_source_all_malformed_raises(make_config, data_dir, tmp_path):
-    data = json.loads((data_dir / PUBMEDQA).read_text())
-    one = tmp_path / "one.json"
-    one.write_text(json.dumps({pmid: data[pmid] for pmid in list(data)[:1]}))
+def test_source_all_malformed_raises(make_config, tmp_path):
+    """An object keyed by PMID whose entries lack CONTEXTS, like the PubMedQA ground-truth
+    labels, passes the format guess, and its reader finds no document."""
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps({"21645374": "yes"}))
     sources = [{"name": "bc5cdr", "format": "pubtator", "path": BC5CDR_TRAIN},
-               {"name": "qa", "format": "pubtator", "path": str(one)}]
+               {"name": "qa", "format": "pubmedqa", "path": str(answers)}]
     with pytest.raises(StageError, match=r"spec\.sources\[1\]\.format: all 1 records of 'qa'"):
         stage.run(make_config(_corpus(sources)), resume=False)
 

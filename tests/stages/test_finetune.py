@@ -304,6 +304,38 @@ def test_pubtator_split_rejected(make_config):
     assert ".." not in message
 
 
+def test_conll2003_layout_reads_as_two_columns(make_config, tmp_path, data_dir):
+    """POS and chunk columns are ignored, and `-DOCSTART-` lines separate documents."""
+    sentences = (data_dir / CONLL / "train.tsv").read_text().split("\n\n")[:8]
+    narrow = tmp_path / "narrow.tsv"
+    narrow.write_text("\n\n".join(sentences) + "\n")
+    wide_sentences = [
+        "\n".join(line.replace("\t", "\tNN\tB-NP\t") for line in sentence.splitlines())
+        for sentence in sentences
+    ]
+    wide = tmp_path / "wide.tsv"
+    wide.write_text(
+        "-DOCSTART- -X- -X- O\n\n" + "\n\n".join(wide_sentences[:4]) + "\n\n"
+        "-DOCSTART-\t-X-\t-X-\tO\n" + "\n\n".join(wide_sentences[4:]) + "\n"
+    )
+    config = make_config(resource(data={"train": str(wide), "test": str(narrow)}))
+
+    splits = stage.read_splits(config, FineTuneSpec.model_validate(config.spec))
+
+    assert len(splits["test"]) == 8
+    assert splits["train"] == splits["test"]
+
+
+def test_pubmedqa_split_rejected(make_config):
+    data = {"train": f"{CONLL}/train.tsv", "test": "pubmed/pubmedqa/ori_pqal.json"}
+    config = make_config(resource(data=data))
+    with pytest.raises(StageError) as raised:
+        stage.read_splits(config, FineTuneSpec.model_validate(config.spec))
+    message = str(raised.value)
+    assert "spec.data.test:" in message
+    assert "looks like format 'pubmedqa'" in message
+
+
 def test_malformed_line_message_ends_once(make_config, tmp_path, data_dir):
     bad = tmp_path / "bad.tsv"
     lines = (data_dir / CONLL / "train.tsv").read_text().splitlines()[:40]

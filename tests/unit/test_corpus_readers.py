@@ -194,3 +194,57 @@ def test_conll_malformed_lines_are_counted(data_dir, tmp_path):
     assert "without a tag column" in examples[1].reason
     assert "got 'two words'" in examples[2].reason
     assert "got ''" in examples[3].reason
+
+
+def test_conll_extra_columns_ignored(data_dir, tmp_path):
+    """POS and chunk columns between the token and the tag do not reach the text."""
+    lines = _conll_lines(data_dir, 2)
+    two_columns = tmp_path / "two.tsv"
+    two_columns.write_text("\n".join(lines) + "\n")
+    four_columns = tmp_path / "four.tsv"
+    four_columns.write_text(
+        "\n".join(line.replace("\t", "\tNN\tB-NP\t") if line else "" for line in lines) + "\n"
+    )
+    assert "\tNN\tB-NP\t" in four_columns.read_text()
+
+    expected = read_source(two_columns, "conll", "ncbi")
+    read = read_source(four_columns, "conll", "ncbi")
+
+    assert read.malformed_count == 0
+    assert [(d.record_id, d.text) for d in read.documents] == [
+        (d.record_id, d.text) for d in expected.documents
+    ]
+
+
+def test_conll_docstart_is_boundary(tmp_path):
+    """`-DOCSTART-` lines split sentences and are neither documents nor malformed records."""
+    path = tmp_path / "conll2003.tsv"
+    path.write_text(
+        "-DOCSTART- -X- -X- O\n\n"  # 1-2
+        "EU\tNNP\tB-NP\tB-ORG\nrejects\tVBZ\tB-VP\tO\n\n"  # 3-5
+        "-DOCSTART-\tO\n"  # 6
+        "Peter\tNNP\tB-NP\tB-PER\n"  # 7
+        "-DOCSTART-\n"  # 8
+        "Blackburn\tNNP\tI-NP\tB-PER\n\n"  # 9-10
+        "-DOCSTART-\t-X-\t-X-\tO\n"  # 11
+    )
+    read = read_source(path, "conll", "conll2003")
+    assert [(d.record_id, d.text) for d in read.documents] == [
+        ("line-3", "EU rejects"), ("line-7", "Peter"), ("line-9", "Blackburn"),
+    ]
+    assert read.malformed_count == 0
+    assert read.records == 3
+
+
+def test_conll_space_separated_line_is_malformed(tmp_path):
+    path = tmp_path / "spaces.txt"
+    path.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n")
+    read = read_source(path, "conll", "spaces")
+    assert read.documents == []
+    assert read.malformed_count == 1
+    example = read.malformed_examples[0]
+    assert (example.line, example.record_id) == (3, "line-3")
+    assert example.reason == (
+        "expected `token<TAB>tag`, got 'EU NNP B-NP B-ORG' without a tag column (columns are "
+        "separated by tabs, not spaces)"
+    )

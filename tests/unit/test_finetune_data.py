@@ -160,6 +160,74 @@ def test_read_sentences_rejects_bad_files(tmp_path, content, message):
         read_sentences(path, None)
 
 
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("cancer", "expected `token<TAB>tag`, got 'cancer' without a tag column"),
+        ("cancer\t", "expected `token<TAB>tag`, got 'cancer\\t' without a tag column"),
+        ("EU NNP B-NP B-ORG", "expected `token<TAB>tag`, got 'EU NNP B-NP B-ORG' without a tag "
+         "column (columns are separated by tabs, not spaces)"),
+        ("two words\tO", "expected one token without spaces in the first column, got 'two words'"),
+        ("\tB-Disease", "expected one token without spaces in the first column, got ''"),
+    ],
+)
+def test_read_sentences_malformed_line(tmp_path, line, reason):
+    """A malformed line names the file, its line number and the line, and stops the read."""
+    path = tmp_path / "bad.tsv"
+    path.write_text(f"Ataxia\tB-Disease\n\n{line}\nis\tO\n")
+    with pytest.raises(TaskDataError) as raised:
+        read_sentences(path, None)
+    assert str(raised.value) == f"{path}:3: {reason}"
+
+
+# The same two sentences in the layouts of NCBI-disease, CoNLL-2003 with tabs and exports with
+# Windows line ends, trailing tabs or empty middle columns.
+CONLL_LAYOUTS = {
+    "two columns": "Ataxia\tB-Disease\n-\tI-Disease\nis\tO\n\nIL\tO\n",
+    "four columns": "Ataxia\tNN\tB-NP\tB-Disease\n-\t:\tI-NP\tI-Disease\nis\tVBZ\tB-VP\tO\n"
+    "\nIL\tNN\tB-NP\tO\n",
+    "crlf and trailing tabs": "Ataxia\tB-Disease\t\r\n-\tI-Disease\r\nis\tO\r\n\r\nIL\tO\r\n",
+    "empty middle column": "Ataxia\t\tB-Disease\n-\t\tI-Disease\nis\t\tO\n\nIL\t\tO\n",
+}
+
+
+@pytest.mark.parametrize("layout", sorted(CONLL_LAYOUTS))
+def test_read_sentences_column_layouts(tmp_path, layout):
+    """The token is the first column and the tag the last, whatever lies between them."""
+    path = tmp_path / "split.tsv"
+    path.write_bytes(CONLL_LAYOUTS[layout].encode())
+    assert read_sentences(path, None) == [
+        (["Ataxia", "-", "is"], ["B-Disease", "I-Disease", "O"]),
+        (["IL"], ["O"]),
+    ]
+
+
+def test_read_sentences_docstart_separates(tmp_path):
+    """`-DOCSTART-` lines end a sentence and are neither tokens nor sentences."""
+    path = tmp_path / "conll2003.tsv"
+    path.write_text(
+        "-DOCSTART- -X- -X- O\n\n"
+        "EU\tNNP\tB-NP\tB-ORG\nrejects\tVBZ\tB-VP\tO\n\n"
+        "-DOCSTART-\t-X-\t-X-\tO\n"
+        "Peter\tNNP\tB-NP\tB-PER\n"
+        "-DOCSTART-\tO\n"
+        "Blackburn\tNNP\tI-NP\tB-PER\n\n"
+        "-DOCSTART-\n"
+    )
+    assert read_sentences(path, None) == [
+        (["EU", "rejects"], ["B-ORG", "O"]),
+        (["Peter"], ["B-PER"]),
+        (["Blackburn"], ["B-PER"]),
+    ]
+
+
+def test_read_sentences_only_docstart(tmp_path):
+    path = tmp_path / "empty.tsv"
+    path.write_text("-DOCSTART- -X- -X- O\n\n-DOCSTART-\tO\n")
+    with pytest.raises(TaskDataError, match="contains no sentences"):
+        read_sentences(path, None)
+
+
 def test_read_sentences_missing_file(tmp_path):
     with pytest.raises(TaskDataError, match="does not exist"):
         read_sentences(tmp_path / "none.tsv", None)

@@ -126,6 +126,7 @@ def test_pvc_artifact_uri_rejected_for_lathe_run(data):
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pubmed"
 PUBTATOR_TEST = "pubmed/bc5cdr/CDR_TestSet.PubTator.txt"
 CONLL_TEST = "pubmed/bc5cdr-ner/test.tsv"
+PUBMEDQA = "pubmed/pubmedqa/ori_pqal.json"
 NCBI_TEST = "pubmed/ncbi-disease/corpus/NCBItestset_corpus.txt"
 
 
@@ -149,6 +150,9 @@ def test_examples_pass_content_checks(data_dir):
         ("sources", 6, "text", CONLL_TEST, "conll"),
         ("evalSets", 0, "text", None, "pubtator"),
         ("evalSets", 0, "jsonl", None, "pubtator"),
+        ("sources", 6, "text", None, "pubmedqa"),
+        ("sources", 6, "jsonl", None, "pubmedqa"),
+        ("sources", 6, "pubmedqa", CONLL_TEST, "conll"),
     ],
 )
 def test_corpus_file_in_other_format_rejected(data_dir, section, index, declared, path,
@@ -218,6 +222,16 @@ def test_conll_file_in_other_format_rejected(data_dir, name, field, edit):
     assert "read as format 'conll'" in raised.value.detail
     assert "looks like format 'pubtator'" in raised.value.detail
     assert "point it at a CoNLL file" in raised.value.detail
+
+
+def test_pubmedqa_as_conll_rejected(data_dir):
+    body = example("04-finetune.yaml")
+    body["spec"]["data"]["train"] = PUBMEDQA
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_data_formats(parse(body), data_dir)
+    assert raised.value.field == "spec.data.train"
+    assert "read as format 'conll'" in raised.value.detail
+    assert "looks like format 'pubmedqa'" in raised.value.detail
 
 
 def test_empty_conll_file_rejected(data_dir, tmp_path):

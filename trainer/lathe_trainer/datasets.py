@@ -36,29 +36,73 @@ def iter_texts(corpus_uri: str, split: str) -> Iterator[str]:
         yield document["text"]
 
 
-def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
-    """Read `token<TAB>tag` lines with blank lines between sentences.
+# CoNLL-2003 starts each document with a line whose first column is this marker, such as
+# `-DOCSTART- -X- -X- O`. It separates documents and is neither a token nor a sentence.
+DOCSTART = "-DOCSTART-"
 
-    Returns (tokens, tags) per sentence. A line without exactly one tab raises ValueError with
-    the file and line number, because a silently skipped line would shift every later label.
-    The message ends without a period or a fix, because each caller adds its own.
+
+def is_docstart(line: str) -> bool:
+    """Return True when a CoNLL line is a `-DOCSTART-` document separator.
+
+    The marker is matched as the first field split at any whitespace, so the space-separated
+    line of the CoNLL-2003 files counts as a separator in a tab-separated file too.
+    """
+    fields = line.split(maxsplit=1)
+    return bool(fields) and fields[0] == DOCSTART
+
+
+def conll_columns(line: str) -> tuple[str, str]:
+    """Split a non-blank CoNLL line into (token, tag): its first and last tab-separated columns.
+
+    Columns between them, such as the POS and chunk tags of CoNLL-2003, are ignored, and
+    trailing whitespace is dropped. Raises ValueError with the reason for a line without a tag
+    column or whose token is empty or contains whitespace. The reason ends without a period.
+    """
+    columns = line.rstrip().split("\t")
+    if len(columns) < 2:
+        hint = " (columns are separated by tabs, not spaces)" if " " in line.strip() else ""
+        raise ValueError(
+            f"expected `token<TAB>tag`, got {excerpt(line)!r} without a tag column{hint}"
+        )
+    token = columns[0]
+    if not token or any(character.isspace() for character in token):
+        raise ValueError(
+            f"expected one token without spaces in the first column, got {excerpt(token)!r}"
+        )
+    return token, columns[-1]
+
+
+def excerpt(line: str, limit: int = 60) -> str:
+    """Return line, cut to `limit` characters and marked with `...` when it is longer."""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
+    """Read CoNLL token-classification lines, with blank lines between sentences.
+
+    Each line has tab-separated columns, the token first and the tag last (see
+    `conll_columns`). A `-DOCSTART-` line ends the current sentence and is skipped. Returns
+    (tokens, tags) per sentence. Any other malformed line raises ValueError with the file, the
+    line number and the reason, because a silently skipped line would shift every later
+    label. The message ends without a period or a fix, because each caller adds its own.
     """
     sentences: list[tuple[list[str], list[str]]] = []
     tokens: list[str] = []
     tags: list[str] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\n")
-            if not line.strip():
+            line = line.rstrip("\r\n")
+            if not line.strip() or is_docstart(line):
                 if tokens:
                     sentences.append((tokens, tags))
                     tokens, tags = [], []
                 continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{number}: expected `token<TAB>tag`, got {line!r}")
-            tokens.append(parts[0])
-            tags.append(parts[1])
+            try:
+                token, tag = conll_columns(line)
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: {error}") from None
+            tokens.append(token)
+            tags.append(tag)
     if tokens:
         sentences.append((tokens, tags))
     return sentences

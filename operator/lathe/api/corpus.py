@@ -41,8 +41,8 @@ class Source(ApiModel):
         "with a `text` field), `text` (one document per blank-line-separated block) or `conll` "
         "(one `token<TAB>tag` line per token, blank lines between sentences; each sentence is "
         "one document, its tokens joined with spaces). `lathe validate` (for local files) and the "
-        "stage reject a file whose first lines look like `pubtator`, `conll` or `jsonl` when "
-        "this field says otherwise."
+        "stage reject a file whose start looks like `pubtator`, `pubmedqa`, `conll` or `jsonl` "
+        "when this field says otherwise."
     )
     path: DataPath = Field(
         description="File path or URI. A relative path is resolved against the data directory "

@@ -56,7 +56,8 @@ class ExportSpec(ApiModel):
     )
     held_out_data: DataPath = Field(
         description="Held-out labelled sentences (CoNLL `token<TAB>tag` lines, blank line "
-        "between sentences), relative to the data directory. They feed the ONNX check and the "
+        "between sentences, read as FineTune reads `data.format: conll`), relative to the data "
+        "directory. They feed the ONNX check and the "
         "quantization check; use the FineTune's test split.",
     )
     held_out_sentences: int = Field(

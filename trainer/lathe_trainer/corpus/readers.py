@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lathe_trainer.corpus.records import Document, Malformed, SourceRead
+from lathe_trainer.datasets import conll_columns, excerpt, is_docstart
 
 # `PMID|t|title` and `PMID|a|abstract`. The id is numeric in PubMed but any id without `|`
 # or tabs is accepted, as PubTator tools accept it.
@@ -82,7 +83,7 @@ def _parse_pubtator_document(
     title = PUBTATOR_TEXT.match(lines[0][1])
     if not title or title.group(2) != "t":
         return Malformed(
-            first_line, None, f"expected `PMID|t|title`, got {_excerpt(lines[0][1])!r}"
+            first_line, None, f"expected `PMID|t|title`, got {excerpt(lines[0][1])!r}"
         )
     pmid = title.group(1)
     if len(lines) < 2 or lines[1][1] is None or not lines[1][1].startswith(f"{pmid}|a|"):
@@ -93,7 +94,7 @@ def _parse_pubtator_document(
     for number, line in lines[2:]:
         # Annotation and relation lines: `PMID<TAB>start<TAB>end...` or `PMID<TAB>CID<TAB>...`.
         if line is None or not line.startswith(f"{pmid}\t"):
-            got = "a line that is not valid UTF-8" if line is None else repr(_excerpt(line))
+            got = "a line that is not valid UTF-8" if line is None else repr(excerpt(line))
             return Malformed(
                 number, pmid, f"expected an annotation line `{pmid}<TAB>...`, got {got}"
             )
@@ -114,6 +115,18 @@ def read_pubtator(path: Path, source: str) -> SourceRead:
     return result
 
 
+def pubmedqa_contexts(entry: object) -> list[str] | None:
+    """Return the `CONTEXTS` passages of a PubMedQA entry, or None when it has no non-empty
+    list of strings there."""
+    contexts = entry.get("CONTEXTS") if isinstance(entry, dict) else None
+    valid = (
+        isinstance(contexts, list)
+        and contexts
+        and all(isinstance(passage, str) for passage in contexts)
+    )
+    return contexts if valid else None
+
+
 def read_pubmedqa(path: Path, source: str) -> SourceRead:
     """Read the PubMedQA JSON object keyed by PMID; the joined CONTEXTS form the document."""
     try:
@@ -127,13 +140,8 @@ def read_pubmedqa(path: Path, source: str) -> SourceRead:
         )
     result = SourceRead()
     for pmid, entry in data.items():
-        contexts = entry.get("CONTEXTS") if isinstance(entry, dict) else None
-        valid = (
-            isinstance(contexts, list)
-            and contexts
-            and all(isinstance(passage, str) for passage in contexts)
-        )
-        if valid:
+        contexts = pubmedqa_contexts(entry)
+        if contexts is not None:
             text = "\n".join(contexts)
             result.documents.append(Document(id="", source=source, record_id=pmid, text=text))
         else:
@@ -189,44 +197,57 @@ def read_text(path: Path, source: str) -> SourceRead:
     return result
 
 
-def _conll_problem(line: str | None) -> str | None:
-    """Return why a non-blank line is not `token<TAB>tag...`, or None when it is."""
-    if line is None:
-        return "the line is not valid UTF-8"
-    token, tab, tags = line.partition("\t")
-    if not tab or not tags.strip():
-        return f"expected `token<TAB>tag`, got {_excerpt(line)!r} without a tag column"
-    if not token or any(character.isspace() for character in token):
-        return (
-            f"expected one token without spaces in the first column, got {_excerpt(token)!r}"
-        )
-    return None
+def _conll_sentences(
+    block: list[tuple[int, str | None]],
+) -> Iterator[list[tuple[int, str | None]]]:
+    """Split a block into sentences at its `-DOCSTART-` lines, and drop those lines."""
+    sentence: list[tuple[int, str | None]] = []
+    for number, line in block:
+        if line is not None and is_docstart(line):
+            if sentence:
+                yield sentence
+            sentence = []
+            continue
+        sentence.append((number, line))
+    if sentence:
+        yield sentence
+
+
+def _parse_conll_sentence(
+    sentence: list[tuple[int, str | None]], source: str
+) -> Document | Malformed:
+    """Join the tokens of one sentence, or locate its first malformed line."""
+    record_id = f"line-{sentence[0][0]}"
+    tokens = []
+    for number, line in sentence:
+        if line is None:
+            return Malformed(number, record_id, "the line is not valid UTF-8")
+        try:
+            token, _ = conll_columns(line)
+        except ValueError as error:
+            return Malformed(number, record_id, str(error))
+        tokens.append(token)
+    return Document(id="", source=source, record_id=record_id, text=" ".join(tokens))
 
 
 def read_conll(path: Path, source: str) -> SourceRead:
     """Read CoNLL text: one `token<TAB>tag` line per token, a blank line after each sentence.
 
-    Each sentence becomes one document, its tokens joined with spaces. Further tab-separated
-    columns are ignored. A sentence with a line that has no tag column, a token with spaces or
-    invalid UTF-8 is one malformed record, located at that line.
+    Each sentence becomes one document, its tokens joined with spaces. Columns after the token
+    (the tag, and the POS and chunk tags of CoNLL-2003) are ignored. A `-DOCSTART-` line is a
+    document separator, neither a document nor a malformed record. A sentence with a line that
+    has no tag column, a token with spaces or invalid UTF-8 is one malformed record, located at
+    that line.
     """
     result = SourceRead()
     for block in _blocks(path):
-        record_id = f"line-{block[0][0]}"
-        problems = [(number, _conll_problem(line)) for number, line in block]
-        bad = [(number, problem) for number, problem in problems if problem is not None]
-        if bad:
-            number, problem = bad[0]
-            result.add_malformed(Malformed(number, record_id, problem))
-            continue
-        tokens = [line.partition("\t")[0] for _, line in block if line is not None]
-        text = " ".join(tokens)
-        result.documents.append(Document(id="", source=source, record_id=record_id, text=text))
+        for sentence in _conll_sentences(block):
+            parsed = _parse_conll_sentence(sentence, source)
+            if isinstance(parsed, Malformed):
+                result.add_malformed(parsed)
+            else:
+                result.documents.append(parsed)
     return result
-
-
-def _excerpt(line: str, limit: int = 60) -> str:
-    return line if len(line) <= limit else line[:limit] + "..."
 
 
 # Format name (lathe.api.corpus.SourceFormat values) -> reader. The NCBI disease corpus is

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lathe_trainer.corpus.readers import PUBTATOR_TEXT
+from lathe_trainer.corpus.readers import PUBTATOR_TEXT, pubmedqa_contexts
+from lathe_trainer.datasets import is_docstart
 
 # Lines, and bytes at most, read from the start of the file, so that the guess costs the same
 # for any file size.
@@ -26,12 +27,15 @@ MIN_CONLL_LINES = 10
 
 # One token without spaces, then tab-separated columns without spaces (the tag, and others).
 _CONLL_LINE = re.compile(r"^[^\s]+(?:\t[^\s]+)+$")
+# JSON whitespace, skipped between the tokens of the PubMedQA object.
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 # Declared formats that a guessed format agrees with. `ncbiDisease` is PubTator text.
 COMPATIBLE = {
     "conll": {"conll"},
     "pubtator": {"pubtator", "ncbiDisease"},
     "jsonl": {"jsonl"},
+    "pubmedqa": {"pubmedqa"},
 }
 
 
@@ -72,12 +76,68 @@ def _is_jsonl_record(line: str) -> bool:
     return isinstance(record, dict) and isinstance(record.get("text"), str)
 
 
+def _pubmedqa_entries(text: str) -> tuple[int, int]:
+    """Count the entries of the JSON object that text starts with, and those with `CONTEXTS`.
+
+    Returns (entries, entries whose value is an object with a `CONTEXTS` list of strings, as
+    the PubMedQA reader requires). Counting stops at the first entry that does not parse,
+    which in a sample cut from a larger file is the entry cut off at its end. Text that does
+    not start with `{` has no entries.
+    """
+    decoder = json.JSONDecoder()
+    index = _skip_whitespace(text, 0)
+    if not text.startswith("{", index):
+        return 0, 0
+    index += 1
+    entries = with_contexts = 0
+    try:
+        while True:
+            key, index = decoder.raw_decode(text, _skip_whitespace(text, index))
+            index = _skip_whitespace(text, index)
+            if not isinstance(key, str) or not text.startswith(":", index):
+                break
+            value, index = decoder.raw_decode(text, _skip_whitespace(text, index + 1))
+            entries += 1
+            if pubmedqa_contexts(value) is not None:
+                with_contexts += 1
+            index = _skip_whitespace(text, index)
+            if not text.startswith(",", index):
+                break
+            index += 1
+    except json.JSONDecodeError:
+        pass
+    return entries, with_contexts
+
+
+def _skip_whitespace(text: str, index: int) -> int:
+    return _JSON_WHITESPACE.match(text, index).end()
+
+
+def _guess_pubmedqa(path: Path) -> FormatGuess | None:
+    with path.open("rb") as handle:
+        data = handle.read(SAMPLE_BYTES)
+    # A multi-byte character cut off at the end of the sample becomes U+FFFD, inside the entry
+    # that is cut off anyway.
+    entries, with_contexts = _pubmedqa_entries(data.decode("utf-8", errors="replace"))
+    if entries == 0 or with_contexts < MIN_SHARE * entries:
+        return None
+    return FormatGuess(
+        "pubmedqa",
+        f"it is a JSON object, and {with_contexts} of the {entries} entries in its first "
+        f"{len(data)} bytes are PubMedQA entries with a `CONTEXTS` list",
+    )
+
+
 def guess_format(path: Path) -> FormatGuess | None:
     """Return the format that the first lines of path fit, or None when none fits.
 
-    Only `pubtator`, `conll` and `jsonl` are guessed. `text` fits any file, and a PubMedQA
-    object is checked by its own reader.
+    Only `pubmedqa`, `pubtator`, `conll` and `jsonl` are guessed, because `text` fits any
+    file. A PubMedQA object is recognized only when its first entry is complete within the
+    first SAMPLE_BYTES bytes.
     """
+    pubmedqa = _guess_pubmedqa(path)
+    if pubmedqa is not None:
+        return pubmedqa
     lines = _sample(path)
     non_blank = [line for line in lines if line.strip()]
     if not non_blank:
@@ -90,7 +150,7 @@ def guess_format(path: Path) -> FormatGuess | None:
             f"{titles} of the {len(firsts)} blocks in its first {len(lines)} lines start with a "
             "PubTator `PMID|t|title` line",
         )
-    conll = sum(1 for line in non_blank if _CONLL_LINE.match(line))
+    conll = sum(1 for line in non_blank if _CONLL_LINE.match(line) or is_docstart(line))
     if conll >= MIN_CONLL_LINES and conll >= MIN_SHARE * len(non_blank):
         return FormatGuess(
             "conll",
