@@ -236,15 +236,24 @@ def test_conll_docstart_is_boundary(tmp_path):
     assert read.records == 3
 
 
-def test_conll_space_separated_line_is_malformed(tmp_path):
+def test_conll_space_separated_columns_read(tmp_path):
+    """CoNLL-2003 as published separates its columns with spaces."""
     path = tmp_path / "spaces.txt"
-    path.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n")
+    path.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n"
+                    "Peter NNP B-NP B-PER\n")
+    read = read_source(path, "conll", "spaces")
+    assert [document.text for document in read.documents] == ["EU rejects", "Peter"]
+    assert read.malformed_count == 0
+
+
+def test_conll_line_without_tag_is_malformed(tmp_path):
+    path = tmp_path / "spaces.txt"
+    path.write_text("-DOCSTART- -X- -X- O\n\nEU\nrejects VBZ B-VP O\n")
     read = read_source(path, "conll", "spaces")
     assert read.documents == []
     assert read.malformed_count == 1
     example = read.malformed_examples[0]
     assert (example.line, example.record_id) == (3, "line-3")
     assert example.reason == (
-        "expected `token<TAB>tag`, got 'EU NNP B-NP B-ORG' without a tag column (columns are "
-        "separated by tabs, not spaces)"
+        "expected `token<TAB>tag` or `token tag`, got 'EU' without a tag column"
     )

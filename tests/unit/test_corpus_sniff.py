@@ -179,3 +179,22 @@ def test_space_separated_docstart_counts_as_conll(tmp_path):
     assert guess is not None
     assert guess.format == "conll"
     assert guess.evidence.startswith("15 of the 15 non-blank lines")
+
+
+def test_space_separated_conll_guessed(tmp_path):
+    """CoNLL-2003 as published, with spaces between the columns, is guessed as CoNLL."""
+    path = tmp_path / "conll2003.txt"
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for _ in range(6):
+        lines += ["EU NNP B-NP B-ORG", "rejects VBZ B-VP O", "German JJ B-NP B-MISC", ""]
+    path.write_text("\n".join(lines))
+    guess = guess_format(path)
+    assert guess is not None
+    assert guess.format == "conll"
+
+
+def test_prose_is_not_spaced_conll(tmp_path):
+    """Lines of prose have spaces between words but do not end with an IOB tag."""
+    path = tmp_path / "notes.txt"
+    path.write_text("\n".join(["The patient was admitted with chest pain."] * 20) + "\n")
+    assert guess_format(path) is None

@@ -28,7 +28,7 @@ def test_conll2003_layout_and_docstart(tmp_path):
 
 def test_malformed_line_raises(tmp_path):
     path = tmp_path / "held_out.tsv"
-    path.write_text("Ataxia\tB-Disease\nis O\n")
-    expected = f"{path}:2: expected `token<TAB>tag`, got 'is O'"
+    path.write_text("Ataxia\tB-Disease\nis\n")
+    expected = f"{path}:2: expected `token<TAB>tag` or `token tag`, got 'is'"
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
         read_held_out(path, limit=10)

@@ -149,7 +149,7 @@ def test_label_list_orders_types():
     [
         ("cancer\tDisease\n", r"tag 'Disease'.*IOB"),
         ("cancer\tB-\n", r"tag 'B-'"),
-        ("cancer B-Disease\n", r"expected `token<TAB>tag`"),
+        ("cancer\n", r"expected `token<TAB>tag` or `token tag`"),
         ("\n\n", r"contains no sentences"),
     ],
 )
@@ -163,10 +163,10 @@ def test_read_sentences_rejects_bad_files(tmp_path, content, message):
 @pytest.mark.parametrize(
     ("line", "reason"),
     [
-        ("cancer", "expected `token<TAB>tag`, got 'cancer' without a tag column"),
-        ("cancer\t", "expected `token<TAB>tag`, got 'cancer\\t' without a tag column"),
-        ("EU NNP B-NP B-ORG", "expected `token<TAB>tag`, got 'EU NNP B-NP B-ORG' without a tag "
-         "column (columns are separated by tabs, not spaces)"),
+        ("cancer", "expected `token<TAB>tag` or `token tag`, got 'cancer' without a tag column"),
+        ("cancer\t", "expected `token<TAB>tag` or `token tag`, got 'cancer\\t' without a tag "
+         "column"),
+        (" B-Disease", "expected one token without spaces in the first column, got ''"),
         ("two words\tO", "expected one token without spaces in the first column, got 'two words'"),
         ("\tB-Disease", "expected one token without spaces in the first column, got ''"),
     ],
@@ -188,6 +188,9 @@ CONLL_LAYOUTS = {
     "\nIL\tNN\tB-NP\tO\n",
     "crlf and trailing tabs": "Ataxia\tB-Disease\t\r\n-\tI-Disease\r\nis\tO\r\n\r\nIL\tO\r\n",
     "empty middle column": "Ataxia\t\tB-Disease\n-\t\tI-Disease\nis\t\tO\n\nIL\t\tO\n",
+    "four columns with spaces": "Ataxia NN B-NP B-Disease\n- : I-NP I-Disease\nis VBZ B-VP O\n"
+    "\nIL NN B-NP O\n",
+    "two columns with spaces": "Ataxia B-Disease\n- I-Disease\nis O\n\nIL O\n",
 }
 
 

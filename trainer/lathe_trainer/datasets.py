@@ -52,17 +52,20 @@ def is_docstart(line: str) -> bool:
 
 
 def conll_columns(line: str) -> tuple[str, str]:
-    """Split a non-blank CoNLL line into (token, tag): its first and last tab-separated columns.
+    """Split a non-blank CoNLL line into (token, tag): its first and last columns.
 
-    Columns between them, such as the POS and chunk tags of CoNLL-2003, are ignored, and
-    trailing whitespace is dropped. Raises ValueError with the reason for a line without a tag
-    column or whose token is empty or contains whitespace. The reason ends without a period.
+    Columns are separated by tabs, or by spaces in a line without a tab, as CoNLL-2003 is
+    published. Columns between the first and the last, such as the POS and chunk tags of
+    CoNLL-2003, are ignored, and trailing whitespace is dropped. Raises ValueError with the
+    reason for a line without a tag column or whose token is empty or contains whitespace. The
+    reason ends without a period.
     """
-    columns = line.rstrip().split("\t")
+    stripped = line.rstrip()
+    columns = stripped.split("\t") if "\t" in stripped else stripped.split(" ")
     if len(columns) < 2:
-        hint = " (columns are separated by tabs, not spaces)" if " " in line.strip() else ""
         raise ValueError(
-            f"expected `token<TAB>tag`, got {excerpt(line)!r} without a tag column{hint}"
+            f"expected `token<TAB>tag` or `token tag`, got {excerpt(line)!r} without a tag "
+            "column"
         )
     token = columns[0]
     if not token or any(character.isspace() for character in token):
@@ -80,7 +83,7 @@ def excerpt(line: str, limit: int = 60) -> str:
 def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
     """Read CoNLL token-classification lines, with blank lines between sentences.
 
-    Each line has tab-separated columns, the token first and the tag last (see
+    Each line has columns separated by tabs or spaces, the token first and the tag last (see
     `conll_columns`). A `-DOCSTART-` line ends the current sentence and is skipped. Returns
     (tokens, tags) per sentence. Any other malformed line raises ValueError with the file, the
     line number and the reason, because a silently skipped line would shift every later

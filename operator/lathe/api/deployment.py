@@ -55,7 +55,8 @@ class ExportSpec(ApiModel):
         "names neither, as for t5.",
     )
     held_out_data: DataPath = Field(
-        description="Held-out labelled sentences (CoNLL `token<TAB>tag` lines, blank line "
+        description="Held-out labelled sentences (CoNLL `token<TAB>tag` or `token tag` lines, "
+        "blank line "
         "between sentences, read as FineTune reads `data.format: conll`), relative to the data "
         "directory. They feed the ONNX check and the "
         "quantization check; use the FineTune's test split.",

@@ -47,7 +47,7 @@ class TaskDataSpec(ApiModel):
 
     format: Literal["conll"] = Field(
         default="conll", description="`conll`: `token<TAB>tag` lines (IOB), blank line between "
-        "sentences. Columns between the token and the tag, such as the POS and chunk columns "
+        "sentences. Columns may be separated by spaces instead, as CoNLL-2003 is published. Columns between the token and the tag, such as the POS and chunk columns "
         "of CoNLL-2003, are ignored, and `-DOCSTART-` lines only separate documents."
     )
     train: DataPath = Field(description="Training split path, relative to the data directory.")

@@ -231,7 +231,8 @@ def _parse_conll_sentence(
 
 
 def read_conll(path: Path, source: str) -> SourceRead:
-    """Read CoNLL text: one `token<TAB>tag` line per token, a blank line after each sentence.
+    """Read CoNLL text: one `token<TAB>tag` line per token, or with the columns separated by
+    spaces, and a blank line after each sentence.
 
     Each sentence becomes one document, its tokens joined with spaces. Columns after the token
     (the tag, and the POS and chunk tags of CoNLL-2003) are ignored. A `-DOCSTART-` line is a

@@ -27,6 +27,9 @@ MIN_CONLL_LINES = 10
 
 # One token without spaces, then tab-separated columns without spaces (the tag, and others).
 _CONLL_LINE = re.compile(r"^[^\s]+(?:\t[^\s]+)+$")
+# The same with single spaces, as CoNLL-2003 is published. An IOB tag must end it, because
+# lines of prose have single spaces between words too.
+_CONLL_SPACED_LINE = re.compile(r"^[^\s]+(?: [^\s]+)* (?:O|[BIES]-[^\s]+)$")
 # JSON whitespace, skipped between the tokens of the PubMedQA object.
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
@@ -150,7 +153,8 @@ def guess_format(path: Path) -> FormatGuess | None:
             f"{titles} of the {len(firsts)} blocks in its first {len(lines)} lines start with a "
             "PubTator `PMID|t|title` line",
         )
-    conll = sum(1 for line in non_blank if _CONLL_LINE.match(line) or is_docstart(line))
+    conll = sum(1 for line in non_blank if _CONLL_LINE.match(line)
+                or _CONLL_SPACED_LINE.match(line) or is_docstart(line))
     if conll >= MIN_CONLL_LINES and conll >= MIN_SHARE * len(non_blank):
         return FormatGuess(
             "conll",
