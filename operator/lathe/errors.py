@@ -20,6 +20,21 @@ class InvalidResourceError(LatheError):
         self.detail = message
 
 
+class InvalidResourcesError(InvalidResourceError):
+    """Several invalid resources or files, reported together so that one run lists them all.
+
+    The message lists each error on its own line. The resource, field and detail attributes are
+    those of the first error, for callers that handle a single InvalidResourceError.
+    """
+
+    def __init__(self, errors: list[InvalidResourceError]):
+        first = errors[0]
+        super().__init__(first.resource, first.field, first.detail)
+        lines = "".join(f"\n  {error}" for error in errors)
+        self.args = (f"{len(errors)} errors in the resource files; fix each of them:{lines}",)
+        self.errors = list(errors)
+
+
 class InputsNotReadyError(LatheError):
     """A referenced input does not exist yet or has not finished: retry later."""
 

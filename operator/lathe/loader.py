@@ -6,9 +6,12 @@ the resource, the field (in its camelCase wire form) and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import logging
 import math
 import re
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -18,9 +21,14 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lathe.api import API_VERSION, KINDS, Resource
-from lathe.api.common import RULE_ERROR, field_path
-from lathe.errors import InvalidResourceError
+from lathe.api.common import RULE_ERROR, field_path, quote_value
+from lathe.errors import InvalidResourceError, InvalidResourcesError
 from lathe.graph import REFERENCE_FIELDS, upstream_key
+
+log = logging.getLogger(__name__)
+
+# The API group of every Lathe kind.
+LATHE_GROUP = API_VERSION.partition("/")[0]
 
 # JSON is YAML too, and kubectl apply reads .json manifests as well.
 RESOURCE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -60,7 +68,7 @@ def _yaml_type(value: Any) -> str:
 
 def _type_message(error_type: str, value: Any) -> str:
     expected = _EXPECTED_TYPES[error_type]
-    message = f"invalid value {value!r}: expected {expected}, got {_yaml_type(value)}"
+    message = f"invalid value {quote_value(value)}: expected {expected}, got {_yaml_type(value)}"
     if isinstance(value, bool):
         return (f"{message} (YAML reads an unquoted true, false, yes, no, on or off as a "
                 f"boolean); write {expected}.")
@@ -96,7 +104,7 @@ def _constraint_message(error_type: str, ctx: dict[str, Any], value: Any) -> str
 
     Returns None for an error type that is not a constraint of the schema.
     """
-    value_prefix = f"invalid value {value!r}: " if _scalar(value) else ""
+    value_prefix = f"invalid value {quote_value(value)}: " if _scalar(value) else ""
     if error_type in ("enum", "literal_error"):
         choices = ctx.get("expected", "")
         allowed = re.findall(r"'([^']*)'", choices)
@@ -120,7 +128,8 @@ def _constraint_message(error_type: str, ctx: dict[str, Any], value: Any) -> str
             return f"{value_prefix}must not be empty; add at least one item."
         return f"{value_prefix}must have {rule.format(limit, '' if limit == 1 else 's')}; {fix}."
     if error_type == "string_pattern_mismatch" and "pattern" in ctx:
-        return f"{value_prefix}must match the pattern {ctx['pattern']!r}; change it to match."
+        return (f"{value_prefix}must match the pattern {quote_value(ctx['pattern'])}; change it "
+                "to match.")
     return None
 
 
@@ -143,7 +152,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> tu
         # A cross-field rule's message names the fields and the fix.
         message = error["ctx"]["message"]
         if error["ctx"]["names_field"] and _scalar(value):
-            return field, f"invalid value {value!r}: {message}."
+            return field, f"invalid value {quote_value(value)}: {message}."
         return field, f"{message}."
     constraint = _constraint_message(error["type"], error.get("ctx") or {}, value)
     if constraint:
@@ -154,8 +163,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> tu
         # A list or an object would print whole; the message names what is wrong in it.
         return field, f"{message}."
     if "; " in message:
-        return field, f"invalid value {value!r}: {message}."
-    return field, f"invalid value {value!r}: {message}; correct the value."
+        return field, f"invalid value {quote_value(value)}: {message}."
+    return field, f"invalid value {quote_value(value)}: {message}; correct the value."
 
 
 def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
@@ -202,6 +211,27 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def other_api_group(document: Any) -> bool:
+    """Return True for the manifest of another API group, such as a ConfigMap or a
+    PersistentVolumeClaim, which lathe skips and `kubectl apply` creates.
+
+    A document of a Lathe kind whose group is empty or close to lathe.dev is a Lathe resource
+    with a misspelled apiVersion, so it returns False for parse_resource to reject.
+    """
+    if not isinstance(document, dict):
+        return False
+    api_version = document.get("apiVersion")
+    if not isinstance(api_version, str) or not api_version:
+        return False
+    group = api_version.rpartition("/")[0]
+    if group == LATHE_GROUP:
+        return False
+    kind = document.get("kind")
+    if isinstance(kind, str) and kind in KINDS:
+        return bool(group) and not difflib.get_close_matches(group, [LATHE_GROUP], cutoff=0.6)
+    return True
+
+
 def parse_resource(document: dict[str, Any], origin: str) -> Resource:
     if not isinstance(document, dict):
         raise InvalidResourceError(origin, "(document)", "expected a mapping with apiVersion, "
@@ -216,13 +246,11 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
     label = (f"{kind if isinstance(kind, str) and kind else '<no kind>'}/{namespace}/{name} "
              f"(in {origin})")
     api_version = document.get("apiVersion")
-    group = api_version.rpartition("/")[0] if isinstance(api_version, str) else ""
-    if isinstance(api_version, str) and group != API_VERSION.partition("/")[0]:
+    if other_api_group(document):
         raise InvalidResourceError(
             label, "apiVersion",
             f"{api_version!r} is not a Lathe API version, so this is not a Lathe resource; "
-            f"lathe reads only {API_VERSION} resources. Remove the file from the folder, or "
-            "pass the Lathe files one by one with -f.",
+            f"lathe reads only {API_VERSION} resources. Apply it with kubectl apply instead.",
         )
     if api_version != API_VERSION:
         raise InvalidResourceError(
@@ -364,18 +392,85 @@ def _origin_name(path: Path) -> str:
     return "standard input" if path == STDIN else str(path)
 
 
-def load_file(path: Path) -> list[Resource]:
-    documents = _read_documents(path)
+@dataclasses.dataclass
+class _FileContents:
+    """The contents of one file: its Lathe resources, the number of other API groups'
+    manifests skipped, and the errors of its invalid documents."""
+
+    resources: list[Resource] = dataclasses.field(default_factory=list)
+    skipped: int = 0
+    errors: list[InvalidResourceError] = dataclasses.field(default_factory=list)
+
+
+def _read_resources(path: Path) -> _FileContents:
+    """Parse every document of a file, collecting the error of each invalid one."""
     origin = _origin_name(path)
-    resources = [parse_resource(document, origin) for document in documents if document]
-    for resource in resources:
+    contents = _FileContents()
+    try:
+        documents = _read_documents(path)
+    except InvalidResourceError as error:
+        contents.errors.append(error)
+        return contents
+    for document in documents:
+        if not document:
+            continue
+        if other_api_group(document):
+            _warn_skipped(document, path)
+            contents.skipped += 1
+            continue
+        try:
+            resource = parse_resource(document, origin)
+        except InvalidResourceError as error:
+            contents.errors.append(error)
+            continue
         resource._origin = origin
-    return resources
+        contents.resources.append(resource)
+    return contents
 
 
-def load_paths(paths: list[Path]) -> list[Resource]:
-    """Load every resource file named, or found directly inside a named folder."""
+def _warn_skipped(document: dict[str, Any], path: Path) -> None:
+    kind = document.get("kind")
+    metadata = document.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    manifest = kind if isinstance(kind, str) and kind else "<no kind>"
+    manifest += f" {name!r}" if isinstance(name, str) and name else " <unnamed>"
+    if path == STDIN:
+        action = "create it with kubectl apply"
+    elif kind == "Kustomization":
+        action = f"kustomize reads it with `kubectl apply -k {shlex.quote(str(path.parent))}`"
+    else:
+        action = f"create it with `kubectl apply -f {shlex.quote(str(path))}`"
+    log.warning(
+        "skipped %s in %s: apiVersion %r is not a Lathe API version, and lathe reads only %s "
+        "resources; %s.",
+        manifest, _origin_name(path), document["apiVersion"], API_VERSION, action,
+    )
+
+
+def _raise_errors(errors: list[InvalidResourceError]) -> None:
+    """Raise a single error as it is, and several as one InvalidResourcesError."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise InvalidResourcesError(errors)
+
+
+def load_file(path: Path) -> list[Resource]:
+    """Load the Lathe resources of one file, and warn about each manifest of another API group
+    that it skips.
+
+    Raises InvalidResourceError, or InvalidResourcesError naming every invalid document.
+    """
+    contents = _read_resources(path)
+    _raise_errors(contents.errors)
+    return contents.resources
+
+
+def _resource_files(paths: list[Path]) -> tuple[list[Path], list[InvalidResourceError]]:
+    """List each file named, and each resource file directly inside a named folder, once.
+    Returns the files and an error for each path that does not exist."""
     files: dict[Path, Path] = {}
+    errors = []
     for path in paths:
         if path == STDIN:
             files.setdefault(STDIN, STDIN)
@@ -386,35 +481,66 @@ def load_paths(paths: list[Path]) -> list[Resource]:
             # A regular file, or a pipe such as /dev/stdin or a shell's <(...).
             found = [path]
         else:
-            raise InvalidResourceError(str(path), "-f", "file or folder does not exist; "
-                                       "pass an existing path.")
+            errors.append(InvalidResourceError(str(path), "-f", "file or folder does not exist; "
+                                               "pass an existing path."))
+            continue
         # A file named twice, on its own and in its folder, is read once.
         for file in found:
             files.setdefault(file.resolve(), file)
-    resources = [resource for file in files.values() for resource in load_file(file)]
+    return list(files.values()), errors
+
+
+def load_paths(paths: list[Path]) -> list[Resource]:
+    """Load every resource file named, or found directly inside a named folder.
+
+    Manifests of other API groups are skipped with a warning each. The errors of every missing
+    path, file and document are raised together, as InvalidResourcesError when there are
+    several. Only when all of them parse are names and references across files checked.
+    """
+    files, errors = _resource_files(paths)
+    resources: list[Resource] = []
+    skipped = 0
+    for file in files:
+        contents = _read_resources(file)
+        resources += contents.resources
+        skipped += contents.skipped
+        errors += contents.errors
+    _raise_errors(errors)
     if not resources:
         names = ", ".join(str(path) for path in paths)
-        raise InvalidResourceError(names, "-f", "no resources found; pass .yaml files or a "
-                                   "folder that contains them.")
-    seen: dict[str, Resource] = {}
-    for resource in resources:
-        if resource.key in seen:
-            raise InvalidResourceError(
-                resource.label, "metadata.name",
-                f"defined twice, also as {seen[resource.key].label}; give each resource its own "
-                "name.",
-            )
-        seen[resource.key] = resource
-    _check_reference_namespaces(resources)
+        message = "no resources found; pass .yaml files or a folder that contains them."
+        if skipped:
+            skipped_text = (f"{skipped} non-Lathe resources were skipped" if skipped > 1
+                            else "1 non-Lathe resource was skipped")
+            message = (f"no resources found, and {skipped_text} (see the warnings above); pass "
+                       f"files or a folder that contain {API_VERSION} resources.")
+        raise InvalidResourceError(names, "-f", message)
+    _raise_errors(_duplicate_errors(resources) + _reference_namespace_errors(resources))
     return resources
 
 
-def _check_reference_namespaces(resources: list[Resource]) -> None:
-    """Reject a reference whose target is defined only in another namespace.
+def _duplicate_errors(resources: list[Resource]) -> list[InvalidResourceError]:
+    errors = []
+    seen: dict[str, Resource] = {}
+    for resource in resources:
+        if resource.key in seen:
+            errors.append(InvalidResourceError(
+                resource.label, "metadata.name",
+                f"defined twice, also as {seen[resource.key].label}; give each resource its own "
+                "name.",
+            ))
+            continue
+        seen[resource.key] = resource
+    return errors
+
+
+def _reference_namespace_errors(resources: list[Resource]) -> list[InvalidResourceError]:
+    """Return an error for each reference whose target is defined only in another namespace.
 
     lathe.graph.order reports a reference to a resource that is not defined at all; this check
     runs first, so that a namespace mismatch is not reported as a missing resource.
     """
+    errors = []
     keys = {resource.key for resource in resources}
     for resource in resources:
         for role, (kind, name) in resource.references().items():
@@ -424,10 +550,11 @@ def _check_reference_namespaces(resources: list[Resource]) -> None:
                          if other.kind == kind and other.metadata.name == name]
             if elsewhere:
                 found = ", ".join(other.label for other in elsewhere)
-                raise InvalidResourceError(
+                errors.append(InvalidResourceError(
                     resource.label, REFERENCE_FIELDS.get(role, role),
                     f"references {kind} {name!r} in namespace "
                     f"{resource.metadata.namespace!r}, but it is defined only as {found}; "
                     "references resolve only within the resource's own namespace, so set the "
                     "same metadata.namespace on both.",
-                )
+                ))
+    return errors

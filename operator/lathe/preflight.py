@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lathe.api import Corpus, FineTune, ModelDeployment, Resource, Tokenizer
+from lathe.api.common import quote_value
 from lathe.errors import InvalidResourceError
 from lathe_trainer.corpus.sniff import (
     conll_mismatch_message,
@@ -158,9 +159,9 @@ def check_patterns(resource: Resource) -> None:
         except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
             raise InvalidResourceError(
                 resource.label, f"spec.protectedPatterns[{index}].regex",
-                f"regular expression {pattern.regex!r} is valid in Python but the tokenizer's "
-                f"engine (Oniguruma) rejects it: {error}; rewrite it without Python-only syntax "
-                "such as (?P<name>...).",
+                f"regular expression {quote_value(pattern.regex)} is valid in Python but the "
+                f"tokenizer's engine (Oniguruma) rejects it: {error}; rewrite it without "
+                "Python-only syntax such as (?P<name>...).",
             ) from None
 
 

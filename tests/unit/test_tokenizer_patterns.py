@@ -125,7 +125,8 @@ def test_vocabulary_file_counts_rejected_rows(tmp_path, data_dir):
 @pytest.mark.parametrize(
     ("regex", "message"),
     [
-        ("[A-Z", r"invalid regular expression '\[A-Z': .*; fix the expression"),
+        ("[A-Z", r"invalid regular expression '\[A-Z': unterminated character set at "
+         r"position 0 \(counting from 0\), where '\[A-Z' begins; close the set with \]"),
         ("(?P<code>E11)", "Oniguruma"),
     ],
 )
@@ -162,6 +163,68 @@ def test_loader_rejects_invalid_regex():
 
     document = yaml.safe_load(EXAMPLE.read_text())
     document["spec"]["protectedPatterns"][1]["regex"] = r"[0-9]+ ?(mg"
-    with pytest.raises(InvalidResourceError, match=r"spec\.protectedPatterns\[1\]\.regex: .*"
-                       r"invalid regular expression '\[0-9\]\+ \?\(mg'"):
+    with pytest.raises(InvalidResourceError, match=r"spec\.protectedPatterns\[1\]\.regex: "
+                       r"invalid value '\[0-9\]\+ \?\(mg': invalid regular expression: "):
         parse_resource(document, "02-tokenizer.yaml")
+
+
+def test_loader_shows_invalid_regex_once():
+    """The message shows the pattern once, with the backslashes the YAML file has."""
+    from lathe.errors import InvalidResourceError
+    from lathe.loader import parse_resource
+
+    document = yaml.safe_load(EXAMPLE.read_text())
+    regex = document["spec"]["protectedPatterns"][0]["regex"].replace(r"\b[", r"\b([", 1)
+    assert regex.startswith(r"\b([A-TV-Z]")
+    document["spec"]["protectedPatterns"][0]["regex"] = regex
+    with pytest.raises(InvalidResourceError) as raised:
+        parse_resource(document, "02-tokenizer.yaml")
+    assert raised.value.field == "spec.protectedPatterns[0].regex"
+    assert raised.value.detail == (
+        f"invalid value '{regex}': invalid regular expression: missing ), unterminated "
+        "subpattern at position 2 (counting from 0), where '([A-TV-Z][0-' begins; close the "
+        "group with ), or write \\( to match a literal parenthesis."
+    )
+    assert str(raised.value).count(regex) == 1
+    assert "\\\\" not in str(raised.value)
+
+
+def test_loader_shows_empty_matching_regex_once():
+    from lathe.errors import InvalidResourceError
+    from lathe.loader import parse_resource
+
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["spec"]["protectedPatterns"][0]["regex"] = r"\b\d*"
+    with pytest.raises(InvalidResourceError) as raised:
+        parse_resource(document, "02-tokenizer.yaml")
+    assert raised.value.detail.startswith(
+        r"invalid value '\b\d*': the regular expression matches the empty string (at "
+        "position 0 of 'a'); require at least one character"
+    )
+    assert str(raised.value).count(r"\b\d*") == 1
+
+
+@pytest.mark.parametrize(
+    ("regex", "message"),
+    [
+        ("E11)", "unbalanced parenthesis at position 3 (counting from 0), where ')' begins; "
+         "remove the extra ), or write \\) to match a literal parenthesis"),
+        ("E11\\", "bad escape (end of pattern) at position 3 (counting from 0), where '\\' "
+         "begins; remove the backslash, or write \\\\ to match a literal backslash"),
+        (r"E\q1", r"bad escape \q at position 1 (counting from 0), where '\q1' begins; remove "
+         r"the backslash, or write \\ to match a literal backslash"),
+        ("*E11", "nothing to repeat at position 0 (counting from 0), where '*E11' begins; put "
+         "the character or group to repeat before the quantifier, or escape the quantifier as "
+         "\\*, \\+ or \\?"),
+        ("(?<=E+)11", "look-behind requires fixed-width pattern; fix the expression so that "
+         "Python's re module compiles it"),
+    ],
+)
+def test_regex_error_message(regex, message):
+    import re
+
+    from lathe.api.tokenizer import regex_error_message
+
+    with pytest.raises(re.error) as raised:
+        re.compile(regex)
+    assert regex_error_message(regex, raised.value) == message

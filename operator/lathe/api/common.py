@@ -101,6 +101,18 @@ def field_path(location: tuple[Any, ...]) -> str:
     return path
 
 
+def quote_value(value: Any) -> str:
+    """Quote a value for a message as a YAML file writes it.
+
+    A printable string with backslashes, such as a regular expression, keeps single
+    backslashes, as in YAML single quotes, where repr() would double them. Every other value,
+    including a string with a control character or a single quote, is shown by repr().
+    """
+    if isinstance(value, str) and "\\" in value and "'" not in value and value.isprintable():
+        return f"'{value}'"
+    return repr(value)
+
+
 def _is_integer_field(annotation: Any) -> bool:
     """Return True for an `int` or `int | None` annotation."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):

@@ -19,6 +19,7 @@ from lathe.api.common import (
     Scheduling,
     StageStatus,
     StorageSpec,
+    quote_value,
 )
 
 # The special tokens that every downstream stage relies on: end of document (also bos/eos),
@@ -35,6 +36,40 @@ class TokenizerModel(str, enum.Enum):
 
 # Texts a protected pattern is tried on for empty matches: empty, words, codes, units.
 EMPTY_MATCH_SAMPLES = ("", "a", "Type 2 diabetes (E11.9) at 5 mg/kg, E119.")
+
+
+# The fix for each error of Python's re module (wording of Python 3.11) that a hand-written
+# pattern most often has, keyed by the start of the error message.
+_REGEX_FIXES = (
+    ("missing ), unterminated subpattern",
+     "close the group with ), or write \\( to match a literal parenthesis"),
+    ("unbalanced parenthesis",
+     "remove the extra ), or write \\) to match a literal parenthesis"),
+    ("unterminated character set",
+     "close the set with ], or write \\[ to match a literal bracket"),
+    ("nothing to repeat", "put the character or group to repeat before the quantifier, or "
+     "escape the quantifier as \\*, \\+ or \\?"),
+    ("multiple repeat", "keep one quantifier, or group the repeated part as (?:...)"),
+    ("bad escape", "remove the backslash, or write \\\\ to match a literal backslash"),
+)
+
+
+def regex_error_message(pattern: str, error: re.error) -> str:
+    """Describe why Python's re module rejects `pattern`: the error, its position and the fix.
+
+    The message leaves out the pattern itself, which the caller shows once.
+    """
+    message = error.msg
+    if error.pos is not None:
+        rest = pattern[error.pos:]
+        if rest:
+            message += (f" at position {error.pos} (counting from 0), where "
+                        f"{quote_value(rest[:12])} begins")
+        else:
+            message += " at the end of the expression"
+    fix = next((fix for start, fix in _REGEX_FIXES if error.msg.startswith(start)),
+               "fix the expression so that Python's re module compiles it")
+    return f"{message}; {fix}"
 
 
 class ProtectedPattern(ApiModel):
@@ -69,9 +104,9 @@ class ProtectedPattern(ApiModel):
         try:
             re.compile(value)
         except re.error as error:
+            # The loader's message shows the value before this text.
             raise ValueError(
-                f"invalid regular expression {value!r}: {error}; fix the expression so that "
-                "Python's re module compiles it"
+                f"invalid regular expression: {regex_error_message(value, error)}"
             ) from None
         # An empty match anywhere, as `\b` or `(?=x)` give, would split text at every match.
         for sample in EMPTY_MATCH_SAMPLES:
@@ -79,7 +114,7 @@ class ProtectedPattern(ApiModel):
                           if match.start() == match.end()), None)
             if empty is not None:
                 raise ValueError(
-                    f"regular expression {value!r} matches the empty string (at position "
+                    f"the regular expression matches the empty string (at position "
                     f"{empty.start()} of {sample!r}); require at least one character, for "
                     "example by replacing `*` with `+` or dropping a bare `\\b`"
                 )

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from tokenizers import Regex, pre_tokenizers
 
-from lathe.api.tokenizer import ProtectedPattern
+from lathe.api.common import quote_value
+from lathe.api.tokenizer import ProtectedPattern, regex_error_message
 from lathe_trainer.stage import StageConfig, StageError, resolve_data_path
 
 log = logging.getLogger(__name__)
@@ -133,17 +134,17 @@ def compile_patterns(
         except re.error as error:
             raise StageError(
                 config, where,
-                f"invalid regular expression {pattern.regex!r}: {error}; fix the expression so "
-                "that Python's re module compiles it.",
+                f"invalid regular expression {quote_value(pattern.regex)}: "
+                f"{regex_error_message(pattern.regex, error)}.",
             ) from None
         try:
             Regex(pattern.regex)
         except Exception as error:  # tokenizers raises a bare Exception for Oniguruma errors.
             raise StageError(
                 config, where,
-                f"regular expression {pattern.regex!r} is valid in Python but the tokenizer's "
-                f"engine (Oniguruma) rejects it: {error}; rewrite it without Python-only syntax "
-                "such as (?P<name>...).",
+                f"regular expression {quote_value(pattern.regex)} is valid in Python but the "
+                f"tokenizer's engine (Oniguruma) rejects it: {error}; rewrite it without "
+                "Python-only syntax such as (?P<name>...).",
             ) from None
     return ProtectedMatcher(patterns, lowercase)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 from pydantic import ValidationError
 
+from lathe.api.common import quote_value
 from lathe.api.tokenizer import TokenizerSpec
 from lathe.loader import field_path
 from lathe_trainer import datasets
@@ -78,8 +79,12 @@ def parse_spec(config: StageConfig) -> TokenizerSpec:
         first = error.errors()[0]
         field = field_path(("spec", *first["loc"]))
         if first["type"] == "value_error":
-            # The spec's own validators write the whole sentence, value and fix included.
-            message = first["msg"].removeprefix("Value error, ")
+            # The spec's validators write the problem and the fix but not the value, so a scalar
+            # value goes first, as lathe.loader writes it.
+            message = first["msg"].removeprefix("Value error, ").rstrip(".") + "."
+            value = first.get("input")
+            if isinstance(value, (str, int, float, bool)):
+                message = f"invalid value {quote_value(value)}: {message}"
         else:
             message = f"invalid value {first.get('input')!r}: {first['msg']}; correct the value."
         raise StageError(config, field, message) from None
