@@ -46,11 +46,11 @@ def other_checkout_warning(cwd: Path | None = None) -> str | None:
     if not _is_checkout(code):
         return None  # installed from a wheel, not run from a checkout
     cwd = (cwd or Path.cwd()).resolve()
-    here = next((path for path in (cwd, *cwd.parents) if _is_checkout(path)), None)
-    if here is None or here == code:
+    checkout = next((path for path in (cwd, *cwd.parents) if _is_checkout(path)), None)
+    if checkout is None or checkout == code:
         return None
     return (f"warning: this lathe runs the code in {code}, not the checkout in the current "
-            f"directory ({here}); run `make env` in {here} to use its code.")
+            f"directory ({checkout}); run `make env` in {checkout} to use its code.")
 
 
 class StageBars:
@@ -79,7 +79,7 @@ class StageBars:
         elif event.state in ("suspended", "waiting"):
             self.progress.update(task, status=event.message)
         elif event.state == "started":
-            self.progress.update(task, status="running")
+            self.progress.update(task, status=event.message or "running")
         elif event.state == "progress":
             self.progress.update(
                 task,
@@ -112,7 +112,7 @@ class StageLines:
         now = self.clock()
         if event.state == "started":
             self.started[event.key] = self.last_line[event.key] = now
-            self.console.print(f"{name}: started.")
+            self.console.print(f"{name}: started{'; ' + event.message if event.message else ''}.")
         elif event.state == "reused":
             self.console.print(f"{name}: reused the finished output of an earlier run.")
         elif event.state == "succeeded":
@@ -145,9 +145,11 @@ def _progress_text(record: dict) -> str:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     resources = loader.load_paths(args.file)
+    width = max((len(f"{r.kind} {r.metadata.name}") for r in resources), default=0)
     progress = Progress(
-        TextColumn("{task.description:<32}"),
-        BarColumn(),
+        TextColumn(f"{{task.description:<{width}}}"),
+        # A narrow bar leaves room for the status on an 80-column terminal.
+        BarColumn(bar_width=20),
         TextColumn("{task.percentage:>5.1f}%"),
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
@@ -157,24 +159,27 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     runner = LocalRunner(Path(args.workspace), Path(args.data_dir))
     ordered = runner.check(resources)
     _print_from_workspace(console, runner)
-    if console.is_terminal:
-        with progress:
-            runner.on_progress = StageBars(progress, ordered)
+    # The lock stays held while Triton serves from the workspace, so that another run cannot
+    # replace the model repository under it.
+    with runner.hold_workspace():
+        if console.is_terminal:
+            with progress:
+                runner.on_progress = StageBars(progress, ordered)
+                results = runner.run(ordered)
+        else:
+            runner.on_progress = StageLines(console, ordered)
             results = runner.run(ordered)
-    else:
-        runner.on_progress = StageLines(console, ordered)
-        results = runner.run(ordered)
-    _print_summary(console, results)
-    for reason in runner.not_run.values():
-        console.print(reason)
+        _print_summary(console, results)
+        for reason in runner.not_run.values():
+            console.print(reason)
 
-    deployments = [r for r in results.values() if isinstance(r.resource, ModelDeployment)]
-    if args.serve and not deployments:
-        console.print("--serve has no effect: this run exported no ModelDeployment to serve.")
-    for result in deployments:
-        from lathe.local import serving
+        deployments = [r for r in results.values() if isinstance(r.resource, ModelDeployment)]
+        if args.serve and not deployments:
+            console.print("--serve has no effect: this run exported no ModelDeployment to serve.")
+        for result in deployments:
+            from lathe.local import serving
 
-        serving.serve_and_query(result, args.sample, console, keep_serving=args.serve)
+            serving.serve_and_query(result, args.sample, console, keep_serving=args.serve)
     return 0
 
 
@@ -343,10 +348,12 @@ def _interrupt(signum: int, _frame) -> None:
     if signum == signal.SIGHUP:
         # The terminal is gone, and writing to it fails with EIO. Later output goes nowhere,
         # so that stopping the stages is not cut short by a failed print.
+        # Output to a file or a pipe still works, and keeps the lines that follow.
         devnull = os.open(os.devnull, os.O_WRONLY)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
-                os.dup2(devnull, stream.fileno())
+                if os.isatty(stream.fileno()):
+                    os.dup2(devnull, stream.fileno())
         os.close(devnull)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 

@@ -33,6 +33,8 @@ class Node:
     manifest: dict | None
     # Why the output behind the recorded digest cannot be shown, or "".
     problem: str = ""
+    # Whether the same output was shown earlier with its inputs, which are not repeated.
+    repeated: bool = False
 
 
 def find_output(path: str) -> Path:
@@ -133,10 +135,12 @@ def walk(output_dir: Path) -> Iterator[Node]:
     """Yield the output and, depth first, every input it recorded."""
     manifest = read(output_dir)
     yield Node(0, manifest["kind"], manifest["name"], manifest["digest"], manifest)
-    yield from _inputs(manifest, 1)
+    yield from _inputs(manifest, 1, set())
 
 
-def _inputs(manifest: dict, depth: int) -> Iterator[Node]:
+def _inputs(manifest: dict, depth: int, shown: set[tuple[str, str, str]]) -> Iterator[Node]:
+    """Yield the inputs of `manifest` depth first. An input in `shown` (a PretrainJob and its
+    Tokenizer both read the Corpus) is yielded once more without its own inputs."""
     for role, item in sorted((manifest.get("inputs") or {}).items()):
         kind, name = item.get("kind", role), item.get("name", "?")
         recorded = item.get("digest", "")
@@ -151,14 +155,21 @@ def _inputs(manifest: dict, depth: int) -> Iterator[Node]:
             yield Node(depth, kind, name, recorded, None,
                        f"rewritten since: {item['uri']} now contains {found['digest']}")
             continue
+        if (kind, name, recorded) in shown:
+            yield Node(depth, kind, name, recorded, found, repeated=True)
+            continue
+        shown.add((kind, name, recorded))
         yield Node(depth, kind, name, recorded, found)
-        yield from _inputs(found, depth + 1)
+        yield from _inputs(found, depth + 1, shown)
 
 
 def lineage_lines(output_dir: Path) -> Iterator[str]:
     for node in walk(output_dir):
         indent = "  " * node.depth
         line = f"{indent}{node.kind} {node.name}  {node.digest}"
+        if node.repeated:
+            yield f"{line}  (its inputs are listed above)"
+            continue
         yield f"{line}  ({node.problem})" if node.problem else line
         if node.manifest is None:
             continue

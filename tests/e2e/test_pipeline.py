@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,40 @@ def test_suspended_stage_is_not_run(pipeline):
                    if c["type"] == "InputsReady")
     assert waiting["status"] == "False"
     assert "FineTune pubmed-ner" in waiting["message"]
+
+
+def test_lower_max_steps_keeps_output(pipeline, tmp_path, data_dir):
+    """Lowering maxSteps below the latest checkpoint of a continued PretrainJob is rejected
+    before anything is deleted, and the finished output stays."""
+    runner, resources, _ = pipeline
+    workspace = tmp_path / "workspace"
+    # The Corpus and Tokenizer come from the pipeline's workspace, as references to stages
+    # that finished there.
+    for kind in ("corpus", "tokenizer"):
+        shutil.copytree(runner.workspace / "default" / kind, workspace / "default" / kind)
+    job = next(r for r in resources if r.kind == "PretrainJob").model_copy(deep=True)
+    job.spec.training.max_steps = 4
+    job.spec.training.checkpoint_interval = 2
+    job.spec.training.eval_interval = 2
+    job.spec.training.warmup_steps = 1
+    longer = job.model_copy(deep=True)
+    longer.spec.training.max_steps = 6
+    own = LocalRunner(workspace, data_dir)
+    own.run(own.check([job]))
+    events = []
+    own.on_progress = events.append
+    continued = own.run(own.check([longer]))[job.key]
+    started = next(event for event in events if event.state == "started")
+    assert started.message == "resumes from the checkpoint of step 4"
+
+    with pytest.raises(InvalidResourceError) as raised:
+        own.run(own.check([job]))
+    message = str(raised.value)
+    assert "spec.training.maxSteps" in message
+    assert "4 is below the step of the latest checkpoint (6," in message
+    assert "The finished output was left as it is." in message
+    manifest = json.loads((continued.directory / "output" / "manifest.json").read_text())
+    assert manifest["digest"] == continued.manifest["digest"]
 
 
 def test_cli_rejects_unknown_field_with_exit_code(tmp_path):

@@ -115,3 +115,14 @@ def test_own_checkout_not_warned(tmp_path):
     repo = Path(cli.__file__).resolve().parents[2]
     assert cli.other_checkout_warning(repo / "examples") is None
     assert cli.other_checkout_warning(tmp_path) is None
+
+
+def test_resumed_stage_says_so():
+    """A stage that resumes from its checkpoints says from which step when it starts."""
+    output = io.StringIO()
+    console = Console(file=output, force_terminal=False, width=200)
+    resource = SimpleNamespace(key="PretrainJob/default/lm", kind="PretrainJob",
+                               metadata=SimpleNamespace(name="lm"))
+    lines = cli.StageLines(console, [resource])
+    lines(ProgressEvent(resource.key, "started", message="resumes from the checkpoint of step 4"))
+    assert output.getvalue() == "PretrainJob lm: started; resumes from the checkpoint of step 4.\n"

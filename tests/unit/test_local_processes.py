@@ -173,6 +173,21 @@ def test_workspace_in_use_rejected(tmp_path):
         pass
 
 
+def test_workspace_held_while_serving(tmp_path):
+    """`lathe run` keeps the lock after its stages, while Triton serves from the workspace, and
+    its own stages run under it."""
+    from lathe.errors import WorkspaceError
+    from lathe.local.runner import LocalRunner
+
+    workspace = tmp_path / "workspace"
+    serving = LocalRunner(workspace, tmp_path)
+    with serving.hold_workspace():
+        assert serving.run([]) == {}
+        with pytest.raises(WorkspaceError, match="in use by another lathe run"):
+            LocalRunner(workspace, tmp_path).run([])
+    assert LocalRunner(workspace, tmp_path).run([]) == {}
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) to "
                     "mount a read-only directory without root")
 def test_read_only_workspace_rejected(tmp_path):

@@ -19,8 +19,8 @@ stages downstream read it from there. A `pvc://` URI names a cluster volume and 
 
 A stage whose output manifest carries the same stage key (spec, input digests, code version) is
 reused instead of run again. When the key changed, a finished local output is moved to
-previous-output/ and deleted only once the new run succeeds: a failed run leaves the last good
-output in place, and running the earlier spec again restores it instead of running the stage. A stage that failed or was interrupted keeps its checkpoints and is
+previous-output/ and deleted only once the new run succeeds. A failed run therefore leaves the
+last good output in place, and running the earlier spec again restores it without running. A stage that failed or was interrupted keeps its checkpoints and is
 resumed with `--resume` on the next run. A PretrainJob also continues from its checkpoints when
 its resume key is unchanged (lathe.plans.base.resume_key): when its spec changed only in
 `training` or `distributed`, or when only the code version changed.
@@ -151,6 +151,22 @@ class LocalRunner:
         # Referenced stages that are not among the resources but finished in the workspace,
         # by key, as the last check() found them.
         self.from_workspace: dict[str, FinishedOutput] = {}
+        # Whether hold_workspace() holds the workspace lock, so that run() does not take it.
+        self._holding = False
+
+    @contextlib.contextmanager
+    def hold_workspace(self) -> Iterator[None]:
+        """Hold the workspace lock across calls, such as a run and the serving after it.
+
+        Triton serves the model repository from the workspace, so another run must not
+        replace it while Triton is running.
+        """
+        with workspace_lock(self.workspace):
+            self._holding = True
+            try:
+                yield
+            finally:
+                self._holding = False
 
     def stage_dir(self, resource: Resource) -> Path:
         meta = resource.metadata
@@ -268,7 +284,8 @@ class LocalRunner:
         results: dict[str, StageResult] = {}
         self.not_run = {}
         ordered = self.check(resources)
-        with workspace_lock(self.workspace):
+        lock = contextlib.nullcontext() if self._holding else workspace_lock(self.workspace)
+        with lock:
             for resource in ordered:
                 self._run_or_hold(resource, results)
         return results
@@ -290,8 +307,8 @@ class LocalRunner:
         if result is None:
             self.not_run[resource.key] = (
                 f"{resource.kind} {resource.metadata.name} was not run: its spec sets "
-                "suspend. Set spec.suspend to false and run again; it continues from its "
-                "checkpoints."
+                "suspend. Set spec.suspend to false and run again; it resumes from its "
+                "checkpoints, unless other spec fields changed too."
             )
         else:
             results[resource.key] = result
@@ -357,7 +374,11 @@ class LocalRunner:
             resource.model_dump(mode="json", by_alias=True, exclude_unset=True,
                                 exclude={"status"}), indent=2))
         self._write_status(resource, directory, output_uri, None)
-        self.on_progress(ProgressEvent(resource.key, "started"))
+        latest = _latest_checkpoint_step(*storage.resolve(output_uri)) if resume else None
+        self.on_progress(ProgressEvent(
+            resource.key, "started",
+            message=f"resumes from the checkpoint of step {latest}" if latest else "",
+        ))
         progress_file = self._progress_file(plan, directory, output_uri)
         try:
             self._run_with_retries(resource, plan, directory, config_path, progress_file,
@@ -403,9 +424,11 @@ class LocalRunner:
         continues = not same_key and _continues(resource, resume_key_file, config.resume_key)
         filesystem, path = storage.resolve(output_uri)
         if continues:
+            _check_continuable(resource, filesystem, path)
             log.info("Continuing %s from its checkpoints, because its stage key changed but its "
                      "resume key did not.", resource.key)
-            _remove_all_but_checkpoints(filesystem, path)
+            if not self._keep_previous(resource, directory, output_uri, keep=remote.CHECKPOINTS):
+                _remove_all_but_checkpoints(filesystem, path)
         elif not same_key:
             if resource.spec.storage.uri:
                 _check_replaceable(resource, filesystem, path, output_uri)
@@ -422,10 +445,12 @@ class LocalRunner:
         key_file.write_text(config.stage_key)
         return same_key or continues
 
-    def _keep_previous(self, resource: Resource, directory: Path, output_uri: str) -> bool:
+    def _keep_previous(self, resource: Resource, directory: Path, output_uri: str,
+                       keep: str | None = None) -> bool:
         """Move a finished local output to previous-output/; return whether it was moved.
 
-        An unfinished output, the remains of a failed run, is not moved, so that
+        The entry named `keep` (the checkpoints a continuing run resumes from) stays in the
+        output. An unfinished output, the remains of a failed run, is not moved, so that
         previous-output/ keeps the last finished one. An object store output is not moved
         either: copying it would cost as much as the run.
         """
@@ -436,7 +461,11 @@ class LocalRunner:
         shutil.rmtree(previous, ignore_errors=True)
         log.info("Keeping the finished output of %s in %s until the changed spec's run "
                  "succeeds.", resource.key, previous)
-        shutil.move(local_path(output_uri), previous)
+        output = local_path(output_uri)
+        shutil.move(output, previous)
+        output.mkdir(parents=True)
+        if keep and (previous / keep).exists():
+            shutil.move(previous / keep, output / keep)
         return True
 
     def _restore_previous(
@@ -454,10 +483,19 @@ class LocalRunner:
         log.info("Restoring the earlier output of %s from %s: the spec is the one it was made "
                  "with.", resource.key, previous)
         output = local_path(output_uri)
-        # What the output holds is an unfinished run of another spec.
-        shutil.rmtree(output, ignore_errors=True)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(previous, output)
+        # The output contains an unfinished run of another spec. Its checkpoints stay when the
+        # earlier output has none, because then they belong to a run that continued it.
+        checkpoints = output / remote.CHECKPOINTS
+        if (previous / remote.CHECKPOINTS).exists() or not checkpoints.exists():
+            shutil.rmtree(output, ignore_errors=True)
+        else:
+            for entry in output.iterdir():
+                if entry.name != remote.CHECKPOINTS:
+                    _remove_local(entry)
+        output.mkdir(parents=True, exist_ok=True)
+        for entry in previous.iterdir():
+            shutil.move(entry, output / entry.name)
+        previous.rmdir()
         (directory / STAGE_KEY_FILE).write_text(config.stage_key)
         (directory / RESUME_KEY_FILE).write_text(config.resume_key)
         return manifest
@@ -740,6 +778,63 @@ def _continues(resource: Resource, resume_key_file: Path, resume_key: str) -> bo
     if not resume_key or not has_continuable_fields(resource.kind):
         return False
     return resume_key_file.is_file() and resume_key_file.read_text() == resume_key
+
+
+def _remove_local(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+# A checkpoint directory and the file that marks it complete (lathe_trainer.training.checkpoint,
+# which this module does not import, because it imports torch).
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_CHECKPOINT_STATE = "state.json"
+
+
+def _checkpoint_steps(filesystem, root: str) -> list[int]:
+    """Return the steps of the complete checkpoints directly under `root`."""
+    try:
+        names = [entry.rstrip("/").rsplit("/", 1)[-1]
+                 for entry in filesystem.ls(root, detail=False)]
+    except FileNotFoundError:
+        return []
+    return [int(match.group(1)) for name in names if (match := _STEP_DIR.match(name))
+            and filesystem.isfile(f"{root}/{name}/{_CHECKPOINT_STATE}")]
+
+
+def _latest_checkpoint_step(filesystem, path: str) -> int | None:
+    """Return the latest checkpoint step in an output, also under a FineTune's phase folders
+    (checkpoints/lora, checkpoints/scratch); None when there is none."""
+    root = f"{path}/{remote.CHECKPOINTS}"
+    steps = _checkpoint_steps(filesystem, root)
+    try:
+        folders = filesystem.ls(root, detail=True)
+    except FileNotFoundError:
+        folders = []
+    for entry in folders:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") == "directory" and not _STEP_DIR.match(name):
+            steps += _checkpoint_steps(filesystem, f"{root}/{name}")
+    return max(steps, default=None)
+
+
+def _check_continuable(resource: Resource, filesystem, path: str) -> None:
+    """Raise before anything is deleted when the latest checkpoint is past `maxSteps`, which the
+    stage would reject only after the runner had cleared the finished output."""
+    max_steps = resource.spec.training.max_steps
+    root = f"{path}/{remote.CHECKPOINTS}"
+    steps = _checkpoint_steps(filesystem, root)
+    if steps and max(steps) > max_steps:
+        latest = max(steps)
+        raise InvalidResourceError(
+            resource.label, "spec.training.maxSteps",
+            f"{max_steps} is below the step of the latest checkpoint ({latest}, "
+            f"{root}/step-{latest:08d}); raise maxSteps to at least {latest}, or delete the "
+            f"checkpoints after step {max_steps} under {root} to continue from an earlier one. "
+            "The finished output was left as it is.",
+        )
 
 
 def _remove_all_but_checkpoints(filesystem, path: str) -> None:
