@@ -344,6 +344,9 @@ def _yaml_message(error: yaml.YAMLError) -> str:
     if error.context and error.context_mark is not None:
         start = error.context_mark
         message += f" ({error.context} at line {start.line + 1}, column {start.column + 1})"
+    if "unknown escape character" in message:
+        return message + ("; a backslash in a double-quoted string starts an escape, so write "
+                          "regular expressions in single quotes.")
     if isinstance(error, _DuplicateKeyError):
         if mark.column == 0 and error.problem.startswith(("duplicate key 'apiVersion'",
                                                           "duplicate key 'kind'")):

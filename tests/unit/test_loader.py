@@ -273,3 +273,20 @@ def test_joined_files_suggest_separator(tmp_path):
         loader.load_paths([joined])
     assert "duplicate key 'apiVersion'" in str(raised.value)
     assert "put a line with only --- before it" in str(raised.value)
+
+
+def test_double_quoted_regex_escape_explained(tmp_path):
+    """In double quotes, `\\.` is no YAML escape, and `\\b` is a backspace: both get the fix."""
+    unknown = write(tmp_path, TOKENIZER + '  protectedPatterns:\n  - {name: icd, regex: "E11\\.9"}\n')
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_paths([unknown])
+    assert "unknown escape character" in str(raised.value)
+    assert "write regular expressions in single quotes" in str(raised.value)
+
+    backspace = write(tmp_path, TOKENIZER + '  protectedPatterns:\n  - {name: icd, regex: "\\bE11"}\n',
+                      "backspace.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_paths([backspace])
+    assert "spec.protectedPatterns[0].regex" in str(raised.value)
+    assert "control character U+0008" in str(raised.value)
+    assert "write the pattern in single quotes" in str(raised.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -101,6 +102,16 @@ class ProtectedPattern(ApiModel):
     @field_validator("regex")
     @classmethod
     def _compiles(cls, value: str) -> str:
+        # In a double-quoted YAML string, "\b" is a backspace and "\t" a tab, so the pattern
+        # would match those characters instead of a word boundary or a letter.
+        control = next((character for character in value
+                        if unicodedata.category(character) == "Cc"), None)
+        if control is not None:
+            raise ValueError(
+                f"contains the control character U+{ord(control):04X}, which a double-quoted "
+                "YAML string makes of an escape such as \\b; write the pattern in single "
+                "quotes ('\\b...') or double each backslash"
+            )
         try:
             re.compile(value)
         except re.error as error:
