@@ -8,6 +8,8 @@ rule fails after its upstream stages ran, which can be hours later:
   special tokens;
 - a FineTune with LoRA and no spec.lora.targetModules needs a base architecture that has default
   targets (lathe.api.finetune.DEFAULT_LORA_TARGETS);
+- each name in a FineTune's spec.lora.targetModules must match a module of the base model, by
+  peft's rule (lathe_trainer.finetune.model.unmatched_targets);
 - a ModelDeployment's spec.export.checkSequenceLengths must fit the model's maximum positions.
 
 A reference to a resource that is not among those given is skipped here, because
@@ -20,6 +22,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lathe.api import FineTune, ModelDeployment, PretrainJob, Resource, Tokenizer
 from lathe.api.finetune import DEFAULT_LORA_TARGETS
@@ -28,6 +31,9 @@ from lathe.errors import InvalidResourceError
 from lathe.graph import upstream_key
 from lathe.preflight import is_local, resolve
 from lathe_trainer.serving.reference import config_max_positions
+
+if TYPE_CHECKING:
+    import torch
 
 # The config.json key in which each PretrainJob architecture stores spec.model's maximum
 # positions, as lathe_trainer.pretrain.model writes it (tests/unit/test_consistency.py compares
@@ -52,10 +58,11 @@ class ResolvedBaseModel:
     pretrain_job: PretrainJob | None = None
     config_file: Path | None = None
 
-    def layers(self) -> list[str] | None:
-        """Return the layer names that spec.lora.targetModules takes, or None when the config
-        cannot be built. Imports torch and transformers, so it costs seconds."""
-        from lathe_trainer.finetune.model import config_layers
+    def classifier(self) -> torch.nn.Module | None:
+        """Return the token classifier that the FineTune stage builds on this base, without
+        weights, or None when the config cannot be built. Imports torch and transformers, so it
+        costs seconds."""
+        from lathe_trainer.finetune.model import meta_classifier
 
         if self.pretrain_job is not None:
             from lathe_trainer.pretrain.model import architecture_config
@@ -63,15 +70,22 @@ class ResolvedBaseModel:
             # Any vocabulary size and token ids give the same layer names.
             special = {"vocab_size": 1024, "bos_token_id": 0, "eos_token_id": 0,
                        "pad_token_id": 1}
-            config = architecture_config(self.pretrain_job.spec.model, special)
-            return config_layers(config)
+            return meta_classifier(architecture_config(self.pretrain_job.spec.model, special))
         from transformers import AutoConfig
 
         try:
-            config = AutoConfig.from_pretrained(self.config_file.parent)
+            # ValueError also covers a model type with no token classifier.
+            return meta_classifier(AutoConfig.from_pretrained(self.config_file.parent))
         except (OSError, ValueError, KeyError):
             return None
-        return config_layers(config)
+
+    def layers(self) -> list[str] | None:
+        """Return the layer names that spec.lora.targetModules takes, or None when the config
+        cannot be built."""
+        from lathe_trainer.finetune.model import adaptable_layers
+
+        model = self.classifier()
+        return None if model is None else adaptable_layers(model)
 
 
 def check_references(resources: list[Resource], data_dir: Path,
@@ -143,10 +157,15 @@ def base_model(finetune: FineTune, by_key: dict[str, Resource],
 
 def _check_lora_targets(finetune: FineTune, by_key: dict[str, Resource],
                         data_dir: Path) -> None:
-    if finetune.spec.method != "lora" or finetune.spec.lora.target_modules:
+    if finetune.spec.method != "lora":
         return
     base = base_model(finetune, by_key, data_dir)
-    if base is None or base.model_type is None or base.model_type in DEFAULT_LORA_TARGETS:
+    if base is None:
+        return
+    if finetune.spec.lora.target_modules:
+        _check_targets_match(finetune, base)
+        return
+    if base.model_type is None or base.model_type in DEFAULT_LORA_TARGETS:
         return
     layers = base.layers()
     fix = (f"set it to some of the model's layers: {layers}" if layers
@@ -156,6 +175,22 @@ def _check_lora_targets(finetune: FineTune, by_key: dict[str, Resource],
         f"is empty, and there are no default LoRA targets for model type {base.model_type!r} "
         f"(the base model, from {base.origin}); {fix}.",
     )
+
+
+def _check_targets_match(finetune: FineTune, base: ResolvedBaseModel) -> None:
+    """Raise InvalidResourceError for target names that match no module of the base, as the
+    FineTune stage would."""
+    from lathe_trainer.finetune.model import BaseModelError, check_targets_match
+
+    model = base.classifier()
+    if model is None:
+        return
+    try:
+        check_targets_match(model, finetune.spec.lora.target_modules,
+                            f"the base model (from {base.origin})")
+    except BaseModelError as error:
+        raise InvalidResourceError(finetune.label, "spec.lora.targetModules",
+                                   f"{error}.") from None
 
 
 def _check_export_lengths(deployment: ModelDeployment, by_key: dict[str, Resource],

@@ -424,6 +424,59 @@ def test_two_processes_under_torchrun(make_config, base_output, tmp_path):
     assert (output / "checkpoints" / "lora" / "step-00000010").is_dir()
 
 
+def run_in_process(config, hash_seed: str) -> dict:
+    """Run the stage with `python -m lathe_trainer` and return its manifest."""
+    config_path = Path(config.output_uri.removeprefix("file://")).parent / "config.json"
+    config_path.write_text(config.model_dump_json())
+    command = [sys.executable, "-m", "lathe_trainer", "finetune", "--config", str(config_path)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": hash_seed}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((config_path.parent / "output" / "manifest.json").read_text())
+
+
+def test_same_inputs_give_same_digest(make_config, base_output, tmp_path):
+    """Two runs on copies of the base model at other paths, in processes with other string
+    hash seeds (which order sets), write artifacts with the same digest."""
+    spec = resource(
+        maxTrainSentences=64, maxEvalSentences=16, lora={"r": 4, "alpha": 8, "dropout": 0.1},
+        training={"maxSteps": 4, "microBatchSize": 8, "learningRate": 0.01, "warmupSteps": 1,
+                  "checkpointInterval": 2},
+    )
+    manifests = []
+    for run, hash_seed in (("a", "1"), ("b", "2")):
+        base = tmp_path / run / "base"
+        shutil.copytree(base_output, base)
+        config = make_config(dict(spec), base_input(base), output=tmp_path / run / "output")
+        manifests.append(run_in_process(config, hash_seed))
+    first, second = manifests
+    differing = sorted(path for path in first["outputs"]
+                       if first["outputs"][path] != second["outputs"].get(path))
+    assert differing == ["report.json"]  # a run record: timings and the base model's path
+    assert first["digest"] == second["digest"]
+    assert "adapter/adapter_model.safetensors" in first["outputs"]
+    assert "adapter/README.md" not in first["outputs"]
+    adapter_config = json.loads((tmp_path / "a/output/adapter/adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] is None
+    assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"])
+
+
+def test_adapter_loads_on_base_model(finished, base_output):
+    """adapter/ names no base model path; PeftModel loads it on the base given."""
+    from peft import PeftModel
+
+    _, _, output = finished
+    merged = AutoModelForTokenClassification.from_pretrained(output / "model")
+    base = AutoModelForTokenClassification.from_pretrained(
+        base_output / "model", id2label=merged.config.id2label,
+        label2id=merged.config.label2id,
+    )
+    adapted = PeftModel.from_pretrained(base, output / "adapter").merge_and_unload()
+    merged_weights = merged.state_dict()
+    for name, weight in adapted.state_dict().items():
+        assert torch.allclose(weight, merged_weights[name], atol=1e-5), name
+
+
 def run_loop_worker(tmp_path: Path, processes: int, resume_from: int) -> dict:
     """Run finetune_loop_worker.py with `processes` gloo processes and return its JSON."""
     worker = Path(__file__).with_name("finetune_loop_worker.py")

@@ -47,6 +47,17 @@ def export(bodies: dict[str, dict]) -> dict:
     return bodies["05-deployment.yaml"]["spec"]["export"]
 
 
+# Layers of each architecture for spec.lora.targetModules; the example's targets are Llama's.
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
+                "t5": ["q", "v"]}
+
+
+def set_architecture(bodies: dict[str, dict], architecture: str, **fields) -> None:
+    """Give the PretrainJob another architecture, and the FineTune LoRA targets that it has."""
+    model(bodies).update(architecture=architecture, **fields)
+    lora(bodies)["targetModules"] = LORA_TARGETS[architecture]
+
+
 def test_examples_pass(data_dir):
     consistency.check_references(parse_all(examples()), data_dir)
 
@@ -56,7 +67,7 @@ def test_examples_pass(data_dir):
 
 def test_bert_without_mask_token_rejected(data_dir):
     bodies = examples()
-    model(bodies)["architecture"] = "bert"
+    set_architecture(bodies, "bert")
     error = rejection(bodies, data_dir)
     assert error.resource == "Tokenizer/default/pubmed"
     assert error.field == "spec.specialTokens"
@@ -69,7 +80,7 @@ def test_bert_without_mask_token_rejected(data_dir):
 
 def test_bert_with_mask_token_accepted(data_dir):
     bodies = examples()
-    model(bodies)["architecture"] = "bert"
+    set_architecture(bodies, "bert")
     bodies["02-tokenizer.yaml"]["spec"]["specialTokens"].append("<mask>")
     consistency.check_references(parse_all(bodies), data_dir)
 
@@ -77,7 +88,7 @@ def test_bert_with_mask_token_accepted(data_dir):
 @pytest.mark.parametrize("architecture", ["gpt2", "t5"])
 def test_other_architectures_need_no_mask(data_dir, architecture):
     bodies = examples()
-    model(bodies)["architecture"] = architecture
+    set_architecture(bodies, architecture)
     consistency.check_references(parse_all(bodies), data_dir)
 
 
@@ -125,7 +136,7 @@ def test_listed_layers_are_what_trainer_adapts():
 
 
 @pytest.mark.parametrize("change", [
-    {"targetModules": ["query", "value"]},
+    {"targetModules": ["q", "v"]},
     {"method": "full"},
 ])
 def test_lora_targets_given_or_unused_accepted(data_dir, change):
@@ -145,6 +156,71 @@ def test_default_lora_targets_accepted(data_dir, architecture):
     model(bodies)["architecture"] = architecture
     del lora(bodies)["targetModules"]
     consistency.check_references(parse_all(bodies), data_dir)
+
+
+def test_misspelt_lora_target_rejected(data_dir):
+    """A misspelt name among valid ones fails validate as it would fail the stage."""
+    bodies = examples()
+    lora(bodies)["targetModules"] = ["qproj", "k_proj", "v_proj", "o_proj"]
+    error = rejection(bodies, data_dir)
+    assert error.resource == "FineTune/default/pubmed-ner"
+    assert error.field == "spec.lora.targetModules"
+    assert error.detail.startswith("['qproj'] match no module of the base model ")
+    assert "(from PretrainJob 'pubmed-lm')" in error.detail
+    assert "use names of its linear or embedding layers: ['down_proj', " in error.detail
+    assert "'q_proj'" in error.detail
+
+
+@pytest.mark.parametrize("targets", [
+    ["self_attn.q_proj", "embed_tokens"],  # a suffix after a dot
+    ["model.layers.0.mlp.up_proj"],  # a full module name
+    ["layers"],  # a module that is no layer matches too; peft then rejects its type
+])
+def test_lora_target_matching_peft_accepted(data_dir, targets):
+    bodies = examples()
+    lora(bodies)["targetModules"] = targets
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+@pytest.mark.parametrize(("targets", "unmatched"), [
+    (["proj"], ["proj"]),  # not a whole name
+    (["q_proj", "attn.q_proj"], ["attn.q_proj"]),  # not a whole name after the dot
+    (["Q_PROJ", "all-linear"], ["Q_PROJ", "all-linear"]),  # no shorthand in a list
+])
+def test_lora_target_partial_name_rejected(data_dir, targets, unmatched):
+    bodies = examples()
+    lora(bodies)["targetModules"] = targets
+    error = rejection(bodies, data_dir)
+    assert error.detail.startswith(f"{unmatched} match no module of the base model")
+
+
+def test_unused_lora_targets_not_checked(data_dir):
+    bodies = examples()
+    lora(bodies)["targetModules"] = ["qproj"]
+    bodies["04-finetune.yaml"]["spec"]["method"] = "full"
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+@pytest.mark.parametrize("targets", [
+    ["q_proj"], ["self_attn.q_proj"], ["model.layers.1.self_attn.q_proj"], ["proj"],
+    ["attn.q_proj"], ["layers.1"], ["score"], ["embed_tokens"], ["qproj"], ["model"],
+])
+def test_target_matching_agrees_with_peft(targets):
+    """unmatched_targets finds no match exactly where peft adapts no module."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from lathe.api.pretrain import ModelArchitectureSpec
+    from lathe_trainer.finetune.model import meta_classifier, unmatched_targets
+    from lathe_trainer.pretrain.model import architecture_config
+
+    special = {"vocab_size": 300, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+    spec = ModelArchitectureSpec(architecture="llama", preset="tiny")
+    built = meta_classifier(architecture_config(spec, special))
+    config = LoraConfig(target_modules=targets)
+    peft_matches = any(check_target_module_exists(config, name)
+                       for name, _ in built.named_modules() if name)
+    assert (unmatched_targets(built, targets) == []) == peft_matches
 
 
 def bert_directory(path: Path, **sizes) -> Path:
@@ -175,6 +251,34 @@ def test_lora_on_bert_directory_lists_layers(data_dir, tmp_path):
     assert "'query'" in error.detail
 
 
+def test_misspelt_lora_target_on_bert_directory(data_dir, tmp_path):
+    directory = bert_directory(tmp_path / "bert")
+    bodies = examples()
+    lora(bodies)["targetModules"] = ["query", "valeu"]
+    error = rejection(with_base_uri(bodies, str(directory)), data_dir)
+    assert error.field == "spec.lora.targetModules"
+    assert error.detail.startswith("['valeu'] match no module of the base model ")
+    assert f"(from '{directory / 'config.json'}')" in error.detail
+    assert "'value'" in error.detail
+
+
+def test_lora_targets_on_bert_directory_accepted(data_dir, tmp_path):
+    directory = bert_directory(tmp_path / "bert")
+    bodies = examples()
+    lora(bodies)["targetModules"] = ["query", "value", "attention.output.dense"]
+    consistency.check_references(parse_all(with_base_uri(bodies, str(directory))), data_dir)
+
+
+def test_unknown_model_type_targets_skipped(data_dir, tmp_path):
+    """A config.json that transformers cannot build leaves the targets to the stage."""
+    directory = tmp_path / "custom"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    bodies = examples()
+    lora(bodies)["targetModules"] = ["qproj"]
+    consistency.check_references(parse_all(with_base_uri(bodies, str(directory))), data_dir)
+
+
 # -- export sequence lengths ---------------------------------------------------------------------
 
 
@@ -195,7 +299,7 @@ def test_export_length_above_max_positions_rejected(data_dir):
                                                          ("bert", 1024)])
 def test_export_length_within_raised_limit_accepted(data_dir, architecture, positions):
     bodies = examples()
-    model(bodies).update(architecture=architecture, maxPositionEmbeddings=positions)
+    set_architecture(bodies, architecture, maxPositionEmbeddings=positions)
     bodies["02-tokenizer.yaml"]["spec"]["specialTokens"].append("<mask>")
     export(bodies)["checkSequenceLengths"] = [3, 600]
     consistency.check_references(parse_all(bodies), data_dir)
@@ -204,7 +308,7 @@ def test_export_length_within_raised_limit_accepted(data_dir, architecture, posi
 def test_export_length_on_t5_limited_to_default(data_dir):
     """A t5 config names no maximum positions, so the export checks against 512."""
     bodies = examples()
-    model(bodies).update(architecture="t5", maxPositionEmbeddings=1024)
+    set_architecture(bodies, "t5", maxPositionEmbeddings=1024)
     export(bodies)["checkSequenceLengths"] = [3, 600]
     error = rejection(bodies, data_dir)
     assert "maximum positions 512" in error.detail
@@ -214,7 +318,9 @@ def test_export_length_on_t5_limited_to_default(data_dir):
 
 def test_export_length_against_model_directory(data_dir, tmp_path):
     directory = bert_directory(tmp_path / "bert", max_position_embeddings=128)
-    bodies = with_base_uri(examples(), str(directory))
+    bodies = examples()
+    lora(bodies)["targetModules"] = LORA_TARGETS["bert"]
+    bodies = with_base_uri(bodies, str(directory))
     export(bodies)["checkSequenceLengths"] = [3, 20, 200]
     error = rejection(bodies, data_dir)
     assert "[3, 20, 200] includes 200" in error.detail
@@ -265,3 +371,19 @@ def test_validate_command_reports_error(data_dir, tmp_path, capsys):
     assert "spec.sources[0].format" in captured.err
     assert "has format 'pubmedqa'" in captured.err
     assert "use format: pubtator" in captured.err
+
+
+def test_validate_command_rejects_misspelt_target(data_dir, tmp_path, capsys):
+    bodies = examples()
+    lora(bodies)["targetModules"] = ["qproj", "k_proj", "v_proj", "o_proj"]
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    for name, body in bodies.items():
+        (folder / name).write_text(yaml.safe_dump(body))
+    code = cli.main(["validate", "-f", str(folder), "--workspace", str(tmp_path / "workspace"),
+                     "--data-dir", str(data_dir)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "resources are valid" not in captured.out
+    assert "FineTune/default/pubmed-ner" in captured.err
+    assert "spec.lora.targetModules: ['qproj'] match no module" in captured.err

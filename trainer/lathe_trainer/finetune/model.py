@@ -10,11 +10,12 @@ peft as `modules_to_save`.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForTokenClassification,
@@ -25,8 +26,10 @@ from transformers.pytorch_utils import Conv1D
 
 from lathe.api.finetune import DEFAULT_LORA_TARGETS
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from peft import PeftModel
 
+log = logging.getLogger(__name__)
 
 
 class BaseModelError(ValueError):
@@ -110,17 +113,49 @@ def adaptable_layers(model: torch.nn.Module) -> list[str]:
     })
 
 
-def config_layers(config: PretrainedConfig) -> list[str]:
-    """Return adaptable_layers of the token classifier built from config, without weights.
+def meta_classifier(config: PretrainedConfig) -> torch.nn.Module:
+    """Build the token classifier that the stage loads for config, without weights.
 
     The model is built on the meta device, so no memory is allocated for the weights and any
-    size costs about the same.
+    size costs about the same. Raises ValueError for a model type with no token classifier.
     """
     config = copy.deepcopy(config)
     config.num_labels = 3  # O, B- and I- of one entity type; the head's size does not matter
     with torch.device("meta"):
-        model = AutoModelForTokenClassification.from_config(config)
-    return adaptable_layers(model)
+        return AutoModelForTokenClassification.from_config(config)
+
+
+def config_layers(config: PretrainedConfig) -> list[str]:
+    """Return adaptable_layers of the token classifier built from config, without weights."""
+    return adaptable_layers(meta_classifier(config))
+
+
+def unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Return the targets that match no module of the model, in the order given.
+
+    A module matches a target when its full name equals the target or ends with `.<target>`.
+    This is peft's rule for a list of targets (check_target_module_exists in
+    peft.tuners.tuners_utils, peft 0.21), and peft raises only when no target matches at
+    all, so a misspelt name among valid ones would be ignored without this check.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    return [target for target in targets
+            if not any(name == target or name.endswith(f".{target}") for name in names)]
+
+
+def check_targets_match(model: torch.nn.Module, targets: list[str],
+                        base: str = "the base model") -> None:
+    """Raise BaseModelError naming the targets that match no module of the model.
+
+    `base` names the model in the message. The FineTune stage and `lathe validate` both call
+    it, so they reject the same names with the same message.
+    """
+    unmatched = unmatched_targets(model, targets)
+    if unmatched:
+        raise BaseModelError(
+            f"{unmatched} match no module of {base}; use names of its linear or embedding "
+            f"layers: {adaptable_layers(model)}"
+        )
 
 
 def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
@@ -138,11 +173,37 @@ def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
 
 def apply_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: list[str]):
     """Wrap the model with LoRA adapters; the task head trains in full (`modules_to_save`)."""
+    # Imported here because `lathe validate` imports this module for layer names only, and
+    # importing peft 0.21 took about 3 s more on a 2-core CPU.
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         task_type="TOKEN_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=targets, modules_to_save=head_names(model),
     )
     return get_peft_model(model, config)
+
+
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """Write the adapters and the task head with peft, without what differs between runs.
+
+    peft 0.21 writes three things that change between runs of the same inputs:
+    - `base_model_name_or_path` in adapter_config.json, the base's local path. It is set to
+      null, because manifest.json records the base model (inputs.baseModel) and
+      `PeftModel.from_pretrained(base, directory)` loads the adapter without it.
+    - `target_modules` in set order, which varies with PYTHONHASHSEED. It is sorted.
+    - README.md, an empty model card template that names the local path. It is removed.
+    """
+    # The vocabulary is unchanged, so the adapter needs no copy of the base embeddings.
+    model.save_pretrained(directory, save_embedding_layers=False)
+    (directory / "README.md").unlink(missing_ok=True)
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = None
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    # peft writes the file with these settings.
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def merge_lora(model: PeftModel) -> torch.nn.Module:

@@ -35,14 +35,15 @@ from lathe_trainer.finetune.data import (
 from lathe_trainer.finetune.metrics import predict
 from lathe_trainer.finetune.model import (
     BaseModelError,
-    adaptable_layers,
     apply_lora,
+    check_targets_match,
     from_scratch,
     label_maps,
     load_pretrained,
     load_tokenizer,
     lora_targets,
     merge_lora,
+    save_adapter,
 )
 from lathe_trainer.finetune.train import LoopSettings, Split, evaluate, run_phase
 from lathe_trainer.training import activations
@@ -238,23 +239,6 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
     return result
 
 
-def _check_targets_match(config, model: torch.nn.Module, targets: list[str]) -> None:
-    """Raise StageError for a target module name that matches no module of the model.
-
-    peft adapts a module whose name equals a target or ends with `.<target>`, and raises only
-    when no target matches at all, so a misspelt name among valid ones would be ignored.
-    """
-    names = [name for name, _ in model.named_modules() if name]
-    unmatched = [target for target in targets
-                 if not any(name == target or name.endswith(f".{target}") for name in names)]
-    if unmatched:
-        raise StageError(
-            config, "spec.lora.targetModules",
-            f"{unmatched} match no module of the base model; use names of its linear or "
-            f"embedding layers: {adaptable_layers(model)}.",
-        )
-
-
 def enable_gradient_checkpointing(model, spec: FineTuneSpec) -> None:
     """Apply spec.training.gradientCheckpointing; call it before any LoRA wrapping."""
     if spec.training.gradient_checkpointing:
@@ -265,9 +249,9 @@ def wrap_lora(config, spec, model):
     lora = spec.lora
     try:
         targets = lora_targets(model, lora.target_modules)
+        check_targets_match(model, targets)
     except BaseModelError as error:
         raise StageError(config, "spec.lora.targetModules", f"{error}.") from error
-    _check_targets_match(config, model, targets)
     try:
         model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets)
     except ValueError as error:
@@ -290,8 +274,7 @@ def save_model(model, spec, tokenizer, test: Split, predicted, settings, output)
     """
     if spec.method == "lora":
         if distributed.is_main():
-            # The vocabulary is unchanged, so the adapter needs no copy of the base embeddings.
-            model.save_pretrained(output / "adapter", save_embedding_layers=False)
+            save_adapter(model, output / "adapter")
         model = merge_lora(model)
     merged_predicted = predict(model, test.encoded, settings.micro_batch_size * 4,
                                settings.pad_token_id, settings.id2label)
