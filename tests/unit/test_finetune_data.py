@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, pre_tokenizers
@@ -248,3 +249,15 @@ def test_step_indices_deterministic_and_cover_epoch():
     assert sorted(flat[:10]) == list(range(10))
     assert sorted(flat[10:20]) == list(range(10))
     assert flat[:10] != flat[10:20]
+
+
+def test_phase_named_in_progress():
+    """The progress share counts both phases, so each message says which phase it is."""
+    from lathe_trainer.finetune.stage import progress_callback
+
+    updates = []
+    reporter = SimpleNamespace(update=lambda step, message, **metrics: updates.append(
+        (step, message)))
+    progress_callback(reporter, 300, "2 of 2")(171, "scratch: step 171/300")
+    progress_callback(reporter, 0)(5, "lora: step 5/300")
+    assert updates == [(471, "scratch: step 171/300 (phase 2 of 2)"), (5, "lora: step 5/300")]

@@ -205,10 +205,13 @@ def encode_split(tokenizer, sentences, labels, spec: FineTuneSpec) -> Split:
     return Split(encoded, [words for words, _ in sentences], [tags for _, tags in sentences])
 
 
-def progress_callback(reporter, offset: int):
+def progress_callback(reporter, offset: int, phase: str = ""):
+    """Return the `report` function of one phase. `phase` ("1 of 2") is added to the message,
+    because the progress share counts the steps of every phase."""
     def report(step: int, message: str, **metrics) -> None:
         if reporter is not None:
-            reporter.update(offset + step, message, **metrics)
+            text = f"{message} (phase {phase})" if phase else message
+            reporter.update(offset + step, text, **metrics)
     return report
 
 
@@ -228,7 +231,8 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
     if spec.method == "lora":
         model = wrap_lora(config, spec, model)
     stats = run_phase(spec.method, model, encoded["train"], encoded.get("validation"), settings,
-                      phase_dir, resume, progress_callback(reporter, 0))
+                      phase_dir, resume,
+                      progress_callback(reporter, 0, "1 of 2" if spec.compare_from_scratch else ""))
     scores, predicted = evaluate(model, encoded["test"], settings)
     result = {**scores, **stats}
     result.update(save_model(model, spec, tokenizer, encoded["test"], predicted, settings, output))
@@ -311,7 +315,8 @@ def scratch_phase(config, spec, model_dir, labels, encoded, settings, output, re
     model = from_scratch(model_dir, labels)
     enable_gradient_checkpointing(model, spec)
     stats = run_phase(SCRATCH, model, encoded["train"], encoded.get("validation"), settings,
-                      phase_dir, resume, progress_callback(reporter, spec.training.max_steps))
+                      phase_dir, resume,
+                      progress_callback(reporter, spec.training.max_steps, "2 of 2"))
     scores, _ = evaluate(model, encoded["test"], settings)
     result = {**scores, **stats}
     if distributed.is_main():
