@@ -22,7 +22,7 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from lathe.api import KINDS
-from lathe.errors import StageFailedError
+from lathe.errors import InvalidResourceError, StageFailedError
 from lathe.local.runner import LocalRunner, StageResult
 from lathe_trainer.pretrain import stage
 from lathe_trainer.pretrain.data import DataPosition, SequenceSampler, pack_split
@@ -547,31 +547,37 @@ def test_local_run_continues_changed_training(tmp_path, data_dir, inputs):
     assert state["resumeKey"] != continued_resume_key
 
 
-def test_local_run_failed_continuation_not_reused(tmp_path, data_dir, inputs):
-    """A continuation that fails leaves no manifest, so a run of the old spec that follows
-    continues from the checkpoints instead of reusing the old output as finished."""
+def test_local_run_failed_continuation_keeps_output(tmp_path, data_dir, inputs):
+    """A maxSteps below the latest checkpoint is rejected before the output changes. A
+    continuation that fails in the stage keeps the finished output in previous-output/, and a
+    run of the old spec restores it instead of training again."""
     runner = LocalRunner(tmp_path / "workspace", data_dir)
     finished = run_locally(runner, inputs["full"], maxSteps=4)
     output = Path(finished.output_uri[len("file://"):])
+    previous = finished.directory / "previous-output"
 
-    # A maxSteps below the latest checkpoint's step fails the stage with a StageError.
-    with pytest.raises(StageFailedError) as raised:
+    with pytest.raises(InvalidResourceError) as lowered:
         run_locally(runner, inputs["full"], maxSteps=2)
+    digest_after_check = json.loads((output / "manifest.json").read_text())["digest"]
+    # A learning rate of 1e30 blows up the weights, so the continuation fails in the stage.
+    with pytest.raises(StageFailedError) as raised:
+        run_locally(runner, inputs["full"], maxSteps=8, learningRate=1e30, warmupSteps=0)
     manifest_after_failure = (output / "manifest.json").exists()
-    model_after_failure = (output / "model").exists()
+    kept = json.loads((previous / "manifest.json").read_text())["digest"]
     written = json.loads((finished.directory / "status.json").read_text())
     again = run_locally(runner, inputs["full"], maxSteps=4)
 
+    assert "raise maxSteps to at least 4" in str(lowered.value)
+    assert digest_after_check == finished.manifest["digest"]
     assert raised.value.exit_code == EXIT_PERMANENT
-    assert "raise maxSteps to at least 4" in str(raised.value)
+    assert f"kept in {previous}" in str(raised.value)
     assert not manifest_after_failure
-    assert not model_after_failure
+    assert kept == finished.manifest["digest"]
     assert written["phase"] == "Failed"
-    assert not again.reused
-    assert again.manifest["metrics"]["resumedFromStep"] == 4
-    assert again.manifest["metrics"]["newSteps"] == 0
-    assert again.manifest["stageKey"] == finished.manifest["stageKey"]
+    assert again.reused
+    assert again.manifest["digest"] == finished.manifest["digest"]
     assert (output / "model" / "model.safetensors").is_file()
+    assert not previous.exists()
 
 
 def test_local_run_continues_on_s3(tmp_path, data_dir, inputs, s3_store):

@@ -64,6 +64,7 @@ from lathe_trainer.training import (
     flops,
     parallel,
     precision,
+    schedule,
     storage,
 )
 from lathe_trainer.training.distributed import DistributedContext
@@ -352,8 +353,10 @@ def _restore(
             f"the checkpoints after step {spec.training.max_steps} under {checkpoints} to "
             "continue from an earlier one.",
         )
+    configured = schedule.configured_hyperparameters(optimizer)
     parallel.load_full_state_dicts(model, optimizer, saved.model, saved.optimizer)
     scheduler.load_state_dict(saved.scheduler)
+    schedule.restore_configured(optimizer, scheduler, configured)
     if len(saved.rng) == context.world_size:
         checkpoint.restore_rng_state(saved.rng[context.rank])
     else:

@@ -32,3 +32,31 @@ def build_scheduler(
         optimizer,
         lambda step: cosine_with_warmup(step, warmup_steps, total_steps, min_ratio),
     )
+
+
+# The optimizer settings that come from the spec. A checkpoint stores them too, and loading it
+# would bring back the values of the run that wrote it.
+CONFIGURED_KEYS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
+def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Return each parameter group's settings from the spec, before a checkpoint is loaded."""
+    return [{key: group[key] for key in CONFIGURED_KEYS if key in group}
+            for group in optimizer.param_groups]
+
+
+def restore_configured(optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                       configured: list[dict]) -> None:
+    """Put the spec's settings back after loading a checkpoint's optimizer and scheduler.
+
+    A run that continues with a lower `learningRate` or another `weightDecay` must train with
+    them, and the learning rate of the restored step follows this run's schedule (its
+    `maxSteps` and `warmupSteps`), not the schedule that the checkpoint was written under.
+    """
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs,
+                                      scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
