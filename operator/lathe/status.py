@@ -38,6 +38,7 @@ class Reason:
     RESUMED = "Resumed"
     SERVER_READY = "ServerReady"
     SERVER_NOT_READY = "ServerNotReady"
+    SCALED_TO_ZERO = "ScaledToZero"
 
 
 class Phase:

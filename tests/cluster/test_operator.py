@@ -43,6 +43,10 @@ def test_every_transition_posts_one_event(cluster, namespace, lathe_operator, re
     assert by_reason["JobSucceeded"][0].startswith("Running=False: The Job completed. ")
     assert "Succeeded=True: Job missing-on-purpose-tokenizer-r1-" in (
         by_reason["JobSucceeded"][0])
+    # `kubectl describe` shows the operator as the source, in its From column.
+    sources = {event["source"].get("component") for event in
+               events_about(cluster, namespace, "Tokenizer", "missing-on-purpose")}
+    assert sources == {"lathe-operator"}
 
 
 def test_example_runs_in_dependency_order(cluster, namespace, lathe_operator):
@@ -108,6 +112,51 @@ def test_example_runs_in_dependency_order(cluster, namespace, lathe_operator):
     assert [job["metadata"]["name"] for job in jobs_of(cluster, model, namespace)] == export_jobs
     assert scaled["status"]["artifact"] == deployment_status["status"]["artifact"]
     assert condition(scaled, "Exported")["status"] == "True"
+    _triton_objects_follow_operator(cluster, namespace, model)
+
+
+def _ready(cluster, namespace: str, model: str) -> dict:
+    return condition(get(cluster, "ModelDeployment", model, namespace), "Ready") or {}
+
+
+def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None:
+    """A deleted Triton Deployment or Service is created again, a `kubectl scale` is undone,
+    Ready follows the pods, and zero replicas are reported as such."""
+    triton = f"{model}-triton"
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "Ready with 2 replicas", timeout=90)
+    cluster.kubectl("scale", "deployment", triton, "-n", namespace, "--replicas=4")
+    cluster.wait_for(
+        lambda: cluster.get_json("deployment", triton, "-n", namespace)["spec"]["replicas"] == 2,
+        "the operator to undo kubectl scale", timeout=60,
+    )
+    for kind in ("deployment", "service"):
+        uid = cluster.get_json(kind, triton, "-n", namespace)["metadata"]["uid"]
+        cluster.kubectl("delete", kind, triton, "-n", namespace)
+        cluster.wait_for(
+            lambda kind=kind, uid=uid: cluster.kubectl(
+                "get", kind, triton, "-n", namespace, "-o", "jsonpath={.metadata.uid}",
+                check=False).stdout not in ("", uid),
+            f"the Triton {kind} to be created again", timeout=60,
+        )
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "Ready again with the re-created Deployment", timeout=90)
+
+    # A third replica that no node accepts: Ready turns False and says why.
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"serving": {"replicas": 3, '
+                    '"scheduling": {"nodeSelector": {"pool": "does-not-exist"}}}}}')
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "False",
+                     "Ready=False while a replica cannot be placed", timeout=90)
+    ready = _ready(cluster, namespace, model)
+    assert ready["reason"] in ("ServerNotReady", "PodsNotStarting"), ready
+    assert "of 3 Triton replicas are ready" in ready["message"], ready
+
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"serving": {"replicas": 0, "scheduling": null}}}')
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("reason") == "ScaledToZero",
+                     "Ready=False (ScaledToZero) at 0 replicas", timeout=90)
+    assert _ready(cluster, namespace, model)["status"] == "False"
 
 
 def test_spec_only_models_reject_fails_readably(cluster, namespace, lathe_operator):
@@ -332,6 +381,11 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
     new run keeps the generation but gets a new Job name, and the status records its input."""
     for document in corpus_and_tokenizer("rerun-input"):
         cluster.apply(document, namespace)
+    # A PretrainJob that reads both, so that it must wait for the Tokenizer to run again on the
+    # new Corpus output instead of starting on the new Corpus and the old Tokenizer.
+    job = pretrain_job("rerun-input", nodes=1, hold=False)
+    job["spec"]["corpusRef"]["name"] = job["spec"]["tokenizerRef"]["name"] = "rerun-input"
+    cluster.apply(job, namespace)
 
     def tokenizer_read(digest: str) -> bool:
         obj = get(cluster, "Tokenizer", "rerun-input", namespace)
@@ -376,6 +430,26 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
         == ["rerun-input-tokenizer-r2-0"],
         "only the second run's Tokenizer Job to remain", timeout=60,
     )
+
+    # Every run of the PretrainJob read a Tokenizer trained on the Corpus output it read.
+    second_tokenizer = get(cluster, "Tokenizer", "rerun-input", namespace)["status"]["artifact"]
+    cluster.wait_for(
+        lambda: is_true(cluster, "PretrainJob", "rerun-input", namespace, "Succeeded")
+        and get(cluster, "PretrainJob", "rerun-input", namespace)["status"]
+        .get("inputDigests", {}).get("tokenizer") == second_tokenizer["digest"],
+        "the PretrainJob to succeed on the new Corpus and Tokenizer", timeout=120,
+    )
+    config_maps = cluster.get_json("configmaps", "-n", namespace, "-l",
+                                   "lathe.dev/name=rerun-input,lathe.dev/kind=PretrainJob")
+    pairs = set()
+    for item in config_maps["items"]:
+        inputs = json.loads(item["data"]["config.json"])["inputs"]
+        pairs.add((inputs["corpus"]["digest"], inputs["tokenizer"]["digest"]))
+    assert (second, second_tokenizer["digest"]) in pairs
+    assert all(tokenizer != second_tokenizer["digest"] for corpus, tokenizer in pairs
+               if corpus == first)
+    assert all(tokenizer == second_tokenizer["digest"] for corpus, tokenizer in pairs
+               if corpus == second)
 
 
 def test_dropped_input_leaves_status(cluster, namespace, lathe_operator, ready_inputs):

@@ -1289,3 +1289,21 @@ def test_serving_only_change_keeps_export(serving, same_run):
     assert _run_hash(scaled) == _run_hash(before)
     # A status written by an earlier release recorded the hash of the whole spec.
     assert _legacy_run_hash(before) != _run_hash(before)
+
+
+def test_every_builder_reference_resolves():
+    """Each `builders.<name>` that the operator's modules use exists, including the workload
+    builders that lathe.k8s.builders re-exports from its submodules."""
+    import ast
+
+    from lathe.k8s import builders as module
+
+    used = set()
+    for path in (Path(module.__file__).parent).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "builders"):
+                used.add(node.attr)
+    assert "triton_labels" in used
+    missing = sorted(name for name in used if not hasattr(module, name))
+    assert missing == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 
 import pytest
 from kubernetes import client
@@ -116,3 +117,58 @@ def test_status_patch_deletes_dropped_keys():
         "phase": "Running",
     }
     assert handlers._changes(current, current) == {}
+
+
+def test_internal_error_reported_and_backed_off(monkeypatch):
+    """A reconcile that fails with a bug, not an API error, is counted in the metric, posted as
+    a Warning Event and retried with backoff, as an API error is."""
+    from lathe.k8s import metrics
+
+    class Broken:
+        def reconcile(self, body):
+            raise AttributeError("module 'lathe.k8s.builders' has no attribute 'x'")
+
+    posted = []
+    monkeypatch.setattr(handlers, "reconciler", lambda: Broken())
+    monkeypatch.setattr(handlers.kopf, "warn",
+                        lambda body, reason, message: posted.append((reason, message)))
+    monkeypatch.setattr(handlers, "_FAILURES", {})
+    body = {"kind": "ModelDeployment",
+            "metadata": {"uid": "u-1", "name": "ner", "namespace": "team-a"}}
+    errors = metrics.RECONCILES.labels("ModelDeployment", "error")
+    before = errors._value.get()
+
+    assert handlers._reconcile(body, logging.getLogger("test")) is None
+    assert errors._value.get() == before + 1
+    assert handlers._FAILURES["u-1"][0] == 1
+    assert [reason for reason, _ in posted] == ["ReconcileFailed"]
+    assert "internal error of the operator (AttributeError: module" in posted[0][1]
+    assert "Retrying in 10 s" in posted[0][1]
+
+
+@pytest.mark.parametrize(
+    ("reason", "message", "expected"),
+    [
+        ("OOMKilled", "", "Node 1 (lm-0-x): the container ran out of memory; raise "
+         "spec.resources.memory or lower the micro-batch size."),
+        ("Error", "", "Node 1 (lm-0-x): it left no termination message; read its log with "
+         "kubectl logs lm-0-x --previous."),
+        ("Error", "NCCL timeout\n", "Node 1 (lm-0-x): NCCL timeout"),
+    ],
+)
+def test_failed_pod_message_never_dangles(reason, message, expected):
+    """A failed container without a termination message still gets a sentence after the
+    colon, with the fix for an out-of-memory kill."""
+    terminated = client.V1ContainerStateTerminated(exit_code=137, reason=reason,
+                                                   message=message)
+    failed = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="lm-0-x", annotations={
+            "batch.kubernetes.io/job-completion-index": "1"}),
+        status=client.V1PodStatus(container_statuses=[client.V1ContainerStatus(
+            name="stage", image="i", image_id="", ready=False, restart_count=0,
+            state=client.V1ContainerState(terminated=terminated))]),
+    )
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    reconciler._job_pods = lambda namespace, job_name: [failed]
+    job = client.V1Job(metadata=client.V1ObjectMeta(name="lm-pretrain-r1-0"))
+    assert reconciler._failed_pod("team-a", job) == (137, reason, expected)

@@ -179,14 +179,15 @@ and fails when a rule grants more or less.
   resources: ["configmaps"]
   verbs: ["create"]
 # Headless Services of distributed training are created; Triton Services are server-side
-# applied, which needs create and patch.
+# applied, which needs create and patch, and watched by kopf, so a deleted one is created again.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create", "patch"]
-# Triton Deployments are server-side applied and read for their ready replicas.
+  verbs: ["create", "list", "watch", "patch"]
+# Triton Deployments are server-side applied, read for their ready replicas, and watched by kopf,
+# so that Ready follows the pods and a deleted Deployment is created again.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["create", "get", "patch"]
+  verbs: ["create", "get", "list", "watch", "patch"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["create", "patch"]

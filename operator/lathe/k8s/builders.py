@@ -16,26 +16,11 @@ import hashlib
 import importlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lathe.api.common import ResourceRequirements, Scheduling
 from lathe.errors import InvalidResourceError
 from lathe_trainer.stage import StageConfig
-
-if TYPE_CHECKING:
-    from lathe.k8s.builders_serving import (
-        horizontal_pod_autoscaler,
-        pod_monitor,
-        triton_deployment,
-        triton_service,
-    )
-    from lathe.k8s.builders_training import (
-        config_map,
-        headless_service,
-        job_name,
-        needs_headless_service,
-        training_job,
-    )
 
 APP_NAME = "lathe"
 MANAGED_BY = "lathe-operator"
@@ -382,26 +367,26 @@ def shm_volume(size: str) -> tuple[dict, dict]:
 
 # The workload builders, re-exported. Their modules import this one, so they are loaded on first
 # use: an import at the top of this module would fail when a workload module is imported first.
-_WORKLOAD_BUILDERS = {
-    "config_map": "lathe.k8s.builders_training",
-    "headless_service": "lathe.k8s.builders_training",
-    "needs_headless_service": "lathe.k8s.builders_training",
-    "job_name": "lathe.k8s.builders_training",
-    "training_job": "lathe.k8s.builders_training",
-    "horizontal_pod_autoscaler": "lathe.k8s.builders_serving",
-    "pod_monitor": "lathe.k8s.builders_serving",
-    "triton_deployment": "lathe.k8s.builders_serving",
-    "triton_service": "lathe.k8s.builders_serving",
-    "triton_name": "lathe.k8s.builders_serving",
-}
+# Every public name of theirs is found, so that a builder added there needs no entry here.
+_WORKLOAD_MODULES = ("lathe.k8s.builders_training", "lathe.k8s.builders_serving")
 
 
 def __getattr__(name: str) -> Any:
-    module = _WORKLOAD_BUILDERS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    if not name.startswith("_"):
+        for module_name in _WORKLOAD_MODULES:
+            module = importlib.import_module(module_name)
+            if name in vars(module) and getattr(vars(module)[name], "__module__", None) == (
+                module_name
+            ):
+                return vars(module)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_WORKLOAD_BUILDERS])
+    names = set(globals())
+    for module_name in _WORKLOAD_MODULES:
+        module = importlib.import_module(module_name)
+        names.update(name for name, value in vars(module).items()
+                     if not name.startswith("_") and getattr(value, "__module__", None) == (
+                         module_name))
+    return sorted(names)

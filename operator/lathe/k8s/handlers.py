@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from lathe.api import GROUP, KINDS, VERSION
 from lathe.k8s import leader, metrics, progress
-from lathe import status
+from lathe import __version__, status
 from lathe.k8s.reconcile import Reconciler, job_overdue, parse
 from lathe.k8s.settings import OperatorSettings
 
@@ -53,6 +54,9 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(field="status.kopf.diff")
     settings.posting.level = logging.INFO
+    # Events name the operator and its pod as their source (`kubectl describe`: From), not kopf.
+    settings.posting.reporting_component = "lathe-operator"
+    settings.posting.reporting_instance = socket.gethostname()
     settings.execution.max_workers = 16
     STATE["kopf_settings"] = settings
     settings.watching.server_timeout = 300
@@ -70,6 +74,11 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     kubernetes.client.Configuration.set_default(client_configuration)
     operator_settings = OperatorSettings.from_env()
     STATE["settings"] = operator_settings
+    logger.info("Lathe operator %s is starting with artifact root %s, data root %s, trainer "
+                "image %s, Triton image %s and Kueue queue %s.", __version__,
+                operator_settings.artifact_root, operator_settings.data_root,
+                operator_settings.trainer_image, operator_settings.triton_image,
+                operator_settings.queue_name or "none")
     STATE["reconciler"] = Reconciler(operator_settings)
     if operator_settings.metrics_port:
         from prometheus_client import start_http_server
@@ -160,6 +169,11 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
         metrics.RECONCILES.labels(kind, "error").inc()
         _report_failure(body, error, logger)
         return None
+    except Exception as error:  # noqa: BLE001 - a bug: reported, counted and retried
+        metrics.RECONCILES.labels(kind, "error").inc()
+        logger.exception("Reconcile failed with an internal error.")
+        _report_failure(body, error, logger)
+        return None
     finally:
         metrics.RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
     result = "waiting" if desired.get("phase") == "Waiting" else "success"
@@ -186,7 +200,7 @@ def _api_message(error: ApiException) -> str:
         return str(error.reason or "no message")
 
 
-def _report_failure(body: dict, error: ApiException, logger: logging.Logger) -> None:
+def _report_failure(body: dict, error: Exception, logger: logging.Logger) -> None:
     """Log a failed reconcile and post a Warning Event, once per distinct error in a row and
     again every REPOST_SECONDS while it lasts.
 
@@ -195,10 +209,15 @@ def _report_failure(body: dict, error: ApiException, logger: logging.Logger) -> 
     """
     uid = body["metadata"]["uid"]
     failures, posted, posted_at = _FAILURES.get(uid, (0, "", 0.0))
-    cause = f"HTTP {error.status} ({_api_message(error)})"
-    text = (f"Reconciling failed: the API server answered {cause}. Retrying in "
-            f"{retry_delay(failures + 1):.0f} s or on the next change; fix the cause (quota, "
-            "admission policy or the operator's RBAC) to let it proceed.")
+    retry = f"Retrying in {retry_delay(failures + 1):.0f} s or on the next change"
+    if isinstance(error, ApiException):
+        cause = f"HTTP {error.status} ({_api_message(error)})"
+        text = (f"Reconciling failed: the API server answered {cause}. {retry}; fix the cause "
+                "(quota, admission policy or the operator's RBAC) to let it proceed.")
+    else:
+        cause = f"{type(error).__name__}: {error}"
+        text = (f"Reconciling failed with an internal error of the operator ({cause}). "
+                f"{retry}; report it with the operator's log, which has the traceback.")
     logger.warning(text)
     now = time.monotonic()
     if cause != posted or now - posted_at >= REPOST_SECONDS:
@@ -260,7 +279,10 @@ def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) 
     changed.sort(key=lambda c: EVENT_ORDER.index(c["type"]) if c["type"] in EVENT_ORDER else -1)
     message = " ".join(f"{c['type']}={c['status']}: {c['message']}" for c in changed)
     failed = any(c["type"] == "Failed" and c["status"] == "True" for c in changed)
-    stuck = any(c["reason"] == status.Reason.PODS_NOT_STARTING for c in changed)
+    # A failed attempt that is retried and pods that cannot start need attention too, so they
+    # are listed by kubectl get events --field-selector type=Warning.
+    warning_reasons = {status.Reason.PODS_NOT_STARTING, status.Reason.ATTEMPT_RESTARTED}
+    stuck = any(c["reason"] in warning_reasons for c in changed)
     post = kopf.warn if failed or stuck else kopf.info
     post(body, reason=changed[-1]["reason"], message=message)
 
@@ -295,7 +317,9 @@ async def reconcile_key(namespace: str, plural: str, name: str, logger: logging.
                 done = await _in_thread(_reconcile_latest, namespace, plural, name, logger,
                                         latest)  # fmt: skip
             except Exception:  # noqa: BLE001 - logged here, retried below
+                # _reconcile reports errors of the reconcile itself; this is one around it.
                 logger.exception("Reconcile failed; retrying with backoff or on the next change.")
+                _count_failure((_INDEX.get(key) or {}).get("uid"))
                 done = False
             latest = None
             if done:
@@ -569,17 +593,52 @@ async def on_job_event(body, logger, type, **_: Any) -> None:
         # NB: after an operator restart, the owner's own event reconciles it anyway.
         _SEEN_JOBS[uid] = state
         return
-    for owner in body["metadata"].get("ownerReferences") or []:
-        if owner["apiVersion"].startswith(GROUP + "/") and owner["kind"] in KINDS:
-            await reconcile_key(
-                body["metadata"]["namespace"], KINDS[owner["kind"]].plural, owner["name"], logger
-            )
+    await _reconcile_owners(body, logger)
     # NB: the state is recorded even when that reconcile failed or only requested one more run,
     # because reconcile_key retries a failed reconcile and the requested run reads this Job again.
     if state is None:
         _SEEN_JOBS.pop(uid, None)
     else:
         _SEEN_JOBS[uid] = state
+
+
+async def _reconcile_owners(body: dict, logger: logging.Logger) -> None:
+    """Reconcile the Lathe resources that own the object `body`."""
+    for owner in body["metadata"].get("ownerReferences") or []:
+        if owner["apiVersion"].startswith(GROUP + "/") and owner["kind"] in KINDS:
+            await reconcile_key(
+                body["metadata"]["namespace"], KINDS[owner["kind"]].plural, owner["name"], logger
+            )
+
+
+# The last state of each Triton Deployment and Service that the operator saw, by uid.
+_SEEN_SERVING: dict[str, tuple] = {}
+
+
+def _serving_state(body: dict) -> tuple:
+    """Return what the ModelDeployment's reconcile reads or restores of a Triton object: the
+    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready."""
+    if body["kind"] != "Deployment":
+        return ()
+    deployment_status = body.get("status") or {}
+    return ((body.get("spec") or {}).get("replicas"), deployment_status.get("readyReplicas") or 0)
+
+
+async def on_serving_event(body, logger, type, **_: Any) -> None:
+    """Reconcile the ModelDeployment that owns a Triton Deployment or Service when the object
+    was deleted, scaled by hand, or its ready replicas changed, so that `Ready` follows the
+    pods and a deleted object is created again."""
+    uid = body["metadata"]["uid"]
+    state = None if type == "DELETED" else _serving_state(body)
+    seen = _SEEN_SERVING.get(uid)
+    if state is None:
+        _SEEN_SERVING.pop(uid, None)
+    else:
+        _SEEN_SERVING[uid] = state
+    if state is not None and (seen is None or seen == state):
+        # The reconcile that created the object has seen it already.
+        return
+    await _reconcile_owners(body, logger)
 
 
 # The fields of each known resource that the periodic pass reads, kept from its watch events and
@@ -733,6 +792,9 @@ def register() -> None:
     for model in KINDS.values():
         kopf.on.event(GROUP, VERSION, model.plural)(on_resource_event)
     kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)(on_job_event)
+    triton = {**MANAGED_BY, "app.kubernetes.io/component": "triton"}
+    kopf.on.event("apps", "v1", "deployments", labels=triton)(on_serving_event)
+    kopf.on.event("", "v1", "services", labels=triton)(on_serving_event)
 
 
 register()

@@ -142,6 +142,7 @@ class Reconciler:
         self, resource: Resource
     ) -> tuple[dict[str, ResolvedInput], tuple[str, str] | None]:
         resolved: dict[str, ResolvedInput] = {}
+        upstreams: dict[str, dict] = {}
         for role, (kind, name) in resource.references().items():
             model = KINDS[kind]
             try:
@@ -159,13 +160,22 @@ class Reconciler:
             current = upstream_status.get("observedGeneration") == upstream["metadata"].get(
                 "generation"
             )
+            if current and status.condition_true(upstream_status.get("conditions") or [],
+                                                 C.FAILED):
+                return {}, (Reason.INPUT_NOT_READY, f"Waiting for {kind} {name!r}, which "
+                            f"failed ({role}); fix it as its Failed condition says, and this "
+                            "resource continues once it succeeds.")
             if not (done and artifact and current):
                 return {}, (Reason.INPUT_NOT_READY, f"Waiting for {kind} {name!r} to reach "
                             f"{model.summary_condition} ({role}).")
             self._remember_upstream(resource.metadata.namespace, model.plural, name, upstream)
+            upstreams[role] = upstream
             resolved[role] = ResolvedInput(
                 kind=kind, name=name, uri=artifact["uri"], digest=artifact["digest"]
             )
+        disagreement = _inputs_disagree(resolved, upstreams)
+        if disagreement:
+            return {}, (Reason.INPUT_NOT_READY, disagreement)
         return resolved, None
 
     def _read_upstream(self, namespace: str, plural: str, name: str) -> dict:
@@ -427,15 +437,23 @@ class Reconciler:
             self._apply(namespace, builders.pod_monitor(serving, owner))
         name = builders.triton_name(serving)
         deployment = self.api.apps.read_namespaced_deployment(name, namespace)
-        ready = (deployment.status.ready_replicas or 0) >= max(1, serving.replicas)
+        # With autoscaling, the HorizontalPodAutoscaler sets the replicas, and serving needs
+        # its minimum.
+        autoscaling = resource.spec.autoscaling
+        target = autoscaling.min_replicas if autoscaling.enabled else serving.replicas
+        ready_replicas = deployment.status.ready_replicas or 0
+        ready = target > 0 and ready_replicas >= target
         new["endpoint"] = (
             f"http://{name}.{namespace}.svc:"
             f"{serving.http_port}"
         )
-        message = (f"{deployment.status.ready_replicas or 0} of {serving.replicas} Triton "
-                   "replicas are ready.")  # fmt: skip
+        message = f"{ready_replicas} of {target} Triton replicas are ready."
         reason = Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY
-        if not ready:
+        if target == 0:
+            reason = Reason.SCALED_TO_ZERO
+            message = ("spec.serving.replicas is 0, so no Triton replica runs; set it to 1 or "
+                       "more to serve.")
+        elif not ready:
             selector = ",".join(f"{key}={value}"
                                 for key, value in builders.triton_labels(serving).items())
             stuck = _stuck_pod(self.api.core.list_namespaced_pod(
@@ -612,9 +630,15 @@ class Reconciler:
                         "batch.kubernetes.io/job-completion-index", "?"
                     )
                     message = (terminated.message or "").strip()[-500:]
-                    return terminated.exit_code, terminated.reason or "Error", (
-                        f"Node {index} ({pod.metadata.name}): {message}".strip()
-                    )
+                    reason = terminated.reason or "Error"
+                    where = f"Node {index} ({pod.metadata.name})"
+                    if reason == "OOMKilled" and not message:
+                        message = ("the container ran out of memory; raise spec.resources.memory "
+                                   "or lower the micro-batch size.")
+                    elif not message:
+                        message = ("it left no termination message; read its log with kubectl "
+                                   f"logs {pod.metadata.name} --previous.")
+                    return terminated.exit_code, reason, f"{where}: {message}"
         condition = next((c for c in job.status.conditions or [] if c.type == "Failed"), None)
         return None, condition.reason if condition else "Failed", condition.message if condition else ""
 
@@ -659,6 +683,31 @@ class Reconciler:
         )
         return {**current, "observedGeneration": generation, "conditions": conditions,
                 "phase": status.derive_phase(conditions)}
+
+
+def _inputs_disagree(resolved: dict[str, ResolvedInput], upstreams: dict[str, dict]) -> str:
+    """Return why the inputs do not fit each other, or "" when they do.
+
+    Two inputs fit when the one built from the other recorded the other's current digest. A
+    PretrainJob reads a Corpus and a Tokenizer trained on that Corpus: after the Corpus runs
+    again, the Tokenizer is rerun too, and until then it still describes the old Corpus.
+    """
+    current = {(item.kind, item.name): item.digest for item in resolved.values()}
+    for role, item in resolved.items():
+        body = upstreams[role]
+        try:
+            references = parse(body).references()
+        except Exception:  # noqa: BLE001 - an input that no longer parses fits nothing to check
+            continue
+        recorded = (body.get("status") or {}).get("inputDigests") or {}
+        for its_role, (kind, name) in references.items():
+            digest = current.get((kind, name))
+            if digest and recorded.get(its_role) not in (None, digest):
+                return (f"Waiting for {item.kind} {item.name!r} ({role}) to run again on the "
+                        f"current output of {kind} {name!r}: it was built from "
+                        f"{recorded[its_role][:19]}, and {kind} {name!r} now contains "
+                        f"{digest[:19]}.")
+    return ""
 
 
 def _run_hash(resource: Resource) -> str:
