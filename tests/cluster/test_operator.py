@@ -406,6 +406,10 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
                      timeout=120)
     tokenizer = get(cluster, "Tokenizer", "rerun-input", namespace)
     assert tokenizer["status"]["jobName"] == "rerun-input-tokenizer-r1-0"
+    cluster.wait_for(
+        lambda: is_true(cluster, "PretrainJob", "rerun-input", namespace, "Succeeded"),
+        "the PretrainJob to succeed on the first Corpus and Tokenizer", timeout=120,
+    )
 
     cluster.kubectl("patch", plural("Corpus"), "rerun-input", "-n", namespace, "--type=merge",
                     "-p", '{"spec": {"dedup": {"near": {"threshold": 0.85}}}}')
@@ -439,17 +443,20 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
         .get("inputDigests", {}).get("tokenizer") == second_tokenizer["digest"],
         "the PretrainJob to succeed on the new Corpus and Tokenizer", timeout=120,
     )
-    config_maps = cluster.get_json("configmaps", "-n", namespace, "-l",
-                                   "lathe.dev/name=rerun-input,lathe.dev/kind=PretrainJob")
-    pairs = set()
-    for item in config_maps["items"]:
-        inputs = json.loads(item["data"]["config.json"])["inputs"]
-        pairs.add((inputs["corpus"]["digest"], inputs["tokenizer"]["digest"]))
-    assert (second, second_tokenizer["digest"]) in pairs
-    assert all(tokenizer != second_tokenizer["digest"] for corpus, tokenizer in pairs
-               if corpus == first)
-    assert all(tokenizer == second_tokenizer["digest"] for corpus, tokenizer in pairs
-               if corpus == second)
+    # One new run, not one on the new Corpus with the old Tokenizer and another after it.
+    job = get(cluster, "PretrainJob", "rerun-input", namespace)
+    assert job["status"]["run"] == 2
+    config_map = cluster.get_json("configmap", "rerun-input-pretrain-r2-0", "-n", namespace)
+    inputs = json.loads(config_map["data"]["config.json"])["inputs"]
+    assert inputs["corpus"]["digest"] == second
+    assert inputs["tokenizer"]["digest"] == second_tokenizer["digest"]
+    # The first run's ConfigMaps went with its Jobs.
+    cluster.wait_for(
+        lambda: sorted(item["metadata"]["name"] for item in cluster.get_json(
+            "configmaps", "-n", namespace, "-l", "lathe.dev/name=rerun-input")["items"])
+        == ["rerun-input-corpus-r2-0", "rerun-input-pretrain-r2-0", "rerun-input-tokenizer-r2-0"],
+        "only the second runs' ConfigMaps to remain", timeout=60,
+    )
 
 
 def test_dropped_input_leaves_status(cluster, namespace, lathe_operator, ready_inputs):

@@ -174,15 +174,16 @@ and fails when a rule grants more or less.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
-# The stage config of each attempt.
+# The stage config of each attempt, deleted with the attempt's Job.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create"]
-# Headless Services of distributed training are created; Triton Services are server-side
-# applied, which needs create and patch, and watched by kopf, so a deleted one is created again.
+  verbs: ["create", "delete"]
+# Headless Services of distributed training are created, and deleted with the attempt's Job;
+# Triton Services are server-side applied, which needs create and patch, and watched by kopf,
+# so a deleted one is created again.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create", "list", "watch", "patch"]
+  verbs: ["create", "list", "watch", "patch", "delete"]
 # Triton Deployments are server-side applied, read for their ready replicas, and watched by kopf,
 # so that Ready follows the pods and a deleted Deployment is created again.
 - apiGroups: ["apps"]

@@ -538,13 +538,21 @@ class Reconciler:
             raise
 
     def _delete_job(self, namespace: str, name: str) -> None:
-        try:
-            self.api.batch.delete_namespaced_job(
+        """Delete an attempt's Job, and its ConfigMap and headless Service, which share its name,
+        so that the objects of earlier attempts and runs do not pile up until the owner goes."""
+        deletions = (
+            lambda: self.api.batch.delete_namespaced_job(
                 name, namespace, propagation_policy="Background", grace_period_seconds=0
-            )
-        except ApiException as error:
-            if error.status != 404:
-                raise
+            ),
+            lambda: self.api.core.delete_namespaced_config_map(name, namespace),
+            lambda: self.api.core.delete_namespaced_service(name, namespace),
+        )
+        for delete in deletions:
+            try:
+                delete()
+            except ApiException as error:
+                if error.status != 404:
+                    raise
 
     def _latest_job(self, resource: Resource, body: dict, run_generation: int,
                     run: int) -> tuple[int, int, str] | None:
