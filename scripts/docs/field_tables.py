@@ -24,7 +24,8 @@ from pydantic_core import PydanticUndefined
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
 
-from lathe.api import KINDS  # noqa: E402  (needs the path above)
+from lathe import crdgen  # noqa: E402  (needs the path above)
+from lathe.api import KINDS  # noqa: E402
 from lathe.api.common import _DNS_SUBDOMAIN  # noqa: E402
 
 
@@ -142,34 +143,36 @@ def table(kind: str) -> str:
     return "\n".join(lines)
 
 
-def _rules(model: type[BaseModel], path: str, seen: set) -> list[tuple[str, Any]]:
-    """Return (path, rule) for the CEL rules of model and of every model nested in it."""
-    if model in seen:
-        return []
-    seen = seen | {model}
-    found = [(path, rule) for rule in model.__dict__.get("cel_rules", ())]
-    for name, field in model.model_fields.items():
-        nested = _model_of(field.annotation)
-        if nested is not None:
-            is_list = typing.get_origin(_without_none(field.annotation)) is list
-            found += _rules(nested, f"{path}.{to_camel(name)}" + ("[]" if is_list else ""), seen)
+def _rules(node: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]:
+    """Return (path, rule) for the CEL rules of a CRD schema node and of every node in it."""
+    found = [(path, rule) for rule in node.get("x-kubernetes-validations", ())]
+    for name, child in (node.get("properties") or {}).items():
+        found += _rules(child, f"{path}.{name}" if path else name)
+    if isinstance(node.get("items"), dict):
+        found += _rules(node["items"], f"{path}[]")
     return found
 
 
 def cel_table() -> str:
-    """Return the markdown table of every CEL rule in the CRDs, by kind and object."""
-    by_rule: dict[tuple[str, str, str], list[str]] = {}
+    """Return the markdown table of every CEL rule in the CRDs, with the kinds and the fields
+    that carry it."""
+    by_rule: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
     for kind, model in KINDS.items():
-        spec = model.model_fields["spec"].annotation
-        for path, rule in _rules(spec, "spec", set()):
-            by_rule.setdefault((path, rule.rule, rule.message), []).append(kind)
+        schema = crdgen.crd(model)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for path, rule in _rules(schema, ""):
+            kinds, paths = by_rule.setdefault((rule["rule"], rule["message"]), ([], []))
+            if kind not in kinds:
+                kinds.append(kind)
+            if path not in paths:
+                paths.append(path)
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
     lines = ["| kind | on | rule | message |", "| --- | --- | --- | --- |"]
-    for (path, rule, message), kinds in by_rule.items():
-        lines.append(f"| {', '.join(kinds)} | `{path}` | `{cell(rule)}` | {cell(message)} |")
+    for (rule, message), (kinds, paths) in by_rule.items():
+        on = ", ".join(f"`{path}`" for path in paths)
+        lines.append(f"| {', '.join(kinds)} | {on} | `{cell(rule)}` | {cell(message)} |")
     return "\n".join(lines)
 
 

@@ -96,6 +96,16 @@ INVALID = [
      "spec.training.nonFinite skip and rollback are PretrainJob only"),
     ("FineTune", {"training": {"artifactUri": "s3://b/x"}},
      "spec.training.artifactUri is PretrainJob only"),
+    ("FineTune", {"baseModel": {"pretrainJobRef": {"name": ""}}},
+     'spec.baseModel.pretrainJobRef.name: Invalid value: "": must be a DNS-1123 label'),
+    ("FineTune", {"baseModel": {"pretrainJobRef": {"name": "Pubmed_LM"}}},
+     'spec.baseModel.pretrainJobRef.name: Invalid value: "Pubmed_LM": must be a DNS-1123 label'),
+    ("Tokenizer", {"corpusRef": {"name": "my.corpus"}},
+     'spec.corpusRef.name: Invalid value: "my.corpus": must be a DNS-1123 label'),
+    ("PretrainJob", {"tokenizerRef": {"name": "a" * 64}},
+     "spec.tokenizerRef.name: Too long: may not be more than 63 bytes"),
+    ("ModelDeployment", {"model": {"fineTuneRef": {"name": "-ner"}}},
+     "set it to the metadata.name of the referenced resource"),
 ]
 
 # Changes that the API server and the API models both accept.
@@ -103,6 +113,7 @@ VALID = [
     ("PretrainJob", {"resources": {"cpu": 2, "memory": "16Gi"}}),
     ("PretrainJob", {"resources": {"cpu": "500m", "memory": 17179869184}}),
     ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "s3://bucket/a.txt"}]}),
+    ("Tokenizer", {"corpusRef": {"name": "a" * 63}}),
 ]
 
 

@@ -375,3 +375,45 @@ def test_held_out_data_required(export, field):
     error = rejection(body)
     assert error.field == field
     assert "required field is missing" in error.detail
+
+
+# (kind, field as in errors, change that sets the reference to the name)
+REFERENCE_FIELDS = [
+    ("Tokenizer", "spec.corpusRef.name", lambda spec, name: spec.update(corpusRef={"name": name})),
+    ("PretrainJob", "spec.tokenizerRef.name",
+     lambda spec, name: spec.update(tokenizerRef={"name": name})),
+    ("FineTune", "spec.baseModel.pretrainJobRef.name",
+     lambda spec, name: spec.update(baseModel={"pretrainJobRef": {"name": name}})),
+    ("ModelDeployment", "spec.model.fineTuneRef.name",
+     lambda spec, name: spec.update(model={"fineTuneRef": {"name": name}})),
+]
+
+
+@pytest.mark.parametrize(("kind", "field", "change"), REFERENCE_FIELDS,
+                         ids=[field for _, field, _ in REFERENCE_FIELDS])
+@pytest.mark.parametrize(("name", "suggestion"), [("", "pubmed-ner"), ("Pubmed_LM", "pubmed-lm"),
+                                                  ("my.corpus", "my-corpus"), ("-lm", "lm")])
+def test_invalid_reference_name_explained(kind, field, change, name, suggestion):
+    body = document(kind)
+    change(body["spec"], name)
+    error = rejection(body)
+    assert error.field == field
+    assert error.detail.startswith(f"invalid value {name!r}: must be a DNS-1123 label")
+    assert (f"set it to the metadata.name of the referenced resource, for example "
+            f"{suggestion!r}") in error.detail
+
+
+def test_long_reference_name_rejected():
+    body = document("Tokenizer")
+    body["spec"]["corpusRef"]["name"] = "a" * 64
+    error = rejection(body)
+    assert error.field == "spec.corpusRef.name"
+    assert "at most 63 characters" in error.detail
+
+
+@pytest.mark.parametrize("name", ["a", "pubmed-lm", "1b", "a" * 63])
+def test_valid_reference_name_accepted(name):
+    body = document("Tokenizer")
+    body["spec"]["corpusRef"]["name"] = name
+    resource = loader.parse_resource(body, "resource.yaml")
+    assert resource.references() == {"corpus": ("Corpus", name)}

@@ -183,12 +183,16 @@ DNS_LABEL_RULE = (
 )
 
 
-def _check_dns_label(value: str) -> str:
-    """Raise ValueError unless `value` is a DNS-1123 label (RFC 1123), as Kubernetes defines it."""
+def _check_dns_label(value: str, fix: str = "rename it, for example to {suggestion}") -> str:
+    """Raise ValueError unless `value` is a DNS-1123 label (RFC 1123), as Kubernetes defines it.
+
+    `fix` is the message's last clause, and `{suggestion}` in it becomes a valid label made
+    from `value`.
+    """
     if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
         suggestion = re.sub(r"[^a-z0-9-]+", "-", value.lower())[:63].strip("-") or "pubmed-ner"
-        raise ValueError(f"must be a DNS-1123 label: {DNS_LABEL_RULE}; rename it, for example "
-                         f"to {suggestion!r}")
+        raise ValueError(f"must be a DNS-1123 label: {DNS_LABEL_RULE}; "
+                         + fix.format(suggestion=repr(suggestion)))
     return value
 
 
@@ -214,10 +218,34 @@ class ObjectMeta(BaseModel):
         return _check_dns_label(value)
 
 
+_REFERENCE_NAME_FIX = (
+    "set it to the metadata.name of the referenced resource, for example {suggestion}"
+)
+
+
 class LocalObjectReference(ApiModel):
     """A reference to another Lathe resource in the same namespace."""
 
-    name: str = Field(description="Name of the referenced resource in the same namespace.")
+    name: str = Field(
+        max_length=63,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.matches('^{_DNS_LABEL.pattern}$')",
+                    "message": "must be a DNS-1123 label (lowercase letters, digits and '-', "
+                    "starting and ending with a letter or digit), as the name of every Lathe "
+                    "resource is; set it to the metadata.name of the referenced resource",
+                }
+            ]
+        },
+        description="Name of the referenced resource in the same namespace: a DNS-1123 "
+        "label, as every Lathe resource's metadata.name is.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _check_dns_label(value, _REFERENCE_NAME_FIX)
 
 
 # A Kubernetes quantity (k8s.io/apimachinery resource.Quantity) without a minus sign, because
