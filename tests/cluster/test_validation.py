@@ -106,6 +106,11 @@ INVALID = [
      "spec.tokenizerRef.name: Too long: may not be more than 63 bytes"),
     ("ModelDeployment", {"model": {"fineTuneRef": {"name": "-ner"}}},
      "set it to the metadata.name of the referenced resource"),
+    ("FineTune", {"method": "full", "lora": {"r": 16}},
+     "spec.lora applies only to method lora, and method full would ignore it; remove spec.lora "
+     "or set method: lora"),
+    ("FineTune", {"method": "full", "lora": {"targetModules": ["q_proj"]}},
+     "spec.lora applies only to method lora"),
 ]
 
 # Changes that the API server and the API models both accept.
@@ -114,6 +119,10 @@ VALID = [
     ("PretrainJob", {"resources": {"cpu": "500m", "memory": 17179869184}}),
     ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "s3://bucket/a.txt"}]}),
     ("Tokenizer", {"corpusRef": {"name": "a" * 63}}),
+    ("FineTune", {"method": "full"}),
+    # The API server fills in an absent lora block with these defaults, so they pass.
+    ("FineTune", {"method": "full", "lora": {"r": 8, "alpha": 16}}),
+    ("FineTune", {"method": "lora", "lora": {"r": 16, "targetModules": ["q_proj"]}}),
 ]
 
 

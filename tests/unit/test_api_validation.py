@@ -417,3 +417,20 @@ def test_valid_reference_name_accepted(name):
     body["spec"]["corpusRef"]["name"] = name
     resource = loader.parse_resource(body, "resource.yaml")
     assert resource.references() == {"corpus": ("Corpus", name)}
+
+
+@pytest.mark.parametrize("lora", [{"r": 16}, {"alpha": 8}, {"dropout": 0.1},
+                                  {"targetModules": ["q_proj"]}])
+def test_lora_with_full_method_rejected(lora):
+    error = rejection(finetune(method="full", lora=lora))
+    assert error.field == "spec.lora"
+    assert error.detail == ("spec.lora applies only to method lora, and method full would "
+                            "ignore it; remove spec.lora or set method: lora.")
+
+
+@pytest.mark.parametrize("lora", [None, {}, {"r": 8, "alpha": 16, "dropout": 0.05,
+                                             "targetModules": []}])
+def test_default_lora_with_full_method_accepted(lora):
+    """The API server fills in an absent lora block with the defaults, so they must pass."""
+    body = finetune(method="full") if lora is None else finetune(method="full", lora=lora)
+    assert loader.parse_resource(body, "resource.yaml").spec.method == "full"

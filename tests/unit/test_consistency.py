@@ -143,7 +143,7 @@ def test_lora_targets_given_or_unused_accepted(data_dir, change):
     bodies = examples()
     model(bodies)["architecture"] = "t5"
     if "method" in change:
-        del lora(bodies)["targetModules"]
+        del bodies["04-finetune.yaml"]["spec"]["lora"]
         bodies["04-finetune.yaml"]["spec"]["method"] = change["method"]
     else:
         lora(bodies).update(change)
@@ -194,11 +194,14 @@ def test_lora_target_partial_name_rejected(data_dir, targets, unmatched):
     assert error.detail.startswith(f"{unmatched} match no module of the base model")
 
 
-def test_unused_lora_targets_not_checked(data_dir):
+def test_lora_targets_with_full_method_rejected():
+    """Method full ignores spec.lora, so the API models reject its targets before any check."""
     bodies = examples()
     lora(bodies)["targetModules"] = ["qproj"]
     bodies["04-finetune.yaml"]["spec"]["method"] = "full"
-    consistency.check_references(parse_all(bodies), data_dir)
+    with pytest.raises(InvalidResourceError) as raised:
+        parse_all(bodies)
+    assert raised.value.field == "spec.lora"
 
 
 @pytest.mark.parametrize("targets", [

@@ -83,6 +83,18 @@ class LoraSpec(ApiModel):
     )
 
 
+_LORA_DEFAULTS = LoraSpec()
+# True when spec.lora is absent or has only the defaults, which the API server fills in when the
+# field is left out.
+_LORA_UNSET = (
+    "!has(self.lora) || ("
+    f"(!has(self.lora.r) || self.lora.r == {_LORA_DEFAULTS.r}) && "
+    f"(!has(self.lora.alpha) || self.lora.alpha == {_LORA_DEFAULTS.alpha}) && "
+    f"(!has(self.lora.dropout) || self.lora.dropout == {_LORA_DEFAULTS.dropout}) && "
+    "(!has(self.lora.targetModules) || size(self.lora.targetModules) == 0))"
+)
+
+
 class FineTuneSpec(ApiModel):
     """Desired state of a FineTune."""
 
@@ -117,6 +129,15 @@ class FineTuneSpec(ApiModel):
             check=lambda spec: spec.training.non_finite == "fail",
             field="training.nonFinite",
         ),
+        # NB: a lora block equal to the defaults passes, because the API server fills it in
+        # when a FineTune leaves it out, and so it did for method full before this rule.
+        CelRule(
+            rule=f"!has(self.method) || self.method == 'lora' || {_LORA_UNSET}",
+            message="spec.lora applies only to method lora, and method full would ignore it; "
+            "remove spec.lora or set method: lora",
+            check=lambda spec: spec.method == "lora" or spec.lora == _LORA_DEFAULTS,
+            field="lora",
+        ),
         CelRule(
             rule="!has(self.training) || !has(self.training.artifactUri)",
             message="spec.training.artifactUri is PretrainJob only; a FineTune writes its "
@@ -132,7 +153,11 @@ class FineTuneSpec(ApiModel):
     )
     data: TaskDataSpec = Field(description="Labelled task data.")
     method: Literal["lora", "full"] = Field(default="lora", description="Adaptation method.")
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec,
+        description="LoRA settings, for method lora. With method full, a lora block other "
+        "than the defaults is rejected.",
+    )
     compare_from_scratch: bool = Field(
         default=True, description="Also train the same architecture from random initialization, "
         "so the report shows what pretraining bought."
