@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from lathe.api import GROUP, KINDS, VERSION, Resource
+from lathe.api.common import METADATA_NAME_SCHEMA
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
@@ -35,7 +36,8 @@ CHART_CRD_DIR = CHART_DIR / "templates" / "crds"
 _KEPT = {
     "type", "description", "enum", "format", "pattern", "minimum", "maximum", "minLength",
     "maxLength", "minItems", "maxItems", "required", "nullable", "x-kubernetes-validations",
-    "x-kubernetes-int-or-string", "default",
+    "x-kubernetes-int-or-string", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+    "default",
 }
 
 
@@ -133,7 +135,8 @@ def openapi_schema(model: type[Resource]) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "API version of the object."},
             "kind": {"type": "string", "description": "Kind of the object."},
-            "metadata": {"type": "object"},
+            # NB: a CRD may constrain only metadata.name and metadata.generateName.
+            "metadata": {"type": "object", "properties": {"name": METADATA_NAME_SCHEMA}},
             "spec": spec,
             "status": status,
         },

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lathe.api import API_VERSION, KINDS, Resource
-from lathe.api.common import RULE_ERROR, field_path, quote_value
+from lathe.api.common import RULE_ERROR, ObjectMeta, field_path, quote_value
 from lathe.errors import InvalidResourceError, InvalidResourcesError
 from lathe.graph import REFERENCE_FIELDS, upstream_key
 
@@ -291,7 +291,12 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
 def describe_errors(error: ValidationError, kind: str) -> tuple[str, str]:
     """Return the field of the first problem of a resource's ValidationError, and a message
     that lists every problem, each with its field, value and fix."""
-    problems = [_describe(item, KINDS[kind]) for item in error.errors()]
+    items = error.errors()
+    if error.title == ObjectMeta.__name__:
+        # Raised by ObjectMeta on its own, as the operator builds it from the object's metadata,
+        # so the locations start inside metadata.
+        items = [{**item, "loc": ("metadata", *item["loc"])} for item in items]
+    problems = [_describe(item, KINDS[kind]) for item in items]
     field, message = problems[0]
     if len(problems) > 1:
         # Every problem at once, so a user does not fix them one run at a time.

@@ -36,7 +36,7 @@ INVALID = [
     ("Tokenizer", {"specialTokens": ["<pad>"]},
      "spec.specialTokens must include <|endoftext|>, <pad> and <unk>"),
     ("Tokenizer", {"protectedPatterns": [{"name": "a", "regex": "x"}, {"name": "a", "regex": "y"}]},
-     "spec.protectedPatterns names must be unique"),
+     'spec.protectedPatterns[1]: Duplicate value: {"name":"a"}'),
     ("PretrainJob", {"model": {"hiddenSize": 130, "numHeads": 4}},
      "spec.model.hiddenSize must be a multiple of spec.model.numHeads"),
     ("PretrainJob", {"sequenceLength": 1024, "model": {"maxPositionEmbeddings": 512}},
@@ -111,6 +111,14 @@ INVALID = [
      "or set method: lora"),
     ("FineTune", {"method": "full", "lora": {"targetModules": ["q_proj"]}},
      "spec.lora applies only to method lora"),
+    ("Corpus", {"sources": [{"name": "ncbi", "format": "text", "path": "a.txt"},
+                            {"name": "ncbi", "format": "text", "path": "b.txt"}]},
+     'spec.sources[1]: Duplicate value: {"name":"ncbi"}'),
+    ("Corpus", {"decontamination": {"evalSets": [{"name": "t", "format": "text", "path": "a"},
+                                                 {"name": "t", "format": "text", "path": "b"}]}},
+     'spec.decontamination.evalSets[1]: Duplicate value: {"name":"t"}'),
+    ("Tokenizer", {"specialTokens": ["<|endoftext|>", "<pad>", "<unk>", "<pad>"]},
+     'spec.specialTokens[3]: Duplicate value: "<pad>"'),
 ]
 
 # Changes that the API server and the API models both accept.
@@ -188,3 +196,23 @@ def test_unknown_field_is_rejected(cluster, namespace):
                                 input=json.dumps(manifest), check=False)
     assert completed.returncode != 0
     assert 'unknown field "spec.trainng"' in completed.stderr
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("my.corpus", 'metadata.name: Invalid value: "my.corpus": must not contain \'.\', because '
+     "Lathe names Jobs, Services and pod labels after the resource"),
+    ("my.corpus", "rename it, for example to 'my-corpus'"),
+    ("a" * 64, "metadata.name: Too long: may not be more than 63 bytes"),
+])
+def test_invalid_resource_name_rejected(cluster, namespace, name, expected):
+    """The API server accepts a DNS subdomain as a name, and the CRDs narrow it to a label."""
+    from lathe.api import KINDS
+
+    manifest = build("Corpus", {})
+    manifest["metadata"]["name"] = name
+    completed = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                input=json.dumps(manifest), check=False)
+    assert completed.returncode != 0, f"accepted: {name}"
+    assert expected in completed.stderr, completed.stderr
+    with pytest.raises(ValueError, match="must be a DNS-1123 label"):
+        KINDS["Corpus"].model_validate(manifest)

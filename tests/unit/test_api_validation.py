@@ -434,3 +434,32 @@ def test_default_lora_with_full_method_accepted(lora):
     """The API server fills in an absent lora block with the defaults, so they must pass."""
     body = finetune(method="full") if lora is None else finetune(method="full", lora=lora)
     assert loader.parse_resource(body, "resource.yaml").spec.method == "full"
+
+
+@pytest.mark.parametrize(("spec", "field", "text"), [
+    ({"sources": [{"name": "a", "format": "text", "path": "x"},
+                  {"name": "a", "format": "text", "path": "y"}]},
+     "spec.sources", "source names ['a'] are used more than once"),
+    ({"sources": [{"name": "a", "format": "text", "path": "x"}],
+      "decontamination": {"evalSets": [{"name": "t", "format": "text", "path": "x"},
+                                       {"name": "t", "format": "text", "path": "y"}]}},
+     "spec.decontamination.evalSets", "evaluation set names ['t'] are used more than once"),
+])
+def test_duplicate_source_names_rejected(spec, field, text):
+    error = rejection(document("Corpus", spec))
+    assert error.field == field
+    assert text in error.detail
+
+
+def test_operator_names_metadata_field():
+    """The operator builds ObjectMeta on its own, and its error still names metadata.name."""
+    from pydantic import ValidationError
+
+    from lathe.k8s.reconcile import parse
+
+    body = document("Corpus", name="my.corpus")
+    with pytest.raises(ValidationError) as raised:
+        parse(body)
+    field, message = loader.describe_errors(raised.value, "Corpus")
+    assert field == "metadata.name"
+    assert message.startswith("invalid value 'my.corpus': must be a DNS-1123 label")

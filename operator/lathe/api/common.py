@@ -196,6 +196,26 @@ def _check_dns_label(value: str, fix: str = "rename it, for example to {suggesti
     return value
 
 
+# The schema of metadata.name in the CRDs. The API server itself accepts any DNS-1123 subdomain
+# (lowercase letters, digits, '-' and '.', at most 253 characters) as the name of a custom
+# resource. The length limit and this rule narrow it to a DNS-1123 label, as ObjectMeta does.
+METADATA_NAME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "maxLength": 63,
+    "x-kubernetes-validations": [
+        {
+            "rule": "!self.contains('.')",
+            "message": "must not contain '.', because Lathe names Jobs, Services and pod "
+            "labels after the resource, and those names are DNS-1123 labels; rename it with "
+            "'-' in place of each '.'",
+            "messageExpression": '"must not contain \'.\', because Lathe names Jobs, '
+            "Services and pod labels after the resource, and those names are DNS-1123 labels; "
+            'rename it, for example to \'" + self.replace(".", "-") + "\'"',
+        }
+    ],
+}
+
+
 class ObjectMeta(BaseModel):
     """The subset of Kubernetes object metadata that Lathe reads."""
 
@@ -471,6 +491,17 @@ def _check_data_path(path: str) -> str:
     if scheme in _DATA_URI_FORMS:
         raise ValueError(f"a {scheme}:// data path must have the form {_DATA_URI_FORMS[scheme]}")
     raise ValueError(f"unsupported URI scheme {scheme!r}; {_DATA_PATH_FORMS}")
+
+
+# The CRD keywords of a list whose items are keyed by a unique `name`: the API server rejects a
+# repeated name (`Duplicate value`), and server-side apply merges such a list item by item. The
+# key field must be required or defaulted.
+NAMED_LIST_SCHEMA: dict[str, Any] = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["name"],
+}
+# The CRD keyword of a list of unique scalars: the API server rejects a repeated item.
+SET_LIST_SCHEMA: dict[str, Any] = {"x-kubernetes-list-type": "set"}
 
 
 # A path or URI of input data, which the stages resolve with lathe_trainer.stage.resolve_data_path.

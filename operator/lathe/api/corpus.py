@@ -8,8 +8,8 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, Strict, field_validator
 
 from lathe.api.common import (
+    NAMED_LIST_SCHEMA,
     ApiModel,
-    CelRule,
     DataPath,
     PrinterColumn,
     Resource,
@@ -109,22 +109,25 @@ class PiiSpec(ApiModel):
     )
 
 
+def _check_unique_names(sources: list[Source], noun: str) -> None:
+    """Raise ValueError when two of `sources` share a name, as the CRD's list-map key does.
+
+    `noun` names one item in the message, such as "source".
+    """
+    names = [source.name for source in sources]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{noun} names {duplicates!r} are used more than once; give each "
+                         f"{noun} its own name")
+
+
 class DecontaminationSpec(ApiModel):
     """Removal of documents that overlap evaluation sets."""
 
-    cel_rules: ClassVar[tuple[CelRule, ...]] = (
-        CelRule(
-            rule="!has(self.evalSets) || self.evalSets.all(s, "
-            "self.evalSets.exists_one(t, t.name == s.name))",
-            message="spec.decontamination.evalSets names must be unique; rename the duplicates",
-            check=lambda spec: _unique_names(spec.eval_sets),
-            field="evalSets",
-        ),
-    )
-
     eval_sets: list[Source] = Field(
-        default_factory=list, max_length=64,
-        description="Evaluation sets whose documents must not appear in the training corpus.",
+        default_factory=list, max_length=64, json_schema_extra=NAMED_LIST_SCHEMA,
+        description="Evaluation sets whose documents must not appear in the training corpus, "
+        "each with its own name.",
     )
     ngram_size: int = Field(
         default=13, ge=4, le=50, description="Tokens per n-gram. A token is a run of letters and "
@@ -132,6 +135,12 @@ class DecontaminationSpec(ApiModel):
         "that shares one n-gram with an evaluation document is dropped. An evaluation set whose "
         "documents are all shorter than this fails the stage."
     )
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _unique_eval_set_names(cls, eval_sets: list[Source]) -> list[Source]:
+        _check_unique_names(eval_sets, "evaluation set")
+        return eval_sets
 
 
 class SplitSpec(ApiModel):
@@ -144,14 +153,14 @@ class SplitSpec(ApiModel):
                       description="Seed of the split, so reruns give the same split.")
 
 
-def _unique_names(sources: list[Source]) -> bool:
-    return len({source.name for source in sources}) == len(sources)
-
-
 class CorpusSpec(ApiModel):
     """Desired state of a Corpus."""
 
-    sources: list[Source] = Field(min_length=1, description="Input files.")
+    sources: list[Source] = Field(
+        min_length=1, json_schema_extra=NAMED_LIST_SCHEMA,
+        description="Input files, each with its own name. Statistics and document ids are "
+        "keyed by source name.",
+    )
     normalization: NormalizationSpec = Field(
         default_factory=NormalizationSpec, description="Text normalization."
     )
@@ -180,19 +189,12 @@ class CorpusSpec(ApiModel):
         description="Node selector, tolerations and priority of the Corpus pods.",
     )
 
-
     @field_validator("sources")
     @classmethod
     def _unique_source_names(cls, sources: list[Source]) -> list[Source]:
-        # NB: a CEL rule would compare every pair, which the API server's cost budget allows
-        # only for a short list, and a Corpus may have thousands of sources. Statistics and
-        # document ids are keyed by source name.
-        if not _unique_names(sources):
-            names = [source.name for source in sources]
-            duplicates = sorted({name for name in names if names.count(name) > 1})
-            raise ValueError(f"source names {duplicates!r} are used more than once; give each "
-                             "source its own name")
+        _check_unique_names(sources, "source")
         return sources
+
 
 class Corpus(Resource):
     """A cleaned, deduplicated, PII-redacted and split domain corpus."""

@@ -10,6 +10,8 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from lathe.api.common import (
+    NAMED_LIST_SCHEMA,
+    SET_LIST_SCHEMA,
     ApiModel,
     CelRule,
     DataPath,
@@ -144,14 +146,6 @@ class TokenizerSpec(ApiModel):
             check=lambda spec: set(REQUIRED_SPECIAL_TOKENS) <= set(spec.special_tokens),
             field="specialTokens",
         ),
-        CelRule(
-            rule="!has(self.protectedPatterns) || self.protectedPatterns.all(p, "
-            "self.protectedPatterns.exists_one(q, q.name == p.name))",
-            message="spec.protectedPatterns names must be unique; rename the duplicates",
-            check=lambda spec: len({p.name for p in spec.protected_patterns})
-            == len(spec.protected_patterns),
-            field="protectedPatterns",
-        ),
     )
 
     corpus_ref: LocalObjectReference = Field(description="The Corpus to train on.")
@@ -187,13 +181,15 @@ class TokenizerSpec(ApiModel):
     special_tokens: list[Annotated[str, Field(max_length=64)]] = Field(
         default_factory=lambda: list(REQUIRED_SPECIAL_TOKENS),
         max_length=256,
+        json_schema_extra=SET_LIST_SCHEMA,
         description="Special tokens, each encoded as a single id. Must include `<|endoftext|>` "
         "(end of document, also bos and eos), `<pad>` and `<unk>`. Add `<mask>` for a "
         "PretrainJob with architecture bert, whose masked language modelling needs it.",
     )
     protected_patterns: list[ProtectedPattern] = Field(
-        default_factory=list,
-        max_length=64, description="Patterns whose matches are never split from context."
+        default_factory=list, max_length=64, json_schema_extra=NAMED_LIST_SCHEMA,
+        description="Patterns whose matches are never split from context, each with its own "
+        "name.",
     )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
