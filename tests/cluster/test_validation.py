@@ -119,6 +119,12 @@ INVALID = [
      'spec.decontamination.evalSets[1]: Duplicate value: {"name":"t"}'),
     ("Tokenizer", {"specialTokens": ["<|endoftext|>", "<pad>", "<unk>", "<pad>"]},
      'spec.specialTokens[3]: Duplicate value: "<pad>"'),
+    ("PretrainJob", {"distributed": {"procsPerNode": 4}, "resources": {"gpus": 2}},
+     "spec.distributed.procsPerNode must equal spec.resources.gpus, because each node runs one "
+     "process per GPU; remove procsPerNode to take the GPU count, or set it to "
+     "spec.resources.gpus"),
+    ("FineTune", {"distributed": {"procsPerNode": 2}, "resources": {"gpus": 8}},
+     "spec.distributed.procsPerNode must equal spec.resources.gpus"),
 ]
 
 # Changes that the API server and the API models both accept.
@@ -131,6 +137,9 @@ VALID = [
     # The API server fills in an absent lora block with these defaults, so they pass.
     ("FineTune", {"method": "full", "lora": {"r": 8, "alpha": 16}}),
     ("FineTune", {"method": "lora", "lora": {"r": 16, "targetModules": ["q_proj"]}}),
+    ("PretrainJob", {"distributed": {"procsPerNode": 2}, "resources": {"gpus": 2}}),
+    ("PretrainJob", {"resources": {"gpus": 4}}),
+    ("PretrainJob", {"distributed": {"procsPerNode": 4}}),
 ]
 
 

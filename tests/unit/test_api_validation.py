@@ -436,6 +436,23 @@ def test_default_lora_with_full_method_accepted(lora):
     assert loader.parse_resource(body, "resource.yaml").spec.method == "full"
 
 
+@pytest.mark.parametrize("kind", ["PretrainJob", "FineTune"])
+@pytest.mark.parametrize(("gpus", "procs", "valid"), [
+    (2, 4, False), (8, 2, False), (2, 2, True), (2, 1, True), (0, 4, True),
+])
+def test_procs_per_node_matches_gpus(kind, gpus, procs, valid):
+    body = document(kind)
+    body["spec"].update(resources={"gpus": gpus}, distributed={"procsPerNode": procs})
+    if valid:
+        loader.parse_resource(body, "resource.yaml")
+        return
+    error = rejection(body)
+    assert error.field == "spec.distributed.procsPerNode"
+    assert error.detail.startswith(
+        f"invalid value {procs}: spec.distributed.procsPerNode must equal spec.resources.gpus")
+    assert "remove procsPerNode to take the GPU count" in error.detail
+
+
 @pytest.mark.parametrize(("spec", "field", "text"), [
     ({"sources": [{"name": "a", "format": "text", "path": "x"},
                   {"name": "a", "format": "text", "path": "y"}]},

@@ -69,3 +69,25 @@ def test_accumulation_matches_one_batch():
 )
 def test_lr_factor_table(step, factor):
     assert lr_factor(step, warmup=4, total=10) == pytest.approx(factor)
+
+
+@pytest.mark.parametrize(("gpus", "procs", "world_size", "warned"), [
+    (2, 1, 2, False),  # one process per GPU
+    (0, 2, 2, False),
+    (0, 1, 2, True),
+    (2, 1, 1, True),
+])
+def test_world_size_warning_counts_gpus(monkeypatch, caplog, gpus, procs, world_size, warned):
+    from lathe.api.finetune import FineTuneSpec
+    from lathe_trainer.finetune import distributed, stage
+
+    spec = FineTuneSpec.model_validate({
+        "baseModel": {"uri": "file:///model"},
+        "data": {"train": "train.tsv", "test": "test.tsv"},
+        "resources": {"gpus": gpus},
+        "distributed": {"procsPerNode": procs},
+    })
+    monkeypatch.setattr(distributed, "world_size", lambda: world_size)
+    with caplog.at_level("WARNING", logger=stage.log.name):
+        stage.warn_on_world_size(spec)
+    assert ("processes but" in caplog.text) == warned

@@ -94,7 +94,10 @@ class DistributedSpec(ApiModel):
     nodes: int = Field(default=1, ge=1, le=1024, description="Nodes (pods) in the job.")
     procs_per_node: int = Field(
         default=1, ge=1, le=16,
-        description="Processes per node, one per GPU (`torchrun --nproc-per-node`).",
+        description="Training processes per node (`torchrun --nproc-per-node`). On GPU nodes "
+        "(`resources.gpus` above 0) every node runs one process per GPU, so leave this at 1, "
+        "which then means `resources.gpus`, or set it to `resources.gpus`. On CPU nodes, the "
+        "processes to run.",
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         default="ddp",
@@ -120,5 +123,22 @@ GPU_RULES: tuple[CelRule, ...] = (
         "backend gloo or auto",
         check=lambda spec: spec.distributed.backend != "nccl" or spec.resources.gpus > 0,
         field="distributed.backend",
+    ),
+    # NB: the default 1 passes, because the API server fills it in and CEL cannot tell it from
+    # an explicit 1; with GPUs, lathe.k8s.builders_training.processes_per_node starts one
+    # process per GPU either way.
+    CelRule(
+        rule="!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus == 0 || "
+        "!has(self.distributed) || !has(self.distributed.procsPerNode) || "
+        "self.distributed.procsPerNode == 1 || "
+        "self.distributed.procsPerNode == self.resources.gpus",
+        message="spec.distributed.procsPerNode must equal spec.resources.gpus, because each "
+        "node runs one process per GPU; remove procsPerNode to take the GPU count, or set it "
+        "to spec.resources.gpus",
+        check=lambda spec: (
+            spec.resources.gpus == 0
+            or spec.distributed.procs_per_node in (1, spec.resources.gpus)
+        ),
+        field="distributed.procsPerNode",
     ),
 )

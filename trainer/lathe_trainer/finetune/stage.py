@@ -165,7 +165,9 @@ def load_base(config: StageConfig, spec: FineTuneSpec, loader):
 
 
 def warn_on_world_size(spec: FineTuneSpec) -> None:
-    expected = spec.distributed.nodes * spec.distributed.procs_per_node
+    # On GPU nodes the pods run one process per GPU (spec.distributed.procsPerNode).
+    per_node = spec.resources.gpus or spec.distributed.procs_per_node
+    expected = spec.distributed.nodes * per_node
     if distributed.world_size() != expected:
         # The global batch scales with the number of processes, so the run differs from the spec.
         log.warning(
