@@ -79,7 +79,16 @@ INVALID = [
     ("PretrainJob", {"resources": {"cpu": 1.5}}, "spec.resources.cpu"),
     ("PretrainJob", {"resources": {"memory": "4GB"}}, "spec.resources.memory"),
     ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "fille:///x"}]},
-     "spec.sources[0].path"),
+     'spec.sources[0].path: Invalid value: "fille:///x": unsupported URI scheme; use a path '
+     "relative to the data directory"),
+    ("FineTune", {"data": {"train": "file://data/train.tsv", "test": "test.tsv"}},
+     'spec.data.train: Invalid value: "file://data/train.tsv": file:// data paths must have the '
+     "form file:///absolute/path"),
+    ("ModelDeployment", {"export": {"heldOutData": "pvc://claim-only"}},
+     "spec.export.heldOutData: Invalid value: \"pvc://claim-only\": pvc:// data paths must have "
+     "the form pvc://<claim>/<path>"),
+    ("Tokenizer", {"protectedPatterns": [{"name": "a", "regex": "x", "vocabularyFile": "s3://b"}]},
+     "s3:// data paths must have the form s3://<bucket>/<key>"),
     ("Corpus", {"dedup": {"near": {"threshold": True}}}, "spec.dedup.near.threshold"),
     ("Tokenizer", {"vocabSize": "8000"}, "spec.vocabSize"),
     ("PretrainJob", {"training": {"artifactUri": "fille:///x"}}, "spec.training.artifactUri"),
@@ -119,6 +128,11 @@ INVALID = [
      'spec.decontamination.evalSets[1]: Duplicate value: {"name":"t"}'),
     ("Tokenizer", {"specialTokens": ["<|endoftext|>", "<pad>", "<unk>", "<pad>"]},
      'spec.specialTokens[3]: Duplicate value: "<pad>"'),
+    ("Corpus", {"sources": [{"name": f"s{index}", "format": "text", "path": "a.txt"}
+                            for index in range(10001)]},
+     "spec.sources: Too many: 10001: must have at most 10000 items"),
+    ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "a" * 2049}]},
+     "spec.sources[0].path: Too long: may not be more than 2048 bytes"),
     ("PretrainJob", {"distributed": {"procsPerNode": 4}, "resources": {"gpus": 2}},
      "spec.distributed.procsPerNode must equal spec.resources.gpus, because each node runs one "
      "process per GPU; remove procsPerNode to take the GPU count, or set it to "
@@ -132,6 +146,7 @@ VALID = [
     ("PretrainJob", {"resources": {"cpu": 2, "memory": "16Gi"}}),
     ("PretrainJob", {"resources": {"cpu": "500m", "memory": 17179869184}}),
     ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "s3://bucket/a.txt"}]}),
+    ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "a" * 2048}]}),
     ("Tokenizer", {"corpusRef": {"name": "a" * 63}}),
     ("FineTune", {"method": "full"}),
     # The API server fills in an absent lora block with these defaults, so they pass.
@@ -225,3 +240,47 @@ def test_invalid_resource_name_rejected(cluster, namespace, name, expected):
     assert expected in completed.stderr, completed.stderr
     with pytest.raises(ValueError, match="must be a DNS-1123 label"):
         KINDS["Corpus"].model_validate(manifest)
+
+
+# Data paths around the edges of the accepted forms, which the server and the models must
+# judge alike.
+DATA_PATHS = [
+    "a.txt", "/data/a.txt", "notes/a:b.txt", "a:/b", "a:", ":", "::x", "/:/", "a:/", "a:b:/c",
+    "file:///a", "file:///", "file://host/a", "pvc://claim/a", "pvc://claim/", "pvc:///a",
+    "s3://bucket/a", "s3://bucket", "s3:///a", "gs://bucket/a", "x://", "a/x://y",
+    "pvc://a://b/c", "file://x://y", "FILE:///a", "s3://b/k/", "pvc://c//", "é://x",
+]
+
+
+def test_data_paths_judged_alike(cluster, namespace):
+    from pydantic import ValidationError
+
+    from lathe.api import KINDS
+
+    verdicts = {}
+    for path in DATA_PATHS:
+        manifest = build("Corpus", {"sources": [{"name": "x", "format": "text", "path": path}]})
+        completed = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                    input=json.dumps(manifest), check=False)
+        try:
+            KINDS["Corpus"].model_validate(manifest)
+            models_accept = True
+        except ValidationError:
+            models_accept = False
+        verdicts[path] = (completed.returncode == 0, models_accept)
+    assert {path: server for path, (server, _) in verdicts.items()} == {
+        path: models for path, (_, models) in verdicts.items()}
+    assert verdicts["notes/a:b.txt"] == (True, True)
+    assert verdicts["gs://bucket/a"] == (False, False)
+
+
+def test_data_path_error_is_readable(cluster, namespace):
+    manifest = build("Corpus", {"sources": [{"name": "x", "format": "text", "path": "fille:///x"}]})
+    completed = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                input=json.dumps(manifest), check=False)
+    assert completed.returncode != 0
+    assert ('spec.sources[0].path: Invalid value: "fille:///x": unsupported URI scheme; use a '
+            "path relative to the data directory or an absolute path (without '://'), "
+            "file:///absolute/path, pvc://<claim>/<path> or s3://<bucket>/<key>"
+            in completed.stderr), completed.stderr
+    assert "[^/]" not in completed.stderr

@@ -468,6 +468,20 @@ def test_duplicate_source_names_rejected(spec, field, text):
     assert text in error.detail
 
 
+def test_too_many_sources_rejected():
+    sources = [{"name": f"s{index}", "format": "text", "path": "a.txt"} for index in range(10001)]
+    error = rejection(document("Corpus", {"sources": sources}))
+    assert error.field == "spec.sources"
+    assert "at most 10000 items" in error.detail
+
+
+def test_long_data_path_rejected():
+    kind, _, change = DATA_PATH_FIELDS[0]
+    error = rejection(with_data_path(kind, change, "a" * 2049))
+    assert error.field == "spec.sources[0].path"
+    assert "at most 2048 characters" in error.detail
+
+
 def test_operator_names_metadata_field():
     """The operator builds ObjectMeta on its own, and its error still names metadata.name."""
     from pydantic import ValidationError

@@ -156,8 +156,11 @@ class SplitSpec(ApiModel):
 class CorpusSpec(ApiModel):
     """Desired state of a Corpus."""
 
+    # NB: with more items, the API server's cost estimate of the CEL rules on each source's
+    # path would exceed its budget (see DATA_PATH_MAX_LENGTH). The stage config of a Corpus,
+    # which lists every source, must also fit a 1 MiB ConfigMap.
     sources: list[Source] = Field(
-        min_length=1, json_schema_extra=NAMED_LIST_SCHEMA,
+        min_length=1, max_length=10000, json_schema_extra=NAMED_LIST_SCHEMA,
         description="Input files, each with its own name. Statistics and document ids are "
         "keyed by source name.",
     )
