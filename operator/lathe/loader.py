@@ -419,7 +419,7 @@ def _read_resources(path: Path) -> _FileContents:
     except InvalidResourceError as error:
         contents.errors.append(error)
         return contents
-    for document in documents:
+    for document in _unpack_lists(documents):
         if not document:
             continue
         if other_api_group(document):
@@ -434,6 +434,19 @@ def _read_resources(path: Path) -> _FileContents:
         resource._origin = origin
         contents.resources.append(resource)
     return contents
+
+
+def _unpack_lists(documents: list[Any]) -> list[Any]:
+    """Replace each `kind: List` document, as `kubectl get -o yaml` writes several objects,
+    with its items."""
+    unpacked = []
+    for document in documents:
+        if (isinstance(document, dict) and document.get("apiVersion") == "v1"
+                and document.get("kind") == "List" and isinstance(document.get("items"), list)):
+            unpacked.extend(document["items"])
+        else:
+            unpacked.append(document)
+    return unpacked
 
 
 def _warn_skipped(document: dict[str, Any], path: Path) -> None:

@@ -230,8 +230,8 @@ def _empty_message(item: _FormattedFile, resolved: Path) -> str:
     path_text = (repr(item.path) if str(resolved) == item.path
                  else f"{item.path!r}, '{resolved}'")
     if item.entry is None:
-        return (f"file {path_text} is empty; point it at a CoNLL file (`token<TAB>tag` lines, a "
-                "blank line between sentences).")
+        return (f"file {path_text} is empty; point it at a CoNLL file (`token<TAB>tag` or "
+                "`token tag` lines, a blank line between sentences).")
     if item.entry.startswith("evaluation set"):
         return (f"{item.entry} ({path_text}) is empty, so nothing would be removed for it; point "
                 "the path at the evaluation data, or remove the entry.")

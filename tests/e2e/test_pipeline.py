@@ -351,6 +351,9 @@ def test_failed_spec_change_keeps_output(tmp_path, data_dir):
     assert restored.reused
     assert restored.manifest["digest"] == first.manifest["digest"]
     assert not previous.exists()
+    # A run that references the Corpus without its file sees the restored spec.
+    recorded = json.loads((first.directory / "resource.json").read_text())
+    assert recorded["spec"]["minWords"] == 5
     shards = sorted(path.name for path in (first.directory / "output").rglob("*") if path.is_file())
     assert "manifest.json" in shards
     assert len(shards) > 2
@@ -402,6 +405,27 @@ def test_reference_resolved_from_workspace(tmp_path, data_dir, capsys):
         other.check(loader.load_paths([tokenizer_file]))
     assert "spec.corpusRef.name" in str(raised.value)
     assert f"no finished output in the workspace {tmp_path / 'empty'}" in str(raised.value)
+
+
+def test_stale_workspace_input_rejected(tmp_path, data_dir):
+    """A PretrainJob whose Corpus ran again is not trained with a Tokenizer from the workspace
+    that was built from the Corpus's earlier output."""
+    workspace = tmp_path / "workspace"
+    runner = LocalRunner(workspace, data_dir)
+    runner.run(runner.check(loader.load_paths([EXAMPLES / "01-corpus.yaml",
+                                               EXAMPLES / "02-tokenizer.yaml"])))
+    corpus = yaml.safe_load((EXAMPLES / "01-corpus.yaml").read_text())
+    corpus["spec"]["minWords"] = 40
+    changed = tmp_path / "corpus.yaml"
+    changed.write_text(yaml.safe_dump(corpus))
+
+    with pytest.raises(InvalidResourceError) as raised:
+        runner.run(runner.check(loader.load_paths([changed, EXAMPLES / "03-pretrain.yaml"])))
+    message = str(raised.value)
+    assert "spec.tokenizerRef.name" in message
+    assert "Tokenizer 'pubmed' was built from the output" in message
+    assert "pass the Tokenizer's file too with -f" in message
+    assert not (workspace / "default" / "pretrainjob" / "pubmed-lm" / "output").exists()
 
 
 def test_torchrun_stage_error_is_permanent(tmp_path, data_dir):

@@ -257,3 +257,16 @@ def test_conll_line_without_tag_is_malformed(tmp_path):
     assert example.reason == (
         "expected `token<TAB>tag` or `token tag`, got 'EU' without a tag column"
     )
+
+
+def test_conll_prose_is_malformed(tmp_path):
+    """Prose declared as CoNLL has spaces between its words but no tag at the end of a line,
+    so its records are malformed instead of read as a first word and a tag."""
+    path = tmp_path / "notes.txt"
+    path.write_text("The patient was admitted with chest pain.\nShe recovered.\n\n"
+                    "Follow-up after two weeks.\n")
+    read = read_source(path, "conll", "notes")
+    assert read.documents == []
+    assert read.malformed_count == 2
+    assert read.malformed_examples[0].reason.startswith(
+        "expected `token<TAB>tag`, or columns separated by spaces that end with an IOB tag")

@@ -150,9 +150,9 @@ def test_internal_error_reported_and_backed_off(monkeypatch):
     ("reason", "message", "expected"),
     [
         ("OOMKilled", "", "Node 1 (lm-0-x): the container ran out of memory; raise "
-         "spec.resources.memory or lower the micro-batch size."),
-        ("Error", "", "Node 1 (lm-0-x): it left no termination message; read its log with "
-         "kubectl logs lm-0-x --previous."),
+         "spec.resources.memory."),
+        ("Error", "", "Node 1 (lm-0-x): the container exited with code 137 without writing an "
+         "error message or any log output."),
         ("Error", "NCCL timeout\n", "Node 1 (lm-0-x): NCCL timeout"),
     ],
 )
@@ -172,3 +172,26 @@ def test_failed_pod_message_never_dangles(reason, message, expected):
     reconciler._job_pods = lambda namespace, job_name: [failed]
     job = client.V1Job(metadata=client.V1ObjectMeta(name="lm-pretrain-r1-0"))
     assert reconciler._failed_pod("team-a", job) == (137, reason, expected)
+
+
+def test_unbuildable_spec_fails_as_invalid(monkeypatch):
+    """A spec that builds no valid workload (a stage config over the ConfigMap limit) fails
+    the generation with InvalidSpec instead of being retried as an operator error."""
+    from lathe.errors import InvalidResourceError
+
+    def too_large(*_args, **_kwargs):
+        raise InvalidResourceError("Corpus team-a/c", "spec", "the stage config is 2000000 "
+                                   "bytes, over the 1000000-byte ConfigMap limit; shorten it.")
+
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    monkeypatch.setattr(reconciler, "_resolve_inputs", lambda resource: ({}, None), raising=False)
+    monkeypatch.setattr(reconciler, "_reconcile_bounded", too_large, raising=False)
+    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus",
+            "metadata": {"name": "c", "namespace": "team-a", "generation": 3, "uid": "u"},
+            "spec": {"sources": [{"name": "a", "format": "text", "path": "a.txt"}]}}
+    desired = reconciler.reconcile(body)
+    failed = next(c for c in desired["conditions"] if c["type"] == "Failed")
+    assert desired["phase"] == "Failed"
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("spec: the stage config is 2000000 bytes")
+    assert failed["observedGeneration"] == 3

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lathe import loader
 from lathe.errors import InvalidResourceError
@@ -290,3 +291,12 @@ def test_double_quoted_regex_escape_explained(tmp_path):
     assert "spec.protectedPatterns[0].regex" in str(raised.value)
     assert "control character U+0008" in str(raised.value)
     assert "write the pattern in single quotes" in str(raised.value)
+
+
+def test_kubectl_list_is_unpacked(tmp_path):
+    """`kubectl get corp,tok -o yaml` writes a v1 List; its Lathe items are loaded."""
+    items = [yaml.safe_load(CORPUS), yaml.safe_load(TOKENIZER)]
+    path = write(tmp_path, yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": items}))
+    resources = loader.load_paths([path])
+    assert [resource.key for resource in resources] == ["Corpus/default/pubmed",
+                                                        "Tokenizer/default/tok"]

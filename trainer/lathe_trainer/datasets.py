@@ -8,6 +8,7 @@ PretrainJob and the benchmarks read them through `iter_documents`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def is_docstart(line: str) -> bool:
     return bool(fields) and fields[0] == DOCSTART
 
 
+# The last column of a CoNLL line whose columns are separated by spaces: O, or a B-, I-, E- or
+# S- prefix and an entity type.
+IOB_TAG = re.compile(r"^(?:O|[BIES]-\S+)$")
+
+
 def conll_columns(line: str) -> tuple[str, str]:
     """Split a non-blank CoNLL line into (token, tag): its first and last columns.
 
@@ -61,11 +67,19 @@ def conll_columns(line: str) -> tuple[str, str]:
     reason ends without a period.
     """
     stripped = line.rstrip()
-    columns = stripped.split("\t") if "\t" in stripped else stripped.split(" ")
+    spaced = "\t" not in stripped
+    columns = stripped.split(" ") if spaced else stripped.split("\t")
     if len(columns) < 2:
         raise ValueError(
             f"expected `token<TAB>tag` or `token tag`, got {excerpt(line)!r} without a tag "
             "column"
+        )
+    if spaced and not IOB_TAG.match(columns[-1]):
+        # Prose has spaces between its words too, so a line split at spaces counts as CoNLL
+        # only when it ends with a tag.
+        raise ValueError(
+            f"expected `token<TAB>tag`, or columns separated by spaces that end with an IOB tag "
+            f"such as O or B-Disease, got {excerpt(line)!r}"
         )
     token = columns[0]
     if not token or any(character.isspace() for character in token):

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from lathe import plans, status
 from lathe.api import GROUP, KINDS, VERSION, ModelDeployment, Resource
 from lathe.api.common import ObjectMeta
+from lathe.errors import InvalidResourceError
 from lathe.k8s import builders
 from lathe.k8s.settings import OperatorSettings
 from lathe.loader import describe_errors
@@ -132,9 +133,17 @@ class Reconciler:
             "All referenced inputs have succeeded.", generation,
         )
         new["conditions"] = conditions
-        if isinstance(resource, ModelDeployment):
-            return self._with_phase(self._reconcile_deployment(resource, body, inputs, new), resource)
-        return self._with_phase(self._reconcile_bounded(resource, body, inputs, new), resource)
+        try:
+            if isinstance(resource, ModelDeployment):
+                new = self._reconcile_deployment(resource, body, inputs, new)
+            else:
+                new = self._reconcile_bounded(resource, body, inputs, new)
+        except InvalidResourceError as error:
+            # A spec that builds no valid workload, such as a stage config over the ConfigMap
+            # limit: a retry cannot fix it, so it fails the generation as a bad spec does.
+            return self._failed(current, generation, Reason.INVALID_SPEC,
+                                f"{error.field}: {error.detail}", body["kind"])
+        return self._with_phase(new, resource)
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -447,7 +456,9 @@ class Reconciler:
             f"http://{name}.{namespace}.svc:"
             f"{serving.http_port}"
         )
-        message = f"{ready_replicas} of {target} Triton replicas are ready."
+        message = (f"{ready_replicas} Triton replicas are ready; the autoscaler's minimum is "
+                   f"{target}." if autoscaling.enabled
+                   else f"{ready_replicas} of {target} Triton replicas are ready.")
         reason = Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY
         if target == 0:
             reason = Reason.SCALED_TO_ZERO
@@ -641,11 +652,11 @@ class Reconciler:
                     reason = terminated.reason or "Error"
                     where = f"Node {index} ({pod.metadata.name})"
                     if reason == "OOMKilled" and not message:
-                        message = ("the container ran out of memory; raise spec.resources.memory "
-                                   "or lower the micro-batch size.")
+                        message = ("the container ran out of memory; raise "
+                                   "spec.resources.memory.")
                     elif not message:
-                        message = ("it left no termination message; read its log with kubectl "
-                                   f"logs {pod.metadata.name} --previous.")
+                        message = (f"the container exited with code {terminated.exit_code} "
+                                   "without writing an error message or any log output.")
                     return terminated.exit_code, reason, f"{where}: {message}"
         condition = next((c for c in job.status.conditions or [] if c.type == "Failed"), None)
         return None, condition.reason if condition else "Failed", condition.message if condition else ""

@@ -20,7 +20,8 @@ stages downstream read it from there. A `pvc://` URI names a cluster volume and 
 A stage whose output manifest carries the same stage key (spec, input digests, code version) is
 reused instead of run again. When the key changed, a finished local output is moved to
 previous-output/ and deleted only once the new run succeeds. A failed run therefore leaves the
-last good output in place, and running the earlier spec again restores it without running. A stage that failed or was interrupted keeps its checkpoints and is
+last good output in previous-output/, and running the earlier spec again restores it to output/
+without running the stage. A stage that failed or was interrupted keeps its checkpoints and is
 resumed with `--resume` on the next run. A PretrainJob also continues from its checkpoints when
 its resume key is unchanged (lathe.plans.base.resume_key): when its spec changed only in
 `training` or `distributed`, or when only the code version changed.
@@ -51,7 +52,7 @@ import psutil
 from lathe import loader, plans, preflight, status
 from lathe.api import Resource
 from lathe.errors import InvalidResourceError, StageFailedError, WorkspaceError
-from lathe.graph import order, upstream_key
+from lathe.graph import REFERENCE_FIELDS, order, upstream_key
 from lathe.plans.base import CONFIG_PATH_PLACEHOLDER, WorkloadPlan, has_continuable_fields
 from lathe_trainer import remote
 from lathe_trainer.stage import (
@@ -111,6 +112,7 @@ class FinishedOutput:
     resource: Resource | None
     resolved: ResolvedInput
     directory: Path
+    manifest: dict[str, Any]
 
 
 @dataclass
@@ -271,7 +273,7 @@ class LocalRunner:
             resource = loader.parse_resource(json.loads(recorded.read_text()), str(recorded))
         key = f"{kind}/{namespace}/{name}"
         return FinishedOutput(key, resource, ResolvedInput(kind=kind, name=name, uri=uri,
-                                                           digest=digest), directory)
+                                                           digest=digest), directory, manifest)
 
     def run(self, resources: list[Resource]) -> dict[str, StageResult]:
         """Run or reuse every stage in dependency order; return the finished ones by key.
@@ -299,10 +301,13 @@ class LocalRunner:
             self._hold_waiting(resource, blocking[0])
             return
         inputs = {}
+        manifests = {}
         for role, (kind, name) in resource.references().items():
             key = upstream_key(resource, kind, name)
-            inputs[role] = (results[key].resolved if key in results
-                            else self.from_workspace[key].resolved)
+            found = results[key] if key in results else self.from_workspace[key]
+            inputs[role] = found.resolved
+            manifests[role] = found.manifest
+        _check_inputs_agree(resource, inputs, manifests)
         result = self.run_stage(resource, inputs)
         if result is None:
             self.not_run[resource.key] = (
@@ -347,6 +352,7 @@ class LocalRunner:
             manifest = self._restore_previous(resource, directory, output_uri, plan.config)
         if manifest and manifest.get("stageKey") == plan.config.stage_key:
             log.info("Reusing %s: its output matches the stage key.", resource.key)
+            _record_resource(resource, directory)
             self.on_progress(ProgressEvent(resource.key, "reused", message="reused"))
             self._write_status(resource, directory, output_uri, manifest, reused=True)
             return StageResult(resource, output_uri, directory, manifest, True,
@@ -369,10 +375,7 @@ class LocalRunner:
         resume = self._prepare_output(resource, directory, output_uri, plan.config)
         config_path = directory / "config.json"
         config_path.write_text(plan.config.model_dump_json(indent=2))
-        # A later run that references this stage without its file resolves it from here.
-        (directory / RESOURCE_FILE).write_text(json.dumps(
-            resource.model_dump(mode="json", by_alias=True, exclude_unset=True,
-                                exclude={"status"}), indent=2))
+        _record_resource(resource, directory)
         self._write_status(resource, directory, output_uri, None)
         latest = _latest_checkpoint_step(*storage.resolve(output_uri)) if resume else None
         self.on_progress(ProgressEvent(
@@ -484,9 +487,13 @@ class LocalRunner:
                  "with.", resource.key, previous)
         output = local_path(output_uri)
         # The output contains an unfinished run of another spec. Its checkpoints stay when the
-        # earlier output has none, because then they belong to a run that continued it.
+        # earlier output has none and they were written under the same resume key, because then
+        # they belong to a run that continued the earlier output.
         checkpoints = output / remote.CHECKPOINTS
-        if (previous / remote.CHECKPOINTS).exists() or not checkpoints.exists():
+        resume_key_file = directory / RESUME_KEY_FILE
+        continued = (resume_key_file.is_file()
+                     and resume_key_file.read_text() == config.resume_key)
+        if (previous / remote.CHECKPOINTS).exists() or not checkpoints.exists() or not continued:
             shutil.rmtree(output, ignore_errors=True)
         else:
             for entry in output.iterdir():
@@ -724,7 +731,8 @@ def workspace_lock(workspace: Path) -> Iterator[None]:
             holder = handle.read().strip() or "unknown"
             raise WorkspaceError(
                 f"--workspace {str(workspace)!r} is in use by another lathe run (pid "
-                f"{holder}); wait for it to finish, or pass another --workspace."
+                f"{holder}); wait for it to finish (stop it with Ctrl-C if it serves with "
+                "--serve), or pass another --workspace."
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -778,6 +786,37 @@ def _continues(resource: Resource, resume_key_file: Path, resume_key: str) -> bo
     if not resume_key or not has_continuable_fields(resource.kind):
         return False
     return resume_key_file.is_file() and resume_key_file.read_text() == resume_key
+
+
+def _check_inputs_agree(resource: Resource, inputs: dict[str, ResolvedInput],
+                        manifests: dict[str, dict[str, Any]]) -> None:
+    """Raise when one input was built from an earlier output of another input of `resource`.
+
+    A PretrainJob reads a Corpus and a Tokenizer trained on it. A Tokenizer taken from the
+    workspace after its Corpus ran again with another output no longer fits that Corpus. The
+    operator waits for the Tokenizer to run again; here only passing its file runs it.
+    """
+    current = {(item.kind, item.name): item.digest for item in inputs.values()}
+    for role, item in inputs.items():
+        for recorded in (manifests[role].get("inputs") or {}).values():
+            kind, name = recorded.get("kind"), recorded.get("name")
+            digest = current.get((kind, name))
+            if digest and recorded.get("digest") != digest:
+                raise InvalidResourceError(
+                    resource.label, REFERENCE_FIELDS.get(role, role),
+                    f"{item.kind} {item.name!r} was built from the output "
+                    f"{recorded.get('digest', '')[:19]} of {kind} {name!r}, which now contains "
+                    f"{digest[:19]}; pass the {item.kind}'s file too with -f, so that it runs "
+                    "again on the current output.",
+                )
+
+
+def _record_resource(resource: Resource, directory: Path) -> None:
+    """Write the resource that the stage's output now belongs to, so that a later run that
+    references the stage without its file resolves it from here."""
+    (directory / RESOURCE_FILE).write_text(json.dumps(
+        resource.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"status"}),
+        indent=2))
 
 
 def _remove_local(path: Path) -> None:

@@ -22,7 +22,7 @@ SAMPLE_LINES = 1000
 SAMPLE_BYTES = 1 << 20
 # Share of the sampled lines (or blocks, for PubTator) that must fit a format.
 MIN_SHARE = 0.9
-# Fewer `token<TAB>tag` lines than this are too little evidence against a declared format.
+# Fewer CoNLL lines than this are too little evidence against a declared format.
 MIN_CONLL_LINES = 10
 
 # One token without spaces, then tab-separated columns without spaces (the tag, and others).
@@ -159,7 +159,7 @@ def guess_format(path: Path) -> FormatGuess | None:
         return FormatGuess(
             "conll",
             f"{conll} of the {len(non_blank)} non-blank lines in its first {len(lines)} lines are "
-            "CoNLL `token<TAB>tag` lines",
+            "CoNLL lines (`token<TAB>tag`, or space-separated columns ending with an IOB tag)",
         )
     records = sum(1 for line in non_blank if _is_jsonl_record(line))
     if records >= MIN_SHARE * len(non_blank):
@@ -196,8 +196,8 @@ def mismatch_message(entry: str, path: Path | str, declared: str, guess: FormatG
 def conll_mismatch_message(path: Path | str, guess: FormatGuess) -> str:
     """Word a mismatch for a file that only CoNLL can be, such as a FineTune split."""
     return (
-        f"'{path}' is read as format 'conll' (`token<TAB>tag` lines, a blank line between "
-        f"sentences), but {guess.evidence}, so it looks like format {guess.format!r}; point "
+        f"'{path}' is read as format 'conll' (`token<TAB>tag` or `token tag` lines, a blank "
+        f"line between sentences), but {guess.evidence}, so it looks like format {guess.format!r}; point "
         "it at a CoNLL file instead."
     )
 
