@@ -215,3 +215,18 @@ def test_read_only_workspace_rejected(tmp_path):
     assert "Traceback" not in completed.stderr
     assert "cannot be written" in completed.stderr
     assert "pass a writable directory" in completed.stderr
+
+
+def test_resume_points_name_each_phase(tmp_path):
+    """A FineTune resumes each phase from its own checkpoints, so each phase is named."""
+    from lathe.local.runner import _resume_points
+    from lathe_trainer.training import storage
+
+    for phase, step in (("lora", 300), ("lora", 200), ("scratch", 20)):
+        folder = tmp_path / "checkpoints" / phase / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+    # A step folder without its state file was cut off while being written.
+    (tmp_path / "checkpoints" / "scratch" / "step-00000040").mkdir()
+    assert _resume_points(*storage.resolve(f"file://{tmp_path}")) == (
+        "lora step 300, scratch step 20")

@@ -377,10 +377,10 @@ class LocalRunner:
         config_path.write_text(plan.config.model_dump_json(indent=2))
         _record_resource(resource, directory)
         self._write_status(resource, directory, output_uri, None)
-        latest = _latest_checkpoint_step(*storage.resolve(output_uri)) if resume else None
+        checkpoints = _resume_points(*storage.resolve(output_uri)) if resume else ""
         self.on_progress(ProgressEvent(
             resource.key, "started",
-            message=f"resumes from the checkpoint of step {latest}" if latest else "",
+            message=f"resumes from the checkpoint of {checkpoints}" if checkpoints else "",
         ))
         progress_file = self._progress_file(plan, directory, output_uri)
         try:
@@ -843,20 +843,25 @@ def _checkpoint_steps(filesystem, root: str) -> list[int]:
             and filesystem.isfile(f"{root}/{name}/{_CHECKPOINT_STATE}")]
 
 
-def _latest_checkpoint_step(filesystem, path: str) -> int | None:
-    """Return the latest checkpoint step in an output, also under a FineTune's phase folders
-    (checkpoints/lora, checkpoints/scratch); None when there is none."""
+def _resume_points(filesystem, path: str) -> str:
+    """Describe the latest checkpoint in an output: "step 300", or per phase folder of a
+    FineTune, "lora step 300, scratch step 20"; "" when there is none."""
     root = f"{path}/{remote.CHECKPOINTS}"
+    points = []
     steps = _checkpoint_steps(filesystem, root)
+    if steps:
+        points.append(f"step {max(steps)}")
     try:
         folders = filesystem.ls(root, detail=True)
     except FileNotFoundError:
         folders = []
-    for entry in folders:
+    for entry in sorted(folders, key=lambda entry: entry["name"]):
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         if entry.get("type") == "directory" and not _STEP_DIR.match(name):
-            steps += _checkpoint_steps(filesystem, f"{root}/{name}")
-    return max(steps, default=None)
+            phase_steps = _checkpoint_steps(filesystem, f"{root}/{name}")
+            if phase_steps:
+                points.append(f"{name} step {max(phase_steps)}")
+    return ", ".join(points)
 
 
 def _check_continuable(resource: Resource, filesystem, path: str) -> None:
