@@ -103,3 +103,26 @@ def test_sequence_length_rule_names_field():
     rules = schema["properties"]["spec"]["x-kubernetes-validations"]
     (rule,) = [rule for rule in rules if "sequenceLength" in rule["rule"]]
     assert rule["fieldPath"] == ".sequenceLength"
+
+
+def _default_text(value) -> str:
+    """Write a schema default as a description states it: `true`, `0.05`, `ner`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def test_stated_defaults_match_schema():
+    """A description that ends in `Default: X.` states the default the schema applies, because
+    `kubectl explain` shows descriptions but not defaults."""
+    stated = 0
+    for kind, model in KINDS.items():
+        schema = crdgen.crd(model)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for path, node in _walk(schema):
+            description = node.get("description", "")
+            if "default" not in node or "Default: " not in description:
+                continue
+            text = description.rsplit("Default: ", 1)[1].removesuffix(".")
+            assert text == _default_text(node["default"]), f"{kind} {path}"
+            stated += 1
+    assert stated >= 20

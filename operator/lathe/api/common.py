@@ -672,7 +672,12 @@ class StageStatus(ApiModel):
         description="Summary for printer columns, derived from the conditions: "
         "Pending, Waiting, Running, Succeeded, Failed, Suspended or Ready.",
     )
-    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Latest observations of the resource, one per type: the summary "
+        "`Succeeded` (`Ready` for a ModelDeployment), `Failed`, `InputsReady`, `Running`, "
+        "`Suspended` and, for a ModelDeployment, `Exported`.",
+    )
     artifact: ArtifactStatus | None = Field(default=None, description="Output of the stage.")
     input_digests: dict[str, str] = Field(
         default_factory=dict,

@@ -70,13 +70,19 @@ class NormalizationSpec(ApiModel):
 class NearDuplicateSpec(ApiModel):
     """MinHash near-duplicate removal. One document is kept per cluster."""
 
-    enabled: bool = Field(default=True, description="Remove near duplicates.")
+    enabled: bool = Field(
+        default=True, description="Remove near duplicates. Default: true."
+    )
     threshold: float = Field(
         default=0.8, gt=0.0, le=1.0, description="Jaccard similarity of two documents' "
         "word-shingle sets at or above which they are near duplicates. MinHash LSH finds the "
         "candidate pairs and the exact Jaccard similarity of their shingle sets confirms them."
     )
-    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations.")
+    num_perm: int = Field(
+        default=128, ge=16, le=1024,
+        description="MinHash permutations per document; more estimate the similarity more "
+        "closely and cost more time. Default: 128.",
+    )
     shingle_size: int = Field(
         default=5, ge=1, le=32, description="Words per shingle. Each differing word changes this "
         "many shingles, so a larger size separates templated documents with different findings "
@@ -176,7 +182,9 @@ class CorpusSpec(ApiModel):
     min_words: int = Field(
         default=5, ge=0, description="Drop documents with fewer whitespace-separated words."
     )
-    shards: int = Field(default=1, ge=1, le=1024, description="Output shards per split.")
+    shards: int = Field(
+        default=1, ge=1, le=1024, description="Output files (shards) per split. Default: 1."
+    )
     workers: int = Field(
         default=1, ge=1, le=256,
         description="Pods (local processes for `lathe run`) that share the per-document work: "

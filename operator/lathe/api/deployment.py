@@ -29,7 +29,11 @@ class ModelSourceSpec(ApiModel):
 class QuantizationSpec(ApiModel):
     """Optional INT8 dynamic quantization with ONNX Runtime."""
 
-    enabled: bool = Field(default=False, description="Quantize weights to INT8.")
+    enabled: bool = Field(
+        default=False,
+        description="Also quantize the weights to INT8 (ONNX Runtime dynamic quantization) "
+        "and serve that model when its F1 drop is within maxF1Drop. Default: false.",
+    )
     max_f1_drop: float = Field(
         default=0.02, ge=0.0, le=1.0,
         description="Largest drop allowed in entity F1 of the INT8 model, scored against the "
@@ -112,7 +116,11 @@ class ServingSpec(ApiModel):
         "`operator.tritonImage`), Triton 24.10 with the Python packages the model repository's "
         "Python models import (images/triton.Dockerfile).",
     )
-    replicas: int = Field(default=1, ge=0, le=100, description="Triton replicas.")
+    replicas: int = Field(
+        default=1, ge=0, le=100,
+        description="Triton server pods; 0 keeps the Deployment with no pods. Ignored while "
+        "autoscaling is enabled, because the HorizontalPodAutoscaler sets the count. Default: 1.",
+    )
     max_batch_size: int = Field(
         default=8, ge=0, le=1024,
         description="Triton `max_batch_size` of every model in the repository; 0 turns "
@@ -124,9 +132,18 @@ class ServingSpec(ApiModel):
         "ONNX Runtime, which any Triton with the Python backend can serve, including the local "
         "server) or `onnxruntime` (Triton's ONNX Runtime backend, for images that ship it).",
     )
-    http_port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
-    grpc_port: int = Field(default=8001, ge=1, le=65535, description="gRPC port.")
-    metrics_port: int = Field(default=8002, ge=1, le=65535, description="Metrics port.")
+    http_port: int = Field(
+        default=8000, ge=1, le=65535,
+        description="Port of Triton's HTTP API (KServe v2 inference protocol), which the "
+        "readiness probe also uses. Default: 8000.",
+    )
+    grpc_port: int = Field(
+        default=8001, ge=1, le=65535, description="Port of Triton's gRPC API. Default: 8001."
+    )
+    metrics_port: int = Field(
+        default=8002, ge=1, le=65535,
+        description="Port of Triton's Prometheus metrics (`/metrics`). Default: 8002.",
+    )
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources per replica."
     )
@@ -150,9 +167,18 @@ class AutoscalingSpec(ApiModel):
         ),
     )
 
-    enabled: bool = Field(default=False, description="Create an HPA for the Triton Deployment.")
-    min_replicas: int = Field(default=1, ge=1, description="Minimum replicas.")
-    max_replicas: int = Field(default=4, ge=1, description="Maximum replicas.")
+    enabled: bool = Field(
+        default=False,
+        description="Create a HorizontalPodAutoscaler for the Triton Deployment. Default: false.",
+    )
+    min_replicas: int = Field(
+        default=1, ge=1,
+        description="Fewest Triton pods the HorizontalPodAutoscaler keeps. Default: 1.",
+    )
+    max_replicas: int = Field(
+        default=4, ge=1,
+        description="Most Triton pods the HorizontalPodAutoscaler scales up to. Default: 4.",
+    )
     target_cpu_utilization: int = Field(
         default=70, ge=1, le=100, description="Average CPU utilization target, in percent."
     )
@@ -165,14 +191,21 @@ class ModelDeploymentSpec(ApiModel):
     model_name: str = Field(
         # Triton names the model's directory after it, and file names are limited to 255 bytes.
         default="ner", pattern=r"^[a-zA-Z0-9_-]+$", max_length=128,
-        description="Triton model name."
+        description="Name of the model in Triton: the ensemble that takes text and returns "
+        "entities, at `/v2/models/<modelName>/infer`. Letters, digits, `_` and `-`. Default: "
+        "ner.",
     )
     export: ExportSpec = Field(
         description="ONNX export and its checks. Required, because export.heldOutData is."
     )
-    serving: ServingSpec = Field(default_factory=ServingSpec, description="Triton server.")
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec,
+        description="The Triton Deployment and Service that serve the model.",
+    )
     autoscaling: AutoscalingSpec = Field(
-        default_factory=AutoscalingSpec, description="Autoscaling."
+        default_factory=AutoscalingSpec,
+        description="Optional HorizontalPodAutoscaler of the Triton Deployment, on CPU "
+        "utilization. Off by default.",
     )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(

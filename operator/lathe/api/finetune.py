@@ -70,9 +70,20 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 class LoraSpec(ApiModel):
     """LoRA adapter settings (peft)."""
 
-    r: int = Field(default=8, ge=1, le=256, description="Adapter rank.")
-    alpha: int = Field(default=16, ge=1, description="Scaling numerator (`lora_alpha`).")
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Adapter dropout.")
+    r: int = Field(
+        default=8, ge=1, le=256,
+        description="Rank of each adapter's two low-rank matrices; a higher rank trains more "
+        "parameters. Default: 8.",
+    )
+    alpha: int = Field(
+        default=16, ge=1,
+        description="Scaling numerator (`lora_alpha`): adapter updates are scaled by alpha / r. "
+        "Default: 16.",
+    )
+    dropout: float = Field(
+        default=0.05, ge=0.0, lt=1.0,
+        description="Dropout probability on the adapters' inputs. Default: 0.05.",
+    )
     target_modules: list[str] = Field(
         default_factory=list,
         description="Module names that get adapters. Empty: the attention projections and the "
@@ -149,10 +160,17 @@ class FineTuneSpec(ApiModel):
 
     base_model: BaseModelSpec = Field(description="The model to start from.")
     task: Literal["tokenClassification"] = Field(
-        default="tokenClassification", description="Task head to train."
+        default="tokenClassification",
+        description="Task head to train: `tokenClassification` tags each word with an IOB "
+        "label, as for NER. Default: tokenClassification.",
     )
     data: TaskDataSpec = Field(description="Labelled task data.")
-    method: Literal["lora", "full"] = Field(default="lora", description="Adaptation method.")
+    method: Literal["lora", "full"] = Field(
+        default="lora",
+        description="Adaptation method: `lora` trains low-rank adapters (peft) and the task "
+        "head and saves the adapters merged into the model; `full` trains every weight. "
+        "Default: lora.",
+    )
     lora: LoraSpec = Field(
         default_factory=LoraSpec,
         description="LoRA settings, for method lora. With method full, a lora block other "
@@ -182,7 +200,11 @@ class FineTuneSpec(ApiModel):
     pod_metadata: PodMetadata = Field(
         default_factory=PodMetadata, description="Labels and annotations for the training pods."
     )
-    suspend: bool = Field(default=False, description="Pause training.")
+    suspend: bool = Field(
+        default=False,
+        description="Pause training: the workload stops, and resuming continues from the "
+        "latest checkpoint. Default: false.",
+    )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Output location.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Compute resources per node."

@@ -28,17 +28,41 @@ class TrainingSpec(ApiModel):
         ),
     )
 
-    max_steps: int = Field(default=200, ge=1, description="Optimizer steps to run.")
-    micro_batch_size: int = Field(default=8, ge=1, description="Sequences per process per step.")
-    gradient_accumulation_steps: int = Field(
-        default=1, ge=1, description="Micro-batches accumulated into one optimizer step."
+    max_steps: int = Field(default=200, ge=1, description="Optimizer steps to run. Default: 200.")
+    micro_batch_size: int = Field(
+        default=8, ge=1,
+        description="Sequences (FineTune: sentences) per process in each micro-batch. "
+        "Default: 8.",
     )
-    learning_rate: float = Field(default=1e-3, gt=0.0, description="Peak learning rate.")
-    warmup_steps: int = Field(default=10, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(default=0.01, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1,
+        description="Micro-batches accumulated into one optimizer step. Default: 1.",
+    )
+    learning_rate: float = Field(
+        default=1e-3, gt=0.0,
+        description="Peak learning rate, reached after warmupSteps and then decayed along a "
+        "cosine to a tenth of it at maxSteps. Default: 0.001.",
+    )
+    warmup_steps: int = Field(
+        default=10, ge=0,
+        description="Optimizer steps over which the learning rate rises linearly to "
+        "learningRate. Default: 10.",
+    )
+    weight_decay: float = Field(
+        default=0.01, ge=0.0,
+        description="AdamW weight decay, not applied to biases and norm weights. Default: 0.01.",
+    )
+    max_grad_norm: float = Field(
+        default=1.0, gt=0.0,
+        description="Gradients whose total L2 norm exceeds this are scaled down to it before "
+        "each optimizer step. Default: 1.0.",
+    )
     # NB: numpy and Python's random take seeds below 2**32; torch's take any int64.
-    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Random seed.")
+    seed: int = Field(
+        default=0, ge=0, le=2**32 - 1,
+        description="Seed of the random number generators (weight initialization, data "
+        "order, dropout), so that a rerun repeats. Default: 0.",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",
         description="Training precision: `bf16` autocast, or `fp16` autocast with dynamic loss "
@@ -57,10 +81,15 @@ class TrainingSpec(ApiModel):
         "recomputation.",
     )
     checkpoint_interval: int = Field(
-        default=50, ge=1, description="Save a checkpoint every this many steps."
+        default=50, ge=1, description="Save a checkpoint every this many steps. Default: 50."
     )
-    keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk.")
-    eval_interval: int = Field(default=50, ge=1, description="Evaluate every this many steps.")
+    keep_checkpoints: int = Field(
+        default=2, ge=1,
+        description="Latest checkpoints kept; older ones are deleted. Default: 2.",
+    )
+    eval_interval: int = Field(
+        default=50, ge=1, description="Evaluate every this many steps. Default: 50."
+    )
     non_finite: Literal["fail", "skip", "rollback"] = Field(
         default="fail",
         description="PretrainJob: what a step with a NaN or infinite loss or gradient norm "
@@ -91,7 +120,10 @@ class TrainingSpec(ApiModel):
 class DistributedSpec(ApiModel):
     """How many processes train together."""
 
-    nodes: int = Field(default=1, ge=1, le=1024, description="Nodes (pods) in the job.")
+    nodes: int = Field(
+        default=1, ge=1, le=1024, description="Nodes, one pod each, that train together. "
+        "Default: 1."
+    )
     procs_per_node: int = Field(
         default=1, ge=1, le=16,
         description="Training processes per node (`torchrun --nproc-per-node`). On GPU nodes "
