@@ -11,8 +11,9 @@ from lathe.api import KINDS
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "pubmed"
 ORDER = ["Corpus", "Tokenizer", "PretrainJob", "FineTune", "ModelDeployment"]
-# kwok completes a Job's pod after this delay plus jitter (the general pod-complete Stage reads
-# both), so a test can act while training pods run.
+# kwok's general pod-complete Stage completes a Job's pod after a random time between `delay`
+# and `jitter-delay`, or after `jitter-delay` when it is not longer. Its default is 5 s, so both
+# are set, to hold the pod Running while a test acts.
 HOLD = {
     "pod-complete.stage.kwok.x-k8s.io/delay": "3600s",
     "pod-complete.stage.kwok.x-k8s.io/jitter-delay": "3600s",

@@ -284,3 +284,21 @@ def test_data_path_error_is_readable(cluster, namespace):
             "file:///absolute/path, pvc://<claim>/<path> or s3://<bucket>/<key>"
             in completed.stderr), completed.stderr
     assert "[^/]" not in completed.stderr
+
+
+@pytest.mark.parametrize(("validate", "accepted", "expected"), [
+    ("strict", False, 'unknown field "spec.trainng"'),
+    ("warn", True, 'unknown field "spec.trainng"'),
+    ("false", True, ""),
+])
+def test_unknown_field_by_validate_mode(cluster, namespace, validate, accepted, expected):
+    """kubectl's --validate decides whether an unknown field fails or is dropped."""
+    manifest = build("PretrainJob", {"trainng": {"maxSteps": 3}})
+    manifest["metadata"]["name"] = f"unknown-{validate}"
+    completed = cluster.kubectl("apply", f"--validate={validate}", "-n", namespace, "-f", "-",
+                                input=json.dumps(manifest), check=False)
+    assert (completed.returncode == 0) == accepted, completed.stderr
+    assert expected in completed.stderr
+    if accepted:
+        stored = cluster.get_json("pretrainjob", manifest["metadata"]["name"], "-n", namespace)
+        assert "trainng" not in stored["spec"]
