@@ -1272,6 +1272,7 @@ def test_resume_key_continuable_fields(kind, spec, same_key):
     ({"image": "nvcr.io/nvidia/tritonserver:25.01-py3"}, True),
     ({"httpPort": 9000}, True),
     ({"resources": {"memory": "8Gi"}}, True),
+    ({"podMetadata": {"annotations": {"sidecar.istio.io/inject": "true"}}}, True),
     ({"maxBatchSize": 16}, False),
     ({"modelBackend": "onnxruntime"}, False),
 ])
@@ -1307,3 +1308,34 @@ def test_every_builder_reference_resolves():
     assert "triton_labels" in used
     missing = sorted(name for name in used if not hasattr(module, name))
     assert missing == []
+
+
+@pytest.mark.parametrize("kind", ["Corpus", "Tokenizer", "ModelDeployment"])
+def test_stage_pods_get_pod_metadata(kind):
+    """Every kind's stage pods take spec.podMetadata, and Lathe's own labels win a clash."""
+    metadata = {"labels": {"team": "nlp", "lathe.dev/kind": "Other"},
+                "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}}
+    job = build_job(kind, spec={"podMetadata": metadata})
+    template = job["spec"]["template"]["metadata"]
+    assert template["labels"]["team"] == "nlp"
+    assert template["labels"]["lathe.dev/kind"] == kind
+    assert template["annotations"] == metadata["annotations"]
+
+
+def test_triton_pods_get_serving_pod_metadata():
+    """spec.serving.podMetadata reaches the Triton pods; the export's digest annotation and
+    Lathe's labels win a clash."""
+    plan, owner = serving_plan({"serving": {"podMetadata": {
+        "labels": {"team": "nlp", "app.kubernetes.io/component": "other"},
+        "annotations": {"sidecar.istio.io/inject": "true",
+                        "lathe.dev/repository-digest": "sha256:mine"}}}})
+    plan = dataclasses.replace(plan, repository_digest="sha256:export")
+    deployment = builders.triton_deployment(plan, owner, STORE, image=TRITON_IMAGE,
+                                            sync_image=SYNC_IMAGE)
+    template = deployment["spec"]["template"]["metadata"]
+    assert template["labels"]["team"] == "nlp"
+    assert template["labels"]["app.kubernetes.io/component"] == "triton"
+    assert template["annotations"] == {"sidecar.istio.io/inject": "true",
+                                       "lathe.dev/repository-digest": "sha256:export"}
+    # The selector keeps to Lathe's labels, so other labels can change without a new selector.
+    assert "team" not in deployment["spec"]["selector"]["matchLabels"]

@@ -11,6 +11,7 @@ from lathe.api.common import (
     NAMED_LIST_SCHEMA,
     ApiModel,
     DataPath,
+    PodMetadata,
     PrinterColumn,
     Resource,
     ResourceRequirements,
@@ -198,6 +199,9 @@ class CorpusSpec(ApiModel):
     scheduling: Scheduling = Field(
         default_factory=Scheduling,
         description="Node selector, tolerations and priority of the Corpus pods.",
+    )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata, description="Labels and annotations for the Corpus pods."
     )
 
     @field_validator("sources")

@@ -11,6 +11,7 @@ from lathe.api.common import (
     CelRule,
     DataPath,
     LocalObjectReference,
+    PodMetadata,
     PrinterColumn,
     Resource,
     ResourceRequirements,
@@ -151,6 +152,10 @@ class ServingSpec(ApiModel):
         default_factory=Scheduling,
         description="Node selector, tolerations and priority of the Triton pods.",
     )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata,
+        description="Labels and annotations for the Triton pods, for example for a service mesh.",
+    )
 
 
 class AutoscalingSpec(ApiModel):
@@ -214,6 +219,11 @@ class ModelDeploymentSpec(ApiModel):
     scheduling: Scheduling = Field(
         default_factory=Scheduling,
         description="Node selector, tolerations and priority of the export Job's pod.",
+    )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata,
+        description="Labels and annotations for the export Job's pod; `serving.podMetadata` "
+        "sets those of the Triton pods.",
     )
 
 

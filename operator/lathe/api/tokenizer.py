@@ -16,6 +16,7 @@ from lathe.api.common import (
     CelRule,
     DataPath,
     LocalObjectReference,
+    PodMetadata,
     PrinterColumn,
     Resource,
     ResourceRequirements,
@@ -198,6 +199,9 @@ class TokenizerSpec(ApiModel):
     scheduling: Scheduling = Field(
         default_factory=Scheduling,
         description="Node selector, tolerations and priority of the Tokenizer pod.",
+    )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata, description="Labels and annotations for the Tokenizer pod."
     )
 
     @field_validator("special_tokens")

@@ -91,13 +91,15 @@ def triton_deployment(
         "volumes": [{"name": "models", "emptyDir": {}}, shm, *builders.claim_volumes(claims)],
     }
     pod_spec.update(builders.scheduling_fields(plan.scheduling, plan.resources.gpus))
-    template_metadata: dict = {"labels": pod_labels}
+    # Lathe's own labels and annotation win over spec.serving.podMetadata on a clash.
+    template_metadata: dict = {"labels": {**plan.pod_labels, **pod_labels}}
+    annotations = dict(plan.pod_annotations)
     # A new export writes into the same repository URI. The annotation rolls the pods to the new
     # export, and the sync container rejects a repository that does not match it.
     if plan.repository_digest:
-        template_metadata["annotations"] = {
-            builders.ANNOTATION_REPOSITORY_DIGEST: plan.repository_digest
-        }
+        annotations[builders.ANNOTATION_REPOSITORY_DIGEST] = plan.repository_digest
+    if annotations:
+        template_metadata["annotations"] = annotations
     spec = {
         "selector": {"matchLabels": pod_labels},
         "template": {"metadata": template_metadata, "spec": pod_spec},

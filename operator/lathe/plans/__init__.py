@@ -22,6 +22,8 @@ def build(
     config = stage_config(resource, inputs, output_uri, data_dir, image, data_digests)
     common = dict(kind=resource.kind, name=resource.metadata.name, config=config,
                   scheduling=resource.spec.scheduling)
+    metadata = resource.spec.pod_metadata
+    common = {**common, "pod_labels": metadata.labels, "pod_annotations": metadata.annotations}
     match resource:
         case Corpus():
             return WorkloadPlan(stage="corpus", nodes=resource.spec.workers,
@@ -38,8 +40,6 @@ def build(
                 resources=resource.spec.resources,
                 max_restarts=distributed.max_restarts,
                 suspend=resource.spec.suspend,
-                pod_labels=resource.spec.pod_metadata.labels,
-                pod_annotations=resource.spec.pod_metadata.annotations,
                 **common,
             )
         case ModelDeployment():
@@ -67,6 +67,8 @@ def serving(resource: ModelDeployment, export_output_uri: str,
         metrics_port=spec.metrics_port,
         resources=spec.resources,
         scheduling=spec.scheduling,
+        pod_labels=dict(spec.pod_metadata.labels),
+        pod_annotations=dict(spec.pod_metadata.annotations),
     )
 
 

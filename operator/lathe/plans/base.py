@@ -66,6 +66,9 @@ class ServingPlan:
     scheduling: Scheduling = field(default_factory=Scheduling)
     # The digest of the export output the repository comes from; empty when unknown.
     repository_digest: str = ""
+    # Extra labels and annotations of the Triton pods (spec.serving.podMetadata).
+    pod_labels: dict[str, str] = field(default_factory=dict)
+    pod_annotations: dict[str, str] = field(default_factory=dict)
 
 
 # Spec fields that cannot change a stage's output: where and with what the pods run, how many
@@ -78,7 +81,7 @@ _NOT_IN_STAGE_KEY = {"scheduling", "workers", "suspend", "resources", "pod_metad
 SERVING_ONLY_FIELDS: dict[str, Any] = {
     "autoscaling": True,
     "serving": {"image", "replicas", "http_port", "grpc_port", "metrics_port", "resources",
-                "scheduling"},
+                "scheduling", "pod_metadata"},
 }
 
 
