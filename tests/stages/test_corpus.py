@@ -278,8 +278,9 @@ def test_conll_eval_set_as_text_raises(make_config, declared):
     resource = _corpus(sources, decontamination={"evalSets": eval_sets})
     with pytest.raises(StageError, match=r"spec\.decontamination\.evalSets\[1\]\.format: "
                        rf"evaluation set 'ncbi-conll' .* has format '{declared}', but (\d+) of "
-                       r"the \1 non-blank lines in its first 1000 lines are CoNLL `token<TAB>tag` "
-                       r"lines; use format: conll\.$"):
+                       r"the \1 non-blank lines in its first 1000 lines are CoNLL lines "
+                       r"\(`token<TAB>tag`, or space-separated columns ending with an IOB tag\); "
+                       r"use format: conll\.$"):
         stage.run(make_config(resource), resume=False)
 
 

@@ -494,3 +494,32 @@ def test_operator_names_metadata_field():
     field, message = loader.describe_errors(raised.value, "Corpus")
     assert field == "metadata.name"
     assert message.startswith("invalid value 'my.corpus': must be a DNS-1123 label")
+
+
+@pytest.mark.parametrize(("metadata", "field", "hint"), [
+    ({"labels": {"job-name": "other"}}, "spec.podMetadata.labels",
+     "pod label key 'job-name' is set by Lathe or the Job controller"),
+    ({"labels": {"batch.kubernetes.io/controller-uid": "x"}}, "spec.podMetadata.labels",
+     "is set by Lathe or the Job controller"),
+    ({"labels": {"lathe.dev/kind": "Other"}}, "spec.podMetadata.labels",
+     "use a key of your own"),
+    ({"labels": {"bad key": "a"}}, "spec.podMetadata.labels",
+     "pod label key 'bad key' is not a Kubernetes label key"),
+    ({"labels": {"team": "a b"}}, "spec.podMetadata.labels",
+     "pod label value 'a b' of 'team' is not a Kubernetes label value"),
+    ({"annotations": {"lathe.dev/repository-digest": "x"}}, "spec.podMetadata.annotations",
+     "pod annotation key 'lathe.dev/repository-digest' is set by Lathe"),
+])
+def test_pod_metadata_keys_checked(metadata, field, hint):
+    """Pod labels and annotations are valid Kubernetes keys, and none that Lathe or the Job
+    controller find pods by, which would hide a stage's pods from both."""
+    error = rejection(document("Corpus", {**SPECS["Corpus"], "podMetadata": metadata}))
+    assert error.field == field
+    assert hint in error.detail
+
+
+def test_pod_metadata_of_own_keys_accepted():
+    body = document("Tokenizer", {**SPECS["Tokenizer"], "podMetadata": {
+        "labels": {"team": "nlp", "example.com/cost-center": "c-42"},
+        "annotations": {"sidecar.istio.io/inject": "false", "note": "free text, any value"}}})
+    assert loader.parse_resource(body, "resource.yaml").spec.pod_metadata.labels["team"] == "nlp"

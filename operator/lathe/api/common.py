@@ -418,20 +418,7 @@ class Scheduling(ApiModel):
         # NB: checked here rather than in CEL, whose cost estimate for a regex over every key
         # of an unbounded map exceeds the API server's budget.
         for key, value in selector.items():
-            prefix, _, name = key.rpartition("/")
-            if (len(name) > 63 or not _LABEL_NAME.fullmatch(name)
-                    or (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)))):
-                raise ValueError(
-                    f"node selector key {key!r} is not a Kubernetes label key; use an optional "
-                    "DNS prefix and '/', then up to 63 letters, digits, '-', '_' or '.', starting "
-                    "and ending with a letter or digit"
-                )
-            if value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
-                raise ValueError(
-                    f"node selector value {value!r} of {key!r} is not a Kubernetes label value; "
-                    "use up to 63 letters, digits, '-', '_' or '.', starting and ending with a "
-                    "letter or digit"
-                )
+            _check_label(key, value, "node selector")
         return selector
 
     def pod_spec(self) -> dict[str, Any]:
@@ -449,18 +436,73 @@ class Scheduling(ApiModel):
         return fields
 
 
+def _check_label_key(key: str, what: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    if (len(name) > 63 or not _LABEL_NAME.fullmatch(name)
+            or (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)))):
+        raise ValueError(
+            f"{what} key {key!r} is not a Kubernetes label key; use an optional DNS prefix and "
+            "'/', then up to 63 letters, digits, '-', '_' or '.', starting and ending with a "
+            "letter or digit"
+        )
+
+
+def _check_label(key: str, value: str, what: str) -> None:
+    _check_label_key(key, what)
+    if value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
+        raise ValueError(
+            f"{what} value {value!r} of {key!r} is not a Kubernetes label value; use up to 63 "
+            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        )
+
+
+# Pod labels and annotations that Lathe or the Job and Deployment controllers set and select
+# pods by. A pod that carries another value is not found by its Job, or by Lathe.
+_RESERVED_POD_KEYS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by",
+                      "app.kubernetes.io/component", "controller-uid", "job-name",
+                      "pod-template-hash")
+_RESERVED_POD_PREFIXES = ("lathe.dev/", "batch.kubernetes.io/")
+
+
+def _check_not_reserved(key: str, what: str) -> None:
+    if key in _RESERVED_POD_KEYS or key.startswith(_RESERVED_POD_PREFIXES):
+        raise ValueError(
+            f"{what} key {key!r} is set by Lathe or the Job controller, which find the pods by "
+            "it; use a key of your own"
+        )
+
+
 class PodMetadata(ApiModel):
     """Labels and annotations added to every pod of a stage's workload."""
 
     labels: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra pod labels. Lathe's own labels win on a clash.",
+        description="Extra pod labels. Keys that Lathe or the Job controller set (`lathe.dev/*`, "
+        "`batch.kubernetes.io/*`, `app.kubernetes.io/name`, `managed-by` and `component`, "
+        "`job-name`, `controller-uid`) are rejected.",
     )
     annotations: dict[str, str] = Field(
         default_factory=dict,
         description="Extra pod annotations, for example for a service mesh or the cluster "
-        "autoscaler.",
+        "autoscaler. The same keys as for labels are rejected.",
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _check_pod_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        # NB: checked here rather than in CEL, as for Scheduling.node_selector.
+        for key, value in labels.items():
+            _check_label(key, value, "pod label")
+            _check_not_reserved(key, "pod label")
+        return labels
+
+    @field_validator("annotations")
+    @classmethod
+    def _check_pod_annotations(cls, annotations: dict[str, str]) -> dict[str, str]:
+        for key in annotations:
+            _check_label_key(key, "pod annotation")
+            _check_not_reserved(key, "pod annotation")
+        return annotations
 
 
 # A data path: a file:///, pvc://<claim>/ or s3://<bucket>/ URI with a path after it, or a plain

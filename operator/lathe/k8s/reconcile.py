@@ -729,16 +729,29 @@ def _inputs_disagree(resolved: dict[str, ResolvedInput], upstreams: dict[str, di
     return ""
 
 
+# Kinds whose `podMetadata` labels only the pods of the next run. Their runs do not continue
+# from checkpoints, so a label change would start the whole stage over. These kinds got the
+# field after their run hashes were first recorded, so leaving it out also keeps those hashes.
+_POD_METADATA_OUTSIDE_RUN = {"Corpus", "Tokenizer", "ModelDeployment"}
+
+
 def _run_hash(resource: Resource) -> str:
     """Return the hash that identifies a run: the spec without `suspend` and, for a
     ModelDeployment, without the fields that shape only its Triton Deployment."""
-    exclude = plans.base.spec_exclusions(resource, {"suspend"})
+    fields = {"suspend"}
+    if resource.kind in _POD_METADATA_OUTSIDE_RUN:
+        fields.add("pod_metadata")
+    exclude = plans.base.spec_exclusions(resource, fields)
     return _spec_hash(resource.spec.model_dump(mode="json", by_alias=True, exclude=exclude))
 
 
 def _legacy_run_hash(resource: Resource) -> str:
-    """Return the run hash of releases that hashed every ModelDeployment field but `suspend`."""
-    return _spec_hash(resource.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"}))
+    """Return the run hash of releases that hashed every ModelDeployment field but `suspend`,
+    which had no `podMetadata` on a ModelDeployment or its `serving`."""
+    exclude: dict[str, Any] = {"suspend": True}
+    if resource.kind == "ModelDeployment":
+        exclude.update({"pod_metadata": True, "serving": {"pod_metadata"}})
+    return _spec_hash(resource.spec.model_dump(mode="json", by_alias=True, exclude=exclude))
 
 
 def _spec_hash(spec: dict) -> str:
