@@ -134,11 +134,11 @@ INVALID = [
     ("Corpus", {"sources": [{"name": "x", "format": "text", "path": "a" * 2049}]},
      "spec.sources[0].path: Too long: may not be more than 2048 bytes"),
     ("PretrainJob", {"distributed": {"procsPerNode": 4}, "resources": {"gpus": 2}},
-     "spec.distributed.procsPerNode must equal spec.resources.gpus, because each node runs one "
+     "spec.distributed.procsPerNode must be 1 or equal spec.resources.gpus, because each node runs one "
      "process per GPU; remove procsPerNode to take the GPU count, or set it to "
      "spec.resources.gpus"),
     ("FineTune", {"distributed": {"procsPerNode": 2}, "resources": {"gpus": 8}},
-     "spec.distributed.procsPerNode must equal spec.resources.gpus"),
+     "spec.distributed.procsPerNode must be 1 or equal spec.resources.gpus"),
 ]
 
 # Changes that the API server and the API models both accept.

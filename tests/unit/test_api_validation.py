@@ -391,16 +391,20 @@ REFERENCE_FIELDS = [
 
 @pytest.mark.parametrize(("kind", "field", "change"), REFERENCE_FIELDS,
                          ids=[field for _, field, _ in REFERENCE_FIELDS])
-@pytest.mark.parametrize(("name", "suggestion"), [("", "pubmed-ner"), ("Pubmed_LM", "pubmed-lm"),
+@pytest.mark.parametrize(("name", "suggestion"), [("", None), ("Pubmed_LM", "pubmed-lm"),
                                                   ("my.corpus", "my-corpus"), ("-lm", "lm")])
 def test_invalid_reference_name_explained(kind, field, change, name, suggestion):
+    """The fix suggests a name made from the value, and none when nothing of it is left."""
     body = document(kind)
     change(body["spec"], name)
     error = rejection(body)
     assert error.field == field
     assert error.detail.startswith(f"invalid value {name!r}: must be a DNS-1123 label")
-    assert (f"set it to the metadata.name of the referenced resource, for example "
-            f"{suggestion!r}") in error.detail
+    fix = "set it to the metadata.name of the referenced resource"
+    if suggestion is None:
+        assert error.detail.endswith(f"; {fix}.")
+    else:
+        assert f"{fix}, for example {suggestion!r}" in error.detail
 
 
 def test_long_reference_name_rejected():
@@ -449,7 +453,7 @@ def test_procs_per_node_matches_gpus(kind, gpus, procs, valid):
     error = rejection(body)
     assert error.field == "spec.distributed.procsPerNode"
     assert error.detail.startswith(
-        f"invalid value {procs}: spec.distributed.procsPerNode must equal spec.resources.gpus")
+        f"invalid value {procs}: spec.distributed.procsPerNode must be 1 or equal spec.resources.gpus")
     assert "remove procsPerNode to take the GPU count" in error.detail
 
 

@@ -568,6 +568,13 @@ def test_processes_and_threads_per_node(resources, procs, nproc, threads):
     values = env(build_job(spec=spec))
     assert values["NPROC"] == nproc
     assert values["OMP_NUM_THREADS"] == threads
+    # `lathe run` starts as many processes per node as a pod would, in one group.
+    from lathe.local.runner import LocalRunner
+
+    model = resource("PretrainJob", spec=spec)
+    command = LocalRunner(Path("/tmp/workspace"), Path(DATA_DIR)).command(
+        plan_for(model), Path("/tmp/config.json"), resume=False)
+    assert f"--nproc-per-node={2 * int(nproc)}" in command
 
 
 def test_bad_cpu_quantity_names_field():

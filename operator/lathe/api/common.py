@@ -190,7 +190,10 @@ def _check_dns_label(value: str, fix: str = "rename it, for example to {suggesti
     from `value`.
     """
     if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
-        suggestion = re.sub(r"[^a-z0-9-]+", "-", value.lower())[:63].strip("-") or "pubmed-ner"
+        suggestion = re.sub(r"[^a-z0-9-]+", "-", value.lower())[:63].strip("-")
+        if not suggestion:
+            # Nothing of the value survives, so the message gives no example name.
+            fix = fix.split(", for example")[0]
         raise ValueError(f"must be a DNS-1123 label: {DNS_LABEL_RULE}; "
                          + fix.format(suggestion=repr(suggestion)))
     return value

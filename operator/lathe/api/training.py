@@ -164,9 +164,9 @@ GPU_RULES: tuple[CelRule, ...] = (
         "!has(self.distributed) || !has(self.distributed.procsPerNode) || "
         "self.distributed.procsPerNode == 1 || "
         "self.distributed.procsPerNode == self.resources.gpus",
-        message="spec.distributed.procsPerNode must equal spec.resources.gpus, because each "
-        "node runs one process per GPU; remove procsPerNode to take the GPU count, or set it "
-        "to spec.resources.gpus",
+        message="spec.distributed.procsPerNode must be 1 or equal spec.resources.gpus, because "
+        "each node runs one process per GPU; remove procsPerNode to take the GPU count, or set "
+        "it to spec.resources.gpus",
         check=lambda spec: (
             spec.resources.gpus == 0
             or spec.distributed.procs_per_node in (1, spec.resources.gpus)

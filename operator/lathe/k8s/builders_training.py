@@ -299,7 +299,7 @@ def _volumes(plan: WorkloadPlan, store: ArtifactStore, name: str) -> tuple[list,
 
 def processes_per_node(plan: WorkloadPlan) -> int:
     """Return torchrun's --nproc-per-node: one process per GPU on GPU nodes."""
-    return plan.resources.gpus if plan.resources.gpus > 0 else plan.procs_per_node
+    return plan.processes_per_node
 
 
 def _env(plan: WorkloadPlan, owner: dict, attempt: int) -> list[dict]:

@@ -548,7 +548,7 @@ class LocalRunner:
 
     def command(self, plan: WorkloadPlan, config: Path, resume: bool) -> list[str]:
         args = [a.replace(CONFIG_PATH_PLACEHOLDER, str(config)) for a in plan.module_args(resume)]
-        processes = plan.nodes * plan.procs_per_node
+        processes = plan.nodes * plan.processes_per_node
         if plan.distributed and processes > 1:
             # NOTE: locally, N nodes of P processes run as one standalone group of N*P processes.
             return [
@@ -564,7 +564,7 @@ class LocalRunner:
         """Run one attempt and return its exit code: the first non-zero one of its workers."""
         # A Corpus with several workers runs them as separate processes, as a Job runs its pods.
         workers = 1 if plan.distributed else plan.nodes
-        processes = plan.nodes * plan.procs_per_node if plan.distributed else workers
+        processes = plan.nodes * plan.processes_per_node if plan.distributed else workers
         env = {
             **os.environ,
             **plan.env,

@@ -43,6 +43,12 @@ class WorkloadPlan:
     # or a changed input starts a new run. The Kubernetes backend names its Jobs with it.
     run: int = 1
 
+    @property
+    def processes_per_node(self) -> int:
+        """Return torchrun's --nproc-per-node: one process per GPU on GPU nodes, else
+        `procs_per_node`, in a cluster and under `lathe run` alike."""
+        return self.resources.gpus if self.resources.gpus > 0 else self.procs_per_node
+
     def module_args(self, resume: bool = False) -> list[str]:
         """Arguments after `python -m` (or `torchrun -m`)."""
         args = ["lathe_trainer", self.stage, "--config", CONFIG_PATH_PLACEHOLDER]

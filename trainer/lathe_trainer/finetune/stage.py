@@ -165,7 +165,8 @@ def load_base(config: StageConfig, spec: FineTuneSpec, loader):
 
 
 def warn_on_world_size(spec: FineTuneSpec) -> None:
-    # On GPU nodes the pods run one process per GPU (spec.distributed.procsPerNode).
+    # On GPU nodes, one process runs per GPU, in a cluster and under lathe run alike
+    # (lathe.plans.base.WorkloadPlan.processes_per_node).
     per_node = spec.resources.gpus or spec.distributed.procs_per_node
     expected = spec.distributed.nodes * per_node
     if distributed.world_size() != expected:
