@@ -142,7 +142,7 @@ def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None
     cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
                      "Ready again with the re-created Deployment", timeout=90)
 
-    # A third replica that no node accepts: Ready turns False and says why.
+    # A third replica that no node accepts: Ready turns False with the reason.
     cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
                     "-p", '{"spec": {"serving": {"replicas": 3, '
                     '"scheduling": {"nodeSelector": {"pool": "does-not-exist"}}}}}')

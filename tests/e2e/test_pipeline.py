@@ -351,7 +351,7 @@ def test_failed_spec_change_keeps_output(tmp_path, data_dir):
     assert restored.reused
     assert restored.manifest["digest"] == first.manifest["digest"]
     assert not previous.exists()
-    # A run that references the Corpus without its file sees the restored spec.
+    # A run that references the Corpus without its file reads the restored spec.
     recorded = json.loads((first.directory / "resource.json").read_text())
     assert recorded["spec"]["minWords"] == 5
     shards = sorted(path.name for path in (first.directory / "output").rglob("*") if path.is_file())

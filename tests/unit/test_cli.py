@@ -100,7 +100,7 @@ def test_verbose_before_or_after_command(argv, verbose):
 
 
 def test_other_checkout_warned(tmp_path):
-    """A shared environment's `lathe` that runs another checkout's code says so."""
+    """A shared environment's `lathe` that runs another checkout's code prints a warning."""
     other = tmp_path / "other"
     (other / "operator" / "lathe").mkdir(parents=True)
     (other / "pyproject.toml").write_text("")
@@ -118,7 +118,7 @@ def test_own_checkout_not_warned(tmp_path):
 
 
 def test_resumed_stage_says_so():
-    """A stage that resumes from its checkpoints says from which step when it starts."""
+    """A stage that resumes from its checkpoints names the step when it starts."""
     output = io.StringIO()
     console = Console(file=output, force_terminal=False, width=200)
     resource = SimpleNamespace(key="PretrainJob/default/lm", kind="PretrainJob",

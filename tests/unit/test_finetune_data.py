@@ -252,7 +252,7 @@ def test_step_indices_deterministic_and_cover_epoch():
 
 
 def test_phase_named_in_progress():
-    """The progress share counts both phases, so each message says which phase it is."""
+    """The progress share counts both phases, so each message names its phase."""
     from lathe_trainer.finetune.stage import progress_callback
 
     updates = []
