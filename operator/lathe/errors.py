@@ -35,6 +35,14 @@ class InvalidResourcesError(InvalidResourceError):
         self.errors = list(errors)
 
 
+def raise_errors(errors: list[InvalidResourceError]) -> None:
+    """Raise a single error as it is, and several as one InvalidResourcesError."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise InvalidResourcesError(errors)
+
+
 class InputsNotReadyError(LatheError):
     """A referenced input does not exist yet or has not finished: retry later."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from graphlib import CycleError, TopologicalSorter
 
 from lathe.api import Resource
@@ -22,11 +22,13 @@ def upstream_key(resource: Resource, kind: str, name: str) -> str:
 
 
 def order(resources: list[Resource], finished: Collection[str] = (),
-          workspace: str | None = None) -> list[Resource]:
+          workspace: str | None = None, unfinished: Mapping[str, str] | None = None,
+          ) -> list[Resource]:
     """Return the resources in dependency order.
 
     `finished` holds the keys of resources that are not among `resources` but whose outputs
     exist (in the workspace named by `workspace`), so that a reference to one is resolved.
+    `unfinished` says, by key, why a stage that ran in the workspace has no finished output.
     Raises InvalidResourceError for a reference to any other resource that is not among them,
     naming the field, and for a cycle.
     """
@@ -39,6 +41,13 @@ def order(resources: list[Resource], finished: Collection[str] = (),
             if key in finished:
                 continue
             if key not in by_key:
+                why = (unfinished or {}).get(key)
+                if why:
+                    raise InvalidResourceError(
+                        resource.label, REFERENCE_FIELDS.get(role, role),
+                        f"references {kind} {name!r}, which is not defined in the files given, "
+                        f"and {why}; pass its file too with -f to run it again.",
+                    )
                 where = (f" and has no finished output in the workspace {workspace}"
                          if workspace else "")
                 raise InvalidResourceError(

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from lathe.api import API_VERSION, KINDS, Resource
 from lathe.api.common import RULE_ERROR, ObjectMeta, field_path, quote_value
-from lathe.errors import InvalidResourceError, InvalidResourcesError
+from lathe.errors import InvalidResourceError, raise_errors
 from lathe.graph import REFERENCE_FIELDS, upstream_key
 
 log = logging.getLogger(__name__)
@@ -221,13 +221,16 @@ def other_api_group(document: Any) -> bool:
     if not isinstance(document, dict):
         return False
     api_version = document.get("apiVersion")
+    kind = document.get("kind")
+    lathe_kind = isinstance(kind, str) and kind in KINDS
     if not isinstance(api_version, str) or not api_version:
-        return False
+        # A patch or values file without apiVersion, such as Argo CD's argocd-cm patch, is not
+        # a Lathe resource unless its kind is one.
+        return not lathe_kind and (kind is None or isinstance(kind, str))
     group = api_version.rpartition("/")[0]
     if group == LATHE_GROUP:
         return False
-    kind = document.get("kind")
-    if isinstance(kind, str) and kind in KINDS:
+    if lathe_kind:
         return bool(group) and not difflib.get_close_matches(group, [LATHE_GROUP], cutoff=0.6)
     return True
 
@@ -461,19 +464,18 @@ def _warn_skipped(document: dict[str, Any], path: Path) -> None:
         action = f"kustomize reads it with `kubectl apply -k {shlex.quote(str(path.parent))}`"
     else:
         action = f"create it with `kubectl apply -f {shlex.quote(str(path))}`"
+    if not document.get("apiVersion"):
+        log.warning(
+            "skipped %s in %s: it has no apiVersion, so it is no Lathe resource (a patch or "
+            "values file); lathe reads only %s resources.", manifest, _origin_name(path),
+            API_VERSION,
+        )
+        return
     log.warning(
         "skipped %s in %s: apiVersion %r is not a Lathe API version, and lathe reads only %s "
         "resources; %s.",
         manifest, _origin_name(path), document["apiVersion"], API_VERSION, action,
     )
-
-
-def _raise_errors(errors: list[InvalidResourceError]) -> None:
-    """Raise a single error as it is, and several as one InvalidResourcesError."""
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise InvalidResourcesError(errors)
 
 
 def load_file(path: Path) -> list[Resource]:
@@ -483,7 +485,7 @@ def load_file(path: Path) -> list[Resource]:
     Raises InvalidResourceError, or InvalidResourcesError naming every invalid document.
     """
     contents = _read_resources(path)
-    _raise_errors(contents.errors)
+    raise_errors(contents.errors)
     return contents.resources
 
 
@@ -526,7 +528,7 @@ def load_paths(paths: list[Path]) -> list[Resource]:
         resources += contents.resources
         skipped += contents.skipped
         errors += contents.errors
-    _raise_errors(errors)
+    raise_errors(errors)
     if not resources:
         names = ", ".join(str(path) for path in paths)
         message = "no resources found; pass .yaml files or a folder that contains them."
@@ -536,7 +538,7 @@ def load_paths(paths: list[Path]) -> list[Resource]:
             message = (f"no resources found, and {skipped_text} (see the warnings above); pass "
                        f"files or a folder that contain {API_VERSION} resources.")
         raise InvalidResourceError(names, "-f", message)
-    _raise_errors(_duplicate_errors(resources) + _reference_namespace_errors(resources))
+    raise_errors(_duplicate_errors(resources) + _reference_namespace_errors(resources))
     return resources
 
 

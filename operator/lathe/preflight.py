@@ -13,14 +13,19 @@ from pathlib import Path
 
 from lathe.api import Corpus, FineTune, ModelDeployment, Resource, Tokenizer
 from lathe.api.common import quote_value
-from lathe.errors import InvalidResourceError
+from lathe.errors import InvalidResourceError, raise_errors
 from lathe_trainer.corpus.sniff import (
     conll_mismatch_message,
     format_mismatch,
     has_content,
     mismatch_message,
 )
+from lathe_trainer.datasets import conll_columns, is_docstart
 from lathe_trainer.stage import combined_digest, digest_outputs, sha256_file
+
+# Lines of a FineTune or ModelDeployment CoNLL file read before the run, so that the check
+# costs the same for any file size. The stage reads every line.
+CONLL_CHECK_LINES = 1000
 
 
 def _named_paths(resource: Resource) -> Iterator[tuple[str, str]]:
@@ -218,12 +223,33 @@ def check_data_formats(resource: Resource, data_dir: Path) -> None:
                                        _empty_message(item, resolved))
         guess = format_mismatch(resolved, item.declared)
         if guess is None:
+            if item.entry is None:
+                _check_conll_lines(resource, item, resolved)
             continue
         if item.entry is None:
             message = conll_mismatch_message(item.path, guess)
         else:
             message = mismatch_message(item.entry, item.path, item.declared, guess)
         raise InvalidResourceError(resource.label, item.format_field, message)
+
+
+def _check_conll_lines(resource: Resource, item: _FormattedFile, resolved: Path) -> None:
+    """Raise for the first malformed line among the first CONLL_CHECK_LINES of a CoNLL file
+    that a FineTune or ModelDeployment reads, with the stage's reason."""
+    with resolved.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if number > CONLL_CHECK_LINES:
+                return
+            line = line.rstrip("\r\n")
+            if not line.strip() or is_docstart(line):
+                continue
+            try:
+                conll_columns(line)
+            except ValueError as error:
+                raise InvalidResourceError(
+                    resource.label, item.path_field,
+                    f"{item.path}:{number}: {error}; fix the file or the path.",
+                ) from None
 
 
 def _empty_message(item: _FormattedFile, resolved: Path) -> str:
@@ -249,6 +275,11 @@ def check_resources(resources: list[Resource], data_dir: Path,
     """
     from lathe import consistency  # it imports this module
 
+    errors = []
     for resource in resources:
-        check_data_formats(resource, data_dir)
+        try:
+            check_data_formats(resource, data_dir)
+        except InvalidResourceError as error:
+            errors.append(error)
+    raise_errors(errors)
     consistency.check_references(resources, data_dir, upstream)

@@ -527,3 +527,9 @@ def test_pod_metadata_of_own_keys_accepted():
         "labels": {"team": "nlp", "example.com/cost-center": "c-42"},
         "annotations": {"sidecar.istio.io/inject": "false", "note": "free text, any value"}}})
     assert loader.parse_resource(body, "resource.yaml").spec.pod_metadata.labels["team"] == "nlp"
+
+
+def test_empty_pod_labels_accepted():
+    """`labels:` with nothing after it is null in YAML, which the API server drops."""
+    body = document("Corpus", {**SPECS["Corpus"], "podMetadata": {"labels": None}})
+    assert loader.parse_resource(body, "resource.yaml").spec.pod_metadata.labels == {}

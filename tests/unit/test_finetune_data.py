@@ -192,6 +192,7 @@ CONLL_LAYOUTS = {
     "four columns with spaces": "Ataxia NN B-NP B-Disease\n- : I-NP I-Disease\nis VBZ B-VP O\n"
     "\nIL NN B-NP O\n",
     "two columns with spaces": "Ataxia B-Disease\n- I-Disease\nis O\n\nIL O\n",
+    "spaces around tabs": "Ataxia \tB-Disease\n- \t I-Disease\nis\t O \n\nIL \tO\n",
 }
 
 

@@ -300,3 +300,20 @@ def test_kubectl_list_is_unpacked(tmp_path):
     resources = loader.load_paths([path])
     assert [resource.key for resource in resources] == ["Corpus/default/pubmed",
                                                         "Tokenizer/default/tok"]
+
+
+def test_document_without_api_version_skipped(tmp_path, caplog):
+    """A patch file without apiVersion, such as Argo CD's argocd-cm patch, is skipped."""
+    write(tmp_path, "data:\n  key: value\n", "patch.yaml")
+    write(tmp_path, CORPUS, "corpus.yaml")
+    with caplog.at_level("WARNING", logger="lathe.loader"):
+        resources = loader.load_paths([tmp_path])
+    assert [resource.kind for resource in resources] == ["Corpus"]
+    assert "it has no apiVersion, so it is no Lathe resource" in caplog.text
+
+
+def test_lathe_kind_without_api_version_rejected(tmp_path):
+    path = write(tmp_path, CORPUS.replace("apiVersion: lathe.dev/v1alpha1\n", ""))
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_paths([path])
+    assert raised.value.field == "apiVersion"

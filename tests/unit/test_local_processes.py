@@ -230,3 +230,51 @@ def test_resume_points_name_each_phase(tmp_path):
     (tmp_path / "checkpoints" / "scratch" / "step-00000040").mkdir()
     assert _resume_points(*storage.resolve(f"file://{tmp_path}")) == (
         "lora step 300, scratch step 20")
+
+
+def test_failed_reference_explained(tmp_path):
+    """A reference to a stage whose last run in the workspace failed says so, and where its
+    last good output is kept, instead of calling the name unknown."""
+    import json
+
+    from lathe import loader
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import LocalRunner
+
+    stage = tmp_path / "workspace" / "default" / "corpus" / "pubmed"
+    (stage / "previous-output").mkdir(parents=True)
+    (stage / "previous-output" / "manifest.json").write_text("{}")
+    (stage / "status.json").write_text(json.dumps({"phase": "Failed"}))
+    tokenizer = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "Tokenizer", "metadata": {"name": "tok"},
+        "spec": {"corpusRef": {"name": "pubmed"}},
+    }, "tokenizer.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        LocalRunner(tmp_path / "workspace", tmp_path).check([tokenizer])
+    message = str(raised.value)
+    assert "its last run in the workspace has phase Failed" in message
+    assert f"kept in {stage / 'previous-output'}" in message
+    assert message.endswith("pass its file too with -f to run it again.")
+
+
+def test_every_resource_checked_before_raising(tmp_path):
+    """Missing files of two resources are reported together, as the loader reports every
+    invalid file."""
+    from lathe import loader
+    from lathe.errors import InvalidResourcesError
+    from lathe.local.runner import LocalRunner
+
+    corpus = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "c"},
+        "spec": {"sources": [{"name": "a", "format": "text", "path": "missing-a.txt"}]},
+    }, "corpus.yaml")
+    other = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "d"},
+        "spec": {"sources": [{"name": "b", "format": "text", "path": "missing-b.txt"}]},
+    }, "other.yaml")
+    with pytest.raises(InvalidResourcesError) as raised:
+        LocalRunner(tmp_path / "workspace", tmp_path).check([corpus, other])
+    assert [error.resource for error in raised.value.errors] == [
+        "Corpus/default/c", "Corpus/default/d"]
+    assert "missing-a.txt" in str(raised.value)
+    assert "missing-b.txt" in str(raised.value)

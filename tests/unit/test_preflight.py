@@ -251,3 +251,25 @@ def test_content_checks_skip_missing_and_remote_files(data_dir):
     body["spec"]["sources"][0]["path"] = "pubmed/absent.txt"
     body["spec"]["sources"][1]["path"] = "s3://bucket/notes.txt"
     preflight.check_data_formats(parse(body), data_dir)
+
+
+def test_finetune_conll_lines_checked_before_run(tmp_path):
+    """A FineTune split with a line the stage would reject fails validation, before the stages
+    upstream of it have run."""
+    from lathe import preflight
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("Ataxia\tB-Disease\nis\tO\n\nplain words without a tag\n")
+    (data / "test.tsv").write_text("IL\tO\n")
+    finetune = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ner"},
+        "spec": {"baseModel": {"pretrainJobRef": {"name": "lm"}},
+                 "data": {"train": "train.tsv", "test": "test.tsv"}},
+    }, "finetune.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_data_formats(finetune, data)
+    assert raised.value.field == "spec.data.train"
+    assert raised.value.detail.startswith("train.tsv:4: expected `token<TAB>tag`, or columns "
+                                          "separated by spaces that end with an IOB tag")
+    assert raised.value.detail.endswith("; fix the file or the path.")

@@ -213,6 +213,10 @@ def test_loader_shows_empty_matching_regex_once():
          "begins; remove the backslash, or write \\\\ to match a literal backslash"),
         (r"E\q1", r"bad escape \q at position 1 (counting from 0), where '\q1' begins; remove "
          r"the backslash, or write \\ to match a literal backslash"),
+        (r"\p{L}+", r"bad escape \p at position 0 (counting from 0), where '\p{L}+' begins; "
+         r"Unicode property classes such as \p{L} are not supported by Python's re module, "
+         r"which checks the pattern; use a character class instead, such as [^\W\d_] for "
+         r"letters"),
         ("*E11", "nothing to repeat at position 0 (counting from 0), where '*E11' begins; put "
          "the character or group to repeat before the quantifier, or escape the quantifier as "
          "\\*, \\+ or \\?"),

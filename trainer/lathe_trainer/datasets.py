@@ -62,13 +62,14 @@ def conll_columns(line: str) -> tuple[str, str]:
 
     Columns are separated by tabs, or by spaces in a line without a tab, as CoNLL-2003 is
     published. Columns between the first and the last, such as the POS and chunk tags of
-    CoNLL-2003, are ignored, and trailing whitespace is dropped. Raises ValueError with the
-    reason for a line without a tag column or whose token is empty or contains whitespace. The
-    reason ends without a period.
+    CoNLL-2003, are ignored, and whitespace around a tab-separated column is dropped, as
+    `str.split()` would drop it. Raises ValueError with the reason for a line without a tag
+    column or whose token is empty or contains whitespace. The reason ends without a period.
     """
     stripped = line.rstrip()
     spaced = "\t" not in stripped
-    columns = stripped.split(" ") if spaced else stripped.split("\t")
+    columns = (stripped.split(" ") if spaced
+               else [column.strip(" ") for column in stripped.split("\t")])
     if len(columns) < 2:
         raise ValueError(
             f"expected `token<TAB>tag` or `token tag`, got {excerpt(line)!r} without a tag "

@@ -490,6 +490,12 @@ class PodMetadata(ApiModel):
         "autoscaler. The same keys as for labels are rejected.",
     )
 
+    @field_validator("labels", "annotations", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        # `labels:` with nothing after it is null in YAML, and the API server drops a null.
+        return {} if value is None else value
+
     @field_validator("labels")
     @classmethod
     def _check_pod_labels(cls, labels: dict[str, str]) -> dict[str, str]:

@@ -54,6 +54,14 @@ _REGEX_FIXES = (
     ("nothing to repeat", "put the character or group to repeat before the quantifier, or "
      "escape the quantifier as \\*, \\+ or \\?"),
     ("multiple repeat", "keep one quantifier, or group the repeated part as (?:...)"),
+    # Python's re has no Unicode property classes, which Oniguruma has; the pattern must
+    # compile in both.
+    ("bad escape \\p", "Unicode property classes such as \\p{L} are not supported by "
+     "Python's re module, which checks the pattern; use a character class instead, such as "
+     "[^\\W\\d_] for letters"),
+    ("bad escape \\P", "Unicode property classes such as \\P{L} are not supported by "
+     "Python's re module, which checks the pattern; use a negated character class instead, "
+     "such as [\\W\\d_] for anything but letters"),
     ("bad escape", "remove the backslash, or write \\\\ to match a literal backslash"),
 )
 

@@ -51,7 +51,12 @@ import psutil
 
 from lathe import loader, plans, preflight, status
 from lathe.api import Resource
-from lathe.errors import InvalidResourceError, StageFailedError, WorkspaceError
+from lathe.errors import (
+    InvalidResourceError,
+    StageFailedError,
+    WorkspaceError,
+    raise_errors,
+)
 from lathe.graph import REFERENCE_FIELDS, order, upstream_key
 from lathe.plans.base import CONFIG_PATH_PLACEHOLDER, WorkloadPlan, has_continuable_fields
 from lathe_trainer import remote
@@ -213,23 +218,22 @@ class LocalRunner:
                 "read-only or not yours); pass a writable directory."
             )
         self.from_workspace = self._find_finished(resources)
-        ordered = order(resources, self.from_workspace, workspace=str(self.workspace))
+        ordered = order(resources, self.from_workspace, workspace=str(self.workspace),
+                        unfinished=self._unfinished(resources))
         outputs: dict[str, Resource] = {}
+        # Every resource is checked, so that one run lists the errors of all of them.
+        errors: list[InvalidResourceError] = []
         for resource in ordered:
-            preflight.check_files(resource, self.data_dir)
-            preflight.check_patterns(resource)
-            uri = self.output_uri(resource).rstrip("/")
-            for other_uri, other in outputs.items():
-                if uri == other_uri or uri.startswith(other_uri + "/") or other_uri.startswith(
-                    uri + "/"
-                ):
-                    raise InvalidResourceError(
-                        resource.label, "spec.storage.uri",
-                        f"{uri!r} overlaps the output of {other.key} ({other_uri!r}), and each "
-                        "stage clears its output when it runs; give each resource a location "
-                        "of its own.",
-                    )
+            try:
+                preflight.check_files(resource, self.data_dir)
+                preflight.check_patterns(resource)
+                uri = self.output_uri(resource).rstrip("/")
+                _check_output_overlap(resource, uri, outputs)
+            except InvalidResourceError as error:
+                errors.append(error)
+                continue
             outputs[uri] = resource
+        raise_errors(errors)
         upstream = [found.resource for found in self.from_workspace.values() if found.resource]
         preflight.check_resources(ordered, self.data_dir, upstream)
         return ordered
@@ -248,6 +252,29 @@ class LocalRunner:
                 if finished:
                     found[key] = finished
         return found
+
+    def _unfinished(self, resources: list[Resource]) -> dict[str, str]:
+        """Return why each referenced stage that is not in `resources` and ran in the workspace
+        has no finished output there, by key."""
+        given = {resource.key for resource in resources}
+        reasons = {}
+        for resource in resources:
+            for kind, name in resource.references().values():
+                key = upstream_key(resource, kind, name)
+                if key in given or key in self.from_workspace:
+                    continue
+                directory = self.workspace / resource.metadata.namespace / kind.lower() / name
+                try:
+                    phase = json.loads((directory / "status.json").read_text()).get("phase")
+                except (FileNotFoundError, ValueError):
+                    continue
+                reason = f"its last run in the workspace has phase {phase}"
+                if (directory / PREVIOUS_OUTPUT / MANIFEST).is_file():
+                    reason += (f" (the output of its last successful run is kept in "
+                               f"{directory / PREVIOUS_OUTPUT}, and passing its earlier spec "
+                               "restores it)")
+                reasons[key] = reason
+        return reasons
 
     def finished_output(self, kind: str, namespace: str, name: str) -> FinishedOutput | None:
         """Return the finished output that status.json in the stage's directory records, or
@@ -786,6 +813,17 @@ def _continues(resource: Resource, resume_key_file: Path, resume_key: str) -> bo
     if not resume_key or not has_continuable_fields(resource.kind):
         return False
     return resume_key_file.is_file() and resume_key_file.read_text() == resume_key
+
+
+def _check_output_overlap(resource: Resource, uri: str, outputs: dict[str, Resource]) -> None:
+    """Raise when `uri` is, contains or lies in the output of another resource of the run."""
+    for other_uri, other in outputs.items():
+        if uri == other_uri or uri.startswith(other_uri + "/") or other_uri.startswith(uri + "/"):
+            raise InvalidResourceError(
+                resource.label, "spec.storage.uri",
+                f"{uri!r} overlaps the output of {other.key} ({other_uri!r}), and each stage "
+                "clears its output when it runs; give each resource a location of its own.",
+            )
 
 
 def _check_inputs_agree(resource: Resource, inputs: dict[str, ResolvedInput],

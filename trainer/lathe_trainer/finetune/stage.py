@@ -146,10 +146,11 @@ def read_splits(config: StageConfig, spec: FineTuneSpec) -> dict[str, list]:
         try:
             splits[name] = read_sentences(path, limit)
         except TaskDataError as error:
+            where = ("" if "://" in relative or relative.startswith("/") else
+                     f" (relative paths resolve against the data directory {config.data_dir})")
             raise StageError(
-                config, f"spec.data.{name}", f"{relative!r} cannot be used: {error}; fix the "
-                "file or the path (relative paths resolve against the data directory "
-                f"{config.data_dir})."
+                config, f"spec.data.{name}",
+                f"{relative!r} cannot be used: {error}; fix the file or the path{where}.",
             ) from error
     return splits
 
