@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Collection, Mapping
 from graphlib import CycleError, TopologicalSorter
 
@@ -50,11 +51,15 @@ def order(resources: list[Resource], finished: Collection[str] = (),
                     )
                 where = (f" and has no finished output in the workspace {workspace}"
                          if workspace else "")
+                names = [other.metadata.name for other in resources if other.kind == kind
+                         and other.metadata.namespace == resource.metadata.namespace]
+                close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+                fix = f"fix the name (did you mean {close[0]!r}?)" if close else "fix the name"
                 raise InvalidResourceError(
                     resource.label,
                     REFERENCE_FIELDS.get(role, role),
                     f"references {kind} {name!r}, which is not defined in the files given"
-                    f"{where}; pass its file too with -f, or fix the name.",
+                    f"{where}; pass its file too with -f, or {fix}.",
                 )
             dependencies.append(key)
         sorter.add(resource.key, *dependencies)

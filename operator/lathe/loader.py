@@ -211,6 +211,12 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _did_you_mean(value: str, known) -> str:
+    """Return " did you mean 'x'?" for the closest of `known`, or ""."""
+    close = difflib.get_close_matches(value, list(known), n=1, cutoff=0.6)
+    return f" did you mean {close[0]!r}?" if close else ""
+
+
 def other_api_group(document: Any) -> bool:
     """Return True for the manifest of another API group, such as a ConfigMap or a
     PersistentVolumeClaim, which lathe skips and `kubectl apply` creates.
@@ -268,7 +274,8 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
         )
     if kind not in KINDS:
         raise InvalidResourceError(
-            label, "kind", f"unknown kind {kind!r}; use one of {', '.join(KINDS)}."
+            label, "kind", f"unknown kind {kind!r};{_did_you_mean(kind, KINDS)} use one of "
+            f"{', '.join(KINDS)}."
         )
     unknown = sorted(str(key) for key in metadata if key not in OBJECT_META_FIELDS)
     if unknown:
@@ -530,7 +537,7 @@ def load_paths(paths: list[Path]) -> list[Resource]:
         errors += contents.errors
     raise_errors(errors)
     if not resources:
-        names = ", ".join(str(path) for path in paths)
+        names = ", ".join(_origin_name(path) for path in paths)
         message = "no resources found; pass .yaml files or a folder that contains them."
         if skipped:
             skipped_text = (f"{skipped} non-Lathe resources were skipped" if skipped > 1

@@ -7,6 +7,7 @@ resource must also fit the resources it references (lathe.consistency).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,8 +144,20 @@ def check_files(resource: Resource, data_dir: Path) -> None:
             resource.label,
             field,
             f"file {path!r} {problem} under the data directory {str(data_dir)!r}; fix the "
-            "path or pass the right folder with --data-dir.",
+            f"path{_close_file(path, resolved)} or pass the right folder with --data-dir.",
         )
+
+
+def _close_file(path: str, resolved: Path) -> str:
+    """Return " (did you mean 'x'?)" for a file next to `resolved` with a similar name, or ""."""
+    try:
+        names = [entry.name for entry in resolved.parent.iterdir() if entry.is_file()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(resolved.name, names, n=1, cutoff=0.7)
+    if not close:
+        return ""
+    return f" (did you mean {str(Path(path).parent / close[0])!r}?)"
 
 
 def check_patterns(resource: Resource) -> None:

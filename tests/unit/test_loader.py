@@ -317,3 +317,26 @@ def test_lathe_kind_without_api_version_rejected(tmp_path):
     with pytest.raises(InvalidResourceError) as raised:
         loader.load_paths([path])
     assert raised.value.field == "apiVersion"
+
+
+def test_misspelled_kind_reference_and_file_suggested(tmp_path, data_dir):
+    """A misspelled kind, reference name or data file name gets the close match."""
+    kind = write(tmp_path, CORPUS.replace("kind: Corpus", "kind: Corpse"), "kind.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_paths([kind])
+    assert "did you mean 'Corpus'?" in str(raised.value)
+
+    references = tmp_path / "references"
+    references.mkdir()
+    write(references, CORPUS, "corpus.yaml")
+    write(references, TOKENIZER.replace("{name: pubmed}", "{name: pubmd}"), "tokenizer.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        order(loader.load_paths([references]))
+    assert "fix the name (did you mean 'pubmed'?)" in str(raised.value)
+
+    misspelled = write(tmp_path, CORPUS.replace("NCBItrainset_corpus", "NCBItrainset_corpu"),
+                       "file.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        LocalRunner(tmp_path / "workspace", data_dir).check(loader.load_paths([misspelled]))
+    assert ("did you mean 'pubmed/ncbi-disease/corpus/NCBItrainset_corpus.txt'?"
+            in str(raised.value))
