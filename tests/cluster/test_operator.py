@@ -142,18 +142,28 @@ def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None
     cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
                      "Ready again with the re-created Deployment", timeout=90)
 
-    # A third replica that no node accepts: Ready turns False with the reason.
-    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
-                    "-p", '{"spec": {"serving": {"replicas": 3, '
-                    '"scheduling": {"nodeSelector": {"pool": "does-not-exist"}}}}}')
-    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "False",
-                     "Ready=False while a replica cannot be placed", timeout=90)
-    ready = _ready(cluster, namespace, model)
-    assert ready["reason"] in ("ServerNotReady", "PodsNotStarting"), ready
-    assert "of 3 Triton replicas are ready" in ready["message"], ready
+    # A third replica that no node accepts, because every node is cordoned: Ready turns False
+    # with the reason. The pod template stays the same, so no rollout replaces the two pods.
+    nodes = cluster.kubectl("get", "nodes", "-o", "name").stdout.split()
+    try:
+        for node in nodes:
+            cluster.kubectl("cordon", node)
+        cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace,
+                        "--type=merge", "-p", '{"spec": {"serving": {"replicas": 3}}}')
+
+        def not_ready() -> bool:
+            ready = _ready(cluster, namespace, model)
+            return (ready.get("status") == "False"
+                    and ready.get("reason") in ("ServerNotReady", "PodsNotStarting")
+                    and ready.get("message", "").startswith("2 of 3 Triton replicas are ready."))
+
+        cluster.wait_for(not_ready, "Ready=False while a replica cannot be placed", timeout=90)
+    finally:
+        for node in nodes:
+            cluster.kubectl("uncordon", node, check=False)
 
     cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
-                    "-p", '{"spec": {"serving": {"replicas": 0, "scheduling": null}}}')
+                    "-p", '{"spec": {"serving": {"replicas": 0}}}')
     cluster.wait_for(lambda: _ready(cluster, namespace, model).get("reason") == "ScaledToZero",
                      "Ready=False (ScaledToZero) at 0 replicas", timeout=90)
     assert _ready(cluster, namespace, model)["status"] == "False"
