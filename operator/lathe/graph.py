@@ -42,12 +42,12 @@ def order(resources: list[Resource], finished: Collection[str] = (),
             if key in finished:
                 continue
             if key not in by_key:
-                why = (unfinished or {}).get(key)
-                if why:
+                reason = (unfinished or {}).get(key)
+                if reason:
                     raise InvalidResourceError(
                         resource.label, REFERENCE_FIELDS.get(role, role),
                         f"references {kind} {name!r}, which is not defined in the files given, "
-                        f"and {why}; pass its file too with -f to run it again.",
+                        f"and {reason}; pass its file too with -f to run it again.",
                     )
                 where = (f" and has no finished output in the workspace {workspace}"
                          if workspace else "")

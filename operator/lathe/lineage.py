@@ -138,8 +138,8 @@ def walk(output_dir: Path) -> Iterator[Node]:
     yield from _inputs(manifest, 1, set())
 
 
-def _inputs(manifest: dict, depth: int, shown: set[tuple[str, str, str]]) -> Iterator[Node]:
-    """Yield the inputs of `manifest` depth first. An input in `shown` (a PretrainJob and its
+def _inputs(manifest: dict, depth: int, listed: set[tuple[str, str, str]]) -> Iterator[Node]:
+    """Yield the inputs of `manifest` depth first. An input in `listed` (a PretrainJob and its
     Tokenizer both read the Corpus) is yielded once more without its own inputs."""
     for role, item in sorted((manifest.get("inputs") or {}).items()):
         kind, name = item.get("kind", role), item.get("name", "?")
@@ -155,12 +155,12 @@ def _inputs(manifest: dict, depth: int, shown: set[tuple[str, str, str]]) -> Ite
             yield Node(depth, kind, name, recorded, None,
                        f"rewritten since: {item['uri']} now contains {found['digest']}")
             continue
-        if (kind, name, recorded) in shown:
+        if (kind, name, recorded) in listed:
             yield Node(depth, kind, name, recorded, found, repeated=True)
             continue
-        shown.add((kind, name, recorded))
+        listed.add((kind, name, recorded))
         yield Node(depth, kind, name, recorded, found)
-        yield from _inputs(found, depth + 1, shown)
+        yield from _inputs(found, depth + 1, listed)
 
 
 def lineage_lines(output_dir: Path) -> Iterator[str]:

@@ -358,16 +358,21 @@ def test_run_check_rejects_before_workspace(data_dir, tmp_path):
     assert not (tmp_path / "workspace").exists()
 
 
-def test_validate_command_reports_error(data_dir, tmp_path, capsys):
-    """`lathe validate -f folder/` fails with the error instead of "5 resources are valid"."""
-    bodies = examples()
-    bodies["01-corpus.yaml"]["spec"]["sources"][0]["format"] = "pubmedqa"
+def validate(bodies: dict, tmp_path, data_dir) -> int:
+    """Write `bodies` to a folder and run `lathe validate -f` on it; return the exit code."""
     folder = tmp_path / "specs"
     folder.mkdir()
     for name, body in bodies.items():
         (folder / name).write_text(yaml.safe_dump(body))
-    code = cli.main(["validate", "-f", str(folder), "--workspace", str(tmp_path / "workspace"),
+    return cli.main(["validate", "-f", str(folder), "--workspace", str(tmp_path / "workspace"),
                      "--data-dir", str(data_dir)])
+
+
+def test_validate_command_reports_error(data_dir, tmp_path, capsys):
+    """`lathe validate -f folder/` fails with the error instead of "5 resources are valid"."""
+    bodies = examples()
+    bodies["01-corpus.yaml"]["spec"]["sources"][0]["format"] = "pubmedqa"
+    code = validate(bodies, tmp_path, data_dir)
     captured = capsys.readouterr()
     assert code == 1
     assert "resources are valid" not in captured.out
@@ -379,12 +384,7 @@ def test_validate_command_reports_error(data_dir, tmp_path, capsys):
 def test_validate_command_rejects_misspelt_target(data_dir, tmp_path, capsys):
     bodies = examples()
     lora(bodies)["targetModules"] = ["qproj", "k_proj", "v_proj", "o_proj"]
-    folder = tmp_path / "specs"
-    folder.mkdir()
-    for name, body in bodies.items():
-        (folder / name).write_text(yaml.safe_dump(body))
-    code = cli.main(["validate", "-f", str(folder), "--workspace", str(tmp_path / "workspace"),
-                     "--data-dir", str(data_dir)])
+    code = validate(bodies, tmp_path, data_dir)
     captured = capsys.readouterr()
     assert code == 1
     assert "resources are valid" not in captured.out

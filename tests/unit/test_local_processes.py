@@ -233,8 +233,8 @@ def test_resume_points_name_each_phase(tmp_path):
 
 
 def test_failed_reference_explained(tmp_path):
-    """A reference to a stage whose last run in the workspace failed says so, and where its
-    last good output is kept, instead of calling the name unknown."""
+    """A reference to a stage whose last run in the workspace failed names the failure and
+    where its last good output is kept, instead of calling the name unknown."""
     import json
 
     from lathe import loader

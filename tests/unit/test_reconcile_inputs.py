@@ -34,11 +34,11 @@ def upstreams(tokenizer_read: str | None) -> dict[str, dict]:
 
 def test_tokenizer_of_old_corpus_waits():
     """A Tokenizer that still describes the Corpus's earlier output does not fit its new one."""
-    why = _inputs_disagree(resolved("sha256:new", "sha256:tok"), upstreams("sha256:old"))
-    assert why.startswith("Waiting for Tokenizer 'pubmed' (tokenizer) to run again on the "
+    reason = _inputs_disagree(resolved("sha256:new", "sha256:tok"), upstreams("sha256:old"))
+    assert reason.startswith("Waiting for Tokenizer 'pubmed' (tokenizer) to run again on the "
                           "current output of Corpus 'pubmed'")
-    assert "sha256:old" in why
-    assert "sha256:new" in why
+    assert "sha256:old" in reason
+    assert "sha256:new" in reason
 
 
 def test_matching_inputs_fit():

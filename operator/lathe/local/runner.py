@@ -241,39 +241,31 @@ class LocalRunner:
     def _find_finished(self, resources: list[Resource]) -> dict[str, FinishedOutput]:
         """Return the referenced stages that are not in `resources` but have a finished output
         in the workspace, by key."""
-        given = {resource.key for resource in resources}
         found = {}
-        for resource in resources:
-            for kind, name in resource.references().values():
-                key = upstream_key(resource, kind, name)
-                if key in given or key in found:
-                    continue
-                finished = self.finished_output(kind, resource.metadata.namespace, name)
-                if finished:
-                    found[key] = finished
+        for key, kind, namespace, name in _outside_references(resources):
+            finished = self.finished_output(kind, namespace, name)
+            if finished:
+                found[key] = finished
         return found
 
     def _unfinished(self, resources: list[Resource]) -> dict[str, str]:
         """Return why each referenced stage that is not in `resources` and ran in the workspace
         has no finished output there, by key."""
-        given = {resource.key for resource in resources}
         reasons = {}
-        for resource in resources:
-            for kind, name in resource.references().values():
-                key = upstream_key(resource, kind, name)
-                if key in given or key in self.from_workspace:
-                    continue
-                directory = self.workspace / resource.metadata.namespace / kind.lower() / name
-                try:
-                    phase = json.loads((directory / "status.json").read_text()).get("phase")
-                except (FileNotFoundError, ValueError):
-                    continue
-                reason = f"its last run in the workspace has phase {phase}"
-                if (directory / PREVIOUS_OUTPUT / MANIFEST).is_file():
-                    reason += (f" (the output of its last successful run is kept in "
-                               f"{directory / PREVIOUS_OUTPUT}, and passing its earlier spec "
-                               "restores it)")
-                reasons[key] = reason
+        for key, kind, namespace, name in _outside_references(resources):
+            if key in self.from_workspace:
+                continue
+            directory = self.workspace / namespace / kind.lower() / name
+            try:
+                phase = json.loads((directory / "status.json").read_text()).get("phase")
+            except (FileNotFoundError, ValueError):
+                continue
+            reason = f"its last run in the workspace has phase {phase}"
+            if (directory / PREVIOUS_OUTPUT / MANIFEST).is_file():
+                reason += (f" (the output of its last successful run is kept in "
+                           f"{directory / PREVIOUS_OUTPUT}, and passing its earlier spec "
+                           "restores it)")
+            reasons[key] = reason
         return reasons
 
     def finished_output(self, kind: str, namespace: str, name: str) -> FinishedOutput | None:
@@ -813,6 +805,18 @@ def _continues(resource: Resource, resume_key_file: Path, resume_key: str) -> bo
     if not resume_key or not has_continuable_fields(resource.kind):
         return False
     return resume_key_file.is_file() and resume_key_file.read_text() == resume_key
+
+
+def _outside_references(resources: list[Resource]) -> Iterator[tuple[str, str, str, str]]:
+    """Yield (key, kind, namespace, name) once for each stage that a resource references and
+    that is not among `resources`."""
+    named = {resource.key for resource in resources}
+    for resource in resources:
+        for kind, name in resource.references().values():
+            key = upstream_key(resource, kind, name)
+            if key not in named:
+                named.add(key)
+                yield key, kind, resource.metadata.namespace, name
 
 
 def _check_output_overlap(resource: Resource, uri: str, outputs: dict[str, Resource]) -> None:
