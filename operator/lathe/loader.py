@@ -473,7 +473,7 @@ def _warn_skipped(document: dict[str, Any], path: Path) -> None:
         action = f"create it with `kubectl apply -f {shlex.quote(str(path))}`"
     if not document.get("apiVersion"):
         log.warning(
-            "skipped %s in %s: it has no apiVersion, so it is no Lathe resource (a patch or "
+            "skipped %s in %s: it has no apiVersion, so it is not a Lathe resource (a patch or "
             "values file); lathe reads only %s resources.", manifest, _origin_name(path),
             API_VERSION,
         )

@@ -309,7 +309,7 @@ def test_document_without_api_version_skipped(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="lathe.loader"):
         resources = loader.load_paths([tmp_path])
     assert [resource.kind for resource in resources] == ["Corpus"]
-    assert "it has no apiVersion, so it is no Lathe resource" in caplog.text
+    assert "it has no apiVersion, so it is not a Lathe resource" in caplog.text
 
 
 def test_lathe_kind_without_api_version_rejected(tmp_path):

@@ -112,7 +112,7 @@ class FinishedOutput:
     resource."""
 
     key: str
-    # The resource as it was run, from resource.json; None for a stage directory written
+    # The resource as it was run, from resource.json. None for a stage directory written
     # before the runner recorded it.
     resource: Resource | None
     resolved: ResolvedInput
@@ -158,7 +158,7 @@ class LocalRunner:
         # Referenced stages that are not among the resources but finished in the workspace,
         # by key, as the last check() found them.
         self.from_workspace: dict[str, FinishedOutput] = {}
-        # Whether hold_workspace() holds the workspace lock, so that run() does not take it.
+        # Whether hold_workspace() has taken the workspace lock, so that run() does not take it.
         self._holding = False
 
     @contextlib.contextmanager
@@ -469,7 +469,7 @@ class LocalRunner:
 
     def _keep_previous(self, resource: Resource, directory: Path, output_uri: str,
                        keep: str | None = None) -> bool:
-        """Move a finished local output to previous-output/; return whether it was moved.
+        """Move a finished local output to previous-output/, and return whether it was moved.
 
         The entry named `keep` (the checkpoints a continuing run resumes from) stays in the
         output. An unfinished output, the remains of a failed run, is not moved, so that
@@ -493,8 +493,8 @@ class LocalRunner:
     def _restore_previous(
         self, resource: Resource, directory: Path, output_uri: str, config: StageConfig
     ) -> dict[str, Any] | None:
-        """Put previous-output/ back as the output when it was made with `config`'s stage key;
-        return its manifest, or None when there is nothing to restore."""
+        """Put previous-output/ back as the output when it was made with `config`'s stage key.
+        Return its manifest, or None when there is nothing to restore."""
         previous = directory / PREVIOUS_OUTPUT
         try:
             manifest = json.loads((previous / MANIFEST).read_text())
