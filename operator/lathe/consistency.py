@@ -9,7 +9,8 @@ rule fails after its upstream stages ran, which can be hours later:
 - a FineTune with LoRA and no spec.lora.targetModules needs a base architecture that has default
   targets (lathe.api.finetune.DEFAULT_LORA_TARGETS);
 - each name in a FineTune's spec.lora.targetModules must match a module of the base model, by
-  peft's rule (lathe_trainer.finetune.model.unmatched_targets);
+  peft's rule (lathe_trainer.finetune.model.unmatched_targets), and only modules that LoRA can
+  wrap (unsupported_targets);
 - a ModelDeployment's spec.export.checkSequenceLengths must fit the model's maximum positions.
 
 A reference to a resource that is not among those given is skipped here, because

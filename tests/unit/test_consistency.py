@@ -174,12 +174,26 @@ def test_misspelt_lora_target_rejected(data_dir):
 @pytest.mark.parametrize("targets", [
     ["self_attn.q_proj", "embed_tokens"],  # a suffix after a dot
     ["model.layers.0.mlp.up_proj"],  # a full module name
-    ["layers"],  # a module that is no layer matches too; peft then rejects its type
 ])
 def test_lora_target_matching_peft_accepted(data_dir, targets):
     bodies = examples()
     lora(bodies)["targetModules"] = targets
     consistency.check_references(parse_all(bodies), data_dir)
+
+
+@pytest.mark.parametrize(("targets", "rejected"), [
+    (["layers"], "'layers' (ModuleList)"),
+    (["q_proj", "self_attn", "mlp"], "'self_attn' (LlamaAttention), 'mlp' (LlamaMLP)"),
+    (["norm"], "'norm' (LlamaRMSNorm)"),
+])
+def test_lora_target_that_is_no_layer_rejected(data_dir, targets, rejected):
+    """peft 0.21 raises for a target module it cannot wrap, so validate rejects it first."""
+    bodies = examples()
+    lora(bodies)["targetModules"] = targets
+    error = rejection(bodies, data_dir)
+    assert error.field == "spec.lora.targetModules"
+    assert error.detail.startswith(f"{rejected} name modules of the base model "), error.detail
+    assert "use the names of the layers inside them: ['down_proj', " in error.detail
 
 
 @pytest.mark.parametrize(("targets", "unmatched"), [

@@ -143,9 +143,32 @@ def unmatched_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
             if not any(name == target or name.endswith(f".{target}") for name in names)]
 
 
+# The module types that peft 0.21's LoRA wraps (LoraModel._create_new_module). For a module of
+# any other type it raises "Target module ... is not supported".
+LORA_MODULE_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                     torch.nn.Conv3d, Conv1D, torch.nn.MultiheadAttention)
+
+
+def unsupported_targets(model: torch.nn.Module, targets: list[str]) -> dict[str, str]:
+    """Map each target that matches a module LoRA cannot wrap to that module's type name.
+
+    A target such as `layers` or `self_attn` names a container of linear layers, and peft
+    rejects the whole FineTune at its start for it.
+    """
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name or isinstance(module, LORA_MODULE_TYPES):
+            continue
+        for target in targets:
+            if target not in found and (name == target or name.endswith(f".{target}")):
+                found[target] = type(module).__name__
+    return {target: found[target] for target in targets if target in found}
+
+
 def check_targets_match(model: torch.nn.Module, targets: list[str],
                         base: str = "the base model") -> None:
-    """Raise BaseModelError naming the targets that match no module of the model.
+    """Raise BaseModelError naming the targets that match no module of the model, or a module
+    that LoRA cannot wrap.
 
     `base` names the model in the message. The FineTune stage and `lathe validate` both call
     it, so they reject the same names with the same message.
@@ -155,6 +178,14 @@ def check_targets_match(model: torch.nn.Module, targets: list[str],
         raise BaseModelError(
             f"{unmatched} match no module of {base}; use names of its linear or embedding "
             f"layers: {adaptable_layers(model)}"
+        )
+    unsupported = unsupported_targets(model, targets)
+    if unsupported:
+        named = ", ".join(f"{target!r} ({kind})" for target, kind in unsupported.items())
+        raise BaseModelError(
+            f"{named} name modules of {base} that LoRA cannot adapt, because they are not "
+            f"linear or embedding layers; use the names of the layers inside them: "
+            f"{adaptable_layers(model)}"
         )
 
 
