@@ -39,6 +39,7 @@ class Reason:
     SERVER_READY = "ServerReady"
     SERVER_NOT_READY = "ServerNotReady"
     SCALED_TO_ZERO = "ScaledToZero"
+    RECONCILE_FAILED = "ReconcileFailed"
 
 
 class Phase:

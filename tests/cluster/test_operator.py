@@ -642,11 +642,26 @@ def test_rejected_reconcile_is_retried(cluster, namespace, lathe_operator, ready
     assert "HTTP 403" in warning["message"], warning
     assert "exceeded quota" in warning["message"], warning
     assert jobs_of(cluster, "refused", namespace) == []
+    # The status shows the failure too, so `kubectl get` has a phase and a reason.
+    cluster.wait_for(lambda: condition(get(cluster, "PretrainJob", "refused", namespace),
+                                       "Succeeded") is not None,
+                     "the failed reconcile in the status")  # fmt: skip
+    job = get(cluster, "PretrainJob", "refused", namespace)
+    summary = condition(job, "Succeeded")
+    assert job["status"]["phase"] == "Pending", job["status"]
+    assert summary["status"] == "Unknown", summary
+    assert summary["reason"] == "ReconcileFailed", summary
+    assert "exceeded quota" in summary["message"], summary
+    assert "retries with backoff" in summary["message"], summary
+    health = run_health("PretrainJob", job)
+    assert health["status"] == "Progressing", health
+    assert "exceeded quota" in health["message"], health
     cluster.kubectl("delete", "resourcequota", "no-jobs", "-n", namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "refused", namespace)) == 1,
                      "the retried reconcile to create the Job", timeout=90)  # fmt: skip
     cluster.wait_for(lambda: is_true(cluster, "PretrainJob", "refused", namespace, "Running"),
                      "Running=True on the PretrainJob")  # fmt: skip
+    assert condition(get(cluster, "PretrainJob", "refused", namespace), "Succeeded") is None
     # Retries that failed with the same error posted no further Events.
     assert len(warnings()) == 1, warnings()
 

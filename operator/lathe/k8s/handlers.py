@@ -183,10 +183,10 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
     return desired
 
 
-# Failed reconciles in a row, the cause of the last Warning Event about them and when it was
-# posted (time.monotonic()), by resource uid.
+# Failed reconciles in a row, the cause of the last Warning Event about them, when it was
+# posted (time.monotonic()) and the message for status, by resource uid.
 # A successful reconcile clears the entry.
-_FAILURES: dict[str, tuple[int, str, float]] = {}
+_FAILURES: dict[str, tuple[int, str, float, str]] = {}
 # Seconds after which a lasting failure's Warning Event is posted again: kube-apiserver deletes
 # Events after --event-ttl (1 h by default), and `kubectl describe` should still show it.
 REPOST_SECONDS = 1800.0
@@ -208,22 +208,24 @@ def _report_failure(body: dict, error: Exception, logger: logging.Logger) -> Non
     webhook, missing RBAC) shows only in the operator's log, not in `kubectl describe`.
     """
     uid = body["metadata"]["uid"]
-    failures, posted, posted_at = _FAILURES.get(uid, (0, "", 0.0))
+    failures, posted, posted_at, _ = _FAILURES.get(uid, (0, "", 0.0, ""))
     retry = f"Retrying in {retry_delay(failures + 1):.0f} s or on the next change"
     if isinstance(error, ApiException):
         cause = f"HTTP {error.status} ({_api_message(error)})"
-        text = (f"Reconciling failed: the API server answered {cause}. {retry}; fix the cause "
-                "(quota, admission policy or the operator's RBAC) to let it proceed.")
+        failed = f"Reconciling failed: the API server answered {cause}."
+        fix = "fix the cause (quota, admission policy or the operator's RBAC) to let it proceed."
     else:
         cause = f"{type(error).__name__}: {error}"
-        text = (f"Reconciling failed with an internal error of the operator ({cause}). "
-                f"{retry}; report it with the operator's log, which has the traceback.")
+        failed = f"Reconciling failed with an internal error of the operator ({cause})."
+        fix = "report it with the operator's log, which has the traceback."
+    text = f"{failed} {retry}; {fix}"
     logger.warning(text)
     now = time.monotonic()
     if cause != posted or now - posted_at >= REPOST_SECONDS:
-        kopf.warn(body, reason="ReconcileFailed", message=text)
+        kopf.warn(body, reason=status.Reason.RECONCILE_FAILED, message=text)
         posted_at = now
-    _FAILURES[uid] = (failures + 1, cause, posted_at)
+    _FAILURES[uid] = (failures + 1, cause, posted_at,
+                      f"{failed} The operator retries with backoff; {fix}")
 
 
 def retry_delay(failures: int) -> float:
@@ -395,8 +397,8 @@ def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Lo
 def _count_failure(uid: str | None) -> None:
     """Count a failed read or status write toward the resource's retry backoff."""
     if uid:
-        failures, posted, posted_at = _FAILURES.get(uid, (0, "", 0.0))
-        _FAILURES[uid] = (failures + 1, posted, posted_at)
+        failures, posted, posted_at, message = _FAILURES.get(uid, (0, "", 0.0, ""))
+        _FAILURES[uid] = (failures + 1, posted, posted_at, message)
 
 
 async def on_resource_event(body, logger, type, **_: Any) -> None:
@@ -471,6 +473,8 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         return True
     desired = _reconcile(parent, logger)
     if desired is None:
+        if not (parent.get("status") or {}).get("conditions"):
+            _show_first_failure(api, parent, logger)
         return False
     current = parent.get("status") or {}
     changes = _changes(current, desired)
@@ -500,6 +504,38 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
     if status.condition_true(desired.get("conditions") or [], summary):
         _wake_dependents({**parent, "status": desired}, logger)
     return True
+
+
+def _show_first_failure(api, body: dict, logger: logging.Logger) -> None:
+    """Write a failed reconcile into a status that has no conditions yet, as the summary
+    condition with status Unknown and reason ReconcileFailed.
+
+    NB: without it, a resource whose first reconcile the API server rejects (a ResourceQuota,
+    an admission webhook) shows no phase in `kubectl get`. The next reconcile that succeeds
+    drops the condition.
+    """
+    meta = body["metadata"]
+    entry = _FAILURES.get(meta["uid"])
+    if entry is None:
+        return
+    model = KINDS[body["kind"]]
+    conditions = status.set_condition([], model.summary_condition, "Unknown",
+                                      status.Reason.RECONCILE_FAILED, entry[3],
+                                      meta.get("generation"))
+    try:
+        stored = api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], model.plural, meta["name"],
+            # With observedGeneration set, Argo CD's health check shows the condition's message.
+            {"status": {"phase": status.Phase.PENDING, "conditions": conditions,
+                        "observedGeneration": meta.get("generation")}},
+        )
+    except ApiException as error:
+        logger.warning("Writing the ReconcileFailed condition failed with HTTP %s: %s; the "
+                       "Warning Event still gives the cause.", error.status, error.reason)
+        return
+    if stored["metadata"].get("generation") == meta.get("generation"):
+        _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"]
+    _remember(stored)
 
 
 async def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

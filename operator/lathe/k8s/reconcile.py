@@ -120,7 +120,10 @@ class Reconciler:
         except Exception as error:  # noqa: BLE001 - any other parse failure fails the spec too
             return self._failed(current, generation, Reason.INVALID_SPEC, str(error), body["kind"])
 
-        conditions = list(current.get("conditions") or [])
+        # A condition that a failed first reconcile wrote (handlers._show_first_failure) goes,
+        # so it lasts only until a reconcile succeeds.
+        conditions = [c for c in current.get("conditions") or []
+                      if c.get("reason") != Reason.RECONCILE_FAILED]
         new = {**current, "observedGeneration": generation}
         inputs, waiting = self._resolve_inputs(resource)
         if waiting:
