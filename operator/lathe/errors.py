@@ -28,6 +28,11 @@ class InvalidResourcesError(InvalidResourceError):
     """
 
     def __init__(self, errors: list[InvalidResourceError]):
+        # A resource with several invalid fields raises one of these too, and each of its
+        # errors is listed on its own line.
+        errors = [item for error in errors
+                  for item in (error.errors if isinstance(error, InvalidResourcesError)
+                               else [error])]
         first = errors[0]
         super().__init__(first.resource, first.field, first.detail)
         lines = "".join(f"\n  {error}" for error in errors)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from lathe.api import API_VERSION, KINDS, Resource
 from lathe.api.common import RULE_ERROR, ObjectMeta, field_path, quote_value
-from lathe.errors import InvalidResourceError, raise_errors
+from lathe.errors import InvalidResourceError, InvalidResourcesError, raise_errors
 from lathe.graph import REFERENCE_FIELDS, upstream_key
 
 log = logging.getLogger(__name__)
@@ -295,21 +295,30 @@ def parse_resource(document: dict[str, Any], origin: str) -> Resource:
     try:
         return KINDS[kind].model_validate(document)
     except ValidationError as error:
-        raise InvalidResourceError(label, *describe_errors(error, kind)) from None
+        # Every problem at once, each on its own line, so a user does not fix them one run at
+        # a time.
+        problems = [InvalidResourceError(label, field, message)
+                    for field, message in list_errors(error, kind)]
+        raise (problems[0] if len(problems) == 1 else InvalidResourcesError(problems)) from None
 
 
-def describe_errors(error: ValidationError, kind: str) -> tuple[str, str]:
-    """Return the field of the first problem of a resource's ValidationError, and a message
-    that lists every problem, each with its field, value and fix."""
+def list_errors(error: ValidationError, kind: str) -> list[tuple[str, str]]:
+    """Return each problem of a resource's ValidationError as (field, message with the value
+    and the fix)."""
     items = error.errors()
     if error.title == ObjectMeta.__name__:
         # Raised by ObjectMeta on its own, as the operator builds it from the object's metadata,
         # so the locations start inside metadata.
         items = [{**item, "loc": ("metadata", *item["loc"])} for item in items]
-    problems = [_describe(item, KINDS[kind]) for item in items]
+    return [_describe(item, KINDS[kind]) for item in items]
+
+
+def describe_errors(error: ValidationError, kind: str) -> tuple[str, str]:
+    """Return the field of the first problem of a resource's ValidationError, and one line
+    that lists every problem, for a status condition's message."""
+    problems = list_errors(error, kind)
     field, message = problems[0]
     if len(problems) > 1:
-        # Every problem at once, so a user does not fix them one run at a time.
         message += " Also: " + " ".join(f"{other}: {text}" for other, text in problems[1:])
     return field, message
 
