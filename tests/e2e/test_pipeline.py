@@ -307,7 +307,7 @@ def test_failed_stage_reports_this_run(tmp_path, data_dir):
 
     message = str(error)
     assert error.exit_code == 42
-    assert "spec.sources: no documents remain after filtering 593 records" in message
+    assert "spec.minWords: no documents remain after filtering 593 records" in message
     assert "filtering 100 records" not in message
     assert "\nerror: " not in message
     assert ": error: " not in message

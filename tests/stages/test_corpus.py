@@ -386,11 +386,28 @@ def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
     config = make_config(
         _corpus([{"name": "short", "format": "text", "path": str(notes)}], minWords=5)
     )
-    with pytest.raises(StageError, match=r"spec\.sources: no documents remain after filtering 2"):
+    with pytest.raises(StageError) as raised:
         stage.run(config, resume=False)
+    message = str(raised.value)
+    assert "spec.minWords: no documents remain after filtering 2 records: 2 are shorter " \
+        "than minWords (5 words); lower minWords" in message, message
+    assert message.endswith("stats.json has the counts of each filter."), message
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["removed"]["minWords"] == 2
     assert read_manifest(f"file://{tmp_path / 'out'}") is None
+
+
+def test_decontaminated_corpus_names_eval_sets(make_config, data_dir):
+    """A source that is the evaluation set itself loses every document to decontamination, and
+    the error names the evaluation sets, not the sources."""
+    test_split = {"name": "ncbi-test", "format": "ncbiDisease",
+                  "path": "pubmed/ncbi-disease/corpus/NCBItestset_corpus.txt"}
+    resource = _corpus([test_split], decontamination={"evalSets": [test_split]})
+    with pytest.raises(StageError) as raised:
+        stage.run(make_config(resource), resume=False)
+    message = str(raised.value)
+    assert "spec.decontamination.evalSets: no documents remain after filtering 100 " \
+        "records: 100 overlap the evaluation sets" in message, message
 
 
 NCBI_DEV = "pubmed/ncbi-disease/corpus/NCBIdevelopset_corpus.txt"

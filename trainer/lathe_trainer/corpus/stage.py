@@ -113,12 +113,12 @@ def run(config: StageConfig, resume: bool = False) -> dict[str, Any]:
     _report(progress, 7, f"Wrote {stats.documents_out} documents in {spec.shards} shards per "
                          "split.")  # fmt: skip
     if stats.documents_out == 0:
+        field, cause = _emptied_by(spec, stats)
         raise StageError(
             config,
-            "spec.sources",
-            f"no documents remain after filtering {stats.documents_in} records; see "
-            f"{output_dir / STATS} for what each filter removed, then add sources or relax "
-            "minWords and the dedup threshold.",
+            field,
+            f"no documents remain after filtering {stats.documents_in} records: {cause} "
+            f"{output_dir / STATS} has the counts of each filter.",
         )
     if count > 1:
         workers.remove_parts(config)
@@ -126,6 +126,27 @@ def run(config: StageConfig, resume: bool = False) -> dict[str, Any]:
     write_manifest(config, metrics)
     log.info("Corpus %s finished with %d documents.", config.name, stats.documents_out)
     return metrics
+
+
+def _emptied_by(spec: CorpusSpec, stats: CorpusStats) -> tuple[str, str]:
+    """Return the field to change when no document remains, and the cause with the fix.
+
+    Deduplication keeps one document of each cluster, so only unread or malformed records, the
+    minWords filter and decontamination can remove every document.
+    """
+    if stats.documents_in == 0:
+        return "spec.sources", "the sources hold no records; check their paths and formats."
+    by_words = stats.filters[MIN_WORDS].removed
+    by_overlap = stats.filters[DECONTAMINATION].removed
+    largest = max(stats.malformed, by_words, by_overlap)
+    if largest == stats.malformed:
+        return ("spec.sources", f"{stats.malformed} are malformed; check each source's format "
+                "against its files.")
+    if largest == by_words:
+        return ("spec.minWords", f"{by_words} are shorter than minWords ({spec.min_words} "
+                "words); lower minWords or add sources with longer documents.")
+    return ("spec.decontamination.evalSets", f"{by_overlap} overlap the evaluation sets; "
+            "add sources that the evaluation sets do not contain.")
 
 
 def _report(progress: ProgressReporter | None, step: int, message: str) -> None:
