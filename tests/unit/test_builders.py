@@ -1364,6 +1364,6 @@ def test_run_hashes_survive_upgrade():
     from lathe import loader
     from lathe.k8s.reconcile import _run_hash
 
-    examples = Path(__file__).resolve().parents[2] / "examples" / "pubmed"
-    hashes = {resource.kind: _run_hash(resource) for resource in loader.load_paths([examples])}
+    released = Path(__file__).resolve().parents[1] / "fixtures" / "released-pubmed.yaml"
+    hashes = {resource.kind: _run_hash(resource) for resource in loader.load_paths([released])}
     assert hashes == RELEASED_RUN_HASHES
