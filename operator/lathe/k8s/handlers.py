@@ -530,8 +530,9 @@ def _show_first_failure(api, body: dict, logger: logging.Logger) -> None:
                         "observedGeneration": meta.get("generation")}},
         )
     except ApiException as error:
-        logger.warning("Writing the ReconcileFailed condition failed with HTTP %s: %s; the "
-                       "Warning Event still gives the cause.", error.status, error.reason)
+        if error.status != 404:  # a deleted resource needs no status
+            logger.warning("Writing the ReconcileFailed condition failed with HTTP %s: %s; the "
+                           "Warning Event still gives the cause.", error.status, error.reason)
         return
     if stored["metadata"].get("generation") == meta.get("generation"):
         _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"]
