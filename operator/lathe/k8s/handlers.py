@@ -537,6 +537,7 @@ def _show_first_failure(api, body: dict, logger: logging.Logger) -> None:
     if stored["metadata"].get("generation") == meta.get("generation"):
         _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"]
     _remember(stored)
+    metrics.PHASES.set(body["kind"], meta["namespace"], meta["name"], status.Phase.PENDING)
 
 
 async def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
