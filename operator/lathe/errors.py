@@ -14,7 +14,8 @@ class InvalidResourceError(LatheError):
     """A resource that can never succeed as written: retrying will not help."""
 
     def __init__(self, resource: str, field: str, message: str):
-        super().__init__(f"{resource}: {field}: {message}")
+        # An empty field stands for the whole file, such as YAML that does not parse.
+        super().__init__(f"{resource}: {field}: {message}" if field else f"{resource}: {message}")
         self.resource = resource
         self.field = field
         self.detail = message

@@ -389,19 +389,19 @@ def _read_documents(path: Path) -> list[Any]:
         text = sys.stdin.read() if path == STDIN else path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise InvalidResourceError(
-            name, "(file)",
+            name, "",
             f"not valid UTF-8 text: byte 0x{error.object[error.start]:02x} at offset "
             f"{error.start}; save the file as UTF-8.",
         ) from None
     except OSError as error:
         raise InvalidResourceError(
-            name, "(file)", f"cannot be read: {error.strerror}; check the path and its "
+            name, "", f"cannot be read: {error.strerror}; check the path and its "
             "permissions.",
         ) from None
     try:
         yaml_loader = _UniqueKeyLoader(text)
     except yaml.YAMLError as error:  # a character that YAML does not allow
-        raise InvalidResourceError(name, "(file)", _yaml_message(error)) from None
+        raise InvalidResourceError(name, "", _yaml_message(error)) from None
     # The reader names a str stream "<unicode string>" in its error marks.
     yaml_loader.name = name
     try:
@@ -410,7 +410,7 @@ def _read_documents(path: Path) -> list[Any]:
             documents.append(yaml_loader.get_data())
         return documents
     except yaml.YAMLError as error:
-        raise InvalidResourceError(name, "(file)", _yaml_message(error)) from None
+        raise InvalidResourceError(name, "", _yaml_message(error)) from None
     finally:
         yaml_loader.dispose()
 
@@ -427,6 +427,7 @@ class _FileContents:
     resources: list[Resource] = dataclasses.field(default_factory=list)
     skipped: int = 0
     errors: list[InvalidResourceError] = dataclasses.field(default_factory=list)
+    empty: bool = False
 
 
 def _read_resources(path: Path) -> _FileContents:
@@ -437,6 +438,12 @@ def _read_resources(path: Path) -> _FileContents:
         documents = _read_documents(path)
     except InvalidResourceError as error:
         contents.errors.append(error)
+        return contents
+    if not any(document is not None for document in documents):
+        # A file emptied by mistake would otherwise drop its stages without a word.
+        log.warning("skipped %s: it contains no YAML documents (it is empty or only comments); add "
+                    "its resources or leave it out.", origin)
+        contents.empty = True
         return contents
     for document in _unpack_lists(documents):
         if not document:
@@ -539,15 +546,20 @@ def load_paths(paths: list[Path]) -> list[Resource]:
     files, errors = _resource_files(paths)
     resources: list[Resource] = []
     skipped = 0
+    empty = 0
     for file in files:
         contents = _read_resources(file)
         resources += contents.resources
         skipped += contents.skipped
+        empty += contents.empty
         errors += contents.errors
     raise_errors(errors)
     if not resources:
         names = ", ".join(_origin_name(path) for path in paths)
         message = "no resources found; pass .yaml files or a folder that contains them."
+        if files and empty == len(files):
+            message = ("no resources found, because every file is empty or only comments; add "
+                       f"{API_VERSION} resources to them.")
         if skipped:
             skipped_text = (f"{skipped} non-Lathe resources were skipped" if skipped > 1
                             else "1 non-Lathe resource was skipped")

@@ -77,7 +77,7 @@ def test_yaml_error_names_file(tmp_path):
         loader.load_paths([path])
     assert "<unicode string>" not in str(raised.value)
     # The path is named once, as the error's resource, and not again in the detail.
-    assert str(raised.value).startswith(f"{path}: (file): invalid YAML at line 8")
+    assert str(raised.value).startswith(f"{path}: invalid YAML at line 8")
     assert str(path) not in raised.value.detail
 
 
@@ -141,6 +141,28 @@ def test_kustomization_skipped_with_warning(tmp_path, caplog):
     assert warning.startswith(f"skipped Kustomization <unnamed> in {kustomization}: apiVersion "
                               "'kustomize.config.k8s.io/v1beta1' is not a Lathe API version")
     assert warning.endswith(f"kustomize reads it with `kubectl apply -k {tmp_path}`.")
+
+
+@pytest.mark.parametrize("content", ["", "# only a comment\n", "---\n---\n"])
+def test_empty_file_in_folder_warned(tmp_path, caplog, content):
+    """A file emptied by mistake drops its stages, so it is named in a warning."""
+    write(tmp_path, TOKENIZER, "tokenizer.yaml")
+    empty = write(tmp_path, content, "deployment.yaml")
+    with caplog.at_level(logging.WARNING, logger="lathe.loader"):
+        resources = loader.load_paths([tmp_path])
+    assert [resource.key for resource in resources] == ["Tokenizer/default/tok"]
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning == (f"skipped {empty}: it contains no YAML documents (it is empty or only "
+                       "comments); add its resources or leave it out.")
+
+
+def test_only_empty_files_rejected(tmp_path):
+    empty = write(tmp_path, "# nothing yet\n", "deployment.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_paths([empty])
+    assert raised.value.field == "-f"
+    assert raised.value.detail == ("no resources found, because every file is empty or only "
+                                   "comments; add lathe.dev/v1alpha1 resources to them.")
 
 
 def test_file_named_twice_read_once(tmp_path):
@@ -266,7 +288,7 @@ def test_every_invalid_document_and_path_reported(tmp_path):
     assert resources == [str(missing), f"Tokenizer/default/one (in {tmp_path / 'a.yaml'})",
                          f"Tokenizer/default/three (in {tmp_path / 'a.yaml'})", str(broken)]
     assert [error.field for error in raised.value.errors] == [
-        "-f", "spec.vocabSize", "spec.vocabSize", "(file)"]
+        "-f", "spec.vocabSize", "spec.vocabSize", ""]
     assert len(str(raised.value).splitlines()) == 5
 
 
