@@ -209,6 +209,15 @@ def test_loader_shows_empty_matching_regex_once():
     [
         ("E11)", "unbalanced parenthesis at position 3 (counting from 0), where ')' begins; "
          "remove the extra ), or write \\) to match a literal parenthesis"),
+        # A ] missing after AB: the set runs on to the ] of the next set, and takes the (
+        # of the group as a character.
+        (r"[A-Z][0-9AB(?:\.[0-9])?", r"unbalanced parenthesis at position 21 (counting from "
+         r"0), where ')?' begins; the character set that starts at position 5 ('[0-9AB(?:\.[') "
+         r"contains a group or set and runs on to a later ]; close the set with ] where it "
+         r"should end, or else remove the extra )"),
+        # A ( in a set is a character, so it is no sign of a missing ].
+        ("[(]E11)", "unbalanced parenthesis at position 6 (counting from 0), where ')' begins; "
+         "remove the extra ), or write \\) to match a literal parenthesis"),
         ("E11\\", "bad escape (end of pattern) at position 3 (counting from 0), where '\\' "
          "begins; remove the backslash, or write \\\\ to match a literal backslash"),
         (r"E\q1", r"bad escape \q at position 1 (counting from 0), where '\q1' begins; remove "

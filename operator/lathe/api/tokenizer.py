@@ -81,7 +81,49 @@ def regex_error_message(pattern: str, error: re.error) -> str:
             message += " at the end of the expression"
     fix = next((fix for start, fix in _REGEX_FIXES if error.msg.startswith(start)),
                "fix the expression so that Python's re module compiles it")
+    if error.msg.startswith("unbalanced parenthesis"):
+        opened = _class_holding_group(pattern)
+        if opened is not None:
+            # A ] missing from a set lets the set run on to a later ], so the ( of the next
+            # group becomes a set member, and Python reports the group's ) as the fault.
+            fix = (f"the character set that starts at position {opened} "
+                   f"({quote_value(pattern[opened:opened + 12])}) contains a group or set and "
+                   "runs on to a later ]; close the set with ] where it should end, or else remove the "
+                   "extra )")
     return f"{message}; {fix}"
+
+
+def _class_holding_group(pattern: str) -> int | None:
+    """Return the position of the first character set `[...]` that contains an unescaped `(?`
+    or `[`, or None when no set does.
+
+    A lone `(` in a set is often meant as a character, so it alone is no sign of a missing ].
+    """
+    position = 0
+    while position < len(pattern):
+        character = pattern[position]
+        if character == "\\":
+            position += 2
+            continue
+        if character != "[":
+            position += 1
+            continue
+        start = position
+        position += 1
+        # A ] right after [ or [^ is a member, not the end of the set.
+        if pattern.startswith("^", position):
+            position += 1
+        if pattern.startswith("]", position):
+            position += 1
+        while position < len(pattern) and pattern[position] != "]":
+            if pattern[position] == "\\":
+                position += 2
+                continue
+            if pattern[position] == "[" or pattern.startswith("(?", position):
+                return start
+            position += 1
+        position += 1
+    return None
 
 
 class ProtectedPattern(ApiModel):
