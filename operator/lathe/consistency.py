@@ -11,6 +11,7 @@ rule fails after its upstream stages ran, which can be hours later:
 - each name in a FineTune's spec.lora.targetModules must match a module of the base model, by
   peft's rule (lathe_trainer.finetune.model.unmatched_targets), and only modules that LoRA can
   wrap (unsupported_targets);
+- a FineTune's spec.maxLength must fit its base model's maximum positions;
 - a ModelDeployment's spec.export.checkSequenceLengths must fit the model's maximum positions.
 
 A reference to a resource that is not among those given is skipped here, because
@@ -58,6 +59,8 @@ class ResolvedBaseModel:
     origin: str
     pretrain_job: PretrainJob | None = None
     config_file: Path | None = None
+    # False for a config that names no maximum positions (t5), whose max_positions is a default.
+    position_limit: bool = True
 
     def classifier(self) -> torch.nn.Module | None:
         """Return the token classifier that the FineTune stage builds on this base, without
@@ -102,6 +105,7 @@ def check_references(resources: list[Resource], data_dir: Path,
                 _check_mask_token(resource, by_key)
             case FineTune():
                 _check_lora_targets(resource, by_key, data_dir)
+                _check_max_length(resource, by_key, data_dir)
             case ModelDeployment():
                 _check_export_lengths(resource, by_key, data_dir)
 
@@ -140,7 +144,8 @@ def base_model(finetune: FineTune, by_key: dict[str, Resource],
         key = POSITION_KEYS[model.architecture]
         config = {key: model.dimensions().max_position_embeddings} if key else {}
         return ResolvedBaseModel(model.architecture, config_max_positions(config),
-                         f"PretrainJob {job.metadata.name!r}", pretrain_job=job)
+                         f"PretrainJob {job.metadata.name!r}", pretrain_job=job,
+                         position_limit=bool(key))
     uri = finetune.spec.base_model.uri
     if not uri or not is_local(uri):
         return None
@@ -153,7 +158,8 @@ def base_model(finetune: FineTune, by_key: dict[str, Resource],
         return None
     model_type = config.get("model_type")
     return ResolvedBaseModel(model_type if isinstance(model_type, str) else None,
-                     config_max_positions(config), f"'{config_file}'", config_file=config_file)
+                     config_max_positions(config), f"'{config_file}'", config_file=config_file,
+                     position_limit=any(key in config for key in POSITION_KEYS.values() if key))
 
 
 def _check_lora_targets(finetune: FineTune, by_key: dict[str, Resource],
@@ -192,6 +198,21 @@ def _check_targets_match(finetune: FineTune, base: ResolvedBaseModel) -> None:
     except BaseModelError as error:
         raise InvalidResourceError(finetune.label, "spec.lora.targetModules",
                                    f"{error}.") from None
+
+
+def _check_max_length(finetune: FineTune, by_key: dict[str, Resource], data_dir: Path) -> None:
+    base = base_model(finetune, by_key, data_dir)
+    if base is None or not base.position_limit or finetune.spec.max_length <= base.max_positions:
+        return
+    fix = f"set maxLength to at most {base.max_positions}"
+    if base.pretrain_job is not None:
+        fix += f", or raise spec.model.maxPositionEmbeddings of {base.origin}"
+    raise InvalidResourceError(
+        finetune.label, "spec.maxLength",
+        f"{finetune.spec.max_length} is above the maximum positions {base.max_positions} of the "
+        f"base model (from {base.origin}), so longer sentences would run past the positions it "
+        f"was built for; {fix}.",
+    )
 
 
 def _check_export_lengths(deployment: ModelDeployment, by_key: dict[str, Resource],

@@ -390,6 +390,16 @@ def test_unknown_lora_target_rejected(make_config, base_output):
         stage.run(config, resume=False)
 
 
+def test_max_length_above_base_positions_rejected(make_config, base_output):
+    """In a cluster no validate runs first, so the stage rejects it before training."""
+    config = make_config(resource(maxLength=300), base_input(base_output))
+    with pytest.raises(StageError) as raised:
+        stage.run(config, resume=False)
+    assert str(raised.value).endswith(
+        "spec.maxLength: 300 is above the maximum positions 256 of the base model, so longer "
+        "sentences would run past the positions it was built for; set maxLength to at most 256.")
+
+
 def test_misspelt_lora_target_rejected(make_config, base_output):
     """A misspelt name next to valid ones fails, though peft would adapt the valid ones only."""
     spec = resource(lora={"targetModules": ["qproj", "k_proj"]})

@@ -337,12 +337,54 @@ def test_export_length_against_model_directory(data_dir, tmp_path):
     directory = bert_directory(tmp_path / "bert", max_position_embeddings=128)
     bodies = examples()
     lora(bodies)["targetModules"] = LORA_TARGETS["bert"]
+    bodies["04-finetune.yaml"]["spec"]["maxLength"] = 128
     bodies = with_base_uri(bodies, str(directory))
     export(bodies)["checkSequenceLengths"] = [3, 20, 200]
     error = rejection(bodies, data_dir)
     assert "[3, 20, 200] includes 200" in error.detail
     assert "maximum positions 128" in error.detail
     assert str(directory / "config.json") in error.detail
+
+
+# -- FineTune maxLength --------------------------------------------------------------------------
+
+
+def test_finetune_max_length_above_positions_rejected(data_dir):
+    bodies = examples()
+    bodies["04-finetune.yaml"]["spec"]["maxLength"] = 600
+    error = rejection(bodies, data_dir)
+    assert error.resource == "FineTune/default/pubmed-ner"
+    assert error.field == "spec.maxLength"
+    assert error.detail.startswith("600 is above the maximum positions 512 of the base model "
+                                   "(from PretrainJob 'pubmed-lm')"), error.detail
+    assert error.detail.endswith("set maxLength to at most 512, or raise "
+                                 "spec.model.maxPositionEmbeddings of PretrainJob 'pubmed-lm'.")
+
+
+def test_finetune_max_length_at_positions_accepted(data_dir):
+    bodies = examples()
+    bodies["04-finetune.yaml"]["spec"]["maxLength"] = 512
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+def test_finetune_max_length_on_t5_unchecked(data_dir):
+    """A t5 config names no maximum positions, so no maxLength is too long for it."""
+    bodies = examples()
+    set_architecture(bodies, "t5")
+    bodies["04-finetune.yaml"]["spec"]["maxLength"] = 600
+    consistency.check_references(parse_all(bodies), data_dir)
+
+
+def test_finetune_max_length_against_model_directory(data_dir, tmp_path):
+    directory = bert_directory(tmp_path / "bert", max_position_embeddings=128)
+    bodies = examples()
+    lora(bodies)["targetModules"] = LORA_TARGETS["bert"]
+    bodies["04-finetune.yaml"]["spec"]["maxLength"] = 160  # as in the example
+    error = rejection(with_base_uri(bodies, str(directory)), data_dir)
+    assert error.field == "spec.maxLength"
+    assert "maximum positions 128" in error.detail
+    assert str(directory / "config.json") in error.detail
+    assert error.detail.endswith("set maxLength to at most 128.")
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert", "t5"])

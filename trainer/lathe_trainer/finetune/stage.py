@@ -78,6 +78,7 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     splits = read_splits(config, spec)
     labels = label_list(*splits.values())
     tokenizer = load_base(config, spec, lambda: load_tokenizer(model_dir))
+    check_max_length(config, spec, model_dir)
     warn_on_world_size(spec)
     resume = prepare_output(config, output, resume)
 
@@ -163,6 +164,28 @@ def load_base(config: StageConfig, spec: FineTuneSpec, loader):
         field = "spec.baseModel.pretrainJobRef" if "baseModel" in config.inputs \
             else "spec.baseModel.uri"
         raise StageError(config, field, f"{error}.") from error
+
+
+def check_max_length(config: StageConfig, spec: FineTuneSpec, model_dir: Path) -> None:
+    """Raise StageError when spec.maxLength is above the base model's maximum positions.
+
+    `lathe validate` makes the same check, but in a cluster the stage is the first to read the
+    base model. A config without a position limit (t5) passes.
+    """
+    try:
+        base = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # loading the model reports a missing or broken config.json
+    if not isinstance(base, dict):
+        return
+    limit = base.get("max_position_embeddings") or base.get("n_positions")
+    if isinstance(limit, int) and spec.max_length > limit:
+        raise StageError(
+            config, "spec.maxLength",
+            f"{spec.max_length} is above the maximum positions {limit} of the base model, so "
+            f"longer sentences would run past the positions it was built for; set maxLength "
+            f"to at most {limit}.",
+        )
 
 
 def warn_on_world_size(spec: FineTuneSpec) -> None:
