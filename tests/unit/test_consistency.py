@@ -192,8 +192,9 @@ def test_lora_target_that_is_no_layer_rejected(data_dir, targets, rejected):
     lora(bodies)["targetModules"] = targets
     error = rejection(bodies, data_dir)
     assert error.field == "spec.lora.targetModules"
-    assert error.detail.startswith(f"{rejected} name modules of the base model "), error.detail
-    assert "use the names of the layers inside them: ['down_proj', " in error.detail
+    assert error.detail.startswith(f"LoRA cannot adapt what {rejected} match in the base "
+                                   "model "), error.detail
+    assert "use names of its linear or embedding layers: ['down_proj', " in error.detail
 
 
 @pytest.mark.parametrize(("targets", "unmatched"), [

@@ -183,8 +183,8 @@ def check_targets_match(model: torch.nn.Module, targets: list[str],
     if unsupported:
         named = ", ".join(f"{target!r} ({kind})" for target, kind in unsupported.items())
         raise BaseModelError(
-            f"{named} name modules of {base} that LoRA cannot adapt, because they are not "
-            f"linear or embedding layers; use the names of the layers inside them: "
+            f"LoRA cannot adapt what {named} match in {base}, because those modules are not "
+            f"linear or embedding layers; use names of its linear or embedding layers: "
             f"{adaptable_layers(model)}"
         )
 
