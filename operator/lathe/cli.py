@@ -273,7 +273,12 @@ def parser() -> argparse.ArgumentParser:
             "(default: $LATHE_DATA_DIR or ../shared/data).",
         )
 
-    run = commands.add_parser("run", parents=[common], help="Run every stage locally, in dependency order.")
+    run = commands.add_parser(
+        "run", parents=[common], help="Run every stage locally, in dependency order.",
+        description="Run the stages of the resource files as local processes, in the order of "
+        "their references, reusing stages that finished with the same spec and inputs. Ends "
+        "with a Triton server answering a sample sentence when a ModelDeployment is given.",
+    )
     with_files(run)
     run.add_argument("--sample", default=DEFAULT_SAMPLE, help="Sentence sent to Triton at the end.")
     run.add_argument(
@@ -282,11 +287,19 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run)
 
-    validate = commands.add_parser("validate", parents=[common], help="Check resource files without running them.")
+    validate = commands.add_parser(
+        "validate", parents=[common], help="Check resource files without running them.",
+        description="Check the resource files as `lathe run` does before it starts a stage: "
+        "fields, references between resources, data files and patterns. Runs nothing.",
+    )
     with_files(validate)
     validate.set_defaults(handler=_validate)
 
-    lineage = commands.add_parser("lineage", parents=[common], help="Print the lineage of a stage output.")
+    lineage = commands.add_parser(
+        "lineage", parents=[common], help="Print the lineage of a stage output.",
+        description="Print the tree of inputs that a finished stage output was made from, with "
+        "the digest of each stage output and data file, read from the manifests.",
+    )
     lineage.add_argument(
         "output", help="Output directory of a finished stage (with manifest.json), its file:// "
         "URI as `lathe run` prints it, or the stage directory above it.",

@@ -100,8 +100,9 @@ def _manifest_text(output: Path | str) -> tuple[str, bytes]:
             raise LineageError(f"{directory} contains no {MANIFEST}: {unfinished}")
         where = "does not exist" if not directory.exists() else "contains no manifest.json"
         raise LineageError(
-            f"{directory} {where}; pass the output directory of a finished stage, such as "
-            "lathe-workspace/default/modeldeployment/pubmed-ner/output."
+            f"{directory} {where}; pass the output directory of a finished stage: the "
+            "file:// URI that `lathe run` prints after the stage's digest, or "
+            "<workspace>/<namespace>/<kind>/<name>/output."
         )
     try:
         return str(path), path.read_bytes()
