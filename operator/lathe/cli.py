@@ -204,6 +204,9 @@ def headline(kind: str, metrics: dict) -> str:
     scratch = (metrics.get("fromScratch") or {}).get("f1") if kind == "FineTune" else None
     if isinstance(scratch, (int, float)):
         parts.append(f"from scratch {scratch:.4g}")
+    if kind == "ModelDeployment" and metrics.get("quantization") == "deployed":
+        # Quantization is optional and can be declined by its F1 check, so say which one serves.
+        parts.append("serving INT8")
     return ", ".join(parts)
 
 

@@ -87,6 +87,10 @@ def test_summary_headline_per_kind():
     assert (cli.headline("FineTune", {"f1": 0.46416, "fromScratch": {"f1": 0.50361}})
             == "entity F1 0.4642, from scratch 0.5036")
     assert cli.headline("PretrainJob", {"validationPerplexity": None}) == ""
+    assert (cli.headline("ModelDeployment", {"maxAbsDiff": 3.8e-06, "quantization": "deployed"})
+            == "ONNX max abs diff 3.8e-06, serving INT8")
+    assert (cli.headline("ModelDeployment", {"maxAbsDiff": 3.8e-06, "quantization": "rejected"})
+            == "ONNX max abs diff 3.8e-06")
     assert cli.headline("Unknown", {"f1": 1.0}) == ""
 
 
