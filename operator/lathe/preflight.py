@@ -154,10 +154,23 @@ def _close_file(path: str, resolved: Path) -> str:
         names = [entry.name for entry in resolved.parent.iterdir() if entry.is_file()]
     except OSError:
         return ""
-    close = difflib.get_close_matches(resolved.name, names, n=1, cutoff=0.7)
+    # A shortened name, such as DevSet for DevelopmentSet, keeps its letters in order, and
+    # difflib would rank a name of similar length above it.
+    shortened = sorted((name for name in names if _in_order(resolved.name.lower(), name.lower())),
+                       key=len)
+    close = shortened[:1] or difflib.get_close_matches(resolved.name, names, n=1, cutoff=0.7)
     if not close:
         return ""
     return f" (did you mean {str(Path(path).parent / close[0])!r}?)"
+
+
+def _in_order(short: str, name: str) -> bool:
+    """Return whether `name` has the first character and the extension of `short`, and every
+    character of `short` in the same order."""
+    if not short or short[0] != name[0] or Path(short).suffix != Path(name).suffix:
+        return False
+    remaining = iter(name)
+    return all(character in remaining for character in short)
 
 
 def check_patterns(resource: Resource) -> None:

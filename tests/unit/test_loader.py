@@ -365,3 +365,11 @@ def test_misspelled_kind_reference_and_file_suggested(tmp_path, data_dir):
         LocalRunner(tmp_path / "workspace", data_dir).check(loader.load_paths([misspelled]))
     assert ("did you mean 'pubmed/ncbi-disease/corpus/NCBItrainset_corpus.txt'?"
             in str(raised.value))
+
+    # A shortened name: difflib alone ranks CDR_TestSet above CDR_DevelopmentSet for it.
+    shortened = write(tmp_path, CORPUS.replace("ncbi-disease/corpus/NCBItrainset_corpus.txt",
+                                               "bc5cdr/CDR_DevSet.PubTator.txt"), "short.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        LocalRunner(tmp_path / "workspace", data_dir).check(loader.load_paths([shortened]))
+    assert ("did you mean 'pubmed/bc5cdr/CDR_DevelopmentSet.PubTator.txt'?"
+            in str(raised.value)), str(raised.value)
