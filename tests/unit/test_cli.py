@@ -34,6 +34,9 @@ def test_ctrl_c_exit_code_is_130():
     script = textwrap.dedent("""
         import os, signal, sys
         from lathe import cli
+        # A shell that starts a job in the background (`&`) ignores SIGINT in it, and Python
+        # then installs no handler of its own, so the test restores Python's.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         def handler(_args, _console):
             os.kill(os.getpid(), signal.SIGINT)
         cli._validate = handler
