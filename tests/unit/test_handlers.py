@@ -195,3 +195,21 @@ def test_unbuildable_spec_fails_as_invalid(monkeypatch):
     assert failed["reason"] == "InvalidSpec"
     assert failed["message"].startswith("spec: the stage config is 2000000 bytes")
     assert failed["observedGeneration"] == 3
+
+
+def test_invalid_spec_drops_reconcile_failed_condition():
+    """The condition that a failed first reconcile wrote goes when a later reconcile fails the
+    spec, so the status does not keep both."""
+    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus",
+            "metadata": {"name": "c", "namespace": "team-a", "generation": 2, "uid": "u"},
+            "spec": {"sources": [{"name": "a", "format": "text", "path": "a.txt"}],
+                     "minWords": "many"},
+            "status": {"phase": "Pending", "observedGeneration": 1, "conditions": [
+                {"type": "Succeeded", "status": "Unknown", "reason": "ReconcileFailed",
+                 "message": "Reconciling failed: the API server answered HTTP 403 (exceeded "
+                            "quota).", "lastTransitionTime": "2026-12-05T00:00:00Z",
+                 "observedGeneration": 1}]}}
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    desired = reconciler.reconcile(body)
+    assert [(c["type"], c["reason"]) for c in desired["conditions"]] == [("Failed", "InvalidSpec")]
+    assert desired["phase"] == "Failed"

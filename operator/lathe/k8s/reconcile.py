@@ -120,10 +120,7 @@ class Reconciler:
         except Exception as error:  # noqa: BLE001 - any other parse failure fails the spec too
             return self._failed(current, generation, Reason.INVALID_SPEC, str(error), body["kind"])
 
-        # A condition that a failed first reconcile wrote (handlers._show_first_failure) goes,
-        # so it lasts only until a reconcile succeeds.
-        conditions = [c for c in current.get("conditions") or []
-                      if c.get("reason") != Reason.RECONCILE_FAILED]
+        conditions = _without_reconcile_failure(current)
         new = {**current, "observedGeneration": generation}
         inputs, waiting = self._resolve_inputs(resource)
         if waiting:
@@ -701,10 +698,17 @@ class Reconciler:
 
     def _failed(self, current, generation, reason, message, kind) -> dict:
         conditions = status.set_condition(
-            list(current.get("conditions") or []), C.FAILED, True, reason, message, generation
+            _without_reconcile_failure(current), C.FAILED, True, reason, message, generation
         )
         return {**current, "observedGeneration": generation, "conditions": conditions,
                 "phase": status.derive_phase(conditions)}
+
+
+def _without_reconcile_failure(current: dict) -> list[dict]:
+    """Return the conditions of a status without the one that a failed first reconcile wrote
+    (handlers._show_first_failure), so that it lasts only until a reconcile succeeds."""
+    return [condition for condition in current.get("conditions") or []
+            if condition.get("reason") != Reason.RECONCILE_FAILED]
 
 
 def _inputs_disagree(resolved: dict[str, ResolvedInput], upstreams: dict[str, dict]) -> str:
