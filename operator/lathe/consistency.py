@@ -32,21 +32,10 @@ from lathe.api.tokenizer import MASK_TOKEN
 from lathe.errors import InvalidResourceError
 from lathe.graph import upstream_key
 from lathe.preflight import is_local, resolve
-from lathe_trainer.serving.reference import config_max_positions
+from lathe_trainer.serving.reference import POSITION_KEYS, config_max_positions, position_limit
 
 if TYPE_CHECKING:
     import torch
-
-# The config.json key in which each PretrainJob architecture stores spec.model's maximum
-# positions, as lathe_trainer.pretrain.model writes it (tests/unit/test_consistency.py compares
-# them). The T5 config has no such key, so the export limits t5 models to the default of
-# lathe_trainer.serving.reference.
-POSITION_KEYS: dict[str, str | None] = {
-    "llama": "max_position_embeddings",
-    "gpt2": "n_positions",
-    "bert": "max_position_embeddings",
-    "t5": None,
-}
 
 
 @dataclass(frozen=True)
@@ -159,7 +148,7 @@ def base_model(finetune: FineTune, by_key: dict[str, Resource],
     model_type = config.get("model_type")
     return ResolvedBaseModel(model_type if isinstance(model_type, str) else None,
                      config_max_positions(config), f"'{config_file}'", config_file=config_file,
-                     position_limit=any(key in config for key in POSITION_KEYS.values() if key))
+                     position_limit=position_limit(config) is not None)
 
 
 def _check_lora_targets(finetune: FineTune, by_key: dict[str, Resource],

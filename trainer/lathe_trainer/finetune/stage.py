@@ -46,6 +46,7 @@ from lathe_trainer.finetune.model import (
     save_adapter,
 )
 from lathe_trainer.finetune.train import LoopSettings, Split, evaluate, run_phase
+from lathe_trainer.serving.reference import position_limit
 from lathe_trainer.training import activations
 from lathe_trainer.training import checkpoint as training_checkpoint
 from lathe_trainer.stage import (
@@ -176,10 +177,8 @@ def check_max_length(config: StageConfig, spec: FineTuneSpec, model_dir: Path) -
         base = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # loading the model reports a missing or broken config.json
-    if not isinstance(base, dict):
-        return
-    limit = base.get("max_position_embeddings") or base.get("n_positions")
-    if isinstance(limit, int) and spec.max_length > limit:
+    limit = position_limit(base) if isinstance(base, dict) else None
+    if limit is not None and spec.max_length > limit:
         raise StageError(
             config, "spec.maxLength",
             f"{spec.max_length} is above the maximum positions {limit} of the base model, so "

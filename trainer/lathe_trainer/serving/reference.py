@@ -73,11 +73,37 @@ def read_model_settings(model_dir: Path) -> ModelSettings:
     return ModelSettings(id2label, read_special_ids(model_dir), max_length, max_positions)
 
 
+# The config.json key in which each PretrainJob architecture stores spec.model's maximum
+# positions, as lathe_trainer.pretrain.model writes it (tests/unit/test_consistency.py compares
+# them). T5's relative positions have no limit, although older t5 configs carry an
+# `n_positions` that no layer reads, so the export limits t5 models to DEFAULT_MAX_LENGTH.
+POSITION_KEYS: dict[str, str | None] = {
+    "llama": "max_position_embeddings",
+    "gpt2": "n_positions",
+    "bert": "max_position_embeddings",
+    "t5": None,
+}
+
+
+def position_limit(config: dict[str, Any]) -> int | None:
+    """Return the maximum positions that a model's config.json contents declare, or None when
+    the architecture has no limit or the value is no positive integer."""
+    model_type = config.get("model_type")
+    if model_type in POSITION_KEYS:
+        key = POSITION_KEYS[model_type]
+        keys = (key,) if key else ()
+    else:
+        keys = ("max_position_embeddings", "n_positions")
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def config_max_positions(config: dict[str, Any]) -> int:
     """Return the maximum sequence length of a model from its config.json contents."""
-    return int(
-        config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_LENGTH
-    )
+    return position_limit(config) or DEFAULT_MAX_LENGTH
 
 
 def _tokenizer_max_length(model_dir: Path) -> int | None:
