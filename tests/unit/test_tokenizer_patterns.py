@@ -218,6 +218,11 @@ def test_loader_shows_empty_matching_regex_once():
         # A ( in a set is a character, so it is no sign of a missing ].
         ("[(]E11)", "unbalanced parenthesis at position 6 (counting from 0), where ')' begins; "
          "remove the extra ), or write \\) to match a literal parenthesis"),
+        # A set after the extra ), and a closed set that contains [, are not the fault.
+        ("a)[(?:]", "unbalanced parenthesis at position 1 (counting from 0), where ')[(?:]' "
+         "begins; remove the extra ), or write \\) to match a literal parenthesis"),
+        ("[[]E11)", "unbalanced parenthesis at position 6 (counting from 0), where ')' begins; "
+         "remove the extra ), or write \\) to match a literal parenthesis"),
         ("E11\\", "bad escape (end of pattern) at position 3 (counting from 0), where '\\' "
          "begins; remove the backslash, or write \\\\ to match a literal backslash"),
         (r"E\q1", r"bad escape \q at position 1 (counting from 0), where '\q1' begins; remove "

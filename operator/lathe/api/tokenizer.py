@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import re
 import unicodedata
+import warnings
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -82,25 +83,27 @@ def regex_error_message(pattern: str, error: re.error) -> str:
     fix = next((fix for start, fix in _REGEX_FIXES if error.msg.startswith(start)),
                "fix the expression so that Python's re module compiles it")
     if error.msg.startswith("unbalanced parenthesis"):
-        opened = _class_holding_group(pattern)
+        opened = _set_missing_bracket(pattern, error.pos)
         if opened is not None:
             # A ] missing from a set lets the set run on to a later ], so the ( of the next
             # group becomes a set member, and Python reports the group's ) as the fault.
             fix = (f"the character set that starts at position {opened} "
                    f"({quote_value(pattern[opened:opened + 12])}) contains a group or set and "
-                   "runs on to a later ]; close the set with ] where it should end, or else remove the "
-                   "extra )")
+                   "runs on to a later ]; close the set with ] where it should end, or else remove "
+                   "the extra )")
     return f"{message}; {fix}"
 
 
-def _class_holding_group(pattern: str) -> int | None:
-    """Return the position of the first character set `[...]` that contains an unescaped `(?`
-    or `[`, or None when no set does.
+def _set_missing_bracket(pattern: str, before: int | None) -> int | None:
+    """Return the position of the set `[...]` before `before` that lacks its ], or None.
 
-    A lone `(` in a set is often meant as a character, so it alone is no sign of a missing ].
+    Such a set takes in a `(?` or `[` as members, and closing it with ] in front of that member
+    makes the pattern compile. A lone `(` in a set is often meant as a character, so it is no
+    sign of a missing ].
     """
     position = 0
-    while position < len(pattern):
+    end = len(pattern) if before is None else before
+    while position < end:
         character = pattern[position]
         if character == "\\":
             position += 2
@@ -120,6 +123,15 @@ def _class_holding_group(pattern: str) -> int | None:
                 position += 2
                 continue
             if pattern[position] == "[" or pattern.startswith("(?", position):
+                closed = pattern[:position] + "]" + pattern[position:]
+                try:
+                    with warnings.catch_warnings():
+                        # Python warns about a possible nested set such as [][]; only
+                        # whether the pattern compiles matters here.
+                        warnings.simplefilter("ignore", FutureWarning)
+                        re.compile(closed)
+                except re.error:
+                    return None
                 return start
             position += 1
         position += 1
