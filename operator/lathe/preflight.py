@@ -166,9 +166,11 @@ def _close_file(path: str, resolved: Path) -> str:
 
 def _in_order(short: str, name: str) -> bool:
     """Return whether `name` has the first character and the extension of `short`, and every
-    character of `short` in the same order."""
+    character of `short` in the same order, and is at most twice as long."""
     if not short or short[0] != name[0] or Path(short).suffix != Path(name).suffix:
         return False
+    if 2 * len(short) < len(name):
+        return False  # too little of the name was given to call it a shortened form
     remaining = iter(name)
     return all(character in remaining for character in short)
 

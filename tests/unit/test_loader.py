@@ -373,3 +373,17 @@ def test_misspelled_kind_reference_and_file_suggested(tmp_path, data_dir):
         LocalRunner(tmp_path / "workspace", data_dir).check(loader.load_paths([shortened]))
     assert ("did you mean 'pubmed/bc5cdr/CDR_DevelopmentSet.PubTator.txt'?"
             in str(raised.value)), str(raised.value)
+
+
+@pytest.mark.parametrize(("requested", "suggested"), [
+    ("date.txt", "data.txt"),  # under half of dataset_v2_large.txt: not a shortened form
+    ("R", None),
+    ("READM", "README"),
+])
+def test_file_suggestion_needs_half_the_name(tmp_path, requested, suggested):
+    from lathe.preflight import _close_file
+
+    for name in ("data.txt", "dataset_v2_large.txt", "README"):
+        (tmp_path / name).touch()
+    expected = f" (did you mean 'x/{suggested}'?)" if suggested else ""
+    assert _close_file(f"x/{requested}", tmp_path / requested) == expected
