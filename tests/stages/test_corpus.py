@@ -397,6 +397,17 @@ def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
     assert read_manifest(f"file://{tmp_path / 'out'}") is None
 
 
+def test_single_short_record_message_singular(make_config, tmp_path):
+    notes = tmp_path / "short.txt"
+    notes.write_text("too short\n")
+    config = make_config(
+        _corpus([{"name": "short", "format": "text", "path": str(notes)}], minWords=5)
+    )
+    with pytest.raises(StageError) as raised:
+        stage.run(config, resume=False)
+    assert "filtering 1 record: 1 is shorter than minWords (5 words)" in str(raised.value)
+
+
 def test_decontaminated_corpus_names_eval_sets(make_config, data_dir):
     """A source that is the evaluation set itself loses every document to decontamination, and
     the error names the evaluation sets, not the sources."""

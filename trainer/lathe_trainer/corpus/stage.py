@@ -114,11 +114,12 @@ def run(config: StageConfig, resume: bool = False) -> dict[str, Any]:
                          "split.")  # fmt: skip
     if stats.documents_out == 0:
         field, cause = _emptied_by(spec, stats)
+        records = _count(stats.documents_in, "record", "records")
         raise StageError(
             config,
             field,
-            f"no documents remain after filtering {stats.documents_in} records: {cause} "
-            f"{output_dir / STATS} has the counts of each filter.",
+            f"no documents remain after filtering {records}: {cause} {output_dir / STATS} has "
+            "the counts of each filter.",
         )
     if count > 1:
         workers.remove_parts(config)
@@ -140,13 +141,18 @@ def _emptied_by(spec: CorpusSpec, stats: CorpusStats) -> tuple[str, str]:
     by_overlap = stats.filters[DECONTAMINATION].removed
     largest = max(stats.malformed, by_words, by_overlap)
     if largest == stats.malformed:
-        return ("spec.sources", f"{stats.malformed} are malformed; check each source's format "
-                "against its files.")
+        return ("spec.sources", f"{_count(stats.malformed, 'is', 'are')} malformed; check each "
+                "source's format against its files.")
     if largest == by_words:
-        return ("spec.minWords", f"{by_words} are shorter than minWords ({spec.min_words} "
-                "words); lower minWords or add sources with longer documents.")
-    return ("spec.decontamination.evalSets", f"{by_overlap} overlap the evaluation sets; "
-            "add sources that the evaluation sets do not contain.")
+        return ("spec.minWords", f"{_count(by_words, 'is', 'are')} shorter than minWords "
+                f"({spec.min_words} words); lower minWords or add sources with longer documents.")
+    return ("spec.decontamination.evalSets", f"{_count(by_overlap, 'overlaps', 'overlap')} the "
+            "evaluation sets; add sources that the evaluation sets do not contain.")
+
+
+def _count(number: int, singular: str, plural: str) -> str:
+    """Return the number with the word that agrees with it: "1 is", "2 are", "1 record"."""
+    return f"{number} {singular if number == 1 else plural}"
 
 
 def _report(progress: ProgressReporter | None, step: int, message: str) -> None:
