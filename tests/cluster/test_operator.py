@@ -12,8 +12,8 @@ import yaml
 
 from argocd_lua import run_health
 from lathe.k8s import handlers, reconcile
-from lathe_objects import (EXAMPLES, ORDER, KINDS, condition, corpus_and_tokenizer, events_about,
-                           finetune, get, is_true, jobs_of, plural, pretrain_job)
+from lathe_objects import (EXAMPLES, HOLD, ORDER, KINDS, condition, corpus_and_tokenizer,
+                           events_about, finetune, get, is_true, jobs_of, plural, pretrain_job)
 
 def test_every_transition_posts_one_event(cluster, namespace, lathe_operator, ready_inputs):
     """The Tokenizer waited for its Corpus, started and succeeded: one Event per reconcile that
@@ -167,6 +167,31 @@ def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None
     cluster.wait_for(lambda: _ready(cluster, namespace, model).get("reason") == "ScaledToZero",
                      "Ready=False (ScaledToZero) at 0 replicas", timeout=90)
     assert _ready(cluster, namespace, model)["status"] == "False"
+
+    # A new export, held Running: Triton still serves the earlier export, so Ready stays True.
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"serving": {"replicas": 1}}}')
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "Ready again at 1 replica", timeout=90)
+    change = {"spec": {"export": {"tolerance": 0.02}, "podMetadata": {"annotations": HOLD}}}
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", json.dumps(change))
+
+    def exporting() -> bool:
+        obj = get(cluster, "ModelDeployment", model, namespace)
+        running = condition(obj, "Running") or {}
+        return (obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+                and running.get("status") == "True")
+
+    cluster.wait_for(exporting, "the new export to run", timeout=90)
+    exporting_status = get(cluster, "ModelDeployment", model, namespace)
+    ready = condition(exporting_status, "Ready")
+    assert ready is not None, exporting_status["status"]
+    assert ready["status"] == "True", ready
+    assert ready["message"] == ("1 of 1 Triton replicas are ready. They serve the earlier "
+                                "export until the new one is done."), ready
+    assert condition(exporting_status, "Exported") is None
+    assert exporting_status["status"]["phase"] == "Ready"
 
 
 def test_spec_only_models_reject_fails_readably(cluster, namespace, lathe_operator):

@@ -426,9 +426,8 @@ class Reconciler:
         self, resource: ModelDeployment, body: dict, inputs: dict[str, ResolvedInput], new: dict
     ) -> dict:
         new = self._reconcile_bounded(resource, body, inputs, new)
-        generation = resource.metadata.generation
         if not status.condition_true(new["conditions"], "Exported"):
-            return new
+            return self._serving_previous_export(resource, new)
         serving = plans.serving(resource, new["artifact"]["uri"], new["artifact"]["digest"])
         owner = _owner(body)
         namespace = resource.metadata.namespace
@@ -446,19 +445,48 @@ class Reconciler:
             self._apply(namespace, builders.pod_monitor(serving, owner))
         name = builders.triton_name(serving)
         deployment = self.api.apps.read_namespaced_deployment(name, namespace)
+        new["endpoint"] = (
+            f"http://{name}.{namespace}.svc:"
+            f"{serving.http_port}"
+        )
+        return self._set_ready(resource, serving, deployment, new)
+
+    def _serving_previous_export(self, resource: ModelDeployment, new: dict) -> dict:
+        """Set Ready from the Triton Deployment of an earlier export while a new export runs.
+
+        NB: the Deployment keeps serving the earlier model until the new export succeeds, so
+        Ready must not drop for the minutes the export takes.
+        """
+        if not new.get("endpoint"):
+            return new  # no export has been served yet
+        serving = plans.serving(resource, "", "")
+        try:
+            deployment = self.api.apps.read_namespaced_deployment(
+                builders.triton_name(serving), resource.metadata.namespace
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return new
+            raise
+        return self._set_ready(resource, serving, deployment, new,
+                               "They serve the earlier export until the new one is done.")
+
+    def _set_ready(self, resource: ModelDeployment, serving, deployment, new: dict,
+                   note: str = "") -> dict:
+        """Set the Ready condition from the ready replicas of the Triton Deployment."""
+        generation = resource.metadata.generation
+        namespace = resource.metadata.namespace
         # With autoscaling, the HorizontalPodAutoscaler sets the replicas, and serving needs
         # its minimum.
         autoscaling = resource.spec.autoscaling
         target = autoscaling.min_replicas if autoscaling.enabled else serving.replicas
         ready_replicas = deployment.status.ready_replicas or 0
         ready = target > 0 and ready_replicas >= target
-        new["endpoint"] = (
-            f"http://{name}.{namespace}.svc:"
-            f"{serving.http_port}"
-        )
         message = (f"{ready_replicas} Triton replicas are ready; the autoscaler's minimum is "
                    f"{target}." if autoscaling.enabled
                    else f"{ready_replicas} of {target} Triton replicas are ready.")
+        if note:
+            message = f"{message} {note}"
         reason = Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY
         if target == 0:
             reason = Reason.SCALED_TO_ZERO
