@@ -213,3 +213,11 @@ def test_invalid_spec_drops_reconcile_failed_condition():
     desired = reconciler.reconcile(body)
     assert [(c["type"], c["reason"]) for c in desired["conditions"]] == [("Failed", "InvalidSpec")]
     assert desired["phase"] == "Failed"
+
+
+def test_resource_logger_names_kind_and_resource(caplog):
+    """A FineTune and a ModelDeployment may share a name, so the prefix carries the kind."""
+    with caplog.at_level(logging.INFO, logger="kopf.objects"):
+        handlers.resource_logger("FineTune", "team-a", "ner").info("Created Job ner-r1-0.")
+    assert [record.getMessage() for record in caplog.records] == [
+        "[FineTune team-a/ner] Created Job ner-r1-0."]

@@ -417,8 +417,8 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
     # Until the operator has written this resource's status, the event's body is its newest
     # version. After a write, an event may be older than the write, so the body is read again.
     latest = copy.deepcopy(dict(body)) if written is None else None
-    await reconcile_key(meta["namespace"], KINDS[body["kind"]].plural, meta["name"], logger,
-                        latest)  # fmt: skip
+    await reconcile_key(meta["namespace"], KINDS[body["kind"]].plural, meta["name"],
+                        resource_logger(body["kind"], meta["namespace"], meta["name"]), latest)
 
 
 def _wake_dependents(body: dict, logger: logging.Logger) -> None:
@@ -443,11 +443,13 @@ def _wake_dependents(body: dict, logger: logging.Logger) -> None:
             outdated = any(role in read and read[role] != digest for role in roles)
             if not (waiting or outdated):
                 continue
+            item_logger = resource_logger(model.kind_name, namespace, item["metadata"]["name"])
             if loop is None:
-                _reconcile_stored(api, item, logger)
+                _reconcile_stored(api, item, item_logger)
             else:
                 asyncio.run_coroutine_threadsafe(
-                    reconcile_key(namespace, model.plural, item["metadata"]["name"], logger), loop
+                    reconcile_key(namespace, model.plural, item["metadata"]["name"], item_logger),
+                    loop,
                 )
 
 
@@ -631,7 +633,7 @@ async def on_job_event(body, logger, type, **_: Any) -> None:
         # NB: after an operator restart, the owner's own event reconciles it anyway.
         _SEEN_JOBS[uid] = state
         return
-    await _reconcile_owners(body, logger)
+    await _reconcile_owners(body)
     # NB: the state is recorded even when that reconcile failed or only requested one more run,
     # because reconcile_key retries a failed reconcile and the requested run reads this Job again.
     if state is None:
@@ -640,13 +642,13 @@ async def on_job_event(body, logger, type, **_: Any) -> None:
         _SEEN_JOBS[uid] = state
 
 
-async def _reconcile_owners(body: dict, logger: logging.Logger) -> None:
+async def _reconcile_owners(body: dict) -> None:
     """Reconcile the Lathe resources that own the object `body`."""
     for owner in body["metadata"].get("ownerReferences") or []:
         if owner["apiVersion"].startswith(GROUP + "/") and owner["kind"] in KINDS:
-            await reconcile_key(
-                body["metadata"]["namespace"], KINDS[owner["kind"]].plural, owner["name"], logger
-            )
+            namespace = body["metadata"]["namespace"]
+            await reconcile_key(namespace, KINDS[owner["kind"]].plural, owner["name"],
+                                resource_logger(owner["kind"], namespace, owner["name"]))
 
 
 # The last state of each Triton Deployment and Service that the operator saw, by uid.
@@ -676,7 +678,7 @@ async def on_serving_event(body, logger, type, **_: Any) -> None:
     if state is not None and (seen is None or seen == state):
         # The reconcile that created the object has seen it already.
         return
-    await _reconcile_owners(body, logger)
+    await _reconcile_owners(body)
 
 
 # The fields of each known resource that the periodic pass reads, kept from its watch events and
@@ -719,10 +721,20 @@ def _pods_late(namespace: str, entry: dict[str, Any]) -> bool:
 
 
 class _ResourceLogger(logging.LoggerAdapter):
-    """Log lines of the periodic pass, prefixed with the resource as kopf prefixes its own."""
+    """Log lines about one resource, prefixed with its kind, namespace and name."""
 
     def process(self, msg, kwargs):
         return f"[{self.extra['resource']}] {msg}", kwargs
+
+
+def resource_logger(kind: str, namespace: str, name: str) -> logging.LoggerAdapter:
+    """Return the logger for the lines of a reconcile of one resource.
+
+    NB: kopf's per-object logger names the object of the event, which for a Job event is the
+    Job, and leaves out the kind, which a FineTune and a ModelDeployment of one name share.
+    """
+    return _ResourceLogger(logging.getLogger("kopf.objects"),
+                           {"resource": f"{kind} {namespace}/{name}"})
 
 
 def _has_posting_context() -> bool:
@@ -770,8 +782,8 @@ async def periodic_pass(logger: logging.Logger) -> None:
             if resync_due and (entry["phase"] in ("Waiting", "Pending", None) or (
                 entry["phase"] == "Running" and _pods_late(key[0], entry)
             )):
-                resource_logger = _ResourceLogger(logger, {"resource": f"{key[0]}/{key[2]}"})
-                _keep(asyncio.create_task(reconcile_key(*key, resource_logger)))
+                item_logger = resource_logger(entry["kind"], key[0], key[2])
+                _keep(asyncio.create_task(reconcile_key(*key, item_logger)))
             if entry["kind"] in TRAINING_KINDS and entry["phase"] == "Running" and entry["running"]:
                 refreshes.append(refresh(key, entry))
         results = await asyncio.gather(*refreshes, return_exceptions=True)
