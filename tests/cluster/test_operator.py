@@ -264,7 +264,10 @@ def test_waits_for_missing_input(cluster, namespace, lathe_operator):
     cluster.wait_for(waiting, "InputsReady=False on the PretrainJob")
     found = condition(get(cluster, "PretrainJob", "orphan", namespace), "InputsReady")
     assert found["reason"] == "InputNotFound"
-    assert "Corpus 'missing-on-purpose'" in found["message"]
+    # Both missing inputs are named, so one fix does not uncover the next.
+    assert found["message"] == (
+        "Waiting for Corpus 'missing-on-purpose', which does not exist yet (corpus). Waiting for "
+        "Tokenizer 'missing-on-purpose', which does not exist yet (tokenizer)."), found
     assert jobs_of(cluster, "orphan", namespace) == []
 
 
@@ -492,6 +495,29 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
         == ["rerun-input-corpus-r2-0", "rerun-input-pretrain-r2-0", "rerun-input-tokenizer-r2-0"],
         "only the second runs' ConfigMaps to remain", timeout=60,
     )
+
+
+def test_deleted_input_shown_downstream(cluster, namespace, lathe_operator, monkeypatch):
+    """Deleting a Corpus turns its finished Tokenizer's InputsReady False at once, without a
+    resync, and the Tokenizer keeps its output and Succeeded."""
+    monkeypatch.setattr(handlers, "RESYNC_SECONDS", 3600.0)
+    for document in corpus_and_tokenizer("gone-input"):
+        cluster.apply(document, namespace)
+    cluster.wait_for(lambda: is_true(cluster, "Tokenizer", "gone-input", namespace, "Succeeded"),
+                     "the Tokenizer to succeed", timeout=120)
+    cluster.kubectl("delete", plural("Corpus"), "gone-input", "-n", namespace, timeout=90)
+
+    def waiting() -> bool:
+        inputs = condition(get(cluster, "Tokenizer", "gone-input", namespace), "InputsReady")
+        return bool(inputs) and inputs["status"] == "False"
+
+    cluster.wait_for(waiting, "InputsReady=False on the Tokenizer", timeout=60)
+    tokenizer = get(cluster, "Tokenizer", "gone-input", namespace)
+    inputs = condition(tokenizer, "InputsReady")
+    assert inputs["reason"] == "InputNotFound", inputs
+    assert "Corpus 'gone-input'" in inputs["message"], inputs
+    assert condition(tokenizer, "Succeeded")["status"] == "True"
+    assert tokenizer["status"]["artifact"]["digest"]
 
 
 def test_dropped_input_leaves_status(cluster, namespace, lathe_operator, ready_inputs):

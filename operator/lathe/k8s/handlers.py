@@ -408,6 +408,16 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
         _FAILURES.pop(meta["uid"], None)
         _INDEX.pop(_key(body), None)
         forget_resource(body, logger)
+        if not STATE.get("stopping"):
+            reconciler().forget_upstream(meta["namespace"], KINDS[body["kind"]].plural,
+                                         meta["name"])
+            try:
+                await _in_thread(_wake_dependents, body, logger, every=True)
+            except ApiException as error:
+                # The resources that read it notice at their next resync instead.
+                logger.warning("Listing the resources that read the deleted resource failed "
+                               "with HTTP %s: %s; they notice at their next resync.",
+                               error.status, error.reason)
         return
     _remember(body)
     _keep_posting_context()
@@ -421,10 +431,14 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
                         resource_logger(body["kind"], meta["namespace"], meta["name"]), latest)
 
 
-def _wake_dependents(body: dict, logger: logging.Logger) -> None:
+def _wake_dependents(body: dict, logger: logging.Logger, every: bool = False) -> None:
     """Reconcile the resources that read this one and have not run on its current output: those
     that wait for it, and those whose last run read an earlier output. They then start without a
-    resync."""
+    resync.
+
+    With `every`, for a resource that was deleted or started a new run, reconcile all that read
+    it, so that their InputsReady condition shows that they wait for it.
+    """
     api = reconciler().api.custom
     namespace = body["metadata"]["namespace"]
     name = body["metadata"]["name"]
@@ -441,7 +455,7 @@ def _wake_dependents(body: dict, logger: logging.Logger) -> None:
                                                 "InputsReady")
             read = item_status.get("inputDigests") or {}
             outdated = any(role in read and read[role] != digest for role in roles)
-            if not (waiting or outdated):
+            if not (every or waiting or outdated):
                 continue
             item_logger = resource_logger(model.kind_name, namespace, item["metadata"]["name"])
             if loop is None:
@@ -505,6 +519,11 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
     _FAILURES.pop(meta["uid"], None)
     if status.condition_true(desired.get("conditions") or [], summary):
         _wake_dependents({**parent, "status": desired}, logger)
+    elif status.condition_true(current.get("conditions") or [], summary):
+        # A new run started, so the resources that read the finished output wait for it.
+        reconciler().forget_upstream(meta["namespace"], KINDS[parent["kind"]].plural,
+                                     meta["name"])
+        _wake_dependents({**parent, "status": desired}, logger, every=True)
     return True
 
 

@@ -152,14 +152,17 @@ class Reconciler:
     ) -> tuple[dict[str, ResolvedInput], tuple[str, str] | None]:
         resolved: dict[str, ResolvedInput] = {}
         upstreams: dict[str, dict] = {}
+        # Every input that is not ready, so that the condition names all of them at once.
+        waits: list[tuple[str, str]] = []
         for role, (kind, name) in resource.references().items():
             model = KINDS[kind]
             try:
                 upstream = self._read_upstream(resource.metadata.namespace, model.plural, name)
             except ApiException as error:
                 if error.status == 404:
-                    return {}, (Reason.INPUT_NOT_FOUND, f"Waiting for {kind} {name!r}, which "
-                                f"does not exist yet ({role}).")
+                    waits.append((Reason.INPUT_NOT_FOUND, f"Waiting for {kind} {name!r}, which "
+                                  f"does not exist yet ({role})."))
+                    continue
                 raise
             upstream_status = upstream.get("status") or {}
             artifact = upstream_status.get("artifact")
@@ -171,17 +174,25 @@ class Reconciler:
             )
             if current and status.condition_true(upstream_status.get("conditions") or [],
                                                  C.FAILED):
-                return {}, (Reason.INPUT_NOT_READY, f"Waiting for {kind} {name!r}, which "
-                            f"failed ({role}); fix it as its Failed condition says, and this "
-                            "resource continues once it succeeds.")
+                waits.append((Reason.INPUT_NOT_READY, f"Waiting for {kind} {name!r}, which "
+                              f"failed ({role}); fix it as its Failed condition says, and this "
+                              "resource continues once it succeeds."))
+                continue
             if not (done and artifact and current):
-                return {}, (Reason.INPUT_NOT_READY, f"Waiting for {kind} {name!r} to reach "
-                            f"{model.summary_condition} ({role}).")
+                waits.append((Reason.INPUT_NOT_READY, f"Waiting for {kind} {name!r} to reach "
+                              f"{model.summary_condition} ({role})."))
+                continue
             self._remember_upstream(resource.metadata.namespace, model.plural, name, upstream)
             upstreams[role] = upstream
             resolved[role] = ResolvedInput(
                 kind=kind, name=name, uri=artifact["uri"], digest=artifact["digest"]
             )
+        if waits:
+            # A missing input needs the user to act, so it decides the reason.
+            reasons = [reason for reason, _ in waits]
+            reason = (Reason.INPUT_NOT_FOUND if Reason.INPUT_NOT_FOUND in reasons
+                      else Reason.INPUT_NOT_READY)
+            return {}, (reason, " ".join(message for _, message in waits))
         disagreement = _inputs_disagree(resolved, upstreams)
         if disagreement:
             return {}, (Reason.INPUT_NOT_READY, disagreement)
@@ -192,6 +203,11 @@ class Reconciler:
         if cached and time.monotonic() - cached[0] < UPSTREAM_CACHE_SECONDS:
             return cached[1]
         return self.api.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+
+    def forget_upstream(self, namespace: str, plural: str, name: str) -> None:
+        """Drop a cached upstream that was deleted or started a new run, so that the resources
+        woken for it read it again."""
+        self._upstreams.pop((namespace, plural, name), None)
 
     def _remember_upstream(self, namespace: str, plural: str, name: str, upstream: dict) -> None:
         """Cache a finished upstream for UPSTREAM_CACHE_SECONDS, dropping expired entries."""
@@ -329,7 +345,8 @@ class Reconciler:
         if status.condition_true(conditions, C.SUSPENDED):
             conditions = status.set_condition(
                 conditions, C.SUSPENDED, False, Reason.RESUMED,
-                "Resumed from the latest checkpoint.", generation,
+                "Resumed; the stage continues from its latest checkpoint, if it wrote one.",
+                generation,
             )
 
         outcome = _job_outcome(job)
@@ -353,9 +370,10 @@ class Reconciler:
             # The new attempt's pods are not running yet, so the condition still describes it.
             new["conditions"] = conditions
             return new
+        message = (f"Job {job_name} has {active} active pod{'s' if active != 1 else ''}."
+                   if active else f"Job {job_name} is starting its pods.")
         new["conditions"] = status.set_condition(
-            conditions, C.RUNNING, True, Reason.JOB_RUNNING,
-            f"Job {job_name} has {active} active pod{'s' if active != 1 else ''}.", generation,
+            conditions, C.RUNNING, True, Reason.JOB_RUNNING, message, generation,
         )
         return new
 
