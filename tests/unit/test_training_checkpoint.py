@@ -148,3 +148,37 @@ def test_written_for_on_memory_filesystem():
     assert checkpoint.written_for(root, "sha256:a")
     assert not checkpoint.written_for(root, "sha256:b")
     assert checkpoint.written_for("memory://written-for/missing", "sha256:b")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda step: _truncate(step / "model.pt"),  # cut short, as on a full disk
+    lambda step: (step / "optimizer.pt").unlink(),
+    lambda step: (step / checkpoint.STATE).write_text(""),
+    lambda step: _truncate(step / "rng.pt"),
+], ids=["model cut short", "optimizer removed", "state emptied", "rng cut short"])
+def test_damaged_latest_falls_back(tmp_path, caplog, damage):
+    """A newest checkpoint damaged after it was written would fail every retry. So the stage
+    resumes from the one before it, with a warning that names the damaged one."""
+    key = {checkpoint.STATE_RESUME_KEY: "sha256:a"}
+    save(tmp_path, 2, keep=3, state=key)
+    newest = save(tmp_path, 4, keep=3, state=key)
+    damage(newest)
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        saved = checkpoint.load_latest(tmp_path)
+    assert saved is not None
+    assert saved.step == 2
+    warnings = [record.getMessage() for record in caplog.records]
+    assert any(f"Checkpoint {newest} cannot be read" in text for text in warnings), warnings
+    assert checkpoint.written_for(tmp_path, "sha256:a")
+
+
+def test_no_readable_checkpoint_starts_over(tmp_path, caplog):
+    only = save(tmp_path, 2)
+    (only / "model.pt").unlink()
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        assert checkpoint.load_latest(tmp_path) is None
+    assert "None of the 1 checkpoints" in caplog.text

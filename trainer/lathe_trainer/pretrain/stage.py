@@ -338,11 +338,12 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
 ) -> TrainState:
-    latest = checkpoint.latest_checkpoint(checkpoints)
-    if latest is None:
-        log.info("No checkpoint found under %s, so training starts from step 0.", checkpoints)
+    saved = checkpoint.load_latest(checkpoints)
+    if saved is None:
+        log.info("No readable checkpoint under %s, so training starts from step 0.",
+                 checkpoints)
         return TrainState()
-    saved = checkpoint.load(latest)
+    latest = saved.path
     _check_compatible(config, saved, compatibility, checkpoints)
     if saved.step > spec.training.max_steps:
         # The operator passes --resume to every attempt, so the fix must not need a flag.
@@ -585,14 +586,14 @@ class _Trainer:
         same divergence. A checkpoint of an earlier stage brings that stage back with the
         checkpoint's data position, because the current position belongs to the later stage.
         """
-        latest = checkpoint.latest_checkpoint(self.checkpoints)
-        if latest is None:
+        saved = checkpoint.load_latest(self.checkpoints)
+        if saved is None:
             raise StageError(
                 self.config, "spec.training.nonFinite",
                 f"training stopped: {error}, and there is no checkpoint to roll back to. Lower "
                 "spec.training.checkpointInterval so that one exists, or use nonFinite skip.",
             ) from error
-        saved = checkpoint.load(latest)
+        latest = saved.path
         parallel.load_full_state_dicts(self.model, self.optimizer, saved.model, saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         restored = TrainState.from_dict(saved.state["train"])

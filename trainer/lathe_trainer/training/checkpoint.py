@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 from dataclasses import dataclass
@@ -82,6 +83,31 @@ def _step_dirs(filesystem: fsspec.AbstractFileSystem, base: str) -> list[tuple[i
 def latest_checkpoint(root: Path | str) -> Path | str | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+# The errors of reading a checkpoint file that was cut short, emptied or removed after the
+# checkpoint was complete. torch.load raises RuntimeError for a broken zip archive.
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError)
+
+
+def load_latest(root: Path | str) -> Checkpoint | None:
+    """Read the newest checkpoint under root that can be read, or None when none can.
+
+    NB: a checkpoint damaged after it was written, such as a file cut short on a full disk,
+    would fail every retry of the stage if it were read alone, so the one before it is used.
+    """
+    found = list_checkpoints(root)
+    for _, path in reversed(found):
+        try:
+            return load(path)
+        except UNREADABLE as error:
+            log.warning("Checkpoint %s cannot be read (%s: %s), so the checkpoint before it is "
+                        "tried; delete the damaged one to keep this from repeating.", path,
+                        type(error).__name__, error)
+    if found:
+        log.warning("None of the %d checkpoints under %s can be read, so training starts from "
+                    "step 0.", len(found), root)
+    return None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -225,10 +251,14 @@ def written_for(root: Path | str, key: str) -> bool:
     if not key:
         return True
     filesystem, base = storage.resolve(root)
-    latest = latest_checkpoint(root)
-    if latest is not None:
-        _, path = storage.resolve(latest)
-        return json.loads(filesystem.cat_file(f"{path}/{STATE}")).get(STATE_RESUME_KEY) == key
+    # The newest checkpoint whose state.json can be read, as load_latest would resume from it.
+    for _, checkpoint_path in reversed(list_checkpoints(root)):
+        _, path = storage.resolve(checkpoint_path)
+        try:
+            state = json.loads(filesystem.cat_file(f"{path}/{STATE}"))
+        except UNREADABLE:
+            continue
+        return isinstance(state, dict) and state.get(STATE_RESUME_KEY) == key
     try:
         return filesystem.cat_file(f"{base}/{RESUME_KEY}").decode().strip() == key
     except FileNotFoundError:
