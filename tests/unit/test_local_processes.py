@@ -122,6 +122,33 @@ def test_second_interrupt_kills_at_once():
     assert not alive(child)
 
 
+# A lathe process that starts a stage as the runner does and prints the stage's pid.
+LATHE_WITH_STAGE = """
+import subprocess, sys, time
+from lathe.local.runner import _die_with_parent
+stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                         start_new_session=True, preexec_fn=_die_with_parent())
+print(stage.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
+def test_stage_ends_when_lathe_is_killed():
+    """SIGKILL reaches no handler of lathe, and the stage runs in a session of its own, so
+    only the death signal ends it instead of leaving it writing into the workspace."""
+    lathe = subprocess.Popen([sys.executable, "-c", LATHE_WITH_STAGE], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    stage = int(lathe.stdout.readline())
+    assert alive(stage)
+    lathe.kill()
+    lathe.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while alive(stage) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(stage)
+
+
 def test_scan_log_keeps_tail_and_error():
     lines = [f"2026-12-05 10:00:{i % 60:02d},000 step {i}" for i in range(10_000)]
     lines += ["error: Corpus default/c: spec.sources: bad", "  detail line",

@@ -30,6 +30,7 @@ its resume key is unchanged (lathe.plans.base.resume_key): when its spec changed
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -610,6 +611,7 @@ class LocalRunner:
                         cwd=directory,
                         # A process group of its own, which _stop_processes kills with it.
                         start_new_session=True,
+                        preexec_fn=_die_with_parent(),
                     ))
                 while any(process.poll() is None for process in running):
                     offset = self._forward_progress(resource, progress_file, offset)
@@ -967,6 +969,32 @@ def _read_manifest(output_uri: str) -> dict[str, Any] | None:
             return json.loads(handle.read())
     except FileNotFoundError:
         return None
+
+
+# prctl(2) option that has the kernel signal a process when the thread that started it ends.
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Return a function for Popen's preexec_fn that sends the child SIGTERM when lathe ends.
+
+    NB: each stage runs in a session of its own, and no handler of lathe can catch a SIGKILL
+    to lathe's process group, so the stage would go on running. It would then go on writing into
+    an output that the next run restores or reuses. torchrun passes the SIGTERM on to its
+    workers. Linux only; elsewhere None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    # Loaded here, before the fork, so the child only makes the call.
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)  # lathe ended before the call took effect
+
+    return set_death_signal
 
 
 def _stop_processes(processes: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
