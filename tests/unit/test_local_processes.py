@@ -284,6 +284,31 @@ def test_failed_reference_explained(tmp_path):
     assert message.endswith("pass its file too with -f to run it again.")
 
 
+def test_moved_output_reference_explained(tmp_path):
+    """A stage that succeeded but whose recorded output is gone, as after the workspace was
+    moved, is not called Succeeded and rejected without a reason."""
+    import json
+
+    from lathe import loader
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import LocalRunner
+
+    stage = tmp_path / "workspace" / "default" / "corpus" / "pubmed"
+    stage.mkdir(parents=True)
+    moved = f"file://{tmp_path / 'old-workspace' / 'default' / 'corpus' / 'pubmed' / 'output'}"
+    (stage / "status.json").write_text(json.dumps(
+        {"phase": "Succeeded", "artifact": {"uri": moved, "digest": "sha256:0"}}))
+    tokenizer = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "Tokenizer", "metadata": {"name": "tok"},
+        "spec": {"corpusRef": {"name": "pubmed"}},
+    }, "tokenizer.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        LocalRunner(tmp_path / "workspace", tmp_path).check([tokenizer])
+    message = str(raised.value)
+    assert f"succeeded, but its recorded output {moved} no longer holds that output" in message
+    assert "has phase Succeeded" not in message
+
+
 def test_every_resource_checked_before_raising(tmp_path):
     """Missing files of two resources are reported together, as the loader reports every
     invalid file."""

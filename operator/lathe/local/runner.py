@@ -258,10 +258,17 @@ class LocalRunner:
                 continue
             directory = self.workspace / namespace / kind.lower() / name
             try:
-                phase = json.loads((directory / "status.json").read_text()).get("phase")
+                written = json.loads((directory / "status.json").read_text())
             except (FileNotFoundError, ValueError):
                 continue
+            phase = written.get("phase")
+            recorded = (written.get("artifact") or {}).get("uri")
             reason = f"its last run in the workspace has phase {phase}"
+            if phase == status.Phase.SUCCEEDED and recorded:
+                # finished_output found no manifest with the recorded digest at that URI.
+                reason = (f"its last run in the workspace succeeded, but its recorded output "
+                          f"{recorded} no longer holds that output, as after the workspace was "
+                          "moved")
             if (directory / PREVIOUS_OUTPUT / MANIFEST).is_file():
                 reason += (f" (the output of its last successful run is kept in "
                            f"{directory / PREVIOUS_OUTPUT}, and passing its earlier spec "
