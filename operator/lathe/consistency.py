@@ -93,8 +93,11 @@ def check_references(resources: list[Resource], data_dir: Path,
             case PretrainJob():
                 _check_mask_token(resource, by_key)
             case FineTune():
-                _check_lora_targets(resource, by_key, data_dir)
-                _check_max_length(resource, by_key, data_dir)
+                # Resolved once, because it reads the base model's config.json.
+                base = base_model(resource, by_key, data_dir)
+                if base is not None:
+                    _check_lora_targets(resource, base)
+                    _check_max_length(resource, base)
             case ModelDeployment():
                 _check_export_lengths(resource, by_key, data_dir)
 
@@ -151,12 +154,8 @@ def base_model(finetune: FineTune, by_key: dict[str, Resource],
                      position_limit=position_limit(config) is not None)
 
 
-def _check_lora_targets(finetune: FineTune, by_key: dict[str, Resource],
-                        data_dir: Path) -> None:
+def _check_lora_targets(finetune: FineTune, base: ResolvedBaseModel) -> None:
     if finetune.spec.method != "lora":
-        return
-    base = base_model(finetune, by_key, data_dir)
-    if base is None:
         return
     if finetune.spec.lora.target_modules:
         _check_targets_match(finetune, base)
@@ -189,9 +188,8 @@ def _check_targets_match(finetune: FineTune, base: ResolvedBaseModel) -> None:
                                    f"{error}.") from None
 
 
-def _check_max_length(finetune: FineTune, by_key: dict[str, Resource], data_dir: Path) -> None:
-    base = base_model(finetune, by_key, data_dir)
-    if base is None or not base.position_limit or finetune.spec.max_length <= base.max_positions:
+def _check_max_length(finetune: FineTune, base: ResolvedBaseModel) -> None:
+    if not base.position_limit or finetune.spec.max_length <= base.max_positions:
         return
     fix = f"set maxLength to at most {base.max_positions}"
     if base.pretrain_job is not None:

@@ -380,15 +380,20 @@ def test_pubtator_source_as_conll_raises(make_config):
     assert ".." not in message
 
 
-def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
+def _short_notes_error(make_config, tmp_path, text: str) -> StageError:
+    """Run a Corpus of plain-text notes with minWords 5 and return the error it raises."""
     notes = tmp_path / "short.txt"
-    notes.write_text("too short\n\nalso short\n")
+    notes.write_text(text)
     config = make_config(
         _corpus([{"name": "short", "format": "text", "path": str(notes)}], minWords=5)
     )
     with pytest.raises(StageError) as raised:
         stage.run(config, resume=False)
-    message = str(raised.value)
+    return raised.value
+
+
+def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
+    message = str(_short_notes_error(make_config, tmp_path, "too short\n\nalso short\n"))
     assert "spec.minWords: no documents remain after filtering 2 records: 2 are shorter " \
         "than minWords (5 words); lower minWords" in message, message
     assert message.endswith("stats.json has the counts of each filter."), message
@@ -398,14 +403,8 @@ def test_empty_result_raises_after_writing_stats(make_config, tmp_path):
 
 
 def test_single_short_record_message_singular(make_config, tmp_path):
-    notes = tmp_path / "short.txt"
-    notes.write_text("too short\n")
-    config = make_config(
-        _corpus([{"name": "short", "format": "text", "path": str(notes)}], minWords=5)
-    )
-    with pytest.raises(StageError) as raised:
-        stage.run(config, resume=False)
-    assert "filtering 1 record: 1 is shorter than minWords (5 words)" in str(raised.value)
+    error = _short_notes_error(make_config, tmp_path, "too short\n")
+    assert "filtering 1 record: 1 is shorter than minWords (5 words)" in str(error)
 
 
 def test_decontaminated_corpus_names_eval_sets(make_config, data_dir):

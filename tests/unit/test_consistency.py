@@ -388,6 +388,16 @@ def test_finetune_max_length_against_model_directory(data_dir, tmp_path):
     assert error.detail.endswith("set maxLength to at most 128.")
 
 
+def full_finetune_of(directory: Path, max_length: int) -> dict[str, dict]:
+    """Return the example FineTune alone, fully fine-tuning the model directory."""
+    bodies = examples()
+    bodies["04-finetune.yaml"]["spec"].update(method="full", maxLength=max_length)
+    del bodies["04-finetune.yaml"]["spec"]["lora"]
+    bodies = with_base_uri(bodies, str(directory))
+    del bodies["05-deployment.yaml"]
+    return bodies
+
+
 def test_finetune_max_length_on_hub_t5_directory_unchecked(data_dir, tmp_path):
     """Hub t5 configs carry a legacy n_positions of 512 that no t5 layer reads."""
     from transformers import T5Config
@@ -396,12 +406,7 @@ def test_finetune_max_length_on_hub_t5_directory_unchecked(data_dir, tmp_path):
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=300,
              n_positions=512).save_pretrained(directory)
     assert json.loads((directory / "config.json").read_text())["n_positions"] == 512
-    bodies = examples()
-    bodies["04-finetune.yaml"]["spec"].update(method="full", maxLength=600)
-    del bodies["04-finetune.yaml"]["spec"]["lora"]
-    bodies = with_base_uri(bodies, str(directory))
-    del bodies["05-deployment.yaml"]
-    consistency.check_references(parse_all(bodies), data_dir)
+    consistency.check_references(parse_all(full_finetune_of(directory, max_length=600)), data_dir)
 
 
 @pytest.mark.parametrize("value", ["n/a", [512], None, True, 0])
@@ -412,12 +417,7 @@ def test_malformed_position_limit_not_checked(data_dir, tmp_path, value):
     config = json.loads((directory / "config.json").read_text())
     config["max_position_embeddings"] = value
     (directory / "config.json").write_text(json.dumps(config))
-    bodies = examples()
-    bodies["04-finetune.yaml"]["spec"].update(method="full", maxLength=600)
-    del bodies["04-finetune.yaml"]["spec"]["lora"]
-    bodies = with_base_uri(bodies, str(directory))
-    del bodies["05-deployment.yaml"]
-    consistency.check_references(parse_all(bodies), data_dir)
+    consistency.check_references(parse_all(full_finetune_of(directory, max_length=600)), data_dir)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert", "t5"])

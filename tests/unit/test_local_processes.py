@@ -259,9 +259,9 @@ def test_resume_points_name_each_phase(tmp_path):
         "lora step 300, scratch step 20")
 
 
-def test_failed_reference_explained(tmp_path):
-    """A reference to a stage whose last run in the workspace failed names the failure and
-    where its last good output is kept, instead of calling the name unknown."""
+def _reference_error(tmp_path, written: dict) -> str:
+    """Record `written` as the status.json of Corpus 'pubmed' in a workspace, check a Tokenizer
+    that references it without its file, and return the error message."""
     import json
 
     from lathe import loader
@@ -269,16 +269,24 @@ def test_failed_reference_explained(tmp_path):
     from lathe.local.runner import LocalRunner
 
     stage = tmp_path / "workspace" / "default" / "corpus" / "pubmed"
-    (stage / "previous-output").mkdir(parents=True)
-    (stage / "previous-output" / "manifest.json").write_text("{}")
-    (stage / "status.json").write_text(json.dumps({"phase": "Failed"}))
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "status.json").write_text(json.dumps(written))
     tokenizer = loader.parse_resource({
         "apiVersion": "lathe.dev/v1alpha1", "kind": "Tokenizer", "metadata": {"name": "tok"},
         "spec": {"corpusRef": {"name": "pubmed"}},
     }, "tokenizer.yaml")
     with pytest.raises(InvalidResourceError) as raised:
         LocalRunner(tmp_path / "workspace", tmp_path).check([tokenizer])
-    message = str(raised.value)
+    return str(raised.value)
+
+
+def test_failed_reference_explained(tmp_path):
+    """A reference to a stage whose last run in the workspace failed names the failure and
+    where its last good output is kept, instead of calling the name unknown."""
+    stage = tmp_path / "workspace" / "default" / "corpus" / "pubmed"
+    (stage / "previous-output").mkdir(parents=True)
+    (stage / "previous-output" / "manifest.json").write_text("{}")
+    message = _reference_error(tmp_path, {"phase": "Failed"})
     assert "its last run in the workspace has phase Failed" in message
     assert f"kept in {stage / 'previous-output'}" in message
     assert message.endswith("pass its file too with -f to run it again.")
@@ -287,24 +295,9 @@ def test_failed_reference_explained(tmp_path):
 def test_moved_output_reference_explained(tmp_path):
     """A stage that succeeded but whose recorded output is gone, as after the workspace was
     moved, is not called Succeeded and rejected without a reason."""
-    import json
-
-    from lathe import loader
-    from lathe.errors import InvalidResourceError
-    from lathe.local.runner import LocalRunner
-
-    stage = tmp_path / "workspace" / "default" / "corpus" / "pubmed"
-    stage.mkdir(parents=True)
     moved = f"file://{tmp_path / 'old-workspace' / 'default' / 'corpus' / 'pubmed' / 'output'}"
-    (stage / "status.json").write_text(json.dumps(
-        {"phase": "Succeeded", "artifact": {"uri": moved, "digest": "sha256:0"}}))
-    tokenizer = loader.parse_resource({
-        "apiVersion": "lathe.dev/v1alpha1", "kind": "Tokenizer", "metadata": {"name": "tok"},
-        "spec": {"corpusRef": {"name": "pubmed"}},
-    }, "tokenizer.yaml")
-    with pytest.raises(InvalidResourceError) as raised:
-        LocalRunner(tmp_path / "workspace", tmp_path).check([tokenizer])
-    message = str(raised.value)
+    message = _reference_error(
+        tmp_path, {"phase": "Succeeded", "artifact": {"uri": moved, "digest": "sha256:0"}})
     assert f"succeeded, but its recorded output {moved} no longer holds that output" in message
     assert "has phase Succeeded" not in message
 
