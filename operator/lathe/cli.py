@@ -205,7 +205,8 @@ def headline(kind: str, metrics: dict) -> str:
     if isinstance(scratch, (int, float)):
         parts.append(f"from scratch {scratch:.4g}")
     if kind == "ModelDeployment" and metrics.get("quantization") == "deployed":
-        # Quantization is optional and can be declined by its F1 check, so say which one serves.
+        # Quantization is optional and its F1 check can decline it, so the summary names the
+        # model that Triton serves.
         parts.append("serving INT8")
     return ", ".join(parts)
 

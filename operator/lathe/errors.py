@@ -14,7 +14,7 @@ class InvalidResourceError(LatheError):
     """A resource that can never succeed as written: retrying will not help."""
 
     def __init__(self, resource: str, field: str, message: str):
-        # An empty field stands for the whole file, such as YAML that does not parse.
+        # An empty field means the whole file, such as YAML that does not parse.
         super().__init__(f"{resource}: {field}: {message}" if field else f"{resource}: {message}")
         self.resource = resource
         self.field = field

@@ -186,7 +186,7 @@ def test_lora_target_matching_peft_accepted(data_dir, targets):
     (["q_proj", "self_attn", "mlp"], "'self_attn' (LlamaAttention), 'mlp' (LlamaMLP)"),
     (["norm"], "'norm' (LlamaRMSNorm)"),
 ])
-def test_lora_target_that_is_no_layer_rejected(data_dir, targets, rejected):
+def test_non_layer_lora_target_rejected(data_dir, targets, rejected):
     """peft 0.21 raises for a target module it cannot wrap, so validate rejects it first."""
     bodies = examples()
     lora(bodies)["targetModules"] = targets
@@ -376,7 +376,7 @@ def test_finetune_max_length_on_t5_unchecked(data_dir):
     consistency.check_references(parse_all(bodies), data_dir)
 
 
-def test_finetune_max_length_against_model_directory(data_dir, tmp_path):
+def test_max_length_against_model_directory(data_dir, tmp_path):
     directory = bert_directory(tmp_path / "bert", max_position_embeddings=128)
     bodies = examples()
     lora(bodies)["targetModules"] = LORA_TARGETS["bert"]
@@ -398,7 +398,7 @@ def full_finetune_of(directory: Path, max_length: int) -> dict[str, dict]:
     return bodies
 
 
-def test_finetune_max_length_on_hub_t5_directory_unchecked(data_dir, tmp_path):
+def test_hub_t5_max_length_unchecked(data_dir, tmp_path):
     """Hub t5 configs carry a legacy n_positions of 512 that no t5 layer reads."""
     from transformers import T5Config
 

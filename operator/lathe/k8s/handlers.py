@@ -414,7 +414,6 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
             try:
                 await _in_thread(_wake_dependents, body, logger, every=True)
             except ApiException as error:
-                # The resources that read it notice at their next resync instead.
                 logger.warning("Listing the resources that read the deleted resource failed "
                                "with HTTP %s: %s; they notice at their next resync.",
                                error.status, error.reason)

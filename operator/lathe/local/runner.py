@@ -404,6 +404,8 @@ class LocalRunner:
         config_path.write_text(plan.config.model_dump_json(indent=2))
         _record_resource(resource, directory)
         self._write_status(resource, directory, output_uri, None)
+        # NOTE: this reads the runner's resume-key record, not the key in the checkpoints'
+        # state.json that the stage checks, so the two disagree if another run wrote them.
         checkpoints = _resume_points(*storage.resolve(output_uri)) if resume else ""
         self.on_progress(ProgressEvent(
             resource.key, "started",

@@ -153,7 +153,7 @@ def unsupported_targets(model: torch.nn.Module, targets: list[str]) -> dict[str,
     """Map each target that matches a module LoRA cannot wrap to that module's type name.
 
     A target such as `layers` or `self_attn` names a container of linear layers, and peft
-    rejects the whole FineTune at its start for it.
+    raises for it when the FineTune starts.
     """
     found: dict[str, str] = {}
     for name, module in model.named_modules():
