@@ -69,6 +69,8 @@ def build_model(
         vocab_size=len(tokenizer), id2label=id2label, label2id=label2id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        # As the FineTune stage records it for a causal model (lathe_trainer.finetune.data).
+        lathe_label_subtoken="last",
     )
     if architecture == "llama":
         config = LlamaConfig(

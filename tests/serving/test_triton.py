@@ -167,6 +167,7 @@ def test_unbatched_repository_loads_and_killed_server_is_cleaned(export_output, 
         repository.RepositorySettings(
             model_name="unbatched", id2label=settings.id2label, max_length=settings.max_length,
             bos_id=settings.special.bos, unk_id=settings.special.unk, pad_id=settings.special.pad,
+            label_subtoken=settings.label_subtoken,
             max_batch_size=0,
         ),
         output / "model.onnx",
@@ -201,6 +202,7 @@ def test_missing_backend_fails_before_start(export_output, tmp_path):
         repository.RepositorySettings(
             model_name="cluster", id2label=settings.id2label, max_length=settings.max_length,
             bos_id=settings.special.bos, unk_id=settings.special.unk, pad_id=settings.special.pad,
+            label_subtoken=settings.label_subtoken,
             model_backend="onnxruntime",
         ),
         output / "model.onnx",

@@ -122,6 +122,10 @@ def test_example_writes_every_output(example_run):
         assert f"model_repository/{model}/config.pbtxt" in manifest["outputs"]
     # The ensemble's version directory contains a file, so it survives object stores.
     assert "model_repository/pubmed_ner/1/README.txt" in manifest["outputs"]
+    # The postprocess step reads the sub-token that the FineTune labelled (a Llama: the last).
+    settings = output / "model_repository" / "pubmed_ner_postprocess" / "1" / "decoding.json"
+    assert json.loads(settings.read_text()) == {"labelSubtoken": "last"}
+    assert json.loads((output / "report.json").read_text())["labelSubtoken"] == "last"
 
 
 def test_example_checks_every_shape(example_run):

@@ -204,12 +204,14 @@ def test_merged_model_reproduces_predictions(finished, data_dir):
     tokenizer = AutoTokenizer.from_pretrained(output / "model")
     assert model.config.id2label == {0: "O", 1: "B-Disease", 2: "I-Disease"}
     assert model.config.label2id == {"O": 0, "B-Disease": 1, "I-Disease": 2}
+    # A causal model's label sits on the last sub-token of each word, and serving reads it here.
+    assert model.config.lathe_label_subtoken == "last"
     records = [
         json.loads(line)
         for line in (output / "test_predictions.jsonl").read_text().splitlines()
     ]
     sentences = [(record["words"], record["gold"]) for record in records]
-    encoded = encode_sentences(tokenizer, sentences, model.config.label2id, 128)
+    encoded = encode_sentences(tokenizer, sentences, model.config.label2id, 128, "last")
     predicted = predict_local(model, encoded, 32, tokenizer.pad_token_id, model.config.id2label)
     assert predicted == [record["predicted"] for record in records]
     assert any("B-Disease" in tags for tags in predicted)

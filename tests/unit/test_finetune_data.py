@@ -15,12 +15,12 @@ from lathe_trainer.finetune.data import (
     encode_sentence,
     encode_text,
     encode_words,
-    first_token_mask,
     label_list,
     read_sentences,
     split_words,
     step_indices,
 )
+from lathe_trainer.serving.decoding import label_subtoken_mask
 
 TEXTS = [
     "Adenomatous polyposis coli (APC) is a tumour suppressor.",
@@ -108,26 +108,50 @@ def test_split_words_table(text, words):
 
 
 @pytest.mark.parametrize(
-    ("word_index", "mask"),
+    ("word_index", "first", "last"),
     [
-        ([-1, 0, 0, 1, 2, 2, 2], [False, True, False, True, True, False, False]),
-        ([0, 1, 1], [True, True, False]),
-        ([-1], [False]),
+        ([-1, 0, 0, 1, 2, 2, 2], [False, True, False, True, True, False, False],
+         [False, False, True, True, False, False, True]),
+        ([0, 1, 1], [True, True, False], [True, False, True]),
+        ([0, 0, -1, -1], [True, False, False, False], [False, True, False, False]),
+        ([-1], [False], [False]),
+        ([], [], []),
     ],
 )
-def test_first_token_mask_table(word_index, mask):
-    assert first_token_mask(word_index) == mask
+def test_label_subtoken_mask_table(word_index, first, last):
+    assert label_subtoken_mask(word_index, "first") == first
+    assert label_subtoken_mask(word_index, "last") == last
 
 
-def test_encode_sentence_labels_first_subtoken(tokenizers):
+def test_label_subtoken_mask_rejects_other_names():
+    with pytest.raises(ValueError, match="label_subtoken is 'middle'; use one of first, last"):
+        label_subtoken_mask([0], "middle")
+
+
+@pytest.mark.parametrize("label_subtoken", ["first", "last"])
+def test_encode_sentence_labels_one_subtoken(tokenizers, label_subtoken):
     tokenizer, _ = tokenizers
     label2id = {"O": 0, "B-Disease": 1, "I-Disease": 2}
     sentence = (["Adenomatous", "polyposis", "coli"], ["B-Disease", "I-Disease", "I-Disease"])
-    encoded = encode_sentence(tokenizer, sentence, label2id, max_length=64)
-    labelled = [label for label in encoded.labels if label != IGNORE_INDEX]
-    assert labelled == [1, 2, 2]
+    encoded = encode_sentence(tokenizer, sentence, label2id, 64, label_subtoken)
+    positions = [i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX]
+    assert [encoded.labels[i] for i in positions] == [1, 2, 2]
     assert encoded.labels[0] == IGNORE_INDEX
     assert not encoded.truncated
+    # "Adenomatous" is several sub-tokens; the label sits on the first or on the last of them.
+    first_word = [i for i, word in enumerate(encoded.word_index) if word == 0]
+    assert len(first_word) > 1
+    expected = first_word[0] if label_subtoken == "first" else first_word[-1]
+    assert positions[0] == expected
+
+
+def test_truncated_word_labelled_on_last_kept_token(tokenizers):
+    tokenizer, _ = tokenizers
+    sentence = (["Adenomatous"], ["B-Disease"])
+    whole = encode_sentence(tokenizer, sentence, {"O": 0, "B-Disease": 1}, 64, "last")
+    cut = encode_sentence(tokenizer, sentence, {"O": 0, "B-Disease": 1}, 2, "last")
+    assert len(whole.input_ids) > 2 and cut.truncated
+    assert cut.labels == [IGNORE_INDEX, 1]
 
 
 def test_encode_sentence_truncates(tokenizers):

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import pytest
 
+from lathe_trainer.finetune.data import IGNORE_INDEX, EncodedSentence
 from lathe_trainer.finetune.metrics import entity_scores, word_tags
 
 ID2LABEL = {0: "O", 1: "B-Disease", 2: "I-Disease"}
 
 
+X = IGNORE_INDEX
+
+
 @pytest.mark.parametrize(
-    ("predictions", "word_index", "num_words", "tags"),
+    ("predictions", "word_index", "labels", "num_words", "tags"),
     [
-        ([0, 1, 0, 2], [-1, 0, 0, 1], 2, ["B-Disease", "I-Disease"]),
-        ([0, 1], [-1, 0], 3, ["B-Disease", "O", "O"]),
-        ([0], [-1], 0, []),
+        # The first sub-token carries the label ...
+        ([0, 1, 0, 2], [-1, 0, 0, 1], [X, 1, X, 2], 2, ["B-Disease", "I-Disease"]),
+        # ... or the last: the prediction at the labelled token decides.
+        ([0, 1, 0, 2], [-1, 0, 0, 1], [X, X, 1, 2], 2, ["O", "I-Disease"]),
+        ([0, 1], [-1, 0], [X, 1], 3, ["B-Disease", "O", "O"]),
+        ([0], [-1], [X], 0, []),
     ],
 )
-def test_word_tags_table(predictions, word_index, num_words, tags):
-    assert word_tags(predictions, word_index, num_words, ID2LABEL) == tags
+def test_word_tags_table(predictions, word_index, labels, num_words, tags):
+    item = EncodedSentence([7] * len(word_index), labels, word_index, num_words, False)
+    assert word_tags(predictions, item, ID2LABEL) == tags
 
 
 def test_all_outside_scores_zero():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from tiny_ner_model import build_tokenizer
@@ -90,7 +92,7 @@ def decode(words: list[str], tags: list[str]) -> list[tuple]:
         position += len(word) + 1
     label_ids = np.array([LABELS.index(tag) for tag in tags])
     entities = decoding.decode_entities(
-        text, label_ids, np.array(offsets), np.arange(len(words)), LABELS
+        text, label_ids, np.array(offsets), np.arange(len(words)), LABELS, "first"
     )
     return [(entity["text"], entity["label"]) for entity in entities]
 
@@ -111,13 +113,33 @@ def test_iob_decoding(tags, expected):
     assert decode(["a", "b", "c", "d"], tags) == expected
 
 
-def test_first_subtoken_labels_the_word():
+@pytest.mark.parametrize(
+    ("label_ids", "label_subtoken"),
+    [
+        ([1, 1, 0, 2, 1], "first"),  # special and padding labels are ignored
+        ([1, 0, 1, 2, 1], "last"),
+    ],
+)
+def test_labelled_subtoken_labels_the_word(label_ids, label_subtoken):
     text = "Huntington chorea"
     offsets = np.array([[0, 0], [0, 10], [0, 10], [11, 17], [0, 0]])
     word_ids = np.array([-1, 0, 0, 1, -1])
-    label_ids = np.array([1, 1, 0, 2, 1])  # special and padding labels are ignored
-    entities = decoding.decode_entities(text, label_ids, offsets, word_ids, LABELS)
+    entities = decoding.decode_entities(
+        text, np.array(label_ids), offsets, word_ids, LABELS, label_subtoken
+    )
     assert entities == [{"start": 0, "end": 17, "text": "Huntington chorea", "label": "Disease"}]
+
+
+def test_other_subtoken_is_not_read():
+    """The sub-token that training left unlabelled does not decide the word's tag."""
+    text = "Huntington chorea"
+    offsets = np.array([[0, 10], [0, 10], [11, 17]])
+    word_ids = np.array([0, 0, 1])
+    label_ids = np.array([0, 1, 0])  # only the last sub-token of "Huntington" says B-Disease
+    first = decoding.decode_entities(text, label_ids, offsets, word_ids, LABELS, "first")
+    last = decoding.decode_entities(text, label_ids, offsets, word_ids, LABELS, "last")
+    assert first == []
+    assert [entity["text"] for entity in last] == ["Huntington"]
 
 
 @pytest.mark.parametrize(
@@ -223,7 +245,7 @@ def test_windows_find_mentions_beyond_first_window(tokenizers, data_dir):
         word_ids = encoded["word_ids"][0]
         label_ids = gold_label_ids(text, mentions, word_ids)
         entities = decoding.decode_entities(
-            text, label_ids, encoded["offsets"][0], word_ids, LABELS
+            text, label_ids, encoded["offsets"][0], word_ids, LABELS, "last"
         )
         word_starts = {match.start() for match in decoding.WORD_PATTERN.finditer(text)}
         word_ends = {match.end() for match in decoding.WORD_PATTERN.finditer(text)}
@@ -282,7 +304,8 @@ def test_word_longer_than_window_is_cut(tokenizers):
     assert encoded["attention_mask"][0].sum(axis=-1).tolist() == [1 + sizes[0], 16, 1 + sizes[2]]
     label_ids = np.full(encoded["word_ids"].shape, LABELS.index("B-Disease"))
     entities = decoding.entities_from_logits(
-        [text], np.eye(len(LABELS))[label_ids], encoded["offsets"], encoded["word_ids"], LABELS
+        [text], np.eye(len(LABELS))[label_ids], encoded["offsets"], encoded["word_ids"], LABELS,
+        "last",
     )
     assert [entity["text"] for entity in entities[0]] == ["Cystic", long_word, "fibrosis"]
 
@@ -319,3 +342,36 @@ def test_window_is_the_finetuned_length(tmp_path, data_dir, trained, window):
     settings = read_model_settings(model_dir)
     assert settings.max_length == window
     assert settings.max_positions == 512
+
+
+@pytest.mark.parametrize(
+    ("recorded", "expected"),
+    [(None, "first"), ("first", "first"), ("last", "last")],
+)
+def test_labelled_subtoken_read_from_config(tmp_path, data_dir, recorded, expected):
+    """A model fine-tuned before the FineTune stage recorded the sub-token labelled the first."""
+    from tiny_ner_model import build_model
+
+    from lathe_trainer.serving.reference import read_model_settings
+
+    model_dir = build_model(data_dir, tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop(decoding.LABEL_SUBTOKEN_KEY)
+    if recorded is not None:
+        config[decoding.LABEL_SUBTOKEN_KEY] = recorded
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert read_model_settings(model_dir).label_subtoken == expected
+
+
+def test_unknown_labelled_subtoken_rejected(tmp_path, data_dir):
+    from tiny_ner_model import build_model
+
+    from lathe_trainer.serving.reference import ModelFormatError, read_model_settings
+
+    model_dir = build_model(data_dir, tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    config[decoding.LABEL_SUBTOKEN_KEY] = "middle"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="lathe_label_subtoken is 'middle'; it must be "
+                       "one of first, last"):
+        read_model_settings(model_dir)

@@ -23,8 +23,10 @@ def sentence_from_words(words: list[str], tags: list[str]) -> HeldOutSentence:
         position += len(word) + 1
     labels = sorted(set(tags) | {"O"})
     label_ids = np.array([labels.index(tag) for tag in tags])
+    # One "token" per word here, so its first sub-token is also its last.
     gold = decoding.decode_entities(
-        text, label_ids, np.array(offsets).reshape(-1, 2), np.arange(len(words)), labels
+        text, label_ids, np.array(offsets).reshape(-1, 2), np.arange(len(words)), labels,
+        decoding.FIRST_SUBTOKEN,
     )
     return HeldOutSentence(text=text, gold=gold)
 

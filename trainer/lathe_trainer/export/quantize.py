@@ -89,6 +89,7 @@ def compare_quantized(
     sentences: list[HeldOutSentence],
     encode: Any,
     id2label: list[str],
+    label_subtoken: str,
     max_f1_drop: float,
     batch_size: int = 8,
 ) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def compare_quantized(
     for name, path in (("fp32", fp32_path), ("int8", int8_path)):
         for chunk, batch, logits in zip(chunks, batches, run_onnx(path, batches, len(id2label))):
             predictions[name] += decoding.entities_from_logits(
-                chunk, logits, batch["offsets"], batch["word_ids"], id2label
+                chunk, logits, batch["offsets"], batch["word_ids"], id2label, label_subtoken
             )
             real = batch["word_ids"] != decoding.NO_WORD
             token_labels[name].append(logits.argmax(-1)[real])

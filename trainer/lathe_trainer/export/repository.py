@@ -40,6 +40,8 @@ DECODING_FILE = MODELS_DIR.parent / "decoding.py"
 # The name under which the shared decoding module is copied beside each Python model.
 DECODING_MODULE = "ner_decoding.py"
 MODEL_BACKENDS = ("python", "onnxruntime")
+# Decoding settings of the postprocess step, beside its labels.json.
+POSTPROCESS_SETTINGS = "decoding.json"
 
 
 class Enum(str):
@@ -59,6 +61,9 @@ class RepositorySettings:
     max_batch_size: int = 8
     model_backend: str = "python"
     instance_count: int = 1
+    # The sub-token whose logits label a word (decoding.LABEL_SUBTOKENS); "first" for models
+    # fine-tuned before the FineTune stage recorded it.
+    label_subtoken: str = decoding.FIRST_SUBTOKEN
     # Tokens of left context that each window after the first repeats; None: the default,
     # decoding.default_stride(max_length).
     stride: int | None = None
@@ -287,6 +292,9 @@ def write_repository(
     install_python_model(postprocess_version, "postprocess")
     (postprocess_version / "labels.json").write_text(
         json.dumps(settings.id2label, ensure_ascii=False), encoding="utf-8"
+    )
+    (postprocess_version / POSTPROCESS_SETTINGS).write_text(
+        json.dumps({"labelSubtoken": settings.label_subtoken}), encoding="utf-8"
     )
 
     # An ensemble has no files, but Triton requires its version directory. Object stores keep

@@ -165,7 +165,8 @@ def max_diff_by_length(checks: list[dict]) -> dict[str, float]:
 
 
 def run_quantization(
-    spec: ModelDeploymentSpec, output: Path, sentences: list, encode, id2label: list[str]
+    spec: ModelDeploymentSpec, output: Path, sentences: list, encode,
+    model: reference.ModelSettings,
 ) -> dict[str, Any]:
     settings = spec.export.quantization
     if not settings.enabled:
@@ -174,7 +175,8 @@ def run_quantization(
     int8_path = output / INT8_FILE
     quantize.quantize(output / FP32_FILE, int8_path)
     record = quantize.compare_quantized(
-        output / FP32_FILE, int8_path, sentences, encode, id2label, settings.max_f1_drop
+        output / FP32_FILE, int8_path, sentences, encode, model.id2label, model.label_subtoken,
+        settings.max_f1_drop,
     )
     record["enabled"] = True
     record["sizeBytes"] = int8_path.stat().st_size
@@ -221,13 +223,14 @@ def run(config: StageConfig, resume: bool) -> dict:
     stream = token_stream(encode([sentence.text for sentence in sentences]))
     exported = export_and_check(config, spec, model, output, stream, settings.special.pad,
                                 progress)
-    quantization = run_quantization(spec, output, sentences, encode, settings.id2label)
+    quantization = run_quantization(spec, output, sentences, encode, settings)
     served = INT8_FILE if quantization["deployed"] else FP32_FILE
     progress.update(4, quantization["reason"])
 
     repository_settings = repository.RepositorySettings(
         model_name=spec.model_name,
         id2label=settings.id2label,
+        label_subtoken=settings.label_subtoken,
         max_length=settings.max_length,
         bos_id=settings.special.bos,
         unk_id=settings.special.unk,
@@ -255,6 +258,7 @@ def run(config: StageConfig, resume: bool) -> dict:
         "windowLength": settings.max_length,
         "windowStride": repository_settings.window_stride,
         "labels": settings.id2label,
+        "labelSubtoken": settings.label_subtoken,
         "heldOutSentences": len(sentences),
     }
     (output / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -1,7 +1,7 @@
 """Evaluation of a token classifier: word-level tags and entity-level scores.
 
-The FineTune stage predicts a tag per word (from the first sub-token of the word, as
-`finetune.data` describes) and scores whole entities with seqeval in its default mode, which
+The FineTune stage predicts a tag per word (from the sub-token of the word that training
+labelled, as `finetune.data` describes) and scores whole entities with seqeval in its default mode, which
 follows the CoNLL `conlleval` script: an entity counts only when its type and both boundaries
 match.
 """
@@ -12,18 +12,19 @@ import torch
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 from lathe_trainer.finetune import distributed
-from lathe_trainer.finetune.data import OUTSIDE, EncodedSentence, collate, first_token_mask
+from lathe_trainer.finetune.data import IGNORE_INDEX, OUTSIDE, EncodedSentence, collate
 
 
 def word_tags(
-    token_predictions: list[int], word_index: list[int], num_words: int, id2label: dict[int, str]
+    token_predictions: list[int], item: EncodedSentence, id2label: dict[int, str]
 ) -> list[str]:
-    """Map token predictions to one tag per word; words cut off by truncation get `O`."""
-    tags = [OUTSIDE] * num_words
-    for prediction, index, first in zip(
-        token_predictions, word_index, first_token_mask(word_index)
-    ):
-        if first:
+    """Map token predictions to one tag per word; words cut off by truncation get `O`.
+
+    Each word's tag is the prediction at the token that carries its label in `item.labels`.
+    """
+    tags = [OUTSIDE] * item.num_words
+    for prediction, index, label in zip(token_predictions, item.word_index, item.labels):
+        if label != IGNORE_INDEX:
             tags[index] = id2label[prediction]
     return tags
 
@@ -46,7 +47,7 @@ def predict_local(
         best = logits.argmax(dim=-1).tolist()
         for item, row in zip(batch, best):
             predictions.append(
-                word_tags(row[:len(item.input_ids)], item.word_index, item.num_words, id2label)
+                word_tags(row[:len(item.input_ids)], item, id2label)
             )
     model.train(was_training)
     return predictions

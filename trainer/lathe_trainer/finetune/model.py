@@ -25,6 +25,8 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from lathe.api.finetune import DEFAULT_LORA_TARGETS
+from lathe.api.pretrain import OBJECTIVES
+from lathe_trainer.serving.decoding import FIRST_SUBTOKEN, LAST_SUBTOKEN
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -49,6 +51,13 @@ def load_tokenizer(model_dir: Path):
         # Padded positions are masked out and carry the ignored label, so any id will do.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise BaseModelError(f"the config.json in {model_dir} cannot be loaded ({error})") from error
 
 
 def head_names(model: torch.nn.Module) -> list[str]:
@@ -111,6 +120,20 @@ def adaptable_layers(model: torch.nn.Module) -> list[str]:
         if name.split(".")[0] not in heads
         and isinstance(module, (torch.nn.Linear, Conv1D, torch.nn.Embedding))
     })
+
+
+def label_subtoken_for(config: PretrainedConfig) -> str:
+    """Return which sub-token of a word carries its label for this base model.
+
+    The last for a causal model (a PretrainJob's llama or gpt2, or a base whose config names a
+    `...ForCausalLM` architecture), because only the last has seen the whole word; the first
+    for a bidirectional one. `lathe_trainer.finetune.data` gives the figures.
+    """
+    architectures = getattr(config, "architectures", None) or []
+    causal = OBJECTIVES.get(config.model_type) == "causalLM" or any(
+        name.endswith("ForCausalLM") for name in architectures
+    )
+    return LAST_SUBTOKEN if causal else FIRST_SUBTOKEN
 
 
 def meta_classifier(config: PretrainedConfig) -> torch.nn.Module:

@@ -39,6 +39,8 @@ from lathe_trainer.finetune.model import (
     check_targets_match,
     from_scratch,
     label_maps,
+    label_subtoken_for,
+    load_config,
     load_pretrained,
     load_tokenizer,
     lora_targets,
@@ -46,6 +48,7 @@ from lathe_trainer.finetune.model import (
     save_adapter,
 )
 from lathe_trainer.finetune.train import LoopSettings, Split, evaluate, run_phase
+from lathe_trainer.serving.decoding import LABEL_SUBTOKEN_KEY
 from lathe_trainer.serving.reference import position_limit
 from lathe_trainer.training import activations
 from lathe_trainer.training import checkpoint as training_checkpoint
@@ -84,14 +87,16 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     resume = prepare_output(config, output, resume)
 
     settings = LoopSettings.from_spec(spec.training, tokenizer.pad_token_id, label_maps(labels)[0])
-    encoded = {name: encode_split(tokenizer, sentences, labels, spec)
+    label_subtoken = label_subtoken_for(load_base(config, spec, lambda: load_config(model_dir)))
+    log.info("Each word's label is carried by its %s sub-token.", label_subtoken)
+    encoded = {name: encode_split(tokenizer, sentences, labels, spec, label_subtoken)
                for name, sentences in splits.items()}
     phases = 2 if spec.compare_from_scratch else 1
     reporter = ProgressReporter(config, total=phases * spec.training.max_steps) \
         if distributed.is_main() else None
 
     tuned = finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings,
-                           output, resume, reporter)
+                           output, resume, reporter, label_subtoken)
     scratch = None
     if spec.compare_from_scratch:
         scratch = scratch_phase(config, spec, model_dir, labels, encoded, settings, output,
@@ -225,9 +230,9 @@ def prepare_output(config: StageConfig, output: Path, resume: bool) -> bool:
     return resume
 
 
-def encode_split(tokenizer, sentences, labels, spec: FineTuneSpec) -> Split:
+def encode_split(tokenizer, sentences, labels, spec: FineTuneSpec, label_subtoken: str) -> Split:
     label2id = label_maps(labels)[1]
-    encoded = encode_sentences(tokenizer, sentences, label2id, spec.max_length)
+    encoded = encode_sentences(tokenizer, sentences, label2id, spec.max_length, label_subtoken)
     return Split(encoded, [words for words, _ in sentences], [tags for _, tags in sentences])
 
 
@@ -242,7 +247,7 @@ def progress_callback(reporter, offset: int, phase: str = ""):
 
 
 def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings, output,
-                   resume, reporter) -> dict:
+                   resume, reporter, label_subtoken) -> dict:
     """Fine-tune the base model, evaluate it and write model/ (and adapter/ for LoRA)."""
     phase_dir = output / "checkpoints" / spec.method
     finished = checkpoint.read_result(phase_dir) if resume else None
@@ -253,6 +258,8 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
     torch.manual_seed(spec.training.seed)
     model = load_base(config, spec, lambda: load_pretrained(model_dir, labels))
     model.config.pad_token_id = tokenizer.pad_token_id
+    # Serving reads the labelled sub-token from config.json (lathe_trainer.serving.reference).
+    setattr(model.config, LABEL_SUBTOKEN_KEY, label_subtoken)
     enable_gradient_checkpointing(model, spec)
     if spec.method == "lora":
         model = wrap_lora(config, spec, model)

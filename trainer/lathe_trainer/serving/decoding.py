@@ -32,6 +32,14 @@ NO_WORD = -1
 # letters, digits and `_`, or one other non-space character.
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
 
+# Which sub-token of a word carries its label (lathe_trainer.finetune.data explains the choice).
+# The FineTune stage records it in the model's config.json under LABEL_SUBTOKEN_KEY. A model
+# without the key was fine-tuned before the key existed, when every model labelled the first.
+FIRST_SUBTOKEN = "first"
+LAST_SUBTOKEN = "last"
+LABEL_SUBTOKENS = (FIRST_SUBTOKEN, LAST_SUBTOKEN)
+LABEL_SUBTOKEN_KEY = "lathe_label_subtoken"
+
 
 @dataclass(frozen=True)
 class SpecialIds:
@@ -258,21 +266,38 @@ def split_label(label: str) -> tuple[str, str]:
     return "I", label
 
 
-def word_spans(label_ids: np.ndarray, offsets: np.ndarray, word_ids: np.ndarray) -> list[tuple]:
-    """Group tokens into words: [(start, end, label id of the word's first token)] in order.
+def label_subtoken_mask(word_ids, label_subtoken: str) -> list[bool]:
+    """Mark the tokens that carry a word's label: its first or last sub-token.
 
-    The first sub-token decides a word's label, because the FineTune stage trains only that
-    one on the word's label.
+    `word_ids` holds each token's word, NO_WORD (or any negative id) for tokens of no word.
     """
+    if label_subtoken not in LABEL_SUBTOKENS:
+        raise ValueError(
+            f"label_subtoken is {label_subtoken!r}; use one of {', '.join(LABEL_SUBTOKENS)}"
+        )
+    ids = [int(word) for word in word_ids]
+    neighbours = [NO_WORD] + ids[:-1] if label_subtoken == FIRST_SUBTOKEN else ids[1:] + [NO_WORD]
+    return [word >= 0 and word != neighbour for word, neighbour in zip(ids, neighbours)]
+
+
+def word_spans(
+    label_ids: np.ndarray, offsets: np.ndarray, word_ids: np.ndarray, label_subtoken: str
+) -> list[tuple]:
+    """Group tokens into words: [(start, end, label id of the word)] in order.
+
+    The word's label is that of its `label_subtoken` ("first" or "last"), the one sub-token
+    that the FineTune stage trained on the word's label.
+    """
+    labelled = label_subtoken_mask(word_ids, label_subtoken)
     words: dict[int, list] = {}
-    for label_id, (start, end), word in zip(label_ids, offsets, word_ids):
+    for label_id, (start, end), word, carries in zip(label_ids, offsets, word_ids, labelled):
         if word == NO_WORD:
             continue
-        if word not in words:
-            words[int(word)] = [int(start), int(end), int(label_id)]
-        else:
-            words[int(word)][0] = min(words[int(word)][0], int(start))
-            words[int(word)][1] = max(words[int(word)][1], int(end))
+        span = words.setdefault(int(word), [int(start), int(end), None])
+        span[0] = min(span[0], int(start))
+        span[1] = max(span[1], int(end))
+        if carries:
+            span[2] = int(label_id)
     return [tuple(words[word]) for word in sorted(words)]
 
 
@@ -286,6 +311,7 @@ def decode_entities(
     offsets: np.ndarray,
     word_ids: np.ndarray,
     id2label: list[str],
+    label_subtoken: str,
 ) -> list[dict[str, Any]]:
     """Decode the per-token label ids of one text into character spans of `text`.
 
@@ -297,7 +323,8 @@ def decode_entities(
     entities: list[dict[str, Any]] = []
     current: list | None = None  # [start, end, type] of the open entity
     words = word_spans(
-        np.reshape(label_ids, -1), np.reshape(offsets, (-1, 2)), np.reshape(word_ids, -1)
+        np.reshape(label_ids, -1), np.reshape(offsets, (-1, 2)), np.reshape(word_ids, -1),
+        label_subtoken,
     )
     for start, end, label_id in words:
         prefix, kind = split_label(id2label[label_id])
@@ -320,6 +347,7 @@ def entities_from_logits(
     offsets: np.ndarray,
     word_ids: np.ndarray,
     id2label: list[str],
+    label_subtoken: str,
 ) -> list[list[dict[str, Any]]]:
     """Take the argmax over labels of [batch, windows, sequence, labels] logits; decode each text.
 
@@ -327,7 +355,8 @@ def entities_from_logits(
     """
     label_ids = np.asarray(logits).argmax(axis=-1)
     return [
-        decode_entities(text, label_ids[row], offsets[row], word_ids[row], id2label)
+        decode_entities(text, label_ids[row], offsets[row], word_ids[row], id2label,
+                        label_subtoken)
         for row, text in enumerate(texts)
     ]
 

@@ -38,6 +38,7 @@ class ModelSettings:
     special: decoding.SpecialIds
     max_length: int
     max_positions: int
+    label_subtoken: str
 
 
 class ModelFormatError(ValueError):
@@ -65,12 +66,20 @@ def read_model_settings(model_dir: Path) -> ModelSettings:
             f"{config_file}: id2label {raw!r} is not an IOB label set with `O`; export a "
             "token-classification FineTune."
         )
+    label_subtoken = config.get(decoding.LABEL_SUBTOKEN_KEY, decoding.FIRST_SUBTOKEN)
+    if label_subtoken not in decoding.LABEL_SUBTOKENS:
+        raise ModelFormatError(
+            f"{config_file}: {decoding.LABEL_SUBTOKEN_KEY} is {label_subtoken!r}; it must be one "
+            f"of {', '.join(decoding.LABEL_SUBTOKENS)}, as the FineTune stage writes it."
+        )
     max_positions = config_max_positions(config)
     # A causal model tags best in windows no longer than the sentences it was fine-tuned on,
     # because it never learned positions beyond them.
     trained = _tokenizer_max_length(model_dir)
     max_length = min(max_positions, trained) if trained else max_positions
-    return ModelSettings(id2label, read_special_ids(model_dir), max_length, max_positions)
+    return ModelSettings(
+        id2label, read_special_ids(model_dir), max_length, max_positions, label_subtoken
+    )
 
 
 # The config.json key in which each PretrainJob architecture stores spec.model's maximum
@@ -179,6 +188,7 @@ def predict_entities(
             run, encoded["input_ids"], encoded["attention_mask"], len(settings.id2label)
         )
         results += decoding.entities_from_logits(
-            chunk, logits, encoded["offsets"], encoded["word_ids"], settings.id2label
+            chunk, logits, encoded["offsets"], encoded["word_ids"], settings.id2label,
+            settings.label_subtoken,
         )
     return results
