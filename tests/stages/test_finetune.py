@@ -251,7 +251,8 @@ def test_resume_of_another_spec_starts_over(make_config, base_output):
     config = make_config(resource(**small), base_input(base_output))
     stage.run(config, resume=False)
     output = Path(config.output_uri.removeprefix("file://"))
-    assert (output / "checkpoints" / "resume-key").read_text() == config.resume_key
+    # The key also names the sub-token that the checkpoints were trained to label.
+    assert (output / "checkpoints" / "resume-key").read_text() == config.resume_key + "/last"
 
     changed = make_config(
         resource(**small, training={"maxSteps": 20, "microBatchSize": 8, "learningRate": 0.01,
@@ -264,7 +265,25 @@ def test_resume_of_another_spec_starts_over(make_config, base_output):
     assert again["steps"] == 20
     assert not report["test"].get("resumedFromStep")
     assert not (output / "checkpoints" / "lora" / "step-00000120").exists()
-    assert (output / "checkpoints" / "resume-key").read_text() == changed.resume_key
+    assert (output / "checkpoints" / "resume-key").read_text() == changed.resume_key + "/last"
+
+
+def test_resume_of_first_subtoken_starts_over(make_config, base_output):
+    """Checkpoints of an earlier release, which labelled the first sub-token, are not resumed."""
+    config = make_config(
+        resource(compareFromScratch=False, maxTrainSentences=200, maxEvalSentences=40),
+        base_input(base_output),
+    )
+    stage.run(config, resume=False)
+    output = Path(config.output_uri.removeprefix("file://"))
+    for path in ("checkpoints/lora/result.json", "manifest.json"):
+        (output / path).unlink()
+    # An earlier release recorded the bare resume key.
+    (output / "checkpoints" / "resume-key").write_text(config.resume_key)
+    stage.run(config, resume=True)
+    report = json.loads((output / "report.json").read_text())
+    assert not report["test"].get("resumedFromStep")
+    assert report["labelSubtoken"] == "last"
 
 
 @pytest.mark.parametrize(

@@ -286,3 +286,20 @@ def test_phase_named_in_progress():
     progress_callback(reporter, 300, "2 of 2")(171, "scratch: step 171/300")
     progress_callback(reporter, 0)(5, "lora: step 5/300")
     assert updates == [(471, "scratch: step 171/300 (phase 2 of 2)"), (5, "lora: step 5/300")]
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"model_type": "llama"}, "last"),
+        ({"model_type": "gpt2"}, "last"),
+        ({"model_type": "mistral"}, "last"),
+        ({"model_type": "bert"}, "first"),
+        ({"model_type": "roberta"}, "first"),
+        ({"model_type": "t5"}, "first"),
+    ],
+)
+def test_label_subtoken_by_model_type(config, expected):
+    from lathe_trainer.finetune.model import label_subtoken_for
+
+    assert label_subtoken_for(SimpleNamespace(**config)) == expected

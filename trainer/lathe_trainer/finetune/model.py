@@ -22,6 +22,10 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
 )
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 from transformers.pytorch_utils import Conv1D
 
 from lathe.api.finetune import DEFAULT_LORA_TARGETS
@@ -123,15 +127,18 @@ def adaptable_layers(model: torch.nn.Module) -> list[str]:
 
 
 def label_subtoken_for(config: PretrainedConfig) -> str:
-    """Return which sub-token of a word carries its label for this base model.
+    """Return the sub-token of a word that carries its label for this base model.
 
-    The last for a causal model (a PretrainJob's llama or gpt2, or a base whose config names a
-    `...ForCausalLM` architecture), because only the last has seen the whole word; the first
-    for a bidirectional one. `lathe_trainer.finetune.data` gives the figures.
+    A causal model labels the last, because only the last has seen the whole word. A model
+    type counts as causal when it is a PretrainJob decoder (llama, gpt2) or when transformers
+    builds causal LMs but no masked LMs of it (mistral, qwen2, and so on). Types with both,
+    such as bert or roberta, are encoders, and T5 has neither. Every other model labels the
+    first. `lathe_trainer.finetune.data` gives the figures.
     """
-    architectures = getattr(config, "architectures", None) or []
-    causal = OBJECTIVES.get(config.model_type) == "causalLM" or any(
-        name.endswith("ForCausalLM") for name in architectures
+    model_type = config.model_type
+    causal = OBJECTIVES.get(model_type) == "causalLM" or (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
     )
     return LAST_SUBTOKEN if causal else FIRST_SUBTOKEN
 

@@ -84,11 +84,13 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     tokenizer = load_base(config, spec, lambda: load_tokenizer(model_dir))
     check_max_length(config, spec, model_dir)
     warn_on_world_size(spec)
-    resume = prepare_output(config, output, resume)
+    label_subtoken = label_subtoken_for(load_base(config, spec, lambda: load_config(model_dir)))
+    log.info("The stage labels the %s sub-token of each word.", label_subtoken)
+    # Checkpoints trained on the other sub-token (by an earlier release, which labelled the
+    # first) must not be resumed, so the labelled sub-token is part of their key.
+    resume = prepare_output(config, output, resume, f"{config.resume_key}/{label_subtoken}")
 
     settings = LoopSettings.from_spec(spec.training, tokenizer.pad_token_id, label_maps(labels)[0])
-    label_subtoken = label_subtoken_for(load_base(config, spec, lambda: load_config(model_dir)))
-    log.info("Each word's label is carried by its %s sub-token.", label_subtoken)
     encoded = {name: encode_split(tokenizer, sentences, labels, spec, label_subtoken)
                for name, sentences in splits.items()}
     phases = 2 if spec.compare_from_scratch else 1
@@ -102,6 +104,7 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
         scratch = scratch_phase(config, spec, model_dir, labels, encoded, settings, output,
                                 resume, reporter)
     report = build_report(spec, model_dir, labels, splits, encoded, tuned, scratch)
+    report["labelSubtoken"] = label_subtoken
     metrics = summary_metrics(spec, report)
     if distributed.is_main():
         (output / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -207,16 +210,16 @@ def warn_on_world_size(spec: FineTuneSpec) -> None:
         )
 
 
-def prepare_output(config: StageConfig, output: Path, resume: bool) -> bool:
+def prepare_output(config: StageConfig, output: Path, resume: bool, resume_key: str) -> bool:
     """Create the output directory and return whether the run resumes.
 
-    A run resumes only with --resume and from checkpoints written under its resume key.
+    A run resumes only with --resume and from checkpoints written under `resume_key`.
     Otherwise the checkpoints of earlier runs are removed, so no finished phase of another spec
     or other inputs is reused.
     """
     checkpoints = output / "checkpoints"
     if distributed.is_main():
-        same_run = training_checkpoint.written_for(checkpoints, config.resume_key)
+        same_run = training_checkpoint.written_for(checkpoints, resume_key)
         if resume and not same_run:
             log.info("The checkpoints under %s were written for another spec or other inputs, "
                      "so the stage starts over.", checkpoints)
@@ -224,7 +227,7 @@ def prepare_output(config: StageConfig, output: Path, resume: bool) -> bool:
         output.mkdir(parents=True, exist_ok=True)
         if not resume:
             shutil.rmtree(checkpoints, ignore_errors=True)
-        training_checkpoint.record_resume_key(checkpoints, config.resume_key)
+        training_checkpoint.record_resume_key(checkpoints, resume_key)
     resume = distributed.broadcast_object(resume)
     distributed.barrier()
     return resume

@@ -32,9 +32,10 @@ NO_WORD = -1
 # letters, digits and `_`, or one other non-space character.
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
 
-# Which sub-token of a word carries its label (lathe_trainer.finetune.data explains the choice).
-# The FineTune stage records it in the model's config.json under LABEL_SUBTOKEN_KEY. A model
-# without the key was fine-tuned before the key existed, when every model labelled the first.
+# The sub-token of a word that carries its label: the first or the last
+# (lathe_trainer.finetune.data explains the choice). The FineTune stage records it in the
+# model's config.json under LABEL_SUBTOKEN_KEY. A model without the key was fine-tuned before
+# the key existed, when every model labelled the first.
 FIRST_SUBTOKEN = "first"
 LAST_SUBTOKEN = "last"
 LABEL_SUBTOKENS = (FIRST_SUBTOKEN, LAST_SUBTOKEN)
@@ -140,8 +141,8 @@ class EncodedText:
     """A text as model sequences (at least one, even for an empty text)."""
 
     rows: list[TokenRow]
-    # Tokens dropped from words longer than a window. The word's label comes from its first
-    # token, which is always kept, so only the left context of the words after it shrinks.
+    # Tokens dropped from words longer than a window. The word keeps its first tokens, and its
+    # label comes from the first or the last of those kept (LABEL_SUBTOKENS), as in training.
     cut_tokens: int
 
 
@@ -269,7 +270,7 @@ def split_label(label: str) -> tuple[str, str]:
 def label_subtoken_mask(word_ids, label_subtoken: str) -> list[bool]:
     """Mark the tokens that carry a word's label: its first or last sub-token.
 
-    `word_ids` holds each token's word, NO_WORD (or any negative id) for tokens of no word.
+    `word_ids` contains each token's word, NO_WORD (or any negative id) for tokens of no word.
     """
     if label_subtoken not in LABEL_SUBTOKENS:
         raise ValueError(

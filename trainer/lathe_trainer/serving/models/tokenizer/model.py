@@ -55,7 +55,8 @@ class TritonPythonModel:
             # One line per request: such words (over max_length tokens without a space) are rare.
             pb_utils.Logger.log_warn(
                 f"Cut {cut_tokens} tokens from words longer than a window of {self.max_length} "
-                "tokens; each such word keeps its first tokens, which decide its label."
+                "tokens; each such word keeps its first tokens, and one of them decides its "
+                "label."
             )
         encoded = {
             "input_ids": encoded["input_ids"],
