@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import yaml
 
@@ -14,6 +16,9 @@ from argocd_lua import run_health
 from lathe.k8s import handlers, reconcile
 from lathe_objects import (EXAMPLES, HOLD, ORDER, KINDS, condition, corpus_and_tokenizer,
                            events_about, finetune, get, is_true, jobs_of, plural, pretrain_job)
+
+# The folder of one run in the artifact store: `<root>/<namespace>/<kind>/<name>/run-<digest>`.
+RUN_FOLDER = re.compile(r"/[a-z]+/[a-z0-9-]+/run-[0-9a-f]{16}$")
 
 def test_every_transition_posts_one_event(cluster, namespace, lathe_operator, ready_inputs):
     """The Tokenizer waited for its Corpus, started and succeeded: one Event per reconcile that
@@ -274,8 +279,10 @@ def test_waits_for_missing_input(cluster, namespace, lathe_operator):
 def test_progress_reaches_status_and_metrics(cluster, namespace, lathe_operator, ready_inputs):
     cluster.apply(pretrain_job("progress"), namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "progress", namespace)) == 1, "the Job")
-    # Rank 0 appends progress records to its output directory in the artifact store.
-    output = lathe_operator.artifact_root / namespace / "pretrainjob" / "progress"
+    # Rank 0 appends progress records to its run's output folder in the artifact store.
+    output_uri = get(cluster, "PretrainJob", "progress", namespace)["status"]["outputUri"]
+    output = Path(output_uri.removeprefix("file://"))
+    assert output.parent == lathe_operator.artifact_root / namespace / "pretrainjob" / "progress"
     output.mkdir(parents=True, exist_ok=True)
     record = {"time": time.time(), "completed": 42, "total": 100, "loss": 3.25,
               "tokensPerSecond": 1234.0, "etaSeconds": 60.0}
@@ -396,6 +403,8 @@ def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):
 def test_spec_change_moves_observed_generation(cluster, namespace, lathe_operator, ready_inputs):
     cluster.apply(pretrain_job("regen"), namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "regen", namespace)) == 1, "the Job")
+    first_output = get(cluster, "PretrainJob", "regen", namespace)["status"]["outputUri"]
+    assert RUN_FOLDER.search(first_output), first_output
     cluster.kubectl("patch", plural("PretrainJob"), "regen", "-n", namespace, "--type=merge",
                     "-p", '{"spec": {"training": {"maxSteps": 200}}}')
 
@@ -412,6 +421,8 @@ def test_spec_change_moves_observed_generation(cluster, namespace, lathe_operato
     )
     running = condition(get(cluster, "PretrainJob", "regen", namespace), "Running")
     assert running["observedGeneration"] == 2
+    # A change of training settings only continues from the checkpoints in the same folder.
+    assert get(cluster, "PretrainJob", "regen", namespace)["status"]["outputUri"] == first_output
 
 
 def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operator):
@@ -440,6 +451,8 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
 
     cluster.wait_for(lambda: corpus_digest() is not None, "the Corpus to succeed", timeout=120)
     first = corpus_digest()
+    first_uri = get(cluster, "Corpus", "rerun-input", namespace)["status"]["artifact"]["uri"]
+    assert RUN_FOLDER.search(first_uri), first_uri
     cluster.wait_for(lambda: tokenizer_read(first), "the Tokenizer to succeed on the Corpus",
                      timeout=120)
     tokenizer = get(cluster, "Tokenizer", "rerun-input", namespace)
@@ -464,6 +477,13 @@ def test_rerun_input_starts_new_run_downstream(cluster, namespace, lathe_operato
     config_map = cluster.get_json("configmap", "rerun-input-tokenizer-r2-0", "-n", namespace)
     config = json.loads(config_map["data"]["config.json"])
     assert config["inputs"]["corpus"]["digest"] == second
+    # The new Corpus run wrote a folder of its own, so the first run's output stayed intact
+    # for the stages still reading it, and the Tokenizer read the new folder.
+    second_uri = get(cluster, "Corpus", "rerun-input", namespace)["status"]["artifact"]["uri"]
+    assert RUN_FOLDER.search(second_uri), second_uri
+    assert second_uri != first_uri
+    assert second_uri.rsplit("/", 1)[0] == first_uri.rsplit("/", 1)[0]
+    assert config["inputs"]["corpus"]["uri"] == second_uri
     # The first run's Job is deleted once the new run starts.
     cluster.wait_for(
         lambda: [j["metadata"]["name"] for j in jobs_of(cluster, "rerun-input", namespace)

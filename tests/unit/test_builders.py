@@ -317,6 +317,7 @@ def test_objects_use_known_api_fields(index):
 def test_artifact_store_outputs_and_volumes(root, claim, output):
     store = builders.ArtifactStore(root)
     assert store.output_uri("ml", "Corpus", "c") == output
+    assert store.output_uri("ml", "Corpus", "c", "run-0123") == output + "/run-0123"
     assert store.claim == claim
     claims = [volume["persistentVolumeClaim"]["claimName"] for volume in store.volumes()]
     assert claims == ([claim] if claim else [])

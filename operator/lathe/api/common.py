@@ -730,6 +730,11 @@ class StageStatus(ApiModel):
         "`Suspended` and, for a ModelDeployment, `Exported`.",
     )
     artifact: ArtifactStatus | None = Field(default=None, description="Output of the stage.")
+    output_uri: str | None = Field(
+        default=None,
+        description="Where the latest run writes its output: spec.storage.uri, or a folder "
+        "per run in the artifact store. `artifact.uri` is the same once the run succeeds.",
+    )
     input_digests: dict[str, str] = Field(
         default_factory=dict,
         description="Digest of each input the latest run read, by role, such as `corpus`. An "

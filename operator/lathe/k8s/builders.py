@@ -192,9 +192,14 @@ class ArtifactStore:
         """The PersistentVolumeClaim of a pvc:// root, else None."""
         return parse_pvc_uri(self.root)[0] if self.root.startswith("pvc://") else None
 
-    def output_uri(self, namespace: str, kind: str, name: str) -> str:
-        """Return the output location of a resource: `<root>/<namespace>/<kind>/<name>`."""
-        return f"{self.root.rstrip('/')}/{namespace}/{kind.lower()}/{name}"
+    def output_uri(self, namespace: str, kind: str, name: str, run_id: str | None = None) -> str:
+        """Return the output location of a run: `<root>/<namespace>/<kind>/<name>/<run_id>`.
+
+        Without `run_id`, return the resource's folder, where runs started before outputs had
+        a folder per run wrote.
+        """
+        folder = f"{self.root.rstrip('/')}/{namespace}/{kind.lower()}/{name}"
+        return f"{folder}/{run_id}" if run_id else folder
 
     def volumes(self) -> list[dict]:
         return claim_volumes([self.claim] if self.claim else [])

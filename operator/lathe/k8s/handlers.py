@@ -722,6 +722,7 @@ def _remember(body: dict) -> None:
         "running": bool(current.get("runGeneration")),
         "progress": current.get("progress"),
         "storage": ((body.get("spec") or {}).get("storage") or {}).get("uri"),
+        "output": current.get("outputUri"),
         "job": current.get("jobName"),
     }
 
@@ -814,7 +815,10 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
     """Copy the latest training progress from the artifact store into status and metrics."""
     namespace, plural, name = key
     settings: OperatorSettings = STATE["settings"]
-    uri = entry["storage"] or reconciler().store.output_uri(namespace, entry["kind"], name)
+    # A run started by an earlier release recorded no outputUri and writes to the resource's
+    # folder.
+    uri = (entry.get("output") or entry["storage"]
+           or reconciler().store.output_uri(namespace, entry["kind"], name))
     record = progress.read_latest(uri, mounts=_mounts(settings))
     if not record:
         return

@@ -44,6 +44,10 @@ UPSTREAM_CACHE_SECONDS = 1.0
 # (1.45) reports no DELETED event for a Job deleted while its watch was re-listing, so an older
 # entry is read from the API server again.
 JOB_CACHE_SECONDS = 30.0
+
+# Hex digits of the resume key in a run's folder name (`run-<digits>`): 64 bits, so two runs of
+# one resource with different resume keys share a folder with a probability of 2^-64.
+RUN_FOLDER_DIGITS = 16
 # Seconds a Job's pods may take to start before the operator looks at them for the reason they
 # have not. Within it, pods that wait for a node or an image are normal and cost no pod reads.
 POD_START_GRACE_SECONDS = 30.0
@@ -220,11 +224,32 @@ class Reconciler:
 
     # -- bounded stages (Corpus, Tokenizer, PretrainJob, FineTune, the export of a deployment) --
 
-    def _plan(self, resource: Resource, inputs: dict[str, ResolvedInput]) -> plans.WorkloadPlan:
+    def _output_uri(self, resource: Resource, inputs: dict[str, ResolvedInput], key: str,
+                    previous: dict, same_run: bool) -> str:
+        """Return where a run writes: spec.storage.uri when set, else a folder per run.
+
+        The folder is named after the run's resume key `key` (lathe.plans.base.resume_key), so
+        a run of another spec or other inputs leaves the finished output that stages downstream
+        and Triton pods read as it is. A run with the resume key of the run before it writes
+        where that run wrote: a PretrainJob that changed only `training` or `distributed`
+        continues from its checkpoints there. `previous` is the status before this run.
+        """
+        if resource.spec.storage.uri:
+            return resource.spec.storage.uri
         meta = resource.metadata
-        output = resource.spec.storage.uri or self.store.output_uri(
-            meta.namespace, resource.kind, meta.name
-        )
+        recorded = previous.get("outputUri")
+        if same_run or (recorded and previous.get("runResumeKey") == key):
+            return recorded or self.store.output_uri(meta.namespace, resource.kind, meta.name)
+        if previous.get("runGeneration") and not recorded:
+            # NB: a run started by an earlier release recorded no folder and wrote to the
+            # resource's folder. The next run writes there too, so that it can continue from
+            # those checkpoints; the stage starts over when their resume key differs.
+            return self.store.output_uri(meta.namespace, resource.kind, meta.name)
+        digits = key.rpartition(":")[2][:RUN_FOLDER_DIGITS]
+        return self.store.output_uri(meta.namespace, resource.kind, meta.name, f"run-{digits}")
+
+    def _plan(self, resource: Resource, inputs: dict[str, ResolvedInput],
+              output: str) -> plans.WorkloadPlan:
         return plans.build(
             resource, inputs, output, self.settings.data_root, self.settings.trainer_image
         )
@@ -262,7 +287,9 @@ class Reconciler:
         run_generation = int(new["runGeneration"]) if same_run else generation
         run = resource.model_copy(deep=True)
         run.metadata.generation = run_generation
-        plan = replace(self._plan(run, inputs),
+        resume_key = plans.base.resume_key(run, inputs)
+        output = self._output_uri(run, inputs, resume_key, new, same_run)
+        plan = replace(self._plan(run, inputs, output),
                        run=max(1, recorded_run + (0 if same_run else 1)))
         attempt = int(new.get("attempt", 0)) if same_run else 0
         new["runSpecHash"] = run_hash
@@ -270,6 +297,8 @@ class Reconciler:
         if not legacy_job:
             new["run"] = plan.run
         new["inputDigests"] = input_digests
+        new["outputUri"] = output
+        new["runResumeKey"] = resume_key
         new["attempt"] = attempt
         if not same_run:
             # A new run starts over: stop the previous run's Job and forget its outcome.
