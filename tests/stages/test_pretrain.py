@@ -172,14 +172,20 @@ def step_losses(output: Path) -> dict[int, float]:
     return {r["completed"]: r["loss"] for r in progress(output) if "gradNorm" in r}
 
 
-def test_two_process_run_trains(make_config, tmp_path, inputs):
+def test_two_process_run_trains(make_config, tmp_path, inputs, monkeypatch):
     """torchrun with 2 gloo processes lowers the loss and writes a loadable HF model.
 
     The step losses also match one process with a micro-batch twice as large.
     """
     output = tmp_path / "out"
+    monkeypatch.setenv("LATHE_SCRATCH_DIR", str(tmp_path / "scratch"))
     metrics = run_stage(make_config, tmp_path, pretrain_resource(maxSteps=16, keepCheckpoints=2),
                         inputs["full"], output)
+    # The processes tokenized the corpus into the node's scratch directory, which the stage
+    # emptied of token files when it succeeded.
+    scratch = list((tmp_path / "scratch").iterdir())
+    assert [path.name.startswith("lathe-pretrainjob-") for path in scratch] == [True]
+    assert not (scratch[0] / "tokens").exists()
 
     assert metrics["steps"] == 16
     assert metrics["finalLoss"] < metrics["firstLoss"] - 0.3
@@ -300,7 +306,7 @@ def test_resume_after_exhausted_data_starts_next_epoch(make_config, tmp_path, in
     """A resume whose data position is at the end of the data trains into the next epoch."""
     tiny = inputs["tiny"]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny["tokenizer"].uri[len("file://"):])
-    sequences = len(pack_split(tokenizer, tiny["corpus"].uri, "train", 64))
+    sequences = len(pack_split(tokenizer, tiny["corpus"].uri, "train", 64, tmp_path / "tokens"))
     steps_per_epoch = sequences // 4
     output = tmp_path / "out"
     resource = pretrain_resource(procs=1, maxSteps=steps_per_epoch + 3,

@@ -57,7 +57,7 @@ def staged(config: StageConfig) -> Iterator[StageConfig]:
 
     scratch = scratch_dir(config)
     inputs = dict(config.inputs)
-    with _node_lock(scratch):
+    with node_lock(scratch):
         for role, item in remote_inputs.items():
             local = scratch / "inputs" / role
             # An upstream's checkpoints are its own restart state, never an input downstream.
@@ -137,7 +137,7 @@ def fetch(uri: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / (uri.rstrip("/").rsplit("/", 1)[-1] or "data")
     marker = folder / COMPLETE
-    with _node_lock(folder):
+    with node_lock(folder):
         if not marker.exists():
             filesystem, path = storage.resolve(uri)
             if filesystem.isdir(path):
@@ -181,8 +181,9 @@ def scratch_dir(config: StageConfig, root: Path | None = None) -> Path:
 
 
 @contextmanager
-def _node_lock(scratch: Path) -> Iterator[None]:
-    """Hold a file lock, so that one process per node downloads while the others wait."""
+def node_lock(scratch: Path) -> Iterator[None]:
+    """Hold a file lock on `scratch`, so that one process per node downloads or writes a
+    shared file while the others wait."""
     with (scratch / ".lock").open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

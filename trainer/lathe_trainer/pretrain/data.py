@@ -5,8 +5,10 @@ stream is cut into sequences of exactly `sequenceLength` tokens (the tail that d
 sequence is dropped). Sequences may therefore span a document boundary, as in GPT-2's packing,
 and the end-of-text token marks where one document stops.
 
-A split is tokenized once (`tokenize_split`) and packed (`pack`) once per curriculum stage, each
-stage with its own sequence length and minimum document quality (see pretrain.curriculum).
+A split is tokenized once per node into memory-mapped files (`tokenize_split`), so the processes
+of a node share one copy and no process keeps the corpus in its own memory. It is packed
+(`pack`) once per curriculum stage, each stage with its own sequence length and minimum
+document quality (see pretrain.curriculum).
 
 Each epoch visits the sequences in an order drawn from (seed, epoch). One micro-batch step of
 all ranks consumes the next `microBatchSize * world_size` sequences of that order, rank r taking
@@ -16,16 +18,21 @@ independent of the world size, so a run can resume on a different number of proc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
 from lathe_trainer import datasets
 from lathe_trainer.corpus.quality import quality_score
+from lathe_trainer.remote import node_lock
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +40,23 @@ END_OF_TEXT = "<|endoftext|>"
 # Documents per tokenizer call: large enough for the fast tokenizer's batching, small enough to
 # keep the intermediate lists of ids modest.
 ENCODE_BATCH = 256
+# The files of a tokenized split (see TokenizedSplit), written once per node.
+TOKEN_DTYPE = np.int32
+IDS_FILE = "ids.bin"
+OFFSETS_FILE = "offsets.npy"
+QUALITIES_FILE = "qualities.npy"
+SKIPPED_FILE = "skipped.json"
+SOURCE_FILE = "source.json"
+COMPLETE = ".complete"
 
 
 @dataclass
 class PackedSplit:
     """The sequences of one split, with what was skipped on the way."""
 
-    sequences: torch.Tensor  # int64, shape (num_sequences, sequence_length)
+    # int32, shape (num_sequences, sequence_length), a view of the memory-mapped token ids;
+    # batches are converted to int64 as they are taken.
+    sequences: torch.Tensor
     documents: int
     tokens: int
     skipped: dict[str, int] = field(default_factory=dict)
@@ -88,52 +105,156 @@ def iter_checked_texts(corpus_uri: str, split: str, skipped: dict[str, int]) -> 
 
 @dataclass
 class TokenizedSplit:
-    """The token ids of every document of a split, each ending in `<|endoftext|>`."""
+    """The token ids of every document of a split, each ending in `<|endoftext|>`.
 
-    documents: list[list[int]]
-    # Quality score per document, computed from the text where the Corpus record has none.
-    qualities: list[float]
+    The ids lie back to back in a memory-mapped file of int32 (`ids`), so the processes of a
+    node share one copy in the page cache, and a split larger than memory can be trained on.
+    """
+
+    directory: Path
+    ids: np.ndarray  # int32, all documents back to back
+    offsets: np.ndarray  # int64, where each document starts, then the end of the last
+    qualities: np.ndarray  # float32 per document, from the text where the record has none
     skipped: dict[str, int] = field(default_factory=dict)
 
     @property
+    def documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
     def tokens(self) -> int:
-        return sum(len(ids) for ids in self.documents)
+        return int(self.offsets[-1])
 
 
 def tokenize_split(
-    tokenizer: PreTrainedTokenizerFast, corpus_uri: str, split: str
+    tokenizer: PreTrainedTokenizerFast, corpus_uri: str, split: str, cache: Path
 ) -> TokenizedSplit:
-    """Tokenize every document of a split once, so each curriculum stage can pack its own."""
-    # NOTE: the whole split is tokenized in memory on every rank. That takes about a second for
-    # the example corpora; corpora of billions of tokens need pre-tokenized shards instead.
-    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-    tokenized = TokenizedSplit([], [])
-    batch: list[tuple[str, float | None]] = []
-    for document in iter_checked_documents(corpus_uri, split, tokenized.skipped):
-        batch.append(document)
-        if len(batch) == ENCODE_BATCH:
-            _encode_into(tokenizer, batch, eos_id, tokenized)
-            batch = []
-    _encode_into(tokenizer, batch, eos_id, tokenized)
+    """Tokenize every document of a split once per node into `cache/<split>`, and map it.
+
+    The first process of a node to take the lock on `cache` writes the files, and the others
+    wait, then map the same files. Files written from other shards or by another tokenizer
+    are written anew. Each curriculum stage packs its own sequences from them.
+    """
+    directory = cache / split
+    cache.mkdir(parents=True, exist_ok=True)
+    source = _source(tokenizer, corpus_uri, split)
+    with node_lock(cache):
+        if not _written_from(directory, source):
+            _write_tokens(tokenizer, corpus_uri, split, directory)
+            (directory / SOURCE_FILE).write_text(source)
+            (directory / COMPLETE).touch()
+    tokenized = _open_tokens(directory)
     if tokenized.skipped:
         log.warning("Skipped documents of the %s split without usable text: %s.", split,
                     tokenized.skipped)
     return tokenized
 
 
+def _write_tokens(
+    tokenizer: PreTrainedTokenizerFast, corpus_uri: str, split: str, directory: Path
+) -> None:
+    # A crash leaves no COMPLETE marker, so the next attempt writes the files anew. The files
+    # of the quality filters (_quality_stream) go too, because they are cut from these.
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    eos_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    offsets, qualities = [0], []
+    skipped: dict[str, int] = {}
+    with (directory / IDS_FILE).open("wb") as handle:
+        batch: list[tuple[str, float | None]] = []
+        for document in iter_checked_documents(corpus_uri, split, skipped):
+            batch.append(document)
+            if len(batch) == ENCODE_BATCH:
+                _encode_batch(tokenizer, batch, eos_id, handle, offsets, qualities)
+                batch = []
+        _encode_batch(tokenizer, batch, eos_id, handle, offsets, qualities)
+    np.save(directory / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+    np.save(directory / QUALITIES_FILE, np.asarray(qualities, dtype=np.float32))
+    (directory / SKIPPED_FILE).write_text(json.dumps(skipped))
+
+
+def _source(tokenizer: PreTrainedTokenizerFast, corpus_uri: str, split: str) -> str:
+    """Describe what a split's token files come from: its shards (path, size, modification
+    time) and the tokenizer's own definition."""
+    shards = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+              for path in datasets.shard_paths(corpus_uri, split)]
+    definition = tokenizer.backend_tokenizer.to_str()
+    return json.dumps({
+        "shards": shards,
+        "tokenizer": hashlib.sha256(definition.encode("utf-8")).hexdigest(),
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+    })
+
+
+def _written_from(directory: Path, source: str) -> bool:
+    marker, recorded = directory / COMPLETE, directory / SOURCE_FILE
+    return marker.exists() and recorded.is_file() and recorded.read_text() == source
+
+
+def _encode_batch(
+    tokenizer: PreTrainedTokenizerFast,
+    documents: list[tuple[str, float | None]],
+    eos_id: int,
+    handle,
+    offsets: list[int],
+    qualities: list[float],
+) -> None:
+    if not documents:
+        return
+    texts = [text for text, _ in documents]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for ids, (text, quality) in zip(encoded, documents):
+        handle.write(np.asarray([*ids, eos_id], dtype=TOKEN_DTYPE).tobytes())
+        offsets.append(offsets[-1] + len(ids) + 1)
+        qualities.append(quality_score(text) if quality is None else quality)
+
+
+def _open_tokens(directory: Path) -> TokenizedSplit:
+    return TokenizedSplit(
+        directory,
+        map_ids(directory / IDS_FILE),
+        np.load(directory / OFFSETS_FILE),
+        np.load(directory / QUALITIES_FILE),
+        json.loads((directory / SKIPPED_FILE).read_text()),
+    )
+
+
+def map_ids(path: Path) -> np.ndarray:
+    """Map a file of int32 token ids; an empty file gives an empty array (mmap rejects it)."""
+    if path.stat().st_size == 0:
+        return np.empty(0, dtype=TOKEN_DTYPE)
+    # Copy-on-write keeps the array writable, as torch.from_numpy expects, while the pages
+    # stay shared until a process writes to one, which no stage does.
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="c")
+
+
 def pack(
     tokenized: TokenizedSplit, sequence_length: int, min_quality: float | None = None
 ) -> PackedSplit:
     """Cut the documents with quality >= min_quality into sequences of sequence_length."""
-    stream: list[int] = []
-    documents = 0
-    for ids, quality in zip(tokenized.documents, tokenized.qualities):
-        if min_quality is None or quality >= min_quality:
-            stream.extend(ids)
-            documents += 1
+    if min_quality is None:
+        stream, documents = tokenized.ids, tokenized.documents
+    else:
+        stream, documents = _quality_stream(tokenized, min_quality)
     usable = len(stream) // sequence_length * sequence_length
-    sequences = torch.tensor(stream[:usable], dtype=torch.long).view(-1, sequence_length)
+    sequences = torch.from_numpy(stream[:usable].reshape(-1, sequence_length))
     return PackedSplit(sequences, documents, len(stream), dict(tokenized.skipped))
+
+
+def _quality_stream(tokenized: TokenizedSplit, min_quality: float) -> tuple[np.ndarray, int]:
+    """Return the ids of the documents with quality >= min_quality, back to back, and their
+    count. The first process of a node writes them to a file beside the split's ids."""
+    selected = np.flatnonzero(tokenized.qualities >= min_quality)
+    path = tokenized.directory / f"min-quality-{min_quality!r}.bin"
+    marker = path.with_name(path.name + COMPLETE)
+    with node_lock(tokenized.directory):
+        if not marker.exists():
+            with path.open("wb") as handle:
+                for document in selected:
+                    start, end = tokenized.offsets[document], tokenized.offsets[document + 1]
+                    handle.write(tokenized.ids[start:end].tobytes())
+            marker.touch()
+    return map_ids(path), len(selected)
 
 
 def pack_split(
@@ -141,24 +262,10 @@ def pack_split(
     corpus_uri: str,
     split: str,
     sequence_length: int,
+    cache: Path,
 ) -> PackedSplit:
-    """Tokenize one split and cut it into sequences of sequence_length tokens."""
-    return pack(tokenize_split(tokenizer, corpus_uri, split), sequence_length)
-
-
-def _encode_into(
-    tokenizer: PreTrainedTokenizerFast,
-    documents: list[tuple[str, float | None]],
-    eos_id: int,
-    tokenized: TokenizedSplit,
-) -> None:
-    if not documents:
-        return
-    texts = [text for text, _ in documents]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for ids, (text, quality) in zip(encoded, documents):
-        tokenized.documents.append([*ids, eos_id])
-        tokenized.qualities.append(quality_score(text) if quality is None else quality)
+    """Tokenize one split into `cache` and cut it into sequences of sequence_length tokens."""
+    return pack(tokenize_split(tokenizer, corpus_uri, split, cache), sequence_length)
 
 
 @dataclass
@@ -229,5 +336,5 @@ def validation_batches(
     split: PackedSplit, micro_batch_size: int, rank: int, world_size: int, max_sequences: int
 ) -> list[torch.Tensor]:
     """Return this rank's validation micro-batches: the first max_sequences, dealt round-robin."""
-    mine = split.sequences[:max_sequences][rank::world_size]
+    mine = split.sequences[:max_sequences][rank::world_size].long()
     return list(torch.split(mine, micro_batch_size)) if len(mine) else []

@@ -126,7 +126,7 @@ def train_step(
     # The objective (pretrain.objectives) turns sequences into inputs and labels: causal LM
     # unless the stage passes masked LM or span corruption.
     objective = objective or CausalLM()
-    batches = [objective.prepare(sequences[sampler.next_indices()]).to(context.device)
+    batches = [objective.prepare(sequences[sampler.next_indices()].long()).to(context.device)
                for _ in range(accumulation)]
     local_tokens = sum(count_tokens(batch.labels, shift=batch.shift) for batch in batches)
     (global_tokens,) = distributed.all_reduce_sum(context, [local_tokens])

@@ -21,6 +21,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from lathe.api.pretrain import PretrainJobSpec
+from lathe_trainer import remote
 from lathe_trainer.pretrain import curriculum, inputs
 from lathe_trainer.pretrain.curriculum import CurriculumStage
 from lathe_trainer.pretrain.data import (
@@ -75,6 +76,8 @@ from lathe_trainer.training.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+# The folder of the token files in the node's scratch directory (lathe_trainer.remote).
+TOKEN_CACHE = "tokens"
 # beta2 = 0.95, a common choice for language-model pretraining, adapts to loss spikes faster
 # than the 0.999 default.
 ADAM_BETAS = (0.9, 0.95)
@@ -179,6 +182,9 @@ def _run(
             _publish_model(output / MODEL_DIR, training.artifact_uri)
         write_json(output / METRICS, metrics)
     distributed.barrier(context)
+    if context.local_rank == 0:
+        # Every process of the node is past the barrier and reads no token file any more.
+        shutil.rmtree(token_cache(config), ignore_errors=True)
     if context.is_main:
         # metrics.json records speed, memory and the resume step as well as the model's
         # figures, and so differs between runs that train the same weights.
@@ -200,9 +206,11 @@ def _load_splits(
     """
     corpus = inputs.corpus_uri(config)
     name = config.inputs["corpus"].name
+    cache = token_cache(config)
     try:
-        tokenized = tokenize_split(tokenizer, corpus, "train")
-        validation = pack(tokenize_split(tokenizer, corpus, "validation"), spec.sequence_length)
+        tokenized = tokenize_split(tokenizer, corpus, "train", cache)
+        validation = pack(tokenize_split(tokenizer, corpus, "validation", cache),
+                          spec.sequence_length)
     except MalformedCorpusError as error:
         raise StageError(
             config, "spec.corpusRef",
@@ -222,6 +230,11 @@ def _load_splits(
                      stage.train.documents, stage.train.tokens, len(stage.train),
                      stage.sequence_length)
     return stages, validation, tokenized.tokens
+
+
+def token_cache(config: StageConfig) -> Path:
+    """Return the node-local directory of the corpus's token files (pretrain.data)."""
+    return remote.scratch_dir(config) / TOKEN_CACHE
 
 
 def _check_stage_fills_batch(
@@ -244,7 +257,7 @@ def _check_stage_fills_batch(
         config, field,
         f"the train split of Corpus {name!r} packs into {len(train)} sequences of "
         f"{stage.sequence_length} tokens ({train.tokens} tokens in {train.documents} of "
-        f"{len(tokenized.documents)} documents, minimum quality {stage.min_quality}), fewer "
+        f"{tokenized.documents} documents, minimum quality {stage.min_quality}), fewer "
         f"than one micro-batch of {spec.training.micro_batch_size} on each of "
         f"{context.world_size} processes; {fix} or spec.training.microBatchSize.",
     )
