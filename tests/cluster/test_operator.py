@@ -299,6 +299,12 @@ def test_progress_reaches_status_and_metrics(cluster, namespace, lathe_operator,
     text = urllib.request.urlopen(lathe_operator.metrics_url).read().decode()
     assert f'lathe_training_step{{kind="PretrainJob",name="progress",namespace="{namespace}"}} 42.0' in text
     assert 'lathe_reconciles_total{kind="PretrainJob",result="success"}' in text
+    # The stalled-training alert finds the resource Running by its own phase series.
+    phases = [line for line in text.splitlines() if line.startswith("lathe_resource_phase{")
+              and 'name="progress"' in line and f'namespace="{namespace}"' in line]
+    assert len(phases) == 1, phases
+    assert 'phase="Running"' in phases[0]
+    assert phases[0].endswith(" 1.0")
 
 
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):

@@ -326,3 +326,22 @@ def test_queried_metrics_exist(source: str) -> None:
         exprs = [rule["expr"] for rule in load_rules()]
     used = set().union(*(metric_names(expr) for expr in exprs))
     assert used - known_metric_names() == set()
+
+
+def test_phase_series_follows_resource() -> None:
+    """lathe_resource_phase has one series per resource, with its current phase."""
+    counts = metrics.PhaseCounts()
+
+    def phases() -> dict[str, float]:
+        return {
+            sample.labels["phase"]: sample.value
+            for family in metrics.REGISTRY.collect() if family.name == "lathe_resource_phase"
+            for sample in family.samples if sample.labels["name"] == "phase-series"
+        }
+
+    counts.set("PretrainJob", "nlp", "phase-series", "Running")
+    assert phases() == {"Running": 1.0}
+    counts.set("PretrainJob", "nlp", "phase-series", "Suspended")
+    assert phases() == {"Suspended": 1.0}
+    counts.set("PretrainJob", "nlp", "phase-series", None)
+    assert phases() == {}

@@ -28,6 +28,13 @@ RESOURCES = Gauge(
     ["kind", "phase"],
     registry=REGISTRY,
 )
+RESOURCE_PHASE = Gauge(
+    "lathe_resource_phase",
+    "1 for each Lathe resource, labelled with its current phase, as kube-state-metrics labels "
+    "a pod's phase.",
+    ["namespace", "kind", "name", "phase"],
+    registry=REGISTRY,
+)
 LEADER = Gauge(
     "lathe_operator_leader",
     "1 while this operator pod holds the leader election Lease (or runs without leader "
@@ -90,11 +97,13 @@ class PhaseCounts:
             return
         if previous is not None:
             RESOURCES.labels(kind, previous).dec()
+            RESOURCE_PHASE.remove(namespace, kind, name, previous)
         if phase is None:
             self.phases.pop(key, None)
         else:
             self.phases[key] = phase
             RESOURCES.labels(kind, phase).inc()
+            RESOURCE_PHASE.labels(namespace, kind, name, phase).set(1)
 
 
 PHASES = PhaseCounts()
