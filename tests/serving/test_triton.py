@@ -15,13 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http
+import yaml
+from tiny_ner_model import build_model
 from tritonclient.utils import InferenceServerException
 
-from lathe_trainer.export import repository
+from lathe.api import KINDS
+from lathe.plans import stage_config
+from lathe_trainer.export import repository, stage
+from lathe_trainer.stage import ResolvedInput
 from lathe_trainer.serving import client, decoding, local_server
 from lathe_trainer.serving.reference import predict_entities, read_model_settings
 
 MODEL_NAME = "pubmed_ner"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "pubmed" / "05-deployment.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -235,3 +241,28 @@ def test_requested_ports_used_when_free(export_output, tmp_path):
 def test_missing_repository_fails(tmp_path):
     with pytest.raises(local_server.TritonStartError, match="does not exist"):
         local_server.start_triton(tmp_path / "nothing", tmp_path / "work")
+
+
+def test_external_data_model_served(tmp_path, data_dir, monkeypatch):
+    """A model whose weights sit beside the graph (ONNX external data, as for models over
+    1 GiB) is exported, copied into the repository with its data file and served."""
+    # Every weight tensor of the tiny model is then over the limit, as in a large model.
+    monkeypatch.setattr(stage, "EXTERNAL_DATA_BYTES", 0)
+    model_dir = build_model(data_dir, tmp_path / "finetune" / "model")
+    resource = yaml.safe_load(EXAMPLE.read_text())
+    resource["spec"]["export"]["quantization"]["enabled"] = False
+    resource["spec"]["export"]["checkSequenceLengths"] = [3, 20]
+    inputs = {"model": ResolvedInput(kind="FineTune", name="pubmed-ner",
+                                     uri=f"file://{tmp_path / 'finetune'}", digest="sha256:f")}
+    output = tmp_path / "export"
+    deployment = KINDS["ModelDeployment"].model_validate(resource)
+    metrics = stage.run(stage_config(deployment, inputs, f"file://{output}", str(data_dir)),
+                        resume=False)
+    assert (output / "model.onnx.data").is_file()
+    assert metrics["onnxSizeBytes"] > (output / "model.onnx").stat().st_size
+    version = output / "model_repository" / "pubmed_ner_model" / "1"
+    assert sorted(path.name for path in version.iterdir() if path.suffix != ".py") == [
+        "model.onnx", "model.onnx.data"]
+    with local_server.start_triton(output / "model_repository", tmp_path / "work") as running:
+        served = client.infer_entities(running.http_url, MODEL_NAME, UTF8_TEXTS)
+    assert served == predict_entities(model_dir, UTF8_TEXTS)

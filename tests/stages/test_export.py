@@ -260,3 +260,23 @@ def test_model_without_tokenizer_is_rejected(tmp_path, make_config, llama_output
     config = make_config(example_resource(), inputs=model_input(root))
     with pytest.raises(StageError, match=r"has no tokenizer.json in .*Rerun the FineTune"):
         stage.run(config, resume=False)
+
+
+def test_external_data_int8_served_from_its_files(tmp_path, make_config, monkeypatch):
+    """With the weights beside the graph, quantization writes its own data file, and the
+    repository copies the served model's file."""
+    monkeypatch.setattr(stage, "EXTERNAL_DATA_BYTES", 0)
+    root = finetune_output(tmp_path / "gpt2", architecture="gpt2")
+    resource = example_resource(quantization={"enabled": True, "maxF1Drop": 1.0})
+    config = make_config(resource, inputs=model_input(root))
+    metrics = stage.run(config, resume=False)
+    output = Path(config.output_uri.removeprefix("file://"))
+    assert metrics["servedModel"] == "model.int8.onnx"
+    assert (output / "model.onnx.data").is_file()
+    assert (output / "model.int8.onnx.data").is_file()
+    version = output / "model_repository" / "pubmed_ner_model" / "1"
+    assert (version / "model.int8.onnx.data").is_file()
+    assert not (version / "model.onnx.data").exists()
+    assert_serves_with_window_axis(version / "model.onnx", output / "model.int8.onnx")
+    manifest = read_manifest(f"file://{output}")
+    assert "model.int8.onnx.data" in manifest["outputs"]

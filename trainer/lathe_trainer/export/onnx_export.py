@@ -38,8 +38,14 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def export_onnx(model: torch.nn.Module, path: Path, opset: int, vocab_size: int) -> None:
-    """Export `model` to `path` with dynamic batch and sequence axes."""
+def export_onnx(
+    model: torch.nn.Module, path: Path, opset: int, vocab_size: int, external_data: bool = False
+) -> None:
+    """Export `model` to `path` with dynamic batch and sequence axes.
+
+    With `external_data`, the large weights go to `<path>.data` beside the graph, because a
+    single protobuf file cannot exceed 2 GiB.
+    """
     generator = torch.Generator().manual_seed(0)
     shape = (EXAMPLE_BATCH_SIZE, EXAMPLE_SEQUENCE_LENGTH)
     input_ids = torch.randint(0, vocab_size, shape, generator=generator)
@@ -55,7 +61,7 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int, vocab_size: int)
         input_names=list(INPUT_NAMES),
         output_names=[OUTPUT_NAME],
         dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-        external_data=False,
+        external_data=external_data,
     )
 
 

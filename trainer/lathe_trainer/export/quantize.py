@@ -27,12 +27,13 @@ class HeldOutSentence:
     gold: list[dict[str, Any]]
 
 
-def quantize(fp32_path: Path, int8_path: Path) -> None:
+def quantize(fp32_path: Path, int8_path: Path, external_data: bool = False) -> None:
     """Quantize the constant weights of MatMul and Gemm ops to signed INT8, per tensor.
 
     Activations are quantized at run time (dynamic quantization), so no calibration data is
     needed. ONNX Runtime logs a warning that recommends shape-inference preprocessing; it is
-    skipped, and `compare_quantized` measures the result either way.
+    skipped, and `compare_quantized` measures the result either way. With `external_data`, the
+    weights go to `<int8_path>.data`, as for the FP32 model.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -43,7 +44,8 @@ def quantize(fp32_path: Path, int8_path: Path) -> None:
     level = root.level
     root.setLevel(max(level, logging.WARNING))
     try:
-        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
+                         use_external_data_format=external_data)
     finally:
         root.setLevel(level)
 

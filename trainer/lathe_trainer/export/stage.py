@@ -46,8 +46,10 @@ FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 REPOSITORY_DIR = "model_repository"
 REPORT_FILE = "report.json"
-# torch.onnx.export without external data writes one protobuf, which is capped at 2 GiB.
-MAX_PARAMETER_BYTES = 2 * 1024**3 - 64 * 1024**2
+# A model file is one protobuf, which is capped at 2 GiB. Models with more parameter bytes
+# than this keep their weights in `<file>.data` beside the graph (ONNX external data), with
+# room left for the graph and the small tensors that stay inside it.
+EXTERNAL_DATA_BYTES = 1024**3
 STEPS = ("read", "export", "check", "quantize", "repository")
 
 
@@ -107,18 +109,27 @@ def check_lengths(config: StageConfig, lengths: list[int], max_length: int) -> N
             )
 
 
-def load_model(config: StageConfig, model_dir: Path):
+def load_model(model_dir: Path):
     # Eager attention exports to plain ONNX ops; the fused SDPA kernel is no faster on ONNX
     # Runtime and only adds a second code path to check.
-    model = reference.load_model(model_dir, attn_implementation="eager")
+    return reference.load_model(model_dir, attn_implementation="eager")
+
+
+def needs_external_data(model) -> bool:
+    """Return whether the model's weights must go beside the ONNX graph (EXTERNAL_DATA_BYTES)."""
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if parameter_bytes > MAX_PARAMETER_BYTES:
-        # TODO(export): export with external data so that models over 2 GiB can be served.
-        raise StageError(
-            config, "spec.model.fineTuneRef", f"the model has {parameter_bytes / 1024**3:.2f} "
-            "GiB of parameters; the export supports models up to 2 GiB."
-        )
-    return model
+    return parameter_bytes > EXTERNAL_DATA_BYTES
+
+
+def data_file(model_file: str) -> str:
+    """Return the name of the external data file that the exporters write beside a model."""
+    return f"{model_file}.data"
+
+
+def file_bytes(output: Path, model_file: str) -> int:
+    """Return the size of a model file with its external data file, if it has one."""
+    extra = output / data_file(model_file)
+    return (output / model_file).stat().st_size + (extra.stat().st_size if extra.exists() else 0)
 
 
 def token_stream(encoded: dict[str, np.ndarray]) -> np.ndarray:
@@ -131,7 +142,12 @@ def export_and_check(
     pad_id: int, progress: ProgressReporter,
 ) -> dict[str, Any]:
     fp32_path = output / FP32_FILE
-    onnx_export.export_onnx(model, fp32_path, spec.export.opset, model.config.vocab_size)
+    external = needs_external_data(model)
+    if external:
+        log.info("The weights are over %d MiB, so they go to %s beside the graph.",
+                 EXTERNAL_DATA_BYTES // 1024**2, data_file(FP32_FILE))
+    onnx_export.export_onnx(model, fp32_path, spec.export.opset, model.config.vocab_size,
+                            external_data=external)
     opset = onnx_export.exported_opset(fp32_path)
     if opset != spec.export.opset:
         raise StageError(
@@ -173,16 +189,18 @@ def run_quantization(
         return {"enabled": False, "deployed": False,
                 "reason": "Quantization is disabled in spec.export.quantization."}
     int8_path = output / INT8_FILE
-    quantize.quantize(output / FP32_FILE, int8_path)
+    quantize.quantize(output / FP32_FILE, int8_path,
+                      external_data=(output / data_file(FP32_FILE)).exists())
     record = quantize.compare_quantized(
         output / FP32_FILE, int8_path, sentences, encode, model.id2label, model.label_subtoken,
         settings.max_f1_drop,
     )
     record["enabled"] = True
-    record["sizeBytes"] = int8_path.stat().st_size
+    record["sizeBytes"] = file_bytes(output, INT8_FILE)
     if not record["deployed"]:
         # Only the served model stays in the output, so no one deploys the rejected file.
         int8_path.unlink()
+        (output / data_file(INT8_FILE)).unlink(missing_ok=True)
     return record
 
 
@@ -192,7 +210,8 @@ def clear_outputs(output: Path) -> None:
     The manifest goes first: it must not vouch for a repository this attempt is rewriting,
     which Triton pods that start meanwhile would copy.
     """
-    for name in (MANIFEST, FP32_FILE, INT8_FILE, REPORT_FILE):
+    for name in (MANIFEST, FP32_FILE, data_file(FP32_FILE), INT8_FILE, data_file(INT8_FILE),
+                 REPORT_FILE):
         (output / name).unlink(missing_ok=True)
     shutil.rmtree(output / REPOSITORY_DIR, ignore_errors=True)
 
@@ -217,7 +236,7 @@ def run(config: StageConfig, resume: bool) -> dict:
     def encode(texts: list[str]) -> dict[str, np.ndarray]:
         return decoding.encode_texts(tokenizer, texts, settings.special, settings.max_length)
 
-    model = load_model(config, model_dir)
+    model = load_model(model_dir)
     progress.update(1, f"Read the model and {len(sentences)} held-out sentences.")
 
     stream = token_stream(encode([sentence.text for sentence in sentences]))
@@ -269,7 +288,7 @@ def run(config: StageConfig, resume: bool) -> dict:
             "rejected" if quantization["enabled"] else "disabled"),
         "quantizationReason": quantization["reason"],
         "servedModel": served,
-        "onnxSizeBytes": (output / FP32_FILE).stat().st_size,
+        "onnxSizeBytes": file_bytes(output, FP32_FILE),
         "modelName": spec.model_name,
     }
     if quantization["enabled"]:

@@ -10,6 +10,7 @@ step and Triton's ONNX Runtime backend) serve this one file.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import onnx
@@ -83,8 +84,26 @@ def add_window_axis(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def external_files(model: onnx.ModelProto) -> list[str]:
+    """Return the files, relative to the model file, that hold its external tensor data."""
+    return sorted({
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    })
+
+
 def write_windowed(source: Path, target: Path) -> None:
-    """Write the graph at `source` with a window axis to `target`, and check it."""
-    model = add_window_axis(onnx.load(str(source)))
-    onnx.checker.check_model(model)
+    """Write the graph at `source` with a window axis to `target`, and check it.
+
+    External tensor data stays in its files, which are copied beside `target` under their
+    names, so a model over 2 GiB never passes through one protobuf.
+    """
+    model = add_window_axis(onnx.load(str(source), load_external_data=False))
     onnx.save(model, str(target))
+    for name in external_files(model):
+        shutil.copyfile(source.parent / name, target.parent / name)
+    # onnx checks a model over 2 GiB only from its path, which also covers the data files.
+    onnx.checker.check_model(str(target))
