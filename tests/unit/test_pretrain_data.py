@@ -116,3 +116,22 @@ def test_batches_taken_as_int64(tokenizer, corpus, tmp_path):
     batches = data.validation_batches(packed, micro_batch_size=2, rank=0, world_size=1,
                                       max_sequences=4)
     assert [batch.dtype for batch in batches] == [torch.int64, torch.int64]
+
+
+def test_filter_keeping_all_writes_no_copy(tokenizer, corpus, tmp_path):
+    root, _ = corpus
+    tokenized = data.tokenize_split(tokenizer, f"file://{root}", "train", tmp_path / "cache")
+    packed = data.pack(tokenized, LENGTH, min_quality=0.0)
+    assert torch.equal(packed.sequences, data.pack(tokenized, LENGTH).sequences)
+    assert not list((tmp_path / "cache" / "train").glob("min-quality-*"))
+
+
+def test_truncated_ids_written_again(tokenizer, corpus, tmp_path):
+    """An ids file cut short under a completion marker (a machine crash) is not used."""
+    root, texts = corpus
+    cache = tmp_path / "cache"
+    data.tokenize_split(tokenizer, f"file://{root}", "train", cache)
+    ids_file = cache / "train" / data.IDS_FILE
+    ids_file.write_bytes(ids_file.read_bytes()[:100])
+    tokenized = data.tokenize_split(tokenizer, f"file://{root}", "train", cache)
+    assert len(tokenized.ids) == tokenized.tokens == len(reference_stream(tokenizer, texts))
