@@ -12,7 +12,8 @@ rule fails after its upstream stages ran, which can be hours later:
   peft's rule (lathe_trainer.finetune.model.unmatched_targets), and only modules that LoRA can
   wrap (unsupported_targets);
 - a FineTune's spec.maxLength must fit its base model's maximum positions;
-- a ModelDeployment's spec.export.checkSequenceLengths must fit the model's maximum positions.
+- a ModelDeployment's spec.export.checkSequenceLengths must fit the model's maximum positions,
+  and its spec.export.windowStride must leave new text in a window (the FineTune's maxLength).
 
 A reference to a resource that is not among those given is skipped here, because
 lathe.graph.order reports it first.
@@ -202,6 +203,23 @@ def _check_max_length(finetune: FineTune, base: ResolvedBaseModel) -> None:
     )
 
 
+def _check_window_stride(deployment: ModelDeployment, finetune: FineTune,
+                         base: ResolvedBaseModel) -> None:
+    stride = deployment.spec.export.window_stride
+    window = min(finetune.spec.max_length, base.max_positions)
+    # Each window starts with the bos token, which a PretrainJob's tokenizer always has. Other
+    # base models may have none, so only a stride that is too long either way is rejected here.
+    largest = window - 1 - (base.pretrain_job is not None)
+    if stride is None or stride <= largest:
+        return
+    raise InvalidResourceError(
+        deployment.label, "spec.export.windowStride",
+        f"{stride} leaves no new text in a window of {window} tokens (spec.maxLength of "
+        f"FineTune {finetune.metadata.name!r}); set it to at most {largest}, or leave it "
+        "unset for a quarter of the window.",
+    )
+
+
 def _check_export_lengths(deployment: ModelDeployment, by_key: dict[str, Resource],
                           data_dir: Path) -> None:
     finetune = _referenced(deployment, by_key, "FineTune",
@@ -211,6 +229,7 @@ def _check_export_lengths(deployment: ModelDeployment, by_key: dict[str, Resourc
     base = base_model(finetune, by_key, data_dir)
     if base is None:
         return
+    _check_window_stride(deployment, finetune, base)
     lengths = deployment.spec.export.check_sequence_lengths
     too_long = [length for length in lengths if length > base.max_positions]
     if not too_long:

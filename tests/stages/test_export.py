@@ -280,3 +280,22 @@ def test_external_data_int8_served_from_its_files(tmp_path, make_config, monkeyp
     assert_serves_with_window_axis(version / "model.onnx", output / "model.int8.onnx")
     manifest = read_manifest(f"file://{output}")
     assert "model.int8.onnx.data" in manifest["outputs"]
+
+
+def test_window_stride_reaches_repository(tmp_path, make_config, llama_output):
+    config = make_config(example_resource(windowStride=16, quantization={"enabled": False}),
+                         inputs=model_input(llama_output))
+    stage.run(config, resume=False)
+    output = Path(config.output_uri.removeprefix("file://"))
+    assert json.loads((output / "report.json").read_text())["windowStride"] == 16
+    tokenizer_config = (output / "model_repository" / "pubmed_ner_tokenizer" / "config.pbtxt")
+    assert 'key: "stride"\n  value {\n    string_value: "16"\n  }' in tokenizer_config.read_text()
+
+
+def test_window_stride_without_new_text_rejected(make_config, llama_output):
+    """The tiny model's window is 512 tokens with bos, so a stride of 511 leaves no new text."""
+    config = make_config(example_resource(windowStride=511), inputs=model_input(llama_output))
+    with pytest.raises(StageError, match=r"spec.export.windowStride: 511 leaves no new text in "
+                       r"a window of 512 tokens .*set it to at most 510, or leave it unset "
+                       r"for 128"):
+        stage.run(config, resume=False)

@@ -1368,3 +1368,15 @@ def test_run_hashes_survive_upgrade():
     released = Path(__file__).resolve().parents[1] / "fixtures" / "released-pubmed.yaml"
     hashes = {resource.kind: _run_hash(resource) for resource in loader.load_paths([released])}
     assert hashes == RELEASED_RUN_HASHES
+
+
+def test_set_window_stride_starts_new_run():
+    """An added field stays out of the run hash only while it is unset."""
+    from lathe import loader
+    from lathe.k8s.reconcile import _run_hash
+
+    released = Path(__file__).resolve().parents[1] / "fixtures" / "released-pubmed.yaml"
+    deployment = next(resource for resource in loader.load_paths([released])
+                      if resource.kind == "ModelDeployment")
+    deployment.spec.export.window_stride = 16
+    assert _run_hash(deployment) != RELEASED_RUN_HASHES["ModelDeployment"]

@@ -347,6 +347,22 @@ def test_export_length_against_model_directory(data_dir, tmp_path):
     assert str(directory / "config.json") in error.detail
 
 
+@pytest.mark.parametrize(("stride", "accepted"), [(158, True), (159, False), (None, True)])
+def test_window_stride_checked_against_max_length(data_dir, stride, accepted):
+    """The example's window is its FineTune's maxLength of 160 tokens, bos included."""
+    bodies = examples()
+    export(bodies)["windowStride"] = stride
+    if accepted:
+        consistency.check_references(parse_all(bodies), data_dir)
+        return
+    error = rejection(bodies, data_dir)
+    assert error.field == "spec.export.windowStride"
+    assert error.detail == (
+        "159 leaves no new text in a window of 160 tokens (spec.maxLength of FineTune "
+        "'pubmed-ner'); set it to at most 158, or leave it unset for a quarter of the window."
+    )
+
+
 # -- FineTune maxLength --------------------------------------------------------------------------
 
 

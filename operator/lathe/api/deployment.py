@@ -77,6 +77,13 @@ class ExportSpec(ApiModel):
     quantization: QuantizationSpec = Field(
         default_factory=QuantizationSpec, description="INT8 quantization."
     )
+    window_stride: int | None = Field(
+        default=None, ge=0,
+        description="Tokens of left context that each window after the first repeats when a "
+        "text is longer than the window (the FineTune's maxLength, at most the model's "
+        "positions). More context costs more tokens per text. Default: a quarter of the "
+        "window. It must be below the window length minus one for the bos token.",
+    )
 
 
 _PORTS_MESSAGE = (

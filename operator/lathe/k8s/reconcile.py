@@ -824,7 +824,24 @@ def _run_hash(resource: Resource) -> str:
     if resource.kind in _POD_METADATA_OUTSIDE_RUN:
         fields.add("pod_metadata")
     exclude = plans.base.spec_exclusions(resource, fields)
-    return _spec_hash(resource.spec.model_dump(mode="json", by_alias=True, exclude=exclude))
+    return _spec_hash(_without_unset_additions(
+        resource.spec.model_dump(mode="json", by_alias=True, exclude=exclude)
+    ))
+
+
+# Spec fields added after a release, by path in the dumped spec. Unset (None), they stay out of
+# the run hash, so that the upgrade that adds them reruns no finished stage.
+_ADDED_FIELDS: tuple[tuple[str, ...], ...] = (("export", "windowStride"),)
+
+
+def _without_unset_additions(spec: dict) -> dict:
+    for path in _ADDED_FIELDS:
+        parent = spec
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and parent.get(path[-1], 0) is None:
+            del parent[path[-1]]
+    return spec
 
 
 def _legacy_run_hash(resource: Resource) -> str:
@@ -833,7 +850,9 @@ def _legacy_run_hash(resource: Resource) -> str:
     exclude: dict[str, Any] = {"suspend": True}
     if resource.kind == "ModelDeployment":
         exclude.update({"pod_metadata": True, "serving": {"pod_metadata"}})
-    return _spec_hash(resource.spec.model_dump(mode="json", by_alias=True, exclude=exclude))
+    return _spec_hash(_without_unset_additions(
+        resource.spec.model_dump(mode="json", by_alias=True, exclude=exclude)
+    ))
 
 
 def _spec_hash(spec: dict) -> str:

@@ -100,6 +100,25 @@ def read_sentences(config: StageConfig, spec: ModelDeploymentSpec) -> list:
     return sentences
 
 
+def window_stride(
+    config: StageConfig, spec: ModelDeploymentSpec, settings: reference.ModelSettings
+) -> int:
+    """Return spec.export.windowStride, or the default for the model's window."""
+    stride = spec.export.window_stride
+    if stride is None:
+        return decoding.default_stride(settings.max_length)
+    try:
+        decoding.check_window(settings.special, settings.max_length, stride)
+    except ValueError:
+        largest = settings.max_length - (settings.special.bos is not None) - 1
+        raise StageError(
+            config, "spec.export.windowStride", f"{stride} leaves no new text in a window of "
+            f"{settings.max_length} tokens (the FineTune's maxLength); set it to at most "
+            f"{largest}, or leave it unset for {decoding.default_stride(settings.max_length)}."
+        ) from None
+    return stride
+
+
 def check_lengths(config: StageConfig, lengths: list[int], max_length: int) -> None:
     for length in lengths:
         if not 1 <= length <= max_length:
@@ -230,11 +249,14 @@ def run(config: StageConfig, resume: bool) -> dict:
     model_dir = model_directory(config)
     settings = read_settings(config, model_dir)
     check_lengths(config, spec.export.check_sequence_lengths, settings.max_positions)
+    stride = window_stride(config, spec, settings)
     sentences = read_sentences(config, spec)
     tokenizer = decoding.load_tokenizer(str(model_dir / "tokenizer.json"))
 
+    # The checks see texts in the windows that Triton will cut.
     def encode(texts: list[str]) -> dict[str, np.ndarray]:
-        return decoding.encode_texts(tokenizer, texts, settings.special, settings.max_length)
+        return decoding.encode_texts(tokenizer, texts, settings.special, settings.max_length,
+                                     stride)
 
     model = load_model(model_dir)
     progress.update(1, f"Read the model and {len(sentences)} held-out sentences.")
@@ -256,6 +278,7 @@ def run(config: StageConfig, resume: bool) -> dict:
         pad_id=settings.special.pad,
         max_batch_size=spec.serving.max_batch_size,
         model_backend=spec.serving.model_backend,
+        stride=stride,
     )
     repository.write_repository(
         output / REPOSITORY_DIR, repository_settings, output / served, model_dir / "tokenizer.json"
