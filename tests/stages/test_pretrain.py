@@ -603,3 +603,17 @@ def test_local_run_continues_on_s3(tmp_path, data_dir, inputs, s3_store):
     assert longer.manifest["metrics"]["newSteps"] == 2
     assert manifest["stageKey"] == longer.manifest["stageKey"]
     assert [step for step, _ in checkpoint.list_checkpoints(f"{uri}/checkpoints")] == [4, 6]
+
+
+@pytest.mark.parametrize(("plain", "expected"), [(False, "sum 1"), (True, "error")])
+def test_wait_for_all_outlasts_collective_timeout(tmp_path, plain, expected):
+    """A rank that arrives after the group's collective timeout (as a node that tokenizes
+    longer) fails a plain barrier, but not wait_for_all."""
+    worker = Path(__file__).with_name("wait_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(worker), str(tmp_path)]
+    command += ["--plain"] if plain else []
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, failure_excerpt(result.stderr)
+    assert (tmp_path / "rank-0.txt").read_text().startswith(expected)

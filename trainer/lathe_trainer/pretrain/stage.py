@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ log = logging.getLogger(__name__)
 MODEL_DIR = "model"
 # The folder of the token files in the node's scratch directory (lathe_trainer.remote).
 TOKEN_CACHE = "tokens"
+# How long the processes of faster nodes wait for the slowest node to tokenize the corpus.
+TOKENIZE_WAIT = timedelta(hours=2)
 # beta2 = 0.95, a common choice for language-model pretraining, adapts to loss spikes faster
 # than the 0.999 default.
 ADAM_BETAS = (0.9, 0.95)
@@ -216,6 +219,9 @@ def _load_splits(
             config, "spec.corpusRef",
             f"the output of Corpus {name!r} is malformed: {error}. Run the Corpus again.",
         ) from error
+    # Every node tokenizes on its own, and a slower node may finish long after the others,
+    # later than the next collective would wait.
+    distributed.wait_for_all(context, TOKENIZE_WAIT)
     stages = curriculum.build_stages(spec, tokenized)
     for stage in stages:
         _check_stage_fills_batch(config, spec, context, stage, tokenized)

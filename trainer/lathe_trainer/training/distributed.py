@@ -79,6 +79,20 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
+def wait_for_all(context: DistributedContext, timeout: timedelta) -> None:
+    """Wait until every rank reaches this call, for up to `timeout` instead of
+    COLLECTIVE_TIMEOUT, as after work whose length differs between nodes.
+
+    A gloo group of its own, with `timeout` as its timeout, carries the wait, because the
+    collectives of the default group give up after COLLECTIVE_TIMEOUT.
+    """
+    if not context.is_distributed:
+        return
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
+
+
 def all_reduce_sum(context: DistributedContext, values: list[float]) -> list[float]:
     """Sum a few scalars over all ranks (in float64, so token counts stay exact)."""
     if not context.is_distributed:
