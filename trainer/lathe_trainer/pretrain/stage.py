@@ -188,6 +188,10 @@ def _run(
     if context.local_rank == 0:
         # Every process of the node is past the barrier and reads no token file any more.
         shutil.rmtree(token_cache(config), ignore_errors=True)
+        try:
+            token_cache(config).parent.rmdir()  # the scratch directory, unless staging uses it
+        except OSError:
+            pass
     if context.is_main:
         # metrics.json records speed, memory and the resume step as well as the model's
         # figures, and so differs between runs that train the same weights.

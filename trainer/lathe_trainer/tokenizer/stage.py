@@ -162,7 +162,11 @@ def run(config: StageConfig, resume: bool) -> dict:
         )
     learned = tokenizer.get_vocab_size()
     file_terms = [term for vocabulary in vocabularies for term in vocabulary.terms]
-    tokenizer, added = training.add_terms(tokenizer, [*seen_terms, *file_terms])
+    terms = [*seen_terms, *file_terms]
+    tokenizer, added = training.add_terms(tokenizer, terms)
+    if terms:
+        log.info("Added %d protected terms to the vocabulary; the other %d were tokens of the "
+                 "learned vocabulary already.", added, len(set(terms)) - added)
 
     progress.update(2, PHASES[2])
     training.save(tokenizer, output_dir)
