@@ -545,3 +545,15 @@ def test_loop_resumed_at_end_keeps_figures(tmp_path):
     assert resumed["result"]["finalLoss"] == uninterrupted["result"]["finalLoss"]
     assert resumed["result"]["tokensSeen"] == uninterrupted["result"]["tokensSeen"]
     assert uninterrupted["result"]["tokensSeen"] > 0
+
+
+def test_base_load_logs_no_transformers_table(base_output, caplog):
+    """Loading the base under a new head logs one line, not transformers' coloured table of
+    the LM head left out and the head added, once per process."""
+    from lathe_trainer.finetune.model import load_pretrained
+
+    with caplog.at_level("INFO"):
+        load_pretrained(base_output / "model", ["O", "B-Disease", "I-Disease"])
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [message for message in messages if "LOAD REPORT" in message]
+    assert [message for message in messages if "the new head score starts from random" in message]

@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from lathe.api.finetune import DEFAULT_LORA_TARGETS
 from lathe.api.pretrain import OBJECTIVES
@@ -81,6 +82,10 @@ def load_pretrained(model_dir: Path, labels: list[str]) -> torch.nn.Module:
     stage would then fine-tune a partly random model and report it as pretrained.
     """
     id2label, label2id = label_maps(labels)
+    # transformers logs a table of the LM head left out and the task head added, with terminal
+    # colour codes, from every process. The missing keys are checked below instead.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForTokenClassification.from_pretrained(
             model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id,
@@ -90,6 +95,8 @@ def load_pretrained(model_dir: Path, labels: list[str]) -> torch.nn.Module:
         raise BaseModelError(
             f"{model_dir} cannot be loaded as a token classifier ({error})"
         ) from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
     heads = head_names(model)
     missing = sorted(
         key for key in info["missing_keys"] if key.split(".")[0] not in heads
@@ -99,6 +106,8 @@ def load_pretrained(model_dir: Path, labels: list[str]) -> torch.nn.Module:
             f"the checkpoint in {model_dir} lacks body weights {missing[:5]} or has mismatched "
             f"shapes {sorted(info['mismatched_keys'])[:5]}; point at a complete model"
         )
+    log.info("Loaded the pretrained body from %s; the new head %s starts from random weights.",
+             model_dir, ", ".join(heads))
     return model
 
 
