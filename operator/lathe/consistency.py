@@ -33,6 +33,7 @@ from lathe.api.tokenizer import MASK_TOKEN
 from lathe.errors import InvalidResourceError
 from lathe.graph import upstream_key
 from lathe.preflight import is_local, resolve
+from lathe_trainer.serving.decoding import largest_stride
 from lathe_trainer.serving.reference import POSITION_KEYS, config_max_positions, position_limit
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ def _check_window_stride(deployment: ModelDeployment, finetune: FineTune,
     window = min(finetune.spec.max_length, base.max_positions)
     # Each window starts with the bos token, which a PretrainJob's tokenizer always has. Other
     # base models may have none, so only a stride that is too long either way is rejected here.
-    largest = window - 1 - (base.pretrain_job is not None)
+    largest = largest_stride(window, bos=base.pretrain_job is not None)
     if stride is None or stride <= largest:
         return
     raise InvalidResourceError(

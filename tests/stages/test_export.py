@@ -189,12 +189,17 @@ def test_broken_quantization_is_not_deployed(tmp_path, make_config):
     assert_serves_with_window_axis(repository_model, output / "model.onnx")
 
 
-def test_tolerant_quantization_serves_int8_gpt2(tmp_path, make_config):
+def run_tolerant_int8_gpt2(tmp_path: Path, make_config) -> tuple[Path, dict]:
+    """Export a GPT-2 classifier with a quantization check that any INT8 model passes."""
     root = finetune_output(tmp_path / "gpt2", architecture="gpt2")
     resource = example_resource(quantization={"enabled": True, "maxF1Drop": 1.0})
     config = make_config(resource, inputs=model_input(root))
     metrics = stage.run(config, resume=False)
-    output = Path(config.output_uri.removeprefix("file://"))
+    return Path(config.output_uri.removeprefix("file://")), metrics
+
+
+def test_tolerant_quantization_serves_int8_gpt2(tmp_path, make_config):
+    output, metrics = run_tolerant_int8_gpt2(tmp_path, make_config)
     assert metrics["quantization"] == "deployed"
     assert metrics["servedModel"] == "model.int8.onnx"
     assert metrics["int8SizeBytes"] < metrics["onnxSizeBytes"]
@@ -266,11 +271,7 @@ def test_external_data_int8_served_from_its_files(tmp_path, make_config, monkeyp
     """With the weights beside the graph, quantization writes its own data file, and the
     repository copies the served model's file."""
     monkeypatch.setattr(stage, "EXTERNAL_DATA_BYTES", 0)
-    root = finetune_output(tmp_path / "gpt2", architecture="gpt2")
-    resource = example_resource(quantization={"enabled": True, "maxF1Drop": 1.0})
-    config = make_config(resource, inputs=model_input(root))
-    metrics = stage.run(config, resume=False)
-    output = Path(config.output_uri.removeprefix("file://"))
+    output, metrics = run_tolerant_int8_gpt2(tmp_path, make_config)
     assert metrics["servedModel"] == "model.int8.onnx"
     assert (output / "model.onnx.data").is_file()
     assert (output / "model.int8.onnx.data").is_file()

@@ -34,7 +34,7 @@ def output_uri(resource, resolved, previous=None, same_run=False) -> str:
     # _output_uri reads nothing from the reconciler but its artifact store.
     reconciler = SimpleNamespace(store=ArtifactStore(ROOT))
     key = resume_key(resource, resolved)
-    return Reconciler._output_uri(reconciler, resource, resolved, key, previous or {}, same_run)
+    return Reconciler._output_uri(reconciler, resource, key, previous or {}, same_run)
 
 
 def test_new_run_gets_digest_folder():

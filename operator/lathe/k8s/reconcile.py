@@ -224,8 +224,7 @@ class Reconciler:
 
     # -- bounded stages (Corpus, Tokenizer, PretrainJob, FineTune, the export of a deployment) --
 
-    def _output_uri(self, resource: Resource, inputs: dict[str, ResolvedInput], key: str,
-                    previous: dict, same_run: bool) -> str:
+    def _output_uri(self, resource: Resource, key: str, previous: dict, same_run: bool) -> str:
         """Return where a run writes: spec.storage.uri when set, else a folder per run.
 
         The folder is named after the run's resume key `key` (lathe.plans.base.resume_key), so
@@ -288,7 +287,7 @@ class Reconciler:
         run = resource.model_copy(deep=True)
         run.metadata.generation = run_generation
         resume_key = plans.base.resume_key(run, inputs)
-        output = self._output_uri(run, inputs, resume_key, new, same_run)
+        output = self._output_uri(run, resume_key, new, same_run)
         plan = replace(self._plan(run, inputs, output),
                        run=max(1, recorded_run + (0 if same_run else 1)))
         attempt = int(new.get("attempt", 0)) if same_run else 0
@@ -492,10 +491,7 @@ class Reconciler:
             self._apply(namespace, builders.pod_monitor(serving, owner))
         name = builders.triton_name(serving)
         deployment = self.api.apps.read_namespaced_deployment(name, namespace)
-        new["endpoint"] = (
-            f"http://{name}.{namespace}.svc:"
-            f"{serving.http_port}"
-        )
+        new["endpoint"] = f"http://{name}.{namespace}.svc:{serving.http_port}"
         return self._set_ready(resource, serving, deployment, new)
 
     def _serving_previous_export(self, resource: ModelDeployment, new: dict) -> dict:

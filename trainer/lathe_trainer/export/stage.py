@@ -110,7 +110,7 @@ def window_stride(
     try:
         decoding.check_window(settings.special, settings.max_length, stride)
     except ValueError:
-        largest = settings.max_length - (settings.special.bos is not None) - 1
+        largest = decoding.largest_stride(settings.max_length, settings.special.bos is not None)
         raise StageError(
             config, "spec.export.windowStride", f"{stride} leaves no new text in a window of "
             f"{settings.max_length} tokens (the FineTune's maxLength); set it to at most "

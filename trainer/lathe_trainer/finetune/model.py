@@ -58,13 +58,6 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_config(model_dir: Path) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise BaseModelError(f"the config.json in {model_dir} cannot be loaded ({error})") from error
-
-
 def head_names(model: torch.nn.Module) -> list[str]:
     """Return the top-level modules with parameters outside the pretrained body: the task head."""
     body = getattr(model, model.base_model_prefix)
@@ -135,8 +128,8 @@ def adaptable_layers(model: torch.nn.Module) -> list[str]:
     })
 
 
-def label_subtoken_for(config: PretrainedConfig) -> str:
-    """Return the sub-token of a word that carries its label for this base model.
+def label_subtoken_for(model_type: str | None) -> str:
+    """Return the sub-token of a word that carries its label for a base of `model_type`.
 
     A causal model labels the last, because only the last has seen the whole word. A model
     type counts as causal when it is a PretrainJob decoder (llama, gpt2) or when transformers
@@ -144,7 +137,6 @@ def label_subtoken_for(config: PretrainedConfig) -> str:
     such as bert or roberta, are encoders, and T5 has neither. Every other model labels the
     first. `lathe_trainer.finetune.data` gives the figures.
     """
-    model_type = config.model_type
     causal = OBJECTIVES.get(model_type) == "causalLM" or (
         model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

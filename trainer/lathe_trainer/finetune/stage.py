@@ -40,7 +40,6 @@ from lathe_trainer.finetune.model import (
     from_scratch,
     label_maps,
     label_subtoken_for,
-    load_config,
     load_pretrained,
     load_tokenizer,
     lora_targets,
@@ -82,9 +81,10 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     splits = read_splits(config, spec)
     labels = label_list(*splits.values())
     tokenizer = load_base(config, spec, lambda: load_tokenizer(model_dir))
-    check_max_length(config, spec, model_dir)
+    base_config = read_base_config(model_dir)
+    check_max_length(config, spec, base_config)
     warn_on_world_size(spec)
-    label_subtoken = label_subtoken_for(load_base(config, spec, lambda: load_config(model_dir)))
+    label_subtoken = label_subtoken_for(base_config.get("model_type"))
     log.info("The stage labels the %s sub-token of each word.", label_subtoken)
     # Checkpoints trained on the other sub-token (by an earlier release, which labelled the
     # first) must not be resumed, so the labelled sub-token is part of their key.
@@ -175,17 +175,23 @@ def load_base(config: StageConfig, spec: FineTuneSpec, loader):
         raise StageError(config, field, f"{error}.") from error
 
 
-def check_max_length(config: StageConfig, spec: FineTuneSpec, model_dir: Path) -> None:
+def read_base_config(model_dir: Path) -> dict:
+    """Return the contents of the base model's config.json, or {} when it cannot be read,
+    because loading the model then reports the missing or broken file."""
+    try:
+        base = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return base if isinstance(base, dict) else {}
+
+
+def check_max_length(config: StageConfig, spec: FineTuneSpec, base: dict) -> None:
     """Raise StageError when spec.maxLength is above the base model's maximum positions.
 
     `lathe validate` makes the same check, but in a cluster the stage is the first to read the
     base model. A config without a position limit (t5) passes.
     """
-    try:
-        base = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # loading the model reports a missing or broken config.json
-    limit = position_limit(base) if isinstance(base, dict) else None
+    limit = position_limit(base)
     if limit is not None and spec.max_length > limit:
         raise StageError(
             config, "spec.maxLength",

@@ -60,6 +60,12 @@ def default_stride(max_length: int) -> int:
     return max_length // 4
 
 
+def largest_stride(max_length: int, bos: bool) -> int:
+    """Return the largest stride that leaves one new token in a window of max_length tokens,
+    which starts with the bos token when `bos` is set."""
+    return max_length - int(bos) - 1
+
+
 def check_window(special: SpecialIds, max_length: int, stride: int) -> int:
     """Return the number of text tokens a window can contain besides bos.
 
@@ -72,9 +78,10 @@ def check_window(special: SpecialIds, max_length: int, stride: int) -> int:
             f"max_length {max_length} leaves no room for text after the bos token; use at "
             "least 2."
         )
-    if not 0 <= stride < budget:
+    largest = largest_stride(max_length, special.bos is not None)
+    if not 0 <= stride <= largest:
         raise ValueError(
-            f"stride {stride} must be in 0..{budget - 1}, so that each window of {max_length} "
+            f"stride {stride} must be in 0..{largest}, so that each window of {max_length} "
             "tokens also holds new text."
         )
     return budget
