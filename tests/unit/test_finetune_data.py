@@ -150,7 +150,8 @@ def test_truncated_word_labelled_on_last_kept_token(tokenizers):
     sentence = (["Adenomatous"], ["B-Disease"])
     whole = encode_sentence(tokenizer, sentence, {"O": 0, "B-Disease": 1}, 64, "last")
     cut = encode_sentence(tokenizer, sentence, {"O": 0, "B-Disease": 1}, 2, "last")
-    assert len(whole.input_ids) > 2 and cut.truncated
+    assert len(whole.input_ids) > 2
+    assert cut.truncated
     assert cut.labels == [IGNORE_INDEX, 1]
 
 
@@ -302,4 +303,4 @@ def test_phase_named_in_progress():
 def test_label_subtoken_by_model_type(config, expected):
     from lathe_trainer.finetune.model import label_subtoken_for
 
-    assert label_subtoken_for(SimpleNamespace(**config)) == expected
+    assert label_subtoken_for(config["model_type"]) == expected

@@ -135,7 +135,7 @@ def test_other_subtoken_is_not_read():
     text = "Huntington chorea"
     offsets = np.array([[0, 10], [0, 10], [11, 17]])
     word_ids = np.array([0, 0, 1])
-    label_ids = np.array([0, 1, 0])  # only the last sub-token of "Huntington" says B-Disease
+    label_ids = np.array([0, 1, 0])  # only the last sub-token of "Huntington" predicts B-Disease
     first = decoding.decode_entities(text, label_ids, offsets, word_ids, LABELS, "first")
     last = decoding.decode_entities(text, label_ids, offsets, word_ids, LABELS, "last")
     assert first == []
