@@ -178,8 +178,8 @@ def _in_order(short: str, name: str) -> bool:
 def check_patterns(resource: Resource) -> None:
     """Compile a Tokenizer's protected patterns in Oniguruma, the regex engine of `tokenizers`.
 
-    The API model compiles them with Python's `re` only, because the operator does not install
-    `tokenizers`. Oniguruma rejects some Python-only syntax, which would otherwise fail the
+    The API model compiles them with Python's `re` and the `regex` module only, because the
+    operator does not install `tokenizers`. Oniguruma rejects some Python-only syntax, which would otherwise fail the
     Tokenizer stage after its Corpus ran.
     """
     if not isinstance(resource, Tokenizer):

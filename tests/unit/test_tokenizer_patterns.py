@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,18 @@ def test_icd10_pattern_matches_real_codes(matcher, icd10_sample):
             assert [(m.pattern, m.text) for m in found] == [("icd10", form)]
 
 
+def test_icd10_pattern_matches_every_code(data_dir):
+    """The pattern matches all of each ICD-10-CM code in the file, undotted and dotted."""
+    (icd10,) = [pattern for pattern in example_patterns() if pattern.name == "icd10"]
+    expression = re.compile(icd10.regex)
+    with (data_dir / "icd10" / "categories.csv").open(encoding="utf-8", newline="") as handle:
+        codes = [row[0] for row in csv.reader(handle)]
+    assert len(codes) > 20_000
+    dotted = [f"{code[:3]}.{code[3:]}" for code in codes if len(code) > 3]
+    missed = [form for form in codes + dotted if not expression.fullmatch(form)]
+    assert missed == []
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -62,6 +75,12 @@ def test_icd10_pattern_matches_real_codes(matcher, icd10_sample):
         ("XE11.9 and Z79", [("icd10", "Z79")]),  # no word boundary before the first code
         ("E11.9X9Z9", [("icd10", "E11")]),  # too long after the dot: only the category matches
         ("U07.1 and 5 mgs", []),  # U is reserved in ICD-10-CM; `mgs` is not a unit
+        # Genetic markers and mutations from the BC5CDR abstracts: no ICD-10-CM code has S
+        # or M as its fourth character.
+        ("D17S857, D13S314 and I66M", []),
+        # NOTE: a mutation with a three-digit position has the shape of a code such as H442A
+        # (H44.2A), so the pattern alone cannot tell them apart.
+        ("R117H", [("icd10", "R117H")]),
     ],
 )
 def test_example_patterns_find(matcher, text, expected):
@@ -227,10 +246,6 @@ def test_loader_shows_empty_matching_regex_once():
          "begins; remove the backslash, or write \\\\ to match a literal backslash"),
         (r"E\q1", r"bad escape \q at position 1 (counting from 0), where '\q1' begins; remove "
          r"the backslash, or write \\ to match a literal backslash"),
-        (r"\p{L}+", r"bad escape \p at position 0 (counting from 0), where '\p{L}+' begins; "
-         r"Unicode property classes such as \p{L} are not supported by Python's re module, "
-         r"which checks the pattern; use a character class instead, such as [^\W\d_] for "
-         r"letters"),
         ("*E11", "nothing to repeat at position 0 (counting from 0), where '*E11' begins; put "
          "the character or group to repeat before the quantifier, or escape the quantifier as "
          "\\*, \\+ or \\?"),
@@ -246,3 +261,56 @@ def test_regex_error_message(regex, message):
     with pytest.raises(re.error) as raised:
         re.compile(regex)
     assert regex_error_message(regex, raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("regex", "problem"),
+    [
+        (r"\p{Lu}[0-9]+", None),
+        (r"[\p{Lu}\d]{2,}", None),
+        (r"\P{L}x", None),
+        (r"\p{Greek}+", None),
+        (r"\p{Foo}[0-9]", r"unknown Unicode property class '\p{Foo}'; use a general category "
+         r"such as \p{L} (letters), \p{Lu} (upper-case letters) or \p{N} (numbers), or a script "
+         r"such as \p{Greek}"),
+        # Faults beside a property class come from the regex module, which has the class.
+        (r"\p{Lu}(", "missing ) at the end of the expression; close the group with ), or write "
+         "\\( to match a literal parenthesis"),
+        ("E11(", "missing ), unterminated subpattern at position 3 (counting from 0), where '(' "
+         "begins; close the group with ), or write \\( to match a literal parenthesis"),
+    ],
+)
+def test_regex_syntax_error(regex, problem):
+    from lathe.api.tokenizer import regex_syntax_error
+
+    assert regex_syntax_error(regex) == problem
+
+
+def test_property_class_pattern_end_to_end(tmp_path, data_dir):
+    """A pattern with \\p{Lu} passes the API and the stage, and Oniguruma finds its matches."""
+    spec = TokenizerSpec.model_validate({**SPEC, "protectedPatterns": [
+        {"name": "gene", "regex": r"\b\p{Lu}{2,}[0-9]+\b"},
+        {"name": "icd10", "regex": r"\b[A-TV-Z][0-9]{2}\.[0-9]\b"},
+    ]})
+    matcher = patterns.compile_patterns(stage_config(tmp_path, data_dir),
+                                        spec.protected_patterns, lowercase=False)
+    found = [(m.pattern, m.text) for m in matcher.finditer("MLH1 and ÉCA12 with E11.9 in B12")]
+    assert found == [("gene", "MLH1"), ("gene", "ÉCA12"), ("icd10", "E11.9")]
+
+
+def test_finditer_offsets_count_characters(matcher):
+    """Offsets are character positions, also after characters of several UTF-8 bytes."""
+    text = "µµ dosed 10 µg for E11.9"
+    found = list(matcher.finditer(text))
+    assert [(m.pattern, m.text) for m in found] == [("dose", "10 µg"), ("icd10", "E11.9")]
+    assert all(text[m.start:m.end] == m.text for m in found)
+
+
+def test_finditer_gives_match_to_first_pattern():
+    """Where two patterns match the same span, the match belongs to the first, in spec order."""
+    both = patterns.ProtectedMatcher([
+        ProtectedPattern(name="code", regex=r"\b[A-Z][0-9]{2}\b"),
+        ProtectedPattern(name="word", regex=r"\b[A-Z][A-Z0-9]+\b"),
+    ], lowercase=False)
+    found = [(m.pattern, m.text) for m in both.finditer("E11 then ABC and I10")]
+    assert found == [("code", "E11"), ("word", "ABC"), ("code", "I10")]

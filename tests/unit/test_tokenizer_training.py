@@ -10,7 +10,7 @@ from lathe.api.tokenizer import ProtectedPattern, TokenizerSpec
 from lathe_trainer.tokenizer import evaluation, patterns, training
 
 SPECIALS = ["<|endoftext|>", "<pad>", "<unk>", "[SEP]"]
-ICD10 = ProtectedPattern(name="icd10", regex=r"\b[A-TV-Z][0-9][0-9AB](?:\.?[0-9A-TV-Z]{1,4})?\b")
+ICD10 = ProtectedPattern(name="icd10", regex=r"\b[A-TV-Z][0-9][0-9AB](?:\.?[0-9A-KXZ][0-9A-TV-Z]{0,3})?\b")
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import unicodedata
 import warnings
 from typing import Annotated, ClassVar, Literal
 
+import regex
 from pydantic import Field, field_validator
 
 from lathe.api.common import (
@@ -46,7 +47,8 @@ EMPTY_MATCH_SAMPLES = ("", "a", "Type 2 diabetes (E11.9) at 5 mg/kg, E119.")
 # The fix for each error of Python's re module (wording of Python 3.11) that a hand-written
 # pattern most often has, keyed by the start of the error message.
 _REGEX_FIXES = (
-    ("missing ), unterminated subpattern",
+    # "missing ), unterminated subpattern" in re, "missing )" in the regex module.
+    ("missing )",
      "close the group with ), or write \\( to match a literal parenthesis"),
     ("unbalanced parenthesis",
      "remove the extra ), or write \\) to match a literal parenthesis"),
@@ -55,20 +57,55 @@ _REGEX_FIXES = (
     ("nothing to repeat", "put the character or group to repeat before the quantifier, or "
      "escape the quantifier as \\*, \\+ or \\?"),
     ("multiple repeat", "keep one quantifier, or group the repeated part as (?:...)"),
-    # Python's re has no Unicode property classes, which Oniguruma has; the pattern must
-    # compile in both.
-    ("bad escape \\p", "Unicode property classes such as \\p{L} are not supported by "
-     "Python's re module, which checks the pattern; use a character class instead, such as "
-     "[^\\W\\d_] for letters"),
-    ("bad escape \\P", "Unicode property classes such as \\P{L} are not supported by "
-     "Python's re module, which checks the pattern; use a negated character class instead, "
-     "such as [\\W\\d_] for anything but letters"),
     ("bad escape", "remove the backslash, or write \\\\ to match a literal backslash"),
 )
 
 
-def regex_error_message(pattern: str, error: re.error) -> str:
+# A Unicode property class, \p{Lu} or \pL, and its negation \P{...}.
+_PROPERTY_CLASS = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])")
+
+
+def regex_syntax_error(pattern: str) -> str | None:
+    """Return why `pattern` is not a valid protected pattern, or None when it compiles.
+
+    Python's re module checks the syntax, because its messages give the position of the fault.
+    It has no Unicode property classes (\\p{Lu}), which Oniguruma, the tokenizer's engine,
+    has. So a pattern that re rejects only for such a class is accepted when the `regex`
+    module, which has them, compiles it.
+    """
+    try:
+        re.compile(pattern)
+        return None
+    except re.error as error:
+        re_error = error
+    if not re_error.msg.startswith(("bad escape \\p", "bad escape \\P")):
+        return regex_error_message(pattern, re_error)
+    try:
+        regex.compile(pattern)
+        return None
+    except regex.error as error:
+        regex_error = error
+    unknown = next((found.group() for found in _PROPERTY_CLASS.finditer(pattern)
+                    if not _compiles_in_regex(found.group())), None)
+    if unknown is not None:
+        return (f"unknown Unicode property class {quote_value(unknown)}; use a general "
+                "category such as \\p{L} (letters), \\p{Lu} (upper-case letters) or \\p{N} "
+                "(numbers), or a script such as \\p{Greek}")
+    return regex_error_message(pattern, regex_error)
+
+
+def _compiles_in_regex(pattern: str) -> bool:
+    try:
+        regex.compile(pattern)
+    except regex.error:
+        return False
+    return True
+
+
+def regex_error_message(pattern: str, error: re.error | regex.error) -> str:
     """Describe why Python's re module rejects `pattern`: the error, its position and the fix.
+
+    The `regex` module's errors have the same attributes, for patterns only it compiles.
 
     The message leaves out the pattern itself, which the caller shows once.
     """
@@ -81,7 +118,8 @@ def regex_error_message(pattern: str, error: re.error) -> str:
         else:
             message += " at the end of the expression"
     fix = next((fix for start, fix in _REGEX_FIXES if error.msg.startswith(start)),
-               "fix the expression so that Python's re module compiles it")
+               f"fix the expression so that Python's {error.__module__.split('.')[0]} module "
+               "compiles it")
     if error.msg.startswith("unbalanced parenthesis"):
         opened = _set_missing_bracket(pattern, error.pos)
         if opened is not None:
@@ -145,10 +183,11 @@ class ProtectedPattern(ApiModel):
         max_length=63, description="Name of the pattern, used in the evaluation report."
     )
     regex: str = Field(
-        description="Python regular expression, such as an ICD-10 code pattern. Every match is "
+        description="Regular expression, such as an ICD-10 code pattern, in the syntax of "
+        "Python's re module, plus Unicode property classes such as `\\p{Lu}`. Every match is "
         "one pre-token, split from the whitespace before it, so it tokenizes the same in every "
-        "context. The expression must also compile in Oniguruma, the engine of the tokenizer: "
-        "avoid Python-only syntax such as `(?P<name>...)`."
+        "context. The expression must also compile in Oniguruma, the engine of the tokenizer, "
+        "which finds the matches: avoid Python-only syntax such as `(?P<name>...)`."
     )
     vocabulary_file: DataPath | None = Field(
         default=None,
@@ -177,16 +216,13 @@ class ProtectedPattern(ApiModel):
                 "YAML string makes of an escape such as \\b; write the pattern in single "
                 "quotes ('\\b...') or double each backslash"
             )
-        try:
-            re.compile(value)
-        except re.error as error:
+        problem = regex_syntax_error(value)
+        if problem is not None:
             # The loader's message shows the value before this text.
-            raise ValueError(
-                f"invalid regular expression: {regex_error_message(value, error)}"
-            ) from None
+            raise ValueError(f"invalid regular expression: {problem}")
         # An empty match anywhere, as `\b` or `(?=x)` give, would split text at every match.
         for sample in EMPTY_MATCH_SAMPLES:
-            empty = next((match for match in re.finditer(value, sample)
+            empty = next((match for match in regex.finditer(value, sample)
                           if match.start() == match.end()), None)
             if empty is not None:
                 raise ValueError(

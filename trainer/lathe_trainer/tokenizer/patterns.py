@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 from tokenizers import Regex, pre_tokenizers
 
 from lathe.api.common import quote_value
-from lathe.api.tokenizer import ProtectedPattern, regex_error_message
+from lathe.api.tokenizer import ProtectedPattern, regex_syntax_error
 from lathe_trainer.stage import StageConfig, StageError, resolve_data_path
 
 log = logging.getLogger(__name__)
@@ -70,42 +69,87 @@ class Vocabulary:
         }
 
 
+class SpanFinder:
+    """The matches of one expression, found by Oniguruma as the tokenizer finds them.
+
+    The `tokenizers` Split pre-tokenizer is the one Python interface to its Oniguruma engine:
+    with behaviour "isolated" it returns the matches and the text between them, with "removed"
+    only the text between them, each with character offsets. The matches are the pieces of
+    the first list that are not in the second.
+    """
+
+    def __init__(self, expression: str):
+        compiled = Regex(expression)
+        self._isolated = pre_tokenizers.Split(compiled, behavior="isolated")
+        self._removed = pre_tokenizers.Split(compiled, behavior="removed")
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Return the (start, end) character offsets of the matches in `text`, leftmost first."""
+        between = {offsets for _, offsets in self._removed.pre_tokenize_str(text)}
+        return [offsets for _, offsets in self._isolated.pre_tokenize_str(text)
+                if offsets not in between]
+
+    def matches_whole(self, text: str) -> bool:
+        """Return whether the first match in `text` covers all of it."""
+        return bool(text) and self.spans(text)[:1] == [(0, len(text))]
+
+
 class ProtectedMatcher:
-    """The spec's protected patterns, compiled for Python (evaluation) and the tokenizer."""
+    """The spec's protected patterns, matched with Oniguruma for the report and the tokenizer."""
 
     def __init__(self, patterns: list[ProtectedPattern], lowercase: bool):
         self.patterns = patterns
         self.lowercase = lowercase
-        # Named groups let a combined match say which pattern it came from. Alternation order
-        # is spec order, the same order the tokenizer's expression tries them in.
-        combined = "|".join(f"(?P<p{index}>{p.regex})" for index, p in enumerate(patterns))
-        self._python = re.compile(combined) if patterns else None
+        # Alternation order is spec order, the same order the tokenizer's expression tries
+        # them in, but matched on the text as it is: a lowercasing tokenizer matches the
+        # same spans of lowercased text, because its expression then ignores case.
+        self._combined = SpanFinder(self._alternation()) if patterns else None
+        self._per_pattern = [SpanFinder(pattern.regex) for pattern in patterns]
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
+
+    def _alternation(self) -> str:
+        return "|".join(f"(?:{pattern.regex})" for pattern in self.patterns)
 
     def tokenizer_expression(self) -> str:
         """Return the patterns as one Oniguruma expression, in spec order.
 
         A lowercasing tokenizer sees lowercased text, so the patterns then match ignoring case.
         """
-        expression = "|".join(f"(?:{pattern.regex})" for pattern in self.patterns)
+        expression = self._alternation()
         return f"(?i:{expression})" if self.lowercase else expression
 
     def finditer(self, text: str) -> Iterator[Match]:
-        """Yield the non-overlapping matches in `text`, leftmost first, as the spec defines them.
-
-        NOTE: this uses Python's `re`, while the tokenizer uses Oniguruma. The two agreed on
-        digit, word and word-boundary classes over full-width digits and accented letters in
-        `tokenizers` 0.23, but where they differ the report's kept_apart_share drops below 1.0.
-        """
-        if self._python is None:
+        """Yield the non-overlapping matches in `text`, leftmost first, as the spec defines them."""
+        if self._combined is None:
             return
-        for found in self._python.finditer(text):
-            if found.end() == found.start():
-                continue
-            index = int(found.lastgroup[1:])
-            yield Match(self.patterns[index].name, found.start(), found.end(), found.group())
+        spans = self._combined.spans(text)
+        if not spans:
+            return
+        # Oniguruma reports no group names through the pre-tokenizer, so each match is given
+        # to the first pattern that finds the same span on its own.
+        spans_per_pattern = []
+        if len(self._per_pattern) > 1:
+            spans_per_pattern = [set(finder.spans(text)) for finder in self._per_pattern]
+        for start, end in spans:
+            index = self._pattern_index(spans_per_pattern, text, start, end)
+            yield Match(self.patterns[index].name, start, end, text[start:end])
+
+    def _pattern_index(
+        self, spans_per_pattern: list[set[tuple[int, int]]], text: str, start: int, end: int
+    ) -> int:
+        if len(self.patterns) == 1:
+            return 0
+        for index, found in enumerate(spans_per_pattern):
+            if (start, end) in found:
+                return index
+        # A pattern's own search can miss a span when an earlier match of that pattern
+        # overlaps it. The match is then given to the first pattern that matches all of it.
+        for index, finder in enumerate(self._per_pattern):
+            if finder.matches_whole(text[start:end]):
+                return index
+        return 0
 
     def pre_tokenizer(self) -> pre_tokenizers.PreTokenizer:
         if not self.patterns:
@@ -121,22 +165,20 @@ class ProtectedMatcher:
 def compile_patterns(
     config: StageConfig, patterns: list[ProtectedPattern], lowercase: bool
 ) -> ProtectedMatcher:
-    """Check each pattern in both regex engines and return the matcher.
+    """Check each pattern and return the matcher.
 
-    The API model checks only Python's `re`, so this check repeats it for specs that bypassed
-    the API. It also compiles each pattern in Oniguruma, the engine of `tokenizers`, which
-    rejects some Python-only syntax.
+    The API model checks the syntax with Python's re (or the regex module, for Unicode property
+    classes), so this check repeats it for specs that bypassed the API. It also compiles each
+    pattern in Oniguruma, the engine of `tokenizers`, which rejects some Python-only syntax.
     """
     for index, pattern in enumerate(patterns):
         where = f"spec.protectedPatterns[{index}].regex"
-        try:
-            re.compile(pattern.regex)
-        except re.error as error:
+        problem = regex_syntax_error(pattern.regex)
+        if problem is not None:
             raise StageError(
                 config, where,
-                f"invalid regular expression {quote_value(pattern.regex)}: "
-                f"{regex_error_message(pattern.regex, error)}.",
-            ) from None
+                f"invalid regular expression {quote_value(pattern.regex)}: {problem}.",
+            )
         try:
             Regex(pattern.regex)
         except Exception as error:  # tokenizers raises a bare Exception for Oniguruma errors.
@@ -161,8 +203,8 @@ def load_vocabulary(
 ) -> Vocabulary | None:
     """Read a pattern's vocabulary file: the first CSV column of each row is a term.
 
-    A term is kept only when the pattern matches all of it, because only then does the
-    pre-tokenizer isolate it. Blank rows and terms the pattern does not match are counted as
+    A term is kept only when the pattern's first match in it covers all of it, because only
+    then does the pre-tokenizer isolate it. Blank rows and terms the pattern does not match are counted as
     rejected and listed in the report.
     """
     if pattern.vocabulary_file is None:
@@ -175,7 +217,7 @@ def load_vocabulary(
             "relative to the data directory or an absolute path.",
         )
     vocabulary = Vocabulary(pattern=pattern.name, path=str(path))
-    expression = re.compile(pattern.regex, re.IGNORECASE if lowercase else 0)
+    expression = SpanFinder(f"(?i:{pattern.regex})" if lowercase else pattern.regex)
     seen: set[str] = set()
     for row in _read_rows(path):
         vocabulary.rows += 1
@@ -183,7 +225,7 @@ def load_vocabulary(
         forms = [term, dotted_form(term, pattern.dotted_form_after)]
         for form in filter(None, forms):
             form = form.lower() if lowercase else form
-            if not expression.fullmatch(form):
+            if not expression.matches_whole(form):
                 vocabulary.rejected += 1
                 if len(vocabulary.rejected_examples) < REJECTED_EXAMPLES:
                     vocabulary.rejected_examples.append(form)
