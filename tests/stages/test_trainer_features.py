@@ -176,6 +176,24 @@ def test_skipped_step_not_evaluated_or_saved_again(make_config, tmp_path, inputs
     assert evaluated == [4, 6]
 
 
+def test_rollback_keeps_lowered_learning_rate(make_config, tmp_path, inputs, monkeypatch):
+    """A run resumed with a lower learningRate keeps it after rolling back to a checkpoint that
+    the earlier run, with the higher rate, wrote."""
+    output = tmp_path / "out"
+    first = pretrain_resource(procs=1, maxSteps=4, learningRate=3e-3, evalInterval=100)
+    stage.run(make_config(first, inputs["full"], output=output), resume=False)
+    earlier = len(progress(output))
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "6")
+    second = pretrain_resource(procs=1, maxSteps=8, learningRate=3e-5, nonFinite="rollback",
+                               evalInterval=100)
+    stage.run(make_config(second, inputs["full"], output=output), resume=True)
+    records = progress(output)[earlier:]
+    assert any("(rollback)" in r["message"] for r in records)
+    rates = {r["completed"]: r["learningRate"] for r in records if "learningRate" in r}
+    assert set(rates) >= {5, 6, 7, 8}
+    assert max(rates.values()) <= 3e-5
+
+
 def test_rollback_without_checkpoint_fails(make_config, tmp_path, inputs, monkeypatch):
     monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "2")
     resource = pretrain_resource(procs=1, maxSteps=6, nonFinite="rollback")

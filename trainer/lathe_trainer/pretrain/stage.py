@@ -422,6 +422,9 @@ class _Trainer:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        # This run's settings from the spec, which a rollback must keep: the checkpoint it
+        # loads may come from a run with another learningRate or weightDecay.
+        self.configured = schedule.configured_hyperparameters(optimizer)
         self.stages = stages
         self.stage = curriculum.stage_for_step(stages, state.step)
         self.objective = objective
@@ -619,6 +622,7 @@ class _Trainer:
         latest = saved.path
         parallel.load_full_state_dicts(self.model, self.optimizer, saved.model, saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
+        schedule.restore_configured(self.optimizer, self.scheduler, self.configured)
         restored = TrainState.from_dict(saved.state["train"])
         if restored.grad_scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(restored.grad_scaler)
