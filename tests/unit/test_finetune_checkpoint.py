@@ -1,13 +1,17 @@
-"""FineTune checkpoints: a save never leaves a phase without a complete checkpoint."""
+"""FineTune checkpoints: a save never leaves a phase without a complete checkpoint, and a
+resume skips one whose state.pt does not match its checksum."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import pytest
 import torch
 
 from lathe_trainer.finetune import checkpoint
+from lathe_trainer.training import checkpoint as training_checkpoint
 
 
 def test_same_step_save_replaces_the_old_checkpoint(tmp_path):
@@ -43,3 +47,79 @@ def test_interrupted_same_step_save_keeps_the_old_checkpoint(tmp_path, monkeypat
     checkpoint.save(tmp_path, 6, {"weights": torch.full((2,), 6.0)}, keep=1)
     assert [step for step, _ in checkpoint.step_dirs(tmp_path)] == [6]
     assert not (tmp_path / ".old-step-00000005").exists()
+
+
+WEIGHTS = torch.tensor([1.25, 2.5, 3.75, 5.0])
+
+
+def _flip_weight_byte(step_dir):
+    """Change one byte inside the stored weights of state.pt, and check that torch.load alone
+    still reads the file, so that only the checksum can catch the change."""
+    path = step_dir / checkpoint.STATE_FILE
+    data = bytearray(path.read_bytes())
+    # torch.save (2.x) stores tensor data uncompressed, so the weights' bytes appear as they are.
+    offset = data.find(WEIGHTS.numpy().tobytes())
+    assert offset > 0
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    damaged = torch.load(path, weights_only=True)["weights"]
+    assert damaged.shape == WEIGHTS.shape
+    assert not torch.equal(damaged, WEIGHTS)
+
+
+def test_state_json_records_checksum(tmp_path):
+    path = checkpoint.save(tmp_path, 5, {"weights": WEIGHTS}, keep=2)
+    recorded = json.loads((path / checkpoint.CHECKSUM_FILE).read_text())
+    data = (path / checkpoint.STATE_FILE).read_bytes()
+    assert recorded == {"step": 5, "files": {checkpoint.STATE_FILE: {
+        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}}
+
+
+@pytest.mark.parametrize("damage", [
+    _flip_weight_byte,
+    lambda step_dir: (step_dir / checkpoint.STATE_FILE).write_bytes(b"cut short"),
+    lambda step_dir: (step_dir / checkpoint.CHECKSUM_FILE).write_text("{"),
+], ids=["weights byte flipped", "state cut short", "checksum file cut short"])
+def test_damaged_latest_falls_back(tmp_path, caplog, damage):
+    """A damaged newest checkpoint would fail every retry, so the phase resumes from the one
+    before it, with a warning that names the damaged one."""
+    checkpoint.save(tmp_path, 2, {"weights": torch.zeros(4)}, keep=3)
+    newest = checkpoint.save(tmp_path, 4, {"weights": WEIGHTS}, keep=3)
+    damage(newest)
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        state = checkpoint.load_latest(tmp_path)
+    assert state is not None
+    assert torch.equal(state["weights"], torch.zeros(4))
+    assert f"Checkpoint {newest} cannot be read" in caplog.text
+
+
+def test_flipped_byte_names_file_and_digests(tmp_path):
+    path = checkpoint.save(tmp_path, 4, {"weights": WEIGHTS}, keep=3)
+    expected = json.loads((path / checkpoint.CHECKSUM_FILE).read_text())["files"]["state.pt"]
+    _flip_weight_byte(path)
+    actual = hashlib.sha256((path / checkpoint.STATE_FILE).read_bytes()).hexdigest()
+    with pytest.raises(training_checkpoint.ChecksumMismatchError) as raised:
+        checkpoint.load(path)
+    message = str(raised.value)
+    assert f"state.pt in checkpoint {path} does not match" in message
+    assert expected["sha256"] in message
+    assert actual in message
+    assert f"Delete the damaged checkpoint {path}." in message
+
+
+def test_no_readable_checkpoint_starts_over(tmp_path, caplog):
+    only = checkpoint.save(tmp_path, 2, {"weights": WEIGHTS}, keep=3)
+    _flip_weight_byte(only)
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        assert checkpoint.load_latest(tmp_path) is None
+    assert "None of the 1 checkpoints" in caplog.text
+
+
+def test_checkpoint_without_checksum_loads(tmp_path):
+    """A checkpoint written before checksums were recorded has no state.json and loads
+    unverified, as before."""
+    path = checkpoint.save(tmp_path, 4, {"weights": WEIGHTS}, keep=3)
+    (path / checkpoint.CHECKSUM_FILE).unlink()
+    _flip_weight_byte(path)
+    assert [step for step, _ in checkpoint.step_dirs(tmp_path)] == [4]
+    assert checkpoint.load_latest(tmp_path)["weights"].shape == WEIGHTS.shape

@@ -323,3 +323,14 @@ def test_every_resource_checked_before_raising(tmp_path):
         "Corpus/default/c", "Corpus/default/d"]
     assert "missing-a.txt" in str(raised.value)
     assert "missing-b.txt" in str(raised.value)
+
+
+def test_resume_points_find_finetune_checkpoints(tmp_path):
+    """The state.json that a FineTune checkpoint writes beside state.pt marks it complete."""
+    import torch
+    from lathe.local.runner import _resume_points
+    from lathe_trainer.finetune import checkpoint
+    from lathe_trainer.training import storage
+
+    checkpoint.save(tmp_path / "checkpoints" / "lora", 30, {"weights": torch.zeros(2)}, keep=2)
+    assert _resume_points(*storage.resolve(f"file://{tmp_path}")) == "lora step 30"

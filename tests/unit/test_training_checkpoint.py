@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 
 import pytest
@@ -154,15 +156,41 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[:100])
 
 
-@pytest.mark.parametrize("damage", [
-    lambda step: _truncate(step / "model.pt"),  # cut short, as on a full disk
-    lambda step: (step / "optimizer.pt").unlink(),
-    lambda step: (step / checkpoint.STATE).write_text(""),
-    lambda step: _truncate(step / "rng.pt"),
-], ids=["model cut short", "optimizer removed", "state emptied", "rng cut short"])
-def test_damaged_latest_falls_back(tmp_path, caplog, damage):
+def _flip_weight_byte(step):
+    """Change one byte inside the stored weight tensor of model.pt, and check that torch.load
+    alone still reads the file, so that only the checksum can catch the change."""
+    path = step / "model.pt"
+    data = bytearray(path.read_bytes())
+    weight = torch.load(path, weights_only=True)["weight"]
+    # torch.save (2.x) stores tensor data uncompressed, so the weight's bytes appear as they are.
+    offset = data.find(weight.numpy().tobytes())
+    assert offset > 0
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    damaged = torch.load(path, weights_only=True)["weight"]
+    assert damaged.shape == weight.shape
+    assert not torch.equal(damaged, weight)
+
+
+def _append_byte(path):
+    path.write_bytes(path.read_bytes() + b"\0")
+
+
+@pytest.mark.parametrize(("damage", "mismatched"), [
+    pytest.param(lambda step: _truncate(step / "model.pt"), "model.pt",
+                 id="model cut short"),  # as on a full disk
+    pytest.param(lambda step: (step / "optimizer.pt").unlink(), None, id="optimizer removed"),
+    pytest.param(lambda step: (step / checkpoint.STATE).write_text(""), None,
+                 id="state emptied"),
+    pytest.param(lambda step: _truncate(step / "rng.pt"), "rng.pt", id="rng cut short"),
+    pytest.param(_flip_weight_byte, "model.pt", id="model byte flipped"),
+    pytest.param(lambda step: _append_byte(step / "model.pt"), "model.pt",
+                 id="model one byte longer"),
+])
+def test_damaged_latest_falls_back(tmp_path, caplog, damage, mismatched):
     """A newest checkpoint damaged after it was written would fail every retry. So the stage
-    resumes from the one before it, with a warning that names the damaged one."""
+    resumes from the one before it, with a warning that names the damaged one and, where the
+    checksum caught the damage, the file."""
     key = {checkpoint.STATE_RESUME_KEY: "sha256:a"}
     save(tmp_path, 2, keep=3, state=key)
     newest = save(tmp_path, 4, keep=3, state=key)
@@ -173,7 +201,110 @@ def test_damaged_latest_falls_back(tmp_path, caplog, damage):
     assert saved.step == 2
     warnings = [record.getMessage() for record in caplog.records]
     assert any(f"Checkpoint {newest} cannot be read" in text for text in warnings), warnings
+    if mismatched:
+        detail = f"{mismatched} in checkpoint {newest} does not match the checksum"
+        assert any(detail in text for text in warnings), warnings
     assert checkpoint.written_for(tmp_path, "sha256:a")
+
+
+def test_state_records_file_checksums(tmp_path):
+    """state.json records each tensor file's size and SHA-256 next to the stage's own keys."""
+    path = save(tmp_path, 3, state={"note": "kept", checkpoint.STATE_RESUME_KEY: "sha256:a"})
+    stored = json.loads((path / checkpoint.STATE).read_text())
+    assert stored["note"] == "kept"
+    assert stored[checkpoint.STATE_RESUME_KEY] == "sha256:a"
+    assert stored["step"] == 3
+    assert sorted(stored["files"]) == sorted(checkpoint.TENSOR_FILES)
+    for name in checkpoint.TENSOR_FILES:
+        data = (path / name).read_bytes()
+        assert stored["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(),
+                                         "bytes": len(data)}, name
+
+
+def test_load_reports_wrong_size(tmp_path):
+    """The error names the checkpoint, the file, both sizes and both digests, and the fix."""
+    path = save(tmp_path, 3)
+    expected = json.loads((path / checkpoint.STATE).read_text())["files"]["model.pt"]
+    _append_byte(path / "model.pt")
+    data = (path / "model.pt").read_bytes()
+    actual_digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(checkpoint.ChecksumMismatchError) as raised:
+        checkpoint.load(path)
+    message = str(raised.value)
+    assert isinstance(raised.value, checkpoint.UNREADABLE)
+    assert raised.value.name == "model.pt"
+    assert f"model.pt in checkpoint {path}" in message
+    assert f"{expected['bytes']} bytes with SHA-256 {expected['sha256']}" in message
+    assert f"{len(data)} bytes with SHA-256 {actual_digest}" in message
+    assert f"Delete the damaged checkpoint {path}." in message
+
+
+def test_checkpoint_without_checksums_loads(tmp_path):
+    """A checkpoint written before checksums were recorded loads unverified, as before."""
+    path = save(tmp_path, 3)
+    stored = json.loads((path / checkpoint.STATE).read_text())
+    del stored["files"]
+    (path / checkpoint.STATE).write_text(json.dumps(stored))
+    _flip_weight_byte(path)
+    loaded = checkpoint.load(path)
+    assert loaded.step == 3
+    assert loaded.state["note"] == 3
+
+
+def test_reserved_state_key_rejected(tmp_path):
+    with pytest.raises(ValueError, match="contains the key 'files'"):
+        save(tmp_path, 3, state={"files": []})
+    assert checkpoint.list_checkpoints(tmp_path) == []
+
+
+def test_damaged_latest_on_memory_store_falls_back(caplog):
+    """A file changed on an object store after the save is caught as on a local disk."""
+    root = "memory://damaged-latest/checkpoints"
+    save(root, 2, keep=3)
+    newest = save(root, 4, keep=3)
+    filesystem, path = checkpoint.storage.resolve(newest)
+    data = bytearray(filesystem.cat_file(f"{path}/optimizer.pt"))
+    data[-1] ^= 0x01
+    filesystem.pipe_file(f"{path}/optimizer.pt", bytes(data))
+    try:
+        with caplog.at_level("WARNING", logger=checkpoint.__name__):
+            saved = checkpoint.load_latest(root)
+        assert saved is not None
+        assert saved.step == 2
+        assert f"optimizer.pt in checkpoint {newest} does not match" in caplog.text
+    finally:
+        checkpoint.remove_all(root)
+
+
+def _flip_last_byte(data):
+    return data[:-1] + bytes([data[-1] ^ 0x01])
+
+
+def _cut_in_half(data):
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("store", ["local", "memory"])
+@pytest.mark.parametrize(("name", "damage"), [
+    ("model.pt", _flip_last_byte),
+    (checkpoint.STATE, _cut_in_half),
+], ids=["model byte flipped", "state cut short"])
+def test_save_replaces_damaged_same_step(tmp_path, caplog, store, name, damage):
+    """A run resumed from the checkpoint before a damaged one reaches the damaged one's step
+    again, and must replace it, not keep it."""
+    root = tmp_path if store == "local" else "memory://damaged-same-step/checkpoints"
+    key = checkpoint.STATE_RESUME_KEY
+    first = save(root, 4, keep=2, state={key: "sha256:a", "attempt": 1})
+    filesystem, path = checkpoint.storage.resolve(first)
+    filesystem.pipe_file(f"{path}/{name}", damage(filesystem.cat_file(f"{path}/{name}")))
+    try:
+        with caplog.at_level("WARNING", logger=checkpoint.__name__):
+            save(root, 4, keep=2, state={key: "sha256:a", "attempt": 2})
+        assert "so it is replaced" in caplog.text
+        assert checkpoint.load(checkpoint.latest_checkpoint(root)).state["attempt"] == 2
+    finally:
+        if store == "memory":
+            checkpoint.remove_all(root)
 
 
 def test_no_readable_checkpoint_starts_over(tmp_path, caplog):

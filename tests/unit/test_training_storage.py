@@ -78,6 +78,36 @@ def test_nan_weights_never_saved(root):
     assert checkpoint.list_checkpoints(root) == []
 
 
+def _flip_last_byte(filesystem, path):
+    data = filesystem.cat_file(path)
+    filesystem.pipe_file(path, data[:-1] + bytes([data[-1] ^ 0x01]))
+
+
+def test_store_damaged_latest_falls_back(root, caplog):
+    """A file changed on the store after the save fails its checksum, and the resume falls back
+    to the checkpoint before it."""
+    save(root, 1, keep=2)
+    newest = save(root, 2, keep=2)
+    filesystem, path = storage.resolve(newest)
+    _flip_last_byte(filesystem, f"{path}/model.pt")
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        loaded = checkpoint.load_latest(root)
+    assert loaded is not None
+    assert loaded.step == 1
+    assert f"model.pt in checkpoint {newest} does not match the checksum" in caplog.text
+
+
+def test_store_replaces_damaged_same_step(root, caplog):
+    """A same-step checkpoint of the same run is hashed from the store before it is kept."""
+    first = save(root, 3, keep=2)
+    filesystem, path = storage.resolve(first)
+    _flip_last_byte(filesystem, f"{path}/optimizer.pt")
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        save(root, 3, keep=2)
+    assert f"The existing checkpoint {first} is damaged" in caplog.text
+    assert checkpoint.load(first).step == 3
+
+
 @pytest.mark.parametrize(
     ("uri", "expected"),
     [

@@ -14,6 +14,11 @@ The mirror uploads the files that completion markers name last (state.json, resu
 manifest.json), so a reader of the remote output finds a checkpoint or the manifest only after
 the files they describe. It also deletes remote files that the stage deleted locally, such as
 pruned checkpoints.
+
+Neither the mirror nor `download` checks what it copies. A checkpoint's state.json records the
+SHA-256 of the checkpoint's files, and the stage checks them when it resumes (see
+training.checkpoint and finetune.checkpoint), so a file damaged on the store or in a copy is
+skipped for the checkpoint before it.
 """
 
 from __future__ import annotations

@@ -899,6 +899,8 @@ def _checkpoint_steps(filesystem, root: str) -> list[int]:
 def _resume_points(filesystem, path: str) -> str:
     """Describe the latest checkpoint in an output: "step 300", or per phase folder of a
     FineTune, "lora step 300, scratch step 20"; "" when there is none."""
+    # NOTE: the files are not checked against their checksums here, so when the stage finds the
+    # latest checkpoint damaged it resumes from an earlier one than this names, and logs that.
     root = f"{path}/{remote.CHECKPOINTS}"
     points = []
     steps = _checkpoint_steps(filesystem, root)

@@ -4,14 +4,18 @@ Layout under the output directory: `checkpoints/<phase>/step-NNNNNNNN/state.pt` 
 trainable parameters, the optimizer and scheduler state, the torch random state and the step.
 A phase is `lora` or `full` (the fine-tuning of the base model) or `scratch` (the same
 architecture from random initialization). `checkpoints/<phase>/result.json` marks a finished phase and contains its
-evaluation. A resumed run skips the phases that finished.
+evaluation. A resumed run skips the phases that finished. `state.json` beside each `state.pt`
+records the step and, under `files`, the size and SHA-256 of state.pt, which `load` verifies.
 
 Only rank 0 writes. Every process reads the same files on resume, because all processes hold
-identical weights after each step.
+identical weights after each step. A remote output's mirror uploads state.json after state.pt
+(lathe_trainer.remote.MARKERS), so a state.pt without state.json is either one written before
+checksums were recorded or one whose state.json is still to come, and both load unverified.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,12 +26,17 @@ from typing import Any
 
 import torch
 
+from lathe_trainer.training import checkpoint as training_checkpoint
+
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # A checkpoint moved aside while a new one for the same step takes its place (see save).
 ASIDE_DIR = re.compile(r"^\.old-step-(\d{8})$")
 STATE_FILE = "state.pt"
+# The step and the checksum of STATE_FILE, in the format of a training checkpoint's state.json.
+# `lathe run` also finds a phase's checkpoints by this file when it names the resume point.
+CHECKSUM_FILE = training_checkpoint.STATE
 RESULT_FILE = "result.json"
 
 
@@ -53,7 +62,13 @@ def save(phase_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     tmp = phase_dir / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state, tmp / STATE_FILE)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    (tmp / STATE_FILE).write_bytes(data)
+    record = {"step": step, training_checkpoint.FILES: {
+        STATE_FILE: training_checkpoint.file_record(data)}}
+    (tmp / CHECKSUM_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     # A checkpoint for the same step (a run that started over) is moved aside, not removed,
     # until the new one is in place: an interrupted save then still leaves a complete one.
     aside = phase_dir / f".old-step-{step:08d}"
@@ -69,13 +84,44 @@ def save(phase_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
 
 
 def load_latest(phase_dir: Path) -> dict[str, Any] | None:
-    """Return the state of the newest complete checkpoint of a phase, or None if there is none."""
+    """Return the state of the newest checkpoint of a phase that can be read, or None when none
+    can.
+
+    NB: a checkpoint damaged after it was written would fail every retry if it were read alone,
+    so the one before it is used. Such damage includes a state.pt cut short and one whose bytes
+    no longer match its checksum.
+    """
     found = step_dirs(phase_dir)
-    if not found:
-        return None
-    step, path = found[-1]
-    log.info("Resuming from checkpoint %s at step %d.", path, step)
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    for step, path in reversed(found):
+        try:
+            state = load(path)
+        except training_checkpoint.UNREADABLE as error:
+            log.warning("Checkpoint %s cannot be read (%s: %s), so the checkpoint before it is "
+                        "tried; delete the damaged one to keep this from repeating.", path,
+                        type(error).__name__, error)
+            continue
+        log.info("Resuming from checkpoint %s at step %d.", path, step)
+        return state
+    if found:
+        log.warning("None of the %d checkpoints in %s can be read, so the phase starts from "
+                    "step 0.", len(found), phase_dir)
+    return None
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read the state of one checkpoint directory, verifying state.pt against state.json.
+
+    Raises ChecksumMismatchError when state.pt differs from its recorded size and SHA-256. A
+    checkpoint without state.json, written before checksums were recorded, loads unverified.
+    """
+    data = (path / STATE_FILE).read_bytes()
+    checksum_path = path / CHECKSUM_FILE
+    if checksum_path.is_file():
+        recorded = json.loads(checksum_path.read_text())
+        files = recorded.get(training_checkpoint.FILES) if isinstance(recorded, dict) else None
+        training_checkpoint.check_file(path, STATE_FILE, files,
+                                       training_checkpoint.file_record(data))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

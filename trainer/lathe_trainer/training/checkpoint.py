@@ -1,8 +1,9 @@
 """Checkpoints of the whole training state, written atomically under `checkpoints/`.
 
 Layout: `checkpoints/step-NNNNNNNN/` holding `model.pt`, `optimizer.pt`, `scheduler.pt`,
-`rng.pt` (one entry per rank) and `state.json` (step, data position, counters, and whatever the
-stage stores to check that a resume is compatible). The root is a local path or any fsspec URL
+`rng.pt` (one entry per rank) and `state.json` (step, data position, counters, whatever the
+stage stores to check that a resume is compatible, and under `files` the size and SHA-256 of
+each of the four other files, which `load` verifies). The root is a local path or any fsspec URL
 (see lathe_trainer.training.storage). Rank 0 writes the directory under a temporary name and
 moves it into place, so a reader finds either a complete checkpoint or none. On a local disk
 the move is one atomic rename and state.json is written first. On object stores a move copies
@@ -13,6 +14,7 @@ directory without state.json as incomplete. A process killed while saving leaves
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -40,6 +42,11 @@ STATE = "state.json"
 RESUME_KEY = "resume-key"
 STATE_RESUME_KEY = "resumeKey"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+# The key of state.json that maps each tensor file's name to its size and SHA-256.
+FILES = "files"
+TENSOR_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt")
+# The size of the reads that hash a stored file without holding all of it in memory.
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -85,16 +92,18 @@ def latest_checkpoint(root: Path | str) -> Path | str | None:
     return found[-1][1] if found else None
 
 
-# The errors of reading a checkpoint file that was cut short, emptied or removed after the
-# checkpoint was complete. torch.load raises RuntimeError for a broken zip archive.
+# The errors of reading a checkpoint file that was cut short, emptied, removed or otherwise
+# changed after the checkpoint was complete. torch.load raises RuntimeError for a broken zip
+# archive, and a file that differs from its checksum raises ChecksumMismatchError, a ValueError.
 UNREADABLE = (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError)
 
 
 def load_latest(root: Path | str) -> Checkpoint | None:
     """Read the newest checkpoint under root that can be read, or None when none can.
 
-    NB: a checkpoint damaged after it was written, such as a file cut short on a full disk,
-    would fail every retry of the stage if it were read alone, so the one before it is used.
+    NB: a checkpoint damaged after it was written would fail every retry of the stage if it were
+    read alone, so the one before it is used. Such damage includes a file cut short on a full
+    disk and a file whose bytes no longer match its checksum.
     """
     found = list_checkpoints(root)
     for _, path in reversed(found):
@@ -148,9 +157,14 @@ def save(
     unwrapped module (not the DDP wrapper), or the FSDP-sharded one.
     A complete checkpoint for `step` with the same resume key (`state[STATE_RESUME_KEY]`) is
     kept as it is, because removing it before the new one is in place could leave no checkpoint
-    at all if the save were interrupted.
+    at all if the save were interrupted. One whose files do not match their checksums is
+    replaced, because no run can resume from it.
     Raises NonFiniteWeightsError on every rank, before writing, if any weight is NaN or inf.
     """
+    if FILES in state:
+        raise ValueError(f"the checkpoint state of step {step} contains the key {FILES!r}, "
+                         "which save reserves for the checksums of the tensor files. Store "
+                         "that value under another key.")
     (bad_ranks,) = distributed.all_reduce_sum(context, [0.0 if parallel.all_finite(model) else 1.0])
     if bad_ranks:
         raise NonFiniteWeightsError(step)
@@ -166,13 +180,15 @@ def save(
         _remove_incomplete_dirs(filesystem, base)
         tmp = f"{base}/.tmp-{step_dir_name(step)}-{os.getpid()}"
         filesystem.makedirs(tmp, exist_ok=True)
-        _write_tensors(filesystem, f"{tmp}/model.pt", model_state)
-        _write_tensors(filesystem, f"{tmp}/optimizer.pt", optimizer_state)
-        _write_tensors(filesystem, f"{tmp}/scheduler.pt", scheduler.state_dict())
-        _write_tensors(filesystem, f"{tmp}/rng.pt", rng_states)
-        state_json = json.dumps({**state, "step": step}, indent=2, sort_keys=True).encode()
+        values = (model_state, optimizer_state, scheduler.state_dict(), rng_states)
+        files = {}
+        for name, value in zip(TENSOR_FILES, values, strict=True):
+            files[name] = _write_tensors(filesystem, f"{tmp}/{name}", value)
+        stored = {**state, "step": step, FILES: files}
+        state_json = json.dumps(stored, indent=2, sort_keys=True).encode()
         if filesystem.exists(final):
-            # A checkpoint for the same step of another run: replace it.
+            # A checkpoint for the same step of another run, or a damaged one of this run, is
+            # replaced.
             # NOTE: a save interrupted between this removal and the move loses that checkpoint,
             # which is not one this run could resume from.
             _remove_checkpoint(filesystem, final)
@@ -194,12 +210,94 @@ def save(
 def _same_checkpoint_exists(
     filesystem: fsspec.AbstractFileSystem, path: str, state: dict[str, Any]
 ) -> bool:
-    """Return whether `path` is a complete checkpoint written under the resume key of `state`."""
+    """Return whether `path` is a complete, undamaged checkpoint written under the resume key
+    of `state`.
+
+    Its files are hashed again, which reads the whole checkpoint. A run resumed from the
+    checkpoint before a damaged one reaches the damaged one's step, and would otherwise keep it.
+    """
+    display = storage.display(filesystem, path)
     try:
         stored = json.loads(filesystem.cat_file(f"{path}/{STATE}"))
     except FileNotFoundError:
         return False
-    return stored.get(STATE_RESUME_KEY) == state.get(STATE_RESUME_KEY)
+    except UNREADABLE as error:
+        log.warning("The existing checkpoint %s has an unreadable %s (%s: %s), so it is "
+                    "replaced.", display, STATE, type(error).__name__, error)
+        return False
+    if not isinstance(stored, dict):
+        return False
+    if stored.get(STATE_RESUME_KEY) != state.get(STATE_RESUME_KEY):
+        return False
+    # NOTE: a checkpoint written before checksums were recorded has no `files`, so it is kept
+    # unverified, as it was before.
+    if FILES not in stored:
+        return True
+    try:
+        for name in TENSOR_FILES:
+            actual = _stored_record(filesystem, f"{path}/{name}")
+            check_file(display, name, stored[FILES], actual)
+    except UNREADABLE as error:
+        log.warning("The existing checkpoint %s is damaged (%s: %s), so it is replaced.",
+                    display, type(error).__name__, error)
+        return False
+    return True
+
+
+class ChecksumMismatchError(ValueError):
+    """A checkpoint file whose size or SHA-256 differs from what its state.json records."""
+
+    def __init__(
+        self, checkpoint: Path | str, name: str, expected: Any, actual: dict[str, Any]
+    ):
+        found = f"the file has {actual['bytes']} bytes with SHA-256 {actual['sha256']}"
+        if _is_record(expected):
+            recorded = (f"Its state.json records {expected['bytes']} bytes with SHA-256 "
+                        f"{expected['sha256']}, but {found}.")
+        else:
+            recorded = f"Its state.json records no valid checksum ({expected!r}), and {found}."
+        super().__init__(f"{name} in checkpoint {checkpoint} does not match the checksum in "
+                         "its state.json, so one of the two changed after the checkpoint was "
+                         f"written. {recorded} Delete the damaged checkpoint {checkpoint}.")
+        self.checkpoint = checkpoint
+        self.name = name
+        self.expected = expected
+        self.actual = actual
+
+
+def file_record(data: bytes) -> dict[str, Any]:
+    """Return the size and SHA-256 of a checkpoint file's bytes, as state.json records them."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def check_file(
+    checkpoint: Path | str, name: str, files: Any, actual: dict[str, Any]
+) -> None:
+    """Raise ChecksumMismatchError unless `actual` matches the record for `name` in `files`.
+
+    `files` is the `files` value of the checkpoint's state.json, and `actual` is the
+    `file_record` of the bytes read from the file `name`.
+    """
+    expected = files.get(name) if isinstance(files, dict) else None
+    if not (_is_record(expected) and expected["bytes"] == actual["bytes"]
+            and expected["sha256"] == actual["sha256"]):
+        raise ChecksumMismatchError(checkpoint, name, expected, actual)
+
+
+def _is_record(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("sha256"), str)
+            and isinstance(value.get("bytes"), int))
+
+
+def _stored_record(filesystem: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    """Return the `file_record` of a stored file, read in chunks of HASH_CHUNK_BYTES."""
+    digest = hashlib.sha256()
+    size = 0
+    with filesystem.open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -212,17 +310,25 @@ class NonFiniteWeightsError(RuntimeError):
 
 
 def load(path: Path | str) -> Checkpoint:
-    """Read a checkpoint. Tensors land on the CPU; the caller moves what it needs."""
+    """Read a checkpoint. Tensors land on the CPU; the caller moves what it needs.
+
+    Raises ChecksumMismatchError when a file differs from the size and SHA-256 that state.json
+    records. A checkpoint written before checksums were recorded has no `files` in its
+    state.json, and its files are loaded unverified, as they were before.
+    """
     filesystem, base = storage.resolve(path)
+    display = storage.display(filesystem, base)
     state = json.loads(filesystem.cat_file(f"{base}/{STATE}"))
 
     def read(name: str) -> Any:
-        data = io.BytesIO(filesystem.cat_file(f"{base}/{name}"))
+        data = filesystem.cat_file(f"{base}/{name}")
+        if FILES in state:
+            check_file(display, name, state[FILES], file_record(data))
         # NB: weights_only=True keeps torch.load from running arbitrary pickled code.
-        return torch.load(data, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     return Checkpoint(
-        path=storage.display(filesystem, base),
+        path=display,
         step=int(state["step"]),
         state=state,
         model=read("model.pt"),
@@ -281,10 +387,15 @@ def remove_all(root: Path | str) -> None:
         storage.remove_tree(filesystem, base)
 
 
-def _write_tensors(filesystem: fsspec.AbstractFileSystem, path: str, value: Any) -> None:
+def _write_tensors(
+    filesystem: fsspec.AbstractFileSystem, path: str, value: Any
+) -> dict[str, Any]:
+    """Write `value` with torch.save and return the file's record for state.json."""
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    filesystem.pipe_file(path, buffer.getvalue())
+    data = buffer.getvalue()
+    filesystem.pipe_file(path, data)
+    return file_record(data)
 
 
 def _remove_checkpoint(filesystem: fsspec.AbstractFileSystem, path: str) -> None:
