@@ -251,6 +251,20 @@ def test_checkpoint_without_checksums_loads(tmp_path):
     assert loaded.state["note"] == 3
 
 
+def test_garbage_without_checksums_falls_back(tmp_path):
+    """A checkpoint without checksums whose model.pt is a few bytes of garbage, on which the
+    weights-only unpickler raises IndexError, is skipped for the one before it."""
+    save(tmp_path, 2)
+    newest = save(tmp_path, 4)
+    stored = json.loads((newest / checkpoint.STATE).read_text())
+    del stored["files"]
+    (newest / checkpoint.STATE).write_text(json.dumps(stored))
+    (newest / "model.pt").write_bytes(b"trunc")
+    saved = checkpoint.load_latest(tmp_path)
+    assert saved is not None
+    assert saved.step == 2
+
+
 def test_reserved_state_key_rejected(tmp_path):
     with pytest.raises(ValueError, match="contains the key 'files'"):
         save(tmp_path, 3, state={"files": []})

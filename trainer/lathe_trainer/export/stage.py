@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ def export_and_check(
     checks = onnx_export.compare_with_pytorch(
         model, fp32_path, stream, spec.export.check_sequence_lengths, pad_id
     )
-    worst = max(checks, key=lambda item: item["maxAbsDiff"])
+    worst = worst_check(checks)
     # NB: `not <=` so that a NaN difference fails too.
     if not worst["maxAbsDiff"] <= spec.export.tolerance:
         raise StageError(
@@ -191,12 +192,20 @@ def export_and_check(
     return {"opset": opset, "checks": checks}
 
 
+def worst_check(checks: list[dict]) -> dict:
+    """Return the check with the largest difference, or the first with a NaN difference.
+
+    NB: max() alone would pass over a NaN after the first item, because every comparison
+    with NaN is false.
+    """
+    return max(checks, key=lambda item: (math.isnan(item["maxAbsDiff"]), item["maxAbsDiff"]))
+
+
 def max_diff_by_length(checks: list[dict]) -> dict[str, float]:
-    result: dict[str, float] = {}
+    by_length: dict[str, list[dict]] = {}
     for item in checks:
-        key = str(item["sequenceLength"])
-        result[key] = max(result.get(key, 0.0), item["maxAbsDiff"])
-    return result
+        by_length.setdefault(str(item["sequenceLength"]), []).append(item)
+    return {length: worst_check(items)["maxAbsDiff"] for length, items in by_length.items()}
 
 
 def run_quantization(
@@ -306,7 +315,7 @@ def run(config: StageConfig, resume: bool) -> dict:
     (output / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False))
     metrics = {
         "maxAbsDiffByLength": max_diff_by_length(exported["checks"]),
-        "maxAbsDiff": max(item["maxAbsDiff"] for item in exported["checks"]),
+        "maxAbsDiff": worst_check(exported["checks"])["maxAbsDiff"],
         "quantization": "deployed" if quantization["deployed"] else (
             "rejected" if quantization["enabled"] else "disabled"),
         "quantizationReason": quantization["reason"],

@@ -121,7 +121,9 @@ def load(path: Path) -> dict[str, Any]:
         files = recorded.get(training_checkpoint.FILES) if isinstance(recorded, dict) else None
         training_checkpoint.check_file(path, STATE_FILE, files,
                                        training_checkpoint.file_record(data))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    # NB: weights_only=True keeps torch.load from running arbitrary pickled code. The state
+    # holds only tensors, numbers and containers of them (lathe_trainer.finetune.train).
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

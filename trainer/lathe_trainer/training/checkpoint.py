@@ -95,7 +95,9 @@ def latest_checkpoint(root: Path | str) -> Path | str | None:
 # The errors of reading a checkpoint file that was cut short, emptied, removed or otherwise
 # changed after the checkpoint was complete. torch.load raises RuntimeError for a broken zip
 # archive, and a file that differs from its checksum raises ChecksumMismatchError, a ValueError.
-UNREADABLE = (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError)
+# The weights-only unpickler raises IndexError on some garbage, such as a file of a few bytes.
+UNREADABLE = (OSError, ValueError, KeyError, IndexError, EOFError, RuntimeError,
+              pickle.UnpicklingError)
 
 
 def load_latest(root: Path | str) -> Checkpoint | None:
