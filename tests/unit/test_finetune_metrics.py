@@ -43,3 +43,11 @@ def test_entity_boundaries_must_match():
     assert scores["precision"] == pytest.approx(0.5)
     assert scores["recall"] == pytest.approx(0.5)
     assert scores["perType"]["Disease"]["support"] == 2
+
+
+def test_gold_entities_count_i_after_o():
+    """An entity that starts with I- after O counts, as seqeval's support counts it."""
+    gold = [["O", "I-Disease", "I-Disease", "O", "B-Disease"]]
+    scores = entity_scores(gold, [["O"] * 5])
+    assert scores["goldEntities"] == 2
+    assert scores["perType"]["Disease"]["support"] == 2

@@ -68,6 +68,11 @@ def test_write_json_leaves_no_temporary(tmp_path):
         ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
         ("NVIDIA L4", "fp16", 121e12),
         ("NVIDIA L40S", "bf16", 362e12),
+        # Whole words only: L4 is not the L40, A10 is not the A10G, H100 not the H100 NVL.
+        ("NVIDIA L40", "bf16", 181e12),
+        ("NVIDIA H100 NVL", "bf16", 835.5e12),
+        ("NVIDIA A10", "bf16", 125e12),
+        ("NVIDIA A10G", "bf16", None),
         ("Tesla V100-SXM2-16GB", "bf16", None),
         ("Some Future GPU", "bf16", None),
     ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+from seqeval.metrics.sequence_labeling import get_entities
 
 from lathe_trainer.finetune import distributed
 from lathe_trainer.finetune.data import IGNORE_INDEX, OUTSIDE, EncodedSentence, collate
@@ -75,7 +76,8 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict:
         "precision": float(precision_score(gold, predicted, zero_division=0)),
         "recall": float(recall_score(gold, predicted, zero_division=0)),
         "f1": float(f1_score(gold, predicted, zero_division=0)),
-        "goldEntities": int(sum(1 for tags in gold for tag in tags if tag.startswith("B-"))),
+        # seqeval's own chunking, which also starts an entity at an I- tag after O (IOB1).
+        "goldEntities": sum(len(get_entities(tags)) for tags in gold),
         "perType": {
             name: {key: float(value) for key, value in figures.items()}
             for name, figures in per_type.items()

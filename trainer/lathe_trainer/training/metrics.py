@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import time
 from collections import deque
@@ -70,28 +71,36 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 # Dense (no 2:4 sparsity) peak tensor-core FLOP/s per GPU, from the vendor data sheets: NVIDIA
-# H100 SXM and H200 (989.4 TFLOP/s bf16/fp16, 67 fp32 non-tensor), H100 PCIe (756), A100 (312
-# bf16/fp16, 19.5 fp32), L4 (121), L40S (362), A10 (125), V100 (125 fp16, no bf16), T4 (65
-# fp16). Keys are substrings of torch.cuda.get_device_name(), matched in this order, so the
+# H100 SXM and H200 (989.4 TFLOP/s bf16/fp16, 67 fp32 non-tensor), H100 PCIe (756), H100 NVL
+# (835.5, 60 fp32), A100 (312 bf16/fp16, 19.5 fp32), L4 (121), L40S (362), L40 (181, 90.5
+# fp32), A10 (125), V100 (125 fp16, no bf16), T4 (65 fp16). Each key is a run of whole words
+# of torch.cuda.get_device_name(), split at spaces and hyphens, so "L4" does not match
+# "NVIDIA L40" and "A10" does not match "NVIDIA A10G". Keys are tried in this order, so the
 # longer names come first. NOTE: the fp32 column is the plain FP32 rate; TF32 matmuls (off by
 # default in torch) can run faster, so an fp32 MFU can exceed 1 where TF32 is enabled.
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12}),
     ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60e12}),
     ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12}),
     ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
     ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
     ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
     ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
     ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
 )
+_NAME_SEPARATORS = re.compile(r"[\s-]+")
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:
     """Return the peak FLOP/s of one device for `precision`, or None for an unknown device."""
+    words = _NAME_SEPARATORS.split(device_name.strip())
     for key, rates in PEAK_FLOPS:
-        if key in device_name:
+        key_words = key.split()
+        if any(words[start:start + len(key_words)] == key_words
+               for start in range(len(words))):
             return rates.get(precision)
     return None
 
