@@ -291,6 +291,17 @@ def test_fsdp_two_processes_train_and_resume(make_config, tmp_path, inputs):
     assert model.model.embed_tokens.weight.shape[1] == 64
 
 
+@pytest.mark.parametrize("architecture", ["gpt2", "t5"])
+def test_fsdp_shards_other_architectures(make_config, tmp_path, inputs, architecture):
+    """FSDP2 shards GPT-2 blocks and T5 blocks, whose sublayers sit in nested lists."""
+    output = tmp_path / "out"
+    resource = pretrain_resource(maxSteps=3, model={"architecture": architecture})
+    resource["spec"]["distributed"]["strategy"] = "fsdp"
+    metrics = run_stage(make_config, tmp_path, resource, inputs["full"], output)
+    assert metrics["strategy"] == "fsdp"
+    assert metrics["steps"] == 3
+
+
 def test_gradient_checkpointing_keeps_losses(make_config, tmp_path, inputs, monkeypatch):
     """Recomputing the activations changes neither the losses nor the FLOPs per token."""
     built = []

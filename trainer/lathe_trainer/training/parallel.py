@@ -59,13 +59,23 @@ def wrap(
 
 
 def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Return the repeated blocks to shard one by one (Llama `layers`, GPT-2 `h`, T5 `block`)."""
+    """Return the repeated blocks to shard one by one (Llama `layers`, GPT-2 `h`, T5 `block`).
+
+    Only the outermost lists count: a T5 block holds its sublayers in a list named `layer`,
+    and sharding a block after one of its sublayers fails, because the sublayer's parameters
+    are already sharded.
+    """
     layers: list[torch.nn.Module] = []
+    selected: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in (
-            "layers", "h", "layer", "block",
-        ):
-            layers.extend(module)
+        if not isinstance(module, torch.nn.ModuleList):
+            continue
+        if name.rsplit(".", 1)[-1] not in ("layers", "h", "layer", "block"):
+            continue
+        if any(name.startswith(f"{outer}.") for outer in selected):
+            continue
+        selected.append(name)
+        layers.extend(module)
     return layers
 
 
