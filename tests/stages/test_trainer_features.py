@@ -302,6 +302,22 @@ def test_fsdp_shards_other_architectures(make_config, tmp_path, inputs, architec
     assert metrics["steps"] == 3
 
 
+def test_fsdp_too_few_validation_sequences(make_config, tmp_path, inputs):
+    """Under FSDP every process joins each evaluation, so one validation sequence for two
+    processes is rejected before training instead of hanging at the first evaluation."""
+    resource = pretrain_resource(maxSteps=3)
+    resource["spec"]["evalSequences"] = 1
+    resource["spec"]["distributed"]["strategy"] = "fsdp"
+    config = make_config(resource, inputs["full"], output=tmp_path / "out")
+    path = tmp_path / "config.json"
+    path.write_text(config.model_dump_json())
+    result = launch(path, 2)
+    assert result.returncode != 0
+    assert ("spec.evalSequences: 1 validation sequences leave some of the 2 FSDP processes "
+            "without one; raise evalSequences to at least 2.") in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_gradient_checkpointing_keeps_losses(make_config, tmp_path, inputs, monkeypatch):
     """Recomputing the activations changes neither the losses nor the FLOPs per token."""
     built = []

@@ -409,6 +409,31 @@ def _check_compatible(
             )
 
 
+def _check_fsdp_validation(
+    config: StageConfig, spec: PretrainJobSpec, available: int, world_size: int
+) -> None:
+    """Reject an FSDP run in which some process would have no validation sequence.
+
+    A sharded forward pass is a collective, so a process without a batch could not join the
+    evaluation, and the others would wait for it until the collective timeout.
+    """
+    used = min(spec.eval_sequences, available)
+    if used >= world_size:
+        return
+    if spec.eval_sequences < world_size:
+        raise StageError(
+            config, "spec.evalSequences",
+            f"{spec.eval_sequences} validation sequences leave some of the {world_size} FSDP "
+            f"processes without one; raise evalSequences to at least {world_size}.",
+        )
+    raise StageError(
+        config, "spec.corpusRef",
+        f"the validation split fills {available} sequences of {spec.sequence_length} tokens, "
+        f"fewer than the {world_size} FSDP processes, each of which needs one; give the Corpus "
+        "a larger validation split, or lower spec.sequenceLength.",
+    )
+
+
 class _Trainer:
     """The step loop with its periodic evaluation, checkpointing and progress reports."""
 
@@ -433,6 +458,8 @@ class _Trainer:
         self.state = state
         self.saved_step = state.step if state.step else None
         self.validation_batches = []
+        if validation is not None and parallel.is_sharded(model):
+            _check_fsdp_validation(config, spec, len(validation), context.world_size)
         if validation is not None:
             # A fixed generator gives every evaluation the same masks and spans, so the
             # validation losses of a run compare, and evaluating leaves the training RNG alone.
