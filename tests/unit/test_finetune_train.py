@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForTokenClassification
 
+from lathe_trainer.finetune import train
 from lathe_trainer.finetune.data import EncodedSentence
 from lathe_trainer.finetune.train import LoopSettings, build_optimizer, lr_factor, train_step
 
@@ -91,3 +92,17 @@ def test_world_size_warning_counts_gpus(monkeypatch, caplog, gpus, procs, world_
     with caplog.at_level("WARNING", logger=stage.log.name):
         stage.warn_on_world_size(spec)
     assert ("processes but" in caplog.text) == warned
+
+
+@pytest.mark.parametrize("form", ["state dicts", "bare tensors", "one bare tensor"])
+def test_restore_rng_continues_stream(form):
+    """Each form of saved RNG state, the current and the two that older checkpoints hold,
+    continues the CPU stream where it was captured."""
+    torch.manual_seed(3)
+    state = train.rng_state()
+    expected = torch.rand(4)
+    saved = {"state dicts": [state], "bare tensors": [state["cpu"]],
+             "one bare tensor": state["cpu"]}[form]
+    torch.manual_seed(99)
+    train._restore_rng(saved)
+    assert torch.equal(torch.rand(4), expected)

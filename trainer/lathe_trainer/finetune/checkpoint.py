@@ -127,9 +127,9 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Return copies of the parameters that training changes, by name."""
+    """Return CPU copies of the parameters that training changes, by name."""
     return {
-        name: parameter.detach().clone()
+        name: parameter.detach().to("cpu", copy=True)
         for name, parameter in model.named_parameters()
         if parameter.requires_grad
     }

@@ -1,7 +1,8 @@
 """Process-group helpers for the FineTune stage, which runs as one process or under torchrun.
 
 `torchrun` sets RANK, LOCAL_RANK and WORLD_SIZE. With WORLD_SIZE above 1 the stage joins a
-process group (gloo on CPU, nccl with GPUs). Every helper here also works without a process
+process group (gloo on CPU, nccl with GPUs). Where CUDA is available, each process trains on
+the GPU of its LOCAL_RANK. Every helper here also works without a process
 group, as the identity for a single process.
 """
 
@@ -17,8 +18,22 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
+def device() -> torch.device:
+    """Return this process's device: the GPU of its LOCAL_RANK where CUDA is available."""
+    # NOTE: the project's tests run on CPUs only, so the GPU placement has not run there.
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def setup(backend: str) -> None:
-    """Join the process group that torchrun describes; do nothing for a single process."""
+    """Select this process's GPU, if any, and join the process group that torchrun describes.
+
+    A single process joins no group. NCCL and its object collectives use the current CUDA
+    device, so each process selects its own GPU first.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     if backend == "auto":

@@ -38,12 +38,14 @@ def predict_local(
     """Predict word tags for sentences in this process, in order."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     predictions: list[list[str]] = []
     for start in range(0, len(sentences), batch_size):
         batch = sentences[start:start + batch_size]
         inputs = collate(batch, pad_token_id)
         logits = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            input_ids=inputs["input_ids"].to(device),
+            attention_mask=inputs["attention_mask"].to(device),
         ).logits
         best = logits.argmax(dim=-1).tolist()
         for item, row in zip(batch, best):

@@ -272,6 +272,7 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
     enable_gradient_checkpointing(model, spec)
     if spec.method == "lora":
         model = wrap_lora(config, spec, model)
+    model.to(distributed.device())
     stats = run_phase(spec.method, model, encoded["train"], encoded.get("validation"), settings,
                       phase_dir, resume,
                       progress_callback(reporter, 0, "1 of 2" if spec.compare_from_scratch else ""))
@@ -356,6 +357,7 @@ def scratch_phase(config, spec, model_dir, labels, encoded, settings, output, re
     torch.manual_seed(spec.training.seed)
     model = from_scratch(model_dir, labels)
     enable_gradient_checkpointing(model, spec)
+    model.to(distributed.device())
     stats = run_phase(SCRATCH, model, encoded["train"], encoded.get("validation"), settings,
                       phase_dir, resume,
                       progress_callback(reporter, spec.training.max_steps, "2 of 2"))

@@ -129,15 +129,21 @@ def local_micro_batches(
 
 def train_step(model, optimizer, scheduler, parameters, batches, settings) -> tuple[float, int]:
     """Run one optimizer step; return the global mean loss per labelled token and the tokens."""
-    inputs = [collate(batch, settings.pad_token_id) for batch in batches]
+    device = parameters[0].device
+    inputs = [
+        {key: value.to(device) for key, value in collate(batch, settings.pad_token_id).items()}
+        for batch in batches
+    ]
+    # On the model's device, because NCCL reduces GPU tensors only.
     counts = torch.tensor(
         [
             float(sum((item["labels"] != IGNORE_INDEX).sum() for item in inputs)),
             float(sum(item["attention_mask"].sum() for item in inputs)),
-        ]
+        ],
+        device=device,
     )
     labelled, tokens = distributed.all_reduce_sum(counts).tolist()
-    loss_sum = torch.zeros(1)
+    loss_sum = torch.zeros(1, device=device)
     for item in inputs:
         logits = model(input_ids=item["input_ids"], attention_mask=item["attention_mask"]).logits
         loss = F.cross_entropy(
@@ -170,6 +176,8 @@ def resume_or_sync(model, optimizer, scheduler, phase_dir: Path, resume: bool) -
         distributed.broadcast_parameters(list(model.parameters()))
         return Resumed()
     checkpoint.restore_trainable(model, state["trainable"])
+    # The checkpoint's tensors are on the CPU; load_state_dict moves the optimizer state to
+    # the device of each parameter.
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng(state["rng"])
@@ -177,7 +185,25 @@ def resume_or_sync(model, optimizer, scheduler, phase_dir: Path, resume: bool) -
                    int(state.get("tokens", 0)))
 
 
-def _restore_rng(saved: torch.Tensor | list[torch.Tensor]) -> None:
+def rng_state() -> dict[str, torch.Tensor]:
+    """Return this process's random state: the CPU generator's and, with CUDA, the GPU's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: torch.Tensor | dict[str, torch.Tensor]) -> None:
+    # Checkpoints written before GPU support hold the CPU generator's state alone.
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _restore_rng(saved: torch.Tensor | list) -> None:
     """Continue each process's random stream where it stopped.
 
     The classifier head and LoRA have dropout, and each process pads its micro-batches to
@@ -185,14 +211,14 @@ def _restore_rng(saved: torch.Tensor | list[torch.Tensor]) -> None:
     one state per process, and one written before that contains rank 0's state only.
     """
     if isinstance(saved, torch.Tensor):
-        torch.set_rng_state(saved)
+        _set_rng_state(saved)
     elif len(saved) == distributed.world_size():
-        torch.set_rng_state(saved[distributed.rank()])
+        _set_rng_state(saved[distributed.rank()])
     else:
         log.warning("The checkpoint contains RNG states of %d processes but this run has %d, "
                     "so every process continues from rank 0's state.", len(saved),
                     distributed.world_size())
-        torch.set_rng_state(saved[0])
+        _set_rng_state(saved[0])
 
 
 def evaluate(model, split: Split, settings: LoopSettings) -> tuple[dict, list[list[str]]]:
@@ -247,7 +273,7 @@ def run_phase(
 def save_checkpoint(model, optimizer, scheduler, phase_dir, step, settings, *, loss: float,
                     tokens: int) -> None:
     """Save the phase's state at `step`. Collective call: rank 0 writes the RNG states of all."""
-    rng_states = distributed.all_gather_object(torch.get_rng_state())
+    rng_states = distributed.all_gather_object(rng_state())
     if distributed.is_main():
         state = {
             "step": step,
