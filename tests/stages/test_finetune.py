@@ -284,6 +284,7 @@ def test_resume_of_first_subtoken_starts_over(make_config, base_output):
     report = json.loads((output / "report.json").read_text())
     assert not report["test"].get("resumedFromStep")
     assert report["labelSubtoken"] == "last"
+    assert set(report["wordsSplitAtServing"].values()) == {0}
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from lathe_trainer.finetune.data import (
     read_sentences,
     split_words,
     step_indices,
+    words_split_at_serving,
 )
 from lathe_trainer.serving.decoding import label_subtoken_mask
 
@@ -304,3 +305,17 @@ def test_label_subtoken_by_model_type(config, expected):
     from lathe_trainer.finetune.model import label_subtoken_for
 
     assert label_subtoken_for(config["model_type"]) == expected
+
+
+def test_words_split_at_serving_listed_once():
+    sentences = [(["IL-2", "levels", "rose", "."], ["B-X", "O", "O", "O"]),
+                 (["IL-2", "and", "TNF‑alpha"], ["B-X", "O", "B-X"])]
+    assert words_split_at_serving(sentences) == ["IL-2", "TNF‑alpha"]
+
+
+@pytest.mark.parametrize("split", ["train.tsv", "devel.tsv", "test.tsv"])
+def test_ncbi_words_are_serving_words(data_dir, split):
+    """Every token of the NCBI-disease CoNLL files is one word as serving splits text."""
+    sentences = read_sentences(data_dir / "pubmed" / "ncbi-disease" / "conll" / split, None)
+    assert len(sentences) > 900
+    assert words_split_at_serving(sentences) == []

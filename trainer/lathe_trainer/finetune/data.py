@@ -111,6 +111,20 @@ def read_sentences(path: Path, limit: int | None) -> list[Sentence]:
     return sentences[:limit] if limit else sentences
 
 
+def words_split_at_serving(sentences: list[Sentence]) -> list[str]:
+    """Return the words that are not one match of WORD_PATTERN, in order, once each.
+
+    Serving splits raw text with WORD_PATTERN, so it sees such a word (`IL-2` written as one
+    CoNLL token) as several words, which the model was not trained to tag that way.
+    """
+    found: dict[str, None] = {}
+    for words, _ in sentences:
+        for word in words:
+            if WORD_PATTERN.fullmatch(word) is None:
+                found.setdefault(word)
+    return list(found)
+
+
 def label_list(*splits: list[Sentence]) -> list[str]:
     """Return `O` then `B-` and `I-` of every entity type seen in any split, types sorted."""
     types = {tag[2:] for sentences in splits for _, tags in sentences for tag in tags if tag != "O"}

@@ -31,6 +31,7 @@ from lathe_trainer.finetune.data import (
     encode_sentences,
     label_list,
     read_sentences,
+    words_split_at_serving,
 )
 from lathe_trainer.finetune.metrics import predict
 from lathe_trainer.finetune.model import (
@@ -79,6 +80,7 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     output = local_path(config.output_uri)
     model_dir = base_model_dir(config, spec)
     splits = read_splits(config, spec)
+    split_at_serving = warn_on_serving_split(splits)
     labels = label_list(*splits.values())
     tokenizer = load_base(config, spec, lambda: load_tokenizer(model_dir))
     base_config = read_base_config(model_dir)
@@ -105,6 +107,7 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
                                 resume, reporter)
     report = build_report(spec, model_dir, labels, splits, encoded, tuned, scratch)
     report["labelSubtoken"] = label_subtoken
+    report["wordsSplitAtServing"] = split_at_serving
     metrics = summary_metrics(spec, report)
     if distributed.is_main():
         (output / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -163,6 +166,23 @@ def read_splits(config: StageConfig, spec: FineTuneSpec) -> dict[str, list]:
                 f"{relative!r} cannot be used: {error}; fix the file or the path{where}.",
             ) from error
     return splits
+
+
+def warn_on_serving_split(splits: dict[str, list]) -> dict[str, int]:
+    """Log the words that serving would split, and return how many distinct ones each split has."""
+    counts = {}
+    for name, sentences in splits.items():
+        words = words_split_at_serving(sentences)
+        counts[name] = len(words)
+        if words and distributed.is_main():
+            log.warning(
+                "%d distinct words of the %s split are not one word as serving splits text "
+                "(a run of letters, digits and _, or one other character), for example %s. "
+                "The served model sees each as several words, so its tags can differ from the "
+                "test figures; split such words into separate CoNLL tokens.",
+                len(words), name, words[:5],
+            )
+    return counts
 
 
 def load_base(config: StageConfig, spec: FineTuneSpec, loader):
