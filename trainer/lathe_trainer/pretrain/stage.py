@@ -313,13 +313,17 @@ def _checkpoint_root(config: StageConfig, spec: PretrainJobSpec, output: Path) -
     checkpoints go to the object store itself. So every node of a run resumes or rolls back from
     the same checkpoint, not from the copy it downloaded at the start.
     """
-    uri = spec.training.artifact_uri or config.staged_from.get(config.output_uri)
+    uri = spec.training.artifact_uri
+    if uri:
+        try:
+            storage.resolve(uri)
+        except ValueError as error:
+            raise StageError(config, "spec.training.artifactUri", str(error)) from error
+    else:
+        # The remote output, which lathe_trainer.remote already opened to stage it.
+        uri = config.staged_from.get(config.output_uri)
     if not uri:
         return output / checkpoint.CHECKPOINTS
-    try:
-        storage.resolve(uri)
-    except ValueError as error:
-        raise StageError(config, "spec.training.artifactUri", str(error)) from error
     return f"{uri.rstrip('/')}/{checkpoint.CHECKPOINTS}"
 
 
