@@ -244,16 +244,19 @@ def run_phase(
     resumed = resume_or_sync(model, optimizer, scheduler, phase_dir, resume)
     start, loss, tokens_total = resumed.step, resumed.loss, resumed.tokens
     tokens_this_attempt, started = 0, time.monotonic()
+    # Time in training steps only, so that saves and evaluations do not lower the token rate.
+    step_seconds = 0.0
     for step in range(start, settings.max_steps):
+        step_started = time.monotonic()
         batches = local_micro_batches(train.encoded, step, settings)
         loss, tokens = train_step(model, optimizer, scheduler, parameters, batches, settings)
+        step_seconds += time.monotonic() - step_started
         tokens_total += tokens
         tokens_this_attempt += tokens
         done = step + 1
-        elapsed = time.monotonic() - started
         if distributed.is_main():
             report(done, f"{name}: step {done}/{settings.max_steps}", loss=round(loss, 4),
-                   tokensPerSecond=round(tokens_this_attempt / max(elapsed, 1e-9), 1))
+                   tokensPerSecond=round(tokens_this_attempt / max(step_seconds, 1e-9), 1))
         if done % settings.checkpoint_interval == 0 or done == settings.max_steps:
             save_checkpoint(model, optimizer, scheduler, phase_dir, done, settings,
                             loss=loss, tokens=tokens_total)
