@@ -59,7 +59,7 @@ def read_pubtator(path: Path) -> list[dict]:
             for pmid, text in documents.items()]
 
 
-def build_workspace(data_dir: Path, root: Path) -> None:
+def build_workspace(data_dir: Path, root: Path, vocab_size: int = VOCAB_SIZE) -> None:
     """Write a Corpus output (train/validation shards) and a Tokenizer output under root."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -74,7 +74,7 @@ def build_workspace(data_dir: Path, root: Path) -> None:
         lines = "".join(json.dumps(document) + "\n" for document in documents)
         (root / "corpus" / split / "shard-00000.jsonl").write_text(lines, encoding="utf-8")
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([d["text"] for d in train], vocab_size=VOCAB_SIZE, min_frequency=2,
+    bpe.train_from_iterator([d["text"] for d in train], vocab_size=vocab_size, min_frequency=2,
                             special_tokens=SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
