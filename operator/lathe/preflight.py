@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lathe.api import Corpus, FineTune, ModelDeployment, Resource, Tokenizer
-from lathe.api.common import quote_value
+from lathe.api.tokenizer import oniguruma_rejection
 from lathe.errors import InvalidResourceError, raise_errors
 from lathe_trainer.corpus.sniff import (
     conll_mismatch_message,
@@ -192,9 +192,7 @@ def check_patterns(resource: Resource) -> None:
         except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
             raise InvalidResourceError(
                 resource.label, f"spec.protectedPatterns[{index}].regex",
-                f"regular expression {quote_value(pattern.regex)} is valid in Python but the "
-                f"tokenizer's engine (Oniguruma) rejects it: {error}; rewrite it without "
-                "Python-only syntax such as (?P<name>...).",
+                oniguruma_rejection(pattern.regex, error),
             ) from None
 
 

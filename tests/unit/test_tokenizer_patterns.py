@@ -273,9 +273,24 @@ def test_regex_error_message(regex, message):
         (r"\p{Foo}[0-9]", r"unknown Unicode property class '\p{Foo}'; use a general category "
          r"such as \p{L} (letters), \p{Lu} (upper-case letters) or \p{N} (numbers), or a script "
          r"such as \p{Greek}"),
-        # Faults beside a property class come from the regex module, which has the class.
-        (r"\p{Lu}(", "missing ) at the end of the expression; close the group with ), or write "
-         "\\( to match a literal parenthesis"),
+        # re checks the rest of the pattern, and positions count in the pattern as written.
+        (r"\p{Lu}(", "missing ), unterminated subpattern at position 6 (counting from 0), where "
+         "'(' begins; close the group with ), or write \\( to match a literal parenthesis"),
+        (r"\p{Lu}\q", r"bad escape \q at position 6 (counting from 0), where '\q' begins; "
+         r"remove the backslash, or write \\ to match a literal backslash"),
+        # Forms that the regex module knows and Oniguruma rejects.
+        (r"\p{Script=Greek}", r"the Unicode property class '\p{Script=Greek}' has a form that "
+         r"the tokenizer's engine (Oniguruma) does not accept; write the bare name of a general "
+         r"category or script, such as \p{Lu} or \p{Greek}"),
+        (r"\p{IsGreek}+", r"the Unicode property class '\p{IsGreek}' has a form that the "
+         r"tokenizer's engine (Oniguruma) does not accept; write the bare name of a general "
+         r"category or script, such as \p{Lu} or \p{Greek}"),
+        (r"\p{InBasic_Latin}", r"the Unicode property class '\p{InBasic_Latin}' has a form "
+         r"that the tokenizer's engine (Oniguruma) does not accept; write the bare name of a "
+         r"general category or script, such as \p{Lu} or \p{In_Basic_Latin}"),
+        (r"\p{Inherited}", None),
+        # An escaped backslash before p is a literal backslash, not a property class.
+        (r"\\p{2}", None),
         ("E11(", "missing ), unterminated subpattern at position 3 (counting from 0), where '(' "
          "begins; close the group with ), or write \\( to match a literal parenthesis"),
     ],
@@ -314,3 +329,63 @@ def test_finditer_gives_match_to_first_pattern():
     ], lowercase=False)
     found = [(m.pattern, m.text) for m in both.finditer("E11 then ABC and I10")]
     assert found == [("code", "E11"), ("word", "ABC"), ("code", "I10")]
+
+
+@pytest.mark.parametrize("regex", [r"\p{Script=Greek}", r"\p{IsGreek}", r"\p{In_Basic_Latin}",
+                                   r"\p{Greek}", r"\p{Inherited}", r"\p{LC}"])
+def test_accepted_property_classes_compile_in_oniguruma(regex):
+    """What the syntax check accepts, Oniguruma compiles; what it rejects, Oniguruma rejects
+    too, apart from In_ blocks, which the regex module does not know."""
+    from lathe.api.tokenizer import regex_syntax_error
+
+    accepted = regex_syntax_error(regex) is None
+    try:
+        patterns.Regex(regex)
+        compiles = True
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception
+        compiles = False
+    if accepted:
+        assert compiles
+    elif regex != r"\p{In_Basic_Latin}":
+        assert not compiles
+
+
+def test_lowercase_rejects_cased_property_class():
+    with pytest.raises(ValidationError, match=r"protectedPatterns\.0\.regex\n.*uses \\p\{Lu\}, "
+                       r"which matches no letter of the lowercased text"):
+        TokenizerSpec.model_validate({**SPEC, "lowercase": True, "protectedPatterns": [
+            {"name": "gene", "regex": r"\b\p{Lu}{2,}[0-9]+\b"}]})
+
+
+def test_backreference_after_capturing_groups_rejected():
+    """Combining the patterns renumbers the groups of a later one, so its \\1 would refer to
+    another pattern's group."""
+    spec = {**SPEC, "protectedPatterns": [{"name": "a", "regex": r"\b(x)y\b"},
+                                          {"name": "b", "regex": r"\b([A-Z])\1[0-9]+\b"}]}
+    with pytest.raises(ValidationError, match=r"protectedPatterns\.1\.regex\n.*patterns before "
+                       r"it have 1 capturing group, which renumber"):
+        TokenizerSpec.model_validate(spec)
+    spec["protectedPatterns"][0]["regex"] = r"\b(?:x)y\b"
+    TokenizerSpec.model_validate(spec)
+
+
+def test_backreference_works_when_groups_keep_numbers():
+    matcher = patterns.ProtectedMatcher([
+        ProtectedPattern(name="a", regex=r"\b(?:x)y\b"),
+        ProtectedPattern(name="b", regex=r"\b([A-Z])\1[0-9]+\b"),
+    ], lowercase=False)
+    found = [(m.pattern, m.text) for m in matcher.finditer("AA12 and AB3 and BB7")]
+    assert found == [("b", "AA12"), ("b", "BB7")]
+
+
+def test_lowercase_matches_as_tokenizer():
+    """With lowercase, matches are found as the tokenizer finds them: ignoring case, on the
+    lowercased text, with offsets and texts of the original."""
+    matcher = patterns.ProtectedMatcher(example_patterns(), lowercase=True)
+    text = "Serum at 1.58 mmol/L and e11.9, then İE11.9"
+    found = [(m.pattern, m.start, m.end, m.text) for m in matcher.finditer(text)]
+    assert found[0] == ("dose", 9, 20, "1.58 mmol/L")
+    assert found[1] == ("icd10", 25, 30, "e11.9")
+    # İ lowercases to two characters, so the offsets after it are mapped back.
+    assert [m.text for m in matcher.finditer("İ E11.9")] == ["E11.9"]
+    assert all(text[start:end] == match for _, start, end, match in found)

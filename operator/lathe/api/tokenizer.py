@@ -6,10 +6,11 @@ import enum
 import re
 import unicodedata
 import warnings
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
 import regex
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from lathe.api.common import (
     NAMED_LIST_SCHEMA,
@@ -26,6 +27,7 @@ from lathe.api.common import (
     StageStatus,
     StorageSpec,
     quote_value,
+    rule_error,
 )
 
 # The special tokens that every downstream stage relies on: end of document (also bos/eos),
@@ -47,8 +49,7 @@ EMPTY_MATCH_SAMPLES = ("", "a", "Type 2 diabetes (E11.9) at 5 mg/kg, E119.")
 # The fix for each error of Python's re module (wording of Python 3.11) that a hand-written
 # pattern most often has, keyed by the start of the error message.
 _REGEX_FIXES = (
-    # "missing ), unterminated subpattern" in re, "missing )" in the regex module.
-    ("missing )",
+    ("missing ), unterminated subpattern",
      "close the group with ), or write \\( to match a literal parenthesis"),
     ("unbalanced parenthesis",
      "remove the extra ), or write \\) to match a literal parenthesis"),
@@ -61,67 +62,177 @@ _REGEX_FIXES = (
 )
 
 
-# A Unicode property class, \p{Lu} or \pL, and its negation \P{...}.
-_PROPERTY_CLASS = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])")
+@dataclass(frozen=True)
+class PropertyClass:
+    """A Unicode property class in a pattern, such as \\p{Lu}, \\P{L} or \\pN."""
+
+    start: int
+    end: int
+    text: str
+    name: str
+
+
+def property_classes(pattern: str) -> list[PropertyClass]:
+    """Return the Unicode property classes of `pattern`, skipping escaped backslashes."""
+    found = []
+    position = 0
+    while position < len(pattern) - 1:
+        if pattern[position] != "\\":
+            position += 1
+            continue
+        if pattern[position + 1] not in "pP":
+            position += 2
+            continue
+        start = position
+        if pattern.startswith("{", position + 2):
+            close = pattern.find("}", position + 3)
+            end = len(pattern) if close < 0 else close + 1
+            name = pattern[position + 3:end - 1 if close >= 0 else end]
+        else:
+            end = min(position + 3, len(pattern))
+            name = pattern[position + 2:end]
+        found.append(PropertyClass(start, end, pattern[start:end], name.removeprefix("^")))
+        position = end
+    return found
+
+
+# Property names in the form Oniguruma knows: a general category (L, Lu) or a script or
+# property (Greek, Alphabetic). The regex module also knows Script=Greek, IsGreek, InGreek
+# and L&, which Oniguruma rejects.
+_ONIGURUMA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_PREFIXED_NAME = re.compile(r"(?:Is|In)(?=[A-Z])")
+# The classes of upper-case or lower-case letters, which match nothing of the other case even
+# in a case-insensitive Oniguruma expression.
+CASED_PROPERTIES = frozenset(
+    name.lower() for name in ("Lu", "Ll", "Lt", "LC", "Upper", "Lower", "Uppercase",
+                              "Lowercase", "Uppercase_Letter", "Lowercase_Letter",
+                              "Titlecase_Letter", "Cased_Letter")
+)
 
 
 def regex_syntax_error(pattern: str) -> str | None:
     """Return why `pattern` is not a valid protected pattern, or None when it compiles.
 
     Python's re module checks the syntax, because its messages give the position of the fault.
-    It has no Unicode property classes (\\p{Lu}), which Oniguruma, the tokenizer's engine,
-    has. So a pattern that re rejects only for such a class is accepted when the `regex`
-    module, which has them, compiles it.
+    It has no Unicode property classes (\\p{Lu}), which Oniguruma, the tokenizer's engine, has.
+    So each property class is checked on its own, by the `regex` module, and re checks the
+    rest of the pattern with a plain letter in the class's place.
     """
+    classes = property_classes(pattern)
+    for found in classes:
+        problem = _property_class_error(found)
+        if problem is not None:
+            return problem
+    checked, origin = _without_property_classes(pattern, classes)
     try:
-        re.compile(pattern)
-        return None
+        with warnings.catch_warnings():
+            # re warns about sets such as [[:upper:]]; what matters here is whether it compiles.
+            warnings.simplefilter("ignore", FutureWarning)
+            re.compile(checked)
     except re.error as error:
-        re_error = error
-    if not re_error.msg.startswith(("bad escape \\p", "bad escape \\P")):
-        return regex_error_message(pattern, re_error)
+        position = None if error.pos is None else origin[error.pos]
+        return regex_error_message(pattern, error, position)
+    return None
+
+
+def _property_class_error(found: PropertyClass) -> str | None:
+    if not _ONIGURUMA_NAME.fullmatch(found.name) or _PREFIXED_NAME.match(found.name):
+        # Oniguruma writes a block as In_Basic_Latin, and a script without a prefix.
+        bare = found.name.split("=")[-1]
+        bare = f"In_{bare[2:]}" if bare.startswith("In") else bare.removeprefix("Is")
+        example = (f"\\p{{{bare}}}" if _ONIGURUMA_NAME.fullmatch(bare)
+                   else "\\p{Greek}")
+        return (f"the Unicode property class {quote_value(found.text)} has a form that the "
+                "tokenizer's engine (Oniguruma) does not accept; write the bare name of a "
+                f"general category or script, such as \\p{{Lu}} or {example}")
     try:
-        regex.compile(pattern)
-        return None
-    except regex.error as error:
-        regex_error = error
-    unknown = next((found.group() for found in _PROPERTY_CLASS.finditer(pattern)
-                    if not _compiles_in_regex(found.group())), None)
-    if unknown is not None:
-        return (f"unknown Unicode property class {quote_value(unknown)}; use a general "
+        regex.compile(found.text)
+    except regex.error:
+        return (f"unknown Unicode property class {quote_value(found.text)}; use a general "
                 "category such as \\p{L} (letters), \\p{Lu} (upper-case letters) or \\p{N} "
                 "(numbers), or a script such as \\p{Greek}")
-    return regex_error_message(pattern, regex_error)
+    return None
 
 
-def _compiles_in_regex(pattern: str) -> bool:
-    try:
-        regex.compile(pattern)
-    except regex.error:
-        return False
-    return True
+def _without_property_classes(
+    pattern: str, classes: list[PropertyClass]
+) -> tuple[str, list[int]]:
+    """Return `pattern` with each property class replaced by `x`, and for each position of
+    the result (and its end) the position in `pattern` it comes from."""
+    parts: list[str] = []
+    origin: list[int] = []
+    position = 0
+    for found in classes:
+        parts.append(pattern[position:found.start])
+        origin.extend(range(position, found.start))
+        parts.append("x")
+        origin.append(found.start)
+        position = found.end
+    parts.append(pattern[position:])
+    origin.extend(range(position, len(pattern) + 1))
+    return "".join(parts), origin
 
 
-def regex_error_message(pattern: str, error: re.error | regex.error) -> str:
+def oniguruma_rejection(pattern: str, error: Exception) -> str:
+    """Describe why Oniguruma, the tokenizer's engine, rejects a pattern that re accepts."""
+    if property_classes(pattern):
+        hint = ("Oniguruma knows general categories and scripts by their bare names, such as "
+                "\\p{Lu} or \\p{Greek}, but not every name of Python's regex module")
+    else:
+        hint = "rewrite it without Python-only syntax such as (?P<name>...)"
+    return (f"regular expression {quote_value(pattern)} is valid in Python but the "
+            f"tokenizer's engine (Oniguruma) rejects it: {error}; {hint}.")
+
+
+def capturing_groups(pattern: str) -> int:
+    """Return the number of capturing groups in a pattern that regex_syntax_error accepts."""
+    checked, _ = _without_property_classes(pattern, property_classes(pattern))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return re.compile(checked).groups
+
+
+def has_backreference(pattern: str) -> bool:
+    """Return whether `pattern` refers back to a group by number (\\1) or by name."""
+    position = 0
+    in_set = False
+    while position < len(pattern):
+        character = pattern[position]
+        if character == "\\" and position + 1 < len(pattern):
+            following = pattern[position + 1]
+            if not in_set and (following in "123456789" or following in "gk"):
+                return True
+            position += 2
+            continue
+        if character == "[" and not in_set:
+            in_set = True
+        elif character == "]" and in_set:
+            in_set = False
+        elif not in_set and pattern.startswith("(?P=", position):
+            return True
+        position += 1
+    return False
+
+
+def regex_error_message(pattern: str, error: re.error, position: int | None = None) -> str:
     """Describe why Python's re module rejects `pattern`: the error, its position and the fix.
 
-    The `regex` module's errors have the same attributes, for patterns only it compiles.
-
-    The message leaves out the pattern itself, which the caller shows once.
+    `position` replaces the error's own where re checked a rewritten pattern. The message
+    leaves out the pattern itself, which the caller shows once.
     """
     message = error.msg
-    if error.pos is not None:
-        rest = pattern[error.pos:]
+    position = error.pos if position is None else position
+    if position is not None:
+        rest = pattern[position:]
         if rest:
-            message += (f" at position {error.pos} (counting from 0), where "
+            message += (f" at position {position} (counting from 0), where "
                         f"{quote_value(rest[:12])} begins")
         else:
             message += " at the end of the expression"
     fix = next((fix for start, fix in _REGEX_FIXES if error.msg.startswith(start)),
-               f"fix the expression so that Python's {error.__module__.split('.')[0]} module "
-               "compiles it")
+               "fix the expression so that Python's re module compiles it")
     if error.msg.startswith("unbalanced parenthesis"):
-        opened = _set_missing_bracket(pattern, error.pos)
+        opened = _set_missing_bracket(pattern, position)
         if opened is not None:
             # A ] missing from a set lets the set run on to a later ], so the ( of the next
             # group becomes a set member, and Python reports the group's ) as the fault.
@@ -337,6 +448,32 @@ class TokenizerSpec(ApiModel):
                 "pattern its own name"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_patterns_together(self) -> TokenizerSpec:
+        """Check what each pattern means in the tokenizer's combined, lowercasing expression."""
+        problems = []
+        groups_before = 0
+        for index, pattern in enumerate(self.protected_patterns):
+            location = ("protectedPatterns", index, "regex")
+            cased = [found.text for found in property_classes(pattern.regex)
+                     if found.name.lower() in CASED_PROPERTIES]
+            if self.lowercase and cased:
+                problems.append((location, pattern.regex, (
+                    f"uses {', '.join(cased)}, which matches no letter of the lowercased text "
+                    "that a tokenizer with lowercase: true sees; use \\p{L}, or set lowercase "
+                    "to false")))
+            if groups_before and has_backreference(pattern.regex):
+                problems.append((location, pattern.regex, (
+                    "refers back to a group, but the patterns before it have "
+                    f"{groups_before} capturing group{'s' if groups_before > 1 else ''}, which "
+                    "renumber its groups in the tokenizer's combined "
+                    "expression; make the groups of the earlier patterns non-capturing with "
+                    "(?:...), or put this pattern first")))
+            groups_before += capturing_groups(pattern.regex)
+        if problems:
+            raise rule_error(type(self), problems)
+        return self
 
 class Tokenizer(Resource):
     """A trained tokenizer and its evaluation report."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from tokenizers import Regex, pre_tokenizers
 
 from lathe.api.common import quote_value
-from lathe.api.tokenizer import ProtectedPattern, regex_syntax_error
+from lathe.api.tokenizer import ProtectedPattern, oniguruma_rejection, regex_syntax_error
 from lathe_trainer.stage import StageConfig, StageError, resolve_data_path
 
 log = logging.getLogger(__name__)
@@ -94,17 +94,31 @@ class SpanFinder:
         return bool(text) and self.spans(text)[:1] == [(0, len(text))]
 
 
+def lowercased(text: str) -> tuple[str, list[int]]:
+    """Return `text` lowercased and, for each character of the result, its position in `text`.
+
+    A few characters lowercase to two (İ to i and a combining dot), so positions can shift.
+    """
+    characters: list[str] = []
+    origin: list[int] = []
+    for position, character in enumerate(text):
+        lower = character.lower()
+        characters.append(lower)
+        origin.extend([position] * len(lower))
+    return "".join(characters), origin
+
+
 class ProtectedMatcher:
     """The spec's protected patterns, matched with Oniguruma for the report and the tokenizer."""
 
     def __init__(self, patterns: list[ProtectedPattern], lowercase: bool):
         self.patterns = patterns
         self.lowercase = lowercase
-        # Alternation order is spec order, the same order the tokenizer's expression tries
-        # them in, but matched on the text as it is: a lowercasing tokenizer matches the
-        # same spans of lowercased text, because its expression then ignores case.
-        self._combined = SpanFinder(self._alternation()) if patterns else None
-        self._per_pattern = [SpanFinder(pattern.regex) for pattern in patterns]
+        # The tokenizer's own expression, in spec order. A lowercasing tokenizer matches it,
+        # ignoring case, on the lowercased text, so the matches are searched for there too.
+        self._combined = SpanFinder(self.tokenizer_expression()) if patterns else None
+        self._per_pattern = [SpanFinder(f"(?i:{pattern.regex})" if lowercase else pattern.regex)
+                             for pattern in patterns]
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
@@ -121,19 +135,24 @@ class ProtectedMatcher:
         return f"(?i:{expression})" if self.lowercase else expression
 
     def finditer(self, text: str) -> Iterator[Match]:
-        """Yield the non-overlapping matches in `text`, leftmost first, as the spec defines them."""
+        """Yield the non-overlapping matches in `text`, leftmost first, as the tokenizer finds
+        them. Offsets and match texts refer to `text` itself, also when it is lowercased for
+        the search."""
         if self._combined is None:
             return
-        spans = self._combined.spans(text)
+        searched, origin = lowercased(text) if self.lowercase else (text, None)
+        spans = self._combined.spans(searched)
         if not spans:
             return
         # Oniguruma reports no group names through the pre-tokenizer, so each match is given
         # to the first pattern that finds the same span on its own.
         spans_per_pattern = []
         if len(self._per_pattern) > 1:
-            spans_per_pattern = [set(finder.spans(text)) for finder in self._per_pattern]
+            spans_per_pattern = [set(finder.spans(searched)) for finder in self._per_pattern]
         for start, end in spans:
-            index = self._pattern_index(spans_per_pattern, text, start, end)
+            index = self._pattern_index(spans_per_pattern, searched, start, end)
+            if origin is not None:
+                start, end = origin[start], origin[end - 1] + 1
             yield Match(self.patterns[index].name, start, end, text[start:end])
 
     def _pattern_index(
@@ -182,12 +201,7 @@ def compile_patterns(
         try:
             Regex(pattern.regex)
         except Exception as error:  # tokenizers raises a bare Exception for Oniguruma errors.
-            raise StageError(
-                config, where,
-                f"regular expression {quote_value(pattern.regex)} is valid in Python but the "
-                f"tokenizer's engine (Oniguruma) rejects it: {error}; rewrite it without "
-                "Python-only syntax such as (?P<name>...).",
-            ) from None
+            raise StageError(config, where, oniguruma_rejection(pattern.regex, error)) from None
     return ProtectedMatcher(patterns, lowercase)
 
 
