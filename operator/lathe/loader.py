@@ -353,6 +353,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# PyYAML follows YAML 1.1, which reads a number with an exponent but no dot (3e-3) as a string.
+# Kubernetes' YAML parser, like YAML 1.2, reads it as a number, and so does this loader, so
+# that `lathe run` accepts what `kubectl apply` accepts.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def _yaml_message(error: yaml.YAMLError) -> str:
     """Render a YAML error on one line, with the file, line and column of the problem."""
     if isinstance(error, yaml.reader.ReaderError):

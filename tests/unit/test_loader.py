@@ -387,3 +387,26 @@ def test_file_suggestion_needs_half_the_name(tmp_path, requested, suggested):
         (tmp_path / name).touch()
     expected = f" (did you mean 'x/{suggested}'?)" if suggested else ""
     assert _close_file(f"x/{requested}", tmp_path / requested) == expected
+
+
+FINETUNE_EXAMPLE = Path(__file__).resolve().parents[2] / "examples/pubmed/04-finetune.yaml"
+
+
+def finetune_with_rate(written: str) -> str:
+    text = FINETUNE_EXAMPLE.read_text()
+    assert "learningRate: 0.002" in text
+    return text.replace("learningRate: 0.002", f"learningRate: {written}")
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    ("3e-3", 3e-3), ("1E-4", 1e-4), ("2.5e-4", 2.5e-4), ("+1e2", 100.0), (".5e1", 5.0),
+])
+def test_exponent_without_dot_is_number(tmp_path, written, expected):
+    """YAML 1.1 reads 3e-3 as a string; Kubernetes reads it as a number, and so does lathe."""
+    (resource,) = loader.load_paths([write(tmp_path, finetune_with_rate(written))])
+    assert resource.spec.training.learning_rate == expected
+
+
+def test_quoted_exponent_stays_string(tmp_path):
+    with pytest.raises(InvalidResourceError, match="remove the quotes"):
+        loader.load_paths([write(tmp_path, finetune_with_rate("'3e-3'"))])
