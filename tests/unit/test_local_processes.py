@@ -334,3 +334,23 @@ def test_resume_points_find_finetune_checkpoints(tmp_path):
 
     checkpoint.save(tmp_path / "checkpoints" / "lora", 30, {"weights": torch.zeros(2)}, keep=2)
     assert _resume_points(*storage.resolve(f"file://{tmp_path}")) == "lora step 30"
+
+
+def test_silent_failure_names_full_disk(tmp_path, monkeypatch):
+    """A stage that fails without a log line on a nearly full file system is reported as out
+    of space, because writing the log is what failed."""
+    from lathe.local import runner
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(runner.shutil, "disk_usage",
+                        lambda path: usage._replace(free=4096))
+    message = runner._silent_failure(tmp_path)
+    assert f"the file system of {tmp_path} has only 4 KiB free" in message
+    assert "--workspace" in message
+
+
+def test_silent_failure_with_space(tmp_path):
+    from lathe.local import runner
+
+    message = runner._silent_failure(tmp_path)
+    assert message.startswith("the stage exited without writing to its log")

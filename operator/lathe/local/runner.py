@@ -565,6 +565,8 @@ class LocalRunner:
                 # The stage's StageError names the resource too; keep one name in the message.
                 own = f"{resource.kind} {resource.metadata.namespace}/{resource.metadata.name}: "
                 body = stage_error.removeprefix(own) if stage_error else tail
+                if not body.strip():
+                    body = _silent_failure(directory)
                 message = f"{body}\n(the whole log: {stage_log})"
                 if stage_error:
                     exit_code = EXIT_PERMANENT
@@ -1076,6 +1078,25 @@ _AFTER_STAGE_ERROR = re.compile(
 )
 # Lines of one StageError message at most; a pydantic error that lists many fields stays whole.
 MAX_ERROR_LINES = 200
+
+
+# Below this many free bytes, a stage that failed without a log line is reported as having run
+# out of disk space, since writing its log was what failed.
+LOW_DISK_BYTES = 16 * 2**20
+
+
+def _silent_failure(directory: Path) -> str:
+    """Describe a failed stage that wrote nothing to its log, naming a full disk if it is one."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if free is not None and free < LOW_DISK_BYTES:
+        return (f"the stage wrote no log, and the file system of {directory} has only "
+                f"{free // 1024} KiB free: it probably ran out of space. Free space there, or "
+                "pass --workspace on a larger file system, and run again")
+    return ("the stage exited without writing to its log, as a process that the system kills "
+            "(when memory runs out, for one) does; check the free memory and run again")
 
 
 def _scan_log(lines: Iterable[str], tail_lines: int = 20) -> tuple[str, str]:
