@@ -69,6 +69,16 @@ def test_added_terms_skip_existing_entries():
     assert again.get_vocab_size() == size
 
 
+def test_split_examples_distinct():
+    """A term split in many documents is listed once, leaving room for other terms."""
+    matcher = patterns.ProtectedMatcher([ICD10], False)
+    texts = ["Unseen Q21.3 here."] * 3 + ["And Q22.1 too."]
+    report = evaluation.evaluate(tiny_tokenizer(), texts, matcher)
+    icd10 = report["protected_patterns"]["icd10"]
+    assert icd10["matches"] == 4
+    assert icd10["split_examples"] == ["Q21.3", "Q22.1"]
+
+
 def test_special_token_checks():
     tokenizer = tiny_tokenizer()
     ids = evaluation.special_token_ids(tokenizer, training_specials())

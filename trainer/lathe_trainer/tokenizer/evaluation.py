@@ -49,8 +49,11 @@ class Evaluation:
                 self.apart[match.pattern] += 1
             if overlapping == [(match.start, match.end)]:
                 self.whole[match.pattern] += 1
-            elif len(examples := self.split_examples[match.pattern]) < SPLIT_EXAMPLES:
-                examples.append(match.text)
+            else:
+                examples = self.split_examples[match.pattern]
+                # Distinct terms, so that a term split in many documents takes one place.
+                if len(examples) < SPLIT_EXAMPLES and match.text not in examples:
+                    examples.append(match.text)
 
     def report(self) -> dict:
         patterns = {
