@@ -230,11 +230,12 @@ def test_requested_ports_used_when_free(export_output, tmp_path):
         assert (running.http_port, running.grpc_port, running.metrics_port) == wanted
     with socket.socket() as busy:
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        busy.bind(("127.0.0.1", wanted[0]))
+        busy.bind(("127.0.0.1", wanted[1]))
         busy.listen()
+        assert local_server.busy_ports(wanted) == [wanted[1]]
         with local_server.start_triton(output / "model_repository", tmp_path / "busy",
                                        ports=wanted) as running:
-            assert running.http_port != wanted[0]
+            assert running.grpc_port != wanted[1]
             assert client.infer_entities(running.http_url, MODEL_NAME, ["Breast cancer."])
 
 

@@ -87,10 +87,14 @@ def serve_and_query(
     # Service does in a cluster, when they are free. The sample request alone takes any ports.
     ports = ((serving.http_port, serving.grpc_port, serving.metrics_port) if keep_serving
              else None)
+    busy = local_server.busy_ports(ports) if ports else []
     with local_server.start_triton(repository_path(result), workdir, ports=ports) as server:
-        if ports and server.http_port != ports[0]:
-            console.print(f"Port {ports[0]} or another port of spec.serving is in use, so "
-                          f"Triton listens on HTTP port {server.http_port} instead.")
+        chosen = (server.http_port, server.grpc_port, server.metrics_port)
+        if ports and chosen != ports:
+            taken = ", ".join(map(str, busy or ports))
+            console.print(f"Port {taken} of spec.serving is in use, so Triton listens on HTTP "
+                          f"port {server.http_port}, gRPC port {server.grpc_port} and metrics "
+                          f"port {server.metrics_port} instead.")
         record_serving(result, f"http://{server.http_url}")
         try:
             return _query(result, server, text, console, keep_serving)

@@ -271,8 +271,9 @@ def remove_shm_regions(prefix: str) -> int:
     return removed
 
 
-def ports_free(ports: tuple[int, ...]) -> bool:
-    """Return whether every port of `ports` can be bound on loopback now."""
+def busy_ports(ports: tuple[int, ...]) -> list[int]:
+    """Return the ports of `ports` that cannot be bound on loopback now."""
+    busy = []
     with contextlib.ExitStack() as stack:
         for port in ports:
             sock = stack.enter_context(socket.socket())
@@ -282,8 +283,8 @@ def ports_free(ports: tuple[int, ...]) -> bool:
             try:
                 sock.bind((LOOPBACK, port))
             except OSError:
-                return False
-    return True
+                busy.append(port)
+    return busy
 
 
 def launch(repository: Path, workdir: Path, backends: Path, log_path: Path,
@@ -339,10 +340,11 @@ def start_triton(
     check_backends(repository, backends)
     log_path = workdir / "tritonserver.log"
     attempt = 1
-    requested = ports if ports and ports_free(ports) else None
-    if ports and requested is None:
-        log.warning("A port of %s is in use on %s, so tritonserver gets free ports instead.",
-                    ", ".join(map(str, ports)), LOOPBACK)
+    busy = busy_ports(ports) if ports else []
+    requested = ports if ports and not busy else None
+    if busy:
+        log.info("Port %s is in use on %s, so tritonserver gets free ports instead of %s.",
+                 ", ".join(map(str, busy)), LOOPBACK, ", ".join(map(str, ports)))
     while True:
         server = launch(repository, workdir, backends, log_path, python,
                         requested if attempt == 1 else None)
