@@ -5,6 +5,11 @@ the binaries that `scripts/cluster-bed/build.sh` builds, then registers fake GPU
 manages: pods scheduled there become Running, and pods owned by a Job then succeed. The suite's
 `cluster` fixture (tests/cluster/conftest.py) starts one bed per session; by hand,
 `python tests/cluster/bed.py up` starts one and `python tests/cluster/bed.py down` stops it.
+
+With `apiserver_only=True` a bed starts only etcd and kube-apiserver, which is enough to install
+CRDs and check their validation. tests/cluster/test_min_version.py starts such a bed from the
+binaries of `scripts/cluster-bed/min-version/build.sh`, the oldest Kubernetes release the chart
+supports.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ BUILD_SCRIPT = BED_SCRIPTS / "build.sh"
 VERSIONS_FILE = BED_SCRIPTS / "versions.env"
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+APISERVER_BINARIES = ("etcd", "kube-apiserver")
+MIN_VERSION_SCRIPTS = BED_SCRIPTS / "min-version"
+MIN_VERSION_BUILD_SCRIPT = MIN_VERSION_SCRIPTS / "build.sh"
 # Written by build.sh next to the binaries: kwok's Stage objects for node and pod lifecycles.
 KWOK_STAGES_FILE = "kwok-stages.yaml"
 
@@ -68,10 +76,10 @@ class BedError(RuntimeError):
     """The bed could not be built, started or stopped."""
 
 
-def read_versions() -> dict[str, str]:
-    """Parse the KEY=VALUE lines of scripts/cluster-bed/versions.env."""
+def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
+    """Parse the KEY=VALUE lines of a versions.env file (by default the bed's)."""
     versions = {}
-    for line in VERSIONS_FILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             key, _, value = line.partition("=")
@@ -94,14 +102,22 @@ def default_bin_dir() -> Path:
     return cache_root() / "cluster-bed" / name / "bin"
 
 
+def min_version_bin_dir() -> Path:
+    """Return the directory where min-version/build.sh puts etcd and kube-apiserver."""
+    version = read_versions(MIN_VERSION_SCRIPTS / "versions.env")["KUBERNETES_VERSION"]
+    return cache_root() / "cluster-bed" / f"min-{version}" / "bin"
+
+
 def default_work_dir() -> Path:
     """Return the work directory of the bed that `bed.py up` starts by hand."""
     return cache_root() / "cluster-bed" / "run"
 
 
-def missing_files(bin_dir: Path) -> list[str]:
-    """List the binaries and stage files that bin_dir lacks."""
-    names = (*BINARIES, KWOK_STAGES_FILE)
+def missing_files(
+    bin_dir: Path, names: tuple[str, ...] = (*BINARIES, KWOK_STAGES_FILE)
+) -> list[str]:
+    """List the files among names (by default every binary and the stage file) that bin_dir
+    lacks."""
     return [name for name in names if not (bin_dir / name).is_file()]
 
 
@@ -213,6 +229,9 @@ class ClusterBed:
     Every file (keys, certificates, the admin kubeconfig, etcd's data and one log per component)
     goes under work_dir. The admin kubeconfig authenticates with a client certificate in the
     system:masters group, which RBAC allows everything.
+
+    With apiserver_only, only etcd and kube-apiserver start: no controller creates
+    ServiceAccounts or runs Jobs, and there are no nodes.
     """
 
     def __init__(
@@ -224,6 +243,7 @@ class ClusterBed:
         node_count: int = NODE_COUNT,
         gpus_per_node: int = GPUS_PER_NODE,
         timeout: float = START_TIMEOUT_SECONDS,
+        apiserver_only: bool = False,
     ) -> None:
         self.bin_dir = Path(bin_dir)
         self.work_dir = Path(work_dir)
@@ -231,6 +251,7 @@ class ClusterBed:
         self.node_count = node_count
         self.gpus_per_node = gpus_per_node
         self.timeout = timeout
+        self.apiserver_only = apiserver_only
         self.pki_dir = self.work_dir / "pki"
         self.log_dir = self.work_dir / "logs"
         self.kubeconfig = self.work_dir / "admin.kubeconfig"
@@ -242,14 +263,17 @@ class ClusterBed:
     def start(self) -> None:
         """Start every component in dependency order and wait until the fake nodes are Ready.
 
-        On failure, stops what was started and raises BedError with the failing log's tail.
+        With apiserver_only, start etcd and kube-apiserver and wait until /readyz passes. On
+        failure, stops what was started and raises BedError with the failing log's tail.
         """
-        missing = missing_files(self.bin_dir)
+        if self.apiserver_only:
+            missing = missing_files(self.bin_dir, APISERVER_BINARIES)
+            build_hint = f"{BUILD_SCRIPT} or {MIN_VERSION_BUILD_SCRIPT} builds them"
+        else:
+            missing = missing_files(self.bin_dir)
+            build_hint = f"build the bed with `make cluster-bed` ({BUILD_SCRIPT})"
         if missing:
-            raise BedError(
-                f"{self.bin_dir} lacks {', '.join(missing)}; build the bed with "
-                f"`make cluster-bed` ({BUILD_SCRIPT})."
-            )
+            raise BedError(f"{self.bin_dir} lacks {', '.join(missing)}; {build_hint}.")
         started = time.monotonic()
         for directory in (self.pki_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -257,10 +281,11 @@ class ClusterBed:
             self._write_certificates()
             etcd_url = self._start_etcd()
             self._start_apiserver(etcd_url)
-            self._start_controller_manager()
-            self._start_scheduler()
-            self._start_kwok()
-            self._create_nodes()
+            if not self.apiserver_only:
+                self._start_controller_manager()
+                self._start_scheduler()
+                self._start_kwok()
+                self._create_nodes()
         except BaseException:
             self.stop()
             raise

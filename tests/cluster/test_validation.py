@@ -222,12 +222,16 @@ def test_unknown_field_is_rejected(cluster, namespace):
     assert 'unknown field "spec.trainng"' in completed.stderr
 
 
-@pytest.mark.parametrize(("name", "expected"), [
+# (metadata.name of a Corpus, text the rejection must contain)
+INVALID_NAMES = [
     ("my.corpus", 'metadata.name: Invalid value: "my.corpus": must not contain \'.\', because '
      "Lathe names Jobs, Services and pod labels after the resource"),
     ("my.corpus", "rename it, for example to 'my-corpus'"),
     ("a" * 64, "metadata.name: Too long: may not be more than 63 bytes"),
-])
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), INVALID_NAMES)
 def test_invalid_resource_name_rejected(cluster, namespace, name, expected):
     """The API server accepts a DNS subdomain as a name, and the CRDs narrow it to a label."""
     from lathe.api import KINDS
