@@ -17,7 +17,7 @@ env:
 # Test tools built or installed once into ~/.cache/lathe: the Kubernetes test bed (about 40 min
 # of compiling the first time on 2 cores), helm (about 15 min), SeaweedFS for the s3:// tests
 # (several minutes) and Debian's prometheus/promtool.
-tools: cluster-bed
+tools: cluster-bed cluster-bed-min-version
 	scripts/tools/helm.sh >/dev/null
 	scripts/tools/seaweedfs.sh >/dev/null
 	scripts/tools/prometheus.sh >/dev/null
@@ -51,8 +51,7 @@ cluster-bed:
 
 # etcd and kube-apiserver of the oldest Kubernetes release the chart supports, for
 # tests/cluster/test_min_version.py, which is skipped without them (see
-# scripts/cluster-bed/min-version/build.sh). Not part of `tools`, so that `make tools` builds
-# only what the rest of the suite needs; the first build takes about 5 minutes on 2 cores.
+# scripts/cluster-bed/min-version/build.sh). The first build takes about 5 minutes on 2 cores.
 cluster-bed-min-version:
 	scripts/cluster-bed/min-version/build.sh >/dev/null
 

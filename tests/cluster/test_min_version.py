@@ -5,9 +5,9 @@ module starts etcd and the kube-apiserver of scripts/cluster-bed/min-version/ver
 127.0.0.1, installs crds/, creates the PubMed example and runs the case tables of
 test_validation.py against that server. It needs no controllers, because nothing here runs a Job.
 
-The binaries come from `make cluster-bed-min-version`, which compiles them once into the cache
-(about 5 minutes on 2 cores). Without them every test here is skipped, so that a test run never
-starts a compile.
+The binaries come from `make cluster-bed-min-version`, which `make test` runs too and which
+compiles them once into the cache (about 5 minutes on 2 cores). Without them every test here is
+skipped, so that a pytest run never starts a compile.
 """
 
 from __future__ import annotations
