@@ -8,9 +8,11 @@ the size where it is needed. It writes a random-weight Llama token classifier in
 output format: 606M parameters, 2.26 GiB in fp32, at the defaults. Then it runs the export
 stage of the PubMed example's ModelDeployment on it: ONNX export, the ONNX Runtime check
 against PyTorch at the example's lengths, INT8 quantization and the Triton model repository.
-It prints the time, the peak resident memory of this process and the files written. It needs
-about 12 GB of free memory and 10 GB of disk. Random weights are enough to compare the
-runtimes with each other.
+It prints the time, the peak resident memory of this process and the files written. With
+`--serve` it then starts the local tritonserver on the model repository, sends it the sample
+sentence of `lathe run` and compares the entities with those of the PyTorch model. It needs
+about 12 GB of free memory (16 GB with `--serve`) and 10 GB of disk. Random weights are enough
+to compare the runtimes with each other.
 """
 
 from __future__ import annotations
@@ -71,6 +73,21 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def serve(work: Path) -> dict:
+    """Start Triton on the exported repository and compare its answer with PyTorch's."""
+    from lathe.cli import DEFAULT_SAMPLE
+    from lathe_trainer.serving import client, local_server, reference
+
+    started = time.monotonic()
+    with local_server.start_triton(work / "export" / "model_repository", work / "triton",
+                                   ready_timeout_s=1200) as server:
+        ready = time.monotonic() - started
+        served = client.infer_entities(server.http_url, "pubmed_ner", [DEFAULT_SAMPLE])
+    expected = reference.predict_entities(work / "finetune" / "model", [DEFAULT_SAMPLE])
+    return {"tritonReadySeconds": round(ready, 1), "tritonEntities": len(served[0]),
+            "tritonMatchesPytorch": served == expected}
+
+
 def run(data_dir: Path, work: Path, hidden: int, layers: int) -> dict:
     model_root = work / "finetune"
     started = time.monotonic()
@@ -109,16 +126,20 @@ def main() -> int:
                         help="the shared data directory (default: ../shared/data)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="write into this folder and keep it (default: a temporary folder)")
+    parser.add_argument("--serve", action="store_true",
+                        help="also serve the export through Triton and compare its answer")
     args = parser.parse_args()
     os.environ.setdefault("LATHE_DATA_DIR", str(args.data_dir.resolve()))
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, torch {torch.__version__}.", flush=True)
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=False)
-        result = run(args.data_dir.resolve(), args.keep, args.hidden, args.layers)
-    else:
-        with tempfile.TemporaryDirectory(prefix="lathe-export-large-") as work:
-            result = run(args.data_dir.resolve(), Path(work), args.hidden, args.layers)
+    with tempfile.TemporaryDirectory(prefix="lathe-export-large-") as temporary:
+        work = Path(temporary)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=False)
+            work = args.keep
+        result = run(args.data_dir.resolve(), work, args.hidden, args.layers)
+        if args.serve:
+            result.update(serve(work))
     print(json.dumps(result, indent=2, default=str))
     return 0
 
