@@ -281,14 +281,34 @@ def test_regex_error_message(regex, message):
         # Forms that the regex module knows and Oniguruma rejects.
         (r"\p{Script=Greek}", r"the Unicode property class '\p{Script=Greek}' has a form that "
          r"the tokenizer's engine (Oniguruma) does not accept; write the bare name of a general "
-         r"category or script, such as \p{Lu} or \p{Greek}"),
+         r"category or script, such as \p{Lu} or \p{Greek}, or a block as \p{In_Basic_Latin}"),
         (r"\p{IsGreek}+", r"the Unicode property class '\p{IsGreek}' has a form that the "
          r"tokenizer's engine (Oniguruma) does not accept; write the bare name of a general "
-         r"category or script, such as \p{Lu} or \p{Greek}"),
+         r"category or script, such as \p{Lu} or \p{Greek}, or a block as \p{In_Basic_Latin}"),
         (r"\p{InBasic_Latin}", r"the Unicode property class '\p{InBasic_Latin}' has a form "
          r"that the tokenizer's engine (Oniguruma) does not accept; write the bare name of a "
-         r"general category or script, such as \p{Lu} or \p{In_Basic_Latin}"),
+         r"general category or script, such as \p{Lu} or \p{Greek}, or a block as "
+         r"\p{In_Basic_Latin}"),
         (r"\p{Inherited}", None),
+        # Python syntax that Oniguruma reads otherwise is rejected, not silently changed.
+        (r"\pN+", r"'\pN' is a Unicode property class in Python but the letters 'pN' in the "
+         r"tokenizer's engine (Oniguruma); write \p{N}"),
+        (r"\w[&&]\w", r"&& at position 3 is an intersection of sets in the tokenizer's engine "
+         r"(Oniguruma) but two characters in Python; write \& for the character"),
+        (r"[[a]]", r"[ at position 1 opens a nested set in the tokenizer's engine (Oniguruma) "
+         r"but is a character in Python; write \[ for the character"),
+        (r"[[:upper:]]{2,}", None),
+        (r"(?m)a.b", "the flag m makes ^ and $ match at line ends in Python, but makes . match "
+         "a newline in the tokenizer's engine (Oniguruma), where ^ and $ always match at line "
+         "ends; remove it"),
+        (r"\N{EM DASH}", r"\N{...} is a named character in Python but the letters N{...} in the "
+         r"tokenizer's engine (Oniguruma); write the character itself"),
+        (r"\U00000041", r"\U followed by eight hex digits is a character code in Python but not "
+         r"in the tokenizer's engine (Oniguruma); write the character itself or \x{...}"),
+        (r"(?x) E11 # code", r"a # comment in a verbose (?x) pattern would run on past the "
+         r"pattern in the tokenizer's combined expression; remove the comment, or write \# for "
+         r"the character"),
+        (r"(?x) E \# 11", None),
         # An escaped backslash before p is a literal backslash, not a property class.
         (r"\\p{2}", None),
         ("E11(", "missing ), unterminated subpattern at position 3 (counting from 0), where '(' "
@@ -389,3 +409,51 @@ def test_lowercase_matches_as_tokenizer():
     # İ lowercases to two characters, so the offsets after it are mapped back.
     assert [m.text for m in matcher.finditer("İ E11.9")] == ["E11.9"]
     assert all(text[start:end] == match for _, start, end, match in found)
+
+
+def test_lowercase_accepts_negated_cased_class():
+    """\\P{Lu} matches lowercased text as usual, so it stays allowed with lowercase."""
+    TokenizerSpec.model_validate({**SPEC, "lowercase": True, "protectedPatterns": [
+        {"name": "word", "regex": r"\b\P{Lu}{3}[0-9]\b"}]})
+
+
+def test_conditional_group_reference_rejected():
+    spec = {**SPEC, "protectedPatterns": [{"name": "a", "regex": r"\b(a)x\b"},
+                                          {"name": "b", "regex": r"(b)?(?(1)c|d)x"}]}
+    with pytest.raises(ValidationError, match="refers back to a group"):
+        TokenizerSpec.model_validate(spec)
+
+
+@pytest.mark.parametrize(("regexes", "text", "expected"), [
+    # The second pattern cannot match at 1 without a word boundary there, so the match of
+    # the combined expression there is the third's.
+    ([r"x", r"\bab\b", r"xa|ab"], "xab", [("p0", "x"), ("p2", "ab")]),
+    # The third pattern's own search would consume "xa" first; at 1 the second matches.
+    ([r"q", r"xa|ab", r"ab"], "xab", [("p1", "xa")]),
+    ([r"[0-9]+", r"[A-Z][0-9]+"], "E11 and 42", [("p1", "E11"), ("p0", "42")]),
+])
+def test_finditer_credits_pattern_matching_at_start(regexes, text, expected):
+    matcher = patterns.ProtectedMatcher(
+        [ProtectedPattern(name=f"p{index}", regex=value) for index, value in enumerate(regexes)],
+        lowercase=False)
+    assert [(m.pattern, m.text) for m in matcher.finditer(text)] == expected
+
+
+def test_lowercase_counts_terms_as_tokenizer_lowercases():
+    """Σ lowercases to σ character by character, as the tokenizer's normalizer does, and
+    not to the final ς that Python's str.lower gives at a word's end."""
+    from lathe_trainer.tokenizer import training
+
+    matcher = patterns.ProtectedMatcher(
+        [ProtectedPattern(name="greek", regex=r"\b\p{Greek}{4}\b")], lowercase=True)
+    counts = training.count_protected_terms(["ΟΔΟΣ and οδοσ"], matcher, lowercase=True)
+    assert counts == {"οδοσ": 2}
+
+
+def test_verbose_comment_rejected_by_stage(tmp_path, data_dir):
+    """A # comment of a (?x) pattern would swallow the rest of the combined expression, so
+    the stage rejects it, naming the pattern, before building the tokenizer."""
+    pattern = ProtectedPattern.model_construct(name="b", regex="(?x) E12 # comment")
+    with pytest.raises(StageError, match=r"spec\.protectedPatterns\[0\]\.regex: .*a # comment "
+                       r"in a verbose \(\?x\) pattern"):
+        patterns.compile_patterns(stage_config(tmp_path, data_dir), [pattern], False)

@@ -73,6 +73,8 @@ def test_write_json_leaves_no_temporary(tmp_path):
         ("NVIDIA H100 NVL", "bf16", 835.5e12),
         ("NVIDIA A10", "bf16", 125e12),
         ("NVIDIA A10G", "bf16", None),
+        ("NVIDIA GH200 480GB", "bf16", 989.4e12),
+        ("NVIDIA H200 NVL", "bf16", 835.5e12),
         ("Tesla V100-SXM2-16GB", "bf16", None),
         ("Some Future GPU", "bf16", None),
     ],

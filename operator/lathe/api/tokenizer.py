@@ -126,25 +126,101 @@ def regex_syntax_error(pattern: str) -> str | None:
     checked, origin = _without_property_classes(pattern, classes)
     try:
         with warnings.catch_warnings():
-            # re warns about sets such as [[:upper:]]; what matters here is whether it compiles.
+            # re warns about sets such as [[:upper:]], which _engine_difference checks.
             warnings.simplefilter("ignore", FutureWarning)
-            re.compile(checked)
+            compiled = re.compile(checked)
     except re.error as error:
         position = None if error.pos is None else origin[error.pos]
         return regex_error_message(pattern, error, position)
+    return _engine_difference(pattern, compiled)
+
+
+# Python syntax that Oniguruma, with the Ruby syntax that `tokenizers` uses, reads otherwise,
+# with what to write instead.
+_READ_OTHERWISE = (
+    (re.compile(r"(?<!\\)(?:\\\\)*\\N\{"),
+     "\\N{...} is a named character in Python but the letters N{...} in the tokenizer's "
+     "engine (Oniguruma); write the character itself"),
+    (re.compile(r"(?<!\\)(?:\\\\)*\\U"),
+     "\\U followed by eight hex digits is a character code in Python but not in the "
+     "tokenizer's engine (Oniguruma); write the character itself or \\x{...}"),
+    (re.compile(r"\(\?[a-zA-Z]*m[a-zA-Z]*[:)]"),
+     "the flag m makes ^ and $ match at line ends in Python, but makes . match a newline in "
+     "the tokenizer's engine (Oniguruma), where ^ and $ always match at line ends; remove it"),
+)
+
+
+_UNESCAPED_HASH = re.compile(r"(?<!\\)(?:\\\\)*#")
+
+
+def _engine_difference(pattern: str, compiled: re.Pattern) -> str | None:
+    """Return why Oniguruma would read `pattern` otherwise than Python, or None."""
+    for construct, problem in _READ_OTHERWISE:
+        if construct.search(pattern):
+            return problem
+    if compiled.flags & re.VERBOSE and _UNESCAPED_HASH.search(pattern):
+        return ("a # comment in a verbose (?x) pattern would run on past the pattern in the "
+                "tokenizer's combined expression; remove the comment, or write \\# for the "
+                "character")
+    return _set_difference(pattern)
+
+
+def _set_difference(pattern: str) -> str | None:
+    """Return why Oniguruma would read a character set of `pattern` otherwise, or None.
+
+    In Oniguruma `&&` in a set is an intersection and `[` opens a nested set, while Python
+    reads both as characters. POSIX classes such as [[:upper:]] mean the same in both.
+    """
+    position = 0
+    in_set = False
+    while position < len(pattern):
+        character = pattern[position]
+        if character == "\\":
+            position += 2
+            continue
+        if not in_set:
+            if character == "[":
+                in_set = True
+                position += 1
+                # A ] right after [ or [^ is a member, not the end of the set.
+                if pattern.startswith("^", position):
+                    position += 1
+                if pattern.startswith("]", position):
+                    position += 1
+                continue
+        elif character == "]":
+            in_set = False
+        elif pattern.startswith("&&", position):
+            return (f"&& at position {position} is an intersection of sets in the tokenizer's "
+                    "engine (Oniguruma) but two characters in Python; write \\& for the "
+                    "character")
+        elif character == "[":
+            posix = re.match(r"\[:\^?[a-z]+:\]", pattern[position:])
+            if posix is None:
+                return (f"[ at position {position} opens a nested set in the tokenizer's engine "
+                        "(Oniguruma) but is a character in Python; write \\[ for the character")
+            position += posix.end()
+            continue
+        position += 1
     return None
 
 
 def _property_class_error(found: PropertyClass) -> str | None:
+    if not found.text.endswith("}"):
+        # Oniguruma reads \pN as the letters pN.
+        return (f"{quote_value(found.text)} is a Unicode property class in Python but the "
+                f"letters {quote_value(found.text[1:])} in the tokenizer's engine (Oniguruma); "
+                f"write \\{found.text[1]}{{{found.name}}}")
     if not _ONIGURUMA_NAME.fullmatch(found.name) or _PREFIXED_NAME.match(found.name):
-        # Oniguruma writes a block as In_Basic_Latin, and a script without a prefix.
-        bare = found.name.split("=")[-1]
-        bare = f"In_{bare[2:]}" if bare.startswith("In") else bare.removeprefix("Is")
+        # Oniguruma writes a script without a prefix, and a block as In_ and its Unicode
+        # name (In_Greek_and_Coptic), which the regex module's short block names can miss.
+        bare = found.name.split("=")[-1].removeprefix("Is")
         example = (f"\\p{{{bare}}}" if _ONIGURUMA_NAME.fullmatch(bare)
-                   else "\\p{Greek}")
+                   and not bare.startswith("In") else "\\p{Greek}")
         return (f"the Unicode property class {quote_value(found.text)} has a form that the "
                 "tokenizer's engine (Oniguruma) does not accept; write the bare name of a "
-                f"general category or script, such as \\p{{Lu}} or {example}")
+                f"general category or script, such as \\p{{Lu}} or {example}, or a block as "
+                "\\p{In_Basic_Latin}")
     try:
         regex.compile(found.text)
     except regex.error:
@@ -193,7 +269,8 @@ def capturing_groups(pattern: str) -> int:
 
 
 def has_backreference(pattern: str) -> bool:
-    """Return whether `pattern` refers back to a group by number (\\1) or by name."""
+    """Return whether `pattern` refers back to a group: by number (\\1), by name, or in a
+    conditional such as (?(1)...)."""
     position = 0
     in_set = False
     while position < len(pattern):
@@ -208,7 +285,8 @@ def has_backreference(pattern: str) -> bool:
             in_set = True
         elif character == "]" and in_set:
             in_set = False
-        elif not in_set and pattern.startswith("(?P=", position):
+        elif not in_set and (pattern.startswith("(?P=", position)
+                             or re.match(r"\(\?\(\d", pattern[position:])):
             return True
         position += 1
     return False
@@ -456,8 +534,10 @@ class TokenizerSpec(ApiModel):
         groups_before = 0
         for index, pattern in enumerate(self.protected_patterns):
             location = ("protectedPatterns", index, "regex")
+            # A negated class, \\P{Lu} or \\p{^Lu}, matches lowercased text as usual.
             cased = [found.text for found in property_classes(pattern.regex)
-                     if found.name.lower() in CASED_PROPERTIES]
+                     if found.name.lower() in CASED_PROPERTIES
+                     and not found.text.startswith("\\P") and "{^" not in found.text]
             if self.lowercase and cased:
                 problems.append((location, pattern.regex, (
                     f"uses {', '.join(cased)}, which matches no letter of the lowercased text "

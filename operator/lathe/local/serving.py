@@ -91,10 +91,12 @@ def serve_and_query(
     with local_server.start_triton(repository_path(result), workdir, ports=ports) as server:
         chosen = (server.http_port, server.grpc_port, server.metrics_port)
         if ports and chosen != ports:
-            taken = ", ".join(map(str, busy or ports))
-            console.print(f"Port {taken} of spec.serving is in use, so Triton listens on HTTP "
-                          f"port {server.http_port}, gRPC port {server.grpc_port} and metrics "
-                          f"port {server.metrics_port} instead.")
+            # Without a busy port before the start, one was taken while Triton started.
+            cause = (f"Port {', '.join(map(str, busy))} of spec.serving is in use" if busy
+                     else "A port of spec.serving was taken while Triton started")
+            console.print(f"{cause}, so Triton listens on HTTP port {server.http_port}, gRPC "
+                          f"port {server.grpc_port} and metrics port {server.metrics_port} "
+                          "instead.")
         record_serving(result, f"http://{server.http_url}")
         try:
             return _query(result, server, text, console, keep_serving)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import regex
 from tokenizers import Regex, pre_tokenizers
 
 from lathe.api.common import quote_value
@@ -94,6 +95,15 @@ class SpanFinder:
         return bool(text) and self.spans(text)[:1] == [(0, len(text))]
 
 
+def combined_expression(patterns: list[ProtectedPattern], lowercase: bool) -> str:
+    """Return the patterns as one Oniguruma expression, in spec order.
+
+    A lowercasing tokenizer sees lowercased text, so the patterns then match ignoring case.
+    """
+    expression = "|".join(f"(?:{pattern.regex})" for pattern in patterns)
+    return f"(?i:{expression})" if lowercase else expression
+
+
 def lowercased(text: str) -> tuple[str, list[int]]:
     """Return `text` lowercased and, for each character of the result, its position in `text`.
 
@@ -117,58 +127,60 @@ class ProtectedMatcher:
         # The tokenizer's own expression, in spec order. A lowercasing tokenizer matches it,
         # ignoring case, on the lowercased text, so the matches are searched for there too.
         self._combined = SpanFinder(self.tokenizer_expression()) if patterns else None
-        self._per_pattern = [SpanFinder(f"(?i:{pattern.regex})" if lowercase else pattern.regex)
-                             for pattern in patterns]
+        # Oniguruma reports no group names through the pre-tokenizer, so the regex module
+        # tells which pattern a match came from. MULTILINE, because ^ and $ match at line
+        # ends in Oniguruma.
+        flags = regex.MULTILINE | (regex.IGNORECASE if lowercase else 0)
+        self._anchored = [regex.compile(pattern.regex, flags) for pattern in patterns]
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
 
-    def _alternation(self) -> str:
-        return "|".join(f"(?:{pattern.regex})" for pattern in self.patterns)
-
     def tokenizer_expression(self) -> str:
-        """Return the patterns as one Oniguruma expression, in spec order.
+        return combined_expression(self.patterns, self.lowercase)
 
-        A lowercasing tokenizer sees lowercased text, so the patterns then match ignoring case.
-        """
-        expression = self._alternation()
-        return f"(?i:{expression})" if self.lowercase else expression
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Return the (start, end) offsets in `text` of the matches, as the tokenizer finds them."""
+        return [(start, end) for start, end, _ in self._search(text)]
 
     def finditer(self, text: str) -> Iterator[Match]:
         """Yield the non-overlapping matches in `text`, leftmost first, as the tokenizer finds
-        them. Offsets and match texts refer to `text` itself, also when it is lowercased for
-        the search."""
+        them, each with the pattern it came from. Offsets and match texts refer to `text`
+        itself, also when it is lowercased for the search."""
+        for start, end, searched in self._search(text):
+            yield Match(self.patterns[self._pattern_index(searched)].name, start, end,
+                        text[start:end])
+
+    def _search(self, text: str) -> Iterator[tuple[int, int, tuple[str, int, int]]]:
+        """Yield each match's offsets in `text` and its place in the searched text."""
         if self._combined is None:
             return
         searched, origin = lowercased(text) if self.lowercase else (text, None)
-        spans = self._combined.spans(searched)
-        if not spans:
-            return
-        # Oniguruma reports no group names through the pre-tokenizer, so each match is given
-        # to the first pattern that finds the same span on its own.
-        spans_per_pattern = []
-        if len(self._per_pattern) > 1:
-            spans_per_pattern = [set(finder.spans(searched)) for finder in self._per_pattern]
-        for start, end in spans:
-            index = self._pattern_index(spans_per_pattern, searched, start, end)
+        for start, end in self._combined.spans(searched):
+            place = (searched, start, end)
             if origin is not None:
                 start, end = origin[start], origin[end - 1] + 1
-            yield Match(self.patterns[index].name, start, end, text[start:end])
+            yield start, end, place
 
-    def _pattern_index(
-        self, spans_per_pattern: list[set[tuple[int, int]]], text: str, start: int, end: int
-    ) -> int:
+    def _pattern_index(self, place: tuple[str, int, int]) -> int:
+        """Return the index of the pattern that a match of the combined expression came from.
+
+        Alternation tries the patterns in spec order at the match's start, so it is the first
+        pattern that matches there. NOTE: the regex module decides this, so where it reads a
+        pattern otherwise than Oniguruma, the match counts for another pattern.
+        """
         if len(self.patterns) == 1:
             return 0
-        for index, found in enumerate(spans_per_pattern):
-            if (start, end) in found:
+        searched, start, end = place
+        first = None
+        for index, compiled in enumerate(self._anchored):
+            found = compiled.match(searched, start)
+            if found is None:
+                continue
+            if found.end() == end:
                 return index
-        # A pattern's own search can miss a span when an earlier match of that pattern
-        # overlaps it. The match is then given to the first pattern that matches all of it.
-        for index, finder in enumerate(self._per_pattern):
-            if finder.matches_whole(text[start:end]):
-                return index
-        return 0
+            first = index if first is None else first
+        return 0 if first is None else first
 
     def pre_tokenizer(self) -> pre_tokenizers.PreTokenizer:
         if not self.patterns:
@@ -202,6 +214,16 @@ def compile_patterns(
             Regex(pattern.regex)
         except Exception as error:  # tokenizers raises a bare Exception for Oniguruma errors.
             raise StageError(config, where, oniguruma_rejection(pattern.regex, error)) from None
+    if patterns:
+        try:
+            Regex(combined_expression(patterns, lowercase))
+        except Exception as error:  # tokenizers raises a bare Exception for Oniguruma errors.
+            raise StageError(
+                config, "spec.protectedPatterns",
+                f"each pattern compiles on its own, but their combination, which the tokenizer "
+                f"uses, does not: {error}; check that no pattern leaves a group or a comment "
+                "open.",
+            ) from None
     return ProtectedMatcher(patterns, lowercase)
 
 
@@ -238,7 +260,7 @@ def load_vocabulary(
         term = row[0].strip() if row else ""
         forms = [term, dotted_form(term, pattern.dotted_form_after)]
         for form in filter(None, forms):
-            form = form.lower() if lowercase else form
+            form = lowercased(form)[0] if lowercase else form
             if not expression.matches_whole(form):
                 vocabulary.rejected += 1
                 if len(vocabulary.rejected_examples) < REJECTED_EXAMPLES:

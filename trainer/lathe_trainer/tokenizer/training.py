@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from lathe.api.tokenizer import TokenizerSpec
-from lathe_trainer.tokenizer.patterns import ProtectedMatcher
+from lathe_trainer.tokenizer.patterns import ProtectedMatcher, lowercased
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,10 @@ def count_protected_terms(
     """Count each protected-pattern match in the training text, in its normalized form."""
     counts: Counter = Counter()
     for text in texts:
-        for match in matcher.finditer(text):
-            counts[match.text.lower() if lowercase else match.text] += 1
+        for start, end in matcher.spans(text):
+            term = text[start:end]
+            # Character by character, as the tokenizer's Lowercase normalizer lowercases.
+            counts[lowercased(term)[0] if lowercase else term] += 1
     return counts
 
 

@@ -71,14 +71,18 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 # Dense (no 2:4 sparsity) peak tensor-core FLOP/s per GPU, from the vendor data sheets: NVIDIA
-# H100 SXM and H200 (989.4 TFLOP/s bf16/fp16, 67 fp32 non-tensor), H100 PCIe (756), H100 NVL
-# (835.5, 60 fp32), A100 (312 bf16/fp16, 19.5 fp32), L4 (121), L40S (362), L40 (181, 90.5
-# fp32), A10 (125), V100 (125 fp16, no bf16), T4 (65 fp16). Each key is a run of whole words
+# H100 SXM, H200 and GH200 (989.4 TFLOP/s bf16/fp16, 67 fp32 non-tensor), H100 PCIe (756),
+# H100 NVL and H200 NVL (835.5, 60 fp32), A100 (312 bf16/fp16, 19.5 fp32), L4 (121), L40S
+# (362), L40 (181, 90.5 fp32), A10 (125), V100 (125 fp16, no bf16), T4 (65 fp16). NOTE: the
+# NVL and L40 figures were taken from the data sheets as remembered, not rechecked against
+# them. Each key is a run of whole words
 # of torch.cuda.get_device_name(), split at spaces and hyphens, so "L4" does not match
 # "NVIDIA L40" and "A10" does not match "NVIDIA A10G". Keys are tried in this order, so the
 # longer names come first. NOTE: the fp32 column is the plain FP32 rate; TF32 matmuls (off by
 # default in torch) can run faster, so an fp32 MFU can exceed 1 where TF32 is enabled.
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("GH200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12}),
+    ("H200 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60e12}),
     ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12}),
     ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
     ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60e12}),
