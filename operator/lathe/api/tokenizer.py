@@ -96,8 +96,8 @@ def property_classes(pattern: str) -> list[PropertyClass]:
     return found
 
 
-# Property names in the form Oniguruma knows: a general category (L, Lu) or a script or
-# property (Greek, Alphabetic). The regex module also knows Script=Greek, IsGreek, InGreek
+# Property names in the form Oniguruma accepts: a general category (L, Lu) or a script or
+# property (Greek, Alphabetic). The regex module also accepts Script=Greek, IsGreek, InGreek
 # and L&, which Oniguruma rejects.
 _ONIGURUMA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _PREFIXED_NAME = re.compile(r"(?:Is|In)(?=[A-Z])")

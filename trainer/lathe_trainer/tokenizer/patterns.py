@@ -128,7 +128,7 @@ class ProtectedMatcher:
         # ignoring case, on the lowercased text, so the matches are searched for there too.
         self._combined = SpanFinder(self.tokenizer_expression()) if patterns else None
         # Oniguruma reports no group names through the pre-tokenizer, so the regex module
-        # tells which pattern a match came from. MULTILINE, because ^ and $ match at line
+        # finds which pattern a match came from. MULTILINE, because ^ and $ match at line
         # ends in Oniguruma.
         flags = regex.MULTILINE | (regex.IGNORECASE if lowercase else 0)
         self._anchored = [regex.compile(pattern.regex, flags) for pattern in patterns]
