@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 
 from lathe_trainer.training import checkpoint as training_checkpoint
@@ -114,16 +115,17 @@ def load(path: Path) -> dict[str, Any]:
     Raises ChecksumMismatchError when state.pt differs from its recorded size and SHA-256. A
     checkpoint without state.json, written before checksums were recorded, loads unverified.
     """
-    data = (path / STATE_FILE).read_bytes()
+    state_path = path / STATE_FILE
     checksum_path = path / CHECKSUM_FILE
     if checksum_path.is_file():
         recorded = json.loads(checksum_path.read_text())
         files = recorded.get(training_checkpoint.FILES) if isinstance(recorded, dict) else None
-        training_checkpoint.check_file(path, STATE_FILE, files,
-                                       training_checkpoint.file_record(data))
+        # Hashed in chunks, so that a full fine-tune's state is not held in memory twice.
+        actual = training_checkpoint.stored_record(fsspec.filesystem("file"), str(state_path))
+        training_checkpoint.check_file(path, STATE_FILE, files, actual)
     # NB: weights_only=True keeps torch.load from running arbitrary pickled code. The state
     # holds only tensors, numbers and containers of them (lathe_trainer.finetune.train).
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return torch.load(state_path, map_location="cpu", weights_only=True)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

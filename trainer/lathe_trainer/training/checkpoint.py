@@ -237,7 +237,7 @@ def _same_checkpoint_exists(
         return True
     try:
         for name in TENSOR_FILES:
-            actual = _stored_record(filesystem, f"{path}/{name}")
+            actual = stored_record(filesystem, f"{path}/{name}")
             check_file(display, name, stored[FILES], actual)
     except UNREADABLE as error:
         log.warning("The existing checkpoint %s is damaged (%s: %s), so it is replaced.",
@@ -291,7 +291,7 @@ def _is_record(value: Any) -> bool:
             and isinstance(value.get("bytes"), int))
 
 
-def _stored_record(filesystem: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+def stored_record(filesystem: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
     """Return the `file_record` of a stored file, read in chunks of HASH_CHUNK_BYTES."""
     digest = hashlib.sha256()
     size = 0
