@@ -27,9 +27,10 @@ CI_OVERRIDES = {
     # Two workers, as two pods of the Corpus Job would share the work.
     "Corpus": {"workers": 2},
     "PretrainJob": {"training": {"maxSteps": 30, "checkpointInterval": 15, "evalInterval": 15}},
-    # 40 steps at the example's learning rate (0.001) are too few to learn the task, so the
-    # short run takes a larger rate.
-    "FineTune": {"training": {"maxSteps": 40, "learningRate": 0.003},
+    # 60 steps at the example's learning rate reached test F1 0.33 to 0.42 over four seeds
+    # on the 30-step base. At 40 steps F1 ranged from 0 to 0.32 with the seed and with small
+    # changes of the tokenizer, too close to what a model that learned nothing scores.
+    "FineTune": {"training": {"maxSteps": 60},
                  "maxTrainSentences": 1500, "maxEvalSentences": 300},
 }
 

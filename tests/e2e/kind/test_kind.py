@@ -53,7 +53,7 @@ POLL_SECONDS = 10
 # Sizes that keep the example to minutes on a workstation's CPUs, as in tests/e2e/test_pipeline.py.
 CPU_OVERRIDES = {
     "PretrainJob": {"training": {"maxSteps": 30, "checkpointInterval": 15, "evalInterval": 15}},
-    "FineTune": {"training": {"maxSteps": 40}, "maxTrainSentences": 1500,
+    "FineTune": {"training": {"maxSteps": 60}, "maxTrainSentences": 1500,
                  "maxEvalSentences": 300},
 }
 
