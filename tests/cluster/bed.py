@@ -66,6 +66,8 @@ POD_CIDR = "10.244.0.0/16"
 # 2-core machine shared with other builds, so this only catches a component that hangs.
 START_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 20.0
+# Starts of the bed, each on new ports, when a component finds its port taken.
+PORT_ATTEMPTS = 3
 POLL_INTERVAL_SECONDS = 0.25
 LOG_TAIL_LINES = 40
 
@@ -277,24 +279,41 @@ class ClusterBed:
         started = time.monotonic()
         for directory in (self.pki_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        try:
-            self._write_certificates()
-            etcd_url = self._start_etcd()
-            self._start_apiserver(etcd_url)
-            if not self.apiserver_only:
-                self._start_controller_manager()
-                self._start_scheduler()
-                self._start_kwok()
-                self._create_nodes()
-        except BaseException:
-            self.stop()
-            raise
+        self._write_certificates()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._start_components()
+                break
+            except BedError as error:
+                self.stop()
+                # free_port() only finds a port that was free a moment ago, so another process
+                # can take it before the component binds it.
+                if "address already in use" not in str(error) or attempt == PORT_ATTEMPTS:
+                    raise
+                log.warning("A component of the bed lost its port to another process; the bed "
+                            "starts again on new ports (attempt %d of %d).", attempt + 1,
+                            PORT_ATTEMPTS)
+                shutil.rmtree(self.work_dir / "etcd", ignore_errors=True)
+            except BaseException:
+                self.stop()
+                raise
         log.info(
             "The cluster bed at %s started in %.1f s; kubeconfig %s.",
             self.server,
             time.monotonic() - started,
             self.kubeconfig,
         )
+
+    def _start_components(self) -> None:
+        # The kubeconfig names the API server's port, a new one on every attempt.
+        self._write_kubeconfig()
+        etcd_url = self._start_etcd()
+        self._start_apiserver(etcd_url)
+        if not self.apiserver_only:
+            self._start_controller_manager()
+            self._start_scheduler()
+            self._start_kwok()
+            self._create_nodes()
 
     def stop(self) -> None:
         """Stop the components in reverse start order: SIGTERM, then SIGKILL after a deadline."""
@@ -384,7 +403,6 @@ class ClusterBed:
         openssl("genrsa", "-out", "service-account.key", "2048", cwd=pki)
         openssl("rsa", "-in", "service-account.key", "-pubout", "-out", "service-account.pub",
                 cwd=pki)  # fmt: skip
-        self._write_kubeconfig()
 
     def _sign_leaf(self, name: str, subject: str, usage: str, alt_names: str | None) -> None:
         pki = self.pki_dir
