@@ -198,6 +198,32 @@ def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None
     assert condition(exporting_status, "Exported") is None
     assert exporting_status["status"]["phase"] == "Ready"
 
+    # The next export runs without the hold. Ready stays True while it runs, and once its Job
+    # completes, Exported returns and Triton rolls to it.
+    triton = f"{model}-triton"
+    served_before = cluster.get_json("deployment", triton, "-n", namespace)[
+        "spec"]["template"]["metadata"]["annotations"]["lathe.dev/repository-digest"]
+    change = {"spec": {"export": {"tolerance": 0.03}, "podMetadata": {"annotations": None}}}
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", json.dumps(change))
+
+    def exported() -> bool:
+        obj = get(cluster, "ModelDeployment", model, namespace)
+        done = condition(obj, "Exported") or {}
+        return (obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+                and done.get("status") == "True")
+
+    cluster.wait_for(exported, "the next export to complete while Triton serves", timeout=120)
+    exported_status = get(cluster, "ModelDeployment", model, namespace)
+    digest = exported_status["status"]["artifact"]["digest"]
+    assert digest != served_before
+
+    def rolled() -> bool:
+        template = cluster.get_json("deployment", triton, "-n", namespace)["spec"]["template"]
+        return template["metadata"]["annotations"]["lathe.dev/repository-digest"] == digest
+
+    cluster.wait_for(rolled, "Triton to serve the new export", timeout=60)
+
 
 def test_spec_only_models_reject_fails_readably(cluster, namespace, lathe_operator):
     """A spec the CRD accepts but the API model rejects fails with the field and the fix, not

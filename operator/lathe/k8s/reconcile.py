@@ -270,7 +270,10 @@ class Reconciler:
         same_run = (recorded_hash in (run_hash, _legacy_run_hash(resource))
                     and bool(new.get("runGeneration"))
                     and new.get("inputDigests", input_digests) == input_digests)
-        if same_run and (status.condition_true(conditions, summary)
+        # A ModelDeployment's Ready follows Triton, which keeps serving the earlier export
+        # while a new one runs, so its run is finished only once Exported is True.
+        finished = "Exported" if isinstance(resource, ModelDeployment) else summary
+        if same_run and (status.condition_true(conditions, finished)
                          or status.condition_true(conditions, C.FAILED)):
             # A run finished by an earlier release recorded no inputs; it read the current ones.
             new.setdefault("inputDigests", input_digests)
