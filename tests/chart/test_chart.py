@@ -71,6 +71,8 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], str] = {
     ("apps", "deployments", "get"): "Reconciler reads the Triton Deployment's ready replicas",
     ("autoscaling", "horizontalpodautoscalers", "create"): "Reconciler._apply creates the HPA",
     ("autoscaling", "horizontalpodautoscalers", "patch"): "Reconciler._apply (HPA)",
+    ("autoscaling", "horizontalpodautoscalers", "delete"):
+        "Reconciler._delete_autoscaler, when autoscaling is turned off",
     ("monitoring.coreos.com", "podmonitors", "create"): "Reconciler._apply creates the PodMonitor",
     ("monitoring.coreos.com", "podmonitors", "patch"): "Reconciler._apply (PodMonitor)",
     ("", "events", "create"): "kopf posts events (core v1, POST only)",
@@ -105,6 +107,7 @@ CLIENT_METHODS: dict[str, tuple[str, str, str]] = {
     "create_namespaced_config_map": ("", "configmaps", "create"),
     "delete_namespaced_config_map": ("", "configmaps", "delete"),
     "delete_namespaced_service": ("", "services", "delete"),
+    "delete_namespaced_horizontal_pod_autoscaler": ("autoscaling", "horizontalpodautoscalers", "delete"),
     "create_namespaced_service": ("", "services", "create"),
     "create_namespaced_job": ("batch", "jobs", "create"),
     "read_namespaced_job": ("batch", "jobs", "get"),

@@ -224,6 +224,25 @@ def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None
 
     cluster.wait_for(rolled, "Triton to serve the new export", timeout=60)
 
+    # Autoscaling on creates the HPA; off deletes it, so that it stops resizing the Deployment.
+    def autoscaler_exists() -> bool:
+        found = cluster.kubectl("get", "hpa", triton, "-n", namespace, "-o", "name",
+                                check=False)
+        return found.returncode == 0
+
+    on = {"spec": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 3}}}
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", json.dumps(on))
+    cluster.wait_for(autoscaler_exists, "the HPA to be created", timeout=60)
+    off = {"spec": {"autoscaling": {"enabled": False}}}
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", json.dumps(off))
+    cluster.wait_for(lambda: not autoscaler_exists(), "the HPA to be deleted", timeout=60)
+    cluster.wait_for(
+        lambda: cluster.get_json("deployment", triton, "-n", namespace)["spec"]["replicas"] == 1,
+        "the Deployment back at spec.serving.replicas", timeout=60,
+    )
+
 
 def test_spec_only_models_reject_fails_readably(cluster, namespace, lathe_operator):
     """A spec the CRD accepts but the API model rejects fails with the field and the fix, not

@@ -189,9 +189,10 @@ and fails when a rule grants more or less.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["create", "get", "list", "watch", "patch"]
+# Triton HPAs are server-side applied while autoscaling is on, and deleted when it is turned off.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "delete"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
   verbs: ["create", "patch"]

@@ -490,6 +490,10 @@ class Reconciler:
             self._apply(namespace, builders.horizontal_pod_autoscaler(
                 serving, owner, resource.spec.autoscaling
             ))
+        else:
+            # An HPA left from when autoscaling was on would keep resizing the Deployment,
+            # against the replicas that the operator applies.
+            self._delete_autoscaler(namespace, builders.triton_name(serving))
         if self._has_pod_monitor_crd():
             self._apply(namespace, builders.pod_monitor(serving, owner))
         name = builders.triton_name(serving)
@@ -621,6 +625,16 @@ class Reconciler:
             if error.status == 404:
                 return None
             raise
+
+    def _delete_autoscaler(self, namespace: str, name: str) -> None:
+        try:
+            self.api.autoscaling.delete_namespaced_horizontal_pod_autoscaler(name, namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            return
+        log.info("Deleted the HorizontalPodAutoscaler %s/%s, because autoscaling is off.",
+                 namespace, name)
 
     def _delete_job(self, namespace: str, name: str) -> None:
         """Delete an attempt's Job, and its ConfigMap and headless Service, which share its name,
