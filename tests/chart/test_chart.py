@@ -690,6 +690,16 @@ def test_namespaced_mode_keeps_cluster_role_to_crds(helm):
         assert grants(role["rules"]) == namespaced, role["metadata"]["namespace"]
 
 
+def test_namespaced_mode_names_watched_namespaces(helm):
+    """In namespaced mode the operator learns the namespaces it serves, so kopf does not try
+    to list every namespace, which its RBAC does not allow."""
+    for mode, expected in (("namespaced", ",".join(NAMESPACES)), ("cluster-wide", "")):
+        deployment = one(render(helm, *MODES[mode]), "Deployment")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert env.get("LATHE_WATCH_NAMESPACES") == expected, mode
+
+
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_leader_election_role_grants_lease_only(helm, mode):
     objects = render(helm, *MODES[mode])

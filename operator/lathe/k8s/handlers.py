@@ -58,6 +58,10 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     settings.posting.reporting_component = "lathe-operator"
     settings.posting.reporting_instance = socket.gethostname()
     settings.execution.max_workers = 16
+    if os.environ.get("LATHE_WATCH_NAMESPACES"):
+        # Namespaced mode grants no list on namespaces. kopf would retry listing them for about
+        # a minute before it served the namespaces it was given, at every start and takeover.
+        settings.scanning.disabled = True
     STATE["kopf_settings"] = settings
     settings.watching.server_timeout = 300
     try:
