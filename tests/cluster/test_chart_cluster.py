@@ -239,6 +239,40 @@ def test_namespaced_account_stays_in_its_namespaces(cluster, installed_rbac, nam
         assert not can_i(cluster, account, namespace, "list", "corpora.lathe.dev", None)
 
 
+@pytest.mark.parametrize("installed_rbac", ["namespaced"], indirect=True)
+def test_namespaced_operator_serves_its_namespaces(cluster, installed_rbac, namespaces,
+                                                   tmp_path, caplog):
+    """The operator, with the namespaced account's token and the chart's arguments, reconciles
+    in a watched namespace without first trying to list namespaces, which it may not."""
+    from lathe_objects import corpus_and_tokenizer, is_true
+    from operator_runner import run_operator
+
+    account, watched = installed_rbac
+    release_namespace, name = account.rsplit(":", 2)[1:]
+    token = cluster.kubectl("create", "token", name, "-n", release_namespace).stdout.strip()
+    kubeconfig = tmp_path / "operator.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+        "clusters": [{"name": "bed", "cluster": {
+            "server": cluster.bed.server,
+            "certificate-authority": str(cluster.bed.pki_dir / "ca.crt")}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "bed", "user": "operator"}}],
+    }))
+    with run_operator(kubeconfig, tmp_path / "artifacts", namespaces=watched) as running:
+        for document in corpus_and_tokenizer("scoped"):
+            cluster.apply(document, watched[0])
+        cluster.wait_for(lambda: is_true(cluster, "Tokenizer", "scoped", watched[0],
+                                         "Succeeded"),
+                         "the Corpus and Tokenizer to succeed under the namespaced account",
+                         timeout=90)
+    # kopf logs each refused request, and retries listing namespaces for about a minute.
+    refused = [record.getMessage() for record in caplog.records
+               if "Forbidden" in record.getMessage()]
+    assert refused == []
+    assert running.runner.exit_code == 0
+
+
 def triton_like_objects(name: str) -> list[dict]:
     labels = {"app": name}
     return [
