@@ -30,12 +30,8 @@ def _free_port() -> int:
 
 
 @contextmanager
-def run_operator(kubeconfig: Path, artifact_root: Path, timeout: float = 60.0,
-                 namespaces: list[str] | None = None):
-    """Start the operator and yield once its metrics endpoint answers.
-
-    It watches every namespace, or only `namespaces`, as the chart's namespaced mode runs it.
-    """
+def run_operator(kubeconfig: Path, artifact_root: Path, timeout: float = 60.0):
+    """Start the operator on every namespace and yield once its metrics endpoint answers."""
     port = _free_port()
     settings = {
         "KUBECONFIG": str(kubeconfig),
@@ -45,13 +41,10 @@ def run_operator(kubeconfig: Path, artifact_root: Path, timeout: float = 60.0,
         "LATHE_PROGRESS_INTERVAL": PROGRESS_INTERVAL,
         "LATHE_TRAINER_IMAGE": "lathe-trainer:test",
         "LATHE_SYNC_IMAGE": "lathe-trainer:test",
-        "LATHE_WATCH_NAMESPACES": ",".join(namespaces or []),
     }
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
-    scope = ([f"--namespace={name}" for name in namespaces] if namespaces
-             else ["--all-namespaces"])
-    args = ["run", "--standalone", *scope, "-m", "lathe.k8s.handlers"]
+    args = ["run", "--standalone", "--all-namespaces", "-m", "lathe.k8s.handlers"]
     try:
         with KopfRunner(args, timeout=timeout) as runner:
             url = f"http://127.0.0.1:{port}/metrics"
