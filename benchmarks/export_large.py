@@ -74,7 +74,7 @@ def peak_rss_gib() -> float:
 
 
 def serve(work: Path) -> dict:
-    """Start Triton on the exported repository and compare its answer with PyTorch's."""
+    """Start Triton on the exported repository and compare its entities with PyTorch's."""
     from lathe.cli import DEFAULT_SAMPLE
     from lathe_trainer.serving import client, local_server, reference
 
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, default=None,
                         help="write into this folder and keep it (default: a temporary folder)")
     parser.add_argument("--serve", action="store_true",
-                        help="also serve the export through Triton and compare its answer")
+                        help="also serve the export through Triton and compare its entities with PyTorch's")
     args = parser.parse_args()
     os.environ.setdefault("LATHE_DATA_DIR", str(args.data_dir.resolve()))
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "

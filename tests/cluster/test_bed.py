@@ -98,26 +98,26 @@ def test_job_deletion_removes_pods(bare_cluster, namespace):
     assert jobs == []
 
 
-def test_bed_restarts_on_taken_port(bare_cluster, tmp_path, monkeypatch):
+def test_bed_restarts_on_occupied_port(bare_cluster, tmp_path, monkeypatch):
     """A port that another process takes between free_port() and the component's bind makes
     the bed start again on new ports, instead of failing the suite."""
     import socket
 
     import bed
 
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    ports = iter([taken.getsockname()[1]])
+    occupied = socket.socket()
+    occupied.bind(("127.0.0.1", 0))
+    occupied.listen()
+    ports = iter([occupied.getsockname()[1]])
     real_free_port = bed.free_port
     monkeypatch.setattr(bed, "free_port", lambda: next(ports, None) or real_free_port())
     restarted = bed.ClusterBed(bare_cluster.bed.bin_dir, tmp_path, apiserver_only=True)
     try:
         restarted.start()
         assert restarted.server.startswith("https://127.0.0.1:")
-        # The first port the bed asks for is the API server's.
+        # The API server's port is the first one the bed requests.
         assert "address already in use" in (tmp_path / "logs" / "kube-apiserver.log").read_text()
-        assert restarted.server != f"https://127.0.0.1:{taken.getsockname()[1]}"
+        assert restarted.server != f"https://127.0.0.1:{occupied.getsockname()[1]}"
     finally:
         restarted.stop()
-        taken.close()
+        occupied.close()

@@ -287,9 +287,9 @@ def test_namespaced_operator_serves_its_namespaces(cluster, installed_rbac, tmp_
             operator.terminate()
             operator.wait(timeout=60)
     output = log_path.read_text()
-    # kopf logs each refused request, and retries listing namespaces for about a minute.
-    refused = [line for line in output.splitlines() if "Forbidden" in line]
-    assert refused == [], output[-3000:]
+    # kopf logs each forbidden request, and retries listing namespaces for about a minute.
+    forbidden = [line for line in output.splitlines() if "Forbidden" in line]
+    assert forbidden == [], output[-3000:]
 
 
 def triton_like_objects(name: str) -> list[dict]:

@@ -278,7 +278,7 @@ def test_regex_error_message(regex, message):
          "'(' begins; close the group with ), or write \\( to match a literal parenthesis"),
         (r"\p{Lu}\q", r"bad escape \q at position 6 (counting from 0), where '\q' begins; "
          r"remove the backslash, or write \\ to match a literal backslash"),
-        # Forms that the regex module knows and Oniguruma rejects.
+        # Forms that the regex module accepts and Oniguruma rejects.
         (r"\p{Script=Greek}", r"the Unicode property class '\p{Script=Greek}' has a form that "
          r"the tokenizer's engine (Oniguruma) does not accept; write the bare name of a general "
          r"category or script, such as \p{Lu} or \p{Greek}, or a block as \p{In_Basic_Latin}"),

@@ -114,8 +114,8 @@ def read_sentences(path: Path, limit: int | None) -> list[Sentence]:
 def words_split_at_serving(sentences: list[Sentence]) -> list[str]:
     """Return the words that are not one match of WORD_PATTERN, in order, once each.
 
-    Serving splits raw text with WORD_PATTERN, so it sees such a word (`IL-2` written as one
-    CoNLL token) as several words, which the model was not trained to tag that way.
+    Serving splits raw text with WORD_PATTERN, so it splits such a word (`IL-2` written as one
+    CoNLL token) into several words, which the model was not trained to tag.
     """
     found: dict[str, None] = {}
     for words, _ in sentences:

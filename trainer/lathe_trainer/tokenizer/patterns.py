@@ -98,7 +98,7 @@ class SpanFinder:
 def combined_expression(patterns: list[ProtectedPattern], lowercase: bool) -> str:
     """Return the patterns as one Oniguruma expression, in spec order.
 
-    A lowercasing tokenizer sees lowercased text, so the patterns then match ignoring case.
+    A lowercasing tokenizer matches them on lowercased text, so they then ignore case.
     """
     expression = "|".join(f"(?:{pattern.regex})" for pattern in patterns)
     return f"(?i:{expression})" if lowercase else expression

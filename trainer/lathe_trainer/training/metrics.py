@@ -71,8 +71,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 # Dense (no 2:4 sparsity) peak tensor-core FLOP/s per GPU, from the vendor data sheets: NVIDIA
-# H100 SXM, H200 and GH200 (989.4 TFLOP/s bf16/fp16, 67 fp32 non-tensor), H100 PCIe (756),
-# H100 NVL and H200 NVL (835.5, 60 fp32), A100 (312 bf16/fp16, 19.5 fp32), L4 (121), L40S
+# H100 SXM, H200 and GH200 (989.4 TFLOP/s bf16/fp16, 67 fp32 non-tensor). H100 PCIe (756).
+# H100 NVL and H200 NVL (835.5, 60 fp32). A100 (312 bf16/fp16, 19.5 fp32), L4 (121), L40S
 # (362), L40 (181, 90.5 fp32), A10 (125), V100 (125 fp16, no bf16), T4 (65 fp16). NOTE: the
 # NVL and L40 figures were taken from the data sheets as remembered, not rechecked against
 # them. Each key is a run of whole words
