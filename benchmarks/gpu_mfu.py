@@ -42,10 +42,10 @@ def load_trainer_benchmark():
     return module
 
 
-def write_config(root: Path, data_dir: Path, args: argparse.Namespace, on_gpu: bool) -> Path:
+def write_config(root: Path, data_dir: Path, args: argparse.Namespace, on_gpu: bool,
+                 inputs: dict) -> Path:
     from lathe.api import KINDS
     from lathe.plans import stage_config
-    from lathe_trainer.stage import ResolvedInput
 
     resource = KINDS["PretrainJob"].model_validate({
         "apiVersion": "lathe.dev/v1alpha1",
@@ -68,12 +68,6 @@ def write_config(root: Path, data_dir: Path, args: argparse.Namespace, on_gpu: b
             "distributed": {"nodes": 1, "procsPerNode": 1},
         },
     })
-    inputs = {
-        "corpus": ResolvedInput(kind="Corpus", name="pubmed", uri=f"file://{root}/corpus",
-                                digest="sha256:c"),
-        "tokenizer": ResolvedInput(kind="Tokenizer", name="pubmed",
-                                   uri=f"file://{root}/tokenizer", digest="sha256:t"),
-    }
     output = root / "out"
     output.mkdir(exist_ok=True)
     config = stage_config(resource, inputs, f"file://{output}", str(data_dir))
@@ -118,7 +112,8 @@ def measure(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="lathe-gpu-mfu-") as temporary:
         root = Path(temporary)
         trainer_benchmark.build_workspace(args.data_dir, root, vocab_size=args.vocab_size)
-        run_stage(write_config(root, args.data_dir, args, on_gpu))
+        inputs = trainer_benchmark.workspace_inputs(root)
+        run_stage(write_config(root, args.data_dir, args, on_gpu, inputs))
         metrics = json.loads((root / "out" / "metrics.json").read_text())
         rate = window_rate(root / "out", args.steps, args.window,
                            args.micro_batch * args.sequence_length)

@@ -83,10 +83,21 @@ def build_workspace(data_dir: Path, root: Path, vocab_size: int = VOCAB_SIZE) ->
     tokenizer.save_pretrained(str(root / "tokenizer"))
 
 
+def workspace_inputs(root: Path) -> dict:
+    """Return the PretrainJob inputs that build_workspace wrote under root."""
+    from lathe_trainer.stage import ResolvedInput
+
+    return {
+        "corpus": ResolvedInput(kind="Corpus", name="pubmed", uri=f"file://{root}/corpus",
+                                digest="sha256:c"),
+        "tokenizer": ResolvedInput(kind="Tokenizer", name="pubmed",
+                                   uri=f"file://{root}/tokenizer", digest="sha256:t"),
+    }
+
+
 def lathe_config(root: Path, data_dir: Path, steps: int, compile: bool) -> Path:
     from lathe.api import KINDS
     from lathe.plans import stage_config
-    from lathe_trainer.stage import ResolvedInput
 
     resource = KINDS["PretrainJob"].model_validate({
         "apiVersion": "lathe.dev/v1alpha1",
@@ -107,12 +118,7 @@ def lathe_config(root: Path, data_dir: Path, steps: int, compile: bool) -> Path:
             "distributed": {"nodes": 1, "procsPerNode": PROCESSES, "backend": "gloo"},
         },
     })
-    inputs = {
-        "corpus": ResolvedInput(kind="Corpus", name="pubmed", uri=f"file://{root}/corpus",
-                                digest="sha256:c"),
-        "tokenizer": ResolvedInput(kind="Tokenizer", name="pubmed",
-                                   uri=f"file://{root}/tokenizer", digest="sha256:t"),
-    }
+    inputs = workspace_inputs(root)
     output = root / "lathe-out"
     output.mkdir(exist_ok=True)
     config = stage_config(resource, inputs, f"file://{output}", str(data_dir))
