@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
 
 from lathe import crdgen  # noqa: E402  (needs the path above)
 from lathe.api import KINDS  # noqa: E402
-from lathe.api.common import _DNS_SUBDOMAIN  # noqa: E402
 
 
 def _without_none(annotation: Any) -> Any:
@@ -74,14 +73,8 @@ def _int_or_string(field: Any) -> bool:
                for item in field.metadata)
 
 
-# Patterns the tables describe in words, because readers know them by name.
-PATTERN_WORDS = {
-    f"^{_DNS_SUBDOMAIN.pattern}$": "a DNS subdomain name",
-}
-
-
 def bounds_text(field: Any) -> str:
-    """Return the field's numeric, length and pattern constraints, such as `>= 1, <= 1024`."""
+    """Return the field's numeric and length constraints, such as `>= 1, <= 1024`."""
     parts = []
     for constraint in field.metadata:
         for attribute, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
@@ -92,9 +85,6 @@ def bounds_text(field: Any) -> str:
             value = getattr(constraint, attribute, None)
             if value is not None:
                 parts.append(f"{label} {value}")
-        pattern = getattr(constraint, "pattern", None)
-        if pattern:
-            parts.append(PATTERN_WORDS.get(pattern, f"pattern `{pattern}`"))
     return ", ".join(parts)
 
 

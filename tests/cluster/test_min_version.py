@@ -51,6 +51,9 @@ OLDER_WORDING = [
     # A failed CEL rule on a scalar reports the schema type in place of the value. Every
     # `Invalid value` in the tables of test_validation.py comes from a CEL rule.
     (35, r'Invalid value: "[^"]*": ', 'Invalid value: "string": '),
+    # On an int-or-string field (a quantity), it reports an empty string instead.
+    (35, r'Invalid value: ("string"|-?[0-9]+): (?=(a quantity|not a Kubernetes quantity))',
+     'Invalid value: "": '),
     # A repeated key of a map-type list was printed with Go's %#v, not as JSON.
     (33, r"Duplicate value: \{", "Duplicate value: map[string]interface {}{"),
     (32, r"Too long: may not be more than (\d+) bytes", r"Too long: may not be longer than \1"),
@@ -135,6 +138,10 @@ def test_min_version_matches_chart():
      'spec.sources[1]: Duplicate value: {"name":"a"}'),
     ("metadata.name: Too long: may not be more than 63 bytes", 31,
      "metadata.name: Too long: may not be longer than 63"),
+    ('spec.resources.memory: Invalid value: "4GB": not a Kubernetes quantity', 29,
+     'spec.resources.memory: Invalid value: "": not a Kubernetes quantity'),
+    ("spec.resources.memory: Invalid value: 0: a quantity must be more than zero", 29,
+     'spec.resources.memory: Invalid value: "": a quantity must be more than zero'),
     ("spec.specialTokens must include <|endoftext|>", 29,
      "spec.specialTokens must include <|endoftext|>"),
 ])

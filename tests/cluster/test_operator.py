@@ -433,7 +433,11 @@ def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):
         "Suspended=True",
     )
     assert jobs_of(cluster, "pause", namespace)[0]["spec"]["suspend"] is True
-    assert get(cluster, "PretrainJob", "pause", namespace)["status"]["phase"] == "Suspended"
+    suspended = get(cluster, "PretrainJob", "pause", namespace)
+    assert suspended["status"]["phase"] == "Suspended"
+    running = condition(suspended, "Running")
+    assert running["status"] == "False", running
+    assert "spec.suspend is true" in running["message"], running
     cluster.wait_for(
         lambda: not cluster.get_json("pods", "-n", namespace, "-l", "lathe.dev/name=pause")[
             "items"],

@@ -184,6 +184,11 @@ def test_quantity_accepted(values, expected):
         ({"memory": "-1Gi"}, "spec.resources.memory", "'16Gi'"),
         ({"memory": "lots"}, "spec.resources.memory", "'16Gi'"),
         ({"shmSize": "1 Gi"}, "spec.resources.shmSize", "'16Gi'"),
+        ({"memory": "16Gi\n"}, "spec.resources.memory", "'16Gi'"),
+        ({"memory": "+16Gi"}, "spec.resources.memory", "'16Gi'"),
+        ({"memory": "1500m"}, "spec.resources.memory", "'16Gi'"),
+        ({"memory": "0e3"}, "spec.resources.memory", "more than zero"),
+        ({"memory": "0.0"}, "spec.resources.memory", "more than zero"),
     ],
 )
 def test_invalid_quantity_rejected(values, field, hint):
@@ -533,3 +538,40 @@ def test_empty_pod_labels_accepted():
     """`labels:` with nothing after it is null in YAML, which the API server drops."""
     body = document("Corpus", {**SPECS["Corpus"], "podMetadata": {"labels": None}})
     assert loader.parse_resource(body, "resource.yaml").spec.pod_metadata.labels == {}
+
+
+def _crd_rule_messages(kind: str, path: tuple[str, ...]) -> list[str]:
+    """Return the messages of the CEL rules on the CRD field at `path` (wire names)."""
+    from lathe import crdgen
+    from lathe.api import KINDS
+
+    node = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for name in ("spec", *path):
+        node = node["properties"][name]
+    return [rule["message"] for rule in node["x-kubernetes-validations"]]
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value"),
+    [
+        ("Corpus", ("storage", "uri"), "ftp://host/corpus"),
+        ("PretrainJob", ("training", "artifactUri"), "fille:///x"),
+        ("ModelDeployment", ("modelName",), "bad name!"),
+        ("PretrainJob", ("scheduling", "priorityClassName"), "Not_Valid"),
+        ("PretrainJob", ("resources", "memory"), "4GB"),
+        ("FineTune", ("resources", "cpu"), "2k"),
+        ("Tokenizer", ("resources", "memory"), "0Gi"),
+    ],
+)
+def test_string_rule_message_same_in_crd(kind, path, value):
+    """`lathe run` and the API server reject a malformed string field with the same fix."""
+    spec = copy.deepcopy(SPECS[kind])
+    node = spec
+    for name in path[:-1]:
+        node = node.setdefault(name, {})
+    node[path[-1]] = value
+    error = rejection(document(kind, spec))
+    assert error.field == "spec." + ".".join(path)
+    assert repr(value) in error.detail
+    assert any(message in error.detail for message in _crd_rule_messages(kind, path)), (
+        error.detail)

@@ -93,7 +93,9 @@ def suspended_status(kind: str) -> dict:
         "latest checkpoint when it is cleared.", 1,
     )
     conditions = status.set_condition(
-        conditions, C.RUNNING, False, Reason.SUSPENDED, "Suspended.", 1
+        conditions, C.RUNNING, False, Reason.SUSPENDED,
+        "Job pubmed-finetune-r1-0 is suspended because spec.suspend is true; clear it to "
+        "continue.", 1,
     )
     return with_phase(kind, {"observedGeneration": 1, "conditions": conditions})
 

@@ -71,7 +71,23 @@ def test_quantity_is_int_or_string(field):
     assert node["x-kubernetes-int-or-string"] is True
     assert "type" not in node
     assert "x-kubernetes-preserve-unknown-fields" not in node
-    assert node["pattern"].startswith("^")
+    assert [rule["rule"].startswith("type(self) == int")
+            for rule in node["x-kubernetes-validations"]] == [True, True]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_string_checks_are_rules_with_messages(kind):
+    """No field uses the schema's `pattern`, which the API server rejects by printing the
+    regular expression; a CEL rule with a message that names the fix does the same check. A
+    field whose rule runs a regular expression has a maxLength, which bounds the cost that the
+    API server estimates for it."""
+    schema = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "pattern" not in node, path
+        for rule in node.get("x-kubernetes-validations", ()):
+            if "matches(" in rule["rule"] and path.startswith("$.spec"):
+                assert "maxLength" in node, (path, rule)
+                assert rule.get("message") or rule.get("messageExpression"), (path, rule)
 
 
 def test_yaml_round_trips():

@@ -271,49 +271,86 @@ class LocalObjectReference(ApiModel):
         return _check_dns_label(value, _REFERENCE_NAME_FIX)
 
 
-# A Kubernetes quantity (k8s.io/apimachinery resource.Quantity) without a minus sign, because
-# requests and limits cannot be negative: a decimal number with an optional binary suffix (Ki to
-# Ei), decimal suffix (n, u, m, k, M, G, T, P, E) or exponent.
-_QUANTITY = re.compile(
-    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
-# A quantity whose number is zero, whatever its suffix: 0, 0.0, 0m, 0Gi.
-_ZERO = re.compile(r"^\+?0*(\.0*)?([KMGTPE]i|[numkMGTPE])?$")
+# Memory as a Kubernetes quantity (k8s.io/apimachinery resource.Quantity) in the forms that
+# make sense for bytes: a decimal number with an optional binary suffix (Ki to Ei), decimal
+# suffix (k, M, G, T, P, E) or positive exponent. It leaves out what Kubernetes also accepts but
+# nobody writes for memory: a leading '+' or '.', the suffixes m, u and n, and negative
+# exponents. The full grammar in the CEL rules would take a ModelDeployment's CRD over the
+# budget of estimated rule cost of Kubernetes 1.29, which counts an int-or-string field as
+# unbounded in length, whatever its maxLength.
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE]|[eE]\+?[0-9]+)?$")
+# A quantity whose number is zero, whatever follows it: 0, 0.0, 0m, 0Gi, 0e3.
+_ZERO = re.compile(r"^0+(\.0*)?([^0-9.].*)?$")
 # CPU as cores or millicores, the forms the training pod builder divides among processes.
 _CPU_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?m?$")
 
 
+# The longest quantity string accepted. From some release after 1.29 on, it also bounds the cost
+# that the API server estimates for the CEL rules that match it.
+QUANTITY_MAX_LENGTH = 64
+
+
+def pattern_rule(pattern: str, message: str) -> dict[str, str]:
+    """Return the CRD rule that a string field matches `pattern`, rejected with `message`.
+
+    A CEL rule rather than the schema's `pattern` keyword, because the API server rejects a
+    `pattern` mismatch by printing the regular expression, which names no fix. The field needs
+    a `maxLength`, which bounds the rule's estimated cost.
+    """
+    return {"rule": f"self.matches(r'{pattern}')", "message": message}
+
+
+def _quantity_messages(examples: str) -> tuple[str, str]:
+    """Return the messages for a string that is not a quantity and for a zero quantity."""
+    return (f"not a Kubernetes quantity; write {examples}",
+            "a quantity must be more than zero, because it is the pod's request and limit; "
+            f"write {examples}")
+
+
 def _quantity_validator(pattern: re.Pattern[str], examples: str) -> Callable[[Any], str]:
     """Return a validator that takes a quantity as an integer or a string and returns a string."""
+    not_quantity, zero = _quantity_messages(examples)
 
     def check(value: Any) -> str:
         if isinstance(value, int) and not isinstance(value, bool):
             if value <= 0:
-                raise ValueError(f"a quantity must be more than zero, because it is the pod's "
-                                 f"request and limit; write {examples}")
+                raise ValueError(zero)
             return str(value)
         if isinstance(value, float):
             raise ValueError(f"a fractional quantity must be a string, because the API server "
                              f"accepts only an integer or a string here; write '{value}'")
-        if isinstance(value, str) and pattern.match(value):
-            if _ZERO.match(value):
-                raise ValueError(f"a quantity must be more than zero, because it is the pod's "
-                                 f"request and limit; write {examples}")
+        if isinstance(value, str) and len(value) > QUANTITY_MAX_LENGTH:
+            raise ValueError(f"a quantity must be at most {QUANTITY_MAX_LENGTH} characters; "
+                             f"write {examples}")
+        if isinstance(value, str) and pattern.fullmatch(value):
+            if _ZERO.fullmatch(value):
+                raise ValueError(zero)
             return value
-        raise ValueError(f"not a Kubernetes quantity; write {examples}")
+        raise ValueError(not_quantity)
 
     return check
 
 
 def _quantity_type(pattern: re.Pattern[str], examples: str) -> Any:
-    """Build a str type that also takes an integer, as Kubernetes' int-or-string does."""
+    """Build a str type that also takes an integer, as Kubernetes' int-or-string does.
+
+    The CRD checks it with CEL rules, whose `self` is an int or a string, with the same
+    messages as the validator.
+    """
+    not_quantity, zero = _quantity_messages(examples)
     return Annotated[
         str,
         BeforeValidator(_quantity_validator(pattern, examples)),
-        WithJsonSchema(
-            {"x-kubernetes-int-or-string": True, "pattern": pattern.pattern, "minimum": 0}
-        ),
+        WithJsonSchema({
+            "x-kubernetes-int-or-string": True,
+            "maxLength": QUANTITY_MAX_LENGTH,
+            "x-kubernetes-validations": [
+                {"rule": f"type(self) == int || self.matches(r'{pattern.pattern}')",
+                 "message": not_quantity},
+                {"rule": f"type(self) == int ? self > 0 : !self.matches(r'{_ZERO.pattern}')",
+                 "message": zero},
+            ],
+        }),
     ]
 
 
@@ -348,6 +385,10 @@ class ResourceRequirements(ApiModel):
     )
 
 
+_PRIORITY_CLASS_FIX = (
+    "must be the name of a PriorityClass, a DNS-1123 subdomain (lowercase letters, digits, "
+    "'-' and '.'), such as 'high-priority'; `kubectl get priorityclasses` lists them"
+)
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -411,9 +452,18 @@ class Scheduling(ApiModel):
     priority_class_name: str | None = Field(
         default=None,
         max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        json_schema_extra={"x-kubernetes-validations": [
+            pattern_rule(f"^{_DNS_SUBDOMAIN.pattern}$", _PRIORITY_CLASS_FIX)
+        ]},
         description="PriorityClass of the pods, which decides scheduling order and preemption.",
     )
+
+    @field_validator("priority_class_name")
+    @classmethod
+    def _check_priority_class(cls, name: str | None) -> str | None:
+        if name is not None and not _DNS_SUBDOMAIN.fullmatch(name):
+            raise ValueError(_PRIORITY_CLASS_FIX)
+        return name
 
     @field_validator("node_selector")
     @classmethod
@@ -608,6 +658,10 @@ DataPath = Annotated[
 
 
 _STORAGE_URI = re.compile(r"^(file:///|pvc://[^/]+/|s3://[^/]+)")
+_STORAGE_URI_FIX = (
+    "use file:///absolute/path, pvc://<claim>/<path> or s3://<bucket>/<prefix>, or remove "
+    "the field to use the default artifact store"
+)
 
 
 class StorageSpec(ApiModel):
@@ -615,9 +669,10 @@ class StorageSpec(ApiModel):
 
     uri: str | None = Field(
         default=None,
-        # NB: the pattern goes only into the CRD; the validator below gives pydantic's error a
-        # message that names the accepted forms.
-        json_schema_extra={"pattern": _STORAGE_URI.pattern},
+        max_length=DATA_PATH_MAX_LENGTH,
+        json_schema_extra={"x-kubernetes-validations": [
+            pattern_rule(_STORAGE_URI.pattern, _STORAGE_URI_FIX)
+        ]},
         description=(
             "Output location: `file:///path`, `pvc://<claim>/<path>` or `s3://bucket/prefix`. "
             "When unset, the backend's artifact store decides (the workspace for `lathe run`)."
@@ -627,8 +682,7 @@ class StorageSpec(ApiModel):
     @field_validator("uri")
     @classmethod
     def _check_scheme(cls, uri: str | None) -> str | None:
-        return check_uri(uri, _STORAGE_URI, "use file:///absolute/path, pvc://<claim>/<path> "
-                         "or s3://<bucket>/<prefix>")
+        return check_uri(uri, _STORAGE_URI, _STORAGE_URI_FIX)
 
 
 def check_uri(uri: str | None, pattern: re.Pattern[str], fix: str) -> str | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lathe.api.common import (
     ApiModel,
@@ -18,6 +19,14 @@ from lathe.api.common import (
     Scheduling,
     StageStatus,
     StorageSpec,
+    pattern_rule,
+)
+
+# Triton names the model's directory after the model, so the name is a plain file name.
+_MODEL_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
+_MODEL_NAME_FIX = (
+    "may contain only letters, digits, '_' and '-', because Triton names the model's "
+    "directory after it; for example 'ner' or 'disease_ner'"
 )
 
 
@@ -202,7 +211,10 @@ class ModelDeploymentSpec(ApiModel):
     model: ModelSourceSpec = Field(description="The model to deploy.")
     model_name: str = Field(
         # Triton names the model's directory after it, and file names are limited to 255 bytes.
-        default="ner", pattern=r"^[a-zA-Z0-9_-]+$", max_length=128,
+        default="ner", max_length=128,
+        json_schema_extra={"x-kubernetes-validations": [
+            pattern_rule(_MODEL_NAME.pattern, _MODEL_NAME_FIX)
+        ]},
         description="Name of the model in Triton: the ensemble that takes text and returns "
         "entities, at `/v2/models/<modelName>/infer`. Letters, digits, `_` and `-`. Default: "
         "ner.",
@@ -232,6 +244,13 @@ class ModelDeploymentSpec(ApiModel):
         description="Labels and annotations for the export Job's pod; `serving.podMetadata` "
         "sets those of the Triton pods.",
     )
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_model_name(cls, name: str) -> str:
+        if not _MODEL_NAME.match(name):
+            raise ValueError(_MODEL_NAME_FIX)
+        return name
 
 
 class ModelDeployment(Resource):

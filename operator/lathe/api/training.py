@@ -7,11 +7,21 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from lathe.api.common import ApiModel, CelRule, check_uri
+from lathe.api.common import (
+    DATA_PATH_MAX_LENGTH,
+    ApiModel,
+    CelRule,
+    check_uri,
+    pattern_rule,
+)
 
 # Any fsspec URL: file:/// with an absolute path, or a scheme with a host or bucket (pvc://,
 # s3://, gs://). The stage rejects a scheme with no fsspec implementation when it runs.
 _ARTIFACT_URI = re.compile(r"^(file:///|[a-z][a-z0-9+.-]*://[^/]+)")
+_ARTIFACT_URI_FIX = (
+    "use file:///absolute/path, pvc://<claim>/<path>, s3://<bucket>/<prefix> or another "
+    "fsspec URL with a host"
+)
 
 
 class TrainingSpec(ApiModel):
@@ -104,7 +114,10 @@ class TrainingSpec(ApiModel):
     )
     artifact_uri: str | None = Field(
         default=None,
-        json_schema_extra={"pattern": _ARTIFACT_URI.pattern},
+        max_length=DATA_PATH_MAX_LENGTH,
+        json_schema_extra={"x-kubernetes-validations": [
+            pattern_rule(_ARTIFACT_URI.pattern, _ARTIFACT_URI_FIX)
+        ]},
         description="PretrainJob: fsspec URL where checkpoints and a copy of the final model "
         "are written (file://, pvc://<claim>/<path>, s3://...). Unset: the stage output "
         "directory.",
@@ -113,8 +126,7 @@ class TrainingSpec(ApiModel):
     @field_validator("artifact_uri")
     @classmethod
     def _check_artifact_scheme(cls, uri: str | None) -> str | None:
-        return check_uri(uri, _ARTIFACT_URI, "use file:///absolute/path, pvc://<claim>/<path>, "
-                         "s3://<bucket>/<prefix> or another fsspec URL with a host")
+        return check_uri(uri, _ARTIFACT_URI, _ARTIFACT_URI_FIX)
 
 
 class DistributedSpec(ApiModel):

@@ -335,7 +335,8 @@ class Reconciler:
             if suspended:
                 new["conditions"] = status.set_condition(
                     conditions, C.SUSPENDED, True, Reason.SUSPENDED,
-                    "The spec sets suspend; no workload runs.", generation,
+                    "spec.suspend is true, so no Job is created; clear it to start the stage.",
+                    generation,
                 )
                 return new
             self._create_workload(resource, body, plan, attempt)
@@ -370,7 +371,9 @@ class Reconciler:
                 "the latest checkpoint when it is cleared.", generation,
             )
             new["conditions"] = status.set_condition(
-                conditions, C.RUNNING, False, Reason.SUSPENDED, "Suspended.", generation
+                conditions, C.RUNNING, False, Reason.SUSPENDED,
+                f"Job {job_name} is suspended because spec.suspend is true; clear it to "
+                "continue.", generation,
             )
             return new
         if status.condition_true(conditions, C.SUSPENDED):
