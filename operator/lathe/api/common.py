@@ -372,16 +372,17 @@ class ResourceRequirements(ApiModel):
     )
     memory: Quantity = Field(
         default="8Gi",
-        description="Memory request and limit per node, as a Kubernetes quantity such as "
-        "`16Gi` or `4G`.",
+        description="Memory request and limit per node: bytes as a Kubernetes quantity with "
+        "an optional suffix (`Ki` to `Ei`, `k` to `E`) or exponent, such as `16Gi`, `4G` or "
+        "`1e9`.",
     )
     gpus: int = Field(
         default=0, ge=0, le=16, description="GPUs per node, requested as `nvidia.com/gpu`."
     )
     shm_size: Quantity = Field(
         default="1Gi",
-        description="Size of the memory-backed /dev/shm volume per node, as a Kubernetes "
-        "quantity such as `1Gi`.",
+        description="Size of the memory-backed /dev/shm volume per node, in the form of "
+        "`memory`, such as `1Gi`.",
     )
 
 
