@@ -239,6 +239,25 @@ def test_requested_ports_used_when_free(export_output, tmp_path):
             assert client.infer_entities(running.http_url, MODEL_NAME, ["Breast cancer."])
 
 
+def test_paths_with_shell_characters_served(export_output, tmp_path):
+    """A workspace path with a space and `#` still serves: Triton's Python backend starts its
+    stubs through an unquoted shell command."""
+    import shutil
+
+    output, model_dir = export_output
+    folder = tmp_path / "work space #1 ü"
+    shutil.copytree(output / "model_repository", folder / "model repository")
+    with local_server.start_triton(folder / "model repository", folder / "triton",
+                                   ready_timeout_s=60) as running:
+        links = running.links
+        assert links is not None
+        served = client.infer_entities(running.http_url, MODEL_NAME, UTF8_TEXTS[:2])
+        assert (folder / "triton" / "tritonserver.log").is_file()
+    assert served == predict_entities(model_dir, UTF8_TEXTS[:2])
+    assert not links.exists()
+    assert (folder / "model repository").is_dir()
+
+
 def test_missing_repository_fails(tmp_path):
     with pytest.raises(local_server.TritonStartError, match="does not exist"):
         local_server.start_triton(tmp_path / "nothing", tmp_path / "work")

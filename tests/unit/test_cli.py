@@ -133,3 +133,31 @@ def test_resumed_stage_says_so():
     lines = cli.StageLines(console, [resource])
     lines(ProgressEvent(resource.key, "started", message="resumes from the checkpoint of step 4"))
     assert output.getvalue() == "PretrainJob lm: started; resumes from the checkpoint of step 4.\n"
+
+
+def test_triton_start_failure_is_an_error(monkeypatch, tmp_path, capsys):
+    """A tritonserver that does not start ends lathe with an error line and status 1, and
+    status.json records why Triton is not running."""
+    from lathe.local import serving
+    from lathe_trainer.serving import local_server
+
+    def fail(*_args, **_kwargs):
+        raise local_server.TritonStartError("tritonserver was not ready within 180 s")
+
+    recorded = []
+    monkeypatch.setattr(local_server, "start_triton", fail)
+    monkeypatch.setattr(serving, "repository_path", lambda _result: tmp_path)
+    monkeypatch.setattr(serving, "record_serving",
+                        lambda _result, endpoint, message: recorded.append((endpoint, message)))
+    result = SimpleNamespace(
+        directory=tmp_path,
+        resource=SimpleNamespace(key="ModelDeployment/default/ner",
+                                 spec=SimpleNamespace(serving=None)),
+    )
+    monkeypatch.setattr(cli, "_validate",
+                        lambda _args, console: serving.serve_and_query(result, "x", console))
+    assert cli.main(["validate", "-f", "unused.yaml"]) == 1
+    error = capsys.readouterr().err
+    assert "error: ModelDeployment/default/ner: the local tritonserver did not start" in error
+    assert "Traceback" not in error
+    assert recorded == [(None, "Triton did not start: tritonserver was not ready within 180 s")]

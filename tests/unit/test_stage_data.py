@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from lathe_trainer import stage
 from lathe_trainer.stage import StageConfig, combined_digest, digest_outputs, sha256_file
 
@@ -63,3 +67,38 @@ def test_run_records_left_out_of_digest(tmp_path):
     assert first["digest"] != changed["digest"]
     assert first["outputs"]["report.json"] != again["outputs"]["report.json"]
     assert first["runRecords"] == ["report.json"]
+
+
+def _finetune_spec(tmp_path, test_lines: str, **extra):
+    import yaml
+
+    from lathe.api.finetune import FineTuneSpec
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "pubmed" / "04-finetune.yaml"
+    spec = yaml.safe_load(example.read_text())["spec"]
+    (tmp_path / "train.tsv").write_text("Breast\tB-Disease\ncancer\tI-Disease\n.\tO\n")
+    (tmp_path / "test.tsv").write_text(test_lines)
+    spec["data"] = {"format": "conll", "train": "train.tsv", "test": "test.tsv"}
+    return FineTuneSpec.model_validate({**spec, **extra})
+
+
+def test_test_type_missing_from_train(tmp_path):
+    from lathe_trainer.finetune.stage import read_splits
+
+    config = config_for(tmp_path, f"file://{tmp_path}/out")
+    spec = _finetune_spec(tmp_path, "Gout\tB-Disease\n.\tO\n\nAspirin\tB-Diseas\n.\tO\n")
+    with pytest.raises(stage.StageError) as raised:
+        read_splits(config, spec)
+    message = str(raised.value)
+    assert "spec.data.test:" in message
+    assert "sentence 2 of 'test.tsv' has the entity type 'Diseas'" in message
+    assert "fix the tag" in message
+    assert "maxTrainSentences" not in message
+
+
+def test_train_types_cover_test(tmp_path):
+    from lathe_trainer.finetune.stage import read_splits
+
+    config = config_for(tmp_path, f"file://{tmp_path}/out")
+    spec = _finetune_spec(tmp_path, "Gout\tB-Disease\n.\tO\n", maxTrainSentences=1)
+    assert set(read_splits(config, spec)) == {"train", "test"}

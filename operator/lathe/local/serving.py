@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from lathe import plans
-from lathe.errors import InvalidResourceError
+from lathe.errors import InvalidResourceError, LatheError
 from lathe.local.runner import StageResult, record_serving
 from lathe_trainer import remote
 from lathe_trainer.serving import client, local_server, reference
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 class ServingStoppedError(InvalidResourceError):
     """The local tritonserver exited on its own while `lathe run --serve` kept it serving."""
+
+
+class ServingStartError(LatheError):
+    """The local tritonserver of a ModelDeployment did not start or did not become ready."""
 
 
 def repository_path(result: StageResult) -> Path:
@@ -88,7 +92,14 @@ def serve_and_query(
     ports = ((serving.http_port, serving.grpc_port, serving.metrics_port) if keep_serving
              else None)
     busy = local_server.busy_ports(ports) if ports else []
-    with local_server.start_triton(repository_path(result), workdir, ports=ports) as server:
+    try:
+        started = local_server.start_triton(repository_path(result), workdir, ports=ports)
+    except local_server.TritonStartError as error:
+        record_serving(result, None, f"Triton did not start: {error}")
+        raise ServingStartError(
+            f"{result.resource.key}: the local tritonserver did not start: {error}"
+        ) from error
+    with started as server:
         chosen = (server.http_port, server.grpc_port, server.metrics_port)
         if ports and chosen != ports:
             # Without a busy port before the start, one was taken while Triton started.

@@ -165,7 +165,31 @@ def read_splits(config: StageConfig, spec: FineTuneSpec) -> dict[str, list]:
                 config, f"spec.data.{name}",
                 f"{relative!r} cannot be used: {error}; fix the file or the path{where}.",
             ) from error
+    check_entity_types(config, spec, splits)
     return splits
+
+
+def check_entity_types(config: StageConfig, spec: FineTuneSpec, splits: dict[str, list]) -> None:
+    """Raise StageError when validation or test tags an entity type that train never tags.
+
+    The model cannot learn such a type, so every one of its entities is a missed entity, and a
+    mistyped tag (`B-Diseas`) would add a class and lower F1 without any other sign.
+    """
+    trained = {tag[2:] for _, tags in splits["train"] for tag in tags if tag != "O"}
+    for name in ("validation", "test"):
+        for number, (_, tags) in enumerate(splits.get(name, []), start=1):
+            unseen = sorted({tag[2:] for tag in tags if tag != "O"} - trained)
+            if not unseen:
+                continue
+            capped = (f", or raise maxTrainSentences ({spec.max_train_sentences}) if the "
+                      "type occurs later in the train file" if spec.max_train_sentences else "")
+            raise StageError(
+                config, f"spec.data.{name}",
+                f"sentence {number} of {getattr(spec.data, name)!r} has the entity type "
+                f"{unseen[0]!r}, which no sentence of the train split "
+                f"({spec.data.train!r}) has, so the model cannot learn it; fix the tag, or "
+                f"add training sentences of that type{capped}.",
+            )
 
 
 def warn_on_serving_split(splits: dict[str, list]) -> dict[str, int]:

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
 LOOPBACK = "127.0.0.1"
+# A character that a shell reads as more than a letter of a word. The Python backend of Triton
+# 2.51 (nvidia-pytriton 0.7.0) starts each model's stub through a shell without quoting the
+# stub and model paths. A path with a space (or `;`, `$`, a quote) splits that command, the
+# log shows `sh: 1: /path: not found`, and the model never loads.
+_SHELL_UNSAFE = re.compile(r"[^\w@%+=:,./-]")
 
 
 class TritonStartError(RuntimeError):
@@ -180,6 +186,9 @@ class TritonServer:
     log_path: Path
     shm_prefix: str
     _log_file: object = field(default=None, repr=False)
+    # The folder of symlinks that Triton reads the repository and backends through, removed
+    # on stop (see shell_safe_paths).
+    links: Path | None = None
 
     @property
     def http_url(self) -> str:
@@ -249,6 +258,10 @@ class TritonServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self.links is not None:
+            # The folder contains only symlinks, and rmtree removes them without following.
+            shutil.rmtree(self.links, ignore_errors=True)
+            self.links = None
 
     def __enter__(self) -> TritonServer:
         return self
@@ -285,6 +298,31 @@ def busy_ports(ports: tuple[int, ...]) -> list[int]:
             except OSError:
                 busy.append(port)
     return busy
+
+
+def shell_safe_paths(repository: Path, workdir: Path) -> tuple[Path, Path, Path | None]:
+    """Return paths to `repository` and `workdir` that Triton's stub command can use.
+
+    When either path has a character that the shell would read otherwise (_SHELL_UNSAFE), both
+    are replaced by symlinks in a new temporary folder. That folder is returned third, so that
+    the caller removes it. Otherwise the paths are returned as they are, with None.
+    """
+    if not (_SHELL_UNSAFE.search(str(repository)) or _SHELL_UNSAFE.search(str(workdir))):
+        return repository, workdir, None
+    links = Path(tempfile.mkdtemp(prefix="lathe-triton-"))
+    if _SHELL_UNSAFE.search(str(links)):
+        shutil.rmtree(links, ignore_errors=True)
+        raise TritonStartError(
+            f"the model repository {repository} or the folder {workdir} contains a space or "
+            "another shell character, which the Triton Python backend cannot start models "
+            f"from, and the temporary folder {links.parent} has one too; set TMPDIR to a "
+            "folder without such characters, or use a workspace path without them."
+        )
+    (links / "repository").symlink_to(repository, target_is_directory=True)
+    (links / "work").symlink_to(workdir, target_is_directory=True)
+    log.info("Serving %s through the symlink folder %s, because its path contains characters "
+             "that Triton's Python backend does not quote.", repository, links)
+    return links / "repository", links / "work", links
 
 
 def launch(repository: Path, workdir: Path, backends: Path, log_path: Path,
@@ -336,9 +374,28 @@ def start_triton(
     if python is None:
         check_numpy()
     workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "tritonserver.log"
+    # The paths Triton reads from are symlinks without shell characters when the real ones
+    # have some. They are not resolved again, because Triton would then see the real paths.
+    repository, workdir, links = shell_safe_paths(repository, workdir)
+    try:
+        server = _start_ready(repository, workdir, log_path, ready_timeout_s, attempts, python,
+                              ports)
+    except BaseException:
+        if links is not None:
+            shutil.rmtree(links, ignore_errors=True)
+        raise
+    server.links = links
+    return server
+
+
+def _start_ready(
+    repository: Path, workdir: Path, log_path: Path, ready_timeout_s: float, attempts: int,
+    python: ModelPython | None, ports: tuple[int, int, int] | None,
+) -> TritonServer:
+    """Start tritonserver until it is ready; retry with new ports when a port was taken."""
     backends = prepare_backends(find_installation(), workdir, python)
     check_backends(repository, backends)
-    log_path = workdir / "tritonserver.log"
     attempt = 1
     busy = busy_ports(ports) if ports else []
     requested = ports if ports and not busy else None
