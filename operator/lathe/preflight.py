@@ -8,6 +8,7 @@ resource must also fit the resources it references (lathe.consistency).
 from __future__ import annotations
 
 import difflib
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,12 +141,33 @@ def check_files(resource: Resource, data_dir: Path) -> None:
                 "LATHE_DATA_DIR.",
             )
         problem = "is a directory, not a file" if resolved.is_dir() else "does not exist"
+        if path.startswith("file://") or Path(path).is_absolute():
+            raise InvalidResourceError(
+                resource.label, field,
+                f"file {path!r} {problem}; fix the path"
+                f"{_decoded_hint(path) or _close_file(path, resolved)}.",
+            )
         raise InvalidResourceError(
             resource.label,
             field,
             f"file {path!r} {problem} under the data directory {str(data_dir)!r}; fix the "
             f"path{_close_file(path, resolved)} or pass the right folder with --data-dir.",
         )
+
+
+def _decoded_hint(path: str) -> str:
+    """Return a hint for a file:// URI written percent-encoded (`%20` for a space) whose
+    decoded path exists, or "".
+
+    Lathe reads a file:// path literally, as fsspec does, so `%20` is the three characters.
+    """
+    if not path.startswith("file://") or "%" not in path:
+        return ""
+    decoded = urllib.parse.unquote(path[len("file://"):])
+    if decoded == path[len("file://"):] or not Path(decoded).exists():
+        return ""
+    return (f" (file:// paths are read as written, without percent-decoding, so write "
+            f"'file://{decoded}')")
 
 
 def _close_file(path: str, resolved: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -328,3 +329,17 @@ def test_invalid_regex_exits_permanent(tmp_path, data_dir, make_config, capsys):
     assert main(["tokenizer", "--config", str(path)]) == EXIT_PERMANENT
     assert ("spec.protectedPatterns[1].regex: invalid value '(?<=mg': invalid regular "
             "expression: ") in capsys.readouterr().err
+
+
+def test_short_vocabulary_reported(tmp_path, data_dir, make_config, caplog):
+    """A corpus too small for spec.vocabSize gives fewer tokens, with a warning that says so."""
+    corpus = write_corpus(tmp_path / "corpus", data_dir,
+                          lambda index, text: text[:200] if index < 20 else "")
+    config = make_config(tokenizer_resource(vocabSize=200000), {"corpus": corpus},
+                         tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="lathe_trainer.tokenizer.stage"):
+        stage.run(config, resume=False)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["requested_vocab_size"] == 200000
+    assert report["learned_vocab_size"] < 200000
+    assert "fewer than the 200000 that spec.vocabSize" in caplog.text

@@ -86,6 +86,27 @@ def test_directory_as_source_named(data):
         preflight.check_files(parse(body), data)
 
 
+def test_missing_absolute_file_named(data):
+    """An absolute path is not under the data directory, so the error does not say it is."""
+    path = f"file://{data}/absent.txt"
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_files(parse(with_path(CORPUS, "sources", "path", path)), data)
+    assert raised.value.detail == f"file {path!r} does not exist; fix the path."
+
+
+def test_percent_encoded_file_uri_explained(data):
+    """file:// paths are literal, as in fsspec; an encoded space gets the path to write."""
+    (data / "odd dir #1").mkdir()
+    (data / "odd dir #1" / "notes.txt").write_text("x\n")
+    path = f"file://{data}/odd%20dir%20%231/notes.txt"
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_files(parse(with_path(CORPUS, "sources", "path", path)), data)
+    assert "without percent-decoding" in raised.value.detail
+    assert f"'file://{data}/odd dir #1/notes.txt'" in raised.value.detail
+    literal = f"file://{data}/odd dir #1/notes.txt"
+    preflight.check_files(parse(with_path(CORPUS, "sources", "path", literal)), data)
+
+
 def test_data_digests_cover_files_and_base_model(data):
     finetune = parse(FINETUNE)
     first = preflight.data_digests(finetune, data)

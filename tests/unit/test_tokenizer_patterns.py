@@ -301,6 +301,19 @@ def test_regex_error_message(regex, message):
         (r"(?m)a.b", "the flag m makes ^ and $ match at line ends in Python, but makes . match "
          "a newline in the tokenizer's engine (Oniguruma), where ^ and $ always match at line "
          "ends; remove it"),
+        (r"(?s)E11.+", r"the inline flag s at position 0 is not a flag of the tokenizer's engine "
+         r"(Oniguruma), which would reject the pattern; write [\s\S] where a character, a "
+         r"newline included, is meant"),
+        (r"E(?i-s:11)", r"the inline flag s at position 1 is not a flag of the tokenizer's "
+         r"engine (Oniguruma), which would reject the pattern; write [\s\S] where a "
+         r"character, a newline included, is meant"),
+        (r"(?a:\w+)", r"the inline flag a at position 0 is not a flag of the tokenizer's engine "
+         r"(Oniguruma), which would reject the pattern; write [0-9] or [A-Za-z] where only "
+         r"ASCII characters are meant"),
+        (r"(?i:e11)\(?s", None),
+        (r"E11\Z", r"\Z matches only at the very end in Python, but also before a final newline "
+         r"in the tokenizer's engine (Oniguruma); write $ (the end of a line there) or \b"),
+        (r"E11\\Z", None),
         (r"\N{EM DASH}", r"\N{...} is a named character in Python but the letters N{...} in the "
          r"tokenizer's engine (Oniguruma); write the character itself"),
         (r"\U00000041", r"\U followed by eight hex digits is a character code in Python but not "
@@ -368,6 +381,20 @@ def test_accepted_property_classes_compile_in_oniguruma(regex):
         assert compiles
     elif regex != r"\p{In_Basic_Latin}":
         assert not compiles
+
+
+@pytest.mark.parametrize("flag", ["s", "a", "u"])
+def test_unknown_flags_rejected_by_oniguruma(flag):
+    """The inline flags that the syntax check rejects as unknown, Oniguruma rejects too, and
+    the flags it accepts compile there."""
+    from lathe.api.tokenizer import regex_syntax_error
+
+    assert regex_syntax_error(f"(?{flag}:E11)") is not None
+    with pytest.raises(Exception, match="undefined group option"):
+        patterns.Regex(f"(?{flag}:E11)")
+    for accepted in ("i", "x", "ix"):
+        assert regex_syntax_error(f"(?{accepted}:E11)") is None
+        patterns.Regex(f"(?{accepted}:E11)")
 
 
 def test_lowercase_rejects_cased_property_class():

@@ -147,7 +147,19 @@ _READ_OTHERWISE = (
     (re.compile(r"\(\?[a-zA-Z]*m[a-zA-Z]*[:)]"),
      "the flag m makes ^ and $ match at line ends in Python, but makes . match a newline in "
      "the tokenizer's engine (Oniguruma), where ^ and $ always match at line ends; remove it"),
+    (re.compile(r"(?<!\\)(?:\\\\)*\\Z"),
+     "\\Z matches only at the very end in Python, but also before a final newline in the "
+     "tokenizer's engine (Oniguruma); write $ (the end of a line there) or \\b"),
 )
+# The inline flags that Oniguruma, with the Ruby syntax, does not know, with what to write
+# instead. Python accepts them, and the tokenizer would then fail with "undefined group option".
+_UNKNOWN_FLAGS = {
+    "s": "write [\\s\\S] where a character, a newline included, is meant",
+    "a": "write [0-9] or [A-Za-z] where only ASCII characters are meant",
+    "u": "remove it, because patterns match Unicode without it",
+    "L": "remove it",
+}
+_INLINE_FLAGS = re.compile(r"(?<!\\)(?:\\\\)*\(\?([a-zA-Z]*)(?:-([a-zA-Z]+))?[:)]")
 
 
 _UNESCAPED_HASH = re.compile(r"(?<!\\)(?:\\\\)*#")
@@ -158,6 +170,13 @@ def _engine_difference(pattern: str, compiled: re.Pattern) -> str | None:
     for construct, problem in _READ_OTHERWISE:
         if construct.search(pattern):
             return problem
+    for flags in _INLINE_FLAGS.finditer(pattern):
+        letters = flags.group(1) + (flags.group(2) or "")
+        unknown = next((flag for flag in letters if flag in _UNKNOWN_FLAGS), None)
+        if unknown is not None:
+            return (f"the inline flag {unknown} at position {flags.start(1) - 2} is not a flag "
+                    f"of the tokenizer's engine (Oniguruma), which would reject the pattern; "
+                    f"{_UNKNOWN_FLAGS[unknown]}")
     if compiled.flags & re.VERBOSE and _UNESCAPED_HASH.search(pattern):
         return ("a # comment in a verbose (?x) pattern would run on past the pattern in the "
                 "tokenizer's combined expression; remove the comment, or write \\# for the "
@@ -169,7 +188,9 @@ def _set_difference(pattern: str) -> str | None:
     """Return why Oniguruma would read a character set of `pattern` otherwise, or None.
 
     In Oniguruma `&&` in a set is an intersection and `[` opens a nested set, while Python
-    reads both as characters. POSIX classes such as [[:upper:]] mean the same in both.
+    reads both as characters. POSIX classes such as [[:upper:]] mean the same in Oniguruma and
+    in the regex module, which finds the matches on the Python side; only the syntax check
+    runs in re, which reads them as sets.
     """
     position = 0
     in_set = False

@@ -161,6 +161,12 @@ def run(config: StageConfig, resume: bool) -> dict:
             f"({train_texts.malformed} malformed); rebuild the Corpus.",
         )
     learned = tokenizer.get_vocab_size()
+    if learned < spec.vocab_size - len(seen_terms):
+        # BPE stops when no pair of tokens is left to merge, so a small corpus gives fewer.
+        log.warning("The tokenizer learned %d tokens, fewer than the %d that spec.vocabSize "
+                    "(%d) leaves after %d protected terms, because the training split has no "
+                    "more pairs to merge; lower vocabSize or add training text.", learned,
+                    spec.vocab_size - len(seen_terms), spec.vocab_size, len(seen_terms))
     file_terms = [term for vocabulary in vocabularies for term in vocabulary.terms]
     terms = [*seen_terms, *file_terms]
     tokenizer, added = training.add_terms(tokenizer, terms)
@@ -179,6 +185,7 @@ def run(config: StageConfig, resume: bool) -> dict:
                     corpus.name)
     report = {
         "vocab_size": tokenizer.get_vocab_size(),
+        "requested_vocab_size": spec.vocab_size,
         "learned_vocab_size": learned,
         "protected_terms_added": added,
         "protected_terms_from_training": len(seen_terms),
