@@ -285,3 +285,41 @@ def test_resource_logger_names_kind_and_resource(caplog):
         handlers.resource_logger("FineTune", "team-a", "ner").info("Created Job ner-r1-0.")
     assert [record.getMessage() for record in caplog.records] == [
         "[FineTune team-a/ner] Created Job ner-r1-0."]
+
+
+class CustomResourceDefinitions:
+    """The apiextensions client's CRD read, raising a 404 ApiException until `installed` is set."""
+
+    def __init__(self) -> None:
+        self.installed = False
+
+    def read_custom_resource_definition(self, name: str) -> dict:
+        if not self.installed:
+            raise ApiException(status=404, reason="Not Found")
+        return {"metadata": {"name": name}}
+
+
+def test_pod_monitor_crd_rechecked(monkeypatch):
+    """A Prometheus Operator installed or removed after the operator started is noticed
+    without a restart, and a PodMonitor whose CRD is gone fails no reconcile."""
+    crds = CustomResourceDefinitions()
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    reconciler.api = reconcile.Clients.__new__(reconcile.Clients)
+    reconciler.api.extensions = crds
+    reconciler._pod_monitor_crd = None
+    clock = [1000.0]
+    monkeypatch.setattr(reconcile.time, "monotonic", lambda: clock[0])
+
+    assert reconciler._has_pod_monitor_crd() is False
+    crds.installed = True
+    assert reconciler._has_pod_monitor_crd() is False  # still cached
+    clock[0] += reconcile.POD_MONITOR_CRD_CACHE_SECONDS
+    assert reconciler._has_pod_monitor_crd() is True
+
+    def removed(namespace: str, obj: dict) -> None:
+        raise ApiException(status=404, reason="Not Found")
+
+    reconciler._apply = removed
+    crds.installed = False
+    reconciler._apply_pod_monitor("team-a", {"metadata": {"name": "ner-triton"}})
+    assert reconciler._has_pod_monitor_crd() is False

@@ -45,6 +45,9 @@ UPSTREAM_CACHE_SECONDS = 1.0
 # (1.45) reports no DELETED event for a Job deleted while its watch was re-listing, so an older
 # entry is read from the API server again.
 JOB_CACHE_SECONDS = 30.0
+# Seconds the presence or absence of the PodMonitor CRD is trusted before it is read again, so
+# that installing or removing the Prometheus Operator takes effect without an operator restart.
+POD_MONITOR_CRD_CACHE_SECONDS = 60.0
 
 # Hex digits of the resume key in a run's folder name (`run-<digits>`): 64 bits, so two runs of
 # one resource with different resume keys share a folder with a probability of 2^-64.
@@ -106,7 +109,8 @@ class Reconciler:
         self.settings = settings
         self.api = clients or Clients()
         self.store = builders.ArtifactStore(settings.artifact_root)
-        self._pod_monitor_crd: bool | None = None
+        # (time.monotonic() of the read, whether the PodMonitor CRD exists), or None before.
+        self._pod_monitor_crd: tuple[float, bool] | None = None
         self._upstreams: dict[tuple[str, str, str], tuple[float, dict]] = {}
         # The fields the reconcile reads of each managed Job, by (namespace, name), with the
         # time.monotonic() of the watch event that delivered them
@@ -506,7 +510,7 @@ class Reconciler:
             # against the replicas that the operator applies.
             self._delete_autoscaler(namespace, builders.triton_name(serving))
         if self._has_pod_monitor_crd():
-            self._apply(namespace, builders.pod_monitor(serving, owner))
+            self._apply_pod_monitor(namespace, builders.pod_monitor(serving, owner))
         name = builders.triton_name(serving)
         deployment = self.api.apps.read_namespaced_deployment(name, namespace)
         new["endpoint"] = f"http://{name}.{namespace}.svc:{serving.http_port}"
@@ -781,17 +785,33 @@ class Reconciler:
         return {}
 
     def _has_pod_monitor_crd(self) -> bool:
-        if self._pod_monitor_crd is None:
-            try:
-                self.api.extensions.read_custom_resource_definition(
-                    "podmonitors.monitoring.coreos.com"
-                )
-                self._pod_monitor_crd = True
-            except ApiException as error:
-                if error.status != 404:
-                    raise
-                self._pod_monitor_crd = False
-        return self._pod_monitor_crd
+        """Return whether the Prometheus Operator's PodMonitor CRD is installed, read again
+        after POD_MONITOR_CRD_CACHE_SECONDS."""
+        cached = self._pod_monitor_crd
+        if cached is not None and time.monotonic() - cached[0] < POD_MONITOR_CRD_CACHE_SECONDS:
+            return cached[1]
+        try:
+            self.api.extensions.read_custom_resource_definition(
+                "podmonitors.monitoring.coreos.com"
+            )
+            exists = True
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            exists = False
+        self._pod_monitor_crd = (time.monotonic(), exists)
+        return exists
+
+    def _apply_pod_monitor(self, namespace: str, obj: dict) -> None:
+        """Apply a PodMonitor, or skip it when its CRD was removed since the last check."""
+        try:
+            self._apply(namespace, obj)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            log.info("Skipped the PodMonitor %s/%s: the PodMonitor CRD is no longer served.",
+                     namespace, obj["metadata"]["name"])
+            self._pod_monitor_crd = (time.monotonic(), False)
 
     # -- status helpers --------------------------------------------------------------------
 
