@@ -320,6 +320,9 @@ class Reconciler:
             if previous:
                 self._delete_job(resource.metadata.namespace, previous)
             new.pop("artifact", None)
+            # The previous run's last progress (its step count, loss and an ETA of 0) would
+            # otherwise show in `kubectl get` until the new run writes its own.
+            new.pop("progress", None)
             new["failedAttempts"] = []
             new["restartCount"] = 0
             conditions = [c for c in conditions if c["type"] in (C.INPUTS_READY,)]
