@@ -43,6 +43,11 @@ INVALID = [
      "spec.model.hiddenSize must be a multiple of spec.model.numHeads"),
     ("PretrainJob", {"sequenceLength": 1024, "model": {"maxPositionEmbeddings": 512}},
      "spec.sequenceLength must not exceed spec.model.maxPositionEmbeddings"),
+    # The preset's sizes count where the spec sets none: 125m has 12 heads, tiny 512 positions.
+    ("PretrainJob", {"model": {"preset": "125m", "hiddenSize": 100}},
+     "spec.model.hiddenSize must be a multiple of spec.model.numHeads"),
+    ("PretrainJob", {"sequenceLength": 1024},
+     "spec.sequenceLength must not exceed spec.model.maxPositionEmbeddings"),
     ("PretrainJob", {"training": {"maxSteps": 10, "warmupSteps": 20}},
      "training.warmupSteps must be less than training.maxSteps"),
     ("PretrainJob", {"distributed": {"backend": "nccl"}},
@@ -167,6 +172,8 @@ VALID = [
     ("PretrainJob", {"distributed": {"procsPerNode": 2}, "resources": {"gpus": 2}}),
     ("PretrainJob", {"resources": {"gpus": 4}}),
     ("PretrainJob", {"distributed": {"procsPerNode": 4}}),
+    ("PretrainJob", {"model": {"preset": "7b"}, "sequenceLength": 4096}),
+    ("PretrainJob", {"model": {"preset": "125m", "numHeads": 24}}),
 ]
 
 

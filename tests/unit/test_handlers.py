@@ -174,6 +174,70 @@ def test_failed_pod_message_never_dangles(reason, message, expected):
     assert reconciler._failed_pod("team-a", job) == (137, reason, expected)
 
 
+def failed_node(index: int, exit_code: int, message: str, finished_minute: int,
+                terminating: bool = False) -> client.V1Pod:
+    """A pod of node `index` of Job lm-pretrain-r1-0 whose trainer container exited."""
+    now = dt.datetime(2026, 1, 1, 12, finished_minute, tzinfo=dt.timezone.utc)
+    terminated = client.V1ContainerStateTerminated(
+        exit_code=exit_code, reason="Error", message=message, finished_at=now)
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(
+            name=f"lm-pretrain-r1-0-{index}-x", deletion_timestamp=now if terminating else None,
+            annotations={"batch.kubernetes.io/job-completion-index": str(index)}),
+        status=client.V1PodStatus(container_statuses=[client.V1ContainerStatus(
+            name="trainer", image="i", image_id="", ready=False, restart_count=0,
+            state=client.V1ContainerState(terminated=terminated))]),
+    )
+
+
+def failed_job(message: str | None) -> client.V1Job:
+    conditions = [client.V1JobCondition(type="Failed", status="True", reason="PodFailurePolicy",
+                                        message=message)] if message else None
+    return client.V1Job(metadata=client.V1ObjectMeta(name="lm-pretrain-r1-0"),
+                        status=client.V1JobStatus(conditions=conditions))
+
+
+# Node 1 exits 42 (a permanent error). The Job controller then terminates node 0, whose
+# launcher exits 1 on SIGTERM; its pod sorts first in the API server's list.
+TERMINATED_NODE_0 = failed_node(0, 1, "SignalException: Process got signal: 15", 2,
+                                terminating=True)
+FAILED_NODE_1 = failed_node(1, 42, "ValueError: no documents", 1)
+FAIL_JOB = ("Container trainer for pod team-a/lm-pretrain-r1-0-1-x failed with exit code 42 "
+            "matching FailJob rule at index 1")
+
+
+@pytest.mark.parametrize(
+    ("pods", "message", "expected"),
+    [
+        ([TERMINATED_NODE_0, FAILED_NODE_1], FAIL_JOB,
+         (42, "Error", "Node 1 (lm-pretrain-r1-0-1-x): ValueError: no documents")),
+        ([TERMINATED_NODE_0, FAILED_NODE_1], None,
+         (42, "Error", "Node 1 (lm-pretrain-r1-0-1-x): ValueError: no documents")),
+        ([], FAIL_JOB, (42, "PodFailurePolicy", FAIL_JOB)),
+        # Both nodes failed on their own in the same second, and the Job controller happened
+        # to name node 0: the permanent error still decides.
+        ([failed_node(0, 1, "NCCL error", 1), FAILED_NODE_1],
+         FAIL_JOB.replace("0-1-x failed with exit code 42", "0-0-x failed with exit code 1")
+         .replace("index 1", "index 2"),
+         (42, "Error", "Node 1 (lm-pretrain-r1-0-1-x): ValueError: no documents")),
+        ([failed_node(0, 1, "NCCL error", 1), failed_node(1, 137, "", 2)], None,
+         (1, "Error", "Node 0 (lm-pretrain-r1-0-0-x): NCCL error")),
+        ([failed_node(0, 1, "NCCL error", 1), failed_node(1, 137, "", 2)],
+         FAIL_JOB.replace("exit code 42", "exit code 137").replace("index 1", "index 2"),
+         (137, "Error", "Node 1 (lm-pretrain-r1-0-1-x): the container exited with code 137 "
+          "without writing an error message or any log output.")),
+    ],
+    ids=["named-by-job", "not-terminating-first", "failed-pod-gone", "permanent-decides",
+         "earliest-exit", "named-before-earlier"],
+)
+def test_failed_pod_picks_attempt_cause(pods, message, expected):
+    """The attempt's failure is a permanent error on any node, else the pod that failed
+    first, not a pod that the Job controller terminated afterwards."""
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    reconciler._job_pods = lambda namespace, job_name: pods
+    assert reconciler._failed_pod("team-a", failed_job(message)) == expected
+
+
 def test_unbuildable_spec_fails_as_invalid(monkeypatch):
     """A spec that builds no valid workload (a stage config over the ConfigMap limit) fails
     the generation with InvalidSpec instead of being retried as an operator error."""
@@ -221,3 +285,41 @@ def test_resource_logger_names_kind_and_resource(caplog):
         handlers.resource_logger("FineTune", "team-a", "ner").info("Created Job ner-r1-0.")
     assert [record.getMessage() for record in caplog.records] == [
         "[FineTune team-a/ner] Created Job ner-r1-0."]
+
+
+class CustomResourceDefinitions:
+    """The apiextensions client's CRD read, raising a 404 ApiException until `installed` is set."""
+
+    def __init__(self) -> None:
+        self.installed = False
+
+    def read_custom_resource_definition(self, name: str) -> dict:
+        if not self.installed:
+            raise ApiException(status=404, reason="Not Found")
+        return {"metadata": {"name": name}}
+
+
+def test_pod_monitor_crd_rechecked(monkeypatch):
+    """A Prometheus Operator installed or removed after the operator started is noticed
+    without a restart, and a PodMonitor whose CRD is gone fails no reconcile."""
+    crds = CustomResourceDefinitions()
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    reconciler.api = reconcile.Clients.__new__(reconcile.Clients)
+    reconciler.api.extensions = crds
+    reconciler._pod_monitor_crd = None
+    clock = [1000.0]
+    monkeypatch.setattr(reconcile.time, "monotonic", lambda: clock[0])
+
+    assert reconciler._has_pod_monitor_crd() is False
+    crds.installed = True
+    assert reconciler._has_pod_monitor_crd() is False  # still cached
+    clock[0] += reconcile.POD_MONITOR_CRD_CACHE_SECONDS
+    assert reconciler._has_pod_monitor_crd() is True
+
+    def removed(namespace: str, obj: dict) -> None:
+        raise ApiException(status=404, reason="Not Found")
+
+    reconciler._apply = removed
+    crds.installed = False
+    reconciler._apply_pod_monitor("team-a", {"metadata": {"name": "ner-triton"}})
+    assert reconciler._has_pod_monitor_crd() is False

@@ -72,6 +72,15 @@ MODEL_PRESETS: dict[str, ModelDimensions] = {
 }
 
 
+def _cel_model_size(attribute: str, wire_name: str, model: str = "self") -> str:
+    """Return a CEL expression for a size of `model`: its field `wire_name` when set, else the
+    preset's (MODEL_PRESETS), so that the API server checks the sizes the job trains with."""
+    sizes = ", ".join(f"'{name}': {getattr(dimensions, attribute)}"
+                      for name, dimensions in MODEL_PRESETS.items())
+    preset = f"(has({model}.preset) ? {model}.preset : 'tiny')"
+    return f"(has({model}.{wire_name}) ? {model}.{wire_name} : {{{sizes}}}[{preset}])"
+
+
 def _spec_path(location: Location) -> str:
     return field_path(("spec", *location))
 
@@ -116,10 +125,12 @@ class ModelArchitectureSpec(ApiModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="!has(self.hiddenSize) || !has(self.numHeads) || "
-            "self.hiddenSize % self.numHeads == 0",
-            message="spec.model.hiddenSize must be a multiple of spec.model.numHeads; pick a "
-            "numHeads that divides hiddenSize",
+            rule=f"{_cel_model_size('hidden_size', 'hiddenSize')} % "
+            f"{_cel_model_size('num_heads', 'numHeads')} == 0",
+            message="spec.model.hiddenSize must be a multiple of spec.model.numHeads (each is "
+            "the preset's when unset); pick a numHeads that divides hiddenSize",
+            # NB: with a preset size, _check_resolved_heads rejects it instead, with the
+            # numbers and the field that was set.
             check=lambda model: (
                 model.hidden_size is None or model.num_heads is None
                 or model.hidden_size % model.num_heads == 0
@@ -142,7 +153,7 @@ class ModelArchitectureSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check_resolved_heads(self) -> ModelArchitectureSpec:
-        # NB: the CEL rule above sees explicit fields only; this one sees the preset too.
+        # NB: the CEL rule above checks the same sizes; this message gives the numbers.
         dimensions = self.dimensions()
         if dimensions.hidden_size % dimensions.num_heads:
             # Blame numHeads when only it overrides the preset, otherwise hiddenSize.
@@ -225,11 +236,13 @@ class PretrainJobSpec(ApiModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="!has(self.sequenceLength) || !has(self.model) || "
-            "!has(self.model.maxPositionEmbeddings) || "
-            "self.sequenceLength <= self.model.maxPositionEmbeddings",
-            message="spec.sequenceLength must not exceed spec.model.maxPositionEmbeddings; lower "
-            "sequenceLength or raise maxPositionEmbeddings",
+            rule="!has(self.sequenceLength) || self.sequenceLength <= (has(self.model) ? "
+            f"{_cel_model_size('max_position_embeddings', 'maxPositionEmbeddings', 'self.model')}"
+            f" : {MODEL_PRESETS['tiny'].max_position_embeddings})",
+            message="spec.sequenceLength must not exceed spec.model.maxPositionEmbeddings (the "
+            "preset's when unset); lower sequenceLength or raise maxPositionEmbeddings",
+            # NB: with a preset limit, _check_sequence_lengths rejects it instead, with the
+            # limit in its message.
             check=lambda spec: (
                 spec.model.max_position_embeddings is None
                 or spec.sequence_length <= spec.model.max_position_embeddings
@@ -279,8 +292,8 @@ class PretrainJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check_sequence_lengths(self) -> PretrainJobSpec:
-        # NB: the CEL rule sees an explicit maxPositionEmbeddings only; this check sees the
-        # preset's too, and the sequence lengths of the curriculum stages.
+        # NB: the CEL rule checks spec.sequenceLength only; this check also covers the
+        # sequence lengths of the curriculum stages, and its message gives the limit.
         limit = self.model.dimensions().max_position_embeddings
         problems = [
             (location, length,

@@ -516,6 +516,9 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         same_spec = stored["metadata"].get("generation") == meta.get("generation")
         _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"] if same_spec else ""
         _remember(stored)
+        if current.get("progress") and not desired.get("progress"):
+            # A new run started: drop the training gauges of the previous one.
+            metrics.forget(meta["namespace"], parent["kind"], meta["name"])
         # Events go out after the write, so that a failed post never holds back the status.
         _announce(parent, current, desired, logger)
     # The reconcile and its status write both succeeded, so the backoff starts over.

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,6 +45,9 @@ UPSTREAM_CACHE_SECONDS = 1.0
 # (1.45) reports no DELETED event for a Job deleted while its watch was re-listing, so an older
 # entry is read from the API server again.
 JOB_CACHE_SECONDS = 30.0
+# Seconds the presence or absence of the PodMonitor CRD is trusted before it is read again, so
+# that installing or removing the Prometheus Operator takes effect without an operator restart.
+POD_MONITOR_CRD_CACHE_SECONDS = 60.0
 
 # Hex digits of the resume key in a run's folder name (`run-<digits>`): 64 bits, so two runs of
 # one resource with different resume keys share a folder with a probability of 2^-64.
@@ -59,6 +63,13 @@ STUCK_WAITING_REASONS = frozenset({
     "CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff",
     "InvalidImageName", "RunContainerError",
 })
+# The message of a Job's Failed condition when a podFailurePolicy FailJob rule matched, as the
+# Job controller writes it (kubernetes pkg/controller/job/pod_failure_policy.go). It names the
+# pod whose failure ended the attempt.
+FAIL_JOB_MESSAGE = re.compile(
+    r"Container (?P<container>\S+) for pod (?P<namespace>[^/\s]+)/(?P<pod>\S+) failed with exit "
+    r"code (?P<exit_code>-?\d+) matching FailJob rule at index (?P<rule>\d+)"
+)
 # A Triton pod restarts its containers, so a crash loop (the model repository copy failing, or
 # Triton exiting on a model it cannot load) also keeps it from becoming ready.
 SERVER_STUCK_REASONS = STUCK_WAITING_REASONS | {"CrashLoopBackOff"}
@@ -98,7 +109,8 @@ class Reconciler:
         self.settings = settings
         self.api = clients or Clients()
         self.store = builders.ArtifactStore(settings.artifact_root)
-        self._pod_monitor_crd: bool | None = None
+        # (time.monotonic() of the read, whether the PodMonitor CRD exists), or None before.
+        self._pod_monitor_crd: tuple[float, bool] | None = None
         self._upstreams: dict[tuple[str, str, str], tuple[float, dict]] = {}
         # The fields the reconcile reads of each managed Job, by (namespace, name), with the
         # time.monotonic() of the watch event that delivered them
@@ -308,6 +320,9 @@ class Reconciler:
             if previous:
                 self._delete_job(resource.metadata.namespace, previous)
             new.pop("artifact", None)
+            # The previous run's last progress (its step count, loss and an ETA of 0) would
+            # otherwise show in `kubectl get` until the new run writes its own.
+            new.pop("progress", None)
             new["failedAttempts"] = []
             new["restartCount"] = 0
             conditions = [c for c in conditions if c["type"] in (C.INPUTS_READY,)]
@@ -498,7 +513,7 @@ class Reconciler:
             # against the replicas that the operator applies.
             self._delete_autoscaler(namespace, builders.triton_name(serving))
         if self._has_pod_monitor_crd():
-            self._apply(namespace, builders.pod_monitor(serving, owner))
+            self._apply_pod_monitor(namespace, builders.pod_monitor(serving, owner))
         name = builders.triton_name(serving)
         deployment = self.api.apps.read_namespaced_deployment(name, namespace)
         new["endpoint"] = f"http://{name}.{namespace}.svc:{serving.http_port}"
@@ -731,25 +746,29 @@ class Reconciler:
         return f"The Job controller cannot create its pods: {detail}."
 
     def _failed_pod(self, namespace: str, job) -> tuple[int | None, str, str]:
-        """Return the exit code, reason and message of the first failed container of a Job."""
+        """Return the exit code, reason and message of the container that failed the attempt.
+
+        A permanent error (EXIT_PERMANENT) on any node decides, because no retry can fix it.
+        Next comes the pod that the Job's FailJob condition names, then a pod that failed on its
+        own before the pods the Job controller terminated afterwards (those carry a
+        deletionTimestamp and often exit non-zero on SIGTERM), then the earliest exit.
+        """
+        job_conditions = (job.status.conditions if job.status else None) or []
+        condition = next((c for c in job_conditions if c.type == "Failed"), None)
+        cause = FAIL_JOB_MESSAGE.search(condition.message or "") if condition else None
+        failed = []
         for pod in self._job_pods(namespace, job.metadata.name):
             for container in pod.status.container_statuses or []:
                 terminated = container.state.terminated if container.state else None
                 if terminated and terminated.exit_code:
-                    index = (pod.metadata.annotations or {}).get(
-                        "batch.kubernetes.io/job-completion-index", "?"
-                    )
-                    message = (terminated.message or "").strip()[-500:]
-                    reason = terminated.reason or "Error"
-                    where = f"Node {index} ({pod.metadata.name})"
-                    if reason == "OOMKilled" and not message:
-                        message = ("the container ran out of memory; raise "
-                                   "spec.resources.memory.")
-                    elif not message:
-                        message = (f"the container exited with code {terminated.exit_code} "
-                                   "without writing an error message or any log output.")
-                    return terminated.exit_code, reason, f"{where}: {message}"
-        condition = next((c for c in job.status.conditions or [] if c.type == "Failed"), None)
+                    failed.append((pod, terminated))
+        if failed:
+            named = cause["pod"] if cause else None
+            return _describe_failure(*min(failed, key=lambda item: _failure_order(item, named)))
+        if cause:
+            # The pods are gone (pod garbage collection), but the condition still has the code.
+            return (int(cause["exit_code"]), condition.reason or "PodFailurePolicy",
+                    condition.message.strip())
         return None, condition.reason if condition else "Failed", condition.message if condition else ""
 
     def _termination_result(self, namespace: str, job_name: str) -> dict:
@@ -769,17 +788,33 @@ class Reconciler:
         return {}
 
     def _has_pod_monitor_crd(self) -> bool:
-        if self._pod_monitor_crd is None:
-            try:
-                self.api.extensions.read_custom_resource_definition(
-                    "podmonitors.monitoring.coreos.com"
-                )
-                self._pod_monitor_crd = True
-            except ApiException as error:
-                if error.status != 404:
-                    raise
-                self._pod_monitor_crd = False
-        return self._pod_monitor_crd
+        """Return whether the Prometheus Operator's PodMonitor CRD is installed, read again
+        after POD_MONITOR_CRD_CACHE_SECONDS."""
+        cached = self._pod_monitor_crd
+        if cached is not None and time.monotonic() - cached[0] < POD_MONITOR_CRD_CACHE_SECONDS:
+            return cached[1]
+        try:
+            self.api.extensions.read_custom_resource_definition(
+                "podmonitors.monitoring.coreos.com"
+            )
+            exists = True
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            exists = False
+        self._pod_monitor_crd = (time.monotonic(), exists)
+        return exists
+
+    def _apply_pod_monitor(self, namespace: str, obj: dict) -> None:
+        """Apply a PodMonitor, or skip it when its CRD was removed since the last check."""
+        try:
+            self._apply(namespace, obj)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            log.info("Skipped the PodMonitor %s/%s: the PodMonitor CRD is no longer served.",
+                     namespace, obj["metadata"]["name"])
+            self._pod_monitor_crd = (time.monotonic(), False)
 
     # -- status helpers --------------------------------------------------------------------
 
@@ -946,6 +981,28 @@ def _stuck_pod(pods: list, reasons: frozenset[str] = STUCK_WAITING_REASONS,
                 return (f"Container {container.name} of pod {name} cannot start: "
                         f"{waiting.reason}{': ' + detail if detail else ''}.")  # fmt: skip
     return ""
+
+
+def _failure_order(item: tuple, named_pod: str | None) -> tuple:
+    """Sort key of a failed (pod, terminated state) for _failed_pod: the first one decides."""
+    pod, terminated = item
+    finished = terminated.finished_at.timestamp() if terminated.finished_at else float("inf")
+    return (terminated.exit_code != EXIT_PERMANENT, pod.metadata.name != named_pod,
+            pod.metadata.deletion_timestamp is not None, finished, pod.metadata.name)
+
+
+def _describe_failure(pod, terminated) -> tuple[int, str, str]:
+    """Return the exit code, reason and a message naming the node for a failed container."""
+    index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", "?")
+    message = (terminated.message or "").strip()[-500:]
+    reason = terminated.reason or "Error"
+    where = f"Node {index} ({pod.metadata.name})"
+    if reason == "OOMKilled" and not message:
+        message = "the container ran out of memory; raise spec.resources.memory."
+    elif not message:
+        message = (f"the container exited with code {terminated.exit_code} "
+                   "without writing an error message or any log output.")
+    return terminated.exit_code, reason, f"{where}: {message}"
 
 
 def _job_outcome(job) -> str | None:
