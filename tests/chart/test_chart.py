@@ -529,6 +529,23 @@ def test_metrics_service_and_service_monitor_agree(helm):
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
 
 
+def test_service_monitor_keeps_resource_namespace(helm):
+    """The operator's series label the Lathe resource's namespace, which must win over the
+    target's: the dashboard and alerts select and report it."""
+    endpoint = one(render(helm, *MODES["service-monitor"]), "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint.get("honorLabels") is True
+
+
+def test_shared_port_allowed_without_metrics(helm):
+    render(helm, "--set", "metrics.enabled=false", "--set", "metrics.port=8081")
+
+
+def test_service_monitor_timeout_within_interval(helm):
+    render(helm, "--set", "metrics.serviceMonitor.enabled=true",
+           "--set", "metrics.serviceMonitor.interval=2s",
+           "--set", "metrics.serviceMonitor.scrapeTimeout=1500ms")
+
+
 def test_rendered_crds_match_generator(helm):
     crds = {obj["metadata"]["name"]: obj for obj in of_kind(render(helm), "CustomResourceDefinition")}
     for model in KINDS.values():
@@ -637,6 +654,10 @@ REJECTED = [
     (["--set", "metrics.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"],
      r"metrics.enabled is false"),
     (["--set", "operator.logLevel=loud"], r"logLevel"),
+    (["--set", "metrics.port=8081"], r"metrics.port and healthPort are both 8081"),
+    (["--set", "metrics.serviceMonitor.enabled=true",
+      "--set", "metrics.serviceMonitor.scrapeTimeout=1m"],
+     r"scrapeTimeout \(1m\) exceeds metrics.serviceMonitor.interval \(30s\)"),
     (["--set", "serviceAccount.create=false"], r"serviceAccount.name is required"),
 ]
 

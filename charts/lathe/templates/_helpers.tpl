@@ -79,6 +79,9 @@ that depends on the mode includes this, so a bad combination fails the install.
 {{- if and (eq .Values.mode "clusterWide") .Values.watchNamespaces }}
 {{- fail (printf "watchNamespaces is %v but mode is \"clusterWide\", which watches every namespace: set mode=namespaced to watch only those namespaces, or empty watchNamespaces." .Values.watchNamespaces) }}
 {{- end }}
+{{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int .Values.healthPort)) }}
+{{- fail (printf "metrics.port and healthPort are both %v, but the metrics server and kopf's liveness endpoint each need a port of their own: set one of them to another port (defaults 8080 and 8081)." .Values.metrics.port) }}
+{{- end }}
 {{- $election := .Values.leaderElection }}
 {{- if and (gt (int .Values.replicaCount) 1) (not $election.enabled) }}
 {{- fail (printf "replicaCount is %v but leaderElection.enabled is false, so every pod would reconcile every resource: set leaderElection.enabled=true, or replicaCount=1." .Values.replicaCount) }}
