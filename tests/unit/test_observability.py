@@ -37,7 +37,6 @@ TRITON_METRICS = {
     "nv_inference_queue_duration_us",
     "nv_inference_compute_infer_duration_us",
 }
-TRAINER_METRICS = {"lathe_training_mfu_ratio"}
 PROMETHEUS_METRICS = {"up"}
 
 EXPECTED_ALERTS = {
@@ -308,7 +307,7 @@ def test_dashboard_operator_job_matches_rule() -> None:
 def known_metric_names() -> set[str]:
     recorded = {rule["record"] for rule in load_rules() if "record" in rule}
     operator = registry_metric_names(metrics.REGISTRY)
-    return operator | recorded | TRITON_METRICS | TRAINER_METRICS | PROMETHEUS_METRICS
+    return operator | recorded | TRITON_METRICS | PROMETHEUS_METRICS
 
 
 def test_operator_registry_names_derived() -> None:
@@ -326,6 +325,18 @@ def test_queried_metrics_exist(source: str) -> None:
         exprs = [rule["expr"] for rule in load_rules()]
     used = set().union(*(metric_names(expr) for expr in exprs))
     assert used - known_metric_names() == set()
+
+
+def test_progress_sets_mfu_gauge() -> None:
+    """The operator exports the MFU of status.progress, since no training pod is scraped."""
+    metrics.set_progress("nlp", "PretrainJob", "mfu-series", {"step": 3, "mfu": 0.41})
+
+    samples = [sample for family in metrics.REGISTRY.collect()
+               if family.name == "lathe_training_mfu_ratio" for sample in family.samples
+               if sample.labels["name"] == "mfu-series"]
+    assert [sample.value for sample in samples] == [0.41]
+
+    metrics.forget("nlp", "PretrainJob", "mfu-series")
 
 
 def test_phase_series_follows_resource() -> None:

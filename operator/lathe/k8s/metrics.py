@@ -57,7 +57,14 @@ TRAINING_ETA = Gauge(
     "lathe_training_eta_seconds", "Estimated seconds until training finishes.",
     ["namespace", "kind", "name"], registry=REGISTRY,
 )
-TRAINING_GAUGES = (TRAINING_STEP, TRAINING_LOSS, TRAINING_TOKENS_PER_SECOND, TRAINING_ETA)
+# The same name as the trainer's own exporter (lathe_trainer.training.metrics), so the dashboard's
+# MFU panel reads one series whichever of the two Prometheus scrapes.
+TRAINING_MFU = Gauge(
+    "lathe_training_mfu_ratio", "Model FLOPs utilization of the latest step, 0 to 1.",
+    ["namespace", "kind", "name"], registry=REGISTRY,
+)
+TRAINING_GAUGES = (TRAINING_STEP, TRAINING_LOSS, TRAINING_TOKENS_PER_SECOND, TRAINING_ETA,
+                   TRAINING_MFU)
 
 
 def set_progress(namespace: str, kind: str, name: str, progress: dict) -> None:
@@ -66,6 +73,7 @@ def set_progress(namespace: str, kind: str, name: str, progress: dict) -> None:
         TRAINING_LOSS: progress.get("loss"),
         TRAINING_TOKENS_PER_SECOND: progress.get("tokensPerSecond"),
         TRAINING_ETA: progress.get("etaSeconds"),
+        TRAINING_MFU: progress.get("mfu"),
     }
     for gauge, value in values.items():
         if value is not None:
