@@ -211,7 +211,8 @@ def chart_crd(model: type[Resource]) -> str:
     """Return the Helm chart's template of one CRD: rendered only when crds.install is true.
 
     The CRD is kept on `helm uninstall` unless crds.keep is false, because deleting it deletes
-    every resource of its kind.
+    every resource of its kind. Argo CD ignores Helm's keep policy when it prunes a resource
+    that left the rendered chart, so the CRD also tells Argo CD not to prune or delete it.
     """
     body = yaml.safe_dump(crd(model), sort_keys=False)
     marker = "\nmetadata:\n"  # the top-level key: nested keys are indented
@@ -219,6 +220,7 @@ def chart_crd(model: type[Resource]) -> str:
         "  {{- if .Values.crds.keep }}\n"
         "  annotations:\n"
         "    helm.sh/resource-policy: keep\n"
+        "    argocd.argoproj.io/sync-options: Prune=false,Delete=false\n"
         "  {{- end }}\n"
     )
     labels = '  labels:\n    {{- include "lathe.labels" . | nindent 4 }}\n'

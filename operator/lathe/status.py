@@ -36,6 +36,8 @@ class Reason:
     INTERRUPTED = "Interrupted"
     SUSPENDED = "SuspendedBySpec"
     RESUMED = "Resumed"
+    EXPORTING = "Exporting"
+    EXPORT_FAILED = "ExportFailed"
     SERVER_READY = "ServerReady"
     SERVER_NOT_READY = "ServerNotReady"
     SCALED_TO_ZERO = "ScaledToZero"

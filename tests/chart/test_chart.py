@@ -551,7 +551,10 @@ def test_rendered_crds_match_generator(helm):
     for model in KINDS.values():
         rendered = crds[f"{model.plural}.{GROUP}"]
         metadata = rendered.pop("metadata")
-        assert metadata["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert metadata["annotations"] == {
+            "helm.sh/resource-policy": "keep",
+            "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
+        }
         assert rendered == {key: value for key, value in crdgen.crd(model).items()
                             if key != "metadata"}
 

@@ -321,6 +321,22 @@ def test_waits_for_missing_input(cluster, namespace, lathe_operator):
     assert jobs_of(cluster, "orphan", namespace) == []
 
 
+def test_model_deployment_ready_false_first(cluster, namespace, lathe_operator):
+    """Ready is set from the first reconcile, so `kubectl wait` for Ready=False returns."""
+    cluster.apply({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "early"},
+        "spec": {"model": {"fineTuneRef": {"name": "missing-on-purpose"}},
+                 "export": {"heldOutData": "pubmed/ncbi-disease/conll/test.tsv"}},
+    }, namespace)
+    cluster.kubectl("wait", "--for=condition=Ready=False", "--timeout=60s",
+                    f"{plural('ModelDeployment')}/early", "-n", namespace, timeout=90)
+    ready = condition(get(cluster, "ModelDeployment", "early", namespace), "Ready")
+    assert ready["reason"] == "InputNotFound", ready
+    assert "Triton starts after the export" in ready["message"], ready
+    assert "FineTune 'missing-on-purpose'" in ready["message"], ready
+
+
 def test_progress_reaches_status_and_metrics(cluster, namespace, lathe_operator, ready_inputs):
     cluster.apply(pretrain_job("progress"), namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "progress", namespace)) == 1, "the Job")

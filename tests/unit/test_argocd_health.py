@@ -435,3 +435,27 @@ if __name__ == "__main__":
     FIXTURES.mkdir(parents=True, exist_ok=True)
     for fixture_name, fixture in build_fixtures().items():
         (FIXTURES / fixture_name).write_text(json.dumps(fixture, indent=2) + "\n")
+
+
+def test_deployment_scaled_to_zero_is_healthy():
+    """serving.replicas 0 turns serving off on purpose, as a Deployment scaled to zero."""
+    new = done_status("ModelDeployment")
+    new["conditions"] = status.set_condition(
+        new["conditions"], C.READY, False, Reason.SCALED_TO_ZERO,
+        "spec.serving.replicas is 0, so no Triton replica runs; set it to 1 or more to serve.", 1,
+    )
+    health = run_health("ModelDeployment", resource("ModelDeployment",
+                                                    status_=with_phase("ModelDeployment", new)))
+    assert health["status"] == "Healthy"
+    assert health["message"].startswith("spec.serving.replicas is 0")
+
+
+def test_deployment_pods_not_starting_progressing():
+    new = done_status("ModelDeployment")
+    new["conditions"] = status.set_condition(
+        new["conditions"], C.READY, False, Reason.PODS_NOT_STARTING,
+        "0 of 1 Triton replicas are ready. Pod ner-triton-x: 0/4 nodes are available.", 1,
+    )
+    health = run_health("ModelDeployment", resource("ModelDeployment",
+                                                    status_=with_phase("ModelDeployment", new)))
+    assert health["status"] == "Progressing"

@@ -323,3 +323,23 @@ def test_pod_monitor_crd_rechecked(monkeypatch):
     crds.installed = False
     reconciler._apply_pod_monitor("team-a", {"metadata": {"name": "ner-triton"}})
     assert reconciler._has_pod_monitor_crd() is False
+
+
+@pytest.mark.parametrize(
+    ("current", "desired", "ended"),
+    [
+        ({"phase": "Running", "progress": {"step": 5}},
+         {"phase": "Running", "progress": {"step": 6}}, False),
+        ({"phase": "Running", "progress": {"step": 5}},
+         {"phase": "Succeeded", "progress": {"step": 100}}, True),
+        ({"phase": "Running", "progress": {"step": 5}},
+         {"phase": "Failed", "progress": {"step": 5}}, True),
+        ({"phase": "Succeeded", "progress": {"step": 100}},
+         {"phase": "Running"}, True),
+        ({"phase": "Succeeded", "progress": {"step": 100}},
+         {"phase": "Succeeded", "progress": {"step": 100}}, False),
+        ({"phase": "Waiting"}, {"phase": "Running"}, False),
+    ],
+)
+def test_training_gauges_end_with_run(current, desired, ended):
+    assert handlers.training_ended(current, desired) is ended

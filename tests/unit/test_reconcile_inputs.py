@@ -48,3 +48,76 @@ def test_matching_inputs_fit():
 def test_unrecorded_inputs_fit():
     """A Tokenizer finished by an earlier release recorded no inputs, and is trusted."""
     assert _inputs_disagree(resolved("sha256:new", "sha256:tok"), upstreams(None)) == ""
+
+
+def _waiting_tokenizer(recorded_spec: dict, spec: dict, generation: int) -> dict:
+    """Reconcile a finished Tokenizer whose Corpus is re-running, and return its new status."""
+    from types import SimpleNamespace
+
+    from lathe.k8s.reconcile import Clients, Reconciler, _run_hash, parse
+    from lathe.k8s.settings import OperatorSettings
+
+    def read_corpus(group, version, namespace, plural, name):
+        # The Corpus changed too and its new generation has not been reconciled yet.
+        return {"metadata": {"name": name, "generation": 2},
+                "status": {"observedGeneration": 1, "artifact": {"uri": "file:///c"},
+                           "conditions": [{"type": "Succeeded", "status": "True",
+                                           "reason": "JobSucceeded"}]}}
+
+    clients = Clients.__new__(Clients)
+    clients.custom = SimpleNamespace(get_namespaced_custom_object=read_corpus)
+    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
+    recorded = parse({**TOKENIZER, "spec": recorded_spec})
+    succeeded = {"type": "Succeeded", "status": "True", "reason": "JobSucceeded",
+                 "message": "Job pubmed-tokenizer-r1-0 completed.", "observedGeneration": 1,
+                 "lastTransitionTime": "2026-12-01T00:00:00Z"}
+    metadata = {**TOKENIZER["metadata"], "uid": "u", "generation": generation}
+    body = {**TOKENIZER, "metadata": metadata, "spec": spec,
+            "status": {"observedGeneration": 1, "phase": "Succeeded", "conditions": [succeeded],
+                       "runSpecHash": _run_hash(recorded), "runGeneration": 1,
+                       "artifact": {"uri": "file:///t", "digest": "sha256:t"}}}
+    return Reconciler(settings, clients).reconcile(body)
+
+
+def test_changed_spec_drops_old_success():
+    """A spec changed while an input re-runs is not shown Succeeded with the old output."""
+    new = _waiting_tokenizer(TOKENIZER["spec"], {**TOKENIZER["spec"], "vocabSize": 4000}, 2)
+    assert new["observedGeneration"] == 2
+    assert new["phase"] == "Waiting"
+    assert "artifact" not in new
+    assert [c["type"] for c in new["conditions"]] == ["InputsReady"]
+
+
+def test_unchanged_spec_keeps_old_success():
+    """A finished Tokenizer whose input re-runs keeps its output until it runs again."""
+    new = _waiting_tokenizer(TOKENIZER["spec"], TOKENIZER["spec"], 1)
+    assert new["artifact"] == {"uri": "file:///t", "digest": "sha256:t"}
+    assert {c["type"] for c in new["conditions"]} == {"InputsReady", "Succeeded"}
+
+
+def test_waiting_deployment_sets_ready_false():
+    """A ModelDeployment has Ready from its first reconcile, False while its input is missing."""
+    from types import SimpleNamespace
+
+    from kubernetes.client.exceptions import ApiException
+
+    from lathe.k8s.reconcile import Clients, Reconciler
+    from lathe.k8s.settings import OperatorSettings
+
+    def not_found(group, version, namespace, plural, name):
+        raise ApiException(status=404, reason="Not Found")
+
+    clients = Clients.__new__(Clients)
+    clients.custom = SimpleNamespace(get_namespaced_custom_object=not_found)
+    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
+    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "ner", "namespace": "team-a", "uid": "u", "generation": 1},
+            "spec": {"model": {"fineTuneRef": {"name": "ner"}},
+                     "export": {"heldOutData": "test.tsv"}}}
+    new = Reconciler(settings, clients).reconcile(body)
+    ready = next(c for c in new["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False"
+    assert ready["reason"] == "InputNotFound"
+    assert ready["message"].startswith("Triton starts after the export, which waits for its "
+                                       "input: Waiting for FineTune 'ner'")
+    assert new["phase"] == "Waiting"

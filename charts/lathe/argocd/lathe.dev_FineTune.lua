@@ -7,7 +7,10 @@
 --   Failed=True                                                          -> Degraded
 --   Succeeded=True (the summary condition)                               -> Healthy
 --   Suspended=True                                                       -> Suspended
+--   summary False with reason ScaledToZero (serving.replicas 0)          -> Healthy
 --   anything else (waiting for an input, running, pending)               -> Progressing
+-- A Triton pod that cannot start (reason PodsNotStarting) stays Progressing, as Argo CD judges
+-- a Pending pod, because an unschedulable pod may wait for a node autoscaler.
 -- The five lathe.dev scripts differ only in the kind and the summary condition, and
 -- tests/unit/test_argocd_health.py checks that they stay that way.
 local kind = "FineTune"
@@ -94,6 +97,10 @@ local function evaluate(resource)
       message = "Running " .. step .. ". " .. message
     end
     return "Progressing", message
+  end
+  if done ~= nil and done.reason == "ScaledToZero" then
+    -- Serving turned off on purpose, as Argo CD judges a Deployment scaled to zero.
+    return "Healthy", describe(done, kind .. " is scaled to zero.")
   end
   if done ~= nil then
     -- A served model whose Triton replicas are not, or no longer, all ready.

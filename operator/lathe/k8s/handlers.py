@@ -516,8 +516,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         same_spec = stored["metadata"].get("generation") == meta.get("generation")
         _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"] if same_spec else ""
         _remember(stored)
-        if current.get("progress") and not desired.get("progress"):
-            # A new run started: drop the training gauges of the previous one.
+        if training_ended(current, desired):
             metrics.forget(meta["namespace"], parent["kind"], meta["name"])
         # Events go out after the write, so that a failed post never holds back the status.
         _announce(parent, current, desired, logger)
@@ -531,6 +530,19 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
                                      meta["name"])
         _wake_dependents({**parent, "status": desired}, logger, every=True)
     return True
+
+
+def training_ended(current: dict, desired: dict) -> bool:
+    """Return whether a status change ends the run that the training gauges describe.
+
+    A new run drops the previous run's progress, and a finished run sets phase Succeeded or
+    Failed. Its gauges then go, so that a sum of tokens per second counts running jobs only
+    and no ETA stays frozen.
+    """
+    finished = (status.Phase.SUCCEEDED, status.Phase.FAILED)
+    return bool(current.get("progress") and not desired.get("progress")) or (
+        desired.get("phase") in finished and current.get("phase") not in finished
+    )
 
 
 def _show_first_failure(api, body: dict, logger: logging.Logger) -> None:

@@ -140,6 +140,16 @@ class Reconciler:
         new = {**current, "observedGeneration": generation}
         inputs, waiting = self._resolve_inputs(resource)
         if waiting:
+            recorded_hash = new.get("runSpecHash")
+            if (not isinstance(resource, ModelDeployment) and recorded_hash
+                    and recorded_hash not in (_run_hash(resource), _legacy_run_hash(resource))):
+                # The spec changed, so the finished output belongs to the previous spec: a
+                # Succeeded kept here would show this generation as done and hand the old
+                # output to the stages that read it. The new run replaces it once the inputs
+                # are ready; a changed `suspend` or input alone keeps it.
+                conditions = [c for c in conditions if c["type"] not in (resource.summary_condition,
+                                                                          C.FAILED)]
+                new.pop("artifact", None)
             new["conditions"] = status.set_condition(
                 conditions, C.INPUTS_READY, False, waiting[0], waiting[1], generation
             )
@@ -819,6 +829,9 @@ class Reconciler:
     # -- status helpers --------------------------------------------------------------------
 
     def _with_phase(self, new: dict, resource: Resource) -> dict:
+        if isinstance(resource, ModelDeployment):
+            new["conditions"] = _with_ready(new.get("conditions") or [],
+                                            resource.metadata.generation)
         new["phase"] = status.derive_phase(new.get("conditions") or [], resource.summary_condition)
         return new
 
@@ -826,8 +839,42 @@ class Reconciler:
         conditions = status.set_condition(
             _without_reconcile_failure(current), C.FAILED, True, reason, message, generation
         )
+        if kind == "ModelDeployment":
+            conditions = _with_ready(conditions, generation)
         return {**current, "observedGeneration": generation, "conditions": conditions,
                 "phase": status.derive_phase(conditions)}
+
+
+def _with_ready(conditions: list[dict], generation: int | None) -> list[dict]:
+    """Return a ModelDeployment's conditions with Ready set: as it is when the reconcile set it
+    from the Triton pods, else False with why no Triton serves yet.
+
+    The API conventions ask for a controller's conditions from its first visit, so that
+    `kubectl wait --for=condition=Ready=False` and clients that read Ready see it at once, as
+    with a KServe InferenceService.
+    """
+    ready = next((c for c in conditions if c["type"] == C.READY), None)
+    failed = next((c for c in conditions if c["type"] == C.FAILED and c["status"] == "True"),
+                  None)
+    if failed is not None and (ready is None or ready["status"] != "True"):
+        return status.set_condition(
+            conditions, C.READY, False, Reason.EXPORT_FAILED,
+            f"No Triton serves this generation, because it failed ({failed['reason']}); see "
+            "the Failed condition.", generation,
+        )
+    if ready is not None:
+        return conditions
+    inputs = next((c for c in conditions if c["type"] == C.INPUTS_READY), None)
+    if inputs is not None and inputs["status"] == "False":
+        return status.set_condition(
+            conditions, C.READY, False, inputs["reason"],
+            f"Triton starts after the export, which waits for its input: {inputs['message']}",
+            generation,
+        )
+    return status.set_condition(
+        conditions, C.READY, False, Reason.EXPORTING,
+        "Triton starts once the export Job has written the model repository.", generation,
+    )
 
 
 def _without_reconcile_failure(current: dict) -> list[dict]:
