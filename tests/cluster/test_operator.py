@@ -368,6 +368,41 @@ def test_progress_reaches_status_and_metrics(cluster, namespace, lathe_operator,
     assert phases[0].endswith(" 1.0")
 
 
+def test_progress_read_from_rank_zero_port(cluster, namespace, lathe_operator, ready_inputs,
+                                           monkeypatch):
+    """Where the operator cannot read the output directory (a claim it does not mount), it
+    reads rank 0's metrics port. kwok runs no trainer, so the HTTP read of that pod's address
+    is replaced; tests/unit/test_progress.py reads a real exporter."""
+    from lathe.k8s import progress
+
+    asked = []
+
+    def rank_zero_metrics(address: str, port: int) -> dict:
+        asked.append((address, port))
+        return {"completed": 12, "total": 100, "loss": 4.5, "tokensPerSecond": 900.0,
+                "etaSeconds": 80.0, "time": time.time()}
+
+    monkeypatch.setattr(progress, "readable", lambda uri, mounts=None: "portread" not in uri)
+    monkeypatch.setattr(progress, "read_pod_metrics", rank_zero_metrics)
+    cluster.apply(pretrain_job("portread"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "portread", namespace)) == 1, "the Job")
+
+    def reported() -> bool:
+        status = get(cluster, "PretrainJob", "portread", namespace).get("status") or {}
+        return (status.get("progress") or {}).get("step") == 12
+
+    cluster.wait_for(reported, "status.progress.step 12 from rank 0's port", timeout=60)
+    job_name = jobs_of(cluster, "portread", namespace)[0]["metadata"]["name"]
+    pods = cluster.get_json("pods", "-n", namespace, "-l",
+                            f"batch.kubernetes.io/job-name={job_name}")["items"]
+    rank_zero = next(pod for pod in pods if pod["metadata"]["labels"][
+        "batch.kubernetes.io/job-completion-index"] == "0")
+    assert (rank_zero["status"]["podIP"], 9400) in asked, asked
+    progress_status = get(cluster, "PretrainJob", "portread", namespace)["status"]["progress"]
+    assert progress_status["etaSeconds"] == 80.0
+    assert progress_status["totalSteps"] == 100
+
+
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
     """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
     cluster.apply(pretrain_job("c6"), namespace)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lathe.k8s import progress as operator_progress
 from lathe_trainer.pretrain import stage
 from lathe_trainer.pretrain.model import build_model
 from lathe_trainer.stage import StageError
@@ -240,6 +241,7 @@ def test_metrics_served_by_rank_zero(make_config, tmp_path, inputs, monkeypatch)
     termination = tmp_path / "termination-log"
     monkeypatch.setenv("LATHE_TERMINATION_LOG", str(termination))
     scraped: list[str] = []
+    read_by_operator: list[dict] = []
     stop = threading.Event()
 
     def scrape():
@@ -249,6 +251,10 @@ def test_metrics_served_by_rank_zero(make_config, tmp_path, inputs, monkeypatch)
                     text = r.read().decode()
                 if "lathe_training_step{" in text:
                     scraped.append(text)
+                # The operator's read of rank 0's port, as for a claim it does not mount.
+                record = operator_progress.read_pod_metrics("127.0.0.1", port)
+                if record is not None:
+                    read_by_operator.append(record)
             except OSError:
                 pass
             stop.wait(0.05)
@@ -266,6 +272,12 @@ def test_metrics_served_by_rank_zero(make_config, tmp_path, inputs, monkeypatch)
     for name in ("lathe_training_loss", "lathe_training_tokens_per_second",
                  "lathe_training_step", "lathe_training_peak_memory_bytes"):
         assert f'{name}{{kind="PretrainJob",name="lm",namespace="default"}}' in text
+    assert read_by_operator, "the operator's read of the port never found a finished step"
+    record = read_by_operator[-1]
+    assert 1 <= record["completed"] <= 8
+    assert record["total"] == 8
+    assert record["tokensSeen"] > 0
+    assert "etaSeconds" in record
     message = json.loads(termination.read_text())
     assert message["metrics"]["nonFiniteSteps"] == 0
     assert message["metrics"]["tokensPerSecond"] > 0

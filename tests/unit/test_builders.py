@@ -497,7 +497,25 @@ def test_distributed_job_env_and_subdomain():
     assert values["PYTHONUNBUFFERED"] == "1"
     assert "JOB_COMPLETION_INDEX" not in values  # the Job controller sets it
     assert pod_spec(job)["subdomain"] == "med-pretrain-r1-4"
-    assert container(job)["ports"] == [{"name": "c10d", "containerPort": 29500, "protocol": "TCP"}]
+    assert container(job)["ports"] == [
+        {"name": "c10d", "containerPort": 29500, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9400, "protocol": "TCP"},
+    ]
+
+
+@pytest.mark.parametrize(("kind", "serves"), [("PretrainJob", True), ("FineTune", False),
+                                              ("Corpus", False)])
+def test_pretrain_rank_zero_serves_metrics(kind, serves):
+    """A PretrainJob's rank 0 serves its training gauges, where the operator can read progress
+    without the artifact store."""
+    job = build_job(kind)
+    ports = {port["name"]: port["containerPort"] for port in container(job).get("ports", [])}
+    if serves:
+        assert env(job)["LATHE_TRAINER_METRICS_PORT"] == "9400"
+        assert ports["metrics"] == 9400
+    else:
+        assert "LATHE_TRAINER_METRICS_PORT" not in env(job)
+        assert "metrics" not in ports
 
 
 def test_single_node_job_rendezvous_on_loopback():

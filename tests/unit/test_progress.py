@@ -79,3 +79,48 @@ def test_progress_fields_in_crd():
         fields = schema["properties"]["status"]["properties"]["progress"]["properties"]
         for name in ("nonFiniteSteps", "curriculumStage", "mfu", "message"):
             assert fields[name]["description"], (kind, name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_reads_progress_from_trainer_port():
+    """The operator reads what rank 0's exporter serves, as for a claim it does not mount."""
+    from lathe_trainer.training.metrics import PrometheusExporter
+
+    port = _free_port()
+    exporter = PrometheusExporter(port, {"namespace": "ns", "kind": "PretrainJob", "name": "lm"},
+                                  address="127.0.0.1")
+    try:
+        assert progress.read_pod_metrics("127.0.0.1", port) is None  # no step finished yet
+        exporter.update(step=7, total_steps=100, loss=float("nan"), tokens_per_second=1234.0,
+                        eta_seconds=93.0, tokens_seen=7168, mfu=None)
+        record = progress.read_pod_metrics("127.0.0.1", port)
+    finally:
+        exporter.close()
+    values = progress.to_status(record)
+    assert values["step"] == 7
+    assert values["totalSteps"] == 100
+    assert values["tokensPerSecond"] == 1234.0
+    assert values["etaSeconds"] == 93.0
+    assert values["tokensSeen"] == 7168
+    assert "loss" not in values  # NaN has no JSON form
+    assert "mfu" not in values  # 0 on a CPU
+
+
+def test_unanswered_trainer_port_raises():
+    import pytest
+
+    with pytest.raises(OSError):
+        progress.read_pod_metrics("127.0.0.1", _free_port(), timeout=1.0)
+
+
+def test_unmounted_claim_not_readable():
+    assert not progress.readable("pvc://team-data/lathe/pretrainjob/lm", {})
+    assert progress.readable("pvc://team-data/lathe/pretrainjob/lm", {"team-data": "/data"})
+    assert progress.readable("s3://bucket/lathe/pretrainjob/lm")

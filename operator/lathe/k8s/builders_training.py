@@ -24,6 +24,10 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 # The c10d rendezvous port on node 0, always given in the endpoint: torch's c10d backend would
 # default to 29400, and 29500 is the port PyTorch uses for the static rendezvous (MASTER_PORT).
 RENDEZVOUS_PORT = 29500
+# The port where rank 0 of a PretrainJob serves its training gauges for Prometheus
+# (lathe_trainer.training.metrics.PrometheusExporter). The operator reads live progress there
+# when it cannot read the run's progress file in the artifact store (lathe.k8s.progress).
+TRAINER_METRICS_PORT = 9400
 KUEUE_QUEUE_LABEL = builders.KUEUE_QUEUE_LABEL
 
 # The Job controller names the pods' hosts `<job>-<index>`, which must fit in a DNS label, so job
@@ -266,13 +270,17 @@ def _pod_spec(
         "volumes": volumes,
     }
 
+    ports = []
     if needs_headless_service(plan):
         # With a subdomain, the Job controller's `<job>-<index>` host names resolve as
         # `<job>-<index>.<service>` through the headless Service of the same name.
         spec["subdomain"] = name
-        container["ports"] = [
-            {"name": "c10d", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}
-        ]
+        ports.append({"name": "c10d", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
+    if serves_training_metrics(plan):
+        ports.append({"name": "metrics", "containerPort": TRAINER_METRICS_PORT,
+                      "protocol": "TCP"})
+    if ports:
+        container["ports"] = ports
     spec.update(builders.scheduling_fields(plan.scheduling, plan.resources.gpus))
     return spec
 
@@ -302,6 +310,12 @@ def processes_per_node(plan: WorkloadPlan) -> int:
     return plan.processes_per_node
 
 
+def serves_training_metrics(plan: WorkloadPlan) -> bool:
+    """Return whether rank 0 of the plan's stage serves training gauges on
+    TRAINER_METRICS_PORT: the PretrainJob stage does."""
+    return plan.kind == "PretrainJob"
+
+
 def _env(plan: WorkloadPlan, owner: dict, attempt: int) -> list[dict]:
     processes = processes_per_node(plan) if plan.distributed else 1
     values = {
@@ -327,6 +341,8 @@ def _env(plan: WorkloadPlan, owner: dict, attempt: int) -> list[dict]:
         }
     if plan.resources.gpus > 0:
         values["NCCL_DEBUG"] = "WARN"
+    if serves_training_metrics(plan):
+        values["LATHE_TRAINER_METRICS_PORT"] = str(TRAINER_METRICS_PORT)
     values |= plan.env
     return [{"name": key, "value": value} for key, value in values.items()]
 

@@ -26,7 +26,7 @@ from kopf._core.engines import posting
 from kubernetes.client.exceptions import ApiException
 
 from lathe.api import GROUP, KINDS, VERSION
-from lathe.k8s import leader, metrics, progress
+from lathe.k8s import builders_training, leader, metrics, progress
 from lathe import __version__, status
 from lathe.k8s.reconcile import Reconciler, job_overdue, parse
 from lathe.k8s.settings import OperatorSettings
@@ -838,12 +838,16 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
     # folder.
     uri = (entry.get("output") or entry["storage"]
            or reconciler().store.output_uri(namespace, entry["kind"], name))
-    record = progress.read_latest(uri, mounts=_mounts(settings))
+    mounts = _mounts(settings)
+    if progress.readable(uri, mounts):
+        record = progress.read_latest(uri, mounts=mounts)
+    else:
+        record = _read_rank_zero(namespace, name, entry)
     if not record:
         return
     values = progress.to_status(record)
     metrics.set_progress(namespace, entry["kind"], name, values)
-    if values == entry.get("progress"):
+    if _without_time(values) == _without_time(entry.get("progress") or {}):
         return
     try:
         stored = reconciler().api.custom.patch_namespaced_custom_object_status(
@@ -858,6 +862,43 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
     if stored["metadata"].get("generation") == entry["generation"]:
         _WRITTEN[entry["uid"]] = stored["metadata"]["resourceVersion"]
     _remember(stored)
+
+
+# Jobs whose rank 0 did not respond on its metrics port, warned about once.
+_UNREACHABLE_JOBS: set[tuple[str, str]] = set()
+
+
+def _without_time(values: dict[str, Any]) -> dict[str, Any]:
+    """Return progress values without updatedAt, which a read of rank 0's gauges sets to the
+    time of the read, so that an unchanged step writes no status."""
+    return {key: value for key, value in values.items() if key != "updatedAt"}
+
+
+def _read_rank_zero(namespace: str, name: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """Return the progress that rank 0 of a PretrainJob's running Job serves on its metrics
+    port, or None when there is no such pod or it does not respond yet."""
+    if entry["kind"] != "PretrainJob" or not entry.get("job"):
+        return None
+    selector = (f"batch.kubernetes.io/job-name={entry['job']},"
+                "batch.kubernetes.io/job-completion-index=0")
+    pods = reconciler().api.core.list_namespaced_pod(namespace, label_selector=selector).items
+    address = next((pod.status.pod_ip for pod in pods
+                    if pod.status and pod.status.phase == "Running" and pod.status.pod_ip), None)
+    if address is None:
+        return None
+    try:
+        return progress.read_pod_metrics(address, builders_training.TRAINER_METRICS_PORT)
+    except (OSError, ValueError) as error:
+        # NB: a pod that has not started its exporter yet, or a NetworkPolicy that blocks the
+        # operator, lands here. The next pass tries again, and the warning goes out once per
+        # Job, not on every pass.
+        if (namespace, entry["job"]) not in _UNREACHABLE_JOBS:
+            _UNREACHABLE_JOBS.add((namespace, entry["job"]))
+            resource_logger(entry["kind"], namespace, name).warning(
+                "Reading the training metrics of Job %s at %s:%d failed: %s. Live progress "
+                "shows once the port responds; a NetworkPolicy must let the operator reach it.",
+                entry["job"], address, builders_training.TRAINER_METRICS_PORT, error)
+        return None
 
 
 def _mounts(settings: OperatorSettings) -> dict[str, str]:

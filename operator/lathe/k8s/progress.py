@@ -1,16 +1,24 @@
-"""Read live training progress from the artifact store.
+"""Read live training progress from the artifact store, or from rank 0's metrics port.
 
 Rank 0 appends progress records to `progress.jsonl` in the stage's output directory, which it
 writes anyway. Reading that file needs no extra privileges for the training pods: no API access,
 no open port. The operator's periodic pass reads the last record.
+
+An operator that cannot read the output directory (a PersistentVolumeClaim it does not mount)
+reads the gauges that rank 0 of a PretrainJob serves for Prometheus over HTTP instead, as a
+Prometheus server would scrape them. That also needs no privileges for the pods.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
+import urllib.request
 from typing import Any
 
 import fsspec
+from prometheus_client.parser import text_string_to_metric_families
 
 # Imported for its side effect: it registers obstore's fsspec store for s3:// URIs.
 import lathe_trainer.training.storage  # noqa: F401
@@ -27,6 +35,53 @@ def _fsspec_url(uri: str, mounts: dict[str, str]) -> str | None:
             return None  # NOTE: the operator reads only claims it mounts (see the Helm chart).
         return f"file://{mounts[claim].rstrip('/')}/{path}"
     return uri
+
+
+def readable(output_uri: str, mounts: dict[str, str] | None = None) -> bool:
+    """Return whether the operator can read the output directory: any URI but a claim that it
+    does not mount."""
+    return _fsspec_url(output_uri, mounts or {}) is not None
+
+
+# The gauges of lathe_trainer.training.metrics.PrometheusExporter, by progress record field.
+POD_GAUGES = {
+    "lathe_training_step": "completed",
+    "lathe_training_total_steps": "total",
+    "lathe_training_loss": "loss",
+    "lathe_training_tokens_per_second": "tokensPerSecond",
+    "lathe_training_eta_seconds": "etaSeconds",
+    "lathe_training_tokens_seen": "tokensSeen",
+    "lathe_training_mfu_ratio": "mfu",
+}
+# Seconds to wait for rank 0's metrics, kept short because the periodic pass reads every
+# running job.
+POD_TIMEOUT_SECONDS = 2.0
+
+
+def read_pod_metrics(address: str, port: int,
+                     timeout: float = POD_TIMEOUT_SECONDS) -> dict[str, Any] | None:
+    """Return a progress record built from the gauges that rank 0 serves at `address`, or None
+    before it has finished a step. Raises OSError when the pod does not respond."""
+    host = f"[{address}]" if ":" in address else address  # an IPv6 pod IP
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:
+        text = response.read().decode("utf-8", errors="replace")
+    record: dict[str, Any] = {}
+    for family in text_string_to_metric_families(text):
+        field = POD_GAUGES.get(family.name)
+        # NB: JSON, and so status, has no NaN or infinity; a non-finite loss shows in
+        # status.progress.nonFiniteSteps of the progress file instead.
+        if field is not None and family.samples and math.isfinite(family.samples[0].value):
+            record[field] = family.samples[0].value
+    # The gauges exist from the start at 0, so a run without a finished step has no progress.
+    if not record.get("completed"):
+        return None
+    for field in ("completed", "total", "tokensSeen"):
+        if field in record:
+            record[field] = int(record[field])
+    if not record.get("mfu"):
+        record.pop("mfu", None)  # 0 on CPUs, where MFU is not reported
+    record["time"] = time.time()
+    return record
 
 
 def read_latest(output_uri: str, mounts: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -61,8 +116,6 @@ def to_status(record: dict[str, Any]) -> dict[str, Any]:
     result with a merge patch, so a left-out field keeps its previous value in status: the
     message of a skipped step or a new curriculum stage stays until the trainer reports another.
     """
-    import time
-
     progress = {
         "step": record.get("completed"),
         "totalSteps": record.get("total"),

@@ -723,12 +723,17 @@ class _Trainer:
         remaining = self.training.max_steps - self.state.step
         if self.spec.curriculum is not None:
             extra["curriculumStage"] = self.stage.index
+        eta_seconds = self.meter.eta_seconds(remaining)
+        # The operator reads these from rank 0's metrics port when it cannot read the progress
+        # file in the artifact store (lathe.k8s.progress).
+        self.telemetry.export(total_steps=self.training.max_steps, eta_seconds=eta_seconds,
+                              tokens_seen=self.state.tokens_seen)
         self.reporter.update(
             self.state.step,
             message=message,
             loss=self.state.last_loss,
             tokensPerSecond=self.meter.tokens_per_second,
-            etaSeconds=self.meter.eta_seconds(remaining),
+            etaSeconds=eta_seconds,
             tokensSeen=self.state.tokens_seen,
             epoch=self.state.position.epoch,
             nonFiniteSteps=self.state.non_finite_steps,

@@ -147,6 +147,11 @@ class PrometheusExporter:
                               "Input tokens per second over all processes."),
         "mfu": ("lathe_training_mfu_ratio", "Model FLOPs utilization, 0 to 1."),
         "step": ("lathe_training_step", "Optimizer steps completed."),
+        "total_steps": ("lathe_training_total_steps", "Optimizer steps the run trains for."),
+        "eta_seconds": ("lathe_training_eta_seconds",
+                        "Estimated seconds until training finishes."),
+        "tokens_seen": ("lathe_training_tokens_seen",
+                        "Input tokens trained on so far, steps before a resume included."),
         "peak_memory": ("lathe_training_peak_memory_bytes",
                         "Peak device memory of rank 0 (resident set size on CPUs)."),
     }

@@ -50,6 +50,11 @@ class Telemetry:
                                  mfu=self.mfu, step=step,
                                  peak_memory=peak_memory_bytes(self.context.device))
 
+    def export(self, **values: float | None) -> None:
+        """Set Prometheus gauges of PrometheusExporter.GAUGES by key, when rank 0 serves them."""
+        if self.exporter is not None:
+            self.exporter.update(**values)
+
     def summary(self) -> dict[str, float | int | None]:
         rate = self.tokens_per_second
         return {
