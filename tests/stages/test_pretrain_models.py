@@ -19,7 +19,13 @@ from pydantic import ValidationError
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from tokenizers.models import WordLevel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    pipeline,
+)
 
 from lathe.api.pretrain import MODEL_PRESETS, PretrainJobSpec
 from lathe.api.tokenizer import TokenizerSpec
@@ -113,6 +119,18 @@ def test_architecture_loss_falls(make_config, tmp_path, inputs, architecture, ob
     assert metrics["finalLoss"] < metrics["firstLoss"]
     assert metrics["validationLoss"] is not None
     assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_bert_model_fills_mask(make_config, tmp_path, inputs):
+    """The final BERT model and its tokenizer load with the Auto classes and serve fill-mask."""
+    run(make_config, tiny_resource("bert"), inputs["mask"], tmp_path / "out")
+    model_dir = tmp_path / "out" / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.mask_token == "<mask>"
+    fill_mask = pipeline("fill-mask", model=AutoModelForMaskedLM.from_pretrained(model_dir),
+                         tokenizer=tokenizer)
+    predictions = fill_mask("The patient was given <mask> for the pain.", top_k=3)
+    assert len(predictions) == 3
 
 
 def test_compute_metrics_reported(make_config, tmp_path, inputs):

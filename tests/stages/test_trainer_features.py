@@ -84,6 +84,41 @@ def test_fp16_overflow_steps_not_counted(make_config, tmp_path, inputs, monkeypa
     assert saved.state["train"]["scalerSkippedSteps"] == metrics["scalerSkippedSteps"]
 
 
+def test_fp16_nan_gradients_fail_at_min_scale(make_config, tmp_path, inputs, monkeypatch):
+    """NaN gradients that no loss scale removes halve the scale down to 1, then fail the run
+    as a non-finite step, instead of skipping every step while the scale falls to 0."""
+    build_model_before = stage.build_model
+
+    def build_with_nan_gradients(config):
+        model = build_model_before(config)
+        backward_passes = [0]
+
+        def poison(grad):
+            backward_passes[0] += 1
+            return grad * float("nan") if backward_passes[0] >= 3 else grad
+
+        model.model.norm.weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(stage, "build_model", build_with_nan_gradients)
+    skip_overflow_before = stage._Trainer._skip_overflow
+
+    def skip_overflow_at_most_100(trainer, result, sampler):
+        skip_overflow_before(trainer, result, sampler)
+        # Without the minimum scale the run would skip steps forever.
+        assert trainer.state.scaler_skipped_steps < 100, "the run skips steps without end"
+
+    monkeypatch.setattr(stage._Trainer, "_skip_overflow", skip_overflow_at_most_100)
+    resource = pretrain_resource(procs=1, maxSteps=6, precision="fp16")
+    with pytest.raises(StageError, match="gradient norm of step 3 is nan"):
+        run_in_process(make_config, tmp_path, resource, inputs["full"])
+    skipped = [record for record in progress(tmp_path / "out")
+               if "loss scale overflow" in record["message"]]
+    # The default initial scale 2^16 halves 16 times to reach 1.
+    assert len(skipped) == 16
+    assert "fell to 1" in skipped[-1]["message"]
+
+
 def test_nan_step_fails_by_default(make_config, tmp_path, inputs, monkeypatch):
     monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "3")
     resource = pretrain_resource(procs=1, maxSteps=6)

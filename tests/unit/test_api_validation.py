@@ -437,6 +437,19 @@ def test_lora_with_full_method_rejected(lora):
                             "ignore it; remove spec.lora or set method: lora.")
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_finetune_mixed_precision_rejected(precision):
+    """The FineTune loop has no autocast, so a mixed precision would silently train in fp32."""
+    error = rejection(finetune(training={"precision": precision}))
+    assert error.field == "spec.training.precision"
+    assert "PretrainJob only" in error.detail
+
+
+def test_finetune_fp32_accepted():
+    body = finetune(training={"precision": "fp32"})
+    assert loader.parse_resource(body, "resource.yaml").spec.training.precision == "fp32"
+
+
 @pytest.mark.parametrize("lora", [None, {}, {"r": 8, "alpha": 16, "dropout": 0.05,
                                              "targetModules": []}])
 def test_default_lora_with_full_method_accepted(lora):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForTokenClassification
 
-from lathe_trainer.finetune import train
+from lathe_trainer.finetune import checkpoint, train
 from lathe_trainer.finetune.data import EncodedSentence
 from lathe_trainer.finetune.train import LoopSettings, build_optimizer, lr_factor, train_step
 
@@ -106,3 +106,70 @@ def test_restore_rng_continues_stream(form):
     torch.manual_seed(99)
     train._restore_rng(saved)
     assert torch.equal(torch.rand(4), expected)
+
+
+def poison_logits(model, call: int) -> None:
+    """Make the model's `call`-th forward pass (counting from 1) return NaN logits."""
+    forward = model.forward
+    calls = [0]
+
+    def poisoned(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == call:
+            output.logits = output.logits * float("nan")
+        return output
+
+    model.forward = poisoned
+
+
+def poison_gradient(model, step: int) -> None:
+    """Make one gradient of optimizer step `step` (counting from 1) infinite."""
+    calls = [0]
+
+    def hook(grad):
+        calls[0] += 1
+        return grad * float("inf") if calls[0] == step else grad
+
+    model.score.weight.register_hook(hook)
+
+
+@pytest.mark.parametrize(("poison", "quantity"), [
+    (poison_logits, "training loss"),
+    (poison_gradient, "gradient norm"),
+])
+def test_non_finite_step_stops_before_update(tmp_path, poison, quantity):
+    """A NaN loss or an infinite gradient at step 3 raises before the optimizer applies it, so
+    the weights and every checkpoint stay finite."""
+    model = tiny_model()
+    loop = LoopSettings(**{**settings(2, 1).__dict__, "learning_rate": 1e-3,
+                           "checkpoint_interval": 1})
+    split = train.Split(SENTENCES, [["w"] * 5, ["w"]], [["O"] * 5, ["O"]])
+    poison(model, 3)
+    with pytest.raises(train.NonFiniteStepError, match=f"{quantity} of phase step 3"):
+        train.run_phase("phase", model, split, None, loop, tmp_path, False,
+                        lambda *args, **kwargs: None)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    saved = checkpoint.load_latest(tmp_path)
+    assert saved["step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in saved["trainable"].values())
+
+
+def test_non_finite_step_fails_stage(monkeypatch):
+    """The stage turns a non-finite step into a permanent StageError that names the fix."""
+    from lathe.api.finetune import FineTuneSpec
+    from lathe_trainer.finetune import stage
+    from lathe_trainer.stage import StageError
+
+    spec = FineTuneSpec.model_validate({
+        "baseModel": {"uri": "file:///model"},
+        "data": {"train": "train.tsv", "test": "test.tsv"},
+    })
+
+    def diverged(*args):
+        raise train.NonFiniteStepError("training loss of lora step 7", float("nan"))
+
+    monkeypatch.setattr(stage, "run_phase", diverged)
+    with pytest.raises(StageError, match="training loss of lora step 7 is nan") as raised:
+        stage.train_phase(None, spec, "lora")
+    assert raised.value.field == "spec.training.learningRate"

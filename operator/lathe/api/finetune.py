@@ -133,6 +133,15 @@ class FineTuneSpec(ApiModel):
             check=lambda spec: not spec.training.compile,
             field="training.compile",
         ),
+        # NB: the FineTune loop has no autocast and no loss scaler, so it trains in fp32.
+        CelRule(
+            rule="!has(self.training) || !has(self.training.precision) || "
+            "self.training.precision == 'fp32'",
+            message="spec.training.precision bf16 and fp16 are PretrainJob only; a FineTune "
+            "trains in fp32, so remove it or set fp32",
+            check=lambda spec: spec.training.precision == "fp32",
+            field="training.precision",
+        ),
         CelRule(
             rule="!has(self.training) || !has(self.training.nonFinite) || "
             "self.training.nonFinite == 'fail'",

@@ -76,7 +76,7 @@ class TrainingSpec(ApiModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",
         description="Training precision: `bf16` autocast, or `fp16` autocast with dynamic loss "
-        "scaling (all three run on CPUs and GPUs).",
+        "scaling (all three run on CPUs and GPUs). A FineTune takes fp32 only.",
     )
     compile: bool = Field(
         default=False,

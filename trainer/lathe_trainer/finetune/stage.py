@@ -47,7 +47,13 @@ from lathe_trainer.finetune.model import (
     merge_lora,
     save_adapter,
 )
-from lathe_trainer.finetune.train import LoopSettings, Split, evaluate, run_phase
+from lathe_trainer.finetune.train import (
+    LoopSettings,
+    NonFiniteStepError,
+    Split,
+    evaluate,
+    run_phase,
+)
 from lathe_trainer.serving.decoding import LABEL_SUBTOKEN_KEY
 from lathe_trainer.serving.reference import position_limit
 from lathe_trainer.training import activations
@@ -299,6 +305,22 @@ def progress_callback(reporter, offset: int, phase: str = ""):
     return report
 
 
+def train_phase(config: StageConfig, spec: FineTuneSpec, *args) -> dict:
+    """Run `run_phase(*args)`, turning a NaN or infinite step into a permanent StageError.
+
+    The step that raised was not applied, so no checkpoint and no model contains its weights.
+    """
+    try:
+        return run_phase(*args)
+    except NonFiniteStepError as error:
+        raise StageError(
+            config, "spec.training.learningRate",
+            f"training stopped: {error}, so the step was not applied and no weights were "
+            f"saved from it. Lower learningRate (now {spec.training.learning_rate}) or raise "
+            f"warmupSteps (now {spec.training.warmup_steps}), then run again.",
+        ) from error
+
+
 def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings, output,
                    resume, reporter, label_subtoken) -> dict:
     """Fine-tune the base model, evaluate it and write model/ (and adapter/ for LoRA)."""
@@ -317,9 +339,10 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
     if spec.method == "lora":
         model = wrap_lora(config, spec, model)
     model.to(distributed.device())
-    stats = run_phase(spec.method, model, encoded["train"], encoded.get("validation"), settings,
-                      phase_dir, resume,
-                      progress_callback(reporter, 0, "1 of 2" if spec.compare_from_scratch else ""))
+    stats = train_phase(config, spec, spec.method, model, encoded["train"],
+                        encoded.get("validation"), settings, phase_dir, resume,
+                        progress_callback(reporter, 0,
+                                          "1 of 2" if spec.compare_from_scratch else ""))
     scores, predicted = evaluate(model, encoded["test"], settings)
     result = {**scores, **stats}
     result.update(save_model(model, spec, tokenizer, encoded["test"], predicted, settings, output))
@@ -402,9 +425,9 @@ def scratch_phase(config, spec, model_dir, labels, encoded, settings, output, re
     model = from_scratch(model_dir, labels)
     enable_gradient_checkpointing(model, spec)
     model.to(distributed.device())
-    stats = run_phase(SCRATCH, model, encoded["train"], encoded.get("validation"), settings,
-                      phase_dir, resume,
-                      progress_callback(reporter, spec.training.max_steps, "2 of 2"))
+    stats = train_phase(config, spec, SCRATCH, model, encoded["train"],
+                        encoded.get("validation"), settings, phase_dir, resume,
+                        progress_callback(reporter, spec.training.max_steps, "2 of 2"))
     scores, _ = evaluate(model, encoded["test"], settings)
     result = {**scores, **stats}
     if distributed.is_main():

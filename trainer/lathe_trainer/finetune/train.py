@@ -127,8 +127,22 @@ def local_micro_batches(
     return [[train[i] for i in mine[start:start + size]] for start in range(0, len(mine), size)]
 
 
+class NonFiniteStepError(RuntimeError):
+    """The loss or the gradient norm of a step was NaN or infinite, so the step was not applied."""
+
+    def __init__(self, quantity: str, value: float):
+        super().__init__(f"the {quantity} is {value}")
+        self.quantity = quantity
+        self.value = value
+
+
 def train_step(model, optimizer, scheduler, parameters, batches, settings) -> tuple[float, int]:
-    """Run one optimizer step; return the global mean loss per labelled token and the tokens."""
+    """Run one optimizer step; return the global mean loss per labelled token and the tokens.
+
+    Raises NonFiniteStepError before the optimizer changes any weight if the loss or the
+    gradient norm is NaN or infinite. Both are the same on every process after the all-reduce,
+    so all processes raise together.
+    """
     device = parameters[0].device
     inputs = [
         {key: value.to(device) for key, value in collate(batch, settings.pad_token_id).items()}
@@ -152,12 +166,19 @@ def train_step(model, optimizer, scheduler, parameters, batches, settings) -> tu
         )
         (loss / max(labelled, 1.0)).backward()
         loss_sum += loss.detach()
+    mean_loss = distributed.all_reduce_sum(loss_sum).item() / max(labelled, 1.0)
+    if not math.isfinite(mean_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStepError("training loss", mean_loss)
     all_reduce_gradients(parameters)
-    torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStepError("gradient norm", grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return distributed.all_reduce_sum(loss_sum).item() / max(labelled, 1.0), int(tokens)
+    return mean_loss, int(tokens)
 
 
 @dataclass
@@ -249,7 +270,11 @@ def run_phase(
     for step in range(start, settings.max_steps):
         step_started = time.monotonic()
         batches = local_micro_batches(train.encoded, step, settings)
-        loss, tokens = train_step(model, optimizer, scheduler, parameters, batches, settings)
+        try:
+            loss, tokens = train_step(model, optimizer, scheduler, parameters, batches, settings)
+        except NonFiniteStepError as error:
+            raise NonFiniteStepError(f"{error.quantity} of {name} step {step + 1}",
+                                     error.value) from error
         step_seconds += time.monotonic() - step_started
         tokens_total += tokens
         tokens_this_attempt += tokens

@@ -9,6 +9,7 @@ model, metrics.json and, last, the manifest.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -50,7 +51,7 @@ from lathe_trainer.pretrain.model import (
     model_config,
     parameter_count,
 )
-from lathe_trainer.pretrain.objectives import Objective
+from lathe_trainer.pretrain.objectives import MaskedLM, Objective
 from lathe_trainer.stage import (
     MANIFEST,
     ProgressReporter,
@@ -180,7 +181,7 @@ def _run(
     # Gathering the FSDP shards is a collective, so every rank takes part.
     model_state = parallel.full_model_state_dict(model)
     if context.is_main:
-        _write_model(output, model, tokenizer_dir, model_state)
+        _write_model(output, model, tokenizer_dir, model_state, _mask_token(tokenizer, objective))
         if training.artifact_uri:
             _publish_model(output / MODEL_DIR, training.artifact_uri)
         write_json(output / METRICS, metrics)
@@ -772,12 +773,22 @@ def _metrics(
     }
 
 
+def _mask_token(tokenizer: PreTrainedTokenizerFast, objective: Objective) -> str | None:
+    """Return the mask token that masked LM trained with, or None for the other objectives."""
+    if not isinstance(objective, MaskedLM):
+        return None
+    return tokenizer.convert_ids_to_tokens(objective.mask_id)
+
+
 def _write_model(
-    output: Path, model: PreTrainedModel, tokenizer_dir: Path, state_dict: dict[str, Any]
+    output: Path, model: PreTrainedModel, tokenizer_dir: Path, state_dict: dict[str, Any],
+    mask_token: str | None = None,
 ) -> None:
     """Write model/ in Hugging Face format with the tokenizer files, replacing it whole.
 
     `state_dict` is the full (gathered) one, so a sharded FSDP model saves whole weights.
+    `mask_token` is written into tokenizer_config.json, because the Tokenizer output may list
+    it only as a special token, and the fill-mask pipeline needs `tokenizer.mask_token`.
     """
     final = output / MODEL_DIR
     tmp = output / (MODEL_DIR + ".tmp")
@@ -787,6 +798,11 @@ def _write_model(
     model.save_pretrained(tmp, state_dict=state_dict)
     for path in inputs.tokenizer_files(tokenizer_dir):
         shutil.copy2(path, tmp / path.name)
+    if mask_token is not None:
+        config_path = tmp / "tokenizer_config.json"
+        tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        tokenizer_config["mask_token"] = mask_token
+        config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
