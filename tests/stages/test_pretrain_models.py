@@ -156,6 +156,20 @@ def test_tokenizer_stage_keeps_mask_token(inputs):
     assert tokenizer.tokenize("a <mask> b").count("<mask>") == 1
 
 
+def test_literal_mask_token_never_masked(make_config, tmp_path, inputs):
+    """A `<mask>` written in the corpus is a special token, so masked LM never picks it."""
+    from lathe.api import KINDS
+    from lathe_trainer.pretrain.inputs import build_objective
+
+    directory = inputs["mask"]["tokenizer"].uri.removeprefix("file://")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    resource = KINDS["PretrainJob"].model_validate(tiny_resource("bert"))
+    config = make_config(tiny_resource("bert"), inputs["mask"], tmp_path / "out")
+    objective = build_objective(config, resource.spec, tokenizer, len(tokenizer))
+    mask_id = tokenizer.get_vocab()["<mask>"]
+    assert mask_id in objective.special_ids.tolist()
+
+
 @pytest.mark.parametrize("preset, hidden, layers, heads, intermediate, positions", [
     ("tiny", 128, 2, 4, 512, 512),
     ("125m", 768, 12, 12, 3072, 2048),

@@ -416,3 +416,20 @@ def test_resume_under_other_strategy_rejected(make_config, tmp_path, inputs):
     config = make_config(changed, inputs["tiny"], output=tmp_path / "out")
     with pytest.raises(StageError, match="spec.distributed.strategy: .*strategy='ddp'"):
         stage.run(config.model_copy(update={"resume_key": ""}), resume=True)
+
+
+def test_nan_validation_loss_keeps_json_valid(make_config, tmp_path, inputs, monkeypatch):
+    """A NaN validation loss is reported as missing, because JSON has no NaN."""
+    monkeypatch.setattr(stage, "evaluate", lambda *args, **kwargs: float("nan"))
+    resource = pretrain_resource(procs=1, maxSteps=2)
+    run_in_process(make_config, tmp_path, resource, inputs["tiny"])
+
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    text = (tmp_path / "out" / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=reject)
+    assert metrics["validationLoss"] is None
+    assert metrics["validationPerplexity"] is None
+    for line in (tmp_path / "out" / "progress.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=reject)

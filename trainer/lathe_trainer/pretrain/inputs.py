@@ -100,7 +100,10 @@ def build_objective(
                 f"modelling; add {objectives.MASK!r} to the Tokenizer's specialTokens and run "
                 "the Tokenizer again.",
             )
-        return objectives.MaskedLM(mask_id, len(tokenizer), tokenizer.all_special_ids)
+        # NB: the Tokenizer stage's output declares only its first special tokens as such, so
+        # the mask token is added here: a literal `<mask>` in the corpus is never masked.
+        special_ids = sorted({*tokenizer.all_special_ids, mask_id})
+        return objectives.MaskedLM(mask_id, len(tokenizer), special_ids)
     if name == "spanCorruption":
         _check_span_counts(config, spec)
         vocab = tokenizer.get_vocab()

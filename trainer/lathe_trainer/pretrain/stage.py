@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -695,6 +696,13 @@ class _Trainer:
     def _evaluate(self) -> float | None:
         loss = evaluate(self.context, self.model, self.validation_batches,
                         self.training.precision)
+        if loss is not None and not math.isfinite(loss):
+            # JSON, and so the progress file, metrics.json and status, has no NaN or infinity.
+            if self.context.is_main:
+                log.warning("Step %d: the validation loss is %s, so no validation figures are "
+                            "reported; lower learningRate if the training loss grows too.",
+                            self.state.step, loss)
+            return None
         if loss is not None:
             self._report(validationLoss=loss, validationPerplexity=perplexity(loss))
             if self.context.is_main:
