@@ -141,15 +141,19 @@ class Reconciler:
         inputs, waiting = self._resolve_inputs(resource)
         if waiting:
             recorded_hash = new.get("runSpecHash")
-            if (not isinstance(resource, ModelDeployment) and recorded_hash
-                    and recorded_hash not in (_run_hash(resource), _legacy_run_hash(resource))):
-                # The spec changed, so the finished output belongs to the previous spec: a
+            if recorded_hash and recorded_hash not in (_run_hash(resource),
+                                                       _legacy_run_hash(resource)):
+                # The spec changed, so the finished output belongs to the previous spec. A
                 # Succeeded kept here would show this generation as done and hand the old
-                # output to the stages that read it. The new run replaces it once the inputs
-                # are ready; a changed `suspend` or input alone keeps it.
-                conditions = [c for c in conditions if c["type"] not in (resource.summary_condition,
-                                                                          C.FAILED)]
-                new.pop("artifact", None)
+                # output to the stages that read it. A Failed would blame this generation for
+                # the previous spec's error. The new run replaces them once the inputs are
+                # ready, and a changed `suspend` or input alone keeps them. A ModelDeployment
+                # keeps its Ready and artifact, because Triton serves the earlier export.
+                stale = (C.FAILED,)
+                if not isinstance(resource, ModelDeployment):
+                    stale = (resource.summary_condition, C.FAILED)
+                    new.pop("artifact", None)
+                conditions = [c for c in conditions if c["type"] not in stale]
             new["conditions"] = status.set_condition(
                 conditions, C.INPUTS_READY, False, waiting[0], waiting[1], generation
             )
@@ -845,6 +849,12 @@ class Reconciler:
                 "phase": status.derive_phase(conditions)}
 
 
+# The reasons of a ModelDeployment's Ready that _with_ready sets, before any Triton pod exists.
+READY_WITHOUT_TRITON_REASONS = frozenset({
+    Reason.EXPORTING, Reason.EXPORT_FAILED, Reason.INPUT_NOT_FOUND, Reason.INPUT_NOT_READY,
+})
+
+
 def _with_ready(conditions: list[dict], generation: int | None) -> list[dict]:
     """Return a ModelDeployment's conditions with Ready set: as it is when the reconcile set it
     from the Triton pods, else False with why no Triton serves yet.
@@ -862,7 +872,9 @@ def _with_ready(conditions: list[dict], generation: int | None) -> list[dict]:
             f"No Triton serves this generation, because it failed ({failed['reason']}); see "
             "the Failed condition.", generation,
         )
-    if ready is not None:
+    # A Ready that this function set earlier describes the Failed and InputsReady conditions
+    # of then, so it is set again from the current ones.
+    if ready is not None and ready["reason"] not in READY_WITHOUT_TRITON_REASONS:
         return conditions
     inputs = next((c for c in conditions if c["type"] == C.INPUTS_READY), None)
     if inputs is not None and inputs["status"] == "False":
