@@ -343,3 +343,44 @@ def test_pod_monitor_crd_rechecked(monkeypatch):
 )
 def test_training_gauges_end_with_run(current, desired, ended):
     assert handlers.training_ended(current, desired) is ended
+
+
+def test_unchanged_progress_not_patched(tmp_path, monkeypatch):
+    """A pass whose progress record matches status writes nothing, also when status keeps a
+    field that the latest record leaves out, such as an earlier step's message."""
+    import json
+    from types import SimpleNamespace
+
+    from lathe.k8s.settings import OperatorSettings
+
+    (tmp_path / "progress.jsonl").write_text(
+        json.dumps({"completed": 5, "total": 100, "message": "Skipped step 5.", "time": 100})
+        + "\n" + json.dumps({"completed": 6, "total": 100, "loss": 1.9, "time": 110}) + "\n")
+    stored = {"step": 5, "totalSteps": 100, "message": "Skipped step 5."}
+    patches = []
+
+    def patch(group, version, namespace, plural, name, body):
+        patches.append(body)
+        stored.update(body["status"]["progress"])  # a merge patch
+        return {"kind": "PretrainJob",
+                "metadata": {"name": name, "namespace": namespace, "uid": "u", "generation": 1,
+                             "resourceVersion": str(len(patches))},
+                "status": {"phase": "Running", "runGeneration": 1,
+                           "outputUri": f"file://{tmp_path}", "progress": dict(stored)}}
+
+    api = SimpleNamespace(custom=SimpleNamespace(patch_namespaced_custom_object_status=patch))
+    monkeypatch.setattr(handlers, "reconciler", lambda: SimpleNamespace(api=api))
+    monkeypatch.setattr(handlers, "_WRITTEN", {})
+    monkeypatch.setitem(handlers.STATE, "settings", OperatorSettings.from_env(
+        {"LATHE_ARTIFACT_ROOT": f"file://{tmp_path}"}))
+    key = ("team-a", "pretrainjobs", "lm")
+    monkeypatch.setitem(handlers._INDEX, key, {
+        "kind": "PretrainJob", "uid": "u", "generation": 1, "phase": "Running",
+        "running": True, "progress": dict(stored), "storage": None,
+        "output": f"file://{tmp_path}", "job": "lm-pretrain-r1-0"})
+
+    for _ in range(3):
+        handlers.refresh_progress(key, handlers._INDEX[key])
+
+    assert len(patches) == 1
+    assert stored["step"] == 6

@@ -847,7 +847,7 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
         return
     values = progress.to_status(record)
     metrics.set_progress(namespace, entry["kind"], name, values)
-    if _without_time(values) == _without_time(entry.get("progress") or {}):
+    if not _changes_progress(values, entry.get("progress") or {}):
         return
     try:
         stored = reconciler().api.custom.patch_namespaced_custom_object_status(
@@ -868,10 +868,14 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
 _UNREACHABLE_JOBS: set[tuple[str, str]] = set()
 
 
-def _without_time(values: dict[str, Any]) -> dict[str, Any]:
-    """Return progress values without updatedAt, which a read of rank 0's gauges sets to the
-    time of the read, so that an unchanged step writes no status."""
-    return {key: value for key, value in values.items() if key != "updatedAt"}
+def _changes_progress(values: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Return whether a merge patch of `values` changes the stored status.progress.
+
+    A field that `values` leaves out keeps its stored value, such as the message of an earlier
+    skipped step. updatedAt is left out of the comparison, because a read of rank 0's gauges
+    sets it to the time of the read, and an unchanged step should write no status.
+    """
+    return any(stored.get(key) != value for key, value in values.items() if key != "updatedAt")
 
 
 def _read_rank_zero(namespace: str, name: str, entry: dict[str, Any]) -> dict[str, Any] | None:
