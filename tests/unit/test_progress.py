@@ -124,3 +124,25 @@ def test_unmounted_claim_not_readable():
     assert not progress.readable("pvc://team-data/lathe/pretrainjob/lm", {})
     assert progress.readable("pvc://team-data/lathe/pretrainjob/lm", {"team-data": "/data"})
     assert progress.readable("s3://bucket/lathe/pretrainjob/lm")
+
+
+def test_trainer_port_read_ignores_proxy(monkeypatch):
+    """A pod IP is read directly, even where http_proxy is set for the artifact store."""
+    import urllib.request
+
+    from lathe_trainer.training.metrics import PrometheusExporter
+
+    port = _free_port()
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen keeps the opener of its first call, which may predate the variable.
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    exporter = PrometheusExporter(port, {"namespace": "ns", "kind": "PretrainJob", "name": "lm"},
+                                  address="127.0.0.1")
+    try:
+        exporter.update(step=3, total_steps=10)
+        record = progress.read_pod_metrics("127.0.0.1", port)
+    finally:
+        exporter.close()
+    assert record["completed"] == 3

@@ -56,6 +56,9 @@ POD_GAUGES = {
 # Seconds to wait for rank 0's metrics, kept short because the periodic pass reads every
 # running job.
 POD_TIMEOUT_SECONDS = 2.0
+# An opener that ignores http_proxy, because a pod IP is reached directly. urllib (Python 3.11)
+# matches no_proxy against host names only, so an entry such as 10.0.0.0/8 would not exempt it.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def read_pod_metrics(address: str, port: int,
@@ -63,7 +66,8 @@ def read_pod_metrics(address: str, port: int,
     """Return a progress record built from the gauges that rank 0 serves at `address`, or None
     before it has finished a step. Raises OSError when the pod does not respond."""
     host = f"[{address}]" if ":" in address else address  # an IPv6 pod IP
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as response:
+    url = f"http://{host}:{port}/metrics"
+    with _DIRECT.open(url, timeout=timeout) as response:
         text = response.read().decode("utf-8", errors="replace")
     record: dict[str, Any] = {}
     for family in text_string_to_metric_families(text):
