@@ -570,6 +570,8 @@ def _crd_rule_messages(kind: str, path: tuple[str, ...]) -> list[str]:
         ("Corpus", ("storage", "uri"), "ftp://host/corpus"),
         ("PretrainJob", ("training", "artifactUri"), "fille:///x"),
         ("ModelDeployment", ("modelName",), "bad name!"),
+        # Python's $ also matches before a final newline, and the API server's RE2 does not.
+        ("ModelDeployment", ("modelName",), "ner\n"),
         ("PretrainJob", ("scheduling", "priorityClassName"), "Not_Valid"),
         ("PretrainJob", ("resources", "memory"), "4GB"),
         ("FineTune", ("resources", "cpu"), "2k"),

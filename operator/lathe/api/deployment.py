@@ -248,7 +248,7 @@ class ModelDeploymentSpec(ApiModel):
     @field_validator("model_name")
     @classmethod
     def _check_model_name(cls, name: str) -> str:
-        if not _MODEL_NAME.match(name):
+        if not _MODEL_NAME.fullmatch(name):
             raise ValueError(_MODEL_NAME_FIX)
         return name
 
