@@ -183,7 +183,9 @@ def _close_file(path: str, resolved: Path) -> str:
     close = shortened[:1] or difflib.get_close_matches(resolved.name, names, n=1, cutoff=0.7)
     if not close:
         return ""
-    return f" (did you mean {str(Path(path).parent / close[0])!r}?)"
+    # The folder is cut from the string, because Path would shorten file:/// to file:/.
+    folder, slash, _ = path.rpartition("/")
+    return f" (did you mean {folder + slash + close[0]!r}?)"
 
 
 def _in_order(short: str, name: str) -> bool:

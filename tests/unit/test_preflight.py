@@ -94,6 +94,14 @@ def test_missing_absolute_file_named(data):
     assert raised.value.detail == f"file {path!r} does not exist; fix the path."
 
 
+def test_close_file_uri_suggested(data):
+    """The name suggested for a mistyped file:// path is a file:/// URI too."""
+    path = f"file://{data}/note.txt"
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_files(parse(with_path(CORPUS, "sources", "path", path)), data)
+    assert raised.value.detail.endswith(f"(did you mean 'file://{data}/notes.txt'?).")
+
+
 def test_percent_encoded_file_uri_explained(data):
     """file:// paths are literal, as in fsspec; an encoded space gets the path to write."""
     (data / "odd dir #1").mkdir()
