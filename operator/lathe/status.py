@@ -37,7 +37,6 @@ class Reason:
     SUSPENDED = "SuspendedBySpec"
     RESUMED = "Resumed"
     EXPORTING = "Exporting"
-    EXPORT_FAILED = "ExportFailed"
     SERVER_READY = "ServerReady"
     SERVER_NOT_READY = "ServerNotReady"
     SCALED_TO_ZERO = "ScaledToZero"

@@ -430,13 +430,6 @@ def test_fixture_has_current_condition_shape(name):
         assert set(condition) == set(fresh)
 
 
-if __name__ == "__main__":
-    # Rewrite tests/fixtures/status/ from the builders above.
-    FIXTURES.mkdir(parents=True, exist_ok=True)
-    for fixture_name, fixture in build_fixtures().items():
-        (FIXTURES / fixture_name).write_text(json.dumps(fixture, indent=2) + "\n")
-
-
 def test_deployment_scaled_to_zero_is_healthy():
     """serving.replicas 0 turns serving off on purpose, as a Deployment scaled to zero."""
     new = done_status("ModelDeployment")
@@ -459,3 +452,10 @@ def test_deployment_pods_not_starting_progressing():
     health = run_health("ModelDeployment", resource("ModelDeployment",
                                                     status_=with_phase("ModelDeployment", new)))
     assert health["status"] == "Progressing"
+
+
+if __name__ == "__main__":
+    # Rewrite tests/fixtures/status/ from the builders above.
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    for fixture_name, fixture in build_fixtures().items():
+        (FIXTURES / fixture_name).write_text(json.dumps(fixture, indent=2) + "\n")

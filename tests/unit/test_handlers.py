@@ -384,3 +384,39 @@ def test_unchanged_progress_not_patched(tmp_path, monkeypatch):
 
     assert len(patches) == 1
     assert stored["step"] == 6
+
+
+def test_progress_of_ended_run_not_written(tmp_path, monkeypatch):
+    """A record read while the run ended sets no gauge and writes no status."""
+    import json
+    from types import SimpleNamespace
+
+    from lathe.k8s import metrics
+    from lathe.k8s.settings import OperatorSettings
+
+    (tmp_path / "progress.jsonl").write_text(json.dumps({"completed": 6, "total": 100}) + "\n")
+    patches = []
+    api = SimpleNamespace(custom=SimpleNamespace(
+        patch_namespaced_custom_object_status=lambda *args: patches.append(args)))
+    monkeypatch.setattr(handlers, "reconciler", lambda: SimpleNamespace(api=api))
+    monkeypatch.setitem(handlers.STATE, "settings", OperatorSettings.from_env(
+        {"LATHE_ARTIFACT_ROOT": f"file://{tmp_path}"}))
+    key = ("team-a", "pretrainjobs", "ended")
+    entry = {"kind": "PretrainJob", "uid": "u", "generation": 1, "phase": "Running",
+             "running": True, "progress": None, "storage": None,
+             "output": f"file://{tmp_path}", "job": "ended-pretrain-r1-0"}
+    # The pass took its snapshot while Running; the run has succeeded since.
+    monkeypatch.setitem(handlers._INDEX, key, {**entry, "phase": "Succeeded"})
+    handlers.refresh_progress(key, entry)
+    assert patches == []
+    step = metrics.REGISTRY.get_sample_value(
+        "lathe_training_step", {"namespace": "team-a", "kind": "PretrainJob", "name": "ended"})
+    assert step is None
+
+
+def test_refused_connection_is_expected():
+    import urllib.error
+
+    assert handlers._refused(urllib.error.URLError(ConnectionRefusedError(111, "refused")))
+    assert not handlers._refused(urllib.error.URLError(TimeoutError("timed out")))
+    assert not handlers._refused(TimeoutError("timed out"))

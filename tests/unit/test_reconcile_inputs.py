@@ -142,9 +142,9 @@ def test_changed_deployment_drops_old_failure():
     failed = {"type": "Failed", "status": "True", "reason": "JobFailed",
               "message": "Gave up after a permanent error: exit code 42 (Error).",
               "observedGeneration": 1, "lastTransitionTime": "2026-12-01T00:00:00Z"}
-    ready = {"type": "Ready", "status": "False", "reason": "ExportFailed",
-             "message": "No Triton serves this generation, because it failed (JobFailed); see "
-             "the Failed condition.", "observedGeneration": 1,
+    ready = {"type": "Ready", "status": "False", "reason": "JobFailed",
+             "message": "No Triton serves this generation, because it failed; see the Failed "
+             "condition.", "observedGeneration": 1,
              "lastTransitionTime": "2026-12-01T00:00:00Z"}
     body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
             "metadata": {"name": "ner", "namespace": "team-a", "uid": "u", "generation": 2},
@@ -159,3 +159,39 @@ def test_changed_deployment_drops_old_failure():
     assert "Failed" not in [c["type"] for c in new["conditions"]]
     ready = next(c for c in new["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InputNotFound"
+
+
+def test_reverted_spec_clears_invalid_spec():
+    """A spec put back to the last good one after an InvalidSpec shows that run's success."""
+    from types import SimpleNamespace
+
+    from lathe.k8s.reconcile import Clients, Reconciler, _run_hash, parse
+    from lathe.k8s.settings import OperatorSettings
+
+    def read_corpus(group, version, namespace, plural, name):
+        return {"metadata": {"name": name, "generation": 1},
+                "status": {"observedGeneration": 1,
+                           "artifact": {"uri": "file:///c", "digest": "sha256:c"},
+                           "conditions": [{"type": "Succeeded", "status": "True",
+                                           "reason": "JobSucceeded"}]}}
+
+    clients = Clients.__new__(Clients)
+    clients.custom = SimpleNamespace(get_namespaced_custom_object=read_corpus)
+    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
+    good = parse(TOKENIZER)
+    conditions = [
+        {"type": "Succeeded", "status": "True", "reason": "JobSucceeded", "message": "Done.",
+         "observedGeneration": 1, "lastTransitionTime": "2026-12-01T00:00:00Z"},
+        {"type": "Failed", "status": "True", "reason": "InvalidSpec",
+         "message": "spec.vocabSize: too small", "observedGeneration": 2,
+         "lastTransitionTime": "2026-12-01T00:01:00Z"},
+    ]
+    body = {**TOKENIZER, "metadata": {**TOKENIZER["metadata"], "uid": "u", "generation": 3},
+            "status": {"observedGeneration": 2, "phase": "Failed", "conditions": conditions,
+                       "runSpecHash": _run_hash(good), "runGeneration": 1, "run": 1,
+                       "inputDigests": {"corpus": "sha256:c"},
+                       "artifact": {"uri": "file:///t", "digest": "sha256:t"}}}
+    new = Reconciler(settings, clients).reconcile(body)
+    assert {c["type"] for c in new["conditions"] if c["status"] == "True"} == {
+        "Succeeded", "InputsReady"}
+    assert new["phase"] == "Succeeded"

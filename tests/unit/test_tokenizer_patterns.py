@@ -311,6 +311,10 @@ def test_regex_error_message(regex, message):
          r"(Oniguruma), which would reject the pattern; write [0-9] or [A-Za-z] where only "
          r"ASCII characters are meant"),
         (r"(?i:e11)\(?s", None),
+        # Inside a character set, (?s) and (?m) are characters in both engines.
+        (r"[(?s)]E11", None),
+        (r"[(?m)]E11", None),
+        (r"(?i-m:E11)", None),
         (r"E11\Z", r"\Z matches only at the very end in Python, but also before a final newline "
          r"in the tokenizer's engine (Oniguruma); write $ (the end of a line there) or \b"),
         (r"E11\\Z", None),

@@ -144,9 +144,6 @@ _READ_OTHERWISE = (
     (re.compile(r"(?<!\\)(?:\\\\)*\\U"),
      "\\U followed by eight hex digits is a character code in Python but not in the "
      "tokenizer's engine (Oniguruma); write the character itself or \\x{...}"),
-    (re.compile(r"\(\?[a-zA-Z]*m[a-zA-Z]*[:)]"),
-     "the flag m makes ^ and $ match at line ends in Python, but makes . match a newline in "
-     "the tokenizer's engine (Oniguruma), where ^ and $ always match at line ends; remove it"),
     (re.compile(r"(?<!\\)(?:\\\\)*\\Z"),
      "\\Z matches only at the very end in Python, but also before a final newline in the "
      "tokenizer's engine (Oniguruma); write $ (the end of a line there) or \\b"),
@@ -157,8 +154,12 @@ _UNKNOWN_FLAGS = {
     "s": "write [\\s\\S] where a character, a newline included, is meant",
     "a": "write [0-9] or [A-Za-z] where only ASCII characters are meant",
     "u": "remove it, because patterns match Unicode without it",
-    "L": "remove it",
 }
+# The flag m, which both engines know, with different meanings.
+_MULTILINE_FLAG = (
+    "the flag m makes ^ and $ match at line ends in Python, but makes . match a newline in the "
+    "tokenizer's engine (Oniguruma), where ^ and $ always match at line ends; remove it"
+)
 _INLINE_FLAGS = re.compile(r"(?<!\\)(?:\\\\)*\(\?([a-zA-Z]*)(?:-([a-zA-Z]+))?[:)]")
 
 
@@ -170,7 +171,11 @@ def _engine_difference(pattern: str, compiled: re.Pattern) -> str | None:
     for construct, problem in _READ_OTHERWISE:
         if construct.search(pattern):
             return problem
-    for flags in _INLINE_FLAGS.finditer(pattern):
+    # NB: flags are looked for outside character sets, where `[(?s)]` is four characters.
+    for flags in _INLINE_FLAGS.finditer(_outside_sets(pattern)):
+        # Turning m off (`(?-m:...)`) leaves the default, which both engines share.
+        if "m" in flags.group(1):
+            return _MULTILINE_FLAG
         letters = flags.group(1) + (flags.group(2) or "")
         unknown = next((flag for flag in letters if flag in _UNKNOWN_FLAGS), None)
         if unknown is not None:
@@ -182,6 +187,36 @@ def _engine_difference(pattern: str, compiled: re.Pattern) -> str | None:
                 "tokenizer's combined expression; remove the comment, or write \\# for the "
                 "character")
     return _set_difference(pattern)
+
+
+def _outside_sets(pattern: str) -> str:
+    """Return `pattern` with every character inside a character set replaced by `x`, so that
+    positions stay the same and nothing in a set reads as syntax."""
+    characters = list(pattern)
+    position = 0
+    in_set = False
+    while position < len(pattern):
+        character = pattern[position]
+        if character == "\\":
+            if in_set:
+                characters[position:position + 2] = "x" * len(characters[position:position + 2])
+            position += 2
+            continue
+        if not in_set and character == "[":
+            in_set = True
+            position += 1
+            # A ] right after [ or [^ is a member, not the end of the set.
+            for member in ("^", "]"):
+                if pattern.startswith(member, position):
+                    characters[position] = "x"
+                    position += 1
+            continue
+        if in_set and character == "]":
+            in_set = False
+        elif in_set:
+            characters[position] = "x"
+        position += 1
+    return "".join(characters)
 
 
 def _set_difference(pattern: str) -> str | None:

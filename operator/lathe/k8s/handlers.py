@@ -518,6 +518,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         _remember(stored)
         if training_ended(current, desired):
             metrics.forget(meta["namespace"], parent["kind"], meta["name"])
+            _forget_unreachable(meta["namespace"], current.get("jobName"))
         # Events go out after the write, so that a failed post never holds back the status.
         _announce(parent, current, desired, logger)
     # The reconcile and its status write both succeeded, so the backoff starts over.
@@ -530,6 +531,12 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
                                      meta["name"])
         _wake_dependents({**parent, "status": desired}, logger, every=True)
     return True
+
+
+def _forget_unreachable(namespace: str, job: str | None) -> None:
+    """Drop a finished Job from the Jobs warned about, so the set contains running Jobs only."""
+    if job:
+        _UNREACHABLE_JOBS.discard((namespace, job))
 
 
 def training_ended(current: dict, desired: dict) -> bool:
@@ -839,12 +846,16 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
     uri = (entry.get("output") or entry["storage"]
            or reconciler().store.output_uri(namespace, entry["kind"], name))
     mounts = _mounts(settings)
-    if progress.readable(uri, mounts):
-        record = progress.read_latest(uri, mounts=mounts)
-    else:
+    record = progress.read_latest(uri, mounts=mounts) if progress.readable(uri, mounts) else None
+    if not record:
+        # A claim the operator does not mount, or a file:// root that exists only in the
+        # training pods: rank 0's metrics port has the progress instead.
         record = _read_rank_zero(namespace, name, entry)
     if not record:
         return
+    current = _INDEX.get(key) or {}
+    if current.get("phase") != "Running" or current.get("job") != entry.get("job"):
+        return  # the run ended, or another began, while the record was read
     values = progress.to_status(record)
     metrics.set_progress(namespace, entry["kind"], name, values)
     if not _changes_progress(values, entry.get("progress") or {}):
@@ -866,6 +877,12 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
 
 # Jobs whose rank 0 did not respond on its metrics port, warned about once.
 _UNREACHABLE_JOBS: set[tuple[str, str]] = set()
+
+
+def _refused(error: Exception) -> bool:
+    """Return whether a failed HTTP read was a refused connection: nothing listens yet."""
+    reason = getattr(error, "reason", error)  # urllib wraps socket errors in URLError
+    return isinstance(reason, ConnectionRefusedError)
 
 
 def _changes_progress(values: dict[str, Any], stored: dict[str, Any]) -> bool:
@@ -893,9 +910,12 @@ def _read_rank_zero(namespace: str, name: str, entry: dict[str, Any]) -> dict[st
     try:
         return progress.read_pod_metrics(address, builders_training.TRAINER_METRICS_PORT)
     except (OSError, ValueError) as error:
-        # NB: a pod that has not started its exporter yet, or a NetworkPolicy that blocks the
-        # operator, lands here. The next pass tries again, and the warning goes out once per
-        # Job, not on every pass.
+        # NB: rank 0 refuses the connection until its exporter starts, after it has loaded
+        # the data and built the model, so a refusal is expected and not logged. A timeout is
+        # what a NetworkPolicy that drops the operator's packets gives. The next pass tries
+        # again, and the warning goes out once per Job, not on every pass.
+        if _refused(error):
+            return None
         if (namespace, entry["job"]) not in _UNREACHABLE_JOBS:
             _UNREACHABLE_JOBS.add((namespace, entry["job"]))
             resource_logger(entry["kind"], namespace, name).warning(

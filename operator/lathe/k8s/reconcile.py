@@ -136,7 +136,13 @@ class Reconciler:
         except Exception as error:  # noqa: BLE001 - any other parse failure fails the spec too
             return self._failed(current, generation, Reason.INVALID_SPEC, str(error), body["kind"])
 
-        conditions = _without_reconcile_failure(current)
+        conditions = [
+            condition for condition in _without_reconcile_failure(current)
+            # The spec parses now, so an InvalidSpec failure of an earlier generation is over,
+            # also when the spec went back to the last good one, whose run is recorded as done.
+            if not (condition["type"] == C.FAILED and condition["reason"] == Reason.INVALID_SPEC
+                    and condition.get("observedGeneration") != generation)
+        ]
         new = {**current, "observedGeneration": generation}
         inputs, waiting = self._resolve_inputs(resource)
         if waiting:
@@ -851,7 +857,8 @@ class Reconciler:
 
 # The reasons of a ModelDeployment's Ready that _with_ready sets, before any Triton pod exists.
 READY_WITHOUT_TRITON_REASONS = frozenset({
-    Reason.EXPORTING, Reason.EXPORT_FAILED, Reason.INPUT_NOT_FOUND, Reason.INPUT_NOT_READY,
+    Reason.EXPORTING, Reason.INPUT_NOT_FOUND, Reason.INPUT_NOT_READY, Reason.INVALID_SPEC,
+    Reason.JOB_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED,
 })
 
 
@@ -868,9 +875,9 @@ def _with_ready(conditions: list[dict], generation: int | None) -> list[dict]:
                   None)
     if failed is not None and (ready is None or ready["status"] != "True"):
         return status.set_condition(
-            conditions, C.READY, False, Reason.EXPORT_FAILED,
-            f"No Triton serves this generation, because it failed ({failed['reason']}); see "
-            "the Failed condition.", generation,
+            conditions, C.READY, False, failed["reason"],
+            "No Triton serves this generation, because it failed; see the Failed condition.",
+            generation,
         )
     # A Ready that this function set earlier describes the Failed and InputsReady conditions
     # of then, so it is set again from the current ones.
