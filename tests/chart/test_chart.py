@@ -662,6 +662,9 @@ REJECTED = [
       "--set", "metrics.serviceMonitor.scrapeTimeout=1m"],
      r"scrapeTimeout \(1m\) exceeds metrics.serviceMonitor.interval \(30s\)"),
     (["--set", "serviceAccount.create=false"], r"serviceAccount.name is required"),
+    (["--set", "resources.limits.memory=abc"], r"/resources/limits/memory"),
+    (["--set", "resources.limit.memory=1Gi"], r"resources"),
+    (["--set", "image.repository= "], r"/image/repository"),
 ]
 
 

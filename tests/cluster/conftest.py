@@ -118,6 +118,11 @@ def namespace(bare_cluster: Cluster) -> Iterator[str]:
     )  # fmt: skip
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    # kwok's held pods (lathe_objects.HOLD) can stay Terminating for minutes, and their GPU
+    # requests would keep the fake nodes full for the tests after this one. A terminating
+    # namespace takes no new pods, so the Job controller cannot replace them.
+    cluster.kubectl("delete", "pods", "--all", "-n", name, "--grace-period=0", "--force",
+                    "--wait=false", check=False)
 
 
 @pytest.fixture(scope="session")

@@ -384,7 +384,7 @@ def test_progress_read_from_rank_zero_port(cluster, namespace, lathe_operator, r
 
     monkeypatch.setattr(progress, "readable", lambda uri, mounts=None: "portread" not in uri)
     monkeypatch.setattr(progress, "read_pod_metrics", rank_zero_metrics)
-    cluster.apply(pretrain_job("portread"), namespace)
+    cluster.apply(pretrain_job("portread", nodes=1, gpus=0), namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "portread", namespace)) == 1, "the Job")
 
     def reported() -> bool:
