@@ -315,6 +315,12 @@ def test_regex_error_message(regex, message):
         (r"[(?s)]E11", None),
         (r"[(?m)]E11", None),
         (r"(?i-m:E11)", None),
+        # A [ in a (?#...) comment opens no set, so the flag after the comment counts.
+        (r"(?#[)(?s:E11)", r"the inline flag s at position 5 is not a flag of the tokenizer's "
+         r"engine (Oniguruma), which would reject the pattern; write [\s\S] where a "
+         r"character, a newline included, is meant"),
+        # The ] of a POSIX class does not end its set, so the characters of (?s:x) are members.
+        (r"[[:alpha:](?s:x)]", None),
         (r"E11\Z", r"\Z matches only at the very end in Python, but also before a final newline "
          r"in the tokenizer's engine (Oniguruma); write $ (the end of a line there) or \b"),
         (r"E11\\Z", None),
@@ -399,6 +405,22 @@ def test_unknown_flags_rejected_by_oniguruma(flag):
     for accepted in ("i", "x", "ix"):
         assert regex_syntax_error(f"(?{accepted}:E11)") is None
         patterns.Regex(f"(?{accepted}:E11)")
+
+
+@pytest.mark.parametrize("regex", [r"(?#[)(?s:E11)", r"(?#\)[)(?s:E11)", r"(?#[)E11",
+                                   r"[[:alpha:](?s:x)]", r"[[:^digit:]a](?s:x)"])
+def test_flag_check_matches_oniguruma(regex):
+    """The syntax check accepts a pattern with a comment or a POSIX class exactly when
+    Oniguruma compiles it."""
+    from lathe.api.tokenizer import regex_syntax_error
+
+    accepted = regex_syntax_error(regex) is None
+    try:
+        patterns.Regex(regex)
+        compiles = True
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception
+        compiles = False
+    assert accepted == compiles
 
 
 def test_lowercase_rejects_cased_property_class():

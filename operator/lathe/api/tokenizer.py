@@ -161,6 +161,8 @@ _MULTILINE_FLAG = (
     "tokenizer's engine (Oniguruma), where ^ and $ always match at line ends; remove it"
 )
 _INLINE_FLAGS = re.compile(r"(?<!\\)(?:\\\\)*\(\?([a-zA-Z]*)(?:-([a-zA-Z]+))?[:)]")
+# A POSIX class inside a character set, such as [:alpha:] or [:^digit:].
+_POSIX_CLASS = re.compile(r"\[:\^?[a-z]+:\]")
 
 
 _UNESCAPED_HASH = re.compile(r"(?<!\\)(?:\\\\)*#")
@@ -190,8 +192,8 @@ def _engine_difference(pattern: str, compiled: re.Pattern) -> str | None:
 
 
 def _outside_sets(pattern: str) -> str:
-    """Return `pattern` with every character inside a character set replaced by `x`, so that
-    positions stay the same and nothing in a set reads as syntax."""
+    """Return `pattern` with every character inside a character set or a (?#...) comment
+    replaced by `x`, so that positions stay the same and nothing there reads as syntax."""
     characters = list(pattern)
     position = 0
     in_set = False
@@ -202,6 +204,22 @@ def _outside_sets(pattern: str) -> str:
                 characters[position:position + 2] = "x" * len(characters[position:position + 2])
             position += 2
             continue
+        if not in_set and pattern.startswith("(?#", position):
+            # In both engines a comment ends at its first unescaped ), and a [ in it opens no set.
+            position += 3
+            while position < len(pattern) and pattern[position] != ")":
+                end = min(position + (2 if pattern[position] == "\\" else 1), len(pattern))
+                characters[position:end] = "x" * (end - position)
+                position = end
+            position += 1
+            continue
+        if in_set and character == "[":
+            # A POSIX class such as [:alpha:] is a member, and its ] does not end the set.
+            posix = _POSIX_CLASS.match(pattern, position)
+            if posix is not None:
+                characters[position:posix.end()] = "x" * (posix.end() - position)
+                position = posix.end()
+                continue
         if not in_set and character == "[":
             in_set = True
             position += 1
