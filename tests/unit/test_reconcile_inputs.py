@@ -161,6 +161,43 @@ def test_changed_deployment_drops_old_failure():
     assert ready["reason"] == "InputNotFound"
 
 
+def test_earlier_release_export_failed_reset():
+    """A Ready with ExportFailed, which earlier releases set, goes with the failure it named."""
+    from types import SimpleNamespace
+
+    from kubernetes.client.exceptions import ApiException
+
+    from lathe.k8s.reconcile import Clients, Reconciler
+    from lathe.k8s.settings import OperatorSettings
+
+    def not_found(group, version, namespace, plural, name):
+        raise ApiException(status=404, reason="Not Found")
+
+    clients = Clients.__new__(Clients)
+    clients.custom = SimpleNamespace(get_namespaced_custom_object=not_found)
+    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
+    failed = {"type": "Failed", "status": "True", "reason": "JobFailed",
+              "message": "Gave up after a permanent error: exit code 42 (Error).",
+              "observedGeneration": 1, "lastTransitionTime": "2026-12-01T00:00:00Z"}
+    ready = {"type": "Ready", "status": "False", "reason": "ExportFailed",
+             "message": "No Triton serves this generation, because it failed (JobFailed); see "
+             "the Failed condition.", "observedGeneration": 1,
+             "lastTransitionTime": "2026-12-01T00:00:00Z"}
+    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "ner", "namespace": "team-a", "uid": "u", "generation": 2},
+            "spec": {"model": {"fineTuneRef": {"name": "ner"}},
+                     "export": {"heldOutData": "fixed.tsv"}},
+            "status": {"observedGeneration": 1, "phase": "Failed", "runSpecHash": "earlier",
+                       "runGeneration": 1, "conditions": [failed, ready]}}
+
+    new = Reconciler(settings, clients).reconcile(body)
+
+    assert "Failed" not in [c["type"] for c in new["conditions"]]
+    ready = next(c for c in new["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InputNotFound"
+    assert ready["observedGeneration"] == 2
+
+
 def test_reverted_spec_clears_invalid_spec():
     """A spec put back to the last good one after an InvalidSpec shows that run's success."""
     from types import SimpleNamespace
