@@ -120,6 +120,34 @@ def test_unanswered_trainer_port_raises():
         progress.read_pod_metrics("127.0.0.1", _free_port(), timeout=1.0)
 
 
+def _serve_once(reply: bytes) -> int:
+    """Start a loopback server that sends `reply` to one request and closes; return its port."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(4096)
+            connection.sendall(reply)
+        server.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    return server.getsockname()[1]
+
+
+def test_invalid_trainer_reply_raises_oserror():
+    """A reply that is not HTTP, or one cut short, raises OSError like a closed port."""
+    import pytest
+
+    cut_short = b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\nlathe_training_step 3\n"
+    for reply in (b"not http\r\n\r\n", cut_short):
+        with pytest.raises(OSError, match="invalid HTTP reply"):
+            progress.read_pod_metrics("127.0.0.1", _serve_once(reply), timeout=5.0)
+
+
 def test_unmounted_claim_not_readable():
     assert not progress.readable("pvc://team-data/lathe/pretrainjob/lm", {})
     assert progress.readable("pvc://team-data/lathe/pretrainjob/lm", {"team-data": "/data"})

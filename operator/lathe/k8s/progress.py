@@ -11,6 +11,7 @@ Prometheus server would scrape them. That also needs no privileges for the pods.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import time
@@ -64,11 +65,17 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def read_pod_metrics(address: str, port: int,
                      timeout: float = POD_TIMEOUT_SECONDS) -> dict[str, Any] | None:
     """Return a progress record built from the gauges that rank 0 serves at `address`, or None
-    before it has finished a step. Raises OSError when the pod does not respond."""
+    before it has finished a step. Raises OSError when the pod does not respond or its reply
+    is not valid HTTP."""
     host = f"[{address}]" if ":" in address else address  # an IPv6 pod IP
     url = f"http://{host}:{port}/metrics"
-    with _DIRECT.open(url, timeout=timeout) as response:
-        text = response.read().decode("utf-8", errors="replace")
+    try:
+        with _DIRECT.open(url, timeout=timeout) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except http.client.HTTPException as error:
+        # A reply that is not HTTP (BadStatusLine) or a body cut short (IncompleteRead), as
+        # from a pod stopped mid-reply. http.client raises these outside the OSError tree.
+        raise OSError(f"invalid HTTP reply from {url}: {error!r}") from error
     record: dict[str, Any] = {}
     for family in text_string_to_metric_families(text):
         field = POD_GAUGES.get(family.name)
