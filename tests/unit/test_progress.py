@@ -148,9 +148,10 @@ def test_invalid_trainer_reply_raises_oserror():
             progress.read_pod_metrics("127.0.0.1", _serve_once(reply), timeout=5.0)
 
 
-def test_unmounted_claim_not_readable():
+def test_unmounted_claim_not_readable(tmp_path):
+    (tmp_path / "lathe" / "pretrainjob" / "lm").mkdir(parents=True)
     assert not progress.readable("pvc://team-data/lathe/pretrainjob/lm", {})
-    assert progress.readable("pvc://team-data/lathe/pretrainjob/lm", {"team-data": "/data"})
+    assert progress.readable("pvc://team-data/lathe/pretrainjob/lm", {"team-data": str(tmp_path)})
     assert progress.readable("s3://bucket/lathe/pretrainjob/lm")
 
 
@@ -174,3 +175,9 @@ def test_trainer_port_read_ignores_proxy(monkeypatch):
     finally:
         exporter.close()
     assert record["completed"] == 3
+
+
+def test_file_root_readable_only_where_present(tmp_path):
+    """A file:// root that only the training pods have sends the operator to rank 0's port."""
+    assert progress.readable(f"file://{tmp_path}")
+    assert not progress.readable(f"file://{tmp_path}/only-in-the-pods")

@@ -518,6 +518,8 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         _remember(stored)
         if training_ended(current, desired):
             metrics.forget(meta["namespace"], parent["kind"], meta["name"])
+        if training_ended(current, desired) or current.get("jobName") != desired.get("jobName"):
+            # The Job of the warning ended, or a new attempt replaced it.
             _forget_unreachable(meta["namespace"], current.get("jobName"))
         # Events go out after the write, so that a failed post never holds back the status.
         _announce(parent, current, desired, logger)
@@ -534,7 +536,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
 
 
 def _forget_unreachable(namespace: str, job: str | None) -> None:
-    """Drop a finished Job from the Jobs warned about, so the set contains running Jobs only."""
+    """Drop a Job that ended, was replaced or was deleted from the Jobs warned about."""
     if job:
         _UNREACHABLE_JOBS.discard((namespace, job))
 
@@ -846,8 +848,9 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
     uri = (entry.get("output") or entry["storage"]
            or reconciler().store.output_uri(namespace, entry["kind"], name))
     mounts = _mounts(settings)
-    record = progress.read_latest(uri, mounts=mounts) if progress.readable(uri, mounts) else None
-    if not record:
+    if progress.readable(uri, mounts):
+        record = progress.read_latest(uri, mounts=mounts)
+    else:
         # A claim the operator does not mount, or a file:// root that exists only in the
         # training pods: rank 0's metrics port has the progress instead.
         record = _read_rank_zero(namespace, name, entry)
@@ -940,6 +943,7 @@ def forget_resource(body, logger) -> None:
     meta = body["metadata"]
     metrics.forget(meta.get("namespace", ""), body["kind"], meta["name"])
     metrics.PHASES.set(body["kind"], meta.get("namespace", ""), meta["name"], None)
+    _forget_unreachable(meta.get("namespace", ""), (body.get("status") or {}).get("jobName"))
     logger.info("Removed the metric series of the deleted resource; Kubernetes garbage "
                 "collection removes the objects it owned.")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import time
 import urllib.request
 from typing import Any
@@ -40,8 +41,18 @@ def _fsspec_url(uri: str, mounts: dict[str, str]) -> str | None:
 
 def readable(output_uri: str, mounts: dict[str, str] | None = None) -> bool:
     """Return whether the operator can read the output directory: any URI but a claim that it
-    does not mount."""
-    return _fsspec_url(output_uri, mounts or {}) is not None
+    does not mount, or a file:// path that does not exist on the operator's filesystem.
+
+    NB: a file:// directory that rank 0 has not created yet also counts as unreadable, so the
+    caller asks the pod, which refuses until it serves. An object store counts as readable
+    without a request, because a listing per pass would cost one per running job.
+    """
+    url = _fsspec_url(output_uri, mounts or {})
+    if url is None:
+        return False
+    if url.startswith("file://"):
+        return os.path.isdir(url[len("file://"):])
+    return True
 
 
 # The gauges of lathe_trainer.training.metrics.PrometheusExporter, by progress record field.
