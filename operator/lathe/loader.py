@@ -142,7 +142,13 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> tu
         name = str(location[-1]) if location else field
         known = _field_names(model, location[:-1]) if model else []
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
-        hint = f"did you mean {close[0]!r}?" if close else "remove it or fix its spelling."
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        elif known and len(known) <= 12:
+            # A short list of the fields here is the fix when no name is close.
+            hint = f"remove it or fix its spelling; the fields here are {', '.join(known)}."
+        else:
+            hint = "remove it or fix its spelling."
         return field, f"unknown field {name!r}; {hint}"
     if error["type"] == "missing":
         return field, "required field is missing; add it."

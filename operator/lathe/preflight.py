@@ -141,6 +141,13 @@ def check_files(resource: Resource, data_dir: Path) -> None:
                 "LATHE_DATA_DIR.",
             )
         problem = "is a directory, not a file" if resolved.is_dir() else "does not exist"
+        if path.startswith("file:/") and not path.startswith("file://"):
+            raise InvalidResourceError(
+                resource.label, field,
+                f"{path!r} is read as a path relative to the data directory, because only "
+                f"file:// starts a URI here; write 'file://{path[len('file:'):]}' for the "
+                "absolute path.",
+            )
         if path.startswith("file://") or Path(path).is_absolute():
             raise InvalidResourceError(
                 resource.label, field,

@@ -367,6 +367,17 @@ def test_empty_matching_pattern_rejected(regex):
     assert "matches the empty string" in error.detail
 
 
+@pytest.mark.parametrize(("regex", "fix"), [
+    ("E11|", "removing the empty alternative that a `|` leaves"),
+    ("(|E11)", "removing the empty alternative that a `|` leaves"),
+    ("E*", "replacing `*` with `+`"),
+])
+def test_empty_match_fix_fits_pattern(regex, fix):
+    body = document("Tokenizer")
+    body["spec"]["protectedPatterns"] = [{"name": "p", "regex": regex}]
+    assert fix in rejection(body).detail
+
+
 @pytest.mark.parametrize(("export", "field"), [(None, "spec.export"),
                                                ({}, "spec.export.heldOutData"),
                                                ({"opset": 18}, "spec.export.heldOutData")])

@@ -161,3 +161,30 @@ def test_triton_start_failure_is_an_error(monkeypatch, tmp_path, capsys):
     assert "error: ModelDeployment/default/ner: the local tritonserver did not start" in error
     assert "Traceback" not in error
     assert recorded == [(None, "Triton did not start: tritonserver was not ready within 180 s")]
+
+
+def test_validate_rejects_storage_over_other_files(tmp_path, capsys):
+    """`lathe validate` rejects a storage.uri with files a run would delete, as `lathe run` does."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("Aspirin lowers fever.\n")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep-me.txt").write_text("x\n")
+    manifest = tmp_path / "corpus.yaml"
+    manifest.write_text(textwrap.dedent(f"""
+        apiVersion: lathe.dev/v1alpha1
+        kind: Corpus
+        metadata: {{name: notes}}
+        spec:
+          sources: [{{name: notes, format: text, path: notes.txt}}]
+          storage: {{uri: "file://{occupied}"}}
+    """))
+    code = cli.main(["validate", "-f", str(manifest), "--data-dir", str(data),
+                     "--workspace", str(tmp_path / "workspace")])
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert code == 1
+    assert "spec.storage.uri" in output
+    assert "keep-me.txt" in output
+    assert (occupied / "keep-me.txt").is_file()

@@ -239,6 +239,10 @@ def test_stage_error_ends_before_torchrun_report():
     ({"sources": [{"name": "a", "format": "text", "path": "x", "fromat": "text"}]},
      "spec.sources[0].fromat", "did you mean 'format'?"),
     ({"zzz": 1}, "spec.zzz", "remove it or fix its spelling."),
+    # With no close name, a short list of the fields that are allowed there is the fix.
+    ({"dedup": {"near": {"zzz": 1}}}, "spec.dedup.near.zzz",
+     "remove it or fix its spelling; the fields here are enabled, threshold, numPerm, "
+     "shingleSize."),
 ])
 def test_unknown_field_suggests_name(spec, field, hint):
     document = {"apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "x"},

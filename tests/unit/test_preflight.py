@@ -302,3 +302,17 @@ def test_finetune_conll_lines_checked_before_run(tmp_path):
     assert raised.value.detail.startswith("train.tsv:4: expected `token<TAB>tag`, or columns "
                                           "separated by spaces that end with an IOB tag")
     assert raised.value.detail.endswith("; fix the file or the path.")
+
+
+def test_single_slash_file_uri_explained(data):
+    path = f"file:{data}/notes.txt"
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_files(parse(with_path(CORPUS, "sources", "path", path)), data)
+    assert f"write 'file://{data}/notes.txt'" in raised.value.detail
+
+
+def test_uppercase_scheme_explained(data):
+    body = with_path(CORPUS, "sources", "path", f"FILE://{data}/notes.txt")
+    with pytest.raises(InvalidResourceError) as raised:
+        parse(body)
+    assert f"write it in lowercase, as file://{data}/notes.txt" in raised.value.detail

@@ -273,8 +273,8 @@ class LocalObjectReference(ApiModel):
 
 # Memory as a Kubernetes quantity (k8s.io/apimachinery resource.Quantity) in the forms that
 # make sense for bytes: a decimal number with an optional binary suffix (Ki to Ei), decimal
-# suffix (k, M, G, T, P, E) or positive exponent. It leaves out what Kubernetes also accepts but
-# nobody writes for memory: a leading '+' or '.', the suffixes m, u and n, and negative
+# suffix (k, M, G, T, P, E) or positive exponent. It leaves out forms that Kubernetes also accepts
+# but that make no sense for memory: a leading '+' or '.', the suffixes m, u and n, and negative
 # exponents. The full grammar in the CEL rules would take a ModelDeployment's CRD over the
 # budget of estimated rule cost of Kubernetes 1.29, which counts an int-or-string field as
 # unbounded in length, whatever its maxLength.
@@ -285,7 +285,7 @@ _ZERO = re.compile(r"^0+(\.0*)?([^0-9.].*)?$")
 _CPU_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?m?$")
 
 
-# The longest quantity string accepted. From some release after 1.29 on, it also bounds the cost
+# The maximum length of a quantity string. From some release after 1.29 on, it also bounds the cost
 # that the API server estimates for the CEL rules that match it.
 QUANTITY_MAX_LENGTH = 64
 
@@ -622,6 +622,9 @@ def _check_data_path(path: str) -> str:
     if "://" not in path:
         return path
     scheme, _, rest = path.partition("://")
+    if scheme.lower() in _DATA_URI_FORMS and scheme not in _DATA_URI_FORMS:
+        raise ValueError(f"unsupported URI scheme {scheme!r}; write it in lowercase, as "
+                         f"{scheme.lower()}://{rest}")
     if scheme not in _DATA_URI_FORMS:
         raise ValueError(f"unsupported URI scheme {scheme!r}; {_DATA_PATH_FORMS}")
     if scheme == "file":

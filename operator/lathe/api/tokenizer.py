@@ -490,10 +490,22 @@ class ProtectedPattern(ApiModel):
             if empty is not None:
                 raise ValueError(
                     f"the regular expression matches the empty string (at position "
-                    f"{empty.start()} of {sample!r}); require at least one character, for "
-                    "example by replacing `*` with `+` or dropping a bare `\\b`"
+                    f"{empty.start()} of {sample!r}); require at least one character, "
+                    f"{_empty_match_fix(value)}"
                 )
         return value
+
+
+# An empty alternative: `|` at the start or end of the pattern or of a group, or `||`.
+_EMPTY_ALTERNATIVE = re.compile(r"^\||(?<!\\)(?:\|$|\|\||\(\||\|\))")
+
+
+def _empty_match_fix(pattern: str) -> str:
+    """Return how to make `pattern` require a character, for the construct it most likely
+    matches nothing with."""
+    if _EMPTY_ALTERNATIVE.search(_outside_sets(pattern)):
+        return "for example by removing the empty alternative that a `|` leaves"
+    return "for example by replacing `*` with `+` or dropping a bare `\\b`"
 
 
 class TokenizerSpec(ApiModel):

@@ -230,6 +230,12 @@ class LocalRunner:
                 preflight.check_patterns(resource)
                 uri = self.output_uri(resource).rstrip("/")
                 _check_output_overlap(resource, uri, outputs)
+                storage_uri = resource.spec.storage.uri
+                if storage_uri and storage_uri.startswith("file://"):
+                    # The stage would delete what is there, so `lathe validate` rejects it too.
+                    # An object store is left to the run, because listing it costs a request.
+                    filesystem, path = storage.resolve(uri)
+                    _check_replaceable(resource, filesystem, path, uri)
             except InvalidResourceError as error:
                 errors.append(error)
                 continue
@@ -360,7 +366,8 @@ class LocalRunner:
         directory = self.stage_dir(resource)
         directory.mkdir(parents=True, exist_ok=True)
         self._write_conditions(resource, directory, conditions)
-        self.on_progress(ProgressEvent(resource.key, "waiting", message=f"waits for {name}"))
+        self.on_progress(ProgressEvent(resource.key, "waiting",
+                                       message=f"waits for {kind} {name}"))
 
     def run_stage(
         self, resource: Resource, inputs: dict[str, ResolvedInput]

@@ -103,8 +103,12 @@ def serve_and_query(
         chosen = (server.http_port, server.grpc_port, server.metrics_port)
         if ports and chosen != ports:
             # Without a busy port before the start, one was taken while Triton started.
-            cause = (f"Port {', '.join(map(str, busy))} of spec.serving is in use" if busy
-                     else "A port of spec.serving was taken while Triton started")
+            if len(busy) == 1:
+                cause = f"Port {busy[0]} of spec.serving is in use"
+            elif busy:
+                cause = f"Ports {', '.join(map(str, busy))} of spec.serving are in use"
+            else:
+                cause = "A port of spec.serving was taken while Triton started"
             console.print(f"{cause}, so Triton listens on HTTP port {server.http_port}, gRPC "
                           f"port {server.grpc_port} and metrics port {server.metrics_port} "
                           "instead.")
