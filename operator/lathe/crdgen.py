@@ -212,7 +212,8 @@ def chart_crd(model: type[Resource]) -> str:
 
     The CRD is kept on `helm uninstall` unless crds.keep is false, because deleting it deletes
     every resource of its kind. Argo CD ignores Helm's keep policy when it prunes a resource
-    that left the rendered chart, so the CRD also tells Argo CD not to prune or delete it.
+    that left the rendered chart, so the CRD also carries Argo CD's sync options against pruning
+    and deleting it.
     """
     body = yaml.safe_dump(crd(model), sort_keys=False)
     marker = "\nmetadata:\n"  # the top-level key: nested keys are indented

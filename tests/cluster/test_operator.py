@@ -375,10 +375,10 @@ def test_progress_read_from_rank_zero_port(cluster, namespace, lathe_operator, r
     is replaced; tests/unit/test_progress.py reads a real exporter."""
     from lathe.k8s import progress
 
-    asked = []
+    requested = []
 
     def rank_zero_metrics(address: str, port: int) -> dict:
-        asked.append((address, port))
+        requested.append((address, port))
         return {"completed": 12, "total": 100, "loss": 4.5, "tokensPerSecond": 900.0,
                 "etaSeconds": 80.0, "time": time.time()}
 
@@ -397,7 +397,7 @@ def test_progress_read_from_rank_zero_port(cluster, namespace, lathe_operator, r
                             f"batch.kubernetes.io/job-name={job_name}")["items"]
     rank_zero = next(pod for pod in pods if pod["metadata"]["labels"][
         "batch.kubernetes.io/job-completion-index"] == "0")
-    assert (rank_zero["status"]["podIP"], 9400) in asked, asked
+    assert (rank_zero["status"]["podIP"], 9400) in requested, requested
     progress_status = get(cluster, "PretrainJob", "portread", namespace)["status"]["progress"]
     assert progress_status["etaSeconds"] == 80.0
     assert progress_status["totalSteps"] == 100

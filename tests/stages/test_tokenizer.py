@@ -332,7 +332,7 @@ def test_invalid_regex_exits_permanent(tmp_path, data_dir, make_config, capsys):
 
 
 def test_short_vocabulary_reported(tmp_path, data_dir, make_config, caplog):
-    """A corpus too small for spec.vocabSize gives fewer tokens, with a warning that says so."""
+    """A corpus too small for spec.vocabSize gives fewer tokens, and a warning reports it."""
     corpus = write_corpus(tmp_path / "corpus", data_dir,
                           lambda index, text: text[:200] if index < 20 else "")
     config = make_config(tokenizer_resource(vocabSize=200000), {"corpus": corpus},

@@ -430,27 +430,29 @@ def test_fixture_has_current_condition_shape(name):
         assert set(condition) == set(fresh)
 
 
+def deployment_with_ready(reason: str, message: str) -> dict:
+    """Return a Lua health input: an exported ModelDeployment with Ready False for `reason`."""
+    new = done_status("ModelDeployment")
+    new["conditions"] = status.set_condition(new["conditions"], C.READY, False, reason,
+                                             message, 1)
+    return resource("ModelDeployment", status_=with_phase("ModelDeployment", new))
+
+
 def test_deployment_scaled_to_zero_is_healthy():
     """serving.replicas 0 turns serving off on purpose, as a Deployment scaled to zero."""
-    new = done_status("ModelDeployment")
-    new["conditions"] = status.set_condition(
-        new["conditions"], C.READY, False, Reason.SCALED_TO_ZERO,
-        "spec.serving.replicas is 0, so no Triton replica runs; set it to 1 or more to serve.", 1,
-    )
-    health = run_health("ModelDeployment", resource("ModelDeployment",
-                                                    status_=with_phase("ModelDeployment", new)))
+    health = run_health("ModelDeployment", deployment_with_ready(
+        Reason.SCALED_TO_ZERO,
+        "spec.serving.replicas is 0, so no Triton replica runs; set it to 1 or more to serve.",
+    ))
     assert health["status"] == "Healthy"
     assert health["message"].startswith("spec.serving.replicas is 0")
 
 
 def test_deployment_pods_not_starting_progressing():
-    new = done_status("ModelDeployment")
-    new["conditions"] = status.set_condition(
-        new["conditions"], C.READY, False, Reason.PODS_NOT_STARTING,
-        "0 of 1 Triton replicas are ready. Pod ner-triton-x: 0/4 nodes are available.", 1,
-    )
-    health = run_health("ModelDeployment", resource("ModelDeployment",
-                                                    status_=with_phase("ModelDeployment", new)))
+    health = run_health("ModelDeployment", deployment_with_ready(
+        Reason.PODS_NOT_STARTING,
+        "0 of 1 Triton replicas are ready. Pod ner-triton-x: 0/4 nodes are available.",
+    ))
     assert health["status"] == "Progressing"
 
 

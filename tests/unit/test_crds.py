@@ -77,10 +77,10 @@ def test_quantity_is_int_or_string(field):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_string_checks_are_rules_with_messages(kind):
-    """No field uses the schema's `pattern`, which the API server rejects by printing the
-    regular expression; a CEL rule with a message that names the fix does the same check. A
-    field whose rule runs a regular expression has a maxLength, which bounds the cost that the
-    API server estimates for it."""
+    """No field uses the schema's `pattern`, because the API server rejects a mismatch by
+    printing the regular expression. A CEL rule does the check, with a message that names the
+    fix. A field whose rule runs a regular expression has a maxLength, which bounds the rule's
+    estimated cost."""
     schema = crdgen.crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         assert "pattern" not in node, path

@@ -417,6 +417,6 @@ def test_progress_of_ended_run_not_written(tmp_path, monkeypatch):
 def test_refused_connection_is_expected():
     import urllib.error
 
-    assert handlers._refused(urllib.error.URLError(ConnectionRefusedError(111, "refused")))
-    assert not handlers._refused(urllib.error.URLError(TimeoutError("timed out")))
-    assert not handlers._refused(TimeoutError("timed out"))
+    assert handlers._connection_refused(urllib.error.URLError(ConnectionRefusedError(111, "refused")))
+    assert not handlers._connection_refused(urllib.error.URLError(TimeoutError("timed out")))
+    assert not handlers._connection_refused(TimeoutError("timed out"))

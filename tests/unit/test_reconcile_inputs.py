@@ -50,33 +50,79 @@ def test_unrecorded_inputs_fit():
     assert _inputs_disagree(resolved("sha256:new", "sha256:tok"), upstreams(None)) == ""
 
 
-def _waiting_tokenizer(recorded_spec: dict, spec: dict, generation: int) -> dict:
-    """Reconcile a finished Tokenizer whose Corpus is re-running, and return its new status."""
+SETTINGS = {"LATHE_ARTIFACT_ROOT": "file:///artifacts"}
+TIME = "2026-12-01T00:00:00Z"
+FAILED_EXPORT = {"type": "Failed", "status": "True", "reason": "JobFailed",
+                 "message": "Gave up after a permanent error: exit code 42 (Error).",
+                 "observedGeneration": 1, "lastTransitionTime": TIME}
+
+
+def reconcile(body: dict, read_upstream) -> dict:
+    """Reconcile `body` without a cluster; `read_upstream` stands in for the read of each
+    referenced resource, as CustomObjectsApi.get_namespaced_custom_object."""
     from types import SimpleNamespace
 
-    from lathe.k8s.reconcile import Clients, Reconciler, _run_hash, parse
+    from lathe.k8s.reconcile import Clients, Reconciler
     from lathe.k8s.settings import OperatorSettings
 
-    def read_corpus(group, version, namespace, plural, name):
-        # The Corpus changed too and its new generation has not been reconciled yet.
-        return {"metadata": {"name": name, "generation": 2},
-                "status": {"observedGeneration": 1, "artifact": {"uri": "file:///c"},
+    clients = Clients.__new__(Clients)
+    clients.custom = SimpleNamespace(get_namespaced_custom_object=read_upstream)
+    return Reconciler(OperatorSettings.from_env(SETTINGS), clients).reconcile(body)
+
+
+def not_found(group, version, namespace, plural, name):
+    from kubernetes.client.exceptions import ApiException
+
+    raise ApiException(status=404, reason="Not Found")
+
+
+def finished_corpus(generation: int, observed: int, digest: str | None = None):
+    """Return a read of a Corpus that succeeded at generation `observed`."""
+    artifact = {"uri": "file:///c", **({"digest": digest} if digest else {})}
+
+    def read(group, version, namespace, plural, name):
+        return {"metadata": {"name": name, "generation": generation},
+                "status": {"observedGeneration": observed, "artifact": artifact,
                            "conditions": [{"type": "Succeeded", "status": "True",
                                            "reason": "JobSucceeded"}]}}
 
-    clients = Clients.__new__(Clients)
-    clients.custom = SimpleNamespace(get_namespaced_custom_object=read_corpus)
-    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
+    return read
+
+
+def deployment(generation: int, status: dict | None = None) -> dict:
+    """Return a ModelDeployment of FineTune 'ner' at `generation`."""
+    held_out = "test.tsv" if generation == 1 else "fixed.tsv"
+    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "ner", "namespace": "team-a", "uid": "u",
+                         "generation": generation},
+            "spec": {"model": {"fineTuneRef": {"name": "ner"}},
+                     "export": {"heldOutData": held_out}}}
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def failed_deployment(ready: dict) -> dict:
+    """Return generation 2 of a ModelDeployment whose generation 1 failed, with `ready`."""
+    return deployment(2, {"observedGeneration": 1, "phase": "Failed", "runSpecHash": "earlier",
+                          "runGeneration": 1, "conditions": [FAILED_EXPORT, ready]})
+
+
+def _waiting_tokenizer(recorded_spec: dict, spec: dict, generation: int) -> dict:
+    """Reconcile a finished Tokenizer whose Corpus is re-running, and return its new status."""
+    from lathe.k8s.reconcile import _run_hash, parse
+
     recorded = parse({**TOKENIZER, "spec": recorded_spec})
     succeeded = {"type": "Succeeded", "status": "True", "reason": "JobSucceeded",
                  "message": "Job pubmed-tokenizer-r1-0 completed.", "observedGeneration": 1,
-                 "lastTransitionTime": "2026-12-01T00:00:00Z"}
+                 "lastTransitionTime": TIME}
     metadata = {**TOKENIZER["metadata"], "uid": "u", "generation": generation}
     body = {**TOKENIZER, "metadata": metadata, "spec": spec,
             "status": {"observedGeneration": 1, "phase": "Succeeded", "conditions": [succeeded],
                        "runSpecHash": _run_hash(recorded), "runGeneration": 1,
                        "artifact": {"uri": "file:///t", "digest": "sha256:t"}}}
-    return Reconciler(settings, clients).reconcile(body)
+    # The Corpus changed too and its new generation has not been reconciled yet.
+    return reconcile(body, finished_corpus(generation=2, observed=1))
 
 
 def test_changed_spec_drops_old_success():
@@ -97,24 +143,7 @@ def test_unchanged_spec_keeps_old_success():
 
 def test_waiting_deployment_sets_ready_false():
     """A ModelDeployment has Ready from its first reconcile, False while its input is missing."""
-    from types import SimpleNamespace
-
-    from kubernetes.client.exceptions import ApiException
-
-    from lathe.k8s.reconcile import Clients, Reconciler
-    from lathe.k8s.settings import OperatorSettings
-
-    def not_found(group, version, namespace, plural, name):
-        raise ApiException(status=404, reason="Not Found")
-
-    clients = Clients.__new__(Clients)
-    clients.custom = SimpleNamespace(get_namespaced_custom_object=not_found)
-    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
-    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
-            "metadata": {"name": "ner", "namespace": "team-a", "uid": "u", "generation": 1},
-            "spec": {"model": {"fineTuneRef": {"name": "ner"}},
-                     "export": {"heldOutData": "test.tsv"}}}
-    new = Reconciler(settings, clients).reconcile(body)
+    new = reconcile(deployment(1), not_found)
     ready = next(c for c in new["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False"
     assert ready["reason"] == "InputNotFound"
@@ -126,34 +155,11 @@ def test_waiting_deployment_sets_ready_false():
 def test_changed_deployment_drops_old_failure():
     """A ModelDeployment whose failed spec was changed while its input is missing waits, and
     its Ready no longer blames this generation for the earlier failure."""
-    from types import SimpleNamespace
-
-    from kubernetes.client.exceptions import ApiException
-
-    from lathe.k8s.reconcile import Clients, Reconciler
-    from lathe.k8s.settings import OperatorSettings
-
-    def not_found(group, version, namespace, plural, name):
-        raise ApiException(status=404, reason="Not Found")
-
-    clients = Clients.__new__(Clients)
-    clients.custom = SimpleNamespace(get_namespaced_custom_object=not_found)
-    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
-    failed = {"type": "Failed", "status": "True", "reason": "JobFailed",
-              "message": "Gave up after a permanent error: exit code 42 (Error).",
-              "observedGeneration": 1, "lastTransitionTime": "2026-12-01T00:00:00Z"}
     ready = {"type": "Ready", "status": "False", "reason": "JobFailed",
              "message": "No Triton serves this generation, because it failed; see the Failed "
-             "condition.", "observedGeneration": 1,
-             "lastTransitionTime": "2026-12-01T00:00:00Z"}
-    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
-            "metadata": {"name": "ner", "namespace": "team-a", "uid": "u", "generation": 2},
-            "spec": {"model": {"fineTuneRef": {"name": "ner"}},
-                     "export": {"heldOutData": "fixed.tsv"}},
-            "status": {"observedGeneration": 1, "phase": "Failed", "runSpecHash": "earlier",
-                       "runGeneration": 1, "conditions": [failed, ready]}}
+             "condition.", "observedGeneration": 1, "lastTransitionTime": TIME}
 
-    new = Reconciler(settings, clients).reconcile(body)
+    new = reconcile(failed_deployment(ready), not_found)
 
     assert new["phase"] == "Waiting"
     assert "Failed" not in [c["type"] for c in new["conditions"]]
@@ -163,34 +169,11 @@ def test_changed_deployment_drops_old_failure():
 
 def test_earlier_release_export_failed_reset():
     """A Ready with ExportFailed, which earlier releases set, goes with the failure it named."""
-    from types import SimpleNamespace
-
-    from kubernetes.client.exceptions import ApiException
-
-    from lathe.k8s.reconcile import Clients, Reconciler
-    from lathe.k8s.settings import OperatorSettings
-
-    def not_found(group, version, namespace, plural, name):
-        raise ApiException(status=404, reason="Not Found")
-
-    clients = Clients.__new__(Clients)
-    clients.custom = SimpleNamespace(get_namespaced_custom_object=not_found)
-    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
-    failed = {"type": "Failed", "status": "True", "reason": "JobFailed",
-              "message": "Gave up after a permanent error: exit code 42 (Error).",
-              "observedGeneration": 1, "lastTransitionTime": "2026-12-01T00:00:00Z"}
     ready = {"type": "Ready", "status": "False", "reason": "ExportFailed",
              "message": "No Triton serves this generation, because it failed (JobFailed); see "
-             "the Failed condition.", "observedGeneration": 1,
-             "lastTransitionTime": "2026-12-01T00:00:00Z"}
-    body = {"apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
-            "metadata": {"name": "ner", "namespace": "team-a", "uid": "u", "generation": 2},
-            "spec": {"model": {"fineTuneRef": {"name": "ner"}},
-                     "export": {"heldOutData": "fixed.tsv"}},
-            "status": {"observedGeneration": 1, "phase": "Failed", "runSpecHash": "earlier",
-                       "runGeneration": 1, "conditions": [failed, ready]}}
+             "the Failed condition.", "observedGeneration": 1, "lastTransitionTime": TIME}
 
-    new = Reconciler(settings, clients).reconcile(body)
+    new = reconcile(failed_deployment(ready), not_found)
 
     assert "Failed" not in [c["type"] for c in new["conditions"]]
     ready = next(c for c in new["conditions"] if c["type"] == "Ready")
@@ -200,25 +183,12 @@ def test_earlier_release_export_failed_reset():
 
 def test_reverted_spec_clears_invalid_spec():
     """A spec put back to the last good one after an InvalidSpec shows that run's success."""
-    from types import SimpleNamespace
+    from lathe.k8s.reconcile import _run_hash, parse
 
-    from lathe.k8s.reconcile import Clients, Reconciler, _run_hash, parse
-    from lathe.k8s.settings import OperatorSettings
-
-    def read_corpus(group, version, namespace, plural, name):
-        return {"metadata": {"name": name, "generation": 1},
-                "status": {"observedGeneration": 1,
-                           "artifact": {"uri": "file:///c", "digest": "sha256:c"},
-                           "conditions": [{"type": "Succeeded", "status": "True",
-                                           "reason": "JobSucceeded"}]}}
-
-    clients = Clients.__new__(Clients)
-    clients.custom = SimpleNamespace(get_namespaced_custom_object=read_corpus)
-    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
     good = parse(TOKENIZER)
     conditions = [
         {"type": "Succeeded", "status": "True", "reason": "JobSucceeded", "message": "Done.",
-         "observedGeneration": 1, "lastTransitionTime": "2026-12-01T00:00:00Z"},
+         "observedGeneration": 1, "lastTransitionTime": TIME},
         {"type": "Failed", "status": "True", "reason": "InvalidSpec",
          "message": "spec.vocabSize: too small", "observedGeneration": 2,
          "lastTransitionTime": "2026-12-01T00:01:00Z"},
@@ -228,7 +198,7 @@ def test_reverted_spec_clears_invalid_spec():
                        "runSpecHash": _run_hash(good), "runGeneration": 1, "run": 1,
                        "inputDigests": {"corpus": "sha256:c"},
                        "artifact": {"uri": "file:///t", "digest": "sha256:t"}}}
-    new = Reconciler(settings, clients).reconcile(body)
+    new = reconcile(body, finished_corpus(generation=1, observed=1, digest="sha256:c"))
     assert {c["type"] for c in new["conditions"] if c["status"] == "True"} == {
         "Succeeded", "InputsReady"}
     assert new["phase"] == "Succeeded"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import Field
+from pydantic.alias_generators import to_snake
 
 from lathe.api.common import (
     ApiModel,
@@ -106,6 +107,18 @@ _LORA_UNSET = (
 )
 
 
+def _only_value(section: str, field: str, value: str, message: str) -> CelRule:
+    """Return the rule that `spec.<section>.<field>`, a wire name, is unset or `value`."""
+    path = f"self.{section}.{field}"
+    attribute = to_snake(field)
+    return CelRule(
+        rule=f"!has(self.{section}) || !has({path}) || {path} == '{value}'",
+        message=message,
+        check=lambda spec: getattr(getattr(spec, section), attribute) == value,
+        field=f"{section}.{field}",
+    )
+
+
 class FineTuneSpec(ApiModel):
     """Desired state of a FineTune."""
 
@@ -119,14 +132,9 @@ class FineTuneSpec(ApiModel):
         *GPU_RULES,
         # The FineTune loop runs data parallel without these PretrainJob features, so a spec
         # that sets them would train without them and not say so.
-        CelRule(
-            rule="!has(self.distributed) || !has(self.distributed.strategy) || "
-            "self.distributed.strategy == 'ddp'",
-            message="spec.distributed.strategy fsdp is PretrainJob only; a FineTune runs data "
-            "parallel, so remove it or set ddp",
-            check=lambda spec: spec.distributed.strategy == "ddp",
-            field="distributed.strategy",
-        ),
+        _only_value("distributed", "strategy", "ddp",
+                    "spec.distributed.strategy fsdp is PretrainJob only; a FineTune runs data "
+                    "parallel, so remove it or set ddp"),
         CelRule(
             rule="!has(self.training) || !has(self.training.compile) || !self.training.compile",
             message="spec.training.compile is PretrainJob only; remove it",
@@ -134,21 +142,11 @@ class FineTuneSpec(ApiModel):
             field="training.compile",
         ),
         # NB: the FineTune loop has no autocast and no loss scaler, so it trains in fp32.
-        CelRule(
-            rule="!has(self.training) || !has(self.training.precision) || "
-            "self.training.precision == 'fp32'",
-            message="spec.training.precision bf16 and fp16 are PretrainJob only; a FineTune "
-            "trains in fp32, so remove it or set fp32",
-            check=lambda spec: spec.training.precision == "fp32",
-            field="training.precision",
-        ),
-        CelRule(
-            rule="!has(self.training) || !has(self.training.nonFinite) || "
-            "self.training.nonFinite == 'fail'",
-            message="spec.training.nonFinite skip and rollback are PretrainJob only; remove it",
-            check=lambda spec: spec.training.non_finite == "fail",
-            field="training.nonFinite",
-        ),
+        _only_value("training", "precision", "fp32",
+                    "spec.training.precision bf16 and fp16 are PretrainJob only; a FineTune "
+                    "trains in fp32, so remove it or set fp32"),
+        _only_value("training", "nonFinite", "fail",
+                    "spec.training.nonFinite skip and rollback are PretrainJob only; remove it"),
         # NB: a lora block equal to the defaults passes, because the API server fills it in
         # when a FineTune leaves it out, and so it did for method full before this rule.
         CelRule(

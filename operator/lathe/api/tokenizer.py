@@ -501,8 +501,8 @@ _EMPTY_ALTERNATIVE = re.compile(r"^\||(?<!\\)(?:\|$|\|\||\(\||\|\))")
 
 
 def _empty_match_fix(pattern: str) -> str:
-    """Return how to make `pattern` require a character, for the construct it most likely
-    matches nothing with."""
+    """Return how to make `pattern` require a character, judged by the construct that most
+    likely lets it match nothing."""
     if _EMPTY_ALTERNATIVE.search(_outside_sets(pattern)):
         return "for example by removing the empty alternative that a `|` leaves"
     return "for example by replacing `*` with `+` or dropping a bare `\\b`"

@@ -516,9 +516,10 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         same_spec = stored["metadata"].get("generation") == meta.get("generation")
         _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"] if same_spec else ""
         _remember(stored)
-        if training_ended(current, desired):
+        ended = training_ended(current, desired)
+        if ended:
             metrics.forget(meta["namespace"], parent["kind"], meta["name"])
-        if training_ended(current, desired) or current.get("jobName") != desired.get("jobName"):
+        if ended or current.get("jobName") != desired.get("jobName"):
             # The Job of the warning ended, or a new attempt replaced it.
             _forget_unreachable(meta["namespace"], current.get("jobName"))
         # Events go out after the write, so that a failed post never holds back the status.
@@ -536,7 +537,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
 
 
 def _forget_unreachable(namespace: str, job: str | None) -> None:
-    """Drop a Job that ended, was replaced or was deleted from the Jobs warned about."""
+    """Forget the warning about a Job that ended, was replaced or was deleted."""
     if job:
         _UNREACHABLE_JOBS.discard((namespace, job))
 
@@ -882,7 +883,7 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
 _UNREACHABLE_JOBS: set[tuple[str, str]] = set()
 
 
-def _refused(error: Exception) -> bool:
+def _connection_refused(error: Exception) -> bool:
     """Return whether a failed HTTP read was a refused connection: nothing listens yet."""
     reason = getattr(error, "reason", error)  # urllib wraps socket errors in URLError
     return isinstance(reason, ConnectionRefusedError)
@@ -917,7 +918,7 @@ def _read_rank_zero(namespace: str, name: str, entry: dict[str, Any]) -> dict[st
         # the data and built the model, so a refusal is expected and not logged. A timeout is
         # what a NetworkPolicy that drops the operator's packets gives. The next pass tries
         # again, and the warning goes out once per Job, not on every pass.
-        if _refused(error):
+        if _connection_refused(error):
             return None
         if (namespace, entry["job"]) not in _UNREACHABLE_JOBS:
             _UNREACHABLE_JOBS.add((namespace, entry["job"]))

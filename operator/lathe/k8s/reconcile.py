@@ -856,8 +856,8 @@ class Reconciler:
 
 
 # The reasons of a ModelDeployment's Ready that _with_ready sets, before any Triton pod exists.
-# ExportFailed is the reason that earlier releases set for every failure. A status they wrote
-# can still contain it, and it must be set again like the others.
+# An earlier version of this function set ExportFailed for every failure, so a status it wrote
+# can still contain that reason, which is set again like the others.
 READY_WITHOUT_TRITON_REASONS = frozenset({
     Reason.EXPORTING, Reason.INPUT_NOT_FOUND, Reason.INPUT_NOT_READY, Reason.INVALID_SPEC,
     Reason.JOB_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, "ExportFailed",
