@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from lathe import __version__, loader
+from lathe import __version__, loader, preflight
 from lathe.api import ModelDeployment
 from lathe.errors import LatheError
 from lathe.local.runner import LocalRunner, ProgressEvent, StageResult
@@ -239,6 +239,11 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
     _print_from_workspace(console, runner)
     console.print(f"{len(resources)} resource{'s are' if len(resources) != 1 else ' is'} "
                   "valid.")
+    for resource in resources:
+        for field, path in preflight.unchecked_paths(resource):
+            console.print(f"Not checked: {resource.kind} {resource.metadata.name} {field} "
+                          f"{path!r} is on an object store, which validate does not read; "
+                          "a missing object fails the stage when it starts.")
     return 0
 
 

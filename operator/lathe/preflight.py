@@ -94,6 +94,11 @@ def _data_uris(resource: Resource) -> Iterator[tuple[str, str]]:
         yield "spec.baseModel.uri", resource.spec.base_model.uri
 
 
+def unchecked_paths(resource: Resource) -> list[tuple[str, str]]:
+    """Return (field, path) for the object store paths the checks do not read."""
+    return [(field, path) for field, path in _data_uris(resource) if not is_local(path)]
+
+
 def _reject_claim(resource: Resource, field: str, uri: str | None, fix: str) -> None:
     """Raise for a pvc:// URI, which `lathe run` cannot reach."""
     if uri and uri.startswith("pvc://"):

@@ -533,6 +533,8 @@ def test_local_run_continues_changed_training(tmp_path, data_dir, inputs):
     changed_model = run_locally(runner, inputs["full"], model={"hiddenSize": 32}, maxSteps=12)
 
     assert first.manifest["metrics"]["steps"] == 4
+    # The token files lived in scratch/ during the run; no empty folder stays behind.
+    assert not (first.directory / "scratch").exists()
     assert unrecorded.manifest["metrics"]["resumedFromStep"] is None
     assert unrecorded.manifest["metrics"]["newSteps"] == 8
 

@@ -188,3 +188,28 @@ def test_validate_rejects_storage_over_other_files(tmp_path, capsys):
     assert "spec.storage.uri" in output
     assert "keep-me.txt" in output
     assert (occupied / "keep-me.txt").is_file()
+
+
+def test_validate_names_object_store_paths_it_did_not_read(tmp_path, capsys):
+    """An s3:// source passes validate, which reads no object store, and the output says that
+    the path was not checked, so that a user does not take it for checked."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("Aspirin lowers fever.\n")
+    manifest = tmp_path / "corpus.yaml"
+    manifest.write_text(textwrap.dedent("""
+        apiVersion: lathe.dev/v1alpha1
+        kind: Corpus
+        metadata: {name: notes}
+        spec:
+          sources:
+            - {name: notes, format: text, path: notes.txt}
+            - {name: remote, format: text, path: "s3://lathe-data/notes.txt"}
+    """))
+    code = cli.main(["validate", "-f", str(manifest), "--data-dir", str(data),
+                     "--workspace", str(tmp_path / "workspace")])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    assert "1 resource is valid." in output
+    assert "Not checked: Corpus notes spec.sources[1].path 's3://lathe-data/notes.txt'" in output
+    assert "notes.txt'" not in output.replace("s3://lathe-data/notes.txt'", "")

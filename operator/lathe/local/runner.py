@@ -443,6 +443,7 @@ class LocalRunner:
             raise
         # The new output replaces the last finished one for good.
         shutil.rmtree(directory / PREVIOUS_OUTPUT, ignore_errors=True)
+        _remove_if_empty(directory / "scratch")
         self._write_status(resource, directory, output_uri, manifest)
         self.on_progress(ProgressEvent(resource.key, "succeeded", message="done"))
         return StageResult(resource, output_uri, directory, manifest, False,
@@ -879,6 +880,14 @@ def _record_resource(resource: Resource, directory: Path) -> None:
     (directory / RESOURCE_FILE).write_text(json.dumps(
         resource.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"status"}),
         indent=2))
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove the directory `path` when the stage left nothing in it."""
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # missing, or holds the staged copies that a rerun of the same key reads
 
 
 def _remove_local(path: Path) -> None:
