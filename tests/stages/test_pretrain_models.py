@@ -302,6 +302,25 @@ def test_masked_lm_replaces_80_10_10():
     assert torch.equal(batch.labels[selected], sequences[selected])
 
 
+def test_masked_lm_labels_every_short_sequence():
+    """Each 8-token row gets a label, else a step of such rows has no loss and fails."""
+    sequences = torch.arange(10, 18).repeat(200, 1)
+    sequences[:, 0] = 0  # a special token, which is never selected
+    batch = MaskedLM(mask_id=3, vocab_size=2000, special_ids=[0]).prepare(
+        sequences, torch.Generator().manual_seed(0))
+    labelled = batch.labels != -100
+    assert labelled.any(dim=1).all()
+    assert not labelled[:, 0].any()
+    assert torch.equal(batch.labels[labelled], sequences[labelled])
+
+
+def test_masked_lm_leaves_all_special_row_unlabelled():
+    sequences = torch.zeros(2, 8, dtype=torch.long)
+    batch = MaskedLM(mask_id=3, vocab_size=2000, special_ids=[0]).prepare(
+        sequences, torch.Generator().manual_seed(0))
+    assert (batch.labels == -100).all()
+
+
 def test_span_corruption_round_trips():
     """Filling each sentinel of the input with its target span restores the sequence."""
     objective = SpanCorruption(vocab_size=1100, eos_id=0, decoder_start_id=1)

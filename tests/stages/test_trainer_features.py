@@ -338,6 +338,27 @@ def test_fsdp_two_processes_train_and_resume(make_config, tmp_path, inputs):
     assert model.model.embed_tokens.weight.shape[1] == 64
 
 
+def test_fsdp_resume_on_more_processes(make_config, tmp_path, inputs):
+    """An FSDP run of one process leaves the model unwrapped and saves the plain optimizer
+    format, which two FSDP processes must load, moments and step counts included."""
+    output = tmp_path / "out"
+    resource = pretrain_resource(procs=1, maxSteps=4)
+    resource["spec"]["distributed"]["strategy"] = "fsdp"
+    run_stage(make_config, tmp_path, resource, inputs["full"], output)
+    saved = checkpoint.load(checkpoint.latest_checkpoint(output / "checkpoints"))
+    assert list(saved.optimizer["state"])[0] == 0  # the plain format
+
+    resource = pretrain_resource(procs=2, maxSteps=6)
+    resource["spec"]["distributed"]["strategy"] = "fsdp"
+    resumed = run_stage(make_config, tmp_path, resource, inputs["full"], output, resume=True)
+
+    assert resumed["resumedFromStep"] == 4
+    assert resumed["steps"] == 6
+    saved = checkpoint.load(checkpoint.latest_checkpoint(output / "checkpoints"))
+    adam_steps = {float(state["step"]) for state in saved.optimizer["state"].values()}
+    assert adam_steps == {6.0}
+
+
 @pytest.mark.parametrize("architecture", ["gpt2", "t5"])
 def test_fsdp_shards_other_architectures(make_config, tmp_path, inputs, architecture):
     """FSDP2 shards GPT-2 blocks and T5 blocks, whose sublayers sit in nested lists."""

@@ -49,6 +49,21 @@ def test_interrupted_same_step_save_keeps_the_old_checkpoint(tmp_path, monkeypat
     assert not (tmp_path / ".old-step-00000005").exists()
 
 
+def test_prune_keeps_checkpoint_just_saved(tmp_path):
+    """A phase that resumed past an unreadable step 4 saves step 3, which keep=1 must keep."""
+    checkpoint.save(tmp_path, 2, {"weights": torch.zeros(2)}, keep=3)
+    unreadable = checkpoint.save(tmp_path, 4, {"weights": torch.ones(2)}, keep=3)
+    (unreadable / checkpoint.STATE_FILE).write_bytes(b"damaged")
+    assert torch.equal(checkpoint.load_latest(tmp_path)["weights"], torch.zeros(2))
+
+    checkpoint.save(tmp_path, 3, {"weights": torch.full((2,), 3.0)}, keep=1)
+
+    assert [step for step, _ in checkpoint.step_dirs(tmp_path)] == [3]
+    saved = checkpoint.load_latest(tmp_path)
+    assert saved is not None
+    assert torch.equal(saved["weights"], torch.full((2,), 3.0))
+
+
 WEIGHTS = torch.tensor([1.25, 2.5, 3.75, 5.0])
 
 

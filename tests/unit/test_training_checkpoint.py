@@ -207,6 +207,21 @@ def test_damaged_latest_falls_back(tmp_path, caplog, damage, mismatched):
     assert checkpoint.written_for(tmp_path, "sha256:a")
 
 
+def test_prune_keeps_checkpoint_just_saved(tmp_path):
+    """A run that resumed past an unreadable step 4 saves step 3, which keep=1 must keep."""
+    save(tmp_path, 2, keep=3)
+    unreadable = save(tmp_path, 4, keep=3)
+    (unreadable / "model.pt").write_bytes(b"damaged")
+    assert checkpoint.load_latest(tmp_path).step == 2
+
+    save(tmp_path, 3, keep=1)
+
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path)] == [3]
+    saved = checkpoint.load_latest(tmp_path)
+    assert saved is not None
+    assert saved.step == 3
+
+
 def test_state_records_file_checksums(tmp_path):
     """state.json records each tensor file's size and SHA-256 next to the stage's own keys."""
     path = save(tmp_path, 3, state={"note": "kept", checkpoint.STATE_RESUME_KEY: "sha256:a"})

@@ -78,7 +78,7 @@ def save(phase_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
         os.replace(target, aside)
     os.replace(tmp, target)
     shutil.rmtree(aside, ignore_errors=True)
-    for _, old in step_dirs(phase_dir)[:-keep]:
+    for _, old in training_checkpoint.prune_order(step_dirs(phase_dir), step)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("Saved checkpoint %s.", target)
     return target

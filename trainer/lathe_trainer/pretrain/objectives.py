@@ -5,9 +5,10 @@ objective turns a micro-batch of those sequences into a `Batch`, the keyword inp
 model's forward pass and the labels that the summed token loss (training.loss) scores:
 
 - causalLM (llama, gpt2): the sequence is both input and label, shifted by one position.
-- maskedLM (bert): BERT's recipe. 15% of the non-special tokens are selected; 80% of those
-  become the mask token, 10% a random token and 10% stay unchanged. Only selected tokens are
-  labelled, so the loss and perplexity are over the masked tokens.
+- maskedLM (bert): BERT's recipe. 15% of the non-special tokens are selected, and at least
+  one per sequence. Of those, 80% become the mask token, 10% a random token and 10% stay
+  unchanged. Only selected tokens are labelled, so the loss and perplexity are over the
+  masked tokens.
 - spanCorruption (t5): T5's recipe with noise density 0.15 and mean span length 3. Each noise
   span in the encoder input is replaced by one sentinel token, and the decoder predicts every
   sentinel followed by the tokens it replaced, then end-of-text.
@@ -80,6 +81,7 @@ class MaskedLM:
         labels = sequences.clone()
         maskable = ~torch.isin(sequences, self.special_ids)
         selected = (torch.rand(sequences.shape, generator=generator) < MASK_PROBABILITY) & maskable
+        _select_one_where_none(selected, maskable, generator)
         labels[~selected] = IGNORE_INDEX
         # One draw per token decides its replacement: [0, 0.8) mask, [0.8, 0.9) random token.
         choice = torch.rand(sequences.shape, generator=generator)
@@ -91,6 +93,25 @@ class MaskedLM:
         random_tokens = torch.randint(self.vocab_size, sequences.shape, generator=generator)
         inputs[randomized] = random_tokens[randomized]
         return Batch({"input_ids": inputs}, labels, shift=False)
+
+
+def _select_one_where_none(
+    selected: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator | None
+) -> None:
+    """Select one random maskable token, in place, in each row that has none selected.
+
+    A short sequence often draws no token at 15% (0.85 ** 8 = 27% of 8-token rows). An
+    accumulated batch without a labelled token has no loss, so its step would fail, and a
+    resumed run restores the RNG and fails at the same step again. BERT's own
+    create_pretraining_data.py (google-research/bert) predicts
+    max(1, round(0.15 * length)) tokens per sequence, so it labels at least one as well.
+    """
+    empty = ~selected.any(dim=-1) & maskable.any(dim=-1)
+    if not bool(empty.any()):
+        return
+    scores = torch.rand(selected.shape, generator=generator).masked_fill(~maskable, -1.0)
+    rows = empty.nonzero(as_tuple=True)[0]
+    selected[rows, scores[rows].argmax(dim=-1)] = True
 
 
 def span_counts(sequence_length: int) -> tuple[int, int]:

@@ -202,7 +202,7 @@ def save(
         else:
             storage.move_tree(filesystem, tmp, final)
             filesystem.pipe_file(f"{final}/{STATE}", state_json)
-        prune(root, keep)
+        prune(root, keep, saved_step=step)
         log.info("Saved the checkpoint for step %d to %s.", step,
                  storage.display(filesystem, final))
     distributed.barrier(context)
@@ -340,13 +340,30 @@ def load(path: Path | str) -> Checkpoint:
     )
 
 
-def prune(root: Path | str, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints."""
+def prune(root: Path | str, keep: int, saved_step: int | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints.
+
+    The checkpoint of `saved_step`, the one just written, counts as the newest whatever its
+    step (see `prune_order`).
+    """
     filesystem, _ = storage.resolve(root)
-    found = list_checkpoints(root)
+    found = prune_order(list_checkpoints(root), saved_step)
     for step, path in found[: max(0, len(found) - keep)]:
         _remove_checkpoint(filesystem, storage.resolve(path)[1])
         log.info("Removed the checkpoint for step %d, keeping the newest %d.", step, keep)
+
+
+def prune_order(found: list[tuple[int, Any]], saved_step: int | None) -> list[tuple[int, Any]]:
+    """Return (step, path) pairs in the order that pruning deletes them: by step, oldest
+    first, with the checkpoint of `saved_step` last.
+
+    A run that resumed or rolled back past an unreadable checkpoint saves steps below that
+    checkpoint's step. Pruning by step alone would then delete the checkpoint just written
+    and keep the unreadable one, which leaves nothing to resume from when `keep` is 1.
+    """
+    ordered = sorted(found, key=lambda item: item[0])
+    return ([item for item in ordered if item[0] != saved_step]
+            + [item for item in ordered if item[0] == saved_step])
 
 
 def written_for(root: Path | str, key: str) -> bool:

@@ -136,14 +136,48 @@ def load_full_state_dicts(
     model_state: dict[str, Any],
     optimizer_state: dict[str, Any],
 ) -> None:
-    """Load state dicts written by `full_state_dicts`; every rank passes the full dicts."""
+    """Load state dicts written by `full_state_dicts`; every rank passes the full dicts.
+
+    Either optimizer format loads into either kind of model, because an FSDP run of one
+    process leaves the model unwrapped and so writes the plain format. A plain
+    `Optimizer.load_state_dict` matches the saved parameters to its own by position, whatever
+    their keys, and a sharded model gets the plain format renamed by `_keyed_by_name`.
+    """
     if is_sharded(model):
         set_state_dict(model, optimizer, model_state_dict=model_state,
-                       optim_state_dict=optimizer_state,
+                       optim_state_dict=_keyed_by_name(model, optimizer, optimizer_state),
                        options=StateDictOptions(full_state_dict=True))
         return
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)
+
+
+def _keyed_by_name(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any]
+) -> dict[str, Any]:
+    """Return a plain `Optimizer.state_dict()` keyed by parameter names, as `get_state_dict`
+    keys it. A state already keyed by names is returned unchanged.
+
+    The plain format numbers the parameters in the order of the optimizer's parameter groups.
+    Each number is renamed after the parameter at that position now, which is also how
+    `Optimizer.load_state_dict` matches them.
+    """
+    groups = optimizer_state["param_groups"]
+    saved = [key for group in groups for key in group["params"]]
+    if not all(isinstance(key, int) for key in saved):
+        return optimizer_state
+    current = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    if len(saved) != len(current):
+        raise ValueError(f"the checkpoint's optimizer state has {len(saved)} parameters but "
+                         f"the optimizer has {len(current)}, so the model does not match the "
+                         "checkpoint.")
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    name_of = {key: names[id(parameter)] for key, parameter in zip(saved, current)}
+    return {
+        "state": {name_of[key]: value for key, value in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [name_of[key] for key in group["params"]]}
+                         for group in groups],
+    }
 
 
 def all_finite(model: torch.nn.Module) -> bool:
