@@ -8,6 +8,7 @@ import uuid
 import fsspec
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 
 from lathe_trainer.training import checkpoint, storage
 from lathe_trainer.training.distributed import DistributedContext
@@ -136,3 +137,35 @@ def test_local_paths_stay_paths(tmp_path):
     assert storage.is_local(filesystem)
     assert storage.display(filesystem, path) == tmp_path
     assert isinstance(fsspec.filesystem("memory"), fsspec.AbstractFileSystem)
+
+
+class _FailingCopy(MemoryFileSystem):
+    """The memory store, with a copy that fails after `copies` files, as a crash would."""
+
+    copies = 2
+
+    def copy(self, path1, path2, *args, **kwargs):
+        if self.copies == 0:
+            raise OSError("the copy was cut off")
+        self.copies -= 1
+        return super().copy(path1, path2, *args, **kwargs)
+
+
+def test_move_tree_copies_named_file_last():
+    """A model folder cut off while it is copied to an object store has no config.json, so no
+    reader takes it for a whole model."""
+    filesystem = _FailingCopy(skip_instance_cache=True)
+    source = f"/move-{uuid.uuid4().hex}/tmp"
+    for name in ("config.json", "a.safetensors", "tokenizer.json"):
+        filesystem.pipe_file(f"{source}/{name}", b"x")
+    with pytest.raises(OSError, match="cut off"):
+        storage.move_tree(filesystem, source, f"{source}-final", last="config.json")
+    assert sorted(filesystem.find(f"{source}-final")) == [
+        f"{source}-final/a.safetensors", f"{source}-final/tokenizer.json"]
+
+    filesystem.copies = 10
+    storage.move_tree(filesystem, source, f"{source}-final", last="config.json")
+    assert sorted(path.rpartition("/")[2] for path in filesystem.find(f"{source}-final")) == [
+        "a.safetensors", "config.json", "tokenizer.json"]
+    assert not filesystem.find(source)
+    filesystem.rm(f"{source}-final", recursive=True)

@@ -79,6 +79,8 @@ from lathe_trainer.training.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+# The file of a Hugging Face model folder that from_pretrained reads first.
+MODEL_CONFIG = "config.json"
 # The folder of the token files in the node's scratch directory (lathe_trainer.remote).
 TOKEN_CACHE = "tokens"
 # How long the processes of faster nodes wait for the slowest node to tokenize the corpus.
@@ -828,6 +830,11 @@ def _publish_model(local_model: Path, artifact_uri: str) -> None:
     for path in sorted(local_model.iterdir()):
         filesystem.put_file(str(path), f"{tmp}/{path.name}")
     if filesystem.exists(final):
+        # On an object store the model is copied file by file. config.json goes first and
+        # comes back last, so a folder that a crash left half copied has none, and
+        # from_pretrained and `lathe validate` reject it instead of loading part of a model.
+        if filesystem.exists(f"{final}/{MODEL_CONFIG}"):
+            filesystem.rm(f"{final}/{MODEL_CONFIG}")
         storage.remove_tree(filesystem, final)
-    storage.move_tree(filesystem, tmp, final)
+    storage.move_tree(filesystem, tmp, final, last=MODEL_CONFIG)
     log.info("Published the final model to %s.", storage.display(filesystem, final))

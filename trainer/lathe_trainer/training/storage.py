@@ -62,13 +62,21 @@ def display(filesystem: fsspec.AbstractFileSystem, path: str) -> str | Path:
     return Path(path) if is_local(filesystem) else filesystem.unstrip_protocol(path)
 
 
-def move_tree(filesystem: fsspec.AbstractFileSystem, source: str, destination: str) -> None:
+def move_tree(filesystem: fsspec.AbstractFileSystem, source: str, destination: str,
+              last: str | None = None) -> None:
     """Move a directory: one atomic rename on a local disk, else a copy of each file and a
-    delete, because object stores have no directories to rename."""
+    delete, because object stores have no directories to rename.
+
+    On an object store the file named `last` is copied after all others, so that a reader
+    that waits for it never reads a half-copied directory.
+    """
     if is_local(filesystem):
         os.rename(source, destination)
         return
-    for path in filesystem.find(source):
+    paths = sorted(filesystem.find(source))
+    if last is not None:
+        paths.sort(key=lambda path: path.rpartition("/")[2] == last)
+    for path in paths:
         relative = path[len(source):].lstrip("/")
         filesystem.copy(path, f"{destination}/{relative}")
     remove_tree(filesystem, source)
