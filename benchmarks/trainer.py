@@ -14,7 +14,10 @@ Both rates come from the same measurement: the wall-clock time between the end o
 `steps - window` and the end of the last step (Lathe's progress.jsonl timestamps, a
 TrainerCallback for Hugging Face), times the input tokens of those steps. The warm-up steps
 before the window and the start-up of the processes are therefore excluded on both sides.
-The result goes between the trainer markers of docs/benchmarks.md.
+Last, PROCESSES processes run only the matrix products of one training step, over and over,
+at the same time (`--matmul-worker`): the rate no fp32 trainer of this model can pass here,
+which shows how much room the two trainers leave. The result goes between the trainer markers
+of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -209,6 +212,75 @@ def hf_worker(root: Path, steps: int) -> None:
         (root / "hf-steps.json").write_text(json.dumps(end_times))
 
 
+def matmul_shapes() -> list[tuple[int, int, int, int]]:
+    """Return (batch, m, k, n) of every matrix product in one training step of one process.
+
+    Each Linear of `in` to `out` features over T tokens runs three products. Forward: T x in
+    by in x out. Backward: the input gradient, T x out by out x in, and the weight gradient,
+    out x T by T x in. Attention runs QK^T and the product with V per head,
+    forward and twice each backward, over the whole sequence (no causal saving is counted).
+    """
+    tokens = MICRO_BATCH * SEQUENCE_LENGTH
+    hidden, mlp = MODEL["hiddenSize"], MODEL["intermediateSize"]
+    heads = MODEL["numHeads"]
+    head = hidden // heads
+    linears = [(hidden, hidden)] * 4 + [(hidden, mlp)] * 2 + [(mlp, hidden)]
+    shapes = []
+    for _ in range(MODEL["numLayers"]):
+        for inputs, outputs in linears:
+            shapes += [(1, tokens, inputs, outputs), (1, tokens, outputs, inputs),
+                       (1, outputs, tokens, inputs)]
+        batch = MICRO_BATCH * heads
+        length = SEQUENCE_LENGTH
+        # scores = Q K^T and its two gradients; output = P V and its two gradients.
+        shapes += [(batch, length, head, length)] * 3 + [(batch, length, length, head)] * 3
+    shapes += [(1, tokens, hidden, VOCAB_SIZE), (1, tokens, VOCAB_SIZE, hidden),
+               (1, VOCAB_SIZE, tokens, hidden)]
+    return shapes
+
+
+def matmul_worker(seconds: float) -> None:
+    """Print the tokens per second of one process that runs only a step's matrix products."""
+    import torch
+
+    torch.set_num_threads(1)
+    operands = [(torch.randn(b, m, k), torch.randn(b, k, n)) for b, m, k, n in matmul_shapes()]
+
+    def step() -> None:
+        for left, right in operands:
+            torch.bmm(left, right)
+
+    step()
+    started, steps = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        step()
+        steps += 1
+    elapsed = time.perf_counter() - started
+    flops = sum(2 * b * m * k * n for b, m, k, n in matmul_shapes())
+    print(json.dumps({"tokensPerSecond": steps * MICRO_BATCH * SEQUENCE_LENGTH / elapsed,
+                      "gflops": steps * flops / elapsed / 1e9}))
+
+
+def matmul_ceiling(seconds: float = 20.0) -> tuple[float, float]:
+    """Return (tokens/s over all processes, GFLOP/s per process) of PROCESSES processes that
+    run only the matrix products of the training step, one thread each, at the same time.
+
+    No trainer that computes the same model in fp32 through PyTorch's CPU kernels can pass
+    this rate, since it leaves out everything but the products: normalization, activations,
+    the loss, the optimizer and the all-reduce.
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), "--matmul-worker",
+               str(seconds)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+               for _ in range(PROCESSES)]
+    results = [json.loads(worker.communicate()[0]) for worker in workers]
+    if any(worker.returncode for worker in workers):
+        raise RuntimeError(f"{' '.join(command)} failed; its error output is above.")
+    return (sum(result["tokensPerSecond"] for result in results),
+            sum(result["gflops"] for result in results) / PROCESSES)
+
+
 def write_doc(text: str) -> None:
     """Replace the text between the trainer markers, keeping the rest of the page."""
     DOC.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +292,8 @@ def write_doc(text: str) -> None:
 
 
 def report(
-    rows: list[tuple[float, float | None, float, tuple[float, ...]]], steps: int, window: int
+    rows: list[tuple[float, float | None, float, tuple[float, ...]]], steps: int, window: int,
+    ceiling: tuple[float, float] | None = None,
 ) -> str:
     best_lathe = max(row[0] for row in rows)
     best_hf = max(row[2] for row in rows)
@@ -259,6 +332,20 @@ def report(
         f"Best of each: Lathe {best_lathe:.0f} tokens/s, HF Trainer {best_hf:.0f} tokens/s, "
         f"ratio {ratio:.2f} against a target of {TARGET_RATIO}: **{verdict}**.",
     ]
+    if ceiling is not None:
+        bound, gflops = ceiling
+        flops = sum(2 * b * m * k * n for b, m, k, n in matmul_shapes())
+        per_token = flops / (MICRO_BATCH * SEQUENCE_LENGTH)
+        lines += [
+            "",
+            f"Matrix products alone: {PROCESSES} processes that run only the "
+            f"{len(matmul_shapes())} matrix products of a training step "
+            f"({per_token / 1e6:.1f} MFLOP per token), one thread each, at the same time, "
+            f"reach {bound:.0f} tokens/s ({gflops:.0f} GFLOP/s per process). That is the "
+            "most any fp32 trainer of this model can reach through PyTorch's CPU kernels: "
+            f"{bound / best_hf:.2f} times HF Trainer's rate. Lathe reaches "
+            f"{best_lathe / bound:.0%} of it, HF Trainer {best_hf / bound:.0%}.",
+        ]
     return "\n".join(lines)
 
 
@@ -278,10 +365,14 @@ def main() -> None:
                         help="Also run the Lathe stage with spec.training.compile: true.")
     parser.add_argument("--no-doc", action="store_true", help="Do not update the docs page.")
     parser.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--matmul-worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.hf_worker:
         hf_worker(args.hf_worker, args.steps)
+        return
+    if args.matmul_worker:
+        matmul_worker(args.matmul_worker)
         return
 
     rows = []
@@ -300,7 +391,10 @@ def main() -> None:
                   f"tokens/s, ratio {lathe / hf:.2f} (load average {load[0]:.2f}).", flush=True)
             rows.append((lathe, compiled, hf, load))
 
-    text = report(rows, args.steps, args.window)
+    ceiling = matmul_ceiling()
+    print(f"Matrix products alone: {ceiling[0]:.0f} tokens/s ({ceiling[1]:.0f} GFLOP/s per "
+          "process).", flush=True)
+    text = report(rows, args.steps, args.window, ceiling)
     print(text)
     if not args.no_doc:
         write_doc(text)

@@ -1,0 +1,44 @@
+"""The trainer benchmark's matrix-product ceiling counts the products of the real model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lathe_trainer.training.flops import flops_per_token
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "trainer.py"
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("trainer_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matmul_shapes_match_the_benchmark_model():
+    """Every Linear of the Llama the benchmark trains runs three products a step, and the
+    total agrees with the FLOPs per token the trainer reports for MFU."""
+    bench = _benchmark()
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=bench.VOCAB_SIZE, hidden_size=bench.MODEL["hiddenSize"],
+        num_hidden_layers=bench.MODEL["numLayers"], num_attention_heads=bench.MODEL["numHeads"],
+        intermediate_size=bench.MODEL["intermediateSize"],
+        max_position_embeddings=bench.MODEL["maxPositionEmbeddings"],
+    ))
+    linear_weights = sum(module.weight.numel() for module in model.modules()
+                         if isinstance(module, torch.nn.Linear))
+    tokens = bench.MICRO_BATCH * bench.SEQUENCE_LENGTH
+    shapes = bench.matmul_shapes()
+    flops = sum(2 * b * m * k * n for b, m, k, n in shapes)
+
+    attention = 12 * bench.MODEL["numLayers"] * bench.MODEL["hiddenSize"] * bench.SEQUENCE_LENGTH
+    assert flops == tokens * (6 * linear_weights + attention)
+    assert flops / tokens == flops_per_token(
+        linear_weights, bench.MODEL["numLayers"], bench.MODEL["hiddenSize"],
+        bench.SEQUENCE_LENGTH)
+    assert len(shapes) == 3 * (7 * bench.MODEL["numLayers"] + 1) + 6 * bench.MODEL["numLayers"]
