@@ -354,3 +354,44 @@ def test_silent_failure_with_space(tmp_path):
 
     message = runner._silent_failure(tmp_path)
     assert message.startswith("the stage exited without writing to its log")
+
+
+def _pretrain_job(**training):
+    from lathe.api import KINDS
+
+    return KINDS["PretrainJob"].model_validate({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "lm"},
+        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
+                 "training": training},
+    })
+
+
+def _write_checkpoint(base, step: int) -> None:
+    folder = base / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text("{}")
+
+
+def test_continuation_reads_artifact_uri_checkpoints(tmp_path):
+    """With spec.training.artifactUri set, the stage resumes from the checkpoints there, so the
+    maxSteps check and the "resumes from" message read those, not the ones in the output."""
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import _check_continuable, _checkpoint_base, _resume_points
+    from lathe_trainer.training import storage
+
+    output, artifacts = tmp_path / "output", tmp_path / "artifacts"
+    _write_checkpoint(output, 20)
+    moved = _pretrain_job(maxSteps=12, artifactUri=f"file://{artifacts}")
+    # The new artifactUri has no checkpoints yet, so the run trains from step 0.
+    _check_continuable(moved, f"file://{output}")
+    described = _resume_points(*storage.resolve(_checkpoint_base(moved, f"file://{output}")))
+
+    _write_checkpoint(artifacts, 30)
+    with pytest.raises(InvalidResourceError) as raised:
+        _check_continuable(_pretrain_job(maxSteps=25, artifactUri=f"file://{artifacts}"),
+                           f"file://{tmp_path / 'empty-output'}")
+
+    assert described == ""
+    assert _checkpoint_base(_pretrain_job(), f"file://{output}") == f"file://{output}"
+    assert "below the step of the latest checkpoint (30," in str(raised.value)
+    assert str(artifacts / "checkpoints") in str(raised.value)

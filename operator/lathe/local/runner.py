@@ -413,7 +413,9 @@ class LocalRunner:
         self._write_status(resource, directory, output_uri, None)
         # NOTE: this reads the runner's resume-key record, not the key in the checkpoints'
         # state.json that the stage checks, so the two disagree if another run wrote them.
-        checkpoints = _resume_points(*storage.resolve(output_uri)) if resume else ""
+        checkpoints = ""
+        if resume:
+            checkpoints = _resume_points(*storage.resolve(_checkpoint_base(resource, output_uri)))
         self.on_progress(ProgressEvent(
             resource.key, "started",
             message=f"resumes from the checkpoint of {checkpoints}" if checkpoints else "",
@@ -464,7 +466,7 @@ class LocalRunner:
         continues = not same_key and _continues(resource, resume_key_file, config.resume_key)
         filesystem, path = storage.resolve(output_uri)
         if continues:
-            _check_continuable(resource, filesystem, path)
+            _check_continuable(resource, output_uri)
             log.info("Continuing %s from its checkpoints, because its stage key changed but its "
                      "resume key did not.", resource.key)
             if not self._keep_previous(resource, directory, output_uri, keep=remote.CHECKPOINTS):
@@ -937,10 +939,19 @@ def _resume_points(filesystem, path: str) -> str:
     return ", ".join(points)
 
 
-def _check_continuable(resource: Resource, filesystem, path: str) -> None:
+def _checkpoint_base(resource: Resource, output_uri: str) -> str:
+    """Return the location whose checkpoints/ folder a run resumes from: a PretrainJob's
+    spec.training.artifactUri when set, else the output, as the stage chooses it
+    (lathe_trainer.pretrain.stage._checkpoint_root)."""
+    training = getattr(resource.spec, "training", None)
+    return getattr(training, "artifact_uri", None) or output_uri
+
+
+def _check_continuable(resource: Resource, output_uri: str) -> None:
     """Raise before anything is deleted when the latest checkpoint is past `maxSteps`, which the
     stage would reject only after the runner had cleared the finished output."""
     max_steps = resource.spec.training.max_steps
+    filesystem, path = storage.resolve(_checkpoint_base(resource, output_uri))
     root = f"{path}/{remote.CHECKPOINTS}"
     steps = _checkpoint_steps(filesystem, root)
     if steps and max(steps) > max_steps:
