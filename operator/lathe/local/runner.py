@@ -48,12 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import obstore.exceptions
 import psutil
 
 from lathe import loader, plans, preflight, status
 from lathe.api import Resource
 from lathe.errors import (
     InvalidResourceError,
+    ObjectStoreError,
     StageFailedError,
     WorkspaceError,
     raise_errors,
@@ -341,7 +343,10 @@ class LocalRunner:
             inputs[role] = found.resolved
             manifests[role] = found.manifest
         _check_inputs_agree(resource, inputs, manifests)
-        result = self.run_stage(resource, inputs)
+        try:
+            result = self.run_stage(resource, inputs)
+        except obstore.exceptions.BaseError as error:
+            raise ObjectStoreError(resource.label, _remote_field(resource), error) from error
         if result is None:
             self.not_run[resource.key] = (
                 f"{resource.kind} {resource.metadata.name} was not run: its spec sets "
@@ -1001,13 +1006,27 @@ def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: st
     )
 
 
+def _remote_field(resource: Resource) -> str:
+    """Return the spec field that names an object store location of `resource`, or ""."""
+    training = getattr(resource.spec, "training", None)
+    candidates = (
+        ("spec.storage.uri", resource.spec.storage.uri),
+        ("spec.training.artifactUri", getattr(training, "artifact_uri", None)),
+    )
+    for field, uri in candidates:
+        if uri and storage.is_remote(uri):
+            return field
+    return ""
+
+
 def _read_manifest(output_uri: str) -> dict[str, Any] | None:
     """Return the output's manifest, or None while the output has none."""
     filesystem, path = storage.resolve(output_uri)
+    # NB: cat_file, because obstore's file object (0.12) fails again in its destructor when
+    # its open fails, and Python prints that traceback after lathe's error message.
     try:
-        with filesystem.open(f"{path}/{MANIFEST}", "rb") as handle:
-            return json.loads(handle.read())
-    except FileNotFoundError:
+        return json.loads(filesystem.cat_file(f"{path}/{MANIFEST}"))
+    except (FileNotFoundError, obstore.exceptions.NotFoundError):
         return None
 
 
