@@ -139,11 +139,11 @@ def check_files(resource: Resource, data_dir: Path) -> None:
         if not Path(path).is_absolute() and not path.startswith("file://") and (
             not data_dir.is_dir()
         ):
+            state = "is a file, not a folder" if data_dir.exists() else "does not exist"
             raise InvalidResourceError(
                 resource.label, field,
-                f"{path!r} is relative to the data directory, and {str(data_dir)!r} does not "
-                "exist; pass the folder that contains the data with --data-dir or "
-                "LATHE_DATA_DIR.",
+                f"{path!r} is relative to the data directory, and {str(data_dir)!r} {state}; "
+                "pass the folder that contains the data with --data-dir or LATHE_DATA_DIR.",
             )
         problem = "is a directory, not a file" if resolved.is_dir() else "does not exist"
         if path.startswith("file:/") and not path.startswith("file://"):

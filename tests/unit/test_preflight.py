@@ -79,6 +79,14 @@ def test_missing_data_directory_named(tmp_path):
         preflight.check_files(parse(CORPUS), tmp_path / "absent")
 
 
+def test_data_directory_that_is_file_named(tmp_path):
+    """A --data-dir that names a file exists, so the error does not say that it does not."""
+    (tmp_path / "data.tar").write_text("x")
+    with pytest.raises(InvalidResourceError, match=r"'notes.txt' is relative to the data "
+                       r"directory, and '.*data.tar' is a file, not a folder; pass the folder"):
+        preflight.check_files(parse(CORPUS), tmp_path / "data.tar")
+
+
 def test_directory_as_source_named(data):
     (data / "folder").mkdir()
     body = {**CORPUS, "spec": {"sources": [{"name": "n", "format": "text", "path": "folder"}]}}
