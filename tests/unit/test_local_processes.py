@@ -395,3 +395,24 @@ def test_continuation_reads_artifact_uri_checkpoints(tmp_path):
     assert _checkpoint_base(_pretrain_job(), f"file://{output}") == f"file://{output}"
     assert "below the step of the latest checkpoint (30," in str(raised.value)
     assert str(artifacts / "checkpoints") in str(raised.value)
+
+
+def test_storage_uri_under_file_rejected(tmp_path):
+    """A file:// spec.storage.uri inside a path that is a file is rejected by the checks,
+    with the field, instead of failing later as an OS error without the resource."""
+    from lathe import loader
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import LocalRunner
+
+    (tmp_path / "notes.txt").write_text("one two three four five six\n")
+    (tmp_path / "archive.tar").write_text("x")
+    corpus = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "notes"},
+        "spec": {"sources": [{"name": "notes", "format": "text", "path": "notes.txt"}],
+                 "storage": {"uri": f"file://{tmp_path}/archive.tar/corpus"}},
+    }, "corpus.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        LocalRunner(tmp_path / "workspace", tmp_path).check([corpus])
+
+    assert raised.value.field == "spec.storage.uri"
+    assert f"({tmp_path}/archive.tar is a file, not a folder)" in str(raised.value)

@@ -237,6 +237,7 @@ class LocalRunner:
                     # The stage would delete what is there, so `lathe validate` rejects it too.
                     # An object store is left to the run, because listing it costs a request.
                     filesystem, path = storage.resolve(uri)
+                    _check_writable(resource, path, uri)
                     _check_replaceable(resource, filesystem, path, uri)
             except InvalidResourceError as error:
                 errors.append(error)
@@ -984,6 +985,24 @@ def _remove_all_but_checkpoints(filesystem, path: str) -> None:
     names.discard(remote.CHECKPOINTS)
     for name in sorted(names, key=lambda name: name != MANIFEST):
         storage.remove_tree(filesystem, f"{path}/{name}")
+
+
+def _check_writable(resource: Resource, path: str, output_uri: str) -> None:
+    """Raise unless the local folder that a `spec.storage.uri` names can be written, judged
+    by the nearest folder on its path that exists."""
+    location = Path(path)
+    existing = next(folder for folder in (location, *location.parents) if folder.exists())
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is read-only or not yours"
+    else:
+        return
+    raise InvalidResourceError(
+        resource.label, "spec.storage.uri",
+        f"{output_uri!r} cannot be written ({problem}); point it to a writable folder, or "
+        "remove the field to write to the workspace.",
+    )
 
 
 def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: str) -> None:
