@@ -177,10 +177,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         deployments = [r for r in results.values() if isinstance(r.resource, ModelDeployment)]
         if args.serve and not deployments:
             console.print("--serve has no effect: this run exported no ModelDeployment to serve.")
-        for result in deployments:
+        if deployments:
             from lathe.local import serving
 
-            serving.serve_and_query(result, args.sample, console, keep_serving=args.serve)
+            serving.serve_all(deployments, args.sample, console, keep_serving=args.serve)
     return 0
 
 
