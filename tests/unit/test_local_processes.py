@@ -416,3 +416,51 @@ def test_storage_uri_under_file_rejected(tmp_path):
 
     assert raised.value.field == "spec.storage.uri"
     assert f"({tmp_path}/archive.tar is a file, not a folder)" in str(raised.value)
+
+
+def _record_finished(workspace, body: dict) -> None:
+    """Record `body` in the workspace as a stage whose last run succeeded."""
+    import json
+
+    directory = (workspace / "default" / body["kind"].lower() / body["metadata"]["name"])
+    (directory / "output").mkdir(parents=True)
+    digest = "sha256:" + "0" * 64
+    (directory / "output" / "manifest.json").write_text(json.dumps({"digest": digest}))
+    (directory / "status.json").write_text(json.dumps({
+        "phase": "Succeeded",
+        "artifact": {"uri": f"file://{directory / 'output'}", "digest": digest},
+    }))
+    (directory / "resource.json").write_text(json.dumps(body))
+
+
+def test_deployment_checked_against_recorded_pretrain_job(tmp_path):
+    """A ModelDeployment run on its own is compared with the FineTune and the PretrainJob that
+    the workspace recorded, as it is when all three files are given."""
+    from lathe import loader
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import LocalRunner
+
+    workspace = tmp_path / "workspace"
+    _record_finished(workspace, {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "lm"},
+        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
+                 "model": {"maxPositionEmbeddings": 256}},
+    })
+    _record_finished(workspace, {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ner"},
+        "spec": {"baseModel": {"pretrainJobRef": {"name": "lm"}}, "maxLength": 64,
+                 "data": {"train": "train.tsv", "test": "test.tsv"}},
+    })
+    (tmp_path / "test.tsv").write_text("Aspirin\tO\nlowers\tO\nfever\tB-Disease\n\n")
+    deployment = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "ner"},
+        "spec": {"model": {"fineTuneRef": {"name": "ner"}},
+                 "export": {"heldOutData": "test.tsv", "windowStride": 500,
+                            "checkSequenceLengths": [3, 20]}},
+    }, "deployment.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        LocalRunner(workspace, tmp_path).check([deployment])
+
+    assert raised.value.field == "spec.export.windowStride"
+    assert "500 leaves no new text in a window of 64 tokens" in str(raised.value)

@@ -245,8 +245,33 @@ class LocalRunner:
             outputs[uri] = resource
         raise_errors(errors)
         upstream = [found.resource for found in self.from_workspace.values() if found.resource]
-        preflight.check_resources(ordered, self.data_dir, upstream)
+        preflight.check_resources(ordered, self.data_dir,
+                                  self._with_recorded_ancestors(upstream, ordered))
         return ordered
+
+    def _with_recorded_ancestors(self, upstream: list[Resource],
+                                 given: list[Resource]) -> list[Resource]:
+        """Return `upstream` and the finished stages that it references in the workspace, at
+        any depth, as their last runs recorded them.
+
+        The checks compare a ModelDeployment with the PretrainJob under its FineTune, so a
+        FineTune taken from the workspace needs its own PretrainJob there too.
+        """
+        known = {resource.key for resource in [*upstream, *given]}
+        found = list(upstream)
+        pending = list(upstream)
+        while pending:
+            resource = pending.pop()
+            for kind, name in resource.references().values():
+                key = upstream_key(resource, kind, name)
+                if key in known:
+                    continue
+                known.add(key)
+                finished = self.finished_output(kind, resource.metadata.namespace, name)
+                if finished is not None and finished.resource is not None:
+                    found.append(finished.resource)
+                    pending.append(finished.resource)
+        return found
 
     def _find_finished(self, resources: list[Resource]) -> dict[str, FinishedOutput]:
         """Return the referenced stages that are not in `resources` but have a finished output
