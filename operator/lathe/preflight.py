@@ -22,7 +22,7 @@ from lathe_trainer.corpus.sniff import (
     has_content,
     mismatch_message,
 )
-from lathe_trainer.datasets import conll_columns, is_docstart
+from lathe_trainer.datasets import conll_columns, is_docstart, is_iob_tag
 from lathe_trainer.stage import combined_digest, digest_outputs, sha256_file
 
 # Lines of a FineTune or ModelDeployment CoNLL file read before the run, so that the check
@@ -306,12 +306,21 @@ def _check_conll_lines(resource: Resource, item: _FormattedFile, resolved: Path)
             if not line.strip() or is_docstart(line):
                 continue
             try:
-                conll_columns(line)
+                _, tag = conll_columns(line)
             except ValueError as error:
                 raise InvalidResourceError(
                     resource.label, item.path_field,
                     f"{item.path}:{number}: {error}; fix the file or the path.",
                 ) from None
+            # Only the FineTune stage rejects other tags; the export decodes held-out tags as
+            # they are.
+            if isinstance(resource, FineTune) and not is_iob_tag(tag):
+                raise InvalidResourceError(
+                    resource.label, item.path_field,
+                    f"{item.path}:{number}: the tag {tag!r} is not `O`, `B-<type>` or "
+                    "`I-<type>` (IOB), the tags that a FineTune trains on; convert the file to "
+                    "IOB (IOBES `S-` to `B-`, `E-` to `I-`), or fix the path.",
+                )
 
 
 def _empty_message(item: _FormattedFile, resolved: Path) -> str:

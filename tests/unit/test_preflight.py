@@ -312,6 +312,33 @@ def test_finetune_conll_lines_checked_before_run(tmp_path):
     assert raised.value.detail.endswith("; fix the file or the path.")
 
 
+def test_finetune_iobes_tags_rejected_before_run(tmp_path):
+    """A FineTune split tagged in another scheme than IOB, such as IOBES, fails validation as
+    the stage would fail, while a ModelDeployment reads such held-out tags as they are."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("Ataxia\tB-Disease\n\nGout\tS-Disease\nflares\tO\n")
+    (data / "test.tsv").write_text("IL\tO\n")
+    finetune = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ner"},
+        "spec": {"baseModel": {"pretrainJobRef": {"name": "lm"}},
+                 "data": {"train": "train.tsv", "test": "test.tsv"}},
+    }, "finetune.yaml")
+    deployment = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "ner"},
+        "spec": {"model": {"fineTuneRef": {"name": "ner"}},
+                 "export": {"heldOutData": "train.tsv"}},
+    }, "deployment.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_data_formats(finetune, data)
+    preflight.check_data_formats(deployment, data)
+
+    assert raised.value.field == "spec.data.train"
+    assert raised.value.detail.startswith("train.tsv:3: the tag 'S-Disease' is not `O`, ")
+    assert "convert the file to IOB" in raised.value.detail
+
+
 def test_single_slash_file_uri_explained(data):
     path = f"file:{data}/notes.txt"
     with pytest.raises(InvalidResourceError) as raised:
