@@ -12,12 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import obstore.exceptions
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from lathe import __version__, loader, preflight
 from lathe.api import ModelDeployment
-from lathe.errors import LatheError
+from lathe.errors import LatheError, ObjectStoreError
 from lathe.local.runner import LocalRunner, ProgressEvent, StageResult
 
 DEFAULT_SAMPLE = (
@@ -176,10 +177,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         deployments = [r for r in results.values() if isinstance(r.resource, ModelDeployment)]
         if args.serve and not deployments:
             console.print("--serve has no effect: this run exported no ModelDeployment to serve.")
-        for result in deployments:
+        if deployments:
             from lathe.local import serving
 
-            serving.serve_and_query(result, args.sample, console, keep_serving=args.serve)
+            serving.serve_all(deployments, args.sample, console, keep_serving=args.serve)
     return 0
 
 
@@ -345,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         # Errors go to stderr, so that `lathe ... > file` keeps only the results.
         Console(stderr=True, soft_wrap=True).print(f"error: {error}", style="red", highlight=False,
                                                    markup=False)
+        return 1
+    except obstore.exceptions.BaseError as error:
+        # The runner names the resource of a failed request, and this covers the rest.
+        logging.getLogger(__name__).debug("The command failed.", exc_info=True)
+        message = ObjectStoreError("", "", error)
+        Console(stderr=True, soft_wrap=True).print(f"error: {message}", style="red",
+                                                   highlight=False, markup=False)
         return 1
     except OSError as error:
         # A full disk or a permission problem is the environment's, not a bug: one line, the

@@ -69,5 +69,23 @@ class StageFailedError(LatheError):
         self.detail = message
 
 
+class ObjectStoreError(LatheError):
+    """A request to an object store (s3://) failed: the store is unreachable, or it rejected
+    the credentials or the request."""
+
+    def __init__(self, resource: str, field: str, error: Exception):
+        # obstore appends its Rust debug output, dozens of lines, after the first line.
+        lines = str(error).strip().splitlines()
+        reason = lines[0].strip() if lines else type(error).__name__
+        where = "".join(f"{part}: " for part in (resource, field) if part)
+        super().__init__(
+            f"{where}the object store request failed: {reason}; check the store's address "
+            "(AWS_ENDPOINT_URL), region (AWS_REGION) and credentials (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY), then run again."
+        )
+        self.resource = resource
+        self.field = field
+
+
 class WorkspaceError(LatheError):
     """The workspace cannot be used: in use by another run, or not writable."""

@@ -22,7 +22,7 @@ from lathe_trainer.corpus.sniff import (
     has_content,
     mismatch_message,
 )
-from lathe_trainer.datasets import conll_columns, is_docstart
+from lathe_trainer.datasets import conll_columns, is_docstart, is_iob_tag
 from lathe_trainer.stage import combined_digest, digest_outputs, sha256_file
 
 # Lines of a FineTune or ModelDeployment CoNLL file read before the run, so that the check
@@ -139,11 +139,11 @@ def check_files(resource: Resource, data_dir: Path) -> None:
         if not Path(path).is_absolute() and not path.startswith("file://") and (
             not data_dir.is_dir()
         ):
+            state = "is a file, not a folder" if data_dir.exists() else "does not exist"
             raise InvalidResourceError(
                 resource.label, field,
-                f"{path!r} is relative to the data directory, and {str(data_dir)!r} does not "
-                "exist; pass the folder that contains the data with --data-dir or "
-                "LATHE_DATA_DIR.",
+                f"{path!r} is relative to the data directory, and {str(data_dir)!r} {state}; "
+                "pass the folder that contains the data with --data-dir or LATHE_DATA_DIR.",
             )
         problem = "is a directory, not a file" if resolved.is_dir() else "does not exist"
         if path.startswith("file:/") and not path.startswith("file://"):
@@ -306,12 +306,21 @@ def _check_conll_lines(resource: Resource, item: _FormattedFile, resolved: Path)
             if not line.strip() or is_docstart(line):
                 continue
             try:
-                conll_columns(line)
+                _, tag = conll_columns(line)
             except ValueError as error:
                 raise InvalidResourceError(
                     resource.label, item.path_field,
                     f"{item.path}:{number}: {error}; fix the file or the path.",
                 ) from None
+            # Only the FineTune stage rejects other tags; the export decodes held-out tags as
+            # they are.
+            if isinstance(resource, FineTune) and not is_iob_tag(tag):
+                raise InvalidResourceError(
+                    resource.label, item.path_field,
+                    f"{item.path}:{number}: the tag {tag!r} is not `O`, `B-<type>` or "
+                    "`I-<type>` (IOB), the tags that a FineTune trains on; convert the file to "
+                    "IOB (IOBES `S-` to `B-`, `E-` to `I-`), or fix the path.",
+                )
 
 
 def _empty_message(item: _FormattedFile, resolved: Path) -> str:

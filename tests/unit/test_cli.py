@@ -213,3 +213,98 @@ def test_validate_names_object_store_paths_it_did_not_read(tmp_path, capsys):
     assert "1 resource is valid." in output
     assert "Not checked: Corpus notes spec.sources[1].path 's3://lathe-data/notes.txt'" in output
     assert "notes.txt'" not in output.replace("s3://lathe-data/notes.txt'", "")
+
+
+class FakeTriton:
+    """A started tritonserver stand-in that records when it is stopped."""
+
+    def __init__(self, port: int, events: list[str]):
+        self.http_port, self.grpc_port, self.metrics_port = port, port + 1, port + 2
+        self.http_url = f"127.0.0.1:{port}"
+        self.grpc_url = f"127.0.0.1:{port + 1}"
+        self.metrics_url = f"http://127.0.0.1:{port + 2}/metrics"
+        self.process = SimpleNamespace(poll=lambda: None)
+        self.events = events
+
+    def __enter__(self):
+        self.events.append(f"start {self.http_port}")
+        return self
+
+    def __exit__(self, *_exc_info):
+        self.events.append(f"stop {self.http_port}")
+
+
+def test_serve_keeps_every_deployment_running(tmp_path, monkeypatch):
+    """With --serve, every ModelDeployment of the run serves at once, and one Ctrl-C stops all
+    of them, instead of the next one starting after the first is stopped."""
+    from lathe.local import serving
+    from lathe_trainer.serving import client, local_server
+
+    events: list[str] = []
+    ports = iter((8000, 8100))
+    monkeypatch.setattr(local_server, "busy_ports", lambda _ports: [])
+    monkeypatch.setattr(local_server, "start_triton",
+                        lambda *_args, **_kwargs: FakeTriton(next(ports), events))
+    monkeypatch.setattr(serving, "repository_path", lambda _result: tmp_path)
+    monkeypatch.setattr(serving, "record_serving", lambda *_args: None)
+    monkeypatch.setattr(client, "infer_entities", lambda *_args: [[]])
+
+    def interrupt(_seconds):
+        events.append("interrupt")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serving.time, "sleep", interrupt)
+    spec = SimpleNamespace(serving=SimpleNamespace(http_port=8000, grpc_port=8001,
+                                                   metrics_port=8002))
+    results = [
+        SimpleNamespace(directory=tmp_path / name, resource=SimpleNamespace(
+            key=f"ModelDeployment/default/{name}",
+            spec=SimpleNamespace(**vars(spec), model_name=name)))
+        for name in ("ner", "ner_fp32")
+    ]
+    output = io.StringIO()
+    serving.serve_all(results, "x", Console(file=output, width=200), keep_serving=True)
+
+    assert events == ["start 8000", "start 8100", "interrupt", "stop 8100", "stop 8000"]
+    assert "serving model 'ner' at http://127.0.0.1:8000" in output.getvalue()
+    assert "serving model 'ner_fp32' at http://127.0.0.1:8100" in output.getvalue()
+    assert output.getvalue().count("Serving until interrupted") == 1
+
+
+def test_serve_reports_crashed_deployment(tmp_path, monkeypatch):
+    """When one of several served deployments' tritonserver exits, --serve fails with that
+    deployment's error, records it in its status, and stops the other servers."""
+    from lathe.local import serving
+    from lathe_trainer.serving import client, local_server
+
+    events: list[str] = []
+    servers = [FakeTriton(8000, events), FakeTriton(8100, events)]
+    servers[1].process = SimpleNamespace(poll=lambda: 1, returncode=1)
+    servers[1].log_path = tmp_path / "tritonserver.log"
+    servers[1].log_tail = lambda _lines: "signal 9"
+    started = iter(servers)
+    recorded = []
+    monkeypatch.setattr(local_server, "busy_ports", lambda _ports: [])
+    monkeypatch.setattr(local_server, "start_triton", lambda *_args, **_kwargs: next(started))
+    monkeypatch.setattr(serving, "repository_path", lambda _result: tmp_path)
+    monkeypatch.setattr(serving, "record_serving",
+                        lambda result, endpoint, message="": recorded.append(
+                            (result.resource.key, endpoint, message)))
+    monkeypatch.setattr(client, "infer_entities", lambda *_args: [[]])
+    spec = SimpleNamespace(serving=SimpleNamespace(http_port=8000, grpc_port=8001,
+                                                   metrics_port=8002))
+    results = [
+        SimpleNamespace(directory=tmp_path / name, resource=SimpleNamespace(
+            key=f"ModelDeployment/default/{name}",
+            spec=SimpleNamespace(**vars(spec), model_name=name)))
+        for name in ("ner", "ner_fp32")
+    ]
+    with pytest.raises(serving.ServingStoppedError) as raised:
+        serving.serve_all(results, "x", Console(file=io.StringIO()), keep_serving=True)
+
+    assert raised.value.resource == "ModelDeployment/default/ner_fp32"
+    assert "tritonserver exited with code 1 while serving" in str(raised.value)
+    assert recorded[-2][:2] == ("ModelDeployment/default/ner_fp32", None)
+    assert recorded[-2][2].startswith("Triton stopped while serving: ")
+    assert recorded[-1] == ("ModelDeployment/default/ner", None, "")
+    assert events == ["start 8000", "start 8100", "stop 8100", "stop 8000"]

@@ -62,3 +62,21 @@ def test_cel_rule_table_matches_models():
     assert module.cel_table() in (REPO / "docs" / "crds.md").read_text(), (
         "docs/crds.md has an old CEL rule table; rerun scripts/docs/field_tables.py and paste it"
     )
+
+
+def test_corpus_record_fields_documented(tmp_path):
+    """The Corpus output paragraph names every field of a shard record, such as the `quality`
+    score that a PretrainJob curriculum filters on."""
+    import json
+
+    from lathe_trainer.corpus.records import Document
+    from lathe_trainer.corpus.split import Assignment, write_shards
+
+    document = Document(id="notes:1", source="notes", record_id="1", text="Aspirin lowers fever.")
+    write_shards(tmp_path, [document], [Assignment(split="train", shard=0)], shards=1)
+    record = json.loads((tmp_path / "train" / "shard-00000.jsonl").read_text())
+    paragraph = RESOURCES.read_text().split("Output: `train/shard-NNNNN.jsonl`", 1)[1]
+    paragraph = paragraph.split("\n\n", 1)[0]
+
+    for key in record:
+        assert f"`{key}`" in paragraph, key

@@ -354,3 +354,113 @@ def test_silent_failure_with_space(tmp_path):
 
     message = runner._silent_failure(tmp_path)
     assert message.startswith("the stage exited without writing to its log")
+
+
+def _pretrain_job(**training):
+    from lathe.api import KINDS
+
+    return KINDS["PretrainJob"].model_validate({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "lm"},
+        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
+                 "training": training},
+    })
+
+
+def _write_checkpoint(base, step: int) -> None:
+    folder = base / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text("{}")
+
+
+def test_continuation_reads_artifact_uri_checkpoints(tmp_path):
+    """With spec.training.artifactUri set, the stage resumes from the checkpoints there, so the
+    maxSteps check and the "resumes from" message read those, not the ones in the output."""
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import _check_continuable, _checkpoint_base, _resume_points
+    from lathe_trainer.training import storage
+
+    output, artifacts = tmp_path / "output", tmp_path / "artifacts"
+    _write_checkpoint(output, 20)
+    moved = _pretrain_job(maxSteps=12, artifactUri=f"file://{artifacts}")
+    # The new artifactUri has no checkpoints yet, so the run trains from step 0.
+    _check_continuable(moved, f"file://{output}")
+    described = _resume_points(*storage.resolve(_checkpoint_base(moved, f"file://{output}")))
+
+    _write_checkpoint(artifacts, 30)
+    with pytest.raises(InvalidResourceError) as raised:
+        _check_continuable(_pretrain_job(maxSteps=25, artifactUri=f"file://{artifacts}"),
+                           f"file://{tmp_path / 'empty-output'}")
+
+    assert described == ""
+    assert _checkpoint_base(_pretrain_job(), f"file://{output}") == f"file://{output}"
+    assert "below the step of the latest checkpoint (30," in str(raised.value)
+    assert str(artifacts / "checkpoints") in str(raised.value)
+
+
+def test_storage_uri_under_file_rejected(tmp_path):
+    """A file:// spec.storage.uri inside a path that is a file is rejected by the checks,
+    with the field, instead of failing later as an OS error without the resource."""
+    from lathe import loader
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import LocalRunner
+
+    (tmp_path / "notes.txt").write_text("one two three four five six\n")
+    (tmp_path / "archive.tar").write_text("x")
+    corpus = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "notes"},
+        "spec": {"sources": [{"name": "notes", "format": "text", "path": "notes.txt"}],
+                 "storage": {"uri": f"file://{tmp_path}/archive.tar/corpus"}},
+    }, "corpus.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        LocalRunner(tmp_path / "workspace", tmp_path).check([corpus])
+
+    assert raised.value.field == "spec.storage.uri"
+    assert f"({tmp_path}/archive.tar is a file, not a folder)" in str(raised.value)
+
+
+def _record_finished(workspace, body: dict) -> None:
+    """Record `body` in the workspace as a stage whose last run succeeded."""
+    import json
+
+    directory = (workspace / "default" / body["kind"].lower() / body["metadata"]["name"])
+    (directory / "output").mkdir(parents=True)
+    digest = "sha256:" + "0" * 64
+    (directory / "output" / "manifest.json").write_text(json.dumps({"digest": digest}))
+    (directory / "status.json").write_text(json.dumps({
+        "phase": "Succeeded",
+        "artifact": {"uri": f"file://{directory / 'output'}", "digest": digest},
+    }))
+    (directory / "resource.json").write_text(json.dumps(body))
+
+
+def test_deployment_checked_against_recorded_pretrain_job(tmp_path):
+    """A ModelDeployment run on its own is compared with the FineTune and the PretrainJob that
+    the workspace recorded, as it is when all three files are given."""
+    from lathe import loader
+    from lathe.errors import InvalidResourceError
+    from lathe.local.runner import LocalRunner
+
+    workspace = tmp_path / "workspace"
+    _record_finished(workspace, {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "lm"},
+        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
+                 "model": {"maxPositionEmbeddings": 256}},
+    })
+    _record_finished(workspace, {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ner"},
+        "spec": {"baseModel": {"pretrainJobRef": {"name": "lm"}}, "maxLength": 64,
+                 "data": {"train": "train.tsv", "test": "test.tsv"}},
+    })
+    (tmp_path / "test.tsv").write_text("Aspirin\tO\nlowers\tO\nfever\tB-Disease\n\n")
+    deployment = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "ner"},
+        "spec": {"model": {"fineTuneRef": {"name": "ner"}},
+                 "export": {"heldOutData": "test.tsv", "windowStride": 500,
+                            "checkSequenceLengths": [3, 20]}},
+    }, "deployment.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        LocalRunner(workspace, tmp_path).check([deployment])
+
+    assert raised.value.field == "spec.export.windowStride"
+    assert "500 leaves no new text in a window of 64 tokens" in str(raised.value)

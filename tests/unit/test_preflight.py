@@ -79,6 +79,14 @@ def test_missing_data_directory_named(tmp_path):
         preflight.check_files(parse(CORPUS), tmp_path / "absent")
 
 
+def test_data_directory_that_is_file_named(tmp_path):
+    """A --data-dir that names a file exists, so the error does not say that it does not."""
+    (tmp_path / "data.tar").write_text("x")
+    with pytest.raises(InvalidResourceError, match=r"'notes.txt' is relative to the data "
+                       r"directory, and '.*data.tar' is a file, not a folder; pass the folder"):
+        preflight.check_files(parse(CORPUS), tmp_path / "data.tar")
+
+
 def test_directory_as_source_named(data):
     (data / "folder").mkdir()
     body = {**CORPUS, "spec": {"sources": [{"name": "n", "format": "text", "path": "folder"}]}}
@@ -302,6 +310,33 @@ def test_finetune_conll_lines_checked_before_run(tmp_path):
     assert raised.value.detail.startswith("train.tsv:4: expected `token<TAB>tag`, or columns "
                                           "separated by spaces that end with an IOB tag")
     assert raised.value.detail.endswith("; fix the file or the path.")
+
+
+def test_finetune_iobes_tags_rejected_before_run(tmp_path):
+    """A FineTune split tagged in another scheme than IOB, such as IOBES, fails validation as
+    the stage would fail, while a ModelDeployment reads such held-out tags as they are."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("Ataxia\tB-Disease\n\nGout\tS-Disease\nflares\tO\n")
+    (data / "test.tsv").write_text("IL\tO\n")
+    finetune = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ner"},
+        "spec": {"baseModel": {"pretrainJobRef": {"name": "lm"}},
+                 "data": {"train": "train.tsv", "test": "test.tsv"}},
+    }, "finetune.yaml")
+    deployment = loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": "ner"},
+        "spec": {"model": {"fineTuneRef": {"name": "ner"}},
+                 "export": {"heldOutData": "train.tsv"}},
+    }, "deployment.yaml")
+    with pytest.raises(InvalidResourceError) as raised:
+        preflight.check_data_formats(finetune, data)
+    preflight.check_data_formats(deployment, data)
+
+    assert raised.value.field == "spec.data.train"
+    assert raised.value.detail.startswith("train.tsv:3: the tag 'S-Disease' is not `O`, ")
+    assert "convert the file to IOB" in raised.value.detail
 
 
 def test_single_slash_file_uri_explained(data):

@@ -52,6 +52,17 @@ def main(argv: list[str] | None = None, exit_on_error: bool = False) -> int:
     return 0
 
 
+def _write_summary(error: BaseException) -> None:
+    """Repeat the first line of a multi-line exception message after its traceback.
+
+    obstore's errors put dozens of lines of Rust debug output after the first line, and
+    `lathe run` and the Failed condition quote only the last lines of a failed stage's log.
+    """
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1:
+        _write_error(f"{type(error).__name__}: {lines[0].strip()}\n")
+
+
 def _write_error(text: str) -> None:
     sys.stderr.flush()
     try:
@@ -76,5 +87,6 @@ if __name__ == "__main__":
         remote.exit_process(stop.code if isinstance(stop.code, int) else 1)
     except BaseException as error:
         traceback.print_exc()
+        _write_summary(error)
         remote.exit_process(130 if isinstance(error, KeyboardInterrupt) else 1)
     remote.exit_process(code)

@@ -57,6 +57,11 @@ def is_docstart(line: str) -> bool:
 IOB_TAG = re.compile(r"^(?:O|[BIES]-\S+)$")
 
 
+def is_iob_tag(tag: str) -> bool:
+    """Return whether `tag` is one that a FineTune trains on: `O`, `B-<type>` or `I-<type>`."""
+    return tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2)
+
+
 def conll_columns(line: str) -> tuple[str, str]:
     """Split a non-blank CoNLL line into (token, tag): its first and last columns.
 

@@ -48,12 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import obstore.exceptions
 import psutil
 
 from lathe import loader, plans, preflight, status
 from lathe.api import Resource
 from lathe.errors import (
     InvalidResourceError,
+    ObjectStoreError,
     StageFailedError,
     WorkspaceError,
     raise_errors,
@@ -235,6 +237,7 @@ class LocalRunner:
                     # The stage would delete what is there, so `lathe validate` rejects it too.
                     # An object store is left to the run, because listing it costs a request.
                     filesystem, path = storage.resolve(uri)
+                    _check_writable(resource, path, uri)
                     _check_replaceable(resource, filesystem, path, uri)
             except InvalidResourceError as error:
                 errors.append(error)
@@ -242,8 +245,33 @@ class LocalRunner:
             outputs[uri] = resource
         raise_errors(errors)
         upstream = [found.resource for found in self.from_workspace.values() if found.resource]
-        preflight.check_resources(ordered, self.data_dir, upstream)
+        preflight.check_resources(ordered, self.data_dir,
+                                  self._with_recorded_ancestors(upstream, ordered))
         return ordered
+
+    def _with_recorded_ancestors(self, upstream: list[Resource],
+                                 given: list[Resource]) -> list[Resource]:
+        """Return `upstream` and the finished stages that it references in the workspace, at
+        any depth, as their last runs recorded them.
+
+        The checks compare a ModelDeployment with the PretrainJob under its FineTune, so a
+        FineTune taken from the workspace needs its own PretrainJob there too.
+        """
+        known = {resource.key for resource in [*upstream, *given]}
+        found = list(upstream)
+        pending = list(upstream)
+        while pending:
+            resource = pending.pop()
+            for kind, name in resource.references().values():
+                key = upstream_key(resource, kind, name)
+                if key in known:
+                    continue
+                known.add(key)
+                finished = self.finished_output(kind, resource.metadata.namespace, name)
+                if finished is not None and finished.resource is not None:
+                    found.append(finished.resource)
+                    pending.append(finished.resource)
+        return found
 
     def _find_finished(self, resources: list[Resource]) -> dict[str, FinishedOutput]:
         """Return the referenced stages that are not in `resources` but have a finished output
@@ -341,7 +369,10 @@ class LocalRunner:
             inputs[role] = found.resolved
             manifests[role] = found.manifest
         _check_inputs_agree(resource, inputs, manifests)
-        result = self.run_stage(resource, inputs)
+        try:
+            result = self.run_stage(resource, inputs)
+        except obstore.exceptions.BaseError as error:
+            raise ObjectStoreError(resource.label, _remote_field(resource), error) from error
         if result is None:
             self.not_run[resource.key] = (
                 f"{resource.kind} {resource.metadata.name} was not run: its spec sets "
@@ -413,7 +444,9 @@ class LocalRunner:
         self._write_status(resource, directory, output_uri, None)
         # NOTE: this reads the runner's resume-key record, not the key in the checkpoints'
         # state.json that the stage checks, so the two disagree if another run wrote them.
-        checkpoints = _resume_points(*storage.resolve(output_uri)) if resume else ""
+        checkpoints = ""
+        if resume:
+            checkpoints = _resume_points(*storage.resolve(_checkpoint_base(resource, output_uri)))
         self.on_progress(ProgressEvent(
             resource.key, "started",
             message=f"resumes from the checkpoint of {checkpoints}" if checkpoints else "",
@@ -464,7 +497,7 @@ class LocalRunner:
         continues = not same_key and _continues(resource, resume_key_file, config.resume_key)
         filesystem, path = storage.resolve(output_uri)
         if continues:
-            _check_continuable(resource, filesystem, path)
+            _check_continuable(resource, output_uri)
             log.info("Continuing %s from its checkpoints, because its stage key changed but its "
                      "resume key did not.", resource.key)
             if not self._keep_previous(resource, directory, output_uri, keep=remote.CHECKPOINTS):
@@ -937,10 +970,19 @@ def _resume_points(filesystem, path: str) -> str:
     return ", ".join(points)
 
 
-def _check_continuable(resource: Resource, filesystem, path: str) -> None:
+def _checkpoint_base(resource: Resource, output_uri: str) -> str:
+    """Return the location whose checkpoints/ folder a run resumes from: a PretrainJob's
+    spec.training.artifactUri when set, else the output, as the stage chooses it
+    (lathe_trainer.pretrain.stage._checkpoint_root)."""
+    training = getattr(resource.spec, "training", None)
+    return getattr(training, "artifact_uri", None) or output_uri
+
+
+def _check_continuable(resource: Resource, output_uri: str) -> None:
     """Raise before anything is deleted when the latest checkpoint is past `maxSteps`, which the
     stage would reject only after the runner had cleared the finished output."""
     max_steps = resource.spec.training.max_steps
+    filesystem, path = storage.resolve(_checkpoint_base(resource, output_uri))
     root = f"{path}/{remote.CHECKPOINTS}"
     steps = _checkpoint_steps(filesystem, root)
     if steps and max(steps) > max_steps:
@@ -970,6 +1012,24 @@ def _remove_all_but_checkpoints(filesystem, path: str) -> None:
         storage.remove_tree(filesystem, f"{path}/{name}")
 
 
+def _check_writable(resource: Resource, path: str, output_uri: str) -> None:
+    """Raise unless the local folder that a `spec.storage.uri` names can be written, judged
+    by the nearest folder on its path that exists."""
+    location = Path(path)
+    existing = next(folder for folder in (location, *location.parents) if folder.exists())
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is read-only or not yours"
+    else:
+        return
+    raise InvalidResourceError(
+        resource.label, "spec.storage.uri",
+        f"{output_uri!r} cannot be written ({problem}); point it to a writable folder, or "
+        "remove the field to write to the workspace.",
+    )
+
+
 def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: str) -> None:
     """Raise unless the location a `spec.storage.uri` names is empty or contains a finished
     output of this kind of stage, because the stage deletes what is there."""
@@ -990,13 +1050,27 @@ def _check_replaceable(resource: Resource, filesystem, path: str, output_uri: st
     )
 
 
+def _remote_field(resource: Resource) -> str:
+    """Return the spec field that names an object store location of `resource`, or ""."""
+    training = getattr(resource.spec, "training", None)
+    candidates = (
+        ("spec.storage.uri", resource.spec.storage.uri),
+        ("spec.training.artifactUri", getattr(training, "artifact_uri", None)),
+    )
+    for field, uri in candidates:
+        if uri and storage.is_remote(uri):
+            return field
+    return ""
+
+
 def _read_manifest(output_uri: str) -> dict[str, Any] | None:
     """Return the output's manifest, or None while the output has none."""
     filesystem, path = storage.resolve(output_uri)
+    # NB: cat_file, because obstore's file object (0.12) fails again in its destructor when
+    # its open fails, and Python prints that traceback after lathe's error message.
     try:
-        with filesystem.open(f"{path}/{MANIFEST}", "rb") as handle:
-            return json.loads(handle.read())
-    except FileNotFoundError:
+        return json.loads(filesystem.cat_file(f"{path}/{MANIFEST}"))
+    except (FileNotFoundError, obstore.exceptions.NotFoundError):
         return None
 
 

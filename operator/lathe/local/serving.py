@@ -7,12 +7,14 @@ wheel on 127.0.0.1 with it, as the Kubernetes backend starts Triton in a Deploym
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -85,6 +87,37 @@ def serve_and_query(
 
     status.json shows Ready while Triton serves, and Ready False again once it stops.
     """
+    with _serving(result, console, keep_serving) as server:
+        entities = _query(result, server, text, console, keep_serving)
+        if keep_serving:
+            _serve_until_interrupted([(result, server)], console)
+        return entities
+
+
+def serve_all(
+    results: list[StageResult], text: str, console: Console, keep_serving: bool = False
+) -> None:
+    """Send `text` to each deployment's Triton, one deployment after the other. With
+    `keep_serving`, every deployment's Triton keeps running until one interrupt stops all."""
+    if not keep_serving:
+        for result in results:
+            serve_and_query(result, text, console)
+        return
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for result in results:
+            server = stack.enter_context(_serving(result, console, keep_serving))
+            _query(result, server, text, console, keep_serving)
+            servers.append((result, server))
+        _serve_until_interrupted(servers, console)
+
+
+@contextlib.contextmanager
+def _serving(
+    result: StageResult, console: Console, keep_serving: bool
+) -> Iterator[local_server.TritonServer]:
+    """Run Triton on the deployment's repository while the context lasts, and record in
+    status.json whether it serves."""
     workdir = result.directory / "triton"
     serving = result.resource.spec.serving
     # --serve keeps Triton up for clients, so it listens on the ports of the spec, as the
@@ -114,11 +147,9 @@ def serve_and_query(
                           "instead.")
         record_serving(result, f"http://{server.http_url}")
         try:
-            return _query(result, server, text, console, keep_serving)
-        except ServingStoppedError as error:
-            record_serving(result, None, f"Triton stopped while serving: {error.detail}")
-            raise
+            yield server
         finally:
+            # A server that exited on its own was recorded with the reason when it was found.
             if server.process.poll() is None:
                 record_serving(result, None)
 
@@ -141,15 +172,30 @@ def _query(result: StageResult, server: local_server.TritonServer, text: str,
         return entities
     console.print("Send a request with:")
     console.print(f"  {curl_command(server.http_url, model_name)}")
+    return entities
+
+
+def _serve_until_interrupted(
+    servers: list[tuple[StageResult, local_server.TritonServer]], console: Console
+) -> None:
+    """Wait for Ctrl-C or `kill`, or raise ServingStoppedError when a server exits first."""
     console.print("Serving until interrupted (Ctrl-C or kill; either exits with status 0).")
     try:
-        while server.process.poll() is None:
+        while True:
+            for result, server in servers:
+                if server.process.poll() is not None:
+                    _raise_stopped(result, server)
             time.sleep(1)
     except KeyboardInterrupt:
         console.print("Stopping Triton.")
-        return entities
-    raise ServingStoppedError(
+
+
+def _raise_stopped(result: StageResult, server: local_server.TritonServer) -> NoReturn:
+    """Record in status.json that `server` exited while serving, and raise the error."""
+    error = ServingStoppedError(
         result.resource.key, "--serve",
         f"tritonserver exited with code {server.process.returncode} while serving; its log "
         f"is {server.log_path}, and its last lines are:\n{server.log_tail(10)}",
     )
+    record_serving(result, None, f"Triton stopped while serving: {error.detail}")
+    raise error

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from lathe_trainer.datasets import read_conll
+from lathe_trainer.datasets import is_iob_tag, read_conll
 from lathe_trainer.serving.decoding import FIRST_SUBTOKEN, label_subtoken_mask
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def read_sentences(path: Path, limit: int | None) -> list[Sentence]:
         raise TaskDataError(f"the file {path} contains no sentences")
     for number, (_, tags) in enumerate(sentences, start=1):
         for tag in tags:
-            if tag != OUTSIDE and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            if not is_iob_tag(tag):
                 raise TaskDataError(
                     f"sentence {number} of {path} has the tag {tag!r}; tags must be `O`, "
                     "`B-<type>` or `I-<type>` (IOB)"
