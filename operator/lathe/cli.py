@@ -212,15 +212,41 @@ def headline(kind: str, metrics: dict) -> str:
     return ", ".join(parts)
 
 
+def notes(resource, metrics: dict) -> list[str]:
+    """Return what a finished stage reported that its headline figures do not show, and that
+    a user would otherwise find only in its stage.log or report."""
+    found = []
+    if resource.kind == "Corpus":
+        if metrics.get("malformed"):
+            found.append(f"{metrics['malformed']} malformed records were counted and left "
+                         "out; stats.json holds examples from each source.")
+        if metrics.get("validationDocuments") == 0:
+            found.append("the validation split is empty, so the stages after it report no "
+                         "validation figures; raise spec.split.validationFraction.")
+    elif resource.kind == "Tokenizer":
+        learned, requested = metrics.get("vocabSize"), resource.spec.vocab_size
+        if isinstance(learned, int) and learned < requested:
+            found.append(f"it learned {learned} of the {requested} tokens of spec.vocabSize: "
+                         "the corpus holds no more distinct pieces.")
+    elif resource.kind == "PretrainJob":
+        if "validationPerplexity" in metrics and metrics["validationPerplexity"] is None:
+            found.append("no validation perplexity: the Corpus's validation split fills no "
+                         "sequence of spec.sequenceLength tokens.")
+    return found
+
+
 def _print_summary(console: Console, results: dict[str, StageResult]) -> None:
     for result in results.values():
         how = "reused" if result.reused else f"ran in {result.seconds:.1f} s"
-        figures = headline(result.resource.kind, result.manifest.get("metrics") or {})
+        metrics = result.manifest.get("metrics") or {}
+        figures = headline(result.resource.kind, metrics)
         console.print(
             f"{result.resource.kind} {result.resource.metadata.name}: {how}"
             f"{', ' + figures if figures else ''}, artifact {result.manifest['digest'][:19]} at "
             f"{result.output_uri}"
         )
+        for note in notes(result.resource, metrics):
+            console.print(f"  Note: {note}")
 
 
 def _print_from_workspace(console: Console, runner: LocalRunner) -> None:

@@ -308,3 +308,27 @@ def test_serve_reports_crashed_deployment(tmp_path, monkeypatch):
     assert recorded[-2][2].startswith("Triton stopped while serving: ")
     assert recorded[-1] == ("ModelDeployment/default/ner", None, "")
     assert events == ["start 8000", "start 8100", "stop 8100", "stop 8000"]
+
+
+def test_summary_notes_what_the_figures_hide():
+    """Malformed records, an empty validation split, a vocabulary shortfall and a missing
+    perplexity reach the run summary, not only the stage logs."""
+    from lathe import loader
+
+    def resource(kind, spec):
+        return loader.parse_resource({"apiVersion": "lathe.dev/v1alpha1", "kind": kind,
+                                      "metadata": {"name": "x"}, "spec": spec}, "test")
+
+    corpus = resource("Corpus", {"sources": [{"name": "a", "format": "text", "path": "a.txt"}]})
+    tokenizer = resource("Tokenizer", {"corpusRef": {"name": "x"}, "vocabSize": 8000})
+    assert cli.notes(corpus, {"malformed": 0, "validationDocuments": 10}) == []
+    found = cli.notes(corpus, {"malformed": 3, "validationDocuments": 0})
+    assert found[0].startswith("3 malformed records were counted")
+    assert "spec.split.validationFraction" in found[1]
+    assert cli.notes(tokenizer, {"vocabSize": 8000}) == []
+    assert cli.notes(tokenizer, {"vocabSize": 7986}) == [
+        "it learned 7986 of the 8000 tokens of spec.vocabSize: the corpus holds no more "
+        "distinct pieces."]
+    pretrain = resource("PretrainJob", {"corpusRef": {"name": "x"}, "tokenizerRef": {"name": "x"}})
+    assert cli.notes(pretrain, {"validationPerplexity": 152.2}) == []
+    assert "no validation perplexity" in cli.notes(pretrain, {"validationPerplexity": None})[0]
