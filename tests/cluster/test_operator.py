@@ -15,7 +15,8 @@ import yaml
 from argocd_lua import run_health
 from lathe.k8s import handlers, reconcile
 from lathe_objects import (EXAMPLES, HOLD, ORDER, KINDS, condition, corpus_and_tokenizer,
-                           events_about, finetune, get, is_true, jobs_of, plural, pretrain_job)
+                           events_about, fail_pod, finetune, get, is_true, jobs_of, plural,
+                           pretrain_job)
 
 # The folder of one run in the artifact store: `<root>/<namespace>/<kind>/<name>/run-<digest>`.
 RUN_FOLDER = re.compile(r"/[a-z]+/[a-z0-9-]+/run-[0-9a-f]{16}$")
@@ -194,7 +195,8 @@ def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None
     assert ready is not None, exporting_status["status"]
     assert ready["status"] == "True", ready
     assert ready["message"] == ("1 of 1 Triton replicas are ready. They serve the earlier "
-                                "export until the new one is done."), ready
+                                "export until the new one is done; changes to spec.serving "
+                                "apply then."), ready
     assert condition(exporting_status, "Exported") is None
     assert exporting_status["status"]["phase"] == "Ready"
 
@@ -401,6 +403,51 @@ def test_progress_read_from_rank_zero_port(cluster, namespace, lathe_operator, r
     progress_status = get(cluster, "PretrainJob", "portread", namespace)["status"]["progress"]
     assert progress_status["etaSeconds"] == 80.0
     assert progress_status["totalSteps"] == 100
+
+
+def test_reexport_ready_counts_served_replicas(cluster, namespace, lathe_operator):
+    """While a new export runs, Ready counts the replicas that the Deployment of the earlier
+    export runs, not those of the new spec, and a failed new export leaves that Ready as is."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    model = "pubmed-ner"
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "the ModelDeployment to become Ready", timeout=300)
+    change = {"spec": {"export": {"tolerance": 0.02}, "podMetadata": {"annotations": HOLD},
+                       "serving": {"replicas": 2}}}
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", json.dumps(change))
+
+    def exporting() -> bool:
+        obj = get(cluster, "ModelDeployment", model, namespace)
+        running = condition(obj, "Running") or {}
+        return (obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+                and running.get("status") == "True")
+
+    cluster.wait_for(exporting, "the new export to run", timeout=90)
+    ready = _ready(cluster, namespace, model)
+    assert ready["status"] == "True", ready
+    assert ready["message"] == ("1 of 1 Triton replicas are ready. They serve the earlier "
+                                "export until the new one is done; changes to spec.serving "
+                                "apply then."), ready
+    triton = cluster.get_json("deployment", f"{model}-triton", "-n", namespace)
+    assert triton["spec"]["replicas"] == 1
+
+    job_name = get(cluster, "ModelDeployment", model, namespace)["status"]["jobName"]
+    cluster.wait_for(
+        lambda: cluster.get_json("pods", "-n", namespace, "-l", f"job-name={job_name}")["items"],
+        "the export pod", timeout=60,
+    )
+    pod = cluster.get_json("pods", "-n", namespace, "-l", f"job-name={job_name}")["items"][0]
+    fail_pod(cluster, namespace, pod, 42, "ONNX Runtime differs from PyTorch by 0.3.")
+    cluster.wait_for(lambda: is_true(cluster, "ModelDeployment", model, namespace, "Failed"),
+                     "the new export to fail", timeout=60)
+    failed = get(cluster, "ModelDeployment", model, namespace)
+    ready = condition(failed, "Ready")
+    assert ready["status"] == "True", ready
+    assert ready["message"] == ("1 of 1 Triton replicas are ready. They serve the earlier "
+                                "export, because the new export failed; see the Failed "
+                                "condition."), ready
+    assert failed["status"]["phase"] == "Failed"
 
 
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):

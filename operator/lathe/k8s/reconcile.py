@@ -556,18 +556,31 @@ class Reconciler:
             if error.status == 404:
                 return new
             raise
-        return self._set_ready(resource, serving, deployment, new,
-                               "They serve the earlier export until the new one is done.")
+        if status.condition_true(new["conditions"], C.FAILED):
+            note = ("They serve the earlier export, because the new export failed; see the "
+                    "Failed condition.")
+        else:
+            note = ("They serve the earlier export until the new one is done; changes to "
+                    "spec.serving apply then.")
+        return self._set_ready(resource, serving, deployment, new, note, earlier_export=True)
 
     def _set_ready(self, resource: ModelDeployment, serving, deployment, new: dict,
-                   note: str = "") -> dict:
-        """Set the Ready condition from the ready replicas of the Triton Deployment."""
+                   note: str = "", earlier_export: bool = False) -> dict:
+        """Set the Ready condition from the ready replicas of the Triton Deployment.
+
+        With `earlier_export`, the Deployment serves an earlier export while a new one runs.
+        It keeps that export's replicas until the new export is applied, so Ready counts
+        against the replicas the Deployment requests, not those of the current spec.
+        """
         generation = resource.metadata.generation
         namespace = resource.metadata.namespace
         # With autoscaling, the HorizontalPodAutoscaler sets the replicas, and serving needs
         # its minimum.
         autoscaling = resource.spec.autoscaling
         target = autoscaling.min_replicas if autoscaling.enabled else serving.replicas
+        if earlier_export:
+            requested = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+            target = min(target, requested) if autoscaling.enabled else requested
         ready_replicas = deployment.status.ready_replicas or 0
         ready = target > 0 and ready_replicas >= target
         message = (f"{ready_replicas} Triton replicas are ready; the autoscaler's minimum is "
@@ -576,7 +589,10 @@ class Reconciler:
         if note:
             message = f"{message} {note}"
         reason = Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY
-        if target == 0:
+        if target == 0 and earlier_export:
+            reason = Reason.SCALED_TO_ZERO
+            message = f"The Triton Deployment of the earlier export has 0 replicas. {note}"
+        elif target == 0:
             reason = Reason.SCALED_TO_ZERO
             message = ("spec.serving.replicas is 0, so no Triton replica runs; set it to 1 or "
                        "more to serve.")
