@@ -553,6 +553,42 @@ def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):
     assert jobs_of(cluster, "pause", namespace)[0]["spec"]["suspend"] is False
 
 
+def test_suspended_new_run_names_no_job(cluster, namespace, lathe_operator, ready_inputs):
+    """A new run that starts suspended deletes the previous run's Job and names no Job until it
+    is resumed."""
+    cluster.apply(pretrain_job("paused-change"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "paused-change", namespace)) == 1, "the Job")
+    first_job = jobs_of(cluster, "paused-change", namespace)[0]["metadata"]["name"]
+    change = {"spec": {"suspend": True, "training": {"maxSteps": 200}}}
+    cluster.kubectl("patch", plural("PretrainJob"), "paused-change", "-n", namespace,
+                    "--type=merge", "-p", json.dumps(change))
+
+    def observed() -> bool:
+        obj = get(cluster, "PretrainJob", "paused-change", namespace)
+        return (obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+                and is_true(cluster, "PretrainJob", "paused-change", namespace, "Suspended"))
+
+    cluster.wait_for(observed, "the suspended new run")
+    cluster.wait_for(
+        lambda: not [job for job in jobs_of(cluster, "paused-change", namespace)
+                     if not job["metadata"].get("deletionTimestamp")],
+        f"the first run's Job {first_job} to be deleted", timeout=60,
+    )
+    suspended = get(cluster, "PretrainJob", "paused-change", namespace)
+    assert suspended["status"]["run"] == 2
+    assert "jobName" not in suspended["status"], suspended["status"]
+
+    cluster.kubectl("patch", plural("PretrainJob"), "paused-change", "-n", namespace,
+                    "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    cluster.wait_for(
+        lambda: get(cluster, "PretrainJob", "paused-change", namespace)["status"].get(
+            "jobName") == "paused-change-pretrain-r2-0",
+        "the second run's Job in status.jobName",
+    )
+    assert [job["metadata"]["name"] for job in jobs_of(cluster, "paused-change", namespace)] == [
+        "paused-change-pretrain-r2-0"]
+
+
 def test_spec_change_moves_observed_generation(cluster, namespace, lathe_operator, ready_inputs):
     cluster.apply(pretrain_job("regen"), namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "regen", namespace)) == 1, "the Job")

@@ -368,6 +368,9 @@ class Reconciler:
                 job = self._read_job(resource.metadata.namespace, job_name)
         if job is None:
             if suspended:
+                # The Job that status.jobName named is gone (a new run deleted it), and no Job
+                # exists until the spec is resumed.
+                new.pop("jobName", None)
                 new["conditions"] = status.set_condition(
                     conditions, C.SUSPENDED, True, Reason.SUSPENDED,
                     "spec.suspend is true, so no Job is created; clear it to start the stage.",
