@@ -450,6 +450,50 @@ def test_reexport_ready_counts_served_replicas(cluster, namespace, lathe_operato
     assert failed["status"]["phase"] == "Failed"
 
 
+def test_waiting_deployment_keeps_serving(cluster, namespace, lathe_operator):
+    """A ModelDeployment whose FineTune was deleted keeps serving its export: a deleted Triton
+    Deployment is created again. After a spec change, Ready reports a deleted Deployment."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    model = "pubmed-ner"
+    triton = f"{model}-triton"
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "the ModelDeployment to become Ready", timeout=300)
+    cluster.kubectl("delete", plural("FineTune"), model, "-n", namespace)
+    cluster.wait_for(
+        lambda: (condition(get(cluster, "ModelDeployment", model, namespace), "InputsReady")
+                 or {}).get("reason") == "InputNotFound",
+        "the ModelDeployment to wait for its FineTune", timeout=60,
+    )
+
+    uid = cluster.get_json("deployment", triton, "-n", namespace)["metadata"]["uid"]
+    cluster.kubectl("delete", "deployment", triton, "-n", namespace)
+    cluster.wait_for(
+        lambda: cluster.kubectl("get", "deployment", triton, "-n", namespace, "-o",
+                                "jsonpath={.metadata.uid}", check=False).stdout not in ("", uid),
+        "the Triton Deployment to be created again", timeout=60,
+    )
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "Ready with the re-created Deployment", timeout=90)
+    assert get(cluster, "ModelDeployment", model, namespace)["status"]["phase"] == "Ready"
+
+    # A changed spec waits for the FineTune to export again, so the earlier export's
+    # Deployment is not re-created, and Ready reports that it is gone.
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"export": {"tolerance": 0.02}}}')
+    cluster.wait_for(
+        lambda: get(cluster, "ModelDeployment", model, namespace)["status"][
+            "observedGeneration"] == 2, "observedGeneration 2", timeout=60,
+    )
+    cluster.kubectl("delete", "deployment", triton, "-n", namespace)
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "False",
+                     "Ready=False without the Deployment", timeout=60)
+    ready = _ready(cluster, namespace, model)
+    assert ready["reason"] == "ServerNotReady", ready
+    assert ready["message"] == (f"The Triton Deployment {triton} of the earlier export was "
+                                "deleted; the operator creates it again once the new export "
+                                "is done."), ready
+
+
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
     """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
     cluster.apply(pretrain_job("c6"), namespace)

@@ -147,8 +147,9 @@ class Reconciler:
         inputs, waiting = self._resolve_inputs(resource)
         if waiting:
             recorded_hash = new.get("runSpecHash")
-            if recorded_hash and recorded_hash not in (_run_hash(resource),
-                                                       _legacy_run_hash(resource)):
+            spec_changed = bool(recorded_hash) and recorded_hash not in (
+                _run_hash(resource), _legacy_run_hash(resource))
+            if spec_changed:
                 # The spec changed, so the finished output belongs to the previous spec. A
                 # Succeeded kept here would show this generation as done and hand the old
                 # output to the stages that read it. A Failed would blame this generation for
@@ -163,6 +164,8 @@ class Reconciler:
             new["conditions"] = status.set_condition(
                 conditions, C.INPUTS_READY, False, waiting[0], waiting[1], generation
             )
+            if isinstance(resource, ModelDeployment):
+                new = self._serve_while_waiting(resource, body, new, spec_changed)
             return self._with_phase(new, resource)
         conditions = status.set_condition(
             conditions, C.INPUTS_READY, True, Reason.INPUTS_AVAILABLE,
@@ -518,6 +521,23 @@ class Reconciler:
         new = self._reconcile_bounded(resource, body, inputs, new)
         if not status.condition_true(new["conditions"], "Exported"):
             return self._serving_previous_export(resource, new)
+        return self._serve(resource, body, new)
+
+    def _serve_while_waiting(self, resource: ModelDeployment, body: dict, new: dict,
+                             spec_changed: bool) -> dict:
+        """Keep the finished export served while the FineTune is missing or runs again, so that
+        a deleted Triton object is created again and Ready follows the pods.
+
+        After a spec change the export belongs to the earlier spec, so only Ready is set from
+        its Deployment, as while a new export runs.
+        """
+        if (not spec_changed and new.get("artifact")
+                and status.condition_true(new["conditions"], "Exported")):
+            return self._serve(resource, body, new)
+        return self._serving_previous_export(resource, new)
+
+    def _serve(self, resource: ModelDeployment, body: dict, new: dict) -> dict:
+        """Apply the Triton objects that serve the export in status.artifact, and set Ready."""
         serving = plans.serving(resource, new["artifact"]["uri"], new["artifact"]["digest"])
         owner = _owner(body)
         namespace = resource.metadata.namespace
@@ -556,9 +576,15 @@ class Reconciler:
                 builders.triton_name(serving), resource.metadata.namespace
             )
         except ApiException as error:
-            if error.status == 404:
-                return new
-            raise
+            if error.status != 404:
+                raise
+            new["conditions"] = status.set_condition(
+                new["conditions"], C.READY, False, Reason.SERVER_NOT_READY,
+                f"The Triton Deployment {builders.triton_name(serving)} of the earlier export "
+                "was deleted; the operator creates it again once the new export is done.",
+                resource.metadata.generation,
+            )
+            return new
         if status.condition_true(new["conditions"], C.FAILED):
             note = ("They serve the earlier export, because the new export failed; see the "
                     "Failed condition.")
