@@ -494,6 +494,27 @@ def test_waiting_deployment_keeps_serving(cluster, namespace, lathe_operator):
                                 "is done."), ready
 
 
+def test_rank_zero_read_stays_local(cluster, namespace, lathe_operator, ready_inputs):
+    """kwok pods have addresses of no host here, so the operator's read of rank 0's metrics
+    port is refused before it leaves the machine."""
+    import loopback_only
+
+    cluster.apply(pretrain_job("offhost", nodes=1, gpus=0), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "offhost", namespace)) == 1, "the Job")
+    job_name = jobs_of(cluster, "offhost", namespace)[0]["metadata"]["name"]
+
+    def rank_zero_address() -> str | None:
+        pods = cluster.get_json("pods", "-n", namespace, "-l",
+                                f"batch.kubernetes.io/job-name={job_name}")["items"]
+        return next((pod["status"].get("podIP") for pod in pods
+                     if pod["status"].get("phase") == "Running"), None)
+
+    cluster.wait_for(lambda: rank_zero_address() is not None, "rank 0 to run", timeout=60)
+    address = rank_zero_address()
+    cluster.wait_for(lambda: (address, 9400) in loopback_only.REFUSED,
+                     f"the guard to refuse the read of {address}:9400", timeout=30)
+
+
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
     """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
     cluster.apply(pretrain_job("c6"), namespace)
