@@ -515,6 +515,32 @@ def test_rank_zero_read_stays_local(cluster, namespace, lathe_operator, ready_in
                      f"the guard to refuse the read of {address}:9400", timeout=30)
 
 
+def test_failed_input_wakes_dependent(cluster, namespace, lathe_operator, ready_inputs,
+                                      monkeypatch):
+    """A FineTune that waits for its PretrainJob reports at once that the PretrainJob failed,
+    without waiting for the periodic resync."""
+    monkeypatch.setattr(handlers, "RESYNC_SECONDS", 3600.0)
+    cluster.apply(pretrain_job("fails-soon", nodes=1), namespace)
+    cluster.apply(finetune("waits-for-failed", "fails-soon"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "fails-soon", namespace)) == 1, "the Job")
+    job_name = jobs_of(cluster, "fails-soon", namespace)[0]["metadata"]["name"]
+    cluster.wait_for(
+        lambda: cluster.get_json("pods", "-n", namespace, "-l", f"job-name={job_name}")["items"],
+        "the training pod", timeout=60,
+    )
+    pod = cluster.get_json("pods", "-n", namespace, "-l", f"job-name={job_name}")["items"][0]
+    fail_pod(cluster, namespace, pod, 42, "The corpus has no training split.")
+    cluster.wait_for(lambda: is_true(cluster, "PretrainJob", "fails-soon", namespace, "Failed"),
+                     "the PretrainJob to fail", timeout=60)
+
+    def told() -> bool:
+        waiting = condition(get(cluster, "FineTune", "waits-for-failed", namespace),
+                            "InputsReady") or {}
+        return "which failed" in waiting.get("message", "")
+
+    cluster.wait_for(told, "the FineTune to name the failed PretrainJob", timeout=10)
+
+
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
     """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
     cluster.apply(pretrain_job("c6"), namespace)

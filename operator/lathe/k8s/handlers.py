@@ -533,6 +533,10 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         reconciler().forget_upstream(meta["namespace"], KINDS[parent["kind"]].plural,
                                      meta["name"])
         _wake_dependents({**parent, "status": desired}, logger, every=True)
+    elif (status.condition_true(desired.get("conditions") or [], "Failed")
+          and not status.condition_true(current.get("conditions") or [], "Failed")):
+        # The resources that wait for this one report the failure now, not at the next resync.
+        _wake_dependents({**parent, "status": desired}, logger)
     return True
 
 
