@@ -541,6 +541,23 @@ def test_failed_input_wakes_dependent(cluster, namespace, lathe_operator, ready_
     cluster.wait_for(told, "the FineTune to name the failed PretrainJob", timeout=10)
 
 
+def test_writes_name_operator_manager(cluster, namespace, lathe_operator, ready_inputs):
+    """The status writes and the Jobs are managed by `lathe-operator` in managedFields, not by
+    the Kubernetes client's default User-Agent."""
+    name = "missing-on-purpose"
+    tokenizer = cluster.get_json(plural("Tokenizer"), name, "-n", namespace,
+                                 "--show-managed-fields")
+    status_managers = {entry["manager"] for entry in tokenizer["metadata"]["managedFields"]
+                       if entry.get("subresource") == "status"}
+    assert status_managers == {"lathe-operator"}, tokenizer["metadata"]["managedFields"]
+    job = jobs_of(cluster, name, namespace)[0]["metadata"]["name"]
+    job_fields = cluster.get_json("job", job, "-n", namespace, "--show-managed-fields")[
+        "metadata"]["managedFields"]
+    creator = next(entry for entry in job_fields if entry["operation"] == "Update"
+                   and not entry.get("subresource"))
+    assert creator["manager"] == "lathe-operator", job_fields
+
+
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
     """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
     cluster.apply(pretrain_job("c6"), namespace)

@@ -22,7 +22,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from lathe import plans, status
+from lathe import __version__, plans, status
 from lathe.api import GROUP, KINDS, VERSION, ModelDeployment, Resource
 from lathe.api.common import ObjectMeta
 from lathe.errors import InvalidResourceError
@@ -75,14 +75,35 @@ FAIL_JOB_MESSAGE = re.compile(
 SERVER_STUCK_REASONS = STUCK_WAITING_REASONS | {"CrashLoopBackOff"}
 
 
+def operator_api_client() -> client.ApiClient:
+    """Return an API client that names the operator in its User-Agent.
+
+    The API server takes the User-Agent up to its first '/' as the field manager of a create,
+    update or patch that names none (so status writes and Job creates), and audit logs show it.
+    The client's default would be `OpenAPI-Generator`.
+    """
+    api_client = client.ApiClient()
+    api_client.user_agent = f"{FIELD_MANAGER}/{__version__}"
+    return api_client
+
+
 @dataclass
 class Clients:
-    batch: client.BatchV1Api = field(default_factory=client.BatchV1Api)
-    core: client.CoreV1Api = field(default_factory=client.CoreV1Api)
-    apps: client.AppsV1Api = field(default_factory=client.AppsV1Api)
-    autoscaling: client.AutoscalingV2Api = field(default_factory=client.AutoscalingV2Api)
-    custom: client.CustomObjectsApi = field(default_factory=client.CustomObjectsApi)
-    extensions: client.ApiextensionsV1Api = field(default_factory=client.ApiextensionsV1Api)
+    api_client: client.ApiClient = field(default_factory=operator_api_client)
+    batch: client.BatchV1Api = field(init=False)
+    core: client.CoreV1Api = field(init=False)
+    apps: client.AppsV1Api = field(init=False)
+    autoscaling: client.AutoscalingV2Api = field(init=False)
+    custom: client.CustomObjectsApi = field(init=False)
+    extensions: client.ApiextensionsV1Api = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
+        self.autoscaling = client.AutoscalingV2Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.extensions = client.ApiextensionsV1Api(self.api_client)
 
 
 def parse(body: dict[str, Any]) -> Resource:
