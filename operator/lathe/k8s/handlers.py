@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from lathe.api import GROUP, KINDS, VERSION
 from lathe.k8s import builders_training, leader, metrics, progress
 from lathe import __version__, status
+from lathe.k8s.builders import ArtifactStore
 from lathe.k8s.reconcile import Reconciler, job_overdue, parse
 from lathe.k8s.settings import OperatorSettings
 
@@ -49,6 +50,14 @@ def reconciler() -> Reconciler:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    try:
+        operator_settings = OperatorSettings.from_env()
+        ArtifactStore(operator_settings.artifact_root)
+    except ValueError as error:
+        # A retry cannot fix the environment, so the operator exits and its pod shows the error,
+        # instead of running without reconciling anything.
+        STATE["invalid_settings"] = str(error)
+        raise kopf.PermanentError(f"The operator's settings are invalid: {error}") from error
     # NB: status-based storages keep kopf's own bookkeeping out of annotations, because the
     # user's Git manifests own those. With only event and timer handlers there is little of it.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
@@ -76,7 +85,6 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
         client_configuration.connection_pool_maxsize or 0, settings.execution.max_workers
     )
     kubernetes.client.Configuration.set_default(client_configuration)
-    operator_settings = OperatorSettings.from_env()
     STATE["settings"] = operator_settings
     logger.info("Lathe operator %s is starting with artifact root %s, data root %s, trainer "
                 "image %s, Triton image %s and Kueue queue %s.", __version__,
@@ -104,6 +112,14 @@ async def wait_for_leadership(logger: logging.Logger, **_: Any) -> None:
     kopf runs startup handlers one after another in the order they are registered, and starts
     watching only after the last one returns.
     """
+    # NB: kopf stops the operator only once every startup handler has succeeded or failed
+    # permanently, so this one must not wait for settings that will never load.
+    if "invalid_settings" in STATE:
+        raise kopf.PermanentError("Leader election did not start, because the operator's "
+                                  "settings are invalid.")
+    if "settings" not in STATE:
+        raise kopf.TemporaryError("Waiting for the operator's settings, because configure has "
+                                  "not succeeded yet.", delay=5)
     election = STATE["settings"].leader_election
     if election is None:
         return
