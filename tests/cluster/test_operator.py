@@ -558,6 +558,33 @@ def test_writes_name_operator_manager(cluster, namespace, lathe_operator, ready_
     assert creator["manager"] == "lathe-operator", job_fields
 
 
+def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
+    """A deleted Triton HorizontalPodAutoscaler is created again, and an edit of it is undone."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    model = "pubmed-ner"
+    triton = f"{model}-triton"
+    on = {"spec": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3}}}
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", json.dumps(on))
+
+    def autoscaler_uid() -> str:
+        return cluster.kubectl("get", "hpa", triton, "-n", namespace, "-o",
+                               "jsonpath={.metadata.uid}", check=False).stdout
+
+    cluster.wait_for(lambda: autoscaler_uid() != "", "the HPA to be created", timeout=300)
+    uid = autoscaler_uid()
+    cluster.kubectl("delete", "hpa", triton, "-n", namespace)
+    cluster.wait_for(lambda: autoscaler_uid() not in ("", uid), "the HPA to be created again",
+                     timeout=60)
+
+    cluster.kubectl("patch", "hpa", triton, "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"maxReplicas": 10}}')
+    cluster.wait_for(
+        lambda: cluster.get_json("hpa", triton, "-n", namespace)["spec"]["maxReplicas"] == 3,
+        "the operator to undo the edit of maxReplicas", timeout=60,
+    )
+
+
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
     """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
     cluster.apply(pretrain_job("c6"), namespace)

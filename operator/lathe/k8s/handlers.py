@@ -724,7 +724,11 @@ _SEEN_SERVING: dict[str, tuple] = {}
 
 def _serving_state(body: dict) -> tuple:
     """Return what the ModelDeployment's reconcile reads or restores of a Triton object: the
-    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready."""
+    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready, and the
+    replica bounds of a HorizontalPodAutoscaler (an edit is undone)."""
+    if body["kind"] == "HorizontalPodAutoscaler":
+        spec = body.get("spec") or {}
+        return (spec.get("minReplicas"), spec.get("maxReplicas"))
     if body["kind"] != "Deployment":
         return ()
     deployment_status = body.get("status") or {}
@@ -732,9 +736,10 @@ def _serving_state(body: dict) -> tuple:
 
 
 async def on_serving_event(body, logger, type, **_: Any) -> None:
-    """Reconcile the ModelDeployment that owns a Triton Deployment or Service when the object
-    was deleted, scaled by hand, or its ready replicas changed, so that `Ready` follows the
-    pods and a deleted object is created again."""
+    """Reconcile the ModelDeployment that owns a Triton Deployment, Service or
+    HorizontalPodAutoscaler when the object was deleted, scaled or edited by hand, or its
+    ready replicas changed, so that `Ready` follows the pods and a deleted object is created
+    again."""
     uid = body["metadata"]["uid"]
     state = None if type == "DELETED" else _serving_state(body)
     seen = _SEEN_SERVING.get(uid)
@@ -976,6 +981,8 @@ def register() -> None:
     triton = {**MANAGED_BY, "app.kubernetes.io/component": "triton"}
     kopf.on.event("apps", "v1", "deployments", labels=triton)(on_serving_event)
     kopf.on.event("", "v1", "services", labels=triton)(on_serving_event)
+    kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers",
+                  labels=triton)(on_serving_event)
 
 
 register()
