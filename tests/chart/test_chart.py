@@ -71,6 +71,10 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], str] = {
     ("apps", "deployments", "get"): "Reconciler reads the Triton Deployment's ready replicas",
     ("autoscaling", "horizontalpodautoscalers", "create"): "Reconciler._apply creates the HPA",
     ("autoscaling", "horizontalpodautoscalers", "patch"): "Reconciler._apply (HPA)",
+    ("autoscaling", "horizontalpodautoscalers", "list"):
+        "kopf lists Triton HPAs for on_serving_event",
+    ("autoscaling", "horizontalpodautoscalers", "watch"):
+        "kopf watches Triton HPAs for on_serving_event",
     ("autoscaling", "horizontalpodautoscalers", "delete"):
         "Reconciler._delete_autoscaler, when autoscaling is turned off",
     ("monitoring.coreos.com", "podmonitors", "create"): "Reconciler._apply creates the PodMonitor",

@@ -57,7 +57,9 @@ NODE_LABEL_SELECTOR = "type=kwok"
 # same limits (`--disable-qps-limits`), since a simulated cluster has no kubelets to protect.
 UNTHROTTLED_CLIENT = ("--kube-api-qps=5000", "--kube-api-burst=10000")
 
-# Both ranges are only written into object fields: no traffic goes to these addresses.
+# Both ranges are only written into object fields, and no host here has these addresses.
+# The operator reads rank 0's metrics port at a pod address, so the suite runs it behind
+# loopback_only, which refuses connections that would leave the machine.
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 POD_CIDR = "10.244.0.0/16"

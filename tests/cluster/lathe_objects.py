@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import yaml
@@ -82,3 +84,18 @@ def corpus_and_tokenizer(name: str) -> list[dict]:
         if document["kind"] == "Tokenizer":
             document["spec"]["corpusRef"]["name"] = name
     return documents
+
+
+def fail_pod(cluster, namespace: str, pod: dict, exit_code: int, message: str) -> None:
+    """Act as the kubelet: mark the pod Failed, its container terminated with `exit_code` and
+    the termination message `message`."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    container = pod["spec"]["containers"][0]
+    patch = {"status": {"phase": "Failed", "containerStatuses": [{
+        "name": container["name"], "image": container["image"], "ready": False,
+        "restartCount": 0, "imageID": "", "containerID": "kwok://failed",
+        "state": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message,
+                                 "startedAt": now, "finishedAt": now}},
+    }]}}
+    cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace,
+                    "--subresource=status", "--type=merge", "-p", json.dumps(patch))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from kopf.testing import KopfRunner
 
+import loopback_only
+
 # Seconds between progress refreshes in the suite; the default in production is 15.
 PROGRESS_INTERVAL = "2"
 
@@ -31,7 +33,11 @@ def _free_port() -> int:
 
 @contextmanager
 def run_operator(kubeconfig: Path, artifact_root: Path, timeout: float = 60.0):
-    """Start the operator on every namespace and yield once its metrics endpoint answers."""
+    """Start the operator on every namespace and yield once its metrics endpoint answers.
+
+    The operator connects only to loopback addresses (see loopback_only).
+    """
+    loopback_only.install()
     port = _free_port()
     settings = {
         "KUBECONFIG": str(kubeconfig),

@@ -39,6 +39,7 @@ ALLOWED = [
     ("patch", "services", None),
     ("create", "deployments.apps", None),
     ("patch", "horizontalpodautoscalers.autoscaling", None),
+    ("watch", "horizontalpodautoscalers.autoscaling", None),
     ("create", "events", None),
     ("list", "events", None),
     ("watch", "corpora.lathe.dev", None),

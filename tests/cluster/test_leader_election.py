@@ -77,7 +77,9 @@ def start_operator(cluster, namespace, tmp_path) -> Iterator:
         env = {
             **os.environ,
             "KUBECONFIG": str(cluster.kubeconfig),
-            "PYTHONPATH": f"{REPO / 'operator'}{os.pathsep}{REPO / 'trainer'}",
+            "PYTHONPATH": os.pathsep.join(
+                str(path) for path in (REPO / "operator", REPO / "trainer", Path(__file__).parent)
+            ),
             "LATHE_ARTIFACT_ROOT": f"file://{tmp_path / 'artifacts'}",
             "LATHE_METRICS_PORT": str(metrics_port),
             "LATHE_METRICS_HOST": "127.0.0.1",
@@ -91,8 +93,9 @@ def start_operator(cluster, namespace, tmp_path) -> Iterator:
         log = tmp_path / f"{identity}.log"
         with log.open("w") as output:
             process = subprocess.Popen(
+                # loopback_only keeps the operator off the kwok pods' addresses.
                 [sys.executable, "-m", "kopf", "run", "--standalone", f"--namespace={namespace}",
-                 "-m", "lathe.k8s.handlers", f"--liveness={liveness}"],
+                 "-m", "loopback_only", "-m", "lathe.k8s.handlers", f"--liveness={liveness}"],
                 env=env, stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path,
             )
         running = OperatorProcess(identity, process, log, liveness,

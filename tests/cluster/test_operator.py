@@ -15,7 +15,8 @@ import yaml
 from argocd_lua import run_health
 from lathe.k8s import handlers, reconcile
 from lathe_objects import (EXAMPLES, HOLD, ORDER, KINDS, condition, corpus_and_tokenizer,
-                           events_about, finetune, get, is_true, jobs_of, plural, pretrain_job)
+                           events_about, fail_pod, finetune, get, is_true, jobs_of, plural,
+                           pretrain_job)
 
 # The folder of one run in the artifact store: `<root>/<namespace>/<kind>/<name>/run-<digest>`.
 RUN_FOLDER = re.compile(r"/[a-z]+/[a-z0-9-]+/run-[0-9a-f]{16}$")
@@ -194,7 +195,8 @@ def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None
     assert ready is not None, exporting_status["status"]
     assert ready["status"] == "True", ready
     assert ready["message"] == ("1 of 1 Triton replicas are ready. They serve the earlier "
-                                "export until the new one is done."), ready
+                                "export until the new one is done; changes to spec.serving "
+                                "apply then."), ready
     assert condition(exporting_status, "Exported") is None
     assert exporting_status["status"]["phase"] == "Ready"
 
@@ -403,6 +405,186 @@ def test_progress_read_from_rank_zero_port(cluster, namespace, lathe_operator, r
     assert progress_status["totalSteps"] == 100
 
 
+def test_reexport_ready_counts_served_replicas(cluster, namespace, lathe_operator):
+    """While a new export runs, Ready counts the replicas that the Deployment of the earlier
+    export runs, not those of the new spec, and a failed new export leaves that Ready as is."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    model = "pubmed-ner"
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "the ModelDeployment to become Ready", timeout=300)
+    change = {"spec": {"export": {"tolerance": 0.02}, "podMetadata": {"annotations": HOLD},
+                       "serving": {"replicas": 2}}}
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", json.dumps(change))
+
+    def exporting() -> bool:
+        obj = get(cluster, "ModelDeployment", model, namespace)
+        running = condition(obj, "Running") or {}
+        return (obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+                and running.get("status") == "True")
+
+    cluster.wait_for(exporting, "the new export to run", timeout=90)
+    ready = _ready(cluster, namespace, model)
+    assert ready["status"] == "True", ready
+    assert ready["message"] == ("1 of 1 Triton replicas are ready. They serve the earlier "
+                                "export until the new one is done; changes to spec.serving "
+                                "apply then."), ready
+    triton = cluster.get_json("deployment", f"{model}-triton", "-n", namespace)
+    assert triton["spec"]["replicas"] == 1
+
+    job_name = get(cluster, "ModelDeployment", model, namespace)["status"]["jobName"]
+    cluster.wait_for(
+        lambda: cluster.get_json("pods", "-n", namespace, "-l", f"job-name={job_name}")["items"],
+        "the export pod", timeout=60,
+    )
+    pod = cluster.get_json("pods", "-n", namespace, "-l", f"job-name={job_name}")["items"][0]
+    fail_pod(cluster, namespace, pod, 42, "ONNX Runtime differs from PyTorch by 0.3.")
+    cluster.wait_for(lambda: is_true(cluster, "ModelDeployment", model, namespace, "Failed"),
+                     "the new export to fail", timeout=60)
+    failed = get(cluster, "ModelDeployment", model, namespace)
+    ready = condition(failed, "Ready")
+    assert ready["status"] == "True", ready
+    assert ready["message"] == ("1 of 1 Triton replicas are ready. They serve the earlier "
+                                "export, because the new export failed; see the Failed "
+                                "condition."), ready
+    assert failed["status"]["phase"] == "Failed"
+
+
+def test_waiting_deployment_keeps_serving(cluster, namespace, lathe_operator):
+    """A ModelDeployment whose FineTune was deleted keeps serving its export: a deleted Triton
+    Deployment is created again. After a spec change, Ready reports a deleted Deployment."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    model = "pubmed-ner"
+    triton = f"{model}-triton"
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "the ModelDeployment to become Ready", timeout=300)
+    cluster.kubectl("delete", plural("FineTune"), model, "-n", namespace)
+    cluster.wait_for(
+        lambda: (condition(get(cluster, "ModelDeployment", model, namespace), "InputsReady")
+                 or {}).get("reason") == "InputNotFound",
+        "the ModelDeployment to wait for its FineTune", timeout=60,
+    )
+
+    uid = cluster.get_json("deployment", triton, "-n", namespace)["metadata"]["uid"]
+    cluster.kubectl("delete", "deployment", triton, "-n", namespace)
+    cluster.wait_for(
+        lambda: cluster.kubectl("get", "deployment", triton, "-n", namespace, "-o",
+                                "jsonpath={.metadata.uid}", check=False).stdout not in ("", uid),
+        "the Triton Deployment to be created again", timeout=60,
+    )
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "True",
+                     "Ready with the re-created Deployment", timeout=90)
+    assert get(cluster, "ModelDeployment", model, namespace)["status"]["phase"] == "Ready"
+
+    # A changed spec waits for the FineTune to export again, so the earlier export's
+    # Deployment is not re-created, and Ready reports that it is gone.
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"export": {"tolerance": 0.02}}}')
+    cluster.wait_for(
+        lambda: get(cluster, "ModelDeployment", model, namespace)["status"][
+            "observedGeneration"] == 2, "observedGeneration 2", timeout=60,
+    )
+    cluster.kubectl("delete", "deployment", triton, "-n", namespace)
+    cluster.wait_for(lambda: _ready(cluster, namespace, model).get("status") == "False",
+                     "Ready=False without the Deployment", timeout=60)
+    ready = _ready(cluster, namespace, model)
+    assert ready["reason"] == "ServerNotReady", ready
+    assert ready["message"] == (f"The Triton Deployment {triton} of the earlier export was "
+                                "deleted; the operator creates it again once the new export "
+                                "is done."), ready
+
+
+def test_rank_zero_read_stays_local(cluster, namespace, lathe_operator, ready_inputs):
+    """kwok pods have addresses of no host here, so the operator's read of rank 0's metrics
+    port is refused before it leaves the machine."""
+    import loopback_only
+
+    cluster.apply(pretrain_job("offhost", nodes=1, gpus=0), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "offhost", namespace)) == 1, "the Job")
+    job_name = jobs_of(cluster, "offhost", namespace)[0]["metadata"]["name"]
+
+    def rank_zero_address() -> str | None:
+        pods = cluster.get_json("pods", "-n", namespace, "-l",
+                                f"batch.kubernetes.io/job-name={job_name}")["items"]
+        return next((pod["status"].get("podIP") for pod in pods
+                     if pod["status"].get("phase") == "Running"), None)
+
+    cluster.wait_for(lambda: rank_zero_address() is not None, "rank 0 to run", timeout=60)
+    address = rank_zero_address()
+    cluster.wait_for(lambda: (address, 9400) in loopback_only.REFUSED,
+                     f"the guard to refuse the read of {address}:9400", timeout=30)
+
+
+def test_failed_input_wakes_dependent(cluster, namespace, lathe_operator, ready_inputs,
+                                      monkeypatch):
+    """A FineTune that waits for its PretrainJob reports at once that the PretrainJob failed,
+    without waiting for the periodic resync."""
+    monkeypatch.setattr(handlers, "RESYNC_SECONDS", 3600.0)
+    cluster.apply(pretrain_job("fails-soon", nodes=1), namespace)
+    cluster.apply(finetune("waits-for-failed", "fails-soon"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "fails-soon", namespace)) == 1, "the Job")
+    job_name = jobs_of(cluster, "fails-soon", namespace)[0]["metadata"]["name"]
+    cluster.wait_for(
+        lambda: cluster.get_json("pods", "-n", namespace, "-l", f"job-name={job_name}")["items"],
+        "the training pod", timeout=60,
+    )
+    pod = cluster.get_json("pods", "-n", namespace, "-l", f"job-name={job_name}")["items"][0]
+    fail_pod(cluster, namespace, pod, 42, "The corpus has no training split.")
+    cluster.wait_for(lambda: is_true(cluster, "PretrainJob", "fails-soon", namespace, "Failed"),
+                     "the PretrainJob to fail", timeout=60)
+
+    def told() -> bool:
+        waiting = condition(get(cluster, "FineTune", "waits-for-failed", namespace),
+                            "InputsReady") or {}
+        return "which failed" in waiting.get("message", "")
+
+    cluster.wait_for(told, "the FineTune to name the failed PretrainJob", timeout=10)
+
+
+def test_writes_name_operator_manager(cluster, namespace, lathe_operator, ready_inputs):
+    """The status writes and the Jobs are managed by `lathe-operator` in managedFields, not by
+    the Kubernetes client's default User-Agent."""
+    name = "missing-on-purpose"
+    tokenizer = cluster.get_json(plural("Tokenizer"), name, "-n", namespace,
+                                 "--show-managed-fields")
+    status_managers = {entry["manager"] for entry in tokenizer["metadata"]["managedFields"]
+                       if entry.get("subresource") == "status"}
+    assert status_managers == {"lathe-operator"}, tokenizer["metadata"]["managedFields"]
+    job = jobs_of(cluster, name, namespace)[0]["metadata"]["name"]
+    job_fields = cluster.get_json("job", job, "-n", namespace, "--show-managed-fields")[
+        "metadata"]["managedFields"]
+    creator = next(entry for entry in job_fields if entry["operation"] == "Update"
+                   and not entry.get("subresource"))
+    assert creator["manager"] == "lathe-operator", job_fields
+
+
+def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
+    """A deleted Triton HorizontalPodAutoscaler is created again, and an edit of it is undone."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    model = "pubmed-ner"
+    triton = f"{model}-triton"
+    on = {"spec": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3}}}
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
+                    "-p", json.dumps(on))
+
+    def autoscaler_uid() -> str:
+        return cluster.kubectl("get", "hpa", triton, "-n", namespace, "-o",
+                               "jsonpath={.metadata.uid}", check=False).stdout
+
+    cluster.wait_for(lambda: autoscaler_uid() != "", "the HPA to be created", timeout=300)
+    uid = autoscaler_uid()
+    cluster.kubectl("delete", "hpa", triton, "-n", namespace)
+    cluster.wait_for(lambda: autoscaler_uid() not in ("", uid), "the HPA to be created again",
+                     timeout=60)
+
+    cluster.kubectl("patch", "hpa", triton, "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"maxReplicas": 10}}')
+    cluster.wait_for(
+        lambda: cluster.get_json("hpa", triton, "-n", namespace)["spec"]["maxReplicas"] == 3,
+        "the operator to undo the edit of maxReplicas", timeout=60,
+    )
+
+
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
     """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
     cluster.apply(pretrain_job("c6"), namespace)
@@ -504,6 +686,42 @@ def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):
 
     cluster.wait_for(resumed, "Suspended=False with reason Resumed")
     assert jobs_of(cluster, "pause", namespace)[0]["spec"]["suspend"] is False
+
+
+def test_suspended_new_run_names_no_job(cluster, namespace, lathe_operator, ready_inputs):
+    """A new run that starts suspended deletes the previous run's Job and names no Job until it
+    is resumed."""
+    cluster.apply(pretrain_job("paused-change"), namespace)
+    cluster.wait_for(lambda: len(jobs_of(cluster, "paused-change", namespace)) == 1, "the Job")
+    first_job = jobs_of(cluster, "paused-change", namespace)[0]["metadata"]["name"]
+    change = {"spec": {"suspend": True, "training": {"maxSteps": 200}}}
+    cluster.kubectl("patch", plural("PretrainJob"), "paused-change", "-n", namespace,
+                    "--type=merge", "-p", json.dumps(change))
+
+    def observed() -> bool:
+        obj = get(cluster, "PretrainJob", "paused-change", namespace)
+        return (obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+                and is_true(cluster, "PretrainJob", "paused-change", namespace, "Suspended"))
+
+    cluster.wait_for(observed, "the suspended new run")
+    cluster.wait_for(
+        lambda: not [job for job in jobs_of(cluster, "paused-change", namespace)
+                     if not job["metadata"].get("deletionTimestamp")],
+        f"the first run's Job {first_job} to be deleted", timeout=60,
+    )
+    suspended = get(cluster, "PretrainJob", "paused-change", namespace)
+    assert suspended["status"]["run"] == 2
+    assert "jobName" not in suspended["status"], suspended["status"]
+
+    cluster.kubectl("patch", plural("PretrainJob"), "paused-change", "-n", namespace,
+                    "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    cluster.wait_for(
+        lambda: get(cluster, "PretrainJob", "paused-change", namespace)["status"].get(
+            "jobName") == "paused-change-pretrain-r2-0",
+        "the second run's Job in status.jobName",
+    )
+    assert [job["metadata"]["name"] for job in jobs_of(cluster, "paused-change", namespace)] == [
+        "paused-change-pretrain-r2-0"]
 
 
 def test_spec_change_moves_observed_generation(cluster, namespace, lathe_operator, ready_inputs):

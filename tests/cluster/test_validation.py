@@ -78,6 +78,12 @@ INVALID = [
     ("FineTune", {"training": {"learningRate": 0}}, "spec.training.learningRate"),
     ("ModelDeployment", {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
      "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas"),
+    # The HorizontalPodAutoscaler's replica counts are int32.
+    ("ModelDeployment", {"autoscaling": {"maxReplicas": 2**31}},
+     "spec.autoscaling.maxReplicas: Invalid value: 2147483648: spec.autoscaling.maxReplicas in "
+     "body should be less than or equal to 2147483647"),
+    ("ModelDeployment", {"autoscaling": {"minReplicas": 2**31, "maxReplicas": 2**31}},
+     "spec.autoscaling.minReplicas: Invalid value: 2147483648"),
     ("ModelDeployment", {"serving": {"httpPort": 8001}},
      "spec.serving.httpPort, grpcPort and metricsPort must differ"),
     ("ModelDeployment", {"modelName": "bad name!"},

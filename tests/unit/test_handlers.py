@@ -420,3 +420,19 @@ def test_refused_connection_is_expected():
     assert handlers._connection_refused(urllib.error.URLError(ConnectionRefusedError(111, "refused")))
     assert not handlers._connection_refused(urllib.error.URLError(TimeoutError("timed out")))
     assert not handlers._connection_refused(TimeoutError("timed out"))
+
+
+def test_invalid_settings_stop_startup(monkeypatch):
+    """An invalid setting fails every startup step permanently, so that kopf stops the operator
+    instead of retrying a step that no retry can fix."""
+    import asyncio
+
+    import kopf
+
+    monkeypatch.setattr(handlers, "STATE", {})
+    monkeypatch.setenv("LATHE_ARTIFACT_ROOT", "ftp://host/artifacts")
+    logger = logging.getLogger(__name__)
+    with pytest.raises(kopf.PermanentError, match="LATHE_ARTIFACT_ROOT"):
+        handlers.configure(settings=kopf.OperatorSettings(), logger=logger)
+    with pytest.raises(kopf.PermanentError, match="settings are invalid"):
+        asyncio.run(handlers.wait_for_leadership(logger=logger))

@@ -193,9 +193,10 @@ and fails when a rule grants more or less.
   resources: ["deployments"]
   verbs: ["create", "get", "list", "watch", "patch"]
 # Triton HPAs are server-side applied while autoscaling is on, and deleted when it is turned off.
+# kopf watches them, so that a deleted or edited HPA is applied again.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["create", "patch", "delete"]
+  verbs: ["create", "list", "watch", "patch", "delete"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
   verbs: ["create", "patch"]

@@ -22,6 +22,8 @@ from lathe.api.common import (
     pattern_rule,
 )
 
+# The largest value of a Kubernetes int32 field.
+INT32_MAX = 2**31 - 1
 # Triton names the model's directory after the model, so the name is a plain file name.
 _MODEL_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
 _MODEL_NAME_FIX = (
@@ -192,12 +194,13 @@ class AutoscalingSpec(ApiModel):
         default=False,
         description="Create a HorizontalPodAutoscaler for the Triton Deployment. Default: false.",
     )
+    # The HorizontalPodAutoscaler's replica counts are int32, so the API server rejects more.
     min_replicas: int = Field(
-        default=1, ge=1,
+        default=1, ge=1, le=INT32_MAX,
         description="Fewest Triton pods the HorizontalPodAutoscaler keeps. Default: 1.",
     )
     max_replicas: int = Field(
-        default=4, ge=1,
+        default=4, ge=1, le=INT32_MAX,
         description="Most Triton pods the HorizontalPodAutoscaler scales up to. Default: 4.",
     )
     target_cpu_utilization: int = Field(

@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from lathe.api import GROUP, KINDS, VERSION
 from lathe.k8s import builders_training, leader, metrics, progress
 from lathe import __version__, status
+from lathe.k8s.builders import ArtifactStore
 from lathe.k8s.reconcile import Reconciler, job_overdue, parse
 from lathe.k8s.settings import OperatorSettings
 
@@ -49,6 +50,14 @@ def reconciler() -> Reconciler:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    try:
+        operator_settings = OperatorSettings.from_env()
+        ArtifactStore(operator_settings.artifact_root)
+    except ValueError as error:
+        # A retry cannot fix the environment, so the operator exits and its pod shows the error,
+        # instead of running without reconciling anything.
+        STATE["invalid_settings"] = str(error)
+        raise kopf.PermanentError(f"The operator's settings are invalid: {error}") from error
     # NB: status-based storages keep kopf's own bookkeeping out of annotations, because the
     # user's Git manifests own those. With only event and timer handlers there is little of it.
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
@@ -76,7 +85,6 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
         client_configuration.connection_pool_maxsize or 0, settings.execution.max_workers
     )
     kubernetes.client.Configuration.set_default(client_configuration)
-    operator_settings = OperatorSettings.from_env()
     STATE["settings"] = operator_settings
     logger.info("Lathe operator %s is starting with artifact root %s, data root %s, trainer "
                 "image %s, Triton image %s and Kueue queue %s.", __version__,
@@ -104,6 +112,14 @@ async def wait_for_leadership(logger: logging.Logger, **_: Any) -> None:
     kopf runs startup handlers one after another in the order they are registered, and starts
     watching only after the last one returns.
     """
+    # NB: kopf stops the operator only once every startup handler has succeeded or failed
+    # permanently, so this one must not wait for settings that will never load.
+    if "invalid_settings" in STATE:
+        raise kopf.PermanentError("Leader election did not start, because the operator's "
+                                  "settings are invalid.")
+    if "settings" not in STATE:
+        raise kopf.TemporaryError("Waiting for the operator's settings, because configure has "
+                                  "not succeeded yet.", delay=5)
     election = STATE["settings"].leader_election
     if election is None:
         return
@@ -533,6 +549,10 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         reconciler().forget_upstream(meta["namespace"], KINDS[parent["kind"]].plural,
                                      meta["name"])
         _wake_dependents({**parent, "status": desired}, logger, every=True)
+    elif (status.condition_true(desired.get("conditions") or [], "Failed")
+          and not status.condition_true(current.get("conditions") or [], "Failed")):
+        # The resources that wait for this one report the failure now, not at the next resync.
+        _wake_dependents({**parent, "status": desired}, logger)
     return True
 
 
@@ -704,7 +724,11 @@ _SEEN_SERVING: dict[str, tuple] = {}
 
 def _serving_state(body: dict) -> tuple:
     """Return what the ModelDeployment's reconcile reads or restores of a Triton object: the
-    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready."""
+    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready, and the
+    replica bounds of a HorizontalPodAutoscaler (an edit is undone)."""
+    if body["kind"] == "HorizontalPodAutoscaler":
+        spec = body.get("spec") or {}
+        return (spec.get("minReplicas"), spec.get("maxReplicas"))
     if body["kind"] != "Deployment":
         return ()
     deployment_status = body.get("status") or {}
@@ -712,9 +736,10 @@ def _serving_state(body: dict) -> tuple:
 
 
 async def on_serving_event(body, logger, type, **_: Any) -> None:
-    """Reconcile the ModelDeployment that owns a Triton Deployment or Service when the object
-    was deleted, scaled by hand, or its ready replicas changed, so that `Ready` follows the
-    pods and a deleted object is created again."""
+    """Reconcile the ModelDeployment that owns a Triton Deployment, Service or
+    HorizontalPodAutoscaler when the object was deleted, scaled or edited by hand, or its
+    ready replicas changed, so that `Ready` follows the pods and a deleted object is created
+    again."""
     uid = body["metadata"]["uid"]
     state = None if type == "DELETED" else _serving_state(body)
     seen = _SEEN_SERVING.get(uid)
@@ -956,6 +981,8 @@ def register() -> None:
     triton = {**MANAGED_BY, "app.kubernetes.io/component": "triton"}
     kopf.on.event("apps", "v1", "deployments", labels=triton)(on_serving_event)
     kopf.on.event("", "v1", "services", labels=triton)(on_serving_event)
+    kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers",
+                  labels=triton)(on_serving_event)
 
 
 register()

@@ -22,7 +22,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from lathe import plans, status
+from lathe import __version__, plans, status
 from lathe.api import GROUP, KINDS, VERSION, ModelDeployment, Resource
 from lathe.api.common import ObjectMeta
 from lathe.errors import InvalidResourceError
@@ -75,14 +75,35 @@ FAIL_JOB_MESSAGE = re.compile(
 SERVER_STUCK_REASONS = STUCK_WAITING_REASONS | {"CrashLoopBackOff"}
 
 
+def operator_api_client() -> client.ApiClient:
+    """Return an API client that names the operator in its User-Agent.
+
+    The API server takes the User-Agent up to its first '/' as the field manager of a create,
+    update or patch that names none (so status writes and Job creates), and audit logs show it.
+    The client's default would be `OpenAPI-Generator`.
+    """
+    api_client = client.ApiClient()
+    api_client.user_agent = f"{FIELD_MANAGER}/{__version__}"
+    return api_client
+
+
 @dataclass
 class Clients:
-    batch: client.BatchV1Api = field(default_factory=client.BatchV1Api)
-    core: client.CoreV1Api = field(default_factory=client.CoreV1Api)
-    apps: client.AppsV1Api = field(default_factory=client.AppsV1Api)
-    autoscaling: client.AutoscalingV2Api = field(default_factory=client.AutoscalingV2Api)
-    custom: client.CustomObjectsApi = field(default_factory=client.CustomObjectsApi)
-    extensions: client.ApiextensionsV1Api = field(default_factory=client.ApiextensionsV1Api)
+    api_client: client.ApiClient = field(default_factory=operator_api_client)
+    batch: client.BatchV1Api = field(init=False)
+    core: client.CoreV1Api = field(init=False)
+    apps: client.AppsV1Api = field(init=False)
+    autoscaling: client.AutoscalingV2Api = field(init=False)
+    custom: client.CustomObjectsApi = field(init=False)
+    extensions: client.ApiextensionsV1Api = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
+        self.autoscaling = client.AutoscalingV2Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.extensions = client.ApiextensionsV1Api(self.api_client)
 
 
 def parse(body: dict[str, Any]) -> Resource:
@@ -147,8 +168,9 @@ class Reconciler:
         inputs, waiting = self._resolve_inputs(resource)
         if waiting:
             recorded_hash = new.get("runSpecHash")
-            if recorded_hash and recorded_hash not in (_run_hash(resource),
-                                                       _legacy_run_hash(resource)):
+            spec_changed = bool(recorded_hash) and recorded_hash not in (
+                _run_hash(resource), _legacy_run_hash(resource))
+            if spec_changed:
                 # The spec changed, so the finished output belongs to the previous spec. A
                 # Succeeded kept here would show this generation as done and hand the old
                 # output to the stages that read it. A Failed would blame this generation for
@@ -163,6 +185,8 @@ class Reconciler:
             new["conditions"] = status.set_condition(
                 conditions, C.INPUTS_READY, False, waiting[0], waiting[1], generation
             )
+            if isinstance(resource, ModelDeployment):
+                new = self._serve_while_waiting(resource, body, new, spec_changed)
             return self._with_phase(new, resource)
         conditions = status.set_condition(
             conditions, C.INPUTS_READY, True, Reason.INPUTS_AVAILABLE,
@@ -368,6 +392,9 @@ class Reconciler:
                 job = self._read_job(resource.metadata.namespace, job_name)
         if job is None:
             if suspended:
+                # The Job that status.jobName named is gone (a new run deleted it), and no Job
+                # exists until the spec is resumed.
+                new.pop("jobName", None)
                 new["conditions"] = status.set_condition(
                     conditions, C.SUSPENDED, True, Reason.SUSPENDED,
                     "spec.suspend is true, so no Job is created; clear it to start the stage.",
@@ -515,6 +542,23 @@ class Reconciler:
         new = self._reconcile_bounded(resource, body, inputs, new)
         if not status.condition_true(new["conditions"], "Exported"):
             return self._serving_previous_export(resource, new)
+        return self._serve(resource, body, new)
+
+    def _serve_while_waiting(self, resource: ModelDeployment, body: dict, new: dict,
+                             spec_changed: bool) -> dict:
+        """Keep the finished export served while the FineTune is missing or runs again, so that
+        a deleted Triton object is created again and Ready follows the pods.
+
+        After a spec change the export belongs to the earlier spec, so only Ready is set from
+        its Deployment, as while a new export runs.
+        """
+        if (not spec_changed and new.get("artifact")
+                and status.condition_true(new["conditions"], "Exported")):
+            return self._serve(resource, body, new)
+        return self._serving_previous_export(resource, new)
+
+    def _serve(self, resource: ModelDeployment, body: dict, new: dict) -> dict:
+        """Apply the Triton objects that serve the export in status.artifact, and set Ready."""
         serving = plans.serving(resource, new["artifact"]["uri"], new["artifact"]["digest"])
         owner = _owner(body)
         namespace = resource.metadata.namespace
@@ -553,21 +597,40 @@ class Reconciler:
                 builders.triton_name(serving), resource.metadata.namespace
             )
         except ApiException as error:
-            if error.status == 404:
-                return new
-            raise
-        return self._set_ready(resource, serving, deployment, new,
-                               "They serve the earlier export until the new one is done.")
+            if error.status != 404:
+                raise
+            new["conditions"] = status.set_condition(
+                new["conditions"], C.READY, False, Reason.SERVER_NOT_READY,
+                f"The Triton Deployment {builders.triton_name(serving)} of the earlier export "
+                "was deleted; the operator creates it again once the new export is done.",
+                resource.metadata.generation,
+            )
+            return new
+        if status.condition_true(new["conditions"], C.FAILED):
+            note = ("They serve the earlier export, because the new export failed; see the "
+                    "Failed condition.")
+        else:
+            note = ("They serve the earlier export until the new one is done; changes to "
+                    "spec.serving apply then.")
+        return self._set_ready(resource, serving, deployment, new, note, earlier_export=True)
 
     def _set_ready(self, resource: ModelDeployment, serving, deployment, new: dict,
-                   note: str = "") -> dict:
-        """Set the Ready condition from the ready replicas of the Triton Deployment."""
+                   note: str = "", earlier_export: bool = False) -> dict:
+        """Set the Ready condition from the ready replicas of the Triton Deployment.
+
+        With `earlier_export`, the Deployment serves an earlier export while a new one runs.
+        It keeps that export's replicas until the new export is applied, so Ready counts
+        against the replicas the Deployment requests, not those of the current spec.
+        """
         generation = resource.metadata.generation
         namespace = resource.metadata.namespace
         # With autoscaling, the HorizontalPodAutoscaler sets the replicas, and serving needs
         # its minimum.
         autoscaling = resource.spec.autoscaling
         target = autoscaling.min_replicas if autoscaling.enabled else serving.replicas
+        if earlier_export:
+            requested = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+            target = min(target, requested) if autoscaling.enabled else requested
         ready_replicas = deployment.status.ready_replicas or 0
         ready = target > 0 and ready_replicas >= target
         message = (f"{ready_replicas} Triton replicas are ready; the autoscaler's minimum is "
@@ -576,7 +639,10 @@ class Reconciler:
         if note:
             message = f"{message} {note}"
         reason = Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY
-        if target == 0:
+        if target == 0 and earlier_export:
+            reason = Reason.SCALED_TO_ZERO
+            message = f"The Triton Deployment of the earlier export has 0 replicas. {note}"
+        elif target == 0:
             reason = Reason.SCALED_TO_ZERO
             message = ("spec.serving.replicas is 0, so no Triton replica runs; set it to 1 or "
                        "more to serve.")
