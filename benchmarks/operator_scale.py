@@ -2,8 +2,9 @@
 
 Usage: `python benchmarks/operator_scale.py [--count 1000]`. It starts the local cluster bed
 (tests/cluster/bed.py) with enough kwok nodes for every pod and installs the CRDs from crds/. It
-runs the operator as its own process (`python -m kopf run --standalone --all-namespaces -m
-lathe.k8s.handlers`) and lets one Corpus and one Tokenizer succeed. Then it applies COUNT
+runs the operator as its own process (`python -m kopf run --standalone --all-namespaces
+-m loopback_only -m lathe.k8s.handlers`, the first module from tests/cluster) and lets one
+Corpus and one Tokenizer succeed. Then it applies COUNT
 single-node CPU-only PretrainJobs with several concurrent server-side applies. It reports the seconds until every
 Job exists and until every PretrainJob has a condition, the operator's peak resident memory
 (sampled every 0.2 s), and the PretrainJob reconcile count and p50/p95 duration from the
@@ -233,10 +234,15 @@ def start_operator(kubeconfig: Path, work_dir: Path, port: int) -> subprocess.Po
         "LATHE_METRICS_HOST": "127.0.0.1",
         "LATHE_TRAINER_IMAGE": "lathe-trainer:bench",
         "LATHE_SYNC_IMAGE": "lathe-trainer:bench",
+        # kwok's pod addresses belong to no host here. The operator reads rank 0's metrics
+        # port there when the output folder does not exist, so tests/cluster/loopback_only
+        # refuses every connection off loopback before it leaves the machine.
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "tests" / "cluster"), os.environ.get("PYTHONPATH", "")]),
     }
     log_file = (work_dir / "operator.log").open("w")
     command = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces",
-               "-m", "lathe.k8s.handlers"]  # fmt: skip
+               "-m", "loopback_only", "-m", "lathe.k8s.handlers"]  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                             cwd=REPO)  # fmt: skip
 
@@ -462,7 +468,9 @@ def method_text(machine: str) -> str:
 `python benchmarks/operator_scale.py --count 1000` starts the local cluster bed (etcd,
 kube-apiserver, kube-controller-manager, kube-scheduler and kwok from `tests/cluster/bed.py`) with
 one kwok node per {PODS_PER_NODE} pods, installs the CRDs, and runs the operator as its own
-process (`python -m kopf run --standalone --all-namespaces -m lathe.k8s.handlers`). Once one
+process (`python -m kopf run --standalone --all-namespaces -m loopback_only -m lathe.k8s.handlers`;
+`loopback_only`, from `tests/cluster`, refuses connections off loopback, such as to kwok's pod
+addresses). Once one
 Corpus and one Tokenizer have succeeded, it splits the PretrainJobs into as many Lists as the
 Appliers column says and runs one `kubectl apply --server-side` per List, all at once (runs
 before 2026-12-04 evening used one). Each PretrainJob is single-node and CPU-only (100m CPU,

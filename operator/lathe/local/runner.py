@@ -1057,9 +1057,9 @@ def _remote_field(resource: Resource) -> str:
         ("spec.storage.uri", resource.spec.storage.uri),
         ("spec.training.artifactUri", getattr(training, "artifact_uri", None)),
     )
-    for field, uri in candidates:
+    for name, uri in candidates:
         if uri and storage.is_remote(uri):
-            return field
+            return name
     return ""
 
 
