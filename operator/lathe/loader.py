@@ -157,7 +157,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> tu
     if error["type"] == RULE_ERROR:
         # A cross-field rule's message names the fields and the fix.
         message = error["ctx"]["message"]
-        if error["ctx"]["names_field"] and _scalar(value):
+        # A missing field has no value to quote (None).
+        if error["ctx"]["names_field"] and _scalar(value) and value is not None:
             return field, f"invalid value {quote_value(value)}: {message}."
         return field, f"{message}."
     constraint = _constraint_message(error["type"], error.get("ctx") or {}, value)

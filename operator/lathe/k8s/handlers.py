@@ -970,8 +970,8 @@ def forget_resource(body, logger) -> None:
     metrics.forget(meta.get("namespace", ""), body["kind"], meta["name"])
     metrics.PHASES.set(body["kind"], meta.get("namespace", ""), meta["name"], None)
     _forget_unreachable(meta.get("namespace", ""), (body.get("status") or {}).get("jobName"))
-    logger.info("Removed the metric series of the deleted resource; Kubernetes garbage "
-                "collection removes the objects it owned.")
+    logger.info("Removed the metric series of the deleted %s; Kubernetes garbage collection "
+                "removes the objects it owned.", body["kind"])
 
 
 def register() -> None:
