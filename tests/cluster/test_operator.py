@@ -585,6 +585,26 @@ def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
     )
 
 
+def test_service_edit_undone(cluster, namespace, lathe_operator):
+    """A hand edit of the Triton Service's ports is undone, as one of its Deployment's replicas
+    is, so that clients keep reaching Triton on the ports of spec.serving."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    service = "pubmed-ner-triton"
+
+    def http_port() -> int | None:
+        found = cluster.kubectl("get", "service", service, "-n", namespace, "-o",
+                                "jsonpath={.spec.ports[?(@.name=='http')].port}", check=False)
+        return int(found.stdout) if found.stdout.strip() else None
+
+    cluster.wait_for(lambda: http_port() == 8000, "the Triton Service", timeout=300)
+    ports = cluster.get_json("service", service, "-n", namespace)["spec"]["ports"]
+    edited = [{**port, "port": 9000} if port["name"] == "http" else port for port in ports]
+    cluster.kubectl("patch", "service", service, "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"ports": edited}}))
+    cluster.wait_for(lambda: http_port() == 8000, "the operator to undo the edit of the port",
+                     timeout=60)
+
+
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):
     """C6: node 1 exits 1 while node 0 runs; the attempt is torn down and retried."""
     cluster.apply(pretrain_job("c6"), namespace)

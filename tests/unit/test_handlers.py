@@ -30,8 +30,8 @@ def api_error(status: int, message: str | None) -> ApiException:
 
 def test_api_message_prefers_the_servers_text():
     text = 'jobs.batch "x" is forbidden: exceeded quota: no-jobs'
-    assert handlers._api_message(api_error(403, text)) == text
-    assert handlers._api_message(api_error(403, None)) == "Forbidden"
+    assert handlers.api_message(api_error(403, text)) == text
+    assert handlers.api_message(api_error(403, None)) == "Forbidden"
 
 
 def pod(name: str, waiting: tuple[str, str] | None = None, init: bool = False,

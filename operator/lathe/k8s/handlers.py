@@ -12,7 +12,6 @@ import asyncio
 import contextvars
 import copy
 import functools
-import json
 import logging
 import os
 import socket
@@ -29,7 +28,7 @@ from lathe.api import GROUP, KINDS, VERSION
 from lathe.k8s import builders_training, leader, metrics, progress
 from lathe import __version__, status
 from lathe.k8s.builders import ArtifactStore
-from lathe.k8s.reconcile import Reconciler, job_overdue, parse
+from lathe.k8s.reconcile import Reconciler, api_message, job_overdue, parse
 from lathe.k8s.settings import OperatorSettings
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "lathe-operator"}
@@ -212,14 +211,6 @@ _FAILURES: dict[str, tuple[int, str, float, str]] = {}
 REPOST_SECONDS = 1800.0
 
 
-def _api_message(error: ApiException) -> str:
-    """Return the API server's own message from an error response, else the HTTP reason."""
-    try:
-        return json.loads(error.body or "")["message"]
-    except (ValueError, KeyError, TypeError):
-        return str(error.reason or "no message")
-
-
 def _report_failure(body: dict, error: Exception, logger: logging.Logger) -> None:
     """Log a failed reconcile and post a Warning Event, once per distinct error in a row and
     again every REPOST_SECONDS while it lasts.
@@ -231,7 +222,7 @@ def _report_failure(body: dict, error: Exception, logger: logging.Logger) -> Non
     failures, posted, posted_at, _ = _FAILURES.get(uid, (0, "", 0.0, ""))
     retry = f"Retrying in {retry_delay(failures + 1):.0f} s or on the next change"
     if isinstance(error, ApiException):
-        cause = f"HTTP {error.status} ({_api_message(error)})"
+        cause = f"HTTP {error.status} ({api_message(error)})"
         failed = f"Reconciling failed: the API server answered {cause}."
         fix = "fix the cause (quota, admission policy or the operator's RBAC) to let it proceed."
     else:
@@ -724,11 +715,17 @@ _SEEN_SERVING: dict[str, tuple] = {}
 
 def _serving_state(body: dict) -> tuple:
     """Return what the ModelDeployment's reconcile reads or restores of a Triton object: the
-    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready, and the
-    replica bounds of a HorizontalPodAutoscaler (an edit is undone)."""
+    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready, the
+    replica bounds of a HorizontalPodAutoscaler, and the ports and selector of a Service (an
+    edit of either is undone)."""
     if body["kind"] == "HorizontalPodAutoscaler":
         spec = body.get("spec") or {}
         return (spec.get("minReplicas"), spec.get("maxReplicas"))
+    if body["kind"] == "Service":
+        spec = body.get("spec") or {}
+        ports = tuple((port.get("name"), port.get("port"), str(port.get("targetPort")))
+                      for port in spec.get("ports") or [])
+        return (ports, tuple(sorted((spec.get("selector") or {}).items())))
     if body["kind"] != "Deployment":
         return ()
     deployment_status = body.get("status") or {}

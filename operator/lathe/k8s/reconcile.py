@@ -705,12 +705,33 @@ class Reconciler:
             "_content_type": "application/apply-patch+yaml",
         }
         if apply is not None:
-            apply(name, namespace, obj, **options)
+            try:
+                apply(name, namespace, obj, **options)
+            except ApiException as error:
+                if error.status != 422:
+                    raise
+                self._replace_edited_lists(namespace, obj, apply, error)
+                apply(name, namespace, obj, **options)
             return
         group, _, version = obj["apiVersion"].rpartition("/")
         self.api.custom.patch_namespaced_custom_object(
             group, version, namespace, plural, name, obj, **options
         )
+
+    def _replace_edited_lists(self, namespace: str, obj: dict, patch, error: ApiException) -> None:
+        """Replace the lists of `obj`'s spec that a hand edit made impossible to apply.
+
+        Server-side apply merges list items by key. A Service port edited from 8000 to 9000 is
+        an item of another field manager, keyed by its port. The operator's port 8000 then
+        joins it under the same name, which the API server rejects (HTTP 422) on every retry. A JSON
+        merge patch replaces each list whole, after which the apply owns the items again.
+        """
+        name = obj["metadata"]["name"]
+        log.warning("The API server rejected the apply of %s %s/%s (HTTP 422: %s). Replacing "
+                    "the lists of its spec, which an edit by another client had changed, and "
+                    "applying it again.", obj["kind"], namespace, name, api_message(error))
+        patch(name, namespace, {"spec": obj["spec"]}, field_manager=FIELD_MANAGER,
+              _content_type="application/merge-patch+json")
 
     def _read_job(self, namespace: str, name: str):
         """Return the Job from the watch cache, else from the API server; None if it is gone.
@@ -1074,6 +1095,14 @@ def pods_late(active: int | None, ready: int | None, started: dt.datetime | str 
     if isinstance(started, str):
         started = dt.datetime.fromisoformat(started.replace("Z", "+00:00"))
     return time.time() - started.timestamp() >= POD_START_GRACE_SECONDS
+
+
+def api_message(error: ApiException) -> str:
+    """Return the API server's own message from an error response, else the HTTP reason."""
+    try:
+        return json.loads(error.body or "")["message"]
+    except (ValueError, KeyError, TypeError):
+        return str(error.reason or "no message")
 
 
 def job_overdue(active: int | None, ready: int | None, succeeded: int | None,
