@@ -224,14 +224,17 @@ def notes(resource, metrics: dict) -> list[str]:
             found.append("the validation split is empty, so the stages after it report no "
                          "validation figures; raise spec.split.validationFraction.")
     elif resource.kind == "Tokenizer":
-        learned, requested = metrics.get("vocabSize"), resource.spec.vocab_size
-        if isinstance(learned, int) and learned < requested:
-            found.append(f"it learned {learned} of the {requested} tokens of spec.vocabSize: "
-                         "the corpus holds no more distinct pieces.")
+        shortfall = metrics.get("vocabShortfall")
+        if isinstance(shortfall, int) and shortfall > 0:
+            found.append(f"BPE learned {shortfall} tokens fewer than spec.vocabSize leaves "
+                         "after the protected terms, because the training split has no more "
+                         "pairs to merge; lower vocabSize or add training text.")
     elif resource.kind == "PretrainJob":
-        if "validationPerplexity" in metrics and metrics["validationPerplexity"] is None:
+        if metrics.get("validationSequences") == 0:
             found.append("no validation perplexity: the Corpus's validation split fills no "
                          "sequence of spec.sequenceLength tokens.")
+        elif "validationPerplexity" in metrics and metrics["validationPerplexity"] is None:
+            found.append("no validation perplexity: the validation loss was not finite.")
     return found
 
 

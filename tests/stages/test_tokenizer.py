@@ -343,3 +343,6 @@ def test_short_vocabulary_reported(tmp_path, data_dir, make_config, caplog):
     assert report["requested_vocab_size"] == 200000
     assert report["learned_vocab_size"] < 200000
     assert "fewer than the 200000 that spec.vocabSize" in caplog.text
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["metrics"]["vocabShortfall"] == (
+        200000 - report["protected_terms_from_training"] - report["learned_vocab_size"])

@@ -325,10 +325,16 @@ def test_summary_notes_what_the_figures_hide():
     found = cli.notes(corpus, {"malformed": 3, "validationDocuments": 0})
     assert found[0].startswith("3 malformed records were counted")
     assert "spec.split.validationFraction" in found[1]
-    assert cli.notes(tokenizer, {"vocabSize": 8000}) == []
-    assert cli.notes(tokenizer, {"vocabSize": 7986}) == [
-        "it learned 7986 of the 8000 tokens of spec.vocabSize: the corpus holds no more "
-        "distinct pieces."]
+    # A full budget: protected terms that BPE had learned already are not added again, so the
+    # final vocabulary can be smaller than vocabSize without any shortfall.
+    assert cli.notes(tokenizer, {"vocabSize": 7986, "vocabShortfall": 0}) == []
+    assert cli.notes(tokenizer, {"vocabSize": 7000, "vocabShortfall": 986}) == [
+        "BPE learned 986 tokens fewer than spec.vocabSize leaves after the protected terms, "
+        "because the training split has no more pairs to merge; lower vocabSize or add "
+        "training text."]
     pretrain = resource("PretrainJob", {"corpusRef": {"name": "x"}, "tokenizerRef": {"name": "x"}})
     assert cli.notes(pretrain, {"validationPerplexity": 152.2}) == []
-    assert "no validation perplexity" in cli.notes(pretrain, {"validationPerplexity": None})[0]
+    assert "fills no sequence" in cli.notes(
+        pretrain, {"validationPerplexity": None, "validationSequences": 0})[0]
+    assert "not finite" in cli.notes(
+        pretrain, {"validationPerplexity": None, "validationSequences": 395})[0]

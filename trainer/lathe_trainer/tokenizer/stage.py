@@ -222,4 +222,9 @@ def summary_metrics(report: dict) -> dict:
         "protectedMatches": validation["protected_matches"],
         "validationDocuments": validation["documents"],
         "trainDocuments": report["train"]["documents"],
+        # Tokens that BPE fell short of its budget (spec.vocabSize less the protected terms
+        # it saw in training), because the training split had no more pairs to merge.
+        "vocabShortfall": max(0, report["requested_vocab_size"]
+                              - report["protected_terms_from_training"]
+                              - report["learned_vocab_size"]),
     }
