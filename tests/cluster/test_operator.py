@@ -584,6 +584,18 @@ def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
         "the operator to undo the edit of maxReplicas", timeout=60,
     )
 
+    def cpu_target() -> int:
+        metric = cluster.get_json("hpa", triton, "-n", namespace)["spec"]["metrics"][0]
+        return metric["resource"]["target"]["averageUtilization"]
+
+    target = cpu_target()
+    edited = cluster.get_json("hpa", triton, "-n", namespace)["spec"]["metrics"]
+    edited[0]["resource"]["target"]["averageUtilization"] = target + 20
+    cluster.kubectl("patch", "hpa", triton, "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"metrics": edited}}))
+    cluster.wait_for(lambda: cpu_target() == target, "the operator to undo the edit of the "
+                     "CPU target", timeout=60)
+
 
 def test_service_edit_undone(cluster, namespace, lathe_operator):
     """A hand edit of the Triton Service's ports is undone, as one of its Deployment's replicas
@@ -603,6 +615,20 @@ def test_service_edit_undone(cluster, namespace, lathe_operator):
                     "-p", json.dumps({"spec": {"ports": edited}}))
     cluster.wait_for(lambda: http_port() == 8000, "the operator to undo the edit of the port",
                      timeout=60)
+    managers = [entry["manager"] for entry in cluster.get_json(
+        "service", service, "-n", namespace, "--show-managed-fields")["metadata"]["managedFields"]]
+    assert "lathe-operator-repair" not in managers, managers
+
+    # The operator alone owns its ports again, so a port it stops applying goes.
+    cluster.kubectl("patch", plural("ModelDeployment"), "pubmed-ner", "-n", namespace,
+                    "--type=merge", "-p", '{"spec": {"serving": {"httpPort": 8080}}}')
+
+    def ports() -> list[int]:
+        spec = cluster.get_json("service", service, "-n", namespace)["spec"]
+        return sorted(port["port"] for port in spec["ports"])
+
+    cluster.wait_for(lambda: 8080 in ports(), "the new HTTP port", timeout=60)
+    assert 8000 not in ports(), ports()
 
 
 def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, ready_inputs):

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import copy
 import functools
+import json
 import logging
 import os
 import socket
@@ -709,18 +710,19 @@ async def _reconcile_owners(body: dict) -> None:
                                 resource_logger(owner["kind"], namespace, owner["name"]))
 
 
-# The last state of each Triton Deployment and Service that the operator saw, by uid.
+# The last state of each Triton Deployment, Service and HorizontalPodAutoscaler that the
+# operator saw, by uid.
 _SEEN_SERVING: dict[str, tuple] = {}
 
 
 def _serving_state(body: dict) -> tuple:
     """Return what the ModelDeployment's reconcile reads or restores of a Triton object: the
-    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready, the
-    replica bounds of a HorizontalPodAutoscaler, and the ports and selector of a Service (an
-    edit of either is undone)."""
+    replicas of a Deployment (a `kubectl scale` is undone) and how many are ready, the spec
+    of a HorizontalPodAutoscaler, and the ports and selector of a Service (an edit of either
+    is undone)."""
     if body["kind"] == "HorizontalPodAutoscaler":
-        spec = body.get("spec") or {}
-        return (spec.get("minReplicas"), spec.get("maxReplicas"))
+        # The HPA controller writes only the status, so the spec changes only by an edit.
+        return (json.dumps(body.get("spec") or {}, sort_keys=True),)
     if body["kind"] == "Service":
         spec = body.get("spec") or {}
         ports = tuple((port.get("name"), port.get("port"), str(port.get("targetPort")))

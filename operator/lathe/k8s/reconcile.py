@@ -36,6 +36,9 @@ from lathe_trainer.stage import EXIT_PERMANENT, ResolvedInput
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "lathe-operator"
+# The field manager of the merge patch that repairs an object a hand edit left unappliable
+# (Reconciler._replace_edited_lists); its managedFields entry is removed right after.
+REPAIR_FIELD_MANAGER = "lathe-operator-repair"
 # Seconds a finished upstream read from the API server is reused, because many resources often
 # share one Corpus or Tokenizer and each reconcile would read it again. A change to a finished
 # upstream reaches reconciles up to this late. An unfinished upstream is never cached, so a
@@ -708,10 +711,11 @@ class Reconciler:
             try:
                 apply(name, namespace, obj, **options)
             except ApiException as error:
-                if error.status != 422:
+                if error.status != 422 or "Duplicate value" not in api_message(error):
                     raise
                 self._replace_edited_lists(namespace, obj, apply, error)
-                apply(name, namespace, obj, **options)
+                applied = apply(name, namespace, obj, **options)
+                self._drop_repair_manager(namespace, obj, apply, applied)
             return
         group, _, version = obj["apiVersion"].rpartition("/")
         self.api.custom.patch_namespaced_custom_object(
@@ -727,10 +731,20 @@ class Reconciler:
         merge patch replaces each list whole, after which the apply owns the items again.
         """
         name = obj["metadata"]["name"]
-        log.warning("The API server rejected the apply of %s %s/%s (HTTP 422: %s). Replacing "
-                    "the lists of its spec, which an edit by another client had changed, and "
-                    "applying it again.", obj["kind"], namespace, name, api_message(error))
-        patch(name, namespace, {"spec": obj["spec"]}, field_manager=FIELD_MANAGER,
+        log.warning("The API server rejected the apply of %s %s/%s (HTTP 422: %s), probably "
+                    "because another client edited a list of its spec. Replacing the lists "
+                    "of its spec with the operator's and applying it again.", obj["kind"],
+                    namespace, name, api_message(error))
+        patch(name, namespace, {"spec": obj["spec"]}, field_manager=REPAIR_FIELD_MANAGER,
+              _content_type="application/merge-patch+json")
+
+    def _drop_repair_manager(self, namespace: str, obj: dict, patch, applied) -> None:
+        """Remove the repair's managedFields entry, so that the operator alone owns the fields
+        it applies, and a field it stops applying later is removed as usual."""
+        entries = [entry for entry in applied.metadata.managed_fields or []
+                   if entry.manager != REPAIR_FIELD_MANAGER]
+        managed = self._api_client.sanitize_for_serialization(entries)
+        patch(obj["metadata"]["name"], namespace, {"metadata": {"managedFields": managed}},
               _content_type="application/merge-patch+json")
 
     def _read_job(self, namespace: str, name: str):
