@@ -172,3 +172,27 @@ def test_run_keeps_foreign_folder(tmp_path, data_dir):
     assert "notes.txt" in output, output
     assert "point it to a new or empty location" in output
     assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_rerun_keeps_storage_folder(tmp_path, data_dir):
+    """A changed spec empties its `spec.storage.uri` folder instead of deleting it, so a
+    folder that the user may write in, inside one they may not, still works for the rerun."""
+    folder = tmp_path / "corpus-out"
+    document = next(doc for doc in yaml.safe_load_all((EXAMPLES / "01-corpus.yaml").read_text())
+                    if doc)  # fmt: skip
+    document["spec"]["storage"] = {"uri": f"file://{folder}"}
+    resource = tmp_path / "corpus.yaml"
+    arguments = ("run", "-f", str(resource), "--workspace", str(tmp_path / "workspace"),
+                 "--data-dir", str(data_dir))
+    resource.write_text(yaml.safe_dump(document))
+    first = lathe(*arguments)
+    assert first.returncode == 0, first.stderr
+    inode = folder.stat().st_ino
+    first_key = json.loads((folder / "manifest.json").read_text())["stageKey"]
+
+    document["spec"]["split"] = {**document["spec"].get("split", {}), "seed": 7}
+    resource.write_text(yaml.safe_dump(document))
+    second = lathe(*arguments)
+    assert second.returncode == 0, second.stderr
+    assert folder.stat().st_ino == inode
+    assert json.loads((folder / "manifest.json").read_text())["stageKey"] != first_key

@@ -501,13 +501,13 @@ class LocalRunner:
             log.info("Continuing %s from its checkpoints, because its stage key changed but its "
                      "resume key did not.", resource.key)
             if not self._keep_previous(resource, directory, output_uri, keep=remote.CHECKPOINTS):
-                _remove_all_but_checkpoints(filesystem, path)
+                _empty_output(filesystem, path, keep=remote.CHECKPOINTS)
         elif not same_key:
             if resource.spec.storage.uri:
                 _check_replaceable(resource, filesystem, path, output_uri)
             if not self._keep_previous(resource, directory, output_uri):
                 # Checkpoints of another spec must not be resumed from.
-                storage.remove_tree(filesystem, path)
+                _empty_output(filesystem, path)
         if not same_key:
             # The staged copies of another key's run are never read again.
             shutil.rmtree(directory / "scratch", ignore_errors=True)
@@ -535,6 +535,9 @@ class LocalRunner:
         log.info("Keeping the finished output of %s in %s until the changed spec's run "
                  "succeeds.", resource.key, previous)
         output = local_path(output_uri)
+        if resource.spec.storage.uri:
+            _move_entries(output, previous, keep)
+            return True
         shutil.move(output, previous)
         output.mkdir(parents=True)
         if keep and (previous / keep).exists():
@@ -996,18 +999,35 @@ def _check_continuable(resource: Resource, output_uri: str) -> None:
         )
 
 
-def _remove_all_but_checkpoints(filesystem, path: str) -> None:
-    """Delete everything in an output but its checkpoints, manifest.json first.
+def _move_entries(output: Path, previous: Path, keep: str | None) -> None:
+    """Move what a finished output holds, but `keep`, into `previous`, leaving the folder.
+
+    A `spec.storage.uri` folder may sit in a folder the user cannot write to, so it is not
+    moved itself. manifest.json leaves first and arrives last, so that if this is
+    interrupted neither folder is taken for a finished output.
+    """
+    previous.mkdir(parents=True)
+    pending = previous / f".{MANIFEST}.pending"
+    shutil.move(output / MANIFEST, pending)
+    for entry in output.iterdir():
+        if entry.name != keep:
+            shutil.move(entry, previous / entry.name)
+    pending.rename(previous / MANIFEST)
+
+
+def _empty_output(filesystem, path: str, keep: str | None = None) -> None:
+    """Delete everything in an output but the entry named `keep`, manifest.json first.
 
     Without the manifest, the old output is never taken for a finished run, even when the
-    continuation fails or is interrupted while the rest is deleted.
+    run fails or is interrupted while the rest is deleted. The folder itself stays, so a
+    `spec.storage.uri` folder in a folder the user cannot write to can still be reused.
     """
     try:
         entries = filesystem.ls(path, detail=False)
     except FileNotFoundError:
         return
     names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries}
-    names.discard(remote.CHECKPOINTS)
+    names.discard(keep)
     for name in sorted(names, key=lambda name: name != MANIFEST):
         storage.remove_tree(filesystem, f"{path}/{name}")
 
