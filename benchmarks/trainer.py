@@ -274,9 +274,10 @@ def matmul_ceiling(seconds: float = 20.0) -> tuple[float, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
                for _ in range(PROCESSES)]
-    results = [json.loads(worker.communicate()[0]) for worker in workers]
+    outputs = [worker.communicate()[0] for worker in workers]
     if any(worker.returncode for worker in workers):
         raise RuntimeError(f"{' '.join(command)} failed; its error output is above.")
+    results = [json.loads(output) for output in outputs]
     return (sum(result["tokensPerSecond"] for result in results),
             sum(result["gflops"] for result in results) / PROCESSES)
 

@@ -81,3 +81,11 @@ def test_longer_recorded_duration_honoured(elector):
     assert election._recorded_duration() == 60
     election.observed_record = LeaderElectionRecord("pod-a", "60", "t0", "t0")
     assert election._recorded_duration() == 0
+
+
+def test_lease_requests_name_operator():
+    """The Lease's creates and renewals carry the operator's User-Agent, which the API server
+    records as their field manager, not the client's default OpenAPI-Generator."""
+    built = LeaderElector(SETTINGS, logging.getLogger("test.leader"), exit_process=pytest.fail)
+    assert built._lock.api_instance is built._api
+    assert built._api.api.api_client.user_agent.startswith("lathe-operator/")

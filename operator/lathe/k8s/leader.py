@@ -212,8 +212,13 @@ class LeaderElector:
         self.stopped = threading.Event()
         self._holder: str | None = None
         self._lock = LeaseLock(settings.lease_name, settings.namespace, settings.identity)
-        # Half the renew deadline leaves room for a second try before it passes.
-        self._api = _TimedApi(self._lock.api_instance, timeout=settings.renew_deadline / 2)
+        # The Lease's writes name the operator in managedFields and audit logs, as its other
+        # requests do. Half the renew deadline leaves room for a second try before it passes.
+        # NB: imported here, because lathe.k8s.reconcile imports this module's settings.
+        from lathe.k8s.reconcile import operator_api_client
+
+        api = kubernetes.client.CoordinationV1Api(operator_api_client())
+        self._api = _TimedApi(api, timeout=settings.renew_deadline / 2)
         self._lock.api_instance = self._api
         self._reported: tuple[int | None, str] | None = None
         self._reported_at = 0.0

@@ -644,7 +644,11 @@ class Reconciler:
         reason = Reason.SERVER_READY if ready else Reason.SERVER_NOT_READY
         if target == 0 and earlier_export:
             reason = Reason.SCALED_TO_ZERO
-            message = f"The Triton Deployment of the earlier export has 0 replicas. {note}"
+            # The note is about what the replicas serve, and there are none.
+            message = "The Triton Deployment of the earlier export has 0 replicas, so no " + (
+                "Triton replica runs; the new export failed, see the Failed condition."
+                if status.condition_true(new["conditions"], C.FAILED)
+                else "Triton replica runs until the new export is done.")
         elif target == 0:
             reason = Reason.SCALED_TO_ZERO
             message = ("spec.serving.replicas is 0, so no Triton replica runs; set it to 1 or "

@@ -832,7 +832,7 @@ def _publish_model(local_model: Path, artifact_uri: str) -> None:
     if filesystem.exists(final):
         # On an object store the model is copied file by file. config.json goes first and
         # comes back last, so a folder that a crash left half copied has none, and
-        # from_pretrained and `lathe validate` reject it instead of loading part of a model.
+        # from_pretrained rejects it instead of loading part of a model.
         if filesystem.exists(f"{final}/{MODEL_CONFIG}"):
             filesystem.rm(f"{final}/{MODEL_CONFIG}")
         storage.remove_tree(filesystem, final)

@@ -5,8 +5,9 @@ of one the model stays unwrapped. FSDP uses FSDP2 (`torch.distributed.fsdp.fully
 sharding each transformer layer and then the root module; it runs on gloo (CPU) as well as
 nccl in torch 2.13. Checkpoints always hold full (gathered) state dicts: a plain
 `model.state_dict()` for DDP and one process, and the parameter-name keyed full state dicts of
-`torch.distributed.checkpoint.state_dict` for FSDP. The two optimizer formats differ, so a run
-resumes only under the strategy that wrote its checkpoint.
+`torch.distributed.checkpoint.state_dict` for FSDP. The two optimizer formats differ, and
+`load_full_state_dicts` loads either into either kind of model, so a run may continue on
+another number of processes or nodes.
 """
 
 from __future__ import annotations
