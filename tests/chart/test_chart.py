@@ -540,6 +540,26 @@ def test_service_monitor_keeps_resource_namespace(helm):
     assert endpoint.get("honorLabels") is True
 
 
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@pytest.mark.parametrize("release, set_args", [
+    ("lathe", ["--set", "fullnameOverride=" + "o" * 63]),
+    ("r" * 53, []),
+], ids=["fullname-override-63", "release-53"])
+def test_long_names_keep_service_name_valid(helm, release, set_args):
+    """A Service name is a DNS label of at most 63 characters. The longest prefix the schema
+    accepts, and Helm's longest release name (53 characters), must both still give one."""
+    result = run_helm(helm, "template", release, str(CHART), "--namespace", RELEASE_NAMESPACE,
+                      "--set", "metrics.serviceMonitor.enabled=true", *set_args)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    name = one(objects, "Service")["metadata"]["name"]
+    assert len(name) <= 63, name
+    assert DNS_LABEL.match(name), name
+    assert name.endswith("-metrics"), name
+
+
 def test_shared_port_allowed_without_metrics(helm):
     render(helm, "--set", "metrics.enabled=false", "--set", "metrics.port=8081")
 
@@ -669,6 +689,8 @@ REJECTED = [
     (["--set", "resources.limits.memory=abc"], r"/resources/limits/memory"),
     (["--set", "resources.limit.memory=1Gi"], r"resources"),
     (["--set", "image.repository= "], r"/image/repository"),
+    (["--set", "fullnameOverride=Lathe_Operator"], r"/fullnameOverride"),
+    (["--set", "nameOverride=Lathe"], r"/nameOverride"),
 ]
 
 

@@ -21,6 +21,14 @@ Names, labels and the RBAC rules shared by the operator's templates.
 {{- end }}
 {{- end }}
 
+{{/*
+Name of the metrics Service. A Service name is a DNS label of at most 63 characters, so the
+prefix is cut to leave room for "-metrics".
+*/}}
+{{- define "lathe.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "lathe.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "lathe.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "lathe.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
