@@ -87,6 +87,13 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], str] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "kopf's resource discovery",
 }
 CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
+POD_MONITOR_CRD = "podmonitors.monitoring.coreos.com"
+# kopf lists and watches CRDs only while its scanning is on. The operator turns scanning off in
+# namespaced mode (LATHE_WATCH_NAMESPACES), so the chart grants these in clusterWide mode only.
+SCANNING_PERMISSIONS = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
 
 # Leader election (lathe/k8s/leader.py) needs the Lease in the release namespace only, so the
 # chart grants it in a Role of its own there, in both modes.
@@ -717,11 +724,40 @@ def test_rbac_has_no_wildcards_or_secrets(helm, mode):
         assert not {"secrets"} & set(rule["resources"]), rule
 
 
+def expected_grants(mode: str) -> set[tuple[str, str, str]]:
+    """The operator's permissions in a mode, without leader election."""
+    expected = set(OPERATOR_PERMISSIONS)
+    if mode == "namespaced":
+        expected -= SCANNING_PERMISSIONS
+    return expected
+
+
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_rbac_grants_exactly_operator_calls(helm, mode):
     granted = grants(role_rules(render(helm, *MODES[mode])))
-    assert sorted(OPERATOR_PERMISSIONS.keys() - granted) == [], "not granted"
-    assert sorted(granted - OPERATOR_PERMISSIONS.keys()) == [], "granted beyond the table"
+    assert sorted(expected_grants(mode) - granted) == [], "not granted"
+    assert sorted(granted - expected_grants(mode)) == [], "granted beyond the table"
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_crd_get_limited_to_pod_monitor(helm, mode):
+    """The operator reads one CRD by name, so the `get` rule names it. RBAC cannot limit list
+    and watch by name."""
+    crd_rules = [rule for rule in role_rules(render(helm, *MODES[mode]))
+                 if "customresourcedefinitions" in rule["resources"]]
+    get_rules = [rule for rule in crd_rules if "get" in rule["verbs"]]
+    assert len(get_rules) == 1, crd_rules
+    assert get_rules[0]["verbs"] == ["get"]
+    assert get_rules[0]["resourceNames"] == [POD_MONITOR_CRD]
+
+
+def test_namespaced_mode_has_no_crd_list_or_watch(helm):
+    """kopf's scanning is off in namespaced mode, so nothing lists or watches CRDs."""
+    granted = grants(role_rules(render(helm, *MODES["namespaced"])))
+    assert not granted & SCANNING_PERMISSIONS
+    env = {item["name"]: item.get("value")
+           for item in operator_container(render(helm, *MODES["namespaced"]))["env"]}
+    assert env["LATHE_WATCH_NAMESPACES"], "the operator would keep kopf's scanning on"
 
 
 def test_cluster_wide_mode_has_one_cluster_role(helm):
@@ -737,7 +773,7 @@ def test_cluster_wide_mode_has_one_cluster_role(helm):
 def test_namespaced_mode_keeps_cluster_role_to_crds(helm):
     objects = render(helm, *MODES["namespaced"])
     cluster_grants = grants(one(objects, "ClusterRole")["rules"])
-    assert {(group, resource) for group, resource, _ in cluster_grants} == CLUSTER_SCOPED
+    assert cluster_grants == {("apiextensions.k8s.io", "customresourcedefinitions", "get")}
     namespaced = {key for key in OPERATOR_PERMISSIONS if key[:2] not in CLUSTER_SCOPED}
     for role in operator_roles(objects, "Role"):
         assert grants(role["rules"]) == namespaced, role["metadata"]["namespace"]
@@ -768,6 +804,49 @@ def test_leader_election_role_grants_lease_only(helm, mode):
     assert binding["roleRef"]["name"] == LEADER_ELECTION_ROLE
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT,
                                     "namespace": RELEASE_NAMESPACE}]
+
+
+RBAC_DOCS = {"chart-readme": CHART / "README.md", "rbac-doc": REPO / "docs" / "rbac.md"}
+RBAC_VERB = re.compile(r"\b(get|list|watch|create|update|patch|delete)\b")
+
+
+def documented_grants(text: str) -> set[tuple[str, str, str]]:
+    """Return the (apiGroup, resource, verb) triples of the RBAC tables in a Markdown page.
+
+    A table row reads `| API group | resources | verbs | why |`. "core" is the group "", and
+    "the five kinds", "`<kind>/status`" or "the same five with `/status`" stand for the five
+    plurals.
+    """
+    permissions = OPERATOR_PERMISSIONS.keys() | LEADER_ELECTION_PERMISSIONS.keys()
+    resources_by_group: dict[str, set[str]] = {}
+    for group, resource, _ in permissions:
+        resources_by_group.setdefault(group, set()).add(resource.split("/")[0])
+    found = set()
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 4:
+            continue
+        group = "" if cells[0] == "core" else cells[0].strip("`")
+        if group not in resources_by_group:
+            continue
+        if "five" in cells[1] or "<kind>" in cells[1]:
+            suffix = next((f"/{name}" for name in ("status", "finalizers") if name in cells[1]), "")
+            resources = {plural + suffix for plural in PLURALS}
+        else:
+            resources = set(re.findall(r"[a-z]+", cells[1])) & resources_by_group[group]
+        found |= {(group, resource, verb) for resource in resources
+                  for verb in RBAC_VERB.findall(cells[2])}
+    return found
+
+
+@pytest.mark.parametrize("page", sorted(RBAC_DOCS))
+def test_rbac_docs_match_chart(helm, page):
+    """The RBAC tables of the chart README and docs/rbac.md list what the chart grants."""
+    granted = grants([rule for kind in ("ClusterRole", "Role")
+                      for role in of_kind(render(helm), kind) for rule in role["rules"]])
+    documented = documented_grants(RBAC_DOCS[page].read_text())
+    assert sorted(granted - documented) == [], "granted but not documented"
+    assert sorted(documented - granted) == [], "documented but not granted"
 
 
 def test_leader_election_settings_reach_operator(helm):

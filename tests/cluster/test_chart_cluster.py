@@ -212,8 +212,20 @@ def test_account_is_denied_the_rest(cluster, installed_rbac, namespaces):
     assert not can_i(cluster, account, "default", "delete", "namespaces", None)
     assert not can_i(cluster, account, "default", "create", "customresourcedefinitions"
                      ".apiextensions.k8s.io", None)
-    assert can_i(cluster, account, "default", "watch",
-                 "customresourcedefinitions.apiextensions.k8s.io", None)
+
+
+@pytest.mark.parametrize("installed_rbac", ["cluster-wide", "namespaced"], indirect=True)
+def test_account_reads_only_pod_monitor_crd(cluster, installed_rbac, request):
+    """Both modes read the PodMonitor CRD by name. Only clusterWide mode lists and watches
+    CRDs, because kopf's scanning is on there."""
+    account, _ = installed_rbac
+    crds = "customresourcedefinitions.apiextensions.k8s.io"
+    assert can_i(cluster, account, "default", "get",
+                 f"{crds}/podmonitors.monitoring.coreos.com", None)
+    assert not can_i(cluster, account, "default", "get", f"{crds}/corpora.lathe.dev", None)
+    scanning = request.node.callspec.params["installed_rbac"] == "cluster-wide"
+    for verb in ("list", "watch"):
+        assert can_i(cluster, account, "default", verb, crds, None) == scanning, verb
 
 
 @pytest.mark.parametrize("installed_rbac", ["cluster-wide", "namespaced"], indirect=True)

@@ -216,11 +216,19 @@ and fails when a rule grants more or less.
 {{- end }}
 
 {{/*
-Cluster-scoped rules, needed in both modes: kopf lists and watches CRDs to discover resources,
-and the operator reads the PodMonitor CRD to decide whether to create PodMonitors.
+Cluster-scoped rules. The operator reads the PodMonitor CRD, in both modes, to decide whether to
+create PodMonitors. In clusterWide mode kopf also lists and watches CRDs to discover the
+resources it serves. In namespaced mode the operator turns kopf's scanning off
+(LATHE_WATCH_NAMESPACES), and kopf reads only the API discovery endpoints, which need no rule.
 */}}
 {{- define "lathe.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  resourceNames: ["podmonitors.monitoring.coreos.com"]
+  verbs: ["get"]
+{{- if eq .Values.mode "clusterWide" }}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- end }}
