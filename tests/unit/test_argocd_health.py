@@ -362,6 +362,14 @@ def test_operator_application_syncs_first():
     assert app["spec"]["source"]["path"] == "charts/lathe"
 
 
+def test_operator_application_named_as_release():
+    """Argo CD's label tracking (the default before 3.0) sets app.kubernetes.io/instance to the
+    Application's name on the chart's objects. The ServiceMonitor selects the metrics Service by
+    that label, so it must stay the release name."""
+    app = application("lathe-operator.yaml")
+    assert app["metadata"]["name"] == app["spec"]["source"]["helm"]["releaseName"]
+
+
 def test_pubmed_application_after_operator():
     app = application("pubmed.yaml")
     assert int(app["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) > -1
