@@ -867,6 +867,18 @@ def test_leader_election_settings_reach_operator(helm):
     assert f"--liveness={env['LATHE_LIVENESS_ENDPOINT']['value']}" in container["args"]
 
 
+def test_leader_election_seconds_render_as_integers(helm, tmp_path):
+    """Helm reads numbers of a values file as floats, and prints 1000000 as 1e+06."""
+    values = tmp_path / "values.yaml"
+    values.write_text("leaderElection:\n  leaseDuration: 1000000\n  renewDeadline: 800000\n"
+                      "  retryPeriod: 100000\n")
+    env = {item["name"]: item.get("value")
+           for item in operator_container(render(helm, "-f", str(values)))["env"]}
+    assert env["LATHE_LEASE_DURATION"] == "1000000"
+    assert env["LATHE_RENEW_DEADLINE"] == "800000"
+    assert env["LATHE_RETRY_PERIOD"] == "100000"
+
+
 def test_leader_election_can_be_turned_off(helm):
     objects = render(helm, "--set", "leaderElection.enabled=false")
     env = {item["name"]: item.get("value") for item in operator_container(objects)["env"]}
