@@ -577,6 +577,20 @@ def test_service_monitor_timeout_within_interval(helm):
            "--set", "metrics.serviceMonitor.scrapeTimeout=1500ms")
 
 
+@pytest.mark.parametrize("interval, timeout", [
+    ("1m30s", "1m"), ("1h", "1m30s"), ("2s", "1500ms"), ("1d", "2h"),
+])
+def test_service_monitor_takes_compound_durations(helm, interval, timeout):
+    """Prometheus durations combine units, largest first, as 1m30s."""
+    monitor = one(render(helm, "--set", "metrics.serviceMonitor.enabled=true",
+                         "--set", f"metrics.serviceMonitor.interval={interval}",
+                         "--set", f"metrics.serviceMonitor.scrapeTimeout={timeout}"),
+                  "ServiceMonitor")
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["interval"] == interval
+    assert endpoint["scrapeTimeout"] == timeout
+
+
 def test_rendered_crds_match_generator(helm):
     crds = {obj["metadata"]["name"]: obj for obj in of_kind(render(helm), "CustomResourceDefinition")}
     for model in KINDS.values():
@@ -692,6 +706,12 @@ REJECTED = [
     (["--set", "metrics.serviceMonitor.enabled=true",
       "--set", "metrics.serviceMonitor.scrapeTimeout=1m"],
      r"scrapeTimeout \(1m\) exceeds metrics.serviceMonitor.interval \(30s\)"),
+    (["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.interval=1m",
+      "--set", "metrics.serviceMonitor.scrapeTimeout=1m30s"],
+     r"scrapeTimeout \(1m30s\) exceeds metrics.serviceMonitor.interval \(1m\)"),
+    (["--set", "metrics.serviceMonitor.interval=30"], r"/metrics/serviceMonitor/interval"),
+    (["--set", "metrics.serviceMonitor.interval=30s1m"], r"/metrics/serviceMonitor/interval"),
+    (["--set", "metrics.serviceMonitor.scrapeTimeout="], r"/metrics/serviceMonitor/scrapeTimeout"),
     (["--set", "serviceAccount.create=false"], r"serviceAccount.name is required"),
     (["--set", "resources.limits.memory=abc"], r"/resources/limits/memory"),
     (["--set", "resources.limit.memory=1Gi"], r"resources"),

@@ -29,6 +29,19 @@ prefix is cut to leave room for "-metrics".
 {{- printf "%s-metrics" (include "lathe.fullname" . | trunc 55 | trimSuffix "-") }}
 {{- end }}
 
+{{/*
+Seconds in a Prometheus duration such as 30s, 1500ms or 1m30s (units y, w, d, h, m, s, ms; a
+year is 365 days), which values.schema.json has checked.
+*/}}
+{{- define "lathe.durationSeconds" -}}
+{{- $units := dict "y" 31536000.0 "w" 604800.0 "d" 86400.0 "h" 3600.0 "m" 60.0 "s" 1.0 "ms" 0.001 }}
+{{- $total := 0.0 }}
+{{- range regexFindAll "[0-9]+(ms|[ywdhms])" . -1 }}
+{{- $total = addf $total (mulf (regexFind "^[0-9]+" .) (get $units (regexReplaceAll "^[0-9]+" . ""))) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
 {{- define "lathe.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "lathe.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
