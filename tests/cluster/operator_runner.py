@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 @contextmanager
 def run_operator(kubeconfig: Path, artifact_root: Path, timeout: float = 60.0):
-    """Start the operator on every namespace and yield once its metrics endpoint answers.
+    """Start the operator on every namespace and yield once its metrics endpoint responds.
 
     The operator connects only to loopback addresses (see loopback_only).
     """

@@ -125,6 +125,18 @@ def _ready(cluster, namespace: str, model: str) -> dict:
     return condition(get(cluster, "ModelDeployment", model, namespace), "Ready") or {}
 
 
+def _wait_for_new_export(cluster, namespace: str, model: str) -> None:
+    """Wait until the ModelDeployment's current generation runs its export."""
+
+    def exporting() -> bool:
+        obj = get(cluster, "ModelDeployment", model, namespace)
+        running = condition(obj, "Running") or {}
+        return (obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+                and running.get("status") == "True")
+
+    cluster.wait_for(exporting, "the new export to run", timeout=90)
+
+
 def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None:
     """A deleted Triton Deployment or Service is created again, a `kubectl scale` is undone,
     Ready follows the pods, and zero replicas are reported as such."""
@@ -183,13 +195,7 @@ def _triton_objects_follow_operator(cluster, namespace: str, model: str) -> None
     cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
                     "-p", json.dumps(change))
 
-    def exporting() -> bool:
-        obj = get(cluster, "ModelDeployment", model, namespace)
-        running = condition(obj, "Running") or {}
-        return (obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
-                and running.get("status") == "True")
-
-    cluster.wait_for(exporting, "the new export to run", timeout=90)
+    _wait_for_new_export(cluster, namespace, model)
     exporting_status = get(cluster, "ModelDeployment", model, namespace)
     ready = condition(exporting_status, "Ready")
     assert ready is not None, exporting_status["status"]
@@ -417,13 +423,7 @@ def test_reexport_ready_counts_served_replicas(cluster, namespace, lathe_operato
     cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace, "--type=merge",
                     "-p", json.dumps(change))
 
-    def exporting() -> bool:
-        obj = get(cluster, "ModelDeployment", model, namespace)
-        running = condition(obj, "Running") or {}
-        return (obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
-                and running.get("status") == "True")
-
-    cluster.wait_for(exporting, "the new export to run", timeout=90)
+    _wait_for_new_export(cluster, namespace, model)
     ready = _ready(cluster, namespace, model)
     assert ready["status"] == "True", ready
     assert ready["message"] == ("1 of 1 Triton replicas are ready. They serve the earlier "
@@ -533,12 +533,12 @@ def test_failed_input_wakes_dependent(cluster, namespace, lathe_operator, ready_
     cluster.wait_for(lambda: is_true(cluster, "PretrainJob", "fails-soon", namespace, "Failed"),
                      "the PretrainJob to fail", timeout=60)
 
-    def told() -> bool:
+    def names_failed_input() -> bool:
         waiting = condition(get(cluster, "FineTune", "waits-for-failed", namespace),
                             "InputsReady") or {}
         return "which failed" in waiting.get("message", "")
 
-    cluster.wait_for(told, "the FineTune to name the failed PretrainJob", timeout=10)
+    cluster.wait_for(names_failed_input, "the FineTune to name the failed PretrainJob", timeout=10)
 
 
 def test_writes_name_operator_manager(cluster, namespace, lathe_operator, ready_inputs):

@@ -190,9 +190,9 @@ def test_validate_rejects_storage_over_other_files(tmp_path, capsys):
     assert (occupied / "keep-me.txt").is_file()
 
 
-def test_validate_names_object_store_paths_it_did_not_read(tmp_path, capsys):
-    """An s3:// source passes validate, which reads no object store, and the output says that
-    the path was not checked, so that a user does not take it for checked."""
+def test_validate_lists_unchecked_s3_paths(tmp_path, capsys):
+    """An s3:// source passes validate, which reads no object store, and the output states
+    that the path was not checked."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "notes.txt").write_text("Aspirin lowers fever.\n")
@@ -216,7 +216,11 @@ def test_validate_names_object_store_paths_it_did_not_read(tmp_path, capsys):
 
 
 class FakeTriton:
-    """A started tritonserver stand-in that records when it is stopped."""
+    """A started tritonserver stand-in that records when it is stopped.
+
+    NOTE: the stand-in checks the order of starts and stops only. tests/serving runs the real
+    tritonserver for one deployment, but no test starts two real servers at once.
+    """
 
     def __init__(self, port: int, events: list[str]):
         self.http_port, self.grpc_port, self.metrics_port = port, port + 1, port + 2
@@ -232,6 +236,18 @@ class FakeTriton:
 
     def __exit__(self, *_exc_info):
         self.events.append(f"stop {self.http_port}")
+
+
+def _two_deployments(tmp_path):
+    """Return the results of two exported ModelDeployments with the default serving ports."""
+    spec = SimpleNamespace(serving=SimpleNamespace(http_port=8000, grpc_port=8001,
+                                                   metrics_port=8002))
+    return [
+        SimpleNamespace(directory=tmp_path / name, resource=SimpleNamespace(
+            key=f"ModelDeployment/default/{name}",
+            spec=SimpleNamespace(**vars(spec), model_name=name)))
+        for name in ("ner", "ner_fp32")
+    ]
 
 
 def test_serve_keeps_every_deployment_running(tmp_path, monkeypatch):
@@ -254,14 +270,7 @@ def test_serve_keeps_every_deployment_running(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(serving.time, "sleep", interrupt)
-    spec = SimpleNamespace(serving=SimpleNamespace(http_port=8000, grpc_port=8001,
-                                                   metrics_port=8002))
-    results = [
-        SimpleNamespace(directory=tmp_path / name, resource=SimpleNamespace(
-            key=f"ModelDeployment/default/{name}",
-            spec=SimpleNamespace(**vars(spec), model_name=name)))
-        for name in ("ner", "ner_fp32")
-    ]
+    results = _two_deployments(tmp_path)
     output = io.StringIO()
     serving.serve_all(results, "x", Console(file=output, width=200), keep_serving=True)
 
@@ -291,14 +300,7 @@ def test_serve_reports_crashed_deployment(tmp_path, monkeypatch):
                         lambda result, endpoint, message="": recorded.append(
                             (result.resource.key, endpoint, message)))
     monkeypatch.setattr(client, "infer_entities", lambda *_args: [[]])
-    spec = SimpleNamespace(serving=SimpleNamespace(http_port=8000, grpc_port=8001,
-                                                   metrics_port=8002))
-    results = [
-        SimpleNamespace(directory=tmp_path / name, resource=SimpleNamespace(
-            key=f"ModelDeployment/default/{name}",
-            spec=SimpleNamespace(**vars(spec), model_name=name)))
-        for name in ("ner", "ner_fp32")
-    ]
+    results = _two_deployments(tmp_path)
     with pytest.raises(serving.ServingStoppedError) as raised:
         serving.serve_all(results, "x", Console(file=io.StringIO()), keep_serving=True)
 

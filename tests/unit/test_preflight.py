@@ -290,6 +290,15 @@ def test_content_checks_skip_missing_and_remote_files(data_dir):
     preflight.check_data_formats(parse(body), data_dir)
 
 
+def _finetune_on_tsv_files():
+    """Return a FineTune whose splits are train.tsv and test.tsv in the data directory."""
+    return loader.parse_resource({
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ner"},
+        "spec": {"baseModel": {"pretrainJobRef": {"name": "lm"}},
+                 "data": {"train": "train.tsv", "test": "test.tsv"}},
+    }, "finetune.yaml")
+
+
 def test_finetune_conll_lines_checked_before_run(tmp_path):
     """A FineTune split with a line the stage would reject fails validation, before the stages
     upstream of it have run."""
@@ -299,11 +308,7 @@ def test_finetune_conll_lines_checked_before_run(tmp_path):
     data.mkdir()
     (data / "train.tsv").write_text("Ataxia\tB-Disease\nis\tO\n\nplain words without a tag\n")
     (data / "test.tsv").write_text("IL\tO\n")
-    finetune = loader.parse_resource({
-        "apiVersion": "lathe.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ner"},
-        "spec": {"baseModel": {"pretrainJobRef": {"name": "lm"}},
-                 "data": {"train": "train.tsv", "test": "test.tsv"}},
-    }, "finetune.yaml")
+    finetune = _finetune_on_tsv_files()
     with pytest.raises(InvalidResourceError) as raised:
         preflight.check_data_formats(finetune, data)
     assert raised.value.field == "spec.data.train"
@@ -319,11 +324,7 @@ def test_finetune_iobes_tags_rejected_before_run(tmp_path):
     data.mkdir()
     (data / "train.tsv").write_text("Ataxia\tB-Disease\n\nGout\tS-Disease\nflares\tO\n")
     (data / "test.tsv").write_text("IL\tO\n")
-    finetune = loader.parse_resource({
-        "apiVersion": "lathe.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ner"},
-        "spec": {"baseModel": {"pretrainJobRef": {"name": "lm"}},
-                 "data": {"train": "train.tsv", "test": "test.tsv"}},
-    }, "finetune.yaml")
+    finetune = _finetune_on_tsv_files()
     deployment = loader.parse_resource({
         "apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
         "metadata": {"name": "ner"},

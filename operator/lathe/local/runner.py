@@ -923,7 +923,7 @@ def _remove_if_empty(path: Path) -> None:
     try:
         path.rmdir()
     except OSError:
-        pass  # missing, or holds the staged copies that a rerun of the same key reads
+        pass  # missing, or contains the staged copies that a rerun of the same key reads
 
 
 def _remove_local(path: Path) -> None:
