@@ -567,6 +567,19 @@ def test_long_names_keep_service_name_valid(helm, release, set_args):
     assert name.endswith("-metrics"), name
 
 
+def test_digit_release_name_rejected(helm):
+    """A Service name must start with a letter. A release such as 2024-lathe fails to render
+    with a message that names the fix, instead of a Service the API server rejects."""
+    result = run_helm(helm, "template", "2024-lathe", str(CHART), "--namespace",
+                      RELEASE_NAMESPACE)
+    assert result.returncode != 0, result.stdout
+    assert '"2024-lathe-metrics" starts with a digit' in result.stderr
+    assert "fullnameOverride" in result.stderr
+    renamed = run_helm(helm, "template", "2024-lathe", str(CHART), "--namespace",
+                       RELEASE_NAMESPACE, "--set", "fullnameOverride=lathe-2024")
+    assert renamed.returncode == 0, renamed.stderr
+
+
 def test_shared_port_allowed_without_metrics(helm):
     render(helm, "--set", "metrics.enabled=false", "--set", "metrics.port=8081")
 

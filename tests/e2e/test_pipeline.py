@@ -471,6 +471,42 @@ def test_python_only_pattern_rejected_before_run(tmp_path, data_dir):
     assert not (tmp_path / "workspace").exists()
 
 
+def test_killed_run_is_not_left_running(tmp_path, data_dir):
+    """SIGKILL gives `lathe run` no chance to record the end of its stage. The next run that
+    takes the workspace closes the Running condition instead of trusting it."""
+    import signal
+    import time
+
+    workspace = tmp_path / "workspace"
+    lathe = subprocess.Popen(
+        [sys.executable, "-m", "lathe.cli", "run", "-f", str(EXAMPLES / "01-corpus.yaml"),
+         "--workspace", str(workspace), "--data-dir", str(data_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    status_file = workspace / "default" / "corpus" / "pubmed" / "status.json"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and lathe.poll() is None:
+            if status_file.is_file() and json.loads(status_file.read_text())["phase"] == "Running":
+                break
+            time.sleep(0.1)
+        assert json.loads(status_file.read_text())["phase"] == "Running"
+        lathe.send_signal(signal.SIGKILL)
+        lathe.wait(timeout=30)
+    finally:
+        if lathe.poll() is None:
+            lathe.kill()
+    assert json.loads(status_file.read_text())["phase"] == "Running"
+
+    LocalRunner(workspace, data_dir).run([])
+
+    written = json.loads(status_file.read_text())
+    assert written["phase"] == "Pending", written
+    running = next(c for c in written["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "Interrupted"), running
+    assert "stopped without recording its end" in running["message"]
+
+
 def test_sigterm_stops_stage_processes(tmp_path, data_dir):
     """`kill` on `lathe run` stops the stage processes it started, as Ctrl-C does."""
     import signal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -464,3 +465,37 @@ def test_deployment_checked_against_recorded_pretrain_job(tmp_path):
 
     assert raised.value.field == "spec.export.windowStride"
     assert "500 leaves no new text in a window of 64 tokens" in str(raised.value)
+
+
+def test_lock_closes_serving_left_by_killed_run(tmp_path):
+    """A ModelDeployment whose `lathe run --serve` was killed still says Ready with an
+    endpoint; the next holder of the workspace records that nothing serves it."""
+    from lathe import status
+    from lathe.local.runner import workspace_lock
+
+    workspace = tmp_path / "workspace"
+    directory = workspace / "default" / "modeldeployment" / "pubmed-ner"
+    directory.mkdir(parents=True)
+    conditions = status.set_condition([], "Exported", True, "JobSucceeded", generation=1)
+    conditions = status.set_condition(conditions, "Ready", True, "ServerReady",
+                                      "Triton serves the model at http://127.0.0.1:8000.", 1)
+    (directory / "status.json").write_text(json.dumps({
+        "observedGeneration": 1, "phase": "Ready", "conditions": conditions,
+        "endpoint": "http://127.0.0.1:8000"}))
+    untouched = workspace / "default" / "corpus" / "pubmed"
+    untouched.mkdir(parents=True)
+    done = {"observedGeneration": 1, "phase": "Succeeded",
+            "conditions": status.set_condition([], "Succeeded", True, "JobSucceeded",
+                                               generation=1)}
+    (untouched / "status.json").write_text(json.dumps(done))
+
+    with workspace_lock(workspace):
+        pass
+
+    written = json.loads((directory / "status.json").read_text())
+    assert written["phase"] == "Pending", written
+    ready = next(c for c in written["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ServerNotReady"), ready
+    assert "lathe run --serve" in ready["message"]
+    assert "endpoint" not in written
+    assert json.loads((untouched / "status.json").read_text()) == done

@@ -22,11 +22,16 @@ Names, labels and the RBAC rules shared by the operator's templates.
 {{- end }}
 
 {{/*
-Name of the metrics Service. A Service name is a DNS label of at most 63 characters, so the
-prefix is cut to leave room for "-metrics".
+Name of the metrics Service. A Service name is an RFC 1035 label: at most 63 characters, so the
+prefix is cut to leave room for "-metrics", and a letter first, which a release name such as
+"2024-lathe" does not give; the API server would reject that Service only at install time.
 */}}
 {{- define "lathe.metricsServiceName" -}}
-{{- printf "%s-metrics" (include "lathe.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- $name := printf "%s-metrics" (include "lathe.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- if not (regexMatch "^[a-z]" $name) }}
+{{- fail (printf "The metrics Service name %q starts with a digit, which Kubernetes rejects for a Service: set fullnameOverride to a name that starts with a letter, or install under a release name that starts with one." $name) }}
+{{- end }}
+{{- $name }}
 {{- end }}
 
 {{/*

@@ -814,10 +814,61 @@ def workspace_lock(workspace: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
+        close_abandoned_status(workspace)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+KILLED_WHILE_RUNNING = ("The lathe run that ran this stage stopped without recording its end, "
+                        "as when it is killed; run it again to resume the stage from its "
+                        "checkpoints.")
+KILLED_WHILE_SERVING = ("Triton is not running: the lathe run that served the model stopped "
+                        "without recording it, as when it is killed; run `lathe run --serve` to "
+                        "serve it again.")
+
+
+def close_abandoned_status(workspace: Path) -> None:
+    """Rewrite the status.json files that a killed run left saying Running or Ready.
+
+    A run records the end of each stage and of serving, but SIGKILL or a crash of the machine
+    gives it no chance to, and status.json would then claim a stage or a Triton server that no
+    process runs. Whoever holds the workspace lock knows that no other run does, so it closes
+    those conditions as the operator would when a pod disappears.
+    """
+    for path in sorted(workspace.glob("*/*/*/status.json")):
+        try:
+            document = json.loads(path.read_text())
+            conditions = document["conditions"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        generation = document.get("observedGeneration")
+        changed = False
+        if status.condition_true(conditions, status.ConditionType.RUNNING):
+            conditions = status.set_condition(
+                conditions, status.ConditionType.RUNNING, False, status.Reason.INTERRUPTED,
+                KILLED_WHILE_RUNNING, generation,
+            )
+            changed = True
+        ready = next((c for c in conditions if c["type"] == status.ConditionType.READY), None)
+        if ready and ready["status"] == "True" and ready["reason"] == status.Reason.SERVER_READY:
+            conditions = status.set_condition(
+                conditions, status.ConditionType.READY, False, status.Reason.SERVER_NOT_READY,
+                KILLED_WHILE_SERVING, generation,
+            )
+            document.pop("endpoint", None)
+            changed = True
+        if not changed:
+            continue
+        # The stage directory is <namespace>/<kind>/<name>; only a ModelDeployment is Ready.
+        summary = (status.ConditionType.READY if path.parent.parent.name == "modeldeployment"
+                   else status.ConditionType.SUCCEEDED)
+        document["conditions"] = conditions
+        document["phase"] = status.derive_phase(conditions, summary)
+        log.info("Marked %s as stopped: the run that wrote it ended without recording it.",
+                    path)
+        path.write_text(json.dumps(document, indent=2))
 
 
 SERVER_NOT_RUNNING = ("Triton is not running: lathe run starts it after the export and stops it "
