@@ -1,10 +1,13 @@
 """Compare the PretrainJob trainer with Hugging Face `transformers.Trainer`, side by side.
 
-Usage: `python benchmarks/trainer.py [--data-dir ../shared/data] [--steps 40] [--repeats 1]`.
+Usage: `python benchmarks/trainer.py [--precision fp32|bf16] [--data-dir ../shared/data]
+[--steps 40] [--repeats 1]`.
 It builds a byte-level BPE tokenizer and a Corpus output from the BC5CDR PubTator abstracts in a
 temporary workspace. Then it trains the same tiny Llama (hidden 256, 4 layers) on the same
-sequences with the same micro-batch, learning-rate schedule and fp32 precision twice. Each run
-is 2 processes under torchrun with the gloo backend (DDP):
+sequences with the same micro-batch, learning-rate schedule and precision twice: fp32, or
+bf16 autocast (`--precision bf16`, which `spec.training.precision: bf16` and
+`TrainingArguments(bf16=True)` give). Each run is 2 processes under torchrun with the gloo
+backend (DDP):
 
 1. Lathe: the real stage, `python -m lathe_trainer pretrain --config ...` (eager), and with
    `--compile` once more with `spec.training.compile: true`.
@@ -15,9 +18,9 @@ Both rates come from the same measurement: the wall-clock time between the end o
 TrainerCallback for Hugging Face), times the input tokens of those steps. The warm-up steps
 before the window and the start-up of the processes are therefore excluded on both sides.
 Last, PROCESSES processes run only the matrix products of one training step, over and over,
-at the same time (`--matmul-worker`): the rate no fp32 trainer of this model can pass here,
-which shows how much room the two trainers leave. The result goes between the trainer markers
-of docs/benchmarks.md.
+at the same time (`--matmul-worker`), in float32 or bfloat16: the rate no trainer of this
+model at that precision can pass here, which shows how much room the two trainers leave. The
+result goes between the markers of its precision in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
-BEGIN = "<!-- trainer:begin -->"
-END = "<!-- trainer:end -->"
+# The generated text of each precision goes between its own markers, so that a run of one
+# precision keeps the other's results and the hand-written reading around them.
+MARKERS = {"fp32": "trainer", "bf16": "trainer-bf16"}
 TARGET_RATIO = 1.3
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<unk>"]
 
@@ -98,7 +102,8 @@ def workspace_inputs(root: Path) -> dict:
     }
 
 
-def lathe_config(root: Path, data_dir: Path, steps: int, compile: bool) -> Path:
+def lathe_config(root: Path, data_dir: Path, steps: int, compile: bool,
+                 precision: str = "fp32") -> Path:
     from lathe.api import KINDS
     from lathe.plans import stage_config
 
@@ -114,7 +119,7 @@ def lathe_config(root: Path, data_dir: Path, steps: int, compile: bool) -> Path:
             "evalSequences": 16,
             "training": {"maxSteps": steps, "microBatchSize": MICRO_BATCH,
                          "learningRate": LEARNING_RATE, "warmupSteps": WARMUP_STEPS,
-                         "weightDecay": WEIGHT_DECAY, "precision": "fp32",
+                         "weightDecay": WEIGHT_DECAY, "precision": precision,
                          "compile": compile,
                          # Evaluation and checkpoints run only after the last step.
                          "evalInterval": steps, "checkpointInterval": steps},
@@ -145,24 +150,40 @@ def window_rate(end_times: dict[int, float], steps: int, window: int) -> float:
     return window * MICRO_BATCH * PROCESSES * SEQUENCE_LENGTH / seconds
 
 
-def run_lathe(root: Path, data_dir: Path, steps: int, window: int, compile: bool) -> float:
-    config = lathe_config(root, data_dir, steps, compile)
+# Steps that the reported training loss is the mean of: Hugging Face logs the mean loss of
+# every LOSS_STEPS steps (logging_steps), and the Lathe side takes its last LOSS_STEPS steps.
+LOSS_STEPS = 10
+
+
+def run_lathe(root: Path, data_dir: Path, steps: int, window: int, compile: bool,
+              precision: str = "fp32") -> tuple[float, float]:
+    """Return the tokens per second of the Lathe stage and its mean loss over the last
+    LOSS_STEPS steps."""
+    config = lathe_config(root, data_dir, steps, compile, precision)
     torchrun(["-m", "lathe_trainer", "pretrain", "--config", str(config)])
-    end_times = {}
+    end_times, losses = {}, {}
+    # Each run appends to the same progress file, so the records of this run come last.
     for line in (root / "lathe-out" / "progress.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "gradNorm" in record:
             end_times[record["completed"]] = record["time"]
-    return window_rate(end_times, steps, window)
+            losses[record["completed"]] = record["loss"]
+    last = [losses[step] for step in range(steps - LOSS_STEPS + 1, steps + 1)]
+    return window_rate(end_times, steps, window), sum(last) / len(last)
 
 
-def run_hugging_face(root: Path, steps: int) -> dict[int, float]:
-    torchrun([str(Path(__file__).resolve()), "--hf-worker", str(root), "--steps", str(steps)])
-    end_times = {int(k): v for k, v in json.loads((root / "hf-steps.json").read_text()).items()}
-    return end_times
+def run_hugging_face(root: Path, steps: int, window: int,
+                     precision: str = "fp32") -> tuple[float, float]:
+    """Return the tokens per second of transformers.Trainer and the mean loss it logged for
+    the last LOSS_STEPS steps."""
+    torchrun([str(Path(__file__).resolve()), "--hf-worker", str(root), "--steps", str(steps),
+              "--precision", precision])
+    written = json.loads((root / "hf-steps.json").read_text())
+    end_times = {int(step): seconds for step, seconds in written["endTimes"].items()}
+    return window_rate(end_times, steps, window), written["loss"]
 
 
-def hf_worker(root: Path, steps: int) -> None:
+def hf_worker(root: Path, steps: int, precision: str = "fp32") -> None:
     """Train with transformers.Trainer on the packed Lathe sequences (one torchrun process)."""
     import torch
     from transformers import (
@@ -193,10 +214,15 @@ def hf_worker(root: Path, steps: int) -> None:
     )
     model = LlamaForCausalLM(config)
     end_times: dict[int, float] = {}
+    losses: dict[int, float] = {}
 
     class StepTimes(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             end_times[state.global_step] = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses[state.global_step] = logs["loss"]
 
     arguments = TrainingArguments(
         output_dir=str(root / "hf-out"), max_steps=steps,
@@ -204,12 +230,14 @@ def hf_worker(root: Path, steps: int) -> None:
         warmup_steps=WARMUP_STEPS, weight_decay=WEIGHT_DECAY, adam_beta2=0.95,
         lr_scheduler_type="cosine", max_grad_norm=1.0, seed=0, use_cpu=True,
         ddp_backend="gloo", save_strategy="no", eval_strategy="no", report_to=[],
-        logging_steps=10, dataloader_num_workers=0, remove_unused_columns=False,
+        logging_steps=LOSS_STEPS, dataloader_num_workers=0, remove_unused_columns=False,
+        bf16=precision == "bf16",
     )
     Trainer(model=model, args=arguments, train_dataset=dataset,
             callbacks=[StepTimes()]).train()
     if int(os.environ.get("RANK", "0")) == 0:
-        (root / "hf-steps.json").write_text(json.dumps(end_times))
+        (root / "hf-steps.json").write_text(json.dumps({"endTimes": end_times,
+                                                        "loss": losses[steps]}))
 
 
 def matmul_shapes() -> list[tuple[int, int, int, int]]:
@@ -239,12 +267,15 @@ def matmul_shapes() -> list[tuple[int, int, int, int]]:
     return shapes
 
 
-def matmul_worker(seconds: float) -> None:
-    """Print the tokens per second of one process that runs only a step's matrix products."""
+def matmul_worker(seconds: float, precision: str = "fp32") -> None:
+    """Print the tokens per second of one process that runs only a step's matrix products,
+    in float32, or in bfloat16 as autocast runs them for bf16."""
     import torch
 
     torch.set_num_threads(1)
-    operands = [(torch.randn(b, m, k), torch.randn(b, k, n)) for b, m, k, n in matmul_shapes()]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    operands = [(torch.randn(b, m, k, dtype=dtype), torch.randn(b, k, n, dtype=dtype))
+                for b, m, k, n in matmul_shapes()]
 
     def step() -> None:
         for left, right in operands:
@@ -261,16 +292,16 @@ def matmul_worker(seconds: float) -> None:
                       "gflops": steps * flops / elapsed / 1e9}))
 
 
-def matmul_ceiling(seconds: float = 20.0) -> tuple[float, float]:
+def matmul_ceiling(seconds: float = 20.0, precision: str = "fp32") -> tuple[float, float]:
     """Return (tokens/s over all processes, GFLOP/s per process) of PROCESSES processes that
     run only the matrix products of the training step, one thread each, at the same time.
 
-    No trainer that computes the same model in fp32 through PyTorch's CPU kernels can pass
-    this rate, since it leaves out everything but the products: normalization, activations,
-    the loss, the optimizer and the all-reduce.
+    No trainer that computes the same model at that precision through PyTorch's CPU kernels
+    can pass this rate, since it leaves out everything but the products: normalization,
+    activations, the loss, the optimizer and the all-reduce.
     """
     command = [sys.executable, str(Path(__file__).resolve()), "--matmul-worker",
-               str(seconds)]
+               str(seconds), "--precision", precision]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
                for _ in range(PROCESSES)]
@@ -282,34 +313,45 @@ def matmul_ceiling(seconds: float = 20.0) -> tuple[float, float]:
             sum(result["gflops"] for result in results) / PROCESSES)
 
 
-def write_doc(text: str) -> None:
-    """Replace the text between the trainer markers, keeping the rest of the page."""
+def write_doc(text: str, precision: str = "fp32") -> None:
+    """Replace the text between the markers of `precision`, keeping the rest of the page."""
+    begin = f"<!-- {MARKERS[precision]}:begin -->"
+    end = f"<!-- {MARKERS[precision]}:end -->"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     document = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-    if BEGIN not in document:
-        document = document.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", document))
+    if begin not in document:
+        document = document.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    DOC.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", document))
 
 
 def report(
-    rows: list[tuple[float, float | None, float, tuple[float, ...]]], steps: int, window: int,
-    ceiling: tuple[float, float] | None = None,
+    rows: list[tuple[float, float | None, float, tuple[float, ...], float, float]], steps: int,
+    window: int,
+    ceiling: tuple[float, float] | None = None, precision: str = "fp32",
 ) -> str:
     best_lathe = max(row[0] for row in rows)
     best_hf = max(row[2] for row in rows)
     ratio = best_lathe / best_hf
     verdict = "pass" if ratio >= TARGET_RATIO else "miss"
+    command = "python benchmarks/trainer.py"
+    title = "### fp32"
+    if precision == "bf16":
+        command += " --precision bf16"
+        title = "### bf16 autocast"
     lines = [
-        "## Trainer",
+        title,
         "",
-        "`python benchmarks/trainer.py` trains the same tiny Llama on the same packed BC5CDR "
-        "sequences twice, each as 2 CPU processes under torchrun (gloo, DDP, fp32): once with "
+        f"`{command}` trains the same tiny Llama on the same packed BC5CDR "
+        f"sequences twice, each as 2 CPU processes under torchrun (gloo, DDP, {precision}): "
+        "once with "
         "Lathe's PretrainJob stage, once with Hugging Face `transformers.Trainer` at its "
         "defaults. Neither uses torch.compile; with `--compile` the Lathe stage also runs "
         "with `spec.training.compile: true`, for reference. The rates "
         f"are input tokens per second over all processes during the last {window} of {steps} "
-        "steps, from wall-clock step-end times, so start-up and warm-up are excluded.",
+        "steps, from wall-clock step-end times, so start-up and warm-up are excluded. The "
+        f"loss is each trainer's mean training loss over its last {LOSS_STEPS} steps, which "
+        "shows that both trained the same model as far.",
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -321,13 +363,14 @@ def report(
         f"{PROCESSES} processes, no accumulation; {steps} steps",
         "",
         "| Run | Load average (1 min) before | Lathe tokens/s | Lathe compiled tokens/s | "
-        "HF Trainer tokens/s | Ratio Lathe / HF |",
-        "|---|---|---|---|---|---|",
+        f"HF Trainer tokens/s | Ratio Lathe / HF | Loss of the last {LOSS_STEPS} steps, "
+        "Lathe / HF |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for index, (lathe, compiled, hf, load) in enumerate(rows, 1):
+    for index, (lathe, compiled, hf, load, lathe_loss, hf_loss) in enumerate(rows, 1):
         compiled_text = "not run" if compiled is None else f"{compiled:.0f}"
         lines.append(f"| {index} | {load[0]:.2f} | {lathe:.0f} | {compiled_text} | {hf:.0f} | "
-                     f"{lathe / hf:.2f} |")
+                     f"{lathe / hf:.2f} | {lathe_loss:.2f} / {hf_loss:.2f} |")
     lines += [
         "",
         f"Best of each: Lathe {best_lathe:.0f} tokens/s, HF Trainer {best_hf:.0f} tokens/s, "
@@ -343,7 +386,8 @@ def report(
             f"{len(matmul_shapes())} matrix products of a training step "
             f"({per_token / 1e6:.1f} MFLOP per token), one thread each, at the same time, "
             f"reach {bound:.0f} tokens/s ({gflops:.0f} GFLOP/s per process). That is the "
-            "most any fp32 trainer of this model can reach through PyTorch's CPU kernels: "
+            f"most any {precision} trainer of this model can reach through PyTorch's CPU "
+            "kernels: "
             f"{bound / best_hf:.2f} times HF Trainer's rate. Lathe reaches "
             f"{best_lathe / bound:.0%} of it, HF Trainer {best_hf / bound:.0%}.",
         ]
@@ -364,17 +408,23 @@ def main() -> None:
                         help="Runs of each trainer; the best rate of each is compared.")
     parser.add_argument("--compile", action="store_true",
                         help="Also run the Lathe stage with spec.training.compile: true.")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="Precision of both trainers: fp32, or bf16 autocast.")
     parser.add_argument("--no-doc", action="store_true", help="Do not update the docs page.")
     parser.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--matmul-worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.hf_worker:
-        hf_worker(args.hf_worker, args.steps)
+        hf_worker(args.hf_worker, args.steps, args.precision)
         return
     if args.matmul_worker:
-        matmul_worker(args.matmul_worker)
+        matmul_worker(args.matmul_worker, args.precision)
         return
+    if args.steps % LOSS_STEPS or not 0 < args.window < args.steps:
+        parser.error(f"--steps {args.steps} and --window {args.window} are invalid: --steps must "
+                     f"be a multiple of {LOSS_STEPS}, the steps each reported loss covers, and "
+                     "--window between 1 and --steps - 1.")
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="lathe-trainer-bench-") as temporary:
@@ -383,22 +433,25 @@ def main() -> None:
             build_workspace(args.data_dir, root)
         for _ in range(args.repeats):
             load = os.getloadavg()
-            lathe = run_lathe(root, args.data_dir, args.steps, args.window, compile=False)
+            lathe, lathe_loss = run_lathe(root, args.data_dir, args.steps, args.window,
+                                          compile=False, precision=args.precision)
             compiled = None
             if args.compile:
-                compiled = run_lathe(root, args.data_dir, args.steps, args.window, compile=True)
-            hf = window_rate(run_hugging_face(root, args.steps), args.steps, args.window)
-            print(f"Lathe {lathe:.0f} tokens/s (compiled {compiled}), HF Trainer {hf:.0f} "
-                  f"tokens/s, ratio {lathe / hf:.2f} (load average {load[0]:.2f}).", flush=True)
-            rows.append((lathe, compiled, hf, load))
+                compiled, _ = run_lathe(root, args.data_dir, args.steps, args.window,
+                                        compile=True, precision=args.precision)
+            hf, hf_loss = run_hugging_face(root, args.steps, args.window, args.precision)
+            print(f"Lathe {lathe:.0f} tokens/s (compiled {compiled}, loss {lathe_loss:.3f}), "
+                  f"HF Trainer {hf:.0f} tokens/s (loss {hf_loss:.3f}), ratio {lathe / hf:.2f} "
+                  f"(load average {load[0]:.2f}).", flush=True)
+            rows.append((lathe, compiled, hf, load, lathe_loss, hf_loss))
 
-    ceiling = matmul_ceiling()
+    ceiling = matmul_ceiling(precision=args.precision)
     print(f"Matrix products alone: {ceiling[0]:.0f} tokens/s ({ceiling[1]:.0f} GFLOP/s per "
           "process).", flush=True)
-    text = report(rows, args.steps, args.window, ceiling)
+    text = report(rows, args.steps, args.window, ceiling, args.precision)
     print(text)
     if not args.no_doc:
-        write_doc(text)
+        write_doc(text, args.precision)
 
 
 if __name__ == "__main__":

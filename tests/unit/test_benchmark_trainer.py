@@ -42,3 +42,22 @@ def test_matmul_shapes_match_the_benchmark_model():
         linear_weights, bench.MODEL["numLayers"], bench.MODEL["hiddenSize"],
         bench.SEQUENCE_LENGTH)
     assert len(shapes) == 3 * (7 * bench.MODEL["numLayers"] + 1) + 6 * bench.MODEL["numLayers"]
+
+
+def test_doc_keeps_other_precision(tmp_path, monkeypatch):
+    """A bf16 run rewrites only its own block of the page, so the fp32 results and the text
+    between the blocks stay."""
+    bench = _benchmark()
+    page = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(bench, "DOC", page)
+    page.write_text("# Benchmarks\n\n<!-- trainer:begin -->\nfp32 table\n<!-- trainer:end -->\n"
+                    "Reading of the fp32 runs.\n")
+
+    bench.write_doc("bf16 table", "bf16")
+    bench.write_doc("new bf16 table", "bf16")
+
+    text = page.read_text()
+    assert "fp32 table" in text
+    assert "Reading of the fp32 runs." in text
+    assert "<!-- trainer-bf16:begin -->\nnew bf16 table\n<!-- trainer-bf16:end -->" in text
+    assert "\nbf16 table" not in text
