@@ -218,8 +218,8 @@ def test_validate_lists_unchecked_s3_paths(tmp_path, capsys):
 class FakeTriton:
     """A started tritonserver stand-in that records when it is stopped.
 
-    NOTE: the stand-in checks the order of starts and stops only. tests/serving runs the real
-    tritonserver for one deployment, but no test starts two real servers at once.
+    The stand-in checks the order of starts and stops only. tests/serving/test_serve_many.py
+    serves two deployments with real tritonservers.
     """
 
     def __init__(self, port: int, events: list[str]):
