@@ -280,6 +280,41 @@ def test_serve_keeps_every_deployment_running(tmp_path, monkeypatch):
     assert output.getvalue().count("Serving until interrupted") == 1
 
 
+def test_serve_interrupt_during_serving_message(tmp_path, monkeypatch):
+    """A Ctrl-C that arrives while --serve prints "Serving until interrupted" ends the serving
+    normally, as that message promises: status 0 and every server stopped, not status 130."""
+    from lathe.local import serving
+    from lathe_trainer.serving import client, local_server
+
+    events: list[str] = []
+    ports = iter((8000, 8100))
+    monkeypatch.setattr(local_server, "busy_ports", lambda _ports: [])
+    monkeypatch.setattr(local_server, "start_triton",
+                        lambda *_args, **_kwargs: FakeTriton(next(ports), events))
+    monkeypatch.setattr(serving, "repository_path", lambda _result: tmp_path)
+    monkeypatch.setattr(serving, "record_serving", lambda *_args: None)
+    monkeypatch.setattr(client, "infer_entities", lambda *_args: [[]])
+    monkeypatch.setattr(serving.time, "sleep",
+                        lambda _seconds: pytest.fail("serving went on after the interrupt"))
+
+    class InterruptedConsole(Console):
+        def print(self, *args, **kwargs) -> None:
+            super().print(*args, **kwargs)
+            if args and str(args[0]).startswith("Serving until interrupted"):
+                events.append("interrupt")
+                raise KeyboardInterrupt
+
+    output = io.StringIO()
+    try:
+        serving.serve_all(_two_deployments(tmp_path), "x",
+                          InterruptedConsole(file=output, width=200), keep_serving=True)
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt left serve_all, so lathe run exits with 130, not 0")
+
+    assert events == ["start 8000", "start 8100", "interrupt", "stop 8100", "stop 8000"]
+    assert "Stopping Triton." in output.getvalue()
+
+
 def test_serve_reports_crashed_deployment(tmp_path, monkeypatch):
     """When one of several served deployments' tritonserver exits, --serve fails with that
     deployment's error, records it in its status, and stops the other servers."""

@@ -179,8 +179,10 @@ def _serve_until_interrupted(
     servers: list[tuple[StageResult, local_server.TritonServer]], console: Console
 ) -> None:
     """Wait for Ctrl-C or `kill`, or raise ServingStoppedError when a server exits first."""
-    console.print("Serving until interrupted (Ctrl-C or kill; either exits with status 0).")
+    # The message is inside the try, because a client that waits for it may interrupt at once,
+    # and the message promises status 0 from then on.
     try:
+        console.print("Serving until interrupted (Ctrl-C or kill; either exits with status 0).")
         while True:
             for result, server in servers:
                 if server.process.poll() is not None:
