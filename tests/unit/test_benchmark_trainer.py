@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "trainer.py"
 def _benchmark():
     spec = importlib.util.spec_from_file_location("trainer_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    # dataclasses look the module up in sys.modules to resolve the annotations.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -61,3 +64,25 @@ def test_doc_keeps_other_precision(tmp_path, monkeypatch):
     assert "Reading of the fp32 runs." in text
     assert "<!-- trainer-bf16:begin -->\nnew bf16 table\n<!-- trainer-bf16:end -->" in text
     assert "\nbf16 table" not in text
+
+
+def test_report_compares_against_hf_defaults():
+    """The verdicts compare Lathe, eager and compiled, with HF Trainer at its defaults; each
+    reference setting of HF Trainer gets a column, and a repeat without it says "not run"."""
+    bench = _benchmark()
+    load = (0.5, 0.5, 0.5)
+    rows = [bench.Row(2000.0, 2640.0, 2000.0, {"static-ddp": 2400.0}, load, 7.15, 7.21),
+            bench.Row(1990.0, 2600.0, 1900.0, {}, load, 7.16, 7.22)]
+
+    text = bench.report(rows, 40, 20, precision="bf16")
+
+    assert "`python benchmarks/trainer.py --precision bf16 --compile --hf-reference static-ddp " \
+        "--repeats 2`" in text
+    assert "| HF Trainer, `ddp_find_unused_parameters=False`, tokens/s | Ratio" in text
+    assert "`torch_compile=True`" not in text
+    assert "| 1 | 0.50 | 2000 | 2640 | 2000 | 2400 | 1.00 | 7.15 / 7.21 |" in text
+    assert "| 2 | 0.50 | 1990 | 2600 | 1900 | not run | 1.05 | 7.16 / 7.22 |" in text
+    assert "ratio 1.000 against a target of 1.3: **miss**" in text
+    assert "Lathe reached 2640 tokens/s, ratio 1.320: **pass**" in text
+    assert ("`ddp_find_unused_parameters=False` reached 2400 tokens/s; Lathe is 0.833 times "
+            "that, compiled Lathe 1.100 times.") in text
