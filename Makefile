@@ -16,11 +16,13 @@ env:
 
 # Test tools built or installed once into ~/.cache/lathe: the Kubernetes test bed (about 40 min
 # of compiling the first time on 2 cores), helm (about 15 min), SeaweedFS for the s3:// tests
-# (several minutes) and Debian's prometheus/promtool.
+# (several minutes), Debian's prometheus/promtool, and the Prometheus Operator's PodMonitor CRD
+# for the PodMonitor cluster test (a 4 MB module download).
 tools: cluster-bed cluster-bed-min-version
 	scripts/tools/helm.sh >/dev/null
 	scripts/tools/seaweedfs.sh >/dev/null
 	scripts/tools/prometheus.sh >/dev/null
+	scripts/tools/podmonitor-crd.sh >/dev/null
 
 demo: env
 	.venv/bin/lathe run -f examples/pubmed/

@@ -22,6 +22,8 @@ from bed import BUILD_SCRIPT, POLL_INTERVAL_SECONDS, REPO, BedError, ClusterBed,
 
 CRD_DIR = REPO / "crds"
 HERE = Path(__file__).resolve().parent
+POD_MONITOR_CRD_SCRIPT = REPO / "scripts" / "tools" / "podmonitor-crd.sh"
+POD_MONITOR_CRD = "podmonitors.monitoring.coreos.com"
 
 
 @dataclass
@@ -151,3 +153,27 @@ def ready_inputs(cluster, namespace):
         lambda: is_true(cluster, "Tokenizer", "missing-on-purpose", namespace, "Succeeded"),
         "the input Corpus and Tokenizer to succeed", timeout=120,
     )
+
+
+@pytest.fixture
+def pod_monitor_crd(cluster: Cluster) -> Iterator[None]:
+    """The Prometheus Operator's PodMonitor CRD (scripts/tools/podmonitor-crd.sh), installed for
+    one test and removed after it, so that the other tests see a bed without it."""
+    result = subprocess.run(["bash", str(POD_MONITOR_CRD_SCRIPT)], capture_output=True,
+                            text=True, timeout=600, check=False)
+    path = Path(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else None
+    if result.returncode != 0 or path is None or not path.is_file():
+        pytest.skip(
+            f"The PodMonitor CRD could not be fetched: {result.stderr.strip()[-2000:]}\n"
+            f"Fetch it with `{POD_MONITOR_CRD_SCRIPT.relative_to(REPO)}` (part of `make tools`; "
+            "needs Go and the Go module proxy)."
+        )
+    cluster.kubectl("apply", "--server-side", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    f"crd/{POD_MONITOR_CRD}", timeout=90)
+    try:
+        yield
+    finally:
+        # Deleting the CRD deletes every PodMonitor; wait, so that no later test sees it.
+        cluster.kubectl("delete", "crd", POD_MONITOR_CRD, "--wait=true", timeout=120,
+                        check=False)

@@ -28,8 +28,7 @@ RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "Ro
 CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 # (verb, resource, subresource) the operator's account must be allowed in a watched namespace.
-# PodMonitors are left out: the bed has no prometheus-operator CRDs, so kubectl cannot resolve
-# the name (tests/chart checks that rule without a cluster).
+# PodMonitors are checked on their own, with their CRD installed (test_account_pod_monitors).
 ALLOWED = [
     ("create", "jobs.batch", None),
     ("delete", "jobs.batch", None),
@@ -212,6 +211,20 @@ def test_account_is_denied_the_rest(cluster, installed_rbac, namespaces):
     assert not can_i(cluster, account, "default", "delete", "namespaces", None)
     assert not can_i(cluster, account, "default", "create", "customresourcedefinitions"
                      ".apiextensions.k8s.io", None)
+
+
+@pytest.mark.parametrize("installed_rbac", ["cluster-wide", "namespaced"], indirect=True)
+def test_account_pod_monitors(cluster, installed_rbac, pod_monitor_crd):
+    """With the PodMonitor CRD installed, so that kubectl resolves the name, the account may
+    apply PodMonitors in a watched namespace (server-side apply is create or patch) and do
+    nothing else with them."""
+    account, watched = installed_rbac
+    for verb in ("create", "patch"):
+        assert can_i(cluster, account, watched[0], verb, "podmonitors.monitoring.coreos.com",
+                     None), verb
+    for verb in ("get", "list", "watch", "delete"):
+        assert not can_i(cluster, account, watched[0], verb,
+                         "podmonitors.monitoring.coreos.com", None), verb
 
 
 @pytest.mark.parametrize("installed_rbac", ["cluster-wide", "namespaced"], indirect=True)

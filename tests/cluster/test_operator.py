@@ -597,6 +597,58 @@ def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
                      "CPU target", timeout=60)
 
 
+def test_pod_monitor_with_real_crd(cluster, namespace, lathe_operator, pod_monitor_crd):
+    """With the Prometheus Operator's real PodMonitor CRD installed after the operator started,
+    the operator creates a PodMonitor that the CRD's schema keeps whole and that selects the
+    Triton pods by their metrics port. Once the CRD is deleted, a reconcile that still expects
+    it skips the PodMonitor and goes on."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
+    model = "pubmed-ner"
+    triton = f"{model}-triton"
+
+    def monitor_uid() -> str:
+        return cluster.kubectl("get", "podmonitors.monitoring.coreos.com", triton, "-n",
+                               namespace, "-o", "jsonpath={.metadata.uid}", check=False).stdout
+
+    # The operator reads whether the CRD exists at most once a minute.
+    cluster.wait_for(lambda: monitor_uid() != "", "the PodMonitor to be created",
+                     timeout=300 + reconcile.POD_MONITOR_CRD_CACHE_SECONDS)
+    monitor = cluster.get_json("podmonitors.monitoring.coreos.com", triton, "-n", namespace)
+    deployment = cluster.get_json("deployment", triton, "-n", namespace)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector and selector.items() <= pod_labels.items(), (selector, pod_labels)
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert [(endpoint["port"], endpoint["path"]) for endpoint in endpoints] == [
+        ("metrics", "/metrics")], endpoints
+    port_names = {port["name"] for container in deployment["spec"]["template"]["spec"][
+        "containers"] for port in container.get("ports", [])}
+    assert "metrics" in port_names, port_names
+    owners = monitor["metadata"]["ownerReferences"]
+    assert [(owner["kind"], owner["name"]) for owner in owners] == [("ModelDeployment", model)]
+
+    # Within the minute the operator trusts its last read of the CRD, a changed spec makes
+    # it apply the PodMonitor again, which now fails with 404 and is skipped.
+    cluster.kubectl("delete", "crd", "podmonitors.monitoring.coreos.com", "--wait=true",
+                    timeout=120)
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace,
+                    "--type=merge", "-p", '{"spec": {"serving": {"httpPort": 8080}}}')
+
+    def http_port() -> str:
+        return cluster.kubectl("get", "service", triton, "-n", namespace, "-o",
+                               "jsonpath={.spec.ports[?(@.name=='http')].port}").stdout
+
+    cluster.wait_for(lambda: http_port() == "8080", "the Service to take the new port",
+                     timeout=60)
+    # One more change after the cached answer expired, so that the operator reads the CRD again.
+    time.sleep(reconcile.POD_MONITOR_CRD_CACHE_SECONDS)
+    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace,
+                    "--type=merge", "-p", '{"spec": {"serving": {"httpPort": 8081}}}')
+    cluster.wait_for(lambda: http_port() == "8081", "the Service to take the second port",
+                     timeout=60)
+    assert is_true(cluster, "ModelDeployment", model, namespace, "Exported")
+
+
 def test_service_edit_undone(cluster, namespace, lathe_operator):
     """A hand edit of the Triton Service's ports is undone, as one of its Deployment's replicas
     is, so that clients keep reaching Triton on the ports of spec.serving."""
