@@ -174,6 +174,6 @@ def pod_monitor_crd(cluster: Cluster) -> Iterator[None]:
     try:
         yield
     finally:
-        # Deleting the CRD deletes every PodMonitor; wait, so that no later test sees it.
+        # Deleting the CRD deletes every PodMonitor. The delete waits, so that later tests run without it.
         cluster.kubectl("delete", "crd", POD_MONITOR_CRD, "--wait=true", timeout=120,
                         check=False)

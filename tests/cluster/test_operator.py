@@ -640,7 +640,7 @@ def test_pod_monitor_with_real_crd(cluster, namespace, lathe_operator, pod_monit
 
     cluster.wait_for(lambda: http_port() == "8080", "the Service to take the new port",
                      timeout=60)
-    # One more change after the cached answer expired, so that the operator reads the CRD again.
+    # One more change after the cached read expired, so that the operator reads the CRD again.
     time.sleep(reconcile.POD_MONITOR_CRD_CACHE_SECONDS)
     cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace,
                     "--type=merge", "-p", '{"spec": {"serving": {"httpPort": 8081}}}')
