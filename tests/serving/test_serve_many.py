@@ -140,6 +140,56 @@ def _listening_ports(process: psutil.Process) -> set[int]:
             if connection.status == psutil.CONN_LISTEN}
 
 
+def _start_serving(manifest: Path, workspace: Path, data_dir: Path,
+                   log: Path) -> subprocess.Popen:
+    """Start `lathe run --serve` on `manifest` in a session of its own, writing to `log`."""
+    with log.open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lathe.cli", "run", "-f", str(manifest), "--serve",
+             "--sample", SAMPLE, "--workspace", str(workspace), "--data-dir", str(data_dir)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            # A shell that starts the tests in the background ignores SIGINT in them, and
+            # Python then installs no KeyboardInterrupt handler. Started from a terminal,
+            # lathe has one.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            start_new_session=True,
+        )
+
+
+def test_killed_serve_stops_triton(tmp_path, data_dir):
+    """A SIGKILL of `lathe run --serve`, which no handler of lathe can catch, still stops its
+    tritonserver, so that no server is left on the spec's ports serving a model repository
+    that the next run rewrites."""
+    workspace = tmp_path / "workspace"
+    name, (finetune, seed, model_name) = next(iter(DEPLOYMENTS.items()))
+    _record_finished_finetune(workspace, finetune, data_dir, seed)
+    manifest = tmp_path / "deployment.yaml"
+    manifest.write_text(yaml.safe_dump(
+        _deployment(name, finetune, model_name, _ports_below_ephemeral_range(3))))
+    log = tmp_path / "lathe.log"
+    lathe = _start_serving(manifest, workspace, data_dir, log)
+    tritons: list[psutil.Process] = []
+    try:
+        output = _wait_for_output(lathe, log, "Serving until interrupted", START_TIMEOUT_S)
+        tritons = [child for child in psutil.Process(lathe.pid).children(recursive=True)
+                   if child.name() == "tritonserver"]
+        assert len(tritons) == 1, output
+
+        # Only lathe itself, as `kill -9 <pid>` does: Triton runs in a session of its own.
+        os.kill(lathe.pid, signal.SIGKILL)
+        lathe.wait(timeout=30)
+        left = _still_running(tritons, timeout_s=60)
+        assert not left, [process.cmdline() for process in left]
+        assert _tritonservers_of(workspace) == []
+    finally:
+        if lathe.poll() is None:
+            os.killpg(lathe.pid, signal.SIGKILL)
+            lathe.wait(timeout=30)
+        for process in tritons:
+            if process.is_running():
+                process.kill()
+
+
 def test_two_deployments_serve_until_ctrl_c(tmp_path, data_dir):
     """Both deployments serve their own model on ports of their own, although both specs name
     the same ones, and one Ctrl-C stops both servers and records it in both status files."""
@@ -158,17 +208,7 @@ def test_two_deployments_serve_until_ctrl_c(tmp_path, data_dir):
     ]))
 
     log = tmp_path / "lathe.log"
-    with log.open("wb") as log_file:
-        lathe = subprocess.Popen(
-            [sys.executable, "-m", "lathe.cli", "run", "-f", str(manifest), "--serve",
-             "--sample", SAMPLE, "--workspace", str(workspace), "--data-dir", str(data_dir)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            # A shell that starts the tests in the background ignores SIGINT in them, and
-            # Python then installs no KeyboardInterrupt handler. Started from a terminal,
-            # lathe has one.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-            start_new_session=True,
-        )
+    lathe = _start_serving(manifest, workspace, data_dir, log)
     tritons: list[psutil.Process] = []
     stubs: list[psutil.Process] = []
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -126,9 +127,9 @@ def test_second_interrupt_kills_at_once():
 # A lathe process that starts a stage as the runner does and prints the stage's pid.
 LATHE_WITH_STAGE = """
 import subprocess, sys, time
-from lathe.local.runner import _die_with_parent
+from lathe_trainer.processes import die_with_parent
 stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                         start_new_session=True, preexec_fn=_die_with_parent())
+                         start_new_session=True, preexec_fn=die_with_parent())
 print(stage.pid, flush=True)
 time.sleep(600)
 """
@@ -499,3 +500,32 @@ def test_lock_closes_serving_left_by_killed_run(tmp_path):
     assert "lathe run --serve" in ready["message"]
     assert "endpoint" not in written
     assert json.loads((untouched / "status.json").read_text()) == done
+
+
+@pytest.mark.parametrize("text", ["{\"conditions\": [", "{\"conditions\": [\"Running\"]}",
+                                  "{\"conditions\": [{\"type\": \"Ready\"}]}"])
+def test_lock_skips_malformed_status(tmp_path, caplog, text):
+    """A status.json that is cut short or holds malformed conditions is left as it is and
+    logged, and the run goes on to close the killed stages next to it."""
+    from lathe import status
+    from lathe.local.runner import workspace_lock
+
+    workspace = tmp_path / "workspace"
+    broken = workspace / "default" / "tokenizer" / "pubmed"
+    broken.mkdir(parents=True)
+    (broken / "status.json").write_text(text)
+    killed = workspace / "default" / "corpus" / "pubmed"
+    killed.mkdir(parents=True)
+    running = status.set_condition([], "Running", True, "JobRunning", generation=1)
+    (killed / "status.json").write_text(json.dumps(
+        {"observedGeneration": 1, "phase": "Running", "conditions": running}))
+
+    with caplog.at_level(logging.WARNING), workspace_lock(workspace):
+        pass
+
+    assert (broken / "status.json").read_text() == text
+    assert f"Skipped {broken / 'status.json'}" in caplog.text
+    closed = json.loads((killed / "status.json").read_text())
+    condition = next(c for c in closed["conditions"] if c["type"] == "Running")
+    assert (condition["status"], condition["reason"]) == ("False", "Interrupted"), condition
+    assert not list(killed.glob(".*.partial"))

@@ -30,7 +30,6 @@ its resume key is unchanged (lathe.plans.base.resume_key): when its spec changed
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -63,6 +62,7 @@ from lathe.errors import (
 from lathe.graph import REFERENCE_FIELDS, order, upstream_key
 from lathe.plans.base import CONFIG_PATH_PLACEHOLDER, WorkloadPlan, has_continuable_fields
 from lathe_trainer import remote
+from lathe_trainer.processes import die_with_parent
 from lathe_trainer.stage import (
     EXIT_PERMANENT,
     MANIFEST,
@@ -666,7 +666,9 @@ class LocalRunner:
                         cwd=directory,
                         # A process group of its own, which _stop_processes kills with it.
                         start_new_session=True,
-                        preexec_fn=_die_with_parent(),
+                        # torchrun passes the SIGTERM on to its workers, so a stage stops
+                        # writing into an output that the next run restores or reuses.
+                        preexec_fn=die_with_parent(),
                     ))
                 while any(process.poll() is None for process in running):
                     offset = self._forward_progress(resource, progress_file, offset)
@@ -777,7 +779,21 @@ class LocalRunner:
             "conditions": conditions,
             **(extra or {}),
         }
-        (directory / "status.json").write_text(json.dumps(document, indent=2))
+        write_status(directory / "status.json", document)
+
+
+def write_status(path: Path, document: dict[str, Any]) -> None:
+    """Write a status.json through a temporary file and a rename, so that a reader, or a run
+    killed in the middle of the write, never sees a half-written file."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(json.dumps(document, indent=2))
+        os.replace(partial, path)
+    except OSError as error:
+        raise WorkspaceError(
+            f"Writing {path} failed ({error.strerror}); check that the workspace is writable "
+            "and has free space, then run again."
+        ) from None
 
 
 LOCK_FILE = ".lathe-run.lock"
@@ -841,7 +857,13 @@ def close_abandoned_status(workspace: Path) -> None:
         try:
             document = json.loads(path.read_text())
             conditions = document["conditions"]
-        except (OSError, ValueError, KeyError, TypeError):
+            if not all(isinstance(c, dict) and "type" in c and "status" in c
+                       for c in conditions):
+                raise TypeError("a condition without type or status")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            # The stage rewrites its status.json when it runs again, so the run goes on.
+            log.warning("Skipped %s while closing conditions of killed runs: it is not a "
+                        "status document (%s).", path, error)
             continue
         generation = document.get("observedGeneration")
         changed = False
@@ -852,7 +874,8 @@ def close_abandoned_status(workspace: Path) -> None:
             )
             changed = True
         ready = next((c for c in conditions if c["type"] == status.ConditionType.READY), None)
-        if ready and ready["status"] == "True" and ready["reason"] == status.Reason.SERVER_READY:
+        if (ready and ready["status"] == "True"
+                and ready.get("reason") == status.Reason.SERVER_READY):
             conditions = status.set_condition(
                 conditions, status.ConditionType.READY, False, status.Reason.SERVER_NOT_READY,
                 KILLED_WHILE_SERVING, generation,
@@ -867,8 +890,8 @@ def close_abandoned_status(workspace: Path) -> None:
         document["conditions"] = conditions
         document["phase"] = status.derive_phase(conditions, summary)
         log.info("Marked %s as stopped: the run that wrote it ended without recording it.",
-                    path)
-        path.write_text(json.dumps(document, indent=2))
+                 path)
+        write_status(path, document)
 
 
 SERVER_NOT_RUNNING = ("Triton is not running: lathe run starts it after the export and stops it "
@@ -899,7 +922,7 @@ def record_serving(result: StageResult, endpoint: str | None,
         document.pop("endpoint", None)
     document["conditions"] = conditions
     document["phase"] = status.derive_phase(conditions, status.ConditionType.READY)
-    path.write_text(json.dumps(document, indent=2))
+    write_status(path, document)
 
 
 def _continues(resource: Resource, resume_key_file: Path, resume_key: str) -> bool:
@@ -1143,32 +1166,6 @@ def _read_manifest(output_uri: str) -> dict[str, Any] | None:
         return json.loads(filesystem.cat_file(f"{path}/{MANIFEST}"))
     except (FileNotFoundError, obstore.exceptions.NotFoundError):
         return None
-
-
-# prctl(2) option that has the kernel signal a process when the thread that started it ends.
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """Return a function for Popen's preexec_fn that sends the child SIGTERM when lathe ends.
-
-    NB: each stage runs in a session of its own, and no handler of lathe can catch a SIGKILL
-    to lathe's process group, so the stage would go on running. It would then go on writing into
-    an output that the next run restores or reuses. torchrun passes the SIGTERM on to its
-    workers. Linux only; elsewhere None.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    # Loaded here, before the fork, so the child only makes the call.
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def set_death_signal() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)  # lathe ended before the call took effect
-
-    return set_death_signal
 
 
 def _stop_processes(processes: list[subprocess.Popen], timeout_s: float = 30.0) -> None:

@@ -35,6 +35,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lathe_trainer.processes import die_with_parent
+
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -351,6 +353,9 @@ def launch(repository: Path, workdir: Path, backends: Path, log_path: Path,
     process = subprocess.Popen(
         command, cwd=workdir, env=server_environment(python), stdin=subprocess.DEVNULL,
         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        # A killed `lathe run --serve` would otherwise leave Triton serving on the spec's ports
+        # while the next run marks it stopped and rewrites its model repository.
+        preexec_fn=die_with_parent(),
     )
     return TritonServer(process, http_port, grpc_port, metrics_port, log_path, shm_prefix,
                         log_file)
