@@ -357,8 +357,8 @@ def write_doc(text: str, precision: str = "fp32") -> None:
 
 def cpu_model() -> str:
     """Return the processor's model name and which bf16 matrix instructions it has, which
-    decide the bf16 matrix-product rate: measured 937 GFLOP/s per process with AMX, about
-    210 with AVX-512 bf16 alone."""
+    decide the bf16 matrix-product rate: 937 GFLOP/s per process with AMX (docs/benchmarks.md),
+    against an estimated 200 or so on an AMD EPYC with AVX-512 bf16 alone."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -46,14 +46,17 @@ if [ -f "$dir/$CRD_FILE" ]; then
 fi
 
 echo "Downloading $MODULE@$PROMETHEUS_OPERATOR_VERSION for its PodMonitor CRD (first run only)." >&2
-# go mod download MODULE@VERSION needs no go.mod; run it outside any module.
-source_dir=$(cd "$cache/tools" && "$go" mod download -json "$MODULE@$PROMETHEUS_OPERATOR_VERSION" |
-    sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+# go mod download MODULE@VERSION needs no go.mod; run it outside any module. On failure it
+# exits non-zero and puts the reason in the JSON's Error field, so the status is read later.
+download=$(cd "$cache/tools" && "$go" mod download -json "$MODULE@$PROMETHEUS_OPERATOR_VERSION" 2>&1) ||
+    true
+source_dir=$(printf '%s\n' "$download" | sed -n 's/^\t"Dir": "\(.*\)",\{0,1\}$/\1/p')
+reason=$(printf '%s\n' "$download" | sed -n 's/^\t"Error": "\(.*\)",\{0,1\}$/\1/p')
 source_file="$source_dir/example/prometheus-operator-crd/$CRD_FILE"
 if [ -z "$source_dir" ] || [ ! -f "$source_file" ]; then
     echo "podmonitor-crd.sh: downloading $MODULE@$PROMETHEUS_OPERATOR_VERSION from the Go module" \
-        "proxy failed, or the module has no example/prometheus-operator-crd/$CRD_FILE; check" \
-        "GOPROXY and the network." >&2
+        "proxy failed (${reason:-the module has no example/prometheus-operator-crd/$CRD_FILE});" \
+        "check GOPROXY and the network." >&2
     exit 1
 fi
 if ! grep -q '^  name: podmonitors.monitoring.coreos.com$' "$source_file"; then

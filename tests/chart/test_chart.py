@@ -574,10 +574,14 @@ def test_digit_release_name_rejected(helm):
                       RELEASE_NAMESPACE)
     assert result.returncode != 0, result.stdout
     assert '"2024-lathe-metrics" starts with a digit' in result.stderr
-    assert "fullnameOverride" in result.stderr
+    assert "fullnameOverride to a name that starts with a letter, such as lathe-2024-lathe" in (
+        result.stderr)
     renamed = run_helm(helm, "template", "2024-lathe", str(CHART), "--namespace",
                        RELEASE_NAMESPACE, "--set", "fullnameOverride=lathe-2024")
     assert renamed.returncode == 0, renamed.stderr
+    without_metrics = run_helm(helm, "template", "2024-lathe", str(CHART), "--namespace",
+                               RELEASE_NAMESPACE, "--set", "metrics.enabled=false")
+    assert without_metrics.returncode == 0, without_metrics.stderr
 
 
 def test_shared_port_allowed_without_metrics(helm):

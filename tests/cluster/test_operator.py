@@ -597,7 +597,8 @@ def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
                      "CPU target", timeout=60)
 
 
-def test_pod_monitor_with_real_crd(cluster, namespace, lathe_operator, pod_monitor_crd):
+def test_pod_monitor_with_real_crd(cluster, namespace, lathe_operator, pod_monitor_crd,
+                                   monkeypatch, caplog):
     """With the Prometheus Operator's real PodMonitor CRD installed after the operator started,
     the operator creates a PodMonitor that the CRD's schema keeps whole and that selects the
     Triton pods by their metrics port. Once the CRD is deleted, a reconcile that still expects
@@ -627,25 +628,29 @@ def test_pod_monitor_with_real_crd(cluster, namespace, lathe_operator, pod_monit
     owners = monitor["metadata"]["ownerReferences"]
     assert [(owner["kind"], owner["name"]) for owner in owners] == [("ModelDeployment", model)]
 
-    # Within the minute the operator trusts its last read of the CRD, a changed spec makes
-    # it apply the PodMonitor again, which now fails with 404 and is skipped.
+    # The operator goes on trusting its last read of the CRD, so a changed spec makes it apply
+    # the PodMonitor again, which now fails with 404 and is skipped.
+    monkeypatch.setattr(reconcile, "POD_MONITOR_CRD_CACHE_SECONDS", 3600.0)
     cluster.kubectl("delete", "crd", "podmonitors.monitoring.coreos.com", "--wait=true",
                     timeout=120)
-    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace,
-                    "--type=merge", "-p", '{"spec": {"serving": {"httpPort": 8080}}}')
 
-    def http_port() -> str:
-        return cluster.kubectl("get", "service", triton, "-n", namespace, "-o",
-                               "jsonpath={.spec.ports[?(@.name=='http')].port}").stdout
+    def serve_on(port: int) -> None:
+        change = {"spec": {"serving": {"httpPort": port}}}
+        cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace,
+                        "--type=merge", "-p", json.dumps(change))
+        # The endpoint is set after the PodMonitor step, so the reconcile got past it.
+        cluster.wait_for(
+            lambda: get(cluster, "ModelDeployment", model, namespace)["status"].get(
+                "endpoint", "").endswith(f":{port}"),
+            f"status.endpoint to take port {port}", timeout=60,
+        )
 
-    cluster.wait_for(lambda: http_port() == "8080", "the Service to take the new port",
-                     timeout=60)
-    # One more change after the cached read expired, so that the operator reads the CRD again.
-    time.sleep(reconcile.POD_MONITOR_CRD_CACHE_SECONDS)
-    cluster.kubectl("patch", plural("ModelDeployment"), model, "-n", namespace,
-                    "--type=merge", "-p", '{"spec": {"serving": {"httpPort": 8081}}}')
-    cluster.wait_for(lambda: http_port() == "8081", "the Service to take the second port",
-                     timeout=60)
+    with caplog.at_level(logging.INFO, logger="lathe"):
+        serve_on(8080)
+    assert f"Skipped the PodMonitor {namespace}/{triton}" in caplog.text
+    # With the cached read expired, the next reconcile reads the CRD again and finds none.
+    monkeypatch.setattr(reconcile, "POD_MONITOR_CRD_CACHE_SECONDS", 0.0)
+    serve_on(8081)
     assert is_true(cluster, "ModelDeployment", model, namespace, "Exported")
 
 

@@ -29,7 +29,7 @@ prefix is cut to leave room for "-metrics", and a letter first, which a release 
 {{- define "lathe.metricsServiceName" -}}
 {{- $name := printf "%s-metrics" (include "lathe.fullname" . | trunc 55 | trimSuffix "-") }}
 {{- if not (regexMatch "^[a-z]" $name) }}
-{{- fail (printf "The metrics Service name %q starts with a digit, which Kubernetes rejects for a Service: set fullnameOverride to a name that starts with a letter, or install under a release name that starts with one." $name) }}
+{{- fail (printf "The metrics Service name %q starts with a digit, which Kubernetes rejects for a Service: set fullnameOverride to a name that starts with a letter, such as lathe-%s, or set metrics.enabled=false to create no metrics Service." $name .Release.Name) }}
 {{- end }}
 {{- $name }}
 {{- end }}
