@@ -47,7 +47,7 @@ fi
 
 echo "Downloading $MODULE@$PROMETHEUS_OPERATOR_VERSION for its PodMonitor CRD (first run only)." >&2
 # go mod download MODULE@VERSION needs no go.mod; run it outside any module. On failure it
-# exits non-zero and puts the reason in the JSON's Error field, so the status is read later.
+# exits non-zero and puts the reason in the JSON's Error field, which the message below prints.
 download=$(cd "$cache/tools" && "$go" mod download -json "$MODULE@$PROMETHEUS_OPERATOR_VERSION" 2>&1) ||
     true
 source_dir=$(printf '%s\n' "$download" | sed -n 's/^\t"Dir": "\(.*\)",\{0,1\}$/\1/p')

@@ -505,7 +505,7 @@ def test_lock_closes_serving_left_by_killed_run(tmp_path):
 @pytest.mark.parametrize("text", ["{\"conditions\": [", "{\"conditions\": [\"Running\"]}",
                                   "{\"conditions\": [{\"type\": \"Ready\"}]}"])
 def test_lock_skips_malformed_status(tmp_path, caplog, text):
-    """A status.json that is cut short or holds malformed conditions is left as it is and
+    """A status.json that is cut short or contains malformed conditions is left as it is and
     logged, and the run goes on to close the killed stages next to it."""
     from lathe import status
     from lathe.local.runner import workspace_lock

@@ -784,7 +784,7 @@ class LocalRunner:
 
 def write_status(path: Path, document: dict[str, Any]) -> None:
     """Write a status.json through a temporary file and a rename, so that a reader, or a run
-    killed in the middle of the write, never sees a half-written file."""
+    killed in the middle of the write, never reads a half-written file."""
     partial = path.with_name(f".{path.name}.partial")
     try:
         partial.write_text(json.dumps(document, indent=2))
