@@ -36,9 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -165,8 +164,9 @@ HF_REFERENCES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-@dataclass
-class Row:
+# A NamedTuple rather than a dataclass: benchmarks/gpu_mfu.py and the unit tests load this file
+# as a module that is not in sys.modules, where a dataclass cannot resolve its annotations.
+class Row(NamedTuple):
     """One repeat: tokens per second of each run, the load before it and the final losses."""
 
     lathe: float

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -17,8 +16,6 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "trainer.py"
 def _benchmark():
     spec = importlib.util.spec_from_file_location("trainer_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    # dataclasses look the module up in sys.modules to resolve the annotations.
-    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
