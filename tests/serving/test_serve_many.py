@@ -88,7 +88,7 @@ def _ready(document: dict) -> dict:
 
 
 def _wait_for_output(lathe: subprocess.Popen, log: Path, text: str, timeout_s: float) -> str:
-    """Return the output of `lathe` once it contains `text`; fail when lathe exits first."""
+    """Return the output of `lathe` once it contains `text`, and fail when lathe exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         output = log.read_text(errors="replace")
@@ -156,6 +156,22 @@ def _start_serving(manifest: Path, workspace: Path, data_dir: Path,
         )
 
 
+def _children_named(lathe: subprocess.Popen, name: str) -> list[psutil.Process]:
+    """Return the descendants of `lathe` whose process name is `name`."""
+    return [child for child in psutil.Process(lathe.pid).children(recursive=True)
+            if child.name() == name]
+
+
+def _kill_all(lathe: subprocess.Popen, processes: list[psutil.Process]) -> None:
+    """Kill whatever a failed test left running: lathe's process group and `processes`."""
+    if lathe.poll() is None:
+        os.killpg(lathe.pid, signal.SIGKILL)
+        lathe.wait(timeout=30)
+    for process in processes:
+        if process.is_running():
+            process.kill()
+
+
 def test_killed_serve_stops_triton(tmp_path, data_dir):
     """A SIGKILL of `lathe run --serve`, which no handler of lathe can catch, still stops its
     tritonserver, so that no server is left on the spec's ports serving a model repository
@@ -171,8 +187,7 @@ def test_killed_serve_stops_triton(tmp_path, data_dir):
     tritons: list[psutil.Process] = []
     try:
         output = _wait_for_output(lathe, log, "Serving until interrupted", START_TIMEOUT_S)
-        tritons = [child for child in psutil.Process(lathe.pid).children(recursive=True)
-                   if child.name() == "tritonserver"]
+        tritons = _children_named(lathe, "tritonserver")
         assert len(tritons) == 1, output
 
         # Only lathe itself, as `kill -9 <pid>` does: Triton runs in a session of its own.
@@ -182,12 +197,7 @@ def test_killed_serve_stops_triton(tmp_path, data_dir):
         assert not left, [process.cmdline() for process in left]
         assert _tritonservers_of(workspace) == []
     finally:
-        if lathe.poll() is None:
-            os.killpg(lathe.pid, signal.SIGKILL)
-            lathe.wait(timeout=30)
-        for process in tritons:
-            if process.is_running():
-                process.kill()
+        _kill_all(lathe, tritons)
 
 
 def test_two_deployments_serve_until_ctrl_c(tmp_path, data_dir):
@@ -213,8 +223,7 @@ def test_two_deployments_serve_until_ctrl_c(tmp_path, data_dir):
     stubs: list[psutil.Process] = []
     try:
         output = _wait_for_output(lathe, log, "Serving until interrupted", START_TIMEOUT_S)
-        tritons = [child for child in psutil.Process(lathe.pid).children(recursive=True)
-                   if child.name() == "tritonserver"]
+        tritons = _children_named(lathe, "tritonserver")
         assert len(tritons) == 2, output
         assert sorted(triton.pid for triton in _tritonservers_of(workspace)) == sorted(
             triton.pid for triton in tritons)
@@ -280,9 +289,4 @@ def test_two_deployments_serve_until_ctrl_c(tmp_path, data_dir):
             assert written["phase"] == "Pending", written
             assert "endpoint" not in written
     finally:
-        if lathe.poll() is None:
-            os.killpg(lathe.pid, signal.SIGKILL)
-            lathe.wait(timeout=30)
-        for process in tritons + stubs:
-            if process.is_running():
-                process.kill()
+        _kill_all(lathe, tritons + stubs)

@@ -64,8 +64,8 @@ def test_doc_keeps_other_precision(tmp_path, monkeypatch):
 
 
 def test_report_compares_against_hf_defaults():
-    """The verdicts compare Lathe, eager and compiled, with HF Trainer at its defaults; each
-    reference setting of HF Trainer gets a column, and a repeat without it shows "not run"."""
+    """The verdicts compare Lathe, eager and compiled, with HF Trainer at its defaults. Each
+    reference setting of HF Trainer gets a column, which shows "not run" for a repeat without it."""
     bench = _benchmark()
     load = (0.5, 0.5, 0.5)
     rows = [bench.Row(2000.0, 2640.0, 2000.0, {"static-ddp": 2400.0}, load, 7.15, 7.21),

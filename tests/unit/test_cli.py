@@ -250,9 +250,9 @@ def _two_deployments(tmp_path):
     ]
 
 
-def test_serve_keeps_every_deployment_running(tmp_path, monkeypatch):
-    """With --serve, every ModelDeployment of the run serves at once, and one Ctrl-C stops all
-    of them, instead of the next one starting after the first is stopped."""
+def _fake_servers(tmp_path, monkeypatch) -> list[str]:
+    """Make serve_all start FakeTritons on ports 8000 and 8100 that need no model, and return
+    the list that they record their starts and stops in."""
     from lathe.local import serving
     from lathe_trainer.serving import client, local_server
 
@@ -264,6 +264,15 @@ def test_serve_keeps_every_deployment_running(tmp_path, monkeypatch):
     monkeypatch.setattr(serving, "repository_path", lambda _result: tmp_path)
     monkeypatch.setattr(serving, "record_serving", lambda *_args: None)
     monkeypatch.setattr(client, "infer_entities", lambda *_args: [[]])
+    return events
+
+
+def test_serve_keeps_every_deployment_running(tmp_path, monkeypatch):
+    """With --serve, every ModelDeployment of the run serves at once, and one Ctrl-C stops all
+    of them, instead of the next one starting after the first is stopped."""
+    from lathe.local import serving
+
+    events = _fake_servers(tmp_path, monkeypatch)
 
     def interrupt(_seconds):
         events.append("interrupt")
@@ -284,16 +293,8 @@ def test_serve_interrupt_during_serving_message(tmp_path, monkeypatch):
     """A Ctrl-C that arrives while --serve prints "Serving until interrupted" ends the serving
     normally, as that message promises: status 0 and every server stopped, not status 130."""
     from lathe.local import serving
-    from lathe_trainer.serving import client, local_server
 
-    events: list[str] = []
-    ports = iter((8000, 8100))
-    monkeypatch.setattr(local_server, "busy_ports", lambda _ports: [])
-    monkeypatch.setattr(local_server, "start_triton",
-                        lambda *_args, **_kwargs: FakeTriton(next(ports), events))
-    monkeypatch.setattr(serving, "repository_path", lambda _result: tmp_path)
-    monkeypatch.setattr(serving, "record_serving", lambda *_args: None)
-    monkeypatch.setattr(client, "infer_entities", lambda *_args: [[]])
+    events = _fake_servers(tmp_path, monkeypatch)
     monkeypatch.setattr(serving.time, "sleep",
                         lambda _seconds: pytest.fail("serving went on after the interrupt"))
 

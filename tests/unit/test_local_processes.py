@@ -469,8 +469,8 @@ def test_deployment_checked_against_recorded_pretrain_job(tmp_path):
 
 
 def test_lock_closes_serving_left_by_killed_run(tmp_path):
-    """A ModelDeployment whose `lathe run --serve` was killed still says Ready with an
-    endpoint; the next holder of the workspace records that nothing serves it."""
+    """A ModelDeployment whose `lathe run --serve` was killed is still Ready with an endpoint
+    in status.json, so the next holder of the workspace records that nothing serves it."""
     from lathe import status
     from lathe.local.runner import workspace_lock
 

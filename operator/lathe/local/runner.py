@@ -850,8 +850,8 @@ def close_abandoned_status(workspace: Path) -> None:
 
     A run records the end of each stage and of serving, but SIGKILL or a crash of the machine
     gives it no chance to, and status.json would then claim a stage or a Triton server that no
-    process runs. Whoever holds the workspace lock knows that no other run does, so it closes
-    those conditions as the operator would when a pod disappears.
+    process runs. The holder of the workspace lock is the only run on it, so it closes those
+    conditions as the operator does when a pod disappears.
     """
     for path in sorted(workspace.glob("*/*/*/status.json")):
         try:
