@@ -169,8 +169,14 @@ def pod_monitor_crd(cluster: Cluster) -> Iterator[None]:
             "needs Go and the Go module proxy)."
         )
     cluster.kubectl("apply", "--server-side", "-f", str(path))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    f"crd/{POD_MONITOR_CRD}", timeout=90)
+
+    def established() -> bool:
+        # `kubectl wait` fails instead of waiting while a new CRD has no conditions yet.
+        conditions = cluster.get_json("crd", POD_MONITOR_CRD).get("status", {}).get(
+            "conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    cluster.wait_for(established, f"the CRD {POD_MONITOR_CRD} to be established", timeout=60)
     try:
         yield
     finally:
