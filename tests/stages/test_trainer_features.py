@@ -48,9 +48,33 @@ def test_mixed_precision_trains_on_cpu(make_config, tmp_path, inputs, precision)
     resource = pretrain_resource(procs=1, maxSteps=4, precision=precision)
     metrics = run_in_process(make_config, tmp_path, resource, inputs["full"])
     assert metrics["precision"] == precision
+    assert metrics["attentionImplementation"] == "lathe_sdpa"
     assert metrics["steps"] == 4
     assert metrics["finalLoss"] < metrics["firstLoss"]
     assert metrics["mfu"] is None  # no MFU without a GPU peak FLOP/s
+
+
+def test_compiled_bf16_follows_eager(make_config, tmp_path, inputs):
+    """spec.training.compile compiles the model and the loss. The step losses stay within
+    rounding of the eager run's, with the float32 attention of short sequences in both."""
+    runs = {}
+    for name, compile in (("eager", False), ("compiled", True)):
+        resource = pretrain_resource(procs=1, maxSteps=4, precision="bf16", compile=compile)
+        (tmp_path / name).mkdir()
+        runs[name] = run_in_process(make_config, tmp_path / name, resource, inputs["full"])
+        runs[name]["losses"] = step_losses(tmp_path / name / "out")
+    assert runs["compiled"]["compiled"] is True
+    assert runs["eager"]["compiled"] is False
+    assert runs["compiled"]["attentionImplementation"] == "lathe_sdpa"
+    assert sorted(runs["compiled"]["losses"]) == [1, 2, 3, 4]
+    for step, loss in runs["eager"]["losses"].items():
+        assert runs["compiled"]["losses"][step] == pytest.approx(loss, rel=0.02)
+
+
+def test_fp32_keeps_sdpa(make_config, tmp_path, inputs):
+    resource = pretrain_resource(procs=1, maxSteps=2, precision="fp32")
+    metrics = run_in_process(make_config, tmp_path, resource, inputs["tiny"])
+    assert metrics["attentionImplementation"] == "sdpa"
 
 
 def test_fp16_resume_keeps_loss_scale(make_config, tmp_path, inputs):

@@ -19,7 +19,12 @@ from lathe_trainer.pretrain.data import DataPosition, SequenceSampler
 from lathe_trainer.pretrain.objectives import Batch, CausalLM, Objective
 from lathe_trainer.training import distributed, parallel
 from lathe_trainer.training.distributed import DistributedContext
-from lathe_trainer.training.loss import count_tokens, gradient_scale, token_loss_sum
+from lathe_trainer.training.loss import (
+    LossFunction,
+    count_tokens,
+    gradient_scale,
+    token_loss_sum,
+)
 from lathe_trainer.training.precision import autocast
 
 
@@ -118,6 +123,7 @@ def train_step(
     objective: Objective | None = None,
     scaler: torch.amp.GradScaler | None = None,
     poison: bool = False,
+    loss_function: LossFunction = token_loss_sum,
 ) -> StepResult:
     """Run one optimizer step and return its loss, averaged over every token of all ranks.
 
@@ -128,7 +134,8 @@ def train_step(
     gradient norm is an overflow of the loss scale instead: the scaler skips the update, the
     scheduler does not step, and the result has `scaler_skipped` set, unless the scale is
     already at MIN_LOSS_SCALE, where the step raises NonFiniteLossError as without a scaler.
-    `poison` multiplies the loss by NaN (the fault-injection hook).
+    `poison` multiplies the loss by NaN (the fault-injection hook). `loss_function` computes
+    the token loss sum (training.loss.loss_function gives the compiled one).
     """
     scaler = scaler or torch.amp.GradScaler(context.device.type, enabled=False)
     # The objective (pretrain.objectives) turns sequences into inputs and labels: causal LM
@@ -147,7 +154,7 @@ def train_step(
         with parallel.gradient_sync(model, enabled=index == len(batches) - 1):
             with autocast(context.device, precision):
                 logits = model(**batch.inputs).logits
-            loss_sum = token_loss_sum(logits, batch.labels, shift=batch.shift)
+            loss_sum = loss_function(logits, batch.labels, batch.shift)
             if poison:
                 loss_sum = loss_sum * float("nan")
             scaler.scale(loss_sum * scale).backward()

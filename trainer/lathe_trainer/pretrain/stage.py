@@ -63,6 +63,7 @@ from lathe_trainer.stage import (
 )
 from lathe_trainer.training import (
     activations,
+    attention,
     checkpoint,
     distributed,
     flops,
@@ -72,6 +73,7 @@ from lathe_trainer.training import (
     storage,
 )
 from lathe_trainer.training.distributed import DistributedContext
+from lathe_trainer.training.loss import loss_function
 from lathe_trainer.training.metrics import METRICS, perplexity, write_json
 from lathe_trainer.training.schedule import build_scheduler
 from lathe_trainer.training.telemetry import Telemetry
@@ -126,6 +128,8 @@ def _run(
     torch.manual_seed(training.seed + 1 + context.rank)
     flops_estimate = FlopsEstimate.of(model)
     _check_precision(config, spec, context)
+    if context.device.type == "cpu" and training.precision != "fp32":
+        attention.use_cpu_attention(model)
     if training.gradient_checkpointing:
         activations.enable_activation_checkpointing(model)
     # FSDP shards the parameters in place, so the optimizer must be built after the wrapping.
@@ -180,6 +184,7 @@ def _run(
     metrics["precision"] = training.precision
     metrics["strategy"] = spec.distributed.strategy
     metrics["compiled"] = training.compile
+    metrics["attentionImplementation"] = model.config._attn_implementation
     metrics["gradientCheckpointing"] = training.gradient_checkpointing
     # Gathering the FSDP shards is a collective, so every rank takes part.
     model_state = parallel.full_model_state_dict(model)
@@ -485,6 +490,7 @@ class _Trainer:
         if state.grad_scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.grad_scaler)
         self.fault_steps = set(fault_nan_steps())
+        self.loss_function = loss_function(self.training.compile)
         self.flops_estimate = flops_estimate
         self.telemetry = Telemetry(
             context, self.training.precision,
@@ -562,7 +568,7 @@ class _Trainer:
                 self.stage.train.sequences, self.training.gradient_accumulation_steps,
                 self.training.max_grad_norm, self.training.precision, state.step + 1,
                 objective=self.objective, scaler=self.scaler,
-                poison=self._take_fault(state.step + 1),
+                poison=self._take_fault(state.step + 1), loss_function=self.loss_function,
             )
         except NonFiniteLossError as error:
             return self._recover(error, sampler)

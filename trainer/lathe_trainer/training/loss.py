@@ -9,6 +9,8 @@ loss and gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,19 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> t
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def loss_function(compile: bool) -> LossFunction:
+    """Return token_loss_sum, compiled when the model is.
+
+    Compiled, the float32 upcast of the logits, the log-softmax and the gather run as fused
+    kernels instead of separate passes over a tokens x vocabulary tensor each. torchtitan
+    compiles its loss with its model for the same reason.
+    """
+    return torch.compile(token_loss_sum) if compile else token_loss_sum
 
 
 def gradient_scale(global_tokens: float, world_size: int) -> float:

@@ -1,0 +1,153 @@
+"""Time PyTorch's CPU attention in bf16 and fp16 against float32, by sequence length.
+
+Usage: `python benchmarks/attention.py [--repeats 5] [--no-doc]`. For each sequence length it
+runs causal `scaled_dot_product_attention`, forward and backward, on one thread, as each
+process of benchmarks/trainer.py runs. The heads are those of that benchmark's model (4 heads
+of 64), and every call covers 1,024 tokens: 8 sequences of 128 tokens, or fewer, longer ones. Each reduced type runs twice: as is, and with query, key and value cast to float32
+and the output cast back, which is what `lathe_trainer.training.attention` does below its
+FLOAT32_BELOW_TOKENS. The median of `--repeats` timed calls, after two warm-up calls, is
+reported. The table goes between the attention markers of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+BEGIN = "<!-- attention:begin -->"
+END = "<!-- attention:end -->"
+HEADS = 4
+HEAD_DIM = 64
+TOKENS_PER_CALL = 1024
+LENGTHS = (64, 128, 160, 191, 192, 256, 512, 1024)
+REDUCED_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+sys.path.insert(0, str(REPO / "trainer"))
+sys.path.insert(0, str(REPO / "operator"))
+from lathe_trainer.training.attention import FLOAT32_BELOW_TOKENS  # noqa: E402
+
+
+def median_ms(call, repeats: int) -> float:
+    """Return the median wall-clock milliseconds of `call` after two warm-up calls."""
+    for _ in range(2):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def attention_ms(length: int, dtype: torch.dtype, upcast: bool, repeats: int) -> float:
+    """Time one forward and backward pass of causal attention over TOKENS_PER_CALL tokens."""
+    batch = max(1, TOKENS_PER_CALL // length)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (
+        torch.randn(batch, HEADS, length, HEAD_DIM, generator=generator, dtype=dtype,
+                    requires_grad=True)
+        for _ in range(3)
+    )
+    gradient = torch.randn(batch, HEADS, length, HEAD_DIM, generator=generator, dtype=dtype)
+
+    def call() -> None:
+        if upcast:
+            output = F.scaled_dot_product_attention(
+                query.float(), key.float(), value.float(), is_causal=True
+            ).to(dtype)
+        else:
+            output = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        output.backward(gradient)
+
+    return median_ms(call, repeats)
+
+
+def measure(repeats: int) -> list[dict]:
+    rows = []
+    for length in LENGTHS:
+        row = {"length": length, "batch": max(1, TOKENS_PER_CALL // length)}
+        for name, dtype in REDUCED_TYPES.items():
+            row[name] = attention_ms(length, dtype, upcast=False, repeats=repeats)
+            row[f"{name}-fp32"] = attention_ms(length, dtype, upcast=True, repeats=repeats)
+        rows.append(row)
+        print(f"{length} tokens: " + ", ".join(
+            f"{name} {row[name]:.1f} ms, {name} in float32 {row[f'{name}-fp32']:.1f} ms"
+            for name in REDUCED_TYPES
+        ), flush=True)
+    return rows
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def report(rows: list[dict], repeats: int) -> str:
+    lines = [
+        "### Attention kernels on the CPU",
+        "",
+        f"`python benchmarks/attention.py --repeats {repeats}` times causal "
+        "`scaled_dot_product_attention`, forward and backward, on one thread, with "
+        f"{HEADS} heads of {HEAD_DIM} and {TOKENS_PER_CALL:,} tokens per call. Each reduced "
+        "type runs as is and cast to float32 around the kernel. The figures are the median "
+        f"milliseconds of {repeats} calls.",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Machine: {platform.machine()}, {cpu_model()}, torch {torch.__version__}",
+        "",
+        "| Sequence length | Sequences per call | bf16 ms | bf16 in float32 ms | "
+        "fp16 ms | fp16 in float32 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [str(row["length"]), str(row["batch"])]
+        for name in REDUCED_TYPES:
+            cells += [f"{row[name]:.1f}", f"{row[f'{name}-fp32']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    faster = [row["length"] for row in rows if row["bf16-fp32"] < row["bf16"]]
+    lines += [
+        "",
+        "bf16 attention was slower than float32 at "
+        + (", ".join(str(length) for length in faster) if faster else "no length")
+        + f" tokens. The PretrainJob stage runs it in float32 below {FLOAT32_BELOW_TOKENS} "
+        "tokens (`lathe_trainer.training.attention.FLOAT32_BELOW_TOKENS`).",
+    ]
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    document = DOC.read_text(encoding="utf-8")
+    if BEGIN not in document:
+        document = document.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", document), encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls per measurement, after two warm-up calls")
+    parser.add_argument("--no-doc", action="store_true",
+                        help="print the table without writing docs/benchmarks.md")
+    arguments = parser.parse_args()
+    torch.set_num_threads(1)
+    text = report(measure(arguments.repeats), arguments.repeats)
+    print(text)
+    if not arguments.no_doc:
+        write_doc(text)
+
+
+if __name__ == "__main__":
+    main()
