@@ -76,12 +76,14 @@ class TrainingSpec(ApiModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",
         description="Training precision: `bf16` autocast, or `fp16` autocast with dynamic loss "
-        "scaling (all three run on CPUs and GPUs). A FineTune takes fp32 only.",
+        "scaling (all three run on CPUs and GPUs). On CPUs a PretrainJob in `bf16` or `fp16` "
+        "computes the attention of sequences shorter than 192 tokens in fp32, which is faster "
+        "there. A FineTune takes fp32 only.",
     )
     compile: bool = Field(
         default=False,
-        description="PretrainJob: compile the model with torch.compile (Inductor) before "
-        "training, which speeds up steps after a one-off compilation.",
+        description="PretrainJob: compile the model and its loss with torch.compile (Inductor) "
+        "before training, which speeds up steps after a one-off compilation.",
     )
     gradient_checkpointing: bool = Field(
         default=False,

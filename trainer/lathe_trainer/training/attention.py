@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION_NAME = "lathe_sdpa"
 # The query length from which the reduced-type CPU kernel is as fast as float32 (torch 2.13).
+# NOTE: measured on one Intel Xeon with AMX only; benchmarks/attention.py remeasures elsewhere.
 FLOAT32_BELOW_TOKENS = 192
 
 
