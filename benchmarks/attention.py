@@ -3,7 +3,8 @@
 Usage: `python benchmarks/attention.py [--repeats 5] [--no-doc]`. For each sequence length it
 runs causal `scaled_dot_product_attention`, forward and backward, on one thread, as each
 process of benchmarks/trainer.py runs. The heads are those of that benchmark's model (4 heads
-of 64), and every call covers 1,024 tokens: 8 sequences of 128 tokens, or fewer, longer ones. Each reduced type runs twice: as is, and with query, key and value cast to float32
+of 64). A call takes as many whole sequences as fit in 1,024 tokens (8 of 128 tokens), and at
+least one. Each reduced type runs twice: as is, and with query, key and value cast to float32
 and the output cast back, which is what `lathe_trainer.training.attention` does below its
 FLOAT32_BELOW_TOKENS. The median of `--repeats` timed calls, after two warm-up calls, is
 reported. The table goes between the attention markers of docs/benchmarks.md.
@@ -12,6 +13,7 @@ reported. The table goes between the attention markers of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import re
 import statistics
@@ -29,7 +31,9 @@ END = "<!-- attention:end -->"
 HEADS = 4
 HEAD_DIM = 64
 TOKENS_PER_CALL = 1024
-LENGTHS = (64, 128, 160, 191, 192, 256, 512, 1024)
+LENGTHS = (64, 128, 160, 191, 192, 256, 512, 1024, 2048)
+# A reduced type counts as slower when it takes this many times float32's time or more.
+SLOWER_RATIO = 1.05
 REDUCED_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 sys.path.insert(0, str(REPO / "trainer"))
@@ -94,37 +98,51 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def slower_lengths(rows: list[dict], name: str) -> str:
+    lengths = [str(row["length"]) for row in rows
+               if row[name] >= SLOWER_RATIO * row[f"{name}-fp32"]]
+    return ", ".join(lengths) if lengths else "no length"
+
+
+def threshold(name: str) -> str:
+    tokens = FLOAT32_BELOW_TOKENS[REDUCED_TYPES[name]]
+    return "at every length" if math.isinf(tokens) else f"below {tokens} tokens"
+
+
 def report(rows: list[dict], repeats: int) -> str:
     lines = [
         "### Attention kernels on the CPU",
         "",
         f"`python benchmarks/attention.py --repeats {repeats}` times causal "
         "`scaled_dot_product_attention`, forward and backward, on one thread, with "
-        f"{HEADS} heads of {HEAD_DIM} and {TOKENS_PER_CALL:,} tokens per call. Each reduced "
-        "type runs as is and cast to float32 around the kernel. The figures are the median "
-        f"milliseconds of {repeats} calls.",
+        f"{HEADS} heads of {HEAD_DIM}. A call takes as many whole sequences as fit in "
+        f"{TOKENS_PER_CALL:,} tokens, and at least one. Each reduced type runs as is and cast "
+        "to float32 around the kernel. The figures are the median milliseconds of "
+        f"{repeats} calls, and the ratio is the reduced type's time over float32's.",
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Machine: {platform.machine()}, {cpu_model()}, torch {torch.__version__}",
         "",
-        "| Sequence length | Sequences per call | bf16 ms | bf16 in float32 ms | "
-        "fp16 ms | fp16 in float32 ms |",
-        "|---|---|---|---|---|---|",
+        "| Sequence length | Sequences per call | bf16 ms | bf16 in float32 ms | bf16 ratio | "
+        "fp16 ms | fp16 in float32 ms | fp16 ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cells = [str(row["length"]), str(row["batch"])]
         for name in REDUCED_TYPES:
-            cells += [f"{row[name]:.1f}", f"{row[f'{name}-fp32']:.1f}"]
+            reduced, upcast = row[name], row[f"{name}-fp32"]
+            cells += [f"{reduced:.1f}", f"{upcast:.1f}", f"{reduced / upcast:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    faster = [row["length"] for row in rows if row["bf16-fp32"] < row["bf16"]]
-    lines += [
-        "",
-        "bf16 attention was slower than float32 at "
-        + (", ".join(str(length) for length in faster) if faster else "no length")
-        + f" tokens. The PretrainJob stage runs it in float32 below {FLOAT32_BELOW_TOKENS} "
-        "tokens (`lathe_trainer.training.attention.FLOAT32_BELOW_TOKENS`).",
-    ]
-    return "\n".join(lines)
+    lines.append("")
+    for name in REDUCED_TYPES:
+        lines.append(
+            f"{name} took {SLOWER_RATIO} times float32's time or more at "
+            f"{slower_lengths(rows, name)} tokens. Under {name} autocast on the CPU, the "
+            f"PretrainJob stage runs attention in float32 {threshold(name)} "
+            "(`lathe_trainer.training.attention.FLOAT32_BELOW_TOKENS`)."
+        )
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
 
 
 def write_doc(text: str) -> None:

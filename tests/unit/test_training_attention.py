@@ -42,17 +42,17 @@ def lathe(query, key, value) -> torch.Tensor:
     return attention.sdpa_attention(Attention(), query, key, value, None)[0]
 
 
-def tiny_llama() -> torch.nn.Module:
+def tiny_llama(key_value_heads: int = HEADS) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
-                         num_key_value_heads=HEADS, intermediate_size=128, vocab_size=256,
-                         max_position_embeddings=512)
+                         num_key_value_heads=key_value_heads, intermediate_size=128,
+                         vocab_size=256, max_position_embeddings=512)
     return AutoModelForCausalLM.from_config(config)
 
 
 def test_short_sequence_runs_in_float32():
     """Below the threshold, the result under bf16 autocast is float32 attention cast to bf16."""
-    length = attention.FLOAT32_BELOW_TOKENS - 1
+    length = attention.FLOAT32_BELOW_TOKENS[torch.bfloat16] - 1
     query, key, value = qkv(length)
     expected = sdpa(query, key, value).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -64,8 +64,17 @@ def test_short_sequence_runs_in_float32():
     assert not torch.equal(reduced, expected)
 
 
+def test_fp16_runs_in_float32_when_long():
+    query, key, value = qkv(attention.FLOAT32_BELOW_TOKENS[torch.bfloat16] + 64)
+    expected = sdpa(query, key, value).to(torch.float16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        output = lathe(query, key, value)
+    assert output.dtype == torch.float16
+    assert torch.equal(output, expected)
+
+
 def test_long_sequence_keeps_reduced_kernel():
-    query, key, value = qkv(attention.FLOAT32_BELOW_TOKENS)
+    query, key, value = qkv(attention.FLOAT32_BELOW_TOKENS[torch.bfloat16])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = sdpa(query, key, value)
         output = lathe(query, key, value)
@@ -112,6 +121,29 @@ def test_llama_uses_lathe_attention(tmp_path):
     assert "attn_implementation" not in json.loads(saved)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_padding_mask_applies(autocast):
+    """A padded batch gives the logits of plain SDPA, with grouped-query attention too.
+
+    transformers builds no mask for an attention name without a mask function, so this fails
+    if the padding of the second sequence is ignored.
+    """
+    model = tiny_llama(key_value_heads=2).eval()
+    input_ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :10] = 0
+    dtype = torch.bfloat16 if autocast else torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        attention.use_cpu_attention(model)
+        output = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    # Rows of padding tokens attend to nothing and differ between kernels, so only real tokens
+    # are compared.
+    real = attention_mask.bool()
+    tolerance = 0.05 if autocast else 1e-5
+    assert torch.allclose(output[real], expected[real], atol=tolerance)
+
+
 def test_t5_keeps_its_attention():
     config = T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=HEADS,
                       vocab_size=256, decoder_start_token_id=0)
@@ -131,6 +163,7 @@ def test_eager_attention_left_alone():
 def test_compiled_loss_matches_eager():
     """The compiled token loss sum and its gradient equal the eager ones, for bf16 logits too."""
     compiled = loss_function(compile=True)
+    assert compiled is not token_loss_sum
     assert loss_function(compile=False) is token_loss_sum
     generator = torch.Generator().manual_seed(2)
     labels = torch.randint(0, 300, (4, 40), generator=generator)

@@ -76,9 +76,9 @@ class TrainingSpec(ApiModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",
         description="Training precision: `bf16` autocast, or `fp16` autocast with dynamic loss "
-        "scaling (all three run on CPUs and GPUs). On CPUs a PretrainJob in `bf16` or `fp16` "
-        "computes the attention of sequences shorter than 192 tokens in fp32, which is faster "
-        "there. A FineTune takes fp32 only.",
+        "scaling (all three run on CPUs and GPUs). On CPUs a PretrainJob computes attention in "
+        "fp32 where PyTorch's kernel for the reduced type is slower: in `bf16` for sequences "
+        "shorter than 192 tokens, in `fp16` always. A FineTune takes fp32 only.",
     )
     compile: bool = Field(
         default=False,

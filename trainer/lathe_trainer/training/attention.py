@@ -1,29 +1,35 @@
 """Attention kernel choice for mixed-precision training on the CPU.
 
 Under bf16 or fp16 autocast, `scaled_dot_product_attention` runs PyTorch's CPU flash-attention
-kernel in the reduced type. In torch 2.13 its reduced-type backward pass is slow on short
-sequences: forward and backward over 8 sequences of 128 tokens (4 heads of 64) take 11.6 ms in
-bf16 and 6.5 ms in float32 on one core of an Intel Xeon with AMX. The bf16 time drops by
-nearly half at 192 tokens, and from there on bf16 is as fast as float32 or faster
-(`benchmarks/attention.py`, results in docs/benchmarks.md).
+kernel in the reduced type. In torch 2.13 that kernel is slow on short sequences. On one core
+of an Intel Xeon with AMX, forward and backward over 8 sequences of 128 tokens (4 heads of 64)
+take 11.6 ms in bf16 and 6.5 ms in float32. The bf16 time drops by nearly half at 192
+tokens, and from there on bf16 is as fast as float32 or faster. fp16 was slower than float32
+at every length measured (`benchmarks/attention.py`, results in docs/benchmarks.md).
 
 `use_cpu_attention(model)` therefore routes the model's attention through `sdpa_attention`,
-which runs float32 attention for queries shorter than FLOAT32_BELOW_TOKENS on the CPU under
-autocast and hands every other call to transformers' own SDPA function unchanged. Float32 is
-the more exact of the two, so the choice changes speed, not what the model learns. The
-setting lives only in the running model: a saved config.json does not name it.
+which runs float32 attention on the CPU under autocast for queries shorter than the
+FLOAT32_BELOW_TOKENS of the autocast type, and hands every other call to transformers' own
+SDPA function unchanged. The attention mask is built as for SDPA. Float32 changes only the
+rounding of attention, toward the more exact result. The setting lives only in the running
+model: a saved config.json does not name it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "lathe_sdpa"
-# The query length from which the reduced-type CPU kernel is as fast as float32 (torch 2.13).
-# NOTE: measured on one Intel Xeon with AMX only; benchmarks/attention.py remeasures elsewhere.
-FLOAT32_BELOW_TOKENS = 192
+# Per autocast type, the query length from which the reduced-type CPU kernel is at least as fast
+# as float32 (torch 2.13). fp16 was slower at every length measured (64 to 2,048 tokens), so it
+# always runs in float32.
+# NOTE: measured on one Intel Xeon with AMX only; benchmarks/attention.py times another CPU.
+FLOAT32_BELOW_TOKENS = {torch.bfloat16: 192, torch.float16: math.inf}
 
 
 def sdpa_attention(
@@ -40,10 +46,11 @@ def sdpa_attention(
     would cast it down again, so the autocast state, not the query's dtype, decides.
     """
     device = query.device.type
-    short = query.shape[-2] < FLOAT32_BELOW_TOKENS
-    if device != "cpu" or not short or not torch.is_autocast_enabled(device):
+    if device != "cpu" or not torch.is_autocast_enabled(device):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     dtype = torch.get_autocast_dtype(device)
+    if query.shape[-2] >= FLOAT32_BELOW_TOKENS.get(dtype, 0):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with torch.autocast(device, enabled=False):
         output, weights = sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
@@ -53,6 +60,9 @@ def sdpa_attention(
 
 
 AttentionInterface.register(ATTENTION_NAME, sdpa_attention)
+# transformers builds the attention mask per implementation name, and builds none for a name
+# without a mask function, which would drop every padding mask.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def use_cpu_attention(model: PreTrainedModel) -> bool:
