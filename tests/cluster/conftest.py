@@ -24,6 +24,8 @@ CRD_DIR = REPO / "crds"
 HERE = Path(__file__).resolve().parent
 POD_MONITOR_CRD_SCRIPT = REPO / "scripts" / "tools" / "podmonitor-crd.sh"
 POD_MONITOR_CRD = "podmonitors.monitoring.coreos.com"
+# The apiserver deletes a CRD once its finalizer has deleted every custom resource of it.
+CRD_DELETE_TIMEOUT_SECONDS = 300
 
 
 @dataclass
@@ -180,6 +182,26 @@ def pod_monitor_crd(cluster: Cluster) -> Iterator[None]:
     try:
         yield
     finally:
-        # Deleting the CRD deletes every PodMonitor. The delete waits, so that later tests run without it.
-        cluster.kubectl("delete", "crd", POD_MONITOR_CRD, "--wait=true", timeout=120,
-                        check=False)
+        # Deleting the CRD deletes every PodMonitor. Later tests must run without it, so the
+        # teardown polls until it is gone, instead of `kubectl delete --wait`, which once still
+        # waited after 120 s in CI while the CRD had no PodMonitors.
+        cluster.kubectl("delete", "crd", POD_MONITOR_CRD, "--wait=false", "--ignore-not-found")
+        _wait_until_deleted(cluster, "crd", POD_MONITOR_CRD, timeout=CRD_DELETE_TIMEOUT_SECONDS)
+
+
+def _wait_until_deleted(cluster: Cluster, kind: str, name: str, timeout: float) -> None:
+    """Poll until `kind/name` is gone; on timeout, fail with its finalizers and conditions."""
+    deadline = time.monotonic() + timeout
+    while True:
+        output = cluster.kubectl("get", kind, name, "-o", "json", "--ignore-not-found").stdout
+        if not output.strip():
+            return
+        if time.monotonic() > deadline:
+            found = json.loads(output)
+            pytest.fail(
+                f"{kind}/{name} still exists {timeout:.0f} s after its deletion: finalizers "
+                f"{found['metadata'].get('finalizers')}, conditions "
+                f"{found.get('status', {}).get('conditions')}."
+            )
+        cluster.bed.check_running()
+        time.sleep(POLL_INTERVAL_SECONDS)
