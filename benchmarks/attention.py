@@ -31,7 +31,7 @@ END = "<!-- attention:end -->"
 HEADS = 4
 HEAD_DIM = 64
 TOKENS_PER_CALL = 1024
-LENGTHS = (64, 128, 160, 191, 192, 256, 512, 1024, 2048)
+LENGTHS = (64, 128, 160, 191, 192, 208, 224, 240, 256, 512, 1024, 2048)
 # A reduced type counts as slower when it takes this many times float32's time or more.
 SLOWER_RATIO = 1.05
 REDUCED_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

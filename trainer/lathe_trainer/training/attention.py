@@ -3,9 +3,10 @@
 Under bf16 or fp16 autocast, `scaled_dot_product_attention` runs PyTorch's CPU flash-attention
 kernel in the reduced type. In torch 2.13 that kernel is slow on short sequences. On one core
 of an Intel Xeon with AMX, forward and backward over 8 sequences of 128 tokens (4 heads of 64)
-take 11.6 ms in bf16 and 6.5 ms in float32. The bf16 time drops by nearly half at 192
-tokens, and from there on bf16 is as fast as float32 or faster. fp16 was slower than float32
-at every length measured (`benchmarks/attention.py`, results in docs/benchmarks.md).
+take 10.6 ms in bf16 and 5.4 ms in float32. From 192 to 240 tokens the two are within about
+20% of each other, either way from run to run, and from 256 tokens on bf16 is faster. fp16 was
+slower than float32 at every length measured (`benchmarks/attention.py`, results in
+docs/benchmarks.md).
 
 `use_cpu_attention(model)` therefore routes the model's attention through `sdpa_attention`,
 which runs float32 attention on the CPU under autocast for queries shorter than the
@@ -25,11 +26,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "lathe_sdpa"
-# Per autocast type, the query length from which the reduced-type CPU kernel is at least as fast
-# as float32 (torch 2.13). fp16 was slower at every length measured (64 to 2,048 tokens), so it
+# Per autocast type, the query length from which the reduced-type CPU kernel is faster than
+# float32 (torch 2.13). fp16 was slower at every length measured (64 to 2,048 tokens), so it
 # always runs in float32.
 # NOTE: measured on one Intel Xeon with AMX only; benchmarks/attention.py times another CPU.
-FLOAT32_BELOW_TOKENS = {torch.bfloat16: 192, torch.float16: math.inf}
+FLOAT32_BELOW_TOKENS = {torch.bfloat16: 256, torch.float16: math.inf}
 
 
 def sdpa_attention(
