@@ -47,9 +47,11 @@ LossFunction = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 def loss_function(compile: bool) -> LossFunction:
     """Return token_loss_sum, compiled when the model is.
 
-    Compiled, the float32 upcast of the logits, the log-softmax and the gather run as fused
-    kernels instead of separate passes over a tokens x vocabulary tensor each. torchtitan
-    compiles its loss with its model for the same reason.
+    Compiled, the float32 upcast of the logits, the log-softmax and the gather run in one
+    generated graph forward and one backward, instead of a pass over the tokens x vocabulary
+    logits each. torchtitan's
+    `build_cross_entropy_loss` (torchtitan/components/loss.py) also compiles the loss when
+    compilation is on.
     """
     return torch.compile(token_loss_sum) if compile else token_loss_sum
 
