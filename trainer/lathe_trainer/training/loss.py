@@ -49,9 +49,8 @@ def loss_function(compile: bool) -> LossFunction:
 
     Compiled, the float32 upcast of the logits, the log-softmax and the gather run in one
     generated graph forward and one backward, instead of a pass over the tokens x vocabulary
-    logits each. torchtitan's
-    `build_cross_entropy_loss` (torchtitan/components/loss.py) also compiles the loss when
-    compilation is on.
+    logits each. torchtitan's `build_cross_entropy_loss` (torchtitan/components/loss.py)
+    also compiles the loss when compilation is on.
     """
     return torch.compile(token_loss_sum) if compile else token_loss_sum
 
