@@ -125,7 +125,7 @@ INVALID = [
      "spec.distributed.strategy fsdp is PretrainJob only"),
     ("FineTune", {"training": {"compile": True}}, "spec.training.compile is PretrainJob only"),
     ("FineTune", {"training": {"precision": "fp16"}},
-     "spec.training.precision bf16 and fp16 are PretrainJob only"),
+     "spec.training.precision fp16 is PretrainJob only"),
     ("FineTune", {"training": {"nonFinite": "rollback"}},
      "spec.training.nonFinite skip and rollback are PretrainJob only"),
     ("FineTune", {"training": {"artifactUri": "s3://b/x"}},

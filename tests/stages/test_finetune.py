@@ -244,6 +244,28 @@ def test_resume_continues_from_checkpoint(make_config, base_output):
     assert resumed["f1"] == pytest.approx(first["f1"], abs=1e-6)
 
 
+def test_bf16_finetune_follows_fp32(make_config, base_output, tmp_path):
+    """bf16 autocast trains the LoRA model from the same start as fp32. Evaluation runs in
+    fp32, so the test figures describe the weights that the export serves."""
+    reports, losses = {}, {}
+    for precision in ("fp32", "bf16"):
+        training = {**resource()["spec"]["training"], "precision": precision}
+        config = make_config(resource(compareFromScratch=False, training=training),
+                             base_input(base_output), output=tmp_path / precision)
+        metrics = stage.run(config, resume=False)
+        assert metrics["trainingPrecision"] == precision
+        output = tmp_path / precision
+        reports[precision] = json.loads((output / "report.json").read_text())
+        records = [json.loads(line) for line in (output / "progress.jsonl").read_text()
+                   .splitlines()]
+        losses[precision] = [record["loss"] for record in records if "loss" in record]
+    assert reports["bf16"]["trainingPrecision"] == "bf16"
+    assert reports["bf16"]["test"]["f1"] > 0.05
+    # The same weights and batch: the first loss differs only by bf16 rounding.
+    assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=0.01)
+    assert losses["bf16"] != losses["fp32"]
+
+
 def test_resume_of_another_spec_starts_over(make_config, base_output):
     """--resume skips only phases and continues only checkpoints of the same spec and inputs:
     the operator passes --resume to every attempt, and a changed spec must be trained anew."""
@@ -558,3 +580,4 @@ def test_base_load_logs_no_transformers_table(base_output, caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert not [message for message in messages if "LOAD REPORT" in message]
     assert [message for message in messages if "the new head score starts from random" in message]
+

@@ -452,17 +452,18 @@ def test_lora_with_full_method_rejected(lora):
                             "ignore it; remove spec.lora or set method: lora.")
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_finetune_mixed_precision_rejected(precision):
-    """The FineTune loop has no autocast, so a mixed precision would silently train in fp32."""
-    error = rejection(finetune(training={"precision": precision}))
+def test_finetune_fp16_rejected():
+    """The FineTune loop has no loss scaler, so fp16 gradients could underflow unnoticed."""
+    error = rejection(finetune(training={"precision": "fp16"}))
     assert error.field == "spec.training.precision"
-    assert "PretrainJob only" in error.detail
+    assert error.detail.endswith("spec.training.precision fp16 is PretrainJob only; a FineTune "
+                                 "has no loss scaler, so set bf16 or fp32.")
 
 
-def test_finetune_fp32_accepted():
-    body = finetune(training={"precision": "fp32"})
-    assert loader.parse_resource(body, "resource.yaml").spec.training.precision == "fp32"
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_finetune_precision_accepted(precision):
+    body = finetune(training={"precision": precision})
+    assert loader.parse_resource(body, "resource.yaml").spec.training.precision == precision
 
 
 @pytest.mark.parametrize("lora", [None, {}, {"r": 8, "alpha": 16, "dropout": 0.05,

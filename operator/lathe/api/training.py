@@ -78,7 +78,8 @@ class TrainingSpec(ApiModel):
         description="Training precision: `bf16` autocast, or `fp16` autocast with dynamic loss "
         "scaling (all three run on CPUs and GPUs). On CPUs a PretrainJob computes attention in "
         "fp32 where PyTorch's kernel for the reduced type is slower: in `bf16` for sequences "
-        "shorter than 256 tokens, in `fp16` always. A FineTune takes fp32 only.",
+        "shorter than 256 tokens, in `fp16` always. A FineTune takes `fp32` or `bf16`, and "
+        "evaluates in fp32.",
     )
     compile: bool = Field(
         default=False,

@@ -448,6 +448,8 @@ def build_report(spec, model_dir, labels, splits, encoded, tuned, scratch) -> di
             name: sum(item.truncated for item in split.encoded) for name, split in encoded.items()
         },
         "maxLength": spec.max_length,
+        # The precision of the training steps. Evaluation and the test figures run in fp32.
+        "trainingPrecision": spec.training.precision,
         "test": tuned,
         # An all-`O` tagger finds no entity, so its entity-level F1 is 0.
         "allOutsideBaselineF1": 0.0,
@@ -462,7 +464,8 @@ def summary_metrics(spec, report: dict) -> dict:
     tuned = report["test"]
     metrics = {key: tuned[key] for key in SCORE_KEYS}
     metrics.update(method=spec.method, steps=tuned["steps"], trainSentences=report["sentences"]
-                   ["train"], testSentences=report["sentences"]["test"])
+                   ["train"], testSentences=report["sentences"]["test"],
+                   trainingPrecision=report["trainingPrecision"])
     if "fromScratch" in report:
         metrics["fromScratch"] = {key: report["fromScratch"][key] for key in SCORE_KEYS}
         metrics["f1GainFromPretraining"] = report["f1GainFromPretraining"]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lathe_trainer.finetune import checkpoint, distributed
 from lathe_trainer.finetune.data import IGNORE_INDEX, EncodedSentence, collate, step_indices
 from lathe_trainer.finetune.metrics import entity_scores, predict
+from lathe_trainer.training.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class LoopSettings:
     eval_interval: int
     pad_token_id: int
     id2label: dict[int, str]
+    # fp32, or bf16 autocast in the training steps. Evaluation runs in fp32, as the exported
+    # model serves.
+    precision: str = "fp32"
 
     @classmethod
     def from_spec(cls, training, pad_token_id: int, id2label: dict[int, str]) -> "LoopSettings":
@@ -69,6 +73,7 @@ class LoopSettings:
             eval_interval=training.eval_interval,
             pad_token_id=pad_token_id,
             id2label=id2label,
+            precision=training.precision,
         )
 
 
@@ -159,7 +164,9 @@ def train_step(model, optimizer, scheduler, parameters, batches, settings) -> tu
     labelled, tokens = distributed.all_reduce_sum(counts).tolist()
     loss_sum = torch.zeros(1, device=device)
     for item in inputs:
-        logits = model(input_ids=item["input_ids"], attention_mask=item["attention_mask"]).logits
+        with autocast(device, settings.precision):
+            logits = model(input_ids=item["input_ids"],
+                           attention_mask=item["attention_mask"]).logits
         loss = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), item["labels"].reshape(-1),
             ignore_index=IGNORE_INDEX, reduction="sum",
