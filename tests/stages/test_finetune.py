@@ -266,6 +266,20 @@ def test_bf16_finetune_follows_fp32(make_config, base_output, tmp_path):
     assert losses["bf16"] != losses["fp32"]
 
 
+def test_bf16_without_gpu_support_rejected(make_config, base_output, monkeypatch):
+    """A GPU without bf16 fails the stage at once, naming the field and the fix."""
+    def no_bf16(device, value):
+        return "the GPU 'Tesla V100' has no bf16 support; use fp16 or fp32"
+
+    monkeypatch.setattr(stage.precision, "check_supported", no_bf16)
+    training = {**resource()["spec"]["training"], "precision": "bf16"}
+    config = make_config(resource(training=training), base_input(base_output))
+    with pytest.raises(StageError, match="spec.training.precision") as caught:
+        stage.run(config, resume=False)
+    assert "'bf16' cannot run here: the GPU 'Tesla V100' has no bf16 support; set fp32." in \
+        str(caught.value)
+
+
 def test_resume_of_another_spec_starts_over(make_config, base_output):
     """--resume skips only phases and continues only checkpoints of the same spec and inputs:
     the operator passes --resume to every attempt, and a changed spec must be trained anew."""

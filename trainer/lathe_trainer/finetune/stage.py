@@ -56,7 +56,7 @@ from lathe_trainer.finetune.train import (
 )
 from lathe_trainer.serving.decoding import LABEL_SUBTOKEN_KEY
 from lathe_trainer.serving.reference import position_limit
-from lathe_trainer.training import activations
+from lathe_trainer.training import activations, precision
 from lathe_trainer.training import checkpoint as training_checkpoint
 from lathe_trainer.stage import (
     ProgressReporter,
@@ -91,6 +91,7 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     tokenizer = load_base(config, spec, lambda: load_tokenizer(model_dir))
     base_config = read_base_config(model_dir)
     check_max_length(config, spec, base_config)
+    check_precision(config, spec)
     warn_on_world_size(spec)
     label_subtoken = label_subtoken_for(base_config.get("model_type"))
     log.info("The stage labels the %s sub-token of each word.", label_subtoken)
@@ -351,6 +352,16 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
         checkpoint.write_result(phase_dir, result)
     distributed.barrier()
     return result
+
+
+def check_precision(config: StageConfig, spec: FineTuneSpec) -> None:
+    """Reject bf16 on a GPU without it before the base model and the data load."""
+    problem = precision.check_supported(distributed.device(), spec.training.precision)
+    if problem:
+        # The shared message suggests fp16 too, which a FineTune rejects.
+        reason = problem.split(";")[0]
+        raise StageError(config, "spec.training.precision",
+                         f"{spec.training.precision!r} cannot run here: {reason}; set fp32.")
 
 
 def enable_gradient_checkpointing(model, spec: FineTuneSpec) -> None:
