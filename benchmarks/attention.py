@@ -28,9 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN = "<!-- attention:begin -->"
 END = "<!-- attention:end -->"
-HEADS = 4
-HEAD_DIM = 64
-TOKENS_PER_CALL = 1024
 LENGTHS = (64, 128, 160, 191, 192, 208, 224, 240, 256, 512, 1024, 2048)
 # A reduced type counts as slower when it takes this many times float32's time or more.
 SLOWER_RATIO = 1.05
@@ -38,7 +35,14 @@ REDUCED_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 sys.path.insert(0, str(REPO / "trainer"))
 sys.path.insert(0, str(REPO / "operator"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from lathe_trainer.training.attention import FLOAT32_BELOW_TOKENS  # noqa: E402
+from trainer import MICRO_BATCH, MODEL, SEQUENCE_LENGTH, cpu_model  # noqa: E402
+
+# The head layout and micro-batch of the trainer benchmark's model.
+HEADS = MODEL["numHeads"]
+HEAD_DIM = MODEL["hiddenSize"] // MODEL["numHeads"]
+TOKENS_PER_CALL = MICRO_BATCH * SEQUENCE_LENGTH
 
 
 def median_ms(call, repeats: int) -> float:
@@ -89,13 +93,6 @@ def measure(repeats: int) -> list[dict]:
             for name in REDUCED_TYPES
         ), flush=True)
     return rows
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def slower_lengths(rows: list[dict], name: str) -> str:

@@ -1,7 +1,7 @@
 """Trace where a training step of the trainer benchmark spends its time, with torch.profiler.
 
 Usage: `python benchmarks/trainer_profile.py [--precision fp32|bf16] [--compile]
-[--attention lathe|sdpa] [--steps 5]`. It prints and writes nothing else. The model, batch and
+[--attention lathe|sdpa] [--steps 5]`. It prints its results and writes no file. The model, batch and
 processes are those of benchmarks/trainer.py: a Llama with hidden size 256, 4 layers, MLP 1024
 and vocabulary 4000, 8 random sequences of 128 tokens per process, 2 processes under torchrun
 (gloo, DDP). Each step is the PretrainJob stage's: forward under autocast for bf16, the token
@@ -23,15 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from trainer import MICRO_BATCH, MODEL, PROCESSES, SEQUENCE_LENGTH, VOCAB_SIZE
+
 REPO = Path(__file__).resolve().parents[1]
-PROCESSES = 2
-HIDDEN = 256
-LAYERS = 4
-HEADS = 4
-MLP = 1024
-VOCABULARY = 4000
-MICRO_BATCH = 8
-SEQUENCE_LENGTH = 128
 WARMUP_STEPS = 8
 TIMED_STEPS = 10
 MATRIX_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm")
@@ -51,9 +45,11 @@ def worker(arguments: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                         num_key_value_heads=HEADS, intermediate_size=MLP,
-                         vocab_size=VOCABULARY, max_position_embeddings=2 * SEQUENCE_LENGTH)
+    config = LlamaConfig(hidden_size=MODEL["hiddenSize"], num_hidden_layers=MODEL["numLayers"],
+                         num_attention_heads=MODEL["numHeads"],
+                         num_key_value_heads=MODEL["numHeads"],
+                         intermediate_size=MODEL["intermediateSize"], vocab_size=VOCAB_SIZE,
+                         max_position_embeddings=MODEL["maxPositionEmbeddings"])
     model = AutoModelForCausalLM.from_config(config)
     if arguments.precision != "fp32" and arguments.attention == "lathe":
         attention.use_cpu_attention(model)
@@ -64,7 +60,7 @@ def worker(arguments: argparse.Namespace) -> None:
     token_loss = loss_function(arguments.compile)
     device = torch.device("cpu")
     generator = torch.Generator().manual_seed(rank)
-    sequences = torch.randint(0, VOCABULARY, (MICRO_BATCH, SEQUENCE_LENGTH), generator=generator)
+    sequences = torch.randint(0, VOCAB_SIZE, (MICRO_BATCH, SEQUENCE_LENGTH), generator=generator)
     tokens = MICRO_BATCH * (SEQUENCE_LENGTH - 1) * PROCESSES
 
     def step() -> None:

@@ -269,7 +269,7 @@ def test_bf16_finetune_follows_fp32(make_config, base_output, tmp_path):
 def test_bf16_without_gpu_support_rejected(make_config, base_output, monkeypatch):
     """A GPU without bf16 fails the stage at once, naming the field and the fix."""
     def no_bf16(device, value):
-        return "the GPU 'Tesla V100' has no bf16 support; use fp16 or fp32"
+        return "the GPU 'Tesla V100' has no bf16 support"
 
     monkeypatch.setattr(stage.precision, "check_supported", no_bf16)
     training = {**resource()["spec"]["training"], "precision": "bf16"}

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from lathe_trainer.training import attention
+from script_modules import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("attention_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_report_lists_slower_lengths():

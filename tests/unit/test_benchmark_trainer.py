@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lathe_trainer.training.flops import flops_per_token
+from script_modules import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "trainer.py"
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("trainer_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_matmul_shapes_match_the_benchmark_model():

@@ -358,10 +358,9 @@ def check_precision(config: StageConfig, spec: FineTuneSpec) -> None:
     """Reject bf16 on a GPU without it before the base model and the data load."""
     problem = precision.check_supported(distributed.device(), spec.training.precision)
     if problem:
-        # The shared message suggests fp16 too, which a FineTune rejects.
-        reason = problem.split(";")[0]
+        # Not fp16, which a FineTune rejects.
         raise StageError(config, "spec.training.precision",
-                         f"{spec.training.precision!r} cannot run here: {reason}; set fp32.")
+                         f"{spec.training.precision!r} cannot run here: {problem}; set fp32.")
 
 
 def enable_gradient_checkpointing(model, spec: FineTuneSpec) -> None:

@@ -312,7 +312,8 @@ def _check_precision(config: StageConfig, spec: PretrainJobSpec,
     problem = precision.check_supported(context.device, spec.training.precision)
     if problem:
         raise StageError(config, "spec.training.precision",
-                         f"{spec.training.precision!r} cannot run here: {problem}.")
+                         f"{spec.training.precision!r} cannot run here: {problem}; use fp16 or "
+                         "fp32.")
 
 
 def _checkpoint_root(config: StageConfig, spec: PretrainJobSpec, output: Path) -> Path | str:

@@ -31,8 +31,9 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 
 def check_supported(device: torch.device, precision: str) -> str | None:
-    """Return why `precision` cannot run on `device`, or None when it can."""
+    """Return why `precision` cannot run on `device`, or None when it can. The caller adds the
+    fix, because the precisions a stage accepts differ."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(device)
-        return f"the GPU {name!r} has no bf16 support; use fp16 or fp32"
+        return f"the GPU {name!r} has no bf16 support"
     return None
