@@ -20,6 +20,8 @@ from lathe_objects import (EXAMPLES, HOLD, ORDER, KINDS, condition, corpus_and_t
 
 # The folder of one run in the artifact store: `<root>/<namespace>/<kind>/<name>/run-<digest>`.
 RUN_FOLDER = re.compile(r"/[a-z]+/[a-z0-9-]+/run-[0-9a-f]{16}$")
+# A finalizer that only the tests set and remove.
+HOLD_POD = "lathe.dev/test-hold"
 
 def test_every_transition_posts_one_event(cluster, namespace, lathe_operator, ready_inputs):
     """The Tokenizer waited for its Corpus, started and succeeded: one Event per reconcile that
@@ -792,6 +794,70 @@ def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):
     assert jobs_of(cluster, "pause", namespace)[0]["spec"]["suspend"] is False
 
 
+def test_pods_stopped_by_suspend_are_no_failure(cluster, namespace, lathe_operator,
+                                                ready_inputs):
+    """A suspended Job's pods exit 143 on SIGTERM, and the Job controller fails the Job by the
+    pod failure policy's catch-all rule. Resuming starts the next attempt without counting it."""
+    cluster.apply(pretrain_job("stopped"), namespace)
+
+    def running_pods() -> list[dict]:
+        pods = cluster.get_json("pods", "-n", namespace, "-l", "lathe.dev/name=stopped")["items"]
+        return [p for p in pods if p["status"].get("phase") == "Running"]
+
+    cluster.wait_for(lambda: len(running_pods()) == 2, "two running pods", timeout=90)
+    first_job = jobs_of(cluster, "stopped", namespace)[0]["metadata"]["name"]
+    # A finalizer of the test's own keeps each pod after its deletion, as a kubelet does while
+    # the container handles SIGTERM, so that the test can write the exit code it then reports.
+    hold = json.dumps([{"op": "add", "path": "/metadata/finalizers/-", "value": HOLD_POD}])
+    for pod in running_pods():
+        cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace,
+                        "--type=json", "-p", hold)
+    cluster.kubectl("patch", plural("PretrainJob"), "stopped", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"suspend": true}}')
+
+    def deleted_pods() -> list[dict]:
+        pods = cluster.get_json("pods", "-n", namespace, "-l", f"job-name={first_job}")["items"]
+        return [p for p in pods if p["metadata"].get("deletionTimestamp")]
+
+    def job_condition(type_: str) -> bool:
+        job = cluster.get_json("job", first_job, "-n", namespace)
+        return any(c["type"] == type_ and c["status"] == "True"
+                   for c in job["status"].get("conditions") or [])
+
+    cluster.wait_for(lambda: len(deleted_pods()) == 2, "the suspension to delete both pods")
+    try:
+        for pod in deleted_pods():
+            fail_pod(cluster, namespace, pod, 143, "")
+        # Kubernetes' own behaviour, which the operator must handle: the FailJob rule applies
+        # to the pods that the suspension stopped.
+        cluster.wait_for(lambda: job_condition("FailureTarget"),
+                         "the Job controller to fail the suspended Job by its pod failure policy")
+    finally:
+        for pod in deleted_pods():
+            kept = [f for f in pod["metadata"]["finalizers"] if f != HOLD_POD]
+            cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace,
+                            "--type=merge", "-p", json.dumps({"metadata": {"finalizers": kept}}))
+    assert is_true(cluster, "PretrainJob", "stopped", namespace, "Suspended")
+
+    cluster.kubectl("patch", plural("PretrainJob"), "stopped", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"suspend": false}}')
+    cluster.wait_for(
+        lambda: get(cluster, "PretrainJob", "stopped", namespace)["status"].get("jobName")
+        == "stopped-pretrain-r1-1", "the Job of attempt 1",
+    )
+    status = get(cluster, "PretrainJob", "stopped", namespace)["status"]
+    assert status.get("failedAttempts", []) == []
+    assert status.get("restartCount", 0) == 0
+    assert "Failed" not in {c["type"] for c in status["conditions"] if c["status"] == "True"}
+    resumed = condition(get(cluster, "PretrainJob", "stopped", namespace), "Suspended")
+    assert (resumed["status"], resumed["reason"]) == ("False", "Resumed")
+    cluster.wait_for(
+        lambda: any("stopped while it was suspended" in event.get("message", "")
+                    for event in events_about(cluster, namespace, "PretrainJob", "stopped")),
+        "the Event that says why attempt 1 started",
+    )
+
+
 def test_suspended_new_run_names_no_job(cluster, namespace, lathe_operator, ready_inputs):
     """A new run that starts suspended deletes the previous run's Job and names no Job until it
     is resumed."""
@@ -826,6 +892,12 @@ def test_suspended_new_run_names_no_job(cluster, namespace, lathe_operator, read
     )
     assert [job["metadata"]["name"] for job in jobs_of(cluster, "paused-change", namespace)] == [
         "paused-change-pretrain-r2-0"]
+    # Resuming ends the suspension (tests/unit/test_reconcile_runs.py checks the first status
+    # write after it).
+    resumed = get(cluster, "PretrainJob", "paused-change", namespace)
+    assert resumed["status"]["phase"] != "Suspended", resumed["status"]
+    suspended_condition = condition(resumed, "Suspended")
+    assert (suspended_condition["status"], suspended_condition["reason"]) == ("False", "Resumed")
 
 
 def test_spec_change_moves_observed_generation(cluster, namespace, lathe_operator, ready_inputs):

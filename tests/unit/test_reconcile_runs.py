@@ -91,3 +91,30 @@ def test_new_run_drops_training_gauges(monkeypatch):
                if metric.name == "lathe_training_step" for sample in metric.samples
                if sample.labels.get("name") == "lm"]
     assert samples == []
+
+
+def test_resume_before_any_job_ends_suspension():
+    """A stage suspended before its first Job, then resumed, shows Suspended=False in the status
+    write that creates the Job, since the Job's first event is not reconciled."""
+    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
+    created: list[str] = []
+    reconciler = Reconciler(settings, fake_clients(created))
+    body = {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob",
+        "metadata": {"name": "lm", "namespace": "team-a", "uid": "u-3", "generation": 1},
+        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
+                 "sequenceLength": 256, "suspend": True},
+    }
+    suspended = reconciler.reconcile(body)
+    assert created == []
+    assert suspended["phase"] == "Suspended"
+
+    body["metadata"]["generation"] = 2
+    body["spec"]["suspend"] = False
+    resumed = reconciler.reconcile({**body, "status": suspended})
+
+    assert "Job lm-pretrain-r1-0" in created
+    conditions = {c["type"]: c for c in resumed["conditions"]}
+    assert (conditions["Suspended"]["status"], conditions["Suspended"]["reason"]) == (
+        "False", "Resumed")
+    assert resumed["phase"] != "Suspended"

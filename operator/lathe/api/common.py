@@ -805,7 +805,12 @@ class StageStatus(ApiModel):
     failed_attempts: list[AttemptStatus] = Field(
         default_factory=list, description="Exit codes and reasons of failed attempts."
     )
-    restart_count: int = Field(default=0, description="Attempts retried so far.")
+    restart_count: int = Field(
+        default=0,
+        description=(
+            "Failed attempts retried so far; an attempt stopped by a suspension does not count."
+        ),
+    )
 
 
 class PrinterColumn(BaseModel):

@@ -406,7 +406,7 @@ class Reconciler:
                 return new
             self._create_workload(resource, body, plan, attempt)
             new["conditions"] = status.set_condition(
-                conditions, C.RUNNING, True, Reason.JOB_CREATED,
+                _resumed(conditions, generation), C.RUNNING, True, Reason.JOB_CREATED,
                 f"Created Job {job_name} (attempt {attempt}).", generation,
             )
             new["jobName"] = job_name
@@ -423,9 +423,14 @@ class Reconciler:
             return new
 
         new["jobName"] = job_name
+        outcome = _job_outcome(job)
+        stopped = _stopped_while_suspended(job)
         queued = builders.KUEUE_QUEUE_LABEL in (job.metadata.labels or {})
         # Kueue admits a queued Job by unsuspending it, so the operator never does that itself.
-        if suspended != bool(job.spec.suspend) and (suspended or not queued):
+        # A finished Job stays finished, and one stopped while suspended is replaced below, so
+        # their suspend is left as it is.
+        if (outcome is None and not stopped and suspended != bool(job.spec.suspend)
+                and (suspended or not queued)):
             self.api.batch.patch_namespaced_job(
                 job_name, resource.metadata.namespace, {"spec": {"suspend": suspended}}
             )
@@ -441,16 +446,13 @@ class Reconciler:
                 "continue.", generation,
             )
             return new
-        if status.condition_true(conditions, C.SUSPENDED):
-            conditions = status.set_condition(
-                conditions, C.SUSPENDED, False, Reason.RESUMED,
-                "Resumed; the stage continues from its latest checkpoint, if it wrote one.",
-                generation,
-            )
+        conditions = _resumed(conditions, generation)
 
-        outcome = _job_outcome(job)
         if outcome == "Complete":
             return self._succeeded(resource, plan, job, new, conditions)
+        if stopped:
+            return self._next_attempt_after_suspend(resource, body, plan, job, new, conditions,
+                                                    attempt)
         if outcome == "Failed":
             return self._attempt_failed(resource, body, plan, job, new, conditions, attempt)
         active = job.status.active or 0
@@ -509,8 +511,10 @@ class Reconciler:
             })
         new["failedAttempts"] = attempts
         permanent = exit_code == EXIT_PERMANENT
-        if permanent or attempt >= plan.max_restarts:
-            why = "a permanent error" if permanent else f"{attempt + 1} attempts"
+        # Attempts stopped by a suspension are not failures, so the failed attempts count, not
+        # the attempt number.
+        if permanent or len(attempts) > plan.max_restarts:
+            why = "a permanent error" if permanent else f"{len(attempts)} failed attempts"
             conditions = status.set_condition(
                 conditions, C.RUNNING, False, Reason.JOB_FAILED, "The Job failed.", generation
             )
@@ -528,12 +532,37 @@ class Reconciler:
         self._create_workload(resource, body, plan, attempt + 1)
         self._delete_job(resource.metadata.namespace, job.metadata.name)
         new["attempt"] = attempt + 1
-        new["restartCount"] = attempt + 1
+        new["restartCount"] = len(attempts)
         new["jobName"] = builders.job_name(plan, attempt + 1)
         new["conditions"] = status.set_condition(
             conditions, C.RUNNING, True, Reason.ATTEMPT_RESTARTED,
             f"Attempt {attempt} failed with exit code {exit_code} ({reason}); started attempt "
             f"{attempt + 1}, resuming from the latest checkpoint.", generation,
+        )
+        return new
+
+    def _next_attempt_after_suspend(self, resource, body, plan, job, new, conditions,
+                                    attempt) -> dict:
+        """Start the next attempt of a Job whose pods were stopped by a suspension.
+
+        The pods of a suspended Job get SIGTERM and exit with 143. The Job controller applies the
+        pod failure policy to them as to any failed pod, so the catch-all FailJob rule fails the
+        Job; tests/cluster/test_operator.py shows it on a real control plane. That is the
+        suspension (spec.suspend, or Kueue preempting the workload), not an error of the stage:
+        the next attempt resumes from the latest checkpoint and the stopped one counts neither
+        as a failed attempt nor as a restart.
+        """
+        self._create_workload(resource, body, plan, attempt + 1)
+        self._delete_job(resource.metadata.namespace, job.metadata.name)
+        next_job = builders.job_name(plan, attempt + 1)
+        new["attempt"] = attempt + 1
+        new["jobName"] = next_job
+        new["conditions"] = status.set_condition(
+            conditions, C.RUNNING, True, Reason.JOB_CREATED,
+            f"The pods of Job {job.metadata.name} were stopped while it was suspended, so "
+            f"created Job {next_job} (attempt {attempt + 1}), which resumes from the latest "
+            "checkpoint. The stopped attempt does not count as a failure.",
+            resource.metadata.generation,
         )
         return new
 
@@ -1184,6 +1213,29 @@ def _describe_failure(pod, terminated) -> tuple[int, str, str]:
         message = (f"the container exited with code {terminated.exit_code} "
                    "without writing an error message or any log output.")
     return terminated.exit_code, reason, f"{where}: {message}"
+
+
+def _stopped_while_suspended(job) -> bool:
+    """Tell whether the Job failed, or is failing, because a suspension stopped its pods.
+
+    The Job controller sets Suspended=True when it deletes the pods of a suspended Job, before
+    they exit. When they exit non-zero, the pod failure policy sets FailureTarget=True, and
+    Failed=True follows once the Job is resumed. Neither step clears Suspended, so the
+    condition outlives the failure.
+    """
+    true = {condition.type for condition in job.status.conditions or []
+            if condition.status == "True"}
+    return "Suspended" in true and bool(true & {"FailureTarget", "Failed"})
+
+
+def _resumed(conditions: list[dict], generation: int) -> list[dict]:
+    """Return the conditions with Suspended turned False, if it was True."""
+    if not status.condition_true(conditions, C.SUSPENDED):
+        return conditions
+    return status.set_condition(
+        conditions, C.SUSPENDED, False, Reason.RESUMED,
+        "Resumed; the stage continues from its latest checkpoint, if it wrote one.", generation,
+    )
 
 
 def _job_outcome(job) -> str | None:
