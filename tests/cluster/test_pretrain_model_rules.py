@@ -20,6 +20,7 @@ def apply(cluster, namespace, spec: dict):
     {"model": {"architecture": "bert", "objective": "maskedLM", "preset": "125m"}},
     {"model": {"architecture": "t5", "preset": "tiny", "numLayers": 1}},
     {"model": {"objective": "causalLM", "preset": "7b"}},
+    {"model": {"architecture": "gpt2", "hiddenSize": 24, "numHeads": 8}},
     {"curriculum": {"stages": [{"untilStep": 10, "sequenceLength": 64, "minQuality": 0.9},
                                {"sequenceLength": 128}]}},
 ])
@@ -34,6 +35,8 @@ def test_model_spec_accepted(cluster, namespace, spec):
     ({"model": {"objective": "spanCorruption"}},
      "spec.model.objective must match spec.model.architecture"),
     ({"model": {"preset": "13b"}}, "spec.model.preset"),
+    ({"model": {"hiddenSize": 24, "numHeads": 8}}, "head size, hiddenSize / numHeads"),
+    ({"model": {"preset": "125m", "numHeads": 256}}, "head size, hiddenSize / numHeads"),
     ({"curriculum": {"stages": [{"minQuality": 2}]}}, "minQuality"),
 ])
 def test_model_spec_rejected(cluster, namespace, spec, expected):

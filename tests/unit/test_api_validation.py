@@ -285,6 +285,8 @@ CROSS_FIELD = [
     (pretrain(model={"numHeads": 3}), "spec.model.numHeads", 3),
     (pretrain(model={"hiddenSize": 130}), "spec.model.hiddenSize", 130),
     (pretrain(model={"hiddenSize": 130, "numHeads": 4}), "spec.model.hiddenSize", 130),
+    (pretrain(model={"hiddenSize": 24, "numHeads": 8}), "spec.model.numHeads", 8),
+    (pretrain(model={"numHeads": 128}), "spec.model.numHeads", 128),
     (pretrain(model={"architecture": "bert", "objective": "causalLM"}), "spec.model.objective",
      "causalLM"),
     (pretrain(scheduling={"tolerations": [{"key": "a", "operator": "Exists", "value": "b"}]}),

@@ -138,3 +138,37 @@ def test_checkpoint_without_checksum_loads(tmp_path):
     _flip_weight_byte(path)
     assert [step for step, _ in checkpoint.step_dirs(tmp_path)] == [4]
     assert checkpoint.load_latest(tmp_path)["weights"].shape == WEIGHTS.shape
+
+
+def _load_agreed_worker(rank: int, init_file: str, phase_dirs: list[str], results: str) -> None:
+    import pathlib
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        state = checkpoint.load_agreed(pathlib.Path(phase_dirs[rank]))
+        step = None if state is None else int(state["step"])
+        with open(f"{results}.{rank}", "w", encoding="utf-8") as handle:
+            json.dump(step, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_agree_on_checkpoint(tmp_path):
+    """A process that cannot read the newest checkpoint falls back to an earlier one, and the
+    other process follows it."""
+    readable, damaged = tmp_path / "rank0", tmp_path / "rank1"
+    for phase_dir in (readable, damaged):
+        checkpoint.save(phase_dir, 2, {"step": 2, "weights": torch.zeros(2)}, keep=3)
+        newest = checkpoint.save(phase_dir, 4, {"step": 4, "weights": torch.ones(2)}, keep=3)
+    (newest / checkpoint.STATE_FILE).write_bytes(b"cut short")
+    assert checkpoint.load_latest(readable)["step"] == 4
+
+    torch.multiprocessing.spawn(
+        _load_agreed_worker,
+        args=(str(tmp_path / "init"), [str(readable), str(damaged)], str(tmp_path / "step")),
+        nprocs=2,
+    )
+
+    assert [json.loads((tmp_path / f"step.{rank}").read_text()) for rank in range(2)] == [2, 2]

@@ -173,3 +173,27 @@ def test_non_finite_step_fails_stage(monkeypatch):
     with pytest.raises(StageError, match="training loss of lora step 7 is nan") as raised:
         stage.train_phase(None, spec, "lora")
     assert raised.value.field == "spec.training.learningRate"
+
+
+def _seed_worker(rank: int, init_file: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from lathe_trainer.finetune.train import seed_process
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        seed_process(7)
+        torch.save(torch.rand(8), f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_draw_their_own_dropout(tmp_path):
+    """Each process seeds its own stream, so two processes do not drop the same units. Rank 0
+    keeps the stream of the seed, as a single process has it."""
+    torch.multiprocessing.spawn(_seed_worker, args=(str(tmp_path / "init"), str(tmp_path / "r")),
+                                nprocs=2)
+    first, second = (torch.load(tmp_path / f"r.{rank}") for rank in range(2))
+    torch.manual_seed(7)
+    assert torch.equal(first, torch.rand(8))
+    assert not torch.equal(first, second)

@@ -111,6 +111,25 @@ def test_reads_progress_from_trainer_port():
     assert values["tokensSeen"] == 7168
     assert "loss" not in values  # NaN has no JSON form
     assert "mfu" not in values  # 0 on a CPU
+    assert values["nonFiniteSteps"] == 0
+    assert values.get("curriculumStage") is None  # no curriculum, so no stage
+
+
+def test_trainer_port_reports_skips_and_curriculum_stage():
+    """A skipped step and the curriculum stage reach status from rank 0's port too, not only
+    from the progress file."""
+    from lathe_trainer.training.metrics import PrometheusExporter
+
+    port = _free_port()
+    exporter = PrometheusExporter(port, {"namespace": "ns", "kind": "PretrainJob", "name": "lm"},
+                                  address="127.0.0.1")
+    try:
+        exporter.update(step=12, total_steps=100, non_finite_steps=2, curriculum_stage=1)
+        record = progress.read_pod_metrics("127.0.0.1", port)
+    finally:
+        exporter.close()
+    values = progress.to_status(record)
+    assert (values["nonFiniteSteps"], values["curriculumStage"]) == (2, 1)
 
 
 def test_unanswered_trainer_port_raises():

@@ -342,3 +342,48 @@ def test_no_readable_checkpoint_starts_over(tmp_path, caplog):
     with caplog.at_level("WARNING", logger=checkpoint.__name__):
         assert checkpoint.load_latest(tmp_path) is None
     assert "None of the 1 checkpoints" in caplog.text
+
+
+def _load_agreed_worker(rank: int, init_file: str, roots: list[str], results: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        context = DistributedContext(rank=rank, world_size=2, local_rank=rank,
+                                     device=torch.device("cpu"), backend="gloo")
+        saved = checkpoint.load_agreed(roots[rank], context)
+        step = None if saved is None else saved.step
+        with open(f"{results}.{rank}", "w", encoding="utf-8") as handle:
+            json.dump(step, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def _steps_agreed(tmp_path, roots) -> list[int | None]:
+    results = tmp_path / "step"
+    torch.multiprocessing.spawn(
+        _load_agreed_worker, args=(str(tmp_path / "init"), [str(r) for r in roots], str(results)),
+        nprocs=2,
+    )
+    return [json.loads((tmp_path / f"step.{rank}").read_text()) for rank in range(2)]
+
+
+def test_ranks_agree_on_checkpoint(tmp_path):
+    """A rank that cannot read the newest checkpoint falls back to an earlier one, and the other
+    ranks follow it, so that every rank continues from the same weights and step."""
+    readable, damaged = tmp_path / "rank0", tmp_path / "rank1"
+    for root in (readable, damaged):
+        save(root, 2, keep=3)
+        newest = save(root, 4, keep=3)
+    _truncate(newest / "model.pt")
+    assert checkpoint.load_latest(readable).step == 4
+
+    assert _steps_agreed(tmp_path, [readable, damaged]) == [2, 2]
+
+
+def test_ranks_start_over_together(tmp_path):
+    """When one rank can read no checkpoint at all, every rank starts from step 0."""
+    readable, empty = tmp_path / "rank0", tmp_path / "rank1"
+    save(readable, 2)
+
+    assert _steps_agreed(tmp_path, [readable, empty]) == [None, None]

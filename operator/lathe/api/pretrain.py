@@ -138,6 +138,20 @@ class ModelArchitectureSpec(ApiModel):
             field="hiddenSize",
         ),
         CelRule(
+            rule="(has(self.architecture) && self.architecture != 'llama') || "
+            f"{_cel_model_size('hidden_size', 'hiddenSize')} % "
+            f"{_cel_model_size('num_heads', 'numHeads')} != 0 || "
+            f"({_cel_model_size('hidden_size', 'hiddenSize')} / "
+            f"{_cel_model_size('num_heads', 'numHeads')}) % 2 == 0",
+            message="spec.model: a llama model's head size, hiddenSize / numHeads (each is the "
+            "preset's when unset), must be even, because rotary position embeddings rotate "
+            "pairs of dimensions; pick a numHeads that leaves an even head size",
+            # NB: _check_resolved_heads rejects it instead, preset sizes included, with the
+            # numbers and a numHeads that fits.
+            check=lambda model: True,
+            field="numHeads",
+        ),
+        CelRule(
             rule="!has(self.objective) || self.objective == "
             "{'llama': 'causalLM', 'gpt2': 'causalLM', 'bert': 'maskedLM', "
             "'t5': 'spanCorruption'}[has(self.architecture) ? self.architecture : 'llama']",
@@ -163,6 +177,26 @@ class ModelArchitectureSpec(ApiModel):
                 f"is not a multiple of {dimensions.num_heads} heads; set hiddenSize and "
                 "numHeads so that numHeads divides hiddenSize"
             )
+            raise rule_error(type(self), [((field,), self.value_at((field,)), message)])
+        head_size = dimensions.hidden_size // dimensions.num_heads
+        if self.architecture == "llama" and head_size % 2:
+            field = "hiddenSize" if self.num_heads is None else "numHeads"
+            fitting = [heads for heads in range(1, dimensions.hidden_size + 1)
+                       if dimensions.hidden_size % heads == 0
+                       and (dimensions.hidden_size // heads) % 2 == 0]
+            nearest = sorted(fitting, key=lambda heads: abs(heads - dimensions.num_heads))[:2]
+            message = (
+                f"head size {head_size} (hidden size {dimensions.hidden_size} / "
+                f"{dimensions.num_heads} heads) is odd, and llama's rotary position "
+                "embeddings rotate pairs of dimensions"
+            )
+            if nearest:
+                message += ("; set numHeads to "
+                            f"{' or '.join(str(heads) for heads in sorted(nearest))}")
+            else:
+                field = "hiddenSize"
+                message += (f"; no numHeads fits an odd hidden size, so set hiddenSize to an "
+                            f"even number such as {dimensions.hidden_size + 1}")
             raise rule_error(type(self), [((field,), self.value_at((field,)), message)])
         return self
 

@@ -64,6 +64,8 @@ POD_GAUGES = {
     "lathe_training_eta_seconds": "etaSeconds",
     "lathe_training_tokens_seen": "tokensSeen",
     "lathe_training_mfu_ratio": "mfu",
+    "lathe_training_non_finite_steps": "nonFiniteSteps",
+    "lathe_training_curriculum_stage": "curriculumStage",
 }
 # Seconds to wait for rank 0's metrics, kept short because the periodic pass reads every
 # running job.
@@ -91,13 +93,13 @@ def read_pod_metrics(address: str, port: int,
     for family in text_string_to_metric_families(text):
         field = POD_GAUGES.get(family.name)
         # NB: JSON, and so status, has no NaN or infinity; a non-finite loss shows in
-        # status.progress.nonFiniteSteps of the progress file instead.
+        # status.progress.nonFiniteSteps instead.
         if field is not None and family.samples and math.isfinite(family.samples[0].value):
             record[field] = family.samples[0].value
     # The gauges exist from the start at 0, so a run without a finished step has no progress.
     if not record.get("completed"):
         return None
-    for field in ("completed", "total", "tokensSeen"):
+    for field in ("completed", "total", "tokensSeen", "nonFiniteSteps", "curriculumStage"):
         if field in record:
             record[field] = int(record[field])
     if not record.get("mfu"):

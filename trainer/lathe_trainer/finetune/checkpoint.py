@@ -7,8 +7,8 @@ architecture from random initialization). `checkpoints/<phase>/result.json` mark
 evaluation. A resumed run skips the phases that finished. `state.json` beside each `state.pt`
 records the step and, under `files`, the size and SHA-256 of state.pt, which `load` verifies.
 
-Only rank 0 writes. Every process reads the same files on resume, because all processes hold
-identical weights after each step. A remote output's mirror uploads state.json after state.pt
+Only rank 0 writes. Every process reads the same checkpoint on resume (`load_agreed`), because
+all processes hold identical weights after each step. A remote output's mirror uploads state.json after state.pt
 (lathe_trainer.remote.MARKERS), so a state.pt without state.json is either one written before
 checksums were recorded or one whose state.json is still to come, and both load unverified.
 """
@@ -27,6 +27,7 @@ from typing import Any
 import fsspec
 import torch
 
+from lathe_trainer.finetune import distributed
 from lathe_trainer.training import checkpoint as training_checkpoint
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,33 @@ def load_latest(phase_dir: Path) -> dict[str, Any] | None:
         log.warning("None of the %d checkpoints in %s can be read, so the phase starts from "
                     "step 0.", len(found), phase_dir)
     return None
+
+
+def load_agreed(phase_dir: Path) -> dict[str, Any] | None:
+    """Return the state of the newest checkpoint that every process can read (collective).
+
+    A process that cannot read the newest checkpoint falls back to an earlier one, and the
+    others follow it: processes that continued from different steps would hold different
+    weights and step through the loop a different number of times.
+    """
+    state = load_latest(phase_dir)
+    step = int(state["step"]) if state is not None else -1
+    agreed = min(distributed.all_gather_object(step))
+    if agreed == step:
+        return state
+    if agreed < 0:
+        log.warning("Process %d read the checkpoint of step %d in %s, but another process "
+                    "could read none, so every process starts from step 0.",
+                    distributed.rank(), step, phase_dir)
+        return None
+    log.warning("Process %d read the checkpoint of step %d in %s, but another process could "
+                "read only up to step %d, so every process continues from step %d.",
+                distributed.rank(), step, phase_dir, agreed, agreed)
+    path = dict(step_dirs(phase_dir)).get(agreed)
+    if path is None:
+        raise FileNotFoundError(f"the checkpoint of step {agreed} in {phase_dir}, which another "
+                                "process read, is gone on this one")
+    return load(path)
 
 
 def load(path: Path) -> dict[str, Any]:

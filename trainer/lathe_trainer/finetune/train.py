@@ -199,7 +199,7 @@ class Resumed:
 
 def resume_or_sync(model, optimizer, scheduler, phase_dir: Path, resume: bool) -> Resumed:
     """Load the latest checkpoint if resuming, else give every process rank 0's weights."""
-    state = checkpoint.load_latest(phase_dir) if resume else None
+    state = checkpoint.load_agreed(phase_dir) if resume else None
     if state is None:
         distributed.broadcast_parameters(list(model.parameters()))
         return Resumed()
@@ -231,12 +231,21 @@ def _set_rng_state(state: torch.Tensor | dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seed_process(seed: int) -> None:
+    """Seed this process's random stream for training, after the weights are the same on all.
+
+    The classifier head and LoRA have dropout, so the processes need streams of their own:
+    with one seed they would drop the same units of their different sentences. Rank 0 keeps
+    the stream of `seed`, so a single process trains as it would without this.
+    """
+    torch.manual_seed(seed + distributed.rank())
+
+
 def _restore_rng(saved: torch.Tensor | list) -> None:
     """Continue each process's random stream where it stopped.
 
-    The classifier head and LoRA have dropout, and each process pads its micro-batches to
-    another length, so the processes' streams differ after the first step. A checkpoint contains
-    one state per process, and one written before that contains rank 0's state only.
+    A checkpoint contains one state per process (seed_process gave each its own stream), and
+    one written before that contains rank 0's state only.
     """
     if isinstance(saved, torch.Tensor):
         _set_rng_state(saved)
@@ -270,6 +279,8 @@ def run_phase(
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(model, settings)
     resumed = resume_or_sync(model, optimizer, scheduler, phase_dir, resume)
+    if resumed.step == 0:
+        seed_process(settings.seed)
     start, loss, tokens_total = resumed.step, resumed.loss, resumed.tokens
     tokens_this_attempt, started = 0, time.monotonic()
     # Time in training steps only, so that saves and evaluations do not lower the token rate.

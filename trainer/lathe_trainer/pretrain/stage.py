@@ -375,7 +375,7 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
 ) -> TrainState:
-    saved = checkpoint.load_latest(checkpoints)
+    saved = checkpoint.load_agreed(checkpoints, context)
     if saved is None:
         log.info("No readable checkpoint under %s, so training starts from step 0.",
                  checkpoints)
@@ -654,7 +654,7 @@ class _Trainer:
         same divergence. A checkpoint of an earlier stage brings that stage back with the
         checkpoint's data position, because the current position belongs to the later stage.
         """
-        saved = checkpoint.load_latest(self.checkpoints)
+        saved = checkpoint.load_agreed(self.checkpoints, self.context)
         if saved is None:
             raise StageError(
                 self.config, "spec.training.nonFinite",
@@ -745,7 +745,9 @@ class _Trainer:
         # The operator reads these from rank 0's metrics port when it cannot read the progress
         # file in the artifact store (lathe.k8s.progress).
         self.telemetry.export(total_steps=self.training.max_steps, eta_seconds=eta_seconds,
-                              tokens_seen=self.state.tokens_seen)
+                              tokens_seen=self.state.tokens_seen,
+                              non_finite_steps=self.state.non_finite_steps,
+                              curriculum_stage=extra.get("curriculumStage"))
         self.reporter.update(
             self.state.step,
             message=message,

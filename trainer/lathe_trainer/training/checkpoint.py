@@ -121,6 +121,35 @@ def load_latest(root: Path | str) -> Checkpoint | None:
     return None
 
 
+def load_agreed(root: Path | str, context: DistributedContext) -> Checkpoint | None:
+    """Read the newest checkpoint under root that every rank can read (collective).
+
+    Each rank reads on its own, and one that cannot read the newest checkpoint (a transient
+    storage error, a file damaged on one node's copy) falls back to an earlier one. Ranks that
+    went on from different steps would train different weights under DDP, which broadcasts
+    them only when it wraps the model, and would hang at the first collective that the others
+    have passed. So all ranks continue from the lowest step any of them read.
+    """
+    saved = load_latest(root)
+    step = saved.step if saved is not None else -1
+    (negated,) = distributed.all_reduce_max(context, [-step])
+    agreed = int(-negated)
+    if agreed == step:
+        return saved
+    if agreed < 0:
+        log.warning("Rank %d read the checkpoint of step %d under %s, but another rank could "
+                    "read none, so every rank starts from step 0.", context.rank, step, root)
+        return None
+    path = dict(list_checkpoints(root)).get(agreed)
+    log.warning("Rank %d read the checkpoint of step %d under %s, but another rank could read "
+                "only up to step %d, so every rank continues from step %d.", context.rank, step,
+                root, agreed, agreed)
+    if path is None:
+        raise FileNotFoundError(f"the checkpoint of step {agreed} under {root}, which another "
+                                "rank read, is gone on this one")
+    return load(path)
+
+
 def capture_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -323,10 +352,18 @@ def load(path: Path | str) -> Checkpoint:
     state = json.loads(filesystem.cat_file(f"{base}/{STATE}"))
 
     def read(name: str) -> Any:
-        data = filesystem.cat_file(f"{base}/{name}")
+        location = f"{base}/{name}"
+        if storage.is_local(filesystem):
+            # Hashed in chunks and memory-mapped rather than read into memory first: every
+            # process of a node loads the full checkpoint, and the bytes next to the tensors
+            # would need twice its size per process, where mapped pages are shared.
+            if FILES in state:
+                check_file(display, name, state[FILES], stored_record(filesystem, location))
+            # NB: weights_only=True keeps torch.load from running arbitrary pickled code.
+            return torch.load(location, map_location="cpu", weights_only=True, mmap=True)
+        data = filesystem.cat_file(location)
         if FILES in state:
             check_file(display, name, state[FILES], file_record(data))
-        # NB: weights_only=True keeps torch.load from running arbitrary pickled code.
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     return Checkpoint(

@@ -154,18 +154,23 @@ class PrometheusExporter:
                         "Input tokens trained on so far, steps before a resume included."),
         "peak_memory": ("lathe_training_peak_memory_bytes",
                         "Peak device memory of rank 0 (resident set size on CPUs)."),
+        "non_finite_steps": ("lathe_training_non_finite_steps",
+                             "Steps with a non-finite loss or gradient norm, skipped or rolled "
+                             "back."),
+    }
+    # Created at their first update, so that a run without a curriculum has no stage series
+    # rather than one that reads stage 0.
+    OPTIONAL_GAUGES = {
+        "curriculum_stage": ("lathe_training_curriculum_stage",
+                             "Index, from 0, of the curriculum stage in training."),
     }
 
     def __init__(self, port: int, labels: dict[str, str], address: str = "0.0.0.0"):
         import prometheus_client
 
         self.registry = prometheus_client.CollectorRegistry()
-        names = sorted(labels)
-        self.gauges = {
-            key: prometheus_client.Gauge(name, text, names, registry=self.registry)
-            .labels(**labels)
-            for key, (name, text) in self.GAUGES.items()
-        }
+        self.labels = labels
+        self.gauges = {key: self._gauge(name, text) for key, (name, text) in self.GAUGES.items()}
         self.server, self.thread = prometheus_client.start_http_server(
             port, addr=address, registry=self.registry
         )
@@ -179,10 +184,19 @@ class PrometheusExporter:
         address = os.environ.get("LATHE_TRAINER_METRICS_ADDRESS", "0.0.0.0")
         return cls(int(port), labels, address)
 
+    def _gauge(self, name: str, text: str):
+        import prometheus_client
+
+        return prometheus_client.Gauge(name, text, sorted(self.labels),
+                                       registry=self.registry).labels(**self.labels)
+
     def update(self, **values: float | None) -> None:
         for key, value in values.items():
-            if value is not None:
-                self.gauges[key].set(value)
+            if value is None:
+                continue
+            if key not in self.gauges:
+                self.gauges[key] = self._gauge(*self.OPTIONAL_GAUGES[key])
+            self.gauges[key].set(value)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -42,8 +42,8 @@ def resolve(uri: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str
         filesystem, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as error:
         raise ValueError(
-            f"no filesystem for {url!r} ({error}); install the fsspec implementation of its "
-            "protocol (s3fs for s3://) or use a file:// or pvc:// URI."
+            f"no filesystem for {url!r} ({error}); the trainer reads and writes file://, "
+            "pvc:// and s3:// URIs, so use one of those."
         ) from error
     return filesystem, path.rstrip("/") or path
 
