@@ -96,10 +96,12 @@ def derive_phase(conditions: list[dict[str, Any]], summary: str = ConditionType.
         return Phase.READY if summary == ConditionType.READY else Phase.SUCCEEDED
     if condition_true(conditions, ConditionType.SUSPENDED):
         return Phase.SUSPENDED
+    # A run that started before an input ran again or was deleted goes on with the inputs it
+    # read, so it is Running while InputsReady is False.
+    if condition_true(conditions, ConditionType.RUNNING):
+        return Phase.RUNNING
     if any(
         c["type"] == ConditionType.INPUTS_READY and c["status"] == "False" for c in conditions
     ):
         return Phase.WAITING
-    if condition_true(conditions, ConditionType.RUNNING):
-        return Phase.RUNNING
     return Phase.PENDING

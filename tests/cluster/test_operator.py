@@ -1040,6 +1040,47 @@ def test_deleted_input_shown_downstream(cluster, namespace, lathe_operator, monk
     assert tokenizer["status"]["artifact"]["digest"]
 
 
+def test_run_goes_on_when_input_is_deleted(cluster, namespace, lathe_operator, ready_inputs):
+    """A PretrainJob whose Tokenizer is deleted mid-run goes on with the inputs it read: the
+    operator follows its Job to Succeeded while InputsReady is False."""
+    cluster.apply(pretrain_job("orphaned"), namespace)
+
+    def running_pods() -> list[dict]:
+        pods = cluster.get_json("pods", "-n", namespace, "-l", "lathe.dev/name=orphaned")["items"]
+        return [p for p in pods if p["status"].get("phase") == "Running"]
+
+    cluster.wait_for(lambda: len(running_pods()) == 2, "two running pods", timeout=90)
+    cluster.kubectl("delete", plural("Tokenizer"), "missing-on-purpose", "-n", namespace,
+                    timeout=90)
+
+    def waiting() -> bool:
+        inputs = condition(get(cluster, "PretrainJob", "orphaned", namespace), "InputsReady")
+        return bool(inputs) and inputs["status"] == "False"
+
+    cluster.wait_for(waiting, "InputsReady=False on the PretrainJob", timeout=60)
+    assert get(cluster, "PretrainJob", "orphaned", namespace)["status"]["phase"] == "Running"
+    # Act as the kubelet of both nodes: training finished.
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for pod in running_pods():
+        container = pod["spec"]["containers"][0]
+        patch = {"status": {"phase": "Succeeded", "containerStatuses": [{
+            "name": container["name"], "image": container["image"], "ready": False,
+            "restartCount": 0, "imageID": "", "containerID": "kwok://done",
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                                     "startedAt": now, "finishedAt": now}},
+        }]}}
+        cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace,
+                        "--subresource=status", "--type=merge", "-p", json.dumps(patch))
+
+    cluster.wait_for(lambda: is_true(cluster, "PretrainJob", "orphaned", namespace, "Succeeded"),
+                     "the PretrainJob to succeed without its Tokenizer", timeout=60)
+    finished = get(cluster, "PretrainJob", "orphaned", namespace)
+    assert finished["status"]["phase"] == "Succeeded"
+    assert finished["status"]["artifact"]["digest"]
+    assert condition(finished, "InputsReady")["status"] == "False"
+    assert set(finished["status"]["inputUris"]) == {"corpus", "tokenizer"}
+
+
 def test_dropped_input_leaves_status(cluster, namespace, lathe_operator, ready_inputs):
     """A FineTune moved from a PretrainJob to a model URI runs once more and then stays done:
     the status write deletes the dropped input's digest instead of keeping it beside {}."""

@@ -798,6 +798,11 @@ class StageStatus(ApiModel):
         description="Digest of each input the latest run read, by role, such as `corpus`. An "
         "input that finishes again with another digest starts a new run.",
     )
+    input_uris: dict[str, str] = Field(
+        default_factory=dict,
+        description="Artifact URI of each input the latest run read, by role. A run in "
+        "progress goes on with these inputs while an input runs again or is deleted.",
+    )
     progress: Progress | None = Field(default=None, description="Live training progress.")
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="Final metrics of the stage, such as perplexity or F1."

@@ -190,6 +190,14 @@ class Reconciler:
             )
             if isinstance(resource, ModelDeployment):
                 new = self._serve_while_waiting(resource, body, new, spec_changed)
+                return self._with_phase(new, resource)
+            recorded = _recorded_inputs(resource, new)
+            if not spec_changed and recorded is not None and _run_in_progress(resource, new):
+                # The run read its inputs when it started, and their folders stay, so it goes
+                # on: the operator keeps following its Job (outcome, retries, progress) rather
+                # than leaving it to hold its nodes unwatched. A new run starts once the inputs
+                # are ready again with other digests.
+                new = self._reconcile_bounded(resource, body, recorded, new)
             return self._with_phase(new, resource)
         conditions = status.set_condition(
             conditions, C.INPUTS_READY, True, Reason.INPUTS_AVAILABLE,
@@ -358,6 +366,7 @@ class Reconciler:
         if not legacy_job:
             new["run"] = plan.run
         new["inputDigests"] = input_digests
+        new["inputUris"] = {role: item.uri for role, item in sorted(inputs.items())}
         new["outputUri"] = output
         new["runResumeKey"] = resume_key
         new["attempt"] = attempt
@@ -547,7 +556,7 @@ class Reconciler:
 
         The pods of a suspended Job get SIGTERM and exit with 143. The Job controller applies the
         pod failure policy to them as to any failed pod, so the catch-all FailJob rule fails the
-        Job; tests/cluster/test_operator.py shows it on a real control plane. That is the
+        Job. tests/cluster/test_operator.py shows it on a real control plane. That is the
         suspension (spec.suspend, or Kueue preempting the workload), not an error of the stage:
         the next attempt resumes from the latest checkpoint and the stopped one counts neither
         as a failed attempt nor as a restart.
@@ -1213,6 +1222,27 @@ def _describe_failure(pod, terminated) -> tuple[int, str, str]:
         message = (f"the container exited with code {terminated.exit_code} "
                    "without writing an error message or any log output.")
     return terminated.exit_code, reason, f"{where}: {message}"
+
+
+def _recorded_inputs(resource: Resource, current: dict) -> dict[str, ResolvedInput] | None:
+    """Return the inputs that the recorded run read, or None when status does not name them all
+    (a run started by an earlier release recorded no URIs)."""
+    digests = current.get("inputDigests") or {}
+    uris = current.get("inputUris") or {}
+    recorded: dict[str, ResolvedInput] = {}
+    for role, (kind, name) in resource.references().items():
+        if role not in digests or role not in uris:
+            return None
+        recorded[role] = ResolvedInput(kind=kind, name=name, uri=uris[role], digest=digests[role])
+    return recorded
+
+
+def _run_in_progress(resource: Resource, current: dict) -> bool:
+    """Tell whether status records a Job of a run that has neither succeeded nor failed."""
+    conditions = current.get("conditions") or []
+    return bool(current.get("jobName")) and not (
+        status.condition_true(conditions, resource.summary_condition)
+        or status.condition_true(conditions, C.FAILED))
 
 
 def _stopped_while_suspended(job) -> bool:
