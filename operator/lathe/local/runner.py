@@ -447,12 +447,14 @@ class LocalRunner:
         checkpoints = ""
         if resume:
             checkpoints = _resume_points(*storage.resolve(_checkpoint_base(resource, output_uri)))
-        self.on_progress(ProgressEvent(
-            resource.key, "started",
-            message=f"resumes from the checkpoint of {checkpoints}" if checkpoints else "",
-        ))
         progress_file = self._progress_file(plan, directory, output_uri)
         try:
+            # Inside the try, because the display can raise too: printing this line into a
+            # closed stdout interrupts lathe (lathe.cli.OutputConsole).
+            self.on_progress(ProgressEvent(
+                resource.key, "started",
+                message=f"resumes from the checkpoint of {checkpoints}" if checkpoints else "",
+            ))
             self._run_with_retries(resource, plan, directory, config_path, progress_file,
                                    resume)
             manifest = _read_manifest(output_uri)
@@ -471,7 +473,9 @@ class LocalRunner:
             self._write_status(resource, directory, output_uri, None,
                                failure=(error.exit_code, error.detail))
             raise error from None
-        except KeyboardInterrupt:
+        except BaseException:
+            # Ctrl-C, a signal, a closed stdout, or an error of the caller's progress callback:
+            # _run_once has stopped the stage, and status.json must not say Running.
             self._write_status(resource, directory, output_uri, None, interrupted=True)
             raise
         # The new output replaces the last finished one for good.
