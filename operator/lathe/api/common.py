@@ -854,6 +854,8 @@ class Resource(BaseModel):
     metadata: ObjectMeta
     # The file the resource was read from, for error messages; empty when it came from the API.
     _origin: str = PrivateAttr(default="")
+    # Where in that file, such as "document 2 (line 9)"; empty when not read from a file.
+    _position: str = PrivateAttr(default="")
     status: StageStatus | None = None
 
     def references(self) -> dict[str, tuple[str, str]]:
