@@ -31,6 +31,45 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("LATHE_DATA_DIR", "../shared/data"))
 
 
+class OutputConsole(Console):
+    """A Console whose closed output (`lathe run | head -1`) stops lathe as SIGPIPE would.
+
+    rich's own handler raises SystemExit(1), which passes the handlers that stop the stage
+    processes and record the running stage as Interrupted. KeyboardInterrupt("SIGPIPE") takes
+    the path of Ctrl-C and `kill` instead, and main() exits with 141, as a shell reports it.
+    """
+
+    def on_broken_pipe(self) -> None:
+        _discard_output(self)
+        raise KeyboardInterrupt(signal.Signals.SIGPIPE.name)
+
+
+class ErrorConsole(Console):
+    """A Console on stderr that drops what it cannot write, so that a closed stderr does not
+    replace the error or interruption being reported."""
+
+    def __init__(self) -> None:
+        super().__init__(stderr=True, soft_wrap=True)
+
+    def on_broken_pipe(self) -> None:
+        _discard_output(self)
+
+
+def _discard_output(console: Console) -> None:
+    """Send the console's later output to /dev/null.
+
+    Its stream still contains the unwritten text, and Python's flush of stdout at exit would fail
+    with BrokenPipeError again and exit with 120.
+    """
+    console.quiet = True
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, console.file.fileno())
+    finally:
+        os.close(devnull)
+
+
 def _is_checkout(directory: Path) -> bool:
     return (directory / "pyproject.toml").is_file() and (directory / "operator" / "lathe").is_dir()
 
@@ -355,11 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Long lines such as artifact URIs stay whole when the output is not a terminal, and digests
     # are not coloured as if they were numbers or addresses.
-    console = Console(stderr=False, soft_wrap=True, highlight=False)
+    console = OutputConsole(stderr=False, soft_wrap=True, highlight=False)
     warning = other_checkout_warning()
     if warning:
-        Console(stderr=True, soft_wrap=True).print(warning, style="yellow", highlight=False,
-                                                   markup=False)
+        ErrorConsole().print(warning, style="yellow", highlight=False, markup=False)
     # `kill` and a closed terminal stop lathe as Ctrl-C does, so that the stage processes and
     # tritonserver it started are stopped too instead of being left running.
     # A signal that is ignored, as SIGHUP under nohup, stays ignored. Only the main thread may
@@ -373,31 +411,38 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, console)
     except LatheError as error:
         # Errors go to stderr, so that `lathe ... > file` keeps only the results.
-        Console(stderr=True, soft_wrap=True).print(f"error: {error}", style="red", highlight=False,
-                                                   markup=False)
+        ErrorConsole().print(f"error: {error}", style="red", highlight=False, markup=False)
         return 1
     except obstore.exceptions.BaseError as error:
         # The runner names the resource of a failed request, and this covers the rest.
         logging.getLogger(__name__).debug("The command failed.", exc_info=True)
         message = ObjectStoreError("", "", error)
-        Console(stderr=True, soft_wrap=True).print(f"error: {message}", style="red",
-                                                   highlight=False, markup=False)
+        ErrorConsole().print(f"error: {message}", style="red", highlight=False, markup=False)
         return 1
     except OSError as error:
         # A full disk or a permission problem is the environment's, not a bug: one line, the
         # traceback only with --verbose.
         logging.getLogger(__name__).debug("The command failed.", exc_info=True)
         where = f" ({error.filename})" if error.filename else ""
-        Console(stderr=True, soft_wrap=True).print(
+        ErrorConsole().print(
             f"error: {error.strerror or error}{where}; check free space and permissions there, "
             "then run again.", style="red", highlight=False, markup=False,
         )
         return 1
     except KeyboardInterrupt as interrupt:
-        console.print("Interrupted; finished stages are kept and are reused on the next run.")
-        # The shell convention, 128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM, so
-        # that a supervisor can tell how lathe was stopped.
-        return 128 + _interrupt_signal(interrupt)
+        signum = _interrupt_signal(interrupt)
+        if signum == signal.SIGPIPE:
+            # stdout is gone, so the message goes to stderr, unless that is closed too.
+            ErrorConsole().print(
+                "Interrupted: standard output was closed (broken pipe), as by `| head`; "
+                "finished stages are kept and are reused on the next run.",
+                highlight=False, markup=False,
+            )
+        else:
+            console.print("Interrupted; finished stages are kept and are reused on the next run.")
+        # The shell convention, 128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM, 141
+        # for a closed output, so that a supervisor can tell how lathe was stopped.
+        return 128 + signum
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

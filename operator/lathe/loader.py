@@ -66,6 +66,17 @@ def _yaml_type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _found(value: Any) -> str:
+    """Describe a parsed YAML document that is not a mapping: "a list of 2 items", "plain text
+    ('hello')"."""
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
+    if isinstance(value, str):
+        text = value if len(value) <= 40 else value[:40] + "..."
+        return f"plain text ({text!r})"
+    return f"{_yaml_type(value)} ({value!r})"
+
+
 def _type_message(error_type: str, value: Any) -> str:
     expected = _EXPECTED_TYPES[error_type]
     message = f"invalid value {quote_value(value)}: expected {expected}, got {_yaml_type(value)}"
@@ -250,8 +261,11 @@ def other_api_group(document: Any) -> bool:
 
 def parse_resource(document: dict[str, Any], origin: str) -> Resource:
     if not isinstance(document, dict):
-        raise InvalidResourceError(origin, "(document)", "expected a mapping with apiVersion, "
-                                   "kind, metadata and spec.")
+        raise InvalidResourceError(
+            origin, "",
+            f"found {_found(document)}, but a resource is a mapping with apiVersion, kind, "
+            "metadata and spec; write it as `key: value` lines, or remove the document.",
+        )
     kind = document.get("kind")
     metadata = document.get("metadata")
     if not isinstance(metadata, dict):
@@ -398,7 +412,16 @@ def _yaml_message(error: yaml.YAMLError) -> str:
     return message + "; correct the syntax there."
 
 
-def _read_documents(path: Path) -> list[Any]:
+@dataclasses.dataclass
+class _Document:
+    """One parsed YAML document, or one item of a `kind: List` document, and where it starts."""
+
+    data: Any
+    # Such as "document 2 (line 9)", counting documents and lines from 1.
+    position: str
+
+
+def _read_documents(path: Path) -> list[_Document]:
     """Parse every YAML document of a UTF-8 file, or of standard input for `-`. Errors name
     the file, line and column."""
     name = _origin_name(path)
@@ -423,8 +446,11 @@ def _read_documents(path: Path) -> list[Any]:
     yaml_loader.name = name
     try:
         documents = []
-        while yaml_loader.check_data():
-            documents.append(yaml_loader.get_data())
+        # The two steps of get_data(), keeping the node, whose mark gives the first line.
+        while yaml_loader.check_node():
+            node = yaml_loader.get_node()
+            documents += _unpack_list(yaml_loader.construct_document(node), node,
+                                      len(documents) + 1)
         return documents
     except yaml.YAMLError as error:
         raise InvalidResourceError(name, "", _yaml_message(error)) from None
@@ -456,40 +482,49 @@ def _read_resources(path: Path) -> _FileContents:
     except InvalidResourceError as error:
         contents.errors.append(error)
         return contents
-    if not any(document is not None for document in documents):
+    if not any(document.data is not None for document in documents):
         # A file emptied by mistake would otherwise drop its stages without a word.
         log.warning("skipped %s: it contains no YAML documents (it is empty or only comments); add "
                     "its resources or leave it out.", origin)
         contents.empty = True
         return contents
-    for document in _unpack_lists(documents):
-        if not document:
+    for document in documents:
+        if not document.data:
             continue
-        if other_api_group(document):
-            _warn_skipped(document, path)
+        if other_api_group(document.data):
+            _warn_skipped(document.data, path)
             contents.skipped += 1
             continue
+        # A mapping's errors name its resource, and any other document its position.
+        where = origin if isinstance(document.data, dict) else f"{origin}, {document.position}"
         try:
-            resource = parse_resource(document, origin)
+            resource = parse_resource(document.data, where)
         except InvalidResourceError as error:
             contents.errors.append(error)
             continue
         resource._origin = origin
+        resource._position = document.position
         contents.resources.append(resource)
     return contents
 
 
-def _unpack_lists(documents: list[Any]) -> list[Any]:
-    """Replace each `kind: List` document, as `kubectl get -o yaml` writes several objects,
-    with its items."""
-    unpacked = []
-    for document in documents:
-        if (isinstance(document, dict) and document.get("apiVersion") == "v1"
-                and document.get("kind") == "List" and isinstance(document.get("items"), list)):
-            unpacked.extend(document["items"])
-        else:
-            unpacked.append(document)
-    return unpacked
+def _unpack_list(data: Any, node: yaml.Node, number: int) -> list[_Document]:
+    """Return document `number`, or the items of a `kind: List` document, as
+    `kubectl get -o yaml` writes several objects."""
+    position = f"document {number} (line {node.start_mark.line + 1})"
+    if not (isinstance(data, dict) and data.get("apiVersion") == "v1"
+            and data.get("kind") == "List" and isinstance(data.get("items"), list)):
+        return [_Document(data, position)]
+    item_nodes = next((value.value for key, value in node.value
+                       if key.value == "items" and isinstance(value, yaml.SequenceNode)), [])
+    if len(item_nodes) != len(data["items"]):
+        # Items that a merge key (<<) brought in have no node here: use the document's line.
+        item_nodes = [node] * len(data["items"])
+    return [
+        _Document(item, f"document {number}, item {index + 1} "
+                        f"(line {item_node.start_mark.line + 1})")
+        for index, (item, item_node) in enumerate(zip(data["items"], item_nodes, strict=True))
+    ]
 
 
 def _warn_skipped(document: dict[str, Any], path: Path) -> None:
@@ -594,12 +629,20 @@ def _duplicate_errors(resources: list[Resource]) -> list[InvalidResourceError]:
         if resource.key in seen:
             errors.append(InvalidResourceError(
                 resource.label, "metadata.name",
-                f"defined twice, also as {seen[resource.key].label}; give each resource its own "
-                "name.",
+                f"defined twice, by {_where(resource)} and by "
+                f"{_where(seen[resource.key])}; give each resource its own name, or remove "
+                "one of the two documents.",
             ))
             continue
         seen[resource.key] = resource
     return errors
+
+
+def _where(resource: Resource) -> str:
+    """Return where `resource` was read: "document 2 (line 9) of a.yaml"."""
+    if not resource._position:
+        return resource.label
+    return f"{resource._position} of {resource._origin}"
 
 
 def _reference_namespace_errors(resources: list[Resource]) -> list[InvalidResourceError]:

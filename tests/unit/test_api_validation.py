@@ -608,3 +608,18 @@ def test_string_rule_message_same_in_crd(kind, path, value):
     assert repr(value) in error.detail
     assert any(message in error.detail for message in _crd_rule_messages(kind, path)), (
         error.detail)
+
+
+@pytest.mark.parametrize(("kind", "spec", "field", "text"), [
+    ("Corpus", {"pii": {"redact": ["email", "ssn", "email"]}},
+     "spec.pii.redact", "'email' listed more than once; list each item once"),
+    ("ModelDeployment", {"export": {"heldOutData": "ner/test.conll",
+                                    "checkSequenceLengths": [20, 3, 20]}},
+     "spec.export.checkSequenceLengths", "20 listed more than once; list each item once"),
+])
+def test_repeated_set_item_rejected(kind, spec, field, text):
+    body = document(kind)
+    body["spec"].update(spec)
+    error = rejection(body)
+    assert error.field == field
+    assert text in error.detail

@@ -1398,3 +1398,21 @@ def test_set_window_stride_starts_new_run():
                       if resource.kind == "ModelDeployment")
     deployment.spec.export.window_stride = 16
     assert _run_hash(deployment) != RELEASED_RUN_HASHES["ModelDeployment"]
+
+
+@pytest.mark.parametrize(("kind", "section", "field", "first", "reordered"), [
+    ("Corpus", "pii", "redact", ["email", "phone", "ssn", "mrn"], ["mrn", "ssn", "phone", "email"]),
+    ("ModelDeployment", "export", "checkSequenceLengths", [3, 20, 200], [200, 3, 20]),
+])
+def test_set_list_order_keeps_keys(kind, section, field, first, reordered):
+    """A list whose order carries no meaning (a CRD listType set) gives one stage key, resume
+    key and stage config spec in any order, so reordering it runs nothing again."""
+
+    def config(items):
+        spec = {section: {**SPECS[kind].get(section, {}), field: items}}
+        return plan_for(resource(kind, spec=spec)).config
+
+    before, after = config(first), config(reordered)
+    assert after.stage_key == before.stage_key
+    assert after.resume_key == before.resume_key
+    assert after.spec == before.spec

@@ -376,3 +376,101 @@ def test_summary_notes_what_the_figures_hide():
         pretrain, {"validationPerplexity": None, "validationSequences": 0})[0]
     assert "not finite" in cli.notes(
         pretrain, {"validationPerplexity": None, "validationSequences": 395})[0]
+
+
+
+# A stand-in stage for `lathe run`: it records its pid, waits until the test has closed lathe's
+# standard output, then writes one progress record and runs until it is stopped.
+WAITING_STAGE = """
+import json, os, sys, time
+from pathlib import Path
+config = json.loads(Path(sys.argv[1]).read_text())
+Path(sys.argv[2]).write_text(str(os.getpid()))
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.05)
+output = Path(config["outputUri"].removeprefix("file://"))
+with (output / "progress.jsonl").open("a") as progress:
+    progress.write(json.dumps({"completed": 1, "total": 2, "message": "step 1"}) + "\\n")
+time.sleep(600)
+"""
+
+# `lathe run` with WAITING_STAGE in place of the real stage, printing every progress record
+# (interval 0), so that its next line after "started" goes into the closed pipe.
+LATHE_WITH_WAITING_STAGE = """
+import sys
+from lathe import cli
+from lathe.local.runner import LocalRunner
+
+stage, pid_file, closed_flag = sys.argv[1:4]
+LocalRunner.command = lambda self, plan, config, resume: [
+    sys.executable, stage, str(config), pid_file, closed_flag]
+
+
+class EveryLine(cli.StageLines):
+    def __init__(self, console, resources):
+        super().__init__(console, resources, interval_s=0.0)
+
+
+cli.StageLines = EveryLine
+sys.exit(cli.main(sys.argv[4:]))
+"""
+
+
+def test_closed_stdout_interrupts_run(tmp_path):
+    """`lathe run | head -1`: once stdout is closed, lathe stops the running stage, records it
+    as Interrupted, and exits with 141 (128 + SIGPIPE) and one line on stderr."""
+    import json
+    import os
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("Aspirin lowers fever.\n")
+    manifest = tmp_path / "corpus.yaml"
+    manifest.write_text(textwrap.dedent("""
+        apiVersion: lathe.dev/v1alpha1
+        kind: Corpus
+        metadata: {name: notes}
+        spec:
+          sources: [{name: notes, format: text, path: notes.txt}]
+    """))
+    stage = tmp_path / "stage.py"
+    stage.write_text(WAITING_STAGE)
+    pid_file, closed_flag = tmp_path / "stage.pid", tmp_path / "closed"
+    workspace = tmp_path / "workspace"
+    lathe = subprocess.Popen(
+        [sys.executable, "-c", LATHE_WITH_WAITING_STAGE, str(stage), str(pid_file),
+         str(closed_flag), "run", "-f", str(manifest), "--data-dir", str(data),
+         "--workspace", str(workspace)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        first = lathe.stdout.readline()
+        # What `head -1` does: read one line and close the pipe.
+        lathe.stdout.close()
+        closed_flag.touch()
+        code = lathe.wait(timeout=60)
+    finally:
+        if lathe.poll() is None:
+            lathe.kill()
+            lathe.wait()
+    stderr = lathe.stderr.read()
+    lathe.stderr.close()
+
+    assert first == "Corpus notes: started.\n"
+    assert code == 141, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    assert "standard output was closed" in stderr
+    written = json.loads((workspace / "default" / "corpus" / "notes" / "status.json").read_text())
+    running = next(c for c in written["conditions"] if c["type"] == "Running")
+    assert running["status"] == "False"
+    assert running["reason"] == "Interrupted"
+    assert written["phase"] != "Running"
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = not Path(f"/proc/{pid}").exists()
+    if not stopped:
+        os.kill(pid, 9)
+    assert stopped

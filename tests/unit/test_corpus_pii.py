@@ -74,3 +74,24 @@ def test_only_requested_kinds_are_redacted():
     redacted, counts = redact(text, ["phone"])
     assert redacted == "Write to a.b@example.com or call <PHONE>."
     assert counts == {"phone": 1}
+
+
+def test_data_card_ignores_redact_order():
+    """The data card names the redacted kinds in one order, so reordering spec.pii.redact
+    leaves the Corpus output, and the stages after it, unchanged."""
+    from lathe.api.corpus import CorpusSpec
+    from lathe_trainer.corpus import datacard
+    from lathe_trainer.corpus.stats import CorpusStats
+
+    stats = CorpusStats().to_json()
+    stats["splits"] = {"train": {"documents": 0}, "validation": {"documents": 0}}
+
+    def card(kinds: list[str]) -> str:
+        spec = CorpusSpec.model_validate({
+            "sources": [{"name": "notes", "format": "text", "path": "notes.txt"}],
+            "pii": {"redact": kinds},
+        })
+        return datacard.render("notes", spec.model_dump(mode="json", by_alias=True), stats)
+
+    assert card(["mrn", "ssn", "phone", "email"]) == card(ALL_KINDS)
+    assert "PII redacted (email, phone, ssn, mrn)" in card(["mrn", "ssn", "phone", "email"])

@@ -339,3 +339,33 @@ def test_cli_prints_warnings_and_every_error(tmp_path):
     assert lines[2].startswith("  Tokenizer/default/pubmed")
     assert lines[3].startswith("  PretrainJob/default/pubmed-lm")
     assert len(lines) == 4
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("- a\n- b\n", "a list of 2 items"),
+    ("just some text\n", "plain text ('just some text')"),
+    ("42\n", "an integer (42)"),
+])
+def test_non_mapping_document_located(tmp_path, text, found):
+    """A document that is not a mapping is named by its number and line in the file, with what
+    it is, instead of a "(document)" placeholder."""
+    path = write(tmp_path, TOKENIZER + "---\n# the second resource\n" + text)
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_file(path)
+    message = str(raised.value)
+    assert raised.value.resource == f"{path}, document 2 (line 9)"
+    assert "(document)" not in message
+    assert f"found {found}" in message
+    assert "a mapping with apiVersion, kind, metadata and spec" in message
+
+
+def test_duplicate_in_one_file_located(tmp_path):
+    """The same resource twice in one file names both documents and their lines."""
+    path = write(tmp_path, TOKENIZER + "---\n" + TOKENIZER)
+    with pytest.raises(InvalidResourceError) as raised:
+        loader.load_paths([path])
+    assert raised.value.field == "metadata.name"
+    assert raised.value.resource == f"Tokenizer/default/tok (in {path})"
+    assert "document 2 (line 8)" in raised.value.detail
+    assert "document 1 (line 1)" in raised.value.detail
+    assert "give each resource its own" in raised.value.detail

@@ -529,3 +529,58 @@ def test_lock_skips_malformed_status(tmp_path, caplog, text):
     condition = next(c for c in closed["conditions"] if c["type"] == "Running")
     assert (condition["status"], condition["reason"]) == ("False", "Interrupted"), condition
     assert not list(killed.glob(".*.partial"))
+
+
+# A stand-in stage that writes a token file into its scratch folder, as a PretrainJob does.
+# With two shards it fails, leaving the file, as an interrupted or failed run does; with one
+# it writes its output and succeeds.
+SCRATCH_STAGE = """
+import sys
+from pathlib import Path
+from lathe_trainer import remote
+from lathe_trainer.stage import StageConfig, local_path, write_manifest
+config = StageConfig.model_validate_json(Path(sys.argv[1]).read_text())
+(remote.scratch_dir(config) / "tokens").write_bytes(b"\\0" * 4096)
+if config.spec["shards"] == 2:
+    sys.exit(1)
+(local_path(config.output_uri) / "shard.txt").write_text("text")
+write_manifest(config, {})
+"""
+
+
+def test_restore_removes_other_runs_scratch(tmp_path, monkeypatch):
+    """A run that restores previous-output/ removes the scratch folder of the failed run of
+    another spec, which no later run reads: a run of that spec again starts over."""
+    from lathe import loader
+    from lathe.errors import StageFailedError
+    from lathe.local.runner import LocalRunner
+
+    monkeypatch.setattr(LocalRunner, "command", lambda self, plan, config, resume: [
+        sys.executable, "-c", SCRATCH_STAGE, str(config)])
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("Aspirin lowers fever.\n")
+
+    def corpus(shards: int):
+        return loader.parse_resource({
+            "apiVersion": "lathe.dev/v1alpha1", "kind": "Corpus", "metadata": {"name": "notes"},
+            "spec": {"sources": [{"name": "notes", "format": "text", "path": "notes.txt"}],
+                     "shards": shards},
+        }, "corpus.yaml")
+
+    runner = LocalRunner(tmp_path / "workspace", data)
+    scratch = runner.stage_dir(corpus(1)) / "scratch"
+    runner.run([corpus(1)])
+    finished_scratch = {path.name for path in scratch.iterdir()}
+    with pytest.raises(StageFailedError):
+        runner.run([corpus(2)])
+    failed = {path.name for path in scratch.iterdir()} - finished_scratch
+    assert len(failed) == 1
+    assert (scratch / failed.pop() / "tokens").is_file()
+
+    result = runner.run([corpus(1)])["Corpus/default/notes"]
+
+    assert result.reused
+    remaining = {path.name for path in scratch.iterdir()} if scratch.exists() else set()
+    # Only the folder of the restored output's own stage key may stay, for a rerun of it.
+    assert remaining <= finished_scratch

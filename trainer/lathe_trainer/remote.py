@@ -178,11 +178,15 @@ def scratch_dir(config: StageConfig, root: Path | None = None) -> Path:
     `root` defaults to LATHE_SCRATCH_DIR, else the system's temporary directory.
     """
     root = root or Path(os.environ.get("LATHE_SCRATCH_DIR") or tempfile.gettempdir())
-    key = config.stage_key.rpartition(":")[2][:16]
-    name = f"lathe-{config.kind.lower()}-{config.namespace}-{config.name}-{key}"
-    path = root / name
+    path = root / scratch_name(config)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def scratch_name(config: StageConfig) -> str:
+    """Return the name of scratch_dir's folder, which only runs of the same stage key share."""
+    key = config.stage_key.rpartition(":")[2][:16]
+    return f"lathe-{config.kind.lower()}-{config.namespace}-{config.name}-{key}"
 
 
 @contextmanager

@@ -648,6 +648,21 @@ NAMED_LIST_SCHEMA: dict[str, Any] = {
 SET_LIST_SCHEMA: dict[str, Any] = {"x-kubernetes-list-type": "set"}
 
 
+def canonical_set(values: list[Any], key: Callable[[Any], Any] | None = None) -> list[Any]:
+    """Sort a list whose order carries no meaning (SET_LIST_SCHEMA) by `key`.
+
+    The stage key, the stage config and the outputs then do not depend on the order in which
+    the items were written. Raise ValueError naming the items listed more than once, as the API
+    server rejects them.
+    """
+    repeated = sorted({item for item in values if values.count(item) > 1}, key=key)
+    if repeated:
+        names = ", ".join(repr(item.value if isinstance(item, enum.Enum) else item)
+                          for item in repeated)
+        raise ValueError(f"{names} listed more than once; list each item once")
+    return sorted(values, key=key)
+
+
 # A path or URI of input data, which the stages resolve with lathe_trainer.stage.resolve_data_path.
 DataPath = Annotated[
     str,
@@ -844,6 +859,8 @@ class Resource(BaseModel):
     metadata: ObjectMeta
     # The file the resource was read from, for error messages; empty when it came from the API.
     _origin: str = PrivateAttr(default="")
+    # Where in that file, such as "document 2 (line 9)"; empty when not read from a file.
+    _position: str = PrivateAttr(default="")
     status: StageStatus | None = None
 
     def references(self) -> dict[str, tuple[str, str]]:

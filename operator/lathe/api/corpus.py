@@ -9,6 +9,7 @@ from pydantic import Field, Strict, field_validator
 
 from lathe.api.common import (
     NAMED_LIST_SCHEMA,
+    SET_LIST_SCHEMA,
     ApiModel,
     DataPath,
     PodMetadata,
@@ -18,6 +19,7 @@ from lathe.api.common import (
     Scheduling,
     StageStatus,
     StorageSpec,
+    canonical_set,
 )
 
 
@@ -111,9 +113,20 @@ class PiiSpec(ApiModel):
     """Redaction of structured personal identifiers."""
 
     redact: list[Annotated[PiiKind, Strict(False)]] = Field(
-        default_factory=lambda: [PiiKind.EMAIL, PiiKind.PHONE, PiiKind.SSN, PiiKind.MRN],
-        description="Identifier kinds to replace with a placeholder such as `<EMAIL>`.",
+        default_factory=lambda: list(PiiKind),
+        json_schema_extra=SET_LIST_SCHEMA,
+        description="Identifier kinds to replace with a placeholder such as `<EMAIL>`, each "
+        "listed once. Their order does not matter: they apply in a fixed order (e-mail, MRN, "
+        "SSN, phone).",
     )
+
+    @field_validator("redact")
+    @classmethod
+    def _canonical_redact(cls, value: list[PiiKind]) -> list[PiiKind]:
+        # The declaration order, which is the default order, so that a default spec keeps its
+        # stage key.
+        order = list(PiiKind)
+        return canonical_set(value, key=order.index)
 
 
 def _check_unique_names(sources: list[Source], noun: str) -> None:

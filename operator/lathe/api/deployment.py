@@ -8,6 +8,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from lathe.api.common import (
+    SET_LIST_SCHEMA,
     ApiModel,
     CelRule,
     DataPath,
@@ -19,6 +20,7 @@ from lathe.api.common import (
     Scheduling,
     StageStatus,
     StorageSpec,
+    canonical_set,
     pattern_rule,
 )
 
@@ -64,8 +66,10 @@ class ExportSpec(ApiModel):
     check_sequence_lengths: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [3, 20, 200],
         min_length=2,
+        json_schema_extra=SET_LIST_SCHEMA,
         description="Sequence lengths at which ONNX Runtime is compared against PyTorch, at "
-        "batch sizes 1 and 8. The model is exported with an example of length 20. Each must be "
+        "batch sizes 1 and 8, each listed once, in any order (they are checked shortest "
+        "first). The model is exported with an example of length 20. Each must be "
         "at most the model's maximum positions: `max_position_embeddings` or `n_positions` in "
         "its config.json (a PretrainJob's model.maxPositionEmbeddings), or 512 when the config "
         "names neither, as for t5.",
@@ -95,6 +99,11 @@ class ExportSpec(ApiModel):
         "positions). More context costs more tokens per text. Default: a quarter of the "
         "window. It must be below the window length minus one for the bos token.",
     )
+
+    @field_validator("check_sequence_lengths")
+    @classmethod
+    def _canonical_check_lengths(cls, value: list[int]) -> list[int]:
+        return canonical_set(value)
 
 
 _PORTS_MESSAGE = (

@@ -10,7 +10,9 @@ Each resource gets a directory in the workspace:
         output/        the artifact (manifest.json marks it finished)
         previous-output/
                        the last finished output, while a run of a changed spec replaces it
-        scratch/       local copies of s3:// inputs and outputs, when the stage has any
+        scratch/       local copies of s3:// inputs and outputs, when the stage has any, and a
+                       PretrainJob's token files, in one folder per stage key; the folders of
+                       other keys are removed when a run starts, reuses or restores an output
 
 A resource whose `spec.storage.uri` names an object store (s3://) or a local folder (file://)
 writes its artifact there instead of to output/. The stage copies s3:// inputs and outputs
@@ -417,6 +419,7 @@ class LocalRunner:
             manifest = self._restore_previous(resource, directory, output_uri, plan.config)
         if manifest and manifest.get("stageKey") == plan.config.stage_key:
             log.info("Reusing %s: its output matches the stage key.", resource.key)
+            _remove_other_scratch(directory / "scratch", plan.config)
             _record_resource(resource, directory)
             self.on_progress(ProgressEvent(resource.key, "reused", message="reused"))
             self._write_status(resource, directory, output_uri, manifest, reused=True)
@@ -447,12 +450,14 @@ class LocalRunner:
         checkpoints = ""
         if resume:
             checkpoints = _resume_points(*storage.resolve(_checkpoint_base(resource, output_uri)))
-        self.on_progress(ProgressEvent(
-            resource.key, "started",
-            message=f"resumes from the checkpoint of {checkpoints}" if checkpoints else "",
-        ))
         progress_file = self._progress_file(plan, directory, output_uri)
         try:
+            # Inside the try, because the display can raise too: printing this line into a
+            # closed stdout interrupts lathe (lathe.cli.OutputConsole).
+            self.on_progress(ProgressEvent(
+                resource.key, "started",
+                message=f"resumes from the checkpoint of {checkpoints}" if checkpoints else "",
+            ))
             self._run_with_retries(resource, plan, directory, config_path, progress_file,
                                    resume)
             manifest = _read_manifest(output_uri)
@@ -471,7 +476,9 @@ class LocalRunner:
             self._write_status(resource, directory, output_uri, None,
                                failure=(error.exit_code, error.detail))
             raise error from None
-        except KeyboardInterrupt:
+        except BaseException:
+            # Ctrl-C, a signal, a closed stdout, or an error of the caller's progress callback:
+            # _run_once has stopped the stage, and status.json must not say Running.
             self._write_status(resource, directory, output_uri, None, interrupted=True)
             raise
         # The new output replaces the last finished one for good.
@@ -990,6 +997,24 @@ def _record_resource(resource: Resource, directory: Path) -> None:
     (directory / RESOURCE_FILE).write_text(json.dumps(
         resource.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"status"}),
         indent=2))
+
+
+def _remove_other_scratch(scratch: Path, config: StageConfig) -> None:
+    """Remove the scratch folders of runs of other stage keys from `scratch`, as when an output
+    is reused or restored after a failed or interrupted run of another spec.
+
+    No run reads them again: a run of another key clears scratch/ before it starts
+    (_prepare_output). The folder of `config`'s key stays, for a rerun of that key.
+    """
+    if not scratch.is_dir():
+        return
+    own = remote.scratch_name(config)
+    for entry in scratch.iterdir():
+        if entry.name != own:
+            log.info("Removing %s: it contains the scratch files of a run of another spec.",
+                     entry)
+            _remove_local(entry)
+    _remove_if_empty(scratch)
 
 
 def _remove_if_empty(path: Path) -> None:
