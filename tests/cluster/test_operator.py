@@ -14,6 +14,7 @@ import yaml
 
 from argocd_lua import run_health
 from lathe.k8s import handlers, reconcile
+from lathe.k8s.settings import OperatorSettings
 from lathe_objects import (EXAMPLES, HOLD, ORDER, KINDS, condition, corpus_and_tokenizer,
                            events_about, fail_pod, finetune, get, is_true, jobs_of, plural,
                            pretrain_job)
@@ -597,6 +598,72 @@ def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
                     "-p", json.dumps({"spec": {"metrics": edited}}))
     cluster.wait_for(lambda: cpu_target() == target, "the operator to undo the edit of the "
                      "CPU target", timeout=60)
+
+
+def test_autoscaling_keeps_live_replicas(cluster, namespace):
+    """Turning autoscaling on keeps the Triton Deployment's replica count, which an apply
+    without spec.replicas would reset to 1 before the HPA exists. Turning it off applies
+    spec.serving.replicas again."""
+    from kubernetes import config
+
+    import loopback_only
+
+    loopback_only.install()
+    model = "autoscaled"
+    triton = f"{model}-triton"
+    document = {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": model},
+        "spec": {"model": {"fineTuneRef": {"name": "missing-on-purpose"}},
+                 "export": {"heldOutData": "ner/test.conll"}, "serving": {"replicas": 4}},
+    }
+    cluster.apply(document, namespace)
+    body = get(cluster, "ModelDeployment", model, namespace)
+    settings = OperatorSettings.from_env({
+        "LATHE_ARTIFACT_ROOT": "file:///artifacts", "LATHE_SYNC_IMAGE": "lathe-trainer:test",
+        "LATHE_TRITON_IMAGE": "triton:test",
+    })
+    api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    reconciler = reconcile.Reconciler(settings, reconcile.Clients(api_client))
+    export = {"uri": f"file:///artifacts/{namespace}/{model}/run-1/repository",
+              "digest": "sha256:" + "0" * 64}
+
+    def serve(autoscaling: dict) -> None:
+        body["spec"]["autoscaling"] = autoscaling
+        reconciler._serve(reconcile.parse(body), body,
+                          {"artifact": export, "conditions": []})
+
+    def replicas() -> int:
+        return cluster.get_json("deployment", triton, "-n", namespace)["spec"]["replicas"]
+
+    def operator_applies_replicas() -> bool:
+        entries = cluster.get_json("deployment", triton, "-n", namespace,
+                                   "--show-managed-fields")["metadata"]["managedFields"]
+        return any(entry["manager"] == reconcile.FIELD_MANAGER
+                   and entry["operation"] == "Apply"
+                   and "f:replicas" in entry.get("fieldsV1", {}).get("f:spec", {})
+                   for entry in entries)
+
+    serve({"enabled": False})
+    assert replicas() == 4
+    assert operator_applies_replicas()
+
+    on = {"enabled": True, "minReplicas": 1, "maxReplicas": 8}
+    serve(on)
+    assert replicas() == 4
+    assert not operator_applies_replicas()
+    assert cluster.get_json("hpa", triton, "-n", namespace)["spec"]["maxReplicas"] == 8
+
+    # A scale by the HPA (here kubectl, through the same scale subresource) is kept.
+    cluster.kubectl("scale", "deployment", triton, "-n", namespace, "--replicas=6")
+    serve(on)
+    assert replicas() == 6
+
+    serve({"enabled": False})
+    assert replicas() == 4
+    assert operator_applies_replicas()
+    hpas = cluster.get_json("hpa", "-n", namespace)["items"]
+    assert hpas == []
 
 
 def test_pod_monitor_with_real_crd(cluster, namespace, lathe_operator, pod_monitor_crd,

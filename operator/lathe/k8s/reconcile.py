@@ -39,6 +39,9 @@ FIELD_MANAGER = "lathe-operator"
 # The field manager of the merge patch that repairs an object a hand edit left unappliable
 # (Reconciler._replace_edited_lists); its managedFields entry is removed right after.
 REPAIR_FIELD_MANAGER = "lathe-operator-repair"
+# The field manager that keeps a Triton Deployment's spec.replicas when autoscaling is turned on
+# (Reconciler._hand_over_replicas), until the HorizontalPodAutoscaler's first scale takes it.
+HANDOVER_FIELD_MANAGER = "lathe-operator-handover"
 # Seconds a finished upstream read from the API server is reused, because many resources often
 # share one Corpus or Tokenizer and each reconcile would read it again. A change to a finished
 # upstream reaches reconciles up to this late. An unfinished upstream is never cached, so a
@@ -594,6 +597,8 @@ class Reconciler:
         serving = plans.serving(resource, new["artifact"]["uri"], new["artifact"]["digest"])
         owner = _owner(body)
         namespace = resource.metadata.namespace
+        if resource.spec.autoscaling.enabled:
+            self._hand_over_replicas(namespace, builders.triton_name(serving))
         self._apply(namespace, builders.triton_deployment(
             serving, owner, self.store, image=serving.image or self.settings.triton_image,
             sync_image=self.settings.sync_image,
@@ -754,6 +759,47 @@ class Reconciler:
         self.api.custom.patch_namespaced_custom_object(
             group, version, namespace, plural, name, obj, **options
         )
+
+    def _hand_over_replicas(self, namespace: str, name: str) -> None:
+        """Keep a Deployment's live spec.replicas when the operator's next apply leaves them out.
+
+        With server-side apply, an apply that leaves out a field that only its field manager
+        owns resets the field to its default, so an autoscaled Triton Deployment would drop to
+        1 replica before its HorizontalPodAutoscaler exists. As the Kubernetes documentation
+        describes under "Server-Side Apply: transferring ownership", the live value is first
+        applied under HANDOVER_FIELD_MANAGER. The apply without replicas then only drops the
+        operator's share of the field, and the HPA's first scale takes the field over.
+        """
+        try:
+            live = self.api.apps.read_namespaced_deployment(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return  # a new Deployment starts at 1 replica, which the HPA scales from
+            raise
+        if not _applies_replicas(live.metadata.managed_fields):
+            return
+        replicas = live.spec.replicas
+        handover = {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"replicas": replicas},
+        }
+        try:
+            # Without force: a conflict means that another client changed the replicas since
+            # the read, so the operator no longer is their only owner.
+            self.api.apps.patch_namespaced_deployment(
+                name, namespace, handover, field_manager=HANDOVER_FIELD_MANAGER,
+                _content_type="application/apply-patch+yaml",
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            log.info("Skipped the handover of spec.replicas of Deployment %s/%s, because "
+                     "another client changed them: %s", namespace, name, api_message(error))
+            return
+        log.info("Handed spec.replicas (%d) of Deployment %s/%s over to field manager %s, so "
+                 "that they stay until the HorizontalPodAutoscaler scales it.", replicas,
+                 namespace, name, HANDOVER_FIELD_MANAGER)
 
     def _replace_edited_lists(self, namespace: str, obj: dict, patch, error: ApiException) -> None:
         """Replace the lists of `obj`'s spec that a hand edit made impossible to apply.
@@ -1127,6 +1173,19 @@ def _owner(body: dict) -> dict:
 def _stale(body: dict) -> dict:
     """Return the stored status unchanged, so that the caller writes nothing."""
     return copy.deepcopy(body.get("status") or {})
+
+
+def _applies_replicas(managed_fields) -> bool:
+    """Return whether the operator's server-side apply owns spec.replicas, given an object's
+    metadata.managedFields."""
+    for entry in managed_fields or []:
+        if (entry.manager, entry.operation, entry.subresource or "") != (
+            FIELD_MANAGER, "Apply", ""
+        ):
+            continue
+        if "f:replicas" in ((entry.fields_v1 or {}).get("f:spec") or {}):
+            return True
+    return False
 
 
 def _owned_by(metadata, body: dict) -> bool:
