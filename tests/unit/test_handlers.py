@@ -119,6 +119,48 @@ def test_status_patch_deletes_dropped_keys():
     assert handlers._changes(current, current) == {}
 
 
+def running_status(reason: str, message: str) -> dict:
+    """A status whose only condition is Running=True with `reason` and `message`."""
+    return {"conditions": [{"type": "Running", "status": "True", "reason": reason,
+                            "message": message}]}
+
+
+@pytest.mark.parametrize(
+    ("reason", "before", "after", "posted"),
+    [
+        ("AttemptRestarted",
+         "Attempt 0 failed with exit code 1 (Error); started attempt 1, resuming from the "
+         "latest checkpoint.",
+         "Attempt 1 failed with exit code 1 (Error); started attempt 2, resuming from the "
+         "latest checkpoint.", [("Warning", "AttemptRestarted")]),
+        ("PodsNotStarting",
+         "Job lm-r1-0: Pod lm-r1-0-0 cannot be scheduled: 0/3 nodes are available.",
+         "Job lm-r1-0: Container trainer of pod lm-r1-0-0 cannot start: ErrImagePull.",
+         [("Warning", "PodsNotStarting")]),
+        ("JobCreated", "Created Job lm-r1-0 (attempt 0).",
+         "The pods of Job lm-r1-0 were stopped while it was suspended, so created Job lm-r1-1 "
+         "(attempt 1).", [("Normal", "JobCreated")]),
+        ("JobRunning", "Job lm-r1-0 has 1 active pod.", "Job lm-r1-0 has 2 active pods.", []),
+        ("AttemptRestarted", "Attempt 0 failed.", "Attempt 0 failed.", []),
+    ],
+    ids=["next-failed-attempt", "new-stuck-cause", "next-job", "active-count", "same-message"],
+)
+def test_announce_new_message_events(monkeypatch, reason, before, after, posted):
+    """A condition that keeps its status and reason posts an Event when its message reports a
+    new failed attempt, Job or stuck cause, and none when it only refreshes a count."""
+    events = []
+    monkeypatch.setattr(handlers.kopf, "warn",
+                        lambda body, reason, message: events.append(("Warning", reason)))
+    monkeypatch.setattr(handlers.kopf, "info",
+                        lambda body, reason, message: events.append(("Normal", reason)))
+    body = {"kind": "PretrainJob", "metadata": {"uid": "u-1", "name": "lm", "namespace": "a"}}
+
+    handlers._announce(body, running_status(reason, before), running_status(reason, after),
+                       logging.getLogger("test"))
+
+    assert events == posted
+
+
 def test_internal_error_reported_and_backed_off(monkeypatch):
     """A reconcile that fails with a bug, not an API error, is counted in the metric, posted as
     a Warning Event and retried with backoff, as an API error is."""

@@ -265,6 +265,21 @@ def _changes(current: dict, desired: dict) -> dict:
 
 # Condition types from the least to the most telling; the last one that changed names the Event.
 EVENT_ORDER = ("InputsReady", "Suspended", "Running", "Exported", "Ready", "Succeeded", "Failed")
+# Reasons whose new message reports a new event of the same kind: another failed attempt,
+# another Job, or another cause of pods not starting. A changed message alone posts an Event
+# for these. Other reasons refresh their message as a count changes (JobRunning's active pods,
+# ServerNotReady's ready replicas), which would post an Event on every refresh.
+MESSAGE_EVENT_REASONS = frozenset({
+    status.Reason.ATTEMPT_RESTARTED, status.Reason.JOB_CREATED, status.Reason.PODS_NOT_STARTING,
+})
+
+
+def _condition_changed(old: dict | None, new: dict) -> bool:
+    """Return whether a condition's status or reason changed, or, for MESSAGE_EVENT_REASONS,
+    its message."""
+    if old is None or (old["status"], old["reason"]) != (new["status"], new["reason"]):
+        return True
+    return new["reason"] in MESSAGE_EVENT_REASONS and old.get("message") != new.get("message")
 
 
 def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) -> None:
@@ -279,8 +294,7 @@ def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) 
     before = {c["type"]: c for c in current.get("conditions") or []}
     changed = []
     for condition in desired.get("conditions") or []:
-        old = before.get(condition["type"])
-        if old and (old["status"], old["reason"]) == (condition["status"], condition["reason"]):
+        if not _condition_changed(before.get(condition["type"]), condition):
             continue
         changed.append(condition)
         text = f"{condition['type']}={condition['status']}: {condition['message']}"
