@@ -829,6 +829,50 @@ def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, r
     assert env["RDZV_ID"].endswith("-1")
 
 
+def test_rejected_pod_records_its_reason(cluster, namespace, lathe_operator, ready_inputs):
+    """A pod that the kubelet rejects before its container runs fails the attempt with the
+    pod's own reason and message, and no exit code."""
+    cluster.apply(pretrain_job("rejected", nodes=1), namespace)
+
+    def running_pod() -> dict | None:
+        pods = cluster.get_json("pods", "-n", namespace, "-l", "lathe.dev/name=rejected")["items"]
+        return next((p for p in pods if p["status"].get("phase") == "Running"), None)
+
+    cluster.wait_for(lambda: running_pod() is not None, "a running pod", timeout=90)
+    pod = running_pod()
+    # Act as a kubelet whose admission rejects the pod: phase Failed with the pod's reason
+    # and message, and no container status, because no container ran.
+    rejection = ("Pod was rejected: Node didn't have enough resource: cpu, requested: 4000, "
+                 "used: 7000, capacity: 8000")
+    patch = {"status": {"phase": "Failed", "reason": "OutOfcpu", "message": rejection,
+                        "containerStatuses": None}}
+    cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace,
+                    "--subresource=status", "--type=merge", "-p", json.dumps(patch))
+
+    def restarted() -> bool:
+        status = get(cluster, "PretrainJob", "rejected", namespace).get("status") or {}
+        return status.get("restartCount") == 1
+
+    cluster.wait_for(restarted, "the operator to start attempt 1", timeout=60)
+    resource = get(cluster, "PretrainJob", "rejected", namespace)
+    failed = resource["status"]["failedAttempts"][0]
+    assert failed["attempt"] == 0
+    assert failed.get("exitCode") is None
+    assert failed["reason"] == "OutOfcpu"
+    assert rejection in failed["message"]
+
+    # Attempt 1's pod soon turns the condition to JobRunning, so its Event is read instead.
+    def restart_events() -> list[str]:
+        return [event["message"] for event in
+                events_about(cluster, namespace, "PretrainJob", "rejected")
+                if event["reason"] == "AttemptRestarted"]  # fmt: skip
+
+    cluster.wait_for(lambda: restart_events() != [], "the AttemptRestarted Event")
+    message = restart_events()[0]
+    assert "Attempt 0 failed without an exit code (OutOfcpu)" in message
+    assert "None" not in message
+
+
 def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):
     cluster.apply(pretrain_job("pause"), namespace)
     cluster.wait_for(lambda: len(jobs_of(cluster, "pause", namespace)) == 1, "the Job")

@@ -280,6 +280,60 @@ def test_failed_pod_picks_attempt_cause(pods, message, expected):
     assert reconciler._failed_pod("team-a", failed_job(message)) == expected
 
 
+# A pod that the kubelet rejected at admission: phase Failed, and no container ever ran.
+REJECTED_MESSAGE = ("Pod was rejected: Node didn't have enough resource: cpu, requested: 4000, "
+                    "used: 7000, capacity: 8000")
+REJECTED_NODE_0 = client.V1Pod(
+    metadata=client.V1ObjectMeta(name="lm-pretrain-r1-0-0-x", annotations={
+        "batch.kubernetes.io/job-completion-index": "0"}),
+    status=client.V1PodStatus(phase="Failed", reason="OutOfcpu", message=REJECTED_MESSAGE),
+)
+BACKOFF_JOB = client.V1Job(
+    metadata=client.V1ObjectMeta(name="lm-pretrain-r1-0"),
+    status=client.V1JobStatus(conditions=[client.V1JobCondition(
+        type="Failed", status="True", reason="BackoffLimitExceeded",
+        message="Job has reached the specified backoff limit")]),
+)
+
+
+def test_failed_pod_without_containers():
+    """A pod that failed before any container ran gives the pod's own reason and message."""
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    reconciler._job_pods = lambda namespace, job_name: [REJECTED_NODE_0]
+
+    assert reconciler._failed_pod("team-a", BACKOFF_JOB) == (
+        None, "OutOfcpu", f"Node 0 (lm-pretrain-r1-0-0-x): {REJECTED_MESSAGE}")
+
+
+@pytest.mark.parametrize(("max_restarts", "condition_type", "expected"), [
+    (1, "Running", "Attempt 0 failed without an exit code (OutOfcpu); started attempt 1, "
+     "resuming from the latest checkpoint."),
+    (0, "Failed", "Gave up after 1 failed attempts: no exit code (OutOfcpu). Node 0 "
+     f"(lm-pretrain-r1-0-0-x): {REJECTED_MESSAGE}"),
+], ids=["restarted", "gave-up"])
+def test_attempt_without_exit_code(monkeypatch, max_restarts, condition_type, expected):
+    """An attempt whose pod never ran records the pod's reason, and no message of it
+    contains "exit code None"."""
+    from types import SimpleNamespace
+
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    reconciler._job_pods = lambda namespace, job_name: [REJECTED_NODE_0]
+    reconciler._create_workload = lambda *args: None
+    reconciler._delete_job = lambda *args: None
+    monkeypatch.setattr(reconcile.builders, "job_name",
+                        lambda plan, attempt: f"lm-pretrain-r1-{attempt}")
+    resource = SimpleNamespace(metadata=SimpleNamespace(generation=1, namespace="team-a"))
+    plan = SimpleNamespace(max_restarts=max_restarts)
+
+    new = reconciler._attempt_failed(resource, {}, plan, BACKOFF_JOB, {}, [], 0)
+
+    assert new["failedAttempts"] == [{
+        "attempt": 0, "exitCode": None, "reason": "OutOfcpu",
+        "message": f"Node 0 (lm-pretrain-r1-0-0-x): {REJECTED_MESSAGE}"}]
+    condition = next(c for c in new["conditions"] if c["type"] == condition_type)
+    assert condition["message"] == expected
+
+
 def test_unbuildable_spec_fails_as_invalid(monkeypatch):
     """A spec that builds no valid workload (a stage config over the ConfigMap limit) fails
     the generation with InvalidSpec instead of being retried as an operator error."""

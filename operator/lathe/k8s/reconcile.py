@@ -514,6 +514,9 @@ class Reconciler:
             })
         new["failedAttempts"] = attempts
         permanent = exit_code == EXIT_PERMANENT
+        # A pod that the kubelet rejected before its container ran has no exit code.
+        exit_text = "no exit code" if exit_code is None else f"exit code {exit_code}"
+        failed_how = "without an exit code" if exit_code is None else f"with {exit_text}"
         # Attempts stopped by a suspension are not failures, so the failed attempts count, not
         # the attempt number.
         if permanent or len(attempts) > plan.max_restarts:
@@ -524,7 +527,7 @@ class Reconciler:
             new["conditions"] = status.set_condition(
                 conditions, C.FAILED, True,
                 Reason.JOB_FAILED if permanent else Reason.BACKOFF_LIMIT_EXCEEDED,
-                f"Gave up after {why}: exit code {exit_code} ({reason}). {message}".strip(),
+                f"Gave up after {why}: {exit_text} ({reason}). {message}".strip(),
                 generation,
             )
             return new
@@ -539,8 +542,8 @@ class Reconciler:
         new["jobName"] = builders.job_name(plan, attempt + 1)
         new["conditions"] = status.set_condition(
             conditions, C.RUNNING, True, Reason.ATTEMPT_RESTARTED,
-            f"Attempt {attempt} failed with exit code {exit_code} ({reason}); started attempt "
-            f"{attempt + 1}, resuming from the latest checkpoint.", generation,
+            f"Attempt {attempt} failed {failed_how} ({reason}); started attempt {attempt + 1}, "
+            "resuming from the latest checkpoint.", generation,
         )
         return new
 
@@ -952,16 +955,22 @@ class Reconciler:
         Next comes the pod that the Job's FailJob condition names, then a pod that failed on its
         own before the pods the Job controller terminated afterwards (those carry a
         deletionTimestamp and often exit non-zero on SIGTERM), then the earliest exit.
+        Without a failed container, a pod that failed before any container ran, as when the
+        kubelet rejects it (OutOfcpu, UnexpectedAdmissionError), gives its own reason and
+        message, with no exit code.
         """
         job_conditions = (job.status.conditions if job.status else None) or []
         condition = next((c for c in job_conditions if c.type == "Failed"), None)
         cause = FAIL_JOB_MESSAGE.search(condition.message or "") if condition else None
         failed = []
+        failed_pods = []
         for pod in self._job_pods(namespace, job.metadata.name):
             for container in pod.status.container_statuses or []:
                 terminated = container.state.terminated if container.state else None
                 if terminated and terminated.exit_code:
                     failed.append((pod, terminated))
+            if pod.status.phase == "Failed":
+                failed_pods.append(pod)
         if failed:
             named = cause["pod"] if cause else None
             return _describe_failure(*min(failed, key=lambda item: _failure_order(item, named)))
@@ -969,6 +978,8 @@ class Reconciler:
             # The pods are gone (pod garbage collection), but the condition still has the code.
             return (int(cause["exit_code"]), condition.reason or "PodFailurePolicy",
                     condition.message.strip())
+        if failed_pods:
+            return _describe_pod_failure(min(failed_pods, key=_pod_failure_order))
         return None, condition.reason if condition else "Failed", condition.message if condition else ""
 
     def _termination_result(self, namespace: str, job_name: str) -> dict:
@@ -1272,6 +1283,24 @@ def _describe_failure(pod, terminated) -> tuple[int, str, str]:
         message = (f"the container exited with code {terminated.exit_code} "
                    "without writing an error message or any log output.")
     return terminated.exit_code, reason, f"{where}: {message}"
+
+
+def _pod_failure_order(pod) -> tuple:
+    """Sort key of a failed pod without a failed container for _failed_pod: a pod that failed
+    on its own before pods that the Job controller deleted afterwards, then by name."""
+    return (pod.metadata.deletion_timestamp is not None, pod.metadata.name)
+
+
+def _describe_pod_failure(pod) -> tuple[None, str, str]:
+    """Return no exit code, the reason and a message naming the node for a pod that failed
+    before any container ran."""
+    index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", "?")
+    reason = pod.status.reason or "Failed"
+    message = (pod.status.message or "").strip()[-500:]
+    if not message:
+        message = ("the pod failed before any container ran, and the kubelet recorded no "
+                   "message; see `kubectl describe pod` for its events.")
+    return None, reason, f"Node {index} ({pod.metadata.name}): {message}"
 
 
 def _stopped_while_suspended(job) -> bool:
