@@ -14,6 +14,7 @@ import yaml
 
 from argocd_lua import run_health
 from lathe.k8s import handlers, reconcile
+from lathe.k8s.settings import OperatorSettings
 from lathe_objects import (EXAMPLES, HOLD, ORDER, KINDS, condition, corpus_and_tokenizer,
                            events_about, fail_pod, finetune, get, is_true, jobs_of, plural,
                            pretrain_job)
@@ -599,6 +600,72 @@ def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
                      "CPU target", timeout=60)
 
 
+def test_autoscaling_keeps_live_replicas(cluster, namespace):
+    """Turning autoscaling on keeps the Triton Deployment's replica count, which an apply
+    without spec.replicas would reset to 1 before the HPA exists. Turning it off applies
+    spec.serving.replicas again."""
+    from kubernetes import config
+
+    import loopback_only
+
+    loopback_only.install()
+    model = "autoscaled"
+    triton = f"{model}-triton"
+    document = {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": model},
+        "spec": {"model": {"fineTuneRef": {"name": "missing-on-purpose"}},
+                 "export": {"heldOutData": "ner/test.conll"}, "serving": {"replicas": 4}},
+    }
+    cluster.apply(document, namespace)
+    body = get(cluster, "ModelDeployment", model, namespace)
+    settings = OperatorSettings.from_env({
+        "LATHE_ARTIFACT_ROOT": "file:///artifacts", "LATHE_SYNC_IMAGE": "lathe-trainer:test",
+        "LATHE_TRITON_IMAGE": "triton:test",
+    })
+    api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    reconciler = reconcile.Reconciler(settings, reconcile.Clients(api_client))
+    export = {"uri": f"file:///artifacts/{namespace}/{model}/run-1/repository",
+              "digest": "sha256:" + "0" * 64}
+
+    def serve(autoscaling: dict) -> None:
+        body["spec"]["autoscaling"] = autoscaling
+        reconciler._serve(reconcile.parse(body), body,
+                          {"artifact": export, "conditions": []})
+
+    def replicas() -> int:
+        return cluster.get_json("deployment", triton, "-n", namespace)["spec"]["replicas"]
+
+    def operator_applies_replicas() -> bool:
+        entries = cluster.get_json("deployment", triton, "-n", namespace,
+                                   "--show-managed-fields")["metadata"]["managedFields"]
+        return any(entry["manager"] == reconcile.FIELD_MANAGER
+                   and entry["operation"] == "Apply"
+                   and "f:replicas" in entry.get("fieldsV1", {}).get("f:spec", {})
+                   for entry in entries)
+
+    serve({"enabled": False})
+    assert replicas() == 4
+    assert operator_applies_replicas()
+
+    on = {"enabled": True, "minReplicas": 1, "maxReplicas": 8}
+    serve(on)
+    assert replicas() == 4
+    assert not operator_applies_replicas()
+    assert cluster.get_json("hpa", triton, "-n", namespace)["spec"]["maxReplicas"] == 8
+
+    # A scale by the HPA (here kubectl, through the same scale subresource) is kept.
+    cluster.kubectl("scale", "deployment", triton, "-n", namespace, "--replicas=6")
+    serve(on)
+    assert replicas() == 6
+
+    serve({"enabled": False})
+    assert replicas() == 4
+    assert operator_applies_replicas()
+    hpas = cluster.get_json("hpa", "-n", namespace)["items"]
+    assert hpas == []
+
+
 def test_pod_monitor_with_real_crd(cluster, namespace, lathe_operator, pod_monitor_crd,
                                    monkeypatch, caplog):
     """With the Prometheus Operator's real PodMonitor CRD installed after the operator started,
@@ -760,6 +827,50 @@ def test_one_node_failure_restarts_attempt(cluster, namespace, lathe_operator, r
     assert "--resume" in " ".join(container.get("args", []) + container.get("command", []))
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["RDZV_ID"].endswith("-1")
+
+
+def test_rejected_pod_records_its_reason(cluster, namespace, lathe_operator, ready_inputs):
+    """A pod that the kubelet rejects before its container runs fails the attempt with the
+    pod's own reason and message, and no exit code."""
+    cluster.apply(pretrain_job("rejected", nodes=1), namespace)
+
+    def running_pod() -> dict | None:
+        pods = cluster.get_json("pods", "-n", namespace, "-l", "lathe.dev/name=rejected")["items"]
+        return next((p for p in pods if p["status"].get("phase") == "Running"), None)
+
+    cluster.wait_for(lambda: running_pod() is not None, "a running pod", timeout=90)
+    pod = running_pod()
+    # Act as a kubelet whose admission rejects the pod: phase Failed with the pod's reason
+    # and message, and no container status, because no container ran.
+    rejection = ("Pod was rejected: Node didn't have enough resource: cpu, requested: 4000, "
+                 "used: 7000, capacity: 8000")
+    patch = {"status": {"phase": "Failed", "reason": "OutOfcpu", "message": rejection,
+                        "containerStatuses": None}}
+    cluster.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace,
+                    "--subresource=status", "--type=merge", "-p", json.dumps(patch))
+
+    def restarted() -> bool:
+        status = get(cluster, "PretrainJob", "rejected", namespace).get("status") or {}
+        return status.get("restartCount") == 1
+
+    cluster.wait_for(restarted, "the operator to start attempt 1", timeout=60)
+    resource = get(cluster, "PretrainJob", "rejected", namespace)
+    failed = resource["status"]["failedAttempts"][0]
+    assert failed["attempt"] == 0
+    assert failed.get("exitCode") is None
+    assert failed["reason"] == "OutOfcpu"
+    assert rejection in failed["message"]
+
+    # Attempt 1's pod soon turns the condition to JobRunning, so its Event is read instead.
+    def restart_events() -> list[str]:
+        return [event["message"] for event in
+                events_about(cluster, namespace, "PretrainJob", "rejected")
+                if event["reason"] == "AttemptRestarted"]  # fmt: skip
+
+    cluster.wait_for(lambda: restart_events() != [], "the AttemptRestarted Event")
+    message = restart_events()[0]
+    assert "Attempt 0 failed without an exit code (OutOfcpu)" in message
+    assert "None" not in message
 
 
 def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):

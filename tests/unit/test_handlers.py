@@ -119,6 +119,48 @@ def test_status_patch_deletes_dropped_keys():
     assert handlers._changes(current, current) == {}
 
 
+def running_status(reason: str, message: str) -> dict:
+    """A status whose only condition is Running=True with `reason` and `message`."""
+    return {"conditions": [{"type": "Running", "status": "True", "reason": reason,
+                            "message": message}]}
+
+
+@pytest.mark.parametrize(
+    ("reason", "before", "after", "posted"),
+    [
+        ("AttemptRestarted",
+         "Attempt 0 failed with exit code 1 (Error); started attempt 1, resuming from the "
+         "latest checkpoint.",
+         "Attempt 1 failed with exit code 1 (Error); started attempt 2, resuming from the "
+         "latest checkpoint.", [("Warning", "AttemptRestarted")]),
+        ("PodsNotStarting",
+         "Job lm-r1-0: Pod lm-r1-0-0 cannot be scheduled: 0/3 nodes are available.",
+         "Job lm-r1-0: Container trainer of pod lm-r1-0-0 cannot start: ErrImagePull.",
+         [("Warning", "PodsNotStarting")]),
+        ("JobCreated", "Created Job lm-r1-0 (attempt 0).",
+         "The pods of Job lm-r1-0 were stopped while it was suspended, so created Job lm-r1-1 "
+         "(attempt 1).", [("Normal", "JobCreated")]),
+        ("JobRunning", "Job lm-r1-0 has 1 active pod.", "Job lm-r1-0 has 2 active pods.", []),
+        ("AttemptRestarted", "Attempt 0 failed.", "Attempt 0 failed.", []),
+    ],
+    ids=["next-failed-attempt", "new-stuck-cause", "next-job", "active-count", "same-message"],
+)
+def test_announce_new_message_events(monkeypatch, reason, before, after, posted):
+    """A condition that keeps its status and reason posts an Event when its message reports a
+    new failed attempt, Job or stuck cause, and none when it only refreshes a count."""
+    events = []
+    monkeypatch.setattr(handlers.kopf, "warn",
+                        lambda body, reason, message: events.append(("Warning", reason)))
+    monkeypatch.setattr(handlers.kopf, "info",
+                        lambda body, reason, message: events.append(("Normal", reason)))
+    body = {"kind": "PretrainJob", "metadata": {"uid": "u-1", "name": "lm", "namespace": "a"}}
+
+    handlers._announce(body, running_status(reason, before), running_status(reason, after),
+                       logging.getLogger("test"))
+
+    assert events == posted
+
+
 def test_internal_error_reported_and_backed_off(monkeypatch):
     """A reconcile that fails with a bug, not an API error, is counted in the metric, posted as
     a Warning Event and retried with backoff, as an API error is."""
@@ -238,6 +280,60 @@ def test_failed_pod_picks_attempt_cause(pods, message, expected):
     assert reconciler._failed_pod("team-a", failed_job(message)) == expected
 
 
+# A pod that the kubelet rejected at admission: phase Failed, and no container ever ran.
+REJECTED_MESSAGE = ("Pod was rejected: Node didn't have enough resource: cpu, requested: 4000, "
+                    "used: 7000, capacity: 8000")
+REJECTED_NODE_0 = client.V1Pod(
+    metadata=client.V1ObjectMeta(name="lm-pretrain-r1-0-0-x", annotations={
+        "batch.kubernetes.io/job-completion-index": "0"}),
+    status=client.V1PodStatus(phase="Failed", reason="OutOfcpu", message=REJECTED_MESSAGE),
+)
+BACKOFF_JOB = client.V1Job(
+    metadata=client.V1ObjectMeta(name="lm-pretrain-r1-0"),
+    status=client.V1JobStatus(conditions=[client.V1JobCondition(
+        type="Failed", status="True", reason="BackoffLimitExceeded",
+        message="Job has reached the specified backoff limit")]),
+)
+
+
+def test_failed_pod_without_containers():
+    """A pod that failed before any container ran gives the pod's own reason and message."""
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    reconciler._job_pods = lambda namespace, job_name: [REJECTED_NODE_0]
+
+    assert reconciler._failed_pod("team-a", BACKOFF_JOB) == (
+        None, "OutOfcpu", f"Node 0 (lm-pretrain-r1-0-0-x): {REJECTED_MESSAGE}")
+
+
+@pytest.mark.parametrize(("max_restarts", "condition_type", "expected"), [
+    (1, "Running", "Attempt 0 failed without an exit code (OutOfcpu); started attempt 1, "
+     "resuming from the latest checkpoint."),
+    (0, "Failed", "Gave up after 1 failed attempts: no exit code (OutOfcpu). Node 0 "
+     f"(lm-pretrain-r1-0-0-x): {REJECTED_MESSAGE}"),
+], ids=["restarted", "gave-up"])
+def test_attempt_without_exit_code(monkeypatch, max_restarts, condition_type, expected):
+    """An attempt whose pod never ran records the pod's reason, and no message of it
+    contains "exit code None"."""
+    from types import SimpleNamespace
+
+    reconciler = reconcile.Reconciler.__new__(reconcile.Reconciler)
+    reconciler._job_pods = lambda namespace, job_name: [REJECTED_NODE_0]
+    reconciler._create_workload = lambda *args: None
+    reconciler._delete_job = lambda *args: None
+    monkeypatch.setattr(reconcile.builders, "job_name",
+                        lambda plan, attempt: f"lm-pretrain-r1-{attempt}")
+    resource = SimpleNamespace(metadata=SimpleNamespace(generation=1, namespace="team-a"))
+    plan = SimpleNamespace(max_restarts=max_restarts)
+
+    new = reconciler._attempt_failed(resource, {}, plan, BACKOFF_JOB, {}, [], 0)
+
+    assert new["failedAttempts"] == [{
+        "attempt": 0, "exitCode": None, "reason": "OutOfcpu",
+        "message": f"Node 0 (lm-pretrain-r1-0-0-x): {REJECTED_MESSAGE}"}]
+    condition = next(c for c in new["conditions"] if c["type"] == condition_type)
+    assert condition["message"] == expected
+
+
 def test_unbuildable_spec_fails_as_invalid(monkeypatch):
     """A spec that builds no valid workload (a stage config over the ConfigMap limit) fails
     the generation with InvalidSpec instead of being retried as an operator error."""
@@ -339,10 +435,122 @@ def test_pod_monitor_crd_rechecked(monkeypatch):
         ({"phase": "Succeeded", "progress": {"step": 100}},
          {"phase": "Succeeded", "progress": {"step": 100}}, False),
         ({"phase": "Waiting"}, {"phase": "Running"}, False),
+        ({"phase": "Running", "progress": {"step": 5}},
+         {"phase": "Suspended", "progress": {"step": 5}}, True),
+        ({"phase": "Suspended", "progress": {"step": 5}},
+         {"phase": "Suspended", "progress": {"step": 5}}, False),
+        ({"phase": "Suspended", "progress": {"step": 5}},
+         {"phase": "Running", "progress": {"step": 5}}, False),
     ],
 )
 def test_training_gauges_end_with_run(current, desired, ended):
     assert handlers.training_ended(current, desired) is ended
+
+
+def series(metric_name: str, name: str) -> list:
+    """The samples of an operator metric whose `name` label is `name`."""
+    from lathe.k8s import metrics
+
+    return [sample for metric in metrics.REGISTRY.collect() if metric.name == metric_name
+            for sample in metric.samples if sample.labels.get("name") == name]
+
+
+def stored_resource(name: str, uid: str) -> dict:
+    """A PretrainJob as read from the API server, Running with progress."""
+    return {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob",
+        "metadata": {"name": name, "namespace": "team-a", "uid": uid, "generation": 1,
+                     "resourceVersion": "5"},
+        "status": {"phase": "Running", "progress": {"step": 5}, "conditions": []},
+    }
+
+
+@pytest.mark.parametrize("status_write", ["not-found", "no-change"])
+def test_deletion_during_reconcile_drops_phase(monkeypatch, status_write):
+    """A resource whose DELETED event was handled while its reconcile ran gets no phase series
+    back, whether the status write then fails with 404 or there is nothing to write."""
+    from types import SimpleNamespace
+
+    name = f"deleted-{status_write}"
+    body = stored_resource(name, f"u-{status_write}")
+    desired = {**body["status"], "phase": "Succeeded" if status_write == "not-found" else
+               "Running"}
+    logger = logging.getLogger("test")
+
+    def reconcile_while_deleted(parent):
+        # The DELETED event arrives while the reconcile runs, as on_resource_event handles it.
+        handlers._INDEX.pop(handlers._key(parent), None)
+        handlers.forget_resource(parent, logger)
+        return desired
+
+    def patch_status(*args):
+        raise ApiException(status=404, reason="Not Found")
+
+    handlers._remember(body)
+    monkeypatch.setattr(handlers, "reconciler",
+                        lambda: SimpleNamespace(reconcile=reconcile_while_deleted))
+    monkeypatch.setattr(handlers, "_announce", lambda *args: None)
+    api = SimpleNamespace(patch_namespaced_custom_object_status=patch_status)
+
+    assert handlers._reconcile_stored(api, body, logger) is True
+
+    assert series("lathe_resource_phase", name) == []
+    assert handlers._key(body) not in handlers._INDEX
+
+
+def test_status_write_404_drops_series(monkeypatch):
+    """A status write that fails with 404 drops the series of the deleted resource, also when
+    its DELETED event was missed."""
+    from types import SimpleNamespace
+
+    from lathe.k8s import metrics
+
+    body = stored_resource("missed-delete", "u-missed")
+    metrics.PHASES.set("PretrainJob", "team-a", "missed-delete", "Running")
+    metrics.set_progress("team-a", "PretrainJob", "missed-delete", {"step": 5, "etaSeconds": 9})
+    handlers._remember(body)
+    desired = {**body["status"], "phase": "Succeeded"}
+
+    def patch_status(*args):
+        raise ApiException(status=404, reason="Not Found")
+
+    monkeypatch.setattr(handlers, "reconciler", lambda: SimpleNamespace(reconcile=lambda b: desired))
+    api = SimpleNamespace(patch_namespaced_custom_object_status=patch_status)
+
+    assert handlers._reconcile_stored(api, body, logging.getLogger("test")) is True
+
+    assert series("lathe_resource_phase", "missed-delete") == []
+    assert series("lathe_training_step", "missed-delete") == []
+    assert handlers._key(body) not in handlers._INDEX
+
+
+def test_missing_resource_drops_series(monkeypatch):
+    """A reconcile that finds the resource gone (its DELETED event missed across a watch
+    restart) drops its phase and training series, its index entry and its backoff."""
+    from types import SimpleNamespace
+
+    from lathe.k8s import metrics
+
+    body = stored_resource("gone", "u-gone")
+    metrics.PHASES.set("PretrainJob", "team-a", "gone", "Running")
+    metrics.set_progress("team-a", "PretrainJob", "gone", {"step": 5, "etaSeconds": 9})
+    handlers._remember(body)
+    monkeypatch.setitem(handlers._FAILURES, "u-gone", (1, "", 0.0, ""))
+    def read(*args):
+        raise ApiException(status=404, reason="Not Found")
+
+    custom = SimpleNamespace(get_namespaced_custom_object=read)
+    monkeypatch.setattr(handlers, "reconciler",
+                        lambda: SimpleNamespace(api=SimpleNamespace(custom=custom)))
+
+    done = handlers._reconcile_latest("team-a", "pretrainjobs", "gone", logging.getLogger("t"))
+
+    assert done is True
+    assert series("lathe_resource_phase", "gone") == []
+    assert series("lathe_training_step", "gone") == []
+    assert series("lathe_training_eta_seconds", "gone") == []
+    assert handlers._key(body) not in handlers._INDEX
+    assert "u-gone" not in handlers._FAILURES
 
 
 def test_unchanged_progress_not_patched(tmp_path, monkeypatch):
@@ -412,6 +620,37 @@ def test_progress_of_ended_run_not_written(tmp_path, monkeypatch):
     step = metrics.REGISTRY.get_sample_value(
         "lathe_training_step", {"namespace": "team-a", "kind": "PretrainJob", "name": "ended"})
     assert step is None
+
+
+def test_progress_write_404_drops_gauges(tmp_path, monkeypatch):
+    """A progress write that finds the resource deleted drops the gauges it has just set."""
+    import json
+    from types import SimpleNamespace
+
+    from lathe.k8s.settings import OperatorSettings
+
+    (tmp_path / "progress.jsonl").write_text(
+        json.dumps({"completed": 6, "total": 100, "etaSeconds": 40}) + "\n")
+
+    def patch_status(*args):
+        raise ApiException(status=404, reason="Not Found")
+
+    api = SimpleNamespace(custom=SimpleNamespace(
+        patch_namespaced_custom_object_status=patch_status))
+    monkeypatch.setattr(handlers, "reconciler", lambda: SimpleNamespace(api=api))
+    monkeypatch.setitem(handlers.STATE, "settings", OperatorSettings.from_env(
+        {"LATHE_ARTIFACT_ROOT": f"file://{tmp_path}"}))
+    key = ("team-a", "pretrainjobs", "deleted-mid-pass")
+    entry = {"kind": "PretrainJob", "uid": "u-mid", "generation": 1, "phase": "Running",
+             "running": True, "progress": None, "storage": None,
+             "output": f"file://{tmp_path}", "job": "deleted-mid-pass-pretrain-r1-0"}
+    monkeypatch.setitem(handlers._INDEX, key, entry)
+
+    handlers.refresh_progress(key, entry)
+
+    assert series("lathe_training_step", "deleted-mid-pass") == []
+    assert series("lathe_training_eta_seconds", "deleted-mid-pass") == []
+    assert key not in handlers._INDEX
 
 
 def test_refused_connection_is_expected():

@@ -198,8 +198,6 @@ def _reconcile(body: dict, logger: logging.Logger) -> dict[str, Any] | None:
         metrics.RECONCILE_DURATION.labels(kind).observe(time.monotonic() - started)
     result = "waiting" if desired.get("phase") == "Waiting" else "success"
     metrics.RECONCILES.labels(kind, result).inc()
-    meta = body["metadata"]
-    metrics.PHASES.set(kind, meta.get("namespace", ""), meta["name"], desired.get("phase"))
     return desired
 
 
@@ -265,6 +263,21 @@ def _changes(current: dict, desired: dict) -> dict:
 
 # Condition types from the least to the most telling; the last one that changed names the Event.
 EVENT_ORDER = ("InputsReady", "Suspended", "Running", "Exported", "Ready", "Succeeded", "Failed")
+# Reasons whose new message reports a new event of the same kind: another failed attempt,
+# another Job, or another cause of pods not starting. A changed message alone posts an Event
+# for these. Other reasons refresh their message as a count changes (JobRunning's active pods,
+# ServerNotReady's ready replicas), which would post an Event on every refresh.
+MESSAGE_EVENT_REASONS = frozenset({
+    status.Reason.ATTEMPT_RESTARTED, status.Reason.JOB_CREATED, status.Reason.PODS_NOT_STARTING,
+})
+
+
+def _condition_changed(old: dict | None, new: dict) -> bool:
+    """Return whether a condition's status or reason changed, or, for MESSAGE_EVENT_REASONS,
+    its message."""
+    if old is None or (old["status"], old["reason"]) != (new["status"], new["reason"]):
+        return True
+    return new["reason"] in MESSAGE_EVENT_REASONS and old.get("message") != new.get("message")
 
 
 def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) -> None:
@@ -279,8 +292,7 @@ def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) 
     before = {c["type"]: c for c in current.get("conditions") or []}
     changed = []
     for condition in desired.get("conditions") or []:
-        old = before.get(condition["type"])
-        if old and (old["status"], old["reason"]) == (condition["status"], condition["reason"]):
+        if not _condition_changed(before.get(condition["type"]), condition):
             continue
         changed.append(condition)
         text = f"{condition['type']}={condition['status']}: {condition['message']}"
@@ -395,9 +407,7 @@ def _reconcile_latest(namespace: str, plural: str, name: str, logger: logging.Lo
         except ApiException as error:
             if error.status == 404:
                 # Gone, and its DELETED event may have been missed across a watch restart.
-                entry = _INDEX.pop((namespace, plural, name), None)
-                if entry:
-                    _FAILURES.pop(entry["uid"], None)
+                _forget_gone(namespace, plural, name)
                 return True
             logger.warning("Reading the resource failed with HTTP %s: %s; retrying with "
                            "backoff or on the next change.", error.status, error.reason)
@@ -418,8 +428,9 @@ async def on_resource_event(body, logger, type, **_: Any) -> None:
     if type == "DELETED":
         _WRITTEN.pop(meta["uid"], None)
         _FAILURES.pop(meta["uid"], None)
-        _INDEX.pop(_key(body), None)
-        forget_resource(body, logger)
+        with _INDEX_LOCK:
+            _INDEX.pop(_key(body), None)
+            forget_resource(body, logger)
         if not STATE.get("stopping"):
             reconciler().forget_upstream(meta["namespace"], KINDS[body["kind"]].plural,
                                          meta["name"])
@@ -514,6 +525,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
             )
         except ApiException as error:
             if error.status == 404:
+                _forget_gone(meta["namespace"], KINDS[parent["kind"]].plural, meta["name"])
                 return True
             logger.warning("Writing the status failed with HTTP %s: %s; retrying with "
                            "backoff or on the next change.", error.status, error.reason)
@@ -523,7 +535,7 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
         # Its event must then be reconciled, so the write is recorded with no echo to skip.
         same_spec = stored["metadata"].get("generation") == meta.get("generation")
         _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"] if same_spec else ""
-        _remember(stored)
+        _record_phase(parent, desired.get("phase"), stored)
         ended = training_ended(current, desired)
         if ended:
             metrics.forget(meta["namespace"], parent["kind"], meta["name"])
@@ -532,6 +544,8 @@ def _reconcile_stored(api, parent: dict, logger: logging.Logger) -> bool:
             _forget_unreachable(meta["namespace"], current.get("jobName"))
         # Events go out after the write, so that a failed post never holds back the status.
         _announce(parent, current, desired, logger)
+    else:
+        _record_phase(parent, desired.get("phase"))
     # The reconcile and its status write both succeeded, so the backoff starts over.
     _FAILURES.pop(meta["uid"], None)
     if status.condition_true(desired.get("conditions") or [], summary):
@@ -557,11 +571,12 @@ def _forget_unreachable(namespace: str, job: str | None) -> None:
 def training_ended(current: dict, desired: dict) -> bool:
     """Return whether a status change ends the run that the training gauges describe.
 
-    A new run drops the previous run's progress, and a finished run sets phase Succeeded or
-    Failed. Its gauges then go, so that a sum of tokens per second counts running jobs only
-    and no ETA stays frozen.
+    A new run drops the previous run's progress, a finished run sets phase Succeeded or
+    Failed, and a suspended one sets phase Suspended. Its gauges then go, so that a sum of
+    tokens per second counts running jobs only and no ETA stays frozen. A resumed run sets
+    them again with its next progress record.
     """
-    finished = (status.Phase.SUCCEEDED, status.Phase.FAILED)
+    finished = (status.Phase.SUCCEEDED, status.Phase.FAILED, status.Phase.SUSPENDED)
     return bool(current.get("progress") and not desired.get("progress")) or (
         desired.get("phase") in finished and current.get("phase") not in finished
     )
@@ -597,8 +612,7 @@ def _show_first_failure(api, body: dict, logger: logging.Logger) -> None:
         return
     if stored["metadata"].get("generation") == meta.get("generation"):
         _WRITTEN[meta["uid"]] = stored["metadata"]["resourceVersion"]
-    _remember(stored)
-    metrics.PHASES.set(body["kind"], meta["namespace"], meta["name"], status.Phase.PENDING)
+    _record_phase(body, status.Phase.PENDING, stored)
 
 
 async def _in_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -756,6 +770,9 @@ async def on_serving_event(body, logger, type, **_: Any) -> None:
 # the operator's own status writes. kopf adds a finalizer to every object with a timer handler,
 # so one operator-wide pass replaces a timer per resource: no deletion waits for the operator.
 _INDEX: dict[tuple[str, str, str], dict[str, Any]] = {}
+# Held while a resource's _INDEX entry and phase series change together, so that a reconcile
+# thread that ends after the resource's DELETED event cannot set its series again.
+_INDEX_LOCK = threading.Lock()
 # Progress files read at once by the periodic pass; each is one artifact-store request.
 PROGRESS_READS = 8
 
@@ -894,7 +911,7 @@ def refresh_progress(key: tuple[str, str, str], entry: dict[str, Any]) -> None:
         )
     except ApiException as error:
         if error.status == 404:
-            _INDEX.pop(key, None)
+            _forget_gone(namespace, plural, name)
             return
         raise
     # The progress write changes nothing a reconcile reads, so its event is skipped too.
@@ -957,6 +974,36 @@ def _mounts(settings: OperatorSettings) -> dict[str, str]:
     """Claims the operator pod mounts, as {claim: mount path}, from LATHE_MOUNTS."""
     pairs = [item.split("=", 1) for item in os.environ.get("LATHE_MOUNTS", "").split(",") if item]
     return {claim: path for claim, path in pairs}
+
+
+def _record_phase(body: dict, phase: str | None, stored: dict | None = None) -> None:
+    """Set the phase series of a reconciled resource and index its `stored` status write,
+    unless its DELETED event was handled after the reconcile read it, which drops its
+    _INDEX entry."""
+    meta = body["metadata"]
+    with _INDEX_LOCK:
+        entry = _INDEX.get(_key(body))
+        if entry is None or entry["uid"] != meta["uid"]:
+            return
+        if stored is not None:
+            _remember(stored)
+        metrics.PHASES.set(body["kind"], meta["namespace"], meta["name"], phase)
+
+
+def _forget_gone(namespace: str, plural: str, name: str) -> None:
+    """Drop what the operator keeps about a resource that the API server no longer has.
+
+    Its DELETED event does the same, but a watch restart can miss that event, and a reconcile
+    that ran during the deletion can have set the series again.
+    """
+    kind = next(model.kind_name for model in KINDS.values() if model.plural == plural)
+    with _INDEX_LOCK:
+        entry = _INDEX.pop((namespace, plural, name), None)
+        metrics.forget(namespace, kind, name)
+        metrics.PHASES.set(kind, namespace, name, None)
+    if entry:
+        _FAILURES.pop(entry["uid"], None)
+        _forget_unreachable(namespace, entry.get("job"))
 
 
 def forget_resource(body, logger) -> None:

@@ -39,6 +39,9 @@ FIELD_MANAGER = "lathe-operator"
 # The field manager of the merge patch that repairs an object a hand edit left unappliable
 # (Reconciler._replace_edited_lists); its managedFields entry is removed right after.
 REPAIR_FIELD_MANAGER = "lathe-operator-repair"
+# The field manager that keeps a Triton Deployment's spec.replicas when autoscaling is turned on
+# (Reconciler._hand_over_replicas), until the HorizontalPodAutoscaler's first scale takes it.
+HANDOVER_FIELD_MANAGER = "lathe-operator-handover"
 # Seconds a finished upstream read from the API server is reused, because many resources often
 # share one Corpus or Tokenizer and each reconcile would read it again. A change to a finished
 # upstream reaches reconciles up to this late. An unfinished upstream is never cached, so a
@@ -520,6 +523,9 @@ class Reconciler:
             })
         new["failedAttempts"] = attempts
         permanent = exit_code == EXIT_PERMANENT
+        # A pod that the kubelet rejected before its container ran has no exit code.
+        exit_text = "no exit code" if exit_code is None else f"exit code {exit_code}"
+        failed_how = "without an exit code" if exit_code is None else f"with {exit_text}"
         # Attempts stopped by a suspension are not failures, so the failed attempts count, not
         # the attempt number.
         if permanent or len(attempts) > plan.max_restarts:
@@ -530,7 +536,7 @@ class Reconciler:
             new["conditions"] = status.set_condition(
                 conditions, C.FAILED, True,
                 Reason.JOB_FAILED if permanent else Reason.BACKOFF_LIMIT_EXCEEDED,
-                f"Gave up after {why}: exit code {exit_code} ({reason}). {message}".strip(),
+                f"Gave up after {why}: {exit_text} ({reason}). {message}".strip(),
                 generation,
             )
             return new
@@ -545,8 +551,8 @@ class Reconciler:
         new["jobName"] = builders.job_name(plan, attempt + 1)
         new["conditions"] = status.set_condition(
             conditions, C.RUNNING, True, Reason.ATTEMPT_RESTARTED,
-            f"Attempt {attempt} failed with exit code {exit_code} ({reason}); started attempt "
-            f"{attempt + 1}, resuming from the latest checkpoint.", generation,
+            f"Attempt {attempt} failed {failed_how} ({reason}); started attempt {attempt + 1}, "
+            "resuming from the latest checkpoint.", generation,
         )
         return new
 
@@ -603,6 +609,8 @@ class Reconciler:
         serving = plans.serving(resource, new["artifact"]["uri"], new["artifact"]["digest"])
         owner = _owner(body)
         namespace = resource.metadata.namespace
+        if resource.spec.autoscaling.enabled:
+            self._hand_over_replicas(namespace, builders.triton_name(serving))
         self._apply(namespace, builders.triton_deployment(
             serving, owner, self.store, image=serving.image or self.settings.triton_image,
             sync_image=self.settings.sync_image,
@@ -764,6 +772,47 @@ class Reconciler:
             group, version, namespace, plural, name, obj, **options
         )
 
+    def _hand_over_replicas(self, namespace: str, name: str) -> None:
+        """Keep a Deployment's live spec.replicas when the operator's next apply leaves them out.
+
+        With server-side apply, an apply that leaves out a field that only its field manager
+        owns resets the field to its default, so an autoscaled Triton Deployment would drop to
+        1 replica before its HorizontalPodAutoscaler exists. As the Kubernetes documentation
+        describes under "Server-Side Apply: transferring ownership", the live value is first
+        applied under HANDOVER_FIELD_MANAGER. The apply without replicas then only drops the
+        operator's share of the field, and the HPA's first scale takes the field over.
+        """
+        try:
+            live = self.api.apps.read_namespaced_deployment(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return  # a new Deployment starts at 1 replica, which the HPA scales from
+            raise
+        if not _applies_replicas(live.metadata.managed_fields):
+            return
+        replicas = live.spec.replicas
+        handover = {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"replicas": replicas},
+        }
+        try:
+            # Without force: a conflict means that another client changed the replicas since
+            # the read, so the operator no longer is their only owner.
+            self.api.apps.patch_namespaced_deployment(
+                name, namespace, handover, field_manager=HANDOVER_FIELD_MANAGER,
+                _content_type="application/apply-patch+yaml",
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            log.info("Skipped the handover of spec.replicas of Deployment %s/%s, because "
+                     "another client changed them: %s", namespace, name, api_message(error))
+            return
+        log.info("Handed spec.replicas (%d) of Deployment %s/%s over to field manager %s, so "
+                 "that they stay until the HorizontalPodAutoscaler scales it.", replicas,
+                 namespace, name, HANDOVER_FIELD_MANAGER)
+
     def _replace_edited_lists(self, namespace: str, obj: dict, patch, error: ApiException) -> None:
         """Replace the lists of `obj`'s spec that a hand edit made impossible to apply.
 
@@ -915,16 +964,22 @@ class Reconciler:
         Next comes the pod that the Job's FailJob condition names, then a pod that failed on its
         own before the pods the Job controller terminated afterwards (those carry a
         deletionTimestamp and often exit non-zero on SIGTERM), then the earliest exit.
+        Without a failed container, a pod that failed before any container ran, as when the
+        kubelet rejects it (OutOfcpu, UnexpectedAdmissionError), gives its own reason and
+        message, with no exit code.
         """
         job_conditions = (job.status.conditions if job.status else None) or []
         condition = next((c for c in job_conditions if c.type == "Failed"), None)
         cause = FAIL_JOB_MESSAGE.search(condition.message or "") if condition else None
         failed = []
+        failed_pods = []
         for pod in self._job_pods(namespace, job.metadata.name):
             for container in pod.status.container_statuses or []:
                 terminated = container.state.terminated if container.state else None
                 if terminated and terminated.exit_code:
                     failed.append((pod, terminated))
+            if pod.status.phase == "Failed":
+                failed_pods.append(pod)
         if failed:
             named = cause["pod"] if cause else None
             return _describe_failure(*min(failed, key=lambda item: _failure_order(item, named)))
@@ -932,6 +987,8 @@ class Reconciler:
             # The pods are gone (pod garbage collection), but the condition still has the code.
             return (int(cause["exit_code"]), condition.reason or "PodFailurePolicy",
                     condition.message.strip())
+        if failed_pods:
+            return _describe_pod_failure(min(failed_pods, key=_pod_failure_order))
         return None, condition.reason if condition else "Failed", condition.message if condition else ""
 
     def _termination_result(self, namespace: str, job_name: str) -> dict:
@@ -1138,6 +1195,19 @@ def _stale(body: dict) -> dict:
     return copy.deepcopy(body.get("status") or {})
 
 
+def _applies_replicas(managed_fields) -> bool:
+    """Return whether the operator's server-side apply owns spec.replicas, given an object's
+    metadata.managedFields."""
+    for entry in managed_fields or []:
+        if (entry.manager, entry.operation, entry.subresource or "") != (
+            FIELD_MANAGER, "Apply", ""
+        ):
+            continue
+        if "f:replicas" in ((entry.fields_v1 or {}).get("f:spec") or {}):
+            return True
+    return False
+
+
 def _owned_by(metadata, body: dict) -> bool:
     uid = body["metadata"].get("uid")
     return any(ref.uid == uid for ref in metadata.owner_references or [])
@@ -1243,6 +1313,24 @@ def _run_in_progress(resource: Resource, current: dict) -> bool:
     return bool(current.get("jobName")) and not (
         status.condition_true(conditions, resource.summary_condition)
         or status.condition_true(conditions, C.FAILED))
+
+
+def _pod_failure_order(pod) -> tuple:
+    """Sort key of a failed pod without a failed container for _failed_pod: a pod that failed
+    on its own before pods that the Job controller deleted afterwards, then by name."""
+    return (pod.metadata.deletion_timestamp is not None, pod.metadata.name)
+
+
+def _describe_pod_failure(pod) -> tuple[None, str, str]:
+    """Return no exit code, the reason and a message naming the node for a pod that failed
+    before any container ran."""
+    index = (pod.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", "?")
+    reason = pod.status.reason or "Failed"
+    message = (pod.status.message or "").strip()[-500:]
+    if not message:
+        message = ("the pod failed before any container ran, and the kubelet recorded no "
+                   "message; see `kubectl describe pod` for its events.")
+    return None, reason, f"Node {index} ({pod.metadata.name}): {message}"
 
 
 def _stopped_while_suspended(job) -> bool:
