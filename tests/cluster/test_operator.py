@@ -1519,9 +1519,11 @@ def test_rejected_pods_reported(cluster, namespace, lathe_operator, ready_inputs
     cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                    "metadata": {"name": priority}, "value": 1000})  # fmt: skip
     try:
+        # The Job controller retries a failed pod creation with a backoff that doubles up to
+        # 60 s, and nothing wakes it when the class appears, so the pods can take a minute.
         cluster.wait_for(lambda: running().get("reason") == "JobRunning",
                          "Running=True (JobRunning) once the pods are created",
-                         timeout=120)  # fmt: skip
+                         timeout=240)  # fmt: skip
     finally:
         cluster.kubectl("delete", "priorityclass", priority, check=False)
 
