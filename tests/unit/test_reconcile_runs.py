@@ -118,3 +118,27 @@ def test_resume_before_any_job_ends_suspension():
     assert (conditions["Suspended"]["status"], conditions["Suspended"]["reason"]) == (
         "False", "Resumed")
     assert resumed["phase"] != "Suspended"
+
+
+def test_deleted_running_job_starts_next_attempt():
+    """A Job deleted while it ran is not created again under its name, whose pods may still be
+    terminating: the next attempt starts, and it counts as no failure."""
+    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
+    created: list[str] = []
+    reconciler = Reconciler(settings, fake_clients(created))
+    body = {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob",
+        "metadata": {"name": "lm", "namespace": "team-a", "uid": "u-4", "generation": 1},
+        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
+                 "sequenceLength": 256},
+    }
+    first = reconciler.reconcile(body)
+    assert created == ["ConfigMap lm-pretrain-r1-0", "Job lm-pretrain-r1-0"]
+
+    # The fake reads every Job as gone: someone deleted lm-pretrain-r1-0.
+    second = reconciler.reconcile({**body, "status": first})
+
+    assert created[-1] == "Job lm-pretrain-r1-1"
+    assert (second["attempt"], second["jobName"]) == (1, "lm-pretrain-r1-1")
+    assert second.get("restartCount", 0) == 0
+    assert second.get("failedAttempts", []) == []

@@ -402,9 +402,19 @@ class Reconciler:
             if latest is not None and latest[0] == plan.run and latest[1] > attempt:
                 attempt = latest[1]
                 new["attempt"] = attempt
-                new["restartCount"] = attempt
                 job_name = latest[2]
                 job = self._read_job(resource.metadata.namespace, job_name)
+            elif same_run and not legacy_job and new.get("jobName") == job_name and not suspended:
+                # The current attempt's Job was deleted while it ran, by hand or by a tool.
+                # Its pods may still be terminating under the same host names and rendezvous
+                # id, so the Job is not created again under its name: the next attempt, with
+                # a new Service and rendezvous id, resumes from the latest checkpoint. It is
+                # not a failure of the stage, so it counts neither as failed nor as a restart.
+                log.info("Job %s of %s was deleted while it ran, so attempt %d starts.",
+                         job_name, resource.key, attempt + 1)
+                attempt += 1
+                new["attempt"] = attempt
+                job_name = builders.job_name(plan, attempt)
         if job is None:
             if suspended:
                 # The Job that status.jobName named is gone (a new run deleted it), and no Job
