@@ -675,3 +675,23 @@ def test_invalid_settings_stop_startup(monkeypatch):
         handlers.configure(settings=kopf.OperatorSettings(), logger=logger)
     with pytest.raises(kopf.PermanentError, match="settings are invalid"):
         asyncio.run(handlers.wait_for_leadership(logger=logger))
+
+
+def test_triton_ready_count_posts_no_event(monkeypatch):
+    """A ModelDeployment's Ready=False PodsNotStarting message counts ready replicas, so a new
+    count with the same stuck pod posts no Event."""
+    events = []
+    monkeypatch.setattr(handlers.kopf, "warn",
+                        lambda body, reason, message: events.append(("Warning", reason)))
+    body = {"kind": "ModelDeployment",
+            "metadata": {"uid": "u-2", "name": "ner", "namespace": "a"}}
+
+    def ready(message: str) -> dict:
+        return {"conditions": [{"type": "Ready", "status": "False", "reason": "PodsNotStarting",
+                                "message": message}]}
+
+    handlers._announce(body, ready("1 of 3 replicas are ready; pod ner-2 cannot be scheduled."),
+                       ready("2 of 3 replicas are ready; pod ner-2 cannot be scheduled."),
+                       logging.getLogger("test"))
+
+    assert events == []

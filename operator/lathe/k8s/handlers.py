@@ -273,11 +273,16 @@ MESSAGE_EVENT_REASONS = frozenset({
 
 
 def _condition_changed(old: dict | None, new: dict) -> bool:
-    """Return whether a condition's status or reason changed, or, for MESSAGE_EVENT_REASONS,
-    its message."""
+    """Return whether a condition's status or reason changed, or, for a Running condition with
+    one of MESSAGE_EVENT_REASONS, its message.
+
+    Only Running's messages name a new attempt, Job or cause; a ModelDeployment's Ready
+    message also counts ready replicas, which would post an Event at every change.
+    """
     if old is None or (old["status"], old["reason"]) != (new["status"], new["reason"]):
         return True
-    return new["reason"] in MESSAGE_EVENT_REASONS and old.get("message") != new.get("message")
+    return (new["type"] == "Running" and new["reason"] in MESSAGE_EVENT_REASONS
+            and old.get("message") != new.get("message"))
 
 
 def _announce(body: dict, current: dict, desired: dict, logger: logging.Logger) -> None:
