@@ -54,7 +54,8 @@ def run(examples: Path, data_dir: Path) -> list[tuple[str, float, str]]:
 
 
 def _headline(metrics: dict) -> str:
-    keys = ("documentsOut", "fertility", "validationPerplexity", "f1", "maxAbsDiff")
+    keys = ("documentsOut", "fertility", "validationPerplexity", "f1", "f1GainFromPretraining",
+            "maxAbsDiff")
     parts = [f"{key} {metrics[key]:.4g}" if isinstance(metrics[key], float)
              else f"{key} {metrics[key]}" for key in keys if key in metrics]
     return ", ".join(parts)
