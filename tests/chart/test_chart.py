@@ -67,7 +67,8 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str, str], str] = {
     ("apps", "deployments", "list"): "kopf lists Triton Deployments for on_serving_event",
     ("apps", "deployments", "watch"): "kopf watches Triton Deployments for on_serving_event",
     ("apps", "deployments", "create"): "Reconciler._apply creates the Triton Deployment",
-    ("apps", "deployments", "patch"): "Reconciler._apply (Triton Deployment)",
+    ("apps", "deployments", "patch"): "Reconciler._apply (Triton Deployment) and the handover "
+                                      "of its replicas to the HorizontalPodAutoscaler",
     ("apps", "deployments", "get"): "Reconciler reads the Triton Deployment's ready replicas",
     ("autoscaling", "horizontalpodautoscalers", "create"): "Reconciler._apply creates the HPA",
     ("autoscaling", "horizontalpodautoscalers", "patch"): "Reconciler._apply (HPA)",
@@ -128,6 +129,8 @@ CLIENT_METHODS: dict[str, tuple[str, str, str]] = {
     "list_namespaced_pod": ("", "pods", "list"),
     "list_namespaced_event": ("", "events", "list"),
     "read_namespaced_deployment": ("apps", "deployments", "get"),
+    # The handover of spec.replicas to the HorizontalPodAutoscaler (reconcile._hand_over_replicas).
+    "patch_namespaced_deployment": ("apps", "deployments", "patch"),
     "read_custom_resource_definition": ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
     # The kubernetes client's LeaseLock also calls create_namespaced_lease, outside this package.
     "read_namespaced_lease": ("coordination.k8s.io", "leases", "get"),
