@@ -1519,11 +1519,21 @@ def test_rejected_pods_reported(cluster, namespace, lathe_operator, ready_inputs
     cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                    "metadata": {"name": priority}, "value": 1000})  # fmt: skip
     try:
-        # The Job controller retries a failed pod creation with a backoff that doubles up to
-        # 60 s, and nothing wakes it when the class appears, so the pods can take a minute.
-        cluster.wait_for(lambda: running().get("reason") == "JobRunning",
-                         "Running=True (JobRunning) once the pods are created",
-                         timeout=240)  # fmt: skip
+        # Nothing wakes the Job controller when the class appears, and in full runs it was
+        # seen to stop retrying the creation for minutes. An edit of the Job wakes it, as the
+        # next retry or resync would.
+        cluster.kubectl("annotate", "job", "no-class-pretrain-r1-0", "-n", namespace,
+                        "lathe.dev/test-wake=1")
+        try:
+            cluster.wait_for(lambda: running().get("reason") == "JobRunning",
+                             "Running=True (JobRunning) once the pods are created",
+                             timeout=240)  # fmt: skip
+        except BaseException:
+            pods = cluster.get_json("pods", "-n", namespace)["items"]
+            print("Pods:", [(p["metadata"]["name"], p["status"]) for p in pods])
+            print("Job:", cluster.get_json("job", "no-class-pretrain-r1-0", "-n",
+                                           namespace)["status"])
+            raise
     finally:
         cluster.kubectl("delete", "priorityclass", priority, check=False)
 

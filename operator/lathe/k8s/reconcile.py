@@ -143,8 +143,8 @@ class Reconciler:
         # time.monotonic() of the watch event that delivered them
         # (see lathe.k8s.handlers.on_job_event). A Job not in it is read from the API server.
         self.jobs: dict[tuple[str, str], tuple[float, dict]] = {}
-        # (namespace, Job name) -> (monotonic time, why its pods have not started).
-        self.stuck: dict[tuple[str, str], tuple[float, str]] = {}
+        # (namespace, Job name) -> (monotonic time, why its pods have not started, pod counts).
+        self.stuck: dict[tuple[str, str], tuple[float, str, tuple]] = {}
         self._api_client = client.ApiClient()
 
     # -- entry point -----------------------------------------------------------------------
@@ -942,8 +942,11 @@ class Reconciler:
                            job_status.failed, bool(job.spec.suspend), job_status.start_time):
             self.stuck.pop(key, None)
             return ""
+        # A reason found for other pod counts is stale: pods that admission rejected may now
+        # exist, and wait for a node instead.
+        counts = (job_status.active, job_status.ready, job_status.succeeded, job_status.failed)
         cached = self.stuck.get(key)
-        if cached and time.monotonic() - cached[0] < STUCK_RECHECK_SECONDS:
+        if cached and cached[2] == counts and time.monotonic() - cached[0] < STUCK_RECHECK_SECONDS:
             return cached[1]
         if not (job_status.active or job_status.succeeded or job_status.failed):
             # No pod exists: admission rejected them (a missing PriorityClass, a quota), and
@@ -951,7 +954,7 @@ class Reconciler:
             reason = self._failed_create(namespace, job.metadata.name)
         else:
             reason = _stuck_pod(self._job_pods(namespace, job.metadata.name))
-        self.stuck[key] = (time.monotonic(), reason)
+        self.stuck[key] = (time.monotonic(), reason, counts)
         return reason
 
     def _failed_create(self, namespace: str, job_name: str) -> str:
