@@ -1505,7 +1505,9 @@ def test_rejected_pods_reported(cluster, namespace, lathe_operator, ready_inputs
     monkeypatch.setattr(handlers, "RESYNC_SECONDS", 2.0)
     monkeypatch.setattr(reconcile, "POD_START_GRACE_SECONDS", 2.0)
     priority = f"lathe-test-{namespace}"
-    manifest = pretrain_job("no-class", nodes=1)
+    # No GPU, so that pods of earlier tests that still hold the fake nodes' GPUs cannot keep
+    # the admitted pod from running; admission, not scheduling, is the subject here.
+    manifest = pretrain_job("no-class", nodes=1, gpus=0)
     manifest["spec"]["scheduling"] = {"priorityClassName": priority}
     cluster.apply(manifest, namespace)
 
@@ -1519,11 +1521,8 @@ def test_rejected_pods_reported(cluster, namespace, lathe_operator, ready_inputs
     cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                    "metadata": {"name": priority}, "value": 1000})  # fmt: skip
     try:
-        # Nothing wakes the Job controller when the class appears, and in full runs it was
-        # seen to stop retrying the creation for minutes. An edit of the Job wakes it, as the
-        # next retry or resync would.
-        cluster.kubectl("annotate", "job", "no-class-pretrain-r1-0", "-n", namespace,
-                        "lathe.dev/test-wake=1")
+        # The Job controller retries a failed pod creation with a backoff that doubles up to
+        # 60 s, and nothing wakes it when the class appears, so the pods can take a minute.
         try:
             cluster.wait_for(lambda: running().get("reason") == "JobRunning",
                              "Running=True (JobRunning) once the pods are created",
