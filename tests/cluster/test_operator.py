@@ -905,7 +905,7 @@ def test_suspend_and_resume(cluster, namespace, lathe_operator, ready_inputs):
     assert jobs_of(cluster, "pause", namespace)[0]["spec"]["suspend"] is False
 
 
-def test_pods_stopped_by_suspend_are_no_failure(cluster, namespace, lathe_operator,
+def test_suspend_stop_not_a_failure(cluster, namespace, lathe_operator,
                                                 ready_inputs):
     """A suspended Job's pods exit 143 on SIGTERM, and the Job controller fails the Job by the
     pod failure policy's catch-all rule. Resuming starts the next attempt without counting it."""
@@ -1151,7 +1151,7 @@ def test_deleted_input_shown_downstream(cluster, namespace, lathe_operator, monk
     assert tokenizer["status"]["artifact"]["digest"]
 
 
-def test_run_goes_on_when_input_is_deleted(cluster, namespace, lathe_operator, ready_inputs):
+def test_run_continues_without_input(cluster, namespace, lathe_operator, ready_inputs):
     """A PretrainJob whose Tokenizer is deleted mid-run goes on with the inputs it read: the
     operator follows its Job to Succeeded while InputsReady is False."""
     cluster.apply(pretrain_job("orphaned"), namespace)
@@ -1505,8 +1505,8 @@ def test_rejected_pods_reported(cluster, namespace, lathe_operator, ready_inputs
     monkeypatch.setattr(handlers, "RESYNC_SECONDS", 2.0)
     monkeypatch.setattr(reconcile, "POD_START_GRACE_SECONDS", 2.0)
     priority = f"lathe-test-{namespace}"
-    # No GPU, so that pods of earlier tests that still hold the fake nodes' GPUs cannot keep
-    # the admitted pod from running; admission, not scheduling, is the subject here.
+    # Admission is the subject here, not scheduling. The Job asks for no GPU, because pods
+    # of earlier tests can still hold the fake nodes' GPUs.
     manifest = pretrain_job("no-class", nodes=1, gpus=0)
     manifest["spec"]["scheduling"] = {"priorityClassName": priority}
     cluster.apply(manifest, namespace)

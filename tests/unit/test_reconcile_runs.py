@@ -93,18 +93,27 @@ def test_new_run_drops_training_gauges(monkeypatch):
     assert samples == []
 
 
-def test_resume_before_any_job_ends_suspension():
+def pretrain_body(uid: str, **spec) -> dict:
+    """Return a PretrainJob of generation 1 named lm in team-a, with `spec` added."""
+    return {
+        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob",
+        "metadata": {"name": "lm", "namespace": "team-a", "uid": uid, "generation": 1},
+        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
+                 "sequenceLength": 256, **spec},
+    }
+
+
+def fake_reconciler(created: list[str]) -> Reconciler:
+    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
+    return Reconciler(settings, fake_clients(created))
+
+
+def test_resume_before_job_ends_suspension():
     """A stage suspended before its first Job, then resumed, shows Suspended=False in the status
     write that creates the Job, since the Job's first event is not reconciled."""
-    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
     created: list[str] = []
-    reconciler = Reconciler(settings, fake_clients(created))
-    body = {
-        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob",
-        "metadata": {"name": "lm", "namespace": "team-a", "uid": "u-3", "generation": 1},
-        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
-                 "sequenceLength": 256, "suspend": True},
-    }
+    reconciler = fake_reconciler(created)
+    body = pretrain_body("u-3", suspend=True)
     suspended = reconciler.reconcile(body)
     assert created == []
     assert suspended["phase"] == "Suspended"
@@ -120,18 +129,12 @@ def test_resume_before_any_job_ends_suspension():
     assert resumed["phase"] != "Suspended"
 
 
-def test_deleted_running_job_starts_next_attempt():
+def test_deleted_job_starts_next_attempt():
     """A Job deleted while it ran is not created again under its name, whose pods may still be
     terminating: the next attempt starts, and it counts as no failure."""
-    settings = OperatorSettings.from_env({"LATHE_ARTIFACT_ROOT": "file:///artifacts"})
     created: list[str] = []
-    reconciler = Reconciler(settings, fake_clients(created))
-    body = {
-        "apiVersion": "lathe.dev/v1alpha1", "kind": "PretrainJob",
-        "metadata": {"name": "lm", "namespace": "team-a", "uid": "u-4", "generation": 1},
-        "spec": {"corpusRef": {"name": "c"}, "tokenizerRef": {"name": "t"},
-                 "sequenceLength": 256},
-    }
+    reconciler = fake_reconciler(created)
+    body = pretrain_body("u-4")
     first = reconciler.reconcile(body)
     assert created == ["ConfigMap lm-pretrain-r1-0", "Job lm-pretrain-r1-0"]
 

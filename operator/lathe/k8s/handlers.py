@@ -276,8 +276,8 @@ def _condition_changed(old: dict | None, new: dict) -> bool:
     """Return whether a condition's status or reason changed, or, for a Running condition with
     one of MESSAGE_EVENT_REASONS, its message.
 
-    Only Running's messages name a new attempt, Job or cause; a ModelDeployment's Ready
-    message also counts ready replicas, which would post an Event at every change.
+    Only Running's messages name a new attempt, Job or cause. A ModelDeployment's Ready
+    message also counts ready replicas, so comparing it would post an Event at every change.
     """
     if old is None or (old["status"], old["reason"]) != (new["status"], new["reason"]):
         return True
