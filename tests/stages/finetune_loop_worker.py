@@ -2,7 +2,8 @@
 
 The first run trains `--steps` steps from scratch with a checkpoint every 2 steps. The second
 resumes from the checkpoint named by `--resume-from` (the later ones are deleted first), as a
-retried attempt would. Sentences of uneven length make each process pad to another length, so
+retried attempt would. LATHE_FAULT_NAN_STEPS poisons steps in both runs, which `--non-finite`
+then handles. Sentences of uneven length make each process pad to another length, so
 dropout draws differ between processes. tests/stages/test_finetune.py reads the output.
 """
 
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--phase-dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--resume-from", type=int, required=True)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--non-finite", default="fail")
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed.setup("gloo")
@@ -52,7 +55,8 @@ def main() -> None:
         max_steps=args.steps, micro_batch_size=2, accumulation_steps=1, learning_rate=1e-3,
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=0, checkpoint_interval=2,
         keep_checkpoints=10, eval_interval=1000, pad_token_id=0,
-        id2label={0: "O", 1: "B-X", 2: "I-X"},
+        id2label={0: "O", 1: "B-X", 2: "I-X"}, precision=args.precision,
+        non_finite=args.non_finite,
     )
     train = Split(sentences(64), [], [])
     if distributed.is_main():
@@ -64,7 +68,9 @@ def main() -> None:
         losses: dict[int, float] = {}
 
         def report(step: int, message: str, **metrics) -> None:
-            losses[step] = metrics["loss"]
+            # Skipped steps and fp16 overflows report a message without a loss.
+            if "loss" in metrics:
+                losses[step] = metrics["loss"]
 
         result = run_phase("full", new_model(), train, None, settings, args.phase_dir, resume,
                            report)

@@ -244,11 +244,12 @@ def test_resume_continues_from_checkpoint(make_config, base_output):
     assert resumed["f1"] == pytest.approx(first["f1"], abs=1e-6)
 
 
-def test_bf16_finetune_follows_fp32(make_config, base_output, tmp_path):
-    """bf16 autocast trains the LoRA model from the same start as fp32. Evaluation runs in
-    fp32, so the test figures describe the weights that the export serves."""
+def test_reduced_precision_finetune_follows_fp32(make_config, base_output, tmp_path):
+    """bf16 autocast, and fp16 autocast with loss scaling, train the LoRA model from the same
+    start as fp32. Evaluation runs in fp32, so the test figures describe the weights that the
+    export serves."""
     reports, losses = {}, {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "fp16"):
         training = {**resource()["spec"]["training"], "precision": precision}
         config = make_config(resource(compareFromScratch=False, training=training),
                              base_input(base_output), output=tmp_path / precision)
@@ -259,11 +260,31 @@ def test_bf16_finetune_follows_fp32(make_config, base_output, tmp_path):
         records = [json.loads(line) for line in (output / "progress.jsonl").read_text()
                    .splitlines()]
         losses[precision] = [record["loss"] for record in records if "loss" in record]
-    assert reports["bf16"]["trainingPrecision"] == "bf16"
-    assert reports["bf16"]["test"]["f1"] > 0.05
-    # The same weights and batch: the first loss differs only by bf16 rounding.
-    assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=0.01)
-    assert losses["bf16"] != losses["fp32"]
+    for precision in ("bf16", "fp16"):
+        assert reports[precision]["trainingPrecision"] == precision
+        assert reports[precision]["test"]["f1"] > 0.05
+        # The same weights and batch: the first loss differs only by rounding.
+        assert losses[precision][0] == pytest.approx(losses["fp32"][0], rel=0.01)
+        assert losses[precision] != losses["fp32"]
+    # fp16 overflows of the loss scale were skipped without counting as non-finite steps.
+    assert reports["fp16"]["test"]["nonFiniteSteps"] == 0
+    assert len(losses["fp16"]) == resource()["spec"]["training"]["maxSteps"]
+
+
+def test_non_finite_step_skipped_in_stage(make_config, base_output, tmp_path, monkeypatch):
+    """With nonFinite skip, a NaN loss in step 5 costs one batch, not the run: the stage still
+    trains maxSteps updates and reports the skipped step in its metrics and progress."""
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", "5")
+    training = {**resource()["spec"]["training"], "nonFinite": "skip"}
+    config = make_config(resource(compareFromScratch=False, training=training),
+                         base_input(base_output), output=tmp_path)
+    metrics = stage.run(config, resume=False)
+    assert metrics["nonFiniteSteps"] == 1
+    assert metrics["steps"] == training["maxSteps"]
+    records = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text()
+               .splitlines()]
+    assert any("non-finite step 5 (skip)" in record["message"] for record in records)
+    assert records[-2]["nonFiniteSteps"] == 1
 
 
 def test_bf16_without_gpu_support_rejected(make_config, base_output, monkeypatch):
@@ -546,13 +567,15 @@ def test_adapter_loads_on_base_model(finished, base_output):
         assert torch.allclose(weight, merged_weights[name], atol=1e-5), name
 
 
-def run_loop_worker(tmp_path: Path, processes: int, resume_from: int) -> dict:
+def run_loop_worker(tmp_path: Path, processes: int, resume_from: int, *options: str,
+                    fault_steps: str = "") -> dict:
     """Run finetune_loop_worker.py with `processes` gloo processes and return its JSON."""
     worker = Path(__file__).with_name("finetune_loop_worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(processes), str(worker),
-               "--phase-dir", str(tmp_path / "phase"), "--resume-from", str(resume_from)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+               "--phase-dir", str(tmp_path / "phase"), "--resume-from", str(resume_from),
+               *options]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "LATHE_FAULT_NAN_STEPS": fault_steps}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -570,6 +593,28 @@ def test_loop_resume_repeats_losses(tmp_path, processes):
         assert resumed["losses"][step] == uninterrupted["losses"][step], step
     assert resumed["result"]["finalLoss"] == uninterrupted["result"]["finalLoss"]
     assert resumed["result"]["tokensSeen"] == uninterrupted["result"]["tokensSeen"]
+
+
+@pytest.mark.parametrize("options", [
+    ("--precision", "fp16"),
+    ("--non-finite", "skip"),
+    ("--non-finite", "rollback"),
+], ids=" ".join)
+def test_loop_resume_repeats_losses_after_recovery(tmp_path, options):
+    """Two processes train with fp16 loss scaling, or recover from a NaN loss in step 4 by
+    skipping it or rolling back to the checkpoint of step 2, and an attempt resumed from step
+    2 repeats the uninterrupted run's losses exactly: the loss scale and the data position
+    are part of the checkpoint."""
+    fault_steps = "" if "--precision" in options else "4"
+    runs = run_loop_worker(tmp_path, 2, 2, *options, "--steps", "6", fault_steps=fault_steps)
+    uninterrupted, resumed = runs["uninterrupted"], runs["resumed"]
+    assert sorted(uninterrupted["losses"], key=int) == [str(step) for step in range(1, 7)]
+    assert resumed["result"]["resumedFromStep"] == 2
+    for step in ("3", "4", "5", "6"):
+        assert resumed["losses"][step] == uninterrupted["losses"][step], step
+    for key in ("finalLoss", "tokensSeen", "nonFiniteSteps", "scalerSkippedSteps"):
+        assert resumed["result"][key] == uninterrupted["result"][key], key
+    assert uninterrupted["result"]["nonFiniteSteps"] == (1 if fault_steps else 0)
 
 
 def test_loop_resumed_at_end_keeps_figures(tmp_path):

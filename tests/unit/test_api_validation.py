@@ -454,18 +454,16 @@ def test_lora_with_full_method_rejected(lora):
                             "ignore it; remove spec.lora or set method: lora.")
 
 
-def test_finetune_fp16_rejected():
-    """The FineTune loop has no loss scaler, so fp16 gradients could underflow unnoticed."""
-    error = rejection(finetune(training={"precision": "fp16"}))
-    assert error.field == "spec.training.precision"
-    assert error.detail.endswith("spec.training.precision fp16 is PretrainJob only; a FineTune "
-                                 "has no loss scaler, so set bf16 or fp32.")
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_finetune_precision_accepted(precision):
     body = finetune(training={"precision": precision})
     assert loader.parse_resource(body, "resource.yaml").spec.training.precision == precision
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip", "rollback"])
+def test_finetune_non_finite_policy_accepted(policy):
+    body = finetune(training={"nonFinite": policy, "maxNonFiniteSteps": 3})
+    assert loader.parse_resource(body, "resource.yaml").spec.training.non_finite == policy
 
 
 @pytest.mark.parametrize("lora", [None, {}, {"r": 8, "alpha": 16, "dropout": 0.05,

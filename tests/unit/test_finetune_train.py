@@ -51,8 +51,8 @@ def gradients(micro_batch_size: int, accumulation_steps: int) -> tuple[float, di
     optimizer.register_step_pre_hook(lambda *_: capture(None))
     parameters = [p for p in model.parameters() if p.requires_grad]
     batches = [SENTENCES[i:i + micro_batch_size] for i in range(0, 2, micro_batch_size)]
-    loss, _ = train_step(model, optimizer, scheduler, parameters, batches, loop)
-    return loss, captured
+    result = train_step(model, optimizer, scheduler, parameters, batches, loop)
+    return result.loss, captured
 
 
 def test_accumulation_matches_one_batch():
@@ -197,3 +197,96 @@ def test_processes_draw_their_own_dropout(tmp_path):
     torch.manual_seed(7)
     assert torch.equal(first, torch.rand(8))
     assert not torch.equal(first, second)
+
+
+def run_with_faults(tmp_path, monkeypatch, fault_steps: str, **overrides) -> dict:
+    """Run a 6-step phase whose steps in `fault_steps` have a NaN loss."""
+    monkeypatch.setenv("LATHE_FAULT_NAN_STEPS", fault_steps)
+    loop = LoopSettings(**{**settings(1, 1).__dict__, "max_steps": 6, "learning_rate": 1e-3,
+                           "checkpoint_interval": 2, "keep_checkpoints": 5, **overrides})
+    split = train.Split(SENTENCES, [["w"] * 5, ["w"]], [["O"] * 5, ["O"]])
+    messages = []
+    result = train.run_phase("phase", tiny_model(), split, None, loop, tmp_path, False,
+                             lambda step, message, **metrics: messages.append(message))
+    return {"result": result, "messages": messages}
+
+
+def test_skip_moves_on_to_next_batch(tmp_path, monkeypatch):
+    """A skipped step is tried again with the next batch, so maxSteps updates still run, and
+    the checkpoint records the data position past the skipped batch."""
+    run = run_with_faults(tmp_path, monkeypatch, "3,5", non_finite="skip")
+    assert run["result"]["nonFiniteSteps"] == 2
+    assert "phase: non-finite step 3 (skip): the training loss is nan." in run["messages"]
+    saved = checkpoint.load_latest(tmp_path)
+    assert (saved["step"], saved["dataStep"], saved["nonFiniteSteps"]) == (6, 8, 2)
+    assert all(bool(torch.isfinite(v).all()) for v in saved["trainable"].values())
+
+
+def test_rollback_restores_checkpoint(tmp_path, monkeypatch):
+    """A rollback reloads the checkpoint of step 2 and continues with the batch after the
+    offending one; the steps from there are trained again."""
+    run = run_with_faults(tmp_path, monkeypatch, "4", non_finite="rollback")
+    assert ("phase: non-finite step 4 (rollback): the training loss is nan. Rolled back to "
+            "the checkpoint of step 2.") in run["messages"]
+    assert run["messages"].count("phase: step 3/6") == 2
+    saved = checkpoint.load_latest(tmp_path)
+    # Steps 1-3, the failed step 4, then steps 3-6 again: 8 batches.
+    assert (saved["step"], saved["dataStep"], saved["nonFiniteSteps"]) == (6, 8, 1)
+
+
+@pytest.mark.parametrize(("fault_steps", "overrides", "cause"), [
+    ("3", {"non_finite": "fail"}, "policy"),
+    ("2,3", {"non_finite": "skip", "max_non_finite_steps": 1}, "limit"),
+    ("1", {"non_finite": "rollback"}, "no-checkpoint"),
+])
+def test_unrecovered_step_raises(tmp_path, monkeypatch, fault_steps, overrides, cause):
+    with pytest.raises(train.NonFiniteStepError, match="training loss of phase step") as raised:
+        run_with_faults(tmp_path, monkeypatch, fault_steps, **overrides)
+    assert raised.value.cause == cause
+
+
+@pytest.mark.parametrize(("cause", "field", "fix"), [
+    ("limit", "spec.training.maxNonFiniteSteps", "the limit is 10"),
+    ("no-checkpoint", "spec.training.nonFinite", "Lower spec.training.checkpointInterval"),
+])
+def test_unrecovered_step_names_field(monkeypatch, cause, field, fix):
+    from lathe.api.finetune import FineTuneSpec
+    from lathe_trainer.finetune import stage
+    from lathe_trainer.stage import StageError
+
+    spec = FineTuneSpec.model_validate({
+        "baseModel": {"uri": "file:///model"},
+        "data": {"train": "train.tsv", "test": "test.tsv"},
+        "training": {"nonFinite": "rollback"},
+    })
+
+    def diverged(*args):
+        raise train.NonFiniteStepError("training loss of lora step 7", float("nan"), cause)
+
+    monkeypatch.setattr(stage, "run_phase", diverged)
+    with pytest.raises(StageError, match=fix) as raised:
+        stage.train_phase(None, spec, "lora")
+    assert raised.value.field == field
+
+
+def test_fp16_overflow_lowers_scale_without_counting(tmp_path):
+    """In fp16 an infinite gradient is an overflow of the loss scale: the scaler skips the
+    update and halves the scale, and the step is tried again with the next batch rather
+    than counted as non-finite."""
+    model = tiny_model()
+    # The third backward pass, whichever step it belongs to.
+    poison_gradient(model, 3)
+    loop = LoopSettings(**{**settings(1, 1).__dict__, "max_steps": 4, "learning_rate": 1e-3,
+                           "checkpoint_interval": 4, "precision": "fp16"})
+    split = train.Split(SENTENCES, [["w"] * 5, ["w"]], [["O"] * 5, ["O"]])
+    messages = []
+    result = train.run_phase("phase", model, split, None, loop, tmp_path, False,
+                             lambda step, message, **metrics: messages.append(message))
+    # The initial scale, 2**16, overflows on its own as well, before the poisoned backward.
+    overflows = [message for message in messages if "fp16 loss scale overflow" in message]
+    assert len(overflows) >= 1
+    assert result["nonFiniteSteps"] == 0
+    assert result["scalerSkippedSteps"] == len(overflows)
+    saved = checkpoint.load_latest(tmp_path)
+    assert saved["step"] == 4 and saved["dataStep"] == 4 + len(overflows)
+    assert saved["gradScaler"]["scale"] == 2.0 ** (16 - len(overflows))

@@ -141,17 +141,6 @@ class FineTuneSpec(ApiModel):
             check=lambda spec: not spec.training.compile,
             field="training.compile",
         ),
-        # NB: the FineTune loop has no loss scaler, which fp16 needs and bf16 does not.
-        CelRule(
-            rule="!has(self.training) || !has(self.training.precision) || "
-            "self.training.precision != 'fp16'",
-            message="spec.training.precision fp16 is PretrainJob only; a FineTune has no loss "
-            "scaler, so set bf16 or fp32",
-            check=lambda spec: spec.training.precision != "fp16",
-            field="training.precision",
-        ),
-        _only_value("training", "nonFinite", "fail",
-                    "spec.training.nonFinite skip and rollback are PretrainJob only; remove it"),
         # NB: a lora block equal to the defaults passes, because the API server fills it in
         # when a FineTune leaves it out, and so it did for method full before this rule.
         CelRule(

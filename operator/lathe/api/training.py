@@ -78,8 +78,8 @@ class TrainingSpec(ApiModel):
         description="Training precision: `bf16` autocast, or `fp16` autocast with dynamic loss "
         "scaling (all three run on CPUs and GPUs). On CPUs a PretrainJob computes attention in "
         "fp32 where PyTorch's kernel for the reduced type is slower: in `bf16` for sequences "
-        "shorter than 256 tokens, in `fp16` always. A FineTune takes `fp32` or `bf16`, and "
-        "evaluates in fp32.",
+        "shorter than 256 tokens, in `fp16` always. A FineTune evaluates in fp32 whatever "
+        "its training precision.",
     )
     compile: bool = Field(
         default=False,
@@ -105,15 +105,15 @@ class TrainingSpec(ApiModel):
     )
     non_finite: Literal["fail", "skip", "rollback"] = Field(
         default="fail",
-        description="PretrainJob: what a step with a NaN or infinite loss or gradient norm "
-        "does. `fail` stops the run, `skip` drops the step without an optimizer update, "
-        "`rollback` reloads the latest checkpoint and continues with the data after the "
-        "offending batch.",
+        description="What a step with a NaN or infinite loss or gradient norm does. `fail` "
+        "stops the run, `skip` drops the step without an optimizer update, `rollback` "
+        "reloads the latest checkpoint and continues with the data after the offending "
+        "batch. An fp16 overflow that the loss scaler skips is not a non-finite step.",
     )
     max_non_finite_steps: int = Field(
         default=10, ge=0,
-        description="PretrainJob: non-finite steps that `skip` or `rollback` tolerate before "
-        "the run fails.",
+        description="Non-finite steps that `skip` or `rollback` tolerate before the run "
+        "fails.",
     )
     artifact_uri: str | None = Field(
         default=None,

@@ -307,18 +307,36 @@ def progress_callback(reporter, offset: int, phase: str = ""):
 
 
 def train_phase(config: StageConfig, spec: FineTuneSpec, *args) -> dict:
-    """Run `run_phase(*args)`, turning a NaN or infinite step into a permanent StageError.
+    """Run `run_phase(*args)`, turning a NaN or infinite step that the loop did not recover
+    from into a permanent StageError.
 
     The step that raised was not applied, so no checkpoint and no model contains its weights.
     """
+    training = spec.training
     try:
         return run_phase(*args)
     except NonFiniteStepError as error:
+        if error.cause == "limit":
+            raise StageError(
+                config, "spec.training.maxNonFiniteSteps",
+                f"training stopped: {error}, and {training.max_non_finite_steps} earlier steps "
+                f"were already non-finite (the limit is {training.max_non_finite_steps}). Lower "
+                f"learningRate (now {training.learning_rate}) or check the data, then run "
+                "again.",
+            ) from error
+        if error.cause == "no-checkpoint":
+            raise StageError(
+                config, "spec.training.nonFinite",
+                f"training stopped: {error}, and there is no checkpoint to roll back to. Lower "
+                f"spec.training.checkpointInterval (now {training.checkpoint_interval}) so that "
+                "one exists, or set nonFinite to skip.",
+            ) from error
         raise StageError(
             config, "spec.training.learningRate",
             f"training stopped: {error}, so the step was not applied and no weights were "
-            f"saved from it. Lower learningRate (now {spec.training.learning_rate}) or raise "
-            f"warmupSteps (now {spec.training.warmup_steps}), then run again.",
+            f"saved from it. Lower learningRate (now {training.learning_rate}) or raise "
+            f"warmupSteps (now {training.warmup_steps}), then run again; or set "
+            "spec.training.nonFinite to skip or rollback.",
         ) from error
 
 
@@ -479,4 +497,8 @@ def summary_metrics(spec, report: dict) -> dict:
     if "fromScratch" in report:
         metrics["fromScratch"] = {key: report["fromScratch"][key] for key in SCORE_KEYS}
         metrics["f1GainFromPretraining"] = report["f1GainFromPretraining"]
+    # Steps that nonFinite skip or rollback recovered from, over both phases. A phase result
+    # written before the policies has no count.
+    phases = [tuned, report.get("fromScratch") or {}]
+    metrics["nonFiniteSteps"] = sum(phase.get("nonFiniteSteps", 0) for phase in phases)
     return metrics

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from lathe_trainer.finetune import checkpoint, distributed
 from lathe_trainer.finetune.data import IGNORE_INDEX, EncodedSentence, collate, step_indices
 from lathe_trainer.finetune.metrics import entity_scores, predict
-from lathe_trainer.training.precision import autocast
+from lathe_trainer.training import faults, precision
+from lathe_trainer.training.precision import autocast, overflow_skipped
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,12 @@ class LoopSettings:
     eval_interval: int
     pad_token_id: int
     id2label: dict[int, str]
-    # fp32, or bf16 autocast in the training steps. Evaluation runs in fp32, as the exported
-    # model serves.
+    # fp32, or bf16 or fp16 autocast in the training steps (fp16 with dynamic loss scaling).
+    # Evaluation runs in fp32, as the exported model serves.
     precision: str = "fp32"
+    # What a step with a NaN or infinite loss or gradient norm does: fail, skip or rollback.
+    non_finite: str = "fail"
+    max_non_finite_steps: int = 10
 
     @classmethod
     def from_spec(cls, training, pad_token_id: int, id2label: dict[int, str]) -> "LoopSettings":
@@ -74,6 +78,8 @@ class LoopSettings:
             pad_token_id=pad_token_id,
             id2label=id2label,
             precision=training.precision,
+            non_finite=training.non_finite,
+            max_non_finite_steps=training.max_non_finite_steps,
         )
 
 
@@ -121,34 +127,62 @@ def all_reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
 
 
 def local_micro_batches(
-    train: list[EncodedSentence], step: int, settings: LoopSettings
+    train: list[EncodedSentence], data_step: int, settings: LoopSettings
 ) -> list[list[EncodedSentence]]:
-    """Return this process's micro-batches of one optimizer step."""
+    """Return this process's micro-batches of the `data_step`-th global batch.
+
+    The data step is the optimizer step unless steps were skipped or rolled back: each of
+    those moves on to the next batch, as PretrainJob does, rather than retrying the same one.
+    """
     per_process = settings.micro_batch_size * settings.accumulation_steps
     world = distributed.world_size()
-    indices = step_indices(len(train), step, per_process * world, settings.seed)
+    indices = step_indices(len(train), data_step, per_process * world, settings.seed)
     mine = indices[distributed.rank() * per_process:(distributed.rank() + 1) * per_process]
     size = settings.micro_batch_size
     return [[train[i] for i in mine[start:start + size]] for start in range(0, len(mine), size)]
 
 
 class NonFiniteStepError(RuntimeError):
-    """The loss or the gradient norm of a step was NaN or infinite, so the step was not applied."""
+    """The loss or the gradient norm of a step was NaN or infinite, so the step was not applied.
 
-    def __init__(self, quantity: str, value: float):
+    `cause` says why the loop stopped instead of applying spec.training.nonFinite: `policy`
+    (nonFinite is fail), `limit` (maxNonFiniteSteps reached) or `no-checkpoint` (rollback
+    before the first checkpoint).
+    """
+
+    def __init__(self, quantity: str, value: float, cause: str = "policy"):
         super().__init__(f"the {quantity} is {value}")
         self.quantity = quantity
         self.value = value
+        self.cause = cause
 
 
-def train_step(model, optimizer, scheduler, parameters, batches, settings) -> tuple[float, int]:
-    """Run one optimizer step; return the global mean loss per labelled token and the tokens.
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: the global mean loss per labelled token, the input tokens, and the
+    gradient norm before clipping."""
+
+    loss: float
+    tokens: int
+    grad_norm: float
+    # True when fp16 loss scaling found inf or NaN gradients and skipped the update; the scaler
+    # then lowers its scale. This is loss scaling at work, not a diverged model.
+    scaler_skipped: bool = False
+
+
+def train_step(model, optimizer, scheduler, parameters, batches, settings,
+               scaler: torch.amp.GradScaler | None = None, poison: bool = False) -> StepResult:
+    """Run one optimizer step.
 
     Raises NonFiniteStepError before the optimizer changes any weight if the loss or the
     gradient norm is NaN or infinite. Both are the same on every process after the all-reduce,
-    so all processes raise together.
+    so all processes raise together. With an enabled fp16 `scaler`, a non-finite gradient norm
+    is an overflow of the loss scale instead (training.precision.overflow_skipped): the update
+    and the scheduler step are skipped and the result has `scaler_skipped` set. `poison`
+    multiplies the loss by NaN (training.faults).
     """
     device = parameters[0].device
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     inputs = [
         {key: value.to(device) for key, value in collate(batch, settings.pad_token_id).items()}
         for batch in batches
@@ -171,46 +205,77 @@ def train_step(model, optimizer, scheduler, parameters, batches, settings) -> tu
             logits.reshape(-1, logits.size(-1)).float(), item["labels"].reshape(-1),
             ignore_index=IGNORE_INDEX, reduction="sum",
         )
-        (loss / max(labelled, 1.0)).backward()
+        if poison:
+            loss = loss * float("nan")
+        scaler.scale(loss / max(labelled, 1.0)).backward()
         loss_sum += loss.detach()
     mean_loss = distributed.all_reduce_sum(loss_sum).item() / max(labelled, 1.0)
     if not math.isfinite(mean_loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStepError("training loss", mean_loss)
     all_reduce_gradients(parameters)
+    # The summed gradients are unscaled before clipping, so maxGradNorm applies to the true
+    # gradients, and every process finds the same overflow.
+    scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm))
+    scaler_skipped = False
     if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteStepError("gradient norm", grad_norm)
-    optimizer.step()
-    scheduler.step()
+        scaler_skipped = overflow_skipped(scaler)
+        if not scaler_skipped:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteStepError("gradient norm", grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    if not scaler_skipped:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, int(tokens)
+    return StepResult(mean_loss, int(tokens), grad_norm, scaler_skipped)
 
 
 @dataclass
-class Resumed:
-    """The state a phase continues from: the step, the last loss and the tokens trained on."""
+class PhaseState:
+    """The counters a phase checkpoint carries besides the tensors."""
 
     step: int = 0
+    # Global batches consumed: the steps, plus the steps skipped and the batches left behind
+    # by a rollback (see local_micro_batches).
+    data_step: int = 0
     loss: float = float("nan")
     tokens: int = 0
+    # Steps skipped or rolled back because of a NaN or infinite loss or gradient norm.
+    non_finite_steps: int = 0
+    # fp16 steps whose update the loss scaler skipped after the scaled gradients overflowed.
+    scaler_skipped_steps: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> PhaseState:
+        # Checkpoints written before the nonFinite policies lack the newer counters.
+        step = int(state["step"])
+        return cls(step, int(state.get("dataStep", step)), float(state.get("loss", float("nan"))),
+                   int(state.get("tokens", 0)), int(state.get("nonFiniteSteps", 0)),
+                   int(state.get("scalerSkippedSteps", 0)))
 
 
-def resume_or_sync(model, optimizer, scheduler, phase_dir: Path, resume: bool) -> Resumed:
+def resume_or_sync(model, optimizer, scheduler, scaler: torch.amp.GradScaler, phase_dir: Path,
+                   resume: bool) -> PhaseState:
     """Load the latest checkpoint if resuming, else give every process rank 0's weights."""
     state = checkpoint.load_agreed(phase_dir) if resume else None
     if state is None:
         distributed.broadcast_parameters(list(model.parameters()))
-        return Resumed()
+        return PhaseState()
+    _restore_training_state(model, optimizer, scheduler, scaler, state)
+    _restore_rng(state["rng"])
+    return PhaseState.from_checkpoint(state)
+
+
+def _restore_training_state(model, optimizer, scheduler, scaler, state: dict) -> None:
     checkpoint.restore_trainable(model, state["trainable"])
     # The checkpoint's tensors are on the CPU; load_state_dict moves the optimizer state to
     # the device of each parameter.
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(state["rng"])
-    return Resumed(int(state["step"]), float(state.get("loss", float("nan"))),
-                   int(state.get("tokens", 0)))
+    if scaler.is_enabled() and state.get("gradScaler"):
+        scaler.load_state_dict(state["gradScaler"])
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -272,64 +337,125 @@ def run_phase(
 ) -> dict:
     """Train one phase to `max_steps`, checkpointing on the way; return its training figures.
 
-    `report(step, message, **metrics)` is called on rank 0 after every step.
+    `report(step, message, **metrics)` is called on rank 0 after every step. A step with a NaN
+    or infinite loss or gradient norm is handled as `settings.non_finite` says, and either
+    kind of failed step moves on to the next batch. Neither a skipped step nor an fp16 overflow
+    counts towards `max_steps`, so the step count stays the number of optimizer updates.
     """
     torch.manual_seed(settings.seed)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(model, settings)
-    resumed = resume_or_sync(model, optimizer, scheduler, phase_dir, resume)
-    if resumed.step == 0:
+    scaler = precision.grad_scaler(parameters[0].device, settings.precision)
+    state = resume_or_sync(model, optimizer, scheduler, scaler, phase_dir, resume)
+    if state.step == 0:
         seed_process(settings.seed)
-    start, loss, tokens_total = resumed.step, resumed.loss, resumed.tokens
+    start = state.step
+    fault_steps = set(faults.fault_nan_steps())
     tokens_this_attempt, started = 0, time.monotonic()
     # Time in training steps only, so that saves and evaluations do not lower the token rate.
     step_seconds = 0.0
-    for step in range(start, settings.max_steps):
+    while state.step < settings.max_steps:
+        step = state.step + 1
         step_started = time.monotonic()
-        batches = local_micro_batches(train.encoded, step, settings)
+        batches = local_micro_batches(train.encoded, state.data_step, settings)
+        poison = step in fault_steps
+        fault_steps.discard(step)
+        state.data_step += 1
         try:
-            loss, tokens = train_step(model, optimizer, scheduler, parameters, batches, settings)
+            result = train_step(model, optimizer, scheduler, parameters, batches, settings,
+                                scaler, poison)
         except NonFiniteStepError as error:
-            raise NonFiniteStepError(f"{error.quantity} of {name} step {step + 1}",
-                                     error.value) from error
+            message = recover(error, name, step, model, optimizer, scheduler, scaler,
+                              phase_dir, state, settings)
+            if distributed.is_main():
+                report(state.step, message, nonFiniteSteps=state.non_finite_steps)
+            continue
         step_seconds += time.monotonic() - step_started
-        tokens_total += tokens
-        tokens_this_attempt += tokens
-        done = step + 1
+        if result.scaler_skipped:
+            state.scaler_skipped_steps += 1
+            message = (f"{name}: fp16 loss scale overflow in step {step}: the optimizer skipped "
+                       f"the update and the loss scale fell to {scaler.get_scale():g}.")
+            log.info(message)
+            if distributed.is_main():
+                report(state.step, message)
+            continue
+        state.step, state.loss = step, result.loss
+        state.tokens += result.tokens
+        tokens_this_attempt += result.tokens
         if distributed.is_main():
-            report(done, f"{name}: step {done}/{settings.max_steps}", loss=round(loss, 4),
-                   tokensPerSecond=round(tokens_this_attempt / max(step_seconds, 1e-9), 1))
-        if done % settings.checkpoint_interval == 0 or done == settings.max_steps:
-            save_checkpoint(model, optimizer, scheduler, phase_dir, done, settings,
-                            loss=loss, tokens=tokens_total)
-        if validation and done % settings.eval_interval == 0 and done < settings.max_steps:
+            report(step, f"{name}: step {step}/{settings.max_steps}", loss=round(result.loss, 4),
+                   tokensPerSecond=round(tokens_this_attempt / max(step_seconds, 1e-9), 1),
+                   nonFiniteSteps=state.non_finite_steps)
+        if step % settings.checkpoint_interval == 0 or step == settings.max_steps:
+            save_checkpoint(model, optimizer, scheduler, scaler, phase_dir, state, settings)
+        if validation and step % settings.eval_interval == 0 and step < settings.max_steps:
             scores, _ = evaluate(model, validation, settings)
-            log.info("%s: validation F1 %.4f after step %d.", name, scores["f1"], done)
+            log.info("%s: validation F1 %.4f after step %d.", name, scores["f1"], step)
     return {
         "steps": settings.max_steps,
         "resumedFromStep": start,
         # None when no step ran and the checkpoint predates stored losses: JSON has no NaN.
-        "finalLoss": loss if math.isfinite(loss) else None,
+        "finalLoss": state.loss if math.isfinite(state.loss) else None,
         "trainSeconds": round(time.monotonic() - started, 3),
-        "tokensSeen": tokens_total,
+        "tokensSeen": state.tokens,
+        "nonFiniteSteps": state.non_finite_steps,
+        "scalerSkippedSteps": state.scaler_skipped_steps,
     }
 
 
-def save_checkpoint(model, optimizer, scheduler, phase_dir, step, settings, *, loss: float,
-                    tokens: int) -> None:
-    """Save the phase's state at `step`. Collective call: rank 0 writes the RNG states of all."""
+def recover(error: NonFiniteStepError, name: str, step: int, model, optimizer, scheduler,
+            scaler, phase_dir: Path, state: PhaseState, settings: LoopSettings) -> str:
+    """Apply `settings.non_finite` to a step that raised; return the progress message.
+
+    Raises NonFiniteStepError, naming the phase and the step, when the policy is fail, when
+    max_non_finite_steps earlier steps were already non-finite, or when a rollback finds no
+    checkpoint. A rollback keeps the data position past the offending batch, so the batches
+    between the checkpoint and the failed step are skipped rather than replayed into the
+    same divergence, as in a PretrainJob.
+    """
+    quantity = f"{error.quantity} of {name} step {step}"
+    if settings.non_finite == "fail":
+        raise NonFiniteStepError(quantity, error.value) from error
+    if state.non_finite_steps >= settings.max_non_finite_steps:
+        raise NonFiniteStepError(quantity, error.value, cause="limit") from error
+    state.non_finite_steps += 1
+    if settings.non_finite == "skip":
+        log.warning("%s: skipped step %d: %s. The optimizer did not update the weights (%d "
+                    "non-finite steps so far).", name, step, error, state.non_finite_steps)
+        return f"{name}: non-finite step {step} (skip): {error}."
+    saved = checkpoint.load_agreed(phase_dir)
+    if saved is None:
+        raise NonFiniteStepError(quantity, error.value, cause="no-checkpoint") from error
+    _restore_training_state(model, optimizer, scheduler, scaler, saved)
+    restored = PhaseState.from_checkpoint(saved)
+    state.step, state.loss, state.tokens = restored.step, restored.loss, restored.tokens
+    log.warning("%s: rolled back to the checkpoint of step %d after %s; training continues "
+                "with the data after the offending batch (%d non-finite steps so far).", name,
+                restored.step, error, state.non_finite_steps)
+    return (f"{name}: non-finite step {step} (rollback): {error}. Rolled back to the "
+            f"checkpoint of step {restored.step}.")
+
+
+def save_checkpoint(model, optimizer, scheduler, scaler: torch.amp.GradScaler, phase_dir: Path,
+                    state: PhaseState, settings: LoopSettings) -> None:
+    """Save the phase's state. Collective call: rank 0 writes the RNG states of all."""
     rng_states = distributed.all_gather_object(rng_state())
     if distributed.is_main():
-        state = {
-            "step": step,
+        saved = {
+            "step": state.step,
+            "dataStep": state.data_step,
             "trainable": checkpoint.trainable_state(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_states,
-            "loss": loss,
-            "tokens": tokens,
+            "loss": state.loss,
+            "tokens": state.tokens,
+            "nonFiniteSteps": state.non_finite_steps,
+            "scalerSkippedSteps": state.scaler_skipped_steps,
+            # An fp16 run's loss scale, so that a resume does not start the search over.
+            "gradScaler": scaler.state_dict() if scaler.is_enabled() else None,
         }
-        checkpoint.save(phase_dir, step, state, settings.keep_checkpoints)
+        checkpoint.save(phase_dir, state.step, saved, settings.keep_checkpoints)
     # Other processes wait, so none races ahead and reads a half-written checkpoint on resume.
     distributed.barrier()

@@ -10,7 +10,6 @@ Precision, loss scaling and the parallel wrappers live in lathe_trainer.training
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +24,7 @@ from lathe_trainer.training.loss import (
     gradient_scale,
     token_loss_sum,
 )
-from lathe_trainer.training.precision import autocast
+from lathe_trainer.training.precision import autocast, overflow_skipped
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,24 +90,6 @@ class StepResult:
     scaler_skipped: bool = False
 
 
-# The fp16 loss scale at which an inf or NaN gradient counts as a non-finite step rather than
-# an overflow. Gradients still inf or NaN at scale 1 come from the model or the data, and
-# halving the scale on would skip every step while the scale falls to 0. DeepSpeed stops a run
-# in this case too ("Current loss scale already at minimum"), at its min_loss_scale setting.
-MIN_LOSS_SCALE = 1.0
-
-
-# NB: a fault-injection hook for tests: a comma-separated list of optimizer steps whose loss
-# is multiplied by NaN, so that the nonFinite policies can be tested on a healthy model.
-FAULT_NAN_STEPS_ENV = "LATHE_FAULT_NAN_STEPS"
-
-
-def fault_nan_steps() -> frozenset[int]:
-    """Return the steps that LATHE_FAULT_NAN_STEPS poisons (empty when unset)."""
-    value = os.environ.get(FAULT_NAN_STEPS_ENV, "")
-    return frozenset(int(item) for item in value.split(",") if item.strip())
-
-
 def train_step(
     context: DistributedContext,
     model: torch.nn.Module,
@@ -133,7 +114,8 @@ def train_step(
     skips the step continues with the next data. With an enabled fp16 `scaler`, a non-finite
     gradient norm is an overflow of the loss scale instead: the scaler skips the update, the
     scheduler does not step, and the result has `scaler_skipped` set, unless the scale is
-    already at MIN_LOSS_SCALE, where the step raises NonFiniteLossError as without a scaler.
+    already at the minimum (training.precision.overflow_skipped), where the step raises
+    NonFiniteLossError as without a scaler.
     `poison` multiplies the loss by NaN (the fault-injection hook). `loss_function` computes
     the token loss sum (training.loss.loss_function gives the compiled one).
     """
@@ -171,11 +153,7 @@ def train_step(
     learning_rate = scheduler.get_last_lr()[0]
     scaler_skipped = False
     if not math.isfinite(grad_norm):
-        if scaler.is_enabled() and scaler.get_scale() <= MIN_LOSS_SCALE:
-            # Keeps the scale and clears the scaler's record of this step's unscale_.
-            scaler.update(new_scale=scaler.get_scale())
-        elif scaler.is_enabled():
-            scaler_skipped = True
+        scaler_skipped = overflow_skipped(scaler)
         if not scaler_skipped:
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError("gradient norm", grad_norm, step)

@@ -42,7 +42,6 @@ from lathe_trainer.pretrain.loop import (
     StepResult,
     TrainState,
     evaluate,
-    fault_nan_steps,
     optimizer_groups,
     train_step,
 )
@@ -66,6 +65,7 @@ from lathe_trainer.training import (
     attention,
     checkpoint,
     distributed,
+    faults,
     flops,
     parallel,
     precision,
@@ -490,7 +490,7 @@ class _Trainer:
         self.scaler = precision.grad_scaler(context.device, self.training.precision)
         if state.grad_scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.grad_scaler)
-        self.fault_steps = set(fault_nan_steps())
+        self.fault_steps = set(faults.fault_nan_steps())
         self.loss_function = loss_function(self.training.compile)
         self.flops_estimate = flops_estimate
         self.telemetry = Telemetry(

@@ -37,3 +37,27 @@ def check_supported(device: torch.device, precision: str) -> str | None:
         name = torch.cuda.get_device_name(device)
         return f"the GPU {name!r} has no bf16 support"
     return None
+
+
+# The fp16 loss scale at which an inf or NaN gradient counts as a non-finite step rather than
+# an overflow. Gradients still inf or NaN at scale 1 come from the model or the data, and
+# halving the scale on would skip every step while the scale falls to 0. DeepSpeed stops a run
+# in this case too ("Current loss scale already at minimum"), at its min_loss_scale setting.
+MIN_LOSS_SCALE = 1.0
+
+
+def overflow_skipped(scaler: torch.amp.GradScaler) -> bool:
+    """Return whether a step whose unscaled gradient norm is not finite is an fp16 overflow.
+
+    True: the loss scale was too high, and `scaler.step` skips the update and `scaler.update`
+    lowers the scale, so the caller goes on with both as usual. False: the gradients are
+    inf or NaN without loss scaling, or at MIN_LOSS_SCALE, so the step is non-finite and the
+    caller applies its nonFinite policy; the scale is kept.
+    """
+    if not scaler.is_enabled():
+        return False
+    if scaler.get_scale() > MIN_LOSS_SCALE:
+        return True
+    # Keeps the scale and clears the scaler's record of this step's unscale_.
+    scaler.update(new_scale=scaler.get_scale())
+    return False
