@@ -603,7 +603,8 @@ def test_autoscaler_follows_operator(cluster, namespace, lathe_operator):
 def test_autoscaling_keeps_live_replicas(cluster, namespace):
     """Turning autoscaling on keeps the Triton Deployment's replica count, which an apply
     without spec.replicas would reset to 1 before the HPA exists. Turning it off applies
-    spec.serving.replicas again."""
+    spec.serving.replicas again, and a Deployment created with autoscaling on starts at
+    minReplicas."""
     from kubernetes import config
 
     import loopback_only
@@ -636,13 +637,16 @@ def test_autoscaling_keeps_live_replicas(cluster, namespace):
     def replicas() -> int:
         return cluster.get_json("deployment", triton, "-n", namespace)["spec"]["replicas"]
 
-    def operator_applies_replicas() -> bool:
+    def applies_replicas(manager: str) -> bool:
         entries = cluster.get_json("deployment", triton, "-n", namespace,
                                    "--show-managed-fields")["metadata"]["managedFields"]
-        return any(entry["manager"] == reconcile.FIELD_MANAGER
+        return any(entry["manager"] == manager
                    and entry["operation"] == "Apply"
                    and "f:replicas" in entry.get("fieldsV1", {}).get("f:spec", {})
                    for entry in entries)
+
+    def operator_applies_replicas() -> bool:
+        return applies_replicas(reconcile.FIELD_MANAGER)
 
     serve({"enabled": False})
     assert replicas() == 4
@@ -664,6 +668,15 @@ def test_autoscaling_keeps_live_replicas(cluster, namespace):
     assert operator_applies_replicas()
     hpas = cluster.get_json("hpa", "-n", namespace)["items"]
     assert hpas == []
+
+    # A Deployment created with autoscaling on starts at minReplicas, not at 1. The HPA
+    # controller scales a new HPA's target at once, so the replicas alone do not show who set
+    # them: the operator sets them before it creates the HPA.
+    cluster.kubectl("delete", "deployment", triton, "-n", namespace, "--wait=true")
+    serve({"enabled": True, "minReplicas": 3, "maxReplicas": 8})
+    assert replicas() == 3
+    assert applies_replicas(reconcile.HANDOVER_FIELD_MANAGER)
+    assert not operator_applies_replicas()
 
 
 def test_pod_monitor_with_real_crd(cluster, namespace, lathe_operator, pod_monitor_crd,

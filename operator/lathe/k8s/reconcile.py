@@ -619,13 +619,18 @@ class Reconciler:
         serving = plans.serving(resource, new["artifact"]["uri"], new["artifact"]["digest"])
         owner = _owner(body)
         namespace = resource.metadata.namespace
-        if resource.spec.autoscaling.enabled:
-            self._hand_over_replicas(namespace, builders.triton_name(serving))
+        autoscaling = resource.spec.autoscaling
+        existed = True
+        if autoscaling.enabled:
+            existed = self._hand_over_replicas(namespace, builders.triton_name(serving))
         self._apply(namespace, builders.triton_deployment(
             serving, owner, self.store, image=serving.image or self.settings.triton_image,
             sync_image=self.settings.sync_image,
-            autoscaled=resource.spec.autoscaling.enabled, s3_secret=self.settings.s3_secret,
+            autoscaled=autoscaling.enabled, s3_secret=self.settings.s3_secret,
         ))
+        if not existed and autoscaling.min_replicas > 1:
+            self._start_at_min_replicas(namespace, builders.triton_name(serving),
+                                        autoscaling.min_replicas)
         self._apply(namespace, builders.triton_service(serving, owner))
         if resource.spec.autoscaling.enabled:
             self._apply(namespace, builders.horizontal_pod_autoscaler(
@@ -782,7 +787,7 @@ class Reconciler:
             group, version, namespace, plural, name, obj, **options
         )
 
-    def _hand_over_replicas(self, namespace: str, name: str) -> None:
+    def _hand_over_replicas(self, namespace: str, name: str) -> bool:
         """Keep a Deployment's live spec.replicas when the operator's next apply leaves them out.
 
         With server-side apply, an apply that leaves out a field that only its field manager
@@ -791,24 +796,46 @@ class Reconciler:
         describes under "Server-Side Apply: transferring ownership", the live value is first
         applied under HANDOVER_FIELD_MANAGER. The apply without replicas then only drops the
         operator's share of the field, and the HPA's first scale takes the field over.
+
+        Returns whether the Deployment exists.
         """
         try:
             live = self.api.apps.read_namespaced_deployment(name, namespace)
         except ApiException as error:
             if error.status == 404:
-                return  # a new Deployment starts at 1 replica, which the HPA scales from
+                return False
             raise
-        if not _applies_replicas(live.metadata.managed_fields):
-            return
-        replicas = live.spec.replicas
+        if _applies_replicas(live.metadata.managed_fields) and self._apply_replicas(
+            namespace, name, live.spec.replicas
+        ):
+            log.info("Handed spec.replicas (%d) of Deployment %s/%s over to field manager %s, "
+                     "so that they stay until the HorizontalPodAutoscaler scales it.",
+                     live.spec.replicas, namespace, name, HANDOVER_FIELD_MANAGER)
+        return True
+
+    def _start_at_min_replicas(self, namespace: str, name: str, replicas: int) -> None:
+        """Scale a Triton Deployment just created without spec.replicas to the autoscaler's
+        minimum, under HANDOVER_FIELD_MANAGER.
+
+        At the default of 1, its first pod would start alone, and the others only once the
+        HorizontalPodAutoscaler, created after it, raises it to minReplicas.
+        """
+        if self._apply_replicas(namespace, name, replicas):
+            log.info("Started Deployment %s/%s at the autoscaler's minimum of %d replicas.",
+                     namespace, name, replicas)
+
+    def _apply_replicas(self, namespace: str, name: str, replicas: int) -> bool:
+        """Apply spec.replicas alone under HANDOVER_FIELD_MANAGER; return False on a conflict.
+
+        Without force: a conflict means that another client, such as the HPA, changed the
+        replicas since the caller read or created the Deployment, and its value stays.
+        """
         handover = {
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"replicas": replicas},
         }
         try:
-            # Without force: a conflict means that another client changed the replicas since
-            # the read, so the operator no longer is their only owner.
             self.api.apps.patch_namespaced_deployment(
                 name, namespace, handover, field_manager=HANDOVER_FIELD_MANAGER,
                 _content_type="application/apply-patch+yaml",
@@ -816,12 +843,10 @@ class Reconciler:
         except ApiException as error:
             if error.status != 409:
                 raise
-            log.info("Skipped the handover of spec.replicas of Deployment %s/%s, because "
-                     "another client changed them: %s", namespace, name, api_message(error))
-            return
-        log.info("Handed spec.replicas (%d) of Deployment %s/%s over to field manager %s, so "
-                 "that they stay until the HorizontalPodAutoscaler scales it.", replicas,
-                 namespace, name, HANDOVER_FIELD_MANAGER)
+            log.info("Left spec.replicas of Deployment %s/%s as they are, because another "
+                     "client changed them: %s", namespace, name, api_message(error))
+            return False
+        return True
 
     def _replace_edited_lists(self, namespace: str, obj: dict, patch, error: ApiException) -> None:
         """Replace the lists of `obj`'s spec that a hand edit made impossible to apply.
