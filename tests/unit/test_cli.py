@@ -316,6 +316,34 @@ def test_serve_interrupt_during_serving_message(tmp_path, monkeypatch):
     assert "Stopping Triton." in output.getvalue()
 
 
+def test_serve_closed_output_not_status_zero(tmp_path, monkeypatch):
+    """A standard output closed while --serve prints "Serving until interrupted" (`lathe run
+    --serve | head`) stops every server and leaves serve_all as the broken pipe, so that lathe
+    exits with 141 rather than the status 0 of a Ctrl-C."""
+    import signal
+
+    from lathe.local import serving
+
+    events = _fake_servers(tmp_path, monkeypatch)
+    monkeypatch.setattr(serving.time, "sleep",
+                        lambda _seconds: pytest.fail("serving went on after the closed output"))
+
+    class ClosedConsole(Console):
+        def print(self, *args, **kwargs) -> None:
+            if args and str(args[0]).startswith("Serving until interrupted"):
+                events.append("closed")
+                raise KeyboardInterrupt(signal.Signals.SIGPIPE.name)
+            super().print(*args, **kwargs)
+
+    output = io.StringIO()
+    with pytest.raises(KeyboardInterrupt, match="SIGPIPE"):
+        serving.serve_all(_two_deployments(tmp_path), "x",
+                          ClosedConsole(file=output, width=200), keep_serving=True)
+
+    assert events == ["start 8000", "start 8100", "closed", "stop 8100", "stop 8000"]
+    assert "Stopping Triton." not in output.getvalue()
+
+
 def test_serve_reports_crashed_deployment(tmp_path, monkeypatch):
     """When one of several served deployments' tritonserver exits, --serve fails with that
     deployment's error, records it in its status, and stops the other servers."""

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import shlex
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,7 +189,11 @@ def _serve_until_interrupted(
                 if server.process.poll() is not None:
                     _raise_stopped(result, server)
             time.sleep(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        # A closed standard output (lathe.cli.OutputConsole) is no request to stop serving
+        # from the user, so lathe exits with 141 for it, not with the status 0 promised here.
+        if interrupt.args == (signal.Signals.SIGPIPE.name,):
+            raise
         console.print("Stopping Triton.")
 
 
