@@ -123,7 +123,6 @@ INVALID = [
     ("ModelDeployment", {"export": {}}, "spec.export.heldOutData: Required value"),
     ("FineTune", {"distributed": {"strategy": "fsdp"}},
      "spec.distributed.strategy fsdp is PretrainJob only"),
-    ("FineTune", {"training": {"compile": True}}, "spec.training.compile is PretrainJob only"),
     ("FineTune", {"training": {"artifactUri": "s3://b/x"}},
      "spec.training.artifactUri is PretrainJob only"),
     ("FineTune", {"baseModel": {"pretrainJobRef": {"name": ""}}},

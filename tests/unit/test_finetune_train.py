@@ -290,3 +290,24 @@ def test_fp16_overflow_lowers_scale_without_counting(tmp_path):
     saved = checkpoint.load_latest(tmp_path)
     assert saved["step"] == 4 and saved["dataStep"] == 4 + len(overflows)
     assert saved["gradScaler"]["scale"] == 2.0 ** (16 - len(overflows))
+
+
+def test_compiled_phase_follows_eager(tmp_path):
+    """With compile, the training steps run through torch.compile and reach the eager losses,
+    and the checkpoint keeps the model's own parameter names."""
+    from torch._dynamo.utils import counters
+
+    split = train.Split(SENTENCES, [["w"] * 5, ["w"]], [["O"] * 5, ["O"]])
+    losses = {}
+    counters.clear()
+    for compiled in (False, True):
+        loop = LoopSettings(**{**settings(1, 1).__dict__, "max_steps": 3, "learning_rate": 1e-3,
+                               "checkpoint_interval": 3, "compile": compiled})
+        recorded = []
+        train.run_phase("phase", tiny_model(), split, None, loop, tmp_path / str(compiled),
+                        False, lambda step, message, **metrics: recorded.append(metrics["loss"]))
+        losses[compiled] = recorded
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    saved = checkpoint.load_latest(tmp_path / "True")
+    assert set(saved["trainable"]) == {name for name, _ in tiny_model().named_parameters()}

@@ -135,12 +135,6 @@ class FineTuneSpec(ApiModel):
         _only_value("distributed", "strategy", "ddp",
                     "spec.distributed.strategy fsdp is PretrainJob only; a FineTune runs data "
                     "parallel, so remove it or set ddp"),
-        CelRule(
-            rule="!has(self.training) || !has(self.training.compile) || !self.training.compile",
-            message="spec.training.compile is PretrainJob only; remove it",
-            check=lambda spec: not spec.training.compile,
-            field="training.compile",
-        ),
         # NB: a lora block equal to the defaults passes, because the API server fills it in
         # when a FineTune leaves it out, and so it did for method full before this rule.
         CelRule(

@@ -83,8 +83,9 @@ class TrainingSpec(ApiModel):
     )
     compile: bool = Field(
         default=False,
-        description="PretrainJob: compile the model and its loss with torch.compile (Inductor) "
-        "before training, which speeds up steps after a one-off compilation.",
+        description="Compile the training steps with torch.compile (Inductor), which speeds "
+        "them up after a one-off compilation: a PretrainJob's model and loss, a FineTune's "
+        "model (evaluation runs uncompiled).",
     )
     gradient_checkpointing: bool = Field(
         default=False,

@@ -60,6 +60,8 @@ class LoopSettings:
     # What a step with a NaN or infinite loss or gradient norm does: fail, skip or rollback.
     non_finite: str = "fail"
     max_non_finite_steps: int = 10
+    # torch.compile the training forward and backward; evaluation runs the eager model.
+    compile: bool = False
 
     @classmethod
     def from_spec(cls, training, pad_token_id: int, id2label: dict[int, str]) -> "LoopSettings":
@@ -80,6 +82,7 @@ class LoopSettings:
             precision=training.precision,
             non_finite=training.non_finite,
             max_non_finite_steps=training.max_non_finite_steps,
+            compile=training.compile,
         )
 
 
@@ -351,6 +354,10 @@ def run_phase(
     if state.step == 0:
         seed_process(settings.seed)
     start = state.step
+    # The compiled wrapper shares the model's parameters. Evaluation, checkpoints and rollback
+    # use the model itself, so that predictions over sentences of every length do not
+    # compile graphs of their own and state-dict keys stay without the `_orig_mod.` prefix.
+    train_model = torch.compile(model) if settings.compile else model
     fault_steps = set(faults.fault_nan_steps())
     tokens_this_attempt, started = 0, time.monotonic()
     # Time in training steps only, so that saves and evaluations do not lower the token rate.
@@ -363,8 +370,8 @@ def run_phase(
         fault_steps.discard(step)
         state.data_step += 1
         try:
-            result = train_step(model, optimizer, scheduler, parameters, batches, settings,
-                                scaler, poison)
+            result = train_step(train_model, optimizer, scheduler, parameters, batches,
+                                settings, scaler, poison)
         except NonFiniteStepError as error:
             message = recover(error, name, step, model, optimizer, scheduler, scaler,
                               phase_dir, state, settings)
