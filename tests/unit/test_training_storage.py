@@ -39,13 +39,19 @@ def save(root, step, keep=2, model=None):
                            keep)
 
 
-def test_store_round_trip(root):
+def test_store_round_trip(root, tmp_path, monkeypatch):
+    """A stored checkpoint loads through a local download that is removed afterwards, and its
+    memory-mapped tensors stay readable."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     path = save(root, 3, model=model)
     loaded = checkpoint.load(path)
     assert path == f"{root}/step-00000003"
     assert loaded.state["note"] == 3
+    assert list(tmp_path.glob("lathe-checkpoint-*")) == []
     assert torch.equal(loaded.model["weight"], model.weight)
 
 
