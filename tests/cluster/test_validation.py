@@ -121,8 +121,6 @@ INVALID = [
      "spec.export.checkSequenceLengths[0]"),
     ("ModelDeployment", {"export": None}, "spec.export: Required value"),
     ("ModelDeployment", {"export": {}}, "spec.export.heldOutData: Required value"),
-    ("FineTune", {"distributed": {"strategy": "fsdp"}},
-     "spec.distributed.strategy fsdp is PretrainJob only"),
     ("FineTune", {"training": {"artifactUri": "s3://b/x"}},
      "spec.training.artifactUri is PretrainJob only"),
     ("FineTune", {"baseModel": {"pretrainJobRef": {"name": ""}}},

@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--resume-from", type=int, required=True)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--non-finite", default="fail")
+    parser.add_argument("--strategy", default="ddp")
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed.setup("gloo")
@@ -56,7 +57,7 @@ def main() -> None:
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=0, checkpoint_interval=2,
         keep_checkpoints=10, eval_interval=1000, pad_token_id=0,
         id2label={0: "O", 1: "B-X", 2: "I-X"}, precision=args.precision,
-        non_finite=args.non_finite,
+        non_finite=args.non_finite, strategy=args.strategy,
     )
     train = Split(sentences(64), [], [])
     if distributed.is_main():

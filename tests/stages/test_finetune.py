@@ -509,16 +509,17 @@ def test_misspelt_lora_target_rejected(make_config, base_output):
         stage.run(config, resume=False)
 
 
-def test_two_processes_under_torchrun(make_config, base_output, tmp_path):
-    """procsPerNode 2: two gloo processes train together and rank 0 writes the outputs."""
+def run_two_processes(make_config, base_output, tmp_path: Path, strategy: str) -> Path:
+    """Run a small FineTune, with its from-scratch phase, under torchrun with 2 gloo processes
+    and `strategy`; return its output directory."""
     spec = resource(
-        compareFromScratch=False, maxTrainSentences=200, maxEvalSentences=40,
-        distributed={"procsPerNode": 2, "backend": "gloo"},
+        maxTrainSentences=200, maxEvalSentences=40,
+        distributed={"procsPerNode": 2, "backend": "gloo", "strategy": strategy},
         training={"maxSteps": 10, "microBatchSize": 8, "learningRate": 0.01, "warmupSteps": 2,
                   "checkpointInterval": 5},
     )
-    config = make_config(spec, base_input(base_output))
-    config_path = tmp_path / "config.json"
+    config = make_config(spec, base_input(base_output), output=tmp_path / strategy / "output")
+    config_path = tmp_path / strategy / "config.json"
     config_path.write_text(config.model_dump_json())
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -527,12 +528,28 @@ def test_two_processes_under_torchrun(make_config, base_output, tmp_path):
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    output = Path(config.output_uri.removeprefix("file://"))
-    report = json.loads((output / "report.json").read_text())
-    assert report["processes"] == 2
-    assert report["test"]["steps"] == 10
-    assert (output / "model" / "model.safetensors").is_file()
-    assert (output / "checkpoints" / "lora" / "step-00000010").is_dir()
+    return Path(config.output_uri.removeprefix("file://"))
+
+
+def test_two_processes_under_torchrun(make_config, base_output, tmp_path):
+    """procsPerNode 2: two gloo processes train together and rank 0 writes the outputs. With
+    strategy fsdp they train the sharded model to the same test figures, for LoRA and from
+    scratch, and write the same whole model."""
+    reports = {}
+    for strategy in ("ddp", "fsdp"):
+        output = run_two_processes(make_config, base_output, tmp_path, strategy)
+        report = json.loads((output / "report.json").read_text())
+        assert report["processes"] == 2
+        assert report["strategy"] == strategy
+        assert report["test"]["steps"] == 10
+        assert (output / "model" / "model.safetensors").is_file()
+        assert (output / "checkpoints" / "lora" / "step-00000010").is_dir()
+        reports[strategy] = report
+    for phase in ("test", "fromScratch"):
+        for key in ("f1", "finalLoss"):
+            assert reports["fsdp"][phase][key] == pytest.approx(reports["ddp"][phase][key],
+                                                               abs=1e-4), (phase, key)
+    assert reports["fsdp"]["test"]["mergedWordsChanged"] == 0
 
 
 def run_in_process(config, hash_seed: str) -> dict:
@@ -636,6 +653,25 @@ def test_loop_resume_repeats_losses_after_recovery(tmp_path, options):
     for key in ("finalLoss", "tokensSeen", "nonFiniteSteps", "scalerSkippedSteps"):
         assert resumed["result"][key] == uninterrupted["result"][key], key
     assert uninterrupted["result"]["nonFiniteSteps"] == (1 if fault_steps else 0)
+
+
+@pytest.mark.parametrize("options", [
+    (),
+    ("--precision", "fp16"),
+    ("--non-finite", "rollback"),
+], ids=lambda options: " ".join(options) or "fp32")
+def test_fsdp_loop_matches_ddp(tmp_path, options):
+    """Two processes train the FSDP-sharded model to the same losses as the replicated one,
+    and an FSDP attempt resumed from step 2 repeats them exactly, also after a rollback."""
+    fault_steps = "4" if "--non-finite" in options else ""
+    runs = {strategy: run_loop_worker(tmp_path / strategy, 2, 2, *options, "--steps", "6",
+                                      "--strategy", strategy, fault_steps=fault_steps)
+            for strategy in ("ddp", "fsdp")}
+    for step, loss in runs["ddp"]["uninterrupted"]["losses"].items():
+        assert runs["fsdp"]["uninterrupted"]["losses"][step] == pytest.approx(loss, abs=2e-4)
+    fsdp = runs["fsdp"]
+    for step in ("3", "4", "5", "6"):
+        assert fsdp["resumed"]["losses"][step] == fsdp["uninterrupted"]["losses"][step], step
 
 
 def test_loop_resumed_at_end_keeps_figures(tmp_path):

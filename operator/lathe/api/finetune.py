@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import Field
-from pydantic.alias_generators import to_snake
 
 from lathe.api.common import (
     ApiModel,
@@ -107,18 +106,6 @@ _LORA_UNSET = (
 )
 
 
-def _only_value(section: str, field: str, value: str, message: str) -> CelRule:
-    """Return the rule that `spec.<section>.<field>`, a wire name, is unset or `value`."""
-    path = f"self.{section}.{field}"
-    attribute = to_snake(field)
-    return CelRule(
-        rule=f"!has(self.{section}) || !has({path}) || {path} == '{value}'",
-        message=message,
-        check=lambda spec: getattr(getattr(spec, section), attribute) == value,
-        field=f"{section}.{field}",
-    )
-
-
 class FineTuneSpec(ApiModel):
     """Desired state of a FineTune."""
 
@@ -130,11 +117,6 @@ class FineTuneSpec(ApiModel):
             field="data.test",
         ),
         *GPU_RULES,
-        # The FineTune loop runs data parallel without these PretrainJob features, so a spec
-        # that sets them would train without them and not say so.
-        _only_value("distributed", "strategy", "ddp",
-                    "spec.distributed.strategy fsdp is PretrainJob only; a FineTune runs data "
-                    "parallel, so remove it or set ddp"),
         # NB: a lora block equal to the defaults passes, because the API server fills it in
         # when a FineTune leaves it out, and so it did for method full before this rule.
         CelRule(

@@ -150,8 +150,8 @@ class DistributedSpec(ApiModel):
     strategy: Literal["ddp", "fsdp"] = Field(
         default="ddp",
         description="Data parallelism: `ddp` replicates the model on every process, `fsdp` "
-        "(PretrainJob only) shards parameters, gradients and optimizer state with FSDP2 "
-        "`fully_shard`.",
+        "shards parameters, gradients and optimizer state with FSDP2 `fully_shard`. A "
+        "FineTune gathers the sharded model whole again to evaluate and save it.",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         default="auto", description="torch.distributed backend; `auto` picks nccl on GPUs."

@@ -167,8 +167,16 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def restore_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
     """Load trainable parameters saved by `trainable_state`; every one must be present."""
+    check_trainable(model, saved)
     current = dict(model.named_parameters())
-    expected = {name for name, parameter in current.items() if parameter.requires_grad}
+    with torch.no_grad():
+        for name, value in saved.items():
+            current[name].copy_(value)
+
+
+def check_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless `saved` contains exactly the model's trainable parameters."""
+    expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     if set(saved) != expected:
         missing = sorted(expected - set(saved))[:5]
         extra = sorted(set(saved) - expected)[:5]
@@ -176,9 +184,6 @@ def restore_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) ->
             "The checkpoint does not match the model: missing parameters "
             f"{missing}, unexpected parameters {extra}. Run without --resume to start over."
         )
-    with torch.no_grad():
-        for name, value in saved.items():
-            current[name].copy_(value)
 
 
 def read_result(phase_dir: Path) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ import torch
 
 from lathe.api.finetune import FineTuneSpec
 from lathe_trainer.corpus.sniff import conll_mismatch_message, format_mismatch
-from lathe_trainer.finetune import checkpoint, distributed
+from lathe_trainer.finetune import checkpoint, distributed, sharding
 from lathe_trainer.finetune.data import (
     TaskDataError,
     encode_sentences,
@@ -99,7 +99,8 @@ def run_stage(config: StageConfig, spec: FineTuneSpec, resume: bool) -> dict:
     # first) must not be resumed, so the labelled sub-token is part of their key.
     resume = prepare_output(config, output, resume, f"{config.resume_key}/{label_subtoken}")
 
-    settings = LoopSettings.from_spec(spec.training, tokenizer.pad_token_id, label_maps(labels)[0])
+    settings = LoopSettings.from_spec(spec.training, tokenizer.pad_token_id, label_maps(labels)[0],
+                                      spec.distributed.strategy)
     encoded = {name: encode_split(tokenizer, sentences, labels, spec, label_subtoken)
                for name, sentences in splits.items()}
     phases = 2 if spec.compare_from_scratch else 1
@@ -349,19 +350,25 @@ def finetune_phase(config, spec, model_dir, tokenizer, labels, encoded, settings
         log.info("The %s phase finished in an earlier attempt; reusing its result.", spec.method)
         return finished
 
+    def build(for_training: bool) -> torch.nn.Module:
+        model = load_base(config, spec, lambda: load_pretrained(model_dir, labels))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        # Serving reads the labelled sub-token from config.json (lathe_trainer.serving.reference).
+        setattr(model.config, LABEL_SUBTOKEN_KEY, label_subtoken)
+        if for_training:
+            enable_gradient_checkpointing(model, spec)
+        if spec.method == "lora":
+            model = wrap_lora(config, spec, model)
+        return model.to(distributed.device())
+
     torch.manual_seed(spec.training.seed)
-    model = load_base(config, spec, lambda: load_pretrained(model_dir, labels))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    # Serving reads the labelled sub-token from config.json (lathe_trainer.serving.reference).
-    setattr(model.config, LABEL_SUBTOKEN_KEY, label_subtoken)
-    enable_gradient_checkpointing(model, spec)
-    if spec.method == "lora":
-        model = wrap_lora(config, spec, model)
-    model.to(distributed.device())
+    model = build(for_training=True)
     stats = train_phase(config, spec, spec.method, model, encoded["train"],
                         encoded.get("validation"), settings, phase_dir, resume,
                         progress_callback(reporter, 0,
                                           "1 of 2" if spec.compare_from_scratch else ""))
+    # Merging LoRA weights and saving need whole tensors.
+    model = sharding.unsharded(model, lambda: build(for_training=False))
     scores, predicted = evaluate(model, encoded["test"], settings)
     result = {**scores, **stats}
     result.update(save_model(model, spec, tokenizer, encoded["test"], predicted, settings, output))
@@ -478,6 +485,7 @@ def build_report(spec, model_dir, labels, splits, encoded, tuned, scratch) -> di
         "maxLength": spec.max_length,
         # The precision of the training steps. Evaluation and the test figures run in fp32.
         "trainingPrecision": spec.training.precision,
+        "strategy": spec.distributed.strategy,
         "test": tuned,
         # An all-`O` tagger finds no entity, so its entity-level F1 is 0.
         "allOutsideBaselineF1": 0.0,
@@ -493,7 +501,7 @@ def summary_metrics(spec, report: dict) -> dict:
     metrics = {key: tuned[key] for key in SCORE_KEYS}
     metrics.update(method=spec.method, steps=tuned["steps"], trainSentences=report["sentences"]
                    ["train"], testSentences=report["sentences"]["test"],
-                   trainingPrecision=report["trainingPrecision"])
+                   trainingPrecision=report["trainingPrecision"], strategy=report["strategy"])
     if "fromScratch" in report:
         metrics["fromScratch"] = {key: report["fromScratch"][key] for key in SCORE_KEYS}
         metrics["f1GainFromPretraining"] = report["f1GainFromPretraining"]

@@ -1,9 +1,10 @@
 """The optimization loop of one FineTune phase, shared by the LoRA (or full) fine-tuning of the
 base model and by the from-scratch comparison.
 
-Data parallel without a wrapper: every process holds the whole model, computes gradients on
-its slice of the global batch, and the gradients are summed over processes before the step.
-The loss of a step is normalized by the number of labelled tokens in the whole global batch
+Data parallel without a wrapper (strategy ddp): every process holds the whole model, computes
+gradients on its slice of the global batch, and the gradients are summed over processes
+before the step. With strategy fsdp the model is sharded (finetune.sharding), and its backward
+pass reduces the gradients instead. The loss of a step is normalized by the number of labelled tokens in the whole global batch
 (all micro-batches of all processes), so the gradient does not depend on how the batch is split
 into processes and accumulation steps, even with sentences of uneven length.
 """
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
-from lathe_trainer.finetune import checkpoint, distributed
+from lathe_trainer.finetune import checkpoint, distributed, sharding
 from lathe_trainer.finetune.data import IGNORE_INDEX, EncodedSentence, collate, step_indices
 from lathe_trainer.finetune.metrics import entity_scores, predict
-from lathe_trainer.training import faults, precision
+from lathe_trainer.training import faults, parallel, precision
 from lathe_trainer.training.precision import autocast, overflow_skipped
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,12 @@ class LoopSettings:
     max_non_finite_steps: int = 10
     # torch.compile the training forward and backward; evaluation runs the eager model.
     compile: bool = False
+    # ddp keeps the whole model on every process, fsdp shards it (finetune.sharding).
+    strategy: str = "ddp"
 
     @classmethod
-    def from_spec(cls, training, pad_token_id: int, id2label: dict[int, str]) -> "LoopSettings":
+    def from_spec(cls, training, pad_token_id: int, id2label: dict[int, str],
+                  strategy: str = "ddp") -> "LoopSettings":
         return cls(
             max_steps=training.max_steps,
             micro_batch_size=training.micro_batch_size,
@@ -83,6 +88,7 @@ class LoopSettings:
             non_finite=training.non_finite,
             max_non_finite_steps=training.max_non_finite_steps,
             compile=training.compile,
+            strategy=strategy,
         )
 
 
@@ -186,6 +192,10 @@ def train_step(model, optimizer, scheduler, parameters, batches, settings,
     """
     device = parameters[0].device
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    # Under FSDP the backward pass reduces the gradients, as their mean over processes, which
+    # the loss makes a sum again.
+    sharded = isinstance(parameters[0], DTensor)
+    sum_factor = distributed.world_size() if sharded else 1
     inputs = [
         {key: value.to(device) for key, value in collate(batch, settings.pad_token_id).items()}
         for batch in batches
@@ -200,27 +210,32 @@ def train_step(model, optimizer, scheduler, parameters, batches, settings,
     )
     labelled, tokens = distributed.all_reduce_sum(counts).tolist()
     loss_sum = torch.zeros(1, device=device)
-    for item in inputs:
-        with autocast(device, settings.precision):
-            logits = model(input_ids=item["input_ids"],
-                           attention_mask=item["attention_mask"]).logits
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), item["labels"].reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
-        if poison:
-            loss = loss * float("nan")
-        scaler.scale(loss / max(labelled, 1.0)).backward()
+    # The sharded module itself, also when `model` is its torch.compile wrapper.
+    module = getattr(model, "_orig_mod", model)
+    for index, item in enumerate(inputs):
+        with parallel.gradient_sync(module, enabled=index == len(inputs) - 1):
+            with autocast(device, settings.precision):
+                logits = model(input_ids=item["input_ids"],
+                               attention_mask=item["attention_mask"]).logits
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), item["labels"].reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+            if poison:
+                loss = loss * float("nan")
+            scaler.scale(loss * sum_factor / max(labelled, 1.0)).backward()
         loss_sum += loss.detach()
     mean_loss = distributed.all_reduce_sum(loss_sum).item() / max(labelled, 1.0)
     if not math.isfinite(mean_loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStepError("training loss", mean_loss)
-    all_reduce_gradients(parameters)
+    if not sharded:
+        all_reduce_gradients(parameters)
     # The summed gradients are unscaled before clipping, so maxGradNorm applies to the true
     # gradients, and every process finds the same overflow.
     scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm))
+    norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+    grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     scaler_skipped = False
     if not math.isfinite(grad_norm):
         scaler_skipped = overflow_skipped(scaler)
@@ -259,23 +274,30 @@ class PhaseState:
                    int(state.get("scalerSkippedSteps", 0)))
 
 
-def resume_or_sync(model, optimizer, scheduler, scaler: torch.amp.GradScaler, phase_dir: Path,
-                   resume: bool) -> PhaseState:
-    """Load the latest checkpoint if resuming, else give every process rank 0's weights."""
-    state = checkpoint.load_agreed(phase_dir) if resume else None
-    if state is None:
+def prepare(model, settings: LoopSettings, phase_dir: Path, resume: bool):
+    """Return the optimizer, scheduler, loss scaler and state that a phase starts from.
+
+    Loads the latest checkpoint if resuming, or else gives every process rank 0's weights.
+    Under FSDP the model is sharded here (finetune.sharding), after the weights are the same
+    on every process and before the optimizer is built on the shards.
+    """
+    saved = checkpoint.load_agreed(phase_dir) if resume else None
+    if saved is None:
         distributed.broadcast_parameters(list(model.parameters()))
-        return PhaseState()
-    _restore_training_state(model, optimizer, scheduler, scaler, state)
-    _restore_rng(state["rng"])
-    return PhaseState.from_checkpoint(state)
+    sharding.shard(model, settings.strategy)
+    optimizer, scheduler = build_optimizer(model, settings)
+    device = next(model.parameters()).device
+    scaler = precision.grad_scaler(device, settings.precision)
+    if saved is None:
+        return optimizer, scheduler, scaler, PhaseState()
+    _restore_training_state(model, optimizer, scheduler, scaler, saved)
+    _restore_rng(saved["rng"])
+    return optimizer, scheduler, scaler, PhaseState.from_checkpoint(saved)
 
 
 def _restore_training_state(model, optimizer, scheduler, scaler, state: dict) -> None:
-    checkpoint.restore_trainable(model, state["trainable"])
-    # The checkpoint's tensors are on the CPU; load_state_dict moves the optimizer state to
-    # the device of each parameter.
-    optimizer.load_state_dict(state["optimizer"])
+    # The checkpoint's tensors are on the CPU; loading moves them to each parameter's device.
+    sharding.restore(model, optimizer, state["trainable"], state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler.is_enabled() and state.get("gradScaler"):
         scaler.load_state_dict(state["gradScaler"])
@@ -347,10 +369,8 @@ def run_phase(
     """
     torch.manual_seed(settings.seed)
     model.train()
+    optimizer, scheduler, scaler, state = prepare(model, settings, phase_dir, resume)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(model, settings)
-    scaler = precision.grad_scaler(parameters[0].device, settings.precision)
-    state = resume_or_sync(model, optimizer, scheduler, scaler, phase_dir, resume)
     if state.step == 0:
         seed_process(settings.seed)
     start = state.step
@@ -448,12 +468,15 @@ def save_checkpoint(model, optimizer, scheduler, scaler: torch.amp.GradScaler, p
                     state: PhaseState, settings: LoopSettings) -> None:
     """Save the phase's state. Collective call: rank 0 writes the RNG states of all."""
     rng_states = distributed.all_gather_object(rng_state())
+    # Collective under FSDP, where rank 0 alone receives the gathered values.
+    trainable = sharding.trainable_state(model)
+    optimizer_state = sharding.optimizer_state(model, optimizer)
     if distributed.is_main():
         saved = {
             "step": state.step,
             "dataStep": state.data_step,
-            "trainable": checkpoint.trainable_state(model),
-            "optimizer": optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_states,
             "loss": state.loss,

@@ -142,18 +142,18 @@ def load_full_state_dicts(
     Either optimizer format loads into either kind of model, because an FSDP run of one
     process leaves the model unwrapped and so writes the plain format. A plain
     `Optimizer.load_state_dict` matches the saved parameters to its own by position, whatever
-    their keys, and a sharded model gets the plain format renamed by `_keyed_by_name`.
+    their keys, and a sharded model gets the plain format renamed by `keyed_by_name`.
     """
     if is_sharded(model):
         set_state_dict(model, optimizer, model_state_dict=model_state,
-                       optim_state_dict=_keyed_by_name(model, optimizer, optimizer_state),
+                       optim_state_dict=keyed_by_name(model, optimizer, optimizer_state),
                        options=StateDictOptions(full_state_dict=True))
         return
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)
 
 
-def _keyed_by_name(
+def keyed_by_name(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any]
 ) -> dict[str, Any]:
     """Return a plain `Optimizer.state_dict()` keyed by parameter names, as `get_state_dict`
