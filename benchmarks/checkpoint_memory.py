@@ -5,9 +5,10 @@ of a `size` x `size` linear layer with its AdamW state through
 `lathe_trainer.training.checkpoint`. It does so on a local disk and on a real S3 store:
 SeaweedFS on loopback, built by scripts/tools/seaweedfs.sh. Each is then loaded in fresh
 processes, once with `checkpoint.load`, and once by reading each file into memory and loading
-it from those bytes, the baseline. `checkpoint.load` memory-maps a local file and downloads an
-object to a local file first. Each process prints its peak resident set size before and after
-the load. The result goes between the markers in docs/benchmarks.md.
+it from those bytes, the baseline. `checkpoint.load` downloads an object to a local file
+first, then memory-maps the weights and reads the optimizer state. Each process prints its
+peak resident set size before and after the load. The result goes between the markers in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -344,6 +344,33 @@ def test_serve_closed_output_not_status_zero(tmp_path, monkeypatch):
     assert "Stopping Triton." not in output.getvalue()
 
 
+def test_serve_ctrl_c_after_closed_output(tmp_path, monkeypatch):
+    """An output closed while Triton serves goes unnoticed until the next write. A Ctrl-C then
+    still ends the serving normally, with status 0, though "Stopping Triton." cannot be
+    written."""
+    import signal
+
+    from lathe.local import serving
+
+    events = _fake_servers(tmp_path, monkeypatch)
+
+    def interrupt(_seconds):
+        events.append("interrupt")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serving.time, "sleep", interrupt)
+
+    class ClosedLaterConsole(Console):
+        def print(self, *args, **kwargs) -> None:
+            if args and str(args[0]) == "Stopping Triton.":
+                raise KeyboardInterrupt(signal.Signals.SIGPIPE.name)
+            super().print(*args, **kwargs)
+
+    serving.serve_all(_two_deployments(tmp_path), "x",
+                      ClosedLaterConsole(file=io.StringIO(), width=200), keep_serving=True)
+    assert events == ["start 8000", "start 8100", "interrupt", "stop 8100", "stop 8000"]
+
+
 def test_serve_reports_crashed_deployment(tmp_path, monkeypatch):
     """When one of several served deployments' tritonserver exits, --serve fails with that
     deployment's error, records it in its status, and stops the other servers."""

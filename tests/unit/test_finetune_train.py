@@ -288,7 +288,8 @@ def test_fp16_overflow_lowers_scale_without_counting(tmp_path):
     assert result["nonFiniteSteps"] == 0
     assert result["scalerSkippedSteps"] == len(overflows)
     saved = checkpoint.load_latest(tmp_path)
-    assert saved["step"] == 4 and saved["dataStep"] == 4 + len(overflows)
+    assert saved["step"] == 4
+    assert saved["dataStep"] == 4 + len(overflows)
     assert saved["gradScaler"]["scale"] == 2.0 ** (16 - len(overflows))
 
 
@@ -311,3 +312,20 @@ def test_compiled_phase_follows_eager(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     saved = checkpoint.load_latest(tmp_path / "True")
     assert set(saved["trainable"]) == {name for name, _ in tiny_model().named_parameters()}
+
+
+def test_fp16_base_trains_in_fp16_autocast(tmp_path):
+    """A base model stored in float16 loads with float32 weights, which fp16 autocast and its
+    loss scaler need: the scaler cannot unscale float16 gradients."""
+    from lathe_trainer.finetune.model import load_pretrained
+
+    base = tiny_model()
+    base.half().save_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base", ["O", "B-X", "I-X"])
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    loop = LoopSettings(**{**settings(1, 1).__dict__, "max_steps": 2, "learning_rate": 1e-3,
+                           "checkpoint_interval": 2, "precision": "fp16"})
+    split = train.Split(SENTENCES, [["w"] * 5, ["w"]], [["O"] * 5, ["O"]])
+    result = train.run_phase("phase", model, split, None, loop, tmp_path / "phase", False,
+                             lambda *args, **kwargs: None)
+    assert result["steps"] == 2

@@ -104,6 +104,30 @@ def test_store_damaged_latest_falls_back(root, caplog):
     assert f"model.pt in checkpoint {newest} does not match the checksum" in caplog.text
 
 
+def test_full_scratch_disk_not_damage(root, tmp_path, monkeypatch):
+    """A local disk too full for the download is not a damaged checkpoint. The load stops with
+    an error that names the temporary directory, rather than falling back to an older
+    checkpoint or to step 0, and the partial download is removed."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    save(root, 1, keep=2)
+    save(root, 2, keep=2)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real_open = Path.open
+
+    def full_disk(self, mode="r", *args, **kwargs):
+        if "w" in mode and self.parent.name.startswith("lathe-checkpoint-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_disk)
+    with pytest.raises(checkpoint.ScratchSpaceError, match=f"free space in {tmp_path}"):
+        checkpoint.load_latest(root)
+    assert list(tmp_path.glob("lathe-checkpoint-*")) == []
+
+
 def test_store_replaces_damaged_same_step(root, caplog):
     """A same-step checkpoint of the same run is hashed from the store before it is kept."""
     first = save(root, 3, keep=2)

@@ -752,8 +752,9 @@ class Progress(ApiModel):
     eta_seconds: float | None = Field(default=None, description="Estimated seconds remaining.")
     non_finite_steps: int | None = Field(
         default=None,
-        description="PretrainJob: steps with a NaN or infinite loss or gradient norm so far, "
-        "which `training.nonFinite` skipped or rolled back.",
+        description="Steps with a NaN or infinite loss or gradient norm so far, which "
+        "`training.nonFinite` skipped or rolled back; a FineTune counts those of its current "
+        "phase.",
     )
     curriculum_stage: int | None = Field(
         default=None,

@@ -114,7 +114,7 @@ class TrainingSpec(ApiModel):
     max_non_finite_steps: int = Field(
         default=10, ge=0,
         description="Non-finite steps that `skip` or `rollback` tolerate before the run "
-        "fails.",
+        "fails; in a FineTune, per phase.",
     )
     artifact_uri: str | None = Field(
         default=None,

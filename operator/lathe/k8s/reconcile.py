@@ -39,8 +39,10 @@ FIELD_MANAGER = "lathe-operator"
 # The field manager of the merge patch that repairs an object a hand edit left unappliable
 # (Reconciler._replace_edited_lists); its managedFields entry is removed right after.
 REPAIR_FIELD_MANAGER = "lathe-operator-repair"
-# The field manager that keeps a Triton Deployment's spec.replicas when autoscaling is turned on
-# (Reconciler._hand_over_replicas), until the HorizontalPodAutoscaler's first scale takes it.
+# The field manager of a Triton Deployment's spec.replicas while the operator applies it without
+# them: the live count when autoscaling is turned on (Reconciler._hand_over_replicas), and
+# minReplicas for a new autoscaled one (_start_at_min_replicas). The HorizontalPodAutoscaler's
+# first scale takes the field over.
 HANDOVER_FIELD_MANAGER = "lathe-operator-handover"
 # Seconds a finished upstream read from the API server is reused, because many resources often
 # share one Corpus or Tokenizer and each reconcile would read it again. A change to a finished

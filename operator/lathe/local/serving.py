@@ -194,7 +194,10 @@ def _serve_until_interrupted(
         # from the user, so lathe exits with 141 for it, not with the status 0 promised here.
         if interrupt.args == (signal.Signals.SIGPIPE.name,):
             raise
-        console.print("Stopping Triton.")
+        # An output closed while Triton served, which lathe notices only at this write, does
+        # not turn the requested stop into a failure.
+        with contextlib.suppress(KeyboardInterrupt):
+            console.print("Stopping Triton.")
 
 
 def _raise_stopped(result: StageResult, server: local_server.TritonServer) -> NoReturn:

@@ -1,7 +1,9 @@
 """Checkpoints of a FineTune run, so a retried attempt continues where the last one stopped.
 
 Layout under the output directory: `checkpoints/<phase>/step-NNNNNNNN/state.pt` contains the
-trainable parameters, the optimizer and scheduler state, the torch random state and the step.
+trainable parameters, the optimizer and scheduler state, the torch random state, the step,
+the data step (batches consumed, skipped ones included), the counts of non-finite and fp16
+overflow steps, and an fp16 run's loss scale.
 A phase is `lora` or `full` (the fine-tuning of the base model) or `scratch` (the same
 architecture from random initialization). `checkpoints/<phase>/result.json` marks a finished phase and contains its
 evaluation. A resumed run skips the phases that finished. `state.json` beside each `state.pt`

@@ -83,6 +83,9 @@ def load_pretrained(model_dir: Path, labels: list[str]) -> torch.nn.Module:
         model, info = AutoModelForTokenClassification.from_pretrained(
             model_dir, num_labels=len(labels), id2label=id2label, label2id=label2id,
             output_loading_info=True,
+            # Training keeps fp32 weights and autocasts to bf16 or fp16, whatever the dtype the
+            # base was stored in: the fp16 loss scaler cannot unscale fp16 gradients.
+            dtype=torch.float32,
         )
     except (OSError, ValueError, KeyError) as error:
         raise BaseModelError(

@@ -383,7 +383,6 @@ def check_precision(config: StageConfig, spec: FineTuneSpec) -> None:
     """Reject bf16 on a GPU without it before the base model and the data load."""
     problem = precision.check_supported(distributed.device(), spec.training.precision)
     if problem:
-        # Not fp16, which a FineTune rejects.
         raise StageError(config, "spec.training.precision",
                          f"{spec.training.precision!r} cannot run here: {problem}; set fp32.")
 
@@ -392,6 +391,9 @@ def enable_gradient_checkpointing(model, spec: FineTuneSpec) -> None:
     """Apply spec.training.gradientCheckpointing; call it before any LoRA wrapping."""
     if spec.training.gradient_checkpointing:
         activations.enable_activation_checkpointing(model)
+        # A tagger keeps no key-value cache. Left on, transformers warns on each forward pass
+        # under checkpointing, which breaks a compiled graph on every step.
+        model.config.use_cache = False
 
 
 def wrap_lora(config, spec, model):

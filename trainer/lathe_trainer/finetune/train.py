@@ -154,7 +154,7 @@ def local_micro_batches(
 class NonFiniteStepError(RuntimeError):
     """The loss or the gradient norm of a step was NaN or infinite, so the step was not applied.
 
-    `cause` says why the loop stopped instead of applying spec.training.nonFinite: `policy`
+    `cause` is why the loop stopped instead of applying spec.training.nonFinite: `policy`
     (nonFinite is fail), `limit` (maxNonFiniteSteps reached) or `no-checkpoint` (rollback
     before the first checkpoint).
     """
@@ -398,15 +398,16 @@ def run_phase(
             if distributed.is_main():
                 report(state.step, message, nonFiniteSteps=state.non_finite_steps)
             continue
-        step_seconds += time.monotonic() - step_started
         if result.scaler_skipped:
             state.scaler_skipped_steps += 1
             message = (f"{name}: fp16 loss scale overflow in step {step}: the optimizer skipped "
                        f"the update and the loss scale fell to {scaler.get_scale():g}.")
-            log.info(message)
             if distributed.is_main():
+                log.info(message)
                 report(state.step, message)
             continue
+        # Only applied steps count, as their tokens do.
+        step_seconds += time.monotonic() - step_started
         state.step, state.loss = step, result.loss
         state.tokens += result.tokens
         tokens_this_attempt += result.tokens
@@ -448,8 +449,9 @@ def recover(error: NonFiniteStepError, name: str, step: int, model, optimizer, s
         raise NonFiniteStepError(quantity, error.value, cause="limit") from error
     state.non_finite_steps += 1
     if settings.non_finite == "skip":
-        log.warning("%s: skipped step %d: %s. The optimizer did not update the weights (%d "
-                    "non-finite steps so far).", name, step, error, state.non_finite_steps)
+        if distributed.is_main():
+            log.warning("%s: skipped step %d: %s. The optimizer did not update the weights (%d "
+                        "non-finite steps so far).", name, step, error, state.non_finite_steps)
         return f"{name}: non-finite step {step} (skip): {error}."
     saved = checkpoint.load_agreed(phase_dir)
     if saved is None:
@@ -457,9 +459,10 @@ def recover(error: NonFiniteStepError, name: str, step: int, model, optimizer, s
     _restore_training_state(model, optimizer, scheduler, scaler, saved)
     restored = PhaseState.from_checkpoint(saved)
     state.step, state.loss, state.tokens = restored.step, restored.loss, restored.tokens
-    log.warning("%s: rolled back to the checkpoint of step %d after %s; training continues "
-                "with the data after the offending batch (%d non-finite steps so far).", name,
-                restored.step, error, state.non_finite_steps)
+    if distributed.is_main():
+        log.warning("%s: rolled back to the checkpoint of step %d after %s; training continues "
+                    "with the data after the offending batch (%d non-finite steps so far).",
+                    name, restored.step, error, state.non_finite_steps)
     return (f"{name}: non-finite step {step} (rollback): {error}. Rolled back to the "
             f"checkpoint of step {restored.step}.")
 

@@ -363,13 +363,18 @@ def load(path: Path | str) -> Checkpoint:
             record = stored_record(filesystem, location) if FILES in state else None
         else:
             location, record = _download(filesystem, location, Path(scratch.name) / name)
-        # Hashed in chunks and memory-mapped rather than read into memory first: every
-        # process of a node loads the full checkpoint, and the bytes next to the tensors
-        # would need twice its size per process, where mapped pages are shared.
+        # Hashed in chunks and loaded from the file rather than from its bytes in memory:
+        # every process of a node loads the full checkpoint, and the bytes next to the tensors
+        # would need twice its size per process.
         if record is not None:
             check_file(display, name, state[FILES], record)
+        # The weights are memory-mapped, so the processes of a node share their pages until
+        # load_state_dict copies them. The optimizer state is read into memory instead: on a
+        # CPU the optimizer keeps the loaded tensors, and mapped ones would keep a removed
+        # checkpoint's disk space allocated.
         # NB: weights_only=True keeps torch.load from running arbitrary pickled code.
-        return torch.load(location, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(location, map_location="cpu", weights_only=True,
+                          mmap=name == "model.pt")
 
     try:
         return Checkpoint(
@@ -397,13 +402,34 @@ def _download(
     """
     digest = hashlib.sha256()
     size = 0
-    with filesystem.open(path, "rb", block_size=HASH_CHUNK_BYTES) as source, \
-            target.open("wb") as sink:
-        while chunk := source.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            sink.write(chunk)
-            size += len(chunk)
+    with filesystem.open(path, "rb", block_size=HASH_CHUNK_BYTES) as source:
+        try:
+            sink = target.open("wb")
+        except OSError as error:
+            raise ScratchSpaceError(path, target, error) from error
+        with sink:
+            while chunk := source.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+                try:
+                    sink.write(chunk)
+                except OSError as error:
+                    raise ScratchSpaceError(path, target, error) from error
+                size += len(chunk)
     return str(target), {"sha256": digest.hexdigest(), "bytes": size}
+
+
+class ScratchSpaceError(Exception):
+    """A checkpoint file could not be written to the local temporary directory it loads from.
+
+    Not one of UNREADABLE, because the checkpoint itself is fine: falling back to an older
+    checkpoint, or to step 0, would throw away training for a full local disk.
+    """
+
+    def __init__(self, path: str, target: Path, error: OSError):
+        super().__init__(
+            f"copying checkpoint file {path} to {target} failed ({error.strerror or error}); "
+            f"free space in {target.parent.parent} or set TMPDIR to a larger local disk, then "
+            "run again. The checkpoint itself was not changed.")
 
 
 def prune(root: Path | str, keep: int, saved_step: int | None = None) -> None:
