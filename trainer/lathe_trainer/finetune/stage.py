@@ -323,14 +323,14 @@ def train_phase(config: StageConfig, spec: FineTuneSpec, *args) -> dict:
                 f"training stopped: {error}, and {training.max_non_finite_steps} earlier steps "
                 f"were already non-finite (the limit is {training.max_non_finite_steps}). Lower "
                 f"learningRate (now {training.learning_rate}) or check the data, then run "
-                "again.",
+                "again; raise maxNonFiniteSteps only if such steps are expected.",
             ) from error
         if error.cause == "no-checkpoint":
             raise StageError(
                 config, "spec.training.nonFinite",
                 f"training stopped: {error}, and there is no checkpoint to roll back to. Lower "
                 f"spec.training.checkpointInterval (now {training.checkpoint_interval}) so that "
-                "one exists, or set nonFinite to skip.",
+                "one exists, or set spec.training.nonFinite to skip.",
             ) from error
         raise StageError(
             config, "spec.training.learningRate",

@@ -602,7 +602,8 @@ class _Trainer:
                 f"training stopped: {error}, and {state.non_finite_steps} earlier steps were "
                 f"already non-finite (the limit is {self.training.max_non_finite_steps}). "
                 f"Latest checkpoint: {latest}. Lower learningRate (now "
-                f"{self.training.learning_rate}) or check the data, then run again.",
+                f"{self.training.learning_rate}) or check the data, then run again; raise "
+                "maxNonFiniteSteps only if such steps are expected.",
             ) from error
         if policy == "fail":
             raise StageError(
@@ -659,7 +660,8 @@ class _Trainer:
             raise StageError(
                 self.config, "spec.training.nonFinite",
                 f"training stopped: {error}, and there is no checkpoint to roll back to. Lower "
-                "spec.training.checkpointInterval so that one exists, or use nonFinite skip.",
+                "spec.training.checkpointInterval so that one exists, or set "
+                "spec.training.nonFinite to skip.",
             ) from error
         latest = saved.path
         parallel.load_full_state_dicts(self.model, self.optimizer, saved.model, saved.optimizer)
