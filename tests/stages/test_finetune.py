@@ -640,9 +640,9 @@ def test_loop_resume_repeats_losses(tmp_path, processes):
 ], ids=" ".join)
 def test_loop_resume_repeats_losses_after_recovery(tmp_path, options):
     """Two processes train with fp16 loss scaling, or recover from a NaN loss in step 4 by
-    skipping it or rolling back to the checkpoint of step 2, and an attempt resumed from step
-    2 repeats the uninterrupted run's losses exactly: the loss scale and the data position
-    are part of the checkpoint."""
+    skipping it or rolling back to the checkpoint of step 2. An attempt resumed from step 2
+    repeats the uninterrupted run's losses exactly, because the loss scale and the data
+    position are part of the checkpoint."""
     fault_steps = "" if "--precision" in options else "4"
     runs = run_loop_worker(tmp_path, 2, 2, *options, "--steps", "6", fault_steps=fault_steps)
     uninterrupted, resumed = runs["uninterrupted"], runs["resumed"]

@@ -1,8 +1,8 @@
 """FSDP2 for a FineTune phase: the model sharded for training, and gathered whole after it.
 
 With `spec.distributed.strategy: fsdp` and more than one process, each transformer layer and
-then the whole model are sharded with `fully_shard`, frozen base weights included, so that a
-process keeps a share of the weights, gradients and optimizer state instead of all of them.
+then the whole model are sharded with `fully_shard`, frozen base weights included. A process
+then keeps a share of the weights, gradients and optimizer state instead of all of them.
 Checkpoints hold the same full (gathered) state as without sharding, so a phase may resume
 on another number of processes or with the other strategy. Evaluation during training runs
 the sharded model on every process. The phase's final model is gathered into an unsharded

@@ -4,9 +4,10 @@ base model and by the from-scratch comparison.
 Data parallel without a wrapper (strategy ddp): every process holds the whole model, computes
 gradients on its slice of the global batch, and the gradients are summed over processes
 before the step. With strategy fsdp the model is sharded (finetune.sharding), and its backward
-pass reduces the gradients instead. The loss of a step is normalized by the number of labelled tokens in the whole global batch
-(all micro-batches of all processes), so the gradient does not depend on how the batch is split
-into processes and accumulation steps, even with sentences of uneven length.
+pass reduces the gradients instead. The loss of a step is normalized by the number of labelled
+tokens in the whole global batch (all micro-batches of all processes), so the gradient does not
+depend on how the batch is split into processes and accumulation steps, even with sentences of
+uneven length.
 """
 
 from __future__ import annotations

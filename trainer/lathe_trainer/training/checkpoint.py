@@ -25,6 +25,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -323,12 +324,20 @@ def _is_record(value: Any) -> bool:
 
 def stored_record(filesystem: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
     """Return the `file_record` of a stored file, read in chunks of HASH_CHUNK_BYTES."""
+    with filesystem.open(path, "rb") as handle:
+        return _streamed_record(handle)
+
+
+def _streamed_record(source, write: Callable[[bytes], Any] | None = None) -> dict[str, Any]:
+    """Return the `file_record` of what `source` reads, in chunks of HASH_CHUNK_BYTES, and pass
+    each chunk to `write` as well."""
     digest = hashlib.sha256()
     size = 0
-    with filesystem.open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
+    while chunk := source.read(HASH_CHUNK_BYTES):
+        digest.update(chunk)
+        if write is not None:
+            write(chunk)
+        size += len(chunk)
     return {"sha256": digest.hexdigest(), "bytes": size}
 
 
@@ -351,9 +360,9 @@ def load(path: Path | str) -> Checkpoint:
     filesystem, base = storage.resolve(path)
     display = storage.display(filesystem, base)
     state = json.loads(filesystem.cat_file(f"{base}/{STATE}"))
-    # The files of an object store are downloaded into a local temporary directory and
-    # memory-mapped from there like local ones, so that no process keeps their bytes in memory
-    # beside the tensors. The mappings stay valid after the directory is removed.
+    # The files of an object store are downloaded into a local temporary directory and loaded
+    # from there like local ones, so that no process keeps their bytes in memory beside the
+    # tensors. The mapped weights stay valid after the directory is removed.
     scratch = None if storage.is_local(filesystem) else tempfile.TemporaryDirectory(
         prefix="lathe-checkpoint-")
 
@@ -397,25 +406,23 @@ def _download(
     """Copy a stored file to `target` in chunks of HASH_CHUNK_BYTES; return the local path and
     the file's `file_record`.
 
-    NB: fsspec's get_file of s3fs raised the peak resident set size by twice the file's size,
-    measured with benchmarks/checkpoint_memory.py, so the copy reads ranges of its own.
+    NB: in one measurement on SeaweedFS, fsspec's get_file of s3fs raised the peak resident set
+    size by about twice the file's size, so the copy reads ranges of its own.
     """
-    digest = hashlib.sha256()
-    size = 0
     with filesystem.open(path, "rb", block_size=HASH_CHUNK_BYTES) as source:
         try:
             sink = target.open("wb")
         except OSError as error:
             raise ScratchSpaceError(path, target, error) from error
         with sink:
-            while chunk := source.read(HASH_CHUNK_BYTES):
-                digest.update(chunk)
+
+            def write(chunk: bytes) -> None:
                 try:
                     sink.write(chunk)
                 except OSError as error:
                     raise ScratchSpaceError(path, target, error) from error
-                size += len(chunk)
-    return str(target), {"sha256": digest.hexdigest(), "bytes": size}
+
+            return str(target), _streamed_record(source, write)
 
 
 class ScratchSpaceError(Exception):

@@ -51,8 +51,8 @@ def overflow_skipped(scaler: torch.amp.GradScaler) -> bool:
 
     True: the loss scale was too high, and `scaler.step` skips the update and `scaler.update`
     lowers the scale, so the caller goes on with both as usual. False: the gradients are
-    inf or NaN without loss scaling, or at MIN_LOSS_SCALE, so the step is non-finite and the
-    caller applies its nonFinite policy; the scale is kept.
+    inf or NaN without loss scaling, or at MIN_LOSS_SCALE. The step is then non-finite, so the
+    caller applies its nonFinite policy, and the scale is kept.
     """
     if not scaler.is_enabled():
         return False
